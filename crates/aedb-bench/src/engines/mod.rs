@@ -1,0 +1,134 @@
+//! The contract every engine adapter implements, so each workload is written
+//! once and runs identically against every engine.
+
+#[cfg(feature = "aedb")]
+pub mod aedb;
+pub mod floor;
+pub mod redb;
+pub mod sqlite;
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::workloads::{Key, Value};
+
+/// How much a commit promises when it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The commit is on stable storage (fsync'd) before it returns.
+    Durable,
+    /// The commit is visible but may still be lost on power failure.
+    Relaxed,
+}
+
+/// An open database. `Sync` because W2 shares one instance across threads.
+pub trait Engine: Sized + Sync {
+    type Session<'a>: Session
+    where
+        Self: 'a;
+
+    /// Opens the store in `dir`, creating it (and its table) if missing.
+    fn open(dir: &Path, mode: Mode) -> Result<Self>;
+
+    /// A per-thread handle. Cheap for aedb and redb; SQLite needs a
+    /// connection per thread, so its sessions own one.
+    fn session(&self) -> Result<Self::Session<'_>>;
+
+    /// Releases the store so it can be reopened by the same process.
+    fn close(self) -> Result<()>;
+}
+
+pub trait Session {
+    type View<'a>: ReadView
+    where
+        Self: 'a;
+
+    /// One single-key transaction, committed with the engine's mode.
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()>;
+
+    /// All pairs in one transaction, committed with the engine's mode.
+    fn put_batch(&mut self, pairs: &[(Key, Value)]) -> Result<()>;
+
+    /// A consistent snapshot that every following read goes through.
+    fn read_view(&mut self) -> Result<Self::View<'_>>;
+}
+
+pub trait ReadView {
+    /// The value's length, so the engine has to produce the value.
+    fn get_len(&mut self, key: &[u8]) -> Result<Option<usize>>;
+
+    /// Reads up to `limit` pairs from `start` upwards in key order.
+    fn scan(&mut self, start: &[u8], limit: usize) -> Result<ScanTotals>;
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanTotals {
+    pub keys: u64,
+    pub value_bytes: u64,
+}
+
+/// The engines a run can include. `Floor` is not a database: it is the
+/// append-plus-fdatasync loop every durable commit has to pay at least once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum EngineKind {
+    Aedb,
+    Redb,
+    Sqlite,
+    #[value(name = "fsync_floor", alias = "floor")]
+    Floor,
+}
+
+impl EngineKind {
+    pub const ALL: [EngineKind; 4] = [Self::Aedb, Self::Redb, Self::Sqlite, Self::Floor];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Aedb => "aedb",
+            Self::Redb => "redb",
+            Self::Sqlite => "sqlite",
+            Self::Floor => "fsync_floor",
+        }
+    }
+}
+
+/// Runs `$body` with `$E` bound to the adapter type for `$kind`, so generic
+/// workload code is monomorphised per engine instead of going through `dyn`.
+#[macro_export]
+macro_rules! with_engine {
+    ($kind:expr, $E:ident => $body:expr) => {
+        match $kind {
+            $crate::engines::EngineKind::Aedb => $crate::with_aedb!($E => $body),
+            $crate::engines::EngineKind::Redb => {
+                type $E = $crate::engines::redb::RedbEngine;
+                $body
+            }
+            $crate::engines::EngineKind::Sqlite => {
+                type $E = $crate::engines::sqlite::SqliteEngine;
+                $body
+            }
+            $crate::engines::EngineKind::Floor => {
+                Err(::anyhow::anyhow!("the fsync floor is not a database engine"))
+            }
+        }
+    };
+}
+
+#[cfg(feature = "aedb")]
+#[macro_export]
+macro_rules! with_aedb {
+    ($E:ident => $body:expr) => {{
+        type $E = $crate::engines::aedb::AedbEngine;
+        $body
+    }};
+}
+
+#[cfg(not(feature = "aedb"))]
+#[macro_export]
+macro_rules! with_aedb {
+    ($E:ident => $body:expr) => {
+        Err(::anyhow::anyhow!(
+            "aedb-bench was built without the `aedb` feature"
+        ))
+    };
+}

@@ -1,0 +1,239 @@
+//! Figures, their JSON lines, and the comparison table with targets.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    pub workload: &'static str,
+    pub engine: &'static str,
+    pub metric: &'static str,
+    pub value: f64,
+}
+
+/// Table rows, in reading order.
+const ROWS: [(&str, &str); 8] = [
+    ("W1", "commits_per_s"),
+    ("W2", "commits_per_s"),
+    ("W3", "commits_per_s"),
+    ("W4", "load_s"),
+    ("W4", "gets_per_s"),
+    ("W4", "scan_keys_per_s"),
+    ("W4", "peak_rss_bytes"),
+    ("W5", "reopen_s"),
+];
+
+const ENGINE_COLUMNS: [&str; 4] = ["aedb", "redb", "sqlite", "fsync_floor"];
+const RATIO_PEERS: [&str; 3] = ["redb", "sqlite", "fsync_floor"];
+
+/// A goal for aedb's advantage ratio (see `advantage`) over one peer.
+struct Target {
+    workload: &'static str,
+    metric: &'static str,
+    peer: &'static str,
+    min_advantage: f64,
+    label: &'static str,
+}
+
+const TARGETS: [Target; 7] = [
+    Target {
+        workload: "W1",
+        metric: "commits_per_s",
+        peer: "sqlite",
+        min_advantage: 1.0,
+        label: ">=1.0x sqlite",
+    },
+    Target {
+        workload: "W1",
+        metric: "commits_per_s",
+        peer: "fsync_floor",
+        min_advantage: 0.9,
+        label: ">=0.9x floor",
+    },
+    Target {
+        workload: "W2",
+        metric: "commits_per_s",
+        peer: "sqlite",
+        min_advantage: 3.0,
+        label: ">=3x sqlite",
+    },
+    Target {
+        workload: "W3",
+        metric: "commits_per_s",
+        peer: "redb",
+        min_advantage: 1.5,
+        label: ">=1.5x redb",
+    },
+    Target {
+        workload: "W4",
+        metric: "load_s",
+        peer: "redb",
+        min_advantage: 1.5,
+        label: ">=1.5x redb",
+    },
+    Target {
+        workload: "W4",
+        metric: "gets_per_s",
+        peer: "redb",
+        min_advantage: 1.0,
+        label: ">=1x redb",
+    },
+    Target {
+        workload: "W4",
+        metric: "peak_rss_bytes",
+        peer: "redb",
+        min_advantage: 0.5,
+        label: ">=0.5x redb (RSS <=2x)",
+    },
+];
+
+fn higher_is_better(metric: &str) -> bool {
+    metric.ends_with("_per_s")
+}
+
+/// aedb's advantage over a peer, oriented so that >1 always means aedb is
+/// better: aedb/peer for throughput, peer/aedb for times and memory.
+pub fn advantage(metric: &str, aedb: f64, peer: f64) -> f64 {
+    if higher_is_better(metric) {
+        aedb / peer
+    } else {
+        peer / aedb
+    }
+}
+
+pub fn format_value(metric: &str, value: f64) -> String {
+    if metric.ends_with("_bytes") {
+        format!("{:.1} MiB", value / (1024.0 * 1024.0))
+    } else if metric.ends_with("_per_s") {
+        if value >= 100.0 {
+            group_thousands(value.round() as u64)
+        } else {
+            format!("{value:.1}")
+        }
+    } else if value >= 1.0 {
+        format!("{value:.3} s")
+    } else {
+        format!("{:.2} ms", value * 1e3)
+    }
+}
+
+fn group_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn find(figures: &[Figure], workload: &str, engine: &str, metric: &str) -> Option<f64> {
+    figures
+        .iter()
+        .find(|f| f.workload == workload && f.engine == engine && f.metric == metric)
+        .map(|f| f.value)
+}
+
+/// Renders the comparison table. Rows with no figures at all are skipped;
+/// missing cells (engine not selected or failed) show as "-".
+pub fn render_table(figures: &[Figure]) -> String {
+    let mut header: Vec<String> = vec!["workload".into(), "metric".into()];
+    header.extend(ENGINE_COLUMNS.iter().map(|e| e.to_string()));
+    header.extend(RATIO_PEERS.iter().map(|p| {
+        let short = p.trim_start_matches("fsync_");
+        format!("aedb/{short}")
+    }));
+    header.push("targets (on the ratios)".into());
+
+    let mut rows = vec![header];
+    for (workload, metric) in ROWS {
+        let cells: Vec<Option<f64>> = ENGINE_COLUMNS
+            .iter()
+            .map(|e| find(figures, workload, e, metric))
+            .collect();
+        if cells.iter().all(Option::is_none) {
+            continue;
+        }
+        let aedb = cells[0];
+        let mut row = vec![workload.to_string(), metric.to_string()];
+        row.extend(
+            cells
+                .iter()
+                .map(|c| c.map_or_else(|| "-".into(), |v| format_value(metric, v))),
+        );
+        for peer in RATIO_PEERS {
+            let ratio = aedb.zip(find(figures, workload, peer, metric));
+            row.push(ratio.map_or_else(
+                || "-".into(),
+                |(a, p)| format!("{:.2}x", advantage(metric, a, p)),
+            ));
+        }
+        row.push(target_text(figures, workload, metric));
+        rows.push(row);
+    }
+
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|col| {
+            rows.iter()
+                .map(|r| r[col].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (n, row) in rows.iter().enumerate() {
+        let mut line = String::new();
+        for (col, cell) in row.iter().enumerate() {
+            let pad = widths[col] - cell.chars().count();
+            // Text columns left-aligned, numbers right-aligned.
+            if col < 2 || col + 1 == row.len() {
+                let _ = write!(line, "{cell}{}  ", " ".repeat(pad));
+            } else {
+                let _ = write!(line, "{}{cell}  ", " ".repeat(pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+        if n == 0 {
+            let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            out.push_str(&"-".repeat(total));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn target_text(figures: &[Figure], workload: &str, metric: &str) -> String {
+    if workload == "W5" {
+        return "report only".into();
+    }
+    let parts: Vec<String> = TARGETS
+        .iter()
+        .filter(|t| t.workload == workload && t.metric == metric)
+        .map(|t| {
+            let verdict = find(figures, workload, "aedb", metric)
+                .zip(find(figures, workload, t.peer, metric))
+                .map_or("n/a", |(a, p)| {
+                    if advantage(metric, a, p) >= t.min_advantage {
+                        "ok"
+                    } else {
+                        "MISS"
+                    }
+                });
+            format!("{} {verdict}", t.label)
+        })
+        .collect();
+    parts.join("; ")
+}
+
+/// Lines printed under the table so its numbers can be read correctly.
+pub const NOTES: &str = "\
+Ratios are aedb's advantage: >1 means aedb is better (aedb/peer for throughput, \
+peer/aedb for times and RSS).
+W1/W2/W4 durable: aedb Full+Durable; redb Durability::Immediate; sqlite WAL synchronous=FULL.
+W3 relaxed: aedb Batch+Visible; redb Durability::None (no fsync; redb 4 has nothing in between); \
+sqlite WAL synchronous=NORMAL.
+W4/W5 run each engine in its own child process; peak RSS is that process's VmHWM.";

@@ -1,0 +1,64 @@
+//! End-to-end check of the harness: a `--quick --json` run must produce every
+//! figure it promises. Deliberately asserts nothing about speed.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+
+#[test]
+fn quick_json_run_reports_every_figure() -> Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let output = Command::new(env!("CARGO_BIN_EXE_aedb-bench"))
+        .args(["--quick", "--json", "--dir"])
+        .arg(scratch.path())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.success(),
+        "aedb-bench failed ({}):\n{stderr}",
+        output.status
+    );
+
+    let mut seen = BTreeSet::new();
+    for line in String::from_utf8(output.stdout)?.lines() {
+        let figure: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}"))?;
+        let field = |name: &str| -> Result<String> {
+            Ok(figure[name]
+                .as_str()
+                .with_context(|| format!("{name} missing in {line}"))?
+                .to_owned())
+        };
+        let value = figure["value"]
+            .as_f64()
+            .with_context(|| format!("value missing in {line}"))?;
+        ensure!(
+            value.is_finite() && value > 0.0,
+            "non-positive figure: {line}"
+        );
+        seen.insert((field("workload")?, field("engine")?, field("metric")?));
+    }
+
+    let databases = ["aedb", "redb", "sqlite"];
+    let mut expected = BTreeSet::new();
+    for engine in databases.iter().chain(&["fsync_floor"]) {
+        expected.insert(("W1", *engine, "commits_per_s"));
+    }
+    for engine in databases {
+        expected.insert(("W2", engine, "commits_per_s"));
+        expected.insert(("W3", engine, "commits_per_s"));
+        for metric in ["load_s", "gets_per_s", "scan_keys_per_s", "peak_rss_bytes"] {
+            expected.insert(("W4", engine, metric));
+        }
+        expected.insert(("W5", engine, "reopen_s"));
+    }
+    let expected: BTreeSet<(String, String, String)> = expected
+        .into_iter()
+        .map(|(w, e, m)| (w.to_owned(), e.to_owned(), m.to_owned()))
+        .collect();
+
+    let missing: Vec<_> = expected.difference(&seen).collect();
+    ensure!(missing.is_empty(), "missing figures: {missing:?}\n{stderr}");
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! Engine configuration: durability, recovery strictness, limits and keys.
+
+use std::fmt;
+use std::time::Duration;
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::error::AedbError;
+
+/// How commits reach stable storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DurabilityMode {
+    /// Every commit is durable before it returns (group commit shares fsyncs).
+    Full,
+    /// Commits return once visible; a background flusher fsyncs within `batch_interval`.
+    Batch,
+    /// Commits are written to the OS page cache; fsync happens only for `Durable`
+    /// finality, checkpoints and close.
+    OsBuffered,
+}
+
+/// What recovery does with damage in the write-ahead log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// Only a torn final frame is repaired; any other damage refuses to open.
+    Strict,
+    /// Keeps the longest valid prefix and reports exactly what was dropped.
+    Permissive,
+}
+
+/// When a commit call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitFinality {
+    /// Applied and visible to readers; fsync follows (bounded by the durability mode).
+    Visible,
+    /// Applied and on stable storage.
+    Durable,
+}
+
+/// A 32-byte secret. Never printed; zeroized on drop.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct SecretKey([u8; 32]);
+
+impl SecretKey {
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+/// Explicit bounds on everything a caller can grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// Encoded size of one transaction (one WAL frame).
+    pub max_txn_bytes: usize,
+    pub max_txn_ops: usize,
+    /// Commits waiting for the commit lock or for an fsync.
+    pub max_queued_commits: usize,
+    /// Rows or keys returned by one scan or query call.
+    pub max_scan_results: usize,
+    /// Name length of projects, scopes, tables and columns.
+    pub max_name_bytes: usize,
+    /// Idempotency records kept (oldest evicted first).
+    pub max_idempotency_records: usize,
+    /// Recent snapshots kept for `ConsistencyMode::AtSeq`.
+    pub snapshot_history: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: 4 * 1024,
+            max_value_bytes: 4 * 1024 * 1024,
+            max_txn_bytes: 16 * 1024 * 1024,
+            max_txn_ops: 100_000,
+            max_queued_commits: 4_096,
+            max_scan_results: 100_000,
+            max_name_bytes: 128,
+            max_idempotency_records: 100_000,
+            snapshot_history: 64,
+        }
+    }
+}
+
+/// Configuration of an [`crate::AedbInstance`].
+#[derive(Clone, Debug)]
+pub struct AedbConfig {
+    pub durability: DurabilityMode,
+    pub recovery: RecoveryMode,
+    /// Longest time a `Visible` commit stays only in memory under `Batch`.
+    pub batch_interval: Duration,
+    /// Size of one WAL segment file (preallocated, zero-filled).
+    pub segment_bytes: u64,
+    pub limits: Limits,
+    pub(crate) manifest_key: Option<SecretKey>,
+    pub(crate) checkpoint_key: Option<SecretKey>,
+}
+
+impl AedbConfig {
+    /// Development and tests: no keys, full durability, strict recovery.
+    pub fn development() -> Self {
+        Self {
+            durability: DurabilityMode::Full,
+            recovery: RecoveryMode::Strict,
+            batch_interval: Duration::from_millis(5),
+            segment_bytes: 64 * 1024 * 1024,
+            limits: Limits::default(),
+            manifest_key: None,
+            checkpoint_key: None,
+        }
+    }
+
+    /// Every commit durable before it returns; `key` signs the manifest.
+    pub fn production(manifest_key: [u8; 32]) -> Self {
+        Self::development().with_hmac_key(manifest_key)
+    }
+
+    /// Commits visible at once and fsynced within `batch_interval`; `key` signs the manifest.
+    pub fn low_latency(manifest_key: [u8; 32]) -> Self {
+        Self::development()
+            .with_hmac_key(manifest_key)
+            .with_durability(DurabilityMode::Batch)
+    }
+
+    pub fn with_hmac_key(mut self, key: [u8; 32]) -> Self {
+        self.manifest_key = Some(SecretKey::new(key));
+        self
+    }
+
+    pub fn with_checkpoint_key(mut self, key: [u8; 32]) -> Self {
+        self.checkpoint_key = Some(SecretKey::new(key));
+        self
+    }
+
+    pub fn with_durability(mut self, durability: DurabilityMode) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    pub fn with_recovery_mode(mut self, recovery: RecoveryMode) -> Self {
+        self.recovery = recovery;
+        self
+    }
+
+    pub fn with_batch_interval(mut self, interval: Duration) -> Self {
+        self.batch_interval = interval;
+        self
+    }
+
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes;
+        self
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn has_manifest_key(&self) -> bool {
+        self.manifest_key.is_some()
+    }
+
+    pub fn has_checkpoint_key(&self) -> bool {
+        self.checkpoint_key.is_some()
+    }
+
+    /// Finality used by [`crate::AedbInstance::commit`].
+    pub fn default_finality(&self) -> CommitFinality {
+        match self.durability {
+            DurabilityMode::Full => CommitFinality::Durable,
+            DurabilityMode::Batch | DurabilityMode::OsBuffered => CommitFinality::Visible,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), AedbError> {
+        let mut problems = Vec::new();
+        let l = &self.limits;
+        let frame_room = crate::wal::format::SEGMENT_HEADER_LEN as u64
+            + crate::wal::format::FRAME_HEADER_LEN as u64
+            + l.max_txn_bytes as u64;
+        if self.segment_bytes < frame_room {
+            problems.push(format!(
+                "segment_bytes ({}) must hold the largest transaction frame ({frame_room} bytes = max_txn_bytes + headers)",
+                self.segment_bytes
+            ));
+        }
+        if self.segment_bytes > 1 << 32 {
+            problems.push(format!(
+                "segment_bytes ({}) must be at most 4 GiB",
+                self.segment_bytes
+            ));
+        }
+        if l.max_key_bytes == 0 || l.max_key_bytes > 64 * 1024 {
+            problems.push(format!(
+                "max_key_bytes ({}) must be in 1..=65536",
+                l.max_key_bytes
+            ));
+        }
+        if l.max_value_bytes > l.max_txn_bytes {
+            problems.push(format!(
+                "max_value_bytes ({}) must not exceed max_txn_bytes ({})",
+                l.max_value_bytes, l.max_txn_bytes
+            ));
+        }
+        if l.max_txn_bytes > u32::MAX as usize / 2 {
+            problems.push(format!(
+                "max_txn_bytes ({}) must be below 2 GiB",
+                l.max_txn_bytes
+            ));
+        }
+        for (name, v) in [
+            ("max_txn_ops", l.max_txn_ops),
+            ("max_queued_commits", l.max_queued_commits),
+            ("max_scan_results", l.max_scan_results),
+            ("max_name_bytes", l.max_name_bytes),
+        ] {
+            if v == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if self.batch_interval.is_zero() || self.batch_interval > Duration::from_secs(10) {
+            problems.push(format!(
+                "batch_interval ({:?}) must be in (0, 10s]",
+                self.batch_interval
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(AedbError::InvalidConfig { problems })
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The one error type of the engine. Every variant names what went wrong and where;
+//! none carries key material or row contents.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AedbError {
+    #[error("invalid configuration: {}", problems.join("; "))]
+    InvalidConfig { problems: Vec<String> },
+
+    #[error("data directory {dir} is locked by pid {pid}")]
+    Locked { dir: PathBuf, pid: String },
+
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("corruption in {file} at byte {offset}: {reason}")]
+    Corruption {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+
+    #[error(
+        "write-write conflict on {what}: changed by commit {committed_seq} after this transaction's snapshot {snapshot_seq}"
+    )]
+    Conflict {
+        what: String,
+        snapshot_seq: u64,
+        committed_seq: u64,
+    },
+
+    #[error("assertion {index} failed: {description}")]
+    AssertionFailed { index: usize, description: String },
+
+    #[error("limit exceeded: {what} is {actual}, limit {limit}")]
+    LimitExceeded {
+        what: &'static str,
+        limit: usize,
+        actual: usize,
+    },
+
+    #[error("overloaded: {queued} commits queued (limit {limit}); retry with backoff")]
+    Overloaded { queued: usize, limit: usize },
+
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+
+    #[error("schema violation in table {table:?}: {reason}")]
+    Schema { table: String, reason: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("snapshot at seq {requested} is not available (oldest kept {oldest}, head {head})")]
+    SnapshotUnavailable {
+        requested: u64,
+        oldest: u64,
+        head: u64,
+    },
+
+    #[error(
+        "the write-ahead log failed earlier ({0}); the instance is read-only, reopen to recover"
+    )]
+    Poisoned(String),
+
+    #[error("the instance is closed")]
+    Closed,
+}
+
+impl AedbError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        AedbError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corruption(
+        file: impl Into<PathBuf>,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Self {
+        AedbError::Corruption {
+            file: file.into(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type Result<T, E = AedbError> = std::result::Result<T, E>;

@@ -1,0 +1,557 @@
+//! `AedbInstance`: opening (recovery), the commit path, and read snapshots.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::{AedbConfig, CommitFinality, DurabilityMode};
+use crate::error::AedbError;
+use crate::lock::DirLock;
+use crate::metrics::{Counters, OperationalMetrics, load};
+use crate::model::state::DbState;
+use crate::model::validate_name;
+use crate::model::value::TableSchema;
+use crate::record::{DdlOp, IdempotencyTag, WalRecord};
+use crate::txn::snapshot::{ConsistencyMode, Snapshot};
+use crate::txn::write::WriteTransaction;
+use crate::wal::RecoveryReport;
+use crate::wal::recovery::recover;
+use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES, WalWriter};
+
+/// What a successful commit reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitResult {
+    /// Sequence number (= WAL LSN) of this commit.
+    pub commit_seq: u64,
+    /// Highest sequence number known durable when the call returned.
+    pub durable_head_seq: u64,
+    /// True when an idempotency key matched an earlier commit, which is what
+    /// `commit_seq` then names; nothing was applied by this call.
+    pub idempotent_replay: bool,
+}
+
+/// Writer-side state, guarded by the commit lock.
+struct CommitState {
+    state: DbState,
+    idempotency: HashMap<IdempotencyTag, u64>,
+    idempotency_order: VecDeque<IdempotencyTag>,
+    history: VecDeque<Arc<DbState>>,
+}
+
+impl CommitState {
+    fn remember(&mut self, tag: IdempotencyTag, seq: u64, max: usize) {
+        if self.idempotency.insert(tag.clone(), seq).is_none() {
+            self.idempotency_order.push_back(tag);
+        }
+        while self.idempotency_order.len() > max {
+            if let Some(old) = self.idempotency_order.pop_front() {
+                self.idempotency.remove(&old);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct FlusherSignal {
+    stop: bool,
+    kicked: bool,
+}
+
+struct Flusher {
+    signal: Arc<(Mutex<FlusherSignal>, Condvar)>,
+    handle: JoinHandle<()>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    config: AedbConfig,
+    current: ArcSwap<DbState>,
+    commit: Mutex<CommitState>,
+    wal: Arc<WalWriter>,
+    queued: AtomicUsize,
+    counters: Counters,
+    flusher: Mutex<Option<Flusher>>,
+    recovery: RecoveryReport,
+    closed: AtomicBool,
+    _lock: DirLock,
+}
+
+/// An open database. `Send + Sync`: share it behind an `Arc`.
+pub struct AedbInstance {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AedbInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AedbInstance")
+            .field("dir", &self.inner.dir)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds one slot of the bounded commit queue.
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl AedbInstance {
+    /// Opens (creating if needed) the database in `dir`, replaying its log.
+    pub fn open(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| AedbError::io(&dir, e))?;
+        let lock = DirLock::acquire(&dir, true)?;
+
+        let mut cs = CommitState {
+            state: DbState::default(),
+            idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
+            history: VecDeque::new(),
+        };
+        let max_idem = config.limits.max_idempotency_records;
+        let recovered = recover(&dir, config.recovery, 1, [0; 32], |lsn, payload| {
+            let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
+            cs.state
+                .apply(&record, lsn)
+                .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))?;
+            if let WalRecord::Commit {
+                idempotency: Some(tag),
+                ..
+            } = record
+            {
+                cs.remember(tag, lsn, max_idem);
+            }
+            Ok(())
+        })?;
+        let wal = match recovered.position {
+            Some(pos) => WalWriter::resume(&dir, config.segment_bytes, pos)?,
+            None => WalWriter::create(&dir, config.segment_bytes)?,
+        };
+        let wal = Arc::new(wal);
+        let published = Arc::new(cs.state.clone());
+        cs.history.push_back(published.clone());
+        if recovered.report.torn_tail.is_some() || recovered.report.dropped.is_some() {
+            tracing::warn!(report = ?recovered.report, "recovery repaired the write-ahead log");
+        }
+        tracing::info!(dir = %dir.display(), seq = cs.state.seq, frames = recovered.report.frames_replayed, "aedb opened");
+
+        let inner = Arc::new(Inner {
+            dir,
+            current: ArcSwap::new(published),
+            commit: Mutex::new(cs),
+            wal: wal.clone(),
+            queued: AtomicUsize::new(0),
+            counters: Counters::default(),
+            flusher: Mutex::new(None),
+            recovery: recovered.report,
+            closed: AtomicBool::new(false),
+            _lock: lock,
+            config,
+        });
+        *inner.flusher.lock() = Some(spawn_flusher(
+            wal,
+            inner.config.durability,
+            inner.config.batch_interval,
+        )?);
+        Ok(Self { inner })
+    }
+
+    pub fn config(&self) -> &AedbConfig {
+        &self.inner.config
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// What recovery found and repaired when this instance opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    /// The latest committed state.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            state: self.inner.current.load_full(),
+        }
+    }
+
+    /// A read-only snapshot chosen by `mode`.
+    pub fn begin_read(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
+        match mode {
+            ConsistencyMode::AtLatest => Ok(self.snapshot()),
+            ConsistencyMode::AtSeq(n) => {
+                let cs = self.inner.commit.lock();
+                let head = cs.state.seq;
+                let oldest = cs.history.front().map_or(head, |s| s.seq);
+                if n > head || n < oldest {
+                    return Err(AedbError::SnapshotUnavailable {
+                        requested: n,
+                        oldest,
+                        head,
+                    });
+                }
+                // The state after commit n is the newest kept state with seq <= n.
+                let state = cs
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|s| s.seq <= n)
+                    .cloned()
+                    .ok_or(AedbError::SnapshotUnavailable {
+                        requested: n,
+                        oldest,
+                        head,
+                    })?;
+                Ok(Snapshot { state })
+            }
+            ConsistencyMode::AtCheckpoint => Err(AedbError::InvalidArgument(
+                "no checkpoint has been written yet".into(),
+            )),
+        }
+    }
+
+    /// Starts a write transaction on `project`, reading from the latest state.
+    pub fn begin_write(&self, project: &str) -> Result<WriteTransaction, AedbError> {
+        let snapshot = self.snapshot();
+        if !snapshot.state.projects.contains_key(project) {
+            return Err(AedbError::NotFound {
+                kind: "project",
+                name: project.to_string(),
+            });
+        }
+        Ok(WriteTransaction::new(
+            project.to_string(),
+            snapshot,
+            self.inner.config.limits,
+        ))
+    }
+
+    /// Commits with the configured default finality (`Durable` under
+    /// `DurabilityMode::Full`, `Visible` otherwise).
+    pub fn commit(&self, tx: WriteTransaction) -> Result<CommitResult, AedbError> {
+        self.commit_with_finality(tx, self.inner.config.default_finality())
+    }
+
+    pub fn commit_with_finality(
+        &self,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        let r = self.commit_inner(tx, finality);
+        let c = &self.inner.counters;
+        match &r {
+            Ok(res) if res.idempotent_replay => Counters::bump(&c.idempotent_replays),
+            Ok(_) => Counters::bump(&c.commits),
+            Err(AedbError::Conflict { .. }) => Counters::bump(&c.aborts_conflict),
+            Err(AedbError::AssertionFailed { .. }) => Counters::bump(&c.aborts_assertion),
+            Err(AedbError::Overloaded { .. }) => Counters::bump(&c.aborts_admission),
+            Err(_) => Counters::bump(&c.aborts_other),
+        }
+        r
+    }
+
+    fn admit(&self) -> Result<QueueSlot<'_>, AedbError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(AedbError::Closed);
+        }
+        let limit = self.inner.config.limits.max_queued_commits;
+        let queued = self.inner.queued.fetch_add(1, Ordering::AcqRel);
+        let slot = QueueSlot(&self.inner.queued);
+        if queued >= limit {
+            return Err(AedbError::Overloaded { queued, limit });
+        }
+        Ok(slot)
+    }
+
+    fn commit_inner(
+        &self,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        let _slot = self.admit()?;
+        let tag = tx.idempotency_tag();
+        let record = tx.to_record();
+        // Encoding happens outside the commit lock: it does not depend on the LSN.
+        let payload = record.encode()?;
+        let limit = self.inner.config.limits.max_txn_bytes;
+        if payload.len() > limit {
+            return Err(AedbError::LimitExceeded {
+                what: "encoded transaction bytes",
+                limit,
+                actual: payload.len(),
+            });
+        }
+
+        let mut cs = self.inner.commit.lock();
+        self.inner.wal.check_healthy()?;
+        if let Some(seq) = tag.as_ref().and_then(|t| cs.idempotency.get(t).copied()) {
+            drop(cs);
+            return self.finish(seq, finality, true);
+        }
+        tx.check_conflicts(&cs.state)?;
+        tx.check_assertions(&cs.state)?;
+        if tx.is_empty() {
+            let seq = cs.state.seq;
+            drop(cs);
+            return self.finish(seq, finality, false);
+        }
+        let seq = cs.state.seq + 1;
+        let mut next = cs.state.clone();
+        next.apply(&record, seq)?;
+        let pending = self.inner.wal.append(seq, &payload)?;
+        cs.state = next;
+        if let Some(tag) = tag {
+            cs.remember(tag, seq, self.inner.config.limits.max_idempotency_records);
+        }
+        self.publish(&mut cs);
+        drop(cs);
+        self.bound_buffer(pending)?;
+        self.finish(seq, finality, false)
+    }
+
+    fn publish(&self, cs: &mut CommitState) {
+        let published = Arc::new(cs.state.clone());
+        self.inner.current.store(published.clone());
+        cs.history.push_back(published);
+        while cs.history.len() > self.inner.config.limits.snapshot_history.max(1) {
+            cs.history.pop_front();
+        }
+    }
+
+    /// Keeps the in-memory WAL buffer bounded when commits do not wait for fsync.
+    fn bound_buffer(&self, pending: usize) -> Result<(), AedbError> {
+        if pending >= HARD_BUFFER_BYTES {
+            self.inner.wal.write_out()?;
+        } else if pending >= SOFT_BUFFER_BYTES
+            && let Some(f) = self.inner.flusher.lock().as_ref()
+        {
+            f.signal.0.lock().kicked = true;
+            f.signal.1.notify_one();
+        }
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        seq: u64,
+        finality: CommitFinality,
+        idempotent_replay: bool,
+    ) -> Result<CommitResult, AedbError> {
+        if finality == CommitFinality::Durable {
+            self.inner.wal.wait_durable(seq)?;
+        }
+        Ok(CommitResult {
+            commit_seq: seq,
+            durable_head_seq: self.inner.wal.durable_lsn(),
+            idempotent_replay,
+        })
+    }
+
+    fn commit_ddl(&self, op: DdlOp) -> Result<CommitResult, AedbError> {
+        let _slot = self.admit()?;
+        let record = WalRecord::Ddl(op);
+        let payload = record.encode()?;
+        let mut cs = self.inner.commit.lock();
+        self.inner.wal.check_healthy()?;
+        let seq = cs.state.seq + 1;
+        let mut next = cs.state.clone();
+        next.apply(&record, seq)?;
+        self.inner.wal.append(seq, &payload)?;
+        cs.state = next;
+        self.publish(&mut cs);
+        drop(cs);
+        // Schema changes are rare and everything after them depends on them.
+        self.finish(seq, CommitFinality::Durable, false)
+    }
+
+    fn name(&self, kind: &'static str, name: &str) -> Result<(), AedbError> {
+        validate_name(kind, name, self.inner.config.limits.max_name_bytes)
+    }
+
+    pub fn create_project(&self, project: &str) -> Result<CommitResult, AedbError> {
+        self.name("project", project)?;
+        self.commit_ddl(DdlOp::CreateProject {
+            project: project.to_string(),
+        })
+    }
+
+    pub fn create_scope(&self, project: &str, scope: &str) -> Result<CommitResult, AedbError> {
+        self.name("scope", scope)?;
+        self.commit_ddl(DdlOp::CreateScope {
+            project: project.to_string(),
+            scope: scope.to_string(),
+        })
+    }
+
+    pub fn create_table(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+        schema: TableSchema,
+    ) -> Result<CommitResult, AedbError> {
+        self.name("table", table)?;
+        schema.validate(table, self.inner.config.limits.max_name_bytes)?;
+        self.commit_ddl(DdlOp::CreateTable {
+            project: project.to_string(),
+            scope: scope.to_string(),
+            table: table.to_string(),
+            schema,
+        })
+    }
+
+    pub fn drop_table(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(DdlOp::DropTable {
+            project: project.to_string(),
+            scope: scope.to_string(),
+            table: table.to_string(),
+        })
+    }
+
+    /// One-key convenience write, committed with the default finality.
+    pub fn kv_set(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<CommitResult, AedbError> {
+        let mut tx = self.begin_write(project)?;
+        tx.kv_set(scope, key, value)?;
+        self.commit(tx)
+    }
+
+    pub fn kv_del(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<CommitResult, AedbError> {
+        let mut tx = self.begin_write(project)?;
+        tx.kv_del(scope, key)?;
+        self.commit(tx)
+    }
+
+    pub fn kv_get(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<Option<Arc<[u8]>>, AedbError> {
+        Ok(self.snapshot().kv(project, scope)?.get(key))
+    }
+
+    /// Highest sequence number on stable storage.
+    pub fn durable_head_seq(&self) -> u64 {
+        self.inner.wal.durable_lsn()
+    }
+
+    /// Makes every commit so far durable (for `Visible` commits).
+    pub fn sync(&self) -> Result<u64, AedbError> {
+        let last = self.inner.wal.last_lsn();
+        self.inner.wal.wait_durable(last)?;
+        Ok(last)
+    }
+
+    pub fn operational_metrics(&self) -> OperationalMetrics {
+        let c = &self.inner.counters;
+        OperationalMetrics {
+            commits: load(&c.commits),
+            aborts_conflict: load(&c.aborts_conflict),
+            aborts_assertion: load(&c.aborts_assertion),
+            aborts_admission: load(&c.aborts_admission),
+            aborts_other: load(&c.aborts_other),
+            idempotent_replays: load(&c.idempotent_replays),
+            fsyncs: self.inner.wal.fsyncs(),
+            head_seq: self.inner.current.load().seq,
+            durable_seq: self.inner.wal.durable_lsn(),
+            queued_commits: self.inner.queued.load(Ordering::Relaxed) as u64,
+            wal_pending_bytes: self.inner.wal.pending_bytes() as u64,
+        }
+    }
+
+    /// Flushes and fsyncs everything and releases the directory lock.
+    pub fn close(self) -> Result<(), AedbError> {
+        self.inner.shutdown()
+    }
+}
+
+impl Inner {
+    fn shutdown(&self) -> Result<(), AedbError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Some(f) = self.flusher.lock().take() {
+            f.signal.0.lock().stop = true;
+            f.signal.1.notify_one();
+            let _ = f.handle.join();
+        }
+        self.wal.shutdown()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::error!(error = %e, "aedb: final flush on drop failed");
+        }
+    }
+}
+
+/// Background thread bounding how long a `Visible` commit stays unsynced
+/// (`Full`/`Batch`) or unwritten (`OsBuffered`).
+fn spawn_flusher(
+    wal: Arc<WalWriter>,
+    mode: DurabilityMode,
+    interval: Duration,
+) -> Result<Flusher, AedbError> {
+    let signal = Arc::new((Mutex::new(FlusherSignal::default()), Condvar::new()));
+    let sig = signal.clone();
+    let handle = std::thread::Builder::new()
+        .name("aedb-flusher".into())
+        .spawn(move || {
+            loop {
+                {
+                    let mut s = sig.0.lock();
+                    if !s.stop && !s.kicked {
+                        sig.1.wait_for(&mut s, interval);
+                    }
+                    if s.stop {
+                        return;
+                    }
+                    s.kicked = false;
+                }
+                let last = wal.last_lsn();
+                // Errors poison the writer; committers see them on their next call.
+                let _ = match mode {
+                    DurabilityMode::OsBuffered => wal.write_out(),
+                    DurabilityMode::Full | DurabilityMode::Batch => {
+                        if wal.durable_lsn() < last {
+                            wal.wait_durable(last)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                };
+            }
+        })
+        .map_err(|e| AedbError::io("aedb-flusher thread", e))?;
+    Ok(Flusher { signal, handle })
+}

@@ -1,0 +1,25 @@
+//! aedb: an embedded, transactional database with a hash-chained, CRC-checked
+//! write-ahead log, group commit and crash-safe recovery.
+//!
+//! See `FORMAT.md` for the on-disk format and the README for the operational model.
+
+pub mod config;
+pub mod error;
+pub mod instance;
+mod lock;
+pub mod metrics;
+pub(crate) mod model;
+pub(crate) mod record;
+pub mod txn;
+pub mod wal;
+
+pub use config::{AedbConfig, CommitFinality, DurabilityMode, Limits, RecoveryMode, SecretKey};
+pub use error::AedbError;
+pub use instance::{AedbInstance, CommitResult};
+pub use metrics::OperationalMetrics;
+pub use model::value::{Column, ColumnType, Row, TableSchema, Value};
+pub use txn::assertion::{CompareOp, ReadAssertion};
+pub use txn::query::{Filter, Query, QueryResult};
+pub use txn::snapshot::{ConsistencyMode, KvView, Snapshot, TableView};
+pub use txn::write::WriteTransaction;
+pub use wal::{DroppedTail, RecoveryReport, TornTail};

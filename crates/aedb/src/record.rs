@@ -1,0 +1,86 @@
+//! The logical content of one WAL frame: a committed transaction or a DDL change.
+//! Encoded with postcard; the frame around it is in `wal::format`.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::AedbError;
+use crate::model::bytes::Bytes;
+use crate::model::value::{Row, TableSchema};
+
+/// The idempotency key of a commit, scoped to the caller that supplied it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct IdempotencyTag {
+    pub caller: String,
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum WriteOp {
+    KvSet {
+        scope: String,
+        key: Bytes,
+        value: Bytes,
+    },
+    KvDel {
+        scope: String,
+        key: Bytes,
+    },
+    RowPut {
+        scope: String,
+        table: String,
+        /// Encoded primary key (derived from `row`, logged so replay needs no schema work).
+        key: Bytes,
+        row: Arc<Row>,
+    },
+    RowDel {
+        scope: String,
+        table: String,
+        key: Bytes,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum DdlOp {
+    CreateProject {
+        project: String,
+    },
+    CreateScope {
+        project: String,
+        scope: String,
+    },
+    CreateTable {
+        project: String,
+        scope: String,
+        table: String,
+        schema: TableSchema,
+    },
+    DropTable {
+        project: String,
+        scope: String,
+        table: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum WalRecord {
+    Commit {
+        project: String,
+        ops: Vec<WriteOp>,
+        idempotency: Option<IdempotencyTag>,
+    },
+    Ddl(DdlOp),
+}
+
+impl WalRecord {
+    pub fn encode(&self) -> Result<Vec<u8>, AedbError> {
+        postcard::to_stdvec(self)
+            .map_err(|e| AedbError::InvalidArgument(format!("unencodable record: {e}")))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, AedbError> {
+        postcard::from_bytes(bytes)
+            .map_err(|e| AedbError::InvalidArgument(format!("undecodable WAL record: {e}")))
+    }
+}

@@ -1,0 +1,203 @@
+//! Read-only views over one committed state.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use crate::error::AedbError;
+use crate::model::state::{DbState, ScopeState, TableState};
+use crate::model::value::{Row, TableSchema, Value};
+use crate::txn::query::{Query, QueryResult, run_query};
+
+/// Which state a read transaction sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsistencyMode {
+    /// The latest committed (visible) state.
+    AtLatest,
+    /// The state right after commit `n` (kept for the last `snapshot_history` commits).
+    AtSeq(u64),
+    /// The state captured by the last checkpoint.
+    AtCheckpoint,
+}
+
+/// An immutable, consistent view of the database at one commit sequence number.
+/// Cheap to clone and to hold: writers never wait for it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub(crate) state: Arc<DbState>,
+}
+
+pub(crate) type KvPair = (Arc<[u8]>, Arc<[u8]>);
+
+impl Snapshot {
+    /// Sequence number of the last commit this snapshot includes.
+    pub fn seq(&self) -> u64 {
+        self.state.seq
+    }
+
+    pub fn kv<'a>(&'a self, project: &str, scope: &str) -> Result<KvView<'a>, AedbError> {
+        Ok(KvView {
+            scope: self.state.scope(project, scope)?,
+        })
+    }
+
+    pub fn table<'a>(
+        &'a self,
+        project: &str,
+        scope: &str,
+        table: &str,
+    ) -> Result<TableView<'a>, AedbError> {
+        Ok(TableView {
+            name: table.to_string(),
+            table: self.state.table(project, scope, table)?,
+        })
+    }
+
+    pub fn projects(&self) -> Vec<String> {
+        self.state.projects.keys().cloned().collect()
+    }
+
+    pub fn scopes(&self, project: &str) -> Result<Vec<String>, AedbError> {
+        Ok(self
+            .state
+            .projects
+            .get(project)
+            .ok_or_else(|| AedbError::NotFound {
+                kind: "project",
+                name: project.to_string(),
+            })?
+            .scopes
+            .keys()
+            .cloned()
+            .collect())
+    }
+
+    pub fn tables(&self, project: &str, scope: &str) -> Result<Vec<String>, AedbError> {
+        Ok(self
+            .state
+            .scope(project, scope)?
+            .tables
+            .keys()
+            .cloned()
+            .collect())
+    }
+}
+
+/// The KV keyspace of one scope in a snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct KvView<'a> {
+    scope: &'a ScopeState,
+}
+
+impl KvView<'_> {
+    pub fn get(&self, key: &[u8]) -> Option<Arc<[u8]>> {
+        self.get_versioned(key).map(|(_, v)| v)
+    }
+
+    /// The value and the sequence number of the commit that wrote it.
+    pub fn get_versioned(&self, key: &[u8]) -> Option<(u64, Arc<[u8]>)> {
+        let e = self.scope.kv.get(key)?;
+        e.value.as_ref().map(|v| (e.version, v.0.clone()))
+    }
+
+    /// Version of `key` (0 when absent or deleted).
+    pub fn version(&self, key: &[u8]) -> u64 {
+        match self.scope.kv.get(key) {
+            Some(e) if e.value.is_some() => e.version,
+            _ => 0,
+        }
+    }
+
+    /// Live keys in this keyspace.
+    pub fn len(&self) -> usize {
+        self.scope.live_keys
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scope.live_keys == 0
+    }
+
+    /// Up to `limit` pairs with keys in `[start, end)` (per the bounds), in key order.
+    pub fn scan_range(&self, start: Bound<&[u8]>, end: Bound<&[u8]>, limit: usize) -> Vec<KvPair> {
+        if bounds_empty(start, end) {
+            return Vec::new();
+        }
+        self.scope
+            .kv
+            .range::<_, [u8]>((start, end))
+            .filter_map(|(k, e)| e.value.as_ref().map(|v| (k.0.clone(), v.0.clone())))
+            .take(limit)
+            .collect()
+    }
+
+    /// Up to `limit` pairs whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Vec<KvPair> {
+        let end = prefix_successor(prefix);
+        let end_bound = match &end {
+            Some(e) => Bound::Excluded(e.as_slice()),
+            None => Bound::Unbounded,
+        };
+        self.scan_range(Bound::Included(prefix), end_bound, limit)
+    }
+}
+
+/// imbl panics on an inverted range; an inverted range is simply empty.
+fn bounds_empty(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
+    match (start, end) {
+        (Bound::Included(s), Bound::Included(e)) => s > e,
+        (Bound::Included(s), Bound::Excluded(e))
+        | (Bound::Excluded(s), Bound::Included(e))
+        | (Bound::Excluded(s), Bound::Excluded(e)) => s >= e,
+        _ => false,
+    }
+}
+
+/// The smallest key greater than every key with this prefix (None: no such key).
+pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// One table in a snapshot.
+#[derive(Debug, Clone)]
+pub struct TableView<'a> {
+    name: String,
+    table: &'a TableState,
+}
+
+impl TableView<'_> {
+    pub fn schema(&self) -> &TableSchema {
+        &self.table.schema
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.live_rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.live_rows == 0
+    }
+
+    /// The row with primary key `pk` (values in primary-key column order).
+    pub fn get(&self, pk: &[Value]) -> Result<Option<Arc<Row>>, AedbError> {
+        Ok(self.get_versioned(pk)?.map(|(_, r)| r))
+    }
+
+    pub fn get_versioned(&self, pk: &[Value]) -> Result<Option<(u64, Arc<Row>)>, AedbError> {
+        let key = self.table.schema.encode_pk(&self.name, pk)?;
+        Ok(self
+            .table
+            .rows
+            .get(key.as_slice())
+            .and_then(|e| e.value.as_ref().map(|r| (e.version, r.clone()))))
+    }
+
+    pub fn query(&self, q: &Query) -> Result<QueryResult, AedbError> {
+        run_query(&self.name, self.table, q)
+    }
+}

@@ -1,0 +1,299 @@
+//! Reads every segment in order, replays good frames, and decides what to do with
+//! damage: a torn final write is repaired in both modes; anything else stops strict
+//! recovery with the file and offset, while permissive recovery keeps the longest
+//! valid prefix, moves what it drops to `dropped/`, and reports it.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::format::{
+    ChainHash, SEGMENT_HEADER_LEN, SegmentHeader, parse_segment_file_name, segment_file_name,
+};
+use super::reader::{Damage, count_frames_best_effort, scan_frames};
+use super::writer::{WriterPosition, sync_dir};
+use crate::config::RecoveryMode;
+use crate::error::AedbError;
+
+/// A torn final write that recovery cut off (never acknowledged as durable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub reason: String,
+}
+
+/// What permissive recovery discarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DroppedTail {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub reason: String,
+    /// First LSN that is no longer in the log.
+    pub first_dropped_lsn: u64,
+    /// Frames with a valid checksum found after the damage (best effort).
+    pub frames_dropped: u64,
+    /// Highest LSN seen among the dropped frames and segments (0 if none readable).
+    pub max_dropped_lsn: u64,
+    /// Copies of the damaged segment and every later segment, kept for forensics.
+    pub preserved: Vec<PathBuf>,
+}
+
+/// What recovery found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub frames_replayed: u64,
+    pub last_lsn: u64,
+    pub torn_tail: Option<TornTail>,
+    pub dropped: Option<DroppedTail>,
+}
+
+pub(crate) struct Recovered {
+    pub position: Option<WriterPosition>,
+    pub report: RecoveryReport,
+}
+
+/// Lists the segment files of `dir` in index order, removing leftovers of
+/// interrupted segment creation.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AedbError> {
+    let mut segs = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        let entry = entry.map_err(|e| AedbError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(index) = parse_segment_file_name(name) {
+            segs.push((index, entry.path()));
+        }
+    }
+    segs.sort();
+    Ok(segs)
+}
+
+pub(crate) fn remove_leftovers(dir: &Path) -> Result<(), AedbError> {
+    for entry in fs::read_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        let entry = entry.map_err(|e| AedbError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".tmp") || name == "wal-next.prep" {
+            let p = entry.path();
+            fs::remove_file(&p).map_err(|e| AedbError::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Replays the log from LSN `start_lsn` (1 without a checkpoint) with chain head
+/// `start_hash`, calling `apply` for each frame in order.
+pub(crate) fn recover(
+    dir: &Path,
+    mode: RecoveryMode,
+    start_lsn: u64,
+    start_hash: ChainHash,
+    mut apply: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<Recovered, AedbError> {
+    remove_leftovers(dir)?;
+    let segs = list_segments(dir)?;
+    let mut report = RecoveryReport {
+        segments: segs.len(),
+        last_lsn: start_lsn - 1,
+        ..RecoveryReport::default()
+    };
+    if segs.is_empty() {
+        return Ok(Recovered {
+            position: None,
+            report,
+        });
+    }
+
+    let mut next_lsn = start_lsn;
+    let mut head = start_hash;
+    let mut position: Option<WriterPosition> = None;
+    for (i, (index, path)) in segs.iter().enumerate() {
+        let is_last = i + 1 == segs.len();
+        // A gap in segment numbers is a missing segment: never a torn write.
+        if i > 0 && *index != segs[i - 1].0 + 1 {
+            let missing = dir.join(segment_file_name(segs[i - 1].0 + 1));
+            let damage = Damage {
+                offset: 0,
+                reason: format!(
+                    "segment missing: expected {} after {}",
+                    missing.display(),
+                    segs[i - 1].1.display()
+                ),
+                followed_by_valid: true,
+            };
+            return finish_damaged(
+                dir, mode, &segs, i, path, damage, next_lsn, report, position, &missing,
+            );
+        }
+        let buf = fs::read(path).map_err(|e| AedbError::io(path, e))?;
+        let header = match SegmentHeader::decode(&buf) {
+            Ok(h) => h,
+            Err(reason) => {
+                let damage = Damage {
+                    offset: 0,
+                    reason,
+                    followed_by_valid: true,
+                };
+                return finish_damaged(
+                    dir, mode, &segs, i, path, damage, next_lsn, report, position, path,
+                );
+            }
+        };
+        let header_problem = if header.index != *index {
+            Some(format!(
+                "segment header says index {}, file name says {index} (renamed or reordered segment)",
+                header.index
+            ))
+        } else if header.first_lsn != next_lsn {
+            Some(format!(
+                "segment starts at LSN {}, expected {next_lsn} (missing or reordered segment)",
+                header.first_lsn
+            ))
+        } else if header.prev_hash != head {
+            Some("segment does not continue the hash chain of the previous one".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = header_problem {
+            let damage = Damage {
+                offset: 0,
+                reason,
+                followed_by_valid: true,
+            };
+            return finish_damaged(
+                dir, mode, &segs, i, path, damage, next_lsn, report, position, path,
+            );
+        }
+
+        let outcome = scan_frames(&buf, SEGMENT_HEADER_LEN, next_lsn, head, &mut apply);
+        report.frames_replayed += outcome.frames;
+        next_lsn = outcome.last_lsn + 1;
+        head = outcome.chain_head;
+        report.last_lsn = outcome.last_lsn;
+        position = Some(WriterPosition {
+            segment_index: *index,
+            offset: outcome.end_offset,
+            last_lsn: outcome.last_lsn,
+            chain_head: outcome.chain_head,
+        });
+        if let Some(damage) = outcome.damage {
+            if is_last && !damage.followed_by_valid {
+                // Torn final write: never acknowledged, cut off in both modes.
+                zero_from(path, damage.offset, buf.len() as u64)?;
+                tracing::warn!(file = %path.display(), offset = damage.offset, reason = %damage.reason,
+                    "truncated an incomplete final WAL frame");
+                report.torn_tail = Some(TornTail {
+                    file: path.clone(),
+                    offset: damage.offset,
+                    reason: damage.reason,
+                });
+                break;
+            }
+            return finish_damaged(
+                dir, mode, &segs, i, path, damage, next_lsn, report, position, path,
+            );
+        }
+    }
+    Ok(Recovered { position, report })
+}
+
+/// Strict: the error. Permissive: keep everything before the damage in segment `i`,
+/// preserve copies of what is dropped, and continue from the last good frame.
+#[allow(clippy::too_many_arguments)]
+fn finish_damaged(
+    dir: &Path,
+    mode: RecoveryMode,
+    segs: &[(u64, PathBuf)],
+    i: usize,
+    path: &Path,
+    damage: Damage,
+    next_lsn: u64,
+    mut report: RecoveryReport,
+    position: Option<WriterPosition>,
+    named_file: &Path,
+) -> Result<Recovered, AedbError> {
+    if mode == RecoveryMode::Strict {
+        return Err(AedbError::corruption(
+            named_file,
+            damage.offset,
+            damage.reason,
+        ));
+    }
+    let preserve_dir = dir.join("dropped");
+    fs::create_dir_all(&preserve_dir).map_err(|e| AedbError::io(&preserve_dir, e))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut preserved = Vec::new();
+    let mut frames_dropped = 0;
+    let mut max_dropped_lsn = 0;
+
+    // Does the damage sit inside a segment we keep the front of?
+    let keep_front = position
+        .as_ref()
+        .is_some_and(|p| p.segment_index == segs[i].0 && damage.offset > 0);
+    let first_moved = if keep_front { i + 1 } else { i };
+    if keep_front {
+        let buf = fs::read(path).map_err(|e| AedbError::io(path, e))?;
+        let (n, max) = count_frames_best_effort(&buf, damage.offset as usize);
+        frames_dropped += n;
+        max_dropped_lsn = max_dropped_lsn.max(max);
+        let copy = preserve_dir.join(format!("{stamp}-{}", file_name(path)));
+        fs::copy(path, &copy).map_err(|e| AedbError::io(&copy, e))?;
+        preserved.push(copy);
+        zero_from(path, damage.offset, buf.len() as u64)?;
+    }
+    for (_, seg) in &segs[first_moved..] {
+        if let Ok(buf) = fs::read(seg) {
+            let (n, max) = count_frames_best_effort(&buf, SEGMENT_HEADER_LEN);
+            frames_dropped += n;
+            max_dropped_lsn = max_dropped_lsn.max(max);
+        }
+        let dest = preserve_dir.join(format!("{stamp}-{}", file_name(seg)));
+        fs::rename(seg, &dest).map_err(|e| AedbError::io(seg, e))?;
+        preserved.push(dest);
+    }
+    sync_dir(dir)?;
+    tracing::warn!(file = %named_file.display(), offset = damage.offset, reason = %damage.reason,
+        first_dropped_lsn = next_lsn, frames_dropped, "permissive recovery dropped the WAL after damage");
+    report.dropped = Some(DroppedTail {
+        file: named_file.to_path_buf(),
+        offset: damage.offset,
+        reason: damage.reason,
+        first_dropped_lsn: next_lsn,
+        frames_dropped,
+        max_dropped_lsn,
+        preserved,
+    });
+    report.segments = first_moved;
+    Ok(Recovered { position, report })
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Overwrites `[from, to)` with zeros and fsyncs, so the region reads as unwritten.
+fn zero_from(path: &Path, from: u64, to: u64) -> Result<(), AedbError> {
+    if from >= to {
+        return Ok(());
+    }
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| AedbError::io(path, e))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)
+            .map_err(|e| AedbError::io(path, e))?;
+        at += n as u64;
+    }
+    f.sync_data().map_err(|e| AedbError::io(path, e))
+}
