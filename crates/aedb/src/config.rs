@@ -45,6 +45,10 @@ impl SecretKey {
     pub fn new(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
+
+    pub(crate) fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
 }
 
 impl fmt::Debug for SecretKey {
@@ -101,6 +105,8 @@ pub struct AedbConfig {
     pub limits: Limits,
     pub(crate) manifest_key: Option<SecretKey>,
     pub(crate) checkpoint_key: Option<SecretKey>,
+    /// The checkpoint key being rotated away from: still accepted for reading.
+    pub(crate) previous_checkpoint_key: Option<SecretKey>,
 }
 
 impl AedbConfig {
@@ -114,6 +120,7 @@ impl AedbConfig {
             limits: Limits::default(),
             manifest_key: None,
             checkpoint_key: None,
+            previous_checkpoint_key: None,
         }
     }
 
@@ -136,6 +143,13 @@ impl AedbConfig {
 
     pub fn with_checkpoint_key(mut self, key: [u8; 32]) -> Self {
         self.checkpoint_key = Some(SecretKey::new(key));
+        self
+    }
+
+    /// Key rotation: data written under `old` stays readable; the next checkpoint
+    /// rewrites everything under the current checkpoint key.
+    pub fn with_previous_checkpoint_key(mut self, old: [u8; 32]) -> Self {
+        self.previous_checkpoint_key = Some(SecretKey::new(old));
         self
     }
 

@@ -25,6 +25,9 @@ pub enum AedbError {
         reason: String,
     },
 
+    #[error("key mismatch for {file}: {reason}")]
+    KeyMismatch { file: PathBuf, reason: String },
+
     #[error(
         "write-write conflict on {what}: changed by commit {committed_seq} after this transaction's snapshot {snapshot_seq}"
     )]

@@ -21,7 +21,8 @@ use crate::record::{DdlOp, IdempotencyTag, WalRecord};
 use crate::txn::snapshot::{ConsistencyMode, Snapshot};
 use crate::txn::write::WriteTransaction;
 use crate::wal::RecoveryReport;
-use crate::wal::recovery::recover;
+use crate::wal::keys::WalKeys;
+use crate::wal::recovery::{ReplayStart, recover};
 use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES, WalWriter};
 
 /// What a successful commit reports.
@@ -120,23 +121,46 @@ impl AedbInstance {
             history: VecDeque::new(),
         };
         let max_idem = config.limits.max_idempotency_records;
-        let recovered = recover(&dir, config.recovery, 1, [0; 32], |lsn, payload| {
-            let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
-            cs.state
-                .apply(&record, lsn)
-                .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))?;
-            if let WalRecord::Commit {
-                idempotency: Some(tag),
-                ..
-            } = record
-            {
-                cs.remember(tag, lsn, max_idem);
+        let keys = WalKeys::new(
+            config.manifest_key.as_ref(),
+            config.checkpoint_key.as_ref(),
+            config.previous_checkpoint_key.as_ref(),
+        );
+        let recovered = recover(
+            &dir,
+            config.recovery,
+            &keys,
+            ReplayStart::default(),
+            |lsn, payload| {
+                let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
+                cs.state
+                    .apply(&record, lsn)
+                    .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))?;
+                if let WalRecord::Commit {
+                    idempotency: Some(tag),
+                    ..
+                } = record
+                {
+                    cs.remember(tag, lsn, max_idem);
+                }
+                Ok(())
+            },
+        )?;
+        let wal = match (recovered.position, recovered.last_header) {
+            (Some(pos), Some(h)) if keys.writes_like(&h) => {
+                WalWriter::resume(&dir, config.segment_bytes, keys, pos, &h)?
             }
-            Ok(())
-        })?;
-        let wal = match recovered.position {
-            Some(pos) => WalWriter::resume(&dir, config.segment_bytes, pos)?,
-            None => WalWriter::create(&dir, config.segment_bytes)?,
+            // Keys changed since the last segment was written: continue the chain in
+            // a new segment under the current keys.
+            (Some(pos), Some(_)) => WalWriter::create(
+                &dir,
+                config.segment_bytes,
+                keys,
+                pos.segment_index + 1,
+                pos.last_lsn + 1,
+                pos.chain_head,
+            )?,
+            _ => WalWriter::create(&dir, config.segment_bytes, keys, 1, 1, [0; 32])?,
         };
         let wal = Arc::new(wal);
         let published = Arc::new(cs.state.clone());

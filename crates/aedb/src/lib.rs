@@ -4,6 +4,7 @@
 //! See `FORMAT.md` for the on-disk format and the README for the operational model.
 
 pub mod config;
+pub(crate) mod crypto;
 pub mod error;
 pub mod instance;
 mod lock;

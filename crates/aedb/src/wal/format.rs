@@ -3,10 +3,13 @@
 //! Segment header (128 bytes):
 //!   0..8 magic "AEDBWAL\0" | 8..12 format version | 12..16 flags | 16..24 segment index |
 //!   24..32 first LSN | 32..64 chain hash before the first frame | 64..80 salt |
-//!   80..124 reserved (zero) | 124..128 CRC32C of bytes 0..124
+//!   80..88 id of the frame-encryption key (zero when not encrypted) |
+//!   88..124 reserved (zero) | 124..128 CRC32C of bytes 0..124
+//! Flags: bit 0 = frames encrypted (AES-256-GCM), bit 1 = keyed chain (HMAC-SHA256).
 //! Frame header (48 bytes), then the payload:
 //!   0..4 payload length (>= 1) | 4..8 CRC32C of bytes 8..48 and the payload |
-//!   8..16 LSN | 16..48 chain hash = SHA-256(previous hash || LSN || length || payload)
+//!   8..16 LSN | 16..48 chain hash = H(previous hash || LSN || length || payload), where H is
+//!   HMAC-SHA256 under a key derived from the manifest key (flag bit 1), else SHA-256.
 //! A zero frame header marks the end of the written part of a (preallocated) segment.
 
 use sha2::{Digest, Sha256};
@@ -18,6 +21,9 @@ pub(crate) const FRAME_HEADER_LEN: usize = 48;
 
 pub(crate) type ChainHash = [u8; 32];
 
+pub(crate) const FLAG_ENCRYPTED: u32 = 1;
+pub(crate) const FLAG_KEYED_CHAIN: u32 = 2;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SegmentHeader {
     pub version: u32,
@@ -26,6 +32,7 @@ pub(crate) struct SegmentHeader {
     pub first_lsn: u64,
     pub prev_hash: ChainHash,
     pub salt: [u8; 16],
+    pub key_id: [u8; 8],
 }
 
 impl SegmentHeader {
@@ -38,6 +45,7 @@ impl SegmentHeader {
         b[24..32].copy_from_slice(&self.first_lsn.to_le_bytes());
         b[32..64].copy_from_slice(&self.prev_hash);
         b[64..80].copy_from_slice(&self.salt);
+        b[80..88].copy_from_slice(&self.key_id);
         let crc = crc32c::crc32c(&b[0..124]);
         b[124..128].copy_from_slice(&crc.to_le_bytes());
         b
@@ -68,6 +76,8 @@ impl SegmentHeader {
         prev_hash.copy_from_slice(&b[32..64]);
         let mut salt = [0u8; 16];
         salt.copy_from_slice(&b[64..80]);
+        let mut key_id = [0u8; 8];
+        key_id.copy_from_slice(&b[80..88]);
         Ok(Self {
             version,
             flags: u32_at(b, 12),
@@ -75,22 +85,43 @@ impl SegmentHeader {
             first_lsn: u64_at(b, 24),
             prev_hash,
             salt,
+            key_id,
         })
     }
 }
 
-pub(crate) fn chain_hash(prev: &ChainHash, lsn: u64, payload: &[u8]) -> ChainHash {
-    let mut h = Sha256::new();
-    h.update(prev);
-    h.update(lsn.to_le_bytes());
-    h.update((payload.len() as u32).to_le_bytes());
-    h.update(payload);
-    h.finalize().into()
+pub(crate) fn chain_hash(
+    keyed: Option<&ring::hmac::Key>,
+    prev: &ChainHash,
+    lsn: u64,
+    payload: &[u8],
+) -> ChainHash {
+    match keyed {
+        Some(key) => {
+            let mut ctx = ring::hmac::Context::with_key(key);
+            ctx.update(prev);
+            ctx.update(&lsn.to_le_bytes());
+            ctx.update(&(payload.len() as u32).to_le_bytes());
+            ctx.update(payload);
+            let mut out = [0u8; 32];
+            out.copy_from_slice(ctx.sign().as_ref());
+            out
+        }
+        None => {
+            let mut h = Sha256::new();
+            h.update(prev);
+            h.update(lsn.to_le_bytes());
+            h.update((payload.len() as u32).to_le_bytes());
+            h.update(payload);
+            h.finalize().into()
+        }
+    }
 }
 
 /// Appends one frame to `out` and returns its chain hash.
 pub(crate) fn encode_frame(
     out: &mut Vec<u8>,
+    keyed: Option<&ring::hmac::Key>,
     prev: &ChainHash,
     lsn: u64,
     payload: &[u8],
@@ -99,7 +130,7 @@ pub(crate) fn encode_frame(
         !payload.is_empty(),
         "an empty payload would read as end-of-segment"
     );
-    let hash = chain_hash(prev, lsn, payload);
+    let hash = chain_hash(keyed, prev, lsn, payload);
     let start = out.len();
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
@@ -198,7 +229,7 @@ mod tests {
     #[test]
     fn frame_round_trip_and_crc() {
         let mut buf = vec![];
-        let h = encode_frame(&mut buf, &[0; 32], 7, b"hello");
+        let h = encode_frame(&mut buf, None, &[0; 32], 7, b"hello");
         match frame_at(&buf, 0) {
             FrameAt::Frame(f) => {
                 assert!(f.crc_ok());

@@ -4,6 +4,7 @@
 //! and classifies damage, `recovery` decides what strict and permissive modes keep.
 
 pub(crate) mod format;
+pub(crate) mod keys;
 pub(crate) mod reader;
 pub(crate) mod recovery;
 pub(crate) mod writer;

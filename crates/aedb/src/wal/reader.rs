@@ -25,11 +25,12 @@ pub(crate) struct ScanOutcome {
 /// `start` with `next_lsn` and `prev_hash`. Stops at the end marker, at damage, or
 /// when `visit` fails (its error is returned as damage with `followed_by_valid`).
 pub(crate) fn scan_frames(
+    keyed: Option<&ring::hmac::Key>,
     buf: &[u8],
     start: usize,
     mut next_lsn: u64,
     mut prev_hash: ChainHash,
-    mut visit: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    mut visit: impl FnMut(u64, &ChainHash, &[u8]) -> Result<(), String>,
 ) -> ScanOutcome {
     let mut pos = start;
     let mut frames = 0u64;
@@ -59,14 +60,14 @@ pub(crate) fn scan_frames(
             FrameAt::Frame(f) => f,
         };
         let next_pos = pos + FRAME_HEADER_LEN + raw.len as usize;
-        if let Some(reason) = check_frame(&raw, next_lsn, &prev_hash) {
+        if let Some(reason) = check_frame(keyed, &raw, next_lsn, &prev_hash) {
             break Some(Damage {
                 offset: pos as u64,
                 reason,
                 followed_by_valid: valid_frame_from(buf, next_pos, next_lsn + 1),
             });
         }
-        if let Err(reason) = visit(raw.lsn, raw.payload) {
+        if let Err(reason) = visit(raw.lsn, &raw.hash, raw.payload) {
             break Some(Damage {
                 offset: pos as u64,
                 reason,
@@ -87,7 +88,12 @@ pub(crate) fn scan_frames(
     }
 }
 
-fn check_frame(raw: &RawFrame<'_>, expected_lsn: u64, prev_hash: &ChainHash) -> Option<String> {
+fn check_frame(
+    keyed: Option<&ring::hmac::Key>,
+    raw: &RawFrame<'_>,
+    expected_lsn: u64,
+    prev_hash: &ChainHash,
+) -> Option<String> {
     if !raw.crc_ok() {
         return Some(format!(
             "frame checksum mismatch (frame claims LSN {}, {} payload bytes)",
@@ -100,7 +106,10 @@ fn check_frame(raw: &RawFrame<'_>, expected_lsn: u64, prev_hash: &ChainHash) -> 
             raw.lsn
         ));
     }
-    if chain_hash(prev_hash, raw.lsn, raw.payload) != raw.hash {
+    if !crate::crypto::ct_eq(
+        &chain_hash(keyed, prev_hash, raw.lsn, raw.payload),
+        &raw.hash,
+    ) {
         return Some(format!("hash chain broken at LSN {}", raw.lsn));
     }
     None

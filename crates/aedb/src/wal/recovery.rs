@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use super::format::{
     ChainHash, SEGMENT_HEADER_LEN, SegmentHeader, parse_segment_file_name, segment_file_name,
 };
+use super::keys::{WalKeys, decrypt_frame};
 use super::reader::{Damage, count_frames_best_effort, scan_frames};
 use super::writer::{WriterPosition, sync_dir};
 use crate::config::RecoveryMode;
@@ -51,6 +52,8 @@ pub struct RecoveryReport {
 
 pub(crate) struct Recovered {
     pub position: Option<WriterPosition>,
+    /// Header of the segment `position` is in.
+    pub last_header: Option<SegmentHeader>,
     pub report: RecoveryReport,
 }
 
@@ -83,32 +86,42 @@ pub(crate) fn remove_leftovers(dir: &Path) -> Result<(), AedbError> {
     Ok(())
 }
 
-/// Replays the log from LSN `start_lsn` (1 without a checkpoint) with chain head
-/// `start_hash`, calling `apply` for each frame in order.
+/// Where replay starts: from the beginning of the log, or after a checkpoint whose
+/// LSN and chain head the log must reproduce.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ReplayStart {
+    pub checkpoint: Option<(u64, ChainHash)>,
+}
+
+/// Replays the log, calling `apply` with each decrypted frame after the checkpoint,
+/// in LSN order.
 pub(crate) fn recover(
     dir: &Path,
     mode: RecoveryMode,
-    start_lsn: u64,
-    start_hash: ChainHash,
+    keys: &WalKeys,
+    start: ReplayStart,
     mut apply: impl FnMut(u64, &[u8]) -> Result<(), String>,
 ) -> Result<Recovered, AedbError> {
     remove_leftovers(dir)?;
     let segs = list_segments(dir)?;
+    let ckpt_lsn = start.checkpoint.map_or(0, |(l, _)| l);
     let mut report = RecoveryReport {
         segments: segs.len(),
-        last_lsn: start_lsn - 1,
+        last_lsn: ckpt_lsn,
         ..RecoveryReport::default()
     };
     if segs.is_empty() {
         return Ok(Recovered {
             position: None,
+            last_header: None,
             report,
         });
     }
 
-    let mut next_lsn = start_lsn;
-    let mut head = start_hash;
+    let mut next_lsn = 0;
+    let mut head = [0u8; 32];
     let mut position: Option<WriterPosition> = None;
+    let mut last_header = None;
     for (i, (index, path)) in segs.iter().enumerate() {
         let is_last = i + 1 == segs.len();
         // A gap in segment numbers is a missing segment: never a torn write.
@@ -124,7 +137,17 @@ pub(crate) fn recover(
                 followed_by_valid: true,
             };
             return finish_damaged(
-                dir, mode, &segs, i, path, damage, next_lsn, report, position, &missing,
+                dir,
+                mode,
+                &segs,
+                i,
+                path,
+                damage,
+                next_lsn,
+                report,
+                position,
+                last_header,
+                &missing,
             );
         }
         let buf = fs::read(path).map_err(|e| AedbError::io(path, e))?;
@@ -137,10 +160,26 @@ pub(crate) fn recover(
                     followed_by_valid: true,
                 };
                 return finish_damaged(
-                    dir, mode, &segs, i, path, damage, next_lsn, report, position, path,
+                    dir,
+                    mode,
+                    &segs,
+                    i,
+                    path,
+                    damage,
+                    next_lsn,
+                    report,
+                    position,
+                    last_header,
+                    path,
                 );
             }
         };
+        if i == 0 {
+            // The first live segment: the log starts here (LSN 1) or, after a
+            // checkpoint, somewhere at or before the checkpoint's next LSN.
+            next_lsn = header.first_lsn;
+            head = header.prev_hash;
+        }
         let header_problem = if header.index != *index {
             Some(format!(
                 "segment header says index {}, file name says {index} (renamed or reordered segment)",
@@ -151,6 +190,24 @@ pub(crate) fn recover(
                 "segment starts at LSN {}, expected {next_lsn} (missing or reordered segment)",
                 header.first_lsn
             ))
+        } else if i == 0
+            && start.checkpoint.is_none()
+            && (header.first_lsn != 1 || header.prev_hash != [0; 32])
+        {
+            Some(format!(
+                "log starts at LSN {} but there is no checkpoint covering the LSNs before it",
+                header.first_lsn
+            ))
+        } else if i == 0 && header.first_lsn > ckpt_lsn + 1 {
+            Some(format!(
+                "log starts at LSN {}, after the checkpoint's LSN {ckpt_lsn} + 1 (segments missing)",
+                header.first_lsn
+            ))
+        } else if i == 0
+            && header.first_lsn == ckpt_lsn + 1
+            && start.checkpoint.is_some_and(|(_, h)| h != header.prev_hash)
+        {
+            Some("first segment does not continue the checkpoint's hash chain".to_string())
         } else if header.prev_hash != head {
             Some("segment does not continue the hash chain of the previous one".to_string())
         } else {
@@ -163,21 +220,67 @@ pub(crate) fn recover(
                 followed_by_valid: true,
             };
             return finish_damaged(
-                dir, mode, &segs, i, path, damage, next_lsn, report, position, path,
+                dir,
+                mode,
+                &segs,
+                i,
+                path,
+                damage,
+                next_lsn,
+                report,
+                position,
+                last_header,
+                path,
             );
         }
+        let cipher = keys
+            .reader_cipher(&header)
+            .map_err(|reason| AedbError::KeyMismatch {
+                file: path.clone(),
+                reason,
+            })?;
 
-        let outcome = scan_frames(&buf, SEGMENT_HEADER_LEN, next_lsn, head, &mut apply);
-        report.frames_replayed += outcome.frames;
+        let mut replayed = 0u64;
+        let outcome = scan_frames(
+            keys.chain.as_ref(),
+            &buf,
+            SEGMENT_HEADER_LEN,
+            next_lsn,
+            head,
+            |lsn, hash, payload| {
+                if lsn <= ckpt_lsn {
+                    // Already in the checkpoint; the chain must lead to its head.
+                    if let Some((l, h)) = start.checkpoint
+                        && l == lsn
+                        && h != *hash
+                    {
+                        return Err(format!(
+                            "the log's hash chain at LSN {lsn} does not match the checkpoint's"
+                        ));
+                    }
+                    return Ok(());
+                }
+                replayed += 1;
+                match &cipher {
+                    Some(c) => {
+                        let plain = decrypt_frame(c, lsn, payload).map_err(|e| e.to_string())?;
+                        apply(lsn, &plain)
+                    }
+                    None => apply(lsn, payload),
+                }
+            },
+        );
+        report.frames_replayed += replayed;
         next_lsn = outcome.last_lsn + 1;
         head = outcome.chain_head;
-        report.last_lsn = outcome.last_lsn;
+        report.last_lsn = report.last_lsn.max(outcome.last_lsn);
         position = Some(WriterPosition {
             segment_index: *index,
             offset: outcome.end_offset,
             last_lsn: outcome.last_lsn,
             chain_head: outcome.chain_head,
         });
+        last_header = Some(header);
         if let Some(damage) = outcome.damage {
             if is_last && !damage.followed_by_valid {
                 // Torn final write: never acknowledged, cut off in both modes.
@@ -192,11 +295,35 @@ pub(crate) fn recover(
                 break;
             }
             return finish_damaged(
-                dir, mode, &segs, i, path, damage, next_lsn, report, position, path,
+                dir,
+                mode,
+                &segs,
+                i,
+                path,
+                damage,
+                next_lsn,
+                report,
+                position,
+                last_header,
+                path,
             );
         }
     }
-    Ok(Recovered { position, report })
+    if report.last_lsn < ckpt_lsn {
+        return Err(AedbError::corruption(
+            dir,
+            0,
+            format!(
+                "the log ends at LSN {} before the checkpoint's LSN {ckpt_lsn}",
+                report.last_lsn
+            ),
+        ));
+    }
+    Ok(Recovered {
+        position,
+        last_header,
+        report,
+    })
 }
 
 /// Strict: the error. Permissive: keep everything before the damage in segment `i`,
@@ -212,6 +339,7 @@ fn finish_damaged(
     next_lsn: u64,
     mut report: RecoveryReport,
     position: Option<WriterPosition>,
+    last_header: Option<SegmentHeader>,
     named_file: &Path,
 ) -> Result<Recovered, AedbError> {
     if mode == RecoveryMode::Strict {
@@ -269,7 +397,11 @@ fn finish_damaged(
         preserved,
     });
     report.segments = first_moved;
-    Ok(Recovered { position, report })
+    Ok(Recovered {
+        position,
+        last_header,
+        report,
+    })
 }
 
 fn file_name(p: &Path) -> String {

@@ -23,6 +23,8 @@ use super::format::{
     ChainHash, FORMAT_VERSION, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader, encode_frame,
     segment_file_name,
 };
+use super::keys::{WalKeys, frame_aad};
+use crate::crypto::{self, Aead};
 use crate::error::AedbError;
 
 /// Pending bytes above which a `Visible` committer wakes the flusher early.
@@ -32,6 +34,15 @@ pub(crate) const SOFT_BUFFER_BYTES: usize = 4 << 20;
 pub(crate) const HARD_BUFFER_BYTES: usize = 32 << 20;
 /// Size of the first segment of a new database: small so that creating one is quick.
 const INITIAL_SEGMENT_BYTES: u64 = 4 << 20;
+
+/// A segment that will never be written again, as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SealedSegment {
+    pub index: u64,
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    pub end_hash: ChainHash,
+}
 
 /// Where the writer continues after recovery.
 #[derive(Debug, Clone)]
@@ -51,6 +62,12 @@ struct Pending {
     segment_offset: u64,
     segment_capacity: u64,
     segment_index: u64,
+    segment_first_lsn: u64,
+    cipher: Option<Aead>,
+    /// Scratch buffer for encrypted payloads.
+    sealed: Vec<u8>,
+    /// Bytes appended since open (drives the checkpoint policy).
+    appended_bytes: u64,
 }
 
 struct Io {
@@ -72,12 +89,15 @@ struct SyncState {
 
 pub(crate) struct WalWriter {
     dir: PathBuf,
+    keys: WalKeys,
     segment_bytes: u64,
     pending: Mutex<Pending>,
     io: Mutex<Io>,
     sync: Mutex<SyncState>,
     synced: Condvar,
     preparing: Mutex<Option<JoinHandle<Result<PathBuf, AedbError>>>>,
+    /// Segments sealed since the engine last asked (it records them in the manifest).
+    newly_sealed: Mutex<Vec<SealedSegment>>,
 }
 
 impl std::fmt::Debug for WalWriter {
@@ -92,40 +112,67 @@ fn prep_path(dir: &Path) -> PathBuf {
 
 impl WalWriter {
     /// Creates the first segment of a new database.
-    pub fn create(dir: &Path, segment_bytes: u64) -> Result<Self, AedbError> {
+    /// Starts a new segment `index` whose first frame will be `first_lsn`, after a
+    /// chain ending in `prev_hash`: for a new database, and after recovery when the
+    /// last segment must not be written again (it is sealed or its keys changed).
+    pub fn create(
+        dir: &Path,
+        segment_bytes: u64,
+        keys: WalKeys,
+        index: u64,
+        first_lsn: u64,
+        prev_hash: ChainHash,
+    ) -> Result<Self, AedbError> {
+        let salt = crypto::random_bytes::<16>()?;
+        let (_, key_id) = keys.writer_cipher(&salt);
         let header = SegmentHeader {
             version: FORMAT_VERSION,
-            flags: 0,
-            index: 1,
-            first_lsn: 1,
-            prev_hash: [0; 32],
-            salt: [0; 16],
+            flags: keys.flags(),
+            index,
+            first_lsn,
+            prev_hash,
+            salt,
+            key_id,
         };
         let size = segment_bytes.min(INITIAL_SEGMENT_BYTES);
-        let tmp = dir.join(format!("{}.tmp", segment_file_name(1)));
+        let tmp = dir.join(format!("{}.tmp", segment_file_name(index)));
         zero_filled_file(&tmp, size)?;
         let path = install_segment(dir, &tmp, &header)?;
         let pos = WriterPosition {
-            segment_index: 1,
+            segment_index: index,
             offset: SEGMENT_HEADER_LEN as u64,
-            last_lsn: 0,
-            chain_head: [0; 32],
+            last_lsn: first_lsn - 1,
+            chain_head: prev_hash,
         };
-        Self::resume_at(dir, segment_bytes, &path, pos)
+        Self::resume_at(dir, segment_bytes, keys, &path, pos, &header)
     }
 
     /// Continues an existing log at `pos` (from recovery).
-    pub fn resume(dir: &Path, segment_bytes: u64, pos: WriterPosition) -> Result<Self, AedbError> {
+    pub fn resume(
+        dir: &Path,
+        segment_bytes: u64,
+        keys: WalKeys,
+        pos: WriterPosition,
+        header: &SegmentHeader,
+    ) -> Result<Self, AedbError> {
         let path = dir.join(segment_file_name(pos.segment_index));
-        Self::resume_at(dir, segment_bytes, &path, pos)
+        Self::resume_at(dir, segment_bytes, keys, &path, pos, header)
     }
 
     fn resume_at(
         dir: &Path,
         segment_bytes: u64,
+        keys: WalKeys,
         path: &Path,
         pos: WriterPosition,
+        header: &SegmentHeader,
     ) -> Result<Self, AedbError> {
+        let cipher = keys
+            .reader_cipher(header)
+            .map_err(|reason| AedbError::KeyMismatch {
+                file: path.to_path_buf(),
+                reason,
+            })?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -134,6 +181,7 @@ impl WalWriter {
         let capacity = file.metadata().map_err(|e| AedbError::io(path, e))?.len();
         let w = Self {
             dir: dir.to_path_buf(),
+            keys,
             segment_bytes,
             pending: Mutex::new(Pending {
                 bytes: Vec::with_capacity(64 * 1024),
@@ -142,6 +190,10 @@ impl WalWriter {
                 segment_offset: pos.offset,
                 segment_capacity: capacity,
                 segment_index: pos.segment_index,
+                segment_first_lsn: header.first_lsn,
+                cipher,
+                sealed: Vec::new(),
+                appended_bytes: 0,
             }),
             io: Mutex::new(Io {
                 file,
@@ -156,6 +208,7 @@ impl WalWriter {
             }),
             synced: Condvar::new(),
             preparing: Mutex::new(None),
+            newly_sealed: Mutex::new(Vec::new()),
         };
         w.start_preparing_next();
         Ok(w)
@@ -182,7 +235,12 @@ impl WalWriter {
     /// Appends a frame for `lsn`. Must be called with LSNs in order (the engine holds
     /// its commit lock). Returns the pending-buffer size after the append.
     pub fn append(&self, lsn: u64, payload: &[u8]) -> Result<usize, AedbError> {
-        let frame_len = (FRAME_HEADER_LEN + payload.len()) as u64;
+        let overhead = if self.keys.frame.is_some() {
+            ring::aead::NONCE_LEN + crypto::TAG_LEN
+        } else {
+            0
+        };
+        let frame_len = (FRAME_HEADER_LEN + payload.len() + overhead) as u64;
         let needs_rotation = {
             let p = self.pending.lock();
             assert_eq!(p.last_lsn + 1, lsn, "WAL appends must be in LSN order");
@@ -192,10 +250,21 @@ impl WalWriter {
             self.rotate(lsn, frame_len)?;
         }
         let mut p = self.pending.lock();
+        let p = &mut *p;
         let prev = p.chain_head;
-        p.chain_head = encode_frame(&mut p.bytes, &prev, lsn, payload);
+        let body: &[u8] = match &p.cipher {
+            Some(c) => {
+                p.sealed.clear();
+                c.seal_random(&frame_aad(lsn), payload, &mut p.sealed)?;
+                &p.sealed
+            }
+            None => payload,
+        };
+        p.chain_head = encode_frame(&mut p.bytes, self.keys.chain.as_ref(), &prev, lsn, body);
         p.last_lsn = lsn;
-        p.segment_offset += frame_len;
+        let written = (FRAME_HEADER_LEN + body.len()) as u64;
+        p.segment_offset += written;
+        p.appended_bytes += written;
         Ok(p.bytes.len())
     }
 
@@ -215,6 +284,12 @@ impl WalWriter {
         };
         let (index, prev_hash) = {
             let p = self.pending.lock();
+            self.newly_sealed.lock().push(SealedSegment {
+                index: p.segment_index,
+                first_lsn: p.segment_first_lsn,
+                last_lsn: p.last_lsn,
+                end_hash: p.chain_head,
+            });
             (p.segment_index + 1, p.chain_head)
         };
         let needed = SEGMENT_HEADER_LEN as u64 + frame_len;
@@ -226,13 +301,16 @@ impl WalWriter {
                 tmp
             }
         };
+        let salt = crypto::random_bytes::<16>()?;
+        let (cipher, key_id) = self.keys.writer_cipher(&salt);
         let header = SegmentHeader {
             version: FORMAT_VERSION,
-            flags: 0,
+            flags: self.keys.flags(),
             index,
             first_lsn,
             prev_hash,
-            salt: [0; 16],
+            salt,
+            key_id,
         };
         let path = install_segment(&self.dir, &tmp, &header)?;
         let file = OpenOptions::new()
@@ -253,6 +331,8 @@ impl WalWriter {
             p.segment_index = index;
             p.segment_offset = SEGMENT_HEADER_LEN as u64;
             p.segment_capacity = capacity;
+            p.segment_first_lsn = first_lsn;
+            p.cipher = cipher;
         }
         self.start_preparing_next();
         Ok(())
@@ -345,6 +425,27 @@ impl WalWriter {
 
     pub fn pending_bytes(&self) -> usize {
         self.pending.lock().bytes.len()
+    }
+
+    pub fn take_newly_sealed(&self) -> Vec<SealedSegment> {
+        std::mem::take(&mut *self.newly_sealed.lock())
+    }
+
+    pub fn appended_bytes(&self) -> u64 {
+        self.pending.lock().appended_bytes
+    }
+
+    /// (segment index, last LSN, chain head) of the log as appended so far.
+    pub fn head(&self) -> (u64, u64, ChainHash) {
+        let p = self.pending.lock();
+        (p.segment_index, p.last_lsn, p.chain_head)
+    }
+
+    /// Closes the current segment now (checkpoints and key rotation use this so that
+    /// every older segment becomes removable).
+    pub fn seal_current(&self) -> Result<(), AedbError> {
+        let next = self.pending.lock().last_lsn + 1;
+        self.rotate(next, 0)
     }
 
     pub fn fsyncs(&self) -> u64 {
