@@ -1,7 +1,6 @@
 //! The contract every engine adapter implements, so each workload is written
 //! once and runs identically against every engine.
 
-#[cfg(feature = "aedb")]
 pub mod aedb;
 pub mod floor;
 pub mod redb;
@@ -98,7 +97,10 @@ impl EngineKind {
 macro_rules! with_engine {
     ($kind:expr, $E:ident => $body:expr) => {
         match $kind {
-            $crate::engines::EngineKind::Aedb => $crate::with_aedb!($E => $body),
+            $crate::engines::EngineKind::Aedb => {
+                type $E = $crate::engines::aedb::AedbEngine;
+                $body
+            }
             $crate::engines::EngineKind::Redb => {
                 type $E = $crate::engines::redb::RedbEngine;
                 $body
@@ -107,28 +109,9 @@ macro_rules! with_engine {
                 type $E = $crate::engines::sqlite::SqliteEngine;
                 $body
             }
-            $crate::engines::EngineKind::Floor => {
-                Err(::anyhow::anyhow!("the fsync floor is not a database engine"))
-            }
+            $crate::engines::EngineKind::Floor => Err(::anyhow::anyhow!(
+                "the fsync floor is not a database engine"
+            )),
         }
-    };
-}
-
-#[cfg(feature = "aedb")]
-#[macro_export]
-macro_rules! with_aedb {
-    ($E:ident => $body:expr) => {{
-        type $E = $crate::engines::aedb::AedbEngine;
-        $body
-    }};
-}
-
-#[cfg(not(feature = "aedb"))]
-#[macro_export]
-macro_rules! with_aedb {
-    ($E:ident => $body:expr) => {
-        Err(::anyhow::anyhow!(
-            "aedb-bench was built without the `aedb` feature"
-        ))
     };
 }
