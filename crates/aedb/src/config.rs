@@ -102,6 +102,12 @@ pub struct AedbConfig {
     pub batch_interval: Duration,
     /// Size of one WAL segment file (preallocated, zero-filled).
     pub segment_bytes: u64,
+    /// Automatic checkpoint once this many WAL bytes were written since the last
+    /// one (None: never by size).
+    pub checkpoint_wal_bytes: Option<u64>,
+    /// Automatic checkpoint when this much time passed since the last one and
+    /// something was committed (None: never by time).
+    pub checkpoint_interval: Option<Duration>,
     pub limits: Limits,
     pub(crate) manifest_key: Option<SecretKey>,
     pub(crate) checkpoint_key: Option<SecretKey>,
@@ -117,6 +123,8 @@ impl AedbConfig {
             recovery: RecoveryMode::Strict,
             batch_interval: Duration::from_millis(5),
             segment_bytes: 64 * 1024 * 1024,
+            checkpoint_wal_bytes: Some(64 * 1024 * 1024),
+            checkpoint_interval: Some(Duration::from_secs(600)),
             limits: Limits::default(),
             manifest_key: None,
             checkpoint_key: None,
@@ -170,6 +178,17 @@ impl AedbConfig {
 
     pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
         self.segment_bytes = bytes;
+        self
+    }
+
+    /// Sets the automatic checkpoint policy; `(None, None)` turns it off.
+    pub fn with_checkpoint_policy(
+        mut self,
+        wal_bytes: Option<u64>,
+        interval: Option<Duration>,
+    ) -> Self {
+        self.checkpoint_wal_bytes = wal_bytes;
+        self.checkpoint_interval = interval;
         self
     }
 

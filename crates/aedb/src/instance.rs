@@ -10,9 +10,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use parking_lot::{Condvar, Mutex};
 
-use crate::config::{AedbConfig, CommitFinality, DurabilityMode};
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode, SecretKey};
 use crate::error::AedbError;
 use crate::lock::DirLock;
+use crate::manifest::{self, CheckpointRef, ManifestBody, SealedRef, SegmentRef};
 use crate::metrics::{Counters, OperationalMetrics, load};
 use crate::model::state::DbState;
 use crate::model::validate_name;
@@ -21,8 +23,11 @@ use crate::record::{DdlOp, IdempotencyTag, WalRecord};
 use crate::txn::snapshot::{ConsistencyMode, Snapshot};
 use crate::txn::write::WriteTransaction;
 use crate::wal::RecoveryReport;
+use crate::wal::format::segment_file_name;
 use crate::wal::keys::WalKeys;
 use crate::wal::recovery::{ReplayStart, recover};
+use crate::wal::recovery::{list_segments, segment_is_empty};
+use crate::wal::writer::SealedSegment;
 use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES, WalWriter};
 
 /// What a successful commit reports.
@@ -80,7 +85,38 @@ struct Inner {
     flusher: Mutex<Option<Flusher>>,
     recovery: RecoveryReport,
     closed: AtomicBool,
+    manifest: Mutex<ManifestState>,
+    /// One checkpoint at a time; close waits for a running one.
+    checkpointing: Mutex<CheckpointState>,
+    checkpointer: Arc<(Mutex<bool>, Condvar)>,
     _lock: DirLock,
+}
+
+/// What the manifest will say next time it is written.
+struct ManifestState {
+    generation: u64,
+    checkpoint: Option<CheckpointMeta>,
+    sealed: Vec<SealedSegment>,
+    active_index: u64,
+    active_first_lsn: u64,
+}
+
+struct CheckpointState {
+    snapshot: Option<Arc<DbState>>,
+    last_at: std::time::Instant,
+    last_appended: u64,
+    last_duration: Duration,
+}
+
+/// What `checkpoint()` wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    pub file: PathBuf,
+    pub lsn: u64,
+    pub bytes: u64,
+    pub duration: Duration,
+    /// WAL segment files removed because the checkpoint covers them.
+    pub segments_removed: usize,
 }
 
 /// An open database. `Send + Sync`: share it behind an `Arc`.
@@ -121,31 +157,34 @@ impl AedbInstance {
             history: VecDeque::new(),
         };
         let max_idem = config.limits.max_idempotency_records;
+        let (manifest_body, ckpt_meta) = load_manifest_and_checkpoint(&dir, &config, &mut cs)?;
         let keys = WalKeys::new(
             config.manifest_key.as_ref(),
             config.checkpoint_key.as_ref(),
             config.previous_checkpoint_key.as_ref(),
         );
-        let recovered = recover(
-            &dir,
-            config.recovery,
-            &keys,
-            ReplayStart::default(),
-            |lsn, payload| {
-                let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
-                cs.state
-                    .apply(&record, lsn)
-                    .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))?;
-                if let WalRecord::Commit {
-                    idempotency: Some(tag),
-                    ..
-                } = record
-                {
-                    cs.remember(tag, lsn, max_idem);
-                }
-                Ok(())
-            },
-        )?;
+        let start = ReplayStart {
+            checkpoint: ckpt_meta.as_ref().map(|m| (m.lsn, m.chain_head)),
+        };
+        let recovered = recover(&dir, config.recovery, &keys, start, |lsn, payload| {
+            let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
+            cs.state
+                .apply(&record, lsn)
+                .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))?;
+            if let WalRecord::Commit {
+                idempotency: Some(tag),
+                ..
+            } = record
+            {
+                cs.remember(tag, lsn, max_idem);
+            }
+            Ok(())
+        })?;
+        if let Some(m) = &manifest_body
+            && config.recovery == RecoveryMode::Strict
+        {
+            check_segments_against_manifest(&dir, m, &recovered.segments)?;
+        }
         let wal = match (recovered.position, recovered.last_header) {
             (Some(pos), Some(h)) if keys.writes_like(&h) => {
                 WalWriter::resume(&dir, config.segment_bytes, keys, pos, &h)?
@@ -163,6 +202,20 @@ impl AedbInstance {
             _ => WalWriter::create(&dir, config.segment_bytes, keys, 1, 1, [0; 32])?,
         };
         let wal = Arc::new(wal);
+        let (active_index, active_first_lsn) = wal.active_segment();
+        let mut ms = ManifestState {
+            generation: manifest_body.as_ref().map_or(0, |m| m.generation),
+            checkpoint: ckpt_meta,
+            sealed: recovered
+                .segments
+                .iter()
+                .filter(|s| s.index < active_index)
+                .cloned()
+                .collect(),
+            active_index,
+            active_first_lsn,
+        };
+        write_manifest(&dir, &config, &mut ms)?;
         let published = Arc::new(cs.state.clone());
         cs.history.push_back(published.clone());
         if recovered.report.torn_tail.is_some() || recovered.report.dropped.is_some() {
@@ -180,6 +233,14 @@ impl AedbInstance {
             flusher: Mutex::new(None),
             recovery: recovered.report,
             closed: AtomicBool::new(false),
+            manifest: Mutex::new(ms),
+            checkpointing: Mutex::new(CheckpointState {
+                snapshot: None,
+                last_at: std::time::Instant::now(),
+                last_appended: 0,
+                last_duration: Duration::ZERO,
+            }),
+            checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
             _lock: lock,
             config,
         });
@@ -188,7 +249,28 @@ impl AedbInstance {
             inner.config.durability,
             inner.config.batch_interval,
         )?);
+        spawn_checkpointer(&inner)?;
         Ok(Self { inner })
+    }
+
+    /// Opens for production paths: refuses any configuration that weakens
+    /// integrity, listing every problem at once. Accepts both presets
+    /// (`production(key)` and `low_latency(key)`).
+    pub fn open_secure(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        let problems = secure_problems(&config, false);
+        if !problems.is_empty() {
+            return Err(AedbError::InvalidConfig { problems });
+        }
+        Self::open(config, dir)
+    }
+
+    /// `open_secure` plus encryption at rest: a checkpoint key is required too.
+    pub fn open_production(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        let problems = secure_problems(&config, true);
+        if !problems.is_empty() {
+            return Err(AedbError::InvalidConfig { problems });
+        }
+        Self::open(config, dir)
     }
 
     pub fn config(&self) -> &AedbConfig {
@@ -240,9 +322,18 @@ impl AedbInstance {
                     })?;
                 Ok(Snapshot { state })
             }
-            ConsistencyMode::AtCheckpoint => Err(AedbError::InvalidArgument(
-                "no checkpoint has been written yet".into(),
-            )),
+            ConsistencyMode::AtCheckpoint => self
+                .inner
+                .checkpointing
+                .lock()
+                .snapshot
+                .clone()
+                .map(|state| Snapshot { state })
+                .ok_or_else(|| {
+                    AedbError::InvalidArgument(
+                        "no checkpoint has been written since this instance opened".into(),
+                    )
+                }),
         }
     }
 
@@ -335,6 +426,7 @@ impl AedbInstance {
         let mut next = cs.state.clone();
         next.apply(&record, seq)?;
         let pending = self.inner.wal.append(seq, &payload)?;
+        self.inner.record_rotation()?;
         cs.state = next;
         if let Some(tag) = tag {
             cs.remember(tag, seq, self.inner.config.limits.max_idempotency_records);
@@ -393,6 +485,7 @@ impl AedbInstance {
         let mut next = cs.state.clone();
         next.apply(&record, seq)?;
         self.inner.wal.append(seq, &payload)?;
+        self.inner.record_rotation()?;
         cs.state = next;
         self.publish(&mut cs);
         drop(cs);
@@ -482,6 +575,13 @@ impl AedbInstance {
         Ok(self.snapshot().kv(project, scope)?.get(key))
     }
 
+    /// Writes a checkpoint of the current state, then removes the WAL segments and
+    /// the older checkpoint it makes obsolete. Readers are never blocked; writers
+    /// wait only while the state handle is taken.
+    pub fn checkpoint(&self) -> Result<CheckpointInfo, AedbError> {
+        self.inner.checkpoint()
+    }
+
     /// Highest sequence number on stable storage.
     pub fn durable_head_seq(&self) -> u64 {
         self.inner.wal.durable_lsn()
@@ -518,10 +618,114 @@ impl AedbInstance {
 }
 
 impl Inner {
+    /// Records segments sealed by the last append in the manifest (commit lock held).
+    fn record_rotation(&self) -> Result<(), AedbError> {
+        let sealed = self.wal.take_newly_sealed();
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        let mut ms = self.manifest.lock();
+        ms.sealed.extend(sealed);
+        let (index, first) = self.wal.active_segment();
+        ms.active_index = index;
+        ms.active_first_lsn = first;
+        write_manifest(&self.dir, &self.config, &mut ms)
+    }
+
+    fn checkpoint(&self) -> Result<CheckpointInfo, AedbError> {
+        let mut ck = self.checkpointing.lock();
+        let started = std::time::Instant::now();
+        let (state, idempotency, chain_head) = {
+            let cs = self.commit.lock();
+            let state = cs
+                .history
+                .back()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(cs.state.clone()));
+            let idem: Vec<(IdempotencyTag, u64)> = cs
+                .idempotency_order
+                .iter()
+                .filter_map(|t| cs.idempotency.get(t).map(|s| (t.clone(), *s)))
+                .collect();
+            (state, idem, self.wal.head().2)
+        };
+        // The checkpoint must never be ahead of the durable log.
+        self.wal.wait_durable(state.seq)?;
+        let appended = self.wal.appended_bytes();
+        let meta = checkpoint::write(
+            &self.dir,
+            &state,
+            &idempotency,
+            chain_head,
+            self.config.checkpoint_key.as_ref(),
+        )?;
+        let (old, obsolete) = {
+            let mut ms = self.manifest.lock();
+            let old = ms.checkpoint.replace(meta.clone());
+            let (obsolete, keep): (Vec<_>, Vec<_>) =
+                ms.sealed.drain(..).partition(|s| s.last_lsn <= meta.lsn);
+            ms.sealed = keep;
+            write_manifest(&self.dir, &self.config, &mut ms)?;
+            (old, obsolete)
+        };
+        // Only now that the new manifest is durable are the old files garbage.
+        for s in &obsolete {
+            let p = self.dir.join(segment_file_name(s.index));
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!(file = %p.display(), error = %e, "could not remove an obsolete segment");
+            }
+        }
+        if let Some(old) = old.filter(|o| o.file != meta.file) {
+            let p = self.dir.join(&old.file);
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!(file = %p.display(), error = %e, "could not remove the old checkpoint");
+            }
+        }
+        let duration = started.elapsed();
+        ck.snapshot = Some(state);
+        ck.last_at = std::time::Instant::now();
+        ck.last_appended = appended;
+        ck.last_duration = duration;
+        tracing::info!(
+            lsn = meta.lsn,
+            bytes = meta.bytes,
+            ?duration,
+            removed = obsolete.len(),
+            "checkpoint written"
+        );
+        Ok(CheckpointInfo {
+            file: self.dir.join(&meta.file),
+            lsn: meta.lsn,
+            bytes: meta.bytes,
+            duration,
+            segments_removed: obsolete.len(),
+        })
+    }
+
+    /// Whether the automatic policy calls for a checkpoint now.
+    fn checkpoint_due(&self) -> bool {
+        let ck = self.checkpointing.lock();
+        let written = self.wal.appended_bytes().saturating_sub(ck.last_appended);
+        if written == 0 {
+            return false;
+        }
+        self.config
+            .checkpoint_wal_bytes
+            .is_some_and(|b| written >= b)
+            || self
+                .config
+                .checkpoint_interval
+                .is_some_and(|i| ck.last_at.elapsed() >= i)
+    }
+
     fn shutdown(&self) -> Result<(), AedbError> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        *self.checkpointer.0.lock() = true;
+        self.checkpointer.1.notify_all();
+        // Waits for a running checkpoint to finish.
+        drop(self.checkpointing.lock());
         if let Some(f) = self.flusher.lock().take() {
             f.signal.0.lock().stop = true;
             f.signal.1.notify_one();
@@ -578,4 +782,241 @@ fn spawn_flusher(
         })
         .map_err(|e| AedbError::io("aedb-flusher thread", e))?;
     Ok(Flusher { signal, handle })
+}
+
+/// Runs the automatic checkpoint policy. Holds only a weak reference, so it never
+/// keeps a dropped instance alive; it exits once the instance is gone or closed.
+fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
+    if inner.config.checkpoint_wal_bytes.is_none() && inner.config.checkpoint_interval.is_none() {
+        return Ok(());
+    }
+    let weak = Arc::downgrade(inner);
+    let stop = inner.checkpointer.clone();
+    std::thread::Builder::new()
+        .name("aedb-checkpointer".into())
+        .spawn(move || {
+            loop {
+                {
+                    let mut stopped = stop.0.lock();
+                    if !*stopped {
+                        stop.1.wait_for(&mut stopped, Duration::from_millis(500));
+                    }
+                    if *stopped {
+                        return;
+                    }
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                if inner.checkpoint_due()
+                    && let Err(e) = inner.checkpoint()
+                {
+                    tracing::error!(error = %e, "automatic checkpoint failed; will retry");
+                }
+            }
+        })
+        .map_err(|e| AedbError::io("aedb-checkpointer thread", e))?;
+    Ok(())
+}
+
+fn write_manifest(
+    dir: &Path,
+    config: &AedbConfig,
+    ms: &mut ManifestState,
+) -> Result<(), AedbError> {
+    ms.generation += 1;
+    let mut segments: Vec<SegmentRef> = ms
+        .sealed
+        .iter()
+        .map(|s| SegmentRef {
+            file: segment_file_name(s.index),
+            index: s.index,
+            first_lsn: s.first_lsn,
+            sealed: Some(SealedRef {
+                last_lsn: s.last_lsn,
+                end_hash: hex::encode(s.end_hash),
+            }),
+        })
+        .collect();
+    segments.push(SegmentRef {
+        file: segment_file_name(ms.active_index),
+        index: ms.active_index,
+        first_lsn: ms.active_first_lsn,
+        sealed: None,
+    });
+    let body = ManifestBody {
+        format_version: manifest::FORMAT_VERSION,
+        generation: ms.generation,
+        checkpoint: ms.checkpoint.as_ref().map(|c| CheckpointRef {
+            file: c.file.clone(),
+            lsn: c.lsn,
+            chain_head: hex::encode(c.chain_head),
+            digest: hex::encode(c.digest),
+            bytes: c.bytes,
+        }),
+        segments,
+        keyed_chain: config.manifest_key.is_some(),
+        checkpoint_key_id: config
+            .checkpoint_key
+            .as_ref()
+            .map(|k| hex::encode(crate::crypto::key_id(k))),
+    };
+    manifest::write(dir, &body, config.manifest_key.as_ref())
+}
+
+/// Reads the manifest and the checkpoint it names into `cs`, and removes files the
+/// manifest shows to be obsolete (left by a crash after a checkpoint).
+fn load_manifest_and_checkpoint(
+    dir: &Path,
+    config: &AedbConfig,
+    cs: &mut CommitState,
+) -> Result<(Option<ManifestBody>, Option<CheckpointMeta>), AedbError> {
+    let strict = config.recovery == RecoveryMode::Strict;
+    let body = match manifest::read(dir, config.manifest_key.as_ref()) {
+        Ok(b) => b,
+        Err(e) if !strict => {
+            tracing::warn!(error = %e, "permissive recovery: ignoring an unusable manifest");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let keys: Vec<&SecretKey> = [
+        config.checkpoint_key.as_ref(),
+        config.previous_checkpoint_key.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let checkpoints = checkpoint::list(dir)?;
+    let segments = list_segments(dir)?;
+    let named: Option<(PathBuf, Option<&CheckpointRef>)> = match &body {
+        Some(m) => m.checkpoint.as_ref().map(|c| (dir.join(&c.file), Some(c))),
+        None => {
+            let fresh = checkpoints.is_empty()
+                && (segments.is_empty()
+                    || (segments.len() == 1 && segment_is_empty(&segments[0].1)));
+            if !fresh {
+                if strict {
+                    return Err(AedbError::corruption(
+                        dir.join(manifest::MANIFEST_FILE),
+                        0,
+                        "missing while the directory holds WAL segments or checkpoints",
+                    ));
+                }
+                tracing::warn!(
+                    "permissive recovery: no manifest; using the newest checkpoint, if any"
+                );
+            }
+            checkpoints.last().map(|(_, p)| (p.clone(), None))
+        }
+    };
+    let mut meta = None;
+    if let Some((path, reference)) = named {
+        let (loaded, m) = checkpoint::read(&path, &keys)?;
+        if let Some(r) = reference
+            && (hex::encode(m.digest) != r.digest || m.lsn != r.lsn)
+        {
+            return Err(AedbError::corruption(
+                &path,
+                0,
+                "checkpoint does not match the digest the manifest records (replaced or altered)",
+            ));
+        }
+        cs.state = loaded.state;
+        let max = config.limits.max_idempotency_records;
+        for (tag, seq) in loaded.idempotency {
+            cs.remember(tag, seq, max);
+        }
+        meta = Some(m);
+    }
+    // Checkpoints other than the live one, and segments before the first live one,
+    // are leftovers of a checkpoint interrupted after its manifest was written.
+    if let Some(m) = &body {
+        for (_, p) in &checkpoints {
+            let is_live = meta
+                .as_ref()
+                .is_some_and(|c| p.file_name().is_some_and(|n| n.to_string_lossy() == c.file));
+            if !is_live {
+                std::fs::remove_file(p).map_err(|e| AedbError::io(p, e))?;
+            }
+        }
+        if let Some(first) = m.segments.first() {
+            for (index, p) in &segments {
+                if *index < first.index {
+                    std::fs::remove_file(p).map_err(|e| AedbError::io(p, e))?;
+                }
+            }
+        }
+    }
+    Ok((body, meta))
+}
+
+/// Strict mode: every segment the manifest lists must exist with the same range
+/// and, when sealed, the same final chain hash.
+fn check_segments_against_manifest(
+    dir: &Path,
+    m: &ManifestBody,
+    found: &[SealedSegment],
+) -> Result<(), AedbError> {
+    for s in &m.segments {
+        let path = dir.join(&s.file);
+        let Some(f) = found.iter().find(|f| f.index == s.index) else {
+            return Err(AedbError::corruption(
+                &path,
+                0,
+                "segment listed in the manifest is missing",
+            ));
+        };
+        if f.first_lsn != s.first_lsn {
+            return Err(AedbError::corruption(
+                &path,
+                0,
+                format!(
+                    "segment starts at LSN {}, the manifest says {}",
+                    f.first_lsn, s.first_lsn
+                ),
+            ));
+        }
+        if let Some(sealed) = &s.sealed
+            && (f.last_lsn != sealed.last_lsn || hex::encode(f.end_hash) != sealed.end_hash)
+        {
+            return Err(AedbError::corruption(
+                &path,
+                0,
+                format!(
+                    "sealed segment ends at LSN {}, the manifest says {} with another chain head (truncated or replaced)",
+                    f.last_lsn, sealed.last_lsn
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why `config` is unsafe for a secure (or production) open; empty when it is not.
+fn secure_problems(config: &AedbConfig, production: bool) -> Vec<String> {
+    let mut p = Vec::new();
+    if config.manifest_key.is_none() {
+        p.push(
+            "no manifest key: use AedbConfig::production(key) or AedbConfig::low_latency(key)"
+                .to_string(),
+        );
+    }
+    if config.recovery == RecoveryMode::Permissive {
+        p.push(
+            "permissive recovery silently drops damaged log data: use RecoveryMode::Strict"
+                .to_string(),
+        );
+    }
+    if production && config.checkpoint_key.is_none() {
+        p.push(
+            "no checkpoint key: production requires encryption at rest (with_checkpoint_key)"
+                .to_string(),
+        );
+    }
+    if production && config.durability == DurabilityMode::OsBuffered {
+        p.push("OsBuffered durability can lose acknowledged commits for an unbounded time: use Full or Batch".to_string());
+    }
+    p
 }

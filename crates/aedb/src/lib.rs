@@ -3,11 +3,13 @@
 //!
 //! See `FORMAT.md` for the on-disk format and the README for the operational model.
 
+pub(crate) mod checkpoint;
 pub mod config;
 pub(crate) mod crypto;
 pub mod error;
 pub mod instance;
 mod lock;
+pub(crate) mod manifest;
 pub mod metrics;
 pub(crate) mod model;
 pub(crate) mod record;
@@ -16,7 +18,7 @@ pub mod wal;
 
 pub use config::{AedbConfig, CommitFinality, DurabilityMode, Limits, RecoveryMode, SecretKey};
 pub use error::AedbError;
-pub use instance::{AedbInstance, CommitResult};
+pub use instance::{AedbInstance, CheckpointInfo, CommitResult};
 pub use metrics::OperationalMetrics;
 pub use model::value::{Column, ColumnType, Row, TableSchema, Value};
 pub use txn::assertion::{CompareOp, ReadAssertion};

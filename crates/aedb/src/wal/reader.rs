@@ -17,7 +17,6 @@ pub(crate) struct ScanOutcome {
     pub end_offset: u64,
     pub last_lsn: u64,
     pub chain_head: ChainHash,
-    pub frames: u64,
     pub damage: Option<Damage>,
 }
 
@@ -33,7 +32,6 @@ pub(crate) fn scan_frames(
     mut visit: impl FnMut(u64, &ChainHash, &[u8]) -> Result<(), String>,
 ) -> ScanOutcome {
     let mut pos = start;
-    let mut frames = 0u64;
     let damage = loop {
         let raw = match frame_at(buf, pos) {
             FrameAt::End => {
@@ -76,14 +74,12 @@ pub(crate) fn scan_frames(
         }
         prev_hash = raw.hash;
         next_lsn += 1;
-        frames += 1;
         pos = next_pos;
     };
     ScanOutcome {
         end_offset: pos as u64,
         last_lsn: next_lsn - 1,
         chain_head: prev_hash,
-        frames,
         damage,
     }
 }

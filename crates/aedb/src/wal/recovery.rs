@@ -12,7 +12,7 @@ use super::format::{
 };
 use super::keys::{WalKeys, decrypt_frame};
 use super::reader::{Damage, count_frames_best_effort, scan_frames};
-use super::writer::{WriterPosition, sync_dir};
+use super::writer::{SealedSegment, WriterPosition, sync_dir};
 use crate::config::RecoveryMode;
 use crate::error::AedbError;
 
@@ -54,6 +54,8 @@ pub(crate) struct Recovered {
     pub position: Option<WriterPosition>,
     /// Header of the segment `position` is in.
     pub last_header: Option<SegmentHeader>,
+    /// Every segment kept, in order, with its LSN range and final chain hash.
+    pub segments: Vec<SealedSegment>,
     pub report: RecoveryReport,
 }
 
@@ -86,6 +88,17 @@ pub(crate) fn remove_leftovers(dir: &Path) -> Result<(), AedbError> {
     Ok(())
 }
 
+/// True when the segment file at `path` has a valid header and no frame.
+pub(crate) fn segment_is_empty(path: &Path) -> bool {
+    let Ok(f) = fs::File::open(path) else {
+        return false;
+    };
+    let mut b = vec![0u8; SEGMENT_HEADER_LEN + super::format::FRAME_HEADER_LEN];
+    f.read_exact_at(&mut b, 0).is_ok()
+        && SegmentHeader::decode(&b).is_ok()
+        && b[SEGMENT_HEADER_LEN..].iter().all(|&x| x == 0)
+}
+
 /// Where replay starts: from the beginning of the log, or after a checkpoint whose
 /// LSN and chain head the log must reproduce.
 #[derive(Clone, Copy, Debug, Default)]
@@ -114,6 +127,7 @@ pub(crate) fn recover(
         return Ok(Recovered {
             position: None,
             last_header: None,
+            segments: Vec::new(),
             report,
         });
     }
@@ -122,6 +136,7 @@ pub(crate) fn recover(
     let mut head = [0u8; 32];
     let mut position: Option<WriterPosition> = None;
     let mut last_header = None;
+    let mut summaries: Vec<SealedSegment> = Vec::new();
     for (i, (index, path)) in segs.iter().enumerate() {
         let is_last = i + 1 == segs.len();
         // A gap in segment numbers is a missing segment: never a torn write.
@@ -147,6 +162,7 @@ pub(crate) fn recover(
                 report,
                 position,
                 last_header,
+                summaries,
                 &missing,
             );
         }
@@ -170,6 +186,7 @@ pub(crate) fn recover(
                     report,
                     position,
                     last_header,
+                    summaries,
                     path,
                 );
             }
@@ -230,6 +247,7 @@ pub(crate) fn recover(
                 report,
                 position,
                 last_header,
+                summaries,
                 path,
             );
         }
@@ -280,6 +298,12 @@ pub(crate) fn recover(
             last_lsn: outcome.last_lsn,
             chain_head: outcome.chain_head,
         });
+        summaries.push(SealedSegment {
+            index: *index,
+            first_lsn: header.first_lsn,
+            last_lsn: outcome.last_lsn,
+            end_hash: outcome.chain_head,
+        });
         last_header = Some(header);
         if let Some(damage) = outcome.damage {
             if is_last && !damage.followed_by_valid {
@@ -305,6 +329,7 @@ pub(crate) fn recover(
                 report,
                 position,
                 last_header,
+                summaries,
                 path,
             );
         }
@@ -322,6 +347,7 @@ pub(crate) fn recover(
     Ok(Recovered {
         position,
         last_header,
+        segments: summaries,
         report,
     })
 }
@@ -340,6 +366,7 @@ fn finish_damaged(
     mut report: RecoveryReport,
     position: Option<WriterPosition>,
     last_header: Option<SegmentHeader>,
+    segments: Vec<SealedSegment>,
     named_file: &Path,
 ) -> Result<Recovered, AedbError> {
     if mode == RecoveryMode::Strict {
@@ -400,6 +427,7 @@ fn finish_damaged(
     Ok(Recovered {
         position,
         last_header,
+        segments,
         report,
     })
 }

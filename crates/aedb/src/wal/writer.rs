@@ -427,6 +427,12 @@ impl WalWriter {
         self.pending.lock().bytes.len()
     }
 
+    /// (index, first LSN) of the segment being written.
+    pub fn active_segment(&self) -> (u64, u64) {
+        let p = self.pending.lock();
+        (p.segment_index, p.segment_first_lsn)
+    }
+
     pub fn take_newly_sealed(&self) -> Vec<SealedSegment> {
         std::mem::take(&mut *self.newly_sealed.lock())
     }
@@ -439,13 +445,6 @@ impl WalWriter {
     pub fn head(&self) -> (u64, u64, ChainHash) {
         let p = self.pending.lock();
         (p.segment_index, p.last_lsn, p.chain_head)
-    }
-
-    /// Closes the current segment now (checkpoints and key rotation use this so that
-    /// every older segment becomes removable).
-    pub fn seal_current(&self) -> Result<(), AedbError> {
-        let next = self.pending.lock().last_lsn + 1;
-        self.rotate(next, 0)
     }
 
     pub fn fsyncs(&self) -> u64 {

@@ -1,0 +1,145 @@
+//! The manifest names the live checkpoint and WAL segments (with their digests and
+//! chain heads) and is HMAC-SHA256 signed with a key derived from the manifest key.
+//!
+//! File `MANIFEST`: one line of JSON (the body), then one line `hmac-sha256:<hex>`
+//! (or `unsigned` without a manifest key). The MAC covers the body bytes exactly as
+//! stored. Replaced atomically: `MANIFEST.tmp`, fsync, rename, fsync directory.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::SecretKey;
+use crate::crypto::{self, LABEL_MANIFEST};
+use crate::error::AedbError;
+use crate::wal::writer::sync_dir;
+
+pub(crate) const MANIFEST_FILE: &str = "MANIFEST";
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CheckpointRef {
+    pub file: String,
+    pub lsn: u64,
+    pub chain_head: String,
+    pub digest: String,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SealedRef {
+    pub last_lsn: u64,
+    /// Chain hash of the segment's last frame: it commits to every frame in it.
+    pub end_hash: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SegmentRef {
+    pub file: String,
+    pub index: u64,
+    pub first_lsn: u64,
+    /// None for the active segment (the last one).
+    pub sealed: Option<SealedRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ManifestBody {
+    pub format_version: u32,
+    /// Increases with every rewrite.
+    pub generation: u64,
+    pub checkpoint: Option<CheckpointRef>,
+    pub segments: Vec<SegmentRef>,
+    pub keyed_chain: bool,
+    pub checkpoint_key_id: Option<String>,
+}
+
+fn signer(key: &SecretKey) -> ring::hmac::Key {
+    crypto::hmac_key(key, LABEL_MANIFEST)
+}
+
+fn bad(dir: &Path, reason: impl Into<String>) -> AedbError {
+    AedbError::corruption(dir.join(MANIFEST_FILE), 0, reason)
+}
+
+/// Reads and verifies the manifest; `Ok(None)` when there is none.
+pub(crate) fn read(dir: &Path, key: Option<&SecretKey>) -> Result<Option<ManifestBody>, AedbError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = match fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(AedbError::io(&path, e)),
+    };
+    let text = std::str::from_utf8(&text).map_err(|_| bad(dir, "not UTF-8"))?;
+    let mut lines = text.split('\n');
+    let body = lines.next().unwrap_or_default();
+    let sig = lines.next().unwrap_or_default();
+    if lines.any(|l| !l.is_empty()) {
+        return Err(bad(dir, "unexpected content after the signature line"));
+    }
+    match (key, sig.strip_prefix("hmac-sha256:")) {
+        (Some(k), Some(hex_mac)) => {
+            let mac = hex::decode(hex_mac).map_err(|_| bad(dir, "signature is not hex"))?;
+            ring::hmac::verify(&signer(k), body.as_bytes(), &mac).map_err(|_| {
+                bad(
+                    dir,
+                    "signature does not verify: wrong manifest key, or the file was edited",
+                )
+            })?;
+        }
+        (Some(_), None) => {
+            return Err(bad(
+                dir,
+                "manifest is unsigned but a manifest key is configured",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(bad(
+                dir,
+                "manifest is signed but no manifest key is configured",
+            ));
+        }
+        (None, None) if sig == "unsigned" => {}
+        (None, None) => return Err(bad(dir, "missing signature line")),
+    }
+    let parsed: ManifestBody =
+        serde_json::from_str(body).map_err(|e| bad(dir, format!("unreadable body: {e}")))?;
+    if parsed.format_version != FORMAT_VERSION {
+        return Err(bad(
+            dir,
+            format!(
+                "unsupported manifest format version {}",
+                parsed.format_version
+            ),
+        ));
+    }
+    Ok(Some(parsed))
+}
+
+/// Signs and atomically replaces the manifest.
+pub(crate) fn write(
+    dir: &Path,
+    body: &ManifestBody,
+    key: Option<&SecretKey>,
+) -> Result<(), AedbError> {
+    let json = serde_json::to_string(body)
+        .map_err(|e| AedbError::InvalidArgument(format!("manifest encoding: {e}")))?;
+    let sig = match key {
+        Some(k) => format!(
+            "hmac-sha256:{}",
+            hex::encode(ring::hmac::sign(&signer(k), json.as_bytes()).as_ref())
+        ),
+        None => "unsigned".to_string(),
+    };
+    let tmp = dir.join("MANIFEST.tmp");
+    let path = dir.join(MANIFEST_FILE);
+    {
+        let mut f = fs::File::create(&tmp).map_err(|e| AedbError::io(&tmp, e))?;
+        f.write_all(format!("{json}\n{sig}\n").as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| AedbError::io(&tmp, e))?;
+    }
+    fs::rename(&tmp, &path).map_err(|e| AedbError::io(&path, e))?;
+    sync_dir(dir)
+}
