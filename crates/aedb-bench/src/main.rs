@@ -286,6 +286,14 @@ impl Run {
             report::format_value("reopen_s", report.reopen_s),
             start.elapsed().as_secs_f64()
         );
+        if let Some(ck) = report.checkpoint {
+            eprintln!(
+                "[W4+W5] {}: checkpoint {}, longest commit during it {}",
+                engine.name(),
+                report::format_value("checkpoint_s", ck.checkpoint_s),
+                report::format_value("checkpoint_max_commit_stall_s", ck.max_commit_stall_s),
+            );
+        }
         let mut figures = Vec::new();
         if w4 {
             figures.extend([
@@ -294,6 +302,12 @@ impl Run {
                 ("W4", "scan_keys_per_s", report.scan_keys_per_s),
                 ("W4", "peak_rss_bytes", report.peak_rss_bytes),
             ]);
+            if let Some(ck) = report.checkpoint {
+                figures.extend([
+                    ("W4", "checkpoint_s", ck.checkpoint_s),
+                    ("W4", "checkpoint_max_commit_stall_s", ck.max_commit_stall_s),
+                ]);
+            }
         }
         if w5 {
             figures.push(("W5", "reopen_s", report.reopen_s));

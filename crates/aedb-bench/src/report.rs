@@ -13,7 +13,7 @@ pub struct Figure {
 }
 
 /// Table rows, in reading order.
-const ROWS: [(&str, &str); 8] = [
+const ROWS: [(&str, &str); 10] = [
     ("W1", "commits_per_s"),
     ("W2", "commits_per_s"),
     ("W3", "commits_per_s"),
@@ -21,11 +21,15 @@ const ROWS: [(&str, &str); 8] = [
     ("W4", "gets_per_s"),
     ("W4", "scan_keys_per_s"),
     ("W4", "peak_rss_bytes"),
+    ("W4", "checkpoint_s"),
+    ("W4", "checkpoint_max_commit_stall_s"),
     ("W5", "reopen_s"),
 ];
 
-const ENGINE_COLUMNS: [&str; 4] = ["aedb", "redb", "sqlite", "fsync_floor"];
+const ENGINE_COLUMNS: [&str; 5] = ["aedb", "aedb_enc", "redb", "sqlite", "fsync_floor"];
 const RATIO_PEERS: [&str; 3] = ["redb", "sqlite", "fsync_floor"];
+/// The encrypted variant, compared with plain aedb in its own ratio column.
+const ENC: &str = "aedb_enc";
 
 /// A goal for aedb's advantage ratio (see `advantage`) over one peer.
 struct Target {
@@ -93,7 +97,8 @@ fn higher_is_better(metric: &str) -> bool {
 }
 
 /// aedb's advantage over a peer, oriented so that >1 always means aedb is
-/// better: aedb/peer for throughput, peer/aedb for times and memory.
+/// better: aedb/peer for throughput, peer/aedb for times and memory. The
+/// aedb_enc/aedb column is aedb_enc's advantage over aedb, the same way.
 pub fn advantage(metric: &str, aedb: f64, peer: f64) -> f64 {
     if higher_is_better(metric) {
         aedb / peer
@@ -146,6 +151,7 @@ pub fn render_table(figures: &[Figure]) -> String {
         let short = p.trim_start_matches("fsync_");
         format!("aedb/{short}")
     }));
+    header.push(format!("{ENC}/aedb"));
     header.push("targets (on the ratios)".into());
 
     let mut rows = vec![header];
@@ -171,6 +177,11 @@ pub fn render_table(figures: &[Figure]) -> String {
                 |(a, p)| format!("{:.2}x", advantage(metric, a, p)),
             ));
         }
+        let enc = find(figures, workload, ENC, metric).zip(aedb);
+        row.push(enc.map_or_else(
+            || "-".into(),
+            |(e, a)| format!("{:.2}x", advantage(metric, e, a)),
+        ));
         row.push(target_text(figures, workload, metric));
         rows.push(row);
     }
@@ -232,8 +243,17 @@ fn target_text(figures: &[Figure], workload: &str, metric: &str) -> String {
 /// Lines printed under the table so its numbers can be read correctly.
 pub const NOTES: &str = "\
 Ratios are aedb's advantage: >1 means aedb is better (aedb/peer for throughput, \
-peer/aedb for times and RSS).
+peer/aedb for times and RSS). aedb_enc/aedb is the encrypted variant's advantage over plain \
+aedb the same way: below 1 is the cost of encryption.
+aedb is the development config (no keys); aedb_enc is AedbConfig::production(key)\
+.with_checkpoint_key(key2) opened with open_production: signed manifest, AES-256-GCM WAL \
+frames and checkpoints. Both use the default automatic checkpoints (every 64 MiB of WAL).
 W1/W2/W4 durable: aedb Full+Durable; redb Durability::Immediate; sqlite WAL synchronous=FULL.
 W3 relaxed: aedb Batch+Visible; redb Durability::None (no fsync; redb 4 has nothing in between); \
 sqlite WAL synchronous=NORMAL.
-W4/W5 run each engine in its own child process; peak RSS is that process's VmHWM.";
+W4/W5 run each engine in its own child process; peak RSS is that process's VmHWM, taken \
+before the checkpoint.
+W4 checkpoint (aedb only): after the gets and scan, an on-demand checkpoint of the whole data \
+set while one thread commits single keys durably; checkpoint_s is the engine-reported duration, \
+checkpoint_max_commit_stall_s the longest single commit overlapping the checkpoint call. W5 \
+reopen then loads that checkpoint and replays only the log written after it.";

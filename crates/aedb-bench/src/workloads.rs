@@ -5,6 +5,7 @@
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -12,7 +13,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::engines::{Engine, Mode, ReadView, Session};
+use crate::engines::{Checkpointed, Engine, Mode, ReadView, Session};
 
 pub const KEY_LEN: usize = 16;
 pub const VALUE_LEN: usize = 100;
@@ -165,6 +166,22 @@ pub struct LoadReport {
     pub scan_keys_per_s: f64,
     pub peak_rss_bytes: f64,
     pub reopen_s: f64,
+    /// Engines with an on-demand checkpoint only (aedb).
+    pub checkpoint: Option<CheckpointStall>,
+}
+
+/// An on-demand checkpoint of the loaded data set while a writer commits.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct CheckpointStall {
+    /// The checkpoint's duration as the engine reports it.
+    pub checkpoint_s: f64,
+    /// The longest single durable commit that overlapped the checkpoint call.
+    pub max_commit_stall_s: f64,
+    /// How many commits overlapped the checkpoint call.
+    pub overlapping_commits: u64,
+    /// The writer's median commit latency over its whole run, for scale.
+    pub median_commit_s: f64,
+    pub checkpoint_bytes: u64,
 }
 
 /// W4 then W5. Meant to run alone in a child process so the peak RSS is the
@@ -216,10 +233,33 @@ pub fn load_read_reopen<E: Engine>(dir: &Path, sizes: LoadSizes) -> Result<LoadR
         }
         (per_second(sizes.gets, gets), per_second(sizes.scan, scan))
     };
+    // Taken before the checkpoint so the figure stays comparable with the
+    // engines that have none; the child logs the peak after it separately.
     let peak_rss_bytes = peak_rss_bytes()? as f64;
     drop(session);
+
+    // The writer's keys start after the loaded ones, so it adds keys instead
+    // of overwriting loaded ones.
+    let checkpoint = if E::CHECKPOINTS {
+        let (stall, last_written) = checkpoint_under_writes(&engine, sizes.keys)?;
+        eprintln!(
+            "  checkpoint: {:.3} s, {:.1} MiB; {} commits overlapped it, longest {:.2} ms \
+             (writer median {:.3} ms); peak RSS after it {:.1} MiB",
+            stall.checkpoint_s,
+            stall.checkpoint_bytes as f64 / (1024.0 * 1024.0),
+            stall.overlapping_commits,
+            stall.max_commit_stall_s * 1e3,
+            stall.median_commit_s * 1e3,
+            self::peak_rss_bytes()? as f64 / (1024.0 * 1024.0),
+        );
+        Some((stall, last_written))
+    } else {
+        None
+    };
     engine.close()?;
 
+    // W5: with a checkpoint, reopening loads it and replays only the log
+    // written after it.
     let start = Instant::now();
     let engine = E::open(dir, Mode::Durable)?;
     let reopen = {
@@ -229,6 +269,15 @@ pub fn load_read_reopen<E: Engine>(dir: &Path, sizes: LoadSizes) -> Result<LoadR
             .context("key 0 missing after reopen")?;
         start.elapsed()
     };
+    if let Some((_, last_written)) = checkpoint {
+        // Untimed: the writer's durable commits after the checkpoint must
+        // have survived the reopen.
+        let mut session = engine.session()?;
+        let mut view = session.read_view()?;
+        view.get_len(&key(last_written))?.with_context(|| {
+            format!("key {last_written} (written during the checkpoint) missing after reopen")
+        })?;
+    }
     engine.close()?;
 
     Ok(LoadReport {
@@ -237,7 +286,84 @@ pub fn load_read_reopen<E: Engine>(dir: &Path, sizes: LoadSizes) -> Result<LoadR
         scan_keys_per_s,
         peak_rss_bytes,
         reopen_s: reopen.as_secs_f64(),
+        checkpoint: checkpoint.map(|(stall, _)| stall),
     })
+}
+
+/// Commits the writer makes before the checkpoint starts, so it is in its
+/// steady state when the checkpoint begins.
+const WARMUP_COMMITS: u64 = 20;
+
+/// One thread commits single keys durably (keys `first_key..`) in a loop
+/// while this thread runs `engine.checkpoint()`. Returns the stall figures
+/// and the index of the last key the writer committed.
+///
+/// A commit counts if its interval overlaps the checkpoint call's (so the
+/// commit that was waiting when the checkpoint ended counts too). The call's
+/// window can be longer than the reported duration if it first waited for an
+/// automatic checkpoint already running.
+fn checkpoint_under_writes<E: Engine>(
+    engine: &E,
+    first_key: u64,
+) -> Result<(CheckpointStall, u64)> {
+    let stop = AtomicBool::new(false);
+    let committed = AtomicU64::new(0);
+    let (result, window, commits) = std::thread::scope(|scope| -> Result<_> {
+        let writer = scope.spawn(|| -> Result<Vec<(Instant, Instant)>> {
+            let mut session = engine.session()?;
+            let mut commits = Vec::new();
+            let mut i = first_key;
+            while !stop.load(Ordering::Acquire) {
+                let start = Instant::now();
+                session.put(&key(i), &value(i))?;
+                commits.push((start, Instant::now()));
+                committed.fetch_add(1, Ordering::Release);
+                i += 1;
+            }
+            Ok(commits)
+        });
+        while committed.load(Ordering::Acquire) < WARMUP_COMMITS && !writer.is_finished() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let start = Instant::now();
+        let result = engine.checkpoint();
+        let end = Instant::now();
+        // Stop the writer whatever the checkpoint's outcome.
+        stop.store(true, Ordering::Release);
+        let commits = writer
+            .join()
+            .map_err(|_| anyhow!("the checkpoint writer thread panicked"))??;
+        Ok((result, (start, end), commits))
+    })?;
+    let Checkpointed {
+        duration, bytes, ..
+    } = result.context("on-demand checkpoint")?;
+
+    let (window_start, window_end) = window;
+    let overlapping: Vec<Duration> = commits
+        .iter()
+        .filter(|(start, end)| *start < window_end && *end > window_start)
+        .map(|(start, end)| *end - *start)
+        .collect();
+    let max_stall = overlapping
+        .iter()
+        .max()
+        .copied()
+        .context("the writer completed no commit during the checkpoint")?;
+    let mut latencies: Vec<Duration> = commits.iter().map(|(s, e)| *e - *s).collect();
+    latencies.sort_unstable();
+    let median = latencies[latencies.len() / 2];
+    let last_written = first_key + commits.len() as u64 - 1;
+    Ok((
+        CheckpointStall {
+            checkpoint_s: duration.as_secs_f64(),
+            max_commit_stall_s: max_stall.as_secs_f64(),
+            overlapping_commits: overlapping.len() as u64,
+            median_commit_s: median.as_secs_f64(),
+            checkpoint_bytes: bytes,
+        },
+        last_written,
+    ))
 }
 
 /// The process's peak resident set (VmHWM), in bytes.

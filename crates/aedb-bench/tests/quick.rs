@@ -40,7 +40,7 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
         seen.insert((field("workload")?, field("engine")?, field("metric")?));
     }
 
-    let databases = ["aedb", "redb", "sqlite"];
+    let databases = ["aedb", "aedb_enc", "redb", "sqlite"];
     let mut expected = BTreeSet::new();
     for engine in databases.iter().chain(&["fsync_floor"]) {
         expected.insert(("W1", *engine, "commits_per_s"));
@@ -53,6 +53,12 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
         }
         expected.insert(("W5", engine, "reopen_s"));
     }
+    // Only aedb has an on-demand checkpoint to measure.
+    for engine in ["aedb", "aedb_enc"] {
+        for metric in ["checkpoint_s", "checkpoint_max_commit_stall_s"] {
+            expected.insert(("W4", engine, metric));
+        }
+    }
     let expected: BTreeSet<(String, String, String)> = expected
         .into_iter()
         .map(|(w, e, m)| (w.to_owned(), e.to_owned(), m.to_owned()))
@@ -60,5 +66,10 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
 
     let missing: Vec<_> = expected.difference(&seen).collect();
     ensure!(missing.is_empty(), "missing figures: {missing:?}\n{stderr}");
+    let unexpected: Vec<_> = seen.difference(&expected).collect();
+    ensure!(
+        unexpected.is_empty(),
+        "unexpected figures: {unexpected:?}\n{stderr}"
+    );
     Ok(())
 }

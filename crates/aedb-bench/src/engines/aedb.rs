@@ -1,5 +1,7 @@
 //! aedb through its public API only (see notes/api.md): one project and one
-//! scope hold the benchmark's keys.
+//! scope hold the benchmark's keys. Two variants: `PlainAedb` (development
+//! config, no keys) and `EncryptedAedb` (production config: signed manifest,
+//! AES-256-GCM WAL frames and checkpoints), otherwise identical.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -7,20 +9,28 @@ use std::path::Path;
 use aedb::{AedbConfig, AedbInstance, CommitFinality, DurabilityMode, KvView, Snapshot};
 use anyhow::Result;
 
-use super::{Engine, Mode, ReadView, ScanTotals, Session};
+use super::{Checkpointed, Engine, Mode, ReadView, ScanTotals, Session};
 use crate::workloads::{Key, Value};
 
 const PROJECT: &str = "bench";
 const SCOPE: &str = "kv";
 
+/// Fixed test keys for `EncryptedAedb`: the benchmark measures what
+/// encryption costs, not what it protects.
+const MANIFEST_KEY: [u8; 32] = [0xa5; 32];
+const CHECKPOINT_KEY: [u8; 32] = [0x5a; 32];
+
+pub type PlainAedb = AedbEngine<false>;
+pub type EncryptedAedb = AedbEngine<true>;
+
 #[derive(Debug)]
-pub struct AedbEngine {
+pub struct AedbEngine<const ENCRYPTED: bool> {
     db: AedbInstance,
     finality: CommitFinality,
 }
 
-impl Engine for AedbEngine {
-    type Session<'a> = AedbSession<'a>;
+impl<const ENCRYPTED: bool> Engine for AedbEngine<ENCRYPTED> {
+    type Session<'a> = AedbSession<'a, ENCRYPTED>;
 
     fn open(dir: &Path, mode: Mode) -> Result<Self> {
         let fresh = !dir.exists();
@@ -30,8 +40,17 @@ impl Engine for AedbEngine {
             // commit is applied, without waiting for that fsync.
             Mode::Relaxed => (DurabilityMode::Batch, CommitFinality::Visible),
         };
-        let cfg = AedbConfig::development().with_durability(durability);
-        let db = AedbInstance::open(cfg, dir)?;
+        let db = if ENCRYPTED {
+            let cfg = AedbConfig::production(MANIFEST_KEY)
+                .with_checkpoint_key(CHECKPOINT_KEY)
+                .with_durability(durability);
+            // open_production refuses a config that is not encrypted at rest,
+            // so this variant cannot silently measure the plain engine.
+            AedbInstance::open_production(cfg, dir)?
+        } else {
+            let cfg = AedbConfig::development().with_durability(durability);
+            AedbInstance::open(cfg, dir)?
+        };
         if fresh {
             db.create_project(PROJECT)?;
             db.create_scope(PROJECT, SCOPE)?;
@@ -39,7 +58,7 @@ impl Engine for AedbEngine {
         Ok(Self { db, finality })
     }
 
-    fn session(&self) -> Result<AedbSession<'_>> {
+    fn session(&self) -> Result<AedbSession<'_, ENCRYPTED>> {
         Ok(AedbSession {
             engine: self,
             snapshot: None,
@@ -50,17 +69,27 @@ impl Engine for AedbEngine {
         self.db.close()?;
         Ok(())
     }
+
+    const CHECKPOINTS: bool = true;
+
+    fn checkpoint(&self) -> Result<Checkpointed> {
+        let info = self.db.checkpoint()?;
+        Ok(Checkpointed {
+            duration: info.duration,
+            bytes: info.bytes,
+        })
+    }
 }
 
 #[derive(Debug)]
-pub struct AedbSession<'a> {
-    engine: &'a AedbEngine,
+pub struct AedbSession<'a, const ENCRYPTED: bool> {
+    engine: &'a AedbEngine<ENCRYPTED>,
     // Owned here so a view can borrow it whether or not `KvView` borrows
     // its snapshot.
     snapshot: Option<Snapshot>,
 }
 
-impl Session for AedbSession<'_> {
+impl<const ENCRYPTED: bool> Session for AedbSession<'_, ENCRYPTED> {
     type View<'v>
         = AedbView<'v>
     where
