@@ -75,6 +75,9 @@ pub struct Limits {
     pub max_idempotency_records: usize,
     /// Recent snapshots kept for `ConsistencyMode::AtSeq`.
     pub snapshot_history: usize,
+    /// Commits admitted per second (None: unlimited); excess fails fast with
+    /// `Overloaded`.
+    pub max_commits_per_sec: Option<u32>,
 }
 
 impl Default for Limits {
@@ -89,6 +92,7 @@ impl Default for Limits {
             max_name_bytes: 128,
             max_idempotency_records: 100_000,
             snapshot_history: 64,
+            max_commits_per_sec: None,
         }
     }
 }
@@ -109,6 +113,11 @@ pub struct AedbConfig {
     /// something was committed (None: never by time).
     pub checkpoint_interval: Option<Duration>,
     pub limits: Limits,
+    /// Longest wait to be admitted to the commit lock; a `Timeout` guarantees the
+    /// commit was not applied.
+    pub commit_timeout: Duration,
+    /// Caller id made the first GlobalAdmin when the database has none yet.
+    pub bootstrap_admin: Option<String>,
     pub(crate) manifest_key: Option<SecretKey>,
     pub(crate) checkpoint_key: Option<SecretKey>,
     /// The checkpoint key being rotated away from: still accepted for reading.
@@ -126,6 +135,8 @@ impl AedbConfig {
             checkpoint_wal_bytes: Some(64 * 1024 * 1024),
             checkpoint_interval: Some(Duration::from_secs(600)),
             limits: Limits::default(),
+            commit_timeout: Duration::from_secs(10),
+            bootstrap_admin: None,
             manifest_key: None,
             checkpoint_key: None,
             previous_checkpoint_key: None,
@@ -189,6 +200,18 @@ impl AedbConfig {
     ) -> Self {
         self.checkpoint_wal_bytes = wal_bytes;
         self.checkpoint_interval = interval;
+        self
+    }
+
+    /// One-time bootstrap: if the database has no GlobalAdmin yet, `caller_id`
+    /// becomes one at open (recorded in `authz_audit`); ignored afterwards.
+    pub fn with_bootstrap_admin(mut self, caller_id: impl Into<String>) -> Self {
+        self.bootstrap_admin = Some(caller_id.into());
+        self
+    }
+
+    pub fn with_commit_timeout(mut self, timeout: Duration) -> Self {
+        self.commit_timeout = timeout;
         self
     }
 

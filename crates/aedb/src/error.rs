@@ -47,8 +47,16 @@ pub enum AedbError {
         actual: usize,
     },
 
-    #[error("overloaded: {queued} commits queued (limit {limit}); retry with backoff")]
-    Overloaded { queued: usize, limit: usize },
+    #[error("overloaded: {reason}; retry with backoff")]
+    Overloaded { reason: String },
+
+    #[error("permission denied: caller {caller:?} lacks {permission}")]
+    PermissionDenied { caller: String, permission: String },
+
+    #[error(
+        "commit timed out after {waited_ms} ms waiting to be admitted; it was not applied and will not be"
+    )]
+    Timeout { waited_ms: u64 },
 
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },

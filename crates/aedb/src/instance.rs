@@ -1,26 +1,36 @@
 //! `AedbInstance`: opening (recovery), the commit path, and read snapshots.
 
 use std::collections::{HashMap, VecDeque};
+use std::marker::PhantomData;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::{Condvar, Mutex};
 
+use crate::audit::{
+    ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditEvent, AuditExport, AuditVerifyError,
+    SYSTEM_PROJECT, chain_rows, now_unix,
+};
+use crate::authz::{CallerContext, Decision, Grant, Permission};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode, SecretKey};
 use crate::error::AedbError;
 use crate::lock::DirLock;
 use crate::manifest::{self, CheckpointRef, ManifestBody, SealedRef, SegmentRef};
-use crate::metrics::{Counters, OperationalMetrics, load};
+use crate::metrics::AlertKind;
+use crate::metrics::{Counters, OperationalMetrics};
 use crate::model::state::DbState;
 use crate::model::validate_name;
 use crate::model::value::TableSchema;
-use crate::record::{DdlOp, IdempotencyTag, WalRecord};
-use crate::txn::snapshot::{ConsistencyMode, Snapshot};
+use crate::model::value::{Row, Value};
+use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
+use crate::txn::query::{Query, QueryResult};
+use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot};
 use crate::txn::write::WriteTransaction;
 use crate::wal::RecoveryReport;
 use crate::wal::format::segment_file_name;
@@ -81,6 +91,7 @@ struct Inner {
     commit: Mutex<CommitState>,
     wal: Arc<WalWriter>,
     queued: AtomicUsize,
+    admission_rate: Option<governor::DefaultDirectRateLimiter>,
     counters: Counters,
     flusher: Mutex<Option<Flusher>>,
     recovery: RecoveryReport,
@@ -119,12 +130,42 @@ pub struct CheckpointInfo {
     pub segments_removed: usize,
 }
 
+/// Marker type: a development instance, where the anonymous APIs are available.
+#[derive(Debug)]
+pub enum Dev {}
+
+/// Marker type: a secure instance (`open_secure` / `open_production`). Only the
+/// authenticated `*_as` APIs exist on it: the anonymous ones do not compile.
+///
+/// ```no_run
+/// # use aedb::{AedbConfig, AedbInstance, CallerContext};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x")?;
+/// let me = CallerContext::new("svc-payments");
+/// let _ = db.kv_get(&me, "payments", "eu", b"order-1")?;
+/// # Ok::<(), aedb::AedbError>(())
+/// ```
+///
+/// ```compile_fail
+/// # use aedb::{AedbConfig, AedbInstance};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
+/// let _ = db.snapshot(); // anonymous read: not available on a secure instance
+/// ```
+///
+/// ```compile_fail
+/// # use aedb::{AedbConfig, AedbInstance};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
+/// let tx = db.begin_write("payments").unwrap(); // anonymous write: not available
+/// ```
+#[derive(Debug)]
+pub enum Secure {}
+
 /// An open database. `Send + Sync`: share it behind an `Arc`.
-pub struct AedbInstance {
+pub struct AedbInstance<M = Dev> {
     inner: Arc<Inner>,
+    _mode: PhantomData<fn() -> M>,
 }
 
-impl std::fmt::Debug for AedbInstance {
+impl<M> std::fmt::Debug for AedbInstance<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AedbInstance")
             .field("dir", &self.inner.dir)
@@ -142,16 +183,164 @@ impl Drop for QueueSlot<'_> {
     }
 }
 
-impl AedbInstance {
-    /// Opens (creating if needed) the database in `dir`, replaying its log.
+const ANONYMOUS: &str = "anonymous";
+
+impl AedbInstance<Dev> {
+    /// Opens (creating if needed) the database in `dir` for development and tests:
+    /// anonymous APIs are available, permissions are checked only on `*_as` calls.
     pub fn open(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        Self::open_inner(config, dir)
+    }
+
+    /// The latest committed state.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_inner()
+    }
+
+    /// A read-only snapshot chosen by `mode`.
+    pub fn begin_read(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
+        self.begin_read_inner(mode)
+    }
+
+    /// Starts a write transaction on `project`, reading from the latest state.
+    pub fn begin_write(&self, project: &str) -> Result<WriteTransaction, AedbError> {
+        self.begin_write_inner(None, project)
+    }
+
+    /// Commits with the configured default finality (`Durable` under
+    /// `DurabilityMode::Full`, `Visible` otherwise).
+    pub fn commit(&self, tx: WriteTransaction) -> Result<CommitResult, AedbError> {
+        self.commit_tx(None, tx, self.inner.config.default_finality())
+    }
+
+    pub fn commit_with_finality(
+        &self,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_tx(None, tx, finality)
+    }
+
+    pub fn create_project(&self, project: &str) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(
+            None,
+            vec![DdlOperation::CreateProject {
+                project: project.to_string(),
+                owner: None,
+            }],
+        )
+    }
+
+    pub fn create_scope(&self, project: &str, scope: &str) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(
+            None,
+            vec![DdlOperation::CreateScope {
+                project: project.to_string(),
+                scope: scope.to_string(),
+            }],
+        )
+    }
+
+    pub fn create_table(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+        schema: TableSchema,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(
+            None,
+            vec![DdlOperation::CreateTable {
+                project: project.to_string(),
+                scope: scope.to_string(),
+                table: table.to_string(),
+                schema,
+            }],
+        )
+    }
+
+    pub fn drop_table(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(
+            None,
+            vec![DdlOperation::DropTable {
+                project: project.to_string(),
+                scope: scope.to_string(),
+                table: table.to_string(),
+            }],
+        )
+    }
+
+    /// Several schema/authorization changes in one atomic commit (anonymous).
+    pub fn commit_ddl_batch(&self, ops: Vec<DdlOperation>) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(None, ops)
+    }
+
+    /// One-key convenience write, committed with the default finality.
+    pub fn kv_set(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<CommitResult, AedbError> {
+        let mut tx = self.begin_write(project)?;
+        tx.kv_set(scope, key, value)?;
+        self.commit(tx)
+    }
+
+    pub fn kv_del(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<CommitResult, AedbError> {
+        let mut tx = self.begin_write(project)?;
+        tx.kv_del(scope, key)?;
+        self.commit(tx)
+    }
+
+    /// Rows of both audit tables with id >= `since_id`, each with its chain head.
+    pub fn export_audit(&self, since_id: i64) -> Result<Vec<AuditExport>, AedbError> {
+        self.export_audit_inner(&self.snapshot_inner(), since_id)
+    }
+}
+
+impl AedbInstance<Secure> {
+    /// Opens for production paths: refuses any configuration that weakens
+    /// integrity, listing every problem at once. Accepts both presets
+    /// (`production(key)` and `low_latency(key)`).
+    pub fn open_secure(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        let problems = secure_problems(&config, false);
+        if !problems.is_empty() {
+            return Err(AedbError::InvalidConfig { problems });
+        }
+        Self::open_inner(config, dir)
+    }
+
+    /// `open_secure` plus encryption at rest: a checkpoint key is required too.
+    pub fn open_production(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        let problems = secure_problems(&config, true);
+        if !problems.is_empty() {
+            return Err(AedbError::InvalidConfig { problems });
+        }
+        Self::open_inner(config, dir)
+    }
+}
+
+impl<M> AedbInstance<M> {
+    fn open_inner(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| AedbError::io(&dir, e))?;
         let lock = DirLock::acquire(&dir, true)?;
 
         let mut cs = CommitState {
-            state: DbState::default(),
+            state: DbState::initial(),
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             history: VecDeque::new(),
@@ -229,6 +418,11 @@ impl AedbInstance {
             commit: Mutex::new(cs),
             wal: wal.clone(),
             queued: AtomicUsize::new(0),
+            admission_rate: config
+                .limits
+                .max_commits_per_sec
+                .and_then(std::num::NonZeroU32::new)
+                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
             counters: Counters::default(),
             flusher: Mutex::new(None),
             recovery: recovered.report,
@@ -250,27 +444,16 @@ impl AedbInstance {
             inner.config.batch_interval,
         )?);
         spawn_checkpointer(&inner)?;
-        Ok(Self { inner })
-    }
-
-    /// Opens for production paths: refuses any configuration that weakens
-    /// integrity, listing every problem at once. Accepts both presets
-    /// (`production(key)` and `low_latency(key)`).
-    pub fn open_secure(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
-        let problems = secure_problems(&config, false);
-        if !problems.is_empty() {
-            return Err(AedbError::InvalidConfig { problems });
+        let db = Self {
+            inner,
+            _mode: PhantomData,
+        };
+        if let Some(admin) = db.inner.config.bootstrap_admin.clone()
+            && !db.inner.current.load().authz.bootstrapped
+        {
+            db.bootstrap_global_admin(&admin)?;
         }
-        Self::open(config, dir)
-    }
-
-    /// `open_secure` plus encryption at rest: a checkpoint key is required too.
-    pub fn open_production(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
-        let problems = secure_problems(&config, true);
-        if !problems.is_empty() {
-            return Err(AedbError::InvalidConfig { problems });
-        }
-        Self::open(config, dir)
+        Ok(db)
     }
 
     pub fn config(&self) -> &AedbConfig {
@@ -286,17 +469,15 @@ impl AedbInstance {
         &self.inner.recovery
     }
 
-    /// The latest committed state.
-    pub fn snapshot(&self) -> Snapshot {
+    fn snapshot_inner(&self) -> Snapshot {
         Snapshot {
             state: self.inner.current.load_full(),
         }
     }
 
-    /// A read-only snapshot chosen by `mode`.
-    pub fn begin_read(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
+    fn begin_read_inner(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
         match mode {
-            ConsistencyMode::AtLatest => Ok(self.snapshot()),
+            ConsistencyMode::AtLatest => Ok(self.snapshot_inner()),
             ConsistencyMode::AtSeq(n) => {
                 let cs = self.inner.commit.lock();
                 let head = cs.state.seq;
@@ -337,46 +518,22 @@ impl AedbInstance {
         }
     }
 
-    /// Starts a write transaction on `project`, reading from the latest state.
-    pub fn begin_write(&self, project: &str) -> Result<WriteTransaction, AedbError> {
-        let snapshot = self.snapshot();
-        if !snapshot.state.projects.contains_key(project) {
+    fn begin_write_inner(
+        &self,
+        caller: Option<&CallerContext>,
+        project: &str,
+    ) -> Result<WriteTransaction, AedbError> {
+        let snapshot = self.snapshot_inner();
+        if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
             return Err(AedbError::NotFound {
                 kind: "project",
                 name: project.to_string(),
             });
         }
-        Ok(WriteTransaction::new(
-            project.to_string(),
-            snapshot,
-            self.inner.config.limits,
-        ))
+        let mut tx = WriteTransaction::new(project.to_string(), snapshot, self.inner.config.limits);
+        tx.caller = caller.map(|c| c.caller_id.clone());
+        Ok(tx)
     }
-
-    /// Commits with the configured default finality (`Durable` under
-    /// `DurabilityMode::Full`, `Visible` otherwise).
-    pub fn commit(&self, tx: WriteTransaction) -> Result<CommitResult, AedbError> {
-        self.commit_with_finality(tx, self.inner.config.default_finality())
-    }
-
-    pub fn commit_with_finality(
-        &self,
-        tx: WriteTransaction,
-        finality: CommitFinality,
-    ) -> Result<CommitResult, AedbError> {
-        let r = self.commit_inner(tx, finality);
-        let c = &self.inner.counters;
-        match &r {
-            Ok(res) if res.idempotent_replay => Counters::bump(&c.idempotent_replays),
-            Ok(_) => Counters::bump(&c.commits),
-            Err(AedbError::Conflict { .. }) => Counters::bump(&c.aborts_conflict),
-            Err(AedbError::AssertionFailed { .. }) => Counters::bump(&c.aborts_assertion),
-            Err(AedbError::Overloaded { .. }) => Counters::bump(&c.aborts_admission),
-            Err(_) => Counters::bump(&c.aborts_other),
-        }
-        r
-    }
-
     fn admit(&self) -> Result<QueueSlot<'_>, AedbError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(AedbError::Closed);
@@ -385,21 +542,88 @@ impl AedbInstance {
         let queued = self.inner.queued.fetch_add(1, Ordering::AcqRel);
         let slot = QueueSlot(&self.inner.queued);
         if queued >= limit {
-            return Err(AedbError::Overloaded { queued, limit });
+            return Err(AedbError::Overloaded {
+                reason: format!("{queued} commits queued (limit {limit})"),
+            });
+        }
+        if let Some(rl) = &self.inner.admission_rate
+            && rl.check().is_err()
+        {
+            return Err(AedbError::Overloaded {
+                reason: format!(
+                    "admission rate of {} commits/s exceeded",
+                    self.inner.config.limits.max_commits_per_sec.unwrap_or(0)
+                ),
+            });
         }
         Ok(slot)
     }
 
-    fn commit_inner(
+    /// Takes the commit lock within the commit timeout. A timeout here guarantees
+    /// the commit was not applied and never will be.
+    fn lock_commit(&self) -> Result<parking_lot::MutexGuard<'_, CommitState>, AedbError> {
+        let timeout = self.inner.config.commit_timeout;
+        self.inner
+            .commit
+            .try_lock_for(timeout)
+            .ok_or(AedbError::Timeout {
+                waited_ms: timeout.as_millis() as u64,
+            })
+    }
+
+    fn count_outcome(&self, caller: Option<&CallerContext>, r: &Result<CommitResult, AedbError>) {
+        let c = &self.inner.counters;
+        match r {
+            Ok(res) if res.idempotent_replay => Counters::bump(&c.idempotent_replays),
+            Ok(_) => Counters::bump(&c.commits),
+            Err(AedbError::Conflict { .. }) => Counters::bump(&c.aborts_conflict),
+            Err(AedbError::AssertionFailed { .. }) => {
+                Counters::bump(&c.aborts_assertion);
+                c.alert(caller_name(caller), AlertKind::AssertionFailure);
+            }
+            Err(AedbError::Overloaded { .. }) => Counters::bump(&c.aborts_admission),
+            Err(AedbError::Timeout { .. }) => Counters::bump(&c.aborts_timeout),
+            Err(AedbError::PermissionDenied { .. }) => Counters::bump(&c.aborts_permission),
+            Err(_) => Counters::bump(&c.aborts_other),
+        }
+    }
+
+    fn commit_tx(
         &self,
+        caller: Option<&CallerContext>,
         tx: WriteTransaction,
         finality: CommitFinality,
     ) -> Result<CommitResult, AedbError> {
+        let started = Instant::now();
+        let r = self.commit_tx_inner(caller, tx, finality);
+        self.count_outcome(caller, &r);
+        if r.as_ref().is_ok_and(|r| !r.idempotent_replay) {
+            self.inner
+                .counters
+                .record_latency(finality, started.elapsed());
+        }
+        r
+    }
+
+    fn commit_tx_inner(
+        &self,
+        caller: Option<&CallerContext>,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        if let Some(c) = caller
+            && tx.caller.as_deref() != Some(c.caller_id.as_str())
+        {
+            return Err(AedbError::InvalidArgument(format!(
+                "transaction was begun by {:?}, committed by {:?}",
+                tx.caller, c.caller_id
+            )));
+        }
         let _slot = self.admit()?;
         let tag = tx.idempotency_tag();
-        let record = tx.to_record();
+        let mut record = tx.to_record();
         // Encoding happens outside the commit lock: it does not depend on the LSN.
-        let payload = record.encode()?;
+        let mut payload = record.encode()?;
         let limit = self.inner.config.limits.max_txn_bytes;
         if payload.len() > limit {
             return Err(AedbError::LimitExceeded {
@@ -409,20 +633,64 @@ impl AedbInstance {
             });
         }
 
-        let mut cs = self.inner.commit.lock();
+        let mut cs = self.lock_commit()?;
         self.inner.wal.check_healthy()?;
         if let Some(seq) = tag.as_ref().and_then(|t| cs.idempotency.get(t).copied()) {
             drop(cs);
             return self.finish(seq, finality, true);
         }
+        let mut events = Vec::new();
+        if let Some(c) = caller {
+            for need in tx.required_permissions() {
+                match cs.state.authz.decide(c, &need) {
+                    Decision::Allowed => {}
+                    Decision::AllowedAsGlobalAdmin => {
+                        events.push(global_admin_use(
+                            c,
+                            &need,
+                            &format!("commit to {}", tx.project()),
+                        ));
+                    }
+                    Decision::Denied => return self.deny(&mut cs, c, tx.project(), &need),
+                }
+            }
+        }
         tx.check_conflicts(&cs.state)?;
-        tx.check_assertions(&cs.state)?;
-        if tx.is_empty() {
+        if let Err(e) = tx.check_assertions(&cs.state) {
+            if let AedbError::AssertionFailed { index, description } = &e {
+                let actual = tx.assertions[*index].actual_redacted(&cs.state, tx.project());
+                let event = AuditEvent::Assertion {
+                    actor: caller_name(caller).to_string(),
+                    project: tx.project().to_string(),
+                    kind: "assertion_failed".into(),
+                    detail: format!(
+                        "assertion {index} of a transaction at snapshot {}",
+                        tx.snapshot_seq()
+                    ),
+                    expected: description.clone(),
+                    actual,
+                };
+                self.write_audit_locked(&mut cs, &[event])?;
+            }
+            return Err(e);
+        }
+        if tx.is_empty() && events.is_empty() {
             let seq = cs.state.seq;
             drop(cs);
             return self.finish(seq, finality, false);
         }
         let seq = cs.state.seq + 1;
+        if !events.is_empty() {
+            if let WalRecord::Commit { audit, .. } = &mut record {
+                *audit = chain_rows(&cs.state, &events, seq, now_unix());
+            }
+            payload = record.encode()?;
+            for _ in &events {
+                self.inner
+                    .counters
+                    .alert(caller_name(caller), AlertKind::GlobalAdminUse);
+            }
+        }
         let mut next = cs.state.clone();
         next.apply(&record, seq)?;
         let pending = self.inner.wal.append(seq, &payload)?;
@@ -435,6 +703,80 @@ impl AedbInstance {
         drop(cs);
         self.bound_buffer(pending)?;
         self.finish(seq, finality, false)
+    }
+
+    /// Records a permission denial in `assertion_audit` and returns the error.
+    fn deny<T>(
+        &self,
+        cs: &mut CommitState,
+        caller: &CallerContext,
+        project: &str,
+        need: &Permission,
+    ) -> Result<T, AedbError> {
+        let event = AuditEvent::Assertion {
+            actor: caller.caller_id.clone(),
+            project: project.to_string(),
+            kind: "permission_denied".into(),
+            detail: format!("operation needs {need}"),
+            expected: need.to_string(),
+            actual: "not granted".into(),
+        };
+        self.write_audit_locked(cs, &[event])?;
+        self.inner
+            .counters
+            .alert(&caller.caller_id, AlertKind::PermissionDenial);
+        Err(AedbError::PermissionDenied {
+            caller: caller.caller_id.clone(),
+            permission: need.to_string(),
+        })
+    }
+
+    /// Appends audit rows as their own commit (commit lock held). Not waited for:
+    /// the flusher makes it durable within the batch interval.
+    fn write_audit_locked(
+        &self,
+        cs: &mut CommitState,
+        events: &[AuditEvent],
+    ) -> Result<(), AedbError> {
+        let seq = cs.state.seq + 1;
+        let record = WalRecord::Audit {
+            rows: chain_rows(&cs.state, events, seq, now_unix()),
+        };
+        let payload = record.encode()?;
+        let mut next = cs.state.clone();
+        next.apply(&record, seq)?;
+        self.inner.wal.append(seq, &payload)?;
+        self.inner.record_rotation()?;
+        cs.state = next;
+        self.publish(cs);
+        Ok(())
+    }
+
+    /// Checks a read against the current grants (so revokes apply at once, even to
+    /// older snapshots); audits denials and GlobalAdmin use.
+    fn authorize_read(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        need: Permission,
+    ) -> Result<(), AedbError> {
+        let decision = self.inner.current.load().authz.decide(caller, &need);
+        match decision {
+            Decision::Allowed => Ok(()),
+            Decision::AllowedAsGlobalAdmin => {
+                let mut cs = self.lock_commit()?;
+                self.write_audit_locked(&mut cs, &[global_admin_use(caller, &need, "read")])?;
+                self.inner
+                    .counters
+                    .alert(&caller.caller_id, AlertKind::GlobalAdminUse);
+                Ok(())
+            }
+            Decision::Denied => {
+                let mut cs = self.lock_commit()?;
+                Counters::bump(&self.inner.counters.aborts_permission);
+                self.deny(&mut cs, caller, project, &need)
+            }
+        }
     }
 
     fn publish(&self, cs: &mut CommitState) {
@@ -475,13 +817,67 @@ impl AedbInstance {
         })
     }
 
-    fn commit_ddl(&self, op: DdlOp) -> Result<CommitResult, AedbError> {
+    /// Validates names, authorizes, audits, and commits schema and authorization
+    /// changes atomically in one record.
+    fn commit_ddl(
+        &self,
+        caller: Option<&CallerContext>,
+        mut ops: Vec<DdlOperation>,
+    ) -> Result<CommitResult, AedbError> {
+        if ops.is_empty() {
+            return Err(AedbError::InvalidArgument("no DDL operations given".into()));
+        }
+        let max = self.inner.config.limits.max_name_bytes;
+        for op in &mut ops {
+            validate_ddl(op, max)?;
+            if let DdlOperation::CreateProject { owner, .. } = op
+                && owner.is_none()
+            {
+                *owner = caller.map(|c| c.caller_id.clone());
+            }
+        }
         let _slot = self.admit()?;
-        let record = WalRecord::Ddl(op);
-        let payload = record.encode()?;
-        let mut cs = self.inner.commit.lock();
+        let mut cs = self.lock_commit()?;
         self.inner.wal.check_healthy()?;
+        let actor = caller_name(caller).to_string();
+        let mut events = Vec::new();
+        for op in &ops {
+            if let Some(c) = caller {
+                let decision = match op {
+                    DdlOperation::GrantPermission { permission, .. }
+                    | DdlOperation::RevokePermission { permission, .. } => (
+                        cs.state.authz.may_delegate(c, permission),
+                        permission.clone(),
+                    ),
+                    other => {
+                        let need = ddl_need(other);
+                        (cs.state.authz.decide(c, &need), need)
+                    }
+                };
+                match decision {
+                    (Decision::Allowed, _) => {}
+                    (Decision::AllowedAsGlobalAdmin, need) => {
+                        events.push(global_admin_use(c, &need, ddl_name(op)));
+                    }
+                    (Decision::Denied, need) => {
+                        let project = need.project().unwrap_or("*").to_string();
+                        let r = self.deny(&mut cs, c, &project, &need);
+                        Counters::bump(&self.inner.counters.aborts_permission);
+                        return r;
+                    }
+                }
+            }
+            if let Some(e) = authz_event(&actor, op) {
+                events.push(e);
+            }
+        }
         let seq = cs.state.seq + 1;
+        let record = WalRecord::Ddl {
+            actor: caller.map(|c| c.caller_id.clone()),
+            audit: chain_rows(&cs.state, &events, seq, now_unix()),
+            ops,
+        };
+        let payload = record.encode()?;
         let mut next = cs.state.clone();
         next.apply(&record, seq)?;
         self.inner.wal.append(seq, &payload)?;
@@ -489,90 +885,273 @@ impl AedbInstance {
         cs.state = next;
         self.publish(&mut cs);
         drop(cs);
-        // Schema changes are rare and everything after them depends on them.
+        for e in &events {
+            let kind = match e {
+                AuditEvent::Authz { action, .. } if action == "global_admin_use" => {
+                    AlertKind::GlobalAdminUse
+                }
+                _ => AlertKind::PermissionChange,
+            };
+            self.inner.counters.alert(&actor, kind);
+        }
+        Counters::bump(&self.inner.counters.commits);
+        // Schema and permission changes are rare and everything after depends on them.
         self.finish(seq, CommitFinality::Durable, false)
     }
 
-    fn name(&self, kind: &'static str, name: &str) -> Result<(), AedbError> {
-        validate_name(kind, name, self.inner.config.limits.max_name_bytes)
-    }
-
-    pub fn create_project(&self, project: &str) -> Result<CommitResult, AedbError> {
-        self.name("project", project)?;
-        self.commit_ddl(DdlOp::CreateProject {
-            project: project.to_string(),
-        })
-    }
-
-    pub fn create_scope(&self, project: &str, scope: &str) -> Result<CommitResult, AedbError> {
-        self.name("scope", scope)?;
-        self.commit_ddl(DdlOp::CreateScope {
-            project: project.to_string(),
-            scope: scope.to_string(),
-        })
-    }
-
-    pub fn create_table(
+    fn export_audit_inner(
         &self,
+        snap: &Snapshot,
+        since_id: i64,
+    ) -> Result<Vec<AuditExport>, AedbError> {
+        let mut out = Vec::new();
+        for table in [AUTHZ_AUDIT, ASSERTION_AUDIT] {
+            let t = snap.table(SYSTEM_PROJECT, AUDIT_SCOPE, table)?;
+            let rows: Vec<Vec<Value>> = t
+                .raw_rows()
+                .filter(|r| matches!(r.first(), Some(Value::Int(id)) if *id >= since_id))
+                .map(|r| r.to_vec())
+                .collect();
+            let head = t
+                .raw_rows()
+                .last()
+                .and_then(|r| match r.last() {
+                    Some(Value::Bytes(h)) => Some(hex::encode(h)),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            out.push(AuditExport {
+                table: table.to_string(),
+                columns: t.schema().columns.iter().map(|c| c.name.clone()).collect(),
+                rows,
+                chain_head: head,
+                exported_at: now_unix(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Verifies the full hash chains of both audit tables in the current state.
+    pub fn verify_audit_chains(&self) -> Result<(), AuditVerifyError> {
+        let snap = self.snapshot_inner();
+        for table in [AUTHZ_AUDIT, ASSERTION_AUDIT] {
+            let rows: Vec<Vec<Value>> = match snap.table(SYSTEM_PROJECT, AUDIT_SCOPE, table) {
+                Ok(t) => t.raw_rows().map(|r| r.to_vec()).collect(),
+                Err(_) => continue,
+            };
+            crate::audit::verify_rows(table, &rows, None)?;
+        }
+        Ok(())
+    }
+
+    /// The one-time, public bootstrap of the first GlobalAdmin of a database
+    /// (recorded in `authz_audit`). Fails once any GlobalAdmin was bootstrapped.
+    pub fn bootstrap_global_admin(&self, admin: &str) -> Result<CommitResult, AedbError> {
+        validate_caller_id(admin)?;
+        let _slot = self.admit()?;
+        let mut cs = self.lock_commit()?;
+        if cs.state.authz.bootstrapped {
+            return Err(AedbError::AlreadyExists {
+                kind: "bootstrapped GlobalAdmin",
+                name: "(this database already has one; grant further admins through it)".into(),
+            });
+        }
+        let seq = cs.state.seq + 1;
+        let event = AuditEvent::Authz {
+            actor: "bootstrap".into(),
+            action: "bootstrap".into(),
+            permission: Permission::GlobalAdmin.to_string(),
+            target: admin.to_string(),
+            delegable: true,
+            outcome: "applied".into(),
+        };
+        let record = WalRecord::Bootstrap {
+            admin: admin.to_string(),
+            audit: chain_rows(&cs.state, &[event], seq, now_unix()),
+        };
+        let payload = record.encode()?;
+        let mut next = cs.state.clone();
+        next.apply(&record, seq)?;
+        self.inner.wal.append(seq, &payload)?;
+        self.inner.record_rotation()?;
+        cs.state = next;
+        self.publish(&mut cs);
+        drop(cs);
+        tracing::info!(admin, "bootstrapped the first GlobalAdmin");
+        self.finish(seq, CommitFinality::Durable, false)
+    }
+
+    // ---- Authenticated API (available on every instance; the only one on Secure) ----
+
+    pub fn begin_write_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+    ) -> Result<WriteTransaction, AedbError> {
+        self.begin_write_inner(Some(caller), project)
+    }
+
+    pub fn commit_as(
+        &self,
+        caller: &CallerContext,
+        tx: WriteTransaction,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_tx(Some(caller), tx, self.inner.config.default_finality())
+    }
+
+    pub fn commit_as_with_finality(
+        &self,
+        caller: &CallerContext,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_tx(Some(caller), tx, finality)
+    }
+
+    /// Schema and authorization changes (`GrantPermission`, `RevokePermission`,
+    /// `TransferOwnership`, ...), all-or-nothing, one audit row per change.
+    pub fn commit_ddl_as(
+        &self,
+        caller: &CallerContext,
+        ops: Vec<DdlOperation>,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(Some(caller), ops)
+    }
+
+    pub fn create_project_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl_as(
+            caller,
+            vec![DdlOperation::CreateProject {
+                project: project.to_string(),
+                owner: None,
+            }],
+        )
+    }
+
+    pub fn create_scope_as(
+        &self,
+        caller: &CallerContext,
         project: &str,
         scope: &str,
-        table: &str,
-        schema: TableSchema,
     ) -> Result<CommitResult, AedbError> {
-        self.name("table", table)?;
-        schema.validate(table, self.inner.config.limits.max_name_bytes)?;
-        self.commit_ddl(DdlOp::CreateTable {
-            project: project.to_string(),
-            scope: scope.to_string(),
-            table: table.to_string(),
-            schema,
-        })
+        self.commit_ddl_as(
+            caller,
+            vec![DdlOperation::CreateScope {
+                project: project.to_string(),
+                scope: scope.to_string(),
+            }],
+        )
     }
 
-    pub fn drop_table(
+    pub fn kv_set_as(
         &self,
-        project: &str,
-        scope: &str,
-        table: &str,
-    ) -> Result<CommitResult, AedbError> {
-        self.commit_ddl(DdlOp::DropTable {
-            project: project.to_string(),
-            scope: scope.to_string(),
-            table: table.to_string(),
-        })
-    }
-
-    /// One-key convenience write, committed with the default finality.
-    pub fn kv_set(
-        &self,
+        caller: &CallerContext,
         project: &str,
         scope: &str,
         key: &[u8],
         value: &[u8],
     ) -> Result<CommitResult, AedbError> {
-        let mut tx = self.begin_write(project)?;
+        let mut tx = self.begin_write_as(caller, project)?;
         tx.kv_set(scope, key, value)?;
-        self.commit(tx)
+        self.commit_as(caller, tx)
     }
 
-    pub fn kv_del(
+    pub fn kv_del_as(
         &self,
+        caller: &CallerContext,
         project: &str,
         scope: &str,
         key: &[u8],
     ) -> Result<CommitResult, AedbError> {
-        let mut tx = self.begin_write(project)?;
+        let mut tx = self.begin_write_as(caller, project)?;
         tx.kv_del(scope, key)?;
-        self.commit(tx)
+        self.commit_as(caller, tx)
     }
 
     pub fn kv_get(
         &self,
+        caller: &CallerContext,
         project: &str,
         scope: &str,
         key: &[u8],
     ) -> Result<Option<Arc<[u8]>>, AedbError> {
-        Ok(self.snapshot().kv(project, scope)?.get(key))
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_get(project, scope, key)
+    }
+
+    pub fn kv_scan_prefix(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_scan_prefix(project, scope, prefix, limit)
+    }
+
+    pub fn kv_scan_range(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_scan_range(project, scope, start, end, limit)
+    }
+
+    pub fn query_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        table: &str,
+        q: &Query,
+    ) -> Result<QueryResult, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .query(project, scope, table, q)
+    }
+
+    /// A read transaction whose every read is authorized for `caller` at the time
+    /// of the read.
+    pub fn begin_read_tx_as(
+        &self,
+        caller: &CallerContext,
+        mode: ConsistencyMode,
+    ) -> Result<ReadTx<'_, M>, AedbError> {
+        Ok(ReadTx {
+            db: self,
+            caller: caller.clone(),
+            snapshot: self.begin_read_inner(mode)?,
+        })
+    }
+
+    /// Rows of both audit tables with id >= `since_id` (needs `AuditRead`).
+    pub fn export_audit_as(
+        &self,
+        caller: &CallerContext,
+        since_id: i64,
+    ) -> Result<Vec<AuditExport>, AedbError> {
+        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)?;
+        self.export_audit_inner(&self.snapshot_inner(), since_id)
+    }
+
+    /// Grants held by a caller id or `role:NAME` (needs `AuditRead`).
+    pub fn grants_of_as(
+        &self,
+        caller: &CallerContext,
+        principal: &str,
+    ) -> Result<Vec<Grant>, AedbError> {
+        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)?;
+        Ok(self.inner.current.load().authz.grants_of(principal))
     }
 
     /// Writes a checkpoint of the current state, then removes the WAL segments and
@@ -595,26 +1174,299 @@ impl AedbInstance {
     }
 
     pub fn operational_metrics(&self) -> OperationalMetrics {
-        let c = &self.inner.counters;
-        OperationalMetrics {
-            commits: load(&c.commits),
-            aborts_conflict: load(&c.aborts_conflict),
-            aborts_assertion: load(&c.aborts_assertion),
-            aborts_admission: load(&c.aborts_admission),
-            aborts_other: load(&c.aborts_other),
-            idempotent_replays: load(&c.idempotent_replays),
-            fsyncs: self.inner.wal.fsyncs(),
-            head_seq: self.inner.current.load().seq,
-            durable_seq: self.inner.wal.durable_lsn(),
-            queued_commits: self.inner.queued.load(Ordering::Relaxed) as u64,
-            wal_pending_bytes: self.inner.wal.pending_bytes() as u64,
+        let mut m = OperationalMetrics::default();
+        self.inner.counters.fill(&mut m);
+        m.fsyncs = self.inner.wal.fsyncs();
+        m.head_seq = self.inner.current.load().seq;
+        m.durable_seq = self.inner.wal.durable_lsn();
+        m.queued_commits = self.inner.queued.load(Ordering::Relaxed) as u64;
+        m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;
+        m.wal_bytes_written = self.inner.wal.appended_bytes();
+        {
+            let ms = self.inner.manifest.lock();
+            m.wal_segments = ms.sealed.len() as u64 + 1;
+            m.checkpoint_lsn = ms.checkpoint.as_ref().map(|c| c.lsn);
         }
+        {
+            let ck = self.inner.checkpointing.lock();
+            if ck.snapshot.is_some() {
+                m.checkpoint_age_secs = Some(ck.last_at.elapsed().as_secs_f64());
+                m.checkpoint_duration_secs = Some(ck.last_duration.as_secs_f64());
+            }
+        }
+        m
     }
 
     /// Flushes and fsyncs everything and releases the directory lock.
     pub fn close(self) -> Result<(), AedbError> {
         self.inner.shutdown()
     }
+}
+
+/// Reads on one snapshot, each authorized for the caller when it happens.
+#[derive(Debug)]
+pub struct ReadTx<'a, M> {
+    db: &'a AedbInstance<M>,
+    caller: CallerContext,
+    snapshot: Snapshot,
+}
+
+impl<M> ReadTx<'_, M> {
+    pub fn seq(&self) -> u64 {
+        self.snapshot.seq()
+    }
+
+    fn check(&self, project: &str, need: Permission) -> Result<(), AedbError> {
+        self.db.authorize_read(&self.caller, project, need)
+    }
+
+    pub fn kv_get(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<Option<Arc<[u8]>>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: Some(key.to_vec()),
+            },
+        )?;
+        Ok(self.snapshot.kv(project, scope)?.get(key))
+    }
+
+    pub fn kv_scan_prefix(
+        &self,
+        project: &str,
+        scope: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: Some(prefix.to_vec()),
+            },
+        )?;
+        Ok(self.snapshot.kv(project, scope)?.scan_prefix(prefix, limit))
+    }
+
+    /// A range scan needs read access to the whole scope (a range is not a prefix).
+    pub fn kv_scan_range(
+        &self,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: None,
+            },
+        )?;
+        Ok(self
+            .snapshot
+            .kv(project, scope)?
+            .scan_range(start, end, limit))
+    }
+
+    pub fn query(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+        q: &Query,
+    ) -> Result<QueryResult, AedbError> {
+        let need = if project == SYSTEM_PROJECT {
+            Permission::AuditRead
+        } else {
+            Permission::TableRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                table: Some(table.to_string()),
+            }
+        };
+        self.check(project, need)?;
+        self.snapshot.table(project, scope, table)?.query(q)
+    }
+
+    pub fn get_row(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+        pk: &[Value],
+    ) -> Result<Option<Arc<Row>>, AedbError> {
+        self.check(
+            project,
+            Permission::TableRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                table: Some(table.to_string()),
+            },
+        )?;
+        self.snapshot.table(project, scope, table)?.get(pk)
+    }
+}
+
+fn caller_name(caller: Option<&CallerContext>) -> &str {
+    caller.map_or(ANONYMOUS, |c| c.caller_id.as_str())
+}
+
+fn global_admin_use(caller: &CallerContext, need: &Permission, operation: &str) -> AuditEvent {
+    AuditEvent::Authz {
+        actor: caller.caller_id.clone(),
+        action: "global_admin_use".into(),
+        permission: need.to_string(),
+        target: operation.to_string(),
+        delegable: false,
+        outcome: "allowed".into(),
+    }
+}
+
+fn ddl_name(op: &DdlOperation) -> &'static str {
+    match op {
+        DdlOperation::CreateProject { .. } => "create_project",
+        DdlOperation::CreateScope { .. } => "create_scope",
+        DdlOperation::CreateTable { .. } => "create_table",
+        DdlOperation::DropTable { .. } => "drop_table",
+        DdlOperation::GrantPermission { .. } => "grant",
+        DdlOperation::RevokePermission { .. } => "revoke",
+        DdlOperation::TransferOwnership { .. } => "transfer_ownership",
+    }
+}
+
+/// The permission a schema operation needs.
+fn ddl_need(op: &DdlOperation) -> Permission {
+    match op {
+        DdlOperation::CreateProject { .. } => Permission::GlobalAdmin,
+        DdlOperation::CreateScope { project, .. }
+        | DdlOperation::TransferOwnership { project, .. } => Permission::ProjectAdmin {
+            project: project.clone(),
+        },
+        DdlOperation::CreateTable { project, scope, .. }
+        | DdlOperation::DropTable { project, scope, .. } => Permission::TableDdl {
+            project: project.clone(),
+            scope: Some(scope.clone()),
+        },
+        DdlOperation::GrantPermission { permission, .. }
+        | DdlOperation::RevokePermission { permission, .. } => permission.clone(),
+    }
+}
+
+/// The `authz_audit` row a grant, revoke or ownership change produces.
+fn authz_event(actor: &str, op: &DdlOperation) -> Option<AuditEvent> {
+    let (action, permission, target, delegable) = match op {
+        DdlOperation::GrantPermission {
+            grantee,
+            permission,
+            delegable,
+        } => ("grant", permission.to_string(), grantee.clone(), *delegable),
+        DdlOperation::RevokePermission {
+            grantee,
+            permission,
+        } => ("revoke", permission.to_string(), grantee.clone(), false),
+        DdlOperation::TransferOwnership { project, new_owner } => (
+            "transfer_ownership",
+            format!("owner of {project}"),
+            new_owner.clone(),
+            false,
+        ),
+        _ => return None,
+    };
+    Some(AuditEvent::Authz {
+        actor: actor.to_string(),
+        action: action.into(),
+        permission,
+        target,
+        delegable,
+        outcome: "applied".into(),
+    })
+}
+
+fn validate_ddl(op: &DdlOperation, max: usize) -> Result<(), AedbError> {
+    let user_project = |p: &str| {
+        validate_name("project", p, max)?;
+        if p.starts_with('_') {
+            return Err(AedbError::InvalidArgument(format!(
+                "project names starting with '_' are reserved for the system ({p:?})"
+            )));
+        }
+        Ok(())
+    };
+    match op {
+        DdlOperation::CreateProject { project, owner } => {
+            user_project(project)?;
+            if let Some(o) = owner {
+                validate_caller_id(o)?;
+            }
+        }
+        DdlOperation::CreateScope { project, scope } => {
+            user_project(project)?;
+            validate_name("scope", scope, max)?;
+        }
+        DdlOperation::CreateTable {
+            project,
+            scope,
+            table,
+            schema,
+        } => {
+            user_project(project)?;
+            validate_name("table", table, max)?;
+            validate_name("scope", scope, max)?;
+            schema.validate(table, max)?;
+        }
+        DdlOperation::DropTable { project, table, .. } => {
+            user_project(project)?;
+            validate_name("table", table, max)?;
+        }
+        DdlOperation::GrantPermission {
+            grantee,
+            permission,
+            ..
+        }
+        | DdlOperation::RevokePermission {
+            grantee,
+            permission,
+        } => {
+            validate_principal(grantee, max)?;
+            if let Some(p) = permission.project() {
+                validate_name("project", p, max)?;
+            }
+        }
+        DdlOperation::TransferOwnership { project, new_owner } => {
+            user_project(project)?;
+            validate_caller_id(new_owner)?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_principal(p: &str, max: usize) -> Result<(), AedbError> {
+    match p.strip_prefix("role:") {
+        Some(role) => validate_name("role", role, max),
+        None => validate_caller_id(p),
+    }
+}
+
+/// Caller ids come from the host's authentication (user ids, emails, service
+/// names): printable ASCII without spaces, 1..=256 bytes.
+pub(crate) fn validate_caller_id(id: &str) -> Result<(), AedbError> {
+    if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AedbError::InvalidArgument(format!(
+            "caller id must be 1..=256 printable ASCII characters without spaces, got {} bytes",
+            id.len()
+        )));
+    }
+    Ok(())
 }
 
 impl Inner {

@@ -3,6 +3,8 @@
 //!
 //! See `FORMAT.md` for the on-disk format and the README for the operational model.
 
+pub mod audit;
+pub mod authz;
 pub(crate) mod checkpoint;
 pub mod config;
 pub(crate) mod crypto;
@@ -16,13 +18,16 @@ pub(crate) mod record;
 pub mod txn;
 pub mod wal;
 
+pub use audit::{AuditExport, AuditVerifyError, verify_audit_export};
+pub use authz::{CallerContext, Grant, Permission};
 pub use config::{AedbConfig, CommitFinality, DurabilityMode, Limits, RecoveryMode, SecretKey};
 pub use error::AedbError;
-pub use instance::{AedbInstance, CheckpointInfo, CommitResult};
-pub use metrics::OperationalMetrics;
+pub use instance::{AedbInstance, CheckpointInfo, CommitResult, Dev, ReadTx, Secure};
+pub use metrics::{CallerAlertCounters, LatencySummary, OperationalMetrics};
 pub use model::value::{Column, ColumnType, Row, TableSchema, Value};
+pub use record::DdlOperation;
 pub use txn::assertion::{CompareOp, ReadAssertion};
 pub use txn::query::{Filter, Query, QueryResult};
-pub use txn::snapshot::{ConsistencyMode, KvView, Snapshot, TableView};
+pub use txn::snapshot::{ConsistencyMode, KvPair, KvView, Snapshot, TableView};
 pub use txn::write::WriteTransaction;
 pub use wal::{DroppedTail, RecoveryReport, TornTail};

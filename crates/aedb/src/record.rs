@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditRow;
+use crate::authz::Permission;
 use crate::error::AedbError;
 use crate::model::bytes::Bytes;
 use crate::model::value::{Row, TableSchema};
@@ -41,10 +43,14 @@ pub(crate) enum WriteOp {
     },
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) enum DdlOp {
+/// A schema or authorization change, committed by `commit_ddl_as` (several in one
+/// call commit atomically, each with its own audit row).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DdlOperation {
     CreateProject {
         project: String,
+        /// Owner of the new project; None: the calling caller (anonymous: no owner).
+        owner: Option<String>,
     },
     CreateScope {
         project: String,
@@ -61,6 +67,20 @@ pub(crate) enum DdlOp {
         scope: String,
         table: String,
     },
+    GrantPermission {
+        /// A caller id, or `role:NAME`.
+        grantee: String,
+        permission: Permission,
+        delegable: bool,
+    },
+    RevokePermission {
+        grantee: String,
+        permission: Permission,
+    },
+    TransferOwnership {
+        project: String,
+        new_owner: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -69,8 +89,19 @@ pub(crate) enum WalRecord {
         project: String,
         ops: Vec<WriteOp>,
         idempotency: Option<IdempotencyTag>,
+        /// Audit rows recorded with this commit (GlobalAdmin use).
+        audit: Vec<AuditRow>,
     },
-    Ddl(DdlOp),
+    Ddl {
+        /// The authenticated caller (None: anonymous, development instances).
+        actor: Option<String>,
+        ops: Vec<DdlOperation>,
+        audit: Vec<AuditRow>,
+    },
+    /// The one-time creation of the first GlobalAdmin.
+    Bootstrap { admin: String, audit: Vec<AuditRow> },
+    /// Audit rows on their own: denials, failed assertions, GlobalAdmin reads.
+    Audit { rows: Vec<AuditRow> },
 }
 
 impl WalRecord {

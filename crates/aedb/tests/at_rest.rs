@@ -104,10 +104,18 @@ fn encrypted_files_hide_values_and_reopen_with_the_keys() {
             f.display()
         );
     }
-    let db = AedbInstance::open_production(prod(), dir.path()).expect("reopen");
+    AedbInstance::open_production(prod(), dir.path())
+        .expect("production open accepts it")
+        .close()
+        .expect("close");
+    let db = AedbInstance::open(prod(), dir.path()).expect("reopen");
     assert_eq!(count(&db), 60);
     assert_eq!(
-        db.kv_get("p", "s", b"key-00059").expect("get").as_deref(),
+        db.snapshot()
+            .kv("p", "s")
+            .expect("kv")
+            .get(b"key-00059")
+            .as_deref(),
         Some(&b"SECRET-VALUE-59"[..])
     );
 }
@@ -278,14 +286,14 @@ fn checkpoint_key_rotation_rewrites_everything_under_the_new_key() {
         let rotating = AedbConfig::production(MK)
             .with_checkpoint_key(CK2)
             .with_previous_checkpoint_key(CK);
-        let db = AedbInstance::open_production(rotating, dir.path()).expect("open with old + new");
+        let db = AedbInstance::open(rotating, dir.path()).expect("open with old + new");
         assert_eq!(count(&db), 40);
         fill(&db, 40, 45);
         db.checkpoint().expect("rewrite under the new key");
         db.close().expect("close");
     }
     let new_only = AedbConfig::production(MK).with_checkpoint_key(CK2);
-    let db = AedbInstance::open_production(new_only, dir.path()).expect("new key alone opens");
+    let db = AedbInstance::open(new_only, dir.path()).expect("new key alone opens");
     assert_eq!(count(&db), 45);
     db.close().expect("close");
     assert!(

@@ -11,6 +11,10 @@ fn open(dir: &std::path::Path) -> AedbInstance {
     AedbInstance::open(AedbConfig::development(), dir).expect("open")
 }
 
+fn get(db: &AedbInstance, key: &[u8]) -> Result<Option<std::sync::Arc<[u8]>>, AedbError> {
+    Ok(db.snapshot().kv("p", "s")?.get(key))
+}
+
 fn setup(dir: &std::path::Path) -> AedbInstance {
     let db = open(dir);
     db.create_project("p").expect("project");
@@ -79,10 +83,7 @@ fn first_committer_wins_and_loser_gets_conflict() {
         Err(AedbError::Conflict { .. }) => {}
         other => panic!("expected Conflict, got {other:?}"),
     }
-    assert_eq!(
-        db.kv_get("p", "s", b"x").expect("get").as_deref(),
-        Some(&b"a"[..])
-    );
+    assert_eq!(get(&db, b"x").expect("get").as_deref(), Some(&b"a"[..]));
     // A delete after the snapshot conflicts too (tombstones keep their version).
     let mut c = db.begin_write("p").expect("c");
     db.kv_del("p", "s", b"x").expect("del");
@@ -142,7 +143,7 @@ fn assertions_fail_the_commit_and_name_the_failed_one() {
         other => panic!("expected AssertionFailed, got {other:?}"),
     }
     assert_eq!(
-        db.kv_get("p", "s", b"balance").expect("get").as_deref(),
+        get(&db, b"balance").expect("get").as_deref(),
         Some(&b"10"[..])
     );
     let mut ok = db.begin_write("p").expect("tx");
@@ -176,10 +177,7 @@ fn idempotency_key_applies_once() {
     let retry = db.commit(mk(b"second")).expect("retry");
     assert!(retry.idempotent_replay);
     assert_eq!(retry.commit_seq, first.commit_seq);
-    assert_eq!(
-        db.kv_get("p", "s", b"k").expect("get").as_deref(),
-        Some(&b"first"[..])
-    );
+    assert_eq!(get(&db, b"k").expect("get").as_deref(), Some(&b"first"[..]));
     db.close().expect("close");
     // Survives reopen: the key is in the log.
     let db = open(dir.path());
@@ -295,10 +293,7 @@ fn limits_give_typed_errors_and_lose_nothing() {
         Err(AedbError::AlreadyExists { .. })
     ));
     db.commit(tx).expect("commit the valid part");
-    assert_eq!(
-        db.kv_get("p", "s", b"keep").expect("get").as_deref(),
-        Some(&b"v"[..])
-    );
+    assert_eq!(get(&db, b"keep").expect("get").as_deref(), Some(&b"v"[..]));
     let bad = AedbInstance::open(
         AedbConfig::development().with_segment_bytes(1024),
         dir.path().join("other"),

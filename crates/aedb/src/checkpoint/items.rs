@@ -8,6 +8,7 @@ use std::sync::Arc;
 use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
+use crate::authz::Grant;
 use crate::model::bytes::Bytes;
 use crate::model::state::{DbState, ProjectState, ScopeState, TableState, Versioned};
 use crate::model::value::{Row, TableSchema};
@@ -40,6 +41,15 @@ enum Item {
         key: String,
         seq: u64,
     },
+    Grant {
+        principal: String,
+        grant: Grant,
+    },
+    Owner {
+        project: String,
+        owner: String,
+    },
+    Bootstrapped,
     End {
         seq: u64,
         keys: u64,
@@ -129,6 +139,25 @@ pub(crate) fn write_items(
             },
             &mut buf,
         )?;
+    }
+    for (principal, grants) in &state.authz.grants {
+        for g in grants {
+            let item = Item::Grant {
+                principal: principal.clone(),
+                grant: g.clone(),
+            };
+            put(w, &item, &mut buf)?;
+        }
+    }
+    for (project, owner) in &state.authz.owners {
+        let item = Item::Owner {
+            project: project.clone(),
+            owner: owner.clone(),
+        };
+        put(w, &item, &mut buf)?;
+    }
+    if state.authz.bootstrapped {
+        put(w, &Item::Bootstrapped, &mut buf)?;
     }
     put(
         w,
@@ -252,6 +281,13 @@ pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, Str
             Item::Idempotency { caller, key, seq } => {
                 idempotency.push((IdempotencyTag { caller, key }, seq));
             }
+            Item::Grant { principal, grant } => {
+                state.authz.grants.entry(principal).or_default().push(grant);
+            }
+            Item::Owner { project, owner } => {
+                state.authz.owners.insert(project, owner);
+            }
+            Item::Bootstrapped => state.authz.bootstrapped = true,
             Item::End {
                 seq,
                 keys: k,

@@ -5,10 +5,15 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 
+use crate::audit::{
+    ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditRow, SYSTEM_PROJECT, assertion_schema,
+    authz_schema,
+};
+use crate::authz::{AuthzState, Permission};
 use crate::error::AedbError;
 use crate::model::bytes::Bytes;
 use crate::model::value::{Row, TableSchema};
-use crate::record::{DdlOp, WalRecord, WriteOp};
+use crate::record::{DdlOperation, WalRecord, WriteOp};
 
 /// One key's latest write. `value: None` is a tombstone kept so that a concurrent
 /// transaction that read the key before the delete still sees a write-write conflict.
@@ -45,6 +50,7 @@ pub(crate) struct DbState {
     /// Sequence number (= WAL LSN) of the last applied commit.
     pub seq: u64,
     pub projects: OrdMap<String, ProjectState>,
+    pub authz: AuthzState,
 }
 
 fn missing(kind: &'static str, name: &str) -> AedbError {
@@ -55,6 +61,56 @@ fn missing(kind: &'static str, name: &str) -> AedbError {
 }
 
 impl DbState {
+    /// A new database: empty but for the system audit tables.
+    pub fn initial() -> Self {
+        let mut audit = ScopeState::default();
+        for (name, schema) in [
+            (AUTHZ_AUDIT, authz_schema()),
+            (ASSERTION_AUDIT, assertion_schema()),
+        ] {
+            audit.tables.insert(
+                name.to_string(),
+                TableState {
+                    schema: Arc::new(schema),
+                    created_seq: 0,
+                    rows: OrdMap::new(),
+                    live_rows: 0,
+                },
+            );
+        }
+        let mut system = ProjectState::default();
+        system.scopes.insert(AUDIT_SCOPE.to_string(), audit);
+        let mut s = Self::default();
+        s.projects.insert(SYSTEM_PROJECT.to_string(), system);
+        s
+    }
+
+    fn append_audit(&mut self, rows: &[AuditRow], seq: u64) -> Result<(), AedbError> {
+        for r in rows {
+            let t = self
+                .projects
+                .get_mut(SYSTEM_PROJECT)
+                .and_then(|p| p.scopes.get_mut(AUDIT_SCOPE))
+                .and_then(|s| s.tables.get_mut(&r.table))
+                .ok_or_else(|| {
+                    missing(
+                        "table",
+                        &format!("{SYSTEM_PROJECT}/{AUDIT_SCOPE}/{}", r.table),
+                    )
+                })?;
+            let key = Bytes::from(t.schema.row_key(&r.row));
+            t.rows.insert(
+                key,
+                Versioned {
+                    version: seq,
+                    value: Some(r.row.clone()),
+                },
+            );
+            t.live_rows += 1;
+        }
+        Ok(())
+    }
+
     pub fn scope(&self, project: &str, scope: &str) -> Result<&ScopeState, AedbError> {
         self.projects
             .get(project)
@@ -75,7 +131,12 @@ impl DbState {
     /// passed at commit time; during replay a failure means the log is inconsistent.
     pub fn apply(&mut self, record: &WalRecord, seq: u64) -> Result<(), AedbError> {
         match record {
-            WalRecord::Commit { project, ops, .. } => {
+            WalRecord::Commit {
+                project,
+                ops,
+                audit,
+                ..
+            } => {
                 let p = self
                     .projects
                     .get_mut(project)
@@ -83,16 +144,55 @@ impl DbState {
                 for op in ops {
                     apply_op(p, project, op, seq)?;
                 }
+                self.append_audit(audit, seq)?;
             }
-            WalRecord::Ddl(op) => self.apply_ddl(op, seq)?,
+            WalRecord::Ddl { actor, ops, audit } => {
+                for op in ops {
+                    self.apply_ddl(op, actor.as_deref(), seq)?;
+                }
+                self.append_audit(audit, seq)?;
+            }
+            WalRecord::Bootstrap { admin, audit } => {
+                if self.authz.bootstrapped {
+                    return Err(AedbError::InvalidArgument(
+                        "a GlobalAdmin was already bootstrapped".into(),
+                    ));
+                }
+                self.authz.bootstrapped = true;
+                self.authz.apply(
+                    &DdlOperation::GrantPermission {
+                        grantee: admin.clone(),
+                        permission: Permission::GlobalAdmin,
+                        delegable: true,
+                    },
+                    "bootstrap",
+                    seq,
+                );
+                self.append_audit(audit, seq)?;
+            }
+            WalRecord::Audit { rows } => self.append_audit(rows, seq)?,
         }
         self.seq = seq;
         Ok(())
     }
 
-    fn apply_ddl(&mut self, op: &DdlOp, seq: u64) -> Result<(), AedbError> {
+    fn apply_ddl(
+        &mut self,
+        op: &DdlOperation,
+        actor: Option<&str>,
+        seq: u64,
+    ) -> Result<(), AedbError> {
         match op {
-            DdlOp::CreateProject { project } => {
+            DdlOperation::GrantPermission { .. } | DdlOperation::RevokePermission { .. } => {
+                self.authz.apply(op, actor.unwrap_or("anonymous"), seq);
+            }
+            DdlOperation::TransferOwnership { project, .. } => {
+                if !self.projects.contains_key(project) {
+                    return Err(missing("project", project));
+                }
+                self.authz.apply(op, actor.unwrap_or("anonymous"), seq);
+            }
+            DdlOperation::CreateProject { project, owner } => {
                 if self.projects.contains_key(project) {
                     return Err(AedbError::AlreadyExists {
                         kind: "project",
@@ -101,8 +201,11 @@ impl DbState {
                 }
                 self.projects
                     .insert(project.clone(), ProjectState::default());
+                if let Some(owner) = owner {
+                    self.authz.owners.insert(project.clone(), owner.clone());
+                }
             }
-            DdlOp::CreateScope { project, scope } => {
+            DdlOperation::CreateScope { project, scope } => {
                 let p = self
                     .projects
                     .get_mut(project)
@@ -115,7 +218,7 @@ impl DbState {
                 }
                 p.scopes.insert(scope.clone(), ScopeState::default());
             }
-            DdlOp::CreateTable {
+            DdlOperation::CreateTable {
                 project,
                 scope,
                 table,
@@ -144,7 +247,7 @@ impl DbState {
                     },
                 );
             }
-            DdlOp::DropTable {
+            DdlOperation::DropTable {
                 project,
                 scope,
                 table,

@@ -1,5 +1,6 @@
 //! Preconditions a commit must satisfy against the latest state at commit time.
 
+use crate::authz::Permission;
 use crate::error::AedbError;
 use crate::model::state::DbState;
 use crate::model::value::Value;
@@ -110,6 +111,80 @@ impl ReadAssertion {
             ReadAssertion::All(v) => format!("All({} assertions)", v.len()),
             ReadAssertion::Any(v) => format!("Any({} assertions)", v.len()),
             ReadAssertion::Not(a) => format!("Not({})", a.describe()),
+        }
+    }
+
+    /// Read permissions evaluating this assertion needs.
+    pub(crate) fn read_needs(
+        &self,
+        project: &str,
+        out: &mut std::collections::BTreeSet<Permission>,
+    ) {
+        match self {
+            ReadAssertion::KeyExists { scope, key }
+            | ReadAssertion::KeyEquals { scope, key, .. }
+            | ReadAssertion::KeyVersion { scope, key, .. }
+            | ReadAssertion::KeyCompare { scope, key, .. } => {
+                out.insert(Permission::KvRead {
+                    project: project.to_string(),
+                    scope: Some(scope.clone()),
+                    prefix: Some(key.clone()),
+                });
+            }
+            ReadAssertion::RowExists { scope, table, .. }
+            | ReadAssertion::RowVersion { scope, table, .. } => {
+                out.insert(Permission::TableRead {
+                    project: project.to_string(),
+                    scope: Some(scope.clone()),
+                    table: Some(table.clone()),
+                });
+            }
+            ReadAssertion::All(v) | ReadAssertion::Any(v) => {
+                for a in v {
+                    a.read_needs(project, out);
+                }
+            }
+            ReadAssertion::Not(a) => a.read_needs(project, out),
+        }
+    }
+
+    /// What was found instead, without revealing values: presence, version, size.
+    pub(crate) fn actual_redacted(&self, state: &DbState, project: &str) -> String {
+        match self {
+            ReadAssertion::KeyExists { scope, key }
+            | ReadAssertion::KeyEquals { scope, key, .. }
+            | ReadAssertion::KeyVersion { scope, key, .. }
+            | ReadAssertion::KeyCompare { scope, key, .. } => {
+                match state
+                    .scope(project, scope)
+                    .ok()
+                    .and_then(|s| s.kv.get(key.as_slice()))
+                {
+                    Some(e) => match &e.value {
+                        Some(v) => format!("present, version {}, <{} bytes>", e.version, v.len()),
+                        None => format!("absent (deleted at version {})", e.version),
+                    },
+                    None => "absent".to_string(),
+                }
+            }
+            ReadAssertion::RowExists { scope, table, pk }
+            | ReadAssertion::RowVersion {
+                scope, table, pk, ..
+            } => {
+                let found = state.table(project, scope, table).ok().and_then(|t| {
+                    let k = t.schema.encode_pk(table, pk).ok()?;
+                    t.rows
+                        .get(k.as_slice())
+                        .and_then(|e| e.value.as_ref().map(|_| e.version))
+                });
+                match found {
+                    Some(v) => format!("present, version {v}"),
+                    None => "absent".to_string(),
+                }
+            }
+            ReadAssertion::All(_) | ReadAssertion::Any(_) | ReadAssertion::Not(_) => {
+                "composite condition is false".to_string()
+            }
         }
     }
 

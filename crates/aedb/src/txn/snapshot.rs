@@ -26,7 +26,8 @@ pub struct Snapshot {
     pub(crate) state: Arc<DbState>,
 }
 
-pub(crate) type KvPair = (Arc<[u8]>, Arc<[u8]>);
+/// A key and its value.
+pub type KvPair = (Arc<[u8]>, Arc<[u8]>);
 
 impl Snapshot {
     /// Sequence number of the last commit this snapshot includes.
@@ -195,6 +196,11 @@ impl TableView<'_> {
             .rows
             .get(key.as_slice())
             .and_then(|e| e.value.as_ref().map(|r| (e.version, r.clone()))))
+    }
+
+    /// Live rows in primary-key order.
+    pub(crate) fn raw_rows(&self) -> impl DoubleEndedIterator<Item = &Arc<Row>> + '_ {
+        self.table.rows.values().filter_map(|e| e.value.as_ref())
     }
 
     pub fn query(&self, q: &Query) -> Result<QueryResult, AedbError> {

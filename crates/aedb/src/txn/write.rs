@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use crate::authz::Permission;
 use crate::config::Limits;
 use crate::error::AedbError;
 use crate::model::bytes::Bytes;
@@ -319,6 +320,31 @@ impl WriteTransaction {
         Ok(())
     }
 
+    /// Every permission this transaction needs: write access to each key and table
+    /// it writes, read access to everything its assertions look at.
+    pub(crate) fn required_permissions(&self) -> Vec<Permission> {
+        let p = &self.project;
+        let mut needs = std::collections::BTreeSet::new();
+        for (scope, key) in self.kv.keys() {
+            needs.insert(Permission::KvWrite {
+                project: p.clone(),
+                scope: Some(scope.clone()),
+                prefix: Some(key.to_vec()),
+            });
+        }
+        for (scope, table, _) in self.rows.keys() {
+            needs.insert(Permission::TableWrite {
+                project: p.clone(),
+                scope: Some(scope.clone()),
+                table: Some(table.clone()),
+            });
+        }
+        for a in &self.assertions {
+            a.read_needs(p, &mut needs);
+        }
+        needs.into_iter().collect()
+    }
+
     pub(crate) fn check_assertions(&self, latest: &DbState) -> Result<(), AedbError> {
         for (index, a) in self.assertions.iter().enumerate() {
             if !a.eval(latest, &self.project)? {
@@ -365,6 +391,7 @@ impl WriteTransaction {
             project: self.project.clone(),
             ops,
             idempotency: self.idempotency_tag(),
+            audit: Vec::new(),
         }
     }
 }

@@ -1,0 +1,649 @@
+//! The authenticated caller model: least-privilege grants, audit tables with hash
+//! chains, GlobalAdmin auditing, bootstrap, admission control and alert metrics.
+
+use std::sync::Arc;
+
+use aedb::{
+    AedbConfig, AedbError, AedbInstance, AuditVerifyError, CallerContext, Column, ColumnType,
+    DdlOperation, Limits, Permission, Query, Secure, TableSchema, Value, verify_audit_export,
+};
+
+const MK: [u8; 32] = [5; 32];
+
+fn admin() -> CallerContext {
+    CallerContext::new("root-admin")
+}
+
+/// A secure instance with project p (scopes s, t; table s/users) owned by `owner`.
+fn secure(dir: &std::path::Path) -> AedbInstance<Secure> {
+    let db = AedbInstance::open_secure(
+        AedbConfig::production(MK).with_bootstrap_admin("root-admin"),
+        dir,
+    )
+    .expect("open_secure");
+    let a = admin();
+    db.commit_ddl_as(
+        &a,
+        vec![
+            DdlOperation::CreateProject {
+                project: "p".into(),
+                owner: Some("owner".into()),
+            },
+            DdlOperation::CreateProject {
+                project: "q".into(),
+                owner: Some("owner".into()),
+            },
+        ],
+    )
+    .expect("projects");
+    db.commit_ddl_as(
+        &a,
+        vec![DdlOperation::GrantPermission {
+            grantee: "auditor".into(),
+            permission: Permission::AuditRead,
+            delegable: false,
+        }],
+    )
+    .expect("auditor");
+    let owner = CallerContext::new("owner");
+    for (p, s) in [("p", "s"), ("p", "t"), ("q", "s")] {
+        db.create_scope_as(&owner, p, s).expect("scope");
+    }
+    db.commit_ddl_as(
+        &owner,
+        vec![DdlOperation::CreateTable {
+            project: "p".into(),
+            scope: "s".into(),
+            table: "users".into(),
+            schema: TableSchema::new(
+                vec![
+                    Column::new("id", ColumnType::Int),
+                    Column::new("name", ColumnType::Text),
+                ],
+                vec!["id".into()],
+            ),
+        }],
+    )
+    .expect("table");
+    db.kv_set_as(&owner, "p", "s", b"user/1", b"alice")
+        .expect("seed kv");
+    let mut tx = db.begin_write_as(&owner, "p").expect("tx");
+    tx.put_row(
+        "s",
+        "users",
+        vec![Value::Int(1), Value::Text("alice".into())],
+    )
+    .expect("row");
+    db.commit_as(&owner, tx).expect("seed row");
+    db
+}
+
+fn grant(db: &AedbInstance<Secure>, who: &str, p: Permission) {
+    db.commit_ddl_as(
+        &CallerContext::new("owner"),
+        vec![DdlOperation::GrantPermission {
+            grantee: who.into(),
+            permission: p,
+            delegable: false,
+        }],
+    )
+    .or_else(|_| {
+        db.commit_ddl_as(
+            &admin(),
+            vec![DdlOperation::GrantPermission {
+                grantee: who.into(),
+                permission: Permission::GlobalAdmin,
+                delegable: false,
+            }],
+        )
+    })
+    .expect("grant");
+}
+
+fn audit_rows(db: &AedbInstance<Secure>, table: &str) -> Vec<Arc<Vec<Value>>> {
+    // Read as a plain auditor: a GlobalAdmin read would itself add audit rows.
+    db.query_as(
+        &CallerContext::new("auditor"),
+        "_system",
+        "audit",
+        table,
+        &Query::all(100_000),
+    )
+    .expect("audit query")
+    .rows
+}
+
+fn count_kind(rows: &[Arc<Vec<Value>>], col: usize, kind: &str) -> usize {
+    rows.iter()
+        .filter(|r| r[col] == Value::Text(kind.into()))
+        .count()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    KvWrite,
+    KvRead,
+    KvScan,
+    TableWrite,
+    TableRead,
+    TableDdl,
+}
+
+fn run(db: &AedbInstance<Secure>, who: &CallerContext, op: Op) -> Result<(), AedbError> {
+    match op {
+        Op::KvWrite => db.kv_set_as(who, "p", "s", b"user/2", b"bob").map(|_| ()),
+        Op::KvRead => db.kv_get(who, "p", "s", b"user/1").map(|_| ()),
+        Op::KvScan => db.kv_scan_prefix(who, "p", "s", b"user/", 10).map(|_| ()),
+        Op::TableWrite => {
+            let mut tx = db.begin_write_as(who, "p")?;
+            tx.put_row("s", "users", vec![Value::Int(2), Value::Text("bob".into())])?;
+            db.commit_as(who, tx).map(|_| ())
+        }
+        Op::TableRead => db
+            .query_as(who, "p", "s", "users", &Query::all(10))
+            .map(|_| ()),
+        Op::TableDdl => db
+            .commit_ddl_as(
+                who,
+                vec![DdlOperation::CreateTable {
+                    project: "p".into(),
+                    scope: "s".into(),
+                    table: format!("t{}", who.caller_id.len()),
+                    schema: TableSchema::new(
+                        vec![Column::new("id", ColumnType::Int)],
+                        vec!["id".into()],
+                    ),
+                }],
+            )
+            .map(|_| ()),
+    }
+}
+
+#[test]
+fn permission_matrix_allows_exactly_what_is_granted_and_audits_every_deny() {
+    let kv = |kind: &str, project: &str, scope: Option<&str>, prefix: Option<&[u8]>| {
+        let (project, scope, prefix) = (
+            project.to_string(),
+            scope.map(Into::into),
+            prefix.map(<[u8]>::to_vec),
+        );
+        if kind == "r" {
+            Permission::KvRead {
+                project,
+                scope,
+                prefix,
+            }
+        } else {
+            Permission::KvWrite {
+                project,
+                scope,
+                prefix,
+            }
+        }
+    };
+    let tw = |project: &str, scope: &str, table: &str| Permission::TableWrite {
+        project: project.into(),
+        scope: Some(scope.into()),
+        table: Some(table.into()),
+    };
+    let tr = |table: &str| Permission::TableRead {
+        project: "p".into(),
+        scope: Some("s".into()),
+        table: Some(table.into()),
+    };
+    // (shape name, grants, ops allowed)
+    let shapes: Vec<(&str, Vec<Permission>, Vec<&str>)> = vec![
+        ("none", vec![], vec![]),
+        (
+            "wrong project",
+            vec![
+                kv("r", "q", None, None),
+                kv("w", "q", None, None),
+                Permission::ProjectAdmin {
+                    project: "q".into(),
+                },
+            ],
+            vec![],
+        ),
+        (
+            "wrong scope",
+            vec![
+                kv("r", "p", Some("t"), None),
+                kv("w", "p", Some("t"), None),
+                Permission::TableDdl {
+                    project: "p".into(),
+                    scope: Some("t".into()),
+                },
+            ],
+            vec![],
+        ),
+        (
+            "wrong table",
+            vec![tw("p", "s", "orders"), tr("orders")],
+            vec![],
+        ),
+        (
+            "prefix mismatch",
+            vec![
+                kv("r", "p", Some("s"), Some(b"admin/")),
+                kv("w", "p", Some("s"), Some(b"admin/")),
+            ],
+            vec![],
+        ),
+        (
+            "kv read-only",
+            vec![kv("r", "p", Some("s"), Some(b"user/"))],
+            vec!["KvRead", "KvScan"],
+        ),
+        (
+            "kv write-only",
+            vec![kv("w", "p", Some("s"), Some(b"user/"))],
+            vec!["KvWrite"],
+        ),
+        ("table read-only", vec![tr("users")], vec!["TableRead"]),
+        (
+            "table write + ddl",
+            vec![
+                tw("p", "s", "users"),
+                Permission::TableDdl {
+                    project: "p".into(),
+                    scope: Some("s".into()),
+                },
+            ],
+            vec!["TableWrite", "TableDdl"],
+        ),
+        (
+            "scope admin",
+            vec![Permission::ScopeAdmin {
+                project: "p".into(),
+                scope: "s".into(),
+            }],
+            vec![
+                "KvWrite",
+                "KvRead",
+                "KvScan",
+                "TableWrite",
+                "TableRead",
+                "TableDdl",
+            ],
+        ),
+        (
+            "global admin",
+            vec![Permission::GlobalAdmin],
+            vec![
+                "KvWrite",
+                "KvRead",
+                "KvScan",
+                "TableWrite",
+                "TableRead",
+                "TableDdl",
+            ],
+        ),
+    ];
+    let ops = [
+        Op::KvWrite,
+        Op::KvRead,
+        Op::KvScan,
+        Op::TableWrite,
+        Op::TableRead,
+        Op::TableDdl,
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    for (i, (shape, grants, allowed)) in shapes.iter().enumerate() {
+        let who = CallerContext::new(format!("caller-{i:02}-{}", "x".repeat(i)));
+        for g in grants {
+            grant(&db, &who.caller_id, g.clone());
+        }
+        for op in ops {
+            let denials_before =
+                count_kind(&audit_rows(&db, "assertion_audit"), 5, "permission_denied");
+            let ga_before = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use");
+            let expect_allowed = allowed.contains(&format!("{op:?}").as_str());
+            let r = run(&db, &who, op);
+            match (&r, expect_allowed) {
+                (Ok(()), true) => {}
+                (Err(AedbError::PermissionDenied { caller, permission }), false) => {
+                    assert_eq!(caller, &who.caller_id);
+                    assert!(
+                        !permission.contains("alice") && !permission.contains("bob"),
+                        "no data in {permission}"
+                    );
+                }
+                _ => panic!("{shape} / {op:?}: expected allowed={expect_allowed}, got {r:?}"),
+            }
+            let denials = count_kind(&audit_rows(&db, "assertion_audit"), 5, "permission_denied")
+                - denials_before;
+            let ga = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use") - ga_before;
+            assert_eq!(
+                denials,
+                usize::from(!expect_allowed),
+                "{shape} / {op:?}: denial audit rows"
+            );
+            let is_global = *shape == "global admin";
+            assert_eq!(
+                ga > 0,
+                is_global,
+                "{shape} / {op:?}: GlobalAdmin use audit rows ({ga})"
+            );
+        }
+    }
+    db.verify_audit_chains().expect("audit chains intact");
+    let m = db.operational_metrics();
+    assert!(m.permission_denials >= 30, "{}", m.permission_denials);
+    assert!(m.global_admin_uses >= 6);
+    assert!(
+        m.per_caller
+            .iter()
+            .any(|c| c.caller.starts_with("caller-00") && c.permission_denials_5m == 6)
+    );
+}
+
+#[test]
+fn anonymous_api_is_not_reachable_on_a_secure_instance() {
+    // Compile-time separation: `AedbInstance<Secure>` has no `snapshot`, `begin_write`,
+    // `commit` or `kv_set`; the doc tests on `AedbInstance` prove it with
+    // `compile_fail`. Here: the authenticated path works end to end.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let owner = CallerContext::new("owner");
+    assert_eq!(
+        db.kv_get(&owner, "p", "s", b"user/1")
+            .expect("get")
+            .as_deref(),
+        Some(&b"alice"[..])
+    );
+    assert!(
+        matches!(
+            db.begin_write_as(&owner, "_system"),
+            Err(AedbError::NotFound { .. })
+        ),
+        "nobody writes the audit tables directly"
+    );
+}
+
+#[test]
+fn grants_are_audited_one_row_each_and_revokes_apply_to_open_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let owner = CallerContext::new("owner");
+    let r = Permission::KvRead {
+        project: "p".into(),
+        scope: Some("s".into()),
+        prefix: None,
+    };
+    let w = Permission::KvWrite {
+        project: "p".into(),
+        scope: Some("s".into()),
+        prefix: None,
+    };
+    db.commit_ddl_as(
+        &owner,
+        vec![
+            DdlOperation::GrantPermission {
+                grantee: "reader".into(),
+                permission: r.clone(),
+                delegable: true,
+            },
+            DdlOperation::GrantPermission {
+                grantee: "reader".into(),
+                permission: w.clone(),
+                delegable: false,
+            },
+        ],
+    )
+    .expect("two grants in one commit");
+    let rows = audit_rows(&db, "authz_audit");
+    let grants: Vec<_> = rows
+        .iter()
+        .filter(|r| r[4] == Value::Text("grant".into()) && r[6] == Value::Text("reader".into()))
+        .collect();
+    assert_eq!(grants.len(), 2, "one row per grant");
+    assert_eq!(grants[0][7], Value::Bool(true));
+    assert_eq!(grants[1][7], Value::Bool(false));
+    assert_eq!(grants[0][2], grants[1][2], "same commit");
+
+    let reader = CallerContext::new("reader");
+    // Delegation: reader may pass on the delegable read, not the write.
+    db.commit_ddl_as(
+        &reader,
+        vec![DdlOperation::GrantPermission {
+            grantee: "friend".into(),
+            permission: r.clone(),
+            delegable: false,
+        }],
+    )
+    .expect("delegable grant passes on");
+    assert!(matches!(
+        db.commit_ddl_as(
+            &reader,
+            vec![DdlOperation::GrantPermission {
+                grantee: "friend".into(),
+                permission: w,
+                delegable: false
+            }]
+        ),
+        Err(AedbError::PermissionDenied { .. })
+    ));
+
+    let tx = db
+        .begin_read_tx_as(&reader, aedb::ConsistencyMode::AtLatest)
+        .expect("read tx");
+    assert!(tx.kv_get("p", "s", b"user/1").expect("allowed").is_some());
+    db.commit_ddl_as(
+        &owner,
+        vec![DdlOperation::RevokePermission {
+            grantee: "reader".into(),
+            permission: r,
+        }],
+    )
+    .expect("revoke");
+    assert!(
+        matches!(
+            tx.kv_get("p", "s", b"user/1"),
+            Err(AedbError::PermissionDenied { .. })
+        ),
+        "a revoke applies to snapshots opened before it"
+    );
+    let churn = db
+        .operational_metrics()
+        .per_caller
+        .into_iter()
+        .find(|c| c.caller == "owner")
+        .expect("owner counters");
+    assert_eq!(churn.permission_changes, 3);
+}
+
+#[test]
+fn bootstrap_is_one_time_and_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = secure(dir.path());
+        assert!(matches!(
+            db.bootstrap_global_admin("intruder"),
+            Err(AedbError::AlreadyExists { .. })
+        ));
+        db.checkpoint().expect("checkpoint keeps grants");
+        db.close().expect("close");
+    }
+    let db = AedbInstance::open_secure(
+        AedbConfig::production(MK).with_bootstrap_admin("someone-else"),
+        dir.path(),
+    )
+    .expect("reopen");
+    let rows = audit_rows(&db, "authz_audit");
+    let boots: Vec<_> = rows
+        .iter()
+        .filter(|r| r[4] == Value::Text("bootstrap".into()))
+        .collect();
+    assert_eq!(boots.len(), 1);
+    assert_eq!(boots[0][6], Value::Text("root-admin".into()));
+    assert!(matches!(
+        db.create_project_as(&CallerContext::new("someone-else"), "z"),
+        Err(AedbError::PermissionDenied { .. })
+    ));
+    db.create_project_as(&admin(), "z")
+        .expect("the bootstrapped admin still works");
+}
+
+#[test]
+fn failed_assertions_are_audited_with_redacted_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let owner = CallerContext::new("owner");
+    let mut tx = db.begin_write_as(&owner, "p").expect("tx");
+    tx.assert(aedb::ReadAssertion::KeyEquals {
+        scope: "s".into(),
+        key: b"user/1".to_vec(),
+        value: b"mallory".to_vec(),
+    });
+    tx.kv_set("s", b"user/1", b"x").expect("set");
+    assert!(matches!(
+        db.commit_as(&owner, tx),
+        Err(AedbError::AssertionFailed { index: 0, .. })
+    ));
+    let rows = audit_rows(&db, "assertion_audit");
+    let failed: Vec<_> = rows
+        .iter()
+        .filter(|r| r[5] == Value::Text("assertion_failed".into()))
+        .collect();
+    assert_eq!(failed.len(), 1);
+    let text = format!("{:?}", failed[0]);
+    assert!(
+        !text.contains("alice") && !text.contains("mallory"),
+        "values are redacted: {text}"
+    );
+    assert!(text.contains("version"), "{text}");
+    assert_eq!(db.operational_metrics().aborts_assertion, 1);
+}
+
+#[test]
+fn audit_export_verification_catches_removed_edited_and_reordered_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    for i in 0..5 {
+        grant(
+            &db,
+            &format!("u{i}"),
+            Permission::KvRead {
+                project: "p".into(),
+                scope: None,
+                prefix: None,
+            },
+        );
+    }
+    let exports = db.export_audit_as(&admin(), 1).expect("export");
+    let authz = exports
+        .iter()
+        .find(|e| e.table == "authz_audit")
+        .expect("authz export")
+        .clone();
+    assert!(authz.rows.len() >= 6);
+    verify_audit_export(&authz).expect("untouched export verifies");
+    let json = serde_json::to_string(&authz).expect("export serialises");
+    assert!(json.contains("chain_head"));
+
+    let mut removed = authz.clone();
+    removed.rows.remove(2);
+    assert!(matches!(
+        verify_audit_export(&removed),
+        Err(AuditVerifyError::Gap { .. })
+    ));
+    let mut tail_cut = authz.clone();
+    tail_cut.rows.pop();
+    assert!(matches!(
+        verify_audit_export(&tail_cut),
+        Err(AuditVerifyError::HeadMismatch { .. })
+    ));
+    let mut edited = authz.clone();
+    edited.rows[3][3] = Value::Text("someone-else".into());
+    assert!(matches!(
+        verify_audit_export(&edited),
+        Err(AuditVerifyError::Altered { .. })
+    ));
+    let mut reordered = authz.clone();
+    reordered.rows.swap(1, 2);
+    assert!(verify_audit_export(&reordered).is_err());
+    assert!(matches!(
+        db.export_audit_as(&CallerContext::new("u1"), 1),
+        Err(AedbError::PermissionDenied { .. })
+    ));
+}
+
+#[test]
+fn overload_fails_fast_and_the_queue_bound_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = Limits {
+        max_queued_commits: 4,
+        ..Limits::default()
+    };
+    let db = Arc::new(
+        AedbInstance::open(AedbConfig::development().with_limits(limits), dir.path())
+            .expect("open"),
+    );
+    db.create_project("p").expect("p");
+    db.create_scope("p", "s").expect("s");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                max = max.max(db.operational_metrics().queued_commits);
+            }
+            max
+        })
+    };
+    let writers: Vec<_> = (0..16)
+        .map(|t| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut overloaded) = (0, 0);
+                for i in 0..200u32 {
+                    match db.kv_set("p", "s", &[t, (i >> 8) as u8, i as u8], b"v") {
+                        Ok(_) => ok += 1,
+                        Err(AedbError::Overloaded { .. }) => overloaded += 1,
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                (ok, overloaded)
+            })
+        })
+        .collect();
+    let (mut ok, mut overloaded) = (0, 0);
+    for w in writers {
+        let (o, v) = w.join().expect("writer");
+        ok += o;
+        overloaded += v;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let max_queued = sampler.join().expect("sampler");
+    assert!(
+        max_queued <= 5,
+        "queue bound (4 + the one being checked) held: {max_queued}"
+    );
+    assert!(
+        overloaded > 0,
+        "16 writers against a queue of 4 must be turned away sometimes"
+    );
+    assert_eq!(ok + overloaded, 16 * 200);
+    let m = db.operational_metrics();
+    assert_eq!(m.admission_rejections, overloaded);
+    assert_eq!(m.commits, ok + 2);
+    assert!(m.commit_latency_durable.count >= ok);
+    assert!(m.commit_latency_durable.p99_us >= m.commit_latency_durable.p50_us);
+
+    // An admission rate turns bursts away too.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let limits = Limits {
+        max_commits_per_sec: Some(5),
+        ..Limits::default()
+    };
+    let db = AedbInstance::open(AedbConfig::development().with_limits(limits), dir2.path())
+        .expect("open");
+    db.create_project("p").ok();
+    let rejected = (0..50)
+        .filter(|_| matches!(db.create_scope("p", "s"), Err(AedbError::Overloaded { .. })))
+        .count();
+    assert!(rejected >= 40, "{rejected}");
+}
