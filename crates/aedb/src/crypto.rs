@@ -21,6 +21,7 @@ pub(crate) const LABEL_WAL_FRAME: &[u8] = b"aedb wal frame v1";
 pub(crate) const LABEL_WAL_CHAIN: &[u8] = b"aedb wal chain v1";
 pub(crate) const LABEL_CHECKPOINT: &[u8] = b"aedb checkpoint v1";
 pub(crate) const LABEL_MANIFEST: &[u8] = b"aedb manifest v1";
+pub(crate) const LABEL_BACKUP: &[u8] = b"aedb backup v1";
 const LABEL_KEY_ID: &[u8] = b"aedb key id v1";
 
 /// Public fingerprint of a key, stored in file headers so a wrong key is reported

@@ -17,17 +17,21 @@ use crate::audit::{
     SYSTEM_PROJECT, chain_rows, now_unix,
 };
 use crate::authz::{CallerContext, Decision, Grant, Permission};
-use crate::checkpoint::{self, CheckpointMeta};
-use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode, SecretKey};
+use crate::backup::{BackupProgress, BackupReport, Captured};
+use crate::checkpoint;
+use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode};
 use crate::error::AedbError;
 use crate::lock::DirLock;
-use crate::manifest::{self, CheckpointRef, ManifestBody, SealedRef, SegmentRef};
 use crate::metrics::AlertKind;
 use crate::metrics::{Counters, OperationalMetrics};
 use crate::model::state::DbState;
 use crate::model::validate_name;
 use crate::model::value::TableSchema;
 use crate::model::value::{Row, Value};
+use crate::open::{
+    ManifestState, check_segments_against_manifest, load_manifest_and_checkpoint, secure_problems,
+    write_manifest,
+};
 use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
 use crate::txn::query::{Query, QueryResult};
 use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot};
@@ -36,8 +40,6 @@ use crate::wal::RecoveryReport;
 use crate::wal::format::segment_file_name;
 use crate::wal::keys::WalKeys;
 use crate::wal::recovery::{ReplayStart, recover};
-use crate::wal::recovery::{list_segments, segment_is_empty};
-use crate::wal::writer::SealedSegment;
 use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES, WalWriter};
 
 /// What a successful commit reports.
@@ -101,15 +103,6 @@ struct Inner {
     checkpointing: Mutex<CheckpointState>,
     checkpointer: Arc<(Mutex<bool>, Condvar)>,
     _lock: DirLock,
-}
-
-/// What the manifest will say next time it is written.
-struct ManifestState {
-    generation: u64,
-    checkpoint: Option<CheckpointMeta>,
-    sealed: Vec<SealedSegment>,
-    active_index: u64,
-    active_first_lsn: u64,
 }
 
 struct CheckpointState {
@@ -346,7 +339,17 @@ impl<M> AedbInstance<M> {
             history: VecDeque::new(),
         };
         let max_idem = config.limits.max_idempotency_records;
-        let (manifest_body, ckpt_meta) = load_manifest_and_checkpoint(&dir, &config, &mut cs)?;
+        let loaded = load_manifest_and_checkpoint(&dir, &config, false)?;
+        let manifest_body = loaded.manifest;
+        let mut ckpt_meta = None;
+        if let Some((state, meta)) = loaded.checkpoint {
+            cs.state = state.state;
+            let max = config.limits.max_idempotency_records;
+            for (tag, seq) in state.idempotency {
+                cs.remember(tag, seq, max);
+            }
+            ckpt_meta = Some(meta);
+        }
         let keys = WalKeys::new(
             config.manifest_key.as_ref(),
             config.checkpoint_key.as_ref(),
@@ -354,6 +357,7 @@ impl<M> AedbInstance<M> {
         );
         let start = ReplayStart {
             checkpoint: ckpt_meta.as_ref().map(|m| (m.lsn, m.chain_head)),
+            read_only: false,
         };
         let recovered = recover(&dir, config.recovery, &keys, start, |lsn, payload| {
             let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
@@ -388,7 +392,14 @@ impl<M> AedbInstance<M> {
                 pos.last_lsn + 1,
                 pos.chain_head,
             )?,
-            _ => WalWriter::create(&dir, config.segment_bytes, keys, 1, 1, [0; 32])?,
+            // No segment at all: a new database, or a restored full backup whose
+            // log continues right after its checkpoint.
+            _ => {
+                let (lsn, head) = ckpt_meta
+                    .as_ref()
+                    .map_or((0, [0; 32]), |m| (m.lsn, m.chain_head));
+                WalWriter::create(&dir, config.segment_bytes, keys, 1, lsn + 1, head)?
+            }
         };
         let wal = Arc::new(wal);
         let (active_index, active_first_lsn) = wal.active_segment();
@@ -403,6 +414,7 @@ impl<M> AedbInstance<M> {
                 .collect(),
             active_index,
             active_first_lsn,
+            backup_floor_lsn: manifest_body.as_ref().and_then(|m| m.backup_floor_lsn),
         };
         write_manifest(&dir, &config, &mut ms)?;
         let published = Arc::new(cs.state.clone());
@@ -1161,6 +1173,98 @@ impl<M> AedbInstance<M> {
         self.inner.checkpoint()
     }
 
+    /// (last LSN, chain head) of the log.
+    pub(crate) fn head_for_backup(&self) -> (u64, [u8; 32]) {
+        let (_, lsn, head) = self.inner.wal.head();
+        (lsn, head)
+    }
+
+    /// Captures a consistent snapshot (state, idempotency records, chain head) and
+    /// waits until the log is durable up to it.
+    fn capture(&self) -> Result<Captured, AedbError> {
+        let cap = {
+            let cs = self.lock_commit()?;
+            Captured {
+                state: cs
+                    .history
+                    .back()
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(cs.state.clone())),
+                idempotency: cs
+                    .idempotency_order
+                    .iter()
+                    .filter_map(|t| cs.idempotency.get(t).map(|s| (t.clone(), *s)))
+                    .collect(),
+                chain_head: self.inner.wal.head().2,
+            }
+        };
+        self.inner.wal.wait_durable(cap.state.seq)?;
+        Ok(cap)
+    }
+
+    /// Keeps the WAL after `lsn` on disk for the next incremental backup.
+    fn set_backup_floor(&self, lsn: u64) -> Result<(), AedbError> {
+        let mut ms = self.inner.manifest.lock();
+        ms.backup_floor_lsn = Some(lsn);
+        write_manifest(&self.inner.dir, &self.inner.config, &mut ms)
+    }
+
+    /// A self-contained backup of the state now (writers keep going) into `dest`
+    /// (absent or empty). See `backup` module docs for the format.
+    pub fn backup_full(&self, dest: &Path) -> Result<BackupReport, AedbError> {
+        self.backup_full_with_progress(dest, &mut |_| {})
+    }
+
+    pub fn backup_full_with_progress(
+        &self,
+        dest: &Path,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupReport, AedbError> {
+        let cap = self.capture()?;
+        let r = crate::backup::write_full(dest, &cap, &self.inner.config, progress)?;
+        self.set_backup_floor(r.end_lsn)?;
+        tracing::info!(dir = %dest.display(), end_lsn = r.end_lsn, bytes = r.bytes, "full backup written");
+        Ok(r)
+    }
+
+    /// The WAL since the backup in `parent` (the chain's latest) into `dest`.
+    pub fn backup_incremental(
+        &self,
+        dest: &Path,
+        parent: &Path,
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_incremental_with_progress(dest, parent, &mut |_| {})
+    }
+
+    pub fn backup_incremental_with_progress(
+        &self,
+        dest: &Path,
+        parent: &Path,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupReport, AedbError> {
+        let cap = self.capture()?;
+        let segments: Vec<(u64, u64)> = {
+            let ms = self.inner.manifest.lock();
+            ms.sealed
+                .iter()
+                .map(|s| (s.index, s.first_lsn))
+                .chain(std::iter::once((ms.active_index, ms.active_first_lsn)))
+                .collect()
+        };
+        let r = crate::backup::write_incremental(
+            dest,
+            parent,
+            &self.inner.dir,
+            &segments,
+            &cap,
+            &self.inner.config,
+            progress,
+        )?;
+        self.set_backup_floor(r.end_lsn)?;
+        tracing::info!(dir = %dest.display(), start_lsn = r.start_lsn, end_lsn = r.end_lsn, "incremental backup written");
+        Ok(r)
+    }
+
     /// Highest sequence number on stable storage.
     pub fn durable_head_seq(&self) -> u64 {
         self.inner.wal.durable_lsn()
@@ -1510,12 +1614,17 @@ impl Inner {
             &idempotency,
             chain_head,
             self.config.checkpoint_key.as_ref(),
+            &mut |_| {},
         )?;
         let (old, obsolete) = {
             let mut ms = self.manifest.lock();
             let old = ms.checkpoint.replace(meta.clone());
-            let (obsolete, keep): (Vec<_>, Vec<_>) =
-                ms.sealed.drain(..).partition(|s| s.last_lsn <= meta.lsn);
+            // A backup chain needs every frame after its last backup.
+            let removable_to = ms.backup_floor_lsn.map_or(meta.lsn, |f| f.min(meta.lsn));
+            let (obsolete, keep): (Vec<_>, Vec<_>) = ms
+                .sealed
+                .drain(..)
+                .partition(|s| s.last_lsn <= removable_to);
             ms.sealed = keep;
             write_manifest(&self.dir, &self.config, &mut ms)?;
             (old, obsolete)
@@ -1670,205 +1779,4 @@ fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
         })
         .map_err(|e| AedbError::io("aedb-checkpointer thread", e))?;
     Ok(())
-}
-
-fn write_manifest(
-    dir: &Path,
-    config: &AedbConfig,
-    ms: &mut ManifestState,
-) -> Result<(), AedbError> {
-    ms.generation += 1;
-    let mut segments: Vec<SegmentRef> = ms
-        .sealed
-        .iter()
-        .map(|s| SegmentRef {
-            file: segment_file_name(s.index),
-            index: s.index,
-            first_lsn: s.first_lsn,
-            sealed: Some(SealedRef {
-                last_lsn: s.last_lsn,
-                end_hash: hex::encode(s.end_hash),
-            }),
-        })
-        .collect();
-    segments.push(SegmentRef {
-        file: segment_file_name(ms.active_index),
-        index: ms.active_index,
-        first_lsn: ms.active_first_lsn,
-        sealed: None,
-    });
-    let body = ManifestBody {
-        format_version: manifest::FORMAT_VERSION,
-        generation: ms.generation,
-        checkpoint: ms.checkpoint.as_ref().map(|c| CheckpointRef {
-            file: c.file.clone(),
-            lsn: c.lsn,
-            chain_head: hex::encode(c.chain_head),
-            digest: hex::encode(c.digest),
-            bytes: c.bytes,
-        }),
-        segments,
-        keyed_chain: config.manifest_key.is_some(),
-        checkpoint_key_id: config
-            .checkpoint_key
-            .as_ref()
-            .map(|k| hex::encode(crate::crypto::key_id(k))),
-    };
-    manifest::write(dir, &body, config.manifest_key.as_ref())
-}
-
-/// Reads the manifest and the checkpoint it names into `cs`, and removes files the
-/// manifest shows to be obsolete (left by a crash after a checkpoint).
-fn load_manifest_and_checkpoint(
-    dir: &Path,
-    config: &AedbConfig,
-    cs: &mut CommitState,
-) -> Result<(Option<ManifestBody>, Option<CheckpointMeta>), AedbError> {
-    let strict = config.recovery == RecoveryMode::Strict;
-    let body = match manifest::read(dir, config.manifest_key.as_ref()) {
-        Ok(b) => b,
-        Err(e) if !strict => {
-            tracing::warn!(error = %e, "permissive recovery: ignoring an unusable manifest");
-            None
-        }
-        Err(e) => return Err(e),
-    };
-    let keys: Vec<&SecretKey> = [
-        config.checkpoint_key.as_ref(),
-        config.previous_checkpoint_key.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let checkpoints = checkpoint::list(dir)?;
-    let segments = list_segments(dir)?;
-    let named: Option<(PathBuf, Option<&CheckpointRef>)> = match &body {
-        Some(m) => m.checkpoint.as_ref().map(|c| (dir.join(&c.file), Some(c))),
-        None => {
-            let fresh = checkpoints.is_empty()
-                && (segments.is_empty()
-                    || (segments.len() == 1 && segment_is_empty(&segments[0].1)));
-            if !fresh {
-                if strict {
-                    return Err(AedbError::corruption(
-                        dir.join(manifest::MANIFEST_FILE),
-                        0,
-                        "missing while the directory holds WAL segments or checkpoints",
-                    ));
-                }
-                tracing::warn!(
-                    "permissive recovery: no manifest; using the newest checkpoint, if any"
-                );
-            }
-            checkpoints.last().map(|(_, p)| (p.clone(), None))
-        }
-    };
-    let mut meta = None;
-    if let Some((path, reference)) = named {
-        let (loaded, m) = checkpoint::read(&path, &keys)?;
-        if let Some(r) = reference
-            && (hex::encode(m.digest) != r.digest || m.lsn != r.lsn)
-        {
-            return Err(AedbError::corruption(
-                &path,
-                0,
-                "checkpoint does not match the digest the manifest records (replaced or altered)",
-            ));
-        }
-        cs.state = loaded.state;
-        let max = config.limits.max_idempotency_records;
-        for (tag, seq) in loaded.idempotency {
-            cs.remember(tag, seq, max);
-        }
-        meta = Some(m);
-    }
-    // Checkpoints other than the live one, and segments before the first live one,
-    // are leftovers of a checkpoint interrupted after its manifest was written.
-    if let Some(m) = &body {
-        for (_, p) in &checkpoints {
-            let is_live = meta
-                .as_ref()
-                .is_some_and(|c| p.file_name().is_some_and(|n| n.to_string_lossy() == c.file));
-            if !is_live {
-                std::fs::remove_file(p).map_err(|e| AedbError::io(p, e))?;
-            }
-        }
-        if let Some(first) = m.segments.first() {
-            for (index, p) in &segments {
-                if *index < first.index {
-                    std::fs::remove_file(p).map_err(|e| AedbError::io(p, e))?;
-                }
-            }
-        }
-    }
-    Ok((body, meta))
-}
-
-/// Strict mode: every segment the manifest lists must exist with the same range
-/// and, when sealed, the same final chain hash.
-fn check_segments_against_manifest(
-    dir: &Path,
-    m: &ManifestBody,
-    found: &[SealedSegment],
-) -> Result<(), AedbError> {
-    for s in &m.segments {
-        let path = dir.join(&s.file);
-        let Some(f) = found.iter().find(|f| f.index == s.index) else {
-            return Err(AedbError::corruption(
-                &path,
-                0,
-                "segment listed in the manifest is missing",
-            ));
-        };
-        if f.first_lsn != s.first_lsn {
-            return Err(AedbError::corruption(
-                &path,
-                0,
-                format!(
-                    "segment starts at LSN {}, the manifest says {}",
-                    f.first_lsn, s.first_lsn
-                ),
-            ));
-        }
-        if let Some(sealed) = &s.sealed
-            && (f.last_lsn != sealed.last_lsn || hex::encode(f.end_hash) != sealed.end_hash)
-        {
-            return Err(AedbError::corruption(
-                &path,
-                0,
-                format!(
-                    "sealed segment ends at LSN {}, the manifest says {} with another chain head (truncated or replaced)",
-                    f.last_lsn, sealed.last_lsn
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Why `config` is unsafe for a secure (or production) open; empty when it is not.
-fn secure_problems(config: &AedbConfig, production: bool) -> Vec<String> {
-    let mut p = Vec::new();
-    if config.manifest_key.is_none() {
-        p.push(
-            "no manifest key: use AedbConfig::production(key) or AedbConfig::low_latency(key)"
-                .to_string(),
-        );
-    }
-    if config.recovery == RecoveryMode::Permissive {
-        p.push(
-            "permissive recovery silently drops damaged log data: use RecoveryMode::Strict"
-                .to_string(),
-        );
-    }
-    if production && config.checkpoint_key.is_none() {
-        p.push(
-            "no checkpoint key: production requires encryption at rest (with_checkpoint_key)"
-                .to_string(),
-        );
-    }
-    if production && config.durability == DurabilityMode::OsBuffered {
-        p.push("OsBuffered durability can lose acknowledged commits for an unbounded time: use Full or Batch".to_string());
-    }
-    p
 }

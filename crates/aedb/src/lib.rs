@@ -5,6 +5,8 @@
 
 pub mod audit;
 pub mod authz;
+pub mod backup;
+pub mod check;
 pub(crate) mod checkpoint;
 pub mod config;
 pub(crate) mod crypto;
@@ -14,12 +16,18 @@ mod lock;
 pub(crate) mod manifest;
 pub mod metrics;
 pub(crate) mod model;
+pub(crate) mod open;
 pub(crate) mod record;
 pub mod txn;
 pub mod wal;
 
 pub use audit::{AuditExport, AuditVerifyError, verify_audit_export};
 pub use authz::{CallerContext, Grant, Permission};
+pub use backup::{
+    BackupDescriptor, BackupProgress, BackupReport, ChainReport, RestoreReport, discover_chain,
+    restore_from_backup_chain, verify_backup_chain,
+};
+pub use check::{CheckResult, InspectReport, KeyspaceDigest, inspect};
 pub use config::{AedbConfig, CommitFinality, DurabilityMode, Limits, RecoveryMode, SecretKey};
 pub use error::AedbError;
 pub use instance::{AedbInstance, CheckpointInfo, CommitResult, Dev, ReadTx, Secure};

@@ -11,8 +11,9 @@ pub(crate) const LOCK_FILE: &str = "LOCK";
 
 #[derive(Debug)]
 pub(crate) struct DirLock {
-    // Dropping the file releases the lock.
-    _file: File,
+    // Dropping the file releases the lock. None: an inspection of a directory that
+    // has no LOCK file (nothing can hold it, and inspection creates no file).
+    _file: Option<File>,
 }
 
 impl DirLock {
@@ -20,10 +21,13 @@ impl DirLock {
     /// CLI's read-only inspections take it without rewriting the file.
     pub fn acquire(dir: &Path, record_pid: bool) -> Result<Self, AedbError> {
         let path = dir.join(LOCK_FILE);
+        if !record_pid && !path.exists() {
+            return Ok(Self { _file: None });
+        }
         let mut file = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
+            .write(record_pid)
+            .create(record_pid)
             .truncate(false)
             .open(&path)
             .map_err(|e| AedbError::io(&path, e))?;
@@ -51,6 +55,6 @@ impl DirLock {
                 .and_then(|()| file.write_all(pid.as_bytes()))
                 .map_err(|e| AedbError::io(&path, e))?;
         }
-        Ok(Self { _file: file })
+        Ok(Self { _file: Some(file) })
     }
 }

@@ -53,61 +53,88 @@ pub(crate) struct ManifestBody {
     pub segments: Vec<SegmentRef>,
     pub keyed_chain: bool,
     pub checkpoint_key_id: Option<String>,
+    /// End LSN of the last backup: WAL after it is kept for the next incremental.
+    #[serde(default)]
+    pub backup_floor_lsn: Option<u64>,
 }
 
-fn signer(key: &SecretKey) -> ring::hmac::Key {
-    crypto::hmac_key(key, LABEL_MANIFEST)
+fn signer(key: &SecretKey, label: &[u8]) -> ring::hmac::Key {
+    crypto::hmac_key(key, label)
 }
 
-fn bad(dir: &Path, reason: impl Into<String>) -> AedbError {
-    AedbError::corruption(dir.join(MANIFEST_FILE), 0, reason)
+/// Reads a signed two-line file (JSON body, then `hmac-sha256:<hex>` or `unsigned`)
+/// and returns the verified body; `Ok(None)` when the file does not exist.
+pub(crate) fn read_signed(
+    path: &Path,
+    key: Option<&SecretKey>,
+    label: &[u8],
+) -> Result<Option<String>, AedbError> {
+    let bad = |reason: &str| AedbError::corruption(path, 0, reason);
+    let text = match fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(AedbError::io(path, e)),
+    };
+    let text = String::from_utf8(text).map_err(|_| bad("not UTF-8"))?;
+    let mut lines = text.split('\n');
+    let body = lines.next().unwrap_or_default().to_string();
+    let sig = lines.next().unwrap_or_default();
+    if lines.any(|l| !l.is_empty()) {
+        return Err(bad("unexpected content after the signature line"));
+    }
+    match (key, sig.strip_prefix("hmac-sha256:")) {
+        (Some(k), Some(hex_mac)) => {
+            let mac = hex::decode(hex_mac).map_err(|_| bad("signature is not hex"))?;
+            ring::hmac::verify(&signer(k, label), body.as_bytes(), &mac).map_err(|_| {
+                bad("signature does not verify: wrong manifest key, or the file was edited")
+            })?;
+        }
+        (Some(_), None) => return Err(bad("file is unsigned but a manifest key is configured")),
+        (None, Some(_)) => return Err(bad("file is signed but no manifest key is configured")),
+        (None, None) if sig == "unsigned" => {}
+        (None, None) => return Err(bad("missing signature line")),
+    }
+    Ok(Some(body))
+}
+
+/// Signs `json` and replaces `path` atomically (temp file, fsync, rename, fsync dir).
+pub(crate) fn write_signed(
+    path: &Path,
+    json: &str,
+    key: Option<&SecretKey>,
+    label: &[u8],
+) -> Result<(), AedbError> {
+    let sig = match key {
+        Some(k) => format!(
+            "hmac-sha256:{}",
+            hex::encode(ring::hmac::sign(&signer(k, label), json.as_bytes()).as_ref())
+        ),
+        None => "unsigned".to_string(),
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp).map_err(|e| AedbError::io(&tmp, e))?;
+        f.write_all(format!("{json}\n{sig}\n").as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| AedbError::io(&tmp, e))?;
+    }
+    fs::rename(&tmp, path).map_err(|e| AedbError::io(path, e))?;
+    sync_dir(dir)
 }
 
 /// Reads and verifies the manifest; `Ok(None)` when there is none.
 pub(crate) fn read(dir: &Path, key: Option<&SecretKey>) -> Result<Option<ManifestBody>, AedbError> {
     let path = dir.join(MANIFEST_FILE);
-    let text = match fs::read(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(AedbError::io(&path, e)),
+    let Some(body) = read_signed(&path, key, LABEL_MANIFEST)? else {
+        return Ok(None);
     };
-    let text = std::str::from_utf8(&text).map_err(|_| bad(dir, "not UTF-8"))?;
-    let mut lines = text.split('\n');
-    let body = lines.next().unwrap_or_default();
-    let sig = lines.next().unwrap_or_default();
-    if lines.any(|l| !l.is_empty()) {
-        return Err(bad(dir, "unexpected content after the signature line"));
-    }
-    match (key, sig.strip_prefix("hmac-sha256:")) {
-        (Some(k), Some(hex_mac)) => {
-            let mac = hex::decode(hex_mac).map_err(|_| bad(dir, "signature is not hex"))?;
-            ring::hmac::verify(&signer(k), body.as_bytes(), &mac).map_err(|_| {
-                bad(
-                    dir,
-                    "signature does not verify: wrong manifest key, or the file was edited",
-                )
-            })?;
-        }
-        (Some(_), None) => {
-            return Err(bad(
-                dir,
-                "manifest is unsigned but a manifest key is configured",
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(bad(
-                dir,
-                "manifest is signed but no manifest key is configured",
-            ));
-        }
-        (None, None) if sig == "unsigned" => {}
-        (None, None) => return Err(bad(dir, "missing signature line")),
-    }
-    let parsed: ManifestBody =
-        serde_json::from_str(body).map_err(|e| bad(dir, format!("unreadable body: {e}")))?;
+    let parsed: ManifestBody = serde_json::from_str(&body)
+        .map_err(|e| AedbError::corruption(&path, 0, format!("unreadable body: {e}")))?;
     if parsed.format_version != FORMAT_VERSION {
-        return Err(bad(
-            dir,
+        return Err(AedbError::corruption(
+            &path,
+            0,
             format!(
                 "unsupported manifest format version {}",
                 parsed.format_version
@@ -125,21 +152,5 @@ pub(crate) fn write(
 ) -> Result<(), AedbError> {
     let json = serde_json::to_string(body)
         .map_err(|e| AedbError::InvalidArgument(format!("manifest encoding: {e}")))?;
-    let sig = match key {
-        Some(k) => format!(
-            "hmac-sha256:{}",
-            hex::encode(ring::hmac::sign(&signer(k), json.as_bytes()).as_ref())
-        ),
-        None => "unsigned".to_string(),
-    };
-    let tmp = dir.join("MANIFEST.tmp");
-    let path = dir.join(MANIFEST_FILE);
-    {
-        let mut f = fs::File::create(&tmp).map_err(|e| AedbError::io(&tmp, e))?;
-        f.write_all(format!("{json}\n{sig}\n").as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| AedbError::io(&tmp, e))?;
-    }
-    fs::rename(&tmp, &path).map_err(|e| AedbError::io(&path, e))?;
-    sync_dir(dir)
+    write_signed(&dir.join(MANIFEST_FILE), &json, key, LABEL_MANIFEST)
 }

@@ -136,7 +136,9 @@ fn chunk_aad(header_prefix: &[u8], index: u64, last: bool) -> Vec<u8> {
 }
 
 /// Splits the compressed stream into chunks, encrypting each when a key is set.
-struct ChunkSink {
+struct ChunkSink<'a> {
+    /// Told the body bytes written so far, after each chunk.
+    progress: &'a mut dyn FnMut(u64),
     out: BufWriter<File>,
     path: PathBuf,
     aead: Option<Aead>,
@@ -148,7 +150,7 @@ struct ChunkSink {
     scratch: Vec<u8>,
 }
 
-impl ChunkSink {
+impl ChunkSink<'_> {
     fn emit(&mut self, last: bool) -> std::io::Result<()> {
         self.scratch.clear();
         let take = self.buf.len().min(CHUNK);
@@ -171,11 +173,12 @@ impl ChunkSink {
         self.body_len += 4 + self.scratch.len() as u64;
         self.buf.drain(..take);
         self.index += 1;
+        (self.progress)(self.body_len);
         Ok(())
     }
 }
 
-impl Write for ChunkSink {
+impl Write for ChunkSink<'_> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(data);
         // Emit only when more data than a chunk is buffered: the final chunk must
@@ -199,6 +202,7 @@ pub(crate) fn write(
     idempotency: &[(IdempotencyTag, u64)],
     chain_head: ChainHash,
     key: Option<&SecretKey>,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<CheckpointMeta, AedbError> {
     let name = file_name(state.seq);
     let path = dir.join(&name);
@@ -219,6 +223,7 @@ pub(crate) fn write(
     let mut out = BufWriter::with_capacity(1 << 20, file);
     out.write_all(&[0u8; HEADER_LEN]).map_err(io)?;
     let sink = ChunkSink {
+        progress,
         out,
         path: tmp.clone(),
         aead: key.map(|k| Aead::new(k, &salt, LABEL_CHECKPOINT)),

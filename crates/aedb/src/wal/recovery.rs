@@ -104,6 +104,8 @@ pub(crate) fn segment_is_empty(path: &Path) -> bool {
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct ReplayStart {
     pub checkpoint: Option<(u64, ChainHash)>,
+    /// Inspection: change nothing on disk (a torn tail is reported, not cut off).
+    pub read_only: bool,
 }
 
 /// Replays the log, calling `apply` with each decrypted frame after the checkpoint,
@@ -115,7 +117,9 @@ pub(crate) fn recover(
     start: ReplayStart,
     mut apply: impl FnMut(u64, &[u8]) -> Result<(), String>,
 ) -> Result<Recovered, AedbError> {
-    remove_leftovers(dir)?;
+    if !start.read_only {
+        remove_leftovers(dir)?;
+    }
     let segs = list_segments(dir)?;
     let ckpt_lsn = start.checkpoint.map_or(0, |(l, _)| l);
     let mut report = RecoveryReport {
@@ -308,7 +312,9 @@ pub(crate) fn recover(
         if let Some(damage) = outcome.damage {
             if is_last && !damage.followed_by_valid {
                 // Torn final write: never acknowledged, cut off in both modes.
-                zero_from(path, damage.offset, buf.len() as u64)?;
+                if !start.read_only {
+                    zero_from(path, damage.offset, buf.len() as u64)?;
+                }
                 tracing::warn!(file = %path.display(), offset = damage.offset, reason = %damage.reason,
                     "truncated an incomplete final WAL frame");
                 report.torn_tail = Some(TornTail {
