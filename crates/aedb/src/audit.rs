@@ -304,3 +304,34 @@ pub(crate) fn verify_rows(
 pub fn verify_audit_export(export: &AuditExport) -> Result<(), AuditVerifyError> {
     verify_rows(&export.table, &export.rows, Some(&export.chain_head))
 }
+
+/// Exports both audit tables of `state` from row id `since_id` on.
+pub(crate) fn export_tables(state: &DbState, since_id: i64) -> Vec<AuditExport> {
+    let mut out = Vec::new();
+    for table in [AUTHZ_AUDIT, ASSERTION_AUDIT] {
+        let Ok(t) = state.table(SYSTEM_PROJECT, AUDIT_SCOPE, table) else {
+            continue;
+        };
+        let live: Vec<&Arc<Row>> = t.rows.values().filter_map(|e| e.value.as_ref()).collect();
+        let rows: Vec<Vec<Value>> = live
+            .iter()
+            .filter(|r| matches!(r.first(), Some(Value::Int(id)) if *id >= since_id))
+            .map(|r| r.to_vec())
+            .collect();
+        let chain_head = live
+            .last()
+            .and_then(|r| match r.last() {
+                Some(Value::Bytes(h)) => Some(hex::encode(h)),
+                _ => None,
+            })
+            .unwrap_or_default();
+        out.push(AuditExport {
+            table: table.to_string(),
+            columns: t.schema.columns.iter().map(|c| c.name.clone()).collect(),
+            rows,
+            chain_head,
+            exported_at: now_unix(),
+        });
+    }
+    out
+}

@@ -328,3 +328,107 @@ pub(crate) fn load_read_only(
     report.keyspaces = state_digests(&state);
     Ok((Some(state), report))
 }
+
+/// Exports the audit tables of a data directory without opening it for writing.
+pub fn export_audit_from_dir(
+    dir: &Path,
+    config: &AedbConfig,
+    since_id: i64,
+) -> Result<Vec<crate::audit::AuditExport>, AedbError> {
+    let _lock = DirLock::acquire(dir, false)?;
+    let (state, report) = load_read_only(dir, config)?;
+    let state = state.ok_or_else(|| {
+        let failed: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.detail.clone())
+            .collect();
+        AedbError::corruption(
+            dir,
+            0,
+            format!("cannot load the database: {}", failed.join("; ")),
+        )
+    })?;
+    Ok(crate::audit::export_tables(&state, since_id))
+}
+
+/// Operational figures readable from a data directory while nothing runs on it.
+#[derive(Clone, Debug, Serialize)]
+pub struct OfflineMetrics {
+    pub data_dir: PathBuf,
+    pub head_lsn: u64,
+    pub wal_segments: usize,
+    pub wal_bytes_on_disk: u64,
+    pub checkpoint_lsn: Option<u64>,
+    pub checkpoint_age_secs: Option<u64>,
+    pub wal_frames_after_checkpoint: u64,
+    pub projects: usize,
+    pub keys: u64,
+    pub rows: u64,
+    /// authz_audit rows by action (grant, revoke, global_admin_use, ...).
+    pub authz_events: std::collections::BTreeMap<String, u64>,
+    /// assertion_audit rows by kind (assertion_failed, permission_denied).
+    pub assertion_events: std::collections::BTreeMap<String, u64>,
+}
+
+pub fn offline_metrics(
+    dir: &Path,
+    config: &AedbConfig,
+) -> Result<(OfflineMetrics, InspectReport), AedbError> {
+    let _lock = DirLock::acquire(dir, false)?;
+    let (state, report) = load_read_only(dir, config)?;
+    let mut wal_bytes = 0;
+    let mut ckpt_age = None;
+    for e in std::fs::read_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        let e = e.map_err(|e| AedbError::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let meta = e.metadata().map_err(|err| AedbError::io(e.path(), err))?;
+        if name.ends_with(".seg") {
+            wal_bytes += meta.len();
+        } else if name.ends_with(".ckpt") {
+            ckpt_age = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .map(|d| d.as_secs());
+        }
+    }
+    let mut m = OfflineMetrics {
+        data_dir: dir.to_path_buf(),
+        head_lsn: report.last_lsn,
+        wal_segments: report.segments,
+        wal_bytes_on_disk: wal_bytes,
+        checkpoint_lsn: report.checkpoint_lsn,
+        checkpoint_age_secs: ckpt_age,
+        wal_frames_after_checkpoint: report.frames_replayed,
+        projects: 0,
+        keys: 0,
+        rows: 0,
+        authz_events: Default::default(),
+        assertion_events: Default::default(),
+    };
+    if let Some(state) = &state {
+        m.projects = state.projects.len();
+        for k in &report.keyspaces {
+            if k.table.is_some() {
+                m.rows += k.count;
+            } else {
+                m.keys += k.count;
+            }
+        }
+        for (table, col, into) in [
+            (AUTHZ_AUDIT, 4usize, &mut m.authz_events),
+            (ASSERTION_AUDIT, 5, &mut m.assertion_events),
+        ] {
+            if let Ok(t) = state.table(SYSTEM_PROJECT, AUDIT_SCOPE, table) {
+                for r in t.rows.values().filter_map(|e| e.value.as_ref()) {
+                    if let Some(Value::Text(kind)) = r.get(col) {
+                        *into.entry(kind.clone()).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok((m, report))
+}

@@ -916,31 +916,7 @@ impl<M> AedbInstance<M> {
         snap: &Snapshot,
         since_id: i64,
     ) -> Result<Vec<AuditExport>, AedbError> {
-        let mut out = Vec::new();
-        for table in [AUTHZ_AUDIT, ASSERTION_AUDIT] {
-            let t = snap.table(SYSTEM_PROJECT, AUDIT_SCOPE, table)?;
-            let rows: Vec<Vec<Value>> = t
-                .raw_rows()
-                .filter(|r| matches!(r.first(), Some(Value::Int(id)) if *id >= since_id))
-                .map(|r| r.to_vec())
-                .collect();
-            let head = t
-                .raw_rows()
-                .last()
-                .and_then(|r| match r.last() {
-                    Some(Value::Bytes(h)) => Some(hex::encode(h)),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            out.push(AuditExport {
-                table: table.to_string(),
-                columns: t.schema().columns.iter().map(|c| c.name.clone()).collect(),
-                rows,
-                chain_head: head,
-                exported_at: now_unix(),
-            });
-        }
-        Ok(out)
+        Ok(crate::audit::export_tables(&snap.state, since_id))
     }
 
     /// Verifies the full hash chains of both audit tables in the current state.
