@@ -1,0 +1,207 @@
+//! Crash test with real SIGKILL: a child process (this test binary re-executed)
+//! commits durably and reports each acknowledged commit; the parent kills it at a
+//! random instant, reopens in strict mode, and checks that every acknowledged
+//! commit is there, nothing else is, and the invariants hold. Checkpoints (with
+//! their manifest swaps) and segment rotations run constantly in the child, so
+//! kills land inside them too. Crashes accumulate on one directory, so the hash
+//! chain is checked across many reopenings.
+//!
+//! `AEDB_CRASH_ITERATIONS` (default 100) and `AEDB_CRASH_SEED` tune it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use aedb::{AedbConfig, AedbInstance, CommitFinality, DurabilityMode, Limits};
+use rand::{Rng, SeedableRng};
+
+const MK: [u8; 32] = [0x13; 32];
+const CK: [u8; 32] = [0x14; 32];
+
+fn config(encrypted: bool) -> AedbConfig {
+    let base = if encrypted {
+        AedbConfig::production(MK).with_checkpoint_key(CK)
+    } else {
+        AedbConfig::development()
+    };
+    base.with_durability(DurabilityMode::Full)
+        .with_segment_bytes(256 * 1024)
+        .with_checkpoint_policy(Some(64 * 1024), None)
+        .with_limits(Limits {
+            max_txn_bytes: 64 * 1024,
+            max_value_bytes: 16 * 1024,
+            ..Limits::default()
+        })
+}
+
+fn value(n: u64) -> Vec<u8> {
+    format!("value-{n}-{}", "x".repeat((n % 200) as usize)).into_bytes()
+}
+
+fn key(n: u64) -> Vec<u8> {
+    format!("k{n:08}").into_bytes()
+}
+
+/// The child: runs only when the parent sets AEDB_CRASH_CHILD_DIR.
+#[test]
+fn crash_child_writer() {
+    let Ok(dir) = std::env::var("AEDB_CRASH_CHILD_DIR") else {
+        return;
+    };
+    let encrypted = std::env::var("AEDB_CRASH_ENCRYPTED").is_ok();
+    let db = AedbInstance::open(config(encrypted), &dir).expect("child open");
+    if db.snapshot().projects().iter().all(|p| p != "p") {
+        db.create_project("p").expect("project");
+        db.create_scope("p", "s").expect("scope");
+    }
+    let mut n = db.snapshot().kv("p", "s").expect("kv").scan_prefix(b"k", usize::MAX).len() as u64;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "opened {n}").expect("stdout");
+    out.flush().expect("flush");
+    loop {
+        let mut tx = db.begin_write("p").expect("tx");
+        tx.kv_set("s", &key(n), &value(n)).expect("set");
+        // Every fifth commit also carries a second key, so multi-key atomicity is
+        // checked: both or neither.
+        if n % 5 == 0 {
+            tx.kv_set("s", format!("pair{n:08}").as_bytes(), b"p")
+                .expect("pair");
+        }
+        db.commit_with_finality(tx, CommitFinality::Durable)
+            .expect("durable commit");
+        writeln!(out, "durable {n}").expect("stdout");
+        out.flush().expect("flush");
+        n += 1;
+        if n % 40 == 0 {
+            db.checkpoint().expect("checkpoint");
+        }
+    }
+}
+
+fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
+    let db = AedbInstance::open(config(encrypted), dir).expect("strict reopen after SIGKILL");
+    let snap = db.snapshot();
+    let Ok(kv) = snap.kv("p", "s") else {
+        assert!(acknowledged.is_none(), "acknowledged commits but no scope");
+        return 0;
+    };
+    let pairs = kv.scan_prefix(b"pair", usize::MAX).len() as u64;
+    if std::env::var("AEDB_CRASH_DEBUG").is_ok() {
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .expect("ls")
+            .filter_map(|e| e.ok())
+            .map(|e| format!("{}:{}", e.file_name().to_string_lossy(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+            .collect();
+        files.sort();
+        eprintln!(
+            "ack {acknowledged:?} present {} report {:?} files {files:?} manifest {}",
+            kv.scan_prefix(b"k", usize::MAX).len(),
+            db.recovery_report(),
+            std::fs::read_to_string(dir.join("MANIFEST")).unwrap_or_default()
+        );
+    }
+    let present = kv.scan_prefix(b"k", usize::MAX).len() as u64;
+    assert_eq!(pairs, present.div_ceil(5), "one pair key per fifth commit");
+    if let Some(a) = acknowledged {
+        assert!(
+            present > a,
+            "acknowledged commit {a} lost (only {present} keys)"
+        );
+    }
+    for n in 0..present {
+        assert_eq!(
+            kv.get(&key(n)).as_deref(),
+            Some(value(n).as_slice()),
+            "key {n} wrong or missing"
+        );
+        assert_eq!(
+            kv.get(format!("pair{n:08}").as_bytes()).is_some(),
+            n % 5 == 0,
+            "atomicity of commit {n}"
+        );
+    }
+    assert!(kv.get(&key(present)).is_none(), "keys must form a prefix");
+    let report =
+        aedb::inspect(dir, &config(encrypted)).expect_err("inspect needs the lock held by us");
+    let _ = report;
+    db.close().expect("close");
+    let report = aedb::inspect(dir, &config(encrypted)).expect("inspect");
+    assert!(report.ok(), "invariants after crash: {:#?}", report.checks);
+    present
+}
+
+#[test]
+fn sigkill_at_random_points_loses_no_acknowledged_commit() {
+    if std::env::var("AEDB_CRASH_CHILD_DIR").is_ok() {
+        return;
+    }
+    let iterations: u32 = std::env::var("AEDB_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let seed: u64 = std::env::var("AEDB_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("crash test: {iterations} iterations, AEDB_CRASH_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for (encrypted, dir) in [
+        (false, tempfile::tempdir().expect("tempdir")),
+        (true, tempfile::tempdir().expect("tempdir")),
+    ] {
+        let mut total = 0;
+        for i in 0..iterations / 2 {
+            let out = Command::new(std::env::current_exe().expect("exe"))
+                .args([
+                    "--exact",
+                    "crash_child_writer",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("AEDB_CRASH_CHILD_DIR", dir.path())
+                .envs(encrypted.then_some(("AEDB_CRASH_ENCRYPTED", "1")))
+                .stdout(Stdio::piped())
+                .stderr(if std::env::var("AEDB_CRASH_DEBUG").is_ok() { Stdio::inherit() } else { Stdio::null() })
+                .spawn();
+            let mut child = out.expect("spawn child");
+            let stdout = child.stdout.take().expect("stdout");
+            let (tx, rx) = mpsc::channel();
+            let reader = std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(n) = line.strip_prefix("durable ") {
+                        let _ = tx.send(n.parse::<u64>().expect("number"));
+                    }
+                }
+            });
+            // Early iterations sometimes kill during the first open of a fresh
+            // directory, before anything is committed.
+            let delay = if i % 17 == 0 {
+                rng.random_range(0..4)
+            } else {
+                rng.random_range(5..80)
+            };
+            std::thread::sleep(Duration::from_millis(delay));
+            child.kill().expect("SIGKILL");
+            child.wait().expect("wait");
+            reader.join().expect("reader");
+            let acknowledged = rx.try_iter().max();
+            total = check(dir.path(), encrypted, acknowledged);
+        }
+        eprintln!(
+            "crash test (encrypted={encrypted}): {total} commits survived {} kills",
+            iterations / 2
+        );
+        assert!(
+            total > 0,
+            "the child never committed: is the machine too slow for the delays?"
+        );
+    }
+}
