@@ -1,4 +1,5 @@
-//! Crash test with real SIGKILL: a child process (this test binary re-executed)
+//! Crash test for the at-rest machinery (checkpoints, manifest swaps, segment
+//! rotation, encryption) with real SIGKILL: a child process (this test binary re-executed)
 //! commits durably and reports each acknowledged commit; the parent kills it at a
 //! random instant, reopens in strict mode, and checks that every acknowledged
 //! commit is there, nothing else is, and the invariants hold. Checkpoints (with
@@ -44,10 +45,10 @@ fn key(n: u64) -> Vec<u8> {
     format!("k{n:08}").into_bytes()
 }
 
-/// The child: runs only when the parent sets AEDB_CRASH_CHILD_DIR.
+/// The child: runs only when the parent sets AEDB_CRASH_AT_REST_DIR.
 #[test]
-fn crash_child_writer() {
-    let Ok(dir) = std::env::var("AEDB_CRASH_CHILD_DIR") else {
+fn crash_at_rest_child() {
+    let Ok(dir) = std::env::var("AEDB_CRASH_AT_REST_DIR") else {
         return;
     };
     let encrypted = std::env::var("AEDB_CRASH_ENCRYPTED").is_ok();
@@ -56,7 +57,12 @@ fn crash_child_writer() {
         db.create_project("p").expect("project");
         db.create_scope("p", "s").expect("scope");
     }
-    let mut n = db.snapshot().kv("p", "s").expect("kv").scan_prefix(b"k", usize::MAX).len() as u64;
+    let mut n = db
+        .snapshot()
+        .kv("p", "s")
+        .expect("kv")
+        .scan_prefix(b"k", usize::MAX)
+        .len() as u64;
     let mut out = std::io::stdout().lock();
     writeln!(out, "opened {n}").expect("stdout");
     out.flush().expect("flush");
@@ -92,7 +98,13 @@ fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .expect("ls")
             .filter_map(|e| e.ok())
-            .map(|e| format!("{}:{}", e.file_name().to_string_lossy(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+            .map(|e| {
+                format!(
+                    "{}:{}",
+                    e.file_name().to_string_lossy(),
+                    e.metadata().map(|m| m.len()).unwrap_or(0)
+                )
+            })
             .collect();
         files.sort();
         eprintln!(
@@ -133,8 +145,8 @@ fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
 }
 
 #[test]
-fn sigkill_at_random_points_loses_no_acknowledged_commit() {
-    if std::env::var("AEDB_CRASH_CHILD_DIR").is_ok() {
+fn sigkill_during_checkpoints_and_rotations_loses_no_acknowledged_commit() {
+    if std::env::var("AEDB_CRASH_AT_REST_DIR").is_ok() {
         return;
     }
     let iterations: u32 = std::env::var("AEDB_CRASH_ITERATIONS")
@@ -161,14 +173,18 @@ fn sigkill_at_random_points_loses_no_acknowledged_commit() {
             let out = Command::new(std::env::current_exe().expect("exe"))
                 .args([
                     "--exact",
-                    "crash_child_writer",
+                    "crash_at_rest_child",
                     "--nocapture",
                     "--test-threads=1",
                 ])
-                .env("AEDB_CRASH_CHILD_DIR", dir.path())
+                .env("AEDB_CRASH_AT_REST_DIR", dir.path())
                 .envs(encrypted.then_some(("AEDB_CRASH_ENCRYPTED", "1")))
                 .stdout(Stdio::piped())
-                .stderr(if std::env::var("AEDB_CRASH_DEBUG").is_ok() { Stdio::inherit() } else { Stdio::null() })
+                .stderr(if std::env::var("AEDB_CRASH_DEBUG").is_ok() {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                })
                 .spawn();
             let mut child = out.expect("spawn child");
             let stdout = child.stdout.take().expect("stdout");
