@@ -56,7 +56,11 @@ pub struct CommitResult {
 
 /// Writer-side state, guarded by the commit lock.
 struct CommitState {
+    /// The published state (what readers see).
     state: DbState,
+    /// Next sequence number to hand out. Above `state.seq + 1` while commits that
+    /// already have their WAL frame are still applying; they publish in order.
+    next_seq: u64,
     idempotency: HashMap<IdempotencyTag, u64>,
     idempotency_order: VecDeque<IdempotencyTag>,
     history: VecDeque<Arc<DbState>>,
@@ -102,6 +106,11 @@ struct Inner {
     /// One checkpoint at a time; close waits for a running one.
     checkpointing: Mutex<CheckpointState>,
     checkpointer: Arc<(Mutex<bool>, Condvar)>,
+    /// Signalled (with the commit lock) whenever a sequence number is published.
+    published: Condvar,
+    /// One lock per project: a commit holds its project's lock from validation to
+    /// publication, so commits to different projects proceed in parallel.
+    project_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     _lock: DirLock,
 }
 
@@ -337,6 +346,7 @@ impl<M> AedbInstance<M> {
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             history: VecDeque::new(),
+            next_seq: 0,
         };
         let max_idem = config.limits.max_idempotency_records;
         let loaded = load_manifest_and_checkpoint(&dir, &config, false)?;
@@ -417,6 +427,7 @@ impl<M> AedbInstance<M> {
             backup_floor_lsn: manifest_body.as_ref().and_then(|m| m.backup_floor_lsn),
         };
         write_manifest(&dir, &config, &mut ms)?;
+        cs.next_seq = cs.state.seq + 1;
         let published = Arc::new(cs.state.clone());
         cs.history.push_back(published.clone());
         if recovered.report.torn_tail.is_some() || recovered.report.dropped.is_some() {
@@ -447,6 +458,8 @@ impl<M> AedbInstance<M> {
                 last_duration: Duration::ZERO,
             }),
             checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
+            published: Condvar::new(),
+            project_locks: Mutex::new(HashMap::new()),
             _lock: lock,
             config,
         });
@@ -645,16 +658,23 @@ impl<M> AedbInstance<M> {
             });
         }
 
-        let mut cs = self.lock_commit()?;
+        // Phase A, under this project's lock only: commits to other projects run
+        // their validation and apply in parallel; they meet only to take a sequence
+        // number with the WAL append, and to publish in sequence order.
+        let project_lock = self.inner.project_lock(tx.project());
+        let _project_guard = project_lock
+            .try_lock_for(self.inner.config.commit_timeout)
+            .ok_or(AedbError::Timeout {
+                waited_ms: self.inner.config.commit_timeout.as_millis() as u64,
+            })?;
         self.inner.wal.check_healthy()?;
-        if let Some(seq) = tag.as_ref().and_then(|t| cs.idempotency.get(t).copied()) {
-            drop(cs);
-            return self.finish(seq, finality, true);
-        }
+        // The published state is current for this project: only holders of its lock
+        // change it, and they publish before releasing the lock.
+        let latest = self.inner.current.load_full();
         let mut events = Vec::new();
         if let Some(c) = caller {
             for need in tx.required_permissions() {
-                match cs.state.authz.decide(c, &need) {
+                match latest.authz.decide(c, &need) {
                     Decision::Allowed => {}
                     Decision::AllowedAsGlobalAdmin => {
                         events.push(global_admin_use(
@@ -663,14 +683,17 @@ impl<M> AedbInstance<M> {
                             &format!("commit to {}", tx.project()),
                         ));
                     }
-                    Decision::Denied => return self.deny(&mut cs, c, tx.project(), &need),
+                    Decision::Denied => {
+                        let mut cs = self.lock_commit()?;
+                        return self.deny(&mut cs, c, tx.project(), &need);
+                    }
                 }
             }
         }
-        tx.check_conflicts(&cs.state)?;
-        if let Err(e) = tx.check_assertions(&cs.state) {
+        tx.check_conflicts(&latest)?;
+        if let Err(e) = tx.check_assertions(&latest) {
             if let AedbError::AssertionFailed { index, description } = &e {
-                let actual = tx.assertions[*index].actual_redacted(&cs.state, tx.project());
+                let actual = tx.assertions[*index].actual_redacted(&latest, tx.project());
                 let event = AuditEvent::Assertion {
                     actor: caller_name(caller).to_string(),
                     project: tx.project().to_string(),
@@ -682,19 +705,40 @@ impl<M> AedbInstance<M> {
                     expected: description.clone(),
                     actual,
                 };
+                let mut cs = self.lock_commit()?;
                 self.write_audit_locked(&mut cs, &[event])?;
             }
             return Err(e);
+        }
+
+        // Phase B1, under the commit lock: idempotency, a final authorization check
+        // if grants changed meanwhile, the sequence number and the WAL append.
+        let mut cs = self.lock_commit()?;
+        self.inner.wal.check_healthy()?;
+        if let Some(seq) = tag.as_ref().and_then(|t| cs.idempotency.get(t).copied()) {
+            drop(cs);
+            return self.finish(seq, finality, true);
+        }
+        if let Some(c) = caller
+            && cs.state.authz.generation != latest.authz.generation
+        {
+            for need in tx.required_permissions() {
+                if cs.state.authz.decide(c, &need) == Decision::Denied {
+                    return self.deny(&mut cs, c, tx.project(), &need);
+                }
+            }
         }
         if tx.is_empty() && events.is_empty() {
             let seq = cs.state.seq;
             drop(cs);
             return self.finish(seq, finality, false);
         }
-        let seq = cs.state.seq + 1;
         if !events.is_empty() {
+            // Audit rows chain from the audit tables' tails: let every reserved
+            // commit publish first so the tails are final.
+            self.drain(&mut cs);
             if let WalRecord::Commit { audit, .. } = &mut record {
-                *audit = chain_rows(&cs.state, &events, seq, now_unix());
+                *audit = chain_rows(&cs.state, &events, cs.next_seq, now_unix());
             }
             payload = record.encode()?;
             for _ in &events {
@@ -703,24 +747,65 @@ impl<M> AedbInstance<M> {
                     .alert(caller_name(caller), AlertKind::GlobalAdminUse);
             }
         }
-        let mut next = cs.state.clone();
-        next.apply(&record, seq)?;
+        let seq = cs.next_seq;
         let pending = self.inner.wal.append(seq, &payload)?;
-        self.inner.record_rotation()?;
-        cs.state = next;
+        cs.next_seq += 1;
+        if let Err(e) = self.inner.record_rotation() {
+            self.inner.wal.poison(&e);
+        }
         if let Some(tag) = tag {
             cs.remember(tag, seq, self.inner.config.limits.max_idempotency_records);
         }
+        drop(cs);
+
+        // Phase A2, back under the project lock only: apply to this project's state.
+        let mut project = latest
+            .projects
+            .get(tx.project())
+            .cloned()
+            .unwrap_or_default();
+        let applied = match &record {
+            WalRecord::Commit {
+                project: name, ops, ..
+            } => project.apply_ops(name, ops, seq),
+            _ => Ok(()),
+        };
+
+        // Phase B2: publish in sequence order.
+        let mut cs = self.inner.commit.lock();
+        while cs.state.seq + 1 < seq {
+            self.inner.published.wait(&mut cs);
+        }
+        match applied {
+            Ok(()) => {
+                cs.state.projects.insert(tx.project().to_string(), project);
+                if let WalRecord::Commit { audit, .. } = &record
+                    && let Err(e) = cs.state.append_audit(audit, seq)
+                {
+                    self.inner.wal.poison(&e);
+                }
+            }
+            // Validated above, so this is a bug; the frame is in the log, the state
+            // is not: refuse further commits until a reopen replays it.
+            Err(e) => self.inner.wal.poison(&e),
+        }
+        cs.state.seq = seq;
         self.publish(&mut cs);
         drop(cs);
         self.bound_buffer(pending)?;
         self.finish(seq, finality, false)
     }
 
+    /// Waits until every reserved sequence number has been published, so the
+    /// commit state is exactly the log's state (serial operations need that).
+    fn drain(&self, cs: &mut parking_lot::MutexGuard<'_, CommitState>) {
+        self.inner.drain(cs);
+    }
+
     /// Records a permission denial in `assertion_audit` and returns the error.
     fn deny<T>(
         &self,
-        cs: &mut CommitState,
+        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
         caller: &CallerContext,
         project: &str,
         need: &Permission,
@@ -743,9 +828,19 @@ impl<M> AedbInstance<M> {
         })
     }
 
-    /// Appends audit rows as their own commit (commit lock held). Not waited for:
-    /// the flusher makes it durable within the batch interval.
+    /// Appends audit rows as their own commit (commit lock held), after every
+    /// reserved commit has published. Not waited for: the flusher makes it durable
+    /// within the batch interval.
     fn write_audit_locked(
+        &self,
+        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
+        events: &[AuditEvent],
+    ) -> Result<(), AedbError> {
+        self.drain(cs);
+        self.write_audit_locked_inner(cs, events)
+    }
+
+    fn write_audit_locked_inner(
         &self,
         cs: &mut CommitState,
         events: &[AuditEvent],
@@ -792,6 +887,8 @@ impl<M> AedbInstance<M> {
     }
 
     fn publish(&self, cs: &mut CommitState) {
+        cs.next_seq = cs.next_seq.max(cs.state.seq + 1);
+        self.inner.published.notify_all();
         let published = Arc::new(cs.state.clone());
         self.inner.current.store(published.clone());
         cs.history.push_back(published);
@@ -849,7 +946,16 @@ impl<M> AedbInstance<M> {
             }
         }
         let _slot = self.admit()?;
+        // Schema changes to a project wait for its in-flight commits (sorted order:
+        // no deadlock between batches touching several projects).
+        let mut touched: Vec<&str> = ops.iter().filter_map(ddl_project).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let locks: Vec<Arc<Mutex<()>>> =
+            touched.iter().map(|p| self.inner.project_lock(p)).collect();
+        let _guards: Vec<_> = locks.iter().map(|l| l.lock()).collect();
         let mut cs = self.lock_commit()?;
+        self.drain(&mut cs);
         self.inner.wal.check_healthy()?;
         let actor = caller_name(caller).to_string();
         let mut events = Vec::new();
@@ -938,6 +1044,7 @@ impl<M> AedbInstance<M> {
         validate_caller_id(admin)?;
         let _slot = self.admit()?;
         let mut cs = self.lock_commit()?;
+        self.drain(&mut cs);
         if cs.state.authz.bootstrapped {
             return Err(AedbError::AlreadyExists {
                 kind: "bootstrapped GlobalAdmin",
@@ -1159,7 +1266,8 @@ impl<M> AedbInstance<M> {
     /// waits until the log is durable up to it.
     fn capture(&self) -> Result<Captured, AedbError> {
         let cap = {
-            let cs = self.lock_commit()?;
+            let mut cs = self.lock_commit()?;
+            self.drain(&mut cs);
             Captured {
                 state: cs
                     .history
@@ -1550,6 +1658,22 @@ pub(crate) fn validate_caller_id(id: &str) -> Result<(), AedbError> {
 }
 
 impl Inner {
+    /// Waits until every reserved sequence number has been published, so the
+    /// commit state is exactly the log's state (serial operations need that).
+    fn drain(&self, cs: &mut parking_lot::MutexGuard<'_, CommitState>) {
+        while cs.state.seq + 1 < cs.next_seq {
+            self.published.wait(cs);
+        }
+    }
+
+    fn project_lock(&self, project: &str) -> Arc<Mutex<()>> {
+        self.project_locks
+            .lock()
+            .entry(project.to_string())
+            .or_default()
+            .clone()
+    }
+
     /// Records segments sealed by the last append in the manifest (commit lock held).
     fn record_rotation(&self) -> Result<(), AedbError> {
         let sealed = self.wal.take_newly_sealed();
@@ -1568,7 +1692,8 @@ impl Inner {
         let mut ck = self.checkpointing.lock();
         let started = std::time::Instant::now();
         let (state, idempotency, chain_head) = {
-            let cs = self.commit.lock();
+            let mut cs = self.commit.lock();
+            self.drain(&mut cs);
             let state = cs
                 .history
                 .back()
@@ -1755,4 +1880,16 @@ fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
         })
         .map_err(|e| AedbError::io("aedb-checkpointer thread", e))?;
     Ok(())
+}
+
+/// The existing project a schema operation changes (CreateProject adds a new one
+/// under the commit lock alone).
+fn ddl_project(op: &DdlOperation) -> Option<&str> {
+    match op {
+        DdlOperation::CreateScope { project, .. }
+        | DdlOperation::CreateTable { project, .. }
+        | DdlOperation::DropTable { project, .. }
+        | DdlOperation::TransferOwnership { project, .. } => Some(project),
+        _ => None,
+    }
 }

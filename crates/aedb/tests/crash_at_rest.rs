@@ -71,7 +71,7 @@ fn crash_at_rest_child() {
         tx.kv_set("s", &key(n), &value(n)).expect("set");
         // Every fifth commit also carries a second key, so multi-key atomicity is
         // checked: both or neither.
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             tx.kv_set("s", format!("pair{n:08}").as_bytes(), b"p")
                 .expect("pair");
         }
@@ -80,7 +80,7 @@ fn crash_at_rest_child() {
         writeln!(out, "durable {n}").expect("stdout");
         out.flush().expect("flush");
         n += 1;
-        if n % 40 == 0 {
+        if n.is_multiple_of(40) {
             db.checkpoint().expect("checkpoint");
         }
     }
@@ -130,7 +130,7 @@ fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
         );
         assert_eq!(
             kv.get(format!("pair{n:08}").as_bytes()).is_some(),
-            n % 5 == 0,
+            n.is_multiple_of(5),
             "atomicity of commit {n}"
         );
     }

@@ -384,3 +384,89 @@ fn batch_mode_visible_commits_become_durable() {
     let db = open(dir.path());
     assert_eq!(db.snapshot().kv("p", "s").expect("kv").len(), 200);
 }
+
+#[test]
+fn concurrent_commits_to_different_projects_publish_as_a_prefix_of_the_log() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Arc::new(
+        AedbInstance::open(
+            AedbConfig::development().with_durability(DurabilityMode::Batch),
+            dir.path(),
+        )
+        .expect("open"),
+    );
+    for p in ["a", "b", "c"] {
+        db.create_project(p).expect("project");
+        db.create_scope(p, "s").expect("scope");
+    }
+    type CommitLog = Vec<(u64, &'static str, Vec<u8>)>;
+    let log: Arc<Mutex<CommitLog>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut snaps = Vec::new();
+            let mut last = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let s = db.snapshot();
+                assert!(s.seq() >= last, "published sequence went backwards");
+                last = s.seq();
+                if snaps.len() < 200 {
+                    snaps.push(s);
+                }
+                std::thread::yield_now();
+            }
+            snaps
+        })
+    };
+    let writers: Vec<_> = ["a", "b", "c", "a"]
+        .into_iter()
+        .enumerate()
+        .map(|(t, p)| {
+            let (db, log) = (db.clone(), log.clone());
+            std::thread::spawn(move || {
+                for i in 0..300u32 {
+                    let key = format!("t{t}-{i}").into_bytes();
+                    let mut tx = db.begin_write(p).expect("tx");
+                    tx.kv_set("s", &key, b"v").expect("set");
+                    // A bigger transaction now and then keeps the apply phase busy.
+                    if i % 50 == 0 {
+                        for j in 0..2000u32 {
+                            tx.kv_set("s", format!("bulk{t}-{i}-{j}").as_bytes(), b"b")
+                                .expect("bulk");
+                        }
+                    }
+                    let r = db.commit(tx).expect("commit");
+                    log.lock().expect("log").push((r.commit_seq, p, key));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let snaps = reader.join().expect("reader");
+    let log = log.lock().expect("log");
+    let mut seqs: Vec<u64> = log.iter().map(|(s, _, _)| *s).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(
+        seqs.len(),
+        log.len(),
+        "every commit got its own sequence number"
+    );
+    // Every snapshot holds exactly the commits with a sequence number up to its own.
+    for s in snaps.iter().chain(std::iter::once(&db.snapshot())) {
+        for (seq, p, key) in log.iter() {
+            let present = s.kv(p, "s").expect("kv").get(key).is_some();
+            assert_eq!(
+                present,
+                *seq <= s.seq(),
+                "commit {seq} vs snapshot {}",
+                s.seq()
+            );
+        }
+    }
+}

@@ -275,6 +275,9 @@ pub(crate) struct AuthzState {
     pub grants: OrdMap<String, Vec<Grant>>,
     pub owners: OrdMap<String, String>,
     pub bootstrapped: bool,
+    /// Bumped by every change to grants or owners (in-process only): a commit
+    /// validated against an older generation re-checks before it takes its number.
+    pub generation: u64,
 }
 
 /// What an operation needs.
@@ -360,6 +363,7 @@ impl AuthzState {
 impl AuthzState {
     /// Applies a grant, revoke or ownership change; other operations are no-ops here.
     pub(crate) fn apply(&mut self, op: &DdlOperation, actor: &str, seq: u64) {
+        self.generation += 1;
         match op {
             DdlOperation::GrantPermission {
                 grantee,

@@ -85,7 +85,7 @@ impl DbState {
         s
     }
 
-    fn append_audit(&mut self, rows: &[AuditRow], seq: u64) -> Result<(), AedbError> {
+    pub(crate) fn append_audit(&mut self, rows: &[AuditRow], seq: u64) -> Result<(), AedbError> {
         for r in rows {
             let t = self
                 .projects
@@ -137,13 +137,10 @@ impl DbState {
                 audit,
                 ..
             } => {
-                let p = self
-                    .projects
+                self.projects
                     .get_mut(project)
-                    .ok_or_else(|| missing("project", project))?;
-                for op in ops {
-                    apply_op(p, project, op, seq)?;
-                }
+                    .ok_or_else(|| missing("project", project))?
+                    .apply_ops(project, ops, seq)?;
                 self.append_audit(audit, seq)?;
             }
             WalRecord::Ddl { actor, ops, audit } => {
@@ -159,6 +156,7 @@ impl DbState {
                     ));
                 }
                 self.authz.bootstrapped = true;
+                self.authz.generation += 1;
                 self.authz.apply(
                     &DdlOperation::GrantPermission {
                         grantee: admin.clone(),
@@ -203,6 +201,7 @@ impl DbState {
                     .insert(project.clone(), ProjectState::default());
                 if let Some(owner) = owner {
                     self.authz.owners.insert(project.clone(), owner.clone());
+                    self.authz.generation += 1;
                 }
             }
             DdlOperation::CreateScope { project, scope } => {
@@ -263,6 +262,21 @@ impl DbState {
                     .remove(table)
                     .ok_or_else(|| missing("table", &format!("{project}/{scope}/{table}")))?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl ProjectState {
+    /// Applies a commit's writes at `seq` (the engine validated them first).
+    pub(crate) fn apply_ops(
+        &mut self,
+        project: &str,
+        ops: &[WriteOp],
+        seq: u64,
+    ) -> Result<(), AedbError> {
+        for op in ops {
+            apply_op(self, project, op, seq)?;
         }
         Ok(())
     }

@@ -7,7 +7,8 @@
 //!   88..124 reserved (zero) | 124..128 CRC32C of bytes 0..124
 //! Flags: bit 0 = frames encrypted (AES-256-GCM), bit 1 = keyed chain (HMAC-SHA256).
 //! Frame header (48 bytes), then the payload:
-//!   0..4 payload length (>= 1) | 4..8 CRC32C of bytes 8..48 and the payload |
+//!   0..4 payload length (>= 1; bit 31 marks the first frame of a write batch) |
+//!   4..8 CRC32C of bytes 8..48 and the payload |
 //!   8..16 LSN | 16..48 chain hash = H(previous hash || LSN || length || payload), where H is
 //!   HMAC-SHA256 under a key derived from the manifest key (flag bit 1), else SHA-256.
 //! A zero frame header marks the end of the written part of a (preallocated) segment.
@@ -20,6 +21,12 @@ pub(crate) const SEGMENT_HEADER_LEN: usize = 128;
 pub(crate) const FRAME_HEADER_LEN: usize = 48;
 
 pub(crate) type ChainHash = [u8; 32];
+
+/// Bit 31 of a frame's length word: the first frame of one write + fdatasync.
+/// Everything before such a frame was durable when it was written, so damage
+/// followed by a valid batch start is damage to acknowledged data, never a torn
+/// write. (Not covered by the CRC: a flipped flag can only change that verdict.)
+pub(crate) const BATCH_START: u32 = 1 << 31;
 
 pub(crate) const FLAG_ENCRYPTED: u32 = 1;
 pub(crate) const FLAG_KEYED_CHAIN: u32 = 2;
@@ -145,6 +152,7 @@ pub(crate) fn encode_frame(
 /// A frame as it sits in a segment buffer (not yet checked).
 pub(crate) struct RawFrame<'a> {
     pub len: u32,
+    pub batch_start: bool,
     pub crc: u32,
     pub lsn: u64,
     pub hash: ChainHash,
@@ -177,7 +185,8 @@ pub(crate) fn frame_at(buf: &[u8], pos: usize) -> FrameAt<'_> {
             FrameAt::Truncated
         };
     };
-    let len = u32_at(h, 0);
+    let raw_len = u32_at(h, 0);
+    let len = raw_len & !BATCH_START;
     let crc = u32_at(h, 4);
     if len == 0 && crc == 0 && h.iter().all(|&b| b == 0) {
         return FrameAt::End;
@@ -190,6 +199,7 @@ pub(crate) fn frame_at(buf: &[u8], pos: usize) -> FrameAt<'_> {
     hash.copy_from_slice(&h[16..48]);
     FrameAt::Frame(RawFrame {
         len,
+        batch_start: raw_len & BATCH_START != 0,
         crc,
         lsn: u64_at(h, 8),
         hash,

@@ -7,9 +7,41 @@ use super::format::{ChainHash, FRAME_HEADER_LEN, FrameAt, RawFrame, chain_hash, 
 pub(crate) struct Damage {
     pub offset: u64,
     pub reason: String,
-    /// A well-formed frame with the next expected LSN follows the damaged one: the
-    /// damage is in the middle of the log, not a torn final write.
-    pub followed_by_valid: bool,
+    /// Where a well-formed frame (valid CRC, a later LSN) follows the damage: the
+    /// damage is then in the middle of the log, not a torn final write.
+    pub next_valid: Option<usize>,
+    /// The damaged frame itself is complete (its CRC holds): a torn write cannot
+    /// produce that, so it is never treated as a torn tail.
+    pub complete: bool,
+    /// A valid frame that starts a later write batch follows the damage: the
+    /// damaged bytes were fsynced before it was written.
+    pub later_batch: bool,
+}
+
+impl Damage {
+    /// A torn final write: an incomplete frame with no later write batch after it
+    /// (valid frames of the same, unacknowledged batch may follow it: sectors of
+    /// one write can reach the disk in any order).
+    pub fn is_torn(&self) -> bool {
+        !self.complete && !self.later_batch
+    }
+
+    fn after(
+        buf: &[u8],
+        from: usize,
+        min_lsn: u64,
+        offset: usize,
+        reason: String,
+        complete: bool,
+    ) -> Self {
+        Damage {
+            offset: offset as u64,
+            reason,
+            next_valid: next_valid_frame(buf, from, min_lsn, false),
+            complete,
+            later_batch: next_valid_frame(buf, from, min_lsn, true).is_some(),
+        }
+    }
 }
 
 pub(crate) struct ScanOutcome {
@@ -22,7 +54,7 @@ pub(crate) struct ScanOutcome {
 
 /// Visits each good frame of `buf` (a whole segment file) in order, starting at
 /// `start` with `next_lsn` and `prev_hash`. Stops at the end marker, at damage, or
-/// when `visit` fails (its error is returned as damage with `followed_by_valid`).
+/// when `visit` fails (its error is returned as damage to a complete frame).
 pub(crate) fn scan_frames(
     keyed: Option<&ring::hmac::Key>,
     buf: &[u8],
@@ -35,42 +67,44 @@ pub(crate) fn scan_frames(
     let damage = loop {
         let raw = match frame_at(buf, pos) {
             FrameAt::End => {
-                let rest_zero = buf[pos.min(buf.len())..].iter().all(|&b| b == 0);
-                if rest_zero {
+                let Some(nonzero) = buf[pos.min(buf.len())..].iter().position(|&b| b != 0) else {
                     break None;
-                }
-                let nonzero = buf[pos..].iter().position(|&b| b != 0).unwrap_or(0) + pos;
-                break Some(Damage {
-                    offset: pos as u64,
-                    reason: format!(
-                        "end-of-log marker followed by non-zero bytes at offset {nonzero}"
-                    ),
-                    followed_by_valid: valid_frame_from(buf, nonzero, next_lsn),
-                });
+                };
+                let nonzero = nonzero + pos;
+                break Some(Damage::after(
+                    buf,
+                    pos + 1,
+                    next_lsn,
+                    pos,
+                    format!("end-of-log marker followed by non-zero bytes at offset {nonzero}"),
+                    false,
+                ));
             }
             FrameAt::Truncated => {
-                break Some(Damage {
-                    offset: pos as u64,
-                    reason: "frame extends past the end of the segment".into(),
-                    followed_by_valid: false,
-                });
+                break Some(Damage::after(
+                    buf,
+                    pos + 1,
+                    next_lsn,
+                    pos,
+                    "frame extends past the end of the segment".into(),
+                    false,
+                ));
             }
             FrameAt::Frame(f) => f,
         };
         let next_pos = pos + FRAME_HEADER_LEN + raw.len as usize;
-        if let Some(reason) = check_frame(keyed, &raw, next_lsn, &prev_hash) {
-            break Some(Damage {
-                offset: pos as u64,
-                reason,
-                followed_by_valid: valid_frame_from(buf, next_pos, next_lsn + 1),
-            });
+        if let Some((reason, complete)) = check_frame(keyed, &raw, next_lsn, &prev_hash) {
+            break Some(Damage::after(buf, pos + 1, next_lsn, pos, reason, complete));
         }
         if let Err(reason) = visit(raw.lsn, &raw.hash, raw.payload) {
-            break Some(Damage {
-                offset: pos as u64,
+            break Some(Damage::after(
+                buf,
+                next_pos,
+                next_lsn + 1,
+                pos,
                 reason,
-                followed_by_valid: true,
-            });
+                true,
+            ));
         }
         prev_hash = raw.hash;
         next_lsn += 1;
@@ -84,36 +118,69 @@ pub(crate) fn scan_frames(
     }
 }
 
+/// Why a frame is not the next one of the log, and whether it is complete.
 fn check_frame(
     keyed: Option<&ring::hmac::Key>,
     raw: &RawFrame<'_>,
     expected_lsn: u64,
     prev_hash: &ChainHash,
-) -> Option<String> {
+) -> Option<(String, bool)> {
     if !raw.crc_ok() {
-        return Some(format!(
-            "frame checksum mismatch (frame claims LSN {}, {} payload bytes)",
-            raw.lsn, raw.len
+        return Some((
+            format!(
+                "frame checksum mismatch (frame claims LSN {}, {} payload bytes)",
+                raw.lsn, raw.len
+            ),
+            false,
         ));
     }
     if raw.lsn != expected_lsn {
-        return Some(format!(
-            "LSN out of order: expected {expected_lsn}, found {}",
-            raw.lsn
+        return Some((
+            format!(
+                "LSN out of order: expected {expected_lsn}, found {}",
+                raw.lsn
+            ),
+            true,
         ));
     }
     if !crate::crypto::ct_eq(
         &chain_hash(keyed, prev_hash, raw.lsn, raw.payload),
         &raw.hash,
     ) {
-        return Some(format!("hash chain broken at LSN {}", raw.lsn));
+        return Some((format!("hash chain broken at LSN {}", raw.lsn), true));
     }
     None
 }
 
-/// True when a frame with a valid checksum and LSN `lsn` starts at `pos`.
-fn valid_frame_from(buf: &[u8], pos: usize, lsn: u64) -> bool {
-    matches!(frame_at(buf, pos), FrameAt::Frame(f) if f.lsn == lsn && f.crc_ok())
+/// The first offset at or after `from` where a frame with a valid CRC and an LSN
+/// of at least `min_lsn` starts. Any damage (a flipped length, a zeroed header, a
+/// lost sector) followed by such a frame is damage in the middle of the log.
+pub(crate) fn next_valid_frame(
+    buf: &[u8],
+    from: usize,
+    min_lsn: u64,
+    batch_start: bool,
+) -> Option<usize> {
+    // Nothing can start in the zero tail of a preallocated segment.
+    let last_nonzero = buf.iter().rposition(|&b| b != 0)?;
+    let mut p = from;
+    while p <= last_nonzero && p + FRAME_HEADER_LEN <= buf.len() {
+        let word = u32::from_le_bytes([buf[p], buf[p + 1], buf[p + 2], buf[p + 3]]);
+        let len = (word & !super::format::BATCH_START) as usize;
+        if len != 0 && p + FRAME_HEADER_LEN + len <= buf.len() {
+            let mut l = [0u8; 8];
+            l.copy_from_slice(&buf[p + 8..p + 16]);
+            let lsn = u64::from_le_bytes(l);
+            if lsn >= min_lsn
+                && lsn - min_lsn < 1 << 32
+                && matches!(frame_at(buf, p), FrameAt::Frame(f) if f.crc_ok() && (f.batch_start || !batch_start))
+            {
+                return Some(p);
+            }
+        }
+        p += 1;
+    }
+    None
 }
 
 /// Counts CRC-valid frames from `pos` on by following their lengths (best effort,

@@ -136,7 +136,8 @@ pub(crate) fn recover(
         });
     }
 
-    let mut next_lsn = 0;
+    // Reported as the first dropped LSN if the very first header is unreadable.
+    let mut next_lsn = ckpt_lsn + 1;
     let mut head = [0u8; 32];
     let mut position: Option<WriterPosition> = None;
     let mut last_header = None;
@@ -153,7 +154,9 @@ pub(crate) fn recover(
                     missing.display(),
                     segs[i - 1].1.display()
                 ),
-                followed_by_valid: true,
+                next_valid: Some(0),
+                complete: true,
+                later_batch: true,
             };
             return finish_damaged(
                 dir,
@@ -177,7 +180,9 @@ pub(crate) fn recover(
                 let damage = Damage {
                     offset: 0,
                     reason,
-                    followed_by_valid: true,
+                    next_valid: Some(0),
+                    complete: true,
+                    later_batch: true,
                 };
                 return finish_damaged(
                     dir,
@@ -238,7 +243,9 @@ pub(crate) fn recover(
             let damage = Damage {
                 offset: 0,
                 reason,
-                followed_by_valid: true,
+                next_valid: Some(0),
+                complete: true,
+                later_batch: true,
             };
             return finish_damaged(
                 dir,
@@ -310,7 +317,7 @@ pub(crate) fn recover(
         });
         last_header = Some(header);
         if let Some(damage) = outcome.damage {
-            if is_last && !damage.followed_by_valid {
+            if is_last && damage.is_torn() {
                 // Torn final write: never acknowledged, cut off in both modes.
                 if !start.read_only {
                     zero_from(path, damage.offset, buf.len() as u64)?;
@@ -384,9 +391,11 @@ fn finish_damaged(
     }
     let preserve_dir = dir.join("dropped");
     fs::create_dir_all(&preserve_dir).map_err(|e| AedbError::io(&preserve_dir, e))?;
+    // Nanoseconds: two recoveries in the same second must not overwrite each
+    // other's preserved copies.
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_nanos())
         .unwrap_or(0);
     let mut preserved = Vec::new();
     let mut frames_dropped = 0;
@@ -399,7 +408,10 @@ fn finish_damaged(
     let first_moved = if keep_front { i + 1 } else { i };
     if keep_front {
         let buf = fs::read(path).map_err(|e| AedbError::io(path, e))?;
-        let (n, max) = count_frames_best_effort(&buf, damage.offset as usize);
+        let (n, max) = match damage.next_valid.filter(|&p| p > damage.offset as usize) {
+            Some(p) => count_frames_best_effort(&buf, p),
+            None => (0, 0),
+        };
         frames_dropped += n;
         max_dropped_lsn = max_dropped_lsn.max(max);
         let copy = preserve_dir.join(format!("{stamp}-{}", file_name(path)));

@@ -232,6 +232,13 @@ impl WalWriter {
         }
     }
 
+    /// Refuses all further commits (the in-memory state and the log disagree).
+    pub fn poison(&self, e: &AedbError) {
+        tracing::error!(error = %e, "refusing further commits until the database is reopened");
+        self.sync.lock().failed = Some(e.to_string());
+        self.synced.notify_all();
+    }
+
     /// Appends a frame for `lsn`. Must be called with LSNs in order (the engine holds
     /// its commit lock). Returns the pending-buffer size after the append.
     pub fn append(&self, lsn: u64, payload: &[u8]) -> Result<usize, AedbError> {
@@ -349,6 +356,8 @@ impl WalWriter {
             p.last_lsn
         };
         if !io.spare.is_empty() {
+            // The buffer starts with a frame header: mark the batch start.
+            io.spare[3] |= (super::format::BATCH_START >> 24) as u8;
             io.file
                 .write_all_at(&io.spare, io.written_offset)
                 .map_err(|e| AedbError::io(&io.path, e))?;
