@@ -1274,11 +1274,6 @@ impl<M> AedbInstance<M> {
                     .back()
                     .cloned()
                     .unwrap_or_else(|| Arc::new(cs.state.clone())),
-                idempotency: cs
-                    .idempotency_order
-                    .iter()
-                    .filter_map(|t| cs.idempotency.get(t).map(|s| (t.clone(), *s)))
-                    .collect(),
                 chain_head: self.inner.wal.head().2,
             }
         };
@@ -1304,8 +1299,29 @@ impl<M> AedbInstance<M> {
         dest: &Path,
         progress: &mut dyn FnMut(BackupProgress),
     ) -> Result<BackupReport, AedbError> {
+        // Checkpoints wait while the live files are copied: they would delete them.
+        let _no_checkpoint = self.inner.checkpointing.lock();
         let cap = self.capture()?;
-        let r = crate::backup::write_full(dest, &cap, &self.inner.config, progress)?;
+        let live = {
+            let ms = self.inner.manifest.lock();
+            crate::backup::LiveFiles {
+                checkpoint: ms.checkpoint.clone(),
+                segments: ms
+                    .sealed
+                    .iter()
+                    .map(|s| (s.index, s.first_lsn))
+                    .chain(std::iter::once((ms.active_index, ms.active_first_lsn)))
+                    .collect(),
+            }
+        };
+        let r = crate::backup::write_full(
+            dest,
+            &self.inner.dir,
+            &live,
+            &cap,
+            &self.inner.config,
+            progress,
+        )?;
         self.set_backup_floor(r.end_lsn)?;
         tracing::info!(dir = %dest.display(), end_lsn = r.end_lsn, bytes = r.bytes, "full backup written");
         Ok(r)

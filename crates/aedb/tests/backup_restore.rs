@@ -62,9 +62,12 @@ fn build_chain(root: &Path, incrementals: usize) -> (Vec<PathBuf>, u32) {
     )
     .expect("table");
     write(&db, 0, 300);
+    // The full backup copies the live checkpoint and the WAL written after it.
+    db.checkpoint().expect("checkpoint");
+    write(&db, 300, 350);
     let mut chain = vec![root.join("b00-full")];
     db.backup_full(&chain[0]).expect("full backup");
-    let mut n = 300;
+    let mut n = 350;
     for i in 1..=incrementals {
         write(&db, n, n + 200);
         n += 200;

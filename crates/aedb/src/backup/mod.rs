@@ -31,7 +31,6 @@ use crate::crypto::{self, LABEL_BACKUP};
 use crate::error::AedbError;
 use crate::manifest::{read_signed, write_signed};
 use crate::model::state::DbState;
-use crate::record::IdempotencyTag;
 use crate::wal::format::{
     ChainHash, FRAME_HEADER_LEN, FrameAt, SEGMENT_HEADER_LEN, SegmentHeader, frame_at,
     parse_segment_file_name,
@@ -126,7 +125,6 @@ pub struct RestoreReport {
 /// The state a backup is taken from, captured under the commit lock.
 pub(crate) struct Captured {
     pub state: std::sync::Arc<DbState>,
-    pub idempotency: Vec<(IdempotencyTag, u64)>,
     pub chain_head: ChainHash,
 }
 
@@ -232,43 +230,82 @@ pub fn verify_backup_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBack
     })
 }
 
-/// Writes a full backup of `cap` into `dest`.
+/// The live files a full backup copies: the checkpoint (if any) and the WAL
+/// segments (index, first LSN) in order. Taken with checkpoints held off.
+pub(crate) struct LiveFiles {
+    pub checkpoint: Option<crate::checkpoint::CheckpointMeta>,
+    pub segments: Vec<(u64, u64)>,
+}
+
+/// Copies `src` to `dst` while hashing it; returns (sha256 hex, bytes).
+fn copy_hashed(
+    src: &Path,
+    dst: &Path,
+    progress: &mut dyn FnMut(u64),
+    done: &mut u64,
+) -> Result<(String, u64), AedbError> {
+    use std::io::Read;
+    let mut input = fs::File::open(src).map_err(|e| AedbError::io(src, e))?;
+    let mut output = fs::File::create(dst).map_err(|e| AedbError::io(dst, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf).map_err(|e| AedbError::io(src, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        output
+            .write_all(&buf[..n])
+            .map_err(|e| AedbError::io(dst, e))?;
+        total += n as u64;
+        *done += n as u64;
+        progress(*done);
+    }
+    output.sync_all().map_err(|e| AedbError::io(dst, e))?;
+    Ok((hex::encode(h.finalize()), total))
+}
+
+/// Writes a full backup at `cap.state.seq`: a copy of the live checkpoint plus the
+/// WAL segments after it up to that LSN (files, not a re-encoding: it runs at disk
+/// speed and the data stays encrypted as stored). Restore loads the checkpoint and
+/// replays the copied frames.
 pub(crate) fn write_full(
     dest: &Path,
+    data_dir: &Path,
+    live: &LiveFiles,
     cap: &Captured,
     config: &AedbConfig,
     progress: &mut dyn FnMut(BackupProgress),
 ) -> Result<BackupReport, AedbError> {
     let started = Instant::now();
+    let end_lsn = cap.state.seq;
     let staging = staging_for(dest, "partial")?;
-    let meta = checkpoint::write(
-        &staging,
-        &cap.state,
-        &cap.idempotency,
-        cap.chain_head,
-        config.checkpoint_key.as_ref(),
-        &mut |bytes| {
+    // The parity digests are computed while the files are copied.
+    let (digests, copied) = std::thread::scope(|scope| {
+        let digests = scope.spawn(|| state_digests(&cap.state));
+        let copied = copy_live(data_dir, &staging, live, end_lsn, &mut |b| {
             progress(BackupProgress {
-                phase: "checkpoint",
-                bytes_done: bytes,
+                phase: "copy",
+                bytes_done: b,
             })
-        },
-    )?;
-    let (sha, bytes) = sha256_file(&staging.join(&meta.file))?;
+        });
+        (digests.join(), copied)
+    });
+    let digests =
+        digests.map_err(|_| AedbError::InvalidArgument("digest thread panicked".into()))?;
+    let (members, bytes, start) = copied?;
     let d = BackupDescriptor {
         format_version: FORMAT_VERSION,
         backup_id: hex::encode(crypto::random_bytes::<12>()?),
         kind: "full".into(),
         parent: None,
         start_lsn: 0,
-        end_lsn: cap.state.seq,
+        end_lsn,
         end_chain_head: hex::encode(cap.chain_head),
-        members: vec![Member {
-            file: meta.file.clone(),
-            sha256: sha,
-            bytes,
-        }],
-        keyspaces: state_digests(&cap.state),
+        members,
+        keyspaces: digests,
         created_at: crate::audit::now_unix(),
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config
@@ -277,12 +314,70 @@ pub(crate) fn write_full(
             .map(|k| hex::encode(crypto::key_id(k))),
     };
     write_descriptor(&staging, &d, config.manifest_key.as_ref())?;
+    verify_wal_members(config, &staging, &d, (start.0, &start.1))?;
     publish(&staging, dest)?;
     progress(BackupProgress {
         phase: "done",
         bytes_done: bytes,
     });
     Ok(report(dest, &d, bytes, started.elapsed()))
+}
+
+/// What `copy_live` copied: the members, the bytes, and the (LSN, chain head) the
+/// copied WAL continues from.
+type Copied = (Vec<Member>, u64, (u64, String));
+
+/// Copies the checkpoint and the WAL after it into `staging`.
+fn copy_live(
+    data_dir: &Path,
+    staging: &Path,
+    live: &LiveFiles,
+    end_lsn: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Copied, AedbError> {
+    let mut members = Vec::new();
+    let mut done = 0u64;
+    let start = match &live.checkpoint {
+        Some(c) => {
+            let (sha, bytes) = copy_hashed(
+                &data_dir.join(&c.file),
+                &staging.join(&c.file),
+                progress,
+                &mut done,
+            )?;
+            members.push(Member {
+                file: c.file.clone(),
+                sha256: sha,
+                bytes,
+            });
+            (c.lsn, hex::encode(c.chain_head))
+        }
+        None => (0, hex::encode([0u8; 32])),
+    };
+    for (i, (index, first)) in live.segments.iter().enumerate() {
+        let next_first = live.segments.get(i + 1).map_or(u64::MAX, |(_, f)| *f);
+        // Only segments holding frames after the checkpoint, up to the end LSN.
+        if next_first <= start.0 + 1 || *first > end_lsn {
+            continue;
+        }
+        let name = crate::wal::format::segment_file_name(*index);
+        let src = data_dir.join(&name);
+        let buf = fs::read(&src).map_err(|e| AedbError::io(&src, e))?;
+        let end = end_of_frames_upto(&buf, end_lsn);
+        let out = staging.join(&name);
+        let mut f = fs::File::create(&out).map_err(|e| AedbError::io(&out, e))?;
+        f.write_all(&buf[..end])
+            .and_then(|()| f.sync_all())
+            .map_err(|e| AedbError::io(&out, e))?;
+        done += end as u64;
+        progress(done);
+        members.push(Member {
+            file: name,
+            sha256: hex::encode(Sha256::digest(&buf[..end])),
+            bytes: end as u64,
+        });
+    }
+    Ok((members, done, start))
 }
 
 fn report(dest: &Path, d: &BackupDescriptor, bytes: u64, took: Duration) -> BackupReport {
@@ -395,7 +490,7 @@ pub(crate) fn write_incremental(
     };
     write_descriptor(&staging, &d, config.manifest_key.as_ref())?;
     // The copied frames must form exactly the promised range before we publish.
-    verify_wal_members(config, &staging, &d, p)?;
+    verify_wal_members(config, &staging, &d, (p.end_lsn, &p.end_chain_head))?;
     publish(&staging, dest)?;
     progress(BackupProgress {
         phase: "done",
@@ -410,9 +505,25 @@ fn verify_wal_members(
     config: &AedbConfig,
     dir: &Path,
     d: &BackupDescriptor,
-    parent: &BackupDescriptor,
+    (parent_lsn, parent_head): (u64, &str),
 ) -> Result<u64, AedbError> {
-    if d.start_lsn > d.end_lsn {
+    let segments: Vec<&Member> = d
+        .members
+        .iter()
+        .filter(|m| parse_segment_file_name(&m.file).is_some())
+        .collect();
+    if segments.is_empty() {
+        // Nothing after the starting point: it must already be the end.
+        if parent_lsn != d.end_lsn || parent_head != d.end_chain_head {
+            return Err(AedbError::corruption(
+                dir.join(DESCRIPTOR_FILE),
+                0,
+                format!(
+                    "no WAL members, but the range runs from LSN {parent_lsn} to {}",
+                    d.end_lsn
+                ),
+            ));
+        }
         return Ok(0);
     }
     let keys = WalKeys::new(config.manifest_key.as_ref(), None, None);
@@ -420,7 +531,7 @@ fn verify_wal_members(
     let mut head = [0u8; 32];
     let mut frames = 0;
     let mut first = true;
-    for m in &d.members {
+    for m in segments {
         let path = dir.join(&m.file);
         let buf = fs::read(&path).map_err(|e| AedbError::io(&path, e))?;
         let h = SegmentHeader::decode(&buf).map_err(|r| AedbError::corruption(&path, 0, r))?;
@@ -442,8 +553,6 @@ fn verify_wal_members(
                 "segment does not continue the previous member's chain",
             ));
         }
-        let parent_lsn = parent.end_lsn;
-        let parent_head = parent.end_chain_head.clone();
         if h.first_lsn == parent_lsn + 1 && hex::encode(h.prev_hash) != parent_head {
             return Err(AedbError::corruption(
                 &path,
@@ -514,25 +623,30 @@ pub fn verify_backup_chain(
     .into_iter()
     .flatten()
     .collect();
-    let ckpt = full.descriptor.members.first().ok_or_else(|| {
-        AedbError::corruption(
-            first.join(DESCRIPTOR_FILE),
-            0,
-            "full backup without a checkpoint",
-        )
-    })?;
-    let (_, meta) = checkpoint::read(&first.join(&ckpt.file), &keys)?;
-    if meta.lsn != full.descriptor.end_lsn
-        || hex::encode(meta.chain_head) != full.descriptor.end_chain_head
+    // The checkpoint (if the database had one) is authenticated and decoded; the
+    // WAL members must continue its chain head up to the backup's end.
+    let start = match full
+        .descriptor
+        .members
+        .iter()
+        .find(|m| checkpoint::parse_file_name(&m.file).is_some())
     {
-        return Err(AedbError::corruption(
-            first.join(&ckpt.file),
-            0,
-            "checkpoint LSN or chain head differs from the descriptor",
-        ));
-    }
-    let mut frames = 0;
+        Some(ckpt) => {
+            let (_, meta) = checkpoint::read(&first.join(&ckpt.file), &keys)?;
+            if meta.lsn > full.descriptor.end_lsn {
+                return Err(AedbError::corruption(
+                    first.join(&ckpt.file),
+                    0,
+                    "checkpoint is newer than the backup's end LSN",
+                ));
+            }
+            (meta.lsn, hex::encode(meta.chain_head))
+        }
+        None => (0, hex::encode([0u8; 32])),
+    };
+    let mut frames = verify_wal_members(config, first, &full.descriptor, (start.0, &start.1))?;
     let mut backups = vec![full];
+
     for dir in &chain[1..] {
         let v = verify_backup_dir(config, dir)?;
         let prev = &backups[backups.len() - 1];
@@ -564,7 +678,12 @@ pub fn verify_backup_chain(
                 ),
             ));
         }
-        frames += verify_wal_members(config, dir, d, &prev.descriptor)?;
+        frames += verify_wal_members(
+            config,
+            dir,
+            d,
+            (prev.descriptor.end_lsn, &prev.descriptor.end_chain_head),
+        )?;
         backups.push(v);
     }
     let last = &backups[backups.len() - 1].descriptor;
@@ -639,7 +758,12 @@ pub fn restore_from_backup_chain(
 
 fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<(), AedbError> {
     let full = &chain.backups[0];
-    for m in &full.descriptor.members {
+    let ckpt = full
+        .descriptor
+        .members
+        .iter()
+        .find(|m| checkpoint::parse_file_name(&m.file).is_some());
+    if let Some(m) = ckpt {
         fs::copy(full.dir.join(&m.file), staging.join(&m.file))
             .map_err(|e| AedbError::io(staging, e))?;
     }
@@ -647,7 +771,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     // that each earlier copy is a prefix of it.
     let mut segments: std::collections::BTreeMap<u64, (PathBuf, Vec<u8>)> =
         std::collections::BTreeMap::new();
-    for b in &chain.backups[1..] {
+    for b in &chain.backups {
         for m in &b.descriptor.members {
             let Some(index) = parse_segment_file_name(&m.file) else {
                 continue;
@@ -676,7 +800,6 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     }
     // No manifest is copied: a restored database gets a fresh one, written by a
     // permissive-free, strict open of exactly these files.
-    let ckpt = &full.descriptor.members[0].file;
     let keys: Vec<&SecretKey> = [
         config.checkpoint_key.as_ref(),
         config.previous_checkpoint_key.as_ref(),
@@ -684,17 +807,23 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     .into_iter()
     .flatten()
     .collect();
-    let (_, meta) = checkpoint::read(&staging.join(ckpt), &keys)?;
+    let checkpoint_ref = match ckpt {
+        Some(m) => {
+            let (_, meta) = checkpoint::read(&staging.join(&m.file), &keys)?;
+            Some(crate::manifest::CheckpointRef {
+                file: meta.file.clone(),
+                lsn: meta.lsn,
+                chain_head: hex::encode(meta.chain_head),
+                digest: hex::encode(meta.digest),
+                bytes: meta.bytes,
+            })
+        }
+        None => None,
+    };
     let body = crate::manifest::ManifestBody {
         format_version: crate::manifest::FORMAT_VERSION,
         generation: 0,
-        checkpoint: Some(crate::manifest::CheckpointRef {
-            file: meta.file.clone(),
-            lsn: meta.lsn,
-            chain_head: hex::encode(meta.chain_head),
-            digest: hex::encode(meta.digest),
-            bytes: meta.bytes,
-        }),
+        checkpoint: checkpoint_ref,
         segments: Vec::new(),
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config
