@@ -838,8 +838,18 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     strict.bootstrap_admin = None;
     strict.checkpoint_wal_bytes = None;
     strict.checkpoint_interval = None;
+    // The strict open verifies checksums, chain, authentication and the
+    // checkpoint; the state it loaded is then checked and compared directly.
     let db = crate::AedbInstance::open(strict, staging)?;
     let head = db.head_for_backup();
+    let snap = db.snapshot();
+    let failed: Vec<String> = crate::check::state_checks(&snap.state)
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    let digests = state_digests(&snap.state);
+    drop(snap);
     db.close()?;
     let last = &chain.backups[chain.backups.len() - 1].descriptor;
     if head.0 != last.end_lsn || hex::encode(head.1) != last.end_chain_head {
@@ -852,21 +862,13 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
             ),
         ));
     }
-    let (state, report) = crate::check::load_read_only(staging, config)?;
-    if !report.ok() {
-        let failed: Vec<String> = report
-            .checks
-            .iter()
-            .filter(|c| !c.ok)
-            .map(|c| format!("{}: {}", c.name, c.detail))
-            .collect();
+    if !failed.is_empty() {
         return Err(AedbError::corruption(
             staging,
             0,
             format!("restored database fails checks: {}", failed.join("; ")),
         ));
     }
-    let digests = state.as_ref().map(state_digests).unwrap_or_default();
     if digests != last.keyspaces {
         return Err(AedbError::corruption(
             staging,
