@@ -294,6 +294,18 @@ impl Run {
                 report::format_value("checkpoint_max_commit_stall_s", ck.max_commit_stall_s),
             );
         }
+        if let Some(b) = report.backup {
+            eprintln!(
+                "[W4+W5] {}: full backup {}, incremental backup {}, restore+verify {}",
+                engine.name(),
+                report::format_value("backup_full_s", b.backup_full_s),
+                b.backup_incremental_s.map_or_else(
+                    || "-".into(),
+                    |v| report::format_value("backup_incremental_s", v)
+                ),
+                report::format_value("restore_verify_s", b.restore_verify_s),
+            );
+        }
         let mut figures = Vec::new();
         if w4 {
             figures.extend([
@@ -311,6 +323,13 @@ impl Run {
         }
         if w5 {
             figures.push(("W5", "reopen_s", report.reopen_s));
+            if let Some(b) = report.backup {
+                figures.push(("W5", "backup_full_s", b.backup_full_s));
+                if let Some(incremental) = b.backup_incremental_s {
+                    figures.push(("W5", "backup_incremental_s", incremental));
+                }
+                figures.push(("W5", "restore_verify_s", b.restore_verify_s));
+            }
         }
         for (workload, metric, value) in figures {
             self.record(Figure {

@@ -13,7 +13,7 @@ pub struct Figure {
 }
 
 /// Table rows, in reading order.
-const ROWS: [(&str, &str); 10] = [
+const ROWS: [(&str, &str); 13] = [
     ("W1", "commits_per_s"),
     ("W2", "commits_per_s"),
     ("W3", "commits_per_s"),
@@ -24,6 +24,9 @@ const ROWS: [(&str, &str); 10] = [
     ("W4", "checkpoint_s"),
     ("W4", "checkpoint_max_commit_stall_s"),
     ("W5", "reopen_s"),
+    ("W5", "backup_full_s"),
+    ("W5", "backup_incremental_s"),
+    ("W5", "restore_verify_s"),
 ];
 
 const ENGINE_COLUMNS: [&str; 5] = ["aedb", "aedb_enc", "redb", "sqlite", "fsync_floor"];
@@ -40,7 +43,7 @@ struct Target {
     label: &'static str,
 }
 
-const TARGETS: [Target; 7] = [
+const TARGETS: [Target; 8] = [
     Target {
         workload: "W1",
         metric: "commits_per_s",
@@ -89,6 +92,13 @@ const TARGETS: [Target; 7] = [
         peer: "redb",
         min_advantage: 0.5,
         label: ">=0.5x redb (RSS <=2x)",
+    },
+    Target {
+        workload: "W5",
+        metric: "backup_full_s",
+        peer: "sqlite",
+        min_advantage: 0.5,
+        label: ">=0.5x sqlite (time <=2x)",
     },
 ];
 
@@ -218,9 +228,6 @@ pub fn render_table(figures: &[Figure]) -> String {
 }
 
 fn target_text(figures: &[Figure], workload: &str, metric: &str) -> String {
-    if workload == "W5" {
-        return "report only".into();
-    }
     let parts: Vec<String> = TARGETS
         .iter()
         .filter(|t| t.workload == workload && t.metric == metric)
@@ -237,6 +244,9 @@ fn target_text(figures: &[Figure], workload: &str, metric: &str) -> String {
             format!("{} {verdict}", t.label)
         })
         .collect();
+    if parts.is_empty() && workload == "W5" {
+        return "report only".into();
+    }
     parts.join("; ")
 }
 
@@ -256,4 +266,11 @@ before the checkpoint.
 W4 checkpoint (aedb only): after the gets and scan, an on-demand checkpoint of the whole data \
 set while one thread commits single keys durably; checkpoint_s is the engine-reported duration, \
 checkpoint_max_commit_stall_s the longest single commit overlapping the checkpoint call. W5 \
-reopen then loads that checkpoint and replays only the log written after it.";
+reopen then loads that checkpoint and replays only the log written after it.
+W5 backups (aedb and sqlite; redb has no online backup), on the reopened store: \
+backup_full_s is aedb backup_full into a fresh dir (one checkpoint file plus its descriptor; \
+aedb_enc encrypts the one and signs the other) vs sqlite's online backup API copying every \
+page in one step; backup_incremental_s (aedb only) is backup_incremental of the WAL after 10,000 more keys \
+in 100 durable commits; restore_verify_s is aedb restore_from_backup_chain of full+incremental \
+(verifies signatures, hashes, links and the WAL chain, opens strictly, checks digests) vs \
+sqlite copying its backup file into place, opening it and running PRAGMA integrity_check.";

@@ -3,7 +3,7 @@
 //! spawning threads and building keys up front are excluded).
 
 use std::hint::black_box;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -168,6 +168,20 @@ pub struct LoadReport {
     pub reopen_s: f64,
     /// Engines with an on-demand checkpoint only (aedb).
     pub checkpoint: Option<CheckpointStall>,
+    /// Engines with backups only (aedb, SQLite).
+    pub backup: Option<BackupTimes>,
+}
+
+/// W5 backup and restore of the loaded data set.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct BackupTimes {
+    /// A full online backup into a fresh directory.
+    pub backup_full_s: f64,
+    /// An incremental backup after `INCREMENTAL_COMMITS` more durable
+    /// commits (aedb only; SQLite has no incremental backup).
+    pub backup_incremental_s: Option<f64>,
+    /// Restoring the chain into a fresh directory, verification included.
+    pub restore_verify_s: f64,
 }
 
 /// An on-demand checkpoint of the loaded data set while a writer commits.
@@ -186,7 +200,9 @@ pub struct CheckpointStall {
 
 /// W4 then W5. Meant to run alone in a child process so the peak RSS is the
 /// engine's (plus a small, equal harness overhead), not the whole run's.
-pub fn load_read_reopen<E: Engine>(dir: &Path, sizes: LoadSizes) -> Result<LoadReport> {
+/// `root` holds the store (`db`) and, for W5, its backups and the restore.
+pub fn load_read_reopen<E: Engine>(root: &Path, sizes: LoadSizes) -> Result<LoadReport> {
+    let dir = &root.join("db");
     let engine = E::open(dir, Mode::Durable)?;
     let mut session = engine.session()?;
 
@@ -278,7 +294,16 @@ pub fn load_read_reopen<E: Engine>(dir: &Path, sizes: LoadSizes) -> Result<LoadR
             format!("key {last_written} (written during the checkpoint) missing after reopen")
         })?;
     }
-    engine.close()?;
+
+    // W5 backups, on the reopened store. Keys written for the incremental
+    // one follow every key written so far.
+    let next_key = checkpoint.map_or(sizes.keys, |(_, last_written)| last_written + 1);
+    let backup = if E::BACKUPS {
+        Some(backup_and_restore(engine, root, next_key)?)
+    } else {
+        engine.close()?;
+        None
+    };
 
     Ok(LoadReport {
         load_s: load.as_secs_f64(),
@@ -287,6 +312,82 @@ pub fn load_read_reopen<E: Engine>(dir: &Path, sizes: LoadSizes) -> Result<LoadR
         peak_rss_bytes,
         reopen_s: reopen.as_secs_f64(),
         checkpoint: checkpoint.map(|(stall, _)| stall),
+        backup,
+    })
+}
+
+/// Durable commits written between the full and the incremental backup.
+const INCREMENTAL_COMMITS: u64 = 100;
+/// Keys per commit written between the full and the incremental backup.
+const INCREMENTAL_BATCH: u64 = 100;
+
+/// W5 backups: a full backup of the open store; for engines that have them,
+/// `INCREMENTAL_COMMITS` durable commits of `INCREMENTAL_BATCH` new keys
+/// (from `next_key`) and an incremental backup; then, with the store closed,
+/// a restore of the chain into a fresh directory. Each figure times only the
+/// engine's backup or restore call. Afterwards (untimed) the restored store
+/// is opened and must hold the last key the chain covers.
+fn backup_and_restore<E: Engine>(engine: E, root: &Path, next_key: u64) -> Result<BackupTimes> {
+    let full_dir = root.join("backup-full");
+    let start = Instant::now();
+    engine.backup_full(&full_dir).context("full backup")?;
+    let backup_full = start.elapsed();
+    let mut chain: Vec<PathBuf> = vec![full_dir];
+    let mut last_key = next_key - 1;
+
+    let backup_incremental = if E::INCREMENTAL_BACKUPS {
+        let mut session = engine.session()?;
+        let mut batch: Vec<(Key, Value)> = Vec::with_capacity(usize::try_from(INCREMENTAL_BATCH)?);
+        let start = Instant::now();
+        for commit in 0..INCREMENTAL_COMMITS {
+            let first = next_key + commit * INCREMENTAL_BATCH;
+            batch.clear();
+            batch.extend((first..first + INCREMENTAL_BATCH).map(|i| (key(i), value(i))));
+            session.put_batch(&batch)?;
+        }
+        let writes = start.elapsed();
+        drop(session);
+        last_key = next_key + INCREMENTAL_COMMITS * INCREMENTAL_BATCH - 1;
+
+        let incremental_dir = root.join("backup-incremental");
+        let start = Instant::now();
+        engine
+            .backup_incremental(&incremental_dir, &chain[0])
+            .context("incremental backup")?;
+        let took = start.elapsed();
+        eprintln!(
+            "  backup: {} keys in {INCREMENTAL_COMMITS} durable commits took {:.3} s before \
+             the incremental backup",
+            INCREMENTAL_COMMITS * INCREMENTAL_BATCH,
+            writes.as_secs_f64(),
+        );
+        chain.push(incremental_dir);
+        Some(took)
+    } else {
+        None
+    };
+    engine.close()?;
+
+    let target = root.join("restored");
+    let start = Instant::now();
+    E::restore_backups(&chain, &target).context("restore from backup")?;
+    let restore = start.elapsed();
+
+    let restored = E::open(&target, Mode::Durable).context("opening the restored store")?;
+    {
+        let mut session = restored.session()?;
+        let mut view = session.read_view()?;
+        for i in [0, last_key] {
+            view.get_len(&key(i))?
+                .with_context(|| format!("key {i} missing after the restore"))?;
+        }
+    }
+    restored.close()?;
+
+    Ok(BackupTimes {
+        backup_full_s: backup_full.as_secs_f64(),
+        backup_incremental_s: backup_incremental.map(|d| d.as_secs_f64()),
+        restore_verify_s: restore.as_secs_f64(),
     })
 }
 

@@ -4,7 +4,7 @@
 //! AES-256-GCM WAL frames and checkpoints), otherwise identical.
 
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aedb::{AedbConfig, AedbInstance, CommitFinality, DurabilityMode, KvView, Snapshot};
 use anyhow::Result;
@@ -29,30 +29,41 @@ pub struct AedbEngine<const ENCRYPTED: bool> {
     finality: CommitFinality,
 }
 
+impl<const ENCRYPTED: bool> AedbEngine<ENCRYPTED> {
+    /// The configuration the store is opened with; restoring a backup uses
+    /// the same one.
+    fn config(mode: Mode) -> Result<AedbConfig> {
+        let durability = match mode {
+            Mode::Durable => DurabilityMode::Full,
+            Mode::Relaxed => DurabilityMode::Batch,
+        };
+        Ok(if ENCRYPTED {
+            let cfg = AedbConfig::production(MANIFEST_KEY)
+                .with_checkpoint_key(CHECKPOINT_KEY)
+                .with_durability(durability);
+            // Keeps this variant from silently measuring the plain engine.
+            anyhow::ensure!(cfg.has_checkpoint_key() && cfg.has_manifest_key());
+            cfg
+        } else {
+            AedbConfig::development().with_durability(durability)
+        })
+    }
+}
+
 impl<const ENCRYPTED: bool> Engine for AedbEngine<ENCRYPTED> {
     type Session<'a> = AedbSession<'a, ENCRYPTED>;
 
     fn open(dir: &Path, mode: Mode) -> Result<Self> {
         let fresh = !dir.exists();
-        let (durability, finality) = match mode {
-            Mode::Durable => (DurabilityMode::Full, CommitFinality::Durable),
+        let finality = match mode {
+            Mode::Durable => CommitFinality::Durable,
             // Batch durability fsyncs on a timer; Visible returns once the
             // commit is applied, without waiting for that fsync.
-            Mode::Relaxed => (DurabilityMode::Batch, CommitFinality::Visible),
+            Mode::Relaxed => CommitFinality::Visible,
         };
-        let db = if ENCRYPTED {
-            let cfg = AedbConfig::production(MANIFEST_KEY)
-                .with_checkpoint_key(CHECKPOINT_KEY)
-                .with_durability(durability);
-            // The development handle (anonymous API) over a production config: the
-            // bench measures storage and crypto, not authorization. The assert keeps
-            // this variant from silently measuring the plain engine.
-            anyhow::ensure!(cfg.has_checkpoint_key() && cfg.has_manifest_key());
-            AedbInstance::open(cfg, dir)?
-        } else {
-            let cfg = AedbConfig::development().with_durability(durability);
-            AedbInstance::open(cfg, dir)?
-        };
+        // The development handle (anonymous API) also over the production
+        // config: the bench measures storage and crypto, not authorization.
+        let db = AedbInstance::open(Self::config(mode)?, dir)?;
         if fresh {
             db.create_project(PROJECT)?;
             db.create_scope(PROJECT, SCOPE)?;
@@ -80,6 +91,26 @@ impl<const ENCRYPTED: bool> Engine for AedbEngine<ENCRYPTED> {
             duration: info.duration,
             bytes: info.bytes,
         })
+    }
+
+    const BACKUPS: bool = true;
+    const INCREMENTAL_BACKUPS: bool = true;
+
+    fn backup_full(&self, dest: &Path) -> Result<()> {
+        self.db.backup_full(dest)?;
+        Ok(())
+    }
+
+    fn backup_incremental(&self, dest: &Path, parent: &Path) -> Result<()> {
+        self.db.backup_incremental(dest, parent)?;
+        Ok(())
+    }
+
+    fn restore_backups(chain: &[PathBuf], target: &Path) -> Result<()> {
+        // Verifies every descriptor signature, member hash, parent link and
+        // the WAL chain, opens the result strictly and checks its digests.
+        aedb::restore_from_backup_chain(&Self::config(Mode::Durable)?, chain, target)?;
+        Ok(())
     }
 }
 

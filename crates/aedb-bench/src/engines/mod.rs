@@ -6,7 +6,7 @@ pub mod floor;
 pub mod redb;
 pub mod sqlite;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -46,6 +46,32 @@ pub trait Engine: Sized + Sync {
     /// threads keep committing.
     fn checkpoint(&self) -> Result<Checkpointed> {
         bail!("this engine has no on-demand checkpoint")
+    }
+
+    /// Whether `backup_full` and `restore_backups` are supported (aedb and
+    /// SQLite; redb has no online backup to measure).
+    const BACKUPS: bool = false;
+
+    /// Whether `backup_incremental` is supported (aedb only: SQLite's backup
+    /// API always copies the whole database).
+    const INCREMENTAL_BACKUPS: bool = false;
+
+    /// Writes a consistent backup of the whole store into `dest` (absent or
+    /// an empty directory) while the store stays open.
+    fn backup_full(&self, _dest: &Path) -> Result<()> {
+        bail!("this engine has no online backup")
+    }
+
+    /// Writes what changed since the backup in `parent` into `dest`.
+    fn backup_incremental(&self, _dest: &Path, _parent: &Path) -> Result<()> {
+        bail!("this engine has no incremental backup")
+    }
+
+    /// Restores the backups in `chain` (a full one, then incremental ones)
+    /// into `target` (absent or empty), verifies the result and leaves a
+    /// store that `open(target, Mode::Durable)` opens.
+    fn restore_backups(_chain: &[PathBuf], _target: &Path) -> Result<()> {
+        bail!("this engine has no backups to restore")
     }
 }
 
