@@ -662,7 +662,7 @@ impl<M> AedbInstance<M> {
         // their validation and apply in parallel; they meet only to take a sequence
         // number with the WAL append, and to publish in sequence order.
         let project_lock = self.inner.project_lock(tx.project());
-        let _project_guard = project_lock
+        let project_guard = project_lock
             .try_lock_for(self.inner.config.commit_timeout)
             .ok_or(AedbError::Timeout {
                 waited_ms: self.inner.config.commit_timeout.as_millis() as u64,
@@ -792,6 +792,9 @@ impl<M> AedbInstance<M> {
         cs.state.seq = seq;
         self.publish(&mut cs);
         drop(cs);
+        // Published: the next commit to this project may start while this one
+        // waits for its fsync, so concurrent durable commits share one (group commit).
+        drop(project_guard);
         self.bound_buffer(pending)?;
         self.finish(seq, finality, false)
     }

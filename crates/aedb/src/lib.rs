@@ -32,6 +32,7 @@ pub use config::{AedbConfig, CommitFinality, DurabilityMode, Limits, RecoveryMod
 pub use error::AedbError;
 pub use instance::{AedbInstance, CheckpointInfo, CommitResult, Dev, ReadTx, Secure};
 pub use metrics::{CallerAlertCounters, LatencySummary, OperationalMetrics};
+pub use model::bytes::Bytes as Key;
 pub use model::value::{Column, ColumnType, Row, TableSchema, Value};
 pub use record::DdlOperation;
 pub use txn::assertion::{CompareOp, ReadAssertion};

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::AuditRow;
 use crate::authz::Permission;
 use crate::error::AedbError;
-use crate::model::bytes::Bytes;
+use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::value::{Row, TableSchema};
 
 /// The idempotency key of a commit, scoped to the caller that supplied it.
@@ -23,7 +23,7 @@ pub(crate) enum WriteOp {
     KvSet {
         scope: String,
         key: Bytes,
-        value: Bytes,
+        value: SharedBytes,
     },
     KvDel {
         scope: String,

@@ -416,7 +416,7 @@ fn writes_of(ops: &[WOp]) -> Writes {
 }
 
 /// A key/value pair as the engine returns it from scans.
-type SharedPair = (std::sync::Arc<[u8]>, std::sync::Arc<[u8]>);
+type SharedPair = aedb::KvPair;
 
 fn pairs(v: Vec<SharedPair>) -> Vec<(Vec<u8>, Vec<u8>)> {
     v.into_iter()

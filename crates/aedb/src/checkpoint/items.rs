@@ -9,7 +9,7 @@ use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
 use crate::authz::Grant;
-use crate::model::bytes::Bytes;
+use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::state::{DbState, ProjectState, ScopeState, TableState, Versioned};
 use crate::model::value::{Row, TableSchema};
 use crate::record::IdempotencyTag;
@@ -29,7 +29,7 @@ enum Item {
     Kv {
         key: Bytes,
         version: u64,
-        value: Bytes,
+        value: SharedBytes,
     },
     Row {
         key: Bytes,
@@ -59,7 +59,7 @@ enum Item {
 
 /// A scope or table being rebuilt: its name, its state, its entries in key order.
 type Building<S, V> = Option<(String, S, Vec<(Bytes, Versioned<V>)>)>;
-type ScopeBuild = Building<ScopeState, Bytes>;
+type ScopeBuild = Building<ScopeState, SharedBytes>;
 type TableBuild = Building<TableState, Arc<Row>>;
 
 pub(crate) struct LoadedState {

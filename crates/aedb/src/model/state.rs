@@ -11,7 +11,7 @@ use crate::audit::{
 };
 use crate::authz::{AuthzState, Permission};
 use crate::error::AedbError;
-use crate::model::bytes::Bytes;
+use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::value::{Row, TableSchema};
 use crate::record::{DdlOperation, WalRecord, WriteOp};
 
@@ -35,7 +35,7 @@ pub(crate) struct TableState {
 
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ScopeState {
-    pub kv: OrdMap<Bytes, Versioned<Bytes>>,
+    pub kv: OrdMap<Bytes, Versioned<SharedBytes>>,
     pub live_keys: usize,
     pub tables: OrdMap<String, TableState>,
 }

@@ -27,7 +27,8 @@ pub struct Snapshot {
 }
 
 /// A key and its value.
-pub type KvPair = (Arc<[u8]>, Arc<[u8]>);
+/// A key (short keys stored inline: cloning one does not allocate) and its value.
+pub type KvPair = (crate::model::bytes::Bytes, Arc<[u8]>);
 
 impl Snapshot {
     /// Sequence number of the last commit this snapshot includes.
@@ -97,7 +98,7 @@ impl KvView<'_> {
     /// The value and the sequence number of the commit that wrote it.
     pub fn get_versioned(&self, key: &[u8]) -> Option<(u64, Arc<[u8]>)> {
         let e = self.scope.kv.get(key)?;
-        e.value.as_ref().map(|v| (e.version, v.0.clone()))
+        e.value.as_ref().map(|v| (e.version, v.to_arc()))
     }
 
     /// Version of `key` (0 when absent or deleted).
@@ -125,7 +126,7 @@ impl KvView<'_> {
         self.scope
             .kv
             .range::<_, [u8]>((start, end))
-            .filter_map(|(k, e)| e.value.as_ref().map(|v| (k.0.clone(), v.0.clone())))
+            .filter_map(|(k, e)| e.value.as_ref().map(|v| (k.clone(), v.to_arc())))
             .take(limit)
             .collect()
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::authz::Permission;
 use crate::config::Limits;
 use crate::error::AedbError;
-use crate::model::bytes::Bytes;
+use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::state::DbState;
 use crate::model::value::{Row, Value};
 use crate::record::{IdempotencyTag, WalRecord, WriteOp};
@@ -32,7 +32,7 @@ const OP_OVERHEAD: usize = 16;
 pub struct WriteTransaction {
     pub(crate) project: String,
     pub(crate) snapshot: Snapshot,
-    pub(crate) kv: BTreeMap<(String, Bytes), Option<Bytes>>,
+    pub(crate) kv: BTreeMap<(String, Bytes), Option<SharedBytes>>,
     pub(crate) rows: BTreeMap<(String, String, Bytes), RowWrite>,
     pub(crate) assertions: Vec<ReadAssertion>,
     pub(crate) idempotency_key: Option<String>,
@@ -122,7 +122,7 @@ impl WriteTransaction {
         self.charge(scope.len() + key.len() + value.len())?;
         self.kv.insert(
             (scope.to_string(), Bytes::from(key)),
-            Some(Bytes::from(value)),
+            Some(SharedBytes::from(value)),
         );
         Ok(())
     }
@@ -138,7 +138,7 @@ impl WriteTransaction {
     /// Reads `key`, seeing this transaction's own writes first.
     pub fn kv_get(&self, scope: &str, key: &[u8]) -> Result<Option<Arc<[u8]>>, AedbError> {
         if let Some(w) = self.kv.get(&(scope.to_string(), Bytes::from(key))) {
-            return Ok(w.as_ref().map(|b| b.0.clone()));
+            return Ok(w.as_ref().map(SharedBytes::to_arc));
         }
         Ok(self.snapshot.kv(&self.project, scope)?.get(key))
     }
@@ -178,11 +178,11 @@ impl WriteTransaction {
             })
         };
         // Own writes in range, then snapshot entries not shadowed by them.
-        let mut merged: BTreeMap<Arc<[u8]>, Option<Arc<[u8]>>> = self
+        let mut merged: BTreeMap<Bytes, Option<Arc<[u8]>>> = self
             .kv
             .iter()
             .filter(|((s, k), _)| s == scope && in_range(k))
-            .map(|((_, k), v)| (k.0.clone(), v.as_ref().map(|b| b.0.clone())))
+            .map(|((_, k), v)| (k.clone(), v.as_ref().map(SharedBytes::to_arc)))
             .collect();
         let own_deletes = merged.values().filter(|v| v.is_none()).count();
         for (k, v) in view.scan_range(start, end, limit.saturating_add(own_deletes)) {
