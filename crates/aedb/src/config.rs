@@ -220,6 +220,18 @@ impl AedbConfig {
         self
     }
 
+    /// Keys that may decrypt checkpoints: the current one, then the one being
+    /// rotated away from.
+    pub(crate) fn checkpoint_read_keys(&self) -> Vec<&SecretKey> {
+        [
+            self.checkpoint_key.as_ref(),
+            self.previous_checkpoint_key.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
     pub fn has_manifest_key(&self) -> bool {
         self.manifest_key.is_some()
     }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{self, CheckpointMeta, LoadedState};
-use crate::config::{AedbConfig, DurabilityMode, RecoveryMode, SecretKey};
+use crate::config::{AedbConfig, DurabilityMode, RecoveryMode};
 use crate::error::AedbError;
 use crate::manifest::{self, CheckpointRef, ManifestBody, SealedRef, SegmentRef};
 use crate::wal::format::segment_file_name;
@@ -92,13 +92,7 @@ pub(crate) fn load_manifest_and_checkpoint(
         }
         Err(e) => return Err(e),
     };
-    let keys: Vec<&SecretKey> = [
-        config.checkpoint_key.as_ref(),
-        config.previous_checkpoint_key.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let keys = config.checkpoint_read_keys();
     let checkpoints = checkpoint::list(dir)?;
     let segments = list_segments(dir)?;
     let named: Option<(PathBuf, Option<&CheckpointRef>)> = match &body {

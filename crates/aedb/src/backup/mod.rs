@@ -360,22 +360,10 @@ fn copy_live(
         if next_first <= start.0 + 1 || *first > end_lsn {
             continue;
         }
-        let name = crate::wal::format::segment_file_name(*index);
-        let src = data_dir.join(&name);
-        let buf = fs::read(&src).map_err(|e| AedbError::io(&src, e))?;
-        let end = end_of_frames_upto(&buf, end_lsn);
-        let out = staging.join(&name);
-        let mut f = fs::File::create(&out).map_err(|e| AedbError::io(&out, e))?;
-        f.write_all(&buf[..end])
-            .and_then(|()| f.sync_all())
-            .map_err(|e| AedbError::io(&out, e))?;
-        done += end as u64;
+        let m = copy_segment_upto(data_dir, staging, *index, end_lsn)?;
+        done += m.bytes;
         progress(done);
-        members.push(Member {
-            file: name,
-            sha256: hex::encode(Sha256::digest(&buf[..end])),
-            bytes: end as u64,
-        });
+        members.push(m);
     }
     Ok((members, done, start))
 }
@@ -391,6 +379,30 @@ fn report(dest: &Path, d: &BackupDescriptor, bytes: u64, took: Duration) -> Back
         members: d.members.len(),
         duration_ms: took.as_millis() as u64,
     }
+}
+
+/// Copies segment `index` of `data_dir` into `staging`, cut after its last frame
+/// with LSN <= `end_lsn` (the zero-filled rest is not backed up).
+fn copy_segment_upto(
+    data_dir: &Path,
+    staging: &Path,
+    index: u64,
+    end_lsn: u64,
+) -> Result<Member, AedbError> {
+    let name = crate::wal::format::segment_file_name(index);
+    let src = data_dir.join(&name);
+    let buf = fs::read(&src).map_err(|e| AedbError::io(&src, e))?;
+    let end = end_of_frames_upto(&buf, end_lsn);
+    let out = staging.join(&name);
+    let mut f = fs::File::create(&out).map_err(|e| AedbError::io(&out, e))?;
+    f.write_all(&buf[..end])
+        .and_then(|()| f.sync_all())
+        .map_err(|e| AedbError::io(&out, e))?;
+    Ok(Member {
+        file: name,
+        sha256: hex::encode(Sha256::digest(&buf[..end])),
+        bytes: end as u64,
+    })
 }
 
 /// Offset just past the last frame with LSN <= `end_lsn` in a segment buffer.
@@ -446,22 +458,9 @@ pub(crate) fn write_incremental(
     let mut total = 0u64;
     if start_lsn <= end_lsn {
         for index in needed {
-            let name = crate::wal::format::segment_file_name(index);
-            let src = data_dir.join(&name);
-            let buf = fs::read(&src).map_err(|e| AedbError::io(&src, e))?;
-            let end = end_of_frames_upto(&buf, end_lsn);
-            let out = staging.join(&name);
-            let mut f = fs::File::create(&out).map_err(|e| AedbError::io(&out, e))?;
-            f.write_all(&buf[..end])
-                .and_then(|()| f.sync_all())
-                .map_err(|e| AedbError::io(&out, e))?;
-            let sha = hex::encode(Sha256::digest(&buf[..end]));
-            total += end as u64;
-            members.push(Member {
-                file: name,
-                sha256: sha,
-                bytes: end as u64,
-            });
+            let m = copy_segment_upto(data_dir, &staging, index, end_lsn)?;
+            total += m.bytes;
+            members.push(m);
             progress(BackupProgress {
                 phase: "wal",
                 bytes_done: total,
@@ -616,13 +615,7 @@ pub fn verify_backup_chain(
             "a chain must start with a full backup",
         ));
     }
-    let keys: Vec<&SecretKey> = [
-        config.checkpoint_key.as_ref(),
-        config.previous_checkpoint_key.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let keys = config.checkpoint_read_keys();
     // The checkpoint (if the database had one) is authenticated and decoded; the
     // WAL members must continue its chain head up to the backup's end.
     let start = match full
@@ -800,13 +793,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     }
     // No manifest is copied: a restored database gets a fresh one, written by a
     // permissive-free, strict open of exactly these files.
-    let keys: Vec<&SecretKey> = [
-        config.checkpoint_key.as_ref(),
-        config.previous_checkpoint_key.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let keys = config.checkpoint_read_keys();
     let checkpoint_ref = match ckpt {
         Some(m) => {
             let (_, meta) = checkpoint::read(&staging.join(&m.file), &keys)?;
