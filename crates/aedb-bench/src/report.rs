@@ -256,8 +256,8 @@ Ratios are aedb's advantage: >1 means aedb is better (aedb/peer for throughput, 
 peer/aedb for times and RSS). aedb_enc/aedb is the encrypted variant's advantage over plain \
 aedb the same way: below 1 is the cost of encryption.
 aedb is the development config (no keys); aedb_enc is AedbConfig::production(key)\
-.with_checkpoint_key(key2) opened with open_production: signed manifest, AES-256-GCM WAL \
-frames and checkpoints. Both use the default automatic checkpoints (every 64 MiB of WAL).
+.with_checkpoint_key(key2) (the development handle over that production config): signed \
+manifest, keyed WAL hash chain, AES-256-GCM WAL frames and checkpoints. Both use the default automatic checkpoints (every 64 MiB of WAL).
 W1/W2/W4 durable: aedb Full+Durable; redb Durability::Immediate; sqlite WAL synchronous=FULL.
 W3 relaxed: aedb Batch+Visible; redb Durability::None (no fsync; redb 4 has nothing in between); \
 sqlite WAL synchronous=NORMAL.
@@ -268,9 +268,9 @@ set while one thread commits single keys durably; checkpoint_s is the engine-rep
 checkpoint_max_commit_stall_s the longest single commit overlapping the checkpoint call. W5 \
 reopen then loads that checkpoint and replays only the log written after it.
 W5 backups (aedb and sqlite; redb has no online backup), on the reopened store: \
-backup_full_s is aedb backup_full into a fresh dir (one checkpoint file plus its descriptor; \
-aedb_enc encrypts the one and signs the other) vs sqlite's online backup API copying every \
-page in one step; backup_incremental_s (aedb only) is backup_incremental of the WAL after 10,000 more keys \
+backup_full_s is aedb backup_full into a fresh dir (a copy of the live checkpoint and the WAL \
+after it, plus a signed descriptor with per-keyspace digests) vs sqlite's online backup API \
+copying every page in one step; backup_incremental_s (aedb only) is backup_incremental of the WAL after 10,000 more keys \
 in 100 durable commits; restore_verify_s is aedb restore_from_backup_chain of full+incremental \
 (verifies signatures, hashes, links and the WAL chain, opens strictly, checks digests) vs \
 sqlite copying its backup file into place, opening it and running PRAGMA integrity_check.";
