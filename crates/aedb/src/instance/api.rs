@@ -1,0 +1,177 @@
+//! The authenticated `*_as` API: every caller-facing operation with a `CallerContext`
+//! (the only API of a `Secure` instance).
+
+use super::*;
+
+impl<M> AedbInstance<M> {
+    pub fn begin_write_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+    ) -> Result<WriteTransaction, AedbError> {
+        self.begin_write_inner(Some(caller), project)
+    }
+
+    pub fn commit_as(
+        &self,
+        caller: &CallerContext,
+        tx: WriteTransaction,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_tx(Some(caller), tx, self.inner.config.default_finality())
+    }
+
+    pub fn commit_as_with_finality(
+        &self,
+        caller: &CallerContext,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_tx(Some(caller), tx, finality)
+    }
+
+    /// Schema and authorization changes (`GrantPermission`, `RevokePermission`,
+    /// `TransferOwnership`, ...), all-or-nothing, one audit row per change.
+    pub fn commit_ddl_as(
+        &self,
+        caller: &CallerContext,
+        ops: Vec<DdlOperation>,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(Some(caller), ops)
+    }
+
+    pub fn create_project_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl_as(
+            caller,
+            vec![DdlOperation::CreateProject {
+                project: project.to_string(),
+                owner: None,
+            }],
+        )
+    }
+
+    pub fn create_scope_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl_as(
+            caller,
+            vec![DdlOperation::CreateScope {
+                project: project.to_string(),
+                scope: scope.to_string(),
+            }],
+        )
+    }
+
+    pub fn kv_set_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<CommitResult, AedbError> {
+        let mut tx = self.begin_write_as(caller, project)?;
+        tx.kv_set(scope, key, value)?;
+        self.commit_as(caller, tx)
+    }
+
+    pub fn kv_del_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<CommitResult, AedbError> {
+        let mut tx = self.begin_write_as(caller, project)?;
+        tx.kv_del(scope, key)?;
+        self.commit_as(caller, tx)
+    }
+
+    pub fn kv_get(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<Option<Arc<[u8]>>, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_get(project, scope, key)
+    }
+
+    pub fn kv_scan_prefix(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_scan_prefix(project, scope, prefix, limit)
+    }
+
+    pub fn kv_scan_range(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_scan_range(project, scope, start, end, limit)
+    }
+
+    pub fn query_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        table: &str,
+        q: &Query,
+    ) -> Result<QueryResult, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .query(project, scope, table, q)
+    }
+
+    /// A read transaction whose every read is authorized for `caller` at the time
+    /// of the read.
+    pub fn begin_read_tx_as(
+        &self,
+        caller: &CallerContext,
+        mode: ConsistencyMode,
+    ) -> Result<ReadTx<'_, M>, AedbError> {
+        Ok(ReadTx {
+            db: self,
+            caller: caller.clone(),
+            snapshot: self.begin_read_inner(mode)?,
+        })
+    }
+
+    /// Rows of both audit tables with id >= `since_id` (needs `AuditRead`).
+    pub fn export_audit_as(
+        &self,
+        caller: &CallerContext,
+        since_id: i64,
+    ) -> Result<Vec<AuditExport>, AedbError> {
+        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)?;
+        self.export_audit_inner(&self.snapshot_inner(), since_id)
+    }
+
+    /// Grants held by a caller id or `role:NAME` (needs `AuditRead`).
+    pub fn grants_of_as(
+        &self,
+        caller: &CallerContext,
+        principal: &str,
+    ) -> Result<Vec<Grant>, AedbError> {
+        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)?;
+        Ok(self.inner.current.load().authz.grants_of(principal))
+    }
+}

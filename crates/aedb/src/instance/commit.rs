@@ -1,0 +1,474 @@
+//! The commit path: admission, per-project validation and apply, sequencing with
+//! the WAL append, ordered publication, audit rows for denials and failed
+//! assertions, and schema/authorization changes.
+
+use super::*;
+
+impl<M> AedbInstance<M> {
+    pub(super) fn admit(&self) -> Result<QueueSlot<'_>, AedbError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(AedbError::Closed);
+        }
+        let limit = self.inner.config.limits.max_queued_commits;
+        let queued = self.inner.queued.fetch_add(1, Ordering::AcqRel);
+        let slot = QueueSlot(&self.inner.queued);
+        if queued >= limit {
+            return Err(AedbError::Overloaded {
+                reason: format!("{queued} commits queued (limit {limit})"),
+            });
+        }
+        if let Some(rl) = &self.inner.admission_rate
+            && rl.check().is_err()
+        {
+            return Err(AedbError::Overloaded {
+                reason: format!(
+                    "admission rate of {} commits/s exceeded",
+                    self.inner.config.limits.max_commits_per_sec.unwrap_or(0)
+                ),
+            });
+        }
+        Ok(slot)
+    }
+
+    /// Takes the commit lock within the commit timeout. A timeout here guarantees
+    /// the commit was not applied and never will be.
+    pub(super) fn lock_commit(
+        &self,
+    ) -> Result<parking_lot::MutexGuard<'_, CommitState>, AedbError> {
+        let timeout = self.inner.config.commit_timeout;
+        self.inner
+            .commit
+            .try_lock_for(timeout)
+            .ok_or(AedbError::Timeout {
+                waited_ms: timeout.as_millis() as u64,
+            })
+    }
+
+    pub(super) fn count_outcome(
+        &self,
+        caller: Option<&CallerContext>,
+        r: &Result<CommitResult, AedbError>,
+    ) {
+        let c = &self.inner.counters;
+        match r {
+            Ok(res) if res.idempotent_replay => Counters::bump(&c.idempotent_replays),
+            Ok(_) => Counters::bump(&c.commits),
+            Err(AedbError::Conflict { .. }) => Counters::bump(&c.aborts_conflict),
+            Err(AedbError::AssertionFailed { .. }) => {
+                Counters::bump(&c.aborts_assertion);
+                c.alert(caller_name(caller), AlertKind::AssertionFailure);
+            }
+            Err(AedbError::Overloaded { .. }) => Counters::bump(&c.aborts_admission),
+            Err(AedbError::Timeout { .. }) => Counters::bump(&c.aborts_timeout),
+            Err(AedbError::PermissionDenied { .. }) => Counters::bump(&c.aborts_permission),
+            Err(_) => Counters::bump(&c.aborts_other),
+        }
+    }
+
+    pub(super) fn commit_tx(
+        &self,
+        caller: Option<&CallerContext>,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        let started = Instant::now();
+        let r = self.commit_tx_inner(caller, tx, finality);
+        self.count_outcome(caller, &r);
+        if r.as_ref().is_ok_and(|r| !r.idempotent_replay) {
+            self.inner
+                .counters
+                .record_latency(finality, started.elapsed());
+        }
+        r
+    }
+
+    pub(super) fn commit_tx_inner(
+        &self,
+        caller: Option<&CallerContext>,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        if let Some(c) = caller
+            && tx.caller.as_deref() != Some(c.caller_id.as_str())
+        {
+            return Err(AedbError::InvalidArgument(format!(
+                "transaction was begun by {:?}, committed by {:?}",
+                tx.caller, c.caller_id
+            )));
+        }
+        let _slot = self.admit()?;
+        let tag = tx.idempotency_tag();
+        let mut record = tx.to_record();
+        // Encoding happens outside the commit lock: it does not depend on the LSN.
+        let mut payload = record.encode()?;
+        let limit = self.inner.config.limits.max_txn_bytes;
+        if payload.len() > limit {
+            return Err(AedbError::LimitExceeded {
+                what: "encoded transaction bytes",
+                limit,
+                actual: payload.len(),
+            });
+        }
+
+        // Phase A, under this project's lock only: commits to other projects run
+        // their validation and apply in parallel; they meet only to take a sequence
+        // number with the WAL append, and to publish in sequence order.
+        let project_lock = self.inner.project_lock(tx.project());
+        let project_guard = project_lock
+            .try_lock_for(self.inner.config.commit_timeout)
+            .ok_or(AedbError::Timeout {
+                waited_ms: self.inner.config.commit_timeout.as_millis() as u64,
+            })?;
+        self.inner.wal.check_healthy()?;
+        // The published state is current for this project: only holders of its lock
+        // change it, and they publish before releasing the lock.
+        let latest = self.inner.current.load_full();
+        let mut events = Vec::new();
+        if let Some(c) = caller {
+            for need in tx.required_permissions() {
+                match latest.authz.decide(c, &need) {
+                    Decision::Allowed => {}
+                    Decision::AllowedAsGlobalAdmin => {
+                        events.push(global_admin_use(
+                            c,
+                            &need,
+                            &format!("commit to {}", tx.project()),
+                        ));
+                    }
+                    Decision::Denied => {
+                        let mut cs = self.lock_commit()?;
+                        return self.deny(&mut cs, c, tx.project(), &need);
+                    }
+                }
+            }
+        }
+        tx.check_conflicts(&latest)?;
+        if let Err(e) = tx.check_assertions(&latest) {
+            if let AedbError::AssertionFailed { index, description } = &e {
+                let actual = tx.assertions[*index].actual_redacted(&latest, tx.project());
+                let event = AuditEvent::Assertion {
+                    actor: caller_name(caller).to_string(),
+                    project: tx.project().to_string(),
+                    kind: "assertion_failed".into(),
+                    detail: format!(
+                        "assertion {index} of a transaction at snapshot {}",
+                        tx.snapshot_seq()
+                    ),
+                    expected: description.clone(),
+                    actual,
+                };
+                let mut cs = self.lock_commit()?;
+                self.write_audit_locked(&mut cs, &[event])?;
+            }
+            return Err(e);
+        }
+
+        // Phase B1, under the commit lock: idempotency, a final authorization check
+        // if grants changed meanwhile, the sequence number and the WAL append.
+        let mut cs = self.lock_commit()?;
+        self.inner.wal.check_healthy()?;
+        if let Some(seq) = tag.as_ref().and_then(|t| cs.idempotency.get(t).copied()) {
+            drop(cs);
+            return self.finish(seq, finality, true);
+        }
+        if let Some(c) = caller
+            && cs.state.authz.generation != latest.authz.generation
+        {
+            for need in tx.required_permissions() {
+                if cs.state.authz.decide(c, &need) == Decision::Denied {
+                    return self.deny(&mut cs, c, tx.project(), &need);
+                }
+            }
+        }
+        if tx.is_empty() && events.is_empty() {
+            let seq = cs.state.seq;
+            drop(cs);
+            return self.finish(seq, finality, false);
+        }
+        if !events.is_empty() {
+            // Audit rows chain from the audit tables' tails: let every reserved
+            // commit publish first so the tails are final.
+            self.drain(&mut cs);
+            if let WalRecord::Commit { audit, .. } = &mut record {
+                *audit = chain_rows(&cs.state, &events, cs.next_seq, now_unix());
+            }
+            payload = record.encode()?;
+            for _ in &events {
+                self.inner
+                    .counters
+                    .alert(caller_name(caller), AlertKind::GlobalAdminUse);
+            }
+        }
+        let seq = cs.next_seq;
+        let pending = self.inner.wal.append(seq, &payload)?;
+        cs.next_seq += 1;
+        if let Err(e) = self.inner.record_rotation() {
+            self.inner.wal.poison(&e);
+        }
+        if let Some(tag) = tag {
+            cs.remember(tag, seq, self.inner.config.limits.max_idempotency_records);
+        }
+        drop(cs);
+
+        // Phase A2, back under the project lock only: apply to this project's state.
+        let mut project = latest
+            .projects
+            .get(tx.project())
+            .cloned()
+            .unwrap_or_default();
+        let applied = match &record {
+            WalRecord::Commit {
+                project: name, ops, ..
+            } => project.apply_ops(name, ops, seq),
+            _ => Ok(()),
+        };
+
+        // Phase B2: publish in sequence order.
+        let mut cs = self.inner.commit.lock();
+        while cs.state.seq + 1 < seq {
+            self.inner.published.wait(&mut cs);
+        }
+        match applied {
+            Ok(()) => {
+                cs.state.projects.insert(tx.project().to_string(), project);
+                if let WalRecord::Commit { audit, .. } = &record
+                    && let Err(e) = cs.state.append_audit(audit, seq)
+                {
+                    self.inner.wal.poison(&e);
+                }
+            }
+            // Validated above, so this is a bug; the frame is in the log, the state
+            // is not: refuse further commits until a reopen replays it.
+            Err(e) => self.inner.wal.poison(&e),
+        }
+        cs.state.seq = seq;
+        self.publish(&mut cs);
+        drop(cs);
+        // Published: the next commit to this project may start while this one
+        // waits for its fsync, so concurrent durable commits share one (group commit).
+        drop(project_guard);
+        self.bound_buffer(pending)?;
+        self.finish(seq, finality, false)
+    }
+
+    /// Waits until every reserved sequence number has been published, so the
+    /// commit state is exactly the log's state (serial operations need that).
+    pub(super) fn drain(&self, cs: &mut parking_lot::MutexGuard<'_, CommitState>) {
+        self.inner.drain(cs);
+    }
+
+    /// Records a permission denial in `assertion_audit` and returns the error.
+    pub(super) fn deny<T>(
+        &self,
+        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
+        caller: &CallerContext,
+        project: &str,
+        need: &Permission,
+    ) -> Result<T, AedbError> {
+        let event = AuditEvent::Assertion {
+            actor: caller.caller_id.clone(),
+            project: project.to_string(),
+            kind: "permission_denied".into(),
+            detail: format!("operation needs {need}"),
+            expected: need.to_string(),
+            actual: "not granted".into(),
+        };
+        self.write_audit_locked(cs, &[event])?;
+        self.inner
+            .counters
+            .alert(&caller.caller_id, AlertKind::PermissionDenial);
+        Err(AedbError::PermissionDenied {
+            caller: caller.caller_id.clone(),
+            permission: need.to_string(),
+        })
+    }
+
+    /// Appends audit rows as their own commit (commit lock held), after every
+    /// reserved commit has published. Not waited for: the flusher makes it durable
+    /// within the batch interval.
+    pub(super) fn write_audit_locked(
+        &self,
+        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
+        events: &[AuditEvent],
+    ) -> Result<(), AedbError> {
+        self.drain(cs);
+        self.write_audit_locked_inner(cs, events)
+    }
+
+    pub(super) fn write_audit_locked_inner(
+        &self,
+        cs: &mut CommitState,
+        events: &[AuditEvent],
+    ) -> Result<(), AedbError> {
+        let seq = cs.state.seq + 1;
+        let record = WalRecord::Audit {
+            rows: chain_rows(&cs.state, events, seq, now_unix()),
+        };
+        let payload = record.encode()?;
+        let mut next = cs.state.clone();
+        next.apply(&record, seq)?;
+        self.inner.wal.append(seq, &payload)?;
+        self.inner.record_rotation()?;
+        cs.state = next;
+        self.publish(cs);
+        Ok(())
+    }
+
+    /// Checks a read against the current grants (so revokes apply at once, even to
+    /// older snapshots); audits denials and GlobalAdmin use.
+    pub(super) fn authorize_read(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        need: Permission,
+    ) -> Result<(), AedbError> {
+        let decision = self.inner.current.load().authz.decide(caller, &need);
+        match decision {
+            Decision::Allowed => Ok(()),
+            Decision::AllowedAsGlobalAdmin => {
+                let mut cs = self.lock_commit()?;
+                self.write_audit_locked(&mut cs, &[global_admin_use(caller, &need, "read")])?;
+                self.inner
+                    .counters
+                    .alert(&caller.caller_id, AlertKind::GlobalAdminUse);
+                Ok(())
+            }
+            Decision::Denied => {
+                let mut cs = self.lock_commit()?;
+                Counters::bump(&self.inner.counters.aborts_permission);
+                self.deny(&mut cs, caller, project, &need)
+            }
+        }
+    }
+
+    pub(super) fn publish(&self, cs: &mut CommitState) {
+        cs.next_seq = cs.next_seq.max(cs.state.seq + 1);
+        self.inner.published.notify_all();
+        let published = Arc::new(cs.state.clone());
+        self.inner.current.store(published.clone());
+        cs.history.push_back(published);
+        while cs.history.len() > self.inner.config.limits.snapshot_history.max(1) {
+            cs.history.pop_front();
+        }
+    }
+
+    /// Keeps the in-memory WAL buffer bounded when commits do not wait for fsync.
+    pub(super) fn bound_buffer(&self, pending: usize) -> Result<(), AedbError> {
+        if pending >= HARD_BUFFER_BYTES {
+            self.inner.wal.write_out()?;
+        } else if pending >= SOFT_BUFFER_BYTES
+            && let Some(f) = self.inner.flusher.lock().as_ref()
+        {
+            f.signal.0.lock().kicked = true;
+            f.signal.1.notify_one();
+        }
+        Ok(())
+    }
+
+    pub(super) fn finish(
+        &self,
+        seq: u64,
+        finality: CommitFinality,
+        idempotent_replay: bool,
+    ) -> Result<CommitResult, AedbError> {
+        if finality == CommitFinality::Durable {
+            self.inner.wal.wait_durable(seq)?;
+        }
+        Ok(CommitResult {
+            commit_seq: seq,
+            durable_head_seq: self.inner.wal.durable_lsn(),
+            idempotent_replay,
+        })
+    }
+
+    /// Validates names, authorizes, audits, and commits schema and authorization
+    /// changes atomically in one record.
+    pub(super) fn commit_ddl(
+        &self,
+        caller: Option<&CallerContext>,
+        mut ops: Vec<DdlOperation>,
+    ) -> Result<CommitResult, AedbError> {
+        if ops.is_empty() {
+            return Err(AedbError::InvalidArgument("no DDL operations given".into()));
+        }
+        let max = self.inner.config.limits.max_name_bytes;
+        for op in &mut ops {
+            validate_ddl(op, max)?;
+            if let DdlOperation::CreateProject { owner, .. } = op
+                && owner.is_none()
+            {
+                *owner = caller.map(|c| c.caller_id.clone());
+            }
+        }
+        let _slot = self.admit()?;
+        // Schema changes to a project wait for its in-flight commits (sorted order:
+        // no deadlock between batches touching several projects).
+        let mut touched: Vec<&str> = ops.iter().filter_map(ddl_project).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let locks: Vec<Arc<Mutex<()>>> =
+            touched.iter().map(|p| self.inner.project_lock(p)).collect();
+        let _guards: Vec<_> = locks.iter().map(|l| l.lock()).collect();
+        let mut cs = self.lock_commit()?;
+        self.drain(&mut cs);
+        self.inner.wal.check_healthy()?;
+        let actor = caller_name(caller).to_string();
+        let mut events = Vec::new();
+        for op in &ops {
+            if let Some(c) = caller {
+                let decision = match op {
+                    DdlOperation::GrantPermission { permission, .. }
+                    | DdlOperation::RevokePermission { permission, .. } => (
+                        cs.state.authz.may_delegate(c, permission),
+                        permission.clone(),
+                    ),
+                    other => {
+                        let need = ddl_need(other);
+                        (cs.state.authz.decide(c, &need), need)
+                    }
+                };
+                match decision {
+                    (Decision::Allowed, _) => {}
+                    (Decision::AllowedAsGlobalAdmin, need) => {
+                        events.push(global_admin_use(c, &need, ddl_name(op)));
+                    }
+                    (Decision::Denied, need) => {
+                        let project = need.project().unwrap_or("*").to_string();
+                        let r = self.deny(&mut cs, c, &project, &need);
+                        Counters::bump(&self.inner.counters.aborts_permission);
+                        return r;
+                    }
+                }
+            }
+            if let Some(e) = authz_event(&actor, op) {
+                events.push(e);
+            }
+        }
+        let seq = cs.state.seq + 1;
+        let record = WalRecord::Ddl {
+            actor: caller.map(|c| c.caller_id.clone()),
+            audit: chain_rows(&cs.state, &events, seq, now_unix()),
+            ops,
+        };
+        let payload = record.encode()?;
+        let mut next = cs.state.clone();
+        next.apply(&record, seq)?;
+        self.inner.wal.append(seq, &payload)?;
+        self.inner.record_rotation()?;
+        cs.state = next;
+        self.publish(&mut cs);
+        drop(cs);
+        for e in &events {
+            let kind = match e {
+                AuditEvent::Authz { action, .. } if action == "global_admin_use" => {
+                    AlertKind::GlobalAdminUse
+                }
+                _ => AlertKind::PermissionChange,
+            };
+            self.inner.counters.alert(&actor, kind);
+        }
+        Counters::bump(&self.inner.counters.commits);
+        // Schema and permission changes are rare and everything after depends on them.
+        self.finish(seq, CommitFinality::Durable, false)
+    }
+}

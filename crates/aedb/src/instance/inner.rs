@@ -1,0 +1,229 @@
+//! The shared inner state: manifest updates, checkpoints, shutdown, and the
+//! flusher and checkpointer threads.
+
+use super::*;
+
+impl Inner {
+    /// Waits until every reserved sequence number has been published, so the
+    /// commit state is exactly the log's state (serial operations need that).
+    pub(super) fn drain(&self, cs: &mut parking_lot::MutexGuard<'_, CommitState>) {
+        while cs.state.seq + 1 < cs.next_seq {
+            self.published.wait(cs);
+        }
+    }
+
+    pub(super) fn project_lock(&self, project: &str) -> Arc<Mutex<()>> {
+        self.project_locks
+            .lock()
+            .entry(project.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Records segments sealed by the last append in the manifest (commit lock held).
+    pub(super) fn record_rotation(&self) -> Result<(), AedbError> {
+        let sealed = self.wal.take_newly_sealed();
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        let mut ms = self.manifest.lock();
+        ms.sealed.extend(sealed);
+        let (index, first) = self.wal.active_segment();
+        ms.active_index = index;
+        ms.active_first_lsn = first;
+        write_manifest(&self.dir, &self.config, &mut ms)
+    }
+
+    pub(super) fn checkpoint(&self) -> Result<CheckpointInfo, AedbError> {
+        let mut ck = self.checkpointing.lock();
+        let started = std::time::Instant::now();
+        let (state, idempotency, chain_head) = {
+            let mut cs = self.commit.lock();
+            self.drain(&mut cs);
+            let state = cs
+                .history
+                .back()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(cs.state.clone()));
+            let idem: Vec<(IdempotencyTag, u64)> = cs
+                .idempotency_order
+                .iter()
+                .filter_map(|t| cs.idempotency.get(t).map(|s| (t.clone(), *s)))
+                .collect();
+            (state, idem, self.wal.head().2)
+        };
+        // The checkpoint must never be ahead of the durable log.
+        self.wal.wait_durable(state.seq)?;
+        let appended = self.wal.appended_bytes();
+        let meta = checkpoint::write(
+            &self.dir,
+            &state,
+            &idempotency,
+            chain_head,
+            self.config.checkpoint_key.as_ref(),
+            &mut |_| {},
+        )?;
+        let (old, obsolete) = {
+            let mut ms = self.manifest.lock();
+            let old = ms.checkpoint.replace(meta.clone());
+            // A backup chain needs every frame after its last backup.
+            let removable_to = ms.backup_floor_lsn.map_or(meta.lsn, |f| f.min(meta.lsn));
+            let (obsolete, keep): (Vec<_>, Vec<_>) = ms
+                .sealed
+                .drain(..)
+                .partition(|s| s.last_lsn <= removable_to);
+            ms.sealed = keep;
+            write_manifest(&self.dir, &self.config, &mut ms)?;
+            (old, obsolete)
+        };
+        // Only now that the new manifest is durable are the old files garbage.
+        for s in &obsolete {
+            let p = self.dir.join(segment_file_name(s.index));
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!(file = %p.display(), error = %e, "could not remove an obsolete segment");
+            }
+        }
+        if let Some(old) = old.filter(|o| o.file != meta.file) {
+            let p = self.dir.join(&old.file);
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!(file = %p.display(), error = %e, "could not remove the old checkpoint");
+            }
+        }
+        let duration = started.elapsed();
+        ck.snapshot = Some(state);
+        ck.last_at = std::time::Instant::now();
+        ck.last_appended = appended;
+        ck.last_duration = duration;
+        tracing::info!(
+            lsn = meta.lsn,
+            bytes = meta.bytes,
+            ?duration,
+            removed = obsolete.len(),
+            "checkpoint written"
+        );
+        Ok(CheckpointInfo {
+            file: self.dir.join(&meta.file),
+            lsn: meta.lsn,
+            bytes: meta.bytes,
+            duration,
+            segments_removed: obsolete.len(),
+        })
+    }
+
+    /// Whether the automatic policy calls for a checkpoint now.
+    pub(super) fn checkpoint_due(&self) -> bool {
+        let ck = self.checkpointing.lock();
+        let written = self.wal.appended_bytes().saturating_sub(ck.last_appended);
+        if written == 0 {
+            return false;
+        }
+        self.config
+            .checkpoint_wal_bytes
+            .is_some_and(|b| written >= b)
+            || self
+                .config
+                .checkpoint_interval
+                .is_some_and(|i| ck.last_at.elapsed() >= i)
+    }
+
+    pub(super) fn shutdown(&self) -> Result<(), AedbError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        *self.checkpointer.0.lock() = true;
+        self.checkpointer.1.notify_all();
+        // Waits for a running checkpoint to finish.
+        drop(self.checkpointing.lock());
+        if let Some(f) = self.flusher.lock().take() {
+            f.signal.0.lock().stop = true;
+            f.signal.1.notify_one();
+            let _ = f.handle.join();
+        }
+        self.wal.shutdown()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::error!(error = %e, "aedb: final flush on drop failed");
+        }
+    }
+}
+
+/// Background thread bounding how long a `Visible` commit stays unsynced
+/// (`Full`/`Batch`) or unwritten (`OsBuffered`).
+pub(super) fn spawn_flusher(
+    wal: Arc<WalWriter>,
+    mode: DurabilityMode,
+    interval: Duration,
+) -> Result<Flusher, AedbError> {
+    let signal = Arc::new((Mutex::new(FlusherSignal::default()), Condvar::new()));
+    let sig = signal.clone();
+    let handle = std::thread::Builder::new()
+        .name("aedb-flusher".into())
+        .spawn(move || {
+            loop {
+                {
+                    let mut s = sig.0.lock();
+                    if !s.stop && !s.kicked {
+                        sig.1.wait_for(&mut s, interval);
+                    }
+                    if s.stop {
+                        return;
+                    }
+                    s.kicked = false;
+                }
+                let last = wal.last_lsn();
+                // Errors poison the writer; committers see them on their next call.
+                let _ = match mode {
+                    DurabilityMode::OsBuffered => wal.write_out(),
+                    DurabilityMode::Full | DurabilityMode::Batch => {
+                        if wal.durable_lsn() < last {
+                            wal.wait_durable(last)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                };
+            }
+        })
+        .map_err(|e| AedbError::io("aedb-flusher thread", e))?;
+    Ok(Flusher { signal, handle })
+}
+
+/// Runs the automatic checkpoint policy. Holds only a weak reference, so it never
+/// keeps a dropped instance alive; it exits once the instance is gone or closed.
+pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
+    if inner.config.checkpoint_wal_bytes.is_none() && inner.config.checkpoint_interval.is_none() {
+        return Ok(());
+    }
+    let weak = Arc::downgrade(inner);
+    let stop = inner.checkpointer.clone();
+    std::thread::Builder::new()
+        .name("aedb-checkpointer".into())
+        .spawn(move || {
+            loop {
+                {
+                    let mut stopped = stop.0.lock();
+                    if !*stopped {
+                        stop.1.wait_for(&mut stopped, Duration::from_millis(500));
+                    }
+                    if *stopped {
+                        return;
+                    }
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                if inner.checkpoint_due()
+                    && let Err(e) = inner.checkpoint()
+                {
+                    tracing::error!(error = %e, "automatic checkpoint failed; will retry");
+                }
+            }
+        })
+        .map_err(|e| AedbError::io("aedb-checkpointer thread", e))?;
+    Ok(())
+}

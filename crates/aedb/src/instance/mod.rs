@@ -1,0 +1,687 @@
+//! `AedbInstance`: opening (recovery), the commit path, and read snapshots.
+
+use std::collections::{HashMap, VecDeque};
+use std::marker::PhantomData;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use parking_lot::{Condvar, Mutex};
+
+use crate::audit::{
+    ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditEvent, AuditExport, AuditVerifyError,
+    SYSTEM_PROJECT, chain_rows, now_unix,
+};
+use crate::authz::{CallerContext, Decision, Grant, Permission};
+use crate::backup::{BackupProgress, BackupReport, Captured};
+use crate::checkpoint;
+use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode};
+use crate::error::AedbError;
+use crate::lock::DirLock;
+use crate::metrics::AlertKind;
+use crate::metrics::{Counters, OperationalMetrics};
+use crate::model::state::DbState;
+use crate::model::validate_name;
+use crate::model::value::TableSchema;
+use crate::model::value::{Row, Value};
+use crate::open::{
+    ManifestState, check_segments_against_manifest, load_manifest_and_checkpoint, secure_problems,
+    write_manifest,
+};
+use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
+use crate::txn::query::{Query, QueryResult};
+use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot};
+use crate::txn::write::WriteTransaction;
+use crate::wal::RecoveryReport;
+use crate::wal::format::segment_file_name;
+use crate::wal::keys::WalKeys;
+use crate::wal::recovery::{ReplayStart, recover};
+use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES, WalWriter};
+
+/// What a successful commit reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitResult {
+    /// Sequence number (= WAL LSN) of this commit.
+    pub commit_seq: u64,
+    /// Highest sequence number known durable when the call returned.
+    pub durable_head_seq: u64,
+    /// True when an idempotency key matched an earlier commit, which is what
+    /// `commit_seq` then names; nothing was applied by this call.
+    pub idempotent_replay: bool,
+}
+
+/// Writer-side state, guarded by the commit lock.
+struct CommitState {
+    /// The published state (what readers see).
+    state: DbState,
+    /// Next sequence number to hand out. Above `state.seq + 1` while commits that
+    /// already have their WAL frame are still applying; they publish in order.
+    next_seq: u64,
+    idempotency: HashMap<IdempotencyTag, u64>,
+    idempotency_order: VecDeque<IdempotencyTag>,
+    history: VecDeque<Arc<DbState>>,
+}
+
+impl CommitState {
+    fn remember(&mut self, tag: IdempotencyTag, seq: u64, max: usize) {
+        if self.idempotency.insert(tag.clone(), seq).is_none() {
+            self.idempotency_order.push_back(tag);
+        }
+        while self.idempotency_order.len() > max {
+            if let Some(old) = self.idempotency_order.pop_front() {
+                self.idempotency.remove(&old);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct FlusherSignal {
+    stop: bool,
+    kicked: bool,
+}
+
+struct Flusher {
+    signal: Arc<(Mutex<FlusherSignal>, Condvar)>,
+    handle: JoinHandle<()>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    config: AedbConfig,
+    current: ArcSwap<DbState>,
+    commit: Mutex<CommitState>,
+    wal: Arc<WalWriter>,
+    queued: AtomicUsize,
+    admission_rate: Option<governor::DefaultDirectRateLimiter>,
+    counters: Counters,
+    flusher: Mutex<Option<Flusher>>,
+    recovery: RecoveryReport,
+    closed: AtomicBool,
+    manifest: Mutex<ManifestState>,
+    /// One checkpoint at a time; close waits for a running one.
+    checkpointing: Mutex<CheckpointState>,
+    checkpointer: Arc<(Mutex<bool>, Condvar)>,
+    /// Signalled (with the commit lock) whenever a sequence number is published.
+    published: Condvar,
+    /// One lock per project: a commit holds its project's lock from validation to
+    /// publication, so commits to different projects proceed in parallel.
+    project_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    _lock: DirLock,
+}
+
+struct CheckpointState {
+    snapshot: Option<Arc<DbState>>,
+    last_at: std::time::Instant,
+    last_appended: u64,
+    last_duration: Duration,
+}
+
+/// What `checkpoint()` wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    pub file: PathBuf,
+    pub lsn: u64,
+    pub bytes: u64,
+    pub duration: Duration,
+    /// WAL segment files removed because the checkpoint covers them.
+    pub segments_removed: usize,
+}
+
+/// Marker type: a development instance, where the anonymous APIs are available.
+#[derive(Debug)]
+pub enum Dev {}
+
+/// Marker type: a secure instance (`open_secure` / `open_production`). Only the
+/// authenticated `*_as` APIs exist on it: the anonymous ones do not compile.
+///
+/// ```no_run
+/// # use aedb::{AedbConfig, AedbInstance, CallerContext};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x")?;
+/// let me = CallerContext::new("svc-payments");
+/// let _ = db.kv_get(&me, "payments", "eu", b"order-1")?;
+/// # Ok::<(), aedb::AedbError>(())
+/// ```
+///
+/// ```compile_fail
+/// # use aedb::{AedbConfig, AedbInstance};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
+/// let _ = db.snapshot(); // anonymous read: not available on a secure instance
+/// ```
+///
+/// ```compile_fail
+/// # use aedb::{AedbConfig, AedbInstance};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
+/// let tx = db.begin_write("payments").unwrap(); // anonymous write: not available
+/// ```
+#[derive(Debug)]
+pub enum Secure {}
+
+/// An open database. `Send + Sync`: share it behind an `Arc`.
+pub struct AedbInstance<M = Dev> {
+    inner: Arc<Inner>,
+    _mode: PhantomData<fn() -> M>,
+}
+
+impl<M> std::fmt::Debug for AedbInstance<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AedbInstance")
+            .field("dir", &self.inner.dir)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds one slot of the bounded commit queue.
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+const ANONYMOUS: &str = "anonymous";
+
+impl AedbInstance<Dev> {
+    /// Opens (creating if needed) the database in `dir` for development and tests:
+    /// anonymous APIs are available, permissions are checked only on `*_as` calls.
+    pub fn open(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        Self::open_inner(config, dir)
+    }
+
+    /// The latest committed state.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_inner()
+    }
+
+    /// A read-only snapshot chosen by `mode`.
+    pub fn begin_read(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
+        self.begin_read_inner(mode)
+    }
+
+    /// Starts a write transaction on `project`, reading from the latest state.
+    pub fn begin_write(&self, project: &str) -> Result<WriteTransaction, AedbError> {
+        self.begin_write_inner(None, project)
+    }
+
+    /// Commits with the configured default finality (`Durable` under
+    /// `DurabilityMode::Full`, `Visible` otherwise).
+    pub fn commit(&self, tx: WriteTransaction) -> Result<CommitResult, AedbError> {
+        self.commit_tx(None, tx, self.inner.config.default_finality())
+    }
+
+    pub fn commit_with_finality(
+        &self,
+        tx: WriteTransaction,
+        finality: CommitFinality,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_tx(None, tx, finality)
+    }
+
+    pub fn create_project(&self, project: &str) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(
+            None,
+            vec![DdlOperation::CreateProject {
+                project: project.to_string(),
+                owner: None,
+            }],
+        )
+    }
+
+    pub fn create_scope(&self, project: &str, scope: &str) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(
+            None,
+            vec![DdlOperation::CreateScope {
+                project: project.to_string(),
+                scope: scope.to_string(),
+            }],
+        )
+    }
+
+    pub fn create_table(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+        schema: TableSchema,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(
+            None,
+            vec![DdlOperation::CreateTable {
+                project: project.to_string(),
+                scope: scope.to_string(),
+                table: table.to_string(),
+                schema,
+            }],
+        )
+    }
+
+    pub fn drop_table(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+    ) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(
+            None,
+            vec![DdlOperation::DropTable {
+                project: project.to_string(),
+                scope: scope.to_string(),
+                table: table.to_string(),
+            }],
+        )
+    }
+
+    /// Several schema/authorization changes in one atomic commit (anonymous).
+    pub fn commit_ddl_batch(&self, ops: Vec<DdlOperation>) -> Result<CommitResult, AedbError> {
+        self.commit_ddl(None, ops)
+    }
+
+    /// One-key convenience write, committed with the default finality.
+    pub fn kv_set(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<CommitResult, AedbError> {
+        let mut tx = self.begin_write(project)?;
+        tx.kv_set(scope, key, value)?;
+        self.commit(tx)
+    }
+
+    pub fn kv_del(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<CommitResult, AedbError> {
+        let mut tx = self.begin_write(project)?;
+        tx.kv_del(scope, key)?;
+        self.commit(tx)
+    }
+
+    /// Rows of both audit tables with id >= `since_id`, each with its chain head.
+    pub fn export_audit(&self, since_id: i64) -> Result<Vec<AuditExport>, AedbError> {
+        self.export_audit_inner(&self.snapshot_inner(), since_id)
+    }
+}
+
+impl AedbInstance<Secure> {
+    /// Opens for production paths: refuses any configuration that weakens
+    /// integrity, listing every problem at once. Accepts both presets
+    /// (`production(key)` and `low_latency(key)`).
+    pub fn open_secure(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        let problems = secure_problems(&config, false);
+        if !problems.is_empty() {
+            return Err(AedbError::InvalidConfig { problems });
+        }
+        Self::open_inner(config, dir)
+    }
+
+    /// `open_secure` plus encryption at rest: a checkpoint key is required too.
+    pub fn open_production(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        let problems = secure_problems(&config, true);
+        if !problems.is_empty() {
+            return Err(AedbError::InvalidConfig { problems });
+        }
+        Self::open_inner(config, dir)
+    }
+}
+
+impl<M> AedbInstance<M> {
+    fn open_inner(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| AedbError::io(&dir, e))?;
+        let lock = DirLock::acquire(&dir, true)?;
+
+        let mut cs = CommitState {
+            state: DbState::initial(),
+            idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
+            history: VecDeque::new(),
+            next_seq: 0,
+        };
+        let max_idem = config.limits.max_idempotency_records;
+        let loaded = load_manifest_and_checkpoint(&dir, &config, false)?;
+        let manifest_body = loaded.manifest;
+        let mut ckpt_meta = None;
+        if let Some((state, meta)) = loaded.checkpoint {
+            cs.state = state.state;
+            let max = config.limits.max_idempotency_records;
+            for (tag, seq) in state.idempotency {
+                cs.remember(tag, seq, max);
+            }
+            ckpt_meta = Some(meta);
+        }
+        let keys = WalKeys::new(
+            config.manifest_key.as_ref(),
+            config.checkpoint_key.as_ref(),
+            config.previous_checkpoint_key.as_ref(),
+        );
+        let start = ReplayStart {
+            checkpoint: ckpt_meta.as_ref().map(|m| (m.lsn, m.chain_head)),
+            read_only: false,
+        };
+        let recovered = recover(&dir, config.recovery, &keys, start, |lsn, payload| {
+            let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
+            cs.state
+                .apply(&record, lsn)
+                .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))?;
+            if let WalRecord::Commit {
+                idempotency: Some(tag),
+                ..
+            } = record
+            {
+                cs.remember(tag, lsn, max_idem);
+            }
+            Ok(())
+        })?;
+        if let Some(m) = &manifest_body
+            && config.recovery == RecoveryMode::Strict
+        {
+            check_segments_against_manifest(&dir, m, &recovered.segments)?;
+        }
+        let wal = match (recovered.position, recovered.last_header) {
+            (Some(pos), Some(h)) if keys.writes_like(&h) => {
+                WalWriter::resume(&dir, config.segment_bytes, keys, pos, &h)?
+            }
+            // Keys changed since the last segment was written: continue the chain in
+            // a new segment under the current keys.
+            (Some(pos), Some(_)) => WalWriter::create(
+                &dir,
+                config.segment_bytes,
+                keys,
+                pos.segment_index + 1,
+                pos.last_lsn + 1,
+                pos.chain_head,
+            )?,
+            // No segment at all: a new database, or a restored full backup whose
+            // log continues right after its checkpoint.
+            _ => {
+                let (lsn, head) = ckpt_meta
+                    .as_ref()
+                    .map_or((0, [0; 32]), |m| (m.lsn, m.chain_head));
+                WalWriter::create(&dir, config.segment_bytes, keys, 1, lsn + 1, head)?
+            }
+        };
+        let wal = Arc::new(wal);
+        let (active_index, active_first_lsn) = wal.active_segment();
+        let mut ms = ManifestState {
+            generation: manifest_body.as_ref().map_or(0, |m| m.generation),
+            checkpoint: ckpt_meta,
+            sealed: recovered
+                .segments
+                .iter()
+                .filter(|s| s.index < active_index)
+                .cloned()
+                .collect(),
+            active_index,
+            active_first_lsn,
+            backup_floor_lsn: manifest_body.as_ref().and_then(|m| m.backup_floor_lsn),
+        };
+        write_manifest(&dir, &config, &mut ms)?;
+        cs.next_seq = cs.state.seq + 1;
+        let published = Arc::new(cs.state.clone());
+        cs.history.push_back(published.clone());
+        if recovered.report.torn_tail.is_some() || recovered.report.dropped.is_some() {
+            tracing::warn!(report = ?recovered.report, "recovery repaired the write-ahead log");
+        }
+        tracing::info!(dir = %dir.display(), seq = cs.state.seq, frames = recovered.report.frames_replayed, "aedb opened");
+
+        let inner = Arc::new(Inner {
+            dir,
+            current: ArcSwap::new(published),
+            commit: Mutex::new(cs),
+            wal: wal.clone(),
+            queued: AtomicUsize::new(0),
+            admission_rate: config
+                .limits
+                .max_commits_per_sec
+                .and_then(std::num::NonZeroU32::new)
+                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
+            counters: Counters::default(),
+            flusher: Mutex::new(None),
+            recovery: recovered.report,
+            closed: AtomicBool::new(false),
+            manifest: Mutex::new(ms),
+            checkpointing: Mutex::new(CheckpointState {
+                snapshot: None,
+                last_at: std::time::Instant::now(),
+                last_appended: 0,
+                last_duration: Duration::ZERO,
+            }),
+            checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
+            published: Condvar::new(),
+            project_locks: Mutex::new(HashMap::new()),
+            _lock: lock,
+            config,
+        });
+        *inner.flusher.lock() = Some(spawn_flusher(
+            wal,
+            inner.config.durability,
+            inner.config.batch_interval,
+        )?);
+        spawn_checkpointer(&inner)?;
+        let db = Self {
+            inner,
+            _mode: PhantomData,
+        };
+        if let Some(admin) = db.inner.config.bootstrap_admin.clone()
+            && !db.inner.current.load().authz.bootstrapped
+        {
+            db.bootstrap_global_admin(&admin)?;
+        }
+        Ok(db)
+    }
+
+    pub fn config(&self) -> &AedbConfig {
+        &self.inner.config
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// What recovery found and repaired when this instance opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    fn snapshot_inner(&self) -> Snapshot {
+        Snapshot {
+            state: self.inner.current.load_full(),
+        }
+    }
+
+    fn begin_read_inner(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
+        match mode {
+            ConsistencyMode::AtLatest => Ok(self.snapshot_inner()),
+            ConsistencyMode::AtSeq(n) => {
+                let cs = self.inner.commit.lock();
+                let head = cs.state.seq;
+                let oldest = cs.history.front().map_or(head, |s| s.seq);
+                if n > head || n < oldest {
+                    return Err(AedbError::SnapshotUnavailable {
+                        requested: n,
+                        oldest,
+                        head,
+                    });
+                }
+                // The state after commit n is the newest kept state with seq <= n.
+                let state = cs
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|s| s.seq <= n)
+                    .cloned()
+                    .ok_or(AedbError::SnapshotUnavailable {
+                        requested: n,
+                        oldest,
+                        head,
+                    })?;
+                Ok(Snapshot { state })
+            }
+            ConsistencyMode::AtCheckpoint => self
+                .inner
+                .checkpointing
+                .lock()
+                .snapshot
+                .clone()
+                .map(|state| Snapshot { state })
+                .ok_or_else(|| {
+                    AedbError::InvalidArgument(
+                        "no checkpoint has been written since this instance opened".into(),
+                    )
+                }),
+        }
+    }
+
+    fn begin_write_inner(
+        &self,
+        caller: Option<&CallerContext>,
+        project: &str,
+    ) -> Result<WriteTransaction, AedbError> {
+        let snapshot = self.snapshot_inner();
+        if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
+            return Err(AedbError::NotFound {
+                kind: "project",
+                name: project.to_string(),
+            });
+        }
+        let mut tx = WriteTransaction::new(project.to_string(), snapshot, self.inner.config.limits);
+        tx.caller = caller.map(|c| c.caller_id.clone());
+        Ok(tx)
+    }
+    fn export_audit_inner(
+        &self,
+        snap: &Snapshot,
+        since_id: i64,
+    ) -> Result<Vec<AuditExport>, AedbError> {
+        Ok(crate::audit::export_tables(&snap.state, since_id))
+    }
+
+    /// Verifies the full hash chains of both audit tables in the current state.
+    pub fn verify_audit_chains(&self) -> Result<(), AuditVerifyError> {
+        let snap = self.snapshot_inner();
+        for table in [AUTHZ_AUDIT, ASSERTION_AUDIT] {
+            let rows: Vec<Vec<Value>> = match snap.table(SYSTEM_PROJECT, AUDIT_SCOPE, table) {
+                Ok(t) => t.raw_rows().map(|r| r.to_vec()).collect(),
+                Err(_) => continue,
+            };
+            crate::audit::verify_rows(table, &rows, None)?;
+        }
+        Ok(())
+    }
+
+    /// The one-time, public bootstrap of the first GlobalAdmin of a database
+    /// (recorded in `authz_audit`). Fails once any GlobalAdmin was bootstrapped.
+    pub fn bootstrap_global_admin(&self, admin: &str) -> Result<CommitResult, AedbError> {
+        validate_caller_id(admin)?;
+        let _slot = self.admit()?;
+        let mut cs = self.lock_commit()?;
+        self.drain(&mut cs);
+        if cs.state.authz.bootstrapped {
+            return Err(AedbError::AlreadyExists {
+                kind: "bootstrapped GlobalAdmin",
+                name: "(this database already has one; grant further admins through it)".into(),
+            });
+        }
+        let seq = cs.state.seq + 1;
+        let event = AuditEvent::Authz {
+            actor: "bootstrap".into(),
+            action: "bootstrap".into(),
+            permission: Permission::GlobalAdmin.to_string(),
+            target: admin.to_string(),
+            delegable: true,
+            outcome: "applied".into(),
+        };
+        let record = WalRecord::Bootstrap {
+            admin: admin.to_string(),
+            audit: chain_rows(&cs.state, &[event], seq, now_unix()),
+        };
+        let payload = record.encode()?;
+        let mut next = cs.state.clone();
+        next.apply(&record, seq)?;
+        self.inner.wal.append(seq, &payload)?;
+        self.inner.record_rotation()?;
+        cs.state = next;
+        self.publish(&mut cs);
+        drop(cs);
+        tracing::info!(admin, "bootstrapped the first GlobalAdmin");
+        self.finish(seq, CommitFinality::Durable, false)
+    }
+
+    /// Writes a checkpoint of the current state, then removes the WAL segments and
+    /// the older checkpoint it makes obsolete. Readers are never blocked; writers
+    /// wait only while the state handle is taken.
+    pub fn checkpoint(&self) -> Result<CheckpointInfo, AedbError> {
+        self.inner.checkpoint()
+    }
+
+    /// (last LSN, chain head) of the log.
+    pub(crate) fn head_for_backup(&self) -> (u64, [u8; 32]) {
+        let (_, lsn, head) = self.inner.wal.head();
+        (lsn, head)
+    }
+
+    /// Highest sequence number on stable storage.
+    pub fn durable_head_seq(&self) -> u64 {
+        self.inner.wal.durable_lsn()
+    }
+
+    /// Makes every commit so far durable (for `Visible` commits).
+    pub fn sync(&self) -> Result<u64, AedbError> {
+        let last = self.inner.wal.last_lsn();
+        self.inner.wal.wait_durable(last)?;
+        Ok(last)
+    }
+
+    pub fn operational_metrics(&self) -> OperationalMetrics {
+        let mut m = OperationalMetrics::default();
+        self.inner.counters.fill(&mut m);
+        m.fsyncs = self.inner.wal.fsyncs();
+        m.head_seq = self.inner.current.load().seq;
+        m.durable_seq = self.inner.wal.durable_lsn();
+        m.queued_commits = self.inner.queued.load(Ordering::Relaxed) as u64;
+        m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;
+        m.wal_bytes_written = self.inner.wal.appended_bytes();
+        {
+            let ms = self.inner.manifest.lock();
+            m.wal_segments = ms.sealed.len() as u64 + 1;
+            m.checkpoint_lsn = ms.checkpoint.as_ref().map(|c| c.lsn);
+        }
+        {
+            let ck = self.inner.checkpointing.lock();
+            if ck.snapshot.is_some() {
+                m.checkpoint_age_secs = Some(ck.last_at.elapsed().as_secs_f64());
+                m.checkpoint_duration_secs = Some(ck.last_duration.as_secs_f64());
+            }
+        }
+        m
+    }
+
+    /// Flushes and fsyncs everything and releases the directory lock.
+    pub fn close(self) -> Result<(), AedbError> {
+        self.inner.shutdown()
+    }
+}
+
+mod api;
+mod backups;
+mod commit;
+mod inner;
+mod read;
+
+use inner::{spawn_checkpointer, spawn_flusher};
+pub use read::ReadTx;
+use read::{
+    authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use,
+    validate_caller_id, validate_ddl,
+};

@@ -1,0 +1,286 @@
+//! Authorized read transactions and the helpers that decide what a DDL operation
+//! needs and records.
+
+use super::*;
+
+/// Reads on one snapshot, each authorized for the caller when it happens.
+#[derive(Debug)]
+pub struct ReadTx<'a, M> {
+    pub(super) db: &'a AedbInstance<M>,
+    pub(super) caller: CallerContext,
+    pub(super) snapshot: Snapshot,
+}
+
+impl<M> ReadTx<'_, M> {
+    pub fn seq(&self) -> u64 {
+        self.snapshot.seq()
+    }
+
+    fn check(&self, project: &str, need: Permission) -> Result<(), AedbError> {
+        self.db.authorize_read(&self.caller, project, need)
+    }
+
+    pub fn kv_get(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<Option<Arc<[u8]>>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: Some(key.to_vec()),
+            },
+        )?;
+        Ok(self.snapshot.kv(project, scope)?.get(key))
+    }
+
+    pub fn kv_scan_prefix(
+        &self,
+        project: &str,
+        scope: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: Some(prefix.to_vec()),
+            },
+        )?;
+        Ok(self.snapshot.kv(project, scope)?.scan_prefix(prefix, limit))
+    }
+
+    /// A range scan needs read access to the whole scope (a range is not a prefix).
+    pub fn kv_scan_range(
+        &self,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: None,
+            },
+        )?;
+        Ok(self
+            .snapshot
+            .kv(project, scope)?
+            .scan_range(start, end, limit))
+    }
+
+    pub fn query(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+        q: &Query,
+    ) -> Result<QueryResult, AedbError> {
+        let need = if project == SYSTEM_PROJECT {
+            Permission::AuditRead
+        } else {
+            Permission::TableRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                table: Some(table.to_string()),
+            }
+        };
+        self.check(project, need)?;
+        self.snapshot.table(project, scope, table)?.query(q)
+    }
+
+    pub fn get_row(
+        &self,
+        project: &str,
+        scope: &str,
+        table: &str,
+        pk: &[Value],
+    ) -> Result<Option<Arc<Row>>, AedbError> {
+        self.check(
+            project,
+            Permission::TableRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                table: Some(table.to_string()),
+            },
+        )?;
+        self.snapshot.table(project, scope, table)?.get(pk)
+    }
+}
+
+pub(super) fn caller_name(caller: Option<&CallerContext>) -> &str {
+    caller.map_or(ANONYMOUS, |c| c.caller_id.as_str())
+}
+
+pub(super) fn global_admin_use(
+    caller: &CallerContext,
+    need: &Permission,
+    operation: &str,
+) -> AuditEvent {
+    AuditEvent::Authz {
+        actor: caller.caller_id.clone(),
+        action: "global_admin_use".into(),
+        permission: need.to_string(),
+        target: operation.to_string(),
+        delegable: false,
+        outcome: "allowed".into(),
+    }
+}
+
+pub(super) fn ddl_name(op: &DdlOperation) -> &'static str {
+    match op {
+        DdlOperation::CreateProject { .. } => "create_project",
+        DdlOperation::CreateScope { .. } => "create_scope",
+        DdlOperation::CreateTable { .. } => "create_table",
+        DdlOperation::DropTable { .. } => "drop_table",
+        DdlOperation::GrantPermission { .. } => "grant",
+        DdlOperation::RevokePermission { .. } => "revoke",
+        DdlOperation::TransferOwnership { .. } => "transfer_ownership",
+    }
+}
+
+/// The permission a schema operation needs.
+pub(super) fn ddl_need(op: &DdlOperation) -> Permission {
+    match op {
+        DdlOperation::CreateProject { .. } => Permission::GlobalAdmin,
+        DdlOperation::CreateScope { project, .. }
+        | DdlOperation::TransferOwnership { project, .. } => Permission::ProjectAdmin {
+            project: project.clone(),
+        },
+        DdlOperation::CreateTable { project, scope, .. }
+        | DdlOperation::DropTable { project, scope, .. } => Permission::TableDdl {
+            project: project.clone(),
+            scope: Some(scope.clone()),
+        },
+        DdlOperation::GrantPermission { permission, .. }
+        | DdlOperation::RevokePermission { permission, .. } => permission.clone(),
+    }
+}
+
+/// The `authz_audit` row a grant, revoke or ownership change produces.
+pub(super) fn authz_event(actor: &str, op: &DdlOperation) -> Option<AuditEvent> {
+    let (action, permission, target, delegable) = match op {
+        DdlOperation::GrantPermission {
+            grantee,
+            permission,
+            delegable,
+        } => ("grant", permission.to_string(), grantee.clone(), *delegable),
+        DdlOperation::RevokePermission {
+            grantee,
+            permission,
+        } => ("revoke", permission.to_string(), grantee.clone(), false),
+        DdlOperation::TransferOwnership { project, new_owner } => (
+            "transfer_ownership",
+            format!("owner of {project}"),
+            new_owner.clone(),
+            false,
+        ),
+        _ => return None,
+    };
+    Some(AuditEvent::Authz {
+        actor: actor.to_string(),
+        action: action.into(),
+        permission,
+        target,
+        delegable,
+        outcome: "applied".into(),
+    })
+}
+
+pub(super) fn validate_ddl(op: &DdlOperation, max: usize) -> Result<(), AedbError> {
+    let user_project = |p: &str| {
+        validate_name("project", p, max)?;
+        if p.starts_with('_') {
+            return Err(AedbError::InvalidArgument(format!(
+                "project names starting with '_' are reserved for the system ({p:?})"
+            )));
+        }
+        Ok(())
+    };
+    match op {
+        DdlOperation::CreateProject { project, owner } => {
+            user_project(project)?;
+            if let Some(o) = owner {
+                validate_caller_id(o)?;
+            }
+        }
+        DdlOperation::CreateScope { project, scope } => {
+            user_project(project)?;
+            validate_name("scope", scope, max)?;
+        }
+        DdlOperation::CreateTable {
+            project,
+            scope,
+            table,
+            schema,
+        } => {
+            user_project(project)?;
+            validate_name("table", table, max)?;
+            validate_name("scope", scope, max)?;
+            schema.validate(table, max)?;
+        }
+        DdlOperation::DropTable { project, table, .. } => {
+            user_project(project)?;
+            validate_name("table", table, max)?;
+        }
+        DdlOperation::GrantPermission {
+            grantee,
+            permission,
+            ..
+        }
+        | DdlOperation::RevokePermission {
+            grantee,
+            permission,
+        } => {
+            validate_principal(grantee, max)?;
+            if let Some(p) = permission.project() {
+                validate_name("project", p, max)?;
+            }
+        }
+        DdlOperation::TransferOwnership { project, new_owner } => {
+            user_project(project)?;
+            validate_caller_id(new_owner)?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn validate_principal(p: &str, max: usize) -> Result<(), AedbError> {
+    match p.strip_prefix("role:") {
+        Some(role) => validate_name("role", role, max),
+        None => validate_caller_id(p),
+    }
+}
+
+/// Caller ids come from the host's authentication (user ids, emails, service
+/// names): printable ASCII without spaces, 1..=256 bytes.
+pub(crate) fn validate_caller_id(id: &str) -> Result<(), AedbError> {
+    if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AedbError::InvalidArgument(format!(
+            "caller id must be 1..=256 printable ASCII characters without spaces, got {} bytes",
+            id.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The existing project a schema operation changes (CreateProject adds a new one
+/// under the commit lock alone).
+pub(super) fn ddl_project(op: &DdlOperation) -> Option<&str> {
+    match op {
+        DdlOperation::CreateScope { project, .. }
+        | DdlOperation::CreateTable { project, .. }
+        | DdlOperation::DropTable { project, .. }
+        | DdlOperation::TransferOwnership { project, .. } => Some(project),
+        _ => None,
+    }
+}
