@@ -223,8 +223,9 @@ pub struct OperationalMetrics {
     /// Live WAL segment files.
     pub wal_segments: u64,
     pub checkpoint_lsn: Option<u64>,
-    /// Seconds since the last checkpoint written by this instance (None: none yet).
+    /// Seconds since the live checkpoint was written (None: the database has none).
     pub checkpoint_age_secs: Option<f64>,
+    /// Duration of the last checkpoint written by this instance.
     pub checkpoint_duration_secs: Option<f64>,
     pub assertion_failures: u64,
     pub permission_denials: u64,

@@ -76,6 +76,12 @@ fn checkpoint_round_trip_without_keys_replays_only_the_tail() {
         10,
         "only the WAL after the checkpoint is replayed"
     );
+    let loaded = db
+        .begin_read(ConsistencyMode::AtCheckpoint)
+        .expect("the loaded checkpoint is readable");
+    assert_eq!(loaded.seq() + 10, db.snapshot().seq());
+    assert_eq!(loaded.kv("p", "s").expect("kv").len(), 2000);
+    assert!(db.operational_metrics().checkpoint_age_secs.is_some());
     let info = db.checkpoint().expect("second checkpoint");
     assert_eq!(info.lsn, db.snapshot().seq());
     assert_eq!(

@@ -91,6 +91,7 @@ impl Inner {
         }
         let duration = started.elapsed();
         ck.snapshot = Some(state);
+        ck.written_at = Some(std::time::SystemTime::now());
         ck.last_at = std::time::Instant::now();
         ck.last_appended = appended;
         ck.last_duration = duration;

@@ -116,6 +116,8 @@ struct Inner {
 
 struct CheckpointState {
     snapshot: Option<Arc<DbState>>,
+    /// When the live checkpoint was written (its file time after a reopen).
+    written_at: Option<std::time::SystemTime>,
     last_at: std::time::Instant,
     last_appended: u64,
     last_duration: Duration,
@@ -352,8 +354,16 @@ impl<M> AedbInstance<M> {
         let loaded = load_manifest_and_checkpoint(&dir, &config, false)?;
         let manifest_body = loaded.manifest;
         let mut ckpt_meta = None;
+        // The checkpoint's state, kept for `ConsistencyMode::AtCheckpoint` (an O(1)
+        // clone: it shares everything the WAL replay does not change).
+        let mut ckpt_snapshot = None;
+        let mut ckpt_written_at = None;
         if let Some((state, meta)) = loaded.checkpoint {
+            ckpt_written_at = std::fs::metadata(dir.join(&meta.file))
+                .and_then(|m| m.modified())
+                .ok();
             cs.state = state.state;
+            ckpt_snapshot = Some(Arc::new(cs.state.clone()));
             let max = config.limits.max_idempotency_records;
             for (tag, seq) in state.idempotency {
                 cs.remember(tag, seq, max);
@@ -452,7 +462,8 @@ impl<M> AedbInstance<M> {
             closed: AtomicBool::new(false),
             manifest: Mutex::new(ms),
             checkpointing: Mutex::new(CheckpointState {
-                snapshot: None,
+                snapshot: ckpt_snapshot,
+                written_at: ckpt_written_at,
                 last_at: std::time::Instant::now(),
                 last_appended: 0,
                 last_duration: Duration::ZERO,
@@ -536,9 +547,7 @@ impl<M> AedbInstance<M> {
                 .clone()
                 .map(|state| Snapshot { state })
                 .ok_or_else(|| {
-                    AedbError::InvalidArgument(
-                        "no checkpoint has been written since this instance opened".into(),
-                    )
+                    AedbError::InvalidArgument("the database has no checkpoint yet".into())
                 }),
         }
     }
@@ -659,9 +668,10 @@ impl<M> AedbInstance<M> {
         }
         {
             let ck = self.inner.checkpointing.lock();
-            if ck.snapshot.is_some() {
-                m.checkpoint_age_secs = Some(ck.last_at.elapsed().as_secs_f64());
-                m.checkpoint_duration_secs = Some(ck.last_duration.as_secs_f64());
+            if let Some(at) = ck.written_at {
+                m.checkpoint_age_secs = at.elapsed().ok().map(|d| d.as_secs_f64());
+                m.checkpoint_duration_secs =
+                    (!ck.last_duration.is_zero()).then(|| ck.last_duration.as_secs_f64());
             }
         }
         m
