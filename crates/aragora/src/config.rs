@@ -1,0 +1,284 @@
+//! Every environment variable aragora reads, parsed and validated once at boot.
+//! Errors name the variable and what is wrong with it, never its value when the
+//! value is a secret.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+/// A 32-byte secret from the environment. Never printed.
+#[derive(Clone)]
+pub struct Key32(Zeroizing<[u8; 32]>);
+
+impl Key32 {
+    pub fn bytes(&self) -> [u8; 32] {
+        *self.0
+    }
+}
+
+impl fmt::Debug for Key32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key32(<redacted>)")
+    }
+}
+
+/// Why a key variable is unusable (the value itself is never reported).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyProblem {
+    #[error("{0} is not set")]
+    Missing(&'static str),
+    #[error("{name} must be 64 hex characters (32 bytes), got {len} characters")]
+    WrongLength { name: &'static str, len: usize },
+    #[error("{0} is not valid hex (only 0-9 and a-f are allowed)")]
+    NotHex(&'static str),
+}
+
+/// Parses a 64-hex-character key variable.
+pub fn parse_key(name: &'static str, value: Option<&str>) -> Result<Key32, KeyProblem> {
+    let v = value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or(KeyProblem::Missing(name))?;
+    if v.len() != 64 {
+        return Err(KeyProblem::WrongLength { name, len: v.len() });
+    }
+    let bytes = Zeroizing::new(hex::decode(v).map_err(|_| KeyProblem::NotHex(name))?);
+    let mut k = Zeroizing::new([0u8; 32]);
+    k.copy_from_slice(&bytes);
+    Ok(Key32(k))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Environment {
+    Production,
+    Development,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log_level: String,
+    pub log_json: bool,
+    pub environment: Environment,
+    pub maintenance_mode: bool,
+    pub rbac_cache_ttl: Duration,
+    pub auth_rate_limit_per_ip: u32,
+    pub auth_rate_limit_window: Duration,
+    pub encryption_key: Option<Key32>,
+    pub jwt_secret: Option<String>,
+    pub jwt_secret_previous: Option<String>,
+    pub aedb_manifest_key: Option<Key32>,
+    pub aedb_checkpoint_key: Option<Key32>,
+}
+
+/// Every problem found, each naming its variable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+fn boolean(name: &str, v: &str, problems: &mut Vec<String>) -> bool {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => true,
+        "0" | "false" | "no" | "off" | "" => false,
+        other => {
+            problems.push(format!("{name} must be true or false, got {other:?}"));
+            false
+        }
+    }
+}
+
+fn number(name: &str, v: &str, min: u64, max: u64, problems: &mut Vec<String>) -> u64 {
+    match v.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => n,
+        Ok(n) => {
+            problems.push(format!("{name} must be between {min} and {max}, got {n}"));
+            min
+        }
+        Err(_) => {
+            problems.push(format!("{name} must be a whole number, got {v:?}"));
+            min
+        }
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(&std::env::vars().collect())
+    }
+
+    /// Parses `vars` (the environment), reporting every problem at once. In
+    /// production every key must be present; in development missing keys are
+    /// generated later (see `keys::load_or_generate`).
+    pub fn from_vars(vars: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let mut p = Vec::new();
+        let get = |n: &str| vars.get(n).map(String::as_str);
+        let environment = match get("ARAGORA_ENV").map(|v| v.trim().to_ascii_lowercase()) {
+            None => Environment::Development,
+            Some(v) if v == "production" || v == "prod" => Environment::Production,
+            Some(v) if v == "development" || v == "dev" || v.is_empty() => Environment::Development,
+            Some(v) => {
+                p.push(format!(
+                    "ARAGORA_ENV must be production or development, got {v:?}"
+                ));
+                Environment::Development
+            }
+        };
+        let bind = match get("ARAGORA_BIND")
+            .unwrap_or("127.0.0.1:8080")
+            .trim()
+            .parse()
+        {
+            Ok(a) => a,
+            Err(_) => {
+                p.push(format!(
+                    "ARAGORA_BIND must be an address like 127.0.0.1:8080, got {:?}",
+                    get("ARAGORA_BIND").unwrap_or_default()
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            }
+        };
+        let log_level = get("ARAGORA_LOG_LEVEL")
+            .unwrap_or("info")
+            .trim()
+            .to_ascii_lowercase();
+        if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
+            p.push(format!(
+                "ARAGORA_LOG_LEVEL must be one of trace, debug, info, warn, error, got {log_level:?}"
+            ));
+        }
+        let log_json =
+            get("ARAGORA_LOG_JSON").is_some_and(|v| boolean("ARAGORA_LOG_JSON", v, &mut p));
+        let maintenance_mode =
+            get("MAINTENANCE_MODE").is_some_and(|v| boolean("MAINTENANCE_MODE", v, &mut p));
+        let ttl =
+            get("RBAC_CACHE_TTL").map_or(300, |v| number("RBAC_CACHE_TTL", v, 0, 86_400, &mut p));
+        let per_ip = get("AUTH_RATE_LIMIT_PER_IP").map_or(10, |v| {
+            number("AUTH_RATE_LIMIT_PER_IP", v, 1, 1_000_000, &mut p)
+        });
+        let window = get("AUTH_RATE_LIMIT_WINDOW").map_or(60, |v| {
+            number("AUTH_RATE_LIMIT_WINDOW", v, 1, 86_400, &mut p)
+        });
+        let key = |name: &'static str, p: &mut Vec<String>| match parse_key(name, get(name)) {
+            Ok(k) => Some(k),
+            Err(KeyProblem::Missing(_)) if environment == Environment::Development => None,
+            Err(e) => {
+                p.push(e.to_string());
+                None
+            }
+        };
+        let encryption_key = key("ARAGORA_ENCRYPTION_KEY", &mut p);
+        let aedb_manifest_key = key("AEDB_MANIFEST_KEY", &mut p);
+        let aedb_checkpoint_key = key("AEDB_CHECKPOINT_KEY", &mut p);
+        let jwt_secret = get("JWT_SECRET")
+            .map(str::to_string)
+            .filter(|s| !s.is_empty());
+        match &jwt_secret {
+            None if environment == Environment::Production => {
+                p.push("JWT_SECRET is not set".into())
+            }
+            Some(s) if s.len() < 32 => p.push(format!(
+                "JWT_SECRET must be at least 32 characters, got {}",
+                s.len()
+            )),
+            _ => {}
+        }
+        let jwt_secret_previous = get("JWT_SECRET_PREVIOUS")
+            .map(str::to_string)
+            .filter(|s| !s.is_empty());
+        if !p.is_empty() {
+            return Err(ConfigError { problems: p });
+        }
+        Ok(Self {
+            bind,
+            data_dir: PathBuf::from(get("ARAGORA_DATA_DIR").unwrap_or("./data")),
+            log_level,
+            log_json,
+            environment,
+            maintenance_mode,
+            rbac_cache_ttl: Duration::from_secs(ttl),
+            auth_rate_limit_per_ip: per_ip as u32,
+            auth_rate_limit_window: Duration::from_secs(window),
+            encryption_key,
+            jwt_secret,
+            jwt_secret_previous,
+            aedb_manifest_key,
+            aedb_checkpoint_key,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn development_defaults() {
+        let c = Config::from_vars(&vars(&[])).expect("defaults");
+        assert_eq!(c.bind, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(c.environment, Environment::Development);
+        assert!(c.encryption_key.is_none());
+    }
+
+    #[test]
+    fn production_names_every_missing_key() {
+        let e =
+            Config::from_vars(&vars(&[("ARAGORA_ENV", "production")])).expect_err("keys missing");
+        for name in [
+            "ARAGORA_ENCRYPTION_KEY",
+            "AEDB_MANIFEST_KEY",
+            "AEDB_CHECKPOINT_KEY",
+            "JWT_SECRET",
+        ] {
+            assert!(
+                e.problems.iter().any(|p| p.contains(name)),
+                "{name} not named: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_values_are_named_and_secrets_not_echoed() {
+        let e = Config::from_vars(&vars(&[
+            ("ARAGORA_ENCRYPTION_KEY", "abcd"),
+            ("AEDB_MANIFEST_KEY", &"zz".repeat(32)),
+            ("RBAC_CACHE_TTL", "soon"),
+            ("MAINTENANCE_MODE", "maybe"),
+            ("ARAGORA_BIND", "localhost"),
+        ]))
+        .expect_err("bad values");
+        let text = e.to_string();
+        assert!(text.contains(
+            "ARAGORA_ENCRYPTION_KEY must be 64 hex characters (32 bytes), got 4 characters"
+        ));
+        assert!(text.contains("AEDB_MANIFEST_KEY is not valid hex"));
+        assert!(
+            !text.contains("zzzz"),
+            "key material must not be echoed: {text}"
+        );
+        assert!(text.contains("RBAC_CACHE_TTL must be a whole number"));
+        assert!(text.contains("MAINTENANCE_MODE must be true or false"));
+        assert!(text.contains("ARAGORA_BIND must be an address"));
+    }
+
+    #[test]
+    fn debug_output_redacts_keys() {
+        let k = parse_key("X", Some(&"ab".repeat(32))).expect("key");
+        assert_eq!(format!("{k:?}"), "Key32(<redacted>)");
+    }
+}

@@ -1,0 +1,77 @@
+//! Keys at first start. Production takes every key from the environment (boot is
+//! refused otherwise, see `config`). Development generates missing keys once into
+//! an owner-only file in the data directory and warns on every start, so the
+//! README's run command needs nothing else.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+pub const DEV_KEYS_FILE: &str = "dev-keys.env";
+
+/// Fills missing development keys in `vars` from (or into) `data_dir/dev-keys.env`.
+pub fn load_or_generate_dev_keys(
+    data_dir: &Path,
+    vars: &mut BTreeMap<String, String>,
+) -> Result<()> {
+    let path = data_dir.join(DEV_KEYS_FILE);
+    let mut stored = BTreeMap::new();
+    if path.exists() {
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "{} must be readable by its owner only (mode {mode:o}); run chmod 600",
+                path.display()
+            );
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                stored.insert(k.trim().to_string(), v.trim().to_string());
+            }
+        }
+    }
+    let mut changed = false;
+    for (name, len) in [
+        ("ARAGORA_ENCRYPTION_KEY", 32usize),
+        ("AEDB_MANIFEST_KEY", 32),
+        ("AEDB_CHECKPOINT_KEY", 32),
+        ("JWT_SECRET", 48),
+    ] {
+        if vars.get(name).is_some_and(|v| !v.is_empty()) {
+            continue;
+        }
+        let value = match stored.get(name) {
+            Some(v) => v.clone(),
+            None => {
+                let mut b = vec![0u8; len];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                    .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+                changed = true;
+                let v = hex::encode(&b);
+                stored.insert(name.to_string(), v.clone());
+                v
+            }
+        };
+        tracing::warn!(key = name, file = %path.display(), "development mode: using a generated key (set ARAGORA_ENV=production to require keys from the environment)");
+        vars.insert(name.to_string(), value);
+    }
+    if changed {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        for (k, v) in &stored {
+            writeln!(f, "{k}={v}")?;
+        }
+        f.sync_all()?;
+    }
+    Ok(())
+}
