@@ -304,9 +304,27 @@ impl<M> AedbInstance<M> {
         let record = WalRecord::Audit {
             rows: chain_rows(&cs.state, events, seq, now_unix()),
         };
+        self.commit_serial(cs, &record, seq)
+    }
+
+    /// Commits `record` as `seq` with every earlier commit published (the caller
+    /// drained): applied to a clone first, so a record that does not apply never
+    /// reaches the log; then appended, recorded in the manifest on rotation, and
+    /// published.
+    pub(super) fn commit_serial(
+        &self,
+        cs: &mut CommitState,
+        record: &WalRecord,
+        seq: u64,
+    ) -> Result<(), AedbError> {
+        debug_assert_eq!(
+            seq,
+            cs.state.seq + 1,
+            "serial commits follow the published state"
+        );
         let payload = record.encode()?;
         let mut next = cs.state.clone();
-        next.apply(&record, seq)?;
+        next.apply(record, seq)?;
         self.inner.wal.append(seq, &payload)?;
         self.inner.record_rotation()?;
         cs.state = next;
@@ -450,13 +468,7 @@ impl<M> AedbInstance<M> {
             audit: chain_rows(&cs.state, &events, seq, now_unix()),
             ops,
         };
-        let payload = record.encode()?;
-        let mut next = cs.state.clone();
-        next.apply(&record, seq)?;
-        self.inner.wal.append(seq, &payload)?;
-        self.inner.record_rotation()?;
-        cs.state = next;
-        self.publish(&mut cs);
+        self.commit_serial(&mut cs, &record, seq)?;
         drop(cs);
         for e in &events {
             let kind = match e {

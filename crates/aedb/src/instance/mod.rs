@@ -615,13 +615,7 @@ impl<M> AedbInstance<M> {
             admin: admin.to_string(),
             audit: chain_rows(&cs.state, &[event], seq, now_unix()),
         };
-        let payload = record.encode()?;
-        let mut next = cs.state.clone();
-        next.apply(&record, seq)?;
-        self.inner.wal.append(seq, &payload)?;
-        self.inner.record_rotation()?;
-        cs.state = next;
-        self.publish(&mut cs);
+        self.commit_serial(&mut cs, &record, seq)?;
         drop(cs);
         tracing::info!(admin, "bootstrapped the first GlobalAdmin");
         self.finish(seq, CommitFinality::Durable, false)
