@@ -26,6 +26,18 @@ impl Damage {
         !self.complete && !self.later_batch
     }
 
+    /// Damage to a segment as a whole (header, name, order, a missing file): never
+    /// a torn write.
+    pub fn structural(reason: String) -> Self {
+        Damage {
+            offset: 0,
+            reason,
+            next_valid: Some(0),
+            complete: true,
+            later_batch: true,
+        }
+    }
+
     fn after(
         buf: &[u8],
         from: usize,

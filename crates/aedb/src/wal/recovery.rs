@@ -147,17 +147,11 @@ pub(crate) fn recover(
         // A gap in segment numbers is a missing segment: never a torn write.
         if i > 0 && *index != segs[i - 1].0 + 1 {
             let missing = dir.join(segment_file_name(segs[i - 1].0 + 1));
-            let damage = Damage {
-                offset: 0,
-                reason: format!(
-                    "segment missing: expected {} after {}",
-                    missing.display(),
-                    segs[i - 1].1.display()
-                ),
-                next_valid: Some(0),
-                complete: true,
-                later_batch: true,
-            };
+            let damage = Damage::structural(format!(
+                "segment missing: expected {} after {}",
+                missing.display(),
+                segs[i - 1].1.display()
+            ));
             return finish_damaged(
                 dir,
                 mode,
@@ -177,13 +171,7 @@ pub(crate) fn recover(
         let header = match SegmentHeader::decode(&buf) {
             Ok(h) => h,
             Err(reason) => {
-                let damage = Damage {
-                    offset: 0,
-                    reason,
-                    next_valid: Some(0),
-                    complete: true,
-                    later_batch: true,
-                };
+                let damage = Damage::structural(reason);
                 return finish_damaged(
                     dir,
                     mode,
@@ -240,13 +228,7 @@ pub(crate) fn recover(
             None
         };
         if let Some(reason) = header_problem {
-            let damage = Damage {
-                offset: 0,
-                reason,
-                next_valid: Some(0),
-                complete: true,
-                later_batch: true,
-            };
+            let damage = Damage::structural(reason);
             return finish_damaged(
                 dir,
                 mode,
