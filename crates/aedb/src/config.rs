@@ -232,6 +232,13 @@ impl AedbConfig {
         .collect()
     }
 
+    /// Public fingerprint (hex) of the checkpoint key, as files and manifests record it.
+    pub(crate) fn checkpoint_key_id_hex(&self) -> Option<String> {
+        self.checkpoint_key
+            .as_ref()
+            .map(|k| hex::encode(crate::crypto::key_id(k)))
+    }
+
     pub fn has_manifest_key(&self) -> bool {
         self.manifest_key.is_some()
     }

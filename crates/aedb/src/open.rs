@@ -61,10 +61,7 @@ pub(crate) fn write_manifest(
         }),
         segments,
         keyed_chain: config.manifest_key.is_some(),
-        checkpoint_key_id: config
-            .checkpoint_key
-            .as_ref()
-            .map(|k| hex::encode(crate::crypto::key_id(k))),
+        checkpoint_key_id: config.checkpoint_key_id_hex(),
         backup_floor_lsn: ms.backup_floor_lsn,
     };
     manifest::write(dir, &body, config.manifest_key.as_ref())

@@ -308,10 +308,7 @@ pub(crate) fn write_full(
         keyspaces: digests,
         created_at: crate::audit::now_unix(),
         keyed_chain: config.manifest_key.is_some(),
-        checkpoint_key_id: config
-            .checkpoint_key
-            .as_ref()
-            .map(|k| hex::encode(crypto::key_id(k))),
+        checkpoint_key_id: config.checkpoint_key_id_hex(),
     };
     write_descriptor(&staging, &d, config.manifest_key.as_ref())?;
     verify_wal_members(config, &staging, &d, (start.0, &start.1))?;
@@ -482,10 +479,7 @@ pub(crate) fn write_incremental(
         keyspaces: state_digests(&cap.state),
         created_at: crate::audit::now_unix(),
         keyed_chain: config.manifest_key.is_some(),
-        checkpoint_key_id: config
-            .checkpoint_key
-            .as_ref()
-            .map(|k| hex::encode(crypto::key_id(k))),
+        checkpoint_key_id: config.checkpoint_key_id_hex(),
     };
     write_descriptor(&staging, &d, config.manifest_key.as_ref())?;
     // The copied frames must form exactly the promised range before we publish.
@@ -813,10 +807,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         checkpoint: checkpoint_ref,
         segments: Vec::new(),
         keyed_chain: config.manifest_key.is_some(),
-        checkpoint_key_id: config
-            .checkpoint_key
-            .as_ref()
-            .map(|k| hex::encode(crypto::key_id(k))),
+        checkpoint_key_id: config.checkpoint_key_id_hex(),
         backup_floor_lsn: None,
     };
     crate::manifest::write(staging, &body, config.manifest_key.as_ref())?;
