@@ -7,5 +7,6 @@
 
 pub mod app;
 pub mod config;
+pub mod crypto;
 pub mod keys;
 pub mod metrics;

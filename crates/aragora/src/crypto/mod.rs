@@ -1,0 +1,1 @@
+//! Master key, data keys, and the record envelope (issue #8).
