@@ -75,6 +75,17 @@ pub struct Config {
     pub jwt_secret_previous: Option<String>,
     pub aedb_manifest_key: Option<Key32>,
     pub aedb_checkpoint_key: Option<Key32>,
+    /// Lifetime of access tokens (ARAGORA_TOKEN_TTL, seconds).
+    pub token_ttl: Duration,
+    /// Failed logins that lock an account (AUTH_LOCKOUT_THRESHOLD).
+    pub lockout_threshold: u32,
+    /// First lockout; each further one doubles, up to the maximum
+    /// (AUTH_LOCKOUT_SECONDS, AUTH_LOCKOUT_MAX_SECONDS).
+    pub lockout_base: Duration,
+    pub lockout_max: Duration,
+    /// Peers whose X-Forwarded-For is believed (ARAGORA_TRUSTED_PROXIES,
+    /// comma-separated IPs); everyone else is identified by the socket address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// Every problem found, each naming its variable.
@@ -194,6 +205,41 @@ impl Config {
         let jwt_secret_previous = get("JWT_SECRET_PREVIOUS")
             .map(str::to_string)
             .filter(|s| !s.is_empty());
+        if let Some(s) = &jwt_secret_previous
+            && s.len() < 32
+        {
+            p.push(format!(
+                "JWT_SECRET_PREVIOUS must be at least 32 characters, got {}",
+                s.len()
+            ));
+        }
+        let token_ttl = get("ARAGORA_TOKEN_TTL")
+            .map_or(3600, |v| number("ARAGORA_TOKEN_TTL", v, 60, 30 * 86_400, &mut p));
+        let lockout_threshold = get("AUTH_LOCKOUT_THRESHOLD")
+            .map_or(5, |v| number("AUTH_LOCKOUT_THRESHOLD", v, 1, 1000, &mut p));
+        let lockout_base = get("AUTH_LOCKOUT_SECONDS")
+            .map_or(60, |v| number("AUTH_LOCKOUT_SECONDS", v, 1, 86_400, &mut p));
+        let lockout_max = get("AUTH_LOCKOUT_MAX_SECONDS")
+            .map_or(3600, |v| number("AUTH_LOCKOUT_MAX_SECONDS", v, 1, 30 * 86_400, &mut p));
+        if lockout_max < lockout_base {
+            p.push(format!(
+                "AUTH_LOCKOUT_MAX_SECONDS ({lockout_max}) must not be below AUTH_LOCKOUT_SECONDS ({lockout_base})"
+            ));
+        }
+        let mut trusted_proxies = Vec::new();
+        for part in get("ARAGORA_TRUSTED_PROXIES")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            match part.parse() {
+                Ok(ip) => trusted_proxies.push(ip),
+                Err(_) => p.push(format!(
+                    "ARAGORA_TRUSTED_PROXIES must be comma-separated IP addresses, {part:?} is not one"
+                )),
+            }
+        }
         if !p.is_empty() {
             return Err(ConfigError { problems: p });
         }
@@ -212,6 +258,11 @@ impl Config {
             jwt_secret_previous,
             aedb_manifest_key,
             aedb_checkpoint_key,
+            token_ttl: Duration::from_secs(token_ttl),
+            lockout_threshold: lockout_threshold as u32,
+            lockout_base: Duration::from_secs(lockout_base),
+            lockout_max: Duration::from_secs(lockout_max),
+            trusted_proxies,
         })
     }
 }

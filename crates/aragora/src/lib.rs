@@ -5,8 +5,16 @@
 //! HTTP router with health, metrics and maintenance mode. Authentication, RBAC,
 //! audit search, encryption and approvals build on it.
 
+pub mod api;
 pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod clock;
 pub mod config;
+pub mod control;
 pub mod crypto;
+pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod rbac;
+pub mod store;

@@ -1,15 +1,16 @@
 //! `aragora`: the security control plane (`serve`) and its operator commands.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use aedb::{AedbConfig, AedbInstance};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use aragora::app::{AppState, router};
 use aragora::config::{Config, Environment, parse_key};
+use aragora::control::{self, ControlRequest};
 use aragora::keys::load_or_generate_dev_keys;
-use aragora::metrics::Metrics;
+use aragora::store::EmbeddedStore;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -26,38 +27,82 @@ enum Command {
     Serve,
     /// Validate ARAGORA_ENCRYPTION_KEY without starting the server (never prints it).
     CheckKey,
+    /// Account administration.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// The security audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create the first admin and print its API key once. Refused when an admin
+    /// exists. Works with the server stopped or running (through the owner-only
+    /// socket in the data dir).
+    Bootstrap {
+        #[arg(long)]
+        email: String,
+        /// Print {"user_id", "email", "token"} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the audit hash chain (exit 1 when it is broken).
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::CheckKey => match parse_key(
-            "ARAGORA_ENCRYPTION_KEY",
-            std::env::var("ARAGORA_ENCRYPTION_KEY").ok().as_deref(),
-        ) {
-            Ok(_) => {
-                println!("ARAGORA_ENCRYPTION_KEY: ok (64 hex characters, 32 bytes)");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("aragora: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Serve => match serve() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("aragora: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+    let result = match cli.command {
+        Command::CheckKey => check_key(),
+        Command::Serve => serve(),
+        Command::Admin {
+            command: AdminCommand::Bootstrap { email, json },
+        } => bootstrap(&email, json),
+        Command::Audit {
+            command: AuditCommand::Verify { json },
+        } => audit_verify(json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("aragora: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }
 
-fn serve() -> Result<()> {
+fn check_key() -> Result<ExitCode> {
+    match parse_key(
+        "ARAGORA_ENCRYPTION_KEY",
+        std::env::var("ARAGORA_ENCRYPTION_KEY").ok().as_deref(),
+    ) {
+        Ok(_) => {
+            println!("ARAGORA_ENCRYPTION_KEY: ok (64 hex characters, 32 bytes)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("aragora: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// The validated configuration; in development, missing keys come from (or
+/// are generated into) the owner-only key file in the data dir.
+fn load_config() -> Result<Config> {
     let mut vars: BTreeMap<String, String> = std::env::vars().collect();
-    // Parse once to learn the environment and data dir; development fills missing
-    // keys from the owner-only key file before the final parse.
     let first = Config::from_vars(&vars);
     if let Ok(c) = &first
         && c.environment == Environment::Development
@@ -69,39 +114,118 @@ fn serve() -> Result<()> {
     if first.is_err() || config.environment == Environment::Production {
         init_logging(&config.log_level, config.log_json);
     }
+    Ok(config)
+}
+
+fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
     let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
         anyhow::bail!("AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required");
     };
+    let jwt = config
+        .jwt_secret
+        .clone()
+        .ok_or_else(|| anyhow!("JWT_SECRET is not set"))?;
     let store_dir = config.data_dir.join("aedb");
-    let store = AedbInstance::open_production(
-        AedbConfig::production(mk.bytes())
-            .with_checkpoint_key(ck.bytes())
-            .with_bootstrap_admin("aragora-system"),
-        &store_dir,
-    )
-    .with_context(|| format!("opening the store in {}", store_dir.display()))?;
-    let metrics = Metrics::new()?.with_known_series();
+    let store = Arc::new(
+        EmbeddedStore::open(&store_dir, mk.bytes(), ck.bytes())
+            .with_context(|| format!("opening the store in {}", store_dir.display()))?,
+    );
+    let state = Arc::new(AppState::new(config, store.clone(), &jwt)?);
+    Ok((store, state))
+}
+
+/// Flushes and closes the store once every other holder is gone.
+fn close(store: Arc<EmbeddedStore>, state: Arc<AppState>) -> Result<()> {
+    drop(state);
+    match Arc::try_unwrap(store) {
+        Ok(s) => s.close().context("closing the store"),
+        Err(_) => {
+            tracing::warn!("store still referenced at shutdown; relying on drop to flush");
+            Ok(())
+        }
+    }
+}
+
+fn serve() -> Result<ExitCode> {
+    let config = load_config()?;
     let bind = config.bind;
-    let state = Arc::new(AppState {
-        config,
-        metrics,
-        store,
-    });
+    let socket = control::socket_path(&config.data_dir);
+    if config.maintenance_mode {
+        tracing::warn!("MAINTENANCE_MODE=true: only health, metrics and /api/admin/* are served");
+    }
+    let (store, state) = open_state(config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let app_state = state.clone();
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("binding {bind} (ARAGORA_BIND)"))?;
-        tracing::info!(addr = %listener.local_addr()?, "aragora listening");
-        axum::serve(listener, router(state.clone()))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        control::serve(app_state.clone(), socket.clone())
+            .await
+            .with_context(|| format!("binding the control socket {}", socket.display()))?;
+        tracing::info!(addr = %listener.local_addr()?, control = %socket.display(), "aragora listening");
+        axum::serve(
+            listener,
+            router(app_state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+        let _ = std::fs::remove_file(&socket);
         tracing::info!("shutting down: flushing the store");
         anyhow::Ok(())
     })?;
-    Ok(())
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    close(store, state)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends `req` to the running server, or runs it on the store directly.
+fn run_control(req: ControlRequest) -> Result<serde_json::Value> {
+    let config = load_config()?;
+    match control::call(&config.data_dir, &req).map_err(|e| anyhow!(e))? {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(anyhow!(e)),
+        None => {
+            let (store, state) = open_state(config)?;
+            let r = control::execute(&state, req).map_err(|e| anyhow!(e.to_string()));
+            close(store, state)?;
+            r
+        }
+    }
+}
+
+fn bootstrap(email: &str, json: bool) -> Result<ExitCode> {
+    let v = run_control(ControlRequest::Bootstrap {
+        email: email.to_string(),
+    })?;
+    if json {
+        println!("{v}");
+    } else {
+        println!("admin created: {} ({})", v["email"].as_str().unwrap_or_default(), v["user_id"].as_str().unwrap_or_default());
+        println!("API key (shown once, store it now):");
+        println!("{}", v["token"].as_str().unwrap_or_default());
+        println!();
+        println!("export ADMIN_TOKEN=<the key above>   # then: curl -H \"Authorization: Bearer $ADMIN_TOKEN\" ...");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(json: bool) -> Result<ExitCode> {
+    let v = run_control(ControlRequest::AuditVerify)?;
+    let ok = v["ok"] == true;
+    if json {
+        println!("{v}");
+    } else if ok {
+        println!("audit chain ok: {} entries, head seq {}", v["entries_checked"], v["head_seq"]);
+    } else {
+        println!("audit chain BROKEN:");
+        for p in v["problems"].as_array().into_iter().flatten() {
+            println!("  - {}", p.as_str().unwrap_or_default());
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn init_logging(level: &str, json: bool) {

@@ -639,6 +639,12 @@ impl<M> AedbInstance<M> {
         self.inner.wal.durable_lsn()
     }
 
+    /// Returns once the commit with sequence number `seq` is on stable storage
+    /// (for a `Visible` commit whose caller must not answer before it is durable).
+    pub fn wait_durable(&self, seq: u64) -> Result<(), AedbError> {
+        self.inner.wal.wait_durable(seq)
+    }
+
     /// Makes every commit so far durable (for `Visible` commits).
     pub fn sync(&self) -> Result<u64, AedbError> {
         let last = self.inner.wal.last_lsn();

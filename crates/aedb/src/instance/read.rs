@@ -37,6 +37,25 @@ impl<M> ReadTx<'_, M> {
         Ok(self.snapshot.kv(project, scope)?.get(key))
     }
 
+    /// The value and the sequence number of the commit that wrote it (the version
+    /// `ReadAssertion::KeyVersion` compares against).
+    pub fn kv_get_versioned(
+        &self,
+        project: &str,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<Option<(u64, Arc<[u8]>)>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: Some(key.to_vec()),
+            },
+        )?;
+        Ok(self.snapshot.kv(project, scope)?.get_versioned(key))
+    }
+
     pub fn kv_scan_prefix(
         &self,
         project: &str,
@@ -76,6 +95,29 @@ impl<M> ReadTx<'_, M> {
             .snapshot
             .kv(project, scope)?
             .scan_range(start, end, limit))
+    }
+
+    /// `kv_scan_range` in descending key order.
+    pub fn kv_scan_range_rev(
+        &self,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: None,
+            },
+        )?;
+        Ok(self
+            .snapshot
+            .kv(project, scope)?
+            .scan_range_rev(start, end, limit))
     }
 
     pub fn query(

@@ -131,6 +131,26 @@ impl KvView<'_> {
             .collect()
     }
 
+    /// Up to `limit` pairs with keys in `[start, end)` (per the bounds), in
+    /// descending key order: the newest entries of a time-ordered keyspace first.
+    pub fn scan_range_rev(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Vec<KvPair> {
+        if bounds_empty(start, end) {
+            return Vec::new();
+        }
+        self.scope
+            .kv
+            .range::<_, [u8]>((start, end))
+            .rev()
+            .filter_map(|(k, e)| e.value.as_ref().map(|v| (k.clone(), v.to_arc())))
+            .take(limit)
+            .collect()
+    }
+
     /// Up to `limit` pairs whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Vec<KvPair> {
         let end = prefix_successor(prefix);

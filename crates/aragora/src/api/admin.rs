@@ -1,0 +1,303 @@
+//! `/api/admin/*`: users, roles, sessions, lockouts and IP blocks.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth::{KeyBody, created_key};
+use super::{ApiResult, JsonBody, QueryParams, blocking};
+use crate::app::AppState;
+use crate::auth::{Principal, RequestMeta};
+use crate::clock::now_us;
+
+/// Users returned by one page of `GET /api/admin/users`.
+const MAX_PAGE: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListUsersQuery {
+    role: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list_users(State(state): State<Arc<AppState>>, QueryParams(q): QueryParams<ListUsersQuery>) -> ApiResult<Response> {
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let (users, next) = state.auth.list_users(q.role.as_deref(), q.after.as_deref(), limit)?;
+    Ok(axum::Json(json!({"users": users, "count": users.len(), "next_after": next})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserBody {
+    email: String,
+    password: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+pub async fn create_user(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(b): JsonBody<CreateUserBody>,
+) -> ApiResult<Response> {
+    let user = blocking(move || {
+        state.auth.create_user(&p.user_id, &b.email, b.password.as_deref(), b.roles, &meta)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(user.view(now_us(), None))).into_response())
+}
+
+pub async fn get_user(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(axum::Json(state.auth.get_user(&id)?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleBody {
+    role: String,
+}
+
+pub async fn add_role(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<RoleBody>,
+) -> ApiResult<Response> {
+    let u = blocking(move || state.auth.add_role(&p, &id, &b.role, &meta)).await?;
+    Ok(axum::Json(u.view(now_us(), None)).into_response())
+}
+
+pub async fn remove_role(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path((id, role)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let u = blocking(move || state.auth.remove_role(&p, &id, &role, &meta)).await?;
+    Ok(axum::Json(u.view(now_us(), None)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordBody {
+    password: String,
+}
+
+pub async fn set_password(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<PasswordBody>,
+) -> ApiResult<Response> {
+    blocking(move || state.auth.set_password(&p, &id, &b.password, &meta)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonBody {
+    reason: String,
+}
+
+pub async fn disable(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ReasonBody>,
+) -> ApiResult<Response> {
+    let u = blocking(move || state.auth.disable(&p, &id, &b.reason, &meta)).await?;
+    Ok(axum::Json(u.view(now_us(), None)).into_response())
+}
+
+pub async fn enable(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let u = blocking(move || state.auth.enable(&p, &id, &meta)).await?;
+    Ok(axum::Json(u.view(now_us(), None)).into_response())
+}
+
+pub async fn unlock(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let u = blocking(move || state.auth.unlock(&p, &id, &meta)).await?;
+    Ok(axum::Json(u.view(now_us(), None)).into_response())
+}
+
+pub async fn revoke_keys(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let uid = id.clone();
+    let ids = blocking(move || state.auth.revoke_api_keys(&p, &id, None, &meta)).await?;
+    Ok(axum::Json(json!({"user_id": uid, "revoked": ids.len(), "key_ids": ids})).into_response())
+}
+
+pub async fn create_key(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<KeyBody>,
+) -> ApiResult<Response> {
+    let (key, token) = blocking(move || state.auth.create_api_key(&p, &id, &b.name, &meta)).await?;
+    Ok(created_key(key, token))
+}
+
+pub async fn permissions(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+    let (_, user) = state.auth.user(&id)?;
+    let perms = state.rbac.permissions_of(&user.roles);
+    let sensitive: Vec<_> = perms
+        .iter()
+        .filter(|p| crate::rbac::catalogue::is_sensitive(p))
+        .collect();
+    Ok(axum::Json(json!({
+        "user_id": user.id,
+        "email": user.email,
+        "roles": user.roles,
+        "disabled": user.disabled,
+        "permissions": perms,
+        "sensitive_permissions": sensitive,
+    }))
+    .into_response())
+}
+
+pub async fn sessions(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+    let now = now_us();
+    let sessions = state.auth.sessions_of(&id)?;
+    let active = sessions.iter().filter(|s| s.revoked_at.is_none() && s.expires_at > now).count();
+    let keys = state.auth.api_keys_of(&id)?;
+    Ok(axum::Json(json!({
+        "user_id": id,
+        "active_sessions": active,
+        "sessions": sessions.iter().map(|s| s.view(now)).collect::<Vec<_>>(),
+        "api_keys": keys.iter().map(|k| k.view()).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeSessionsBody {
+    session_id: Option<String>,
+    reason: Option<String>,
+}
+
+pub async fn revoke_user_sessions(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    // The body is optional: no body revokes every session of the user.
+    let b: RevokeSessionsBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RevokeSessionsBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| super::bad_request(format!("request body is not valid: {e}")))?
+    };
+    let uid = id.clone();
+    let ids = blocking(move || {
+        state.auth.user(&id)?;
+        state.auth.revoke_sessions(
+            &p,
+            &id,
+            b.session_id.as_deref(),
+            b.reason.as_deref().unwrap_or("revoked by an administrator"),
+            &meta,
+        )
+    })
+    .await?;
+    Ok(axum::Json(json!({"user_id": uid, "revoked": ids.len(), "session_ids": ids})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkLockBody {
+    emails: Vec<String>,
+    duration: String,
+}
+
+pub async fn bulk_lock(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(b): JsonBody<BulkLockBody>,
+) -> ApiResult<Response> {
+    let r = blocking(move || state.auth.bulk_lock(&p, &b.emails, &b.duration, &meta)).await?;
+    Ok(axum::Json(r).into_response())
+}
+
+pub async fn revoke_all(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+) -> ApiResult<Response> {
+    let r = blocking(move || state.auth.revoke_all_sessions(&p, &meta)).await?;
+    Ok(axum::Json(r).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockBody {
+    ip: String,
+    duration: String,
+    #[serde(default)]
+    reason: String,
+}
+
+pub async fn block_ip(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(b): JsonBody<BlockBody>,
+) -> ApiResult<Response> {
+    let r = blocking(move || state.auth.block_ip(&p, &b.ip, &b.duration, &b.reason, &meta)).await?;
+    Ok((StatusCode::CREATED, axum::Json(r)).into_response())
+}
+
+pub async fn list_blocks(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
+    Ok(axum::Json(json!({"blocks": state.auth.list_blocks()})).into_response())
+}
+
+pub async fn unblock_ip(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(ip): Path<String>,
+) -> ApiResult<Response> {
+    blocking(move || state.auth.unblock_ip(&p, &ip, &meta)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Carries a password: Debug never shows it.
+impl std::fmt::Debug for PasswordBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordBody { .. }")
+    }
+}
+
+/// Carries a password: Debug never shows it.
+impl std::fmt::Debug for CreateUserBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CreateUserBody { .. }")
+    }
+}

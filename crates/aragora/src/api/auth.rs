@@ -1,0 +1,109 @@
+//! `/api/auth/*`: login, logout, the caller's account and API keys.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiResult, JsonBody, blocking};
+use crate::app::AppState;
+use crate::auth::{Principal, RequestMeta};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginBody {
+    email: String,
+    password: String,
+}
+
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(body): JsonBody<LoginBody>,
+) -> ApiResult<Response> {
+    let (token, expires_in, session_id) =
+        blocking(move || state.auth.login(&body.email, &body.password, &meta)).await?;
+    Ok(axum::Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "session_id": session_id,
+    }))
+    .into_response())
+}
+
+pub async fn logout(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+) -> ApiResult<Response> {
+    blocking(move || state.auth.logout(&p, &meta)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn me(State(state): State<Arc<AppState>>, Extension(p): Extension<Principal>) -> ApiResult<Response> {
+    let mut user = state.auth.get_user(&p.user_id)?;
+    if let Some(o) = user.as_object_mut() {
+        o.insert("permissions".into(), json!(state.rbac.permissions_of(&p.roles)));
+    }
+    Ok(axum::Json(user).into_response())
+}
+
+pub async fn list_keys(State(state): State<Arc<AppState>>, Extension(p): Extension<Principal>) -> ApiResult<Response> {
+    let keys = state.auth.api_keys_of(&p.user_id)?;
+    Ok(axum::Json(json!({"api_keys": keys.iter().map(|k| k.view()).collect::<Vec<_>>()})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBody {
+    pub name: String,
+}
+
+pub async fn create_key(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(body): JsonBody<KeyBody>,
+) -> ApiResult<Response> {
+    let (key, token) = blocking(move || {
+        let uid = p.user_id.clone();
+        state.auth.create_api_key(&p, &uid, &body.name, &meta)
+    })
+    .await?;
+    Ok(created_key(key, token))
+}
+
+pub(super) fn created_key(key: crate::auth::model::ApiKey, token: String) -> Response {
+    let mut v = key.view();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("token".into(), json!(token));
+        o.insert("note".into(), json!("the token is shown only now; store it securely"));
+    }
+    (StatusCode::CREATED, axum::Json(v)).into_response()
+}
+
+pub async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(key_id): Path<String>,
+) -> ApiResult<Response> {
+    let ids = blocking(move || {
+        let uid = p.user_id.clone();
+        state.auth.revoke_api_keys(&p, &uid, Some(&key_id), &meta)
+    })
+    .await?;
+    Ok(axum::Json(json!({"revoked": ids})).into_response())
+}
+
+/// Carries a password: Debug never shows it.
+impl std::fmt::Debug for LoginBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoginBody { .. }")
+    }
+}

@@ -1,0 +1,372 @@
+//! HTTP: the route table (every route with the permission it requires), the
+//! middleware that identifies and authorizes callers, and the mapping of
+//! service errors to statuses with a JSON body naming what is wrong.
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod rbac;
+pub mod system;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, on, MethodFilter};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::{Principal, RequestMeta};
+use crate::clock::now_us;
+use crate::error::ServiceError;
+use crate::rbac::{catalogue, roles_label};
+
+/// Request bodies above this are refused with 413 before parsing.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// An error response: status plus `{"error": message, ...}`.
+#[derive(Debug)]
+pub struct ApiError(pub ServiceError);
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let msg = self.0.to_string();
+        let (status, body, extra): (StatusCode, serde_json::Value, Option<(header::HeaderName, String)>) = match &self.0 {
+            ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, json!({"error": msg}), None),
+            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": msg}), None),
+            ServiceError::Conflict(_) => (StatusCode::CONFLICT, json!({"error": msg}), None),
+            ServiceError::Unauthorized { reason, .. } => (
+                StatusCode::UNAUTHORIZED,
+                json!({"error": msg, "reason": reason}),
+                Some((header::WWW_AUTHENTICATE, format!("Bearer error=\"invalid_token\", error_description=\"{reason}\""))),
+            ),
+            ServiceError::Forbidden { permission } => (
+                StatusCode::FORBIDDEN,
+                json!({"error": msg, "permission": permission}),
+                None,
+            ),
+            ServiceError::Blocked { .. } => (StatusCode::FORBIDDEN, json!({"error": msg, "reason": "ip_blocked"}), None),
+            ServiceError::Locked { retry_after_secs, .. } => (
+                StatusCode::LOCKED,
+                json!({"error": msg, "reason": "locked"}),
+                Some((header::RETRY_AFTER, retry_after_secs.to_string())),
+            ),
+            ServiceError::RateLimited { retry_after_secs } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": msg, "reason": "rate_limited"}),
+                Some((header::RETRY_AFTER, retry_after_secs.to_string())),
+            ),
+            ServiceError::Unavailable(_) => {
+                tracing::error!(error = %msg, "service unavailable");
+                (StatusCode::SERVICE_UNAVAILABLE, json!({"error": msg}), None)
+            }
+            ServiceError::Internal(_) => {
+                tracing::error!(error = %msg, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "internal error; the server log has the details"}), None)
+            }
+        };
+        let mut resp = (status, axum::Json(body)).into_response();
+        if let Some((name, value)) = extra
+            && let Ok(v) = HeaderValue::from_str(&value)
+        {
+            resp.headers_mut().insert(name, v);
+        }
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(ServiceError::BadRequest(msg.into()))
+}
+
+/// A JSON body, whatever the Content-Type (the runbook's `curl -d` sends a form
+/// content type); parse errors name the field, line and column.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                bad_request(format!("request body is larger than {MAX_BODY_BYTES} bytes"))
+            } else {
+                bad_request(format!("request body could not be read: {e}"))
+            }
+        })?;
+        if bytes.is_empty() {
+            return Err(bad_request("request body is empty; a JSON object is expected"));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| bad_request(format!("request body is not valid: {e}")))
+    }
+}
+
+/// Query parameters; a bad value names its parameter.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let q = parts.uri.query().unwrap_or_default();
+        serde_urlencoded::from_str(q)
+            .map(QueryParams)
+            .map_err(|e| bad_request(format!("query string is not valid: {e}")))
+    }
+}
+
+/// One route: method, path, the permission it requires (`None`: anonymous) and
+/// a summary (served as the API description at `/api/routes`).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub permission: Option<&'static str>,
+    pub summary: &'static str,
+}
+
+type Handler = fn() -> MethodRouter<Arc<AppState>>;
+
+macro_rules! routes {
+    ($( $method:ident $path:literal $perm:expr, $summary:literal => $handler:path; )*) => {
+        /// Every route of the API.
+        pub const ROUTES: &[RouteSpec] = &[
+            $( RouteSpec { method: stringify!($method), path: $path, permission: $perm, summary: $summary }, )*
+        ];
+        fn handlers() -> Vec<Handler> {
+            vec![ $( || on(method_filter(stringify!($method)), $handler), )* ]
+        }
+    };
+}
+
+fn method_filter(m: &str) -> MethodFilter {
+    match m {
+        "POST" => MethodFilter::POST,
+        "PUT" => MethodFilter::PUT,
+        "DELETE" => MethodFilter::DELETE,
+        _ => MethodFilter::GET,
+    }
+}
+
+const A: Option<&str> = None;
+
+routes! {
+    GET "/api/health" A, "Liveness and store status" => system::health;
+    GET "/metrics" A, "Prometheus metrics" => system::metrics;
+    GET "/api/routes" A, "This route table with each route's permission" => system::routes;
+    POST "/api/auth/login" A, "Password login: {email, password} -> {access_token, token_type, expires_in}" => auth::login;
+    POST "/api/auth/logout" Some("self.read"), "Revoke the caller's session" => auth::logout;
+    GET "/api/auth/me" Some("self.read"), "The caller's account, roles and permissions" => auth::me;
+    GET "/api/auth/api-keys" Some("self.read"), "The caller's API keys (metadata)" => auth::list_keys;
+    POST "/api/auth/api-keys" Some("self.api_keys"), "Create an API key for the caller: {name} -> {token} (shown once)" => auth::create_key;
+    DELETE "/api/auth/api-keys/{key_id}" Some("self.api_keys"), "Revoke one of the caller's API keys" => auth::revoke_key;
+    GET "/api/admin/users" Some("users.read"), "Users (?role=, ?after=, ?limit=) with last_active_at" => admin::list_users;
+    POST "/api/admin/users" Some("users.manage"), "Create a user: {email, password?, roles}" => admin::create_user;
+    GET "/api/admin/users/{id}" Some("users.read"), "One user" => admin::get_user;
+    POST "/api/admin/users/{id}/roles" Some("users.manage"), "Assign a role: {role}" => admin::add_role;
+    DELETE "/api/admin/users/{id}/roles/{role}" Some("users.manage"), "Remove a role" => admin::remove_role;
+    POST "/api/admin/users/{id}/password" Some("users.manage"), "Set a password: {password}" => admin::set_password;
+    POST "/api/admin/users/{id}/disable" Some("users.disable"), "Disable a user: {reason}; effective on the next request" => admin::disable;
+    POST "/api/admin/users/{id}/enable" Some("users.disable"), "Re-enable a user" => admin::enable;
+    POST "/api/admin/users/{id}/unlock" Some("users.lock"), "Clear a lockout" => admin::unlock;
+    POST "/api/admin/users/{id}/revoke-keys" Some("users.revoke_keys"), "Revoke every API key of a user" => admin::revoke_keys;
+    POST "/api/admin/users/{id}/api-keys" Some("users.manage"), "Create an API key for a user: {name}" => admin::create_key;
+    GET "/api/admin/users/{id}/permissions" Some("users.read"), "A user's roles and effective permissions" => admin::permissions;
+    GET "/api/admin/users/{id}/sessions" Some("users.read"), "A user's sessions" => admin::sessions;
+    POST "/api/admin/users/{id}/sessions/revoke" Some("sessions.revoke"), "Revoke a user's sessions" => admin::revoke_user_sessions;
+    POST "/api/admin/users/bulk-lock" Some("users.lock"), "Lock accounts: {emails, duration}" => admin::bulk_lock;
+    POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown)" => admin::revoke_all;
+    POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP: {ip, duration, reason}" => admin::block_ip;
+    GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks;
+    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block" => admin::unblock_ip;
+    GET "/api/admin/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles;
+    POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description}" => rbac::put_role;
+    DELETE "/api/admin/roles/{name}" Some("roles.manage"), "Delete a custom role (refused while assigned)" => rbac::delete_role;
+    GET "/api/security/rbac/permissions" Some("rbac.read"), "The permission catalogue (array)" => rbac::permissions;
+    GET "/api/security/rbac/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles;
+    GET "/api/security/rbac/cache/stats" Some("rbac.read"), "Decision cache: hits, misses, hit_rate, size, ttl, backend" => rbac::cache_stats;
+    POST "/api/security/rbac/cache/clear" Some("rbac.manage"), "Empty the decision cache" => rbac::cache_clear;
+    POST "/api/security/rbac/cache/warmup" Some("rbac.manage"), "Precompute decisions for every active user" => rbac::cache_warmup;
+    GET "/api/security/rbac/denials/recent" Some("rbac.read"), "Denials of the last ?minutes= (default 15) by user, permission, role" => rbac::denials_recent;
+    GET "/api/security/audit/search" Some("audit.read"), "Audit entries by ?action=, ?actor=, ?minutes=, ?limit=, ?before=" => audit::search;
+    GET "/api/security/audit/verify" Some("audit.read"), "Verify the audit hash chain" => audit::verify;
+}
+
+/// Builds the router: each route behind its permission guard, then the IP block
+/// check, then maintenance mode (outermost).
+pub fn router(state: Arc<AppState>) -> Router {
+    let mut router: Router<Arc<AppState>> = Router::new();
+    for (spec, make) in ROUTES.iter().zip(handlers()) {
+        let mut mr = make();
+        if let Some(permission) = spec.permission {
+            mr = mr.route_layer(middleware::from_fn_with_state((state.clone(), permission), guard));
+        }
+        router = router.route(spec.path, mr);
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), identify))
+        .layer(middleware::from_fn_with_state(state.clone(), maintenance))
+        .with_state(state)
+}
+
+fn is_exempt_from_maintenance(path: &str) -> bool {
+    path == "/api/health" || path == "/metrics" || path.starts_with("/api/admin/")
+}
+
+/// Lockdown: with MAINTENANCE_MODE=true every request gets 503 except liveness,
+/// metrics and the admin recovery endpoints (which still need a token).
+async fn maintenance(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if state.config.maintenance_mode && !is_exempt_from_maintenance(req.uri().path()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "60")],
+            axum::Json(json!({"error": "maintenance mode: only health, metrics and admin recovery are served"})),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// The client address: the socket peer, or the first X-Forwarded-For hop when
+/// the peer is a trusted proxy.
+fn client_ip(state: &AppState, req: &Request) -> Option<IpAddr> {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    match peer {
+        Some(p) if state.config.trusted_proxies.contains(&p) => req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+            .or(Some(p)),
+        other => other,
+    }
+}
+
+/// Attaches the request metadata and refuses blocked addresses (health and
+/// metrics stay reachable for probes).
+async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let meta = RequestMeta {
+        ip: client_ip(&state, &req),
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(200).collect()),
+    };
+    let path = req.uri().path();
+    if path != "/api/health" && path != "/metrics"
+        && let Some(ip) = meta.ip
+        && let Some(block) = state.auth.blocked(ip)
+    {
+        return ApiError(ServiceError::Blocked {
+            message: format!("requests from {ip} are blocked until {}", crate::clock::format_us(block.expires_at)),
+        })
+        .into_response();
+    }
+    req.extensions_mut().insert(meta);
+    next.run(req).await
+}
+
+/// Authenticates the bearer credential and checks the route's permission;
+/// denials are audited and counted.
+async fn guard(
+    State((state, permission)): State<(Arc<AppState>, &'static str)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let meta = req.extensions().get::<RequestMeta>().cloned().unwrap_or_default();
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{0}invalid"));
+    let principal = match state.auth.authenticate(authorization, &meta) {
+        Ok(p) => p,
+        Err(e) => return ApiError(e).into_response(),
+    };
+    let decision = state.rbac.check(&principal.user_id, &principal.roles, permission);
+    if !decision.allowed {
+        deny(&state, &principal, permission, req.method(), req.uri().path(), &meta);
+        return ApiError(ServiceError::Forbidden {
+            permission: permission.to_string(),
+        })
+        .into_response();
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+fn deny(state: &AppState, p: &Principal, permission: &str, method: &Method, path: &str, meta: &RequestMeta) {
+    let sensitive = catalogue::is_sensitive(permission);
+    let event = AuditEvent::new("permission_denied", p.user_id.clone(), Outcome::Denied)
+        .ip(meta.ip_string())
+        .details(json!({
+            "permission": permission,
+            "role": roles_label(&p.roles),
+            "sensitive": sensitive,
+            "method": method.as_str(),
+            "path": path,
+        }));
+    if let Err(e) = state.audit.record(event) {
+        tracing::error!(error = %e, "permission_denied could not be audited");
+    }
+    tracing::warn!(user_id = %p.user_id, permission, sensitive, "permission_denied");
+}
+
+/// Runs blocking service work (password hashing, durable writes) off the async
+/// workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(ServiceError::Internal(format!("worker failed: {e}"))))?
+        .map_err(ApiError)
+}
+
+async fn not_found(req: Request) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"error": format!("no route for {} {}", req.method(), req.uri().path())})),
+    )
+        .into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())})),
+    )
+        .into_response()
+}
+
+/// Seconds since the epoch, for handlers that show "now".
+pub fn now_secs() -> i64 {
+    now_us() / 1_000_000
+}

@@ -1,0 +1,409 @@
+//! The security audit log: every security event appended to a hash chain in the
+//! store, fail-closed (an action whose audit record cannot be written fails), and
+//! searchable by action, actor and time.
+//!
+//! Entry ids are `{timestamp_us:016x}{seq:016x}`: byte order is time order, so
+//! "the last N minutes" is a range scan. The chain head (seq, hash, id) is a
+//! record of its own, written with compare-and-set in the same batch as the
+//! entry, so two writers (replicas on a shared store) cannot fork the chain.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use ring::digest::{SHA256, digest};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock;
+use crate::store::{
+    Collection, Durability, Expect, ListQuery, Store, StoreError, WriteOp, decode, get_json,
+};
+
+const HEAD_ID: &str = "audit_head";
+/// Bound on one search response; more is paged with `before`.
+pub const MAX_SEARCH_LIMIT: usize = 10_000;
+pub const DEFAULT_SEARCH_LIMIT: usize = 1_000;
+/// Conflicts retried before an append gives up (another replica appending).
+const APPEND_RETRIES: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Success,
+    Failure,
+    Denied,
+}
+
+/// What happened, before it is placed in the chain.
+#[derive(Clone, Debug)]
+pub struct AuditEvent {
+    pub action: &'static str,
+    pub actor: String,
+    pub ip_address: Option<String>,
+    pub details: Value,
+    pub outcome: Outcome,
+}
+
+impl AuditEvent {
+    pub fn new(action: &'static str, actor: impl Into<String>, outcome: Outcome) -> Self {
+        Self {
+            action,
+            actor: actor.into(),
+            ip_address: None,
+            details: Value::Object(Default::default()),
+            outcome,
+        }
+    }
+
+    pub fn ip(mut self, ip: Option<String>) -> Self {
+        self.ip_address = ip;
+        self
+    }
+
+    pub fn details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+/// One entry as stored and as the search API returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: String,
+    pub seq: u64,
+    pub timestamp: String,
+    pub timestamp_us: i64,
+    pub action: String,
+    pub actor: String,
+    pub ip_address: Option<String>,
+    pub details: Value,
+    pub outcome: Outcome,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct ChainHead {
+    seq: u64,
+    hash: String,
+    id: String,
+    timestamp_us: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log write failed (the action was not performed): {0}")]
+    Write(StoreError),
+    #[error("audit log read failed: {0}")]
+    Read(StoreError),
+}
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn entry_id(timestamp_us: i64, seq: u64) -> String {
+    format!("{:016x}{seq:016x}", timestamp_us.max(0))
+}
+
+/// The hash covers every field but itself, in a fixed order, and the previous
+/// hash: changing, removing or reordering an entry breaks every later link.
+fn entry_hash(e: &AuditEntry) -> String {
+    let canonical = serde_json::json!([
+        e.prev_hash,
+        e.seq,
+        e.id,
+        e.timestamp_us,
+        e.action,
+        e.actor,
+        e.ip_address,
+        e.details,
+        e.outcome,
+    ]);
+    hex::encode(digest(&SHA256, canonical.to_string().as_bytes()))
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SearchFilter {
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    /// Only entries of the last `minutes`.
+    pub minutes: Option<u64>,
+    /// Only entries older than this entry id (paging backwards).
+    pub before: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SearchResult {
+    /// The newest `limit` matches, oldest first.
+    pub entries: Vec<AuditEntry>,
+    /// Every match in the window (not only this page).
+    pub total: u64,
+    /// Pass as `before` for the previous (older) page; absent on the last page.
+    pub next_before: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub entries_checked: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct AuditLog {
+    store: Arc<dyn Store>,
+    /// Serializes appends of this process: the head is read, extended and written
+    /// under it, and only the in-memory part of the write happens while it is held.
+    head: Mutex<Option<(u64, ChainHead)>>,
+}
+
+impl AuditLog {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            head: Mutex::new(None),
+        }
+    }
+
+    /// Appends one event, durably.
+    pub fn record(&self, event: AuditEvent) -> Result<AuditEntry, AuditError> {
+        self.record_with(event, Vec::new())
+            .map_err(|e| match e {
+                RecordError::Audit(a) => a,
+                RecordError::Ops(s) => AuditError::Write(s),
+            })
+    }
+
+    /// Appends one event in the same atomic write as `ops` (the change it
+    /// describes): both apply or neither. A conflict in `ops` is returned as
+    /// `RecordError::Ops` so the caller can re-read and retry its change.
+    pub fn record_with(
+        &self,
+        event: AuditEvent,
+        ops: Vec<WriteOp>,
+    ) -> Result<AuditEntry, RecordError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (receipt, entry) = {
+                let mut guard = self.head.lock();
+                let (head_version, head) = match guard.as_ref() {
+                    Some(h) => h.clone(),
+                    None => self.load_head().map_err(RecordError::Audit)?,
+                };
+                let now = clock::now_us().max(head.timestamp_us);
+                let seq = head.seq + 1;
+                let mut entry = AuditEntry {
+                    id: entry_id(now, seq),
+                    seq,
+                    timestamp: clock::format_us(now),
+                    timestamp_us: now,
+                    action: event.action.to_string(),
+                    actor: event.actor.clone(),
+                    ip_address: event.ip_address.clone(),
+                    details: event.details.clone(),
+                    outcome: event.outcome,
+                    prev_hash: if head.seq == 0 { GENESIS.into() } else { head.hash.clone() },
+                    hash: String::new(),
+                };
+                entry.hash = entry_hash(&entry);
+                let new_head = ChainHead {
+                    seq,
+                    hash: entry.hash.clone(),
+                    id: entry.id.clone(),
+                    timestamp_us: now,
+                };
+                let head_expect = if head_version == 0 {
+                    Expect::Absent
+                } else {
+                    Expect::Version(head_version)
+                };
+                let mut batch = ops.clone();
+                let n_ops = batch.len();
+                batch.push(
+                    WriteOp::put_json(Collection::Audit, entry.id.clone(), &entry, Expect::Absent)
+                        .map_err(|e| RecordError::Audit(AuditError::Write(e)))?,
+                );
+                batch.push(
+                    WriteOp::put_json(Collection::Meta, HEAD_ID, &new_head, head_expect)
+                        .map_err(|e| RecordError::Audit(AuditError::Write(e)))?,
+                );
+                match self.store.write(batch, Durability::Visible) {
+                    Ok(receipt) => {
+                        *guard = Some((receipt.seq, new_head));
+                        (receipt, entry)
+                    }
+                    Err(e @ StoreError::Conflict { .. }) => {
+                        let ours = matches!(&e, StoreError::Conflict { collection, id, .. }
+                            if !(*collection == "meta" && id == HEAD_ID)
+                                && !(*collection == "audit"));
+                        // Someone else moved the head: forget it and retry.
+                        *guard = None;
+                        if ours && n_ops > 0 {
+                            return Err(RecordError::Ops(e));
+                        }
+                        if attempt >= APPEND_RETRIES {
+                            return Err(RecordError::Audit(AuditError::Write(e)));
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        *guard = None;
+                        return Err(RecordError::Audit(AuditError::Write(e)));
+                    }
+                }
+            };
+            // Durability outside the lock: concurrent appends share one fsync.
+            self.store
+                .wait_durable(receipt)
+                .map_err(|e| RecordError::Audit(AuditError::Write(e)))?;
+            return Ok(entry);
+        }
+    }
+
+    fn load_head(&self) -> Result<(u64, ChainHead), AuditError> {
+        Ok(get_json::<ChainHead>(self.store.as_ref(), Collection::Meta, HEAD_ID)
+            .map_err(AuditError::Read)?
+            .unwrap_or_default())
+    }
+
+    /// The newest `limit` entries matching the filter, oldest first, and how many
+    /// match in all. Scans newest to oldest, stopping at the time window.
+    pub fn search(&self, f: &SearchFilter) -> Result<SearchResult, AuditError> {
+        const PAGE: usize = 1000;
+        let limit = f.limit.clamp(1, MAX_SEARCH_LIMIT);
+        let floor = f.minutes.map(|m| {
+            let cutoff = clock::now_us().saturating_sub(i64::try_from(m).unwrap_or(i64::MAX / 60_000_000).saturating_mul(60_000_000));
+            format!("{:016x}", cutoff.max(0))
+        });
+        let mut upper: Option<String> = f.before.clone();
+        let mut entries = Vec::new();
+        let mut total = 0u64;
+        let mut next_before = None;
+        loop {
+            let q = ListQuery {
+                start: floor.as_deref().map_or(Bound::Unbounded, Bound::Included),
+                end: upper.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+                reverse: true,
+                limit: PAGE,
+            };
+            let page = self
+                .store
+                .list(Collection::Audit, &q)
+                .map_err(AuditError::Read)?;
+            let n = page.len();
+            for (id, record) in page {
+                upper = Some(id.clone());
+                let e: AuditEntry =
+                    decode(Collection::Audit, &id, &record).map_err(AuditError::Read)?;
+                if f.action.as_deref().is_some_and(|a| a != e.action)
+                    || f.actor.as_deref().is_some_and(|a| a != e.actor)
+                {
+                    continue;
+                }
+                total += 1;
+                if entries.len() < limit {
+                    entries.push(e);
+                } else if next_before.is_none() {
+                    next_before = entries.last().map(|l: &AuditEntry| l.id.clone());
+                }
+            }
+            if n < PAGE {
+                break;
+            }
+        }
+        entries.reverse();
+        Ok(SearchResult {
+            entries,
+            total,
+            next_before,
+        })
+    }
+
+    /// Walks the whole chain: consecutive sequence numbers, each hash recomputed,
+    /// each link to the previous hash, and the head record naming the last entry.
+    pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        const PAGE: usize = 1000;
+        const MAX_PROBLEMS: usize = 20;
+        let mut problems = Vec::new();
+        let mut prev_hash = GENESIS.to_string();
+        let mut expected_seq = 1u64;
+        let mut checked = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list(Collection::Audit, &ListQuery::after(after.as_deref(), PAGE))
+                .map_err(AuditError::Read)?;
+            let n = page.len();
+            for (id, record) in page {
+                after = Some(id.clone());
+                checked += 1;
+                let e: AuditEntry = match decode(Collection::Audit, &id, &record) {
+                    Ok(e) => e,
+                    Err(err) => {
+                        problems.push(format!("entry {id}: {err}"));
+                        continue;
+                    }
+                };
+                if e.seq != expected_seq {
+                    problems.push(format!(
+                        "entry {id}: sequence {} where {expected_seq} was expected (an entry is missing or reordered)",
+                        e.seq
+                    ));
+                }
+                if e.id != id {
+                    problems.push(format!("entry {id}: stored under another id ({})", e.id));
+                }
+                if e.prev_hash != prev_hash {
+                    problems.push(format!(
+                        "entry {id} (seq {}): does not link to the previous entry's hash",
+                        e.seq
+                    ));
+                }
+                if entry_hash(&e) != e.hash {
+                    problems.push(format!(
+                        "entry {id} (seq {}): content does not match its hash (modified)",
+                        e.seq
+                    ));
+                }
+                prev_hash = e.hash.clone();
+                expected_seq = e.seq + 1;
+                if problems.len() >= MAX_PROBLEMS {
+                    break;
+                }
+            }
+            if n < PAGE || problems.len() >= MAX_PROBLEMS {
+                break;
+            }
+        }
+        let (_, head) = self.load_head()?;
+        if head.seq != expected_seq - 1 || (head.seq > 0 && head.hash != prev_hash) {
+            problems.push(format!(
+                "chain head names seq {} but the log ends at seq {} (entries removed from the end?)",
+                head.seq,
+                expected_seq - 1
+            ));
+        }
+        Ok(VerifyReport {
+            ok: problems.is_empty(),
+            entries_checked: checked,
+            head_seq: head.seq,
+            head_hash: head.hash,
+            problems,
+        })
+    }
+}
+
+/// `record_with` failed either in the caller's ops (a conflict to retry after
+/// re-reading) or in the audit write itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{0}")]
+    Ops(StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}

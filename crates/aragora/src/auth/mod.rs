@@ -1,0 +1,315 @@
+//! Authentication and account administration: users (Argon2id passwords),
+//! server-side sessions behind JWT access tokens, API keys, brute-force
+//! defences. Every security event is audited; changes are written in the same
+//! atomic batch as their audit entry.
+
+pub mod defence;
+pub mod jwt;
+pub mod model;
+pub mod password;
+pub mod roles;
+pub mod tokens;
+pub mod users;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde_json::json;
+
+use crate::audit::{AuditEvent, AuditLog, Outcome};
+use crate::clock::{self, now_us};
+use crate::config::Config;
+use crate::error::ServiceError;
+use crate::metrics::Metrics;
+use crate::rbac::Rbac;
+use crate::store::{Collection, Store, StoreError, for_each_json, get_json};
+use defence::{IpBlocks, IpLimiter, LockoutPolicy};
+use jwt::JwtKeys;
+use model::{IpBlock, RevocationEpoch, User};
+
+/// How a request proved who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    Session { session_id: String },
+    ApiKey { key_id: String },
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub user_id: String,
+    pub email: String,
+    pub roles: Vec<String>,
+    pub credential: Credential,
+}
+
+/// The request context every audited action carries.
+#[derive(Clone, Debug, Default)]
+pub struct RequestMeta {
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+}
+
+impl RequestMeta {
+    pub fn ip_string(&self) -> Option<String> {
+        self.ip.map(|i| i.to_string())
+    }
+}
+
+/// Minimum interval between persisted `last_active_at` updates of one user.
+const ACTIVITY_FLUSH_US: i64 = 60_000_000;
+/// Compare-and-set attempts before a change reports a conflict.
+pub(crate) const CAS_RETRIES: usize = 8;
+
+#[derive(Debug)]
+pub struct AuthService {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) audit: Arc<AuditLog>,
+    pub(crate) rbac: Arc<Rbac>,
+    pub(crate) metrics: Metrics,
+    pub(crate) jwt: JwtKeys,
+    pub(crate) lockout: LockoutPolicy,
+    pub(crate) limiter: IpLimiter,
+    pub(crate) blocks: IpBlocks,
+    /// Latest activity per user seen by this process (flushed to the store at
+    /// most once a minute per user).
+    pub(crate) activity: Mutex<HashMap<String, i64>>,
+}
+
+impl AuthService {
+    pub fn new(
+        config: &Config,
+        jwt_secret: &str,
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        rbac: Arc<Rbac>,
+        metrics: Metrics,
+    ) -> Result<Self, StoreError> {
+        let mut blocks = Vec::new();
+        for_each_json::<IpBlock>(store.as_ref(), Collection::IpBlocks, |_, _, b| {
+            blocks.push(b);
+            Ok(())
+        })?;
+        let ttl = i64::try_from(config.token_ttl.as_secs()).unwrap_or(3600);
+        Ok(Self {
+            jwt: JwtKeys::new(jwt_secret, config.jwt_secret_previous.as_deref(), ttl),
+            lockout: LockoutPolicy {
+                threshold: config.lockout_threshold,
+                base: config.lockout_base,
+                max: config.lockout_max,
+            },
+            limiter: IpLimiter::new(config.auth_rate_limit_per_ip, config.auth_rate_limit_window),
+            blocks: IpBlocks::load(blocks),
+            activity: Mutex::new(HashMap::new()),
+            store,
+            audit,
+            rbac,
+            metrics,
+        })
+    }
+
+    pub fn blocked(&self, ip: IpAddr) -> Option<IpBlock> {
+        self.blocks.active(ip, now_us())
+    }
+
+    /// Records an authentication failure: metric by reason, audit entry with the
+    /// email when known. The audit write is best effort here: the request fails
+    /// anyway, and failing it "closed" cannot fail it harder.
+    pub(crate) fn fail(
+        &self,
+        reason: &'static str,
+        message: impl Into<String>,
+        actor: &str,
+        email: Option<&str>,
+        meta: &RequestMeta,
+        extra: serde_json::Value,
+    ) -> ServiceError {
+        self.metrics.auth_failures.with_label_values(&[reason]).inc();
+        let mut details = json!({"reason": reason, "email": email});
+        if let (Some(d), serde_json::Value::Object(x)) = (details.as_object_mut(), extra) {
+            d.extend(x);
+        }
+        let event = AuditEvent::new("auth_failure", actor, Outcome::Failure)
+            .ip(meta.ip_string())
+            .details(details);
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "auth_failure could not be audited");
+        }
+        tracing::warn!(reason, ip = ?meta.ip, "auth_failure");
+        ServiceError::Unauthorized {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// `POST /api/auth/login`: returns (token, expires_in seconds, session id).
+    pub fn login(
+        &self,
+        email: &str,
+        password: &str,
+        meta: &RequestMeta,
+    ) -> Result<(String, i64, String), ServiceError> {
+        let started = Instant::now();
+        self.metrics.auth_attempts.with_label_values(&["password"]).inc();
+        let result = self.login_inner(email, password, meta);
+        self.metrics
+            .auth_latency
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn login_inner(
+        &self,
+        email: &str,
+        password: &str,
+        meta: &RequestMeta,
+    ) -> Result<(String, i64, String), ServiceError> {
+        let email = users::normalize_email(email);
+        if let Some(ip) = meta.ip
+            && let Err(retry) = self.limiter.attempt(ip)
+        {
+            let _ = self.fail("rate_limited", "", "anonymous", Some(&email), meta, json!({}));
+            return Err(ServiceError::RateLimited {
+                retry_after_secs: retry,
+            });
+        }
+        const BAD: &str = "invalid email or password";
+        let Some((version, user)) = self.user_by_email(&email)? else {
+            password::verify_dummy(password);
+            return Err(self.fail("bad_password", BAD, "anonymous", Some(&email), meta, json!({"unknown_user": true})));
+        };
+        let now = now_us();
+        if user.is_locked(now) {
+            let until = user.locked_until.unwrap_or(now);
+            let err = self.fail(
+                "locked",
+                "",
+                &user.id,
+                Some(&email),
+                meta,
+                json!({"locked_until": clock::format_us(until)}),
+            );
+            drop(err);
+            return Err(ServiceError::Locked {
+                message: format!("account locked until {}", clock::format_us(until)),
+                retry_after_secs: u64::try_from((until - now) / 1_000_000).unwrap_or(0).max(1),
+            });
+        }
+        let ok = user
+            .password_hash
+            .as_deref()
+            .is_some_and(|h| password::verify(h, password));
+        if !ok {
+            if user.password_hash.is_none() {
+                password::verify_dummy(password);
+            }
+            return Err(self.record_bad_password(user, version, &email, meta));
+        }
+        if user.disabled {
+            return Err(self.fail("disabled", "account disabled", &user.id, Some(&email), meta, json!({})));
+        }
+        self.start_session(user, version, &email, meta)
+    }
+
+    fn record_bad_password(
+        &self,
+        mut user: User,
+        mut version: u64,
+        email: &str,
+        meta: &RequestMeta,
+    ) -> ServiceError {
+        // The counter update and the audit entry are one write; a concurrent
+        // failure for the same account is retried on the fresh record.
+        for _ in 0..CAS_RETRIES {
+            let now = now_us();
+            let locked = self.lockout.on_failure(&mut user, now);
+            self.metrics.auth_failures.with_label_values(&["bad_password"]).inc();
+            let event = AuditEvent::new("auth_failure", user.id.clone(), Outcome::Failure)
+                .ip(meta.ip_string())
+                .details(json!({
+                    "reason": "bad_password",
+                    "email": email,
+                    "failed_logins": user.failed_logins,
+                    "locked_until": clock::format_opt(locked),
+                }));
+            let op = match users::put_user(&user, version) {
+                Ok(op) => op,
+                Err(e) => return e.into(),
+            };
+            match self.audit.record_with(event, vec![op]) {
+                Ok(_) => {
+                    if let Some(until) = locked {
+                        tracing::warn!(user_id = %user.id, until = %clock::format_us(until), "account locked after failed logins");
+                        let _ = self.audit.record(
+                            AuditEvent::new("account_locked", user.id.clone(), Outcome::Success)
+                                .ip(meta.ip_string())
+                                .details(json!({"email": email, "until": clock::format_us(until), "by": "lockout_policy"})),
+                        );
+                    }
+                    break;
+                }
+                Err(crate::audit::RecordError::Ops(_)) => {
+                    match get_json::<User>(self.store.as_ref(), Collection::Users, &user.id) {
+                        Ok(Some((v, u))) => {
+                            version = v;
+                            user = u;
+                        }
+                        _ => break,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "auth_failure could not be audited");
+                    break;
+                }
+            }
+        }
+        ServiceError::Unauthorized {
+            reason: "bad_password",
+            message: "invalid email or password".into(),
+        }
+    }
+
+    pub(crate) fn user_by_email(&self, email: &str) -> Result<Option<(u64, User)>, ServiceError> {
+        let Some((_, id)) = get_json::<String>(self.store.as_ref(), Collection::UserEmails, email)?
+        else {
+            return Ok(None);
+        };
+        Ok(get_json::<User>(self.store.as_ref(), Collection::Users, &id)?)
+    }
+
+    pub(crate) fn user(&self, id: &str) -> Result<(u64, User), ServiceError> {
+        get_json::<User>(self.store.as_ref(), Collection::Users, id)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no user with id {id}")))
+    }
+
+    pub(crate) fn revocation_epoch(&self) -> Result<(u64, RevocationEpoch), ServiceError> {
+        Ok(get_json::<RevocationEpoch>(self.store.as_ref(), Collection::Meta, tokens::EPOCH_ID)?
+            .unwrap_or_default())
+    }
+
+    /// Notes activity; persists it when the stored value is over a minute old.
+    pub(crate) fn touch(&self, user: &User, version: u64) {
+        let now = now_us();
+        self.activity.lock().insert(user.id.clone(), now);
+        if user.last_active_at.is_some_and(|t| now - t < ACTIVITY_FLUSH_US) {
+            return;
+        }
+        let mut u = user.clone();
+        u.last_active_at = Some(now);
+        // Best effort: a lost race means someone else wrote the user just now.
+        if let Ok(op) = users::put_user(&u, version) {
+            let _ = self.store.write(vec![op], crate::store::Durability::Visible);
+        }
+    }
+
+    pub(crate) fn last_active(&self, user: &User) -> Option<i64> {
+        let mem = self.activity.lock().get(&user.id).copied();
+        match (mem, user.last_active_at) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}

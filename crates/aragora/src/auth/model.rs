@@ -1,0 +1,132 @@
+//! What the authentication domain stores, and how it is shown.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::clock::{format_opt, format_us};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct User {
+    pub id: String,
+    pub email: String,
+    /// Argon2id PHC string; `None` for accounts that only use API keys (the
+    /// bootstrap admin until a password is set).
+    pub password_hash: Option<String>,
+    pub roles: Vec<String>,
+    pub disabled: bool,
+    pub disabled_reason: Option<String>,
+    pub created_at: i64,
+    /// Consecutive failed password logins since the last success or lockout.
+    pub failed_logins: u32,
+    /// Lockouts since the last successful login (the escalation step).
+    pub lockouts: u32,
+    pub locked_until: Option<i64>,
+    pub last_active_at: Option<i64>,
+}
+
+impl User {
+    pub fn is_locked(&self, now_us: i64) -> bool {
+        self.locked_until.is_some_and(|t| t > now_us)
+    }
+
+    /// The API view: never the password hash.
+    pub fn view(&self, now_us: i64, last_active_at: Option<i64>) -> Value {
+        json!({
+            "id": self.id,
+            "email": self.email,
+            "roles": self.roles,
+            "disabled": self.disabled,
+            "disabled_reason": self.disabled_reason,
+            "locked": self.is_locked(now_us),
+            "locked_until": format_opt(self.locked_until.filter(|&t| t > now_us)),
+            "has_password": self.password_hash.is_some(),
+            "created_at": format_us(self.created_at),
+            "last_active_at": format_opt(last_active_at.or(self.last_active_at)),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Session {
+    pub id: String,
+    pub user_id: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+    pub revoked_reason: Option<String>,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl Session {
+    pub fn view(&self, now_us: i64) -> Value {
+        json!({
+            "id": self.id,
+            "user_id": self.user_id,
+            "created_at": format_us(self.created_at),
+            "expires_at": format_us(self.expires_at),
+            "active": self.revoked_at.is_none() && self.expires_at > now_us,
+            "revoked_at": format_opt(self.revoked_at),
+            "revoked_reason": self.revoked_reason,
+            "ip_address": self.ip_address,
+            "user_agent": self.user_agent,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ApiKey {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    /// SHA-256 of the secret part, hex. The key has 256 bits of entropy, so a
+    /// fast hash is enough (no dictionary to protect against).
+    pub secret_sha256: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+impl ApiKey {
+    pub fn prefix(&self) -> String {
+        format!("{}{}", super::tokens::API_KEY_PREFIX, self.id)
+    }
+
+    pub fn view(&self) -> Value {
+        json!({
+            "id": self.id,
+            "user_id": self.user_id,
+            "name": self.name,
+            "prefix": self.prefix(),
+            "created_at": format_us(self.created_at),
+            "revoked": self.revoked_at.is_some(),
+            "revoked_at": format_opt(self.revoked_at),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IpBlock {
+    pub ip: String,
+    pub reason: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub created_by: String,
+}
+
+impl IpBlock {
+    pub fn view(&self) -> Value {
+        json!({
+            "ip": self.ip,
+            "reason": self.reason,
+            "created_at": format_us(self.created_at),
+            "expires_at": format_us(self.expires_at),
+            "created_by": self.created_by,
+        })
+    }
+}
+
+/// Singleton: tokens issued before this instant are refused (sessions/revoke-all).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RevocationEpoch {
+    pub revoked_before: i64,
+}

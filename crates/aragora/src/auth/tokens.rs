@@ -1,0 +1,368 @@
+//! Bearer credentials: JWT access tokens bound to server-side sessions, and API
+//! keys (`ara_<id>_<secret>`, shown once, stored as SHA-256 of the secret).
+//! Both are checked against the store on every request, so a revoke or disable
+//! applies to the very next request.
+
+use std::time::Instant;
+
+use ring::digest::{SHA256, digest};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::model::{ApiKey, RevocationEpoch, Session, User};
+use super::{AuthService, CAS_RETRIES, Credential, Principal, RequestMeta, users};
+use crate::audit::{AuditEvent, Outcome, RecordError};
+use crate::clock::{self, now_us};
+use crate::error::ServiceError;
+use crate::store::{Collection, Expect, WriteOp, for_each_json, get_json};
+
+pub const API_KEY_PREFIX: &str = "ara_";
+pub(crate) const EPOCH_ID: &str = "session_epoch";
+/// Upper bound on a bearer credential's length; anything longer is malformed.
+const MAX_TOKEN_LEN: usize = 4096;
+
+/// `n` random bytes as hex.
+pub fn random_hex(n: usize) -> Result<String, ServiceError> {
+    let mut b = vec![0u8; n];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| ServiceError::Internal("system random source failed".into()))?;
+    Ok(hex::encode(b))
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(digest(&SHA256, s.as_bytes()))
+}
+
+impl AuthService {
+    /// Creates a session for a verified login and returns its access token.
+    pub(crate) fn start_session(
+        &self,
+        mut user: User,
+        version: u64,
+        email: &str,
+        meta: &RequestMeta,
+    ) -> Result<(String, i64, String), ServiceError> {
+        let now = now_us();
+        let session = Session {
+            id: random_hex(16)?,
+            user_id: user.id.clone(),
+            created_at: now,
+            expires_at: now + self.jwt.ttl_secs * 1_000_000,
+            revoked_at: None,
+            revoked_reason: None,
+            ip_address: meta.ip_string(),
+            user_agent: meta.user_agent.clone(),
+        };
+        let (token, _) = self
+            .jwt
+            .issue(&user.id, &session.id, now / 1_000_000)
+            .map_err(ServiceError::Internal)?;
+        self.lockout.on_success(&mut user);
+        user.last_active_at = Some(now);
+        let event = AuditEvent::new("login_success", user.id.clone(), Outcome::Success)
+            .ip(meta.ip_string())
+            .details(json!({"email": email, "session_id": session.id, "method": "password"}));
+        let ops = vec![
+            WriteOp::put_json(Collection::Sessions, session.id.clone(), &session, Expect::Absent)?,
+            users::put_user(&user, version)?,
+        ];
+        match self.audit.record_with(event.clone(), ops) {
+            Ok(_) => {}
+            // The user record moved (a concurrent failure or touch): the session
+            // is what matters, write it without the counter reset.
+            Err(RecordError::Ops(_)) => {
+                self.audit.record_with(
+                    event,
+                    vec![WriteOp::put_json(Collection::Sessions, session.id.clone(), &session, Expect::Absent)?],
+                )?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(user_id = %user.id, "login_success");
+        Ok((token, self.jwt.ttl_secs, session.id))
+    }
+
+    /// Resolves `Authorization: Bearer ...` to a principal, or fails with the
+    /// reason counted in `aragora_security_auth_failures_total`.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        meta: &RequestMeta,
+    ) -> Result<Principal, ServiceError> {
+        let started = Instant::now();
+        let r = self.authenticate_inner(authorization, meta);
+        self.metrics.auth_latency.observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    fn authenticate_inner(
+        &self,
+        authorization: Option<&str>,
+        meta: &RequestMeta,
+    ) -> Result<Principal, ServiceError> {
+        let Some(header) = authorization else {
+            self.metrics.auth_failures.with_label_values(&["missing"]).inc();
+            return Err(ServiceError::Unauthorized {
+                reason: "missing",
+                message: "authentication required: send Authorization: Bearer <token or API key>".into(),
+            });
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN);
+        let Some(token) = token else {
+            return Err(self.fail(
+                "malformed",
+                "Authorization header must be 'Bearer <token>'",
+                "anonymous",
+                None,
+                meta,
+                json!({}),
+            ));
+        };
+        if let Some(rest) = token.strip_prefix(API_KEY_PREFIX) {
+            self.metrics.auth_attempts.with_label_values(&["api_key"]).inc();
+            return self.authenticate_api_key(rest, meta);
+        }
+        self.metrics.auth_attempts.with_label_values(&["jwt"]).inc();
+        let claims = self.jwt.verify(token).map_err(|p| {
+            self.fail(p.reason(), p.message(), "anonymous", None, meta, json!({"credential": "jwt"}))
+        })?;
+        let session = get_json::<Session>(self.store.as_ref(), Collection::Sessions, &claims.sid)?
+            .map(|(_, s)| s);
+        let (_, epoch) = self.revocation_epoch()?;
+        let revoked = match &session {
+            None => Some("session not found"),
+            Some(s) if s.user_id != claims.sub => Some("session belongs to another user"),
+            Some(s) if s.revoked_at.is_some() => Some("session revoked"),
+            Some(s) if s.created_at < epoch.revoked_before => Some("session revoked (all sessions were revoked)"),
+            Some(_) => None,
+        };
+        if let Some(why) = revoked {
+            return Err(self.fail("revoked", why, &claims.sub, None, meta, json!({"session_id": claims.sid})));
+        }
+        self.principal_for(&claims.sub, Credential::Session { session_id: claims.sid }, meta)
+    }
+
+    fn authenticate_api_key(&self, rest: &str, meta: &RequestMeta) -> Result<Principal, ServiceError> {
+        let Some((id, secret)) = rest.split_once('_') else {
+            return Err(self.fail("malformed", "API key is malformed", "anonymous", None, meta, json!({"credential": "api_key"})));
+        };
+        let key = get_json::<ApiKey>(self.store.as_ref(), Collection::ApiKeys, id)?.map(|(_, k)| k);
+        let Some(key) = key else {
+            return Err(self.fail("bad_signature", "API key is not valid", "anonymous", None, meta, json!({"credential": "api_key"})));
+        };
+        let presented = sha256_hex(secret);
+        if !bool::from(presented.as_bytes().ct_eq(key.secret_sha256.as_bytes())) {
+            return Err(self.fail("bad_signature", "API key is not valid", &key.user_id, None, meta, json!({"credential": "api_key", "key_id": key.id})));
+        }
+        if key.revoked_at.is_some() {
+            return Err(self.fail("revoked", "API key revoked", &key.user_id, None, meta, json!({"credential": "api_key", "key_id": key.id})));
+        }
+        self.principal_for(&key.user_id.clone(), Credential::ApiKey { key_id: key.id }, meta)
+    }
+
+    fn principal_for(
+        &self,
+        user_id: &str,
+        credential: Credential,
+        meta: &RequestMeta,
+    ) -> Result<Principal, ServiceError> {
+        let Some((version, user)) = get_json::<User>(self.store.as_ref(), Collection::Users, user_id)? else {
+            return Err(self.fail("revoked", "user no longer exists", user_id, None, meta, json!({})));
+        };
+        if user.disabled {
+            return Err(self.fail("disabled", "account disabled", user_id, Some(&user.email), meta, json!({})));
+        }
+        self.touch(&user, version);
+        Ok(Principal {
+            user_id: user.id,
+            email: user.email,
+            roles: user.roles,
+            credential,
+        })
+    }
+
+    /// Creates an API key for `user_id`; the full key is returned only here.
+    pub fn create_api_key(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        name: &str,
+        meta: &RequestMeta,
+    ) -> Result<(ApiKey, String), ServiceError> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 100 {
+            return Err(ServiceError::BadRequest("name: 1 to 100 characters".into()));
+        }
+        let (_, user) = self.user(user_id)?;
+        let (key, token) = new_api_key(&user.id, name)?;
+        let event = AuditEvent::new("api_key_created", actor.user_id.clone(), Outcome::Success)
+            .ip(meta.ip_string())
+            .details(json!({"user_id": user.id, "key_id": key.id, "name": name}));
+        self.audit.record_with(
+            event,
+            vec![WriteOp::put_json(Collection::ApiKeys, key.id.clone(), &key, Expect::Absent)?],
+        )?;
+        Ok((key, token))
+    }
+
+    pub fn api_keys_of(&self, user_id: &str) -> Result<Vec<ApiKey>, ServiceError> {
+        let mut out = Vec::new();
+        for_each_json::<ApiKey>(self.store.as_ref(), Collection::ApiKeys, |_, _, k| {
+            if k.user_id == user_id {
+                out.push(k);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Revokes one key (`only`) or every active key of a user; returns the ids.
+    pub fn revoke_api_keys(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        only: Option<&str>,
+        meta: &RequestMeta,
+    ) -> Result<Vec<String>, ServiceError> {
+        self.user(user_id)?;
+        let now = now_us();
+        let mut ops = Vec::new();
+        let mut ids = Vec::new();
+        for_each_json::<ApiKey>(self.store.as_ref(), Collection::ApiKeys, |id, version, mut k| {
+            if k.user_id == user_id && k.revoked_at.is_none() && only.is_none_or(|o| o == id) {
+                k.revoked_at = Some(now);
+                ids.push(id.clone());
+                ops.push(WriteOp::put_json(Collection::ApiKeys, id, &k, Expect::Version(version))?);
+            }
+            Ok(())
+        })?;
+        if let Some(o) = only
+            && ids.is_empty()
+        {
+            return Err(ServiceError::NotFound(format!("no active API key {o} for user {user_id}")));
+        }
+        let event = AuditEvent::new("api_keys_revoked", actor.user_id.clone(), Outcome::Success)
+            .ip(meta.ip_string())
+            .details(json!({"user_id": user_id, "key_ids": ids}));
+        self.audit.record_with(event, ops)?;
+        self.rbac.invalidate_user(user_id);
+        Ok(ids)
+    }
+
+    pub fn sessions_of(&self, user_id: &str) -> Result<Vec<Session>, ServiceError> {
+        self.user(user_id)?;
+        let mut out = Vec::new();
+        for_each_json::<Session>(self.store.as_ref(), Collection::Sessions, |_, _, s| {
+            if s.user_id == user_id {
+                out.push(s);
+            }
+            Ok(())
+        })?;
+        out.sort_by_key(|s| s.created_at);
+        Ok(out)
+    }
+
+    /// Revokes the sessions of one user (or one session of it).
+    pub fn revoke_sessions(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        only: Option<&str>,
+        reason: &str,
+        meta: &RequestMeta,
+    ) -> Result<Vec<String>, ServiceError> {
+        let now = now_us();
+        let mut ops = Vec::new();
+        let mut ids = Vec::new();
+        for_each_json::<Session>(self.store.as_ref(), Collection::Sessions, |id, version, mut s| {
+            if s.user_id == user_id && s.revoked_at.is_none() && only.is_none_or(|o| o == id) {
+                s.revoked_at = Some(now);
+                s.revoked_reason = Some(reason.to_string());
+                ids.push(id.clone());
+                ops.push(WriteOp::put_json(Collection::Sessions, id, &s, Expect::Version(version))?);
+            }
+            Ok(())
+        })?;
+        let event = AuditEvent::new("sessions_revoked", actor.user_id.clone(), Outcome::Success)
+            .ip(meta.ip_string())
+            .details(json!({"user_id": user_id, "session_ids": ids, "reason": reason}));
+        self.audit.record_with(event, ops)?;
+        Ok(ids)
+    }
+
+    /// Every session issued before now stops working (the emergency lockdown).
+    /// API keys are not sessions: revoke them per user with `revoke-keys`.
+    pub fn revoke_all_sessions(
+        &self,
+        actor: &Principal,
+        meta: &RequestMeta,
+    ) -> Result<serde_json::Value, ServiceError> {
+        for _ in 0..CAS_RETRIES {
+            let (version, _) = self.revocation_epoch()?;
+            let now = now_us();
+            let epoch = RevocationEpoch { revoked_before: now };
+            let expect = if version == 0 { Expect::Absent } else { Expect::Version(version) };
+            let mut active = 0u64;
+            for_each_json::<Session>(self.store.as_ref(), Collection::Sessions, |_, _, s| {
+                if s.revoked_at.is_none() && s.expires_at > now {
+                    active += 1;
+                }
+                Ok(())
+            })?;
+            let event = AuditEvent::new("sessions_revoked_all", actor.user_id.clone(), Outcome::Success)
+                .ip(meta.ip_string())
+                .details(json!({"revoked_before": clock::format_us(now), "active_sessions": active}));
+            match self.audit.record_with(
+                event,
+                vec![WriteOp::put_json(Collection::Meta, EPOCH_ID, &epoch, expect)?],
+            ) {
+                Ok(_) => {
+                    tracing::warn!(by = %actor.user_id, active, "all sessions revoked");
+                    return Ok(json!({
+                        "revoked_before": clock::format_us(now),
+                        "sessions_revoked": active,
+                        "note": "API keys stay valid; revoke them per user with /api/admin/users/{id}/revoke-keys",
+                    }));
+                }
+                Err(RecordError::Ops(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Conflict("session epoch changed concurrently; retry".into()))
+    }
+
+    /// Revokes the caller's own session (logout).
+    pub fn logout(&self, p: &Principal, meta: &RequestMeta) -> Result<(), ServiceError> {
+        match &p.credential {
+            Credential::Session { session_id } => {
+                self.revoke_sessions(p, &p.user_id, Some(session_id), "logout", meta)?;
+                Ok(())
+            }
+            Credential::ApiKey { .. } => Err(ServiceError::BadRequest(
+                "an API key has no session; revoke the key instead".into(),
+            )),
+        }
+    }
+}
+
+/// A new key record and the one-time full key.
+pub fn new_api_key(user_id: &str, name: &str) -> Result<(ApiKey, String), ServiceError> {
+    let id = random_hex(8)?;
+    let secret = random_hex(32)?;
+    let token = format!("{API_KEY_PREFIX}{id}_{secret}");
+    let key = ApiKey {
+        id,
+        user_id: user_id.to_string(),
+        name: name.to_string(),
+        secret_sha256: sha256_hex(&secret),
+        created_at: now_us(),
+        revoked_at: None,
+    };
+    Ok((key, token))
+}

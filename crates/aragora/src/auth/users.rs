@@ -1,0 +1,361 @@
+//! Account administration. Each change is a compare-and-set on the user record
+//! written with its audit entry, and invalidates the user's cached RBAC
+//! decisions before returning.
+
+use serde_json::{Value, json};
+
+use super::model::User;
+use super::tokens::{new_api_key, random_hex};
+use super::{AuthService, CAS_RETRIES, Principal, RequestMeta, password};
+use crate::audit::{AuditEvent, Outcome, RecordError};
+use crate::clock::{self, now_us, parse_duration};
+use crate::error::ServiceError;
+use crate::store::{Collection, Expect, WriteOp, for_each_json, get_json};
+
+pub const MAX_EMAIL_LEN: usize = 254;
+const BOOTSTRAP_MARKER: &str = "bootstrap";
+/// Accounts one bulk-lock call may name.
+pub const MAX_BULK_LOCK: usize = 1000;
+
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_ascii_lowercase()
+}
+
+fn validate_email(email: &str) -> Result<(), ServiceError> {
+    let ok = email.len() <= MAX_EMAIL_LEN
+        && email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(format!("email: {email:?} is not an email address")))
+    }
+}
+
+/// A new user record and the writes that create it (the email index entry
+/// makes emails unique).
+fn new_user(email: String, password_hash: Option<String>, mut roles: Vec<String>) -> Result<(User, Vec<WriteOp>), ServiceError> {
+    roles.sort();
+    roles.dedup();
+    let user = User {
+        id: format!("usr_{}", random_hex(8)?),
+        email,
+        password_hash,
+        roles,
+        disabled: false,
+        disabled_reason: None,
+        created_at: now_us(),
+        failed_logins: 0,
+        lockouts: 0,
+        locked_until: None,
+        last_active_at: None,
+    };
+    let ops = vec![
+        WriteOp::put_json(Collection::UserEmails, user.email.clone(), &user.id, Expect::Absent)?,
+        put_user(&user, 0)?,
+    ];
+    Ok((user, ops))
+}
+
+pub(crate) fn put_user(user: &User, version: u64) -> Result<WriteOp, ServiceError> {
+    let expect = if version == 0 { Expect::Absent } else { Expect::Version(version) };
+    Ok(WriteOp::put_json(Collection::Users, user.id.clone(), user, expect)?)
+}
+
+impl AuthService {
+    fn check_roles(&self, roles: &[String]) -> Result<(), ServiceError> {
+        for r in roles {
+            if !self.rbac.role_exists(r) {
+                return Err(ServiceError::BadRequest(format!(
+                    "roles: {r:?} is not a role (GET /api/security/rbac/roles lists them)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a user; the email must be unused.
+    pub fn create_user(
+        &self,
+        actor: &str,
+        email: &str,
+        password: Option<&str>,
+        roles: Vec<String>,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
+        let email = normalize_email(email);
+        validate_email(&email)?;
+        self.check_roles(&roles)?;
+        let password_hash = match password {
+            Some(p) => {
+                password::check_policy(p).map_err(ServiceError::BadRequest)?;
+                Some(password::hash(p).map_err(ServiceError::Internal)?)
+            }
+            None => None,
+        };
+        let (user, ops) = new_user(email.clone(), password_hash, roles)?;
+        let event = AuditEvent::new("user_created", actor, Outcome::Success)
+            .ip(meta.ip_string())
+            .details(json!({"user_id": user.id, "email": email, "roles": user.roles}));
+        match self.audit.record_with(event, ops) {
+            Ok(_) => Ok(user),
+            Err(RecordError::Ops(_)) => Err(ServiceError::Conflict(format!(
+                "a user with email {email} already exists"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Applies `change` to the user with compare-and-set, audited as `action`.
+    /// `change` returns the audit details, or an error that aborts.
+    pub(crate) fn update_user(
+        &self,
+        actor: &str,
+        user_id: &str,
+        action: &'static str,
+        meta: &RequestMeta,
+        mut change: impl FnMut(&mut User) -> Result<Value, ServiceError>,
+    ) -> Result<User, ServiceError> {
+        for _ in 0..CAS_RETRIES {
+            let (version, mut user) = self.user(user_id)?;
+            let mut details = change(&mut user)?;
+            if let Some(d) = details.as_object_mut() {
+                d.insert("user_id".into(), json!(user.id));
+                d.insert("email".into(), json!(user.email));
+            }
+            let event = AuditEvent::new(action, actor, Outcome::Success)
+                .ip(meta.ip_string())
+                .details(details);
+            match self.audit.record_with(event, vec![put_user(&user, version)?]) {
+                Ok(_) => {
+                    self.rbac.invalidate_user(user_id);
+                    return Ok(user);
+                }
+                Err(RecordError::Ops(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Conflict(format!("user {user_id} is changing concurrently; retry")))
+    }
+
+    pub fn add_role(&self, actor: &Principal, user_id: &str, role: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+        self.check_roles(&[role.to_string()])?;
+        self.update_user(&actor.user_id, user_id, "role_assigned", meta, |u| {
+            if !u.roles.iter().any(|r| r == role) {
+                u.roles.push(role.to_string());
+                u.roles.sort();
+            }
+            Ok(json!({"role": role, "roles": u.roles}))
+        })
+    }
+
+    pub fn remove_role(&self, actor: &Principal, user_id: &str, role: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+        if actor.user_id == user_id && role == "admin" {
+            return Err(ServiceError::Conflict(
+                "refusing to remove your own admin role (ask another admin)".into(),
+            ));
+        }
+        self.update_user(&actor.user_id, user_id, "role_removed", meta, |u| {
+            let before = u.roles.len();
+            u.roles.retain(|r| r != role);
+            if u.roles.len() == before {
+                return Err(ServiceError::NotFound(format!("user {} does not have role {role}", u.id)));
+            }
+            Ok(json!({"role": role, "roles": u.roles}))
+        })
+    }
+
+    pub fn disable(&self, actor: &Principal, user_id: &str, reason: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > 1000 {
+            return Err(ServiceError::BadRequest("reason: 1 to 1000 characters".into()));
+        }
+        if actor.user_id == user_id {
+            return Err(ServiceError::Conflict("refusing to disable your own account".into()));
+        }
+        let user = self.update_user(&actor.user_id, user_id, "user_disabled", meta, |u| {
+            u.disabled = true;
+            u.disabled_reason = Some(reason.to_string());
+            Ok(json!({"reason": reason}))
+        })?;
+        tracing::warn!(user_id, by = %actor.user_id, "user disabled");
+        Ok(user)
+    }
+
+    pub fn enable(&self, actor: &Principal, user_id: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+        self.update_user(&actor.user_id, user_id, "user_enabled", meta, |u| {
+            u.disabled = false;
+            u.disabled_reason = None;
+            Ok(json!({}))
+        })
+    }
+
+    pub fn set_password(&self, actor: &Principal, user_id: &str, new_password: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+        password::check_policy(new_password).map_err(ServiceError::BadRequest)?;
+        let hash = password::hash(new_password).map_err(ServiceError::Internal)?;
+        self.update_user(&actor.user_id, user_id, "password_set", meta, |u| {
+            u.password_hash = Some(hash.clone());
+            Ok(json!({}))
+        })
+    }
+
+    pub fn unlock(&self, actor: &Principal, user_id: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+        self.update_user(&actor.user_id, user_id, "account_unlocked", meta, |u| {
+            self.lockout.on_success(u);
+            Ok(json!({}))
+        })
+    }
+
+    /// Locks the named accounts for `duration`; unknown emails are reported, not
+    /// created, and do not stop the others.
+    pub fn bulk_lock(
+        &self,
+        actor: &Principal,
+        emails: &[String],
+        duration: &str,
+        meta: &RequestMeta,
+    ) -> Result<Value, ServiceError> {
+        if emails.is_empty() || emails.len() > MAX_BULK_LOCK {
+            return Err(ServiceError::BadRequest(format!("emails: 1 to {MAX_BULK_LOCK} addresses")));
+        }
+        let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
+        let until = now_us().saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2));
+        let mut locked = Vec::new();
+        let mut not_found = Vec::new();
+        for e in emails {
+            let email = normalize_email(e);
+            match self.user_by_email(&email)? {
+                Some((_, u)) => {
+                    self.update_user(&actor.user_id, &u.id, "account_locked", meta, |u| {
+                        u.locked_until = Some(until.max(u.locked_until.unwrap_or(0)));
+                        Ok(json!({"until": clock::format_us(until), "by": "bulk_lock"}))
+                    })?;
+                    locked.push(json!({"user_id": u.id, "email": email}));
+                }
+                None => not_found.push(email),
+            }
+        }
+        Ok(json!({"locked": locked, "not_found": not_found, "locked_until": clock::format_us(until)}))
+    }
+
+    pub fn get_user(&self, user_id: &str) -> Result<Value, ServiceError> {
+        let (_, u) = self.user(user_id)?;
+        Ok(u.view(now_us(), self.last_active(&u)))
+    }
+
+    /// Users, optionally only those holding `role`, in id order from `after`.
+    pub fn list_users(&self, role: Option<&str>, after: Option<&str>, limit: usize) -> Result<(Vec<Value>, Option<String>), ServiceError> {
+        let now = now_us();
+        let mut out = Vec::new();
+        let mut next = None;
+        for_each_json::<User>(self.store.as_ref(), Collection::Users, |id, _, u| {
+            if after.is_some_and(|a| id.as_str() <= a) || role.is_some_and(|r| !u.roles.iter().any(|x| x == r)) {
+                return Ok(());
+            }
+            if out.len() < limit {
+                out.push(u.view(now, self.last_active(&u)));
+                if out.len() == limit {
+                    next = Some(id);
+                }
+            } else {
+                return Ok(());
+            }
+            Ok(())
+        })?;
+        Ok((out, next))
+    }
+
+    /// Every user id with its roles (RBAC cache warm-up).
+    pub fn all_user_roles(&self) -> Result<Vec<(String, Vec<String>)>, ServiceError> {
+        let mut out = Vec::new();
+        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, _, u| {
+            if !u.disabled {
+                out.push((u.id, u.roles));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// `aragora admin bootstrap`: the first admin and an API key for it, once.
+    /// Refused when any admin exists or a bootstrap already ran.
+    pub fn bootstrap_admin(&self, email: &str) -> Result<(User, String), ServiceError> {
+        let mut has_admin = false;
+        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, _, u| {
+            has_admin |= u.roles.iter().any(|r| r == "admin");
+            Ok(())
+        })?;
+        let done = get_json::<Value>(self.store.as_ref(), Collection::Meta, BOOTSTRAP_MARKER)?.is_some();
+        if has_admin || done {
+            return Err(ServiceError::Conflict(
+                "an admin already exists: bootstrap runs once; ask an admin to create your account".into(),
+            ));
+        }
+        let email = normalize_email(email);
+        validate_email(&email)?;
+        // User, key and marker in one write: a failed bootstrap leaves nothing
+        // behind that would refuse the next attempt.
+        let (user, mut ops) = new_user(email, None, vec!["admin".into()])?;
+        let (key, token) = new_api_key(&user.id, "bootstrap")?;
+        let event = AuditEvent::new("admin_bootstrap", user.id.clone(), Outcome::Success)
+            .details(json!({"user_id": user.id, "email": user.email, "key_id": key.id}));
+        ops.push(WriteOp::put_json(Collection::Meta, BOOTSTRAP_MARKER, &json!({"user_id": user.id, "at": now_us()}), Expect::Absent)?);
+        ops.push(WriteOp::put_json(Collection::ApiKeys, key.id.clone(), &key, Expect::Absent)?);
+        match self.audit.record_with(event, ops) {
+            Ok(_) => Ok((user, token)),
+            Err(RecordError::Ops(_)) => Err(ServiceError::Conflict("a concurrent bootstrap won".into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Blocks an address for `duration` (`1h`, `24h`, ...).
+    pub fn block_ip(&self, actor: &Principal, ip: &str, duration: &str, reason: &str, meta: &RequestMeta) -> Result<Value, ServiceError> {
+        let addr: std::net::IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address")))?;
+        let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
+        if d.as_secs() > 366 * 86_400 {
+            return Err(ServiceError::BadRequest("duration: at most 366 days".into()));
+        }
+        let reason = reason.trim();
+        if reason.len() > 1000 {
+            return Err(ServiceError::BadRequest("reason: at most 1000 characters".into()));
+        }
+        let now = now_us();
+        let block = super::model::IpBlock {
+            ip: addr.to_string(),
+            reason: reason.to_string(),
+            created_at: now,
+            expires_at: now.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2)),
+            created_by: actor.user_id.clone(),
+        };
+        let event = AuditEvent::new("ip_blocked", actor.user_id.clone(), Outcome::Success)
+            .ip(meta.ip_string())
+            .details(json!({"blocked_ip": block.ip, "reason": reason, "until": clock::format_us(block.expires_at)}));
+        self.audit.record_with(event, vec![WriteOp::put_json(Collection::IpBlocks, block.ip.clone(), &block, Expect::Any)?])?;
+        self.blocks.set(addr, Some(block.clone()));
+        tracing::warn!(ip = %addr, by = %actor.user_id, "ip blocked");
+        Ok(block.view())
+    }
+
+    pub fn unblock_ip(&self, actor: &Principal, ip: &str, meta: &RequestMeta) -> Result<(), ServiceError> {
+        let addr: std::net::IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address")))?;
+        if self.blocks.active(addr, now_us()).is_none() {
+            return Err(ServiceError::NotFound(format!("{addr} is not blocked")));
+        }
+        let event = AuditEvent::new("ip_unblocked", actor.user_id.clone(), Outcome::Success)
+            .ip(meta.ip_string())
+            .details(json!({"blocked_ip": addr.to_string()}));
+        self.audit.record_with(event, vec![WriteOp::delete(Collection::IpBlocks, addr.to_string(), Expect::Any)])?;
+        self.blocks.set(addr, None);
+        Ok(())
+    }
+
+    pub fn list_blocks(&self) -> Vec<Value> {
+        self.blocks.list(now_us()).iter().map(|b| b.view()).collect()
+    }
+}

@@ -1,0 +1,122 @@
+//! The operator channel to a running server: a Unix socket in the data dir
+//! (`aragora.sock`, mode 0600, and the peer must run as the server's user).
+//! Embedded aedb allows one process, so while `aragora serve` runs, operator
+//! commands (`aragora admin bootstrap`, ...) go through here instead of opening
+//! the store. One JSON request line, one JSON response line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use crate::app::AppState;
+use crate::error::ServiceError;
+
+pub const SOCKET_FILE: &str = "aragora.sock";
+/// A request line longer than this is refused.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum ControlRequest {
+    Bootstrap { email: String },
+    AuditVerify,
+}
+
+/// Runs one control command against the services (shared by the socket and the
+/// direct, server-stopped path).
+pub fn execute(state: &AppState, req: ControlRequest) -> Result<Value, ServiceError> {
+    match req {
+        ControlRequest::Bootstrap { email } => {
+            let (user, token) = state.auth.bootstrap_admin(&email)?;
+            Ok(json!({"user_id": user.id, "email": user.email, "token": token}))
+        }
+        ControlRequest::AuditVerify => Ok(serde_json::to_value(state.audit.verify()?)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?),
+    }
+}
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_FILE)
+}
+
+/// Binds the socket (replacing a stale one: the store lock already proves no
+/// other server uses this data dir) and serves it until the runtime stops.
+pub async fn serve(state: Arc<AppState>, path: PathBuf) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let owner = std::fs::metadata(&path)?.uid();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(state, stream, owner).await {
+                    tracing::warn!(error = %e, "control socket request failed");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn handle(state: Arc<AppState>, stream: tokio::net::UnixStream, owner: u32) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    if peer.uid() != owner {
+        let msg = json!({"ok": false, "error": "the control socket accepts only the server's own user"});
+        write.write_all(format!("{msg}\n").as_bytes()).await?;
+        return Ok(());
+    }
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64);
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<ControlRequest>(&line) {
+        Ok(req) => {
+            tracing::info!(command = ?std::mem::discriminant(&req), "control command");
+            match tokio::task::spawn_blocking(move || execute(&state, req)).await {
+                Ok(Ok(v)) => json!({"ok": true, "result": v}),
+                Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
+                Err(e) => json!({"ok": false, "error": format!("worker failed: {e}")}),
+            }
+        }
+        Err(e) => json!({"ok": false, "error": format!("bad control request: {e}")}),
+    };
+    write.write_all(format!("{response}\n").as_bytes()).await?;
+    write.shutdown().await
+}
+
+/// Client side: `Ok(None)` when no server listens (the caller then opens the
+/// store itself).
+pub fn call(data_dir: &Path, req: &ControlRequest) -> Result<Option<Result<Value, String>>, String> {
+    let path = socket_path(data_dir);
+    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(_) => return Ok(None),
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("writing to {}: {e}", path.display()))?;
+    let mut resp = String::new();
+    BufReader::new(stream)
+        .read_line(&mut resp)
+        .map_err(|e| format!("reading from {}: {e}", path.display()))?;
+    let v: Value = serde_json::from_str(&resp).map_err(|e| format!("bad response from the server: {e}"))?;
+    if v["ok"] == true {
+        Ok(Some(Ok(v["result"].clone())))
+    } else {
+        Ok(Some(Err(v["error"].as_str().unwrap_or("unknown error").to_string())))
+    }
+}

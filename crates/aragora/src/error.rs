@@ -1,0 +1,58 @@
+//! The error every domain service returns; `api` maps it to a status and a JSON
+//! body naming what is wrong.
+
+use crate::audit::{AuditError, RecordError};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// Authentication failed; `reason` is the metric label.
+    #[error("{message}")]
+    Unauthorized {
+        reason: &'static str,
+        message: String,
+    },
+    #[error("permission denied: {permission} is required")]
+    Forbidden { permission: String },
+    #[error("{message}")]
+    Blocked { message: String },
+    #[error("{message}")]
+    Locked { message: String, retry_after_secs: u64 },
+    #[error("too many attempts from this address; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { .. } => ServiceError::Conflict(e.to_string()),
+            StoreError::Unavailable(_) => ServiceError::Unavailable(e.to_string()),
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<AuditError> for ServiceError {
+    fn from(e: AuditError) -> Self {
+        ServiceError::Unavailable(e.to_string())
+    }
+}
+
+impl From<RecordError> for ServiceError {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::Ops(s) => s.into(),
+            RecordError::Audit(a) => a.into(),
+        }
+    }
+}

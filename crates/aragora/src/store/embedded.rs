@@ -1,0 +1,235 @@
+//! The default store: aedb embedded in the process, opened with `open_production`
+//! (signed manifest, encrypted WAL and checkpoints, strict recovery) and used only
+//! through its authenticated `*_as` API.
+//!
+//! Layout: one project `aragora` owned by the service caller `aragora-server`, one
+//! KV scope per collection, record id = key. The instance's one-time bootstrap
+//! admin (`aragora-system`) only creates the project; everything after runs as the
+//! project owner, so no request path exercises GlobalAdmin.
+
+use std::path::Path;
+
+use aedb::{
+    AedbConfig, AedbError, AedbInstance, CallerContext, CommitFinality, ConsistencyMode,
+    DdlOperation, ReadAssertion, Secure,
+};
+
+use super::{Collection, Durability, ListQuery, Receipt, Record, Store, StoreError, WriteOp};
+use super::Expect;
+
+pub const PROJECT: &str = "aragora";
+pub const SERVICE_CALLER: &str = "aragora-server";
+pub const BOOTSTRAP_ADMIN: &str = "aragora-system";
+
+#[derive(Debug)]
+pub struct EmbeddedStore {
+    db: AedbInstance<Secure>,
+    caller: CallerContext,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir` with the manifest and checkpoint keys.
+    pub fn open(dir: &Path, manifest_key: [u8; 32], checkpoint_key: [u8; 32]) -> Result<Self, StoreError> {
+        let db = AedbInstance::open_production(
+            AedbConfig::production(manifest_key)
+                .with_checkpoint_key(checkpoint_key)
+                .with_bootstrap_admin(BOOTSTRAP_ADMIN),
+            dir,
+        )
+        .map_err(|e| StoreError::Backend(format!("opening {}: {e}", dir.display())))?;
+        let store = Self {
+            db,
+            caller: CallerContext::new(SERVICE_CALLER),
+        };
+        store.ensure_layout()?;
+        Ok(store)
+    }
+
+    fn ensure_layout(&self) -> Result<(), StoreError> {
+        let read = self
+            .db
+            .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
+            .map_err(backend)?;
+        let mut missing = Vec::new();
+        // The owner may read anything in its project, so a denial here means the
+        // project does not exist (authorization is decided before existence).
+        let project_exists = match read.kv_get(PROJECT, Collection::Meta.name(), b"-") {
+            Ok(_) => true,
+            Err(AedbError::NotFound { kind, .. }) => kind != "project",
+            Err(AedbError::PermissionDenied { .. }) => false,
+            Err(e) => return Err(backend(e)),
+        };
+        if !project_exists {
+            self.db
+                .commit_ddl_as(
+                    &CallerContext::new(BOOTSTRAP_ADMIN),
+                    vec![DdlOperation::CreateProject {
+                        project: PROJECT.into(),
+                        owner: Some(SERVICE_CALLER.into()),
+                    }],
+                )
+                .map_err(backend)?;
+        }
+        let read = self
+            .db
+            .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
+            .map_err(backend)?;
+        for c in Collection::ALL {
+            if let Err(AedbError::NotFound { .. }) = read.kv_get(PROJECT, c.name(), b"-") {
+                missing.push(DdlOperation::CreateScope {
+                    project: PROJECT.into(),
+                    scope: c.name().into(),
+                });
+            }
+        }
+        if !missing.is_empty() {
+            self.db
+                .commit_ddl_as(&self.caller, missing)
+                .map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    /// The engine underneath (operational metrics, checkpoints, backups).
+    pub fn engine(&self) -> &AedbInstance<Secure> {
+        &self.db
+    }
+
+    /// Flushes and closes the engine.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.db.close().map_err(backend)
+    }
+}
+
+fn backend(e: AedbError) -> StoreError {
+    match e {
+        AedbError::Overloaded { reason } => StoreError::Unavailable(reason),
+        AedbError::Timeout { waited_ms } => {
+            StoreError::Unavailable(format!("commit timed out after {waited_ms} ms"))
+        }
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        "aedb"
+    }
+
+    fn get(&self, collection: Collection, id: &str) -> Result<Option<Record>, StoreError> {
+        let read = self
+            .db
+            .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
+            .map_err(backend)?;
+        Ok(read
+            .kv_get_versioned(PROJECT, collection.name(), id.as_bytes())
+            .map_err(backend)?
+            .map(|(version, value)| Record { version, value }))
+    }
+
+    fn list(
+        &self,
+        collection: Collection,
+        q: &ListQuery<'_>,
+    ) -> Result<Vec<(String, Record)>, StoreError> {
+        let read = self
+            .db
+            .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
+            .map_err(backend)?;
+        let start = q.start.map(str::as_bytes);
+        let end = q.end.map(str::as_bytes);
+        let scope = collection.name();
+        let pairs = if q.reverse {
+            read.kv_scan_range_rev(PROJECT, scope, start, end, q.limit)
+        } else {
+            read.kv_scan_range(PROJECT, scope, start, end, q.limit)
+        }
+        .map_err(backend)?;
+        // The scan does not return versions; a second lookup per key keeps the
+        // engine API small and costs a map lookup.
+        pairs
+            .into_iter()
+            .map(|(k, value)| {
+                let id = String::from_utf8(k.as_ref().to_vec()).map_err(|_| StoreError::Corrupt {
+                    collection: scope,
+                    id: hex::encode(k.as_ref()),
+                    reason: "record id is not UTF-8".into(),
+                })?;
+                let version = read
+                    .kv_get_versioned(PROJECT, scope, id.as_bytes())
+                    .map_err(backend)?
+                    .map_or(0, |(v, _)| v);
+                Ok((id, Record { version, value }))
+            })
+            .collect()
+    }
+
+    fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<Receipt, StoreError> {
+        let mut tx = self.db.begin_write_as(&self.caller, PROJECT).map_err(backend)?;
+        // Which op each assertion belongs to, to name it on failure.
+        let mut asserted: Vec<usize> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let (collection, id) = op.target();
+            let scope = collection.name();
+            let expect = match op {
+                WriteOp::Put { value, expect, .. } => {
+                    tx.kv_set(scope, id.as_bytes(), value).map_err(backend)?;
+                    *expect
+                }
+                WriteOp::Delete { expect, .. } => {
+                    tx.kv_del(scope, id.as_bytes()).map_err(backend)?;
+                    *expect
+                }
+            };
+            match expect {
+                Expect::Any => {}
+                Expect::Absent => {
+                    tx.assert(ReadAssertion::key_absent(scope, id.as_bytes()));
+                    asserted.push(i);
+                }
+                Expect::Version(version) => {
+                    tx.assert(ReadAssertion::KeyVersion {
+                        scope: scope.into(),
+                        key: id.as_bytes().to_vec(),
+                        version,
+                    });
+                    asserted.push(i);
+                }
+            }
+        }
+        let finality = match durability {
+            Durability::Durable => CommitFinality::Durable,
+            Durability::Visible => CommitFinality::Visible,
+        };
+        match self.db.commit_as_with_finality(&self.caller, tx, finality) {
+            Ok(r) => Ok(Receipt { seq: r.commit_seq }),
+            Err(AedbError::AssertionFailed { index, .. }) => {
+                let op = asserted.get(index).and_then(|&i| ops.get(i));
+                let (collection, id) = op.map_or((Collection::Meta, "?"), WriteOp::target);
+                let reason = match op {
+                    Some(WriteOp::Put { expect: Expect::Absent, .. })
+                    | Some(WriteOp::Delete { expect: Expect::Absent, .. }) => "already exists",
+                    _ => "changed since it was read",
+                };
+                Err(StoreError::Conflict {
+                    collection: collection.name(),
+                    id: id.to_string(),
+                    reason: reason.into(),
+                })
+            }
+            Err(AedbError::Conflict { .. }) => {
+                let (collection, id) = ops.first().map_or((Collection::Meta, "?"), WriteOp::target);
+                Err(StoreError::Conflict {
+                    collection: collection.name(),
+                    id: id.to_string(),
+                    reason: "a concurrent write committed first".into(),
+                })
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    fn wait_durable(&self, receipt: Receipt) -> Result<(), StoreError> {
+        self.db.wait_durable(receipt.seq).map_err(backend)
+    }
+}

@@ -1,0 +1,305 @@
+//! Persistence behind one small trait, so the embedded store (aedb, the default)
+//! and a shared PostgreSQL store (scale-out) run the same domain code and pass the
+//! same test suite (`testsuite::run`).
+//!
+//! The model is a set of collections of versioned records. A write is a batch of
+//! puts and deletes applied atomically, each with an expectation (absent, at a
+//! version, anything): that one primitive gives transactions and compare-and-set
+//! on both backends. Lists are range scans over record ids in byte order, forward
+//! or backward, bounded by a limit: pagination without offsets.
+
+pub mod embedded;
+pub mod testsuite;
+
+use std::fmt;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use embedded::EmbeddedStore;
+
+/// The collections aragora keeps. Adding one is adding a variant: both backends
+/// create what they need for it at open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Collection {
+    Users,
+    /// email (lowercased) -> user id; the uniqueness constraint on emails.
+    UserEmails,
+    Roles,
+    Sessions,
+    ApiKeys,
+    IpBlocks,
+    /// Hash-chained audit entries, ids ordered by time.
+    Audit,
+    /// Singletons: the audit chain head, the session revocation epoch, ...
+    Meta,
+}
+
+impl Collection {
+    pub const ALL: [Collection; 8] = [
+        Collection::Users,
+        Collection::UserEmails,
+        Collection::Roles,
+        Collection::Sessions,
+        Collection::ApiKeys,
+        Collection::IpBlocks,
+        Collection::Audit,
+        Collection::Meta,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Collection::Users => "users",
+            Collection::UserEmails => "user_emails",
+            Collection::Roles => "roles",
+            Collection::Sessions => "sessions",
+            Collection::ApiKeys => "api_keys",
+            Collection::IpBlocks => "ip_blocks",
+            Collection::Audit => "audit",
+            Collection::Meta => "meta",
+        }
+    }
+}
+
+impl fmt::Display for Collection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A stored record: its bytes and the version a compare-and-set names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub version: u64,
+    pub value: Arc<[u8]>,
+}
+
+/// What must hold for a write to apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    Any,
+    Absent,
+    Version(u64),
+}
+
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Put {
+        collection: Collection,
+        id: String,
+        value: Vec<u8>,
+        expect: Expect,
+    },
+    Delete {
+        collection: Collection,
+        id: String,
+        expect: Expect,
+    },
+}
+
+impl WriteOp {
+    pub fn put_json<T: Serialize>(
+        collection: Collection,
+        id: impl Into<String>,
+        value: &T,
+        expect: Expect,
+    ) -> Result<Self, StoreError> {
+        let id = id.into();
+        let value = serde_json::to_vec(value).map_err(|e| StoreError::Encode {
+            collection: collection.name(),
+            id: id.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(WriteOp::Put {
+            collection,
+            id,
+            value,
+            expect,
+        })
+    }
+
+    pub fn delete(collection: Collection, id: impl Into<String>, expect: Expect) -> Self {
+        WriteOp::Delete {
+            collection,
+            id: id.into(),
+            expect,
+        }
+    }
+
+    pub fn target(&self) -> (Collection, &str) {
+        match self {
+            WriteOp::Put { collection, id, .. } | WriteOp::Delete { collection, id, .. } => {
+                (*collection, id)
+            }
+        }
+    }
+}
+
+/// When a write call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// On stable storage.
+    Durable,
+    /// Visible to readers; `wait_durable` later. Lets a caller that must order
+    /// writes (the audit chain) hold its lock only for the in-memory part.
+    Visible,
+}
+
+/// Names a completed write, for `wait_durable`. Every record the write put has
+/// version `seq` afterwards (both backends number writes from one sequence), so a
+/// writer can compare-and-set again without re-reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+}
+
+/// A range of record ids, a direction and a bound on the result size.
+#[derive(Clone, Debug)]
+pub struct ListQuery<'a> {
+    pub start: Bound<&'a str>,
+    pub end: Bound<&'a str>,
+    pub reverse: bool,
+    pub limit: usize,
+}
+
+impl<'a> ListQuery<'a> {
+    pub fn all(limit: usize) -> Self {
+        Self {
+            start: Bound::Unbounded,
+            end: Bound::Unbounded,
+            reverse: false,
+            limit,
+        }
+    }
+
+    pub fn after(after: Option<&'a str>, limit: usize) -> Self {
+        Self {
+            start: after.map_or(Bound::Unbounded, Bound::Excluded),
+            end: Bound::Unbounded,
+            reverse: false,
+            limit,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An expectation did not hold (or a concurrent writer got there first).
+    #[error("conflict on {collection}/{id}: {reason}")]
+    Conflict {
+        collection: &'static str,
+        id: String,
+        reason: String,
+    },
+    /// The backend refused for now (admission control, overload); retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("record {collection}/{id} cannot be encoded: {reason}")]
+    Encode {
+        collection: &'static str,
+        id: String,
+        reason: String,
+    },
+    /// A stored record does not decode: corruption or an incompatible writer.
+    #[error("record {collection}/{id} is unreadable: {reason}")]
+    Corrupt {
+        collection: &'static str,
+        id: String,
+        reason: String,
+    },
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+}
+
+pub trait Store: Send + Sync + fmt::Debug {
+    /// "aedb" or "postgres".
+    fn backend(&self) -> &'static str;
+
+    fn get(&self, collection: Collection, id: &str) -> Result<Option<Record>, StoreError>;
+
+    fn list(
+        &self,
+        collection: Collection,
+        query: &ListQuery<'_>,
+    ) -> Result<Vec<(String, Record)>, StoreError>;
+
+    /// Applies every op or none; the first expectation that does not hold is
+    /// reported as `Conflict` naming its record.
+    fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<Receipt, StoreError>;
+
+    fn wait_durable(&self, receipt: Receipt) -> Result<(), StoreError>;
+}
+
+/// Decodes a JSON record, naming it when it does not decode.
+pub fn decode<T: DeserializeOwned>(
+    collection: Collection,
+    id: &str,
+    record: &Record,
+) -> Result<T, StoreError> {
+    serde_json::from_slice(&record.value).map_err(|e| StoreError::Corrupt {
+        collection: collection.name(),
+        id: id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// `get` + `decode`: the value and its version.
+pub fn get_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    collection: Collection,
+    id: &str,
+) -> Result<Option<(u64, T)>, StoreError> {
+    match store.get(collection, id)? {
+        Some(r) => Ok(Some((r.version, decode(collection, id, &r)?))),
+        None => Ok(None),
+    }
+}
+
+/// `list` + `decode`.
+pub fn list_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    collection: Collection,
+    query: &ListQuery<'_>,
+) -> Result<Vec<(String, u64, T)>, StoreError> {
+    store
+        .list(collection, query)?
+        .into_iter()
+        .map(|(id, r)| {
+            let v = decode(collection, &id, &r)?;
+            Ok((id, r.version, v))
+        })
+        .collect()
+}
+
+/// Every record of a collection, page by page (for scans that must see all).
+pub fn for_each_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    collection: Collection,
+    mut f: impl FnMut(String, u64, T) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    const PAGE: usize = 1000;
+    let mut after: Option<String> = None;
+    loop {
+        let page = list_json::<T>(
+            store,
+            collection,
+            &ListQuery::after(after.as_deref(), PAGE),
+        )?;
+        let n = page.len();
+        for (id, version, value) in page {
+            after = Some(id.clone());
+            f(id, version, value)?;
+        }
+        if n < PAGE {
+            return Ok(());
+        }
+    }
+}
