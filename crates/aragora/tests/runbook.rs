@@ -1,0 +1,145 @@
+//! Conformance: runs every ```bash block of our runbook edition
+//! (docs/runbooks/aragora-security-operations.md) with bash, curl and jq against
+//! the real server, after creating the situation each block investigates (failed
+//! logins, denials, a suspicious user). Every block must exit 0 and print
+//! something; then the effects the resolution blocks promise are checked.
+
+use std::path::Path;
+use std::process::Command;
+
+use aragora_testkit::{Request, Server, json};
+
+const RUNBOOK: &str = "../../docs/runbooks/aragora-security-operations.md";
+const PASSWORD: &str = "correct horse battery staple";
+
+fn bash_blocks(doc: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in doc.lines() {
+        let t = line.trim_start();
+        if let Some(cur) = current.as_mut() {
+            if t.starts_with("```") {
+                blocks.push(current.take().unwrap_or_default());
+            } else {
+                cur.push_str(line);
+                cur.push('\n');
+            }
+        } else if t == "```bash" {
+            current = Some(String::new());
+        }
+    }
+    blocks
+}
+
+fn require_tool(name: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "the runbook conformance test needs `{name}` on PATH");
+}
+
+#[test]
+fn runbook_commands_work_against_the_real_server() {
+    require_tool("curl");
+    require_tool("jq");
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(RUNBOOK))
+        .expect("runbook edition");
+    let blocks = bash_blocks(&doc);
+    assert!(blocks.len() >= 13, "found only {} bash blocks", blocks.len());
+
+    let server = Server::start(
+        Path::new(env!("CARGO_BIN_EXE_aragora")),
+        &[("AUTH_RATE_LIMIT_PER_IP", "1000")],
+    );
+    let (_, admin) = server.bootstrap_admin("admin@example.com");
+
+    // The situation: a viewer probing sensitive endpoints, failed logins against
+    // two accounts from one address, a success after failures.
+    let mallory = server.create_user(&admin, "mallory@example.com", PASSWORD, &["viewer"]);
+    let alice = server.create_user(&admin, "alice@example.com", PASSWORD, &["member"]);
+    server.create_user(&admin, "target1@example.com", PASSWORD, &["member"]);
+    server.create_user(&admin, "target2@example.com", PASSWORD, &["member"]);
+    let mallory_token = server.login("mallory@example.com", PASSWORD);
+    let mallory_key = server.post(
+        &format!("/api/admin/users/{mallory}/api-keys"),
+        &admin,
+        &json!({"name": "ci"}),
+    );
+    assert_eq!(mallory_key.status, 201, "{}", mallory_key.body);
+    let mallory_key = mallory_key.json()["token"].as_str().expect("token").to_string();
+    for path in ["/api/security/audit/search", "/api/admin/users", "/api/security/rbac/cache/stats"] {
+        let r = server.send(
+            Request::new("GET", path)
+                .bearer(&mallory_token)
+                .header("X-Forwarded-For", "198.51.100.7"),
+        );
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+    }
+    for (email, n) in [("target1@example.com", 3), ("target2@example.com", 2)] {
+        for _ in 0..n {
+            let r = server.send(
+                Request::new("POST", "/api/auth/login")
+                    .header("X-Forwarded-For", "203.0.113.9")
+                    .json(&json!({"email": email, "password": "wrong password!!"})),
+            );
+            assert_eq!(r.status, 401, "{}", r.body);
+        }
+    }
+    let alice_token = server.login("alice@example.com", PASSWORD);
+
+    for (i, block) in blocks.iter().enumerate() {
+        let script = block.replace("localhost:8080", &format!("127.0.0.1:{}", server.port));
+        let out = Command::new("bash")
+            .args(["-c", &format!("set -eu\n{script}")])
+            .env("ADMIN_TOKEN", &admin)
+            .env("USER_ID", &mallory)
+            .env("ACTOR_ID", &mallory)
+            .output()
+            .expect("bash");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !stdout.trim().is_empty(),
+            "runbook block {i} failed ({}):\n{block}\n--- stdout:\n{stdout}\n--- stderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // What the investigation blocks must find in this situation.
+        if block.contains("group_by(.user_id)") {
+            assert!(stdout.contains(&mallory), "denials by user name mallory:\n{stdout}");
+        }
+        if block.contains("group_by(.details.email)") {
+            assert!(stdout.contains("target1@example.com"), "targeted accounts:\n{stdout}");
+        }
+        if block.contains("action=login_success") {
+            assert!(stdout.contains(&alice), "successful logins name alice:\n{stdout}");
+        }
+        if block.contains("{permission, role, count}") {
+            assert!(stdout.contains("audit.read") && stdout.contains("viewer"), "{stdout}");
+        }
+    }
+
+    // The resolutions took effect: mallory's keys were revoked and the account
+    // disabled, the IPs are blocked, the targets are locked, every session revoked.
+    let r = server.get("/api/auth/me", &mallory_key);
+    assert_eq!((r.status, r.json()["reason"].as_str()), (401, Some("revoked")), "{}", r.body);
+    let user = server.get(&format!("/api/admin/users/{mallory}"), &admin).json();
+    assert_eq!(user["disabled"], true, "{user}");
+    let blocked = server.get("/api/admin/ratelimit/blocks", &admin).json();
+    for ip in ["1.2.3.4", "5.6.7.8"] {
+        assert!(blocked["blocks"].as_array().is_some_and(|b| b.iter().any(|x| x["ip"] == ip)), "{blocked}");
+    }
+    let r = server.send(Request::new("GET", "/api/auth/me").bearer(&admin).header("X-Forwarded-For", "1.2.3.4"));
+    assert_eq!(r.status, 403, "blocked IP: {}", r.body);
+    let r = server.send(
+        Request::new("POST", "/api/auth/login")
+            .json(&json!({"email": "target1@example.com", "password": PASSWORD})),
+    );
+    assert_eq!(r.status, 423, "bulk-locked account: {}", r.body);
+    let r = server.get("/api/auth/me", &alice_token);
+    assert_eq!((r.status, r.json()["reason"].as_str()), (401, Some("revoked")), "after revoke-all: {}", r.body);
+    let r = server.get("/api/auth/me", &admin);
+    assert_eq!(r.status, 200, "API keys survive revoke-all: {}", r.body);
+    let audit = server.get("/api/security/audit/verify", &admin).json();
+    assert_eq!(audit["ok"], true, "audit chain after the whole runbook: {audit}");
+}
