@@ -37,6 +37,6 @@ pub use model::value::{Column, ColumnType, Row, TableSchema, Value};
 pub use record::DdlOperation;
 pub use txn::assertion::{CompareOp, ReadAssertion};
 pub use txn::query::{Filter, Query, QueryResult};
-pub use txn::snapshot::{ConsistencyMode, KvPair, KvView, Snapshot, TableView};
+pub use txn::snapshot::{ConsistencyMode, KvPair, KvView, Snapshot, TableView, Versioned};
 pub use txn::write::WriteTransaction;
 pub use wal::{DroppedTail, RecoveryReport, TornTail};

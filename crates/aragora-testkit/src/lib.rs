@@ -29,12 +29,18 @@ pub struct Response {
 impl Response {
     /// The body as JSON (panics with the body when it is not JSON).
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): status {} body {:?}", self.status, self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): status {} body {:?}",
+                self.status, self.body
+            )
+        })
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -120,10 +126,16 @@ fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
         }
     }
     let mut body = Vec::new();
-    if let Some(n) = headers.get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(n) = headers
+        .get("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         body.resize(n, 0);
         r.read_exact(&mut body)?;
-    } else if headers.get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+    } else if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
         loop {
             line.clear();
             r.read_line(&mut line)?;
@@ -214,7 +226,10 @@ impl Server {
             {
                 panic!("aragora serve exited at start: {status}");
             }
-            assert!(Instant::now() < deadline, "aragora serve did not start in 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "aragora serve did not start in 60 s"
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -290,7 +305,10 @@ impl Server {
                 .json(&json!({"email": email, "password": password})),
         );
         assert_eq!(r.status, 200, "login {email}: {}", r.body);
-        r.json()["access_token"].as_str().expect("token").to_string()
+        r.json()["access_token"]
+            .as_str()
+            .expect("token")
+            .to_string()
     }
 }
 

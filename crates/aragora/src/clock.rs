@@ -52,7 +52,11 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("d", "1h").expect("1h").as_secs(), 3600);
         assert_eq!(parse_duration("d", "24h").expect("24h").as_secs(), 86400);
-        assert!(parse_duration("duration", "soon").expect_err("bad").contains("duration"));
+        assert!(
+            parse_duration("duration", "soon")
+                .expect_err("bad")
+                .contains("duration")
+        );
         assert!(parse_duration("d", "0s").is_err());
     }
 }

@@ -213,14 +213,16 @@ impl Config {
                 s.len()
             ));
         }
-        let token_ttl = get("ARAGORA_TOKEN_TTL")
-            .map_or(3600, |v| number("ARAGORA_TOKEN_TTL", v, 60, 30 * 86_400, &mut p));
+        let token_ttl = get("ARAGORA_TOKEN_TTL").map_or(3600, |v| {
+            number("ARAGORA_TOKEN_TTL", v, 60, 30 * 86_400, &mut p)
+        });
         let lockout_threshold = get("AUTH_LOCKOUT_THRESHOLD")
             .map_or(5, |v| number("AUTH_LOCKOUT_THRESHOLD", v, 1, 1000, &mut p));
         let lockout_base = get("AUTH_LOCKOUT_SECONDS")
             .map_or(60, |v| number("AUTH_LOCKOUT_SECONDS", v, 1, 86_400, &mut p));
-        let lockout_max = get("AUTH_LOCKOUT_MAX_SECONDS")
-            .map_or(3600, |v| number("AUTH_LOCKOUT_MAX_SECONDS", v, 1, 30 * 86_400, &mut p));
+        let lockout_max = get("AUTH_LOCKOUT_MAX_SECONDS").map_or(3600, |v| {
+            number("AUTH_LOCKOUT_MAX_SECONDS", v, 1, 30 * 86_400, &mut p)
+        });
         if lockout_max < lockout_base {
             p.push(format!(
                 "AUTH_LOCKOUT_MAX_SECONDS ({lockout_max}) must not be below AUTH_LOCKOUT_SECONDS ({lockout_base})"

@@ -68,11 +68,16 @@ pub async fn serve(state: Arc<AppState>, path: PathBuf) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn handle(state: Arc<AppState>, stream: tokio::net::UnixStream, owner: u32) -> std::io::Result<()> {
+async fn handle(
+    state: Arc<AppState>,
+    stream: tokio::net::UnixStream,
+    owner: u32,
+) -> std::io::Result<()> {
     let peer = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
     if peer.uid() != owner {
-        let msg = json!({"ok": false, "error": "the control socket accepts only the server's own user"});
+        let msg =
+            json!({"ok": false, "error": "the control socket accepts only the server's own user"});
         write.write_all(format!("{msg}\n").as_bytes()).await?;
         return Ok(());
     }
@@ -96,7 +101,10 @@ async fn handle(state: Arc<AppState>, stream: tokio::net::UnixStream, owner: u32
 
 /// Client side: `Ok(None)` when no server listens (the caller then opens the
 /// store itself).
-pub fn call(data_dir: &Path, req: &ControlRequest) -> Result<Option<Result<Value, String>>, String> {
+pub fn call(
+    data_dir: &Path,
+    req: &ControlRequest,
+) -> Result<Option<Result<Value, String>>, String> {
     let path = socket_path(data_dir);
     let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
@@ -113,10 +121,14 @@ pub fn call(data_dir: &Path, req: &ControlRequest) -> Result<Option<Result<Value
     BufReader::new(stream)
         .read_line(&mut resp)
         .map_err(|e| format!("reading from {}: {e}", path.display()))?;
-    let v: Value = serde_json::from_str(&resp).map_err(|e| format!("bad response from the server: {e}"))?;
+    let v: Value =
+        serde_json::from_str(&resp).map_err(|e| format!("bad response from the server: {e}"))?;
     if v["ok"] == true {
         Ok(Some(Ok(v["result"].clone())))
     } else {
-        Ok(Some(Err(v["error"].as_str().unwrap_or("unknown error").to_string())))
+        Ok(Some(Err(v["error"]
+            .as_str()
+            .unwrap_or("unknown error")
+            .to_string())))
     }
 }

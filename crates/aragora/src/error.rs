@@ -23,7 +23,10 @@ pub enum ServiceError {
     #[error("{message}")]
     Blocked { message: String },
     #[error("{message}")]
-    Locked { message: String, retry_after_secs: u64 },
+    Locked {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("too many attempts from this address; retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]

@@ -203,11 +203,17 @@ fn bootstrap(email: &str, json: bool) -> Result<ExitCode> {
     if json {
         println!("{v}");
     } else {
-        println!("admin created: {} ({})", v["email"].as_str().unwrap_or_default(), v["user_id"].as_str().unwrap_or_default());
+        println!(
+            "admin created: {} ({})",
+            v["email"].as_str().unwrap_or_default(),
+            v["user_id"].as_str().unwrap_or_default()
+        );
         println!("API key (shown once, store it now):");
         println!("{}", v["token"].as_str().unwrap_or_default());
         println!();
-        println!("export ADMIN_TOKEN=<the key above>   # then: curl -H \"Authorization: Bearer $ADMIN_TOKEN\" ...");
+        println!(
+            "export ADMIN_TOKEN=<the key above>   # then: curl -H \"Authorization: Bearer $ADMIN_TOKEN\" ..."
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -218,14 +224,21 @@ fn audit_verify(json: bool) -> Result<ExitCode> {
     if json {
         println!("{v}");
     } else if ok {
-        println!("audit chain ok: {} entries, head seq {}", v["entries_checked"], v["head_seq"]);
+        println!(
+            "audit chain ok: {} entries, head seq {}",
+            v["entries_checked"], v["head_seq"]
+        );
     } else {
         println!("audit chain BROKEN:");
         for p in v["problems"].as_array().into_iter().flatten() {
             println!("  - {}", p.as_str().unwrap_or_default());
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn init_logging(level: &str, json: bool) {

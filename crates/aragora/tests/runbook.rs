@@ -46,7 +46,11 @@ fn runbook_commands_work_against_the_real_server() {
     let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(RUNBOOK))
         .expect("runbook edition");
     let blocks = bash_blocks(&doc);
-    assert!(blocks.len() >= 13, "found only {} bash blocks", blocks.len());
+    assert!(
+        blocks.len() >= 13,
+        "found only {} bash blocks",
+        blocks.len()
+    );
 
     let server = Server::start(
         Path::new(env!("CARGO_BIN_EXE_aragora")),
@@ -67,8 +71,15 @@ fn runbook_commands_work_against_the_real_server() {
         &json!({"name": "ci"}),
     );
     assert_eq!(mallory_key.status, 201, "{}", mallory_key.body);
-    let mallory_key = mallory_key.json()["token"].as_str().expect("token").to_string();
-    for path in ["/api/security/audit/search", "/api/admin/users", "/api/security/rbac/cache/stats"] {
+    let mallory_key = mallory_key.json()["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    for path in [
+        "/api/security/audit/search",
+        "/api/admin/users",
+        "/api/security/rbac/cache/stats",
+    ] {
         let r = server.send(
             Request::new("GET", path)
                 .bearer(&mallory_token)
@@ -106,30 +117,58 @@ fn runbook_commands_work_against_the_real_server() {
         );
         // What the investigation blocks must find in this situation.
         if block.contains("group_by(.user_id)") {
-            assert!(stdout.contains(&mallory), "denials by user name mallory:\n{stdout}");
+            assert!(
+                stdout.contains(&mallory),
+                "denials by user name mallory:\n{stdout}"
+            );
         }
         if block.contains("group_by(.details.email)") {
-            assert!(stdout.contains("target1@example.com"), "targeted accounts:\n{stdout}");
+            assert!(
+                stdout.contains("target1@example.com"),
+                "targeted accounts:\n{stdout}"
+            );
         }
         if block.contains("action=login_success") {
-            assert!(stdout.contains(&alice), "successful logins name alice:\n{stdout}");
+            assert!(
+                stdout.contains(&alice),
+                "successful logins name alice:\n{stdout}"
+            );
         }
         if block.contains("{permission, role, count}") {
-            assert!(stdout.contains("audit.read") && stdout.contains("viewer"), "{stdout}");
+            assert!(
+                stdout.contains("audit.read") && stdout.contains("viewer"),
+                "{stdout}"
+            );
         }
     }
 
     // The resolutions took effect: mallory's keys were revoked and the account
     // disabled, the IPs are blocked, the targets are locked, every session revoked.
     let r = server.get("/api/auth/me", &mallory_key);
-    assert_eq!((r.status, r.json()["reason"].as_str()), (401, Some("revoked")), "{}", r.body);
-    let user = server.get(&format!("/api/admin/users/{mallory}"), &admin).json();
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (401, Some("revoked")),
+        "{}",
+        r.body
+    );
+    let user = server
+        .get(&format!("/api/admin/users/{mallory}"), &admin)
+        .json();
     assert_eq!(user["disabled"], true, "{user}");
     let blocked = server.get("/api/admin/ratelimit/blocks", &admin).json();
     for ip in ["1.2.3.4", "5.6.7.8"] {
-        assert!(blocked["blocks"].as_array().is_some_and(|b| b.iter().any(|x| x["ip"] == ip)), "{blocked}");
+        assert!(
+            blocked["blocks"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|x| x["ip"] == ip)),
+            "{blocked}"
+        );
     }
-    let r = server.send(Request::new("GET", "/api/auth/me").bearer(&admin).header("X-Forwarded-For", "1.2.3.4"));
+    let r = server.send(
+        Request::new("GET", "/api/auth/me")
+            .bearer(&admin)
+            .header("X-Forwarded-For", "1.2.3.4"),
+    );
     assert_eq!(r.status, 403, "blocked IP: {}", r.body);
     let r = server.send(
         Request::new("POST", "/api/auth/login")
@@ -137,9 +176,17 @@ fn runbook_commands_work_against_the_real_server() {
     );
     assert_eq!(r.status, 423, "bulk-locked account: {}", r.body);
     let r = server.get("/api/auth/me", &alice_token);
-    assert_eq!((r.status, r.json()["reason"].as_str()), (401, Some("revoked")), "after revoke-all: {}", r.body);
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (401, Some("revoked")),
+        "after revoke-all: {}",
+        r.body
+    );
     let r = server.get("/api/auth/me", &admin);
     assert_eq!(r.status, 200, "API keys survive revoke-all: {}", r.body);
     let audit = server.get("/api/security/audit/verify", &admin).json();
-    assert_eq!(audit["ok"], true, "audit chain after the whole runbook: {audit}");
+    assert_eq!(
+        audit["ok"], true,
+        "audit chain after the whole runbook: {audit}"
+    );
 }

@@ -29,13 +29,23 @@ fn embedded_store_keeps_records_and_versions_across_reopen() {
                 Durability::Durable,
             )
             .expect("write");
-        let v = store.get(Collection::Users, "u1").expect("get").expect("present").version;
+        let v = store
+            .get(Collection::Users, "u1")
+            .expect("get")
+            .expect("present")
+            .version;
         store.close().expect("close");
         v
     };
     let store = EmbeddedStore::open(dir.path(), MK, CK).expect("reopen");
-    let r = store.get(Collection::Users, "u1").expect("get").expect("kept");
-    assert_eq!(r.version, version, "versions survive a reopen (CAS keeps working)");
+    let r = store
+        .get(Collection::Users, "u1")
+        .expect("get")
+        .expect("kept");
+    assert_eq!(
+        r.version, version,
+        "versions survive a reopen (CAS keeps working)"
+    );
     // A wrong key is refused, never silently accepted.
     drop(store);
     let err = EmbeddedStore::open(dir.path(), [8; 32], CK).expect_err("wrong manifest key");

@@ -44,7 +44,7 @@ impl<M> ReadTx<'_, M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<Option<(u64, Arc<[u8]>)>, AedbError> {
+    ) -> Result<Option<crate::txn::snapshot::Versioned>, AedbError> {
         self.check(
             project,
             Permission::KvRead {

@@ -26,9 +26,11 @@ pub struct Snapshot {
     pub(crate) state: Arc<DbState>,
 }
 
-/// A key and its value.
 /// A key (short keys stored inline: cloning one does not allocate) and its value.
 pub type KvPair = (crate::model::bytes::Bytes, Arc<[u8]>);
+
+/// A value and the sequence number of the commit that wrote it (its version).
+pub type Versioned = (u64, Arc<[u8]>);
 
 impl Snapshot {
     /// Sequence number of the last commit this snapshot includes.
@@ -96,7 +98,7 @@ impl KvView<'_> {
     }
 
     /// The value and the sequence number of the commit that wrote it.
-    pub fn get_versioned(&self, key: &[u8]) -> Option<(u64, Arc<[u8]>)> {
+    pub fn get_versioned(&self, key: &[u8]) -> Option<Versioned> {
         let e = self.scope.kv.get(key)?;
         e.value.as_ref().map(|v| (e.version, v.to_arc()))
     }

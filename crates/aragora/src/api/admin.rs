@@ -26,10 +26,18 @@ pub struct ListUsersQuery {
     limit: Option<usize>,
 }
 
-pub async fn list_users(State(state): State<Arc<AppState>>, QueryParams(q): QueryParams<ListUsersQuery>) -> ApiResult<Response> {
+pub async fn list_users(
+    State(state): State<Arc<AppState>>,
+    QueryParams(q): QueryParams<ListUsersQuery>,
+) -> ApiResult<Response> {
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let (users, next) = state.auth.list_users(q.role.as_deref(), q.after.as_deref(), limit)?;
-    Ok(axum::Json(json!({"users": users, "count": users.len(), "next_after": next})).into_response())
+    let (users, next) = state
+        .auth
+        .list_users(q.role.as_deref(), q.after.as_deref(), limit)?;
+    Ok(
+        axum::Json(json!({"users": users, "count": users.len(), "next_after": next}))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -48,13 +56,18 @@ pub async fn create_user(
     JsonBody(b): JsonBody<CreateUserBody>,
 ) -> ApiResult<Response> {
     let user = blocking(move || {
-        state.auth.create_user(&p.user_id, &b.email, b.password.as_deref(), b.roles, &meta)
+        state
+            .auth
+            .create_user(&p.user_id, &b.email, b.password.as_deref(), b.roles, &meta)
     })
     .await?;
     Ok((StatusCode::CREATED, axum::Json(user.view(now_us(), None))).into_response())
 }
 
-pub async fn get_user(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn get_user(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     Ok(axum::Json(state.auth.get_user(&id)?).into_response())
 }
 
@@ -161,7 +174,10 @@ pub async fn create_key(
     Ok(created_key(key, token))
 }
 
-pub async fn permissions(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn permissions(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let (_, user) = state.auth.user(&id)?;
     let perms = state.rbac.permissions_of(&user.roles);
     let sensitive: Vec<_> = perms
@@ -179,10 +195,16 @@ pub async fn permissions(State(state): State<Arc<AppState>>, Path(id): Path<Stri
     .into_response())
 }
 
-pub async fn sessions(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn sessions(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let now = now_us();
     let sessions = state.auth.sessions_of(&id)?;
-    let active = sessions.iter().filter(|s| s.revoked_at.is_none() && s.expires_at > now).count();
+    let active = sessions
+        .iter()
+        .filter(|s| s.revoked_at.is_none() && s.expires_at > now)
+        .count();
     let keys = state.auth.api_keys_of(&id)?;
     Ok(axum::Json(json!({
         "user_id": id,
@@ -226,7 +248,10 @@ pub async fn revoke_user_sessions(
         )
     })
     .await?;
-    Ok(axum::Json(json!({"user_id": uid, "revoked": ids.len(), "session_ids": ids})).into_response())
+    Ok(
+        axum::Json(json!({"user_id": uid, "revoked": ids.len(), "session_ids": ids}))
+            .into_response(),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,7 +295,12 @@ pub async fn block_ip(
     Extension(meta): Extension<RequestMeta>,
     JsonBody(b): JsonBody<BlockBody>,
 ) -> ApiResult<Response> {
-    let r = blocking(move || state.auth.block_ip(&p, &b.ip, &b.duration, &b.reason, &meta)).await?;
+    let r = blocking(move || {
+        state
+            .auth
+            .block_ip(&p, &b.ip, &b.duration, &b.reason, &meta)
+    })
+    .await?;
     Ok((StatusCode::CREATED, axum::Json(r)).into_response())
 }
 

@@ -21,10 +21,15 @@ pub struct SearchQuery {
     before: Option<String>,
 }
 
-pub async fn search(State(state): State<Arc<AppState>>, QueryParams(q): QueryParams<SearchQuery>) -> ApiResult<Response> {
+pub async fn search(
+    State(state): State<Arc<AppState>>,
+    QueryParams(q): QueryParams<SearchQuery>,
+) -> ApiResult<Response> {
     let limit = q.limit.unwrap_or(DEFAULT_SEARCH_LIMIT);
     if limit == 0 || limit > MAX_SEARCH_LIMIT {
-        return Err(ServiceError::BadRequest(format!("limit: must be 1 to {MAX_SEARCH_LIMIT}")).into());
+        return Err(
+            ServiceError::BadRequest(format!("limit: must be 1 to {MAX_SEARCH_LIMIT}")).into(),
+        );
     }
     if q.minutes == Some(0) {
         return Err(ServiceError::BadRequest("minutes: must be at least 1".into()).into());

@@ -45,17 +45,29 @@ pub async fn logout(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-pub async fn me(State(state): State<Arc<AppState>>, Extension(p): Extension<Principal>) -> ApiResult<Response> {
+pub async fn me(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> ApiResult<Response> {
     let mut user = state.auth.get_user(&p.user_id)?;
     if let Some(o) = user.as_object_mut() {
-        o.insert("permissions".into(), json!(state.rbac.permissions_of(&p.roles)));
+        o.insert(
+            "permissions".into(),
+            json!(state.rbac.permissions_of(&p.roles)),
+        );
     }
     Ok(axum::Json(user).into_response())
 }
 
-pub async fn list_keys(State(state): State<Arc<AppState>>, Extension(p): Extension<Principal>) -> ApiResult<Response> {
+pub async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> ApiResult<Response> {
     let keys = state.auth.api_keys_of(&p.user_id)?;
-    Ok(axum::Json(json!({"api_keys": keys.iter().map(|k| k.view()).collect::<Vec<_>>()})).into_response())
+    Ok(
+        axum::Json(json!({"api_keys": keys.iter().map(|k| k.view()).collect::<Vec<_>>()}))
+            .into_response(),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,7 +94,10 @@ pub(super) fn created_key(key: crate::auth::model::ApiKey, token: String) -> Res
     let mut v = key.view();
     if let Some(o) = v.as_object_mut() {
         o.insert("token".into(), json!(token));
-        o.insert("note".into(), json!("the token is shown only now; store it securely"));
+        o.insert(
+            "note".into(),
+            json!("the token is shown only now; store it securely"),
+        );
     }
     (StatusCode::CREATED, axum::Json(v)).into_response()
 }

@@ -18,7 +18,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, on, MethodFilter};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -45,22 +45,35 @@ impl From<ServiceError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let msg = self.0.to_string();
-        let (status, body, extra): (StatusCode, serde_json::Value, Option<(header::HeaderName, String)>) = match &self.0 {
+        let (status, body, extra): (
+            StatusCode,
+            serde_json::Value,
+            Option<(header::HeaderName, String)>,
+        ) = match &self.0 {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, json!({"error": msg}), None),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": msg}), None),
             ServiceError::Conflict(_) => (StatusCode::CONFLICT, json!({"error": msg}), None),
             ServiceError::Unauthorized { reason, .. } => (
                 StatusCode::UNAUTHORIZED,
                 json!({"error": msg, "reason": reason}),
-                Some((header::WWW_AUTHENTICATE, format!("Bearer error=\"invalid_token\", error_description=\"{reason}\""))),
+                Some((
+                    header::WWW_AUTHENTICATE,
+                    format!("Bearer error=\"invalid_token\", error_description=\"{reason}\""),
+                )),
             ),
             ServiceError::Forbidden { permission } => (
                 StatusCode::FORBIDDEN,
                 json!({"error": msg, "permission": permission}),
                 None,
             ),
-            ServiceError::Blocked { .. } => (StatusCode::FORBIDDEN, json!({"error": msg, "reason": "ip_blocked"}), None),
-            ServiceError::Locked { retry_after_secs, .. } => (
+            ServiceError::Blocked { .. } => (
+                StatusCode::FORBIDDEN,
+                json!({"error": msg, "reason": "ip_blocked"}),
+                None,
+            ),
+            ServiceError::Locked {
+                retry_after_secs, ..
+            } => (
                 StatusCode::LOCKED,
                 json!({"error": msg, "reason": "locked"}),
                 Some((header::RETRY_AFTER, retry_after_secs.to_string())),
@@ -76,7 +89,11 @@ impl IntoResponse for ApiError {
             }
             ServiceError::Internal(_) => {
                 tracing::error!(error = %msg, "internal error");
-                (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "internal error; the server log has the details"}), None)
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "internal error; the server log has the details"}),
+                    None,
+                )
             }
         };
         let mut resp = (status, axum::Json(body)).into_response();
@@ -106,13 +123,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                bad_request(format!("request body is larger than {MAX_BODY_BYTES} bytes"))
+                bad_request(format!(
+                    "request body is larger than {MAX_BODY_BYTES} bytes"
+                ))
             } else {
                 bad_request(format!("request body could not be read: {e}"))
             }
         })?;
         if bytes.is_empty() {
-            return Err(bad_request("request body is empty; a JSON object is expected"));
+            return Err(bad_request(
+                "request body is empty; a JSON object is expected",
+            ));
         }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
@@ -219,7 +240,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     for (spec, make) in ROUTES.iter().zip(handlers()) {
         let mut mr = make();
         if let Some(permission) = spec.permission {
-            mr = mr.route_layer(middleware::from_fn_with_state((state.clone(), permission), guard));
+            mr = mr.route_layer(middleware::from_fn_with_state(
+                (state.clone(), permission),
+                guard,
+            ));
         }
         router = router.route(spec.path, mr);
     }
@@ -281,12 +305,16 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
             .map(|s| s.chars().take(200).collect()),
     };
     let path = req.uri().path();
-    if path != "/api/health" && path != "/metrics"
+    if path != "/api/health"
+        && path != "/metrics"
         && let Some(ip) = meta.ip
         && let Some(block) = state.auth.blocked(ip)
     {
         return ApiError(ServiceError::Blocked {
-            message: format!("requests from {ip} are blocked until {}", crate::clock::format_us(block.expires_at)),
+            message: format!(
+                "requests from {ip} are blocked until {}",
+                crate::clock::format_us(block.expires_at)
+            ),
         })
         .into_response();
     }
@@ -301,7 +329,11 @@ async fn guard(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let meta = req.extensions().get::<RequestMeta>().cloned().unwrap_or_default();
+    let meta = req
+        .extensions()
+        .get::<RequestMeta>()
+        .cloned()
+        .unwrap_or_default();
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -310,9 +342,18 @@ async fn guard(
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
     };
-    let decision = state.rbac.check(&principal.user_id, &principal.roles, permission);
+    let decision = state
+        .rbac
+        .check(&principal.user_id, &principal.roles, permission);
     if !decision.allowed {
-        deny(&state, &principal, permission, req.method(), req.uri().path(), &meta);
+        deny(
+            &state,
+            &principal,
+            permission,
+            req.method(),
+            req.uri().path(),
+            &meta,
+        );
         return ApiError(ServiceError::Forbidden {
             permission: permission.to_string(),
         })
@@ -322,7 +363,14 @@ async fn guard(
     next.run(req).await
 }
 
-fn deny(state: &AppState, p: &Principal, permission: &str, method: &Method, path: &str, meta: &RequestMeta) {
+fn deny(
+    state: &AppState,
+    p: &Principal,
+    permission: &str,
+    method: &Method,
+    path: &str,
+    meta: &RequestMeta,
+) {
     let sensitive = catalogue::is_sensitive(permission);
     let event = AuditEvent::new("permission_denied", p.user_id.clone(), Outcome::Denied)
         .ip(meta.ip_string())
@@ -361,7 +409,9 @@ async fn not_found(req: Request) -> Response {
 async fn method_not_allowed(req: Request) -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
-        axum::Json(json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())})),
+        axum::Json(
+            json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())}),
+        ),
     )
         .into_response()
 }

@@ -20,7 +20,9 @@ pub async fn permissions() -> Response {
     axum::Json(
         PERMISSIONS
             .iter()
-            .map(|p| json!({"name": p.name, "description": p.description, "sensitive": p.sensitive}))
+            .map(
+                |p| json!({"name": p.name, "description": p.description, "sensitive": p.sensitive}),
+            )
             .collect::<Vec<_>>(),
     )
     .into_response()
@@ -42,9 +44,13 @@ pub async fn cache_clear(
     let cleared = blocking(move || {
         let n = state.rbac.clear();
         state.audit.record(
-            crate::audit::AuditEvent::new("rbac_cache_cleared", p.user_id.clone(), crate::audit::Outcome::Success)
-                .ip(meta.ip_string())
-                .details(json!({"entries": n})),
+            crate::audit::AuditEvent::new(
+                "rbac_cache_cleared",
+                p.user_id.clone(),
+                crate::audit::Outcome::Success,
+            )
+            .ip(meta.ip_string())
+            .details(json!({"entries": n})),
         )?;
         Ok(n)
     })
@@ -55,9 +61,11 @@ pub async fn cache_clear(
 pub async fn cache_warmup(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
     let (users, warmed) = blocking(move || {
         let users = state.auth.all_user_roles()?;
-        let warmed = state
-            .rbac
-            .warmup(users.iter().map(|(id, roles)| (id.as_str(), roles.as_slice())));
+        let warmed = state.rbac.warmup(
+            users
+                .iter()
+                .map(|(id, roles)| (id.as_str(), roles.as_slice())),
+        );
         Ok((users.len(), warmed))
     })
     .await?;
@@ -88,7 +96,10 @@ pub async fn denials_recent(
     .await?;
     let mut groups: BTreeMap<(String, String, String), Value> = BTreeMap::new();
     for e in &result.entries {
-        let permission = e.details["permission"].as_str().unwrap_or_default().to_string();
+        let permission = e.details["permission"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let role = e.details["role"].as_str().unwrap_or_default().to_string();
         let g = groups
             .entry((e.actor.clone(), permission.clone(), role.clone()))
@@ -127,7 +138,12 @@ pub async fn put_role(
     Extension(meta): Extension<RequestMeta>,
     JsonBody(b): JsonBody<RoleBody>,
 ) -> ApiResult<Response> {
-    let role = blocking(move || state.auth.put_role(&p, &b.name, &b.description, b.permissions, &meta)).await?;
+    let role = blocking(move || {
+        state
+            .auth
+            .put_role(&p, &b.name, &b.description, b.permissions, &meta)
+    })
+    .await?;
     Ok((StatusCode::CREATED, axum::Json(role)).into_response())
 }
 

@@ -170,11 +170,10 @@ impl AuditLog {
 
     /// Appends one event, durably.
     pub fn record(&self, event: AuditEvent) -> Result<AuditEntry, AuditError> {
-        self.record_with(event, Vec::new())
-            .map_err(|e| match e {
-                RecordError::Audit(a) => a,
-                RecordError::Ops(s) => AuditError::Write(s),
-            })
+        self.record_with(event, Vec::new()).map_err(|e| match e {
+            RecordError::Audit(a) => a,
+            RecordError::Ops(s) => AuditError::Write(s),
+        })
     }
 
     /// Appends one event in the same atomic write as `ops` (the change it
@@ -206,7 +205,11 @@ impl AuditLog {
                     ip_address: event.ip_address.clone(),
                     details: event.details.clone(),
                     outcome: event.outcome,
-                    prev_hash: if head.seq == 0 { GENESIS.into() } else { head.hash.clone() },
+                    prev_hash: if head.seq == 0 {
+                        GENESIS.into()
+                    } else {
+                        head.hash.clone()
+                    },
                     hash: String::new(),
                 };
                 entry.hash = entry_hash(&entry);
@@ -237,9 +240,10 @@ impl AuditLog {
                         (receipt, entry)
                     }
                     Err(e @ StoreError::Conflict { .. }) => {
+                        // A conflict on the caller's ops (not on the chain's own records) is
+                        // theirs to resolve.
                         let ours = matches!(&e, StoreError::Conflict { collection, id, .. }
-                            if !(*collection == "meta" && id == HEAD_ID)
-                                && !(*collection == "audit"));
+                            if *collection != "audit" && !(*collection == "meta" && id == HEAD_ID));
                         // Someone else moved the head: forget it and retry.
                         *guard = None;
                         if ours && n_ops > 0 {
@@ -265,9 +269,11 @@ impl AuditLog {
     }
 
     fn load_head(&self) -> Result<(u64, ChainHead), AuditError> {
-        Ok(get_json::<ChainHead>(self.store.as_ref(), Collection::Meta, HEAD_ID)
-            .map_err(AuditError::Read)?
-            .unwrap_or_default())
+        Ok(
+            get_json::<ChainHead>(self.store.as_ref(), Collection::Meta, HEAD_ID)
+                .map_err(AuditError::Read)?
+                .unwrap_or_default(),
+        )
     }
 
     /// The newest `limit` entries matching the filter, oldest first, and how many
@@ -276,7 +282,11 @@ impl AuditLog {
         const PAGE: usize = 1000;
         let limit = f.limit.clamp(1, MAX_SEARCH_LIMIT);
         let floor = f.minutes.map(|m| {
-            let cutoff = clock::now_us().saturating_sub(i64::try_from(m).unwrap_or(i64::MAX / 60_000_000).saturating_mul(60_000_000));
+            let cutoff = clock::now_us().saturating_sub(
+                i64::try_from(m)
+                    .unwrap_or(i64::MAX / 60_000_000)
+                    .saturating_mul(60_000_000),
+            );
             format!("{:016x}", cutoff.max(0))
         });
         let mut upper: Option<String> = f.before.clone();

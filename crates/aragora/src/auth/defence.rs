@@ -33,8 +33,13 @@ impl LockoutPolicy {
         user.failed_logins = 0;
         let factor = 1u64 << user.lockouts.min(20);
         user.lockouts = user.lockouts.saturating_add(1);
-        let secs = self.base.as_secs().saturating_mul(factor).min(self.max.as_secs());
-        let until = now_us.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX / 2_000_000) * 1_000_000);
+        let secs = self
+            .base
+            .as_secs()
+            .saturating_mul(factor)
+            .min(self.max.as_secs());
+        let until =
+            now_us.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX / 2_000_000) * 1_000_000);
         user.locked_until = Some(until);
         Some(until)
     }
@@ -157,11 +162,19 @@ mod tests {
         for _ in 0..2 {
             p.on_failure(&mut u, 0);
         }
-        assert_eq!(p.on_failure(&mut u, 0), Some(120_000_000), "second lockout doubles");
+        assert_eq!(
+            p.on_failure(&mut u, 0),
+            Some(120_000_000),
+            "second lockout doubles"
+        );
         for _ in 0..2 {
             p.on_failure(&mut u, 0);
         }
-        assert_eq!(p.on_failure(&mut u, 0), Some(200_000_000), "capped at the maximum");
+        assert_eq!(
+            p.on_failure(&mut u, 0),
+            Some(200_000_000),
+            "capped at the maximum"
+        );
         p.on_success(&mut u);
         assert_eq!((u.failed_logins, u.lockouts, u.locked_until), (0, 0, None));
     }
@@ -175,6 +188,9 @@ mod tests {
         }
         let wait = l.attempt(ip).expect_err("sixth attempt in the window");
         assert!((1..=12).contains(&wait), "retry after {wait}");
-        assert!(l.attempt("10.0.0.2".parse().expect("ip")).is_ok(), "per address");
+        assert!(
+            l.attempt("10.0.0.2".parse().expect("ip")).is_ok(),
+            "per address"
+        );
     }
 }

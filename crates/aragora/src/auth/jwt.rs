@@ -86,7 +86,12 @@ impl JwtKeys {
         }
     }
 
-    pub fn issue(&self, user_id: &str, session_id: &str, now_secs: i64) -> Result<(String, Claims), String> {
+    pub fn issue(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        now_secs: i64,
+    ) -> Result<(String, Claims), String> {
         let claims = Claims {
             sub: user_id.to_string(),
             sid: session_id.to_string(),
@@ -160,7 +165,11 @@ mod tests {
         let claims = serde_json::to_vec(&c).expect("claims");
         use base64::Engine;
         let encode = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let none = format!("{}.{}.", encode(br#"{"alg":"none","typ":"JWT"}"#), encode(&claims));
+        let none = format!(
+            "{}.{}.",
+            encode(br#"{"alg":"none","typ":"JWT"}"#),
+            encode(&claims)
+        );
         assert!(keys.verify(&none).is_err(), "alg none must be refused");
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
@@ -172,8 +181,12 @@ mod tests {
 
         let mut wrong_aud = c.clone();
         wrong_aud.aud = "someone-else".into();
-        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &wrong_aud, &EncodingKey::from_secret(S.as_bytes()))
-            .expect("encode");
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &wrong_aud,
+            &EncodingKey::from_secret(S.as_bytes()),
+        )
+        .expect("encode");
         assert_eq!(keys.verify(&t), Err(TokenProblem::InvalidClaims));
     }
 }

@@ -127,7 +127,10 @@ impl AuthService {
         meta: &RequestMeta,
         extra: serde_json::Value,
     ) -> ServiceError {
-        self.metrics.auth_failures.with_label_values(&[reason]).inc();
+        self.metrics
+            .auth_failures
+            .with_label_values(&[reason])
+            .inc();
         let mut details = json!({"reason": reason, "email": email});
         if let (Some(d), serde_json::Value::Object(x)) = (details.as_object_mut(), extra) {
             d.extend(x);
@@ -153,7 +156,10 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<(String, i64, String), ServiceError> {
         let started = Instant::now();
-        self.metrics.auth_attempts.with_label_values(&["password"]).inc();
+        self.metrics
+            .auth_attempts
+            .with_label_values(&["password"])
+            .inc();
         let result = self.login_inner(email, password, meta);
         self.metrics
             .auth_latency
@@ -171,7 +177,14 @@ impl AuthService {
         if let Some(ip) = meta.ip
             && let Err(retry) = self.limiter.attempt(ip)
         {
-            let _ = self.fail("rate_limited", "", "anonymous", Some(&email), meta, json!({}));
+            let _ = self.fail(
+                "rate_limited",
+                "",
+                "anonymous",
+                Some(&email),
+                meta,
+                json!({}),
+            );
             return Err(ServiceError::RateLimited {
                 retry_after_secs: retry,
             });
@@ -179,7 +192,14 @@ impl AuthService {
         const BAD: &str = "invalid email or password";
         let Some((version, user)) = self.user_by_email(&email)? else {
             password::verify_dummy(password);
-            return Err(self.fail("bad_password", BAD, "anonymous", Some(&email), meta, json!({"unknown_user": true})));
+            return Err(self.fail(
+                "bad_password",
+                BAD,
+                "anonymous",
+                Some(&email),
+                meta,
+                json!({"unknown_user": true}),
+            ));
         };
         let now = now_us();
         if user.is_locked(now) {
@@ -209,7 +229,14 @@ impl AuthService {
             return Err(self.record_bad_password(user, version, &email, meta));
         }
         if user.disabled {
-            return Err(self.fail("disabled", "account disabled", &user.id, Some(&email), meta, json!({})));
+            return Err(self.fail(
+                "disabled",
+                "account disabled",
+                &user.id,
+                Some(&email),
+                meta,
+                json!({}),
+            ));
         }
         self.start_session(user, version, &email, meta)
     }
@@ -226,7 +253,10 @@ impl AuthService {
         for _ in 0..CAS_RETRIES {
             let now = now_us();
             let locked = self.lockout.on_failure(&mut user, now);
-            self.metrics.auth_failures.with_label_values(&["bad_password"]).inc();
+            self.metrics
+                .auth_failures
+                .with_label_values(&["bad_password"])
+                .inc();
             let event = AuditEvent::new("auth_failure", user.id.clone(), Outcome::Failure)
                 .ip(meta.ip_string())
                 .details(json!({
@@ -237,7 +267,7 @@ impl AuthService {
                 }));
             let op = match users::put_user(&user, version) {
                 Ok(op) => op,
-                Err(e) => return e.into(),
+                Err(e) => return e,
             };
             match self.audit.record_with(event, vec![op]) {
                 Ok(_) => {
@@ -277,7 +307,11 @@ impl AuthService {
         else {
             return Ok(None);
         };
-        Ok(get_json::<User>(self.store.as_ref(), Collection::Users, &id)?)
+        Ok(get_json::<User>(
+            self.store.as_ref(),
+            Collection::Users,
+            &id,
+        )?)
     }
 
     pub(crate) fn user(&self, id: &str) -> Result<(u64, User), ServiceError> {
@@ -286,22 +320,29 @@ impl AuthService {
     }
 
     pub(crate) fn revocation_epoch(&self) -> Result<(u64, RevocationEpoch), ServiceError> {
-        Ok(get_json::<RevocationEpoch>(self.store.as_ref(), Collection::Meta, tokens::EPOCH_ID)?
-            .unwrap_or_default())
+        Ok(
+            get_json::<RevocationEpoch>(self.store.as_ref(), Collection::Meta, tokens::EPOCH_ID)?
+                .unwrap_or_default(),
+        )
     }
 
     /// Notes activity; persists it when the stored value is over a minute old.
     pub(crate) fn touch(&self, user: &User, version: u64) {
         let now = now_us();
         self.activity.lock().insert(user.id.clone(), now);
-        if user.last_active_at.is_some_and(|t| now - t < ACTIVITY_FLUSH_US) {
+        if user
+            .last_active_at
+            .is_some_and(|t| now - t < ACTIVITY_FLUSH_US)
+        {
             return;
         }
         let mut u = user.clone();
         u.last_active_at = Some(now);
         // Best effort: a lost race means someone else wrote the user just now.
         if let Ok(op) = users::put_user(&u, version) {
-            let _ = self.store.write(vec![op], crate::store::Durability::Visible);
+            let _ = self
+                .store
+                .write(vec![op], crate::store::Durability::Visible);
         }
     }
 

@@ -1,9 +1,9 @@
 //! Password hashing: Argon2id (the `argon2` crate's defaults, OWASP's minimum:
 //! 19 MiB, 2 passes), PHC strings with a random salt.
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 
 pub const MIN_PASSWORD_LEN: usize = 12;
 pub const MAX_PASSWORD_LEN: usize = 1024;
@@ -12,7 +12,9 @@ pub const MAX_PASSWORD_LEN: usize = 1024;
 pub fn check_policy(password: &str) -> Result<(), String> {
     let n = password.chars().count();
     if n < MIN_PASSWORD_LEN {
-        return Err(format!("password must be at least {MIN_PASSWORD_LEN} characters"));
+        return Err(format!(
+            "password must be at least {MIN_PASSWORD_LEN} characters"
+        ));
     }
     if password.len() > MAX_PASSWORD_LEN {
         return Err(format!("password must be at most {MAX_PASSWORD_LEN} bytes"));

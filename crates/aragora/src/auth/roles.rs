@@ -25,14 +25,18 @@ impl AuthService {
     ) -> Result<CustomRole, ServiceError> {
         let valid_name = !name.is_empty()
             && name.len() <= MAX_ROLE_NAME
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
         if !valid_name {
             return Err(ServiceError::BadRequest(format!(
                 "name: {name:?} must be 1 to {MAX_ROLE_NAME} of a-z, 0-9, _ and -"
             )));
         }
         if builtin(name).is_some() {
-            return Err(ServiceError::Conflict(format!("{name} is a built-in role and cannot be redefined")));
+            return Err(ServiceError::Conflict(format!(
+                "{name} is a built-in role and cannot be redefined"
+            )));
         }
         for p in &permissions {
             if p != WILDCARD && find(p).is_none() {
@@ -53,13 +57,23 @@ impl AuthService {
             .details(json!({"role": name, "permissions": role.permissions}));
         self.audit.record_with(
             event,
-            vec![WriteOp::put_json(Collection::Roles, name, &role, Expect::Any)?],
+            vec![WriteOp::put_json(
+                Collection::Roles,
+                name,
+                &role,
+                Expect::Any,
+            )?],
         )?;
         self.rbac.apply_role(name, Some(role.clone()));
         Ok(role)
     }
 
-    pub fn delete_role(&self, actor: &Principal, name: &str, meta: &RequestMeta) -> Result<(), ServiceError> {
+    pub fn delete_role(
+        &self,
+        actor: &Principal,
+        name: &str,
+        meta: &RequestMeta,
+    ) -> Result<(), ServiceError> {
         if builtin(name).is_some() {
             return Err(ServiceError::Conflict(format!("{name} is a built-in role")));
         }
@@ -77,13 +91,21 @@ impl AuthService {
             return Err(ServiceError::Conflict(format!(
                 "role {name} is assigned to {} user(s) ({}); remove it from them first",
                 holders.len(),
-                holders.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                holders
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let event = AuditEvent::new("role_deleted", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"role": name}));
-        self.audit.record_with(event, vec![WriteOp::delete(Collection::Roles, name, Expect::Any)])?;
+        self.audit.record_with(
+            event,
+            vec![WriteOp::delete(Collection::Roles, name, Expect::Any)],
+        )?;
         self.rbac.apply_role(name, None);
         Ok(())
     }

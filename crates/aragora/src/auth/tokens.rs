@@ -65,7 +65,12 @@ impl AuthService {
             .ip(meta.ip_string())
             .details(json!({"email": email, "session_id": session.id, "method": "password"}));
         let ops = vec![
-            WriteOp::put_json(Collection::Sessions, session.id.clone(), &session, Expect::Absent)?,
+            WriteOp::put_json(
+                Collection::Sessions,
+                session.id.clone(),
+                &session,
+                Expect::Absent,
+            )?,
             users::put_user(&user, version)?,
         ];
         match self.audit.record_with(event.clone(), ops) {
@@ -75,7 +80,12 @@ impl AuthService {
             Err(RecordError::Ops(_)) => {
                 self.audit.record_with(
                     event,
-                    vec![WriteOp::put_json(Collection::Sessions, session.id.clone(), &session, Expect::Absent)?],
+                    vec![WriteOp::put_json(
+                        Collection::Sessions,
+                        session.id.clone(),
+                        &session,
+                        Expect::Absent,
+                    )?],
                 )?;
             }
             Err(e) => return Err(e.into()),
@@ -93,7 +103,9 @@ impl AuthService {
     ) -> Result<Principal, ServiceError> {
         let started = Instant::now();
         let r = self.authenticate_inner(authorization, meta);
-        self.metrics.auth_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .auth_latency
+            .observe(started.elapsed().as_secs_f64());
         r
     }
 
@@ -103,10 +115,14 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<Principal, ServiceError> {
         let Some(header) = authorization else {
-            self.metrics.auth_failures.with_label_values(&["missing"]).inc();
+            self.metrics
+                .auth_failures
+                .with_label_values(&["missing"])
+                .inc();
             return Err(ServiceError::Unauthorized {
                 reason: "missing",
-                message: "authentication required: send Authorization: Bearer <token or API key>".into(),
+                message: "authentication required: send Authorization: Bearer <token or API key>"
+                    .into(),
             });
         };
         let token = header
@@ -125,12 +141,22 @@ impl AuthService {
             ));
         };
         if let Some(rest) = token.strip_prefix(API_KEY_PREFIX) {
-            self.metrics.auth_attempts.with_label_values(&["api_key"]).inc();
+            self.metrics
+                .auth_attempts
+                .with_label_values(&["api_key"])
+                .inc();
             return self.authenticate_api_key(rest, meta);
         }
         self.metrics.auth_attempts.with_label_values(&["jwt"]).inc();
         let claims = self.jwt.verify(token).map_err(|p| {
-            self.fail(p.reason(), p.message(), "anonymous", None, meta, json!({"credential": "jwt"}))
+            self.fail(
+                p.reason(),
+                p.message(),
+                "anonymous",
+                None,
+                meta,
+                json!({"credential": "jwt"}),
+            )
         })?;
         let session = get_json::<Session>(self.store.as_ref(), Collection::Sessions, &claims.sid)?
             .map(|(_, s)| s);
@@ -139,31 +165,82 @@ impl AuthService {
             None => Some("session not found"),
             Some(s) if s.user_id != claims.sub => Some("session belongs to another user"),
             Some(s) if s.revoked_at.is_some() => Some("session revoked"),
-            Some(s) if s.created_at < epoch.revoked_before => Some("session revoked (all sessions were revoked)"),
+            Some(s) if s.created_at < epoch.revoked_before => {
+                Some("session revoked (all sessions were revoked)")
+            }
             Some(_) => None,
         };
         if let Some(why) = revoked {
-            return Err(self.fail("revoked", why, &claims.sub, None, meta, json!({"session_id": claims.sid})));
+            return Err(self.fail(
+                "revoked",
+                why,
+                &claims.sub,
+                None,
+                meta,
+                json!({"session_id": claims.sid}),
+            ));
         }
-        self.principal_for(&claims.sub, Credential::Session { session_id: claims.sid }, meta)
+        self.principal_for(
+            &claims.sub,
+            Credential::Session {
+                session_id: claims.sid,
+            },
+            meta,
+        )
     }
 
-    fn authenticate_api_key(&self, rest: &str, meta: &RequestMeta) -> Result<Principal, ServiceError> {
+    fn authenticate_api_key(
+        &self,
+        rest: &str,
+        meta: &RequestMeta,
+    ) -> Result<Principal, ServiceError> {
         let Some((id, secret)) = rest.split_once('_') else {
-            return Err(self.fail("malformed", "API key is malformed", "anonymous", None, meta, json!({"credential": "api_key"})));
+            return Err(self.fail(
+                "malformed",
+                "API key is malformed",
+                "anonymous",
+                None,
+                meta,
+                json!({"credential": "api_key"}),
+            ));
         };
         let key = get_json::<ApiKey>(self.store.as_ref(), Collection::ApiKeys, id)?.map(|(_, k)| k);
         let Some(key) = key else {
-            return Err(self.fail("bad_signature", "API key is not valid", "anonymous", None, meta, json!({"credential": "api_key"})));
+            return Err(self.fail(
+                "bad_signature",
+                "API key is not valid",
+                "anonymous",
+                None,
+                meta,
+                json!({"credential": "api_key"}),
+            ));
         };
         let presented = sha256_hex(secret);
         if !bool::from(presented.as_bytes().ct_eq(key.secret_sha256.as_bytes())) {
-            return Err(self.fail("bad_signature", "API key is not valid", &key.user_id, None, meta, json!({"credential": "api_key", "key_id": key.id})));
+            return Err(self.fail(
+                "bad_signature",
+                "API key is not valid",
+                &key.user_id,
+                None,
+                meta,
+                json!({"credential": "api_key", "key_id": key.id}),
+            ));
         }
         if key.revoked_at.is_some() {
-            return Err(self.fail("revoked", "API key revoked", &key.user_id, None, meta, json!({"credential": "api_key", "key_id": key.id})));
+            return Err(self.fail(
+                "revoked",
+                "API key revoked",
+                &key.user_id,
+                None,
+                meta,
+                json!({"credential": "api_key", "key_id": key.id}),
+            ));
         }
-        self.principal_for(&key.user_id.clone(), Credential::ApiKey { key_id: key.id }, meta)
+        self.principal_for(
+            &key.user_id.clone(),
+            Credential::ApiKey { key_id: key.id },
+            meta,
+        )
     }
 
     fn principal_for(
@@ -172,11 +249,27 @@ impl AuthService {
         credential: Credential,
         meta: &RequestMeta,
     ) -> Result<Principal, ServiceError> {
-        let Some((version, user)) = get_json::<User>(self.store.as_ref(), Collection::Users, user_id)? else {
-            return Err(self.fail("revoked", "user no longer exists", user_id, None, meta, json!({})));
+        let Some((version, user)) =
+            get_json::<User>(self.store.as_ref(), Collection::Users, user_id)?
+        else {
+            return Err(self.fail(
+                "revoked",
+                "user no longer exists",
+                user_id,
+                None,
+                meta,
+                json!({}),
+            ));
         };
         if user.disabled {
-            return Err(self.fail("disabled", "account disabled", user_id, Some(&user.email), meta, json!({})));
+            return Err(self.fail(
+                "disabled",
+                "account disabled",
+                user_id,
+                Some(&user.email),
+                meta,
+                json!({}),
+            ));
         }
         self.touch(&user, version);
         Ok(Principal {
@@ -206,7 +299,12 @@ impl AuthService {
             .details(json!({"user_id": user.id, "key_id": key.id, "name": name}));
         self.audit.record_with(
             event,
-            vec![WriteOp::put_json(Collection::ApiKeys, key.id.clone(), &key, Expect::Absent)?],
+            vec![WriteOp::put_json(
+                Collection::ApiKeys,
+                key.id.clone(),
+                &key,
+                Expect::Absent,
+            )?],
         )?;
         Ok((key, token))
     }
@@ -234,18 +332,29 @@ impl AuthService {
         let now = now_us();
         let mut ops = Vec::new();
         let mut ids = Vec::new();
-        for_each_json::<ApiKey>(self.store.as_ref(), Collection::ApiKeys, |id, version, mut k| {
-            if k.user_id == user_id && k.revoked_at.is_none() && only.is_none_or(|o| o == id) {
-                k.revoked_at = Some(now);
-                ids.push(id.clone());
-                ops.push(WriteOp::put_json(Collection::ApiKeys, id, &k, Expect::Version(version))?);
-            }
-            Ok(())
-        })?;
+        for_each_json::<ApiKey>(
+            self.store.as_ref(),
+            Collection::ApiKeys,
+            |id, version, mut k| {
+                if k.user_id == user_id && k.revoked_at.is_none() && only.is_none_or(|o| o == id) {
+                    k.revoked_at = Some(now);
+                    ids.push(id.clone());
+                    ops.push(WriteOp::put_json(
+                        Collection::ApiKeys,
+                        id,
+                        &k,
+                        Expect::Version(version),
+                    )?);
+                }
+                Ok(())
+            },
+        )?;
         if let Some(o) = only
             && ids.is_empty()
         {
-            return Err(ServiceError::NotFound(format!("no active API key {o} for user {user_id}")));
+            return Err(ServiceError::NotFound(format!(
+                "no active API key {o} for user {user_id}"
+            )));
         }
         let event = AuditEvent::new("api_keys_revoked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
@@ -280,15 +389,24 @@ impl AuthService {
         let now = now_us();
         let mut ops = Vec::new();
         let mut ids = Vec::new();
-        for_each_json::<Session>(self.store.as_ref(), Collection::Sessions, |id, version, mut s| {
-            if s.user_id == user_id && s.revoked_at.is_none() && only.is_none_or(|o| o == id) {
-                s.revoked_at = Some(now);
-                s.revoked_reason = Some(reason.to_string());
-                ids.push(id.clone());
-                ops.push(WriteOp::put_json(Collection::Sessions, id, &s, Expect::Version(version))?);
-            }
-            Ok(())
-        })?;
+        for_each_json::<Session>(
+            self.store.as_ref(),
+            Collection::Sessions,
+            |id, version, mut s| {
+                if s.user_id == user_id && s.revoked_at.is_none() && only.is_none_or(|o| o == id) {
+                    s.revoked_at = Some(now);
+                    s.revoked_reason = Some(reason.to_string());
+                    ids.push(id.clone());
+                    ops.push(WriteOp::put_json(
+                        Collection::Sessions,
+                        id,
+                        &s,
+                        Expect::Version(version),
+                    )?);
+                }
+                Ok(())
+            },
+        )?;
         let event = AuditEvent::new("sessions_revoked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"user_id": user_id, "session_ids": ids, "reason": reason}));
@@ -306,8 +424,14 @@ impl AuthService {
         for _ in 0..CAS_RETRIES {
             let (version, _) = self.revocation_epoch()?;
             let now = now_us();
-            let epoch = RevocationEpoch { revoked_before: now };
-            let expect = if version == 0 { Expect::Absent } else { Expect::Version(version) };
+            let epoch = RevocationEpoch {
+                revoked_before: now,
+            };
+            let expect = if version == 0 {
+                Expect::Absent
+            } else {
+                Expect::Version(version)
+            };
             let mut active = 0u64;
             for_each_json::<Session>(self.store.as_ref(), Collection::Sessions, |_, _, s| {
                 if s.revoked_at.is_none() && s.expires_at > now {
@@ -315,12 +439,21 @@ impl AuthService {
                 }
                 Ok(())
             })?;
-            let event = AuditEvent::new("sessions_revoked_all", actor.user_id.clone(), Outcome::Success)
-                .ip(meta.ip_string())
-                .details(json!({"revoked_before": clock::format_us(now), "active_sessions": active}));
+            let event = AuditEvent::new(
+                "sessions_revoked_all",
+                actor.user_id.clone(),
+                Outcome::Success,
+            )
+            .ip(meta.ip_string())
+            .details(json!({"revoked_before": clock::format_us(now), "active_sessions": active}));
             match self.audit.record_with(
                 event,
-                vec![WriteOp::put_json(Collection::Meta, EPOCH_ID, &epoch, expect)?],
+                vec![WriteOp::put_json(
+                    Collection::Meta,
+                    EPOCH_ID,
+                    &epoch,
+                    expect,
+                )?],
             ) {
                 Ok(_) => {
                     tracing::warn!(by = %actor.user_id, active, "all sessions revoked");
@@ -334,7 +467,9 @@ impl AuthService {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(ServiceError::Conflict("session epoch changed concurrently; retry".into()))
+        Err(ServiceError::Conflict(
+            "session epoch changed concurrently; retry".into(),
+        ))
     }
 
     /// Revokes the caller's own session (logout).

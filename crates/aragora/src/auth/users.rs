@@ -23,18 +23,26 @@ pub fn normalize_email(email: &str) -> String {
 
 fn validate_email(email: &str) -> Result<(), ServiceError> {
     let ok = email.len() <= MAX_EMAIL_LEN
-        && email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+        && email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
         && !email.chars().any(|c| c.is_whitespace() || c.is_control());
     if ok {
         Ok(())
     } else {
-        Err(ServiceError::BadRequest(format!("email: {email:?} is not an email address")))
+        Err(ServiceError::BadRequest(format!(
+            "email: {email:?} is not an email address"
+        )))
     }
 }
 
 /// A new user record and the writes that create it (the email index entry
 /// makes emails unique).
-fn new_user(email: String, password_hash: Option<String>, mut roles: Vec<String>) -> Result<(User, Vec<WriteOp>), ServiceError> {
+fn new_user(
+    email: String,
+    password_hash: Option<String>,
+    mut roles: Vec<String>,
+) -> Result<(User, Vec<WriteOp>), ServiceError> {
     roles.sort();
     roles.dedup();
     let user = User {
@@ -51,15 +59,29 @@ fn new_user(email: String, password_hash: Option<String>, mut roles: Vec<String>
         last_active_at: None,
     };
     let ops = vec![
-        WriteOp::put_json(Collection::UserEmails, user.email.clone(), &user.id, Expect::Absent)?,
+        WriteOp::put_json(
+            Collection::UserEmails,
+            user.email.clone(),
+            &user.id,
+            Expect::Absent,
+        )?,
         put_user(&user, 0)?,
     ];
     Ok((user, ops))
 }
 
 pub(crate) fn put_user(user: &User, version: u64) -> Result<WriteOp, ServiceError> {
-    let expect = if version == 0 { Expect::Absent } else { Expect::Version(version) };
-    Ok(WriteOp::put_json(Collection::Users, user.id.clone(), user, expect)?)
+    let expect = if version == 0 {
+        Expect::Absent
+    } else {
+        Expect::Version(version)
+    };
+    Ok(WriteOp::put_json(
+        Collection::Users,
+        user.id.clone(),
+        user,
+        expect,
+    )?)
 }
 
 impl AuthService {
@@ -126,7 +148,10 @@ impl AuthService {
             let event = AuditEvent::new(action, actor, Outcome::Success)
                 .ip(meta.ip_string())
                 .details(details);
-            match self.audit.record_with(event, vec![put_user(&user, version)?]) {
+            match self
+                .audit
+                .record_with(event, vec![put_user(&user, version)?])
+            {
                 Ok(_) => {
                     self.rbac.invalidate_user(user_id);
                     return Ok(user);
@@ -135,10 +160,18 @@ impl AuthService {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(ServiceError::Conflict(format!("user {user_id} is changing concurrently; retry")))
+        Err(ServiceError::Conflict(format!(
+            "user {user_id} is changing concurrently; retry"
+        )))
     }
 
-    pub fn add_role(&self, actor: &Principal, user_id: &str, role: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+    pub fn add_role(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        role: &str,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
         self.check_roles(&[role.to_string()])?;
         self.update_user(&actor.user_id, user_id, "role_assigned", meta, |u| {
             if !u.roles.iter().any(|r| r == role) {
@@ -149,7 +182,13 @@ impl AuthService {
         })
     }
 
-    pub fn remove_role(&self, actor: &Principal, user_id: &str, role: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+    pub fn remove_role(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        role: &str,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
         if actor.user_id == user_id && role == "admin" {
             return Err(ServiceError::Conflict(
                 "refusing to remove your own admin role (ask another admin)".into(),
@@ -159,19 +198,32 @@ impl AuthService {
             let before = u.roles.len();
             u.roles.retain(|r| r != role);
             if u.roles.len() == before {
-                return Err(ServiceError::NotFound(format!("user {} does not have role {role}", u.id)));
+                return Err(ServiceError::NotFound(format!(
+                    "user {} does not have role {role}",
+                    u.id
+                )));
             }
             Ok(json!({"role": role, "roles": u.roles}))
         })
     }
 
-    pub fn disable(&self, actor: &Principal, user_id: &str, reason: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+    pub fn disable(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        reason: &str,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
         let reason = reason.trim();
         if reason.is_empty() || reason.len() > 1000 {
-            return Err(ServiceError::BadRequest("reason: 1 to 1000 characters".into()));
+            return Err(ServiceError::BadRequest(
+                "reason: 1 to 1000 characters".into(),
+            ));
         }
         if actor.user_id == user_id {
-            return Err(ServiceError::Conflict("refusing to disable your own account".into()));
+            return Err(ServiceError::Conflict(
+                "refusing to disable your own account".into(),
+            ));
         }
         let user = self.update_user(&actor.user_id, user_id, "user_disabled", meta, |u| {
             u.disabled = true;
@@ -182,7 +234,12 @@ impl AuthService {
         Ok(user)
     }
 
-    pub fn enable(&self, actor: &Principal, user_id: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+    pub fn enable(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
         self.update_user(&actor.user_id, user_id, "user_enabled", meta, |u| {
             u.disabled = false;
             u.disabled_reason = None;
@@ -190,7 +247,13 @@ impl AuthService {
         })
     }
 
-    pub fn set_password(&self, actor: &Principal, user_id: &str, new_password: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+    pub fn set_password(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        new_password: &str,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
         password::check_policy(new_password).map_err(ServiceError::BadRequest)?;
         let hash = password::hash(new_password).map_err(ServiceError::Internal)?;
         self.update_user(&actor.user_id, user_id, "password_set", meta, |u| {
@@ -199,7 +262,12 @@ impl AuthService {
         })
     }
 
-    pub fn unlock(&self, actor: &Principal, user_id: &str, meta: &RequestMeta) -> Result<User, ServiceError> {
+    pub fn unlock(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
         self.update_user(&actor.user_id, user_id, "account_unlocked", meta, |u| {
             self.lockout.on_success(u);
             Ok(json!({}))
@@ -216,7 +284,9 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<Value, ServiceError> {
         if emails.is_empty() || emails.len() > MAX_BULK_LOCK {
-            return Err(ServiceError::BadRequest(format!("emails: 1 to {MAX_BULK_LOCK} addresses")));
+            return Err(ServiceError::BadRequest(format!(
+                "emails: 1 to {MAX_BULK_LOCK} addresses"
+            )));
         }
         let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
         let until = now_us().saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2));
@@ -235,7 +305,9 @@ impl AuthService {
                 None => not_found.push(email),
             }
         }
-        Ok(json!({"locked": locked, "not_found": not_found, "locked_until": clock::format_us(until)}))
+        Ok(
+            json!({"locked": locked, "not_found": not_found, "locked_until": clock::format_us(until)}),
+        )
     }
 
     pub fn get_user(&self, user_id: &str) -> Result<Value, ServiceError> {
@@ -244,12 +316,19 @@ impl AuthService {
     }
 
     /// Users, optionally only those holding `role`, in id order from `after`.
-    pub fn list_users(&self, role: Option<&str>, after: Option<&str>, limit: usize) -> Result<(Vec<Value>, Option<String>), ServiceError> {
+    pub fn list_users(
+        &self,
+        role: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Value>, Option<String>), ServiceError> {
         let now = now_us();
         let mut out = Vec::new();
         let mut next = None;
         for_each_json::<User>(self.store.as_ref(), Collection::Users, |id, _, u| {
-            if after.is_some_and(|a| id.as_str() <= a) || role.is_some_and(|r| !u.roles.iter().any(|x| x == r)) {
+            if after.is_some_and(|a| id.as_str() <= a)
+                || role.is_some_and(|r| !u.roles.iter().any(|x| x == r))
+            {
                 return Ok(());
             }
             if out.len() < limit {
@@ -285,10 +364,12 @@ impl AuthService {
             has_admin |= u.roles.iter().any(|r| r == "admin");
             Ok(())
         })?;
-        let done = get_json::<Value>(self.store.as_ref(), Collection::Meta, BOOTSTRAP_MARKER)?.is_some();
+        let done =
+            get_json::<Value>(self.store.as_ref(), Collection::Meta, BOOTSTRAP_MARKER)?.is_some();
         if has_admin || done {
             return Err(ServiceError::Conflict(
-                "an admin already exists: bootstrap runs once; ask an admin to create your account".into(),
+                "an admin already exists: bootstrap runs once; ask an admin to create your account"
+                    .into(),
             ));
         }
         let email = normalize_email(email);
@@ -299,28 +380,50 @@ impl AuthService {
         let (key, token) = new_api_key(&user.id, "bootstrap")?;
         let event = AuditEvent::new("admin_bootstrap", user.id.clone(), Outcome::Success)
             .details(json!({"user_id": user.id, "email": user.email, "key_id": key.id}));
-        ops.push(WriteOp::put_json(Collection::Meta, BOOTSTRAP_MARKER, &json!({"user_id": user.id, "at": now_us()}), Expect::Absent)?);
-        ops.push(WriteOp::put_json(Collection::ApiKeys, key.id.clone(), &key, Expect::Absent)?);
+        ops.push(WriteOp::put_json(
+            Collection::Meta,
+            BOOTSTRAP_MARKER,
+            &json!({"user_id": user.id, "at": now_us()}),
+            Expect::Absent,
+        )?);
+        ops.push(WriteOp::put_json(
+            Collection::ApiKeys,
+            key.id.clone(),
+            &key,
+            Expect::Absent,
+        )?);
         match self.audit.record_with(event, ops) {
             Ok(_) => Ok((user, token)),
-            Err(RecordError::Ops(_)) => Err(ServiceError::Conflict("a concurrent bootstrap won".into())),
+            Err(RecordError::Ops(_)) => {
+                Err(ServiceError::Conflict("a concurrent bootstrap won".into()))
+            }
             Err(e) => Err(e.into()),
         }
     }
 
     /// Blocks an address for `duration` (`1h`, `24h`, ...).
-    pub fn block_ip(&self, actor: &Principal, ip: &str, duration: &str, reason: &str, meta: &RequestMeta) -> Result<Value, ServiceError> {
-        let addr: std::net::IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address")))?;
+    pub fn block_ip(
+        &self,
+        actor: &Principal,
+        ip: &str,
+        duration: &str,
+        reason: &str,
+        meta: &RequestMeta,
+    ) -> Result<Value, ServiceError> {
+        let addr: std::net::IpAddr = ip.trim().parse().map_err(|_| {
+            ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address"))
+        })?;
         let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
         if d.as_secs() > 366 * 86_400 {
-            return Err(ServiceError::BadRequest("duration: at most 366 days".into()));
+            return Err(ServiceError::BadRequest(
+                "duration: at most 366 days".into(),
+            ));
         }
         let reason = reason.trim();
         if reason.len() > 1000 {
-            return Err(ServiceError::BadRequest("reason: at most 1000 characters".into()));
+            return Err(ServiceError::BadRequest(
+                "reason: at most 1000 characters".into(),
+            ));
         }
         let now = now_us();
         let block = super::model::IpBlock {
@@ -333,29 +436,52 @@ impl AuthService {
         let event = AuditEvent::new("ip_blocked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"blocked_ip": block.ip, "reason": reason, "until": clock::format_us(block.expires_at)}));
-        self.audit.record_with(event, vec![WriteOp::put_json(Collection::IpBlocks, block.ip.clone(), &block, Expect::Any)?])?;
+        self.audit.record_with(
+            event,
+            vec![WriteOp::put_json(
+                Collection::IpBlocks,
+                block.ip.clone(),
+                &block,
+                Expect::Any,
+            )?],
+        )?;
         self.blocks.set(addr, Some(block.clone()));
         tracing::warn!(ip = %addr, by = %actor.user_id, "ip blocked");
         Ok(block.view())
     }
 
-    pub fn unblock_ip(&self, actor: &Principal, ip: &str, meta: &RequestMeta) -> Result<(), ServiceError> {
-        let addr: std::net::IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address")))?;
+    pub fn unblock_ip(
+        &self,
+        actor: &Principal,
+        ip: &str,
+        meta: &RequestMeta,
+    ) -> Result<(), ServiceError> {
+        let addr: std::net::IpAddr = ip.trim().parse().map_err(|_| {
+            ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address"))
+        })?;
         if self.blocks.active(addr, now_us()).is_none() {
             return Err(ServiceError::NotFound(format!("{addr} is not blocked")));
         }
         let event = AuditEvent::new("ip_unblocked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"blocked_ip": addr.to_string()}));
-        self.audit.record_with(event, vec![WriteOp::delete(Collection::IpBlocks, addr.to_string(), Expect::Any)])?;
+        self.audit.record_with(
+            event,
+            vec![WriteOp::delete(
+                Collection::IpBlocks,
+                addr.to_string(),
+                Expect::Any,
+            )],
+        )?;
         self.blocks.set(addr, None);
         Ok(())
     }
 
     pub fn list_blocks(&self) -> Vec<Value> {
-        self.blocks.list(now_us()).iter().map(|b| b.view()).collect()
+        self.blocks
+            .list(now_us())
+            .iter()
+            .map(|b| b.view())
+            .collect()
     }
 }

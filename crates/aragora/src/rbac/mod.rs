@@ -113,9 +113,13 @@ impl Rbac {
             .iter()
             .find(|r| {
                 if let Some(b) = builtin(r) {
-                    b.permissions.iter().any(|p| *p == WILDCARD || *p == permission)
+                    b.permissions
+                        .iter()
+                        .any(|p| *p == WILDCARD || *p == permission)
                 } else if let Some(c) = custom.get(r.as_str()) {
-                    c.permissions.iter().any(|p| p == WILDCARD || p == permission)
+                    c.permissions
+                        .iter()
+                        .any(|p| p == WILDCARD || p == permission)
                 } else {
                     false
                 }
@@ -144,7 +148,13 @@ impl Rbac {
         d
     }
 
-    fn decide(&self, user_id: &str, roles_key: &str, roles: &[String], permission: &str) -> Decision {
+    fn decide(
+        &self,
+        user_id: &str,
+        roles_key: &str,
+        roles: &[String],
+        permission: &str,
+    ) -> Decision {
         let epoch = self.epoch.load(Ordering::Acquire);
         let key = cache_key(user_id, permission);
         if !self.ttl.is_zero() {
@@ -167,7 +177,14 @@ impl Rbac {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let granted_by = self.evaluate(roles, permission);
         if !self.ttl.is_zero() {
-            self.insert(key, user_id, permission, roles_key, epoch, granted_by.as_deref());
+            self.insert(
+                key,
+                user_id,
+                permission,
+                roles_key,
+                epoch,
+                granted_by.as_deref(),
+            );
         }
         Decision {
             allowed: granted_by.is_some(),
@@ -244,7 +261,14 @@ impl Rbac {
             for p in PERMISSIONS {
                 let epoch = self.epoch.load(Ordering::Acquire);
                 let granted = self.evaluate(roles, p.name);
-                self.insert(cache_key(user_id, p.name), user_id, p.name, &roles_key, epoch, granted.as_deref());
+                self.insert(
+                    cache_key(user_id, p.name),
+                    user_id,
+                    p.name,
+                    &roles_key,
+                    epoch,
+                    granted.as_deref(),
+                );
                 n += 1;
             }
         }
@@ -341,7 +365,10 @@ mod tests {
         let viewer = roles(&["viewer"]);
         let d = r.check("u1", &viewer, "audit.read");
         assert!(!d.allowed && !d.cached);
-        assert!(r.check("u1", &viewer, "audit.read").cached, "second lookup is a hit");
+        assert!(
+            r.check("u1", &viewer, "audit.read").cached,
+            "second lookup is a hit"
+        );
         // Same user, new roles: the cached denial is not used.
         let analyst = roles(&["security_analyst"]);
         let d = r.check("u1", &analyst, "audit.read");
@@ -364,7 +391,10 @@ mod tests {
         assert!(!r.check("u2", &roles(&["auditor"]), "audit.read").allowed);
         r.invalidate_user("u1");
         assert!(!r.check("u1", &analyst, "audit.read").cached);
-        assert!(r.check("admin", &roles(&["admin"]), "secrets.delete").allowed);
+        assert!(
+            r.check("admin", &roles(&["admin"]), "secrets.delete")
+                .allowed
+        );
         assert!(!r.check("n", &[], "self.read").allowed);
     }
 

@@ -14,8 +14,8 @@ use aedb::{
     DdlOperation, ReadAssertion, Secure,
 };
 
-use super::{Collection, Durability, ListQuery, Receipt, Record, Store, StoreError, WriteOp};
 use super::Expect;
+use super::{Collection, Durability, ListQuery, Receipt, Record, Store, StoreError, WriteOp};
 
 pub const PROJECT: &str = "aragora";
 pub const SERVICE_CALLER: &str = "aragora-server";
@@ -29,7 +29,11 @@ pub struct EmbeddedStore {
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir` with the manifest and checkpoint keys.
-    pub fn open(dir: &Path, manifest_key: [u8; 32], checkpoint_key: [u8; 32]) -> Result<Self, StoreError> {
+    pub fn open(
+        dir: &Path,
+        manifest_key: [u8; 32],
+        checkpoint_key: [u8; 32],
+    ) -> Result<Self, StoreError> {
         let db = AedbInstance::open_production(
             AedbConfig::production(manifest_key)
                 .with_checkpoint_key(checkpoint_key)
@@ -150,11 +154,12 @@ impl Store for EmbeddedStore {
         pairs
             .into_iter()
             .map(|(k, value)| {
-                let id = String::from_utf8(k.as_ref().to_vec()).map_err(|_| StoreError::Corrupt {
-                    collection: scope,
-                    id: hex::encode(k.as_ref()),
-                    reason: "record id is not UTF-8".into(),
-                })?;
+                let id =
+                    String::from_utf8(k.as_ref().to_vec()).map_err(|_| StoreError::Corrupt {
+                        collection: scope,
+                        id: hex::encode(k.as_ref()),
+                        reason: "record id is not UTF-8".into(),
+                    })?;
                 let version = read
                     .kv_get_versioned(PROJECT, scope, id.as_bytes())
                     .map_err(backend)?
@@ -165,7 +170,10 @@ impl Store for EmbeddedStore {
     }
 
     fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<Receipt, StoreError> {
-        let mut tx = self.db.begin_write_as(&self.caller, PROJECT).map_err(backend)?;
+        let mut tx = self
+            .db
+            .begin_write_as(&self.caller, PROJECT)
+            .map_err(backend)?;
         // Which op each assertion belongs to, to name it on failure.
         let mut asserted: Vec<usize> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
@@ -207,8 +215,14 @@ impl Store for EmbeddedStore {
                 let op = asserted.get(index).and_then(|&i| ops.get(i));
                 let (collection, id) = op.map_or((Collection::Meta, "?"), WriteOp::target);
                 let reason = match op {
-                    Some(WriteOp::Put { expect: Expect::Absent, .. })
-                    | Some(WriteOp::Delete { expect: Expect::Absent, .. }) => "already exists",
+                    Some(WriteOp::Put {
+                        expect: Expect::Absent,
+                        ..
+                    })
+                    | Some(WriteOp::Delete {
+                        expect: Expect::Absent,
+                        ..
+                    }) => "already exists",
                     _ => "changed since it was read",
                 };
                 Err(StoreError::Conflict {

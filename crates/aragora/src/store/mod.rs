@@ -288,11 +288,7 @@ pub fn for_each_json<T: DeserializeOwned>(
     const PAGE: usize = 1000;
     let mut after: Option<String> = None;
     loop {
-        let page = list_json::<T>(
-            store,
-            collection,
-            &ListQuery::after(after.as_deref(), PAGE),
-        )?;
+        let page = list_json::<T>(store, collection, &ListQuery::after(after.as_deref(), PAGE))?;
         let n = page.len();
         for (id, version, value) in page {
             after = Some(id.clone());

@@ -27,25 +27,45 @@ pub fn run(store: &dyn Store) {
     let users = Collection::Users;
     // Create-if-absent and its conflict.
     store
-        .write(vec![put(users, "u1", "a", Expect::Absent)], Durability::Durable)
+        .write(
+            vec![put(users, "u1", "a", Expect::Absent)],
+            Durability::Durable,
+        )
         .expect("first insert");
     let err = store
-        .write(vec![put(users, "u1", "b", Expect::Absent)], Durability::Durable)
+        .write(
+            vec![put(users, "u1", "b", Expect::Absent)],
+            Durability::Durable,
+        )
         .expect_err("second insert of the same id must conflict");
     assert!(err.is_conflict(), "expected Conflict, got {err}");
     assert_eq!(value(store, users, "u1").as_deref(), Some("a"));
 
     // Compare-and-set on the version.
-    let v1 = store.get(users, "u1").expect("get").expect("present").version;
+    let v1 = store
+        .get(users, "u1")
+        .expect("get")
+        .expect("present")
+        .version;
     store
-        .write(vec![put(users, "u1", "c", Expect::Version(v1))], Durability::Durable)
+        .write(
+            vec![put(users, "u1", "c", Expect::Version(v1))],
+            Durability::Durable,
+        )
         .expect("CAS at the current version");
     let err = store
-        .write(vec![put(users, "u1", "d", Expect::Version(v1))], Durability::Durable)
+        .write(
+            vec![put(users, "u1", "d", Expect::Version(v1))],
+            Durability::Durable,
+        )
         .expect_err("CAS at a stale version must conflict");
     assert!(err.is_conflict(), "expected Conflict, got {err}");
     assert_eq!(value(store, users, "u1").as_deref(), Some("c"));
-    let v2 = store.get(users, "u1").expect("get").expect("present").version;
+    let v2 = store
+        .get(users, "u1")
+        .expect("get")
+        .expect("present")
+        .version;
     assert!(v2 > v1, "versions must grow ({v1} then {v2})");
 
     // Atomicity: one failing expectation applies nothing of the batch.
@@ -61,19 +81,33 @@ pub fn run(store: &dyn Store) {
         .expect_err("batch with a stale expectation");
     match &err {
         StoreError::Conflict { collection, id, .. } => {
-            assert_eq!((*collection, id.as_str()), ("users", "u1"), "conflict names the record");
+            assert_eq!(
+                (*collection, id.as_str()),
+                ("users", "u1"),
+                "conflict names the record"
+            );
         }
         other => panic!("expected Conflict, got {other}"),
     }
-    assert_eq!(value(store, users, "u2"), None, "nothing of a failed batch applies");
+    assert_eq!(
+        value(store, users, "u2"),
+        None,
+        "nothing of a failed batch applies"
+    );
     assert_eq!(value(store, Collection::UserEmails, "e@x"), None);
 
     // Delete with and without expectation.
     store
-        .write(vec![put(users, "u3", "z", Expect::Any)], Durability::Durable)
+        .write(
+            vec![put(users, "u3", "z", Expect::Any)],
+            Durability::Durable,
+        )
         .expect("upsert");
     store
-        .write(vec![WriteOp::delete(users, "u3", Expect::Any)], Durability::Durable)
+        .write(
+            vec![WriteOp::delete(users, "u3", Expect::Any)],
+            Durability::Durable,
+        )
         .expect("delete");
     assert_eq!(value(store, users, "u3"), None);
 
@@ -82,7 +116,12 @@ pub fn run(store: &dyn Store) {
     for i in 0..25 {
         store
             .write(
-                vec![put(audit, &format!("{i:04}"), &i.to_string(), Expect::Absent)],
+                vec![put(
+                    audit,
+                    &format!("{i:04}"),
+                    &i.to_string(),
+                    Expect::Absent,
+                )],
                 Durability::Visible,
             )
             .map(|r| store.wait_durable(r).expect("durable"))
@@ -92,7 +131,9 @@ pub fn run(store: &dyn Store) {
     let ids: Vec<_> = all.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids.len(), 25);
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ascending id order");
-    let page = store.list(audit, &ListQuery::after(Some("0009"), 5)).expect("page");
+    let page = store
+        .list(audit, &ListQuery::after(Some("0009"), 5))
+        .expect("page");
     let ids: Vec<_> = page.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, ["0010", "0011", "0012", "0013", "0014"]);
     let newest = store
@@ -108,9 +149,15 @@ pub fn run(store: &dyn Store) {
         .expect("reverse");
     let ids: Vec<_> = newest.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, ["0019", "0018", "0017"]);
-    assert!(newest.iter().all(|(_, r)| r.version > 0), "lists carry versions");
     assert!(
-        store.list(Collection::Roles, &ListQuery::all(10)).expect("empty").is_empty(),
+        newest.iter().all(|(_, r)| r.version > 0),
+        "lists carry versions"
+    );
+    assert!(
+        store
+            .list(Collection::Roles, &ListQuery::all(10))
+            .expect("empty")
+            .is_empty(),
         "collections are separate"
     );
 }
