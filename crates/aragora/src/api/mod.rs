@@ -195,6 +195,7 @@ routes! {
     GET "/api/health" A, "Liveness and store status" => system::health;
     GET "/metrics" A, "Prometheus metrics" => system::metrics;
     GET "/api/routes" A, "This route table with each route's permission" => system::routes;
+    GET "/api/openapi.json" A, "OpenAPI 3.1 description of every route" => system::openapi;
     POST "/api/auth/login" A, "Password login: {email, password} -> {access_token, token_type, expires_in}" => auth::login;
     POST "/api/auth/logout" Some("self.read"), "Revoke the caller's session" => auth::logout;
     GET "/api/auth/me" Some("self.read"), "The caller's account, roles and permissions" => auth::me;

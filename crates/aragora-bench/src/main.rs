@@ -1,0 +1,88 @@
+//! aragora-bench: aragora's hot paths measured against their floor in one run,
+//! printed as one table (or JSON lines).
+//!
+//! Each workload is a module with `run(&Options, &mut Report)`; add RBAC or
+//! HTTP workloads as siblings of `crypto` and a `Workload` variant here.
+
+mod crypto;
+mod report;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, ValueEnum};
+
+use report::Report;
+
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Short rounds and few samples so the whole run takes a few seconds.
+    #[arg(long)]
+    quick: bool,
+
+    /// Print one JSON object per figure and line instead of the table.
+    #[arg(long)]
+    json: bool,
+
+    /// Workloads to run, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', ignore_case = true)]
+    workloads: Vec<Workload>,
+
+    /// PBKDF2 iterations to measure (default: the production setting).
+    #[arg(long, default_value_t = aragora::crypto::kdf::PRODUCTION_PBKDF2_ITERATIONS)]
+    pbkdf2_iterations: std::num::NonZeroU32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Workload {
+    /// Envelope encrypt+decrypt vs raw AES-256-GCM, and PBKDF2 latency.
+    Crypto,
+}
+
+/// What every workload module gets to size itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub quick: bool,
+    pub pbkdf2_iterations: std::num::NonZeroU32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aragora-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let mut wanted = if cli.workloads.is_empty() {
+        vec![Workload::Crypto]
+    } else {
+        cli.workloads.clone()
+    };
+    wanted.sort();
+    wanted.dedup();
+    let options = Options {
+        quick: cli.quick,
+        pbkdf2_iterations: cli.pbkdf2_iterations,
+    };
+
+    let mut report = Report::new(cli.json);
+    for workload in wanted {
+        match workload {
+            Workload::Crypto => crypto::run(&options, &mut report)?,
+        }
+    }
+    if !cli.json {
+        println!(
+            "aragora-bench {} run, one thread\n",
+            if cli.quick { "quick" } else { "full" }
+        );
+        print!("{}", report.render());
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! End-to-end check of the harness: a `--quick --json` run must print every
+//! figure it promises, each a positive number. Asserts nothing about speed.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+
+#[test]
+fn quick_json_run_reports_every_figure() -> Result<()> {
+    let output = Command::new(env!("CARGO_BIN_EXE_aragora-bench"))
+        // Dev-setting iterations: this checks the plumbing, not the cost.
+        .args(["--quick", "--json", "--pbkdf2-iterations", "1000"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.success(),
+        "aragora-bench failed ({}):\n{stderr}",
+        output.status
+    );
+
+    let mut seen = BTreeSet::new();
+    for line in String::from_utf8(output.stdout)?.lines() {
+        let figure: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}"))?;
+        let field = |name: &str| -> Result<String> {
+            Ok(figure[name]
+                .as_str()
+                .with_context(|| format!("{name} missing in {line}"))?
+                .to_owned())
+        };
+        let value = figure["value"]
+            .as_f64()
+            .with_context(|| format!("value missing in {line}"))?;
+        ensure!(
+            value.is_finite() && value > 0.0,
+            "non-positive figure: {line}"
+        );
+        seen.insert((field("workload")?, field("engine")?, field("metric")?));
+    }
+
+    let mut expected = BTreeSet::new();
+    for workload in ["crypto_64B", "crypto_16KiB"] {
+        for engine in ["aragora", "raw_ring"] {
+            for metric in ["records_per_s", "gb_per_s"] {
+                expected.insert((workload, engine, metric));
+            }
+        }
+        expected.insert((workload, "aragora", "ratio_vs_raw"));
+    }
+    for metric in ["p50_s", "p95_s", "iterations"] {
+        expected.insert(("pbkdf2_sha256", "aragora", metric));
+    }
+    let expected: BTreeSet<(String, String, String)> = expected
+        .into_iter()
+        .map(|(w, e, m)| (w.to_owned(), e.to_owned(), m.to_owned()))
+        .collect();
+    ensure!(
+        seen == expected,
+        "figures differ\n missing: {:?}\n unexpected: {:?}",
+        expected.difference(&seen).collect::<Vec<_>>(),
+        seen.difference(&expected).collect::<Vec<_>>()
+    );
+    Ok(())
+}
