@@ -5,6 +5,8 @@
 //! HTTP workloads as siblings of `crypto` and a `Workload` variant here.
 
 mod crypto;
+mod http;
+mod rbac;
 mod report;
 
 use std::process::ExitCode;
@@ -29,6 +31,15 @@ struct Cli {
     #[arg(long, value_delimiter = ',', ignore_case = true)]
     workloads: Vec<Workload>,
 
+    /// Internal: run as the HTTP load generator against this port (the second
+    /// process of the `http` workload).
+    #[arg(long, hide = true)]
+    load_gen_port: Option<u16>,
+    #[arg(long, hide = true, default_value_t = 10.0)]
+    load_gen_secs: f64,
+    #[arg(long, hide = true, default_value_t = 32)]
+    load_gen_conns: usize,
+
     /// PBKDF2 iterations to measure (default: the production setting).
     #[arg(long, default_value_t = aragora::crypto::kdf::PRODUCTION_PBKDF2_ITERATIONS)]
     pbkdf2_iterations: std::num::NonZeroU32,
@@ -38,6 +49,10 @@ struct Cli {
 enum Workload {
     /// Envelope encrypt+decrypt vs raw AES-256-GCM, and PBKDF2 latency.
     Crypto,
+    /// RBAC decision latency, cached and uncached.
+    Rbac,
+    /// Authorized GETs over loopback from a second process.
+    Http,
 }
 
 /// What every workload module gets to size itself.
@@ -59,8 +74,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    if let Some(port) = cli.load_gen_port {
+        return http::load_gen(port, cli.load_gen_secs, cli.load_gen_conns);
+    }
     let mut wanted = if cli.workloads.is_empty() {
-        vec![Workload::Crypto]
+        vec![Workload::Crypto, Workload::Rbac, Workload::Http]
     } else {
         cli.workloads.clone()
     };
@@ -75,6 +93,8 @@ fn run(cli: &Cli) -> Result<()> {
     for workload in wanted {
         match workload {
             Workload::Crypto => crypto::run(&options, &mut report)?,
+            Workload::Rbac => rbac::run(&options, &mut report)?,
+            Workload::Http => http::run(&options, &mut report)?,
         }
     }
     if !cli.json {

@@ -51,6 +51,14 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
     for metric in ["p50_s", "p95_s", "iterations"] {
         expected.insert(("pbkdf2_sha256", "aragora", metric));
     }
+    for workload in ["rbac_cached", "rbac_uncached"] {
+        for metric in ["p50_s", "p99_s"] {
+            expected.insert((workload, "aragora", metric));
+        }
+    }
+    for metric in ["requests_per_s", "p99_s"] {
+        expected.insert(("http_authorized_get", "aragora", metric));
+    }
     let expected: BTreeSet<(String, String, String)> = expected
         .into_iter()
         .map(|(w, e, m)| (w.to_owned(), e.to_owned(), m.to_owned()))

@@ -1,0 +1,231 @@
+//! Authorized GET throughput over loopback: the server runs in this process
+//! (the same router and services as `aragora serve`, on an embedded store), the
+//! load comes from a second process (this binary in `--load-gen` mode) with
+//! keep-alive connections. Each request carries a JWT: verify + session and
+//! user lookups + RBAC + handler.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aragora::app::{AppState, router};
+use aragora::auth::RequestMeta;
+use aragora::config::Config;
+use aragora::store::{EmbeddedStore, Store};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::Options;
+use crate::report::Report;
+
+pub const PATH: &str = "/api/security/rbac/cache/stats";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoadResult {
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+fn hex32(b: u8) -> String {
+    hex_string(&[b; 32])
+}
+
+fn hex_string(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn run(options: &Options, report: &mut Report) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut vars = BTreeMap::new();
+    vars.insert(
+        "ARAGORA_DATA_DIR".to_string(),
+        dir.path().display().to_string(),
+    );
+    vars.insert("ARAGORA_LOG_LEVEL".into(), "error".into());
+    vars.insert("AEDB_MANIFEST_KEY".into(), hex32(5));
+    vars.insert("AEDB_CHECKPOINT_KEY".into(), hex32(6));
+    vars.insert("ARAGORA_ENCRYPTION_KEY".into(), hex32(7));
+    let secret = "bench-jwt-secret-0123456789abcdef0123456789";
+    vars.insert("JWT_SECRET".into(), secret.into());
+    let config = Config::from_vars(&vars)?;
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
+        &dir.path().join("aedb"),
+        [5; 32],
+        [6; 32],
+    )?);
+    let state = Arc::new(AppState::new(config, store, secret)?);
+    let meta = RequestMeta::default();
+    state
+        .auth
+        .create_user(
+            "bench",
+            "bench@example.com",
+            Some("bench password 123"),
+            vec!["security_analyst".into()],
+            &meta,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (token, _, _) = state
+        .auth
+        .login("bench@example.com", "bench password 123", &meta)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let port = listener.local_addr()?.port();
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    rt.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let (secs, conns) = if options.quick { (1.0, 8) } else { (10.0, 32) };
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args([
+            "--load-gen-port",
+            &port.to_string(),
+            "--load-gen-secs",
+            &secs.to_string(),
+            "--load-gen-conns",
+            &conns.to_string(),
+        ])
+        .env("ARAGORA_BENCH_TOKEN", &token)
+        .output()
+        .context("starting the load generator process")?;
+    if !out.status.success() {
+        bail!(
+            "load generator failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let r: LoadResult = serde_json::from_slice(&out.stdout).context("load generator output")?;
+    if r.errors > 0 {
+        bail!("{} of {} requests failed", r.errors, r.requests);
+    }
+    let rps = r.requests as f64 / r.seconds;
+    report.record("http_authorized_get", "aragora", "requests_per_s", rps);
+    report.record(
+        "http_authorized_get",
+        "aragora",
+        "p99_s",
+        r.p99_us as f64 / 1e6,
+    );
+    let mut table = String::new();
+    writeln!(
+        table,
+        "http: GET {PATH} with a JWT, {conns} keep-alive connections from a second process, {secs} s, server on 2 worker threads"
+    )?;
+    writeln!(
+        table,
+        "requests/s {:>10}   p50 {:>6} us   p99 {:>6} us   (targets: >= 15,000/s, p99 < 10 ms)",
+        crate::report::thousands(rps),
+        r.p50_us,
+        r.p99_us
+    )?;
+    report.section(table);
+    drop(rt);
+    Ok(())
+}
+
+/// The second process: `conns` connections, each sending GETs back to back for
+/// `secs`, measuring every request's latency.
+pub fn load_gen(port: u16, secs: f64, conns: usize) -> Result<()> {
+    let token = std::env::var("ARAGORA_BENCH_TOKEN").context("ARAGORA_BENCH_TOKEN")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let request =
+        format!("GET {PATH} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let results = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..conns {
+            let request = request.clone();
+            tasks.push(tokio::spawn(async move {
+                connection(port, request, deadline).await
+            }));
+        }
+        let mut all = (0u64, 0u64, Vec::new());
+        for t in tasks {
+            let (ok, err, mut lat) = t.await??;
+            all.0 += ok;
+            all.1 += err;
+            all.2.append(&mut lat);
+        }
+        anyhow::Ok(all)
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let (requests, errors, mut lat) = results;
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let r = LoadResult {
+        requests,
+        errors,
+        seconds,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+async fn connection(port: u16, request: String, deadline: Instant) -> Result<(u64, u64, Vec<u64>)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.set_nodelay(true)?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let (mut ok, mut err, mut lat) = (0u64, 0u64, Vec::new());
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        s.write_all(request.as_bytes()).await?;
+        // Read one response: headers, then Content-Length bytes of body.
+        let mut filled = 0;
+        let (head_end, body_len) = loop {
+            let n = s.read(&mut buf[filled..]).await?;
+            if n == 0 {
+                bail!("server closed the connection");
+            }
+            filled += n;
+            if let Some(pos) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&buf[..pos]).unwrap_or_default();
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if head.starts_with("HTTP/1.1 200") {
+                    ok += 1
+                } else {
+                    err += 1
+                }
+                break (pos + 4, len);
+            }
+        };
+        while filled < head_end + body_len {
+            let n = s.read(&mut buf[filled..]).await?;
+            if n == 0 {
+                bail!("server closed the connection");
+            }
+            filled += n;
+        }
+        lat.push(t.elapsed().as_micros() as u64);
+    }
+    Ok((ok, err, lat))
+}
