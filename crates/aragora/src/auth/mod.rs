@@ -77,6 +77,8 @@ pub struct AuthService {
     /// Latest activity per user seen by this process (flushed to the store at
     /// most once a minute per user).
     pub(crate) activity: Mutex<HashMap<String, i64>>,
+    /// When expired sessions were last pruned (µs).
+    pub(crate) last_prune: std::sync::atomic::AtomicI64,
 }
 
 impl AuthService {
@@ -104,6 +106,7 @@ impl AuthService {
             limiter: IpLimiter::new(config.auth_rate_limit_per_ip, config.auth_rate_limit_window),
             blocks: IpBlocks::load(blocks),
             activity: Mutex::new(HashMap::new()),
+            last_prune: std::sync::atomic::AtomicI64::new(0),
             store,
             audit,
             rbac,

@@ -3,6 +3,8 @@
 //! Both are checked against the store on every request, so a revoke or disable
 //! applies to the very next request.
 
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use ring::digest::{SHA256, digest};
@@ -15,7 +17,7 @@ use super::{AuthService, CAS_RETRIES, Credential, Principal, RequestMeta, users}
 use crate::audit::{AuditEvent, Outcome, RecordError};
 use crate::clock::{self, now_us};
 use crate::error::ServiceError;
-use crate::store::{Collection, Expect, WriteOp, for_each_json, get_json};
+use crate::store::{Collection, Expect, ListQuery, WriteOp, for_each_json, get_json, list_json};
 
 pub const API_KEY_PREFIX: &str = "ara_";
 pub(crate) const EPOCH_ID: &str = "session_epoch";
@@ -45,8 +47,10 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<(String, i64, String), ServiceError> {
         let now = now_us();
+        self.prune_sessions_if_due(now);
         let session = Session {
-            id: random_hex(16)?,
+            // Prefixed by the user id: one user's sessions are a range scan.
+            id: format!("{}.{}", user.id, random_hex(16)?),
             user_id: user.id.clone(),
             created_at: now,
             expires_at: now + self.jwt.ttl_secs * 1_000_000,
@@ -366,15 +370,84 @@ impl AuthService {
 
     pub fn sessions_of(&self, user_id: &str) -> Result<Vec<Session>, ServiceError> {
         self.user(user_id)?;
-        let mut out = Vec::new();
-        for_each_json::<Session>(self.store.as_ref(), Collection::Sessions, |_, _, s| {
-            if s.user_id == user_id {
-                out.push(s);
-            }
-            Ok(())
-        })?;
+        let mut out: Vec<Session> = self
+            .user_sessions(user_id)?
+            .into_iter()
+            .map(|(_, _, s)| s)
+            .collect();
         out.sort_by_key(|s| s.created_at);
         Ok(out)
+    }
+
+    /// (id, version, session) of every session of one user: the ids share the
+    /// prefix `{user_id}.`, so this is a range scan, page by page.
+    fn user_sessions(&self, user_id: &str) -> Result<Vec<(String, u64, Session)>, ServiceError> {
+        const PAGE: usize = 1000;
+        let start = format!("{user_id}.");
+        // '/' is the byte after '.': the end of the prefix range.
+        let end = format!("{user_id}/");
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let q = ListQuery {
+                start: after
+                    .as_deref()
+                    .map_or(Bound::Included(start.as_str()), Bound::Excluded),
+                end: Bound::Excluded(end.as_str()),
+                reverse: false,
+                limit: PAGE,
+            };
+            let page = list_json::<Session>(self.store.as_ref(), Collection::Sessions, &q)?;
+            let n = page.len();
+            after = page.last().map(|(id, _, _)| id.clone());
+            out.extend(page);
+            if n < PAGE {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Deletes sessions that expired over an hour ago, at most once every ten
+    /// minutes and a bounded batch at a time (logins pay for it, a little).
+    fn prune_sessions_if_due(&self, now: i64) {
+        const EVERY_US: i64 = 600_000_000;
+        const GRACE_US: i64 = 3_600_000_000;
+        const MAX_BATCH: usize = 1000;
+        let last = self.last_prune.load(Ordering::Relaxed);
+        if now - last < EVERY_US
+            || self
+                .last_prune
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let mut ops = Vec::new();
+        let r = for_each_json::<Session>(
+            self.store.as_ref(),
+            Collection::Sessions,
+            |id, version, s| {
+                if s.expires_at < now - GRACE_US && ops.len() < MAX_BATCH {
+                    ops.push(WriteOp::delete(
+                        Collection::Sessions,
+                        id,
+                        Expect::Version(version),
+                    ));
+                }
+                Ok(())
+            },
+        );
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "session pruning: scan failed");
+            return;
+        }
+        let n = ops.len();
+        if n > 0 {
+            match self.store.write(ops, crate::store::Durability::Visible) {
+                Ok(_) => tracing::info!(deleted = n, "pruned expired sessions"),
+                Err(e) => tracing::warn!(error = %e, "session pruning: delete failed"),
+            }
+        }
     }
 
     /// Revokes the sessions of one user (or one session of it).
@@ -389,24 +462,26 @@ impl AuthService {
         let now = now_us();
         let mut ops = Vec::new();
         let mut ids = Vec::new();
-        for_each_json::<Session>(
-            self.store.as_ref(),
-            Collection::Sessions,
-            |id, version, mut s| {
-                if s.user_id == user_id && s.revoked_at.is_none() && only.is_none_or(|o| o == id) {
-                    s.revoked_at = Some(now);
-                    s.revoked_reason = Some(reason.to_string());
-                    ids.push(id.clone());
-                    ops.push(WriteOp::put_json(
-                        Collection::Sessions,
-                        id,
-                        &s,
-                        Expect::Version(version),
-                    )?);
-                }
-                Ok(())
-            },
-        )?;
+        for (id, version, mut s) in self.user_sessions(user_id)? {
+            if s.revoked_at.is_none() && only.is_none_or(|o| o == id) {
+                s.revoked_at = Some(now);
+                s.revoked_reason = Some(reason.to_string());
+                ids.push(id.clone());
+                ops.push(WriteOp::put_json(
+                    Collection::Sessions,
+                    id,
+                    &s,
+                    Expect::Version(version),
+                )?);
+            }
+        }
+        if let Some(o) = only
+            && ids.is_empty()
+        {
+            return Err(ServiceError::NotFound(format!(
+                "no active session {o} for user {user_id}"
+            )));
+        }
         let event = AuditEvent::new("sessions_revoked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"user_id": user_id, "session_ids": ids, "reason": reason}));
