@@ -135,9 +135,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 "request body is empty; a JSON object is expected",
             ));
         }
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| bad_request(format!("request body is not valid: {e}")))
+        // axum's rejection text names the field path (`roles[0]: invalid type ...`).
+        axum::Json::<T>::from_bytes(&bytes)
+            .map(|j| JsonBody(j.0))
+            .map_err(|e| bad_request(format!("request body is not valid: {}", e.body_text())))
     }
 }
 
@@ -148,11 +149,12 @@ pub struct QueryParams<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let q = parts.uri.query().unwrap_or_default();
-        serde_urlencoded::from_str(q)
-            .map(QueryParams)
-            .map_err(|e| bad_request(format!("query string is not valid: {e}")))
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // axum's rejection text names the parameter (`minutes: invalid digit ...`).
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| QueryParams(q.0))
+            .map_err(|e| bad_request(format!("query string is not valid: {}", e.body_text())))
     }
 }
 
@@ -252,6 +254,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), identify))
         .layer(middleware::from_fn_with_state(state.clone(), maintenance))
         .with_state(state)
@@ -281,17 +284,44 @@ fn client_ip(state: &AppState, req: &Request) -> Option<IpAddr> {
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    match peer {
-        Some(p) if state.config.trusted_proxies.contains(&p) => req
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok())
-            .or(Some(p)),
-        other => other,
+        .map(|c| c.0.ip())?;
+    Some(forwarded_client(
+        peer,
+        req.headers(),
+        &state.config.trusted_proxies,
+    ))
+}
+
+/// Walks X-Forwarded-For from the right (the hop our own proxy appended)
+/// while the address is a trusted proxy; the first untrusted address is the
+/// client. The leftmost hops are whatever the client wrote and are never
+/// believed on their own. An unparsable hop stops the walk at the last
+/// trusted address.
+fn forwarded_client(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    let mut client = peer;
+    if !trusted.contains(&peer) {
+        return client;
     }
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted.contains(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
 }
 
 /// Attaches the request metadata and refuses blocked addresses (health and
@@ -388,6 +418,37 @@ fn deny(
     tracing::warn!(user_id = %p.user_id, permission, sensitive, "permission_denied");
 }
 
+/// Every error response is JSON: axum's own rejections (an undecodable path
+/// parameter, ...) are plain text, wrapped here as `{"error": text}`.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut out = (status, axum::Json(json!({"error": message}))).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 /// Runs blocking service work (password hashing, durable writes) off the async
 /// workers.
 pub async fn blocking<T: Send + 'static>(
@@ -420,4 +481,44 @@ async fn method_not_allowed(req: Request) -> Response {
 /// Seconds since the epoch, for handlers that show "now".
 pub fn now_secs() -> i64 {
     now_us() / 1_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hops(v: &str) -> axum::http::HeaderMap {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_str(v).expect("header"));
+        h
+    }
+
+    #[test]
+    fn forwarded_for_is_read_from_the_right() {
+        let proxy: IpAddr = "127.0.0.1".parse().expect("ip");
+        let lb: IpAddr = "10.0.0.2".parse().expect("ip");
+        let trusted = [proxy, lb];
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        // The client wrote a spoofed first hop; the proxy appended the real one.
+        assert_eq!(
+            forwarded_client(proxy, &hops("198.51.100.1, 203.0.113.66"), &trusted),
+            ip("203.0.113.66")
+        );
+        // Two trusted proxies in a row are skipped.
+        assert_eq!(
+            forwarded_client(proxy, &hops("203.0.113.5, 10.0.0.2"), &trusted),
+            ip("203.0.113.5")
+        );
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            forwarded_client(ip("192.0.2.1"), &hops("203.0.113.5"), &trusted),
+            ip("192.0.2.1")
+        );
+        // Garbage stops at the last trusted address.
+        assert_eq!(forwarded_client(proxy, &hops("nonsense"), &trusted), proxy);
+        assert_eq!(
+            forwarded_client(proxy, &axum::http::HeaderMap::new(), &trusted),
+            proxy
+        );
+    }
 }

@@ -59,6 +59,19 @@ impl RequestMeta {
     }
 }
 
+/// A login attempt after it was counted on the account.
+enum Attempt {
+    /// Counted: the new record and version, and the lock end when this attempt
+    /// reached the threshold.
+    Counted {
+        version: u64,
+        user: User,
+        locks_until: Option<i64>,
+    },
+    /// The account is locked; nothing was counted.
+    Locked { until: i64 },
+}
+
 /// Minimum interval between persisted `last_active_at` updates of one user.
 const ACTIVITY_FLUSH_US: i64 = 60_000_000;
 /// Compare-and-set attempts before a change reports a conflict.
@@ -204,23 +217,32 @@ impl AuthService {
                 json!({"unknown_user": true}),
             ));
         };
-        let now = now_us();
-        if user.is_locked(now) {
-            let until = user.locked_until.unwrap_or(now);
-            let err = self.fail(
-                "locked",
-                "",
-                &user.id,
-                Some(&email),
-                meta,
-                json!({"locked_until": clock::format_us(until)}),
-            );
-            drop(err);
-            return Err(ServiceError::Locked {
-                message: format!("account locked until {}", clock::format_us(until)),
-                retry_after_secs: u64::try_from((until - now) / 1_000_000).unwrap_or(0).max(1),
-            });
-        }
+        // The attempt counts as a failure before the (slow) password check, in
+        // a compare-and-set on the account: concurrent guesses serialize here,
+        // so no more than the threshold are ever evaluated per lockout.
+        let user_id = user.id.clone();
+        let (version, user, locks) = match self.reserve_attempt(user, version)? {
+            Attempt::Counted {
+                version,
+                user,
+                locks_until,
+            } => (version, user, locks_until),
+            Attempt::Locked { until } => {
+                let now = now_us();
+                drop(self.fail(
+                    "locked",
+                    "",
+                    &user_id,
+                    Some(&email),
+                    meta,
+                    json!({"locked_until": clock::format_us(until)}),
+                ));
+                return Err(ServiceError::Locked {
+                    message: format!("account locked until {}", clock::format_us(until)),
+                    retry_after_secs: u64::try_from((until - now) / 1_000_000).unwrap_or(0).max(1),
+                });
+            }
+        };
         let ok = user
             .password_hash
             .as_deref()
@@ -229,7 +251,7 @@ impl AuthService {
             if user.password_hash.is_none() {
                 password::verify_dummy(password);
             }
-            return Err(self.record_bad_password(user, version, &email, meta));
+            return Err(self.record_bad_password(&user, locks, &email, meta));
         }
         if user.disabled {
             return Err(self.fail(
@@ -244,65 +266,70 @@ impl AuthService {
         self.start_session(user, version, &email, meta)
     }
 
+    /// Counts one attempt on the account (`Err(locked until)` when it is
+    /// locked). Returns the new version, the record, and the lock end when this
+    /// attempt reached the threshold.
+    fn reserve_attempt(&self, mut user: User, mut version: u64) -> Result<Attempt, ServiceError> {
+        // Generous: every concurrent attempt on the account retries here.
+        for _ in 0..CAS_RETRIES * 8 {
+            let now = now_us();
+            if user.is_locked(now) {
+                return Ok(Attempt::Locked {
+                    until: user.locked_until.unwrap_or(now),
+                });
+            }
+            let mut counted = user.clone();
+            let locks = self.lockout.on_failure(&mut counted, now);
+            match self.store.write(
+                vec![users::put_user(&counted, version)?],
+                crate::store::Durability::Visible,
+            ) {
+                Ok(receipt) => {
+                    return Ok(Attempt::Counted {
+                        version: receipt.seq,
+                        user: counted,
+                        locks_until: locks,
+                    });
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    (version, user) = self.user(&user.id)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "too many concurrent login attempts on this account; retry".into(),
+        ))
+    }
+
+    /// Audits a wrong password (already counted by `reserve_attempt`), and the
+    /// lockout when this attempt caused one.
     fn record_bad_password(
         &self,
-        mut user: User,
-        mut version: u64,
+        user: &User,
+        locked: Option<i64>,
         email: &str,
         meta: &RequestMeta,
     ) -> ServiceError {
-        // The counter update and the audit entry are one write; a concurrent
-        // failure for the same account is retried on the fresh record.
-        for _ in 0..CAS_RETRIES {
-            let now = now_us();
-            let locked = self.lockout.on_failure(&mut user, now);
-            self.metrics
-                .auth_failures
-                .with_label_values(&["bad_password"])
-                .inc();
-            let event = AuditEvent::new("auth_failure", user.id.clone(), Outcome::Failure)
-                .ip(meta.ip_string())
-                .details(json!({
-                    "reason": "bad_password",
-                    "email": email,
-                    "failed_logins": user.failed_logins,
-                    "locked_until": clock::format_opt(locked),
-                }));
-            let op = match users::put_user(&user, version) {
-                Ok(op) => op,
-                Err(e) => return e,
-            };
-            match self.audit.record_with(event, vec![op]) {
-                Ok(_) => {
-                    if let Some(until) = locked {
-                        tracing::warn!(user_id = %user.id, until = %clock::format_us(until), "account locked after failed logins");
-                        let _ = self.audit.record(
-                            AuditEvent::new("account_locked", user.id.clone(), Outcome::Success)
-                                .ip(meta.ip_string())
-                                .details(json!({"email": email, "until": clock::format_us(until), "by": "lockout_policy"})),
-                        );
-                    }
-                    break;
-                }
-                Err(crate::audit::RecordError::Ops(_)) => {
-                    match get_json::<User>(self.store.as_ref(), Collection::Users, &user.id) {
-                        Ok(Some((v, u))) => {
-                            version = v;
-                            user = u;
-                        }
-                        _ => break,
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "auth_failure could not be audited");
-                    break;
-                }
+        let err = self.fail(
+            "bad_password",
+            "invalid email or password",
+            &user.id,
+            Some(email),
+            meta,
+            json!({"failed_logins": user.failed_logins, "locked_until": clock::format_opt(locked)}),
+        );
+        if let Some(until) = locked {
+            tracing::warn!(user_id = %user.id, until = %clock::format_us(until), "account locked after failed logins");
+            if let Err(e) = self.audit.record(
+                AuditEvent::new("account_locked", user.id.clone(), Outcome::Success)
+                    .ip(meta.ip_string())
+                    .details(json!({"email": email, "until": clock::format_us(until), "by": "lockout_policy"})),
+            ) {
+                tracing::error!(error = %e, "account_locked could not be audited");
             }
         }
-        ServiceError::Unauthorized {
-            reason: "bad_password",
-            message: "invalid email or password".into(),
-        }
+        err
     }
 
     pub(crate) fn user_by_email(&self, email: &str) -> Result<Option<(u64, User)>, ServiceError> {

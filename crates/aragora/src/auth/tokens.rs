@@ -68,31 +68,38 @@ impl AuthService {
         let event = AuditEvent::new("login_success", user.id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"email": email, "session_id": session.id, "method": "password"}));
-        let ops = vec![
-            WriteOp::put_json(
-                Collection::Sessions,
-                session.id.clone(),
-                &session,
-                Expect::Absent,
-            )?,
-            users::put_user(&user, version)?,
-        ];
-        match self.audit.record_with(event.clone(), ops) {
-            Ok(_) => {}
-            // The user record moved (a concurrent failure or touch): the session
-            // is what matters, write it without the counter reset.
-            Err(RecordError::Ops(_)) => {
-                self.audit.record_with(
-                    event,
-                    vec![WriteOp::put_json(
-                        Collection::Sessions,
-                        session.id.clone(),
-                        &session,
-                        Expect::Absent,
-                    )?],
-                )?;
+        // The session, the counter reset and the audit entry are one write; when
+        // a concurrent attempt moved the account, re-read it and reset again (a
+        // correct password clears the lockout state, whatever came between).
+        let mut version = version;
+        let mut written = false;
+        for _ in 0..CAS_RETRIES * 8 {
+            let ops = vec![
+                WriteOp::put_json(
+                    Collection::Sessions,
+                    session.id.clone(),
+                    &session,
+                    Expect::Absent,
+                )?,
+                users::put_user(&user, version)?,
+            ];
+            match self.audit.record_with(event.clone(), ops) {
+                Ok(_) => {
+                    written = true;
+                    break;
+                }
+                Err(RecordError::Ops(_)) => {
+                    (version, user) = self.user(&user.id)?;
+                    self.lockout.on_success(&mut user);
+                    user.last_active_at = Some(now);
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
+        }
+        if !written {
+            return Err(ServiceError::Unavailable(
+                "the account is changing concurrently; retry the login".into(),
+            ));
         }
         tracing::info!(user_id = %user.id, "login_success");
         Ok((token, self.jwt.ttl_secs, session.id))
@@ -130,9 +137,10 @@ impl AuthService {
             });
         };
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
+            .split_once(' ')
+            // The scheme is case-insensitive (RFC 9110 section 11.1).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN);
         let Some(token) = token else {
             return Err(self.fail(

@@ -16,6 +16,8 @@ pub const MAX_EMAIL_LEN: usize = 254;
 const BOOTSTRAP_MARKER: &str = "bootstrap";
 /// Accounts one bulk-lock call may name.
 pub const MAX_BULK_LOCK: usize = 1000;
+/// Longest lock or IP block one call may set.
+pub const MAX_LOCK_SECS: u64 = 366 * 86_400;
 
 pub fn normalize_email(email: &str) -> String {
     email.trim().to_ascii_lowercase()
@@ -289,6 +291,11 @@ impl AuthService {
             )));
         }
         let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
+        if d.as_secs() > MAX_LOCK_SECS {
+            return Err(ServiceError::BadRequest(
+                "duration: at most 366 days (disable the user for longer)".into(),
+            ));
+        }
         let until = now_us().saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2));
         let mut locked = Vec::new();
         let mut not_found = Vec::new();
@@ -414,7 +421,7 @@ impl AuthService {
             ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address"))
         })?;
         let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
-        if d.as_secs() > 366 * 86_400 {
+        if d.as_secs() > MAX_LOCK_SECS {
             return Err(ServiceError::BadRequest(
                 "duration: at most 366 days".into(),
             ));

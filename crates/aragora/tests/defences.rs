@@ -1,0 +1,985 @@
+//! Brute-force defences and input handling, against the real `aragora serve`
+//! binary: account lockout and unlock, the per-IP login rate limit under a
+//! concurrent burst, bulk-lock, and bad input of every kind answered with a 4xx
+//! and a JSON error naming the problem, never a 5xx.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use aragora_testkit::{Request, Response, Server, Value, json};
+
+const SECRET: &str = "defences-test-secret-0123456789abcdef0123";
+const PASSWORD: &str = "correct horse battery staple";
+
+fn start(extra: &[(&str, &str)]) -> Server {
+    let mut env = vec![("JWT_SECRET", SECRET)];
+    env.extend_from_slice(extra);
+    Server::start(Path::new(env!("CARGO_BIN_EXE_aragora")), &env)
+}
+
+fn login_from(s: &Server, ip: &str, email: &str, password: &str) -> Response {
+    s.send(
+        Request::new("POST", "/api/auth/login")
+            .header("X-Forwarded-For", ip)
+            .json(&json!({"email": email, "password": password})),
+    )
+}
+
+fn audit(s: &Server, key: &str, action: &str) -> Vec<Value> {
+    let r = s.get(
+        &format!("/api/security/audit/search?action={action}&minutes=5&limit=10000"),
+        key,
+    );
+    assert_eq!(r.status, 200, "audit search: {}", r.body);
+    r.json()["entries"].as_array().expect("entries").clone()
+}
+
+fn metric(s: &Server, series: &str) -> f64 {
+    let r = s.send(Request::new("GET", "/metrics"));
+    assert_eq!(r.status, 200);
+    r.body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+fn failures_metric(s: &Server, reason: &str) -> f64 {
+    metric(
+        s,
+        &format!("aragora_security_auth_failures_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+fn retry_after(r: &Response) -> u64 {
+    r.header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric Retry-After: {:?} {}", r.headers, r.body))
+}
+
+#[test]
+fn lockout_unlock_and_bulk_lock() {
+    let s = start(&[
+        ("AUTH_LOCKOUT_THRESHOLD", "3"),
+        ("AUTH_LOCKOUT_SECONDS", "60"),
+        ("AUTH_RATE_LIMIT_PER_IP", "5"),
+        ("AUTH_RATE_LIMIT_WINDOW", "60"),
+    ]);
+    let (_, admin) = s.bootstrap_admin("root@defences.test");
+    let victim = s.create_user(&admin, "victim@defences.test", PASSWORD, &["viewer"]);
+
+    // Three wrong passwords lock the account; the right one is then refused.
+    for i in 1..=3 {
+        let r = login_from(
+            &s,
+            "198.51.100.10",
+            "victim@defences.test",
+            "wrong password!!",
+        );
+        assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
+        assert_eq!(r.json()["reason"], "bad_password");
+        assert_eq!(r.json()["error"], "invalid email or password");
+    }
+    let r = login_from(&s, "198.51.100.10", "victim@defences.test", PASSWORD);
+    assert_eq!(r.status, 423, "locked: {}", r.body);
+    assert_eq!(r.json()["reason"], "locked");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("locked until")),
+        "{}",
+        r.body
+    );
+    let wait = retry_after(&r);
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    // Locked even from another address, and with a wrong password (no oracle).
+    let r = login_from(
+        &s,
+        "198.51.100.11",
+        "victim@defences.test",
+        "wrong password!!",
+    );
+    assert_eq!(r.status, 423, "{}", r.body);
+    let r = s.get(&format!("/api/admin/users/{victim}"), &admin);
+    assert_eq!(r.json()["locked"], true, "{}", r.body);
+
+    let failures = audit(&s, &admin, "auth_failure");
+    let bad = failures
+        .iter()
+        .filter(|e| {
+            e["details"]["reason"] == "bad_password"
+                && e["details"]["email"] == "victim@defences.test"
+                && e["actor"] == victim.as_str()
+        })
+        .count();
+    assert_eq!(bad, 3, "bad_password entries with the email: {failures:?}");
+    assert!(
+        failures.iter().any(|e| e["details"]["reason"] == "locked"
+            && e["details"]["email"] == "victim@defences.test"),
+        "no auth_failure reason=locked"
+    );
+    let locked = audit(&s, &admin, "account_locked");
+    assert!(
+        locked.iter().any(|e| e["actor"] == victim.as_str()
+            && e["details"]["email"] == "victim@defences.test"
+            && e["details"]["by"] == "lockout_policy"),
+        "no account_locked entry: {locked:?}"
+    );
+    assert!(failures_metric(&s, "locked") >= 2.0);
+    assert!(failures_metric(&s, "bad_password") >= 3.0);
+
+    // An administrator unlocks; the password works again.
+    let r = s.post(
+        &format!("/api/admin/users/{victim}/unlock"),
+        &admin,
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["locked"], false);
+    let r = login_from(&s, "198.51.100.12", "victim@defences.test", PASSWORD);
+    assert_eq!(r.status, 200, "after unlock: {}", r.body);
+    assert!(!audit(&s, &admin, "account_unlocked").is_empty());
+
+    // Bulk-lock: known accounts are locked (emails normalised), unknown reported.
+    let bulk = s.create_user(&admin, "bulk@defences.test", PASSWORD, &["viewer"]);
+    let r = s.post(
+        "/api/admin/users/bulk-lock",
+        &admin,
+        &json!({"emails": ["  BULK@Defences.Test ", "nobody@defences.test"], "duration": "1h"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(
+        v["not_found"],
+        json!(["nobody@defences.test"]),
+        "{}",
+        r.body
+    );
+    assert_eq!(v["locked"].as_array().map(Vec::len), Some(1), "{}", r.body);
+    assert_eq!(v["locked"][0]["user_id"], bulk.as_str());
+    assert_eq!(v["locked"][0]["email"], "bulk@defences.test");
+    let r = login_from(&s, "198.51.100.13", "bulk@defences.test", PASSWORD);
+    assert_eq!(r.status, 423, "bulk-locked: {}", r.body);
+    let wait = retry_after(&r);
+    assert!(
+        (3500..=3600).contains(&wait),
+        "Retry-After {wait} for a 1h lock"
+    );
+    assert!(
+        audit(&s, &admin, "account_locked")
+            .iter()
+            .any(|e| e["details"]["user_id"] == bulk.as_str() && e["details"]["by"] == "bulk_lock"),
+        "bulk lock not audited"
+    );
+    let r = s.post(
+        &format!("/api/admin/users/{bulk}/unlock"),
+        &admin,
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        login_from(&s, "198.51.100.14", "bulk@defences.test", PASSWORD).status,
+        200
+    );
+}
+
+#[test]
+fn login_rate_limit_under_a_concurrent_burst() {
+    let s = start(&[
+        ("AUTH_RATE_LIMIT_PER_IP", "5"),
+        ("AUTH_RATE_LIMIT_WINDOW", "60"),
+    ]);
+    let (_, admin) = s.bootstrap_admin("root@burst.test");
+    s.create_user(&admin, "burst@burst.test", PASSWORD, &["viewer"]);
+    let before = failures_metric(&s, "rate_limited");
+
+    const N: usize = 20;
+    const IP: &str = "203.0.113.50";
+    let barrier = Arc::new(Barrier::new(N));
+    let port = s.port;
+    let handles: Vec<_> = (0..N)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                // Half the right password, half an unknown account: both are
+                // processed attempts (200 / 401) when the limiter lets them by.
+                let email = if i % 2 == 0 {
+                    "burst@burst.test"
+                } else {
+                    "ghost@burst.test"
+                };
+                let req = Request::new("POST", "/api/auth/login")
+                    .header("X-Forwarded-For", IP)
+                    .json(&json!({"email": email, "password": PASSWORD}));
+                barrier.wait();
+                req.send(port).expect("login request")
+            })
+        })
+        .collect();
+    let responses: Vec<Response> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    let processed = responses
+        .iter()
+        .filter(|r| r.status == 200 || r.status == 401)
+        .count();
+    let limited: Vec<&Response> = responses.iter().filter(|r| r.status == 429).collect();
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
+    assert_eq!(processed, 5, "processed attempts: {statuses:?}");
+    assert_eq!(limited.len(), N - 5, "429s: {statuses:?}");
+    for r in &limited {
+        let wait = retry_after(r);
+        assert!((1..=60).contains(&wait), "Retry-After {wait}");
+        let v = r.json();
+        assert_eq!(v["reason"], "rate_limited");
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("too many attempts")),
+            "{}",
+            r.body
+        );
+    }
+
+    // The limit holds for that address, and only for it.
+    assert_eq!(login_from(&s, IP, "burst@burst.test", PASSWORD).status, 429);
+    let r = login_from(&s, "203.0.113.51", "burst@burst.test", PASSWORD);
+    assert_eq!(r.status, 200, "another address: {}", r.body);
+    let after = failures_metric(&s, "rate_limited");
+    assert_eq!(
+        after - before,
+        (N - 5 + 1) as f64,
+        "rate_limited metric {before} -> {after}"
+    );
+    let audited = audit(&s, &admin, "auth_failure")
+        .into_iter()
+        .filter(|e| e["details"]["reason"] == "rate_limited" && e["ip_address"] == IP)
+        .count();
+    assert_eq!(audited, N - 5 + 1, "rate_limited audit entries");
+}
+
+// ---------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------
+
+/// A response read from a raw exchange (for bytes the test kit cannot send).
+struct Raw {
+    status: u16,
+    body: String,
+}
+
+/// Sends `head` (request line and headers, without the blank line) and
+/// `body` as raw bytes; tolerates the server closing early.
+fn raw(port: u16, head: &[u8], body: &[u8]) -> Raw {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut req = head.to_vec();
+    req.extend_from_slice(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    req.extend_from_slice(body);
+    let _ = s.write_all(&req);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    Raw {
+        status,
+        body: body.to_string(),
+    }
+}
+
+/// One bad-input case: its outcome checked and any problem recorded.
+struct Checker<'a> {
+    s: &'a Server,
+    problems: Vec<String>,
+    cases: usize,
+}
+
+impl Checker<'_> {
+    fn check(&mut self, what: &str, status: u16, body: &str, keyword: &str) {
+        self.cases += 1;
+        let error = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string));
+        if !(400..500).contains(&status) {
+            self.problems
+                .push(format!("{what}: status {status}, expected 4xx: {body}"));
+        } else if let Some(e) = error {
+            if !e.to_lowercase().contains(&keyword.to_lowercase()) {
+                self.problems
+                    .push(format!("{what}: error {e:?} does not name {keyword:?}"));
+            }
+        } else {
+            self.problems.push(format!(
+                "{what}: {status} without a JSON error string: {body:?}"
+            ));
+        }
+    }
+
+    fn send(&mut self, what: &str, req: Request, keyword: &str) {
+        match req.send(self.s.port) {
+            Ok(r) => self.check(what, r.status, &r.body, keyword),
+            Err(e) => self.problems.push(format!("{what}: request failed: {e}")),
+        }
+    }
+
+    fn post_raw(
+        &mut self,
+        what: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &[u8],
+        keyword: &str,
+    ) {
+        let mut req = Request::new("POST", path).raw_body(body.to_vec());
+        if let Some(t) = token {
+            req = req.bearer(t);
+        }
+        self.send(what, req, keyword);
+    }
+
+    fn post(&mut self, what: &str, path: &str, token: &str, body: Value, keyword: &str) {
+        self.send(
+            what,
+            Request::new("POST", path).bearer(token).json(&body),
+            keyword,
+        );
+    }
+
+    fn get(&mut self, what: &str, path: &str, token: &str, keyword: &str) {
+        self.send(what, Request::new("GET", path).bearer(token), keyword);
+    }
+}
+
+#[test]
+fn bad_input_is_a_4xx_naming_the_problem_never_a_5xx() {
+    let s = start(&[("AUTH_RATE_LIMIT_PER_IP", "100000")]);
+    let (admin_id, admin) = s.bootstrap_admin("root@input.test");
+    let mut c = Checker {
+        s: &s,
+        problems: Vec::new(),
+        cases: 0,
+    };
+    let login = "/api/auth/login";
+    let users = "/api/admin/users";
+
+    // Bodies: malformed, empty, wrong types, unknown fields, wrong shape, deep.
+    c.post_raw(
+        "malformed JSON",
+        login,
+        None,
+        br#"{"email": "a@b.c", "password": "#,
+        "not valid",
+    );
+    c.post_raw(
+        "malformed JSON (admin)",
+        users,
+        Some(&admin),
+        b"{email: x}",
+        "not valid",
+    );
+    c.post_raw(
+        "trailing garbage",
+        login,
+        None,
+        br#"{"email":"a@b.c","password":"p"} x"#,
+        "trailing",
+    );
+    c.post_raw("empty body", login, None, b"", "empty");
+    c.post_raw(
+        "empty body (admin)",
+        "/api/admin/ratelimit/block",
+        Some(&admin),
+        b"",
+        "empty",
+    );
+    c.post_raw("JSON null", login, None, b"null", "invalid type");
+    c.post_raw("JSON array", login, None, b"[]", "not valid");
+    c.post_raw(
+        "not UTF-8",
+        login,
+        None,
+        b"{\"email\": \"\xff\xfe\", \"password\": \"x\"}",
+        "not valid",
+    );
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    c.post_raw(
+        "5000-deep nesting",
+        users,
+        Some(&admin),
+        deep.as_bytes(),
+        "not valid",
+    );
+    c.send(
+        "password as number",
+        Request::new("POST", login).json(&json!({"email": "a@b.c", "password": 123})),
+        "invalid type",
+    );
+    c.post(
+        "roles as string",
+        users,
+        &admin,
+        json!({"email": "t@input.test", "password": PASSWORD, "roles": "admin"}),
+        "invalid type",
+    );
+    c.post(
+        "emails as string",
+        "/api/admin/users/bulk-lock",
+        &admin,
+        json!({"emails": "x@input.test", "duration": "1h"}),
+        "invalid type",
+    );
+    c.post(
+        "duration as number",
+        "/api/admin/ratelimit/block",
+        &admin,
+        json!({"ip": "203.0.113.1", "duration": 3600}),
+        "invalid type",
+    );
+    c.send(
+        "missing field",
+        Request::new("POST", login).json(&json!({"email": "a@b.c"})),
+        "missing field",
+    );
+    c.send(
+        "unknown field",
+        Request::new("POST", login).json(&json!({"email": "a@b.c", "password": "x", "otp": 1})),
+        "unknown field",
+    );
+    c.post(
+        "unknown field (admin)",
+        users,
+        &admin,
+        json!({"email": "t@input.test", "is_admin": true}),
+        "unknown field",
+    );
+    c.post_raw(
+        "bad revoke body",
+        &format!("/api/admin/users/{admin_id}/sessions/revoke"),
+        Some(&admin),
+        b"{oops",
+        "not valid",
+    );
+
+    // Oversized body: refused before parsing (raw, the server may close early).
+    let big = format!(
+        r#"{{"email":"big@input.test","password":"{}"}}"#,
+        "x".repeat(200 * 1024)
+    );
+    let head = format!(
+        "POST {users} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {admin}\r\nContent-Type: application/json\r\n"
+    );
+    let r = raw(s.port, head.as_bytes(), big.as_bytes());
+    c.check("200 KiB body", r.status, &r.body, "larger than");
+    let head =
+        format!("POST {login} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n");
+    let r = raw(s.port, head.as_bytes(), big.as_bytes());
+    c.check("200 KiB login body", r.status, &r.body, "larger than");
+
+    // Query strings.
+    let search = "/api/security/audit/search";
+    c.get(
+        "minutes=abc",
+        &format!("{search}?minutes=abc"),
+        &admin,
+        "query string",
+    );
+    c.get(
+        "minutes=-5",
+        &format!("{search}?minutes=-5"),
+        &admin,
+        "query string",
+    );
+    c.get(
+        "minutes=0",
+        &format!("{search}?minutes=0"),
+        &admin,
+        "minutes",
+    );
+    c.get("limit=0", &format!("{search}?limit=0"), &admin, "limit");
+    c.get(
+        "limit=999999",
+        &format!("{search}?limit=999999"),
+        &admin,
+        "limit",
+    );
+    c.get(
+        "limit=abc",
+        &format!("{search}?limit=abc"),
+        &admin,
+        "query string",
+    );
+    c.get(
+        "limit overflow",
+        &format!("{search}?limit=99999999999999999999999"),
+        &admin,
+        "query string",
+    );
+    c.get(
+        "unknown parameter",
+        &format!("{search}?actions=login"),
+        &admin,
+        "unknown field",
+    );
+    c.get(
+        "users limit=abc",
+        "/api/admin/users?limit=abc",
+        &admin,
+        "query string",
+    );
+    c.get(
+        "denials minutes=abc",
+        "/api/security/rbac/denials/recent?minutes=abc",
+        &admin,
+        "query string",
+    );
+
+    // Durations, addresses, emails, passwords, roles, names.
+    let block = "/api/admin/ratelimit/block";
+    c.post(
+        "duration soon (block)",
+        block,
+        &admin,
+        json!({"ip": "203.0.113.1", "duration": "soon"}),
+        "duration",
+    );
+    c.post(
+        "duration 0s (block)",
+        block,
+        &admin,
+        json!({"ip": "203.0.113.1", "duration": "0s"}),
+        "duration",
+    );
+    c.post(
+        "duration 400d (block)",
+        block,
+        &admin,
+        json!({"ip": "203.0.113.1", "duration": "400d"}),
+        "366 days",
+    );
+    c.post(
+        "duration soon (bulk-lock)",
+        "/api/admin/users/bulk-lock",
+        &admin,
+        json!({"emails": ["a@input.test"], "duration": "soon"}),
+        "duration",
+    );
+    c.post(
+        "duration -1h (bulk-lock)",
+        "/api/admin/users/bulk-lock",
+        &admin,
+        json!({"emails": ["a@input.test"], "duration": "-1h"}),
+        "duration",
+    );
+    c.post(
+        "no emails (bulk-lock)",
+        "/api/admin/users/bulk-lock",
+        &admin,
+        json!({"emails": [], "duration": "1h"}),
+        "emails",
+    );
+    c.post(
+        "bad IPv4",
+        block,
+        &admin,
+        json!({"ip": "999.1.1.1", "duration": "1h"}),
+        "IPv4",
+    );
+    c.post(
+        "IP with port",
+        block,
+        &admin,
+        json!({"ip": "203.0.113.1:80", "duration": "1h"}),
+        "IPv4",
+    );
+    c.post(
+        "empty IP",
+        block,
+        &admin,
+        json!({"ip": "", "duration": "1h"}),
+        "IPv4",
+    );
+    c.send(
+        "bad IP (unblock)",
+        Request::new("DELETE", "/api/admin/ratelimit/blocks/not-an-ip").bearer(&admin),
+        "IPv4",
+    );
+    c.send(
+        "IP not blocked (unblock)",
+        Request::new("DELETE", "/api/admin/ratelimit/blocks/203.0.113.77").bearer(&admin),
+        "not blocked",
+    );
+    c.post(
+        "email without @",
+        users,
+        &admin,
+        json!({"email": "no-at-sign", "password": PASSWORD}),
+        "not an email address",
+    );
+    c.post(
+        "email with space",
+        users,
+        &admin,
+        json!({"email": "a b@input.test", "password": PASSWORD}),
+        "not an email address",
+    );
+    c.post(
+        "email without local part",
+        users,
+        &admin,
+        json!({"email": "@input.test", "password": PASSWORD}),
+        "not an email address",
+    );
+    c.post(
+        "300-char email",
+        users,
+        &admin,
+        json!({"email": format!("{}@input.test", "a".repeat(300)), "password": PASSWORD}),
+        "not an email address",
+    );
+    c.post(
+        "short password",
+        users,
+        &admin,
+        json!({"email": "short@input.test", "password": "short"}),
+        "at least 12",
+    );
+    c.post(
+        "1100-byte password",
+        users,
+        &admin,
+        json!({"email": "long@input.test", "password": "x".repeat(1100)}),
+        "at most",
+    );
+    c.post(
+        "short password (set)",
+        &format!("/api/admin/users/{admin_id}/password"),
+        &admin,
+        json!({"password": "eleven char"}),
+        "at least 12",
+    );
+    c.post(
+        "unknown role",
+        users,
+        &admin,
+        json!({"email": "role@input.test", "password": PASSWORD, "roles": ["superuser"]}),
+        "not a role",
+    );
+    c.post(
+        "unknown role (assign)",
+        &format!("/api/admin/users/{admin_id}/roles"),
+        &admin,
+        json!({"role": "superuser"}),
+        "not a role",
+    );
+    c.post(
+        "bad role name",
+        "/api/admin/roles",
+        &admin,
+        json!({"name": "Ops Team!", "permissions": []}),
+        "must be 1 to 64",
+    );
+    c.post(
+        "uncatalogued permission",
+        "/api/admin/roles",
+        &admin,
+        json!({"name": "ops", "permissions": ["nuke.everything"]}),
+        "catalogue",
+    );
+    c.post(
+        "redefine built-in role",
+        "/api/admin/roles",
+        &admin,
+        json!({"name": "admin", "permissions": []}),
+        "built-in",
+    );
+    c.post(
+        "empty key name",
+        "/api/auth/api-keys",
+        &admin,
+        json!({"name": "  "}),
+        "name",
+    );
+    c.post(
+        "200-char key name",
+        "/api/auth/api-keys",
+        &admin,
+        json!({"name": "k".repeat(200)}),
+        "name",
+    );
+    c.post(
+        "empty disable reason",
+        &format!("/api/admin/users/{admin_id}/disable"),
+        &admin,
+        json!({"reason": " "}),
+        "reason",
+    );
+    c.post(
+        "disable oneself",
+        &format!("/api/admin/users/{admin_id}/disable"),
+        &admin,
+        json!({"reason": "oops"}),
+        "your own",
+    );
+    c.send(
+        "remove own admin",
+        Request::new(
+            "DELETE",
+            &format!("/api/admin/users/{admin_id}/roles/admin"),
+        )
+        .bearer(&admin),
+        "your own admin",
+    );
+    c.get(
+        "unknown user",
+        "/api/admin/users/usr_nobody",
+        &admin,
+        "no user",
+    );
+
+    // Headers: a 10 KB credential, non-UTF-8 bytes, a bare scheme.
+    let long = "a".repeat(10 * 1024);
+    c.send(
+        "10 KB Authorization",
+        Request::new("GET", "/api/auth/me").bearer(&long),
+        "authorization",
+    );
+    c.send(
+        "10 KB API key",
+        Request::new("GET", "/api/auth/me").bearer(&format!("ara_{long}")),
+        "authorization",
+    );
+    c.send(
+        "bare Bearer",
+        Request::new("GET", "/api/auth/me").header("Authorization", "Bearer"),
+        "authorization",
+    );
+    c.send(
+        "Bearer and spaces",
+        Request::new("GET", "/api/auth/me").header("Authorization", "Bearer    "),
+        "authorization",
+    );
+    let r = raw(
+        s.port,
+        b"GET /api/auth/me HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\xfd\r\n",
+        b"",
+    );
+    c.check(
+        "non-UTF-8 Authorization",
+        r.status,
+        &r.body,
+        "authorization",
+    );
+    // Non-UTF-8 in headers the server only reads: ignored, the request served.
+    let mut head = format!(
+        "GET /api/auth/me HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {admin}\r\n"
+    )
+    .into_bytes();
+    head.extend_from_slice(b"X-Forwarded-For: \xff\xfe\r\nUser-Agent: \xc3\x28agent\r\n");
+    let r = raw(s.port, &head, b"");
+    c.cases += 1;
+    if r.status != 200 {
+        c.problems.push(format!(
+            "non-UTF-8 X-Forwarded-For/User-Agent: {} {}",
+            r.status, r.body
+        ));
+    }
+
+    // Routing.
+    c.get("unknown route", "/api/nothing/here", &admin, "no route");
+    c.send(
+        "wrong method",
+        Request::new("PUT", login).json(&json!({})),
+        "not allowed",
+    );
+
+    assert!(c.cases >= 60, "only {} cases", c.cases);
+    assert!(
+        c.problems.is_empty(),
+        "{} of {} cases:\n{}",
+        c.problems.len(),
+        c.cases,
+        c.problems.join("\n")
+    );
+
+    // Still healthy, nothing created by the refused requests, the chain intact.
+    let r = s.send(Request::new("GET", "/api/health"));
+    assert_eq!(r.status, 200);
+    let r = s.get("/api/admin/users", &admin);
+    assert_eq!(
+        r.json()["count"],
+        1,
+        "refused requests created users: {}",
+        r.body
+    );
+    let r = s.get("/api/admin/ratelimit/blocks", &admin);
+    assert_eq!(r.json()["blocks"], json!([]), "{}", r.body);
+    let r = s.get("/api/security/audit/verify", &admin);
+    assert_eq!(r.json()["ok"], true, "{}", r.body);
+    assert_eq!(
+        s.get("/api/auth/me", &admin).json()["roles"],
+        json!(["admin"])
+    );
+}
+
+/// Path parameters that do not decode (`%FF` is not UTF-8) are refused like
+/// every other bad input: 4xx with a JSON `error`.
+#[test]
+fn undecodable_path_parameter_is_a_json_4xx() {
+    let s = start(&[]);
+    let (_, admin) = s.bootstrap_admin("root@path.test");
+    let r = s.get("/api/admin/users/%FF", &admin);
+    assert!((400..500).contains(&r.status), "{} {}", r.status, r.body);
+    let v: Option<Value> = serde_json::from_str(&r.body).ok();
+    assert!(
+        v.as_ref().and_then(|v| v["error"].as_str()).is_some(),
+        "{} with a non-JSON body: {:?}",
+        r.status,
+        r.body
+    );
+}
+
+/// A bad query value names its parameter (the extractor's documented promise).
+#[test]
+fn bad_query_value_names_its_parameter() {
+    let s = start(&[]);
+    let (_, admin) = s.bootstrap_admin("root@query.test");
+    for (param, query) in [("minutes", "minutes=abc"), ("limit", "limit=abc")] {
+        let r = s.get(&format!("/api/security/audit/search?{query}"), &admin);
+        assert_eq!(r.status, 400, "{}", r.body);
+        let e = r.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            e.contains(param),
+            "{query}: error {e:?} does not name {param}"
+        );
+    }
+}
+
+/// A bulk-lock far in the future reports a lock end in the future.
+#[test]
+fn bulk_lock_with_a_huge_duration_reports_a_future_end() {
+    let s = start(&[]);
+    let (_, admin) = s.bootstrap_admin("root@huge.test");
+    let r = s.post(
+        "/api/admin/users/bulk-lock",
+        &admin,
+        &json!({"emails": ["nobody@huge.test"], "duration": "500000years"}),
+    );
+    assert!(r.status < 500, "{} {}", r.status, r.body);
+    if r.status == 200 {
+        let until = r.json()["locked_until"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            until.as_str() > "2026",
+            "locked_until {until:?} is in the past"
+        );
+    }
+}
+
+/// Behind a trusted proxy the client is the last X-Forwarded-For hop the proxy
+/// appended, not a first hop the client wrote itself: a blocked or
+/// rate-limited client cannot escape by prepending addresses of its choice.
+#[test]
+fn spoofed_forwarded_for_hop_does_not_evade_blocks_or_the_limiter() {
+    let s = start(&[
+        ("AUTH_RATE_LIMIT_PER_IP", "3"),
+        ("AUTH_RATE_LIMIT_WINDOW", "60"),
+    ]);
+    let (_, admin) = s.bootstrap_admin("root@xff.test");
+    let r = s.post(
+        "/api/admin/ratelimit/block",
+        &admin,
+        &json!({"ip": "203.0.113.66", "duration": "1h", "reason": "attacker"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    // What nginx's $proxy_add_x_forwarded_for sends for a client at
+    // 203.0.113.66 that wrote "X-Forwarded-For: 198.51.100.1" itself.
+    let r = s.send(
+        Request::new("GET", "/api/auth/me")
+            .bearer(&admin)
+            .header("X-Forwarded-For", "198.51.100.1, 203.0.113.66"),
+    );
+    let blocked = r.status == 403;
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = s.send(
+            Request::new("POST", "/api/auth/login")
+                .header(
+                    "X-Forwarded-For",
+                    &format!("198.51.100.{}, 203.0.113.67", 10 + i),
+                )
+                .json(&json!({"email": "ghost@xff.test", "password": PASSWORD})),
+        );
+        statuses.push(r.status);
+    }
+    let limited = statuses.iter().filter(|&&st| st == 429).count();
+    assert!(
+        blocked && limited >= 3,
+        "spoofed first hop: blocked client got {} (expected 403); 6 logins from one real client: {statuses:?} (expected 3 refused with 429)",
+        r.status
+    );
+}
+
+/// The lockout threshold bounds the guesses evaluated even when they arrive
+/// at once (from many addresses).
+#[test]
+fn concurrent_wrong_passwords_are_bounded_by_the_lockout_threshold() {
+    let s = start(&[
+        ("AUTH_LOCKOUT_THRESHOLD", "3"),
+        ("AUTH_RATE_LIMIT_PER_IP", "100"),
+    ]);
+    let (_, admin) = s.bootstrap_admin("root@race.test");
+    s.create_user(&admin, "race@race.test", PASSWORD, &["viewer"]);
+    const N: usize = 12;
+    let barrier = Arc::new(Barrier::new(N));
+    let port = s.port;
+    let handles: Vec<_> = (0..N)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let req = Request::new("POST", "/api/auth/login")
+                    .header("X-Forwarded-For", &format!("198.51.100.{}", 100 + i))
+                    .json(&json!({"email": "race@race.test", "password": format!("wrong guess {i:03}")}));
+                barrier.wait();
+                req.send(port).expect("login").status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    let evaluated = statuses.iter().filter(|&&st| st == 401).count();
+    assert!(
+        evaluated <= 3,
+        "{evaluated} of {N} concurrent wrong passwords were evaluated with a lockout threshold of 3: {statuses:?}"
+    );
+}
