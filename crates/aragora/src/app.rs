@@ -5,8 +5,11 @@ use std::sync::Arc;
 use crate::audit::AuditLog;
 use crate::auth::AuthService;
 use crate::config::Config;
+use crate::crypto::MasterKey;
+use crate::encryption::{KeyRing, KeyRingError};
 use crate::metrics::Metrics;
 use crate::rbac::Rbac;
+use crate::secrets::SecretsService;
 use crate::store::{Store, StoreError};
 
 pub use crate::api::router;
@@ -20,16 +23,26 @@ pub struct AppState {
     pub audit: Arc<AuditLog>,
     pub rbac: Arc<Rbac>,
     pub auth: AuthService,
+    /// Data keys (encryption issue #8).
+    pub keyring: Arc<KeyRing>,
+    pub secrets: SecretsService,
+}
+
+/// Why the services could not be assembled (boot is refused).
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    KeyRing(#[from] KeyRingError),
+    #[error("ARAGORA_ENCRYPTION_KEY is not set")]
+    NoEncryptionKey,
 }
 
 impl AppState {
     /// Wires the services over `store`. `jwt_secret` is the validated secret
     /// (from the environment or, in development, the generated key file).
-    pub fn new(
-        config: Config,
-        store: Arc<dyn Store>,
-        jwt_secret: &str,
-    ) -> Result<Self, StoreError> {
+    pub fn new(config: Config, store: Arc<dyn Store>, jwt_secret: &str) -> Result<Self, BootError> {
         let metrics = Metrics::new()
             .map_err(|e| StoreError::Backend(format!("metrics registry: {e}")))?
             .with_known_series();
@@ -47,6 +60,20 @@ impl AppState {
             rbac.clone(),
             metrics.clone(),
         )?;
+        let master = config
+            .encryption_key
+            .as_ref()
+            .map(MasterKey::from_key32)
+            .ok_or(BootError::NoEncryptionKey)?;
+        let keyring = Arc::new(KeyRing::open(
+            store.clone(),
+            audit.clone(),
+            metrics.clone(),
+            master,
+            &config.data_dir,
+            config.environment,
+        )?);
+        let secrets = SecretsService::new(store.clone(), audit.clone(), keyring.clone());
         Ok(Self {
             config,
             metrics,
@@ -54,6 +81,8 @@ impl AppState {
             audit,
             rbac,
             auth,
+            keyring,
+            secrets,
         })
     }
 }

@@ -24,9 +24,24 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum ControlRequest {
-    Bootstrap { email: String },
+    Bootstrap {
+        email: String,
+    },
     AuditVerify,
+    /// `aragora key-rotation`: rotate (reason required) or retire unused keys.
+    KeyRotation {
+        reason: Option<String>,
+        force: bool,
+        cleanup_expired: bool,
+    },
+    /// `aragora key-ring restore --file F`: bring back keys missing from the store.
+    KeyRingRestore {
+        file: String,
+    },
 }
+
+/// The audit actor of operator commands.
+pub const CLI_ACTOR: &str = "cli";
 
 /// Runs one control command against the services (shared by the socket and the
 /// direct, server-stopped path).
@@ -38,6 +53,22 @@ pub fn execute(state: &AppState, req: ControlRequest) -> Result<Value, ServiceEr
         }
         ControlRequest::AuditVerify => Ok(serde_json::to_value(state.audit.verify()?)
             .map_err(|e| ServiceError::Internal(e.to_string()))?),
+        ControlRequest::KeyRotation {
+            cleanup_expired: true,
+            ..
+        } => Ok(state.keyring.cleanup_expired(CLI_ACTOR, None)?),
+        ControlRequest::KeyRotation { reason, force, .. } => {
+            let reason = reason.ok_or_else(|| {
+                ServiceError::BadRequest("--reason=TEXT is required to rotate".into())
+            })?;
+            let outcome = state.keyring.rotate(CLI_ACTOR, None, &reason, force)?;
+            serde_json::to_value(outcome).map_err(|e| ServiceError::Internal(e.to_string()))
+        }
+        ControlRequest::KeyRingRestore { file } => {
+            Ok(state
+                .keyring
+                .restore(std::path::Path::new(&file), CLI_ACTOR, None)?)
+        }
     }
 }
 

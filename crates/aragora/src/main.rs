@@ -37,6 +37,40 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Rotate the primary data key (a key-ring backup is written to
+    /// data/keyring-backups/ first), or with --cleanup-expired retire keys no
+    /// stored record uses. Through the owner-only socket when the server runs.
+    KeyRotation {
+        /// Rotate even if the primary key is not due (90 days).
+        #[arg(long)]
+        force: bool,
+        /// Why (recorded in the audit log); required to rotate.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Retire unused keys instead: decrypt-only -> expired -> destroyed.
+        #[arg(long, conflicts_with_all = ["force", "reason"])]
+        cleanup_expired: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The encryption key ring.
+    KeyRing {
+        #[command(subcommand)]
+        command: KeyRingCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyRingCommand {
+    /// Restore keys missing from the store from a backup file written before a
+    /// rotation (data/keyring-backups/keyring-*.json). Keys must open under the
+    /// current ARAGORA_ENCRYPTION_KEY.
+    Restore {
+        #[arg(long)]
+        file: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -73,6 +107,15 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { json },
         } => audit_verify(json),
+        Command::KeyRotation {
+            force,
+            reason,
+            cleanup_expired,
+            json,
+        } => key_rotation(force, reason, cleanup_expired, json),
+        Command::KeyRing {
+            command: KeyRingCommand::Restore { file, json },
+        } => key_ring_restore(&file, json),
     };
     match result {
         Ok(code) => code,
@@ -239,6 +282,69 @@ fn audit_verify(json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn key_rotation(
+    force: bool,
+    reason: Option<String>,
+    cleanup_expired: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    if !cleanup_expired && reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        anyhow::bail!("--reason=TEXT is required to rotate (or use --cleanup-expired)");
+    }
+    let v = run_control(ControlRequest::KeyRotation {
+        reason,
+        force,
+        cleanup_expired,
+    })?;
+    if json {
+        println!("{v}");
+    } else if cleanup_expired {
+        let retired = v["retired"].as_array().cloned().unwrap_or_default();
+        println!("retired {} key(s)", retired.len());
+        for r in &retired {
+            println!("  {} {} -> {}", r["key_id"], r["from"], r["to"]);
+        }
+        for k in v["kept_in_use"].as_array().into_iter().flatten() {
+            println!("  kept {} ({} record(s) use it)", k["key_id"], k["records"]);
+        }
+        println!("active keys: {}", v["active_count"]);
+    } else {
+        println!("{}", v["message"].as_str().unwrap_or_default());
+        if let Some(b) = v["backup"].as_str() {
+            println!("key-ring backup: {b}");
+        }
+        println!(
+            "primary key: {}; active keys: {}",
+            v["primary_key_id"].as_str().unwrap_or_default(),
+            v["active_count"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn key_ring_restore(file: &std::path::Path, json: bool) -> Result<ExitCode> {
+    let file =
+        std::fs::canonicalize(file).with_context(|| format!("backup file {}", file.display()))?;
+    let v = run_control(ControlRequest::KeyRingRestore {
+        file: file.display().to_string(),
+    })?;
+    if json {
+        println!("{v}");
+    } else {
+        let restored = v["restored"].as_array().cloned().unwrap_or_default();
+        println!("restored {} key(s) from {}", restored.len(), file.display());
+        for r in &restored {
+            println!("  {} ({})", r["key_id"], r["status"]);
+        }
+        let present = v["already_present"].as_array().map_or(0, Vec::len);
+        println!(
+            "{present} key(s) already present; active keys: {}",
+            v["active_count"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(level: &str, json: bool) {

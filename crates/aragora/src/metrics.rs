@@ -145,6 +145,15 @@ impl Metrics {
         }
         self.encryption_errors
             .with_label_values(&["decryption_failed"]);
+        // The reasons the key ring records (`CryptoError::reason`, rotation).
+        for reason in [
+            "aad_mismatch",
+            "unknown_key",
+            "malformed",
+            "rotation_failed",
+        ] {
+            self.encryption_errors.with_label_values(&[reason]);
+        }
         for reason in [
             "expired",
             "bad_signature",

@@ -11,6 +11,9 @@ use aragora_testkit::{Request, Server, json};
 
 const RUNBOOK: &str = "../../docs/runbooks/aragora-security-operations.md";
 const PASSWORD: &str = "correct horse battery staple";
+/// The master key the test deploys with (the blocks check it is set, and the
+/// `aragora` CLI they run gets the server's environment).
+const ENCRYPTION_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 fn bash_blocks(doc: &str) -> Vec<String> {
     let mut blocks = Vec::new();
@@ -47,14 +50,17 @@ fn runbook_commands_work_against_the_real_server() {
         .expect("runbook edition");
     let blocks = bash_blocks(&doc);
     assert!(
-        blocks.len() >= 13,
+        blocks.len() >= 24,
         "found only {} bash blocks",
         blocks.len()
     );
 
     let server = Server::start(
         Path::new(env!("CARGO_BIN_EXE_aragora")),
-        &[("AUTH_RATE_LIMIT_PER_IP", "1000")],
+        &[
+            ("AUTH_RATE_LIMIT_PER_IP", "1000"),
+            ("ARAGORA_ENCRYPTION_KEY", ENCRYPTION_KEY),
+        ],
     );
     let (_, admin) = server.bootstrap_admin("admin@example.com");
 
@@ -98,6 +104,27 @@ fn runbook_commands_work_against_the_real_server() {
         }
     }
     let alice_token = server.login("alice@example.com", PASSWORD);
+    // Secrets, read by alice (the secret_access events Section 5 investigates).
+    for (id, ty) in [
+        ("stripe-live", "api_key"),
+        ("orders-db", "database_password"),
+    ] {
+        let r = server.send(
+            Request::new("PUT", &format!("/api/secrets/{id}"))
+                .bearer(&admin)
+                .json(&json!({"value": format!("value of {id}"), "secret_type": ty})),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        let r = server.get(&format!("/api/secrets/{id}"), &alice_token);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // `aragora ...` in a block runs the binary under test with the server's env.
+    let bin_dir = server.bin.parent().expect("binary dir").to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
 
     for (i, block) in blocks.iter().enumerate() {
         let script = block.replace("localhost:8080", &format!("127.0.0.1:{}", server.port));
@@ -106,6 +133,9 @@ fn runbook_commands_work_against_the_real_server() {
             .env("ADMIN_TOKEN", &admin)
             .env("USER_ID", &mallory)
             .env("ACTOR_ID", &mallory)
+            .env("PATH", &path)
+            .env("ARAGORA_DATA_DIR", &server.data_dir)
+            .envs(server.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("bash");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -133,6 +163,15 @@ fn runbook_commands_work_against_the_real_server() {
                 stdout.contains(&alice),
                 "successful logins name alice:\n{stdout}"
             );
+        }
+        if block.contains("action=secret_access") {
+            assert!(
+                stdout.contains(&alice) && stdout.contains("database_password"),
+                "secret readers name alice and the secret types:\n{stdout}"
+            );
+        }
+        if block.contains("key-rotation --force") {
+            assert!(stdout.contains("rotated"), "{stdout}");
         }
         if block.contains("{permission, role, count}") {
             assert!(
@@ -184,6 +223,13 @@ fn runbook_commands_work_against_the_real_server() {
     );
     let r = server.get("/api/auth/me", &admin);
     assert_eq!(r.status, 200, "API keys survive revoke-all: {}", r.body);
+    // The emergency rotation happened and every secret still decrypts.
+    let keys = server.get("/api/security/encryption/keys", &admin).json();
+    assert!(keys["active_count"].as_u64() >= Some(2), "{keys}");
+    for id in ["stripe-live", "orders-db"] {
+        let r = server.get(&format!("/api/secrets/{id}"), &admin);
+        assert_eq!(r.json()["value"], format!("value of {id}"), "{}", r.body);
+    }
     let audit = server.get("/api/security/audit/verify", &admin).json();
     assert_eq!(
         audit["ok"], true,

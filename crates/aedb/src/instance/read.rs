@@ -20,21 +20,32 @@ impl<M> ReadTx<'_, M> {
         self.db.authorize_read(&self.caller, project, need)
     }
 
+    /// Authorizes a KV read of `prefix` (`None`: the whole scope) and returns
+    /// the keyspace to read it from.
+    fn kv_view(
+        &self,
+        project: &str,
+        scope: &str,
+        prefix: Option<&[u8]>,
+    ) -> Result<crate::txn::snapshot::KvView<'_>, AedbError> {
+        self.check(
+            project,
+            Permission::KvRead {
+                project: project.to_string(),
+                scope: Some(scope.to_string()),
+                prefix: prefix.map(<[u8]>::to_vec),
+            },
+        )?;
+        self.snapshot.kv(project, scope)
+    }
+
     pub fn kv_get(
         &self,
         project: &str,
         scope: &str,
         key: &[u8],
     ) -> Result<Option<Arc<[u8]>>, AedbError> {
-        self.check(
-            project,
-            Permission::KvRead {
-                project: project.to_string(),
-                scope: Some(scope.to_string()),
-                prefix: Some(key.to_vec()),
-            },
-        )?;
-        Ok(self.snapshot.kv(project, scope)?.get(key))
+        Ok(self.kv_view(project, scope, Some(key))?.get(key))
     }
 
     /// The value and the sequence number of the commit that wrote it (the version
@@ -45,15 +56,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         key: &[u8],
     ) -> Result<Option<crate::txn::snapshot::Versioned>, AedbError> {
-        self.check(
-            project,
-            Permission::KvRead {
-                project: project.to_string(),
-                scope: Some(scope.to_string()),
-                prefix: Some(key.to_vec()),
-            },
-        )?;
-        Ok(self.snapshot.kv(project, scope)?.get_versioned(key))
+        Ok(self.kv_view(project, scope, Some(key))?.get_versioned(key))
     }
 
     pub fn kv_scan_prefix(
@@ -63,15 +66,9 @@ impl<M> ReadTx<'_, M> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<KvPair>, AedbError> {
-        self.check(
-            project,
-            Permission::KvRead {
-                project: project.to_string(),
-                scope: Some(scope.to_string()),
-                prefix: Some(prefix.to_vec()),
-            },
-        )?;
-        Ok(self.snapshot.kv(project, scope)?.scan_prefix(prefix, limit))
+        Ok(self
+            .kv_view(project, scope, Some(prefix))?
+            .scan_prefix(prefix, limit))
     }
 
     /// A range scan needs read access to the whole scope (a range is not a prefix).
@@ -83,17 +80,8 @@ impl<M> ReadTx<'_, M> {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>, AedbError> {
-        self.check(
-            project,
-            Permission::KvRead {
-                project: project.to_string(),
-                scope: Some(scope.to_string()),
-                prefix: None,
-            },
-        )?;
         Ok(self
-            .snapshot
-            .kv(project, scope)?
+            .kv_view(project, scope, None)?
             .scan_range(start, end, limit))
     }
 
@@ -106,17 +94,8 @@ impl<M> ReadTx<'_, M> {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>, AedbError> {
-        self.check(
-            project,
-            Permission::KvRead {
-                project: project.to_string(),
-                scope: Some(scope.to_string()),
-                prefix: None,
-            },
-        )?;
         Ok(self
-            .snapshot
-            .kv(project, scope)?
+            .kv_view(project, scope, None)?
             .scan_range_rev(start, end, limit))
     }
 

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod encryption;
 pub mod rbac;
 pub mod system;
 
@@ -234,6 +235,14 @@ routes! {
     GET "/api/security/rbac/denials/recent" Some("rbac.read"), "Denials of the last ?minutes= (default 15) by user, permission, role" => rbac::denials_recent;
     GET "/api/security/audit/search" Some("audit.read"), "Audit entries by ?action=, ?actor=, ?minutes=, ?limit=, ?before=" => audit::search;
     GET "/api/security/audit/verify" Some("audit.read"), "Verify the audit hash chain" => audit::verify;
+    GET "/api/security/encryption/health" A, "Key ring health: {status, master_key_loaded, active_key_id, active_keys} (nothing secret)" => encryption::health;
+    GET "/api/security/encryption/stats" Some("encryption.read"), "Encrypt/decrypt counts and latency percentiles, derivation_latency_p95, decrypts_per_actor (last minute)" => encryption::stats;
+    GET "/api/security/encryption/keys" Some("encryption.read"), "Key ring metadata: {active_count, primary_key_id, keys}" => encryption::keys;
+    POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}" => encryption::rotate;
+    GET "/api/secrets" Some("secrets.list"), "Secret metadata (?after=, ?limit=); never values" => encryption::list_secrets;
+    PUT "/api/secrets/{id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret;
+    GET "/api/secrets/{id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret;
+    DELETE "/api/secrets/{id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret;
 }
 
 /// Builds the router: each route behind its permission guard, then the IP block

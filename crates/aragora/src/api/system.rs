@@ -55,8 +55,10 @@ pub async fn openapi() -> Response {
         if let Some(p) = r.permission {
             op["security"] = json!([{"bearer": []}]);
             op["x-permission"] = json!(p);
-            op["responses"]["401"] = json!({"description": "missing or invalid credential (`reason`)"});
-            op["responses"]["403"] = json!({"description": "the permission named in `permission` is required"});
+            op["responses"]["401"] =
+                json!({"description": "missing or invalid credential (`reason`)"});
+            op["responses"]["403"] =
+                json!({"description": "the permission named in `permission` is required"});
         } else {
             op["security"] = json!([]);
         }

@@ -35,10 +35,14 @@ pub enum Collection {
     Audit,
     /// Singletons: the audit chain head, the session revocation epoch, ...
     Meta,
+    /// Data keys, wrapped by the master key (key id -> `encryption::KeyRecord`).
+    KeyRing,
+    /// Encrypted secrets (id -> `secrets::SecretRecord`).
+    Secrets,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 8] = [
+    pub const ALL: [Collection; 10] = [
         Collection::Users,
         Collection::UserEmails,
         Collection::Roles,
@@ -47,6 +51,8 @@ impl Collection {
         Collection::IpBlocks,
         Collection::Audit,
         Collection::Meta,
+        Collection::KeyRing,
+        Collection::Secrets,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +65,8 @@ impl Collection {
             Collection::IpBlocks => "ip_blocks",
             Collection::Audit => "audit",
             Collection::Meta => "meta",
+            Collection::KeyRing => "key_ring",
+            Collection::Secrets => "secrets",
         }
     }
 }

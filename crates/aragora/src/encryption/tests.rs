@@ -1,0 +1,222 @@
+use std::path::Path;
+
+use zeroize::Zeroizing;
+
+use super::*;
+use crate::auth::{Credential, Principal, RequestMeta};
+use crate::secrets::SecretsService;
+use crate::store::{Durability, EmbeddedStore};
+
+const MK: [u8; 32] = [7; 32];
+const CK: [u8; 32] = [9; 32];
+
+#[derive(Debug)]
+struct Fixture {
+    store: Arc<dyn Store>,
+    ring: Arc<KeyRing>,
+    secrets: SecretsService,
+}
+
+fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError> {
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.join("aedb"), MK, CK).expect("store"));
+    let audit = Arc::new(AuditLog::new(store.clone()));
+    let metrics = Metrics::new().expect("metrics");
+    let ring = Arc::new(KeyRing::open(
+        store.clone(),
+        audit.clone(),
+        metrics,
+        MasterKey::from_bytes(Zeroizing::new(master)),
+        dir,
+        Environment::Development,
+    )?);
+    let secrets = SecretsService::new(store.clone(), audit, ring.clone());
+    Ok(Fixture {
+        store,
+        ring,
+        secrets,
+    })
+}
+
+fn principal() -> Principal {
+    Principal {
+        user_id: "u-1".into(),
+        email: "u@example.com".into(),
+        roles: vec!["admin".into()],
+        credential: Credential::ApiKey { key_id: "k".into() },
+    }
+}
+
+#[test]
+fn first_open_creates_a_primary_and_reopen_keeps_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (primary, env) = {
+        let f = open(dir.path(), [1; 32]).expect("open");
+        let env = f.ring.encrypt("rec-1", b"hello").expect("encrypt");
+        assert_eq!(f.ring.keys()["active_count"], 1);
+        (f.ring.primary_key_id(), env)
+    };
+    let f = open(dir.path(), [1; 32]).expect("reopen");
+    assert_eq!(f.ring.primary_key_id(), primary);
+    assert_eq!(
+        f.ring.decrypt("rec-1", &env, None).expect("decrypt"),
+        b"hello"
+    );
+    // A ciphertext moved to another record id does not decrypt.
+    let e = f.ring.decrypt("rec-2", &env, None).expect_err("moved");
+    assert!(matches!(e, CryptoError::AadMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("AAD mismatch"), "{e}");
+}
+
+#[test]
+fn wrong_master_key_refuses_to_open_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let primary = open(dir.path(), [1; 32])
+        .expect("open")
+        .ring
+        .primary_key_id();
+    let e = open(dir.path(), [2; 32]).expect_err("wrong master key");
+    let msg = e.to_string();
+    assert!(msg.contains(&primary), "{msg}");
+    assert!(msg.contains("ARAGORA_ENCRYPTION_KEY"), "{msg}");
+    assert!(!msg.contains(&hex::encode([2u8; 32])), "{msg}");
+}
+
+#[test]
+fn rotation_keeps_old_keys_for_decryption_and_cleanup_spares_keys_in_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = open(dir.path(), [1; 32]).expect("open");
+    let p = principal();
+    let meta = RequestMeta::default();
+    let old = f.ring.primary_key_id();
+    f.secrets
+        .put(&p, "s1", "v1", "api_key", None, &meta)
+        .expect("put");
+
+    let not_due = f
+        .ring
+        .rotate("t", None, "scheduled", false)
+        .expect("rotate");
+    assert!(!not_due.rotated);
+    assert_eq!(f.ring.primary_key_id(), old);
+
+    let out = f.ring.rotate("t", None, "test", true).expect("rotate");
+    assert!(out.rotated);
+    let new = f.ring.primary_key_id();
+    assert_ne!(new, old);
+    let backup = out.backup.expect("backup path");
+    let mode = std::fs::metadata(&backup).expect("backup").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+
+    let (view, value) = f.secrets.get(&p, "s1", &meta).expect("old secret");
+    assert_eq!(
+        (view["key_id"].as_str(), value.as_str()),
+        (Some(old.as_str()), "v1")
+    );
+    let (view, _) = f
+        .secrets
+        .put(&p, "s2", "v2", "api_key", None, &meta)
+        .expect("put");
+    assert_eq!(view["key_id"].as_str(), Some(new.as_str()));
+    assert_eq!(f.ring.keys()["active_count"], 2);
+
+    // s1 uses the old key: cleanup keeps it.
+    let c = f.ring.cleanup_expired("t", None).expect("cleanup");
+    assert_eq!(c["retired"].as_array().map(Vec::len), Some(0), "{c}");
+    assert_eq!(
+        c["kept_in_use"][0]["key_id"].as_str(),
+        Some(old.as_str()),
+        "{c}"
+    );
+
+    // Rewritten under the new key, the old one retires in two steps.
+    f.secrets
+        .put(&p, "s1", "v1b", "api_key", None, &meta)
+        .expect("rewrite");
+    let c = f.ring.cleanup_expired("t", None).expect("cleanup");
+    assert_eq!(c["retired"][0]["to"], "expired", "{c}");
+    let c = f.ring.cleanup_expired("t", None).expect("cleanup");
+    assert_eq!(c["retired"][0]["to"], "destroyed", "{c}");
+    assert_eq!(f.ring.keys()["active_count"], 1);
+    assert_eq!(f.secrets.get(&p, "s1", &meta).expect("s1").1, "v1b");
+    assert_eq!(f.secrets.get(&p, "s2", &meta).expect("s2").1, "v2");
+}
+
+#[test]
+fn restore_brings_back_a_lost_key_from_the_backup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = open(dir.path(), [1; 32]).expect("open");
+    let p = principal();
+    let meta = RequestMeta::default();
+    let old = f.ring.primary_key_id();
+    f.secrets
+        .put(&p, "s1", "v1", "token", None, &meta)
+        .expect("put");
+    let backup = f
+        .ring
+        .rotate("t", None, "test", true)
+        .expect("rotate")
+        .backup
+        .expect("backup");
+    // The old key is lost.
+    f.store
+        .write(
+            vec![WriteOp::delete(Collection::KeyRing, &old, Expect::Any)],
+            Durability::Durable,
+        )
+        .expect("delete");
+    f.ring.reload().expect("reload");
+    let e = f.secrets.get(&p, "s1", &meta).expect_err("key lost");
+    assert!(e.to_string().contains("unknown key"), "{e}");
+    let r = f
+        .ring
+        .restore(Path::new(&backup), "t", None)
+        .expect("restore");
+    assert_eq!(
+        r["restored"][0]["key_id"].as_str(),
+        Some(old.as_str()),
+        "{r}"
+    );
+    assert_eq!(r["restored"][0]["status"], "decrypt_only", "{r}");
+    assert_eq!(f.secrets.get(&p, "s1", &meta).expect("s1").1, "v1");
+    // Restoring again changes nothing.
+    let r = f
+        .ring
+        .restore(Path::new(&backup), "t", None)
+        .expect("restore");
+    assert_eq!(r["restored"].as_array().map(Vec::len), Some(0), "{r}");
+}
+
+#[test]
+fn stats_count_operations_and_decrypts_per_actor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = open(dir.path(), [1; 32]).expect("open");
+    let p = principal();
+    let meta = RequestMeta::default();
+    f.secrets
+        .put(&p, "s1", "v1", "token", None, &meta)
+        .expect("put");
+    for _ in 0..3 {
+        f.secrets.get(&p, "s1", &meta).expect("get");
+    }
+    let s = f.ring.stats();
+    assert_eq!(s["encrypt_ops"], 1, "{s}");
+    assert_eq!(s["decrypt_ops"], 3, "{s}");
+    assert_eq!(s["decrypts_per_actor"][0]["actor"], "u-1", "{s}");
+    assert_eq!(s["decrypts_per_actor"][0]["last_minute"], 3, "{s}");
+    assert!(
+        s["derivation_latency_p95"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{s}"
+    );
+    assert!(
+        s["encryption_latency_p95"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{s}"
+    );
+}

@@ -1,0 +1,275 @@
+//! Secrets: the values the encryption protects. Each is stored as an envelope
+//! under the key ring's primary key with its record id as AAD, so a ciphertext
+//! copied to another id does not decrypt. Every write, delete and read is
+//! audited fail-closed: a read whose `secret_access` entry cannot be written
+//! returns no value.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
+use crate::auth::{CAS_RETRIES, Principal, RequestMeta};
+use crate::clock::{format_us, now_us};
+use crate::encryption::KeyRing;
+use crate::error::ServiceError;
+use crate::store::{Collection, Expect, ListQuery, Store, WriteOp, get_json, list_json};
+
+pub const MAX_ID_LEN: usize = 200;
+pub const MAX_VALUE_BYTES: usize = 32 * 1024;
+pub const MAX_PAGE: usize = 1000;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretRecord {
+    pub id: String,
+    pub secret_type: String,
+    pub owner: String,
+    /// The envelope, hex.
+    pub envelope: String,
+    pub key_id: String,
+    pub key_version: u32,
+    pub created_at: String,
+    pub created_at_us: i64,
+    pub updated_at: String,
+    pub updated_at_us: i64,
+}
+
+impl SecretRecord {
+    /// Metadata only.
+    pub fn view(&self) -> Value {
+        json!({
+            "id": self.id,
+            "secret_type": self.secret_type,
+            "owner": self.owner,
+            "key_id": self.key_id,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct SecretsService {
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    keyring: Arc<KeyRing>,
+}
+
+fn validate_id(id: &str) -> Result<(), ServiceError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(format!(
+            "secret id must be 1 to {MAX_ID_LEN} characters of A-Z a-z 0-9 . _ - :"
+        )))
+    }
+}
+
+fn validate_type(t: &str) -> Result<(), ServiceError> {
+    let ok = !t.is_empty()
+        && t.len() <= 64
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(
+            "secret_type must be 1 to 64 characters of A-Z a-z 0-9 . _ -".into(),
+        ))
+    }
+}
+
+fn not_found(id: &str) -> ServiceError {
+    ServiceError::NotFound(format!("no secret {id}"))
+}
+
+impl SecretsService {
+    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>, keyring: Arc<KeyRing>) -> Self {
+        Self {
+            store,
+            audit,
+            keyring,
+        }
+    }
+
+    /// Creates or replaces a secret; `(metadata, created)`.
+    pub fn put(
+        &self,
+        p: &Principal,
+        id: &str,
+        value: &str,
+        secret_type: &str,
+        owner: Option<&str>,
+        meta: &RequestMeta,
+    ) -> Result<(Value, bool), ServiceError> {
+        validate_id(id)?;
+        validate_type(secret_type)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(ServiceError::BadRequest(format!(
+                "value is larger than {MAX_VALUE_BYTES} bytes"
+            )));
+        }
+        let owner = owner.unwrap_or(&p.user_id).to_string();
+        for _ in 0..CAS_RETRIES {
+            let existing = get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?;
+            let now = now_us();
+            let (expect, created_us) = match &existing {
+                Some((v, r)) => (Expect::Version(*v), r.created_at_us),
+                None => (Expect::Absent, now),
+            };
+            let result = self.keyring.seal_and_write(
+                id,
+                value.as_bytes(),
+                |envelope, key_id, key_version| {
+                    let rec = SecretRecord {
+                        id: id.to_string(),
+                        secret_type: secret_type.to_string(),
+                        owner: owner.clone(),
+                        envelope: hex::encode(envelope),
+                        key_id: key_id.to_string(),
+                        key_version,
+                        created_at: format_us(created_us),
+                        created_at_us: created_us,
+                        updated_at: format_us(now),
+                        updated_at_us: now,
+                    };
+                    let op = WriteOp::put_json(Collection::Secrets, id, &rec, expect)
+                        .map_err(|e| WriteFailure::Other(e.into()))?;
+                    let event =
+                        AuditEvent::new("secret_written", p.user_id.clone(), Outcome::Success)
+                            .ip(meta.ip_string())
+                            .details(json!({
+                                "secret_id": id,
+                                "secret_type": secret_type,
+                                "key_id": key_id,
+                                "created": existing.is_none(),
+                            }));
+                    match self.audit.record_with(event, vec![op]) {
+                        Ok(_) => Ok(rec),
+                        Err(RecordError::Ops(e)) if e.is_conflict() => Err(WriteFailure::Conflict),
+                        Err(e) => Err(WriteFailure::Other(e.into())),
+                    }
+                },
+            );
+            match result {
+                Ok(rec) => return Ok((rec.view(), existing.is_none())),
+                Err(WriteFailure::Conflict) => continue,
+                Err(WriteFailure::Other(e)) => return Err(e),
+            }
+        }
+        Err(ServiceError::Conflict(format!(
+            "secret {id} is being changed concurrently; retry"
+        )))
+    }
+
+    /// Decrypts a secret for `p`. The `secret_access` entry is written before
+    /// the value is returned; if it cannot be, no value is returned.
+    pub fn get(
+        &self,
+        p: &Principal,
+        id: &str,
+        meta: &RequestMeta,
+    ) -> Result<(Value, String), ServiceError> {
+        validate_id(id)?;
+        let Some((_, rec)) =
+            get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?
+        else {
+            return Err(not_found(id));
+        };
+        let opened = hex::decode(&rec.envelope)
+            .map_err(|_| crate::crypto::CryptoError::Malformed {
+                reason: "stored envelope is not hex".into(),
+            })
+            .and_then(|env| self.keyring.decrypt(id, &env, Some(&p.user_id)));
+        let base = json!({
+            "secret_id": id,
+            "secret_type": rec.secret_type,
+            "key_id": rec.key_id,
+        });
+        match opened {
+            Ok(plain) => {
+                let value = String::from_utf8(plain)
+                    .map_err(|_| ServiceError::Internal(format!("secret {id} is not UTF-8")))?;
+                self.audit.record(
+                    AuditEvent::new("secret_access", p.user_id.clone(), Outcome::Success)
+                        .ip(meta.ip_string())
+                        .details(base),
+                )?;
+                Ok((rec.view(), value))
+            }
+            Err(e) => {
+                let mut details = base;
+                details["error"] = json!(e.to_string());
+                details["reason"] = json!(e.reason());
+                if let Err(a) = self.audit.record(
+                    AuditEvent::new("secret_access", p.user_id.clone(), Outcome::Failure)
+                        .ip(meta.ip_string())
+                        .details(details),
+                ) {
+                    tracing::error!(error = %a, "failed secret_access could not be audited");
+                }
+                Err(ServiceError::Internal(format!(
+                    "secret {id} could not be decrypted: {e}"
+                )))
+            }
+        }
+    }
+
+    pub fn delete(&self, p: &Principal, id: &str, meta: &RequestMeta) -> Result<(), ServiceError> {
+        validate_id(id)?;
+        for _ in 0..CAS_RETRIES {
+            let Some((version, rec)) =
+                get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?
+            else {
+                return Err(not_found(id));
+            };
+            let op = WriteOp::delete(Collection::Secrets, id, Expect::Version(version));
+            let event = AuditEvent::new("secret_deleted", p.user_id.clone(), Outcome::Success)
+                .ip(meta.ip_string())
+                .details(json!({"secret_id": id, "secret_type": rec.secret_type}));
+            match self.audit.record_with(event, vec![op]) {
+                Ok(_) => return Ok(()),
+                Err(RecordError::Ops(e)) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Conflict(format!(
+            "secret {id} is being changed concurrently; retry"
+        )))
+    }
+
+    /// Metadata of secrets after `after`, in id order; `(items, next_after)`.
+    pub fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Value>, Option<String>), ServiceError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let page = list_json::<SecretRecord>(
+            self.store.as_ref(),
+            Collection::Secrets,
+            &ListQuery::after(after, limit),
+        )?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|(id, _, _)| id.clone()))
+            .flatten();
+        Ok((page.iter().map(|(_, _, r)| r.view()).collect(), next))
+    }
+}
+
+enum WriteFailure {
+    Conflict,
+    Other(ServiceError),
+}
+
+impl From<crate::crypto::CryptoError> for WriteFailure {
+    fn from(e: crate::crypto::CryptoError) -> Self {
+        WriteFailure::Other(ServiceError::Internal(format!("encryption failed: {e}")))
+    }
+}
