@@ -1,8 +1,9 @@
-//! Authorized GET throughput over loopback: the server runs in this process
-//! (the same router and services as `aragora serve`, on an embedded store), the
-//! load comes from a second process (this binary in `--load-gen` mode) with
-//! keep-alive connections. Each request carries a JWT: verify + session and
-//! user lookups + RBAC + handler.
+//! HTTP throughput over loopback: the server runs in this process (the same
+//! router and services as `aragora serve`, on an embedded store), the load comes
+//! from a second process (this binary in `--load-gen` mode) with keep-alive
+//! connections. Two phases: an authorized GET (JWT verify + session and user
+//! lookups + RBAC + handler), and a secret read (the same, plus decryption and
+//! its `secret_access` audit entry written durably before the response).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,6 +24,8 @@ use crate::Options;
 use crate::report::Report;
 
 pub const PATH: &str = "/api/security/rbac/cache/stats";
+const SECRET_ID: &str = "bench-secret";
+const SECRET_PATH: &str = "/api/secrets/bench-secret";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LoadResult {
@@ -68,13 +71,28 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
             "bench",
             "bench@example.com",
             Some("bench password 123"),
-            vec!["security_analyst".into()],
+            vec!["security_analyst".into(), "member".into()],
             &meta,
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (token, _, _) = state
         .auth
         .login("bench@example.com", "bench password 123", &meta)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let principal = state
+        .auth
+        .authenticate(Some(&format!("Bearer {token}")), &meta)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    state
+        .secrets
+        .put(
+            &principal,
+            SECRET_ID,
+            &"s".repeat(64),
+            "api_token",
+            None,
+            &meta,
+        )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -89,6 +107,44 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
     });
 
     let (secs, conns) = if options.quick { (1.0, 8) } else { (10.0, 32) };
+    let mut table = String::new();
+    for (workload, path, what, target) in [
+        (
+            "http_authorized_get",
+            PATH,
+            "GET with a JWT",
+            ">= 15,000/s, p99 < 10 ms",
+        ),
+        (
+            "http_secret_read",
+            SECRET_PATH,
+            "secret read (decrypt + durable audit)",
+            ">= 5,000/s",
+        ),
+    ] {
+        let r = load(port, path, &token, secs, conns)?;
+        let rps = r.requests as f64 / r.seconds;
+        report.record(workload, "aragora", "requests_per_s", rps);
+        report.record(workload, "aragora", "p99_s", r.p99_us as f64 / 1e6);
+        writeln!(
+            table,
+            "http {what}: GET {path}, {conns} keep-alive connections from a second process, {secs} s, server on 2 worker threads"
+        )?;
+        writeln!(
+            table,
+            "  requests/s {:>10}   p50 {:>6} us   p99 {:>6} us   (target: {target})",
+            crate::report::thousands(rps),
+            r.p50_us,
+            r.p99_us
+        )?;
+    }
+    report.section(table);
+    drop(rt);
+    Ok(())
+}
+
+/// Runs the load generator process against `path` and returns its result.
+fn load(port: u16, path: &str, token: &str, secs: f64, conns: usize) -> Result<LoadResult> {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .args([
@@ -99,7 +155,8 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
             "--load-gen-conns",
             &conns.to_string(),
         ])
-        .env("ARAGORA_BENCH_TOKEN", &token)
+        .env("ARAGORA_BENCH_TOKEN", token)
+        .env("ARAGORA_BENCH_PATH", path)
         .output()
         .context("starting the load generator process")?;
     if !out.status.success() {
@@ -110,42 +167,21 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
     }
     let r: LoadResult = serde_json::from_slice(&out.stdout).context("load generator output")?;
     if r.errors > 0 {
-        bail!("{} of {} requests failed", r.errors, r.requests);
+        bail!("{path}: {} of {} requests failed", r.errors, r.requests);
     }
-    let rps = r.requests as f64 / r.seconds;
-    report.record("http_authorized_get", "aragora", "requests_per_s", rps);
-    report.record(
-        "http_authorized_get",
-        "aragora",
-        "p99_s",
-        r.p99_us as f64 / 1e6,
-    );
-    let mut table = String::new();
-    writeln!(
-        table,
-        "http: GET {PATH} with a JWT, {conns} keep-alive connections from a second process, {secs} s, server on 2 worker threads"
-    )?;
-    writeln!(
-        table,
-        "requests/s {:>10}   p50 {:>6} us   p99 {:>6} us   (targets: >= 15,000/s, p99 < 10 ms)",
-        crate::report::thousands(rps),
-        r.p50_us,
-        r.p99_us
-    )?;
-    report.section(table);
-    drop(rt);
-    Ok(())
+    Ok(r)
 }
 
 /// The second process: `conns` connections, each sending GETs back to back for
 /// `secs`, measuring every request's latency.
 pub fn load_gen(port: u16, secs: f64, conns: usize) -> Result<()> {
     let token = std::env::var("ARAGORA_BENCH_TOKEN").context("ARAGORA_BENCH_TOKEN")?;
+    let path = std::env::var("ARAGORA_BENCH_PATH").unwrap_or_else(|_| PATH.to_string());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let request =
-        format!("GET {PATH} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let results = rt.block_on(async {

@@ -56,8 +56,10 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
             expected.insert((workload, "aragora", metric));
         }
     }
-    for metric in ["requests_per_s", "p99_s"] {
-        expected.insert(("http_authorized_get", "aragora", metric));
+    for workload in ["http_authorized_get", "http_secret_read"] {
+        for metric in ["requests_per_s", "p99_s"] {
+            expected.insert((workload, "aragora", metric));
+        }
     }
     let expected: BTreeSet<(String, String, String)> = expected
         .into_iter()
