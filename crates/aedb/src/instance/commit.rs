@@ -168,6 +168,12 @@ impl<M> AedbInstance<M> {
         let mut cs = self.lock_commit()?;
         self.inner.wal.check_healthy()?;
         if let Some(seq) = tag.as_ref().and_then(|t| cs.idempotency.get(t).copied()) {
+            // The first attempt may still be between its WAL append and its
+            // publication (it runs under another project's lock): a replay
+            // returns only once that commit is visible, as the first would have.
+            while cs.state.seq < seq {
+                self.inner.published.wait(&mut cs);
+            }
             drop(cs);
             return self.finish(seq, finality, true);
         }
