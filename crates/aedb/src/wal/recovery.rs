@@ -142,6 +142,29 @@ pub(crate) fn recover(
     let mut position: Option<WriterPosition> = None;
     let mut last_header = None;
     let mut summaries: Vec<SealedSegment> = Vec::new();
+    // Every damage exit hands the progress so far to `finish_damaged`.
+    macro_rules! damaged {
+        ($i:expr, $path:expr, $damage:expr, $named:expr) => {
+            return finish_damaged(
+                dir,
+                mode,
+                &segs,
+                DamageAt {
+                    index: $i,
+                    path: $path,
+                    named_file: $named,
+                },
+                $damage,
+                Progress {
+                    next_lsn,
+                    report,
+                    position,
+                    last_header,
+                    segments: summaries,
+                },
+            )
+        };
+    }
     for (i, (index, path)) in segs.iter().enumerate() {
         let is_last = i + 1 == segs.len();
         // A gap in segment numbers is a missing segment: never a torn write.
@@ -152,40 +175,14 @@ pub(crate) fn recover(
                 missing.display(),
                 segs[i - 1].1.display()
             ));
-            return finish_damaged(
-                dir,
-                mode,
-                &segs,
-                i,
-                path,
-                damage,
-                next_lsn,
-                report,
-                position,
-                last_header,
-                summaries,
-                &missing,
-            );
+            damaged!(i, path, damage, &missing);
         }
         let buf = fs::read(path).map_err(|e| AedbError::io(path, e))?;
         let header = match SegmentHeader::decode(&buf) {
             Ok(h) => h,
             Err(reason) => {
                 let damage = Damage::structural(reason);
-                return finish_damaged(
-                    dir,
-                    mode,
-                    &segs,
-                    i,
-                    path,
-                    damage,
-                    next_lsn,
-                    report,
-                    position,
-                    last_header,
-                    summaries,
-                    path,
-                );
+                damaged!(i, path, damage, path);
             }
         };
         if i == 0 {
@@ -229,20 +226,7 @@ pub(crate) fn recover(
         };
         if let Some(reason) = header_problem {
             let damage = Damage::structural(reason);
-            return finish_damaged(
-                dir,
-                mode,
-                &segs,
-                i,
-                path,
-                damage,
-                next_lsn,
-                report,
-                position,
-                last_header,
-                summaries,
-                path,
-            );
+            damaged!(i, path, damage, path);
         }
         let cipher = keys
             .reader_cipher(&header)
@@ -313,20 +297,7 @@ pub(crate) fn recover(
                 });
                 break;
             }
-            return finish_damaged(
-                dir,
-                mode,
-                &segs,
-                i,
-                path,
-                damage,
-                next_lsn,
-                report,
-                position,
-                last_header,
-                summaries,
-                path,
-            );
+            damaged!(i, path, damage, path);
         }
     }
     if report.last_lsn < ckpt_lsn {
@@ -347,23 +318,46 @@ pub(crate) fn recover(
     })
 }
 
-/// Strict: the error. Permissive: keep everything before the damage in segment `i`,
-/// preserve copies of what is dropped, and continue from the last good frame.
-#[allow(clippy::too_many_arguments)]
+/// Where damage was found: segment `index` of the list, its file, and the file
+/// the error names (a missing segment names the file that should exist).
+struct DamageAt<'a> {
+    index: usize,
+    path: &'a Path,
+    named_file: &'a Path,
+}
+
+/// What the replay established before the damage.
+struct Progress {
+    next_lsn: u64,
+    report: RecoveryReport,
+    position: Option<WriterPosition>,
+    last_header: Option<SegmentHeader>,
+    segments: Vec<SealedSegment>,
+}
+
+/// Strict: the error. Permissive: keep everything before the damage in segment
+/// `at.index`, preserve copies of what is dropped, and continue from the last
+/// good frame.
 fn finish_damaged(
     dir: &Path,
     mode: RecoveryMode,
     segs: &[(u64, PathBuf)],
-    i: usize,
-    path: &Path,
+    at: DamageAt<'_>,
     damage: Damage,
-    next_lsn: u64,
-    mut report: RecoveryReport,
-    position: Option<WriterPosition>,
-    last_header: Option<SegmentHeader>,
-    segments: Vec<SealedSegment>,
-    named_file: &Path,
+    progress: Progress,
 ) -> Result<Recovered, AedbError> {
+    let DamageAt {
+        index: i,
+        path,
+        named_file,
+    } = at;
+    let Progress {
+        next_lsn,
+        mut report,
+        position,
+        last_header,
+        segments,
+    } = progress;
     if mode == RecoveryMode::Strict {
         return Err(AedbError::corruption(
             named_file,
