@@ -9,6 +9,7 @@
 
 pub mod catalogue;
 
+use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -80,13 +81,17 @@ fn cache_key(user_id: &str, permission: &str) -> u64 {
 }
 
 /// Roles as one canonical string (sorted, deduplicated), the form stored in a
-/// cache entry and shown as the `role` of a denial.
-pub fn roles_label(roles: &[String]) -> String {
-    let set: BTreeSet<&str> = roles.iter().map(String::as_str).collect();
-    if set.is_empty() {
-        return "none".into();
+/// cache entry and shown as the `role` of a denial. One role, the common case,
+/// is borrowed: no allocation on the decision path.
+pub fn roles_label(roles: &[String]) -> Cow<'_, str> {
+    match roles {
+        [] => Cow::Borrowed("none"),
+        [one] => Cow::Borrowed(one.as_str()),
+        many => {
+            let set: BTreeSet<&str> = many.iter().map(String::as_str).collect();
+            Cow::Owned(set.into_iter().collect::<Vec<_>>().join(","))
+        }
     }
-    set.into_iter().collect::<Vec<_>>().join(",")
 }
 
 impl Rbac {
