@@ -24,6 +24,78 @@ fn value(store: &dyn Store, c: Collection, id: &str) -> Option<String> {
 
 /// Panics with a description of the first behaviour that does not hold.
 pub fn run(store: &dyn Store) {
+    basics(store);
+    concurrent_compare_and_set(store);
+    paging_visits_every_record_once(store);
+}
+
+/// Threads incrementing one counter with compare-and-set lose no increment: a
+/// stale write is always refused.
+fn concurrent_compare_and_set(store: &dyn Store) {
+    const THREADS: usize = 4;
+    const EACH: usize = 25;
+    let meta = Collection::Meta;
+    store
+        .write(
+            vec![put(meta, "counter", "0", Expect::Absent)],
+            Durability::Durable,
+        )
+        .expect("counter");
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                for _ in 0..EACH {
+                    loop {
+                        let r = store.get(meta, "counter").expect("get").expect("present");
+                        let n: u64 = String::from_utf8_lossy(&r.value).parse().expect("number");
+                        match store.write(
+                            vec![put(
+                                meta,
+                                "counter",
+                                &(n + 1).to_string(),
+                                Expect::Version(r.version),
+                            )],
+                            Durability::Visible,
+                        ) {
+                            Ok(_) => break,
+                            Err(e) if e.is_conflict() => continue,
+                            Err(e) => panic!("increment: {e}"),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(
+        value(store, meta, "counter").as_deref(),
+        Some((THREADS * EACH).to_string().as_str()),
+        "every compare-and-set increment counted exactly once"
+    );
+}
+
+/// `for_each_json` pages through more records than one page holds.
+fn paging_visits_every_record_once(store: &dyn Store) {
+    let roles = Collection::Roles;
+    let n = 2_345;
+    let ops: Vec<WriteOp> = (0..n)
+        .map(|i| put(roles, &format!("r{i:05}"), "\"x\"", Expect::Absent))
+        .collect();
+    store.write(ops, Durability::Durable).expect("bulk insert");
+    let mut seen = Vec::new();
+    super::for_each_json::<String>(store, roles, |id, _, v| {
+        assert_eq!(v, "x");
+        seen.push(id);
+        Ok(())
+    })
+    .expect("for_each_json");
+    assert_eq!(seen.len(), n, "every record once");
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "in id order, no repeats"
+    );
+}
+
+fn basics(store: &dyn Store) {
     let users = Collection::Users;
     // Create-if-absent and its conflict.
     store
@@ -155,7 +227,7 @@ pub fn run(store: &dyn Store) {
     );
     assert!(
         store
-            .list(Collection::Roles, &ListQuery::all(10))
+            .list(Collection::Sessions, &ListQuery::all(10))
             .expect("empty")
             .is_empty(),
         "collections are separate"
