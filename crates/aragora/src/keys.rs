@@ -34,6 +34,7 @@ pub fn load_or_generate_dev_keys(
         }
     }
     let mut changed = false;
+    let mut from_file = Vec::new();
     for (name, len) in [
         ("ARAGORA_ENCRYPTION_KEY", 32usize),
         ("AEDB_MANIFEST_KEY", 32),
@@ -55,8 +56,11 @@ pub fn load_or_generate_dev_keys(
                 v
             }
         };
-        tracing::warn!(key = name, file = %path.display(), "development mode: using a generated key (set ARAGORA_ENV=production to require keys from the environment)");
+        from_file.push(name);
         vars.insert(name.to_string(), value);
+    }
+    if !from_file.is_empty() {
+        tracing::warn!(keys = %from_file.join(","), file = %path.display(), "development mode: using generated keys (set ARAGORA_ENV=production to require keys from the environment)");
     }
     if changed {
         std::fs::create_dir_all(data_dir)
