@@ -6,6 +6,7 @@
 
 mod crypto;
 mod http;
+mod migration;
 mod rbac;
 mod report;
 
@@ -53,6 +54,8 @@ enum Workload {
     Rbac,
     /// Authorized GETs over loopback from a second process.
     Http,
+    /// Re-encryption migration: records rewrapped per second after a rotation.
+    Migration,
 }
 
 /// What every workload module gets to size itself.
@@ -78,7 +81,12 @@ fn run(cli: &Cli) -> Result<()> {
         return http::load_gen(port, cli.load_gen_secs, cli.load_gen_conns);
     }
     let mut wanted = if cli.workloads.is_empty() {
-        vec![Workload::Crypto, Workload::Rbac, Workload::Http]
+        vec![
+            Workload::Crypto,
+            Workload::Rbac,
+            Workload::Http,
+            Workload::Migration,
+        ]
     } else {
         cli.workloads.clone()
     };
@@ -95,6 +103,7 @@ fn run(cli: &Cli) -> Result<()> {
             Workload::Crypto => crypto::run(&options, &mut report)?,
             Workload::Rbac => rbac::run(&options, &mut report)?,
             Workload::Http => http::run(&options, &mut report)?,
+            Workload::Migration => migration::run(&options, &mut report)?,
         }
     }
     if !cli.json {

@@ -61,6 +61,9 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
             expected.insert((workload, "aragora", metric));
         }
     }
+    for metric in ["records_per_s", "seconds_per_1m"] {
+        expected.insert(("migration", "aragora", metric));
+    }
     let expected: BTreeSet<(String, String, String)> = expected
         .into_iter()
         .map(|(w, e, m)| (w.to_owned(), e.to_owned(), m.to_owned()))

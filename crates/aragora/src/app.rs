@@ -6,6 +6,7 @@ use crate::audit::AuditLog;
 use crate::auth::AuthService;
 use crate::config::Config;
 use crate::crypto::MasterKey;
+use crate::encryption::migration::{MigrationOptions, Migrator};
 use crate::encryption::{KeyRing, KeyRingError};
 use crate::metrics::Metrics;
 use crate::rbac::Rbac;
@@ -26,6 +27,8 @@ pub struct AppState {
     /// Data keys (encryption issue #8).
     pub keyring: Arc<KeyRing>,
     pub secrets: SecretsService,
+    /// Re-encryption migration (rewraps records under the primary key).
+    pub migration: Arc<Migrator>,
 }
 
 /// Why the services could not be assembled (boot is refused).
@@ -74,6 +77,13 @@ impl AppState {
             config.environment,
         )?);
         let secrets = SecretsService::new(store.clone(), audit.clone(), keyring.clone());
+        let migration = Arc::new(Migrator::new(
+            store.clone(),
+            audit.clone(),
+            keyring.clone(),
+            metrics.clone(),
+            MigrationOptions::from_env(),
+        ));
         Ok(Self {
             config,
             metrics,
@@ -83,6 +93,7 @@ impl AppState {
             auth,
             keyring,
             secrets,
+            migration,
         })
     }
 }

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::app::AppState;
+use crate::encryption::migration::MigrationStore;
 use crate::error::ServiceError;
 
 pub const SOCKET_FILE: &str = "aragora.sock";
@@ -38,6 +39,38 @@ pub enum ControlRequest {
     KeyRingRestore {
         file: String,
     },
+    /// `aragora migration`: rewrap a store's records under the primary key.
+    Migration {
+        store: String,
+        #[serde(default)]
+        dry_run: bool,
+        #[serde(default)]
+        retry_failed: bool,
+        #[serde(default)]
+        skip_record: Option<String>,
+    },
+    /// The migration's progress (what the CLI polls for its progress line).
+    MigrationStatus {
+        #[serde(default)]
+        store: Option<String>,
+    },
+    /// `aragora rotation --secrets-accessed-by=USER_ID`.
+    SecretRotation {
+        user_id: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
+}
+
+impl ControlRequest {
+    /// How long the client waits for the answer: a migration of a large store
+    /// runs for minutes.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            ControlRequest::Migration { .. } => Duration::from_secs(24 * 3600),
+            _ => Duration::from_secs(60),
+        }
+    }
 }
 
 /// The audit actor of operator commands.
@@ -69,6 +102,50 @@ pub fn execute(state: &AppState, req: ControlRequest) -> Result<Value, ServiceEr
                 .keyring
                 .restore(std::path::Path::new(&file), CLI_ACTOR, None)?)
         }
+        ControlRequest::Migration {
+            store,
+            dry_run,
+            retry_failed,
+            skip_record,
+        } => run_migration(state, &store, dry_run, retry_failed, skip_record.as_deref()),
+        ControlRequest::MigrationStatus { store } => {
+            Ok(state.migration.status(store.as_deref())?)
+        }
+        ControlRequest::SecretRotation { user_id, dry_run } => {
+            state.secrets.mark_accessed_by(&user_id, dry_run, CLI_ACTOR)
+        }
+    }
+}
+
+/// `aragora migration`: one result per store (`{"results": [...]}` for
+/// `--store=all`, the store's result otherwise).
+fn run_migration(
+    state: &AppState,
+    store: &str,
+    dry_run: bool,
+    retry_failed: bool,
+    skip_record: Option<&str>,
+) -> Result<Value, ServiceError> {
+    let stores = MigrationStore::parse(store)?;
+    let mut results = Vec::new();
+    for s in &stores {
+        let v = if let Some(id) = skip_record {
+            state.migration.skip_record(*s, id, CLI_ACTOR)?.view()
+        } else if dry_run {
+            state.migration.dry_run(*s)?
+        } else if retry_failed {
+            state.migration.retry_failed(*s, CLI_ACTOR)?.view()
+        } else {
+            state.migration.run(*s, CLI_ACTOR, &|_| {})?.view()
+        };
+        results.push(v);
+    }
+    if store == "all" {
+        Ok(json!({"store": "all", "results": results}))
+    } else {
+        results
+            .pop()
+            .ok_or_else(|| ServiceError::Internal("no migration result".into()))
     }
 }
 
@@ -142,7 +219,7 @@ pub fn call(
         Err(_) => return Ok(None),
     };
     stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
+        .set_read_timeout(Some(req.timeout()))
         .map_err(|e| e.to_string())?;
     let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     stream

@@ -1,9 +1,11 @@
 //! `aragora`: the security control plane (`serve`) and its operator commands.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, anyhow};
 use aragora::app::{AppState, router};
@@ -57,6 +59,39 @@ enum Command {
     KeyRing {
         #[command(subcommand)]
         command: KeyRingCommand,
+    },
+    /// Rewrap every record of an encrypted store under the primary key (run it
+    /// after a key rotation; then `key-rotation --cleanup-expired` retires the
+    /// old key). Online and resumable: a stopped run continues where it
+    /// stopped. Through the owner-only socket when the server runs.
+    Migration {
+        /// The store: secrets, or all.
+        #[arg(long)]
+        store: Option<String>,
+        /// Count records by key and what a run would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Retry only the records the last run could not rewrap.
+        #[arg(long, conflicts_with = "dry_run")]
+        retry_failed: bool,
+        /// Mark a record skipped (listed in the status and audited; runs leave
+        /// it alone). The store defaults to secrets.
+        #[arg(long, conflicts_with_all = ["dry_run", "retry_failed"])]
+        skip_record: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark for rotation every secret a user read (from the audit log's
+    /// secret_access entries, all time): `rotation_required` in its metadata.
+    Rotation {
+        /// The user id whose reads expose the secrets.
+        #[arg(long)]
+        secrets_accessed_by: String,
+        /// Only report what would be marked.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -116,6 +151,18 @@ fn main() -> ExitCode {
         Command::KeyRing {
             command: KeyRingCommand::Restore { file, json },
         } => key_ring_restore(&file, json),
+        Command::Migration {
+            store,
+            dry_run,
+            retry_failed,
+            skip_record,
+            json,
+        } => migration(store, dry_run, retry_failed, skip_record, json),
+        Command::Rotation {
+            secrets_accessed_by,
+            dry_run,
+            json,
+        } => rotation(&secrets_accessed_by, dry_run, json),
     };
     match result {
         Ok(code) => code,
@@ -342,6 +389,204 @@ fn key_ring_restore(file: &std::path::Path, json: bool) -> Result<ExitCode> {
         println!(
             "{present} key(s) already present; active keys: {}",
             v["active_count"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn migration(
+    store: Option<String>,
+    dry_run: bool,
+    retry_failed: bool,
+    skip_record: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let store = match (store, &skip_record) {
+        (Some(s), _) => s,
+        (None, Some(_)) => "secrets".to_string(),
+        (None, None) => anyhow::bail!("--store=NAME|all is required (stores: secrets)"),
+    };
+    let req = ControlRequest::Migration {
+        store,
+        dry_run,
+        retry_failed,
+        skip_record: skip_record.clone(),
+    };
+    let show_progress =
+        !json && !dry_run && skip_record.is_none() && std::io::stderr().is_terminal();
+    let config = load_config()?;
+    let status_req = ControlRequest::MigrationStatus { store: None };
+    let server_runs = matches!(control::call(&config.data_dir, &status_req), Ok(Some(_)));
+    let v = if server_runs {
+        let dir = config.data_dir.clone();
+        with_progress(
+            show_progress,
+            || {
+                control::call(&dir, &status_req)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.ok())
+            },
+            || match control::call(&config.data_dir, &req) {
+                Ok(Some(Ok(v))) => Ok(v),
+                Ok(Some(Err(e))) => Err(anyhow!(e)),
+                Ok(None) => Err(anyhow!(
+                    "the server stopped answering on its control socket"
+                )),
+                Err(e) => Err(anyhow!(e)),
+            },
+        )?
+    } else {
+        let (store, state) = open_state(config)?;
+        let r = with_progress(
+            show_progress,
+            || state.migration.live().map(|s| s.view()),
+            || control::execute(&state, req).map_err(|e| anyhow!(e.to_string())),
+        );
+        close(store, state)?;
+        r?
+    };
+    if json {
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let results = match v["results"].as_array() {
+        Some(r) => r.clone(),
+        None => vec![v],
+    };
+    for r in &results {
+        if r["dry_run"] == true {
+            println!(
+                "{} (dry run): {} record(s); {} would be rewrapped under {}, {} already current, \
+                 {} unreadable, {} skipped",
+                r["store"].as_str().unwrap_or_default(),
+                r["total"],
+                r["would_change"],
+                r["primary_key_id"].as_str().unwrap_or_default(),
+                r["already_current"],
+                r["unreadable"],
+                r["skipped"]
+            );
+            for k in r["by_key"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} v{}: {} record(s){}",
+                    k["key_id"].as_str().unwrap_or_default(),
+                    k["version"],
+                    k["records"],
+                    if k["primary"] == true {
+                        " (primary)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            continue;
+        }
+        println!(
+            "{}: {}; {} of {} rewrapped, {} already current, {} failed, {} skipped",
+            r["store"].as_str().unwrap_or_default(),
+            r["state"].as_str().unwrap_or_default(),
+            r["migrated"],
+            r["total"],
+            r["already_current"],
+            r["failed"],
+            r["skipped"]
+        );
+        for f in r["failed_records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(20)
+        {
+            println!(
+                "  failed {}: {}",
+                f["record_id"].as_str().unwrap_or_default(),
+                f["error"].as_str().unwrap_or_default()
+            );
+        }
+        for id in r["skipped_records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(20)
+        {
+            println!("  skipped {}", id.as_str().unwrap_or_default());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `work`, printing a progress line on stderr (a terminal) from
+/// `status` meanwhile.
+fn with_progress<T>(
+    enabled: bool,
+    status: impl Fn() -> Option<serde_json::Value> + Sync,
+    work: impl FnOnce() -> T,
+) -> T {
+    if !enabled {
+        return work();
+    }
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let started = std::time::Instant::now();
+            let mut printed = false;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                let Some(v) = status() else { continue };
+                if v["state"] != "running" {
+                    continue;
+                }
+                let total = v["total"].as_u64().unwrap_or(0).max(1);
+                let done_n = ["migrated", "already_current", "failed", "skipped"]
+                    .iter()
+                    .map(|k| v[*k].as_u64().unwrap_or(0))
+                    .sum::<u64>();
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                eprint!(
+                    "\r{}: {done_n}/{total} ({:.0}%) {:.0} records/s, {} failed   ",
+                    v["store"].as_str().unwrap_or_default(),
+                    100.0 * done_n as f64 / total as f64,
+                    done_n as f64 / secs,
+                    v["failed"]
+                );
+                printed = true;
+            }
+            if printed {
+                eprintln!();
+            }
+        });
+        let r = work();
+        done.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
+fn rotation(user_id: &str, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let v = run_control(ControlRequest::SecretRotation {
+        user_id: user_id.to_string(),
+        dry_run,
+    })?;
+    if json {
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let secrets = v["secrets"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{} secret(s) read by {user_id}{}",
+        secrets.len(),
+        if dry_run {
+            " (dry run: nothing marked)"
+        } else {
+            ""
+        }
+    );
+    for s in &secrets {
+        println!(
+            "  {} ({}): {}",
+            s["id"].as_str().unwrap_or_default(),
+            s["secret_type"].as_str().unwrap_or("-"),
+            s["action"].as_str().unwrap_or_default()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub approval_requests: IntCounterVec,
     pub pending_critical_approvals: IntGauge,
     pub approval_unauthorized_attempts: IntCounter,
+    /// Records a re-encryption migration could not rewrap, by store.
+    pub migration_errors: IntCounterVec,
+    /// Records a re-encryption migration handled, by store and outcome.
+    pub migration_records: IntCounterVec,
 }
 
 fn counter_vec(
@@ -132,6 +136,18 @@ impl Metrics {
                 "Critical approvals pending",
             )?,
             approval_unauthorized_attempts,
+            migration_errors: counter_vec(
+                &r,
+                "aragora_security_migration_errors_total",
+                "Records the re-encryption migration could not rewrap",
+                &["store"],
+            )?,
+            migration_records: counter_vec(
+                &r,
+                "aragora_security_migration_records_total",
+                "Records the re-encryption migration rewrapped",
+                &["store", "outcome"],
+            )?,
             registry: r,
         })
     }
@@ -175,6 +191,11 @@ impl Metrics {
         self.rbac_denied.with_label_values(&["*", "*"]);
         for level in ["low", "medium", "high", "critical"] {
             self.approval_requests.with_label_values(&[level]);
+        }
+        for store in crate::encryption::migration::MigrationStore::ALL {
+            self.migration_errors.with_label_values(&[store.name()]);
+            self.migration_records
+                .with_label_values(&[store.name(), "migrated"]);
         }
         self
     }

@@ -4,12 +4,13 @@
 //! audited fail-closed: a read whose `secret_access` entry cannot be written
 //! returns no value.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
+use crate::audit::{AuditEvent, AuditLog, MAX_SEARCH_LIMIT, Outcome, RecordError, SearchFilter};
 use crate::auth::{CAS_RETRIES, Principal, RequestMeta};
 use crate::clock::{format_us, now_us};
 use crate::encryption::KeyRing;
@@ -33,6 +34,24 @@ pub struct SecretRecord {
     pub created_at_us: i64,
     pub updated_at: String,
     pub updated_at_us: i64,
+    /// Set by `aragora rotation --secrets-accessed-by`: the value may be
+    /// exposed and must be replaced (the next PUT clears it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotation_required: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_reason: Option<String>,
+}
+
+impl crate::encryption::migration::Enveloped for SecretRecord {
+    fn envelope_hex(&self) -> &str {
+        &self.envelope
+    }
+
+    fn set_envelope(&mut self, envelope: &[u8], key_id: &str, key_version: u32) {
+        self.envelope = hex::encode(envelope);
+        self.key_id = key_id.to_string();
+        self.key_version = key_version;
+    }
 }
 
 impl SecretRecord {
@@ -45,6 +64,8 @@ impl SecretRecord {
             "key_id": self.key_id,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "rotation_required": self.rotation_required,
+            "rotation_reason": self.rotation_reason,
         })
     }
 }
@@ -138,6 +159,8 @@ impl SecretsService {
                         created_at_us: created_us,
                         updated_at: format_us(now),
                         updated_at_us: now,
+                        rotation_required: false,
+                        rotation_reason: None,
                     };
                     let op = WriteOp::put_json(Collection::Secrets, id, &rec, expect)
                         .map_err(|e| WriteFailure::Other(e.into()))?;
@@ -260,6 +283,94 @@ impl SecretsService {
             .then(|| page.last().map(|(id, _, _)| id.clone()))
             .flatten();
         Ok((page.iter().map(|(_, _, r)| r.view()).collect(), next))
+    }
+
+    /// `aragora rotation --secrets-accessed-by=USER_ID`: every secret the user
+    /// read (successful `secret_access` entries, all time) is marked
+    /// `rotation_required` (no secret type has a rotation hook yet), each mark
+    /// audited as `secret_rotation_marked` in the same write. `dry_run` only
+    /// reports.
+    pub fn mark_accessed_by(
+        &self,
+        user_id: &str,
+        dry_run: bool,
+        actor: &str,
+    ) -> Result<Value, ServiceError> {
+        if user_id.trim().is_empty() {
+            return Err(ServiceError::BadRequest(
+                "--secrets-accessed-by needs a user id".into(),
+            ));
+        }
+        let mut read: BTreeMap<String, u64> = BTreeMap::new();
+        let mut before: Option<String> = None;
+        loop {
+            let page = self.audit.search(&SearchFilter {
+                action: Some("secret_access".into()),
+                actor: Some(user_id.to_string()),
+                minutes: None,
+                before: before.clone(),
+                limit: MAX_SEARCH_LIMIT,
+            })?;
+            for e in &page.entries {
+                if e.outcome == Outcome::Success
+                    && let Some(id) = e.details["secret_id"].as_str()
+                {
+                    *read.entry(id.to_string()).or_insert(0) += 1;
+                }
+            }
+            match page.next_before {
+                Some(b) => before = Some(b),
+                None => break,
+            }
+        }
+        let reason = format!("read by {user_id}, whose access is under investigation");
+        let mut out = Vec::new();
+        for (id, reads) in read {
+            let mut entry = None;
+            for _ in 0..CAS_RETRIES {
+                let Some((version, mut rec)) =
+                    get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, &id)?
+                else {
+                    entry = Some(
+                        json!({"id": id, "secret_type": null, "reads": reads, "action": "not_found"}),
+                    );
+                    break;
+                };
+                let view = |action: &str| json!({"id": id, "secret_type": rec.secret_type, "reads": reads, "action": action});
+                if rec.rotation_required {
+                    entry = Some(view("already_marked"));
+                    break;
+                }
+                if dry_run {
+                    entry = Some(view("would_mark_for_rotation"));
+                    break;
+                }
+                let marked = view("marked_for_rotation");
+                rec.rotation_required = true;
+                rec.rotation_reason = Some(reason.clone());
+                let op =
+                    WriteOp::put_json(Collection::Secrets, &id, &rec, Expect::Version(version))?;
+                let event = AuditEvent::new("secret_rotation_marked", actor, Outcome::Success)
+                    .details(json!({
+                        "secret_id": id,
+                        "secret_type": rec.secret_type,
+                        "accessed_by": user_id,
+                        "reason": reason,
+                    }));
+                match self.audit.record_with(event, vec![op]) {
+                    Ok(_) => {
+                        entry = Some(marked);
+                        break;
+                    }
+                    Err(RecordError::Ops(e)) if e.is_conflict() => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            out.push(entry.ok_or_else(|| {
+                ServiceError::Conflict(format!("secret {id} is being changed concurrently; retry"))
+            })?);
+        }
+        Ok(json!({"user_id": user_id, "dry_run": dry_run, "secrets": out}))
     }
 }
 

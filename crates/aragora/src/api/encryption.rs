@@ -13,6 +13,8 @@ use serde_json::json;
 use super::{ApiResult, JsonBody, QueryParams, blocking};
 use crate::app::AppState;
 use crate::auth::{Principal, RequestMeta};
+use crate::encryption::migration::{MigrationError, MigrationStore};
+use crate::error::ServiceError;
 
 /// Anonymous: nothing secret in it.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
@@ -131,4 +133,64 @@ pub async fn list_secrets(
         axum::Json(json!({"secrets": items, "count": items.len(), "next_after": next}))
             .into_response(),
     )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationStatusQuery {
+    store: Option<String>,
+}
+
+pub async fn migration_status(
+    State(state): State<Arc<AppState>>,
+    QueryParams(q): QueryParams<MigrationStatusQuery>,
+) -> ApiResult<Response> {
+    let v = blocking(move || Ok(state.migration.status(q.store.as_deref())?)).await?;
+    Ok(axum::Json(v).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRunBody {
+    store: String,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// A dry run answers at once; a run starts in the background (202) and its
+/// progress is in `GET /api/security/migration/status`.
+pub async fn migration_run(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    JsonBody(b): JsonBody<MigrationRunBody>,
+) -> ApiResult<Response> {
+    let stores = MigrationStore::parse(&b.store).map_err(ServiceError::from)?;
+    if b.dry_run {
+        let v = blocking(move || {
+            let mut out = Vec::new();
+            for s in stores {
+                out.push(state.migration.dry_run(s)?);
+            }
+            Ok(json!({"results": out}))
+        })
+        .await?;
+        return Ok(axum::Json(v).into_response());
+    }
+    if state.migration.is_running() {
+        return Err(ServiceError::from(MigrationError::Busy).into());
+    }
+    let store = b.store.clone();
+    std::thread::spawn(move || {
+        for s in stores {
+            if let Err(e) = state.migration.run(s, &p.user_id, &|_| {}) {
+                tracing::error!(store = s.name(), error = %e, "migration failed");
+                return;
+            }
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"started": true, "store": store})),
+    )
+        .into_response())
 }

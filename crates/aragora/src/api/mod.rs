@@ -243,6 +243,8 @@ routes! {
     PUT "/api/secrets/{id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret;
     GET "/api/secrets/{id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret;
     DELETE "/api/secrets/{id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret;
+    GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status;
+    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once)" => encryption::migration_run;
 }
 
 /// Builds the router: each route behind its permission guard, then the IP block

@@ -45,6 +45,8 @@ use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::store::{Collection, Expect, Store, StoreError, WriteOp, for_each_json};
 
+pub mod migration;
+
 /// A primary key is due for rotation after this long (`--force` rotates
 /// earlier).
 pub const KEY_ROTATION_PERIOD_US: i64 = 90 * 86_400 * 1_000_000;
@@ -435,6 +437,24 @@ impl KeyRing {
         let primary = self.current().primary.clone();
         let envelope = self.encrypt_with(&primary, record_id, plaintext)?;
         write(envelope, primary.key_id(), primary.version())
+    }
+
+    /// [`Self::seal_and_write`] for many records at once (the migration's
+    /// batches): each `(record_id, plaintext)` is encrypted under the primary
+    /// and `write(envelopes, key_id, version)` runs, all under the rotation
+    /// gate held shared.
+    pub fn seal_many_and_write<T, E: From<CryptoError>>(
+        &self,
+        items: &[(&str, &[u8])],
+        write: impl FnOnce(Vec<Vec<u8>>, &str, u32) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let _gate = self.gate.read();
+        let primary = self.current().primary.clone();
+        let mut envelopes = Vec::with_capacity(items.len());
+        for (record_id, plaintext) in items {
+            envelopes.push(self.encrypt_with(&primary, record_id, plaintext)?);
+        }
+        write(envelopes, primary.key_id(), primary.version())
     }
 
     /// Decrypts with exactly the key the envelope's header names; `actor`

@@ -1,0 +1,928 @@
+//! Re-encryption migration: rewraps every record of an encrypted store under
+//! the current primary key, online and resumably.
+//!
+//! # Stores
+//!
+//! [`MigrationStore`] maps a store name (`--store=NAME`) to its collection and
+//! its record type; a record type says where its envelope is through
+//! [`Enveloped`]. Adding an encrypted store is adding a variant and an impl.
+//!
+//! # Online, record by record compare-and-set
+//!
+//! Records are read a page at a time (`batch_size`, default 1000), decrypted
+//! with exactly the key their header names, and re-encrypted under the primary
+//! inside [`KeyRing::seal_many_and_write`] (the rotation gate, held shared, so
+//! `cleanup_expired`'s usage scan never misses a record). Each rewritten record
+//! expects the version it was read at: a concurrent API write wins, the
+//! conflicting record is re-read (a fresh API write is already under the
+//! primary) and the batch retried. No record is ever deleted or written with a
+//! key that is not in the ring.
+//!
+//! # Resumable
+//!
+//! The progress ([`MigrationState`]: cursor = last record id done, counts,
+//! failed and skipped records, timestamps) is the `Collection::Meta` record
+//! `migration:{store}`, written in the same atomic batch as the records it
+//! describes, then waited durable. A killed run leaves state `running` with a
+//! cursor; the next run continues after the cursor with the counts so far
+//! (or starts over if the primary changed meanwhile).
+//!
+//! # Failures
+//!
+//! A record that does not decode or decrypt is listed in `failed_records`,
+//! counted in `aragora_security_migration_errors_total{store}`, and the run
+//! goes on. `--retry-failed` retries only those; `--skip-record=ID` marks one
+//! skipped (listed, counted and audited; later runs leave it alone).
+//!
+//! # Test hooks
+//!
+//! `ARAGORA_MIGRATION_BATCH_SIZE` (records per batch) and
+//! `ARAGORA_MIGRATION_STOP_AFTER_BATCHES=N` (the process aborts, like a
+//! `kill -9`, after N durable batches: the crash/resume tests use it).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use super::KeyRing;
+use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
+use crate::clock::{format_us, now_us};
+use crate::crypto::{self, CryptoError};
+use crate::error::ServiceError;
+use crate::metrics::Metrics;
+use crate::store::{
+    Collection, Durability, Expect, ListQuery, Store, StoreError, WriteOp, get_json,
+};
+
+/// Records per atomic store batch.
+pub const DEFAULT_BATCH_SIZE: usize = 1000;
+pub const BATCH_SIZE_ENV: &str = "ARAGORA_MIGRATION_BATCH_SIZE";
+/// Test hook: abort the process after this many durable batches.
+pub const STOP_AFTER_ENV: &str = "ARAGORA_MIGRATION_STOP_AFTER_BATCHES";
+/// Failed records listed in the state (all are counted).
+pub const MAX_LISTED_FAILURES: usize = 10_000;
+/// Times one record is re-read after losing a race to a concurrent write
+/// before it is reported as failed for this run.
+const CONFLICT_RETRIES: u32 = 16;
+
+/// A stored record type that carries an envelope.
+pub trait Enveloped: Serialize + DeserializeOwned + Clone {
+    /// The envelope, hex.
+    fn envelope_hex(&self) -> &str;
+    /// Replaces the envelope (and whatever names its key).
+    fn set_envelope(&mut self, envelope: &[u8], key_id: &str, key_version: u32);
+}
+
+/// The encrypted stores `--store=NAME` can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MigrationStore {
+    Secrets,
+}
+
+impl MigrationStore {
+    pub const ALL: [MigrationStore; 1] = [MigrationStore::Secrets];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationStore::Secrets => "secrets",
+        }
+    }
+
+    pub fn collection(self) -> Collection {
+        match self {
+            MigrationStore::Secrets => Collection::Secrets,
+        }
+    }
+
+    /// `NAME` or `all`.
+    pub fn parse(name: &str) -> Result<Vec<MigrationStore>, MigrationError> {
+        if name == "all" {
+            return Ok(Self::ALL.to_vec());
+        }
+        Self::ALL
+            .iter()
+            .find(|s| s.name() == name)
+            .map(|s| vec![*s])
+            .ok_or_else(|| {
+                let known: Vec<_> = Self::ALL.iter().map(|s| s.name()).collect();
+                MigrationError::Invalid(format!(
+                    "unknown store {name:?}: one of {} or all",
+                    known.join(", ")
+                ))
+            })
+    }
+
+    fn state_id(self) -> String {
+        format!("migration:{}", self.name())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Never ran.
+    #[default]
+    Idle,
+    Running,
+    /// Persisted `running` but no run is active in this process: killed.
+    Interrupted,
+    Completed,
+    CompletedWithErrors,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedRecord {
+    pub record_id: String,
+    pub store: String,
+    pub error: String,
+}
+
+/// The persisted progress of one store's migration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MigrationState {
+    pub state: RunState,
+    pub store: String,
+    /// The primary key the run rewraps under.
+    pub target_key_id: Option<String>,
+    /// Last record id done (the run continues after it).
+    pub cursor: Option<String>,
+    /// Records to process (an estimate while running: the store changes
+    /// online; at the end, everything processed).
+    pub total: u64,
+    /// Rewrapped under the primary.
+    pub migrated: u64,
+    /// Already under the primary (nothing to do).
+    pub already_current: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    pub failed_records: Vec<FailedRecord>,
+    /// Marked with `--skip-record`; left alone by every run.
+    pub skipped_records: Vec<String>,
+    pub started_at: Option<String>,
+    pub started_at_us: Option<i64>,
+    pub finished_at: Option<String>,
+    pub updated_at: Option<String>,
+    /// How often the run was resumed after an interruption.
+    pub resumed: u32,
+}
+
+impl MigrationState {
+    fn new(store: MigrationStore) -> Self {
+        Self {
+            store: store.name().to_string(),
+            ..Self::default()
+        }
+    }
+
+    fn processed(&self) -> u64 {
+        self.migrated + self.already_current + self.failed + self.skipped
+    }
+
+    pub fn view(&self) -> Value {
+        json!({
+            "state": self.state,
+            "store": self.store,
+            "target_key_id": self.target_key_id,
+            "cursor": self.cursor,
+            "total": self.total,
+            "migrated": self.migrated,
+            "already_current": self.already_current,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "failed_records": self.failed_records,
+            "skipped_records": self.skipped_records,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "updated_at": self.updated_at,
+            "resumed": self.resumed,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("migration: {0}")]
+    Store(#[from] StoreError),
+    #[error("migration: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("migration: audit log: {0}")]
+    Audit(String),
+    #[error(
+        "a migration is already running in this server; see GET /api/security/migration/status"
+    )]
+    Busy,
+    #[error("migration stopped after {0} batches ({STOP_AFTER_ENV}); rerun to resume")]
+    Stopped(u64),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<RecordError> for MigrationError {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::Ops(s) => MigrationError::Store(s),
+            RecordError::Audit(a) => MigrationError::Audit(a.to_string()),
+        }
+    }
+}
+
+impl From<MigrationError> for ServiceError {
+    fn from(e: MigrationError) -> Self {
+        match e {
+            MigrationError::Store(s) => s.into(),
+            MigrationError::Audit(a) => ServiceError::Unavailable(a),
+            MigrationError::Busy => ServiceError::Conflict(e.to_string()),
+            MigrationError::Invalid(m) => ServiceError::BadRequest(m),
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Sizes and test hooks.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrationOptions {
+    pub batch_size: usize,
+    /// Stop after this many batches (test hook).
+    pub stop_after_batches: Option<u64>,
+    /// On stop, abort the process (a crash) instead of returning an error.
+    pub abort_on_stop: bool,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: DEFAULT_BATCH_SIZE,
+            stop_after_batches: None,
+            abort_on_stop: false,
+        }
+    }
+}
+
+impl MigrationOptions {
+    /// The defaults with the environment's test hooks applied.
+    pub fn from_env() -> Self {
+        let num = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let stop = num(STOP_AFTER_ENV);
+        Self {
+            batch_size: num(BATCH_SIZE_ENV)
+                .map_or(DEFAULT_BATCH_SIZE, |n| (n as usize).clamp(1, 100_000)),
+            stop_after_batches: stop,
+            abort_on_stop: stop.is_some(),
+        }
+    }
+}
+
+/// What to do with one record.
+enum Plan<T> {
+    Current,
+    Rewrap {
+        version: u64,
+        record: T,
+        plaintext: Zeroizing<Vec<u8>>,
+    },
+    Failed(String),
+    Skipped,
+    /// Deleted meanwhile (retry path): nothing to count.
+    Gone,
+}
+
+#[derive(Debug)]
+pub struct Migrator {
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    keyring: Arc<KeyRing>,
+    metrics: Metrics,
+    options: MigrationOptions,
+    /// One run at a time in this process.
+    running: Mutex<()>,
+    active: AtomicBool,
+    /// The state of the active run, for progress without a store read.
+    live: RwLock<Option<MigrationState>>,
+}
+
+impl Migrator {
+    pub fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        keyring: Arc<KeyRing>,
+        metrics: Metrics,
+        options: MigrationOptions,
+    ) -> Self {
+        Self {
+            store,
+            audit,
+            keyring,
+            metrics,
+            options,
+            running: Mutex::new(()),
+            active: AtomicBool::new(false),
+            live: RwLock::new(None),
+        }
+    }
+
+    fn load(&self, store: MigrationStore) -> Result<(u64, MigrationState), MigrationError> {
+        Ok(
+            get_json::<MigrationState>(self.store.as_ref(), Collection::Meta, &store.state_id())?
+                .unwrap_or_else(|| (0, MigrationState::new(store))),
+        )
+    }
+
+    fn shown(&self, mut s: MigrationState) -> MigrationState {
+        if s.state == RunState::Running && !self.active.load(Ordering::Relaxed) {
+            s.state = RunState::Interrupted;
+        }
+        s
+    }
+
+    /// Whether a run is active in this process.
+    pub fn is_running(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// The progress of the active run, if any.
+    pub fn live(&self) -> Option<MigrationState> {
+        self.live.read().clone()
+    }
+
+    /// `GET /api/security/migration/status`: the named store, or the store
+    /// whose migration started last.
+    pub fn status(&self, store: Option<&str>) -> Result<Value, MigrationError> {
+        if let Some(live) = self.live()
+            && store.is_none_or(|s| s == live.store)
+        {
+            return Ok(live.view());
+        }
+        let stores = match store {
+            Some(name) => MigrationStore::parse(name)?,
+            None => MigrationStore::ALL.to_vec(),
+        };
+        let mut best: Option<MigrationState> = None;
+        for s in stores {
+            let (_, st) = self.load(s)?;
+            if best
+                .as_ref()
+                .is_none_or(|b| st.started_at_us > b.started_at_us)
+            {
+                best = Some(st);
+            }
+        }
+        let best = best.unwrap_or_else(|| MigrationState::new(MigrationStore::Secrets));
+        Ok(self.shown(best).view())
+    }
+
+    fn begin(&self) -> Result<RunGuard<'_>, MigrationError> {
+        let guard = self.running.try_lock().ok_or(MigrationError::Busy)?;
+        self.active.store(true, Ordering::Relaxed);
+        Ok(RunGuard {
+            migrator: self,
+            _guard: guard,
+        })
+    }
+
+    /// Dry run: how many records each key encrypts and how many a run would
+    /// rewrap. Writes nothing.
+    pub fn dry_run(&self, store: MigrationStore) -> Result<Value, MigrationError> {
+        let primary = self.keyring.primary_key_id();
+        let (_, st) = self.load(store)?;
+        let skipped: HashSet<&str> = st.skipped_records.iter().map(String::as_str).collect();
+        let mut by_key: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        let (mut total, mut would_change, mut current, mut unreadable, mut skip) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut unreadable_records = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list(
+                store.collection(),
+                &ListQuery::after(after.as_deref(), self.options.batch_size),
+            )?;
+            let n = page.len();
+            for (id, rec) in page {
+                total += 1;
+                if skipped.contains(id.as_str()) {
+                    skip += 1;
+                } else {
+                    match header_of(store, &id, &rec.value) {
+                        Ok(h) => {
+                            if h.key_id == primary {
+                                current += 1;
+                            } else {
+                                would_change += 1;
+                            }
+                            *by_key.entry((h.key_id, h.version)).or_insert(0) += 1;
+                        }
+                        Err(e) => {
+                            unreadable += 1;
+                            if unreadable_records.len() < 100 {
+                                unreadable_records.push(json!({"record_id": id, "error": e}));
+                            }
+                        }
+                    }
+                }
+                after = Some(id);
+            }
+            if n < self.options.batch_size {
+                break;
+            }
+        }
+        Ok(json!({
+            "dry_run": true,
+            "store": store.name(),
+            "primary_key_id": primary,
+            "total": total,
+            "would_change": would_change,
+            "already_current": current,
+            "unreadable": unreadable,
+            "unreadable_records": unreadable_records,
+            "skipped": skip,
+            "by_key": by_key
+                .into_iter()
+                .map(|((key_id, version), records)| json!({
+                    "key_id": key_id,
+                    "version": version,
+                    "records": records,
+                    "primary": key_id == primary,
+                }))
+                .collect::<Vec<_>>(),
+        }))
+    }
+
+    /// Runs (or resumes) the migration of `store`. `progress` is called after
+    /// every batch.
+    pub fn run(
+        &self,
+        store: MigrationStore,
+        actor: &str,
+        progress: &dyn Fn(&MigrationState),
+    ) -> Result<MigrationState, MigrationError> {
+        let _run = self.begin()?;
+        match store {
+            MigrationStore::Secrets => {
+                self.run_typed::<crate::secrets::SecretRecord>(store, actor, progress)
+            }
+        }
+    }
+
+    fn run_typed<T: Enveloped>(
+        &self,
+        store: MigrationStore,
+        actor: &str,
+        progress: &dyn Fn(&MigrationState),
+    ) -> Result<MigrationState, MigrationError> {
+        let (_, prev) = self.load(store)?;
+        let now = now_us();
+        let primary = self.keyring.primary_key_id();
+        // Resume only towards the same primary: after another rotation the
+        // records before the cursor need rewrapping again, so start over.
+        let resuming = prev.state == RunState::Running
+            && prev.target_key_id.as_deref() == Some(primary.as_str());
+        let mut st = if resuming {
+            let mut s = prev;
+            s.resumed += 1;
+            s
+        } else {
+            MigrationState {
+                skipped_records: prev.skipped_records,
+                started_at: Some(format_us(now)),
+                started_at_us: Some(now),
+                ..MigrationState::new(store)
+            }
+        };
+        st.state = RunState::Running;
+        st.finished_at = None;
+        st.target_key_id = Some(primary);
+        st.total = st.processed() + self.count_after(store, st.cursor.as_deref())?;
+        st.updated_at = Some(format_us(now));
+        let event = AuditEvent::new("migration_started", actor, Outcome::Success).details(json!({
+            "store": store.name(),
+            "resumed": resuming,
+            "cursor": st.cursor,
+            "total": st.total,
+            "target_key_id": st.target_key_id,
+        }));
+        self.audit.record_with(event, vec![state_op(store, &st)?])?;
+        tracing::info!(
+            store = store.name(),
+            resumed = resuming,
+            total = st.total,
+            "migration started"
+        );
+        *self.live.write() = Some(st.clone());
+        progress(&st);
+
+        let skipped: HashSet<String> = st.skipped_records.iter().cloned().collect();
+        let mut batches = 0u64;
+        loop {
+            let page = self.store.list(
+                store.collection(),
+                &ListQuery::after(st.cursor.as_deref(), self.options.batch_size),
+            )?;
+            let n = page.len();
+            let Some(last) = page.last().map(|(id, _)| id.clone()) else {
+                break;
+            };
+            let primary = self.keyring.primary_key_id();
+            let plans: Vec<(String, Plan<T>)> = page
+                .into_iter()
+                .map(|(id, rec)| {
+                    let plan = if skipped.contains(&id) {
+                        Plan::Skipped
+                    } else {
+                        self.plan::<T>(&id, rec.version, &rec.value, &primary)
+                    };
+                    (id, plan)
+                })
+                .collect();
+            self.commit(store, plans, &mut st, |s| s.cursor = Some(last.clone()))?;
+            *self.live.write() = Some(st.clone());
+            progress(&st);
+            batches += 1;
+            if self.options.stop_after_batches == Some(batches) {
+                if self.options.abort_on_stop {
+                    tracing::error!(
+                        batches,
+                        "{STOP_AFTER_ENV}: aborting the process (test hook)"
+                    );
+                    std::process::abort();
+                }
+                return Err(MigrationError::Stopped(batches));
+            }
+            if n < self.options.batch_size {
+                break;
+            }
+        }
+
+        st.state = if st.failed > 0 {
+            RunState::CompletedWithErrors
+        } else {
+            RunState::Completed
+        };
+        st.total = st.processed();
+        let done = now_us();
+        st.finished_at = Some(format_us(done));
+        st.updated_at = st.finished_at.clone();
+        let event = AuditEvent::new(
+            "migration_finished",
+            actor,
+            if st.failed > 0 {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            },
+        )
+        .details(counts(&st));
+        self.audit.record_with(event, vec![state_op(store, &st)?])?;
+        tracing::info!(
+            store = store.name(),
+            migrated = st.migrated,
+            failed = st.failed,
+            "migration finished"
+        );
+        Ok(st)
+    }
+
+    /// Retries only the records listed as failed.
+    pub fn retry_failed(
+        &self,
+        store: MigrationStore,
+        actor: &str,
+    ) -> Result<MigrationState, MigrationError> {
+        let _run = self.begin()?;
+        match store {
+            MigrationStore::Secrets => {
+                self.retry_typed::<crate::secrets::SecretRecord>(store, actor)
+            }
+        }
+    }
+
+    fn retry_typed<T: Enveloped>(
+        &self,
+        store: MigrationStore,
+        actor: &str,
+    ) -> Result<MigrationState, MigrationError> {
+        let (_, mut st) = self.load(store)?;
+        let ids: Vec<String> = st
+            .failed_records
+            .iter()
+            .filter(|f| f.store == store.name())
+            .map(|f| f.record_id.clone())
+            .collect();
+        let event = AuditEvent::new("migration_started", actor, Outcome::Success).details(json!({
+            "store": store.name(),
+            "mode": "retry_failed",
+            "records": ids.len(),
+        }));
+        self.audit
+            .record(event)
+            .map_err(|e| MigrationError::Audit(e.to_string()))?;
+        let before = (st.migrated, st.failed);
+        for chunk in ids.chunks(self.options.batch_size) {
+            let primary = self.keyring.primary_key_id();
+            let mut plans = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                // Un-count it; the new plan counts it again.
+                st.failed = st.failed.saturating_sub(1);
+                st.failed_records.retain(|f| &f.record_id != id);
+                plans.push((id.clone(), self.replan::<T>(store, id, &primary)?));
+            }
+            self.commit(store, plans, &mut st, |_| {})?;
+        }
+        if st.state == RunState::CompletedWithErrors && st.failed == 0 {
+            st.state = RunState::Completed;
+        }
+        st.total = st.processed();
+        st.updated_at = Some(format_us(now_us()));
+        let mut details = counts(&st);
+        details["mode"] = json!("retry_failed");
+        details["recovered"] = json!(st.migrated - before.0);
+        let event = AuditEvent::new(
+            "migration_finished",
+            actor,
+            if st.failed > 0 {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            },
+        )
+        .details(details);
+        self.audit.record_with(event, vec![state_op(store, &st)?])?;
+        Ok(st)
+    }
+
+    /// Marks a record skipped: later runs leave it alone; it leaves the failed
+    /// list. Recorded in the state and audited.
+    pub fn skip_record(
+        &self,
+        store: MigrationStore,
+        record_id: &str,
+        actor: &str,
+    ) -> Result<MigrationState, MigrationError> {
+        if record_id.is_empty() || record_id.len() > 1000 {
+            return Err(MigrationError::Invalid(
+                "--skip-record needs a record id".into(),
+            ));
+        }
+        let _run = self.begin()?;
+        let (version, mut st) = self.load(store)?;
+        let was_failed = st.failed_records.iter().any(|f| f.record_id == record_id);
+        if !st.skipped_records.iter().any(|r| r == record_id) {
+            st.skipped_records.push(record_id.to_string());
+            if was_failed {
+                st.failed_records.retain(|f| f.record_id != record_id);
+                st.failed = st.failed.saturating_sub(1);
+                st.skipped += 1;
+            }
+        }
+        if st.state == RunState::CompletedWithErrors && st.failed == 0 {
+            st.state = RunState::Completed;
+        }
+        st.updated_at = Some(format_us(now_us()));
+        let expect = if version == 0 {
+            Expect::Absent
+        } else {
+            Expect::Version(version)
+        };
+        let op = WriteOp::put_json(Collection::Meta, store.state_id(), &st, expect)?;
+        let event = AuditEvent::new("migration_record_skipped", actor, Outcome::Success).details(
+            json!({"store": store.name(), "record_id": record_id, "was_failed": was_failed}),
+        );
+        self.audit.record_with(event, vec![op])?;
+        Ok(st)
+    }
+
+    fn count_after(
+        &self,
+        store: MigrationStore,
+        after: Option<&str>,
+    ) -> Result<u64, MigrationError> {
+        let mut n = 0u64;
+        let mut cursor = after.map(str::to_string);
+        const PAGE: usize = 10_000;
+        loop {
+            let page = self.store.list(
+                store.collection(),
+                &ListQuery::after(cursor.as_deref(), PAGE),
+            )?;
+            n += page.len() as u64;
+            let full = page.len() == PAGE;
+            cursor = page.into_iter().last().map(|(id, _)| id);
+            if !full {
+                return Ok(n);
+            }
+        }
+    }
+
+    fn plan<T: Enveloped>(&self, id: &str, version: u64, value: &[u8], primary: &str) -> Plan<T> {
+        let record: T = match serde_json::from_slice(value) {
+            Ok(r) => r,
+            Err(e) => return Plan::Failed(format!("record does not decode: {e}")),
+        };
+        let envelope = match hex::decode(record.envelope_hex()) {
+            Ok(b) => b,
+            Err(_) => return Plan::Failed("malformed envelope: not hex".into()),
+        };
+        match crypto::parse_header(&envelope) {
+            Ok(h) if h.key_id == primary => return Plan::Current,
+            Ok(_) => {}
+            Err(e) => return Plan::Failed(e.to_string()),
+        }
+        match self.keyring.decrypt(id, &envelope, None) {
+            Ok(p) => Plan::Rewrap {
+                version,
+                record,
+                plaintext: Zeroizing::new(p),
+            },
+            Err(e) => Plan::Failed(e.to_string()),
+        }
+    }
+
+    fn replan<T: Enveloped>(
+        &self,
+        store: MigrationStore,
+        id: &str,
+        primary: &str,
+    ) -> Result<Plan<T>, MigrationError> {
+        Ok(match self.store.get(store.collection(), id)? {
+            Some(r) => self.plan::<T>(id, r.version, &r.value, primary),
+            None => Plan::Gone,
+        })
+    }
+
+    /// Writes one batch (the rewrapped records and the state after it)
+    /// atomically and durably; on a lost race re-reads the record and retries.
+    fn commit<T: Enveloped>(
+        &self,
+        store: MigrationStore,
+        mut plans: Vec<(String, Plan<T>)>,
+        st: &mut MigrationState,
+        advance: impl Fn(&mut MigrationState),
+    ) -> Result<(), MigrationError> {
+        let mut conflicts: HashMap<String, u32> = HashMap::new();
+        loop {
+            let mut next = st.clone();
+            advance(&mut next);
+            let mut new_failures = 0u64;
+            for (id, plan) in &plans {
+                match plan {
+                    Plan::Current => next.already_current += 1,
+                    Plan::Rewrap { .. } => next.migrated += 1,
+                    Plan::Skipped => next.skipped += 1,
+                    Plan::Gone => {}
+                    Plan::Failed(error) => {
+                        new_failures += 1;
+                        next.failed += 1;
+                        if next.failed_records.len() < MAX_LISTED_FAILURES {
+                            next.failed_records.push(FailedRecord {
+                                record_id: id.clone(),
+                                store: store.name().to_string(),
+                                error: error.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+            next.updated_at = Some(format_us(now_us()));
+            let items: Vec<(&str, &[u8])> = plans
+                .iter()
+                .filter_map(|(id, p)| match p {
+                    Plan::Rewrap { plaintext, .. } => Some((id.as_str(), plaintext.as_slice())),
+                    _ => None,
+                })
+                .collect();
+            let written = self.keyring.seal_many_and_write(
+                &items,
+                |envelopes, key_id, key_version| -> Result<_, MigrationError> {
+                    let mut ops = Vec::with_capacity(envelopes.len() + 1);
+                    let mut envs = envelopes.into_iter();
+                    for (id, p) in &plans {
+                        if let Plan::Rewrap {
+                            version, record, ..
+                        } = p
+                        {
+                            let env = envs.next().ok_or_else(|| {
+                                MigrationError::Invalid("envelope count mismatch".into())
+                            })?;
+                            let mut r = record.clone();
+                            r.set_envelope(&env, key_id, key_version);
+                            ops.push(WriteOp::put_json(
+                                store.collection(),
+                                id.clone(),
+                                &r,
+                                Expect::Version(*version),
+                            )?);
+                        }
+                    }
+                    ops.push(state_op(store, &next)?);
+                    Ok(self.store.write(ops, Durability::Visible)?)
+                },
+            );
+            match written {
+                Ok(receipt) => {
+                    self.store.wait_durable(receipt)?;
+                    if new_failures > 0 {
+                        self.metrics
+                            .migration_errors
+                            .with_label_values(&[store.name()])
+                            .inc_by(new_failures);
+                        for (id, p) in &plans {
+                            if let Plan::Failed(e) = p {
+                                tracing::warn!(store = store.name(), record_id = %id, error = %e, "migration: record failed");
+                            }
+                        }
+                    }
+                    let rewrapped = next.migrated - st.migrated;
+                    self.metrics
+                        .migration_records
+                        .with_label_values(&[store.name(), "migrated"])
+                        .inc_by(rewrapped);
+                    *st = next;
+                    return Ok(());
+                }
+                Err(MigrationError::Store(StoreError::Conflict { collection, id, .. }))
+                    if collection == store.collection().name() =>
+                {
+                    let tries = conflicts.entry(id.clone()).or_insert(0);
+                    *tries += 1;
+                    let primary = self.keyring.primary_key_id();
+                    let plan = if *tries > CONFLICT_RETRIES {
+                        Plan::Failed(format!(
+                            "changed concurrently {CONFLICT_RETRIES} times during the migration; \
+                             retry with --retry-failed"
+                        ))
+                    } else {
+                        self.replan::<T>(store, &id, &primary)?
+                    };
+                    if let Some(slot) = plans.iter_mut().find(|(pid, _)| *pid == id) {
+                        slot.1 = plan;
+                    } else {
+                        return Err(MigrationError::Invalid(format!(
+                            "conflict on {id}, which is not in the batch"
+                        )));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+struct RunGuard<'a> {
+    migrator: &'a Migrator,
+    _guard: parking_lot::MutexGuard<'a, ()>,
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        self.migrator.active.store(false, Ordering::Relaxed);
+        *self.migrator.live.write() = None;
+    }
+}
+
+fn state_op(store: MigrationStore, st: &MigrationState) -> Result<WriteOp, StoreError> {
+    WriteOp::put_json(Collection::Meta, store.state_id(), st, Expect::Any)
+}
+
+fn counts(st: &MigrationState) -> Value {
+    json!({
+        "store": st.store,
+        "state": st.state,
+        "total": st.total,
+        "migrated": st.migrated,
+        "already_current": st.already_current,
+        "failed": st.failed,
+        "skipped": st.skipped,
+        "target_key_id": st.target_key_id,
+        "resumed": st.resumed,
+    })
+}
+
+/// The envelope header of a stored record (dry run: no decryption).
+fn header_of(
+    store: MigrationStore,
+    id: &str,
+    value: &[u8],
+) -> Result<crypto::EnvelopeHeader, String> {
+    fn typed<T: Enveloped>(value: &[u8]) -> Result<crypto::EnvelopeHeader, String> {
+        let r: T =
+            serde_json::from_slice(value).map_err(|e| format!("record does not decode: {e}"))?;
+        let env = hex::decode(r.envelope_hex()).map_err(|_| "malformed envelope: not hex")?;
+        crypto::parse_header(&env).map_err(|e| e.to_string())
+    }
+    let _ = id;
+    match store {
+        MigrationStore::Secrets => typed::<crate::secrets::SecretRecord>(value),
+    }
+}
+
+#[cfg(test)]
+#[path = "migration_tests.rs"]
+mod tests;
