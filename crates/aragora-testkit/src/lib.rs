@@ -198,7 +198,9 @@ impl Server {
         s
     }
 
-    fn command(&self) -> Command {
+    /// `aragora` (no arguments yet) with this server's environment: its port,
+    /// data dir and env vars; callers add arguments and overrides.
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -272,6 +274,23 @@ impl Server {
             v["user_id"].as_str().expect("user_id").to_string(),
             v["token"].as_str().expect("token").to_string(),
         )
+    }
+
+    /// The value of one series of `/metrics` (0 when absent), e.g.
+    /// `aragora_security_auth_failures_total{reason="expired"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let r = self.send(Request::new("GET", "/metrics"));
+        assert_eq!(r.status, 200, "/metrics: {}", r.body);
+        r.body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
     }
 
     pub fn send(&self, r: Request) -> Response {

@@ -86,20 +86,8 @@ fn auth_failures(s: &Server, key: &str, reason: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The value of one series of `/metrics` (0 when absent).
 fn metric(s: &Server, series: &str) -> f64 {
-    let r = s.send(Request::new("GET", "/metrics"));
-    assert_eq!(r.status, 200);
-    r.body
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    s.metric(series)
 }
 
 fn auth_failure_metric(s: &Server, reason: &str) -> f64 {

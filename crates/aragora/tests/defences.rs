@@ -38,18 +38,7 @@ fn audit(s: &Server, key: &str, action: &str) -> Vec<Value> {
 }
 
 fn metric(s: &Server, series: &str) -> f64 {
-    let r = s.send(Request::new("GET", "/metrics"));
-    assert_eq!(r.status, 200);
-    r.body
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    s.metric(series)
 }
 
 fn failures_metric(s: &Server, reason: &str) -> f64 {

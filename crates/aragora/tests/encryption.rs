@@ -40,14 +40,7 @@ fn cli_json(s: &Server, args: &[&str]) -> Value {
 
 /// `aragora ARGS` with the server's environment plus `overrides`, as a child.
 fn spawn(s: &Server, args: &[&str], overrides: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(&s.bin);
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ARAGORA_BIND", format!("127.0.0.1:{}", s.port))
-        .env("ARAGORA_DATA_DIR", &s.data_dir);
-    for (k, v) in &s.env {
-        cmd.env(k, v);
-    }
+    let mut cmd = s.command();
     for (k, v) in overrides {
         cmd.env(k, v);
     }

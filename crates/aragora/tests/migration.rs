@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use aragora::secrets::SecretRecord;
@@ -72,14 +72,7 @@ fn open_store(s: &Server) -> EmbeddedStore {
 
 /// `aragora serve` with the server's environment plus `overrides`, as a child.
 fn spawn_server(s: &Server, overrides: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(&s.bin);
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ARAGORA_BIND", format!("127.0.0.1:{}", s.port))
-        .env("ARAGORA_DATA_DIR", &s.data_dir);
-    for (k, v) in &s.env {
-        cmd.env(k, v);
-    }
+    let mut cmd = s.command();
     for (k, v) in overrides {
         cmd.env(k, v);
     }
