@@ -86,6 +86,9 @@ pub struct Config {
     /// Peers whose X-Forwarded-For is believed (ARAGORA_TRUSTED_PROXIES,
     /// comma-separated IPs); everyone else is identified by the socket address.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Password hashes (Argon2id) computed at once
+    /// (ARAGORA_PASSWORD_HASH_CONCURRENCY, default: the number of cores).
+    pub password_hash_concurrency: usize,
 }
 
 /// Every problem found, each naming its variable.
@@ -228,6 +231,11 @@ impl Config {
                 "AUTH_LOCKOUT_MAX_SECONDS ({lockout_max}) must not be below AUTH_LOCKOUT_SECONDS ({lockout_base})"
             ));
         }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+        let password_hash_concurrency = get("ARAGORA_PASSWORD_HASH_CONCURRENCY")
+            .map_or(cores, |v| {
+                number("ARAGORA_PASSWORD_HASH_CONCURRENCY", v, 1, 256, &mut p)
+            });
         let mut trusted_proxies = Vec::new();
         for part in get("ARAGORA_TRUSTED_PROXIES")
             .unwrap_or_default()
@@ -265,6 +273,7 @@ impl Config {
             lockout_base: Duration::from_secs(lockout_base),
             lockout_max: Duration::from_secs(lockout_max),
             trusted_proxies,
+            password_hash_concurrency: password_hash_concurrency as usize,
         })
     }
 }

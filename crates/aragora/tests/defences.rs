@@ -972,3 +972,51 @@ fn concurrent_wrong_passwords_are_bounded_by_the_lockout_threshold() {
         "{evaluated} of {N} concurrent wrong passwords were evaluated with a lockout threshold of 3: {statuses:?}"
     );
 }
+
+/// With one password-hashing slot, concurrent logins queue for it instead of
+/// failing: every one is answered, none with a 5xx.
+#[test]
+fn concurrent_logins_share_a_bounded_number_of_hashing_slots() {
+    let s = aragora_testkit::Server::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_aragora")),
+        &[
+            ("ARAGORA_PASSWORD_HASH_CONCURRENCY", "1"),
+            ("AUTH_RATE_LIMIT_PER_IP", "1000"),
+        ],
+    );
+    let (_, admin) = s.bootstrap_admin("root@slots.test");
+    s.create_user(
+        &admin,
+        "slots@slots.test",
+        "correct horse battery staple",
+        &["viewer"],
+    );
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    let password = if i % 2 == 0 { "correct horse battery staple" } else { "wrong password!!" };
+                    s.send(
+                        aragora_testkit::Request::new("POST", "/api/auth/login")
+                            .json(&aragora_testkit::json!({"email": "slots@slots.test", "password": password})),
+                    )
+                    .status
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert!(
+        statuses.iter().all(|&st| st == 200 || st == 401),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&st| st == 200).count(),
+        4,
+        "{statuses:?}"
+    );
+}

@@ -153,6 +153,17 @@ fn bad_configuration_stops_boot_naming_the_variable() {
     let out = run(&[("ARAGORA_ENCRYPTION_KEY", "xyz")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("got 3 characters"));
+    for (name, value) in [
+        ("ARAGORA_PASSWORD_HASH_CONCURRENCY", "0"),
+        ("AUTH_LOCKOUT_THRESHOLD", "many"),
+        ("ARAGORA_TRUSTED_PROXIES", "10.0.0.1,not-an-ip"),
+        ("RBAC_CACHE_TTL", "-5"),
+    ] {
+        let out = run(&[(name, value)]);
+        assert_eq!(out.status.code(), Some(2), "{name}={value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(name), "{name}={value}: {err}");
+    }
 
     let check = |v: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_aragora"));

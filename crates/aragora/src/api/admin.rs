@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{KeyBody, created_key};
-use super::{ApiResult, JsonBody, QueryParams, blocking};
+use super::{ApiResult, JsonBody, QueryParams, blocking, hashing};
 use crate::app::AppState;
 use crate::auth::{Principal, RequestMeta};
 use crate::clock::now_us;
@@ -55,7 +55,8 @@ pub async fn create_user(
     Extension(meta): Extension<RequestMeta>,
     JsonBody(b): JsonBody<CreateUserBody>,
 ) -> ApiResult<Response> {
-    let user = blocking(move || {
+    let st = state.clone();
+    let user = hashing(&st, move || {
         state
             .auth
             .create_user(&p.user_id, &b.email, b.password.as_deref(), b.roles, &meta)
@@ -111,7 +112,11 @@ pub async fn set_password(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<PasswordBody>,
 ) -> ApiResult<Response> {
-    blocking(move || state.auth.set_password(&p, &id, &b.password, &meta)).await?;
+    let st = state.clone();
+    hashing(&state, move || {
+        st.auth.set_password(&p, &id, &b.password, &meta)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiResult, JsonBody, blocking};
+use super::{ApiResult, JsonBody, blocking, hashing};
 use crate::app::AppState;
 use crate::auth::{Principal, RequestMeta};
 
@@ -25,8 +25,11 @@ pub async fn login(
     Extension(meta): Extension<RequestMeta>,
     JsonBody(body): JsonBody<LoginBody>,
 ) -> ApiResult<Response> {
-    let (token, expires_in, session_id) =
-        blocking(move || state.auth.login(&body.email, &body.password, &meta)).await?;
+    let st = state.clone();
+    let (token, expires_in, session_id) = hashing(&state, move || {
+        st.auth.login(&body.email, &body.password, &meta)
+    })
+    .await?;
     Ok(axum::Json(json!({
         "access_token": token,
         "token_type": "Bearer",

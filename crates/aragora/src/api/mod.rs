@@ -86,7 +86,11 @@ impl IntoResponse for ApiError {
             ),
             ServiceError::Unavailable(_) => {
                 tracing::error!(error = %msg, "service unavailable");
-                (StatusCode::SERVICE_UNAVAILABLE, json!({"error": msg}), None)
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": msg}),
+                    Some((header::RETRY_AFTER, "1".to_string())),
+                )
             }
             ServiceError::Internal(_) => {
                 tracing::error!(error = %msg, "internal error");
@@ -458,6 +462,28 @@ async fn json_errors(resp: Response) -> Response {
         }
     }
     out
+}
+
+/// How long a request waits for a password-hashing slot before a 503.
+pub const PASSWORD_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `blocking` for work that hashes or verifies a password: at most
+/// `password_slots` at once, the rest wait (asynchronously) up to
+/// `PASSWORD_SLOT_WAIT`, then get 503 with Retry-After.
+pub async fn hashing<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> ApiResult<T> {
+    let busy = || {
+        ApiError(ServiceError::Unavailable(
+            "too many password checks in progress; retry in a second".into(),
+        ))
+    };
+    let _slot = tokio::time::timeout(PASSWORD_SLOT_WAIT, state.password_slots.acquire())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    blocking(f).await
 }
 
 /// Runs blocking service work (password hashing, durable writes) off the async
