@@ -94,6 +94,45 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// The transaction for a batch, and for each assertion the op it guards.
+    fn batch(&self, ops: &[WriteOp]) -> Result<(aedb::WriteTransaction, Vec<usize>), StoreError> {
+        let mut tx = self
+            .db
+            .begin_write_as(&self.caller, PROJECT)
+            .map_err(backend)?;
+        let mut asserted: Vec<usize> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let (collection, id) = op.target();
+            let scope = collection.name();
+            let expect = match op {
+                WriteOp::Put { value, expect, .. } => {
+                    tx.kv_set(scope, id.as_bytes(), value).map_err(backend)?;
+                    *expect
+                }
+                WriteOp::Delete { expect, .. } => {
+                    tx.kv_del(scope, id.as_bytes()).map_err(backend)?;
+                    *expect
+                }
+            };
+            match expect {
+                Expect::Any => {}
+                Expect::Absent => {
+                    tx.assert(ReadAssertion::key_absent(scope, id.as_bytes()));
+                    asserted.push(i);
+                }
+                Expect::Version(version) => {
+                    tx.assert(ReadAssertion::KeyVersion {
+                        scope: scope.into(),
+                        key: id.as_bytes().to_vec(),
+                        version,
+                    });
+                    asserted.push(i);
+                }
+            }
+        }
+        Ok((tx, asserted))
+    }
+
     /// The engine underneath (operational metrics, checkpoints, backups).
     pub fn engine(&self) -> &AedbInstance<Secure> {
         &self.db
@@ -170,77 +209,48 @@ impl Store for EmbeddedStore {
     }
 
     fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<Receipt, StoreError> {
-        let mut tx = self
-            .db
-            .begin_write_as(&self.caller, PROJECT)
-            .map_err(backend)?;
-        // Which op each assertion belongs to, to name it on failure.
-        let mut asserted: Vec<usize> = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            let (collection, id) = op.target();
-            let scope = collection.name();
-            let expect = match op {
-                WriteOp::Put { value, expect, .. } => {
-                    tx.kv_set(scope, id.as_bytes(), value).map_err(backend)?;
-                    *expect
-                }
-                WriteOp::Delete { expect, .. } => {
-                    tx.kv_del(scope, id.as_bytes()).map_err(backend)?;
-                    *expect
-                }
-            };
-            match expect {
-                Expect::Any => {}
-                Expect::Absent => {
-                    tx.assert(ReadAssertion::key_absent(scope, id.as_bytes()));
-                    asserted.push(i);
-                }
-                Expect::Version(version) => {
-                    tx.assert(ReadAssertion::KeyVersion {
-                        scope: scope.into(),
-                        key: id.as_bytes().to_vec(),
-                        version,
-                    });
-                    asserted.push(i);
-                }
-            }
-        }
+        // Expectations are assertions checked when the commit applies, so a
+        // write-write conflict (another commit touched a key of this batch
+        // after its snapshot) is retried here with a fresh snapshot: the
+        // expectations decide again. Callers then see a conflict only when an
+        // expectation fails, and it names its record.
+        const WRITE_CONFLICT_RETRIES: usize = 8;
         let finality = match durability {
             Durability::Durable => CommitFinality::Durable,
             Durability::Visible => CommitFinality::Visible,
         };
-        match self.db.commit_as_with_finality(&self.caller, tx, finality) {
-            Ok(r) => Ok(Receipt { seq: r.commit_seq }),
-            Err(AedbError::AssertionFailed { index, .. }) => {
-                let op = asserted.get(index).and_then(|&i| ops.get(i));
-                let (collection, id) = op.map_or((Collection::Meta, "?"), WriteOp::target);
-                let reason = match op {
-                    Some(WriteOp::Put {
-                        expect: Expect::Absent,
-                        ..
-                    })
-                    | Some(WriteOp::Delete {
-                        expect: Expect::Absent,
-                        ..
-                    }) => "already exists",
-                    _ => "changed since it was read",
-                };
-                Err(StoreError::Conflict {
-                    collection: collection.name(),
-                    id: id.to_string(),
-                    reason: reason.into(),
-                })
+        for _ in 0..WRITE_CONFLICT_RETRIES {
+            let (tx, asserted) = self.batch(&ops)?;
+            match self.db.commit_as_with_finality(&self.caller, tx, finality) {
+                Ok(r) => return Ok(Receipt { seq: r.commit_seq }),
+                Err(AedbError::AssertionFailed { index, .. }) => {
+                    let op = asserted.get(index).and_then(|&i| ops.get(i));
+                    let (collection, id) = op.map_or((Collection::Meta, "?"), WriteOp::target);
+                    let reason = match op {
+                        Some(WriteOp::Put {
+                            expect: Expect::Absent,
+                            ..
+                        })
+                        | Some(WriteOp::Delete {
+                            expect: Expect::Absent,
+                            ..
+                        }) => "already exists",
+                        _ => "changed since it was read",
+                    };
+                    return Err(StoreError::Conflict {
+                        collection: collection.name(),
+                        id: id.to_string(),
+                        reason: reason.into(),
+                    });
+                }
+                Err(AedbError::Conflict { .. }) => continue,
+                Err(e) => return Err(backend(e)),
             }
-            Err(AedbError::Conflict { .. }) => {
-                let (collection, id) = ops.first().map_or((Collection::Meta, "?"), WriteOp::target);
-                Err(StoreError::Conflict {
-                    collection: collection.name(),
-                    id: id.to_string(),
-                    reason: "a concurrent write committed first".into(),
-                })
-            }
-            Err(e) => Err(backend(e)),
         }
+        Err(StoreError::Unavailable(format!(
+            "a batch of {} writes lost {WRITE_CONFLICT_RETRIES} times in a row to concurrent writers",
+            ops.len()
+        )))
     }
 
     fn wait_durable(&self, receipt: Receipt) -> Result<(), StoreError> {
