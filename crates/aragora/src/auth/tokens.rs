@@ -17,7 +17,9 @@ use super::{AuthService, CAS_RETRIES, Credential, Principal, RequestMeta, users}
 use crate::audit::{AuditEvent, Outcome, RecordError};
 use crate::clock::{self, now_us};
 use crate::error::ServiceError;
-use crate::store::{Collection, Expect, ListQuery, WriteOp, for_each_json, get_json, list_json};
+use crate::store::{
+    Collection, Expect, ListQuery, WriteOp, decode_opt, for_each_json, get_json, list_json,
+};
 
 pub const API_KEY_PREFIX: &str = "ara_";
 pub(crate) const EPOCH_ID: &str = "session_epoch";
@@ -170,9 +172,18 @@ impl AuthService {
                 json!({"credential": "jwt"}),
             )
         })?;
-        let session = get_json::<Session>(self.store.as_ref(), Collection::Sessions, &claims.sid)?
+        // Session, revocation epoch and user in one snapshot.
+        let found = self.store.get_many(&[
+            (Collection::Sessions, &claims.sid),
+            (Collection::Meta, EPOCH_ID),
+            (Collection::Users, &claims.sub),
+        ])?;
+        let session = decode_opt::<Session>(Collection::Sessions, &claims.sid, found[0].as_ref())?
             .map(|(_, s)| s);
-        let (_, epoch) = self.revocation_epoch()?;
+        let epoch = decode_opt::<RevocationEpoch>(Collection::Meta, EPOCH_ID, found[1].as_ref())?
+            .map(|(_, e)| e)
+            .unwrap_or_default();
+        let user = decode_opt::<User>(Collection::Users, &claims.sub, found[2].as_ref())?;
         let revoked = match &session {
             None => Some("session not found"),
             Some(s) if s.user_id != claims.sub => Some("session belongs to another user"),
@@ -192,8 +203,9 @@ impl AuthService {
                 json!({"session_id": claims.sid}),
             ));
         }
-        self.principal_for(
+        self.principal_from(
             &claims.sub,
+            user,
             Credential::Session {
                 session_id: claims.sid,
             },
@@ -261,9 +273,19 @@ impl AuthService {
         credential: Credential,
         meta: &RequestMeta,
     ) -> Result<Principal, ServiceError> {
-        let Some((version, user)) =
-            get_json::<User>(self.store.as_ref(), Collection::Users, user_id)?
-        else {
+        let user = get_json::<User>(self.store.as_ref(), Collection::Users, user_id)?;
+        self.principal_from(user_id, user, credential, meta)
+    }
+
+    /// The principal for a user record already read (`None`: it is gone).
+    fn principal_from(
+        &self,
+        user_id: &str,
+        user: Option<(u64, User)>,
+        credential: Credential,
+        meta: &RequestMeta,
+    ) -> Result<Principal, ServiceError> {
+        let Some((version, user)) = user else {
             return Err(self.fail(
                 "revoked",
                 "user no longer exists",

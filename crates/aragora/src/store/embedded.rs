@@ -170,6 +170,21 @@ impl Store for EmbeddedStore {
             .map(|(version, value)| Record { version, value }))
     }
 
+    fn get_many(&self, keys: &[(Collection, &str)]) -> Result<Vec<Option<Record>>, StoreError> {
+        let read = self
+            .db
+            .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
+            .map_err(backend)?;
+        keys.iter()
+            .map(|(c, id)| {
+                Ok(read
+                    .kv_get_versioned(PROJECT, c.name(), id.as_bytes())
+                    .map_err(backend)?
+                    .map(|(version, value)| Record { version, value }))
+            })
+            .collect()
+    }
+
     fn list(
         &self,
         collection: Collection,

@@ -233,6 +233,13 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     fn get(&self, collection: Collection, id: &str) -> Result<Option<Record>, StoreError>;
 
+    /// Several records, in the order asked, read at one point in time where the
+    /// backend can (one snapshot on the embedded store): the request path reads
+    /// session, revocation epoch and user together.
+    fn get_many(&self, keys: &[(Collection, &str)]) -> Result<Vec<Option<Record>>, StoreError> {
+        keys.iter().map(|(c, id)| self.get(*c, id)).collect()
+    }
+
     fn list(
         &self,
         collection: Collection,
@@ -257,6 +264,17 @@ pub fn decode<T: DeserializeOwned>(
         id: id.to_string(),
         reason: e.to_string(),
     })
+}
+
+/// Decodes an optional record from `get_many`.
+pub fn decode_opt<T: DeserializeOwned>(
+    collection: Collection,
+    id: &str,
+    record: Option<&Record>,
+) -> Result<Option<(u64, T)>, StoreError> {
+    record
+        .map(|r| Ok((r.version, decode(collection, id, r)?)))
+        .transpose()
 }
 
 /// `get` + `decode`: the value and its version.

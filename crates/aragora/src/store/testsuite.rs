@@ -168,6 +168,18 @@ fn basics(store: &dyn Store) {
     );
     assert_eq!(value(store, Collection::UserEmails, "e@x"), None);
 
+    // Several records at once, in the order asked, absent ones as None.
+    let many = store
+        .get_many(&[
+            (users, "u1"),
+            (users, "nobody"),
+            (Collection::UserEmails, "e@x"),
+        ])
+        .expect("get_many");
+    assert_eq!(many.len(), 3);
+    assert_eq!(many[0].as_ref().map(|r| r.version), Some(v2));
+    assert!(many[1].is_none() && many[2].is_none());
+
     // Delete with and without expectation.
     store
         .write(
