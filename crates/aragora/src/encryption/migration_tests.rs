@@ -1,50 +1,13 @@
 use std::path::Path;
 
-use zeroize::Zeroizing;
-
 use super::*;
 use crate::auth::{Credential, Principal, RequestMeta};
-use crate::config::Environment;
-use crate::crypto::MasterKey;
-use crate::secrets::{SecretRecord, SecretsService};
-use crate::store::EmbeddedStore;
+use crate::secrets::SecretRecord;
 
-const MK: [u8; 32] = [7; 32];
-const CK: [u8; 32] = [9; 32];
-
-#[derive(Debug)]
-struct Fixture {
-    store: Arc<dyn Store>,
-    audit: Arc<AuditLog>,
-    ring: Arc<KeyRing>,
-    metrics: Metrics,
-    secrets: SecretsService,
-}
+use crate::encryption::tests::{Fixture, open as open_ring};
 
 fn open(dir: &Path) -> Fixture {
-    let store: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&dir.join("aedb"), MK, CK).expect("store"));
-    let audit = Arc::new(AuditLog::new(store.clone()));
-    let metrics = Metrics::new().expect("metrics");
-    let ring = Arc::new(
-        KeyRing::open(
-            store.clone(),
-            audit.clone(),
-            metrics.clone(),
-            MasterKey::from_bytes(Zeroizing::new([1; 32])),
-            dir,
-            Environment::Development,
-        )
-        .expect("key ring"),
-    );
-    let secrets = SecretsService::new(store.clone(), audit.clone(), ring.clone());
-    Fixture {
-        store,
-        audit,
-        ring,
-        metrics,
-        secrets,
-    }
+    open_ring(dir, [1; 32]).expect("key ring")
 }
 
 fn migrator(f: &Fixture, batch_size: usize, stop_after_batches: Option<u64>) -> Migrator {

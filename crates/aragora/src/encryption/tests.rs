@@ -10,14 +10,18 @@ use crate::store::{Durability, EmbeddedStore};
 const MK: [u8; 32] = [7; 32];
 const CK: [u8; 32] = [9; 32];
 
+/// A key ring with its store, audit log, metrics and secrets service; shared
+/// with the migration tests.
 #[derive(Debug)]
-struct Fixture {
-    store: Arc<dyn Store>,
-    ring: Arc<KeyRing>,
-    secrets: SecretsService,
+pub(super) struct Fixture {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) audit: Arc<AuditLog>,
+    pub(super) ring: Arc<KeyRing>,
+    pub(super) metrics: Metrics,
+    pub(super) secrets: SecretsService,
 }
 
-fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError> {
+pub(super) fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError> {
     let store: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&dir.join("aedb"), MK, CK).expect("store"));
     let audit = Arc::new(AuditLog::new(store.clone()));
@@ -25,15 +29,17 @@ fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError> {
     let ring = Arc::new(KeyRing::open(
         store.clone(),
         audit.clone(),
-        metrics,
+        metrics.clone(),
         MasterKey::from_bytes(Zeroizing::new(master)),
         dir,
         Environment::Development,
     )?);
-    let secrets = SecretsService::new(store.clone(), audit, ring.clone());
+    let secrets = SecretsService::new(store.clone(), audit.clone(), ring.clone());
     Ok(Fixture {
         store,
+        audit,
         ring,
+        metrics,
         secrets,
     })
 }
