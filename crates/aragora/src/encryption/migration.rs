@@ -570,17 +570,7 @@ impl Migrator {
         let done = now_us();
         st.finished_at = Some(format_us(done));
         st.updated_at = st.finished_at.clone();
-        let event = AuditEvent::new(
-            "migration_finished",
-            actor,
-            if st.failed > 0 {
-                Outcome::Failure
-            } else {
-                Outcome::Success
-            },
-        )
-        .details(counts(&st));
-        self.audit.record_with(event, vec![state_op(store, &st)?])?;
+        self.record_finished(actor, store, &st, counts(&st))?;
         tracing::info!(
             store = store.name(),
             migrated = st.migrated,
@@ -644,17 +634,7 @@ impl Migrator {
         let mut details = counts(&st);
         details["mode"] = json!("retry_failed");
         details["recovered"] = json!(st.migrated - before.0);
-        let event = AuditEvent::new(
-            "migration_finished",
-            actor,
-            if st.failed > 0 {
-                Outcome::Failure
-            } else {
-                Outcome::Success
-            },
-        )
-        .details(details);
-        self.audit.record_with(event, vec![state_op(store, &st)?])?;
+        self.record_finished(actor, store, &st, details)?;
         Ok(st)
     }
 
@@ -872,6 +852,27 @@ impl Migrator {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Migrator {
+    /// Writes the final state of a run with its `migration_finished` entry (a
+    /// failure outcome when any record failed).
+    fn record_finished(
+        &self,
+        actor: &str,
+        store: MigrationStore,
+        st: &MigrationState,
+        details: Value,
+    ) -> Result<(), MigrationError> {
+        let outcome = if st.failed > 0 {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        let event = AuditEvent::new("migration_finished", actor, outcome).details(details);
+        self.audit.record_with(event, vec![state_op(store, st)?])?;
+        Ok(())
     }
 }
 
