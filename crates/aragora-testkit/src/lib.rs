@@ -276,6 +276,17 @@ impl Server {
         )
     }
 
+    /// Audit entries of the last five minutes with `action`, oldest first
+    /// (searched with `token`, which needs `audit.read`).
+    pub fn audit(&self, token: &str, action: &str) -> Vec<Value> {
+        let r = self.get(
+            &format!("/api/security/audit/search?action={action}&minutes=5&limit=10000"),
+            token,
+        );
+        assert_eq!(r.status, 200, "audit search: {}", r.body);
+        r.json()["entries"].as_array().expect("entries").clone()
+    }
+
     /// The value of one series of `/metrics` (0 when absent), e.g.
     /// `aragora_security_auth_failures_total{reason="expired"}`.
     pub fn metric(&self, series: &str) -> f64 {

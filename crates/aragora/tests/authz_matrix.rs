@@ -68,14 +68,8 @@ fn user_with_token(
     (id, token, sid)
 }
 
-/// Audit entries of the last five minutes with `action`.
 fn audit(s: &Server, key: &str, action: &str) -> Vec<Value> {
-    let r = s.get(
-        &format!("/api/security/audit/search?action={action}&minutes=5&limit=10000"),
-        key,
-    );
-    assert_eq!(r.status, 200, "audit search: {}", r.body);
-    r.json()["entries"].as_array().expect("entries").clone()
+    s.audit(key, action)
 }
 
 /// Auth failures of the last five minutes with `details.reason == reason`.

@@ -29,12 +29,7 @@ fn login_from(s: &Server, ip: &str, email: &str, password: &str) -> Response {
 }
 
 fn audit(s: &Server, key: &str, action: &str) -> Vec<Value> {
-    let r = s.get(
-        &format!("/api/security/audit/search?action={action}&minutes=5&limit=10000"),
-        key,
-    );
-    assert_eq!(r.status, 200, "audit search: {}", r.body);
-    r.json()["entries"].as_array().expect("entries").clone()
+    s.audit(key, action)
 }
 
 fn metric(s: &Server, series: &str) -> f64 {
