@@ -26,6 +26,35 @@ impl fmt::Debug for Key32 {
     }
 }
 
+/// A secret string from the environment (JWT secrets): zeroized when dropped,
+/// never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    pub fn new(s: String) -> Self {
+        Self(Zeroizing::new(s))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretString(<redacted>)")
+    }
+}
+
 /// Why a key variable is unusable (the value itself is never reported).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KeyProblem {
@@ -71,8 +100,8 @@ pub struct Config {
     pub auth_rate_limit_per_ip: u32,
     pub auth_rate_limit_window: Duration,
     pub encryption_key: Option<Key32>,
-    pub jwt_secret: Option<String>,
-    pub jwt_secret_previous: Option<String>,
+    pub jwt_secret: Option<SecretString>,
+    pub jwt_secret_previous: Option<SecretString>,
     pub aedb_manifest_key: Option<Key32>,
     pub aedb_checkpoint_key: Option<Key32>,
     /// Lifetime of access tokens (ARAGORA_TOKEN_TTL, seconds).
@@ -89,6 +118,10 @@ pub struct Config {
     /// Password hashes (Argon2id) computed at once
     /// (ARAGORA_PASSWORD_HASH_CONCURRENCY, default: the number of cores).
     pub password_hash_concurrency: usize,
+    /// How long repeated authentication refusals of one kind are counted
+    /// before one summary audit entry is written
+    /// (ARAGORA_AUTH_FAILURE_AUDIT_WINDOW, seconds).
+    pub auth_failure_audit_window: Duration,
 }
 
 /// Every problem found, each naming its variable.
@@ -193,8 +226,8 @@ impl Config {
         let aedb_manifest_key = key("AEDB_MANIFEST_KEY", &mut p);
         let aedb_checkpoint_key = key("AEDB_CHECKPOINT_KEY", &mut p);
         let jwt_secret = get("JWT_SECRET")
-            .map(str::to_string)
-            .filter(|s| !s.is_empty());
+            .filter(|s| !s.is_empty())
+            .map(|s| SecretString::new(s.to_string()));
         match &jwt_secret {
             None if environment == Environment::Production => {
                 p.push("JWT_SECRET is not set".into())
@@ -206,8 +239,8 @@ impl Config {
             _ => {}
         }
         let jwt_secret_previous = get("JWT_SECRET_PREVIOUS")
-            .map(str::to_string)
-            .filter(|s| !s.is_empty());
+            .filter(|s| !s.is_empty())
+            .map(|s| SecretString::new(s.to_string()));
         if let Some(s) = &jwt_secret_previous
             && s.len() < 32
         {
@@ -236,6 +269,9 @@ impl Config {
             .map_or(cores, |v| {
                 number("ARAGORA_PASSWORD_HASH_CONCURRENCY", v, 1, 256, &mut p)
             });
+        let auth_failure_audit_window = get("ARAGORA_AUTH_FAILURE_AUDIT_WINDOW").map_or(10, |v| {
+            number("ARAGORA_AUTH_FAILURE_AUDIT_WINDOW", v, 1, 3600, &mut p)
+        });
         let mut trusted_proxies = Vec::new();
         for part in get("ARAGORA_TRUSTED_PROXIES")
             .unwrap_or_default()
@@ -274,6 +310,7 @@ impl Config {
             lockout_max: Duration::from_secs(lockout_max),
             trusted_proxies,
             password_hash_concurrency: password_hash_concurrency as usize,
+            auth_failure_audit_window: Duration::from_secs(auth_failure_audit_window),
         })
     }
 }

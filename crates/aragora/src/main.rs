@@ -220,7 +220,7 @@ fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
         EmbeddedStore::open(&store_dir, mk.bytes(), ck.bytes())
             .with_context(|| format!("opening the store in {}", store_dir.display()))?,
     );
-    let state = Arc::new(AppState::new(config, store.clone(), &jwt)?);
+    let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
     Ok((store, state))
 }
 

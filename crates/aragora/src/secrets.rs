@@ -15,6 +15,9 @@ use crate::auth::{CAS_RETRIES, Principal, RequestMeta};
 use crate::clock::{format_us, now_us};
 use crate::encryption::KeyRing;
 use crate::error::ServiceError;
+use crate::rbac::catalogue::is_sensitive;
+use crate::rbac::grant::Grant;
+use crate::rbac::{Rbac, roles_label};
 use crate::store::{Collection, Expect, ListQuery, Store, WriteOp, get_json, list_json};
 
 pub const MAX_ID_LEN: usize = 200;
@@ -75,21 +78,41 @@ pub struct SecretsService {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
     keyring: Arc<KeyRing>,
+    rbac: Arc<Rbac>,
 }
 
-fn validate_id(id: &str) -> Result<(), ServiceError> {
+fn path_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
+}
+
+/// Secret ids are paths (`team-a/db/password`): segments of A-Z a-z 0-9 . _ -
+/// : separated by `/`, none empty, `.` or `..`.
+pub fn validate_id(id: &str) -> Result<(), ServiceError> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && seg.bytes().all(path_char));
     if ok {
         Ok(())
     } else {
         Err(ServiceError::BadRequest(format!(
-            "secret id must be 1 to {MAX_ID_LEN} characters of A-Z a-z 0-9 . _ - :"
+            "secret id must be a path of 1 to {MAX_ID_LEN} characters: segments of A-Z a-z 0-9 . _ - : separated by /, none empty, . or .."
         )))
     }
+}
+
+/// A path scope of a grant (`secrets.read:team-a/`): the start of a secret
+/// id, so the same characters, possibly ending in `/`.
+pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+    let body = prefix.strip_suffix('/').unwrap_or(prefix);
+    if validate_id(body).is_err() {
+        return Err(format!(
+            "must be the start of a secret id (segments of A-Z a-z 0-9 . _ - : separated by /), got {:?}",
+            prefix.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(())
 }
 
 fn validate_type(t: &str) -> Result<(), ServiceError> {
@@ -111,12 +134,52 @@ fn not_found(id: &str) -> ServiceError {
 }
 
 impl SecretsService {
-    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>, keyring: Arc<KeyRing>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        keyring: Arc<KeyRing>,
+        rbac: Arc<Rbac>,
+    ) -> Self {
         Self {
             store,
             audit,
             keyring,
+            rbac,
         }
+    }
+
+    /// Per-secret access: the caller's grants must cover `permission` on this
+    /// path, either by owning the secret (an unscoped grant) or by a path grant
+    /// (`secrets.read:team-a/`). Otherwise 403 naming `permission:id`, audited
+    /// as `permission_denied` with the secret and its owner.
+    fn authorize(
+        &self,
+        p: &Principal,
+        permission: &'static str,
+        id: &str,
+        owner: Option<&str>,
+        meta: &RequestMeta,
+    ) -> Result<(), ServiceError> {
+        let owned = owner == Some(p.user_id.as_str());
+        if self.rbac.covers_path(&p.roles, permission, id, owned) {
+            return Ok(());
+        }
+        let needed = format!("{permission}:{id}");
+        let event = AuditEvent::new("permission_denied", p.user_id.clone(), Outcome::Denied)
+            .ip(meta.ip_string())
+            .details(json!({
+                "permission": needed,
+                "role": roles_label(&p.roles),
+                "sensitive": is_sensitive(permission),
+                "reason": "secret_path",
+                "secret_id": id,
+                "secret_owner": owner,
+            }));
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "permission_denied could not be audited");
+        }
+        tracing::warn!(user_id = %p.user_id, secret_id = id, permission, "secret access denied");
+        Err(ServiceError::Forbidden { permission: needed })
     }
 
     /// Creates or replaces a secret; `(metadata, created)`.
@@ -136,9 +199,27 @@ impl SecretsService {
                 "value is larger than {MAX_VALUE_BYTES} bytes"
             )));
         }
-        let owner = owner.unwrap_or(&p.user_id).to_string();
         for _ in 0..CAS_RETRIES {
             let existing = get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?;
+            // Replacing needs a grant covering the secret (its owner's, or a
+            // path grant); creating makes the caller the owner.
+            let current_owner = existing.as_ref().map(|(_, r)| r.owner.as_str());
+            self.authorize(
+                p,
+                "secrets.write",
+                id,
+                current_owner.or(Some(&p.user_id)),
+                meta,
+            )?;
+            let owner = match owner {
+                // Handing a secret to someone else is a path grant's power.
+                Some(o) if o != p.user_id && Some(o) != current_owner => {
+                    self.authorize(p, "secrets.write", id, None, meta)?;
+                    o.to_string()
+                }
+                Some(o) => o.to_string(),
+                None => current_owner.unwrap_or(&p.user_id).to_string(),
+            };
             let now = now_us();
             let (expect, created_us) = match &existing {
                 Some((v, r)) => (Expect::Version(*v), r.created_at_us),
@@ -200,9 +281,17 @@ impl SecretsService {
         meta: &RequestMeta,
     ) -> Result<(Value, String), ServiceError> {
         validate_id(id)?;
-        let Some((_, rec)) =
-            get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?
-        else {
+        let found = get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?;
+        // Authorized before "not found": without a grant covering the path,
+        // whether a secret exists there is not the caller's to learn.
+        self.authorize(
+            p,
+            "secrets.read",
+            id,
+            found.as_ref().map(|(_, r)| r.owner.as_str()),
+            meta,
+        )?;
+        let Some((_, rec)) = found else {
             return Err(not_found(id));
         };
         let opened = hex::decode(&rec.envelope)
@@ -247,9 +336,15 @@ impl SecretsService {
     pub fn delete(&self, p: &Principal, id: &str, meta: &RequestMeta) -> Result<(), ServiceError> {
         validate_id(id)?;
         for _ in 0..CAS_RETRIES {
-            let Some((version, rec)) =
-                get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?
-            else {
+            let found = get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?;
+            self.authorize(
+                p,
+                "secrets.delete",
+                id,
+                found.as_ref().map(|(_, r)| r.owner.as_str()),
+                meta,
+            )?;
+            let Some((version, rec)) = found else {
                 return Err(not_found(id));
             };
             let op = WriteOp::delete(Collection::Secrets, id, Expect::Version(version));
@@ -267,22 +362,51 @@ impl SecretsService {
         )))
     }
 
-    /// Metadata of secrets after `after`, in id order; `(items, next_after)`.
+    /// Metadata of the secrets `p` may list (its own, and those under its
+    /// `secrets.list` path grants) after `after`, in id order;
+    /// `(items, next_after)`. At most `MAX_SCAN` records are looked at per
+    /// call: a sparse listing returns a short page with `next_after` set.
     pub fn list(
         &self,
+        p: &Principal,
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<Value>, Option<String>), ServiceError> {
+        const MAX_SCAN: usize = 10 * MAX_PAGE;
         let limit = limit.clamp(1, MAX_PAGE);
-        let page = list_json::<SecretRecord>(
-            self.store.as_ref(),
-            Collection::Secrets,
-            &ListQuery::after(after, limit),
-        )?;
-        let next = (page.len() == limit)
-            .then(|| page.last().map(|(id, _, _)| id.clone()))
-            .flatten();
-        Ok((page.iter().map(|(_, _, r)| r.view()).collect(), next))
+        let grants = self.rbac.grants_of(&p.roles);
+        let visible = |r: &SecretRecord| {
+            grants.iter().any(|g| {
+                Grant::parse(g).covers_path("secrets.list", &r.id, r.owner == p.user_id)
+            })
+        };
+        let mut items = Vec::new();
+        let mut cursor = after.map(str::to_string);
+        let mut scanned = 0;
+        loop {
+            let page = list_json::<SecretRecord>(
+                self.store.as_ref(),
+                Collection::Secrets,
+                &ListQuery::after(cursor.as_deref(), MAX_PAGE),
+            )?;
+            let n = page.len();
+            for (id, _, r) in page {
+                scanned += 1;
+                cursor = Some(id);
+                if visible(&r) {
+                    items.push(r.view());
+                    if items.len() == limit {
+                        return Ok((items, cursor));
+                    }
+                }
+                if scanned >= MAX_SCAN {
+                    return Ok((items, cursor));
+                }
+            }
+            if n < MAX_PAGE {
+                return Ok((items, None));
+            }
+        }
     }
 
     /// `aragora rotation --secrets-accessed-by=USER_ID`: every secret the user

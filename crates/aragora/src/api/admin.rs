@@ -59,7 +59,7 @@ pub async fn create_user(
     let user = hashing(&st, move || {
         state
             .auth
-            .create_user(&p.user_id, &b.email, b.password.as_deref(), b.roles, &meta)
+            .create_user(&p, &b.email, b.password.as_deref(), b.roles, &meta)
     })
     .await?;
     Ok((StatusCode::CREATED, axum::Json(user.view(now_us(), None))).into_response())
@@ -205,16 +205,13 @@ pub async fn sessions(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let now = now_us();
-    let sessions = state.auth.sessions_of(&id)?;
-    let active = sessions
-        .iter()
-        .filter(|s| s.revoked_at.is_none() && s.expires_at > now)
-        .count();
+    let (user, sessions) = state.auth.sessions_of(&id)?;
+    let active = sessions.iter().filter(|s| s.is_active(&user, now)).count();
     let keys = state.auth.api_keys_of(&id)?;
     Ok(axum::Json(json!({
         "user_id": id,
         "active_sessions": active,
-        "sessions": sessions.iter().map(|s| s.view(now)).collect::<Vec<_>>(),
+        "sessions": sessions.iter().map(|s| s.view(&user, now)).collect::<Vec<_>>(),
         "api_keys": keys.iter().map(|k| k.view()).collect::<Vec<_>>(),
     }))
     .into_response())

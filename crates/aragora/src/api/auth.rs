@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiResult, JsonBody, blocking, hashing};
+use super::{ApiResult, JsonBody, LimitedJsonBody, blocking, hashing};
 use crate::app::AppState;
 use crate::auth::{Principal, RequestMeta};
 
@@ -23,8 +23,12 @@ pub struct LoginBody {
 pub async fn login(
     State(state): State<Arc<AppState>>,
     Extension(meta): Extension<RequestMeta>,
-    JsonBody(body): JsonBody<LoginBody>,
+    LimitedJsonBody(body): LimitedJsonBody<LoginBody, { crate::auth::MAX_LOGIN_BODY_BYTES }>,
 ) -> ApiResult<Response> {
+    // Cheap refusals first: malformed input, then the address limit, before
+    // a password-hashing slot is taken.
+    state.auth.validate_login_input(&body.email, &body.password)?;
+    state.auth.check_login_rate(&body.email, &meta)?;
     let st = state.clone();
     let (token, expires_in, session_id) = hashing(&state, move || {
         st.auth.login(&body.email, &body.password, &meta)

@@ -121,12 +121,13 @@ pub struct ListQuery {
 
 pub async fn list_secrets(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> ApiResult<Response> {
     let (items, next) = blocking(move || {
         state
             .secrets
-            .list(q.after.as_deref(), q.limit.unwrap_or(100))
+            .list(&p, q.after.as_deref(), q.limit.unwrap_or(100))
     })
     .await?;
     Ok(

@@ -147,6 +147,32 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// A JSON body of at most `LIMIT` bytes (routes that anonymous callers
+/// reach take far less than the general limit); a larger body is a 400 naming
+/// the limit, read no further than it.
+#[derive(Debug)]
+pub struct LimitedJsonBody<T, const LIMIT: usize>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S>
+    for LimitedJsonBody<T, LIMIT>
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::to_bytes(req.into_body(), LIMIT)
+            .await
+            .map_err(|_| bad_request(format!("request body is larger than {LIMIT} bytes")))?;
+        if bytes.is_empty() {
+            return Err(bad_request(
+                "request body is empty; a JSON object is expected",
+            ));
+        }
+        axum::Json::<T>::from_bytes(&bytes)
+            .map(|j| LimitedJsonBody(j.0))
+            .map_err(|e| bad_request(format!("request body is not valid: {}", e.body_text())))
+    }
+}
+
 /// Query parameters; a bad value names its parameter.
 #[derive(Debug)]
 pub struct QueryParams<T>(pub T);
@@ -244,9 +270,9 @@ routes! {
     GET "/api/security/encryption/keys" Some("encryption.read"), "Key ring metadata: {active_count, primary_key_id, keys}" => encryption::keys;
     POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}" => encryption::rotate;
     GET "/api/secrets" Some("secrets.list"), "Secret metadata (?after=, ?limit=); never values" => encryption::list_secrets;
-    PUT "/api/secrets/{id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret;
-    GET "/api/secrets/{id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret;
-    DELETE "/api/secrets/{id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret;
+    PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret;
+    GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret;
+    DELETE "/api/secrets/{*id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret;
     GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status;
     POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once)" => encryption::migration_run;
 }

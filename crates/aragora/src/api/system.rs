@@ -45,6 +45,7 @@ pub async fn openapi() -> Response {
             .path
             .split('/')
             .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| name.trim_start_matches('*'))
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
         let mut op = json!({
@@ -62,7 +63,10 @@ pub async fn openapi() -> Response {
         } else {
             op["security"] = json!([]);
         }
-        let entry = paths.entry(r.path.to_string()).or_insert_with(|| json!({}));
+        // A catch-all segment (`{*id}`: a secret path) is an ordinary parameter there.
+        let entry = paths
+            .entry(r.path.replace("{*", "{"))
+            .or_insert_with(|| json!({}));
         entry[r.method.to_ascii_lowercase()] = op;
     }
     axum::Json(json!({

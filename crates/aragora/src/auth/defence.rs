@@ -145,6 +145,7 @@ mod tests {
             lockouts: 0,
             locked_until: None,
             last_active_at: None,
+            session_generation: 0,
         }
     }
 

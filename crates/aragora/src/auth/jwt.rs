@@ -57,6 +57,10 @@ pub struct JwtKeys {
     previous: Option<DecodingKey>,
     validation: Validation,
     pub ttl_secs: i64,
+    /// When these keys were loaded (seconds): a token signed with the previous
+    /// secret is accepted only if issued before then, and only for one token
+    /// lifetime after it (every such token has expired by then anyway).
+    loaded_at_secs: i64,
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -71,6 +75,20 @@ impl std::fmt::Debug for JwtKeys {
 
 impl JwtKeys {
     pub fn new(secret: &str, previous: Option<&str>, ttl_secs: i64) -> Self {
+        Self::loaded_at(
+            secret,
+            previous,
+            ttl_secs,
+            crate::clock::now_us() / 1_000_000,
+        )
+    }
+
+    pub fn loaded_at(
+        secret: &str,
+        previous: Option<&str>,
+        ttl_secs: i64,
+        loaded_at_secs: i64,
+    ) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.set_issuer(&[ISSUER]);
@@ -83,6 +101,7 @@ impl JwtKeys {
             previous: previous.map(|p| DecodingKey::from_secret(p.as_bytes())),
             validation,
             ttl_secs,
+            loaded_at_secs,
         }
     }
 
@@ -109,7 +128,17 @@ impl JwtKeys {
         match self.verify_with(token, &self.current) {
             Err(TokenProblem::BadSignature) if self.previous.is_some() => {
                 let prev = self.previous.as_ref().ok_or(TokenProblem::BadSignature)?;
-                self.verify_with(token, prev)
+                let claims = self.verify_with(token, prev)?;
+                let now = crate::clock::now_us() / 1_000_000;
+                // Only tokens from before the rotation, and never past one
+                // token lifetime after it: a leaked previous secret cannot mint
+                // new tokens, nor keep old ones alive.
+                if claims.iat > self.loaded_at_secs
+                    || now >= self.loaded_at_secs + self.ttl_secs
+                {
+                    return Err(TokenProblem::BadSignature);
+                }
+                Ok(claims)
             }
             other => other,
         }
@@ -154,6 +183,19 @@ mod tests {
         assert_eq!(keys.verify(&old_token), Err(TokenProblem::BadSignature));
         let rotating = JwtKeys::new(S, Some(P), 3600);
         assert!(rotating.verify(&old_token).is_ok());
+        // A token signed with the previous secret after the rotation (a leaked
+        // old secret minting tokens) is refused.
+        let booted_earlier = JwtKeys::loaded_at(S, Some(P), 3600, now() - 60);
+        assert_eq!(booted_earlier.verify(&old_token), Err(TokenProblem::BadSignature));
+        let (before_rotation, _) = old.issue("u1", "s1", now() - 120).expect("issue");
+        assert!(booted_earlier.verify(&before_rotation).is_ok());
+        // One token lifetime after the rotation, the previous secret is dead.
+        let long_lived = JwtKeys::new(P, None, 86_400);
+        let (older, _) = long_lived.issue("u1", "s1", now() - 7300).expect("issue");
+        let within = JwtKeys::loaded_at(S, Some(P), 7200, now() - 7000);
+        assert!(within.verify(&older).is_ok());
+        let past = JwtKeys::loaded_at(S, Some(P), 7200, now() - 7200);
+        assert_eq!(past.verify(&older), Err(TokenProblem::BadSignature));
 
         let (expired, _) = keys.issue("u1", "s1", now() - 7200).expect("issue");
         assert_eq!(keys.verify(&expired), Err(TokenProblem::Expired));

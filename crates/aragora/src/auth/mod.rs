@@ -3,7 +3,9 @@
 //! defences. Every security event is audited; changes are written in the same
 //! atomic batch as their audit entry.
 
+mod ceiling;
 pub mod defence;
+pub mod failures;
 pub mod jwt;
 pub mod model;
 pub mod password;
@@ -27,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::rbac::Rbac;
 use crate::store::{Collection, Store, StoreError, for_each_json, get_json};
 use defence::{IpBlocks, IpLimiter, LockoutPolicy};
+use failures::FailureAudit;
 use jwt::JwtKeys;
 use model::{IpBlock, RevocationEpoch, User};
 
@@ -72,6 +75,13 @@ enum Attempt {
     Locked { until: i64 },
 }
 
+/// The one answer to every failed login, whatever the reason (unknown,
+/// locked or disabled account, wrong password): the difference shows only in
+/// the audit log and the metrics, never to the caller.
+pub const INVALID_LOGIN: &str = "invalid email or password";
+/// Login request bodies larger than this are refused before parsing.
+pub const MAX_LOGIN_BODY_BYTES: usize = 4096;
+
 /// Minimum interval between persisted `last_active_at` updates of one user.
 const ACTIVITY_FLUSH_US: i64 = 60_000_000;
 /// Compare-and-set attempts before a change reports a conflict.
@@ -92,6 +102,8 @@ pub struct AuthService {
     pub(crate) activity: Mutex<HashMap<String, i64>>,
     /// When expired sessions were last pruned (µs).
     pub(crate) last_prune: std::sync::atomic::AtomicI64,
+    /// Bounds what refused authentications add to the audit log.
+    pub(crate) failure_audit: FailureAudit,
 }
 
 impl AuthService {
@@ -110,7 +122,14 @@ impl AuthService {
         })?;
         let ttl = i64::try_from(config.token_ttl.as_secs()).unwrap_or(3600);
         Ok(Self {
-            jwt: JwtKeys::new(jwt_secret, config.jwt_secret_previous.as_deref(), ttl),
+            jwt: JwtKeys::new(
+                jwt_secret,
+                config
+                    .jwt_secret_previous
+                    .as_ref()
+                    .map(|s| s.expose()),
+                ttl,
+            ),
             lockout: LockoutPolicy {
                 threshold: config.lockout_threshold,
                 base: config.lockout_base,
@@ -120,6 +139,7 @@ impl AuthService {
             blocks: IpBlocks::load(blocks),
             activity: Mutex::new(HashMap::new()),
             last_prune: std::sync::atomic::AtomicI64::new(0),
+            failure_audit: FailureAudit::new(config.auth_failure_audit_window),
             store,
             audit,
             rbac,
@@ -131,9 +151,10 @@ impl AuthService {
         self.blocks.active(ip, now_us())
     }
 
-    /// Records an authentication failure: metric by reason, audit entry with the
-    /// email when known. The audit write is best effort here: the request fails
-    /// anyway, and failing it "closed" cannot fail it harder.
+    /// Records an authentication failure: metric by reason, and an audit entry
+    /// through the bounded failure trail (the first of its kind in a window at
+    /// once, repeats as one summary). The audit write is best effort here: the
+    /// request fails anyway, and failing it "closed" cannot fail it harder.
     pub(crate) fn fail(
         &self,
         reason: &'static str,
@@ -147,15 +168,14 @@ impl AuthService {
             .auth_failures
             .with_label_values(&[reason])
             .inc();
-        let mut details = json!({"reason": reason, "email": email});
-        if let (Some(d), serde_json::Value::Object(x)) = (details.as_object_mut(), extra) {
-            d.extend(x);
+        let (decision, summaries) =
+            self.failure_audit
+                .refusal(now_us(), meta.ip_string(), reason, actor, email, extra);
+        if let failures::Decision::Write(event) = decision {
+            self.write_failure_entry(event);
         }
-        let event = AuditEvent::new("auth_failure", actor, Outcome::Failure)
-            .ip(meta.ip_string())
-            .details(details);
-        if let Err(e) = self.audit.record(event) {
-            tracing::error!(error = %e, "auth_failure could not be audited");
+        for event in summaries {
+            self.write_failure_entry(event);
         }
         tracing::warn!(reason, ip = ?meta.ip, "auth_failure");
         ServiceError::Unauthorized {
@@ -164,7 +184,83 @@ impl AuthService {
         }
     }
 
+    fn write_failure_entry(&self, event: AuditEvent) {
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "auth_failure could not be audited");
+        }
+    }
+
+    /// Writes the summaries of a closed aggregation window (called on the
+    /// request path; cheap when none is due).
+    pub fn flush_failure_audit_if_due(&self) {
+        for event in self.failure_audit.due(now_us()) {
+            self.write_failure_entry(event);
+        }
+    }
+
+    /// Writes every pending summary (shutdown).
+    pub fn flush_failure_audit(&self) {
+        for event in self.failure_audit.drain() {
+            self.write_failure_entry(event);
+        }
+    }
+
+    /// Checks login input before anything costly or stored: the email is a
+    /// well-formed address of at most 254 bytes, the password at most 1 KiB.
+    /// 400 naming the field.
+    pub fn validate_login_input(&self, email: &str, password: &str) -> Result<(), ServiceError> {
+        let malformed = |what: String| {
+            self.metrics
+                .auth_failures
+                .with_label_values(&["malformed"])
+                .inc();
+            ServiceError::BadRequest(what)
+        };
+        if email.len() > users::MAX_EMAIL_LEN {
+            return Err(malformed(format!(
+                "email: longer than {} bytes",
+                users::MAX_EMAIL_LEN
+            )));
+        }
+        if !users::is_email(&users::normalize_email(email)) {
+            return Err(malformed("email: not an email address".into()));
+        }
+        if password.is_empty() {
+            return Err(malformed("password: empty".into()));
+        }
+        if password.len() > password::MAX_PASSWORD_LEN {
+            return Err(malformed(format!(
+                "password: longer than {} bytes",
+                password::MAX_PASSWORD_LEN
+            )));
+        }
+        Ok(())
+    }
+
+    /// The per-address login limit, taken before a password-hash slot: a
+    /// flood from one address never queues for the hasher.
+    pub fn check_login_rate(&self, email: &str, meta: &RequestMeta) -> Result<(), ServiceError> {
+        self.flush_failure_audit_if_due();
+        if let Some(ip) = meta.ip
+            && let Err(retry) = self.limiter.attempt(ip)
+        {
+            self.metrics
+                .auth_attempts
+                .with_label_values(&["password"])
+                .inc();
+            let email = users::normalize_email(email);
+            let _ = self.fail("rate_limited", "", "anonymous", Some(&email), meta, json!({}));
+            return Err(ServiceError::RateLimited {
+                retry_after_secs: retry,
+            });
+        }
+        Ok(())
+    }
+
     /// `POST /api/auth/login`: returns (token, expires_in seconds, session id).
+    /// Input is validated and the address limit taken by the caller
+    /// (`validate_login_input`, `check_login_rate`) before a hashing slot.
+    /// Every failure answers the same 401.
     pub fn login(
         &self,
         email: &str,
@@ -180,7 +276,15 @@ impl AuthService {
         self.metrics
             .auth_latency
             .observe(started.elapsed().as_secs_f64());
-        result
+        result.map_err(|e| match e {
+            ServiceError::Unauthorized { .. } | ServiceError::Locked { .. } => {
+                ServiceError::Unauthorized {
+                    reason: "invalid_credentials",
+                    message: INVALID_LOGIN.into(),
+                }
+            }
+            other => other,
+        })
     }
 
     fn login_inner(
@@ -190,27 +294,11 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<(String, i64, String), ServiceError> {
         let email = users::normalize_email(email);
-        if let Some(ip) = meta.ip
-            && let Err(retry) = self.limiter.attempt(ip)
-        {
-            let _ = self.fail(
-                "rate_limited",
-                "",
-                "anonymous",
-                Some(&email),
-                meta,
-                json!({}),
-            );
-            return Err(ServiceError::RateLimited {
-                retry_after_secs: retry,
-            });
-        }
-        const BAD: &str = "invalid email or password";
         let Some((version, user)) = self.user_by_email(&email)? else {
             password::verify_dummy(password);
             return Err(self.fail(
                 "bad_password",
-                BAD,
+                INVALID_LOGIN,
                 "anonymous",
                 Some(&email),
                 meta,
@@ -228,19 +316,17 @@ impl AuthService {
                 locks_until,
             } => (version, user, locks_until),
             Attempt::Locked { until } => {
-                let now = now_us();
-                drop(self.fail(
+                // The same work as a wrong password: a locked account must not
+                // answer faster.
+                password::verify_dummy(password);
+                return Err(self.fail(
                     "locked",
-                    "",
+                    INVALID_LOGIN,
                     &user_id,
                     Some(&email),
                     meta,
                     json!({"locked_until": clock::format_us(until)}),
                 ));
-                return Err(ServiceError::Locked {
-                    message: format!("account locked until {}", clock::format_us(until)),
-                    retry_after_secs: u64::try_from((until - now) / 1_000_000).unwrap_or(0).max(1),
-                });
             }
         };
         let ok = user
@@ -256,7 +342,7 @@ impl AuthService {
         if user.disabled {
             return Err(self.fail(
                 "disabled",
-                "account disabled",
+                INVALID_LOGIN,
                 &user.id,
                 Some(&email),
                 meta,
@@ -313,7 +399,7 @@ impl AuthService {
     ) -> ServiceError {
         let err = self.fail(
             "bad_password",
-            "invalid email or password",
+            INVALID_LOGIN,
             &user.id,
             Some(email),
             meta,

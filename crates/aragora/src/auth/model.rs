@@ -22,6 +22,10 @@ pub struct User {
     pub lockouts: u32,
     pub locked_until: Option<i64>,
     pub last_active_at: Option<i64>,
+    /// Sessions carry the generation they were issued in; a password change,
+    /// reset or disable moves it on, ending every older session for good.
+    #[serde(default)]
+    pub session_generation: u64,
 }
 
 impl User {
@@ -56,16 +60,29 @@ pub struct Session {
     pub revoked_reason: Option<String>,
     pub ip_address: Option<String>,
     pub user_agent: Option<String>,
+    /// The user's `session_generation` when the session was issued.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Session {
-    pub fn view(&self, now_us: i64) -> Value {
+    /// Whether the session still authenticates, for the user as it is now.
+    pub fn is_active(&self, user: &User, now_us: i64) -> bool {
+        self.revoked_at.is_none()
+            && self.expires_at > now_us
+            && self.generation == user.session_generation
+            && !user.disabled
+    }
+
+    pub fn view(&self, user: &User, now_us: i64) -> Value {
+        let ended = self.revoked_at.is_none() && self.generation != user.session_generation;
         json!({
             "id": self.id,
             "user_id": self.user_id,
             "created_at": format_us(self.created_at),
             "expires_at": format_us(self.expires_at),
-            "active": self.revoked_at.is_none() && self.expires_at > now_us,
+            "active": self.is_active(user, now_us),
+            "ended_by_credential_change": ended,
             "revoked_at": format_opt(self.revoked_at),
             "revoked_reason": self.revoked_reason,
             "ip_address": self.ip_address,

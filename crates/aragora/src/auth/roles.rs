@@ -9,10 +9,13 @@ use crate::audit::{AuditEvent, Outcome};
 use crate::clock::now_us;
 use crate::error::ServiceError;
 use crate::rbac::CustomRole;
-use crate::rbac::catalogue::{WILDCARD, builtin, find};
+use crate::rbac::catalogue::builtin;
+use crate::rbac::grant;
 use crate::store::{Collection, Expect, WriteOp, for_each_json};
 
 const MAX_ROLE_NAME: usize = 64;
+/// Entries one custom role may list.
+const MAX_ROLE_GRANTS: usize = 200;
 
 impl AuthService {
     pub fn put_role(
@@ -38,13 +41,28 @@ impl AuthService {
                 "{name} is a built-in role and cannot be redefined"
             )));
         }
-        for p in &permissions {
-            if p != WILDCARD && find(p).is_none() {
-                return Err(ServiceError::BadRequest(format!(
-                    "permissions: {p:?} is not in the catalogue (GET /api/security/rbac/permissions)"
-                )));
-            }
+        if permissions.len() > MAX_ROLE_GRANTS {
+            return Err(ServiceError::BadRequest(format!(
+                "permissions: at most {MAX_ROLE_GRANTS} entries"
+            )));
         }
+        for p in &permissions {
+            grant::validate(p).map_err(|e| ServiceError::BadRequest(format!("permissions: {e}")))?;
+        }
+        let mut permissions = permissions;
+        permissions.sort();
+        permissions.dedup();
+        // The caller hands out only what it holds, and reshapes only roles
+        // within its own reach (narrowing a more powerful role is a way to
+        // lock its holders out).
+        let existing = self.rbac.role_grants(name).unwrap_or_default();
+        self.require_grants(
+            actor,
+            permissions.iter().chain(existing.iter()).map(String::as_str),
+            "role_update",
+            json!({"target_role": name}),
+            meta,
+        )?;
         let role = CustomRole {
             name: name.to_string(),
             description: description.chars().take(500).collect(),
@@ -77,9 +95,16 @@ impl AuthService {
         if builtin(name).is_some() {
             return Err(ServiceError::Conflict(format!("{name} is a built-in role")));
         }
-        if !self.rbac.role_exists(name) {
+        let Some(existing) = self.rbac.role_grants(name) else {
             return Err(ServiceError::NotFound(format!("no custom role {name}")));
-        }
+        };
+        self.require_grants(
+            actor,
+            existing.iter().map(String::as_str),
+            "role_delete",
+            json!({"target_role": name}),
+            meta,
+        )?;
         let mut holders = Vec::new();
         for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, _, u| {
             if u.roles.iter().any(|r| r == name) {

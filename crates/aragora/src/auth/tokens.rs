@@ -60,7 +60,12 @@ impl AuthService {
             revoked_reason: None,
             ip_address: meta.ip_string(),
             user_agent: meta.user_agent.clone(),
+            generation: user.session_generation,
         };
+        // What the password check saw: a retry below that finds the account
+        // changed since (disabled, password reset) must not issue the session.
+        let verified_hash = user.password_hash.clone();
+        let verified_generation = user.session_generation;
         let (token, _) = self
             .jwt
             .issue(&user.id, &session.id, now / 1_000_000)
@@ -92,6 +97,19 @@ impl AuthService {
                 }
                 Err(RecordError::Ops(_)) => {
                     (version, user) = self.user(&user.id)?;
+                    if user.disabled
+                        || user.password_hash != verified_hash
+                        || user.session_generation != verified_generation
+                    {
+                        return Err(self.fail(
+                            "revoked",
+                            super::INVALID_LOGIN,
+                            &user.id,
+                            Some(email),
+                            meta,
+                            json!({"why": "account changed during login"}),
+                        ));
+                    }
                     self.lockout.on_success(&mut user);
                     user.last_active_at = Some(now);
                 }
@@ -184,12 +202,21 @@ impl AuthService {
             .map(|(_, e)| e)
             .unwrap_or_default();
         let user = decode_opt::<User>(Collection::Users, &claims.sub, found[2].as_ref())?;
+        let now = now_us();
         let revoked = match &session {
             None => Some("session not found"),
             Some(s) if s.user_id != claims.sub => Some("session belongs to another user"),
             Some(s) if s.revoked_at.is_some() => Some("session revoked"),
             Some(s) if s.created_at < epoch.revoked_before => {
                 Some("session revoked (all sessions were revoked)")
+            }
+            Some(s) if s.expires_at <= now => Some("session expired"),
+            Some(s)
+                if user
+                    .as_ref()
+                    .is_some_and(|(_, u)| u.session_generation != s.generation) =>
+            {
+                Some("session ended by a password change or account disable")
             }
             Some(_) => None,
         };
@@ -327,6 +354,7 @@ impl AuthService {
             return Err(ServiceError::BadRequest("name: 1 to 100 characters".into()));
         }
         let (_, user) = self.user(user_id)?;
+        self.require_ceiling_over(actor, &user, "api_key_create", meta)?;
         let (key, token) = new_api_key(&user.id, name)?;
         let event = AuditEvent::new("api_key_created", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
@@ -362,7 +390,8 @@ impl AuthService {
         only: Option<&str>,
         meta: &RequestMeta,
     ) -> Result<Vec<String>, ServiceError> {
-        self.user(user_id)?;
+        let (_, target) = self.user(user_id)?;
+        self.require_ceiling_over(actor, &target, "api_keys_revoke", meta)?;
         let now = now_us();
         let mut ops = Vec::new();
         let mut ids = Vec::new();
@@ -398,15 +427,16 @@ impl AuthService {
         Ok(ids)
     }
 
-    pub fn sessions_of(&self, user_id: &str) -> Result<Vec<Session>, ServiceError> {
-        self.user(user_id)?;
+    /// The user and its sessions, oldest first.
+    pub fn sessions_of(&self, user_id: &str) -> Result<(User, Vec<Session>), ServiceError> {
+        let (_, user) = self.user(user_id)?;
         let mut out: Vec<Session> = self
             .user_sessions(user_id)?
             .into_iter()
             .map(|(_, _, s)| s)
             .collect();
         out.sort_by_key(|s| s.created_at);
-        Ok(out)
+        Ok((user, out))
     }
 
     /// (id, version, session) of every session of one user: the ids share the
@@ -489,6 +519,8 @@ impl AuthService {
         reason: &str,
         meta: &RequestMeta,
     ) -> Result<Vec<String>, ServiceError> {
+        let (_, target) = self.user(user_id)?;
+        self.require_ceiling_over(actor, &target, "sessions_revoke", meta)?;
         let now = now_us();
         let mut ops = Vec::new();
         let mut ids = Vec::new();

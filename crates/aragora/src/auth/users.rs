@@ -23,17 +23,22 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_ascii_lowercase()
 }
 
-fn validate_email(email: &str) -> Result<(), ServiceError> {
-    let ok = email.len() <= MAX_EMAIL_LEN
+/// A plausible address: at most 254 bytes, one `@` between a non-empty local
+/// part and domain, no whitespace or control characters.
+pub fn is_email(email: &str) -> bool {
+    email.len() <= MAX_EMAIL_LEN
         && email
             .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
-    if ok {
+            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty() && !d.contains('@'))
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+fn validate_email(email: &str) -> Result<(), ServiceError> {
+    if is_email(email) {
         Ok(())
     } else {
         Err(ServiceError::BadRequest(format!(
-            "email: {email:?} is not an email address"
+            "email: not an email address (one @, no spaces, at most {MAX_EMAIL_LEN} bytes)"
         )))
     }
 }
@@ -59,6 +64,7 @@ fn new_user(
         lockouts: 0,
         locked_until: None,
         last_active_at: None,
+        session_generation: 0,
     };
     let ops = vec![
         WriteOp::put_json(
@@ -101,7 +107,7 @@ impl AuthService {
     /// Creates a user; the email must be unused.
     pub fn create_user(
         &self,
-        actor: &str,
+        actor: &Principal,
         email: &str,
         password: Option<&str>,
         roles: Vec<String>,
@@ -110,6 +116,17 @@ impl AuthService {
         let email = normalize_email(email);
         validate_email(&email)?;
         self.check_roles(&roles)?;
+        let wanted: Vec<String> = roles
+            .iter()
+            .flat_map(|r| self.rbac.role_grants(r).unwrap_or_default())
+            .collect();
+        self.require_grants(
+            actor,
+            wanted.iter().map(String::as_str),
+            "user_create",
+            json!({"target_email": email, "target_roles": roles}),
+            meta,
+        )?;
         let password_hash = match password {
             Some(p) => {
                 password::check_policy(p).map_err(ServiceError::BadRequest)?;
@@ -118,7 +135,7 @@ impl AuthService {
             None => None,
         };
         let (user, ops) = new_user(email.clone(), password_hash, roles)?;
-        let event = AuditEvent::new("user_created", actor, Outcome::Success)
+        let event = AuditEvent::new("user_created", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"user_id": user.id, "email": email, "roles": user.roles}));
         match self.audit.record_with(event, ops) {
@@ -130,19 +147,20 @@ impl AuthService {
         }
     }
 
-    /// Applies `change` to the user with compare-and-set, audited as `action`.
-    /// `change` returns the audit details, or an error that aborts.
-    pub(crate) fn update_user(
+    /// Applies `change` to the user with compare-and-set, audited as `action`;
+    /// `change` returns the audit details and writes of its own (in the
+    /// same atomic batch as the user record and the audit entry).
+    pub(crate) fn update_user_with(
         &self,
         actor: &str,
         user_id: &str,
         action: &'static str,
         meta: &RequestMeta,
-        mut change: impl FnMut(&mut User) -> Result<Value, ServiceError>,
+        mut change: impl FnMut(&mut User) -> Result<(Value, Vec<WriteOp>), ServiceError>,
     ) -> Result<User, ServiceError> {
         for _ in 0..CAS_RETRIES {
             let (version, mut user) = self.user(user_id)?;
-            let mut details = change(&mut user)?;
+            let (mut details, mut ops) = change(&mut user)?;
             if let Some(d) = details.as_object_mut() {
                 d.insert("user_id".into(), json!(user.id));
                 d.insert("email".into(), json!(user.email));
@@ -150,10 +168,8 @@ impl AuthService {
             let event = AuditEvent::new(action, actor, Outcome::Success)
                 .ip(meta.ip_string())
                 .details(details);
-            match self
-                .audit
-                .record_with(event, vec![put_user(&user, version)?])
-            {
+            ops.insert(0, put_user(&user, version)?);
+            match self.audit.record_with(event, ops) {
                 Ok(_) => {
                     self.rbac.invalidate_user(user_id);
                     return Ok(user);
@@ -167,6 +183,23 @@ impl AuthService {
         )))
     }
 
+    /// An administrative change to another account: refused (403, audited)
+    /// unless the target holds no grant the actor lacks, checked on the record
+    /// the change applies to.
+    fn admin_update(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        action: &'static str,
+        meta: &RequestMeta,
+        mut change: impl FnMut(&mut User) -> Result<(Value, Vec<WriteOp>), ServiceError>,
+    ) -> Result<User, ServiceError> {
+        self.update_user_with(&actor.user_id, user_id, action, meta, |u| {
+            self.require_ceiling_over(actor, u, action, meta)?;
+            change(u)
+        })
+    }
+
     pub fn add_role(
         &self,
         actor: &Principal,
@@ -175,12 +208,20 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<User, ServiceError> {
         self.check_roles(&[role.to_string()])?;
-        self.update_user(&actor.user_id, user_id, "role_assigned", meta, |u| {
+        let grants = self.rbac.role_grants(role).unwrap_or_default();
+        self.require_grants(
+            actor,
+            grants.iter().map(String::as_str),
+            "role_assign",
+            json!({"target_user_id": user_id, "target_role": role}),
+            meta,
+        )?;
+        self.admin_update(actor, user_id, "role_assigned", meta, |u| {
             if !u.roles.iter().any(|r| r == role) {
                 u.roles.push(role.to_string());
                 u.roles.sort();
             }
-            Ok(json!({"role": role, "roles": u.roles}))
+            Ok((json!({"role": role, "roles": u.roles}), Vec::new()))
         })
     }
 
@@ -196,7 +237,8 @@ impl AuthService {
                 "refusing to remove your own admin role (ask another admin)".into(),
             ));
         }
-        self.update_user(&actor.user_id, user_id, "role_removed", meta, |u| {
+        self.admin_update(actor, user_id, "role_removed", meta, |u| {
+            let was_admin = self.is_admin(u);
             let before = u.roles.len();
             u.roles.retain(|r| r != role);
             if u.roles.len() == before {
@@ -205,10 +247,16 @@ impl AuthService {
                     u.id
                 )));
             }
-            Ok(json!({"role": role, "roles": u.roles}))
+            let mut ops = Vec::new();
+            if was_admin && !u.disabled && !self.is_admin(u) {
+                ops.push(self.keep_another_admin(u, "remove the admin role")?);
+            }
+            Ok((json!({"role": role, "roles": u.roles}), ops))
         })
     }
 
+    /// Disables an account: every session ends now (enabling it later does not
+    /// bring them back) and its API keys stop working until it is enabled.
     pub fn disable(
         &self,
         actor: &Principal,
@@ -227,10 +275,18 @@ impl AuthService {
                 "refusing to disable your own account".into(),
             ));
         }
-        let user = self.update_user(&actor.user_id, user_id, "user_disabled", meta, |u| {
+        let user = self.admin_update(actor, user_id, "user_disabled", meta, |u| {
+            let mut ops = Vec::new();
+            if !u.disabled && self.is_admin(u) {
+                ops.push(self.keep_another_admin(u, "disable this account")?);
+            }
             u.disabled = true;
             u.disabled_reason = Some(reason.to_string());
-            Ok(json!({"reason": reason}))
+            u.session_generation += 1;
+            Ok((
+                json!({"reason": reason, "sessions_ended": true, "api_keys_suspended": true}),
+                ops,
+            ))
         })?;
         tracing::warn!(user_id, by = %actor.user_id, "user disabled");
         Ok(user)
@@ -242,13 +298,15 @@ impl AuthService {
         user_id: &str,
         meta: &RequestMeta,
     ) -> Result<User, ServiceError> {
-        self.update_user(&actor.user_id, user_id, "user_enabled", meta, |u| {
+        self.admin_update(actor, user_id, "user_enabled", meta, |u| {
             u.disabled = false;
             u.disabled_reason = None;
-            Ok(json!({}))
+            Ok((json!({}), Vec::new()))
         })
     }
 
+    /// An administrator sets (resets) a user's password: every session of the
+    /// user ends.
     pub fn set_password(
         &self,
         actor: &Principal,
@@ -257,10 +315,69 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<User, ServiceError> {
         password::check_policy(new_password).map_err(ServiceError::BadRequest)?;
+        // Before the (slow) hash: a refusal costs nothing.
+        let (_, target) = self.user(user_id)?;
+        self.require_ceiling_over(actor, &target, "password_set", meta)?;
         let hash = password::hash(new_password).map_err(ServiceError::Internal)?;
-        self.update_user(&actor.user_id, user_id, "password_set", meta, |u| {
+        self.admin_update(actor, user_id, "password_set", meta, |u| {
             u.password_hash = Some(hash.clone());
-            Ok(json!({}))
+            u.session_generation += 1;
+            Ok((json!({"sessions_ended": true}), Vec::new()))
+        })
+    }
+
+    /// Self-service password change: the current password is checked, every
+    /// other session of the caller ends, the calling session (if any) stays.
+    pub fn change_own_password(
+        &self,
+        actor: &Principal,
+        current_password: &str,
+        new_password: &str,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
+        password::check_policy(new_password).map_err(ServiceError::BadRequest)?;
+        let (_, user) = self.user(&actor.user_id)?;
+        let ok = user
+            .password_hash
+            .as_deref()
+            .is_some_and(|h| password::verify(h, current_password));
+        if !ok {
+            if user.password_hash.is_none() {
+                password::verify_dummy(current_password);
+            }
+            return Err(ServiceError::BadRequest(
+                "current_password is not correct".into(),
+            ));
+        }
+        let hash = password::hash(new_password).map_err(ServiceError::Internal)?;
+        let keep = match &actor.credential {
+            super::Credential::Session { session_id } => Some(session_id.clone()),
+            super::Credential::ApiKey { .. } => None,
+        };
+        self.update_user_with(&actor.user_id, &actor.user_id, "password_changed", meta, |u| {
+            u.password_hash = Some(hash.clone());
+            u.session_generation += 1;
+            let mut ops = Vec::new();
+            // The caller's own session moves to the new generation.
+            if let Some(sid) = &keep
+                && let Some((v, mut s)) = get_json::<super::model::Session>(
+                    self.store.as_ref(),
+                    Collection::Sessions,
+                    sid,
+                )?
+            {
+                s.generation = u.session_generation;
+                ops.push(WriteOp::put_json(
+                    Collection::Sessions,
+                    sid.clone(),
+                    &s,
+                    Expect::Version(v),
+                )?);
+            }
+            Ok((
+                json!({"other_sessions_ended": true, "kept_session": keep}),
+                ops,
+            ))
         })
     }
 
@@ -270,9 +387,9 @@ impl AuthService {
         user_id: &str,
         meta: &RequestMeta,
     ) -> Result<User, ServiceError> {
-        self.update_user(&actor.user_id, user_id, "account_unlocked", meta, |u| {
+        self.admin_update(actor, user_id, "account_unlocked", meta, |u| {
             self.lockout.on_success(u);
-            Ok(json!({}))
+            Ok((json!({}), Vec::new()))
         })
     }
 
@@ -303,9 +420,16 @@ impl AuthService {
             let email = normalize_email(e);
             match self.user_by_email(&email)? {
                 Some((_, u)) => {
-                    self.update_user(&actor.user_id, &u.id, "account_locked", meta, |u| {
+                    self.admin_update(actor, &u.id, "account_locked", meta, |u| {
+                        let mut ops = Vec::new();
+                        if !u.disabled && !u.is_locked(now_us()) && self.is_admin(u) {
+                            ops.push(self.keep_another_admin(u, "lock this account")?);
+                        }
                         u.locked_until = Some(until.max(u.locked_until.unwrap_or(0)));
-                        Ok(json!({"until": clock::format_us(until), "by": "bulk_lock"}))
+                        Ok((
+                            json!({"until": clock::format_us(until), "by": "bulk_lock"}),
+                            ops,
+                        ))
                     })?;
                     locked.push(json!({"user_id": u.id, "email": email}));
                 }

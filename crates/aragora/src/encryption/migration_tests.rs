@@ -385,7 +385,7 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
         dry["secrets"][0]["action"], "would_mark_for_rotation",
         "{dry}"
     );
-    let (items, _) = f.secrets.list(None, 10).expect("list");
+    let (items, _) = f.secrets.list(&principal(), None, 10).expect("list");
     assert!(items.iter().all(|i| i["rotation_required"] == false));
 
     let out = f
@@ -401,7 +401,7 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
     assert_eq!(ids, [Some("a"), Some("c")], "{out}");
     assert_eq!(out["secrets"][0]["action"], "marked_for_rotation");
     assert_eq!(out["secrets"][0]["secret_type"], "api_key");
-    let (items, _) = f.secrets.list(None, 10).expect("list");
+    let (items, _) = f.secrets.list(&principal(), None, 10).expect("list");
     let marked: Vec<_> = items
         .iter()
         .filter(|i| i["rotation_required"] == true)
@@ -414,7 +414,7 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
     f.secrets
         .put(&admin, "a", "v2", "api_key", None, &meta)
         .expect("rotate value");
-    let (items, _) = f.secrets.list(None, 10).expect("list");
+    let (items, _) = f.secrets.list(&principal(), None, 10).expect("list");
     assert_eq!(items[0]["rotation_required"], false);
     let again = f
         .secrets

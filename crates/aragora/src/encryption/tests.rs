@@ -34,7 +34,11 @@ pub(super) fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError
         dir,
         Environment::Development,
     )?);
-    let secrets = SecretsService::new(store.clone(), audit.clone(), ring.clone());
+    let rbac = Arc::new(
+        crate::rbac::Rbac::load(store.as_ref(), metrics.clone(), std::time::Duration::ZERO)
+            .expect("rbac"),
+    );
+    let secrets = SecretsService::new(store.clone(), audit.clone(), ring.clone(), rbac);
     Ok(Fixture {
         store,
         audit,

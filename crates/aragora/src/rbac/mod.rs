@@ -8,6 +8,7 @@
 //! eagerly, before the call that made the change returns.
 
 pub mod catalogue;
+pub mod grant;
 
 use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
@@ -23,7 +24,8 @@ use serde_json::{Value, json};
 
 use crate::metrics::Metrics;
 use crate::store::{Collection, Store, StoreError, for_each_json};
-use catalogue::{BUILTIN_ROLES, PERMISSIONS, WILDCARD, builtin};
+use catalogue::{BUILTIN_ROLES, PERMISSIONS, builtin};
+use grant::Grant;
 
 /// Entries kept at most; beyond it expired entries go, then everything.
 pub const MAX_CACHE_ENTRIES: usize = 100_000;
@@ -120,16 +122,49 @@ impl Rbac {
                 if let Some(b) = builtin(r) {
                     b.permissions
                         .iter()
-                        .any(|p| *p == WILDCARD || *p == permission)
+                        .any(|p| Grant::parse(p).allows_route(permission))
                 } else if let Some(c) = custom.get(r.as_str()) {
                     c.permissions
                         .iter()
-                        .any(|p| p == WILDCARD || p == permission)
+                        .any(|p| Grant::parse(p).allows_route(permission))
                 } else {
                     false
                 }
             })
             .cloned()
+    }
+
+    /// Every grant the roles hold (`*`, `resource.action`, path-scoped secret
+    /// grants), sorted and deduplicated: what the ceiling rule compares.
+    pub fn grants_of(&self, roles: &[String]) -> Vec<String> {
+        let custom = self.custom.read();
+        let mut out: Vec<String> = Vec::new();
+        for r in roles {
+            if let Some(b) = builtin(r) {
+                out.extend(b.permissions.iter().map(|p| p.to_string()));
+            } else if let Some(c) = custom.get(r.as_str()) {
+                out.extend(c.permissions.iter().cloned());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The grants of one role (`None`: no such role).
+    pub fn role_grants(&self, role: &str) -> Option<Vec<String>> {
+        if let Some(b) = builtin(role) {
+            return Some(b.permissions.iter().map(|p| p.to_string()).collect());
+        }
+        self.custom.read().get(role).map(|c| c.permissions.clone())
+    }
+
+    /// Whether the roles cover `permission` on the secret `path` (`owned`: the
+    /// caller owns that secret).
+    pub fn covers_path(&self, roles: &[String], permission: &str, path: &str, owned: bool) -> bool {
+        self.grants_of(roles)
+            .iter()
+            .any(|g| Grant::parse(g).covers_path(permission, path, owned))
     }
 
     /// Decides, through the cache, and records the decision's metrics.

@@ -1,0 +1,128 @@
+//! Privilege ceilings: a caller hands out only what it holds, and acts on
+//! accounts only when they hold no more than it does; the last enabled admin
+//! stays. Refusals are 403 naming the missing grant and audited as
+//! `permission_denied` with the target.
+
+use serde_json::json;
+
+use super::model::User;
+use super::{AuthService, Principal, RequestMeta};
+use crate::audit::{AuditEvent, Outcome};
+use crate::clock::now_us;
+use crate::error::ServiceError;
+use crate::rbac::catalogue::{WILDCARD, is_sensitive};
+use crate::rbac::grant::first_not_included;
+use crate::rbac::roles_label;
+use crate::store::{Collection, WriteOp, for_each_json};
+
+impl AuthService {
+    /// 403 (audited) unless the actor's grants include every one of `wanted`.
+    pub(crate) fn require_grants<'w>(
+        &self,
+        actor: &Principal,
+        wanted: impl IntoIterator<Item = &'w str>,
+        action: &str,
+        target: serde_json::Value,
+        meta: &RequestMeta,
+    ) -> Result<(), ServiceError> {
+        let held = self.rbac.grants_of(&actor.roles);
+        match first_not_included(&held, wanted) {
+            None => Ok(()),
+            Some(missing) => Err(self.ceiling_denied(actor, missing, action, target, meta)),
+        }
+    }
+
+    /// 403 (audited) unless every grant `target` holds is included in the
+    /// actor's: nobody resets the password of, disables, or mints keys for an
+    /// account more powerful than itself.
+    pub(crate) fn require_ceiling_over(
+        &self,
+        actor: &Principal,
+        target: &User,
+        action: &str,
+        meta: &RequestMeta,
+    ) -> Result<(), ServiceError> {
+        if actor.user_id == target.id {
+            return Ok(());
+        }
+        let theirs = self.rbac.grants_of(&target.roles);
+        self.require_grants(
+            actor,
+            theirs.iter().map(String::as_str),
+            action,
+            json!({"target_user_id": target.id, "target_email": target.email}),
+            meta,
+        )
+    }
+
+    fn ceiling_denied(
+        &self,
+        actor: &Principal,
+        missing: &str,
+        action: &str,
+        target: serde_json::Value,
+        meta: &RequestMeta,
+    ) -> ServiceError {
+        let mut details = json!({
+            "permission": missing,
+            "role": roles_label(&actor.roles),
+            "sensitive": missing == WILDCARD || is_sensitive(missing.split(':').next().unwrap_or(missing)),
+            "reason": "privilege_ceiling",
+            "action": action,
+        });
+        if let (Some(d), serde_json::Value::Object(t)) = (details.as_object_mut(), target) {
+            d.extend(t);
+        }
+        let event = AuditEvent::new("permission_denied", actor.user_id.clone(), Outcome::Denied)
+            .ip(meta.ip_string())
+            .details(details);
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "permission_denied could not be audited");
+        }
+        self.metrics
+            .rbac_denied
+            .with_label_values(&[missing, &roles_label(&actor.roles)])
+            .inc();
+        tracing::warn!(user_id = %actor.user_id, permission = missing, action, "privilege ceiling");
+        ServiceError::Forbidden {
+            permission: missing.to_string(),
+        }
+    }
+
+    /// Whether the user holds `*` (an admin, by built-in or custom role).
+    pub(crate) fn is_admin(&self, user: &User) -> bool {
+        self.rbac.grants_of(&user.roles).iter().any(|g| g == WILDCARD)
+    }
+
+    /// A write that fails if another enabled, unlocked admin changes before it
+    /// commits: added to a change that removes `except`'s ability to act as an
+    /// admin, it keeps two such changes racing on the last two admins from both
+    /// succeeding. `Conflict` (409) when no other admin can act.
+    pub(crate) fn keep_another_admin(
+        &self,
+        except: &User,
+        what: &str,
+    ) -> Result<WriteOp, ServiceError> {
+        let now = now_us();
+        let mut other: Option<(u64, User)> = None;
+        for_each_json::<User>(self.store.as_ref(), Collection::Users, |id, version, u| {
+            if other.is_none()
+                && id != except.id
+                && !u.disabled
+                && !u.is_locked(now)
+                && self.is_admin(&u)
+            {
+                other = Some((version, u));
+            }
+            Ok(())
+        })?;
+        match other {
+            // Rewriting the unchanged record at its version is the check.
+            Some((version, u)) => super::users::put_user(&u, version),
+            None => Err(ServiceError::Conflict(format!(
+                "refusing to {what}: {} is the last enabled admin (enable or create another admin first; `aragora admin recover` is the break-glass path)",
+                except.email
+            ))),
+        }
+    }
+}
