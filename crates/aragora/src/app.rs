@@ -80,12 +80,8 @@ impl AppState {
             &config.data_dir,
             config.environment,
         )?);
-        let secrets = SecretsService::new(
-            store.clone(),
-            audit.clone(),
-            keyring.clone(),
-            rbac.clone(),
-        );
+        let secrets =
+            SecretsService::new(store.clone(), audit.clone(), keyring.clone(), rbac.clone());
         let migration = Arc::new(Migrator::new(
             store.clone(),
             audit.clone(),

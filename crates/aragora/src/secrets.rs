@@ -376,9 +376,9 @@ impl SecretsService {
         let limit = limit.clamp(1, MAX_PAGE);
         let grants = self.rbac.grants_of(&p.roles);
         let visible = |r: &SecretRecord| {
-            grants.iter().any(|g| {
-                Grant::parse(g).covers_path("secrets.list", &r.id, r.owner == p.user_id)
-            })
+            grants
+                .iter()
+                .any(|g| Grant::parse(g).covers_path("secrets.list", &r.id, r.owner == p.user_id))
         };
         let mut items = Vec::new();
         let mut cursor = after.map(str::to_string);

@@ -718,14 +718,29 @@ fn credential_failures_maintenance_rotation_and_lockdown() {
         Request::new("POST", "/api/auth/login")
             .json(&json!({"email": "disabled@creds.test", "password": PASSWORD})),
     );
-    assert_401(&r, "disabled", "disabled user, login");
+    // A disabled account's login answers like any failed login (no
+    // enumeration); the audit log has the reason.
+    assert_401(&r, "invalid_credentials", "disabled user, login");
+    assert_eq!(r.json()["error"], "invalid email or password");
     let r = s.post(
         &format!("/api/admin/users/{dis_id}/enable"),
         &admin_key,
         &json!({}),
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(s.get(ME, &dis_token).status, 200, "re-enabled user");
+    // Enabling does not revive the sessions the disable ended; the API key
+    // was only suspended, and a new login works.
+    assert_401(
+        &s.get(ME, &dis_token),
+        "revoked",
+        "session from before the disable",
+    );
+    assert_eq!(s.get(ME, &dis_key).status, 200, "re-enabled user's API key");
+    let r = s.send(
+        Request::new("POST", "/api/auth/login")
+            .json(&json!({"email": "disabled@creds.test", "password": PASSWORD})),
+    );
+    assert_eq!(r.status, 200, "re-enabled user logs in: {}", r.body);
 
     // Logout revokes the caller's session.
     let r = s.send(Request::new("POST", "/api/auth/logout").bearer(&out_token));

@@ -355,7 +355,19 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
     let s = Server::start(Path::new(BIN), &[("ARAGORA_ENCRYPTION_KEY", KEY)]);
     let (_, admin) = s.bootstrap_admin("admin@example.com");
     let password = "correct horse battery staple";
-    let alice = s.create_user(&admin, "alice@example.com", password, &["member"]);
+    // Alice reads secrets she does not own through a path grant.
+    let r = s.post(
+        "/api/admin/roles",
+        &admin,
+        &json!({"name": "secret-reader", "permissions": ["secrets.read:*"], "description": "reads every secret"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let alice = s.create_user(
+        &admin,
+        "alice@example.com",
+        password,
+        &["member", "secret-reader"],
+    );
     let alice_token = s.login("alice@example.com", password);
     for id in ["stripe", "orders-db", "github"] {
         assert_eq!(put_secret(&s, &admin, id, "v").status, 201);

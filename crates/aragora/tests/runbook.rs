@@ -156,9 +156,11 @@ fn runbook_commands_work_against_the_real_server() {
         ("stripe-live", "api_key"),
         ("orders-db", "database_password"),
     ] {
+        // Alice owns what she writes (a member reads only its own secrets
+        // unless a role grants a path).
         let r = server.send(
             Request::new("PUT", &format!("/api/secrets/{id}"))
-                .bearer(&admin)
+                .bearer(&alice_token)
                 .json(&json!({"value": format!("value of {id}"), "secret_type": ty})),
         );
         assert_eq!(r.status, 201, "{}", r.body);
@@ -272,7 +274,7 @@ fn runbook_commands_work_against_the_real_server() {
         Request::new("POST", "/api/auth/login")
             .json(&json!({"email": "target1@example.com", "password": PASSWORD})),
     );
-    assert_eq!(r.status, 423, "bulk-locked account: {}", r.body);
+    assert_eq!(r.status, 401, "bulk-locked account: {}", r.body);
     let r = server.get("/api/auth/me", &alice_token);
     assert_eq!(
         (r.status, r.json()["reason"].as_str()),

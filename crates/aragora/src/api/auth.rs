@@ -27,7 +27,9 @@ pub async fn login(
 ) -> ApiResult<Response> {
     // Cheap refusals first: malformed input, then the address limit, before
     // a password-hashing slot is taken.
-    state.auth.validate_login_input(&body.email, &body.password)?;
+    state
+        .auth
+        .validate_login_input(&body.email, &body.password)?;
     state.auth.check_login_rate(&body.email, &meta)?;
     let st = state.clone();
     let (token, expires_in, session_id) = hashing(&state, move || {

@@ -91,7 +91,10 @@ impl AuthService {
 
     /// Whether the user holds `*` (an admin, by built-in or custom role).
     pub(crate) fn is_admin(&self, user: &User) -> bool {
-        self.rbac.grants_of(&user.roles).iter().any(|g| g == WILDCARD)
+        self.rbac
+            .grants_of(&user.roles)
+            .iter()
+            .any(|g| g == WILDCARD)
     }
 
     /// A write that fails if another enabled, unlocked admin changes before it

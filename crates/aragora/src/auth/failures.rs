@@ -83,9 +83,7 @@ fn cut(s: &str, max: usize) -> String {
 
 impl FailureAudit {
     pub fn new(window: std::time::Duration) -> Self {
-        let window_us = i64::try_from(window.as_micros())
-            .unwrap_or(i64::MAX)
-            .max(1);
+        let window_us = i64::try_from(window.as_micros()).unwrap_or(i64::MAX).max(1);
         Self {
             window_us,
             window: Mutex::new(Window::default()),
@@ -234,10 +232,24 @@ mod tests {
     fn first_written_rest_summarized() {
         let a = audit();
         let ip = Some("192.0.2.1".to_string());
-        let (d, s) = a.refusal(W, ip.clone(), "bad_password", "anonymous", Some("x@y"), json!({}));
+        let (d, s) = a.refusal(
+            W,
+            ip.clone(),
+            "bad_password",
+            "anonymous",
+            Some("x@y"),
+            json!({}),
+        );
         assert!(matches!(d, Decision::Write(_)) && s.is_empty());
         for i in 0..499 {
-            let (d, s) = a.refusal(W + i, ip.clone(), "bad_password", "anonymous", Some("x@y"), json!({}));
+            let (d, s) = a.refusal(
+                W + i,
+                ip.clone(),
+                "bad_password",
+                "anonymous",
+                Some("x@y"),
+                json!({}),
+            );
             assert!(matches!(d, Decision::Counted) && s.is_empty());
         }
         assert!(a.due(W + 1).is_empty(), "window still open");
@@ -255,7 +267,14 @@ mod tests {
         let mut written = 0;
         for i in 0..10_000u32 {
             let ip = Some(format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255));
-            let (d, _) = a.refusal(W, ip, "rate_limited", "anonymous", Some(&format!("{i}@x")), json!({}));
+            let (d, _) = a.refusal(
+                W,
+                ip,
+                "rate_limited",
+                "anonymous",
+                Some(&format!("{i}@x")),
+                json!({}),
+            );
             written += matches!(d, Decision::Write(_)) as usize;
         }
         assert_eq!(written, MAX_KEYS_PER_WINDOW);
@@ -269,8 +288,14 @@ mod tests {
         let a = audit();
         let long = "é".repeat(1000);
         let (d, _) = a.refusal(W, None, "malformed", &long, Some(&long), json!({}));
-        let Decision::Write(e) = d else { panic!("first is written") };
+        let Decision::Write(e) = d else {
+            panic!("first is written")
+        };
         assert!(e.actor.len() <= MAX_ACTOR_BYTES);
-        assert!(e.details["email"].as_str().is_some_and(|s| s.len() <= MAX_EMAIL_BYTES));
+        assert!(
+            e.details["email"]
+                .as_str()
+                .is_some_and(|s| s.len() <= MAX_EMAIL_BYTES)
+        );
     }
 }

@@ -133,9 +133,7 @@ impl JwtKeys {
                 // Only tokens from before the rotation, and never past one
                 // token lifetime after it: a leaked previous secret cannot mint
                 // new tokens, nor keep old ones alive.
-                if claims.iat > self.loaded_at_secs
-                    || now >= self.loaded_at_secs + self.ttl_secs
-                {
+                if claims.iat > self.loaded_at_secs || now >= self.loaded_at_secs + self.ttl_secs {
                     return Err(TokenProblem::BadSignature);
                 }
                 Ok(claims)
@@ -186,7 +184,10 @@ mod tests {
         // A token signed with the previous secret after the rotation (a leaked
         // old secret minting tokens) is refused.
         let booted_earlier = JwtKeys::loaded_at(S, Some(P), 3600, now() - 60);
-        assert_eq!(booted_earlier.verify(&old_token), Err(TokenProblem::BadSignature));
+        assert_eq!(
+            booted_earlier.verify(&old_token),
+            Err(TokenProblem::BadSignature)
+        );
         let (before_rotation, _) = old.issue("u1", "s1", now() - 120).expect("issue");
         assert!(booted_earlier.verify(&before_rotation).is_ok());
         // One token lifetime after the rotation, the previous secret is dead.

@@ -124,10 +124,7 @@ impl AuthService {
         Ok(Self {
             jwt: JwtKeys::new(
                 jwt_secret,
-                config
-                    .jwt_secret_previous
-                    .as_ref()
-                    .map(|s| s.expose()),
+                config.jwt_secret_previous.as_ref().map(|s| s.expose()),
                 ttl,
             ),
             lockout: LockoutPolicy {
@@ -249,7 +246,14 @@ impl AuthService {
                 .with_label_values(&["password"])
                 .inc();
             let email = users::normalize_email(email);
-            let _ = self.fail("rate_limited", "", "anonymous", Some(&email), meta, json!({}));
+            let _ = self.fail(
+                "rate_limited",
+                "",
+                "anonymous",
+                Some(&email),
+                meta,
+                json!({}),
+            );
             return Err(ServiceError::RateLimited {
                 retry_after_secs: retry,
             });

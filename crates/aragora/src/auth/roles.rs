@@ -47,7 +47,8 @@ impl AuthService {
             )));
         }
         for p in &permissions {
-            grant::validate(p).map_err(|e| ServiceError::BadRequest(format!("permissions: {e}")))?;
+            grant::validate(p)
+                .map_err(|e| ServiceError::BadRequest(format!("permissions: {e}")))?;
         }
         let mut permissions = permissions;
         permissions.sort();
@@ -58,7 +59,10 @@ impl AuthService {
         let existing = self.rbac.role_grants(name).unwrap_or_default();
         self.require_grants(
             actor,
-            permissions.iter().chain(existing.iter()).map(String::as_str),
+            permissions
+                .iter()
+                .chain(existing.iter())
+                .map(String::as_str),
             "role_update",
             json!({"target_role": name}),
             meta,

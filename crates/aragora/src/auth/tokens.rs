@@ -133,6 +133,7 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<Principal, ServiceError> {
         let started = Instant::now();
+        self.flush_failure_audit_if_due();
         let r = self.authenticate_inner(authorization, meta);
         self.metrics
             .auth_latency
@@ -211,10 +212,12 @@ impl AuthService {
                 Some("session revoked (all sessions were revoked)")
             }
             Some(s) if s.expires_at <= now => Some("session expired"),
+            // A disabled account is reported as such (by `principal_from`);
+            // once enabled again, its sessions from before stay ended.
             Some(s)
                 if user
                     .as_ref()
-                    .is_some_and(|(_, u)| u.session_generation != s.generation) =>
+                    .is_some_and(|(_, u)| !u.disabled && u.session_generation != s.generation) =>
             {
                 Some("session ended by a password change or account disable")
             }

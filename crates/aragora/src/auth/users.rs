@@ -354,31 +354,37 @@ impl AuthService {
             super::Credential::Session { session_id } => Some(session_id.clone()),
             super::Credential::ApiKey { .. } => None,
         };
-        self.update_user_with(&actor.user_id, &actor.user_id, "password_changed", meta, |u| {
-            u.password_hash = Some(hash.clone());
-            u.session_generation += 1;
-            let mut ops = Vec::new();
-            // The caller's own session moves to the new generation.
-            if let Some(sid) = &keep
-                && let Some((v, mut s)) = get_json::<super::model::Session>(
-                    self.store.as_ref(),
-                    Collection::Sessions,
-                    sid,
-                )?
-            {
-                s.generation = u.session_generation;
-                ops.push(WriteOp::put_json(
-                    Collection::Sessions,
-                    sid.clone(),
-                    &s,
-                    Expect::Version(v),
-                )?);
-            }
-            Ok((
-                json!({"other_sessions_ended": true, "kept_session": keep}),
-                ops,
-            ))
-        })
+        self.update_user_with(
+            &actor.user_id,
+            &actor.user_id,
+            "password_changed",
+            meta,
+            |u| {
+                u.password_hash = Some(hash.clone());
+                u.session_generation += 1;
+                let mut ops = Vec::new();
+                // The caller's own session moves to the new generation.
+                if let Some(sid) = &keep
+                    && let Some((v, mut s)) = get_json::<super::model::Session>(
+                        self.store.as_ref(),
+                        Collection::Sessions,
+                        sid,
+                    )?
+                {
+                    s.generation = u.session_generation;
+                    ops.push(WriteOp::put_json(
+                        Collection::Sessions,
+                        sid.clone(),
+                        &s,
+                        Expect::Version(v),
+                    )?);
+                }
+                Ok((
+                    json!({"other_sessions_ended": true, "kept_session": keep}),
+                    ops,
+                ))
+            },
+        )
     }
 
     pub fn unlock(

@@ -78,7 +78,10 @@ impl<'a> Grant<'a> {
         match (self, other) {
             (Grant::All, _) => true,
             (Grant::Permission { .. }, Grant::All) => false,
-            (Grant::Permission { name: a, scope: sa }, Grant::Permission { name: b, scope: sb }) => {
+            (
+                Grant::Permission { name: a, scope: sa },
+                Grant::Permission { name: b, scope: sb },
+            ) => {
                 a == b
                     && match (sa, sb) {
                         (None, None) => true,
@@ -156,7 +159,10 @@ mod tests {
         assert!(!includes("secrets.read:*", "secrets.read"));
         assert!(!includes("secrets.write:*", "secrets.read:*"));
         assert_eq!(
-            first_not_included(&["audit.read", "secrets.read:a/"], ["audit.read", "secrets.read:b/"]),
+            first_not_included(
+                &["audit.read", "secrets.read:a/"],
+                ["audit.read", "secrets.read:b/"]
+            ),
             Some("secrets.read:b/")
         );
         assert_eq!(first_not_included(&["*"], ["*", "users.manage"]), None);
@@ -183,7 +189,11 @@ mod tests {
         assert!(validate("secrets.read:*").is_ok());
         assert!(validate("audit.read").is_ok());
         assert!(validate("nope.read").unwrap_err().contains("catalogue"));
-        assert!(validate("audit.read:x/").unwrap_err().contains("path scope"));
+        assert!(
+            validate("audit.read:x/")
+                .unwrap_err()
+                .contains("path scope")
+        );
         assert!(validate("secrets.read:../").is_err());
         assert!(validate("secrets.read:").is_err());
     }
