@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
+use std::ops::Bound;
+
 use aedb::{
     AedbConfig, AedbError, AedbInstance, AuditVerifyError, CallerContext, Column, ColumnType,
-    DdlOperation, Limits, Permission, Query, Secure, TableSchema, Value, verify_audit_export,
+    ConsistencyMode, DdlOperation, Limits, Permission, Query, ReadTx, Secure, TableSchema, Value,
+    WriteTransaction, verify_audit_export,
 };
 
 const MK: [u8; 32] = [5; 32];
@@ -337,6 +340,320 @@ fn permission_matrix_allows_exactly_what_is_granted_and_audits_every_deny() {
             .iter()
             .any(|c| c.caller.starts_with("caller-00") && c.permission_denials_5m == 6)
     );
+}
+
+/// Every read a write transaction offers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum TxRead {
+    Get,
+    ScanPrefix,
+    ScanRange,
+    GetRow,
+}
+
+const TX_READS: [TxRead; 4] = [
+    TxRead::Get,
+    TxRead::ScanPrefix,
+    TxRead::ScanRange,
+    TxRead::GetRow,
+];
+
+/// `read` through a write transaction on project p, returning what it saw.
+fn tx_read(tx: &WriteTransaction, read: TxRead) -> Result<String, AedbError> {
+    Ok(match read {
+        TxRead::Get => format!("{:?}", tx.kv_get("s", b"user/1")?),
+        TxRead::ScanPrefix => format!("{:?}", tx.kv_scan_prefix("s", b"user/", 10)?),
+        TxRead::ScanRange => format!(
+            "{:?}",
+            tx.kv_scan_range("s", Bound::Included(b"a"), Bound::Unbounded, 10)?
+        ),
+        TxRead::GetRow => format!("{:?}", tx.get_row("s", "users", &[Value::Int(1)])?),
+    })
+}
+
+/// The same read through a `ReadTx`, the reference for what a read may see.
+fn read_tx_read(rt: &ReadTx<'_, Secure>, read: TxRead) -> Result<String, AedbError> {
+    Ok(match read {
+        TxRead::Get => format!("{:?}", rt.kv_get("p", "s", b"user/1")?),
+        TxRead::ScanPrefix => format!("{:?}", rt.kv_scan_prefix("p", "s", b"user/", 10)?),
+        TxRead::ScanRange => format!(
+            "{:?}",
+            rt.kv_scan_range("p", "s", Bound::Included(b"a"), Bound::Unbounded, 10)?
+        ),
+        TxRead::GetRow => format!("{:?}", rt.get_row("p", "s", "users", &[Value::Int(1)])?),
+    })
+}
+
+fn denial_rows(db: &AedbInstance<Secure>) -> Vec<Arc<Vec<Value>>> {
+    audit_rows(db, "assertion_audit")
+        .into_iter()
+        .filter(|r| r[5] == Value::Text("permission_denied".into()))
+        .collect()
+}
+
+#[test]
+fn write_transaction_reads_are_authorized_and_audited_like_read_tx_reads() {
+    let kv_read = |project: &str, scope: Option<&str>, prefix: Option<&[u8]>| Permission::KvRead {
+        project: project.into(),
+        scope: scope.map(Into::into),
+        prefix: prefix.map(<[u8]>::to_vec),
+    };
+    let table_read = |project: &str, scope: &str| Permission::TableRead {
+        project: project.into(),
+        scope: Some(scope.into()),
+        table: Some("users".into()),
+    };
+    use TxRead::*;
+    // (shape, grants, reads allowed)
+    let shapes: Vec<(&str, Vec<Permission>, Vec<TxRead>)> = vec![
+        ("no grant", vec![], vec![]),
+        (
+            "write-only",
+            vec![
+                Permission::KvWrite {
+                    project: "p".into(),
+                    scope: None,
+                    prefix: None,
+                },
+                Permission::TableWrite {
+                    project: "p".into(),
+                    scope: None,
+                    table: None,
+                },
+            ],
+            vec![],
+        ),
+        (
+            "other project",
+            vec![kv_read("q", None, None), table_read("q", "s")],
+            vec![],
+        ),
+        (
+            "other scope",
+            vec![kv_read("p", Some("t"), None), table_read("p", "t")],
+            vec![],
+        ),
+        (
+            "other prefix",
+            vec![kv_read("p", Some("s"), Some(b"admin/"))],
+            vec![],
+        ),
+        (
+            // A range is not a prefix: like ReadTx, a range scan needs the whole scope.
+            "prefix read",
+            vec![kv_read("p", Some("s"), Some(b"user/"))],
+            vec![Get, ScanPrefix],
+        ),
+        (
+            "scope read",
+            vec![kv_read("p", Some("s"), None)],
+            vec![Get, ScanPrefix, ScanRange],
+        ),
+        ("table read", vec![table_read("p", "s")], vec![GetRow]),
+        (
+            "scope admin",
+            vec![Permission::ScopeAdmin {
+                project: "p".into(),
+                scope: "s".into(),
+            }],
+            TX_READS.to_vec(),
+        ),
+        (
+            "global admin",
+            vec![Permission::GlobalAdmin],
+            TX_READS.to_vec(),
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    for (i, (shape, grants, allowed)) in shapes.iter().enumerate() {
+        let who = CallerContext::new(format!("wtx-reader-{i:02}"));
+        for g in grants {
+            grant(&db, &who.caller_id, g.clone());
+        }
+        let tx = db.begin_write_as(&who, "p").expect("begin_write_as");
+        let rt = db
+            .begin_read_tx_as(&who, ConsistencyMode::AtLatest)
+            .expect("read tx");
+        for read in TX_READS {
+            let denials_before = denial_rows(&db);
+            let ga_before = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use");
+            let got = tx_read(&tx, read);
+            let denials = denial_rows(&db);
+            let ga = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use") - ga_before;
+            let reference = read_tx_read(&rt, read);
+            match (&got, allowed.contains(&read)) {
+                (Ok(seen), true) => {
+                    assert_eq!(
+                        denials.len(),
+                        denials_before.len(),
+                        "{shape} / {read:?}: an allowed read records no denial"
+                    );
+                    assert_eq!(
+                        Some(seen),
+                        reference.as_ref().ok(),
+                        "{shape} / {read:?}: sees what a ReadTx sees"
+                    );
+                    assert!(seen.contains("alice") || seen.contains("97, 108"), "{seen}");
+                }
+                (Err(AedbError::PermissionDenied { caller, permission }), false) => {
+                    assert_eq!(caller, &who.caller_id, "{shape} / {read:?}");
+                    match &reference {
+                        Err(AedbError::PermissionDenied {
+                            caller: c,
+                            permission: p,
+                        }) => assert_eq!(
+                            (c, p),
+                            (caller, permission),
+                            "{shape} / {read:?}: the same error as a ReadTx read"
+                        ),
+                        other => panic!("{shape} / {read:?}: ReadTx got {other:?}"),
+                    }
+                    assert_eq!(
+                        denials.len(),
+                        denials_before.len() + 1,
+                        "{shape} / {read:?}: one denial audit row"
+                    );
+                    let row = denials.last().expect("denial row");
+                    assert_eq!(row[3], Value::Text(who.caller_id.clone()), "actor");
+                    assert_eq!(row[4], Value::Text("p".into()), "project");
+                    assert_eq!(row[7], Value::Text(permission.clone()), "needed");
+                }
+                (got, allowed) => {
+                    panic!("{shape} / {read:?}: expected allowed={allowed}, got {got:?}")
+                }
+            }
+            assert_eq!(
+                ga > 0,
+                *shape == "global admin" && got.is_ok(),
+                "{shape} / {read:?}: GlobalAdmin use is audited ({ga} rows)"
+            );
+        }
+    }
+    db.verify_audit_chains().expect("audit chains intact");
+}
+
+#[test]
+fn reading_your_own_writes_still_needs_read_permission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let writer = CallerContext::new("writer-only");
+    grant(
+        &db,
+        "writer-only",
+        Permission::KvWrite {
+            project: "p".into(),
+            scope: Some("s".into()),
+            prefix: Some(b"user/".to_vec()),
+        },
+    );
+    grant(
+        &db,
+        "writer-only",
+        Permission::TableWrite {
+            project: "p".into(),
+            scope: Some("s".into()),
+            table: Some("users".into()),
+        },
+    );
+    let mut tx = db.begin_write_as(&writer, "p").expect("tx");
+    tx.kv_set("s", b"user/7", b"mine").expect("set");
+    tx.put_row(
+        "s",
+        "users",
+        vec![Value::Int(7), Value::Text("mine".into())],
+    )
+    .expect("row");
+    let before = denial_rows(&db).len();
+    assert!(
+        matches!(
+            tx.kv_get("s", b"user/7"),
+            Err(AedbError::PermissionDenied { .. })
+        ),
+        "a key written in this transaction is still a read"
+    );
+    assert!(
+        matches!(
+            tx.kv_scan_prefix("s", b"user/", 10),
+            Err(AedbError::PermissionDenied { .. })
+        ),
+        "writing user/7 must not open a scan over user/1"
+    );
+    assert!(matches!(
+        tx.get_row("s", "users", &[Value::Int(7)]),
+        Err(AedbError::PermissionDenied { .. })
+    ));
+    assert_eq!(denial_rows(&db).len(), before + 3, "each denial is audited");
+    db.commit_as(&writer, tx)
+        .expect("a denied read does not spoil the writes");
+
+    // With read permission too, reads see the transaction's own writes first.
+    grant(
+        &db,
+        "writer-only",
+        Permission::KvRead {
+            project: "p".into(),
+            scope: Some("s".into()),
+            prefix: Some(b"user/".to_vec()),
+        },
+    );
+    let mut tx = db.begin_write_as(&writer, "p").expect("tx");
+    tx.kv_set("s", b"user/1", b"changed").expect("set");
+    assert_eq!(
+        tx.kv_get("s", b"user/1").expect("read").as_deref(),
+        Some(&b"changed"[..])
+    );
+}
+
+#[test]
+fn a_revoke_applies_to_write_transactions_already_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let read = Permission::KvRead {
+        project: "p".into(),
+        scope: Some("s".into()),
+        prefix: None,
+    };
+    grant(&db, "reader", read.clone());
+    let reader = CallerContext::new("reader");
+    let tx = db.begin_write_as(&reader, "p").expect("tx");
+    assert!(tx.kv_get("s", b"user/1").expect("allowed").is_some());
+    db.commit_ddl_as(
+        &CallerContext::new("owner"),
+        vec![DdlOperation::RevokePermission {
+            grantee: "reader".into(),
+            permission: read,
+        }],
+    )
+    .expect("revoke");
+    assert!(matches!(
+        tx.kv_get("s", b"user/1"),
+        Err(AedbError::PermissionDenied { .. })
+    ));
+}
+
+#[test]
+fn anonymous_write_transactions_on_a_dev_instance_read_without_grants() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = AedbInstance::open(AedbConfig::development(), dir.path()).expect("open");
+    db.create_project("p").expect("p");
+    db.create_scope("p", "s").expect("s");
+    db.kv_set("p", "s", b"k", b"v").expect("set");
+    let mut tx = db.begin_write("p").expect("tx");
+    tx.kv_set("s", b"k2", b"v2").expect("set");
+    assert_eq!(
+        tx.kv_get("s", b"k").expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(tx.kv_scan_prefix("s", b"k", 10).expect("scan").len(), 2);
+    // The authenticated API on a dev instance checks permissions like a secure one.
+    let tx = db
+        .begin_write_as(&CallerContext::new("nobody"), "p")
+        .expect("tx");
+    assert!(matches!(
+        tx.kv_get("s", b"k"),
+        Err(AedbError::PermissionDenied { .. })
+    ));
 }
 
 #[test]

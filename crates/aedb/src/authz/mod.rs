@@ -150,6 +150,24 @@ impl fmt::Display for Permission {
 }
 
 impl Permission {
+    /// What a KV read of `prefix` needs (`None`: the whole scope, as a range scan
+    /// does; a range is not a prefix).
+    pub(crate) fn kv_read(project: &str, scope: &str, prefix: Option<&[u8]>) -> Self {
+        Permission::KvRead {
+            project: project.to_string(),
+            scope: Some(scope.to_string()),
+            prefix: prefix.map(<[u8]>::to_vec),
+        }
+    }
+
+    pub(crate) fn table_read(project: &str, scope: &str, table: &str) -> Self {
+        Permission::TableRead {
+            project: project.to_string(),
+            scope: Some(scope.to_string()),
+            table: Some(table.to_string()),
+        }
+    }
+
     /// The project this permission is confined to (None: instance-wide).
     pub fn project(&self) -> Option<&str> {
         match self {

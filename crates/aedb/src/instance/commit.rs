@@ -89,11 +89,12 @@ impl<M> AedbInstance<M> {
         finality: CommitFinality,
     ) -> Result<CommitResult, AedbError> {
         if let Some(c) = caller
-            && tx.caller.as_deref() != Some(c.caller_id.as_str())
+            && tx.caller_id() != Some(c.caller_id.as_str())
         {
             return Err(AedbError::InvalidArgument(format!(
                 "transaction was begun by {:?}, committed by {:?}",
-                tx.caller, c.caller_id
+                tx.caller_id(),
+                c.caller_id
             )));
         }
         let _slot = self.admit()?;

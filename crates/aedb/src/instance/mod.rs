@@ -4,8 +4,8 @@ use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -175,6 +175,39 @@ impl<M> std::fmt::Debug for AedbInstance<M> {
             .field("dir", &self.inner.dir)
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// The caller a write transaction was begun for (`begin_write_as`), with the
+/// instance whose current grants decide its reads. The instance is held weakly: a
+/// transaction kept around must not keep the database open or its directory locked.
+pub(crate) struct BoundCaller {
+    caller: CallerContext,
+    db: Weak<Inner>,
+}
+
+impl BoundCaller {
+    pub(crate) fn caller_id(&self) -> &str {
+        &self.caller.caller_id
+    }
+
+    /// The decision and audit trail of a `ReadTx` read (`authorize_read`).
+    pub(crate) fn authorize_read(&self, project: &str, need: Permission) -> Result<(), AedbError> {
+        let inner = self.db.upgrade().ok_or(AedbError::Closed)?;
+        // The mode marker only gates which methods exist; authorization is the same.
+        let db = AedbInstance::<Secure> {
+            inner,
+            _mode: PhantomData,
+        };
+        db.authorize_read(&self.caller, project, need)
+    }
+}
+
+impl std::fmt::Debug for BoundCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BoundCaller")
+            .field(&self.caller.caller_id)
+            .finish()
     }
 }
 
@@ -565,7 +598,10 @@ impl<M> AedbInstance<M> {
             });
         }
         let mut tx = WriteTransaction::new(project.to_string(), snapshot, self.inner.config.limits);
-        tx.caller = caller.map(|c| c.caller_id.clone());
+        tx.caller = caller.map(|c| BoundCaller {
+            caller: c.clone(),
+            db: Arc::downgrade(&self.inner),
+        });
         Ok(tx)
     }
     fn export_audit_inner(
