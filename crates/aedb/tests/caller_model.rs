@@ -656,6 +656,150 @@ fn anonymous_write_transactions_on_a_dev_instance_read_without_grants() {
     ));
 }
 
+fn authz_rows_of(db: &AedbInstance<Secure>, actor: &str, action: &str) -> Vec<Arc<Vec<Value>>> {
+    audit_rows(db, "authz_audit")
+        .into_iter()
+        .filter(|r| r[3] == Value::Text(actor.into()) && r[4] == Value::Text(action.into()))
+        .collect()
+}
+
+fn assert_denied<T: std::fmt::Debug>(r: Result<T, AedbError>, who: &str, needed: &str) {
+    match r {
+        Err(AedbError::PermissionDenied { caller, permission }) => {
+            assert_eq!((caller.as_str(), permission.as_str()), (who, needed));
+        }
+        other => panic!("{who}: expected PermissionDenied for {needed}, got {other:?}"),
+    }
+}
+
+#[test]
+fn backup_and_checkpoint_need_their_own_permission_and_are_audited() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let db = secure(&root.path().join("data"));
+    let backups = root.path().join("backups");
+    let (full, inc) = (backups.join("full"), backups.join("inc"));
+    let operator = CallerContext::new("operator");
+    let owner = CallerContext::new("owner");
+
+    // Neither a caller without grants nor a project owner may: backups copy every
+    // project, and checkpoints are instance-wide.
+    for who in [&operator, &owner] {
+        let id = who.caller_id.as_str();
+        let before = denial_rows(&db).len();
+        assert_denied(db.checkpoint_as(who), id, "Checkpoint");
+        assert_denied(db.backup_full_as(who, &full), id, "Backup");
+        assert_denied(
+            db.backup_full_as_with_progress(who, &full, &mut |_| {}),
+            id,
+            "Backup",
+        );
+        // Decided before the parent is looked at (it does not exist yet).
+        assert_denied(db.backup_incremental_as(who, &inc, &full), id, "Backup");
+        assert_denied(
+            db.backup_incremental_as_with_progress(who, &inc, &full, &mut |_| {}),
+            id,
+            "Backup",
+        );
+        assert!(!full.exists() && !inc.exists(), "a denial writes nothing");
+        let denials = denial_rows(&db);
+        assert_eq!(denials.len(), before + 5, "{id}: every denial is audited");
+        for row in &denials[before..] {
+            assert_eq!(row[3], Value::Text(id.into()));
+        }
+    }
+
+    // Granted through the normal grant DDL, each permission allows only its operation.
+    let grant_to_operator = |permission: Permission| {
+        db.commit_ddl_as(
+            &admin(),
+            vec![DdlOperation::GrantPermission {
+                grantee: "operator".into(),
+                permission,
+                delegable: false,
+            }],
+        )
+        .expect("grant")
+    };
+    grant_to_operator(Permission::Checkpoint);
+    assert_eq!(
+        authz_rows_of(&db, "root-admin", "grant")
+            .last()
+            .map(|r| r[5].clone()),
+        Some(Value::Text("Checkpoint".into()))
+    );
+    let info = db
+        .checkpoint_as(&operator)
+        .expect("checkpoint with the grant");
+    assert!(info.file.exists());
+    let rows = authz_rows_of(&db, "operator", "checkpoint");
+    assert_eq!(rows.len(), 1, "the checkpoint is audited");
+    assert_eq!(rows[0][5], Value::Text("Checkpoint".into()));
+    assert_eq!(rows[0][8], Value::Text("allowed".into()));
+    assert_denied(db.backup_full_as(&operator, &full), "operator", "Backup");
+
+    grant_to_operator(Permission::Backup);
+    let ga_before = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use");
+    let mut progressed = 0;
+    let r = db
+        .backup_full_as_with_progress(&operator, &full, &mut |_| progressed += 1)
+        .expect("full backup with the grant");
+    assert!(progressed > 0 && r.end_lsn > 0);
+    db.kv_set_as(&owner, "p", "s", b"user/3", b"carol")
+        .expect("more writes");
+    db.backup_incremental_as(&operator, &inc, &full)
+        .expect("incremental backup with the grant");
+    let full_rows = authz_rows_of(&db, "operator", "backup_full");
+    let inc_rows = authz_rows_of(&db, "operator", "backup_incremental");
+    assert_eq!(
+        (full_rows.len(), inc_rows.len()),
+        (1, 1),
+        "each backup is audited"
+    );
+    assert_eq!(full_rows[0][5], Value::Text("Backup".into()));
+    assert!(
+        matches!(&full_rows[0][6], Value::Text(t) if t.contains(&full.display().to_string())),
+        "the audit row names where the copy went: {:?}",
+        full_rows[0][6]
+    );
+    assert_eq!(
+        count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use"),
+        ga_before,
+        "an explicit grant is not a GlobalAdmin use"
+    );
+    let cfg = AedbConfig::production(MK);
+    aedb::verify_backup_chain(&cfg, &[full.clone(), inc.clone()]).expect("the chain verifies");
+
+    // The copy carries the audit row of the backup that made it.
+    let restored = root.path().join("restored");
+    aedb::restore_from_backup_chain(&cfg, std::slice::from_ref(&full), &restored).expect("restore");
+    let copy = AedbInstance::open_secure(cfg, &restored).expect("open the restore");
+    assert_eq!(authz_rows_of(&copy, "operator", "backup_full").len(), 1);
+    copy.close().expect("close");
+
+    // GlobalAdmin may, and that use is audited as such.
+    db.checkpoint_as(&admin()).expect("GlobalAdmin checkpoint");
+    assert_eq!(
+        count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use"),
+        ga_before + 1
+    );
+
+    // A revoke applies to the next call.
+    db.commit_ddl_as(
+        &admin(),
+        vec![DdlOperation::RevokePermission {
+            grantee: "operator".into(),
+            permission: Permission::Backup,
+        }],
+    )
+    .expect("revoke");
+    assert_denied(
+        db.backup_full_as(&operator, &backups.join("again")),
+        "operator",
+        "Backup",
+    );
+    db.verify_audit_chains().expect("audit chains intact");
+}
+
 #[test]
 fn anonymous_api_is_not_reachable_on_a_secure_instance() {
     // Compile-time separation: `AedbInstance<Secure>` has no `snapshot`, `begin_write`,
@@ -780,7 +924,7 @@ fn bootstrap_is_one_time_and_survives_reopen() {
             db.bootstrap_global_admin("intruder"),
             Err(AedbError::AlreadyExists { .. })
         ));
-        db.checkpoint().expect("checkpoint keeps grants");
+        db.checkpoint_as(&admin()).expect("checkpoint keeps grants");
         db.close().expect("close");
     }
     let db = AedbInstance::open_secure(

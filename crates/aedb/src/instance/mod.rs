@@ -160,6 +160,18 @@ pub enum Dev {}
 /// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
 /// let tx = db.begin_write("payments").unwrap(); // anonymous write: not available
 /// ```
+///
+/// ```compile_fail
+/// # use aedb::{AedbConfig, AedbInstance};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
+/// db.backup_full("/tmp/b".as_ref()).unwrap(); // needs backup_full_as + Permission::Backup
+/// ```
+///
+/// ```compile_fail
+/// # use aedb::{AedbConfig, AedbInstance};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
+/// db.checkpoint().unwrap(); // needs checkpoint_as + Permission::Checkpoint
+/// ```
 #[derive(Debug)]
 pub enum Secure {}
 
@@ -344,6 +356,45 @@ impl AedbInstance<Dev> {
     /// Rows of both audit tables with id >= `since_id`, each with its chain head.
     pub fn export_audit(&self, since_id: i64) -> Result<Vec<AuditExport>, AedbError> {
         self.export_audit_inner(&self.snapshot_inner(), since_id)
+    }
+
+    /// Writes a checkpoint of the current state, then removes the WAL segments and
+    /// the older checkpoint it makes obsolete. Readers are never blocked; writers
+    /// wait only while the state handle is taken.
+    pub fn checkpoint(&self) -> Result<CheckpointInfo, AedbError> {
+        self.inner.checkpoint()
+    }
+
+    /// A self-contained backup of the state now (writers keep going) into `dest`
+    /// (absent or empty). See `backup` module docs for the format.
+    pub fn backup_full(&self, dest: &Path) -> Result<BackupReport, AedbError> {
+        self.backup_full_inner(dest, &mut |_| {})
+    }
+
+    pub fn backup_full_with_progress(
+        &self,
+        dest: &Path,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_full_inner(dest, progress)
+    }
+
+    /// The WAL since the backup in `parent` (the chain's latest) into `dest`.
+    pub fn backup_incremental(
+        &self,
+        dest: &Path,
+        parent: &Path,
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_incremental_inner(dest, parent, &mut |_| {})
+    }
+
+    pub fn backup_incremental_with_progress(
+        &self,
+        dest: &Path,
+        parent: &Path,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_incremental_inner(dest, parent, progress)
     }
 }
 
@@ -655,13 +706,6 @@ impl<M> AedbInstance<M> {
         drop(cs);
         tracing::info!(admin, "bootstrapped the first GlobalAdmin");
         self.finish(seq, CommitFinality::Durable, false)
-    }
-
-    /// Writes a checkpoint of the current state, then removes the WAL segments and
-    /// the older checkpoint it makes obsolete. Readers are never blocked; writers
-    /// wait only while the state handle is taken.
-    pub fn checkpoint(&self) -> Result<CheckpointInfo, AedbError> {
-        self.inner.checkpoint()
     }
 
     /// (last LSN, chain head) of the log.
