@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
+use std::ops::Bound;
+
 use aedb::{
     AedbConfig, AedbError, AedbInstance, AuditVerifyError, CallerContext, Column, ColumnType,
-    DdlOperation, Limits, Permission, Query, Secure, TableSchema, Value, verify_audit_export,
+    ConsistencyMode, DdlOperation, Limits, Permission, Query, ReadTx, Secure, TableSchema, Value,
+    WriteTransaction, verify_audit_export,
 };
 
 const MK: [u8; 32] = [5; 32];
@@ -339,6 +342,464 @@ fn permission_matrix_allows_exactly_what_is_granted_and_audits_every_deny() {
     );
 }
 
+/// Every read a write transaction offers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum TxRead {
+    Get,
+    ScanPrefix,
+    ScanRange,
+    GetRow,
+}
+
+const TX_READS: [TxRead; 4] = [
+    TxRead::Get,
+    TxRead::ScanPrefix,
+    TxRead::ScanRange,
+    TxRead::GetRow,
+];
+
+/// `read` through a write transaction on project p, returning what it saw.
+fn tx_read(tx: &WriteTransaction, read: TxRead) -> Result<String, AedbError> {
+    Ok(match read {
+        TxRead::Get => format!("{:?}", tx.kv_get("s", b"user/1")?),
+        TxRead::ScanPrefix => format!("{:?}", tx.kv_scan_prefix("s", b"user/", 10)?),
+        TxRead::ScanRange => format!(
+            "{:?}",
+            tx.kv_scan_range("s", Bound::Included(b"a"), Bound::Unbounded, 10)?
+        ),
+        TxRead::GetRow => format!("{:?}", tx.get_row("s", "users", &[Value::Int(1)])?),
+    })
+}
+
+/// The same read through a `ReadTx`, the reference for what a read may see.
+fn read_tx_read(rt: &ReadTx<'_, Secure>, read: TxRead) -> Result<String, AedbError> {
+    Ok(match read {
+        TxRead::Get => format!("{:?}", rt.kv_get("p", "s", b"user/1")?),
+        TxRead::ScanPrefix => format!("{:?}", rt.kv_scan_prefix("p", "s", b"user/", 10)?),
+        TxRead::ScanRange => format!(
+            "{:?}",
+            rt.kv_scan_range("p", "s", Bound::Included(b"a"), Bound::Unbounded, 10)?
+        ),
+        TxRead::GetRow => format!("{:?}", rt.get_row("p", "s", "users", &[Value::Int(1)])?),
+    })
+}
+
+fn denial_rows(db: &AedbInstance<Secure>) -> Vec<Arc<Vec<Value>>> {
+    audit_rows(db, "assertion_audit")
+        .into_iter()
+        .filter(|r| r[5] == Value::Text("permission_denied".into()))
+        .collect()
+}
+
+#[test]
+fn write_transaction_reads_are_authorized_and_audited_like_read_tx_reads() {
+    let kv_read = |project: &str, scope: Option<&str>, prefix: Option<&[u8]>| Permission::KvRead {
+        project: project.into(),
+        scope: scope.map(Into::into),
+        prefix: prefix.map(<[u8]>::to_vec),
+    };
+    let table_read = |project: &str, scope: &str| Permission::TableRead {
+        project: project.into(),
+        scope: Some(scope.into()),
+        table: Some("users".into()),
+    };
+    use TxRead::*;
+    // (shape, grants, reads allowed)
+    let shapes: Vec<(&str, Vec<Permission>, Vec<TxRead>)> = vec![
+        ("no grant", vec![], vec![]),
+        (
+            "write-only",
+            vec![
+                Permission::KvWrite {
+                    project: "p".into(),
+                    scope: None,
+                    prefix: None,
+                },
+                Permission::TableWrite {
+                    project: "p".into(),
+                    scope: None,
+                    table: None,
+                },
+            ],
+            vec![],
+        ),
+        (
+            "other project",
+            vec![kv_read("q", None, None), table_read("q", "s")],
+            vec![],
+        ),
+        (
+            "other scope",
+            vec![kv_read("p", Some("t"), None), table_read("p", "t")],
+            vec![],
+        ),
+        (
+            "other prefix",
+            vec![kv_read("p", Some("s"), Some(b"admin/"))],
+            vec![],
+        ),
+        (
+            // A range is not a prefix: like ReadTx, a range scan needs the whole scope.
+            "prefix read",
+            vec![kv_read("p", Some("s"), Some(b"user/"))],
+            vec![Get, ScanPrefix],
+        ),
+        (
+            "scope read",
+            vec![kv_read("p", Some("s"), None)],
+            vec![Get, ScanPrefix, ScanRange],
+        ),
+        ("table read", vec![table_read("p", "s")], vec![GetRow]),
+        (
+            "scope admin",
+            vec![Permission::ScopeAdmin {
+                project: "p".into(),
+                scope: "s".into(),
+            }],
+            TX_READS.to_vec(),
+        ),
+        (
+            "global admin",
+            vec![Permission::GlobalAdmin],
+            TX_READS.to_vec(),
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    for (i, (shape, grants, allowed)) in shapes.iter().enumerate() {
+        let who = CallerContext::new(format!("wtx-reader-{i:02}"));
+        for g in grants {
+            grant(&db, &who.caller_id, g.clone());
+        }
+        let tx = db.begin_write_as(&who, "p").expect("begin_write_as");
+        let rt = db
+            .begin_read_tx_as(&who, ConsistencyMode::AtLatest)
+            .expect("read tx");
+        for read in TX_READS {
+            let denials_before = denial_rows(&db);
+            let ga_before = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use");
+            let got = tx_read(&tx, read);
+            let denials = denial_rows(&db);
+            let ga = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use") - ga_before;
+            let reference = read_tx_read(&rt, read);
+            match (&got, allowed.contains(&read)) {
+                (Ok(seen), true) => {
+                    assert_eq!(
+                        denials.len(),
+                        denials_before.len(),
+                        "{shape} / {read:?}: an allowed read records no denial"
+                    );
+                    assert_eq!(
+                        Some(seen),
+                        reference.as_ref().ok(),
+                        "{shape} / {read:?}: sees what a ReadTx sees"
+                    );
+                    assert!(seen.contains("alice") || seen.contains("97, 108"), "{seen}");
+                }
+                (Err(AedbError::PermissionDenied { caller, permission }), false) => {
+                    assert_eq!(caller, &who.caller_id, "{shape} / {read:?}");
+                    match &reference {
+                        Err(AedbError::PermissionDenied {
+                            caller: c,
+                            permission: p,
+                        }) => assert_eq!(
+                            (c, p),
+                            (caller, permission),
+                            "{shape} / {read:?}: the same error as a ReadTx read"
+                        ),
+                        other => panic!("{shape} / {read:?}: ReadTx got {other:?}"),
+                    }
+                    assert_eq!(
+                        denials.len(),
+                        denials_before.len() + 1,
+                        "{shape} / {read:?}: one denial audit row"
+                    );
+                    let row = denials.last().expect("denial row");
+                    assert_eq!(row[3], Value::Text(who.caller_id.clone()), "actor");
+                    assert_eq!(row[4], Value::Text("p".into()), "project");
+                    assert_eq!(row[7], Value::Text(permission.clone()), "needed");
+                }
+                (got, allowed) => {
+                    panic!("{shape} / {read:?}: expected allowed={allowed}, got {got:?}")
+                }
+            }
+            assert_eq!(
+                ga > 0,
+                *shape == "global admin" && got.is_ok(),
+                "{shape} / {read:?}: GlobalAdmin use is audited ({ga} rows)"
+            );
+        }
+    }
+    db.verify_audit_chains().expect("audit chains intact");
+}
+
+#[test]
+fn reading_your_own_writes_still_needs_read_permission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let writer = CallerContext::new("writer-only");
+    grant(
+        &db,
+        "writer-only",
+        Permission::KvWrite {
+            project: "p".into(),
+            scope: Some("s".into()),
+            prefix: Some(b"user/".to_vec()),
+        },
+    );
+    grant(
+        &db,
+        "writer-only",
+        Permission::TableWrite {
+            project: "p".into(),
+            scope: Some("s".into()),
+            table: Some("users".into()),
+        },
+    );
+    let mut tx = db.begin_write_as(&writer, "p").expect("tx");
+    tx.kv_set("s", b"user/7", b"mine").expect("set");
+    tx.put_row(
+        "s",
+        "users",
+        vec![Value::Int(7), Value::Text("mine".into())],
+    )
+    .expect("row");
+    let before = denial_rows(&db).len();
+    assert!(
+        matches!(
+            tx.kv_get("s", b"user/7"),
+            Err(AedbError::PermissionDenied { .. })
+        ),
+        "a key written in this transaction is still a read"
+    );
+    assert!(
+        matches!(
+            tx.kv_scan_prefix("s", b"user/", 10),
+            Err(AedbError::PermissionDenied { .. })
+        ),
+        "writing user/7 must not open a scan over user/1"
+    );
+    assert!(matches!(
+        tx.get_row("s", "users", &[Value::Int(7)]),
+        Err(AedbError::PermissionDenied { .. })
+    ));
+    assert_eq!(denial_rows(&db).len(), before + 3, "each denial is audited");
+    db.commit_as(&writer, tx)
+        .expect("a denied read does not spoil the writes");
+
+    // With read permission too, reads see the transaction's own writes first.
+    grant(
+        &db,
+        "writer-only",
+        Permission::KvRead {
+            project: "p".into(),
+            scope: Some("s".into()),
+            prefix: Some(b"user/".to_vec()),
+        },
+    );
+    let mut tx = db.begin_write_as(&writer, "p").expect("tx");
+    tx.kv_set("s", b"user/1", b"changed").expect("set");
+    assert_eq!(
+        tx.kv_get("s", b"user/1").expect("read").as_deref(),
+        Some(&b"changed"[..])
+    );
+}
+
+#[test]
+fn a_revoke_applies_to_write_transactions_already_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let read = Permission::KvRead {
+        project: "p".into(),
+        scope: Some("s".into()),
+        prefix: None,
+    };
+    grant(&db, "reader", read.clone());
+    let reader = CallerContext::new("reader");
+    let tx = db.begin_write_as(&reader, "p").expect("tx");
+    assert!(tx.kv_get("s", b"user/1").expect("allowed").is_some());
+    db.commit_ddl_as(
+        &CallerContext::new("owner"),
+        vec![DdlOperation::RevokePermission {
+            grantee: "reader".into(),
+            permission: read,
+        }],
+    )
+    .expect("revoke");
+    assert!(matches!(
+        tx.kv_get("s", b"user/1"),
+        Err(AedbError::PermissionDenied { .. })
+    ));
+}
+
+#[test]
+fn anonymous_write_transactions_on_a_dev_instance_read_without_grants() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = AedbInstance::open(AedbConfig::development(), dir.path()).expect("open");
+    db.create_project("p").expect("p");
+    db.create_scope("p", "s").expect("s");
+    db.kv_set("p", "s", b"k", b"v").expect("set");
+    let mut tx = db.begin_write("p").expect("tx");
+    tx.kv_set("s", b"k2", b"v2").expect("set");
+    assert_eq!(
+        tx.kv_get("s", b"k").expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(tx.kv_scan_prefix("s", b"k", 10).expect("scan").len(), 2);
+    // The authenticated API on a dev instance checks permissions like a secure one.
+    let tx = db
+        .begin_write_as(&CallerContext::new("nobody"), "p")
+        .expect("tx");
+    assert!(matches!(
+        tx.kv_get("s", b"k"),
+        Err(AedbError::PermissionDenied { .. })
+    ));
+}
+
+fn authz_rows_of(db: &AedbInstance<Secure>, actor: &str, action: &str) -> Vec<Arc<Vec<Value>>> {
+    audit_rows(db, "authz_audit")
+        .into_iter()
+        .filter(|r| r[3] == Value::Text(actor.into()) && r[4] == Value::Text(action.into()))
+        .collect()
+}
+
+fn assert_denied<T: std::fmt::Debug>(r: Result<T, AedbError>, who: &str, needed: &str) {
+    match r {
+        Err(AedbError::PermissionDenied { caller, permission }) => {
+            assert_eq!((caller.as_str(), permission.as_str()), (who, needed));
+        }
+        other => panic!("{who}: expected PermissionDenied for {needed}, got {other:?}"),
+    }
+}
+
+#[test]
+fn backup_and_checkpoint_need_their_own_permission_and_are_audited() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let db = secure(&root.path().join("data"));
+    let backups = root.path().join("backups");
+    let (full, inc) = (backups.join("full"), backups.join("inc"));
+    let operator = CallerContext::new("operator");
+    let owner = CallerContext::new("owner");
+
+    // Neither a caller without grants nor a project owner may: backups copy every
+    // project, and checkpoints are instance-wide.
+    for who in [&operator, &owner] {
+        let id = who.caller_id.as_str();
+        let before = denial_rows(&db).len();
+        assert_denied(db.checkpoint_as(who), id, "Checkpoint");
+        assert_denied(db.backup_full_as(who, &full), id, "Backup");
+        assert_denied(
+            db.backup_full_as_with_progress(who, &full, &mut |_| {}),
+            id,
+            "Backup",
+        );
+        // Decided before the parent is looked at (it does not exist yet).
+        assert_denied(db.backup_incremental_as(who, &inc, &full), id, "Backup");
+        assert_denied(
+            db.backup_incremental_as_with_progress(who, &inc, &full, &mut |_| {}),
+            id,
+            "Backup",
+        );
+        assert!(!full.exists() && !inc.exists(), "a denial writes nothing");
+        let denials = denial_rows(&db);
+        assert_eq!(denials.len(), before + 5, "{id}: every denial is audited");
+        for row in &denials[before..] {
+            assert_eq!(row[3], Value::Text(id.into()));
+        }
+    }
+
+    // Granted through the normal grant DDL, each permission allows only its operation.
+    let grant_to_operator = |permission: Permission| {
+        db.commit_ddl_as(
+            &admin(),
+            vec![DdlOperation::GrantPermission {
+                grantee: "operator".into(),
+                permission,
+                delegable: false,
+            }],
+        )
+        .expect("grant")
+    };
+    grant_to_operator(Permission::Checkpoint);
+    assert_eq!(
+        authz_rows_of(&db, "root-admin", "grant")
+            .last()
+            .map(|r| r[5].clone()),
+        Some(Value::Text("Checkpoint".into()))
+    );
+    let info = db
+        .checkpoint_as(&operator)
+        .expect("checkpoint with the grant");
+    assert!(info.file.exists());
+    let rows = authz_rows_of(&db, "operator", "checkpoint");
+    assert_eq!(rows.len(), 1, "the checkpoint is audited");
+    assert_eq!(rows[0][5], Value::Text("Checkpoint".into()));
+    assert_eq!(rows[0][8], Value::Text("allowed".into()));
+    assert_denied(db.backup_full_as(&operator, &full), "operator", "Backup");
+
+    grant_to_operator(Permission::Backup);
+    let ga_before = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use");
+    let mut progressed = 0;
+    let r = db
+        .backup_full_as_with_progress(&operator, &full, &mut |_| progressed += 1)
+        .expect("full backup with the grant");
+    assert!(progressed > 0 && r.end_lsn > 0);
+    db.kv_set_as(&owner, "p", "s", b"user/3", b"carol")
+        .expect("more writes");
+    db.backup_incremental_as(&operator, &inc, &full)
+        .expect("incremental backup with the grant");
+    let full_rows = authz_rows_of(&db, "operator", "backup_full");
+    let inc_rows = authz_rows_of(&db, "operator", "backup_incremental");
+    assert_eq!(
+        (full_rows.len(), inc_rows.len()),
+        (1, 1),
+        "each backup is audited"
+    );
+    assert_eq!(full_rows[0][5], Value::Text("Backup".into()));
+    assert!(
+        matches!(&full_rows[0][6], Value::Text(t) if t.contains(&full.display().to_string())),
+        "the audit row names where the copy went: {:?}",
+        full_rows[0][6]
+    );
+    assert_eq!(
+        count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use"),
+        ga_before,
+        "an explicit grant is not a GlobalAdmin use"
+    );
+    let cfg = AedbConfig::production(MK);
+    aedb::verify_backup_chain(&cfg, &[full.clone(), inc.clone()]).expect("the chain verifies");
+
+    // The copy carries the audit row of the backup that made it.
+    let restored = root.path().join("restored");
+    aedb::restore_from_backup_chain(&cfg, std::slice::from_ref(&full), &restored).expect("restore");
+    let copy = AedbInstance::open_secure(cfg, &restored).expect("open the restore");
+    assert_eq!(authz_rows_of(&copy, "operator", "backup_full").len(), 1);
+    copy.close().expect("close");
+
+    // GlobalAdmin may, and that use is audited as such.
+    db.checkpoint_as(&admin()).expect("GlobalAdmin checkpoint");
+    assert_eq!(
+        count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use"),
+        ga_before + 1
+    );
+
+    // A revoke applies to the next call.
+    db.commit_ddl_as(
+        &admin(),
+        vec![DdlOperation::RevokePermission {
+            grantee: "operator".into(),
+            permission: Permission::Backup,
+        }],
+    )
+    .expect("revoke");
+    assert_denied(
+        db.backup_full_as(&operator, &backups.join("again")),
+        "operator",
+        "Backup",
+    );
+    db.verify_audit_chains().expect("audit chains intact");
+}
+
 #[test]
 fn anonymous_api_is_not_reachable_on_a_secure_instance() {
     // Compile-time separation: `AedbInstance<Secure>` has no `snapshot`, `begin_write`,
@@ -463,7 +924,7 @@ fn bootstrap_is_one_time_and_survives_reopen() {
             db.bootstrap_global_admin("intruder"),
             Err(AedbError::AlreadyExists { .. })
         ));
-        db.checkpoint().expect("checkpoint keeps grants");
+        db.checkpoint_as(&admin()).expect("checkpoint keeps grants");
         db.close().expect("close");
     }
     let db = AedbInstance::open_secure(

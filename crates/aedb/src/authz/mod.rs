@@ -10,6 +10,8 @@
 //!   prefix; `TableRead`/`TableWrite` to a scope and a table; `TableDdl` to a scope.
 //!   Writing does not imply reading.
 //! - `AuditRead` allows reading the system audit tables.
+//! - `Backup` and `Checkpoint` allow those maintenance operations on demand, instance
+//!   wide (no project owner or admin holds them implicitly); every use is audited.
 //! - A grant to `role:NAME` applies to every caller whose context carries role NAME.
 //! - A permission may be granted (or revoked) by GlobalAdmin, by the owner or a
 //!   ProjectAdmin of its project, or by a holder of a covering grant marked `delegable`.
@@ -94,6 +96,12 @@ pub enum Permission {
     },
     AuditRead,
     GlobalAdmin,
+    // Appended after every older variant: grants are logged and checkpointed as
+    // postcard, which encodes a variant by its index.
+    /// Taking full and incremental backups (a copy of every project).
+    Backup,
+    /// Writing a checkpoint on demand (the automatic policy needs no caller).
+    Checkpoint,
 }
 
 fn opt(o: &Option<String>) -> &str {
@@ -145,11 +153,31 @@ impl fmt::Display for Permission {
             Permission::ScopeAdmin { project, scope } => write!(f, "ScopeAdmin({project}/{scope})"),
             Permission::AuditRead => f.write_str("AuditRead"),
             Permission::GlobalAdmin => f.write_str("GlobalAdmin"),
+            Permission::Backup => f.write_str("Backup"),
+            Permission::Checkpoint => f.write_str("Checkpoint"),
         }
     }
 }
 
 impl Permission {
+    /// What a KV read of `prefix` needs (`None`: the whole scope, as a range scan
+    /// does; a range is not a prefix).
+    pub(crate) fn kv_read(project: &str, scope: &str, prefix: Option<&[u8]>) -> Self {
+        Permission::KvRead {
+            project: project.to_string(),
+            scope: Some(scope.to_string()),
+            prefix: prefix.map(<[u8]>::to_vec),
+        }
+    }
+
+    pub(crate) fn table_read(project: &str, scope: &str, table: &str) -> Self {
+        Permission::TableRead {
+            project: project.to_string(),
+            scope: Some(scope.to_string()),
+            table: Some(table.to_string()),
+        }
+    }
+
     /// The project this permission is confined to (None: instance-wide).
     pub fn project(&self) -> Option<&str> {
         match self {
@@ -160,7 +188,10 @@ impl Permission {
             | Permission::TableDdl { project, .. }
             | Permission::ProjectAdmin { project }
             | Permission::ScopeAdmin { project, .. } => Some(project),
-            Permission::AuditRead | Permission::GlobalAdmin => None,
+            Permission::AuditRead
+            | Permission::GlobalAdmin
+            | Permission::Backup
+            | Permission::Checkpoint => None,
         }
     }
 
@@ -253,7 +284,7 @@ impl Permission {
                     scope: t,
                 },
             ) => p == q && scope_ok(s, t),
-            (AuditRead, AuditRead) => true,
+            (AuditRead, AuditRead) | (Backup, Backup) | (Checkpoint, Checkpoint) => true,
             _ => false,
         }
     }

@@ -165,6 +165,56 @@ impl<M> AedbInstance<M> {
         self.export_audit_inner(&self.snapshot_inner(), since_id)
     }
 
+    /// `checkpoint` on demand (needs `Checkpoint`; audited).
+    pub fn checkpoint_as(&self, caller: &CallerContext) -> Result<CheckpointInfo, AedbError> {
+        let target = self.inner.dir.display().to_string();
+        self.authorize_maintenance(caller, Permission::Checkpoint, "checkpoint", &target)?;
+        self.inner.checkpoint()
+    }
+
+    /// A full backup into `dest` (needs `Backup`; audited with `dest`).
+    pub fn backup_full_as(
+        &self,
+        caller: &CallerContext,
+        dest: &Path,
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_full_as_with_progress(caller, dest, &mut |_| {})
+    }
+
+    pub fn backup_full_as_with_progress(
+        &self,
+        caller: &CallerContext,
+        dest: &Path,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupReport, AedbError> {
+        let target = dest.display().to_string();
+        self.authorize_maintenance(caller, Permission::Backup, "backup_full", &target)?;
+        self.backup_full_inner(dest, progress)
+    }
+
+    /// An incremental backup after `parent` into `dest` (needs `Backup`; audited
+    /// with both paths).
+    pub fn backup_incremental_as(
+        &self,
+        caller: &CallerContext,
+        dest: &Path,
+        parent: &Path,
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_incremental_as_with_progress(caller, dest, parent, &mut |_| {})
+    }
+
+    pub fn backup_incremental_as_with_progress(
+        &self,
+        caller: &CallerContext,
+        dest: &Path,
+        parent: &Path,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupReport, AedbError> {
+        let target = format!("{} (parent {})", dest.display(), parent.display());
+        self.authorize_maintenance(caller, Permission::Backup, "backup_incremental", &target)?;
+        self.backup_incremental_inner(dest, parent, progress)
+    }
+
     /// Grants held by a caller id or `role:NAME` (needs `AuditRead`).
     pub fn grants_of_as(
         &self,

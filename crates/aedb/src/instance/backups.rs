@@ -31,12 +31,9 @@ impl<M> AedbInstance<M> {
     }
 
     /// A self-contained backup of the state now (writers keep going) into `dest`
-    /// (absent or empty). See `backup` module docs for the format.
-    pub fn backup_full(&self, dest: &Path) -> Result<BackupReport, AedbError> {
-        self.backup_full_with_progress(dest, &mut |_| {})
-    }
-
-    pub fn backup_full_with_progress(
+    /// (absent or empty); callers authorize first. See `backup` module docs for
+    /// the format.
+    pub(super) fn backup_full_inner(
         &self,
         dest: &Path,
         progress: &mut dyn FnMut(BackupProgress),
@@ -69,16 +66,9 @@ impl<M> AedbInstance<M> {
         Ok(r)
     }
 
-    /// The WAL since the backup in `parent` (the chain's latest) into `dest`.
-    pub fn backup_incremental(
-        &self,
-        dest: &Path,
-        parent: &Path,
-    ) -> Result<BackupReport, AedbError> {
-        self.backup_incremental_with_progress(dest, parent, &mut |_| {})
-    }
-
-    pub fn backup_incremental_with_progress(
+    /// The WAL since the backup in `parent` (the chain's latest) into `dest`;
+    /// callers authorize first.
+    pub(super) fn backup_incremental_inner(
         &self,
         dest: &Path,
         parent: &Path,

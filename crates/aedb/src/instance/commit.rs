@@ -89,11 +89,12 @@ impl<M> AedbInstance<M> {
         finality: CommitFinality,
     ) -> Result<CommitResult, AedbError> {
         if let Some(c) = caller
-            && tx.caller.as_deref() != Some(c.caller_id.as_str())
+            && tx.caller_id() != Some(c.caller_id.as_str())
         {
             return Err(AedbError::InvalidArgument(format!(
                 "transaction was begun by {:?}, committed by {:?}",
-                tx.caller, c.caller_id
+                tx.caller_id(),
+                c.caller_id
             )));
         }
         let _slot = self.admit()?;
@@ -361,6 +362,47 @@ impl<M> AedbInstance<M> {
                 let mut cs = self.lock_commit()?;
                 Counters::bump(&self.inner.counters.aborts_permission);
                 self.deny(&mut cs, caller, project, &need)
+            }
+        }
+    }
+
+    /// Authorizes an instance-wide maintenance operation (`Backup`, `Checkpoint`)
+    /// and records it before it runs, so the operation's own durability wait covers
+    /// its audit row (a backup then carries the row of the backup that made it).
+    /// Allowed: an `authz_audit` row `operation`; through GlobalAdmin only: a
+    /// `global_admin_use` row; denied: a `permission_denied` row and the error.
+    pub(super) fn authorize_maintenance(
+        &self,
+        caller: &CallerContext,
+        need: Permission,
+        operation: &str,
+        target: &str,
+    ) -> Result<(), AedbError> {
+        let decision = self.inner.current.load().authz.decide(caller, &need);
+        let mut cs = self.lock_commit()?;
+        match decision {
+            Decision::Allowed => {
+                let event = AuditEvent::Authz {
+                    actor: caller.caller_id.clone(),
+                    action: operation.to_string(),
+                    permission: need.to_string(),
+                    target: target.to_string(),
+                    delegable: false,
+                    outcome: "allowed".into(),
+                };
+                self.write_audit_locked(&mut cs, &[event])
+            }
+            Decision::AllowedAsGlobalAdmin => {
+                let event = global_admin_use(caller, &need, &format!("{operation} {target}"));
+                self.write_audit_locked(&mut cs, &[event])?;
+                self.inner
+                    .counters
+                    .alert(&caller.caller_id, AlertKind::GlobalAdminUse);
+                Ok(())
+            }
+            Decision::Denied => {
+                Counters::bump(&self.inner.counters.aborts_permission);
+                self.deny(&mut cs, caller, "*", &need)
             }
         }
     }

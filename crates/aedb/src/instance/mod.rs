@@ -4,8 +4,8 @@ use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -160,6 +160,18 @@ pub enum Dev {}
 /// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
 /// let tx = db.begin_write("payments").unwrap(); // anonymous write: not available
 /// ```
+///
+/// ```compile_fail
+/// # use aedb::{AedbConfig, AedbInstance};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
+/// db.backup_full("/tmp/b".as_ref()).unwrap(); // needs backup_full_as + Permission::Backup
+/// ```
+///
+/// ```compile_fail
+/// # use aedb::{AedbConfig, AedbInstance};
+/// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x").unwrap();
+/// db.checkpoint().unwrap(); // needs checkpoint_as + Permission::Checkpoint
+/// ```
 #[derive(Debug)]
 pub enum Secure {}
 
@@ -175,6 +187,39 @@ impl<M> std::fmt::Debug for AedbInstance<M> {
             .field("dir", &self.inner.dir)
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// The caller a write transaction was begun for (`begin_write_as`), with the
+/// instance whose current grants decide its reads. The instance is held weakly: a
+/// transaction kept around must not keep the database open or its directory locked.
+pub(crate) struct BoundCaller {
+    caller: CallerContext,
+    db: Weak<Inner>,
+}
+
+impl BoundCaller {
+    pub(crate) fn caller_id(&self) -> &str {
+        &self.caller.caller_id
+    }
+
+    /// The decision and audit trail of a `ReadTx` read (`authorize_read`).
+    pub(crate) fn authorize_read(&self, project: &str, need: Permission) -> Result<(), AedbError> {
+        let inner = self.db.upgrade().ok_or(AedbError::Closed)?;
+        // The mode marker only gates which methods exist; authorization is the same.
+        let db = AedbInstance::<Secure> {
+            inner,
+            _mode: PhantomData,
+        };
+        db.authorize_read(&self.caller, project, need)
+    }
+}
+
+impl std::fmt::Debug for BoundCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BoundCaller")
+            .field(&self.caller.caller_id)
+            .finish()
     }
 }
 
@@ -311,6 +356,45 @@ impl AedbInstance<Dev> {
     /// Rows of both audit tables with id >= `since_id`, each with its chain head.
     pub fn export_audit(&self, since_id: i64) -> Result<Vec<AuditExport>, AedbError> {
         self.export_audit_inner(&self.snapshot_inner(), since_id)
+    }
+
+    /// Writes a checkpoint of the current state, then removes the WAL segments and
+    /// the older checkpoint it makes obsolete. Readers are never blocked; writers
+    /// wait only while the state handle is taken.
+    pub fn checkpoint(&self) -> Result<CheckpointInfo, AedbError> {
+        self.inner.checkpoint()
+    }
+
+    /// A self-contained backup of the state now (writers keep going) into `dest`
+    /// (absent or empty). See `backup` module docs for the format.
+    pub fn backup_full(&self, dest: &Path) -> Result<BackupReport, AedbError> {
+        self.backup_full_inner(dest, &mut |_| {})
+    }
+
+    pub fn backup_full_with_progress(
+        &self,
+        dest: &Path,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_full_inner(dest, progress)
+    }
+
+    /// The WAL since the backup in `parent` (the chain's latest) into `dest`.
+    pub fn backup_incremental(
+        &self,
+        dest: &Path,
+        parent: &Path,
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_incremental_inner(dest, parent, &mut |_| {})
+    }
+
+    pub fn backup_incremental_with_progress(
+        &self,
+        dest: &Path,
+        parent: &Path,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupReport, AedbError> {
+        self.backup_incremental_inner(dest, parent, progress)
     }
 }
 
@@ -565,7 +649,10 @@ impl<M> AedbInstance<M> {
             });
         }
         let mut tx = WriteTransaction::new(project.to_string(), snapshot, self.inner.config.limits);
-        tx.caller = caller.map(|c| c.caller_id.clone());
+        tx.caller = caller.map(|c| BoundCaller {
+            caller: c.clone(),
+            db: Arc::downgrade(&self.inner),
+        });
         Ok(tx)
     }
     fn export_audit_inner(
@@ -619,13 +706,6 @@ impl<M> AedbInstance<M> {
         drop(cs);
         tracing::info!(admin, "bootstrapped the first GlobalAdmin");
         self.finish(seq, CommitFinality::Durable, false)
-    }
-
-    /// Writes a checkpoint of the current state, then removes the WAL segments and
-    /// the older checkpoint it makes obsolete. Readers are never blocked; writers
-    /// wait only while the state handle is taken.
-    pub fn checkpoint(&self) -> Result<CheckpointInfo, AedbError> {
-        self.inner.checkpoint()
     }
 
     /// (last LSN, chain head) of the log.

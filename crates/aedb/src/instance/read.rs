@@ -28,14 +28,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         prefix: Option<&[u8]>,
     ) -> Result<crate::txn::snapshot::KvView<'_>, AedbError> {
-        self.check(
-            project,
-            Permission::KvRead {
-                project: project.to_string(),
-                scope: Some(scope.to_string()),
-                prefix: prefix.map(<[u8]>::to_vec),
-            },
-        )?;
+        self.check(project, Permission::kv_read(project, scope, prefix))?;
         self.snapshot.kv(project, scope)
     }
 
@@ -109,11 +102,7 @@ impl<M> ReadTx<'_, M> {
         let need = if project == SYSTEM_PROJECT {
             Permission::AuditRead
         } else {
-            Permission::TableRead {
-                project: project.to_string(),
-                scope: Some(scope.to_string()),
-                table: Some(table.to_string()),
-            }
+            Permission::table_read(project, scope, table)
         };
         self.check(project, need)?;
         self.snapshot.table(project, scope, table)?.query(q)
@@ -126,14 +115,7 @@ impl<M> ReadTx<'_, M> {
         table: &str,
         pk: &[Value],
     ) -> Result<Option<Arc<Row>>, AedbError> {
-        self.check(
-            project,
-            Permission::TableRead {
-                project: project.to_string(),
-                scope: Some(scope.to_string()),
-                table: Some(table.to_string()),
-            },
-        )?;
+        self.check(project, Permission::table_read(project, scope, table))?;
         self.snapshot.table(project, scope, table)?.get(pk)
     }
 }

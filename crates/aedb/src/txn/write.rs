@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::authz::Permission;
 use crate::config::Limits;
 use crate::error::AedbError;
+use crate::instance::BoundCaller;
 use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::state::DbState;
 use crate::model::value::{Row, Value};
@@ -36,7 +37,9 @@ pub struct WriteTransaction {
     pub(crate) rows: BTreeMap<(String, String, Bytes), RowWrite>,
     pub(crate) assertions: Vec<ReadAssertion>,
     pub(crate) idempotency_key: Option<String>,
-    pub(crate) caller: Option<String>,
+    /// Set by `begin_write_as`: every read is then authorized for this caller when it
+    /// happens, like a `ReadTx` read. `None` only on the anonymous development API.
+    pub(crate) caller: Option<BoundCaller>,
     pub(crate) limits: Limits,
     bytes: usize,
 }
@@ -68,6 +71,21 @@ impl WriteTransaction {
 
     pub fn is_empty(&self) -> bool {
         self.kv.is_empty() && self.rows.is_empty()
+    }
+
+    /// The caller this transaction was begun for (`None`: anonymous).
+    pub(crate) fn caller_id(&self) -> Option<&str> {
+        self.caller.as_ref().map(BoundCaller::caller_id)
+    }
+
+    /// Authorizes a read before anything is looked at, own writes included: a
+    /// write-only grant must not turn into reads of what the snapshot holds, and a
+    /// denial must not tell whether the key, scope or table exists.
+    fn authorize_read(&self, need: impl FnOnce() -> Permission) -> Result<(), AedbError> {
+        match &self.caller {
+            Some(c) => c.authorize_read(&self.project, need()),
+            None => Ok(()),
+        }
     }
 
     fn state(&self) -> &DbState {
@@ -137,6 +155,7 @@ impl WriteTransaction {
 
     /// Reads `key`, seeing this transaction's own writes first.
     pub fn kv_get(&self, scope: &str, key: &[u8]) -> Result<Option<Arc<[u8]>>, AedbError> {
+        self.authorize_read(|| Permission::kv_read(&self.project, scope, Some(key)))?;
         if let Some(w) = self.kv.get(&(scope.to_string(), Bytes::from(key))) {
             return Ok(w.as_ref().map(SharedBytes::to_arc));
         }
@@ -150,15 +169,29 @@ impl WriteTransaction {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<KvPair>, AedbError> {
+        self.authorize_read(|| Permission::kv_read(&self.project, scope, Some(prefix)))?;
         let end = prefix_successor(prefix);
         let end = match &end {
             Some(e) => Bound::Excluded(e.as_slice()),
             None => Bound::Unbounded,
         };
-        self.kv_scan_range(scope, Bound::Included(prefix), end, limit)
+        self.scan_range_authorized(scope, Bound::Included(prefix), end, limit)
     }
 
+    /// Range scan over the snapshot merged with this transaction's writes; needs
+    /// read access to the whole scope (a range is not a prefix).
     pub fn kv_scan_range(
+        &self,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, AedbError> {
+        self.authorize_read(|| Permission::kv_read(&self.project, scope, None))?;
+        self.scan_range_authorized(scope, start, end, limit)
+    }
+
+    fn scan_range_authorized(
         &self,
         scope: &str,
         start: Bound<&[u8]>,
@@ -243,6 +276,7 @@ impl WriteTransaction {
         table: &str,
         pk: &[Value],
     ) -> Result<Option<Arc<Row>>, AedbError> {
+        self.authorize_read(|| Permission::table_read(&self.project, scope, table))?;
         let view = self.snapshot.table(&self.project, scope, table)?;
         let key = view.schema().encode_pk(table, pk)?;
         if let Some(w) = self.rows.get(&(
@@ -271,7 +305,7 @@ impl WriteTransaction {
 
     pub(crate) fn idempotency_tag(&self) -> Option<IdempotencyTag> {
         self.idempotency_key.as_ref().map(|k| IdempotencyTag {
-            caller: self.caller.clone().unwrap_or_default(),
+            caller: self.caller_id().unwrap_or_default().to_string(),
             key: k.clone(),
         })
     }
