@@ -7,6 +7,7 @@ pub mod defence;
 pub mod jwt;
 pub mod model;
 pub mod password;
+pub mod recovery;
 pub mod roles;
 pub mod tokens;
 pub mod users;

@@ -23,7 +23,7 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_ascii_lowercase()
 }
 
-fn validate_email(email: &str) -> Result<(), ServiceError> {
+pub(crate) fn validate_email(email: &str) -> Result<(), ServiceError> {
     let ok = email.len() <= MAX_EMAIL_LEN
         && email
             .split_once('@')
@@ -40,7 +40,7 @@ fn validate_email(email: &str) -> Result<(), ServiceError> {
 
 /// A new user record and the writes that create it (the email index entry
 /// makes emails unique).
-fn new_user(
+pub(crate) fn new_user(
     email: String,
     password_hash: Option<String>,
     mut roles: Vec<String>,
