@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::app::AppState;
+use crate::auth::recovery::RecoveryRequest;
 use crate::encryption::migration::MigrationStore;
 use crate::error::ServiceError;
 
@@ -27,6 +28,14 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub enum ControlRequest {
     Bootstrap {
         email: String,
+    },
+    /// `aragora admin recover`: break-glass, when no admin can act.
+    AdminRecover {
+        email: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        force: bool,
     },
     AuditVerify,
     /// `aragora key-rotation`: rotate (reason required) or retire unused keys.
@@ -76,13 +85,46 @@ impl ControlRequest {
 /// The audit actor of operator commands.
 pub const CLI_ACTOR: &str = "cli";
 
+/// How a command reached the services (recorded where it matters: a
+/// break-glass recovery says which).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Through the running server's socket.
+    Socket,
+    /// The CLI opened the store itself (server stopped).
+    Direct,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Socket => "socket",
+            Via::Direct => "direct",
+        }
+    }
+}
+
 /// Runs one control command against the services (shared by the socket and the
 /// direct, server-stopped path).
-pub fn execute(state: &AppState, req: ControlRequest) -> Result<Value, ServiceError> {
+pub fn execute(state: &AppState, req: ControlRequest, via: Via) -> Result<Value, ServiceError> {
     match req {
         ControlRequest::Bootstrap { email } => {
             let (user, token) = state.auth.bootstrap_admin(&email)?;
             Ok(json!({"user_id": user.id, "email": user.email, "token": token}))
+        }
+        ControlRequest::AdminRecover {
+            email,
+            reason,
+            force,
+        } => {
+            let outcome = state.auth.recover_admin(RecoveryRequest {
+                email: &email,
+                reason: reason.as_deref(),
+                force,
+                actor: CLI_ACTOR,
+                via: via.as_str(),
+            })?;
+            serde_json::to_value(outcome).map_err(|e| ServiceError::Internal(e.to_string()))
         }
         ControlRequest::AuditVerify => Ok(serde_json::to_value(state.audit.verify()?)
             .map_err(|e| ServiceError::Internal(e.to_string()))?),
@@ -195,7 +237,7 @@ async fn handle(
     let response = match serde_json::from_str::<ControlRequest>(&line) {
         Ok(req) => {
             tracing::info!(command = ?std::mem::discriminant(&req), "control command");
-            match tokio::task::spawn_blocking(move || execute(&state, req)).await {
+            match tokio::task::spawn_blocking(move || execute(&state, req, Via::Socket)).await {
                 Ok(Ok(v)) => json!({"ok": true, "result": v}),
                 Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
                 Err(e) => json!({"ok": false, "error": format!("worker failed: {e}")}),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, anyhow};
 use aragora::app::{AppState, router};
 use aragora::config::{Config, Environment, parse_key};
-use aragora::control::{self, ControlRequest};
+use aragora::control::{self, ControlRequest, Via};
 use aragora::keys::load_or_generate_dev_keys;
 use aragora::store::EmbeddedStore;
 use clap::{Parser, Subcommand};
@@ -120,6 +120,24 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Break-glass, when no admin can act: enable, unlock and make admin the
+    /// account with this email (or create it), revoke its sessions and API keys,
+    /// clear its password, and print a new API key once. Refused (exit 1) while
+    /// an admin can act, unless --force. Run by the data dir's owner, with the
+    /// server stopped or running (through the owner-only socket).
+    Recover {
+        #[arg(long)]
+        email: String,
+        /// Why (recorded in the audit log); required with --force.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Recover although an admin can act (their credentials are lost).
+        #[arg(long, requires = "reason")]
+        force: bool,
+        /// Print {"status", "user_id", "email", "token", ...} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -139,6 +157,15 @@ fn main() -> ExitCode {
         Command::Admin {
             command: AdminCommand::Bootstrap { email, json },
         } => bootstrap(&email, json),
+        Command::Admin {
+            command:
+                AdminCommand::Recover {
+                    email,
+                    reason,
+                    force,
+                    json,
+                },
+        } => recover(email, reason, force, json),
         Command::Audit {
             command: AuditCommand::Verify { json },
         } => audit_verify(json),
@@ -279,7 +306,7 @@ fn run_control(req: ControlRequest) -> Result<serde_json::Value> {
         Some(Err(e)) => Err(anyhow!(e)),
         None => {
             let (store, state) = open_state(config)?;
-            let r = control::execute(&state, req).map_err(|e| anyhow!(e.to_string()));
+            let r = control::execute(&state, req, Via::Direct).map_err(|e| anyhow!(e.to_string()));
             close(store, state)?;
             r
         }
@@ -305,6 +332,48 @@ fn bootstrap(email: &str, json: bool) -> Result<ExitCode> {
             "export ADMIN_TOKEN=<the key above>   # then: curl -H \"Authorization: Bearer $ADMIN_TOKEN\" ..."
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn recover(email: String, reason: Option<String>, force: bool, json: bool) -> Result<ExitCode> {
+    let v = run_control(ControlRequest::AdminRecover {
+        email,
+        reason,
+        force,
+    })?;
+    if v["status"] == "refused" {
+        if json {
+            println!("{v}");
+        }
+        eprintln!("aragora: {}", v["message"].as_str().unwrap_or("refused"));
+        return Ok(ExitCode::from(1));
+    }
+    if json {
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let user_id = v["user_id"].as_str().unwrap_or_default();
+    println!(
+        "admin {}: {} ({user_id})",
+        if v["created"] == true {
+            "created"
+        } else {
+            "recovered"
+        },
+        v["email"].as_str().unwrap_or_default(),
+    );
+    let count = |k: &str| v[k].as_array().map_or(0, Vec::len);
+    println!(
+        "revoked {} session(s) and {} API key(s); audited as admin_recovered ({})",
+        count("revoked_session_ids"),
+        count("revoked_key_ids"),
+        v["audit_entry_id"].as_str().unwrap_or_default()
+    );
+    if v["password_cleared"] == true {
+        println!("password cleared: set a new one with POST /api/admin/users/{user_id}/password");
+    }
+    println!("API key (shown once, store it now):");
+    println!("{}", v["token"].as_str().unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -441,7 +510,7 @@ fn migration(
         let r = with_progress(
             show_progress,
             || state.migration.live().map(|s| s.view()),
-            || control::execute(&state, req).map_err(|e| anyhow!(e.to_string())),
+            || control::execute(&state, req, Via::Direct).map_err(|e| anyhow!(e.to_string())),
         );
         close(store, state)?;
         r?

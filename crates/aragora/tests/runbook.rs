@@ -68,6 +68,21 @@ fn copy_envelope(server: &Server, from: &str, to: &str) {
     store.close().expect("close");
 }
 
+/// A fresh server whose only admin revoked its only API key: nobody can act.
+/// Returns it with the dead key.
+fn no_admin_can_act(bin: &Path) -> (Server, String) {
+    let s = Server::start(bin, &[]);
+    let (id, key) = s.bootstrap_admin("admin@example.com");
+    let r = s.post(
+        &format!("/api/admin/users/{id}/revoke-keys"),
+        &key,
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(s.get("/api/auth/me", &key).status, 401);
+    (s, key)
+}
+
 fn require_tool(name: &str) {
     let ok = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
@@ -176,15 +191,24 @@ fn runbook_commands_work_against_the_real_server() {
     );
 
     for (i, block) in blocks.iter().enumerate() {
-        let script = block.replace("localhost:8080", &format!("127.0.0.1:{}", server.port));
+        // Break-glass recovery is for when no admin can act: that block runs
+        // against a second server in that state (the main one keeps its admin).
+        let locked_out = block
+            .contains("aragora admin recover")
+            .then(|| no_admin_can_act(&server.bin));
+        let (target, token) = match &locked_out {
+            Some((s, dead_key)) => (s, dead_key.as_str()),
+            None => (&server, admin.as_str()),
+        };
+        let script = block.replace("localhost:8080", &format!("127.0.0.1:{}", target.port));
         let out = Command::new("bash")
             .args(["-c", &format!("set -eu\n{script}")])
-            .env("ADMIN_TOKEN", &admin)
+            .env("ADMIN_TOKEN", token)
             .env("USER_ID", &mallory)
             .env("ACTOR_ID", &mallory)
             .env("PATH", &path)
-            .env("ARAGORA_DATA_DIR", &server.data_dir)
-            .envs(server.env.iter().map(|(k, v)| (k, v)))
+            .env("ARAGORA_DATA_DIR", &target.data_dir)
+            .envs(target.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("bash");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -233,6 +257,14 @@ fn runbook_commands_work_against_the_real_server() {
         }
         if block.contains("key-rotation --force") {
             assert!(stdout.contains("rotated"), "{stdout}");
+        }
+        if locked_out.is_some() {
+            assert!(
+                stdout.contains("oncall@example.com")
+                    && stdout.contains("\"admin\"")
+                    && stdout.contains("critical"),
+                "the recovered admin acts and the recovery is audited:\n{stdout}"
+            );
         }
         if block.contains("{permission, role, count}") {
             assert!(

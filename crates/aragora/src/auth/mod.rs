@@ -9,6 +9,7 @@ pub mod failures;
 pub mod jwt;
 pub mod model;
 pub mod password;
+pub mod recovery;
 pub mod roles;
 pub mod tokens;
 pub mod users;

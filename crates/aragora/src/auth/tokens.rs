@@ -444,7 +444,10 @@ impl AuthService {
 
     /// (id, version, session) of every session of one user: the ids share the
     /// prefix `{user_id}.`, so this is a range scan, page by page.
-    fn user_sessions(&self, user_id: &str) -> Result<Vec<(String, u64, Session)>, ServiceError> {
+    pub(crate) fn user_sessions(
+        &self,
+        user_id: &str,
+    ) -> Result<Vec<(String, u64, Session)>, ServiceError> {
         const PAGE: usize = 1000;
         let start = format!("{user_id}.");
         // '/' is the byte after '.': the end of the prefix range.

@@ -33,7 +33,7 @@ pub fn is_email(email: &str) -> bool {
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-fn validate_email(email: &str) -> Result<(), ServiceError> {
+pub(crate) fn validate_email(email: &str) -> Result<(), ServiceError> {
     if is_email(email) {
         Ok(())
     } else {
@@ -45,7 +45,7 @@ fn validate_email(email: &str) -> Result<(), ServiceError> {
 
 /// A new user record and the writes that create it (the email index entry
 /// makes emails unique).
-fn new_user(
+pub(crate) fn new_user(
     email: String,
     password_hash: Option<String>,
     mut roles: Vec<String>,
