@@ -131,3 +131,37 @@ impl std::fmt::Debug for LoginBody {
         f.write_str("LoginBody { .. }")
     }
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChangeBody {
+    current_password: String,
+    new_password: String,
+}
+
+/// Carries passwords: Debug never shows them.
+impl std::fmt::Debug for PasswordChangeBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordChangeBody { .. }")
+    }
+}
+
+pub async fn change_password(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(b): JsonBody<PasswordChangeBody>,
+) -> ApiResult<Response> {
+    if b.current_password.len() > crate::auth::password::MAX_PASSWORD_LEN {
+        return Err(super::bad_request(
+            "current_password: longer than 1024 bytes",
+        ));
+    }
+    let st = state.clone();
+    hashing(&state, move || {
+        st.auth
+            .change_own_password(&p, &b.current_password, &b.new_password, &meta)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

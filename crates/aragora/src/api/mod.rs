@@ -232,6 +232,7 @@ routes! {
     POST "/api/auth/login" A, "Password login: {email, password} -> {access_token, token_type, expires_in}" => auth::login;
     POST "/api/auth/logout" Some("self.read"), "Revoke the caller's session" => auth::logout;
     GET "/api/auth/me" Some("self.read"), "The caller's account, roles and permissions" => auth::me;
+    POST "/api/auth/password" Some("self.read"), "Change one's own password: {current_password, new_password}; every other session of the caller ends" => auth::change_password;
     GET "/api/auth/api-keys" Some("self.read"), "The caller's API keys (metadata)" => auth::list_keys;
     POST "/api/auth/api-keys" Some("self.api_keys"), "Create an API key for the caller: {name} -> {token} (shown once)" => auth::create_key;
     DELETE "/api/auth/api-keys/{key_id}" Some("self.api_keys"), "Revoke one of the caller's API keys" => auth::revoke_key;
