@@ -255,6 +255,17 @@ impl Server {
         child.wait().ok()
     }
 
+    /// The keys a development server generated into its data dir
+    /// (`dev-keys.env`: `NAME=hex` lines), by name.
+    pub fn dev_keys(&self) -> BTreeMap<String, String> {
+        let text = std::fs::read_to_string(self.data_dir.join("dev-keys.env"))
+            .expect("dev-keys.env in the data dir");
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    }
+
     /// Runs `aragora ARGS` with the server's environment.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         self.command().args(args).output().expect("run aragora")

@@ -1055,3 +1055,339 @@ fn concurrent_logins_share_a_bounded_number_of_hashing_slots() {
         "{statuses:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Bounded anonymous work
+// ---------------------------------------------------------------------------
+
+/// Every audit entry of the last hour (all actions), oldest first.
+fn all_audit(s: &Server, admin: &str) -> Vec<Value> {
+    let r = s.get("/api/security/audit/search?minutes=60&limit=10000", admin);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["entries"].as_array().expect("entries").clone()
+}
+
+/// Sends `reqs` from `threads` threads at once; the statuses, in order.
+fn flood(s: &Server, reqs: Vec<Request>, threads: usize) -> Vec<u16> {
+    let port = s.port;
+    let chunk = reqs.len().div_ceil(threads);
+    let mut parts: Vec<Vec<Request>> = Vec::new();
+    let mut rest = reqs;
+    while !rest.is_empty() {
+        let tail = rest.split_off(chunk.min(rest.len()));
+        parts.push(rest);
+        rest = tail;
+    }
+    let handles: Vec<_> = parts
+        .into_iter()
+        .map(|part| {
+            std::thread::spawn(move || {
+                part.into_iter()
+                    .map(|r| r.send(port).expect("request").status)
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("thread"))
+        .collect()
+}
+
+/// Thousands of refused anonymous requests (oversized bodies, malformed
+/// input, rate-limited guesses, bad bearer tokens from thousands of
+/// addresses) add a bounded amount of audit state: no entry carries more than
+/// a bounded prefix of what the attacker sent, the entries added are a small
+/// fraction of the requests (repeats are counted, not stored), their number is
+/// capped per aggregation window whatever the number of sources, and no
+/// refusal goes uncounted.
+#[test]
+fn anonymous_floods_add_bounded_audit_state() {
+    let s = start(&[("AUTH_RATE_LIMIT_PER_IP", "5")]);
+    let (_, admin) = s.bootstrap_admin("root@flood.test");
+    let entries_before = all_audit(&s, &admin).len();
+    let huge = "a".repeat(60_000);
+    let long_local = "b".repeat(240);
+    let started = std::time::Instant::now();
+    let mut reqs = Vec::new();
+    // 1,000 bodies of 60 KB: refused before parsing.
+    for i in 0..1000 {
+        reqs.push(
+            Request::new("POST", "/api/auth/login")
+                .header("X-Forwarded-For", &format!("198.18.0.{}", i % 200))
+                .json(&json!({"email": format!("{huge}@x.test"), "password": "wrong password!!"})),
+        );
+    }
+    // 500 emails over 254 bytes in a small body: 400 naming the field.
+    for i in 0..500 {
+        reqs.push(
+            Request::new("POST", "/api/auth/login")
+                .header("X-Forwarded-For", &format!("198.18.1.{}", i % 200))
+                .json(&json!({"email": format!("{}@x.test", "c".repeat(300)), "password": "x"})),
+        );
+    }
+    // 1,000 well-formed guesses at long, distinct addresses from 10 sources:
+    // 5 per source are evaluated (unknown account), the rest rate-limited.
+    let guesses = 1000;
+    for i in 0..guesses {
+        reqs.push(
+            Request::new("POST", "/api/auth/login")
+                .header("X-Forwarded-For", &format!("198.18.2.{}", i % 10))
+                .json(&json!({"email": format!("{long_local}{i}@x.test"), "password": "wrong password!!"})),
+        );
+    }
+    // 2,000 forged bearer tokens of 4 KB from 2,000 addresses.
+    let tokens = 2000;
+    let forged = format!("eyJhbGciOiJIUzI1NiJ9.{}.sig", "d".repeat(4000));
+    for i in 0..tokens {
+        reqs.push(
+            Request::new("GET", "/api/auth/me")
+                .header(
+                    "X-Forwarded-For",
+                    &format!("198.19.{}.{}", i / 250, i % 250),
+                )
+                .bearer(&forged),
+        );
+    }
+    let total = reqs.len();
+    let statuses = flood(&s, reqs, 4);
+    let elapsed = started.elapsed();
+    assert!(
+        statuses[..1500].iter().all(|&st| st == 400),
+        "oversized and malformed logins are 400: {:?}",
+        &statuses[..1500]
+            .iter()
+            .filter(|&&st| st != 400)
+            .collect::<Vec<_>>()
+    );
+    assert!(statuses[1500..].iter().all(|&st| st == 401 || st == 429));
+
+    // Wait for every summary (the one-second windows close), then measure.
+    audited_attempts_all(&s, &admin, (guesses + tokens) as u64);
+    let all = all_audit(&s, &admin);
+    let added: Vec<&Value> = all.iter().skip(entries_before).collect();
+    let bytes: usize = added.iter().map(|e| e.to_string().len()).sum();
+    for e in &added {
+        let n = e.to_string().len();
+        assert!(n <= 1024, "an audit entry of {n} bytes: {e}");
+    }
+    assert!(
+        bytes <= 1024 * total,
+        "{bytes} bytes of audit for {total} requests"
+    );
+    assert!(
+        added.len() * 10 <= total,
+        "{} audit entries for {total} refused requests: repeats must be counted, not stored",
+        added.len()
+    );
+    // The cap per window holds however many sources there are: at most the
+    // tracked keys written at once plus their summaries and one overflow
+    // entry per (one-second) window.
+    let windows = elapsed.as_secs() as usize + 2;
+    assert!(
+        added.len() <= windows * (2 * 100 + 1),
+        "{} entries in {windows} windows",
+        added.len()
+    );
+    eprintln!(
+        "{total} anonymous requests in {elapsed:?}: {} audit entries, {bytes} bytes ({:.1} bytes/request)",
+        added.len(),
+        bytes as f64 / total as f64
+    );
+}
+
+/// Sums `details.count` of every auth_failure entry until it reaches `want`.
+fn audited_attempts_all(s: &Server, admin: &str, want: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: u64 = audit(s, admin, "auth_failure")
+            .iter()
+            .map(|e| e["details"]["count"].as_u64().unwrap_or(1))
+            .sum();
+        if got == want {
+            return;
+        }
+        assert!(
+            got < want && std::time::Instant::now() < deadline,
+            "refusals audited: {got}, expected {want}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Login input is checked before anything costly or stored: 400 naming the
+/// field, nothing audited, no hashing slot taken.
+#[test]
+fn login_input_is_validated_first() {
+    let s = start(&[]);
+    let (_, admin) = s.bootstrap_admin("root@input.test");
+    let cases = [
+        (
+            json!({"email": format!("{}@x.test", "e".repeat(250)), "password": "x"}),
+            "email",
+        ),
+        (json!({"email": "not-an-address", "password": "x"}), "email"),
+        (json!({"email": "a@b@c", "password": "x"}), "email"),
+        (
+            json!({"email": "a@x.test", "password": "p".repeat(1025)}),
+            "password",
+        ),
+        (json!({"email": "a@x.test", "password": ""}), "password"),
+    ];
+    for (body, field) in cases {
+        let r = s.send(Request::new("POST", "/api/auth/login").json(&body));
+        assert_eq!(r.status, 400, "{}", r.body);
+        let err = r.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(err.starts_with(field), "names {field}: {err}");
+        assert!(err.len() < 200, "the error does not echo the input: {err}");
+    }
+    let r = s.send(Request::new("POST", "/api/auth/login").raw_body(vec![b' '; 5000]));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("4096"), "names the limit: {}", r.body);
+    assert!(audit(&s, &admin, "auth_failure").is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Credential changes end access
+// ---------------------------------------------------------------------------
+
+/// An administrator's password reset ends every session of the user; a
+/// self-service change keeps only the calling session; API keys are not
+/// sessions and keep working.
+#[test]
+fn password_changes_end_sessions() {
+    let s = start(&[("AUTH_RATE_LIMIT_PER_IP", "1000")]);
+    let (_, admin) = s.bootstrap_admin("root@pw.test");
+    let id = s.create_user(&admin, "pw@pw.test", PASSWORD, &["member"]);
+    let t1 = s.login("pw@pw.test", PASSWORD);
+    let t2 = s.login("pw@pw.test", PASSWORD);
+    let r = s.post("/api/auth/api-keys", &t1, &json!({"name": "ci"}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key = r.json()["token"].as_str().expect("token").to_string();
+
+    // Reset by an administrator: both sessions end.
+    const NEW: &str = "a brand new passphrase";
+    let r = s.post(
+        &format!("/api/admin/users/{id}/password"),
+        &admin,
+        &json!({"password": NEW}),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    for t in [&t1, &t2] {
+        let r = s.get("/api/auth/me", t);
+        assert_eq!(
+            (r.status, r.json()["reason"].clone()),
+            (401, json!("revoked")),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(s.get("/api/auth/me", &key).status, 200, "API key");
+    let r = s.get(&format!("/api/admin/users/{id}/sessions"), &admin);
+    assert_eq!(r.json()["active_sessions"], 0, "{}", r.body);
+
+    // Self-service change: the calling session stays, the other ends.
+    let a = s.login("pw@pw.test", NEW);
+    let b = s.login("pw@pw.test", NEW);
+    let r = s.post(
+        "/api/auth/password",
+        &a,
+        &json!({"current_password": "not the password", "new_password": "another new passphrase"}),
+    );
+    assert_eq!(r.status, 400, "wrong current password: {}", r.body);
+    assert_eq!(
+        s.get("/api/auth/me", &b).status,
+        200,
+        "a failed change ends nothing"
+    );
+    let r = s.post(
+        "/api/auth/password",
+        &a,
+        &json!({"current_password": NEW, "new_password": "another new passphrase"}),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        s.get("/api/auth/me", &a).status,
+        200,
+        "the calling session stays"
+    );
+    assert_eq!(
+        s.get("/api/auth/me", &b).status,
+        401,
+        "the other session ends"
+    );
+    assert_eq!(
+        s.send(
+            Request::new("POST", "/api/auth/login")
+                .json(&json!({"email": "pw@pw.test", "password": NEW}))
+        )
+        .status,
+        401,
+        "the old password is gone"
+    );
+    s.login("pw@pw.test", "another new passphrase");
+    assert!(!audit(&s, &admin, "password_changed").is_empty());
+}
+
+/// The session record's expiry is checked on every request, not only the
+/// token's (a session shortened on the server ends before its JWT does).
+#[test]
+fn server_side_session_expiry_is_checked() {
+    use aragora::auth::model::Session;
+    use aragora::store::{Collection, Durability, EmbeddedStore, Expect, WriteOp, get_json};
+
+    let mut s = start(&[]);
+    let (_, admin) = s.bootstrap_admin("root@expiry.test");
+    s.create_user(&admin, "exp@expiry.test", PASSWORD, &["viewer"]);
+    let r = s.send(
+        Request::new("POST", "/api/auth/login")
+            .json(&json!({"email": "exp@expiry.test", "password": PASSWORD})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let sid = r.json()["session_id"].as_str().expect("sid").to_string();
+    assert_eq!(s.get("/api/auth/me", &token).status, 200);
+    s.stop();
+    {
+        let keys = s.dev_keys();
+        let key = |n: &str| -> [u8; 32] {
+            hex::decode(&keys[n])
+                .expect("hex")
+                .try_into()
+                .expect("32 bytes")
+        };
+        let store = EmbeddedStore::open(
+            &s.data_dir.join("aedb"),
+            key("AEDB_MANIFEST_KEY"),
+            key("AEDB_CHECKPOINT_KEY"),
+        )
+        .expect("store");
+        let (v, mut session) = get_json::<Session>(&store, Collection::Sessions, &sid)
+            .expect("read")
+            .expect("session");
+        session.expires_at = session.created_at + 1;
+        aragora::store::Store::write(
+            &store,
+            vec![
+                WriteOp::put_json(
+                    Collection::Sessions,
+                    sid.clone(),
+                    &session,
+                    Expect::Version(v),
+                )
+                .expect("op"),
+            ],
+            Durability::Durable,
+        )
+        .expect("write");
+        store.close().expect("close");
+    }
+    s.restart_with(&[]);
+    let r = s.get("/api/auth/me", &token);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["reason"], "revoked", "{}", r.body);
+    assert!(r.body.contains("expired"), "{}", r.body);
+}

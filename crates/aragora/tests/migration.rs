@@ -6,7 +6,6 @@
 //! resumes from its cursor; PUTs during an online migration are not lost;
 //! `aragora rotation --secrets-accessed-by` marks exactly what the user read.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -50,14 +49,9 @@ fn rotate(s: &Server) -> String {
 
 /// Opens the stopped server's store (keys from its dev key file).
 fn open_store(s: &Server) -> EmbeddedStore {
-    let text = std::fs::read_to_string(s.data_dir.join("dev-keys.env")).expect("dev keys");
-    let keys: BTreeMap<&str, &str> = text
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim(), v.trim()))
-        .collect();
+    let keys = s.dev_keys();
     let key = |name: &str| -> [u8; 32] {
-        hex::decode(keys[name])
+        hex::decode(&keys[name])
             .expect("hex")
             .try_into()
             .expect("32 bytes")
