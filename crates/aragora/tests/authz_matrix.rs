@@ -9,7 +9,18 @@
 //!   none`, wrong audience/issuer, disabled user, revoked session, revoked API
 //!   key, blocked IP), maintenance mode, JWT secret rotation and the global
 //!   session revocation, each checked in the response, the audit log and
-//!   `/metrics`.
+//!   `/metrics`;
+//! * privilege ceilings: custom roles, new users and role assignments carry
+//!   only grants the caller holds, and account changes (password, API keys,
+//!   disable/enable, unlock, key and session revocation, bulk lock) reach only
+//!   accounts whose grants the caller's include; refusals are 403 naming the
+//!   missing grant, audited with `details.reason == "privilege_ceiling"`;
+//! * the last enabled admin (holder of `*`) cannot be disabled, stripped of
+//!   the role or locked (409 naming it);
+//! * per-secret access: path ids, ownership, unscoped grants covering one's
+//!   own secrets, path-scoped grants (`secrets.read:team-a/`), `*`; refusals
+//!   are 403 naming `secrets.<action>:<id>`, audited with `details.reason ==
+//!   "secret_path"`, and listing shows only what the caller may list.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -1128,4 +1139,1071 @@ fn has_revoked_session(s: &Server, key: &str, sid: &str) {
         entries.iter().any(|e| e["details"]["session_id"] == sid),
         "no auth_failure revoked for session {sid} after revoke-all"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Privilege ceilings, the last enabled admin, per-secret access
+// ---------------------------------------------------------------------------
+
+/// Creates a user without a password (nothing to hash) with `roles` as `admin`
+/// and mints it an API key: (id, key).
+fn user_with_key(s: &Server, admin: &str, email: &str, roles: &[&str]) -> (String, String) {
+    let r = s.post(
+        "/api/admin/users",
+        admin,
+        &json!({"email": email, "roles": roles}),
+    );
+    assert_eq!(r.status, 201, "create {email}: {}", r.body);
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    let r = s.post(
+        &format!("/api/admin/users/{id}/api-keys"),
+        admin,
+        &json!({"name": "ceilings"}),
+    );
+    assert_eq!(r.status, 201, "API key for {email}: {}", r.body);
+    (id, r.json()["token"].as_str().expect("token").to_string())
+}
+
+/// `POST /api/admin/roles` as `token`.
+fn put_role(s: &Server, token: &str, name: &str, permissions: &[&str]) -> Response {
+    s.post(
+        "/api/admin/roles",
+        token,
+        &json!({"name": name, "permissions": permissions, "description": "authz matrix"}),
+    )
+}
+
+fn delete(s: &Server, path: &str, token: &str) -> Response {
+    s.send(Request::new("DELETE", path).bearer(token))
+}
+
+/// A refusal: 403 with the error message and the grant that is missing.
+#[track_caller]
+fn assert_denied(r: &Response, permission: &str, what: &str) {
+    assert_eq!(
+        r.status, 403,
+        "{what}: expected 403 {permission}: {}",
+        r.body
+    );
+    let v = r.json();
+    assert_eq!(v["permission"], permission, "{what}: {}", r.body);
+    assert_eq!(
+        v["error"],
+        format!("permission denied: {permission} is required"),
+        "{what}: {}",
+        r.body
+    );
+}
+
+/// A refusal to remove the last enabled admin: 409 naming it.
+#[track_caller]
+fn assert_last_admin(r: &Response, email: &str, what: &str) {
+    assert_eq!(r.status, 409, "{what}: expected 409: {}", r.body);
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains(email) && error.contains("last enabled admin"),
+        "{what}: the 409 does not name {email} as the last enabled admin: {error}"
+    );
+}
+
+/// The custom role's grants as `GET /api/admin/roles` serves them (`None`: no
+/// such role).
+fn role_grants(s: &Server, token: &str, name: &str) -> Option<Vec<String>> {
+    let r = s.get("/api/admin/roles", token);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+        .as_array()
+        .expect("roles array")
+        .iter()
+        .find(|r| r["name"] == name)
+        .map(|r| {
+            r["permissions"]
+                .as_array()
+                .expect("permissions")
+                .iter()
+                .map(|p| p.as_str().expect("permission").to_string())
+                .collect()
+        })
+}
+
+fn user_view(s: &Server, admin: &str, id: &str) -> Value {
+    let r = s.get(&format!("/api/admin/users/{id}"), admin);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// One expected `permission_denied` entry of a privilege ceiling: who, which
+/// grant, which action, and one target field.
+struct CeilingDenial<'a> {
+    actor: &'a str,
+    permission: &'a str,
+    action: &'a str,
+    target: (&'a str, Value),
+}
+
+/// Checks that every expected ceiling refusal is in the audit log with
+/// `details.reason == "privilege_ceiling"`, its action and its target.
+fn assert_ceiling_denials_audited(s: &Server, admin: &str, expected: &[CeilingDenial<'_>]) {
+    let entries: Vec<Value> = audit(s, admin, "permission_denied")
+        .into_iter()
+        .filter(|e| e["details"]["reason"] == "privilege_ceiling")
+        .collect();
+    let mut missing = Vec::new();
+    for d in expected {
+        let found = entries.iter().any(|e| {
+            e["actor"] == d.actor
+                && e["outcome"] == "denied"
+                && e["details"]["permission"] == d.permission
+                && e["details"]["action"] == d.action
+                && e["details"][d.target.0] == d.target.1
+        });
+        if !found {
+            missing.push(format!(
+                "{} {} {} {}={}",
+                d.actor, d.permission, d.action, d.target.0, d.target.1
+            ));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "privilege_ceiling denials not audited:\n{}\naudited: {entries:#?}",
+        missing.join("\n")
+    );
+}
+
+/// Privilege ceilings: a caller hands out only grants it holds (custom roles,
+/// new users, role assignments) and acts only on accounts whose grants its own
+/// include (password resets, API keys, disable/enable, unlock, key and session
+/// revocation, bulk lock), itself excepted; every refusal is a 403 naming the
+/// missing grant, audited as `permission_denied` with `details.reason ==
+/// "privilege_ceiling"`, the action and the target.
+#[test]
+fn privilege_ceilings() {
+    let s = start(&[]);
+    let root_email = "root@ceiling.test";
+    let (admin_id, admin_key) = s.bootstrap_admin(root_email);
+
+    // The admin (which holds `*`) defines any role.
+    let role_admin = [
+        "rbac.read",
+        "roles.manage",
+        "secrets.read:team-a/",
+        "self.read",
+    ];
+    for (name, perms) in [
+        ("role_admin", &role_admin[..]),
+        (
+            "user_admin",
+            &["users.manage", "users.read", "self.read"][..],
+        ),
+        ("auditor", &["audit.read", "self.read"][..]),
+    ] {
+        let r = put_role(&s, &admin_key, name, perms);
+        assert_eq!(r.status, 201, "admin creates {name}: {}", r.body);
+    }
+    let (r_id, r_key) = user_with_key(&s, &admin_key, "roles@ceiling.test", &["role_admin"]);
+    let (u_id, u_key) = user_with_key(&s, &admin_key, "users@ceiling.test", &["user_admin"]);
+    let (l_id, l_key) = user_with_key(&s, &admin_key, "lead@ceiling.test", &["security_lead"]);
+    let (m_id, _) = user_with_key(&s, &admin_key, "member@ceiling.test", &["member"]);
+    let (v_id, _) = user_with_key(&s, &admin_key, "viewer@ceiling.test", &["viewer"]);
+    let (a_id, _) = user_with_key(
+        &s,
+        &admin_key,
+        "analyst@ceiling.test",
+        &["security_analyst"],
+    );
+
+    // --- roles.manage: a role holds only what its author holds. ---
+    let r = put_role(&s, &r_key, "role_admin", &["*"]);
+    assert_denied(&r, "*", "roles.manage widening its own role to *");
+    let mut held: Vec<String> = role_admin.iter().map(|p| p.to_string()).collect();
+    held.sort();
+    assert_eq!(
+        role_grants(&s, &r_key, "role_admin"),
+        Some(held),
+        "the refused update changed the role"
+    );
+    let mut widened = role_admin.to_vec();
+    widened.push("users.manage");
+    let r = put_role(&s, &r_key, "role_admin", &widened);
+    assert_denied(
+        &r,
+        "users.manage",
+        "roles.manage adding users.manage to its own role",
+    );
+    let r = put_role(&s, &r_key, "rotator", &["self.read", "encryption.rotate"]);
+    assert_denied(
+        &r,
+        "encryption.rotate",
+        "role with a grant the author lacks",
+    );
+    assert_eq!(
+        role_grants(&s, &r_key, "rotator"),
+        None,
+        "refused role exists"
+    );
+    // Path scopes: `P:a/` includes `P:a/b/` and nothing wider or elsewhere.
+    for (grant, missing) in [
+        ("secrets.read:team-b/", "secrets.read:team-b/"),
+        ("secrets.read:team", "secrets.read:team"),
+        ("secrets.read:*", "secrets.read:*"),
+        ("secrets.read", "secrets.read"),
+        ("secrets.list:team-a/", "secrets.list:team-a/"),
+    ] {
+        let r = put_role(&s, &r_key, "scoped", &["rbac.read", grant]);
+        assert_denied(&r, missing, &format!("role with {grant}"));
+    }
+    let r = put_role(
+        &s,
+        &r_key,
+        "team_a_db",
+        &["rbac.read", "secrets.read:team-a/db/", "self.read"],
+    );
+    assert_eq!(r.status, 201, "role within the author's grants: {}", r.body);
+    assert_eq!(
+        r.json()["permissions"],
+        json!(["rbac.read", "secrets.read:team-a/db/", "self.read"])
+    );
+    // Redefining or deleting a role needs its current grants too.
+    let r = put_role(&s, &r_key, "auditor", &["self.read"]);
+    assert_denied(
+        &r,
+        "audit.read",
+        "narrowing a role beyond the author's reach",
+    );
+    assert_eq!(
+        role_grants(&s, &r_key, "auditor"),
+        Some(vec!["audit.read".to_string(), "self.read".to_string()])
+    );
+    let r = delete(&s, "/api/admin/roles/auditor", &r_key);
+    assert_denied(
+        &r,
+        "audit.read",
+        "deleting a role beyond the author's reach",
+    );
+    assert!(role_grants(&s, &r_key, "auditor").is_some());
+    let r = delete(&s, "/api/admin/roles/team_a_db", &r_key);
+    assert_eq!(r.status, 204, "deleting a role within reach: {}", r.body);
+    // The author narrows its own role (within its grants).
+    let r = put_role(
+        &s,
+        &r_key,
+        "role_admin",
+        &["rbac.read", "roles.manage", "self.read"],
+    );
+    assert_eq!(r.status, 201, "narrowing its own role: {}", r.body);
+    let r = put_role(&s, &r_key, "team_a_db", &["secrets.read:team-a/db/"]);
+    assert_denied(
+        &r,
+        "secrets.read:team-a/db/",
+        "a grant given up by narrowing",
+    );
+
+    // --- users.manage: the user administrator. ---
+    let r = s.post(
+        &format!("/api/admin/users/{u_id}/roles"),
+        &u_key,
+        &json!({"role": "admin"}),
+    );
+    assert_denied(&r, "*", "users.manage adding admin to itself");
+    let r = s.post(
+        &format!("/api/admin/users/{u_id}/roles"),
+        &u_key,
+        &json!({"role": "auditor"}),
+    );
+    assert_denied(&r, "audit.read", "users.manage adding auditor to itself");
+    assert_eq!(
+        user_view(&s, &admin_key, &u_id)["roles"],
+        json!(["user_admin"]),
+        "refused role assignments changed the roles"
+    );
+    // No way into the admin's account.
+    let r = s.post(
+        &format!("/api/admin/users/{admin_id}/api-keys"),
+        &u_key,
+        &json!({"name": "backdoor"}),
+    );
+    assert_denied(&r, "*", "users.manage minting a key for the admin");
+    let r = s.post(
+        &format!("/api/admin/users/{admin_id}/password"),
+        &u_key,
+        &json!({"password": PASSWORD}),
+    );
+    assert_denied(&r, "*", "users.manage resetting the admin's password");
+    assert_eq!(
+        user_view(&s, &admin_key, &admin_id)["has_password"],
+        false,
+        "the refused reset set a password"
+    );
+    let r = delete(
+        &s,
+        &format!("/api/admin/users/{admin_id}/roles/admin"),
+        &u_key,
+    );
+    assert_denied(&r, "*", "users.manage removing the admin's role");
+    let keys = s.get(&format!("/api/admin/users/{admin_id}/sessions"), &u_key);
+    assert_eq!(keys.status, 200, "{}", keys.body);
+    assert_eq!(
+        keys.json()["api_keys"].as_array().map(Vec::len),
+        Some(1),
+        "only the bootstrap key: {}",
+        keys.body
+    );
+    // Creating users: only with roles within the caller's grants.
+    let r = s.post(
+        "/api/admin/users",
+        &u_key,
+        &json!({"email": "made-admin@ceiling.test", "password": PASSWORD, "roles": ["admin"]}),
+    );
+    assert_denied(&r, "*", "users.manage creating an admin");
+    let r = s.post(
+        "/api/admin/users",
+        &u_key,
+        &json!({"email": "made-member@ceiling.test", "roles": ["viewer", "member"]}),
+    );
+    assert_denied(&r, "self.api_keys", "users.manage creating a member");
+    let listed = s.get("/api/admin/users?limit=1000", &admin_key);
+    for email in ["made-admin@ceiling.test", "made-member@ceiling.test"] {
+        assert!(
+            !listed.body.contains(email),
+            "refused user {email} was created"
+        );
+    }
+    let r = s.post(
+        "/api/admin/users",
+        &u_key,
+        &json!({"email": "made-viewer@ceiling.test", "password": PASSWORD, "roles": ["viewer"]}),
+    );
+    assert_eq!(
+        r.status, 201,
+        "a user within the caller's grants: {}",
+        r.body
+    );
+    let made_id = r.json()["id"].as_str().expect("id").to_string();
+    let r = s.post(
+        "/api/admin/users",
+        &u_key,
+        &json!({"email": "made-peer@ceiling.test", "roles": ["user_admin"]}),
+    );
+    assert_eq!(
+        r.status, 201,
+        "a peer with the caller's own role: {}",
+        r.body
+    );
+    // Assigning a role: the role within the caller's grants, and the target's
+    // current grants too.
+    let r = s.post(
+        &format!("/api/admin/users/{m_id}/roles"),
+        &u_key,
+        &json!({"role": "viewer"}),
+    );
+    assert_denied(&r, "approvals.request", "assigning a role to a member");
+    let r = s.post(
+        &format!("/api/admin/users/{made_id}/roles"),
+        &u_key,
+        &json!({"role": "user_admin"}),
+    );
+    assert_eq!(r.status, 200, "assigning within the ceiling: {}", r.body);
+    assert_eq!(r.json()["roles"], json!(["user_admin", "viewer"]));
+    let r = delete(
+        &s,
+        &format!("/api/admin/users/{made_id}/roles/user_admin"),
+        &u_key,
+    );
+    assert_eq!(r.status, 200, "removing within the ceiling: {}", r.body);
+    let r = s.post(
+        &format!("/api/admin/users/{made_id}/password"),
+        &u_key,
+        &json!({"password": "another long enough password"}),
+    );
+    assert_eq!(r.status, 204, "resetting a viewer's password: {}", r.body);
+    let r = s.post(
+        &format!("/api/admin/users/{v_id}/api-keys"),
+        &u_key,
+        &json!({"name": "for a viewer"}),
+    );
+    assert_eq!(r.status, 201, "a key for a viewer: {}", r.body);
+    // Acting on oneself is not limited by the ceiling.
+    let r = s.post(
+        &format!("/api/admin/users/{u_id}/api-keys"),
+        &u_key,
+        &json!({"name": "my own"}),
+    );
+    assert_eq!(r.status, 201, "a key for oneself: {}", r.body);
+
+    // --- security_lead: holds users.disable & co., not `*`. ---
+    let admin_email = json!(root_email);
+    for (method, path, body) in [
+        ("POST", "disable", Some(json!({"reason": "ceiling test"}))),
+        ("POST", "enable", Some(json!({}))),
+        ("POST", "unlock", Some(json!({}))),
+        ("POST", "revoke-keys", Some(json!({}))),
+        ("POST", "sessions/revoke", Some(json!({}))),
+    ] {
+        let mut req =
+            Request::new(method, &format!("/api/admin/users/{admin_id}/{path}")).bearer(&l_key);
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        assert_denied(
+            &s.send(req),
+            "*",
+            &format!("security_lead: {path} the admin"),
+        );
+    }
+    let r = s.post(
+        "/api/admin/users/bulk-lock",
+        &l_key,
+        &json!({"emails": [root_email], "duration": "1h"}),
+    );
+    assert_denied(&r, "*", "security_lead bulk-locking the admin");
+    let admin_now = user_view(&s, &admin_key, &admin_id);
+    assert_eq!(admin_now["disabled"], false, "{admin_now}");
+    assert_eq!(admin_now["locked"], false, "{admin_now}");
+    assert_eq!(
+        s.get(ME, &admin_key).status,
+        200,
+        "the admin's key survived"
+    );
+    // Nor a user administrator (users.manage is beyond security_lead).
+    let r = s.post(
+        &format!("/api/admin/users/{u_id}/disable"),
+        &l_key,
+        &json!({"reason": "ceiling test"}),
+    );
+    assert_denied(&r, "users.manage", "security_lead disabling a user admin");
+    // A member holds secrets.read/write and approvals.request, which
+    // security_lead does not: the target's grants are not all included.
+    let r = s.post(
+        &format!("/api/admin/users/{m_id}/disable"),
+        &l_key,
+        &json!({"reason": "ceiling test"}),
+    );
+    assert_denied(&r, "approvals.request", "security_lead disabling a member");
+    // Accounts within its grants: viewer, security_analyst.
+    for id in [&v_id, &a_id] {
+        let r = s.post(
+            &format!("/api/admin/users/{id}/disable"),
+            &l_key,
+            &json!({"reason": "ceiling test"}),
+        );
+        assert_eq!(r.status, 200, "security_lead disabling {id}: {}", r.body);
+        assert_eq!(r.json()["disabled"], true);
+        let r = s.post(&format!("/api/admin/users/{id}/enable"), &l_key, &json!({}));
+        assert_eq!(r.status, 200, "security_lead enabling {id}: {}", r.body);
+        for path in ["unlock", "revoke-keys", "sessions/revoke"] {
+            let r = s.post(&format!("/api/admin/users/{id}/{path}"), &l_key, &json!({}));
+            assert_eq!(r.status, 200, "security_lead: {path} {id}: {}", r.body);
+        }
+    }
+    let r = s.post(
+        "/api/admin/users/bulk-lock",
+        &l_key,
+        &json!({"emails": ["analyst@ceiling.test"], "duration": "1h"}),
+    );
+    assert_eq!(
+        r.status, 200,
+        "security_lead bulk-locking an analyst: {}",
+        r.body
+    );
+
+    // Every refusal is audited with its reason, action and target.
+    let expected = [
+        CeilingDenial {
+            actor: &r_id,
+            permission: "*",
+            action: "role_update",
+            target: ("target_role", json!("role_admin")),
+        },
+        CeilingDenial {
+            actor: &r_id,
+            permission: "encryption.rotate",
+            action: "role_update",
+            target: ("target_role", json!("rotator")),
+        },
+        CeilingDenial {
+            actor: &r_id,
+            permission: "audit.read",
+            action: "role_update",
+            target: ("target_role", json!("auditor")),
+        },
+        CeilingDenial {
+            actor: &r_id,
+            permission: "audit.read",
+            action: "role_delete",
+            target: ("target_role", json!("auditor")),
+        },
+        CeilingDenial {
+            actor: &u_id,
+            permission: "*",
+            action: "role_assign",
+            target: ("target_role", json!("admin")),
+        },
+        CeilingDenial {
+            actor: &u_id,
+            permission: "*",
+            action: "role_assign",
+            target: ("target_user_id", json!(u_id)),
+        },
+        CeilingDenial {
+            actor: &u_id,
+            permission: "*",
+            action: "api_key_create",
+            target: ("target_user_id", json!(admin_id)),
+        },
+        CeilingDenial {
+            actor: &u_id,
+            permission: "*",
+            action: "api_key_create",
+            target: ("target_email", admin_email.clone()),
+        },
+        CeilingDenial {
+            actor: &u_id,
+            permission: "*",
+            action: "password_set",
+            target: ("target_user_id", json!(admin_id)),
+        },
+        CeilingDenial {
+            actor: &u_id,
+            permission: "*",
+            action: "role_removed",
+            target: ("target_user_id", json!(admin_id)),
+        },
+        CeilingDenial {
+            actor: &u_id,
+            permission: "*",
+            action: "user_create",
+            target: ("target_email", json!("made-admin@ceiling.test")),
+        },
+        CeilingDenial {
+            actor: &u_id,
+            permission: "approvals.request",
+            action: "role_assigned",
+            target: ("target_user_id", json!(m_id)),
+        },
+        CeilingDenial {
+            actor: &l_id,
+            permission: "*",
+            action: "user_disabled",
+            target: ("target_user_id", json!(admin_id)),
+        },
+        CeilingDenial {
+            actor: &l_id,
+            permission: "*",
+            action: "user_enabled",
+            target: ("target_user_id", json!(admin_id)),
+        },
+        CeilingDenial {
+            actor: &l_id,
+            permission: "*",
+            action: "account_unlocked",
+            target: ("target_user_id", json!(admin_id)),
+        },
+        CeilingDenial {
+            actor: &l_id,
+            permission: "*",
+            action: "api_keys_revoke",
+            target: ("target_user_id", json!(admin_id)),
+        },
+        CeilingDenial {
+            actor: &l_id,
+            permission: "*",
+            action: "sessions_revoke",
+            target: ("target_user_id", json!(admin_id)),
+        },
+        CeilingDenial {
+            actor: &l_id,
+            permission: "*",
+            action: "account_locked",
+            target: ("target_email", admin_email.clone()),
+        },
+        CeilingDenial {
+            actor: &l_id,
+            permission: "users.manage",
+            action: "user_disabled",
+            target: ("target_user_id", json!(u_id)),
+        },
+    ];
+    assert_ceiling_denials_audited(&s, &admin_key, &expected);
+    let r = s.get("/api/security/audit/verify", &admin_key);
+    assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
+}
+
+/// The last enabled admin (a holder of `*`, by the built-in role or a custom
+/// one) stays: with another admin able to act, one admin can be disabled,
+/// stripped of the role or locked; once no other enabled, unlocked admin is
+/// left, each of those is a 409 naming the last one. Disabling oneself or
+/// removing one's own admin role is always a 409.
+#[test]
+fn last_enabled_admin_stays() {
+    let s = start(&[]);
+    let root = "root@lastadmin.test";
+    let second = "second@lastadmin.test";
+    let third = "third@lastadmin.test";
+    let (a1_id, a1_key) = s.bootstrap_admin(root);
+    let r = put_role(&s, &a1_key, "superuser", &["*"]);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (a2_id, a2_key) = user_with_key(&s, &a1_key, second, &["admin"]);
+    // An admin by a custom `*` role.
+    let (a3_id, a3_key) = user_with_key(&s, &a1_key, third, &["superuser"]);
+
+    // Never oneself.
+    let r = s.post(
+        &format!("/api/admin/users/{a1_id}/disable"),
+        &a1_key,
+        &json!({"reason": "self"}),
+    );
+    assert_eq!(r.status, 409, "disabling oneself: {}", r.body);
+    let r = delete(
+        &s,
+        &format!("/api/admin/users/{a1_id}/roles/admin"),
+        &a1_key,
+    );
+    assert_eq!(r.status, 409, "removing one's own admin role: {}", r.body);
+
+    // A locked admin's API key still works: the third admin is locked and acts
+    // from now on; only the first two can count as the admin that stays.
+    let r = s.post(
+        "/api/admin/users/bulk-lock",
+        &a1_key,
+        &json!({"emails": [third], "duration": "1h"}),
+    );
+    assert_eq!(
+        r.status, 200,
+        "locking an admin while others remain: {}",
+        r.body
+    );
+    assert_eq!(user_view(&s, &a1_key, &a3_id)["locked"], true);
+    assert_eq!(s.get(ME, &a3_key).status, 200);
+
+    // Two enabled, unlocked admins: one can be disabled...
+    let r = s.post(
+        &format!("/api/admin/users/{a2_id}/disable"),
+        &a3_key,
+        &json!({"reason": "one of two"}),
+    );
+    assert_eq!(r.status, 200, "disabling one of two admins: {}", r.body);
+    assert_401(&s.get(ME, &a2_key), "disabled", "disabled admin");
+    // ...then the other cannot, nor lose the role, nor be locked.
+    let r = s.post(
+        &format!("/api/admin/users/{a1_id}/disable"),
+        &a3_key,
+        &json!({"reason": "the last one"}),
+    );
+    assert_last_admin(&r, root, "disabling the last enabled admin");
+    let r = delete(
+        &s,
+        &format!("/api/admin/users/{a1_id}/roles/admin"),
+        &a3_key,
+    );
+    assert_last_admin(&r, root, "removing the last admin's role");
+    let r = s.post(
+        "/api/admin/users/bulk-lock",
+        &a3_key,
+        &json!({"emails": [root], "duration": "1h"}),
+    );
+    assert_last_admin(&r, root, "bulk-locking the last unlocked admin");
+    // Locking oneself is refused the same way.
+    let r = s.post(
+        "/api/admin/users/bulk-lock",
+        &a1_key,
+        &json!({"emails": [root], "duration": "1h"}),
+    );
+    assert_last_admin(&r, root, "the last admin locking itself");
+    let v = user_view(&s, &a1_key, &a1_id);
+    assert_eq!(v["disabled"], false, "{v}");
+    assert_eq!(v["locked"], false, "{v}");
+    assert_eq!(v["roles"], json!(["admin"]), "{v}");
+    assert_eq!(s.get(ME, &a1_key).status, 200);
+
+    // Another admin back: the same changes go through, until again only one
+    // is left.
+    let r = s.post(
+        &format!("/api/admin/users/{a2_id}/enable"),
+        &a1_key,
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = delete(
+        &s,
+        &format!("/api/admin/users/{a1_id}/roles/admin"),
+        &a3_key,
+    );
+    assert_eq!(
+        r.status, 200,
+        "removing an admin role while another admin remains: {}",
+        r.body
+    );
+    assert_eq!(r.json()["roles"], json!([]));
+    let r = s.post(
+        &format!("/api/admin/users/{a2_id}/disable"),
+        &a3_key,
+        &json!({"reason": "the last one"}),
+    );
+    assert_last_admin(&r, second, "disabling the last enabled admin (second)");
+    let r = s.post(
+        &format!("/api/admin/users/{a1_id}/roles"),
+        &a2_key,
+        &json!({"role": "admin"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = s.post(
+        &format!("/api/admin/users/{a3_id}/unlock"),
+        &a1_key,
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(user_view(&s, &a1_key, &a3_id)["locked"], false);
+
+    // The refusals changed nothing and left no success entry.
+    let disabled: Vec<Value> = audit(&s, &a1_key, "user_disabled");
+    assert_eq!(
+        disabled
+            .iter()
+            .map(|e| e["details"]["user_id"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!(a2_id)],
+        "user_disabled entries: {disabled:?}"
+    );
+    let r = s.get("/api/security/audit/verify", &a1_key);
+    assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
+}
+
+fn secret_path(id: &str) -> String {
+    format!("/api/secrets/{id}")
+}
+
+fn put_secret(s: &Server, token: &str, id: &str, body: &Value) -> Response {
+    s.send(
+        Request::new("PUT", &secret_path(id))
+            .bearer(token)
+            .json(body),
+    )
+}
+
+/// The ids `GET /api/secrets` lists for `token`.
+fn listed_secrets(s: &Server, token: &str) -> BTreeSet<String> {
+    let r = s.get("/api/secrets?limit=1000", token);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["secrets"]
+        .as_array()
+        .expect("secrets")
+        .iter()
+        .map(|v| v["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// Per-secret access: ids are paths, the creator owns a secret, unscoped
+/// secret grants cover only the caller's own secrets, path grants
+/// (`secrets.read:team-a/`) any owner's under the prefix, `*` everything.
+/// A secret not covered is a 403 naming `secrets.<action>:<id>` (also when it
+/// does not exist), audited with `details.reason == "secret_path"`; listing
+/// shows only what the caller may list; overwriting keeps the owner; handing a
+/// secret to someone else needs a path grant; bad paths and bad path scopes
+/// are 400.
+#[test]
+fn secret_paths_and_ownership() {
+    const DB: &str = "team-a/db/password";
+    let s = start(&[]);
+    let (_, admin_key) = s.bootstrap_admin("root@secrets.test");
+    let (a_id, a_key) = user_with_key(&s, &admin_key, "alice@secrets.test", &["member"]);
+    let (b_id, b_key) = user_with_key(&s, &admin_key, "bob@secrets.test", &["member"]);
+
+    // Alice creates a secret: she owns it.
+    let r = put_secret(
+        &s,
+        &a_key,
+        DB,
+        &json!({"value": "alice-db-1", "secret_type": "password"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["id"], DB);
+    assert_eq!(r.json()["owner"], a_id.as_str());
+    let r = s.get(&secret_path(DB), &a_key);
+    assert_eq!(r.status, 200, "owner reads: {}", r.body);
+    assert_eq!(r.json()["value"], "alice-db-1");
+    let r = put_secret(
+        &s,
+        &a_key,
+        "team-b/x",
+        &json!({"value": "alice-b", "secret_type": "token"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        listed_secrets(&s, &a_key),
+        BTreeSet::from([DB.to_string(), "team-b/x".to_string()])
+    );
+
+    // Bob (also a member) neither reads, overwrites, deletes nor lists it.
+    assert_denied(
+        &s.get(&secret_path(DB), &b_key),
+        &format!("secrets.read:{DB}"),
+        "member reading another's secret",
+    );
+    let r = put_secret(
+        &s,
+        &b_key,
+        DB,
+        &json!({"value": "bob-was-here", "secret_type": "password"}),
+    );
+    assert_denied(
+        &r,
+        &format!("secrets.write:{DB}"),
+        "member overwriting another's secret",
+    );
+    // Members hold no secrets.delete at all: the route refuses.
+    assert_denied(
+        &delete(&s, &secret_path(DB), &b_key),
+        "secrets.delete",
+        "member deleting",
+    );
+    // Existence is not revealed without a covering grant.
+    assert_denied(
+        &s.get(&secret_path("team-a/nope"), &b_key),
+        "secrets.read:team-a/nope",
+        "member reading a secret that does not exist",
+    );
+    let r = put_secret(
+        &s,
+        &b_key,
+        "team-b/bob",
+        &json!({"value": "bob-b", "secret_type": "token"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["owner"], b_id.as_str());
+    assert_eq!(
+        listed_secrets(&s, &b_key),
+        BTreeSet::from(["team-b/bob".to_string()])
+    );
+    // Handing a secret to someone else needs a path grant.
+    let r = put_secret(
+        &s,
+        &a_key,
+        "team-a/handoff",
+        &json!({"value": "for bob", "secret_type": "token", "owner": b_id}),
+    );
+    assert_denied(
+        &r,
+        "secrets.write:team-a/handoff",
+        "member creating a secret owned by another",
+    );
+    assert_eq!(
+        s.get(&secret_path("team-a/handoff"), &admin_key).status,
+        404,
+        "the refused handoff was stored"
+    );
+    let r = put_secret(
+        &s,
+        &a_key,
+        DB,
+        &json!({"value": "alice-db-2", "secret_type": "password", "owner": b_id}),
+    );
+    assert_denied(
+        &r,
+        &format!("secrets.write:{DB}"),
+        "owner giving its secret away without a path grant",
+    );
+    let r = s.get(&secret_path(DB), &a_key);
+    assert_eq!(r.json()["value"], "alice-db-1", "{}", r.body);
+    assert_eq!(r.json()["owner"], a_id.as_str());
+
+    // A path grant to read and list team-a/: Bob reads Alice's secret.
+    let r = put_role(
+        &s,
+        &admin_key,
+        "team_a_reader",
+        &["secrets.read:team-a/", "secrets.list:team-a/"],
+    );
+    assert_eq!(
+        r.status, 201,
+        "admin creates a path-scoped role: {}",
+        r.body
+    );
+    let r = s.post(
+        &format!("/api/admin/users/{b_id}/roles"),
+        &admin_key,
+        &json!({"role": "team_a_reader"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = s.get(&secret_path(DB), &b_key);
+    assert_eq!(r.status, 200, "path grant reads: {}", r.body);
+    assert_eq!(r.json()["value"], "alice-db-1");
+    assert_eq!(r.json()["owner"], a_id.as_str());
+    assert_eq!(
+        listed_secrets(&s, &b_key),
+        BTreeSet::from([DB.to_string(), "team-b/bob".to_string()])
+    );
+    // Covered and absent: a 404.
+    let r = s.get(&secret_path("team-a/nope"), &b_key);
+    assert_eq!(r.status, 404, "covered, nonexistent: {}", r.body);
+    // The prefix covers nothing else, and reading is not writing.
+    assert_denied(
+        &s.get(&secret_path("team-b/x"), &b_key),
+        "secrets.read:team-b/x",
+        "secrets.read:team-a/ on team-b/x",
+    );
+    let r = put_secret(
+        &s,
+        &b_key,
+        DB,
+        &json!({"value": "bob-was-here", "secret_type": "password"}),
+    );
+    assert_denied(
+        &r,
+        &format!("secrets.write:{DB}"),
+        "read path grant overwriting",
+    );
+    assert_eq!(s.get(&secret_path("team-b/bob"), &b_key).status, 200);
+
+    // Unscoped secrets.delete: only one's own.
+    let r = put_role(&s, &admin_key, "own_deleter", &["secrets.delete"]);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = s.post(
+        &format!("/api/admin/users/{b_id}/roles"),
+        &admin_key,
+        &json!({"role": "own_deleter"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_denied(
+        &delete(&s, &secret_path(DB), &b_key),
+        &format!("secrets.delete:{DB}"),
+        "unscoped delete on another's secret",
+    );
+    // Absent: 404 when covered, 403 when not.
+    assert_denied(
+        &delete(&s, &secret_path("team-b/none"), &b_key),
+        "secrets.delete:team-b/none",
+        "unscoped delete of a secret that does not exist",
+    );
+    assert_eq!(
+        delete(&s, &secret_path("team-b/none"), &admin_key).status,
+        404
+    );
+    assert_eq!(delete(&s, &secret_path("team-b/bob"), &b_key).status, 204);
+
+    // A path grant to write and delete: overwriting keeps the owner, and it
+    // may hand secrets over.
+    let r = put_role(
+        &s,
+        &admin_key,
+        "team_a_writer",
+        &["secrets.write:team-a/", "secrets.delete:team-a/"],
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (c_id, c_key) = user_with_key(&s, &admin_key, "carol@secrets.test", &["team_a_writer"]);
+    let r = put_secret(
+        &s,
+        &c_key,
+        DB,
+        &json!({"value": "alice-db-rotated", "secret_type": "password"}),
+    );
+    assert_eq!(r.status, 200, "path grant overwrites: {}", r.body);
+    assert_eq!(r.json()["owner"], a_id.as_str(), "overwrite kept the owner");
+    let r = s.get(&secret_path(DB), &a_key);
+    assert_eq!(r.json()["value"], "alice-db-rotated", "{}", r.body);
+    let r = put_secret(
+        &s,
+        &c_key,
+        "team-a/handoff",
+        &json!({"value": "for bob", "secret_type": "token", "owner": b_id}),
+    );
+    assert_eq!(r.status, 201, "path grant hands over: {}", r.body);
+    assert_eq!(r.json()["owner"], b_id.as_str());
+    assert_denied(
+        &delete(&s, &secret_path("team-b/x"), &c_key),
+        "secrets.delete:team-b/x",
+        "secrets.delete:team-a/ on team-b/x",
+    );
+    assert_eq!(
+        delete(&s, &secret_path("team-a/handoff"), &c_key).status,
+        204
+    );
+
+    // `*` covers everything; the admin's overwrite keeps the owner too.
+    for id in [DB, "team-b/x"] {
+        assert_eq!(s.get(&secret_path(id), &admin_key).status, 200, "{id}");
+    }
+    assert_eq!(
+        listed_secrets(&s, &admin_key),
+        BTreeSet::from([DB.to_string(), "team-b/x".to_string()])
+    );
+    let r = put_secret(
+        &s,
+        &admin_key,
+        "team-b/x",
+        &json!({"value": "admin-set", "secret_type": "token"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["owner"], a_id.as_str());
+    assert_eq!(s.get(&secret_path("ops/nothing"), &admin_key).status, 404);
+
+    // Ids are paths.
+    for bad in ["a//b", "a/../b", "a/./b", "team-a/", "../etc", "a/b%20c"] {
+        let body = json!({"value": "x", "secret_type": "token"});
+        for r in [
+            put_secret(&s, &admin_key, bad, &body),
+            s.get(&secret_path(bad), &admin_key),
+            delete(&s, &secret_path(bad), &admin_key),
+        ] {
+            assert_eq!(r.status, 400, "secret id {bad:?}: {}", r.body);
+        }
+    }
+    // Path scopes exist only on secret permissions, and are paths.
+    for grant in [
+        "audit.read:x/",
+        "secrets.read:../",
+        "secrets.read:",
+        "secrets.read:a//",
+    ] {
+        let r = put_role(&s, &admin_key, "bad_scope", &[grant]);
+        assert_eq!(r.status, 400, "role with {grant}: {}", r.body);
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(grant)),
+            "the 400 does not name {grant}: {}",
+            r.body
+        );
+    }
+
+    // Audited: denials with the secret and its owner, reads with the type.
+    let denials: Vec<Value> = audit(&s, &admin_key, "permission_denied")
+        .into_iter()
+        .filter(|e| e["details"]["reason"] == "secret_path")
+        .collect();
+    let denied = |actor: &str, permission: &str, owner: Value| {
+        let id = permission.split_once(':').expect("scoped").1;
+        assert!(
+            denials.iter().any(|e| e["actor"] == actor
+                && e["outcome"] == "denied"
+                && e["details"]["permission"] == permission
+                && e["details"]["secret_id"] == id
+                && e["details"]["secret_owner"] == owner),
+            "no secret_path denial for {actor} {permission} (owner {owner}): {denials:#?}"
+        );
+    };
+    denied(&b_id, &format!("secrets.read:{DB}"), json!(a_id));
+    denied(&b_id, &format!("secrets.write:{DB}"), json!(a_id));
+    denied(&b_id, &format!("secrets.delete:{DB}"), json!(a_id));
+    denied(&b_id, "secrets.read:team-a/nope", Value::Null);
+    denied(&b_id, "secrets.delete:team-b/none", Value::Null);
+    denied(&b_id, "secrets.read:team-b/x", json!(a_id));
+    denied(&c_id, "secrets.delete:team-b/x", json!(a_id));
+    denied(&a_id, "secrets.write:team-a/handoff", Value::Null);
+    let reads = audit(&s, &admin_key, "secret_access");
+    assert!(
+        reads.iter().any(|e| e["actor"] == b_id.as_str()
+            && e["outcome"] == "success"
+            && e["details"]["secret_id"] == DB
+            && e["details"]["secret_type"] == "password"),
+        "Bob's read through the path grant not audited: {reads:#?}"
+    );
+    assert!(
+        !reads
+            .iter()
+            .any(|e| e["actor"] == b_id.as_str() && e["details"]["secret_id"] == "team-b/x"),
+        "a refused read audited as secret_access"
+    );
+    let r = s.get("/api/security/audit/verify", &admin_key);
+    assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
 }
