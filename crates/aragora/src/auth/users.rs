@@ -419,6 +419,16 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<Value, ServiceError> {
         let net = self.blocks.target(ip).map_err(ServiceError::BadRequest)?;
+        // Every route but health and metrics refuses a blocked address, this
+        // one included: a block of one's own address could not be undone.
+        if let Some(me) = meta.ip
+            && net.contains(&crate::net::normalize(me))
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "ip: {} contains your own address {me}; blocking it would lock you out",
+                crate::net::net_key(&net)
+            )));
+        }
         let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
         if d.as_secs() > MAX_LOCK_SECS {
             return Err(ServiceError::BadRequest(
