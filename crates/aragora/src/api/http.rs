@@ -202,3 +202,123 @@ async fn timeout_body(resp: Response, timeout: Duration) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::api::ApiError;
+    use crate::error::ServiceError;
+
+    #[derive(Clone)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// (status, headers and body as text) of GET `path` with `x-request-id: id`.
+    async fn get_with_id(addr: std::net::SocketAddr, path: &str, id: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nx-request-id: {id}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, out)
+    }
+
+    /// A 500 tells the client only the request id; the log has the cause
+    /// under the same id. Panics and timeouts are JSON answers too.
+    #[tokio::test]
+    async fn internal_errors_carry_the_request_id_and_log_the_cause_under_it() {
+        let logs = Logs(Arc::new(Mutex::new(Vec::new())));
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let vars: BTreeMap<String, String> = [("ARAGORA_REQUEST_TIMEOUT", "1")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::from_vars(&vars).expect("config");
+        let routes = Router::new()
+            .route(
+                "/boom",
+                get(|| async { ApiError(ServiceError::Internal("disk on fire".into())) }),
+            )
+            .route(
+                "/panic",
+                get(|| async {
+                    if true {
+                        panic!("inconsistent state");
+                    }
+                }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(600)).await;
+                    "late"
+                }),
+            );
+        let app = envelope(routes, &config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let (status, resp) = get_with_id(addr, "/boom", "req-42").await;
+        assert_eq!(status, 500, "{resp}");
+        assert!(
+            resp.contains(r#"{"error":"internal error","request_id":"req-42"}"#),
+            "{resp}"
+        );
+        assert!(resp.contains("x-request-id: req-42"), "{resp}");
+        assert!(
+            !resp.contains("disk on fire"),
+            "the cause stays in the log: {resp}"
+        );
+        let log = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+        let line = log
+            .lines()
+            .find(|l| l.contains("disk on fire"))
+            .unwrap_or_else(|| panic!("cause not logged: {log}"));
+        assert!(
+            line.contains("req-42"),
+            "request id not logged with the cause: {line}"
+        );
+
+        let (status, resp) = get_with_id(addr, "/panic", "req-43").await;
+        assert_eq!(status, 500, "{resp}");
+        assert!(resp.contains(r#""request_id":"req-43""#), "{resp}");
+
+        let (status, resp) = get_with_id(addr, "/slow", "req-44").await;
+        assert_eq!(status, 503, "{resp}");
+        assert!(resp.contains("longer than 1 s"), "{resp}");
+        assert!(resp.contains("application/json"), "{resp}");
+    }
+}
