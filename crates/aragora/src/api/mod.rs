@@ -221,9 +221,9 @@ routes! {
     POST "/api/admin/users/{id}/sessions/revoke" Some("sessions.revoke"), "Revoke a user's sessions" => admin::revoke_user_sessions;
     POST "/api/admin/users/bulk-lock" Some("users.lock"), "Lock accounts: {emails, duration}" => admin::bulk_lock;
     POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown)" => admin::revoke_all;
-    POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP: {ip, duration, reason}" => admin::block_ip;
+    POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP or CIDR network: {ip, duration, reason}" => admin::block_ip;
     GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks;
-    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block" => admin::unblock_ip;
+    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded)" => admin::unblock_ip;
     GET "/api/admin/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles;
     POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description}" => rbac::put_role;
     DELETE "/api/admin/roles/{name}" Some("roles.manage"), "Delete a custom role (refused while assigned)" => rbac::delete_role;
