@@ -237,6 +237,11 @@ fn https_serves_the_api_to_tls_1_2_and_newer_only() {
     .expect("HTTPS me");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["email"], "root@tls.test");
+    let mut s = s;
+    assert!(
+        s.stop().is_some_and(|st| st.success()),
+        "SIGTERM shuts the HTTPS server down cleanly"
+    );
 }
 
 /// The value of `series` in the server's /metrics (over HTTPS).
