@@ -44,6 +44,22 @@ fn read(var: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// PEM problems in words (the library prints markers as byte lists).
+fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "a section has no -----END {}----- line (truncated file?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("malformed line {:?}", String::from_utf8_lossy(line))
+        }
+        Error::NoItemsFound => "no section of the expected kind".into(),
+        other => other.to_string(),
+    }
+}
+
 /// Reads and checks both files: the chain parses, the key parses, and the key
 /// belongs to the first certificate.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
@@ -53,7 +69,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Certificate {
             path: files.cert.clone(),
-            reason: e.to_string(),
+            reason: pem_problem(&e),
         })?;
     if chain.is_empty() {
         return Err(TlsError::Certificate {
@@ -63,7 +79,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Key {
         path: files.key.clone(),
-        reason: e.to_string(),
+        reason: pem_problem(&e),
     })?;
     let pair = |reason: String| TlsError::Pair {
         cert: files.cert.clone(),
