@@ -3,7 +3,7 @@
 //! plain HTTP/1.1 to it (no client library between the test and the wire).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -84,8 +84,14 @@ impl Request {
 
     /// Sends it on a new connection (`Connection: close`).
     pub fn send(&self, port: u16) -> std::io::Result<Response> {
-        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        let s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        self.send_over(s)
+    }
+
+    /// Sends it over `s`, a connection the caller opened (a TLS stream, say),
+    /// and reads the response.
+    pub fn send_over(&self, mut s: impl Read + Write) -> std::io::Result<Response> {
         let mut head = format!(
             "{} {} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n",
             self.method, self.path
@@ -180,14 +186,21 @@ pub fn base_env() -> Vec<(String, String)> {
 }
 
 impl Server {
-    /// Starts the binary at `bin` on a fresh data dir with `extra` env vars.
+    /// Starts the binary at `bin` on a fresh data dir with `extra` env vars
+    /// (an `ARAGORA_BIND` among them sets the address and port; by default a
+    /// free port on 127.0.0.1).
     pub fn start(bin: &Path, extra: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().to_path_buf();
         let mut env = base_env();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let port = extra
+            .iter()
+            .find(|(k, _)| *k == "ARAGORA_BIND")
+            .and_then(|(_, v)| v.rsplit(':').next()?.parse().ok())
+            .unwrap_or_else(free_port);
         let mut s = Self {
-            port: free_port(),
+            port,
             bin: bin.to_path_buf(),
             data_dir,
             env,
@@ -221,8 +234,18 @@ impl Server {
             .spawn()
             .expect("spawn aragora serve");
         self.child = Some(child);
+        // An HTTPS server cannot answer this plain-HTTP probe: it is up when
+        // its port accepts connections (it binds only once ready to serve).
+        let tls = self.env.iter().any(|(k, _)| k == "ARAGORA_TLS_CERT_FILE");
+        let ready = |port: u16| {
+            if tls {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                Request::new("GET", "/api/health").send(port).is_ok()
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while Request::new("GET", "/api/health").send(self.port).is_err() {
+        while !ready(self.port) {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
@@ -245,6 +268,16 @@ impl Server {
             self.env.push((k.to_string(), v.to_string()));
         }
         self.spawn();
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`, ...) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("server running");
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} failed");
     }
 
     pub fn stop(&mut self) -> Option<ExitStatus> {

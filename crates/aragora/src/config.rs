@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
+use crate::net::ClientNets;
+
 /// A 32-byte secret from the environment. Never printed.
 #[derive(Clone)]
 pub struct Key32(Zeroizing<[u8; 32]>);
@@ -113,8 +115,21 @@ pub struct Config {
     pub lockout_base: Duration,
     pub lockout_max: Duration,
     /// Peers whose X-Forwarded-For is believed (ARAGORA_TRUSTED_PROXIES,
-    /// comma-separated IPs); everyone else is identified by the socket address.
-    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// comma-separated addresses or CIDR networks); everyone else is
+    /// identified by the socket address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How clients are grouped for rate limits and blocks
+    /// (ARAGORA_IPV6_PREFIX_LEN: an IPv6 client is its /N, default 64).
+    pub client_nets: ClientNets,
+    /// The HTTPS listener's certificate and key (ARAGORA_TLS_CERT_FILE,
+    /// ARAGORA_TLS_KEY_FILE); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// A proxy in front terminates TLS (ARAGORA_TLS_TERMINATED_UPSTREAM):
+    /// production may then listen in plain HTTP beyond loopback, and responses
+    /// carry Strict-Transport-Security.
+    pub tls_terminated_upstream: bool,
+    /// Longest a request may take before a 503 (ARAGORA_REQUEST_TIMEOUT, seconds).
+    pub request_timeout: Duration,
     /// Password hashes (Argon2id) computed at once
     /// (ARAGORA_PASSWORD_HASH_CONCURRENCY, default: the number of cores).
     pub password_hash_concurrency: usize,
@@ -122,6 +137,20 @@ pub struct Config {
     /// before one summary audit entry is written
     /// (ARAGORA_AUTH_FAILURE_AUDIT_WINDOW, seconds).
     pub auth_failure_audit_window: Duration,
+}
+
+/// PEM files of the HTTPS listener, read at boot and on SIGHUP (`crate::tls`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Config {
+    /// Responses tell browsers to use HTTPS only when clients reach us over it.
+    pub fn clients_use_https(&self) -> bool {
+        self.tls.is_some() || self.tls_terminated_upstream
+    }
 }
 
 /// Every problem found, each naming its variable.
@@ -279,13 +308,53 @@ impl Config {
             .map(str::trim)
             .filter(|s| !s.is_empty())
         {
-            match part.parse() {
-                Ok(ip) => trusted_proxies.push(ip),
-                Err(_) => p.push(format!(
-                    "ARAGORA_TRUSTED_PROXIES must be comma-separated IP addresses, {part:?} is not one"
+            match crate::net::parse_net(part) {
+                Some(net) => trusted_proxies.push(net),
+                None => p.push(format!(
+                    "ARAGORA_TRUSTED_PROXIES must be comma-separated IP addresses or CIDR networks (10.0.0.0/8), {part:?} is not one"
                 )),
             }
         }
+        let ipv6_prefix_len = get("ARAGORA_IPV6_PREFIX_LEN")
+            .map_or(u64::from(crate::net::DEFAULT_IPV6_PREFIX_LEN), |v| {
+                number("ARAGORA_IPV6_PREFIX_LEN", v, 32, 128, &mut p)
+            });
+        let file = |name: &str| {
+            get(name)
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let tls = match (file("ARAGORA_TLS_CERT_FILE"), file("ARAGORA_TLS_KEY_FILE")) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                p.push("ARAGORA_TLS_CERT_FILE is set but ARAGORA_TLS_KEY_FILE is not (set both or neither)".into());
+                None
+            }
+            (None, Some(_)) => {
+                p.push("ARAGORA_TLS_KEY_FILE is set but ARAGORA_TLS_CERT_FILE is not (set both or neither)".into());
+                None
+            }
+        };
+        let tls_terminated_upstream = get("ARAGORA_TLS_TERMINATED_UPSTREAM")
+            .is_some_and(|v| boolean("ARAGORA_TLS_TERMINATED_UPSTREAM", v, &mut p));
+        // Tokens, passwords and secrets cross this listener: in production
+        // they must not travel in clear beyond this machine.
+        if environment == Environment::Production
+            && tls.is_none()
+            && !tls_terminated_upstream
+            && !crate::net::normalize(bind.ip()).is_loopback()
+        {
+            p.push(format!(
+                "ARAGORA_ENV=production with ARAGORA_BIND={bind} (not loopback) requires TLS: set \
+                 ARAGORA_TLS_CERT_FILE and ARAGORA_TLS_KEY_FILE, or ARAGORA_TLS_TERMINATED_UPSTREAM=true \
+                 when a proxy in front of aragora terminates TLS"
+            ));
+        }
+        let request_timeout = get("ARAGORA_REQUEST_TIMEOUT").map_or(30, |v| {
+            number("ARAGORA_REQUEST_TIMEOUT", v, 1, 3600, &mut p)
+        });
         if !p.is_empty() {
             return Err(ConfigError { problems: p });
         }
@@ -309,6 +378,12 @@ impl Config {
             lockout_base: Duration::from_secs(lockout_base),
             lockout_max: Duration::from_secs(lockout_max),
             trusted_proxies,
+            client_nets: ClientNets {
+                ipv6_prefix_len: ipv6_prefix_len as u8,
+            },
+            tls,
+            tls_terminated_upstream,
+            request_timeout: Duration::from_secs(request_timeout),
             password_hash_concurrency: password_hash_concurrency as usize,
             auth_failure_audit_window: Duration::from_secs(auth_failure_audit_window),
         })
@@ -379,5 +454,82 @@ mod tests {
     fn debug_output_redacts_keys() {
         let k = parse_key("X", Some(&"ab".repeat(32))).expect("key");
         assert_eq!(format!("{k:?}"), "Key32(<redacted>)");
+    }
+
+    fn production(extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let key = "ab".repeat(32);
+        let mut v = vars(&[
+            ("ARAGORA_ENV", "production"),
+            ("ARAGORA_ENCRYPTION_KEY", &key),
+            ("AEDB_MANIFEST_KEY", &key),
+            ("AEDB_CHECKPOINT_KEY", &key),
+            ("JWT_SECRET", "a-jwt-secret-of-at-least-32-characters"),
+        ]);
+        v.extend(vars(extra));
+        v
+    }
+
+    #[test]
+    fn production_beyond_loopback_needs_tls() {
+        let e = Config::from_vars(&production(&[("ARAGORA_BIND", "0.0.0.0:8080")]))
+            .expect_err("plain HTTP beyond loopback")
+            .to_string();
+        assert!(
+            e.contains("ARAGORA_TLS_CERT_FILE") && e.contains("ARAGORA_TLS_TERMINATED_UPSTREAM"),
+            "{e}"
+        );
+        for ok in [
+            vec![("ARAGORA_BIND", "127.0.0.1:8080")],
+            vec![("ARAGORA_BIND", "[::1]:8080")],
+            vec![
+                ("ARAGORA_BIND", "0.0.0.0:8080"),
+                ("ARAGORA_TLS_TERMINATED_UPSTREAM", "true"),
+            ],
+            vec![
+                ("ARAGORA_BIND", "0.0.0.0:8443"),
+                ("ARAGORA_TLS_CERT_FILE", "/etc/aragora/tls.crt"),
+                ("ARAGORA_TLS_KEY_FILE", "/etc/aragora/tls.key"),
+            ],
+        ] {
+            let c = Config::from_vars(&production(&ok)).expect("allowed");
+            assert_eq!(c.clients_use_https(), !c.bind.ip().is_loopback(), "{ok:?}");
+        }
+        // Development may listen anywhere in plain HTTP.
+        assert!(Config::from_vars(&vars(&[("ARAGORA_BIND", "0.0.0.0:8080")])).is_ok());
+    }
+
+    #[test]
+    fn network_and_tls_variables_are_validated() {
+        let e = Config::from_vars(&vars(&[
+            ("ARAGORA_TLS_CERT_FILE", "/tmp/cert.pem"),
+            ("ARAGORA_IPV6_PREFIX_LEN", "130"),
+            ("ARAGORA_TLS_TERMINATED_UPSTREAM", "sure"),
+            ("ARAGORA_REQUEST_TIMEOUT", "0"),
+            ("ARAGORA_TRUSTED_PROXIES", "10.0.0.0/8, 10.0.0.0/99"),
+        ]))
+        .expect_err("bad values")
+        .to_string();
+        for name in [
+            "ARAGORA_TLS_KEY_FILE",
+            "ARAGORA_IPV6_PREFIX_LEN",
+            "ARAGORA_TLS_TERMINATED_UPSTREAM",
+            "ARAGORA_REQUEST_TIMEOUT",
+            "\"10.0.0.0/99\"",
+        ] {
+            assert!(e.contains(name), "{name} not named: {e}");
+        }
+        let c = Config::from_vars(&vars(&[
+            (
+                "ARAGORA_TRUSTED_PROXIES",
+                "10.42.0.0/16, ::ffff:127.0.0.1,fd00::/8",
+            ),
+            ("ARAGORA_IPV6_PREFIX_LEN", "56"),
+        ]))
+        .expect("valid");
+        let nets: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.42.0.0/16", "127.0.0.1/32", "fd00::/8"]);
+        assert_eq!(c.client_nets.ipv6_prefix_len, 56);
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert!(c.tls.is_none() && !c.clients_use_https());
     }
 }

@@ -17,6 +17,8 @@ pub mod encryption;
 pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod net;
 pub mod rbac;
 pub mod secrets;
 pub mod store;
+pub mod tls;

@@ -270,6 +270,11 @@ fn serve() -> Result<ExitCode> {
     if config.maintenance_mode {
         tracing::warn!("MAINTENANCE_MODE=true: only health, metrics and /api/admin/* are served");
     }
+    // A bad certificate stops boot before the store is touched.
+    let tls = match &config.tls {
+        Some(files) => Some((aragora::tls::server_config(files)?, files.clone())),
+        None => None,
+    };
     let (store, state) = open_state(config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -282,13 +287,47 @@ fn serve() -> Result<ExitCode> {
         control::serve(app_state.clone(), socket.clone())
             .await
             .with_context(|| format!("binding the control socket {}", socket.display()))?;
-        tracing::info!(addr = %listener.local_addr()?, control = %socket.display(), "aragora listening");
-        axum::serve(
-            listener,
-            router(app_state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+        let addr = listener.local_addr()?;
+        let app = router(app_state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        match tls {
+            None => {
+                tokio::spawn(async {
+                    // Without it SIGHUP (sent to reload certificates) would
+                    // terminate the process.
+                    let Ok(mut hup) =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    else {
+                        return;
+                    };
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: no TLS certificate to reload (plain HTTP)");
+                    }
+                });
+                tracing::info!(%addr, control = %socket.display(), "aragora listening (http)");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown_signal())
+                    .await?;
+            }
+            Some((tls_config, files)) => {
+                let live = axum_server::tls_rustls::RustlsConfig::from_config(tls_config);
+                tokio::spawn(aragora::tls::reload_on_sighup(
+                    live.clone(),
+                    files,
+                    app_state.metrics.clone(),
+                ));
+                let handle = axum_server::Handle::new();
+                let stopping = handle.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    stopping.graceful_shutdown(Some(std::time::Duration::from_secs(20)));
+                });
+                tracing::info!(%addr, control = %socket.display(), "aragora listening (https)");
+                axum_server::from_tcp_rustls(listener.into_std()?, live)?
+                    .handle(handle)
+                    .serve(app)
+                    .await?;
+            }
+        }
         let _ = std::fs::remove_file(&socket);
         tracing::info!("shutting down: flushing the store");
         anyhow::Ok(())

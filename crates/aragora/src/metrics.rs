@@ -33,6 +33,8 @@ pub struct Metrics {
     pub migration_errors: IntCounterVec,
     /// Records a re-encryption migration handled, by store and outcome.
     pub migration_records: IntCounterVec,
+    /// SIGHUP reloads of the HTTPS certificate, by outcome (ok, failed).
+    pub tls_certificate_reloads: IntCounterVec,
 }
 
 fn counter_vec(
@@ -148,6 +150,12 @@ impl Metrics {
                 "Records the re-encryption migration rewrapped",
                 &["store", "outcome"],
             )?,
+            tls_certificate_reloads: counter_vec(
+                &r,
+                "aragora_tls_certificate_reloads_total",
+                "Reloads of the HTTPS certificate on SIGHUP, by outcome",
+                &["outcome"],
+            )?,
             registry: r,
         })
     }
@@ -196,6 +204,9 @@ impl Metrics {
             self.migration_errors.with_label_values(&[store.name()]);
             self.migration_records
                 .with_label_values(&[store.name(), "migrated"]);
+        }
+        for outcome in ["ok", "failed"] {
+            self.tls_certificate_reloads.with_label_values(&[outcome]);
         }
         self
     }

@@ -1391,3 +1391,161 @@ fn server_side_session_expiry_is_checked() {
     assert_eq!(r.json()["reason"], "revoked", "{}", r.body);
     assert!(r.body.contains("expired"), "{}", r.body);
 }
+
+/// Blocks take CIDR networks and hold every address inside them, in IPv4,
+/// IPv4-mapped IPv6 and IPv6 form; a single IPv6 address blocks its /64 (an
+/// attacker owns the whole /64); the runbook's single-address body still
+/// works; a network is removed by its own name with the slash URL-encoded.
+#[test]
+fn blocked_networks_refuse_every_address_inside_them() {
+    let s = start(&[("ARAGORA_TRUSTED_PROXIES", "127.0.0.1/32")]);
+    let (admin_id, admin) = s.bootstrap_admin("root@cidr.test");
+    let me = |ip: &str| {
+        s.send(
+            Request::new("GET", "/api/auth/me")
+                .bearer(&admin)
+                .header("X-Forwarded-For", ip),
+        )
+    };
+    let block = |ip: &str| {
+        s.post(
+            "/api/admin/ratelimit/block",
+            &admin,
+            &json!({"ip": ip, "duration": "1h", "reason": "scanner"}),
+        )
+    };
+    // The runbook's body and response fields.
+    let r = block("1.2.3.4");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    assert_eq!(
+        (
+            v["ip"].as_str(),
+            v["reason"].as_str(),
+            v["created_by"].as_str()
+        ),
+        (Some("1.2.3.4"), Some("scanner"), Some(admin_id.as_str())),
+        "{v}"
+    );
+    assert!(
+        v["expires_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{v}"
+    );
+    assert_eq!(me("1.2.3.4").status, 403);
+    assert_eq!(me("::ffff:1.2.3.4").status, 403, "IPv4-mapped form");
+    assert_eq!(me("1.2.3.5").status, 200);
+
+    for (target, listed) in [
+        ("10.9.0.0/24", "10.9.0.0/24"),
+        ("2001:db8:aa::/48", "2001:db8:aa::/48"),
+        ("2001:db8:bb:1::1", "2001:db8:bb:1::/64"),
+    ] {
+        let r = block(target);
+        assert_eq!(r.status, 201, "{target}: {}", r.body);
+        assert_eq!(r.json()["ip"], listed, "{target}");
+    }
+    for (ip, status) in [
+        ("10.9.0.77", 403),
+        ("10.9.0.255", 403),
+        ("::ffff:10.9.0.5", 403),
+        ("10.9.1.1", 200),
+        ("2001:db8:aa:5::1", 403),
+        ("2001:db8:ab::1", 200),
+        ("2001:db8:bb:1:ffff:ffff:ffff:fffe", 403),
+        ("2001:db8:bb:2::1", 200),
+    ] {
+        let r = me(ip);
+        assert_eq!(r.status, status, "{ip}: {}", r.body);
+        if status == 403 {
+            assert_eq!(r.json()["reason"], "ip_blocked", "{ip}");
+        }
+    }
+    let listed: Vec<Value> = s.get("/api/admin/ratelimit/blocks", &admin).json()["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .map(|b| b["ip"].clone())
+        .collect();
+    for ip in [
+        "1.2.3.4",
+        "10.9.0.0/24",
+        "2001:db8:aa::/48",
+        "2001:db8:bb:1::/64",
+    ] {
+        assert!(listed.contains(&json!(ip)), "{ip} not in {listed:?}");
+    }
+
+    // A block containing the operator's own address would lock them out.
+    let r = s.send(
+        Request::new("POST", "/api/admin/ratelimit/block")
+            .bearer(&admin)
+            .header("X-Forwarded-For", "192.0.2.10")
+            .json(&json!({"ip": "192.0.2.0/24", "duration": "1h", "reason": "oops"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("your own address"), "{}", r.body);
+
+    let unblock = |path_ip: &str| {
+        s.send(
+            Request::new("DELETE", &format!("/api/admin/ratelimit/blocks/{path_ip}"))
+                .bearer(&admin),
+        )
+    };
+    assert_eq!(unblock("10.9.0.0%2F24").status, 204);
+    assert_eq!(me("10.9.0.77").status, 200, "unblocked");
+    // Another address of a blocked /64 names the same block.
+    assert_eq!(unblock("2001:db8:bb:1::99").status, 204);
+    assert_eq!(me("2001:db8:bb:1::1").status, 200, "unblocked");
+    let r = unblock("10.9.0.0%2F24");
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(me("2001:db8:aa:5::1").status, 403, "other blocks stay");
+    let removed = audit(&s, &admin, "ip_unblocked");
+    assert!(
+        removed
+            .iter()
+            .any(|e| e["details"]["blocked_ip"] == "10.9.0.0/24"),
+        "{removed:?}"
+    );
+
+    // Blocks survive a restart, networks included.
+    let mut s = s;
+    s.restart_with(&[]);
+    let r = s.send(
+        Request::new("GET", "/api/auth/me")
+            .bearer(&admin)
+            .header("X-Forwarded-For", "2001:db8:aa:ffff::1"),
+    );
+    assert_eq!(r.status, 403, "after restart: {}", r.body);
+}
+
+/// An attacker rotating through the addresses of one IPv6 /64, or switching
+/// between the IPv4 and IPv4-mapped form of one address, is one client for the
+/// login rate limit.
+#[test]
+fn one_ipv6_network_shares_the_login_rate_limit() {
+    let s = start(&[
+        ("AUTH_RATE_LIMIT_PER_IP", "3"),
+        ("AUTH_RATE_LIMIT_WINDOW", "3600"),
+        ("ARAGORA_TRUSTED_PROXIES", "127.0.0.1/32"),
+    ]);
+    let attempt = |ip: &str| login_from(&s, ip, "nobody@limit6.test", PASSWORD).status;
+    let first: Vec<u16> = (1..=3)
+        .map(|i| attempt(&format!("2001:db8:77:1::{i}")))
+        .collect();
+    assert!(first.iter().all(|&st| st == 401), "{first:?}");
+    assert_eq!(
+        attempt("2001:db8:77:1:ffff:ffff:ffff:ffff"),
+        429,
+        "another address of the same /64"
+    );
+    assert_eq!(
+        attempt("2001:db8:77:2::1"),
+        401,
+        "the next /64 is another client"
+    );
+
+    for _ in 0..3 {
+        assert_eq!(attempt("192.0.2.50"), 401);
+    }
+    assert_eq!(attempt("::ffff:192.0.2.50"), 429, "IPv4-mapped form");
+}

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod encryption;
+pub mod http;
 pub mod rbac;
 pub mod system;
 
@@ -92,14 +93,9 @@ impl IntoResponse for ApiError {
                     Some((header::RETRY_AFTER, "1".to_string())),
                 )
             }
-            ServiceError::Internal(_) => {
-                tracing::error!(error = %msg, "internal error");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    json!({"error": "internal error; the server log has the details"}),
-                    None,
-                )
-            }
+            // Logged with the request id, which also goes into the body
+            // (`http::internal_errors`), so a report can be matched to the log.
+            ServiceError::Internal(_) => return http::internal_error(msg),
         };
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some((name, value)) = extra
@@ -252,9 +248,9 @@ routes! {
     POST "/api/admin/users/{id}/sessions/revoke" Some("sessions.revoke"), "Revoke a user's sessions" => admin::revoke_user_sessions;
     POST "/api/admin/users/bulk-lock" Some("users.lock"), "Lock accounts: {emails, duration}" => admin::bulk_lock;
     POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown)" => admin::revoke_all;
-    POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP: {ip, duration, reason}" => admin::block_ip;
+    POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP or CIDR network: {ip, duration, reason}" => admin::block_ip;
     GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks;
-    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block" => admin::unblock_ip;
+    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded)" => admin::unblock_ip;
     GET "/api/admin/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles;
     POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description}" => rbac::put_role;
     DELETE "/api/admin/roles/{name}" Some("roles.manage"), "Delete a custom role (refused while assigned)" => rbac::delete_role;
@@ -279,7 +275,8 @@ routes! {
 }
 
 /// Builds the router: each route behind its permission guard, then the IP block
-/// check, then maintenance mode (outermost).
+/// check, then maintenance mode, all inside the HTTP envelope (`http`: request
+/// ids, timeout, body limit, security headers).
 pub fn router(state: Arc<AppState>) -> Router {
     let mut router: Router<Arc<AppState>> = Router::new();
     for (spec, make) in ROUTES.iter().zip(handlers()) {
@@ -292,14 +289,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         }
         router = router.route(spec.path, mr);
     }
-    router
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), identify))
-        .layer(middleware::from_fn_with_state(state.clone(), maintenance))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), maintenance));
+    http::envelope(router, &state.config).with_state(state)
 }
 
 fn is_exempt_from_maintenance(path: &str) -> bool {
@@ -321,12 +316,12 @@ async fn maintenance(State(state): State<Arc<AppState>>, req: Request, next: Nex
 }
 
 /// The client address: the socket peer, or the first X-Forwarded-For hop when
-/// the peer is a trusted proxy.
+/// the peer is a trusted proxy; IPv4-mapped addresses in IPv4 form.
 fn client_ip(state: &AppState, req: &Request) -> Option<IpAddr> {
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())?;
+        .map(|c| crate::net::normalize(c.0.ip()))?;
     Some(forwarded_client(
         peer,
         req.headers(),
@@ -339,9 +334,14 @@ fn client_ip(state: &AppState, req: &Request) -> Option<IpAddr> {
 /// client. The leftmost hops are whatever the client wrote and are never
 /// believed on their own. An unparsable hop stops the walk at the last
 /// trusted address.
-fn forwarded_client(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+fn forwarded_client(
+    peer: IpAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     let mut client = peer;
-    if !trusted.contains(&peer) {
+    if !is_trusted(&peer) {
         return client;
     }
     let hops = headers
@@ -355,8 +355,8 @@ fn forwarded_client(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[Ip
     for hop in hops.iter().rev() {
         match hop.parse::<IpAddr>() {
             Ok(ip) => {
-                client = ip;
-                if !trusted.contains(&ip) {
+                client = crate::net::normalize(ip);
+                if !is_trusted(&client) {
                     break;
                 }
             }
@@ -385,7 +385,8 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
     {
         return ApiError(ServiceError::Blocked {
             message: format!(
-                "requests from {ip} are blocked until {}",
+                "requests from {ip} are blocked ({}) until {}",
+                block.ip,
                 crate::clock::format_us(block.expires_at)
             ),
         })
@@ -462,7 +463,7 @@ fn deny(
 
 /// Every error response is JSON: axum's own rejections (an undecodable path
 /// parameter, ...) are plain text, wrapped here as `{"error": text}`.
-async fn json_errors(resp: Response) -> Response {
+pub(crate) async fn json_errors(resp: Response) -> Response {
     let status = resp.status();
     let is_json = resp
         .headers()
@@ -477,7 +478,10 @@ async fn json_errors(resp: Response) -> Response {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(_) => String::new(),
     };
-    let message = if text.trim().is_empty() {
+    // The body limit (tower-http) answers in plain text without the limit.
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!("request body is larger than {MAX_BODY_BYTES} bytes")
+    } else if text.trim().is_empty() {
         status.canonical_reason().unwrap_or("error").to_string()
     } else {
         text
@@ -560,8 +564,7 @@ mod tests {
     #[test]
     fn forwarded_for_is_read_from_the_right() {
         let proxy: IpAddr = "127.0.0.1".parse().expect("ip");
-        let lb: IpAddr = "10.0.0.2".parse().expect("ip");
-        let trusted = [proxy, lb];
+        let trusted = ["127.0.0.1", "10.0.0.2"].map(|s| crate::net::parse_net(s).expect("net"));
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         // The client wrote a spoofed first hop; the proxy appended the real one.
         assert_eq!(
@@ -583,6 +586,30 @@ mod tests {
         assert_eq!(
             forwarded_client(proxy, &axum::http::HeaderMap::new(), &trusted),
             proxy
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks_and_mapped_addresses_are_ipv4() {
+        let trusted = ["10.1.0.0/16", "fd00::/8"].map(|s| crate::net::parse_net(s).expect("net"));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            forwarded_client(ip("10.1.2.3"), &hops("203.0.113.9, 10.1.9.9"), &trusted),
+            ip("203.0.113.9"),
+            "both hops inside the proxy network"
+        );
+        assert_eq!(
+            forwarded_client(ip("fd00::5"), &hops("::ffff:203.0.113.9"), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            forwarded_client(ip("10.1.2.3"), &hops("::ffff:10.1.7.7"), &trusted),
+            ip("10.1.7.7"),
+            "a mapped proxy address is trusted like its IPv4 form"
+        );
+        assert_eq!(
+            forwarded_client(ip("10.2.0.1"), &hops("203.0.113.9"), &trusted),
+            ip("10.2.0.1")
         );
     }
 }

@@ -538,7 +538,8 @@ impl AuthService {
         }
     }
 
-    /// Blocks an address for `duration` (`1h`, `24h`, ...).
+    /// Blocks an address or CIDR network for `duration` (`1h`, `24h`, ...);
+    /// an IPv6 address blocks its client network (`crate::net`).
     pub fn block_ip(
         &self,
         actor: &Principal,
@@ -547,9 +548,17 @@ impl AuthService {
         reason: &str,
         meta: &RequestMeta,
     ) -> Result<Value, ServiceError> {
-        let addr: std::net::IpAddr = ip.trim().parse().map_err(|_| {
-            ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address"))
-        })?;
+        let net = self.blocks.target(ip).map_err(ServiceError::BadRequest)?;
+        // Every route but health and metrics refuses a blocked address, this
+        // one included: a block of one's own address could not be undone.
+        if let Some(me) = meta.ip
+            && net.contains(&crate::net::normalize(me))
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "ip: {} contains your own address {me}; blocking it would lock you out",
+                crate::net::net_key(&net)
+            )));
+        }
         let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
         if d.as_secs() > MAX_LOCK_SECS {
             return Err(ServiceError::BadRequest(
@@ -563,8 +572,11 @@ impl AuthService {
             ));
         }
         let now = now_us();
+        self.blocks
+            .check_room(&net, now)
+            .map_err(ServiceError::BadRequest)?;
         let block = super::model::IpBlock {
-            ip: addr.to_string(),
+            ip: crate::net::net_key(&net),
             reason: reason.to_string(),
             created_at: now,
             expires_at: now.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2)),
@@ -573,17 +585,20 @@ impl AuthService {
         let event = AuditEvent::new("ip_blocked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"blocked_ip": block.ip, "reason": reason, "until": clock::format_us(block.expires_at)}));
-        self.audit.record_with(
-            event,
-            vec![WriteOp::put_json(
-                Collection::IpBlocks,
-                block.ip.clone(),
-                &block,
-                Expect::Any,
-            )?],
-        )?;
-        self.blocks.set(addr, Some(block.clone()));
-        tracing::warn!(ip = %addr, by = %actor.user_id, "ip blocked");
+        let mut ops = vec![WriteOp::put_json(
+            Collection::IpBlocks,
+            block.ip.clone(),
+            &block,
+            Expect::Any,
+        )?];
+        for old in self.blocks.store_keys(&net) {
+            if old != block.ip {
+                ops.push(WriteOp::delete(Collection::IpBlocks, old, Expect::Any));
+            }
+        }
+        self.audit.record_with(event, ops)?;
+        self.blocks.insert(net, block.clone());
+        tracing::warn!(ip = %block.ip, by = %actor.user_id, "ip blocked");
         Ok(block.view())
     }
 
@@ -593,24 +608,22 @@ impl AuthService {
         ip: &str,
         meta: &RequestMeta,
     ) -> Result<(), ServiceError> {
-        let addr: std::net::IpAddr = ip.trim().parse().map_err(|_| {
-            ServiceError::BadRequest(format!("ip: {ip:?} is not an IPv4 or IPv6 address"))
-        })?;
-        if self.blocks.active(addr, now_us()).is_none() {
-            return Err(ServiceError::NotFound(format!("{addr} is not blocked")));
+        let net = self.blocks.target(ip).map_err(ServiceError::BadRequest)?;
+        let key = crate::net::net_key(&net);
+        if !self.blocks.is_active(&net, now_us()) {
+            return Err(ServiceError::NotFound(format!("{key} is not blocked")));
         }
         let event = AuditEvent::new("ip_unblocked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"blocked_ip": addr.to_string()}));
-        self.audit.record_with(
-            event,
-            vec![WriteOp::delete(
-                Collection::IpBlocks,
-                addr.to_string(),
-                Expect::Any,
-            )],
-        )?;
-        self.blocks.set(addr, None);
+            .details(json!({"blocked_ip": key}));
+        let ops = self
+            .blocks
+            .store_keys(&net)
+            .into_iter()
+            .map(|k| WriteOp::delete(Collection::IpBlocks, k, Expect::Any))
+            .collect();
+        self.audit.record_with(event, ops)?;
+        self.blocks.remove(&net);
         Ok(())
     }
 
