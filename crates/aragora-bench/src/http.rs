@@ -65,10 +65,20 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
     )?);
     let state = Arc::new(AppState::new(config, store, secret)?);
     let meta = RequestMeta::default();
+    // The harness acts as an administrator (the privilege ceiling checks
+    // the creator's grants).
+    let harness = aragora::auth::Principal {
+        user_id: "bench".into(),
+        email: "bench-harness@example.com".into(),
+        roles: vec!["admin".into()],
+        credential: aragora::auth::Credential::ApiKey {
+            key_id: "bench".into(),
+        },
+    };
     state
         .auth
         .create_user(
-            "bench",
+            &harness,
             "bench@example.com",
             Some("bench password 123"),
             vec!["security_analyst".into(), "member".into()],

@@ -1572,16 +1572,9 @@ fn privilege_ceilings() {
         &json!({"reason": "ceiling test"}),
     );
     assert_denied(&r, "users.manage", "security_lead disabling a user admin");
-    // A member holds secrets.read/write and approvals.request, which
-    // security_lead does not: the target's grants are not all included.
-    let r = s.post(
-        &format!("/api/admin/users/{m_id}/disable"),
-        &l_key,
-        &json!({"reason": "ceiling test"}),
-    );
-    assert_denied(&r, "approvals.request", "security_lead disabling a member");
-    // Accounts within its grants: viewer, security_analyst.
-    for id in [&v_id, &a_id] {
+    // Accounts within its grants: every built-in role but admin (viewer,
+    // security_analyst, member).
+    for id in [&v_id, &a_id, &m_id] {
         let r = s.post(
             &format!("/api/admin/users/{id}/disable"),
             &l_key,
@@ -2206,4 +2199,50 @@ fn secret_paths_and_ownership() {
     );
     let r = s.get("/api/security/audit/verify", &admin_key);
     assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
+}
+
+/// A refused change changes nothing: a bulk lock naming one account beyond
+/// the caller's reach locks none of them, and taking `*` out of the custom
+/// role the last admin holds it through is refused like demoting that admin.
+#[test]
+fn refused_changes_change_nothing() {
+    let s = start(&[]);
+    let (root_id, root) = s.bootstrap_admin("root@refused.test");
+    let (_, lead) = user_with_key(&s, &root, "lead@refused.test", &["security_lead"]);
+    let (v_id, _) = user_with_key(&s, &root, "viewer@refused.test", &["viewer"]);
+    let r = s.post(
+        "/api/admin/users/bulk-lock",
+        &lead,
+        &json!({"emails": ["viewer@refused.test", "root@refused.test"], "duration": "1h"}),
+    );
+    assert_denied(&r, "*", "security_lead bulk-locking the admin");
+    assert_eq!(
+        user_view(&s, &root, &v_id)["locked"],
+        false,
+        "nobody was locked"
+    );
+    assert_eq!(user_view(&s, &root, &root_id)["locked"], false);
+
+    // The only other admin holds `*` through a custom role.
+    assert_eq!(put_role(&s, &root, "superuser", &["*"]).status, 201);
+    let (su_id, su) = user_with_key(&s, &root, "su@refused.test", &["superuser"]);
+    let r = delete(&s, &format!("/api/admin/users/{root_id}/roles/admin"), &su);
+    assert_eq!(r.status, 200, "another admin remains: {}", r.body);
+    let r = put_role(&s, &su, "superuser", &["self.read", "roles.manage"]);
+    assert_last_admin(&r, "", "taking * out of the last admin's role");
+    assert_eq!(
+        role_grants(&s, &su, "superuser"),
+        Some(vec!["*".to_string()]),
+        "the role is unchanged"
+    );
+    // With another admin, the role can be narrowed.
+    let r = s.post(
+        &format!("/api/admin/users/{root_id}/roles"),
+        &su,
+        &json!({"role": "admin"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = put_role(&s, &su, "superuser", &["self.read", "roles.manage"]);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(user_view(&s, &root, &su_id)["roles"], json!(["superuser"]));
 }

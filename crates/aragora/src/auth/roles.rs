@@ -9,7 +9,7 @@ use crate::audit::{AuditEvent, Outcome};
 use crate::clock::now_us;
 use crate::error::ServiceError;
 use crate::rbac::CustomRole;
-use crate::rbac::catalogue::builtin;
+use crate::rbac::catalogue::{WILDCARD, builtin};
 use crate::rbac::grant;
 use crate::store::{Collection, Expect, WriteOp, for_each_json};
 
@@ -67,6 +67,12 @@ impl AuthService {
             json!({"target_role": name}),
             meta,
         )?;
+        let mut ops = Vec::new();
+        // Taking `*` out of a role must leave an admin who does not hold it
+        // through this role (the last-admin rule, as for disable and demote).
+        if existing.iter().any(|g| g == WILDCARD) && !permissions.iter().any(|g| g == WILDCARD) {
+            ops.push(self.keep_admin_without_role(name)?);
+        }
         let role = CustomRole {
             name: name.to_string(),
             description: description.chars().take(500).collect(),
@@ -77,17 +83,40 @@ impl AuthService {
         let event = AuditEvent::new("role_updated", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({"role": name, "permissions": role.permissions}));
-        self.audit.record_with(
-            event,
-            vec![WriteOp::put_json(
-                Collection::Roles,
-                name,
-                &role,
-                Expect::Any,
-            )?],
-        )?;
+        ops.insert(
+            0,
+            WriteOp::put_json(Collection::Roles, name, &role, Expect::Any)?,
+        );
+        self.audit.record_with(event, ops)?;
         self.rbac.apply_role(name, Some(role.clone()));
         Ok(role)
+    }
+
+    /// A write that fails if an enabled, unlocked admin that holds `*` other
+    /// than through `role` changes before it commits (see
+    /// `keep_another_admin`); 409 when there is none.
+    fn keep_admin_without_role(&self, role: &str) -> Result<WriteOp, ServiceError> {
+        let now = now_us();
+        let mut other: Option<(u64, User)> = None;
+        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, version, u| {
+            let admin_otherwise = u.roles.iter().any(|r| {
+                r != role
+                    && self
+                        .rbac
+                        .role_grants(r)
+                        .is_some_and(|g| g.iter().any(|p| p == WILDCARD))
+            });
+            if other.is_none() && !u.disabled && !u.is_locked(now) && admin_otherwise {
+                other = Some((version, u));
+            }
+            Ok(())
+        })?;
+        match other {
+            Some((version, u)) => super::users::put_user(&u, version),
+            None => Err(ServiceError::Conflict(format!(
+                "refusing to take * out of role {role}: its holders include the last enabled admin (make another account admin first)"
+            ))),
+        }
     }
 
     pub fn delete_role(

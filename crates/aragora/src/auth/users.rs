@@ -420,27 +420,59 @@ impl AuthService {
             ));
         }
         let until = now_us().saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2));
-        let mut locked = Vec::new();
+        // Every refusal is found before anything is locked: a list with one
+        // account beyond the caller's reach (or the last admin in it) locks
+        // nobody.
+        let now = now_us();
+        let mut targets = Vec::new();
         let mut not_found = Vec::new();
         for e in emails {
             let email = normalize_email(e);
             match self.user_by_email(&email)? {
                 Some((_, u)) => {
-                    self.admin_update(actor, &u.id, "account_locked", meta, |u| {
-                        let mut ops = Vec::new();
-                        if !u.disabled && !u.is_locked(now_us()) && self.is_admin(u) {
-                            ops.push(self.keep_another_admin(u, "lock this account")?);
-                        }
-                        u.locked_until = Some(until.max(u.locked_until.unwrap_or(0)));
-                        Ok((
-                            json!({"until": clock::format_us(until), "by": "bulk_lock"}),
-                            ops,
-                        ))
-                    })?;
-                    locked.push(json!({"user_id": u.id, "email": email}));
+                    self.require_ceiling_over(actor, &u, "account_locked", meta)?;
+                    targets.push((email, u));
                 }
                 None => not_found.push(email),
             }
+        }
+        let able_admin = |u: &User| !u.disabled && !u.is_locked(now) && self.is_admin(u);
+        if targets.iter().any(|(_, u)| able_admin(u)) {
+            let mut remaining = 0usize;
+            for_each_json::<User>(self.store.as_ref(), Collection::Users, |id, _, u| {
+                if able_admin(&u) && !targets.iter().any(|(_, t)| t.id == id) {
+                    remaining += 1;
+                }
+                Ok(())
+            })?;
+            if remaining == 0 {
+                let admins: Vec<&str> = targets
+                    .iter()
+                    .filter(|(_, u)| able_admin(u))
+                    .map(|(e, _)| e.as_str())
+                    .collect();
+                return Err(ServiceError::Conflict(format!(
+                    "refusing to lock these accounts: {} would leave no enabled admin ({} the last enabled admin{}; `aragora admin recover` is the break-glass path)",
+                    admins.join(", "),
+                    if admins.len() == 1 { "is" } else { "are" },
+                    if admins.len() == 1 { "" } else { "s" },
+                )));
+            }
+        }
+        let mut locked = Vec::new();
+        for (email, u) in targets {
+            self.admin_update(actor, &u.id, "account_locked", meta, |u| {
+                let mut ops = Vec::new();
+                if !u.disabled && !u.is_locked(now_us()) && self.is_admin(u) {
+                    ops.push(self.keep_another_admin(u, "lock this account")?);
+                }
+                u.locked_until = Some(until.max(u.locked_until.unwrap_or(0)));
+                Ok((
+                    json!({"until": clock::format_us(until), "by": "bulk_lock"}),
+                    ops,
+                ))
+            })?;
+            locked.push(json!({"user_id": u.id, "email": email}));
         }
         Ok(
             json!({"locked": locked, "not_found": not_found, "locked_until": clock::format_us(until)}),

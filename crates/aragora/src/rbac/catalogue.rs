@@ -126,9 +126,16 @@ pub const BUILTIN_ROLES: &[BuiltinRole] = &[
     BuiltinRole {
         name: "security_lead",
         description: "Incident response: users, sessions, IP blocks, keys, approvals incl. bypass",
+        // Includes every grant of the built-in roles below it (secrets.* and
+        // approvals.request unscoped: its own secrets only), so under the
+        // privilege ceiling it can disable and revoke any account but an
+        // admin's.
         permissions: &[
             "self.read",
             "self.api_keys",
+            "secrets.read",
+            "secrets.write",
+            "approvals.request",
             "audit.read",
             "rbac.read",
             "rbac.manage",
@@ -222,6 +229,20 @@ pub fn builtin(name: &str) -> Option<&'static BuiltinRole> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn security_lead_includes_every_builtin_role_but_admin() {
+        use crate::rbac::grant::first_not_included;
+        let lead = builtin("security_lead").expect("security_lead").permissions;
+        for r in BUILTIN_ROLES.iter().filter(|r| r.name != "admin") {
+            assert_eq!(
+                first_not_included(lead, r.permissions.iter().copied()),
+                None,
+                "security_lead must include {}",
+                r.name
+            );
+        }
+    }
 
     #[test]
     fn builtin_roles_name_only_catalogued_permissions() {

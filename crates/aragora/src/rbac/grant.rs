@@ -3,8 +3,9 @@
 //!
 //! A grant is `*` (everything), `resource.action` (a catalogue permission), or,
 //! for the path-scoped secret permissions, `resource.action:PREFIX`: the action
-//! on every secret whose id starts with `PREFIX` (`secrets.read:team-a/`), or on
-//! every secret (`secrets.read:*`). An unscoped secret permission
+//! on every secret under the path `PREFIX` (`secrets.read:team-a/`; without the
+//! slash, `team-a` covers the secret `team-a` and `team-a/...`, never
+//! `team-a-evil/...`), or on every secret (`secrets.read:*`). An unscoped secret permission
 //! (`secrets.read`) covers only the secrets the caller owns.
 
 use super::catalogue::{WILDCARD, find};
@@ -66,7 +67,7 @@ impl<'a> Grant<'a> {
             Grant::Permission { name, scope } if name == permission => match scope {
                 None => owned,
                 Some(ALL_PATHS) => true,
-                Some(prefix) => path.starts_with(prefix),
+                Some(prefix) => within(prefix, path),
             },
             Grant::Permission { .. } => false,
         }
@@ -90,11 +91,23 @@ impl<'a> Grant<'a> {
                         (None, Some(_)) | (Some(_), None) => false,
                         (Some(ALL_PATHS), Some(_)) => true,
                         (Some(_), Some(ALL_PATHS)) => false,
-                        (Some(pa), Some(pb)) => pb.starts_with(pa),
+                        // Every path `pb` covers starts with `pb`.
+                        (Some(pa), Some(pb)) => within(pa, pb),
                     }
             }
         }
     }
+}
+
+/// Whether `path` is under the scope `prefix`, at a segment boundary:
+/// `team-a/` covers `team-a/db`, and `team-a` covers `team-a` and `team-a/db`
+/// but not `team-a-evil/db`.
+fn within(prefix: &str, path: &str) -> bool {
+    if prefix.ends_with('/') {
+        return path.starts_with(prefix);
+    }
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The first of `wanted` that `held` does not include, or `None` when every
@@ -158,6 +171,8 @@ mod tests {
         assert!(!includes("secrets.read", "secrets.read:team-a/"));
         assert!(!includes("secrets.read:*", "secrets.read"));
         assert!(!includes("secrets.write:*", "secrets.read:*"));
+        assert!(includes("secrets.read:team-a", "secrets.read:team-a/db"));
+        assert!(!includes("secrets.read:team-a", "secrets.read:team-ab"));
         assert_eq!(
             first_not_included(
                 &["audit.read", "secrets.read:a/"],
@@ -179,6 +194,13 @@ mod tests {
         assert!(own.covers_path("secrets.read", "x/y", true));
         assert!(!own.covers_path("secrets.read", "x/y", false));
         assert!(Grant::parse("secrets.read:*").covers_path("secrets.read", "x", false));
+        let no_slash = Grant::parse("secrets.read:team-a");
+        assert!(no_slash.covers_path("secrets.read", "team-a", false));
+        assert!(no_slash.covers_path("secrets.read", "team-a/db", false));
+        assert!(
+            !no_slash.covers_path("secrets.read", "team-a-evil/db", false),
+            "a scope ends at a segment boundary"
+        );
         assert!(Grant::All.covers_path("secrets.delete", "x", false));
     }
 
@@ -188,10 +210,14 @@ mod tests {
         assert!(validate("secrets.read:team-a/").is_ok());
         assert!(validate("secrets.read:*").is_ok());
         assert!(validate("audit.read").is_ok());
-        assert!(validate("nope.read").unwrap_err().contains("catalogue"));
+        assert!(
+            validate("nope.read")
+                .expect_err("not catalogued")
+                .contains("catalogue")
+        );
         assert!(
             validate("audit.read:x/")
-                .unwrap_err()
+                .expect_err("not scopable")
                 .contains("path scope")
         );
         assert!(validate("secrets.read:../").is_err());
