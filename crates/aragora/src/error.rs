@@ -31,6 +31,10 @@ pub enum ServiceError {
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
     Unavailable(String),
+    /// The store or the audit log failed in a way that may pass: 503, with
+    /// the detail only in the log (it names store internals).
+    #[error("{0}")]
+    Backend(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -39,7 +43,7 @@ impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict { .. } => ServiceError::Conflict(e.to_string()),
-            StoreError::Unavailable(_) => ServiceError::Unavailable(e.to_string()),
+            StoreError::Unavailable(_) => ServiceError::Backend(e.to_string()),
             other => ServiceError::Internal(other.to_string()),
         }
     }
@@ -47,7 +51,7 @@ impl From<StoreError> for ServiceError {
 
 impl From<AuditError> for ServiceError {
     fn from(e: AuditError) -> Self {
-        ServiceError::Unavailable(e.to_string())
+        ServiceError::Backend(e.to_string())
     }
 }
 

@@ -35,13 +35,24 @@ struct InternalError(String);
 /// A 500 for `detail`: the client gets `{"error": "internal error",
 /// "request_id": ...}`, the log gets the detail under the same request id.
 pub fn internal_error(detail: String) -> Response {
-    let mut resp = (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        axum::Json(json!({"error": "internal error"})),
-    )
-        .into_response();
+    hidden_error(StatusCode::INTERNAL_SERVER_ERROR, detail)
+}
+
+/// An error whose detail (store or audit internals, file paths) stays in the
+/// log under the request id; the client gets the status, a generic message and
+/// the id.
+pub fn hidden_error(status: StatusCode, detail: String) -> Response {
+    let mut resp = (status, axum::Json(json!({"error": public_message(status)}))).into_response();
     resp.extensions_mut().insert(InternalError(detail));
     resp
+}
+
+fn public_message(status: StatusCode) -> &'static str {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        "the service is temporarily unavailable; retry"
+    } else {
+        "internal error"
+    }
 }
 
 fn request_id(headers: &HeaderMap) -> &str {
@@ -159,11 +170,11 @@ async fn internal_errors(req: Request, next: Next) -> Response {
     let Some(InternalError(detail)) = resp.extensions_mut().remove::<InternalError>() else {
         return resp;
     };
-    tracing::error!(request_id = %id, error = %detail, "internal error");
+    tracing::error!(request_id = %id, status = %resp.status(), error = %detail, "internal error");
     let (parts, _) = resp.into_parts();
     let mut out = (
         parts.status,
-        axum::Json(json!({"error": "internal error", "request_id": id})),
+        axum::Json(json!({"error": public_message(parts.status), "request_id": id})),
     )
         .into_response();
     for (name, value) in &parts.headers {
@@ -270,6 +281,14 @@ mod tests {
                 get(|| async { ApiError(ServiceError::Internal("disk on fire".into())) }),
             )
             .route(
+                "/store-down",
+                get(|| async {
+                    ApiError(ServiceError::Backend(
+                        "aedb: /var/lib/aragora/aedb/wal/000042.seg: commit queue full".into(),
+                    ))
+                }),
+            )
+            .route(
                 "/panic",
                 get(|| async {
                     if true {
@@ -310,6 +329,26 @@ mod tests {
         assert!(
             line.contains("req-42"),
             "request id not logged with the cause: {line}"
+        );
+
+        // A store failure is a 503 to retry; its detail (paths, engine
+        // internals) stays in the log.
+        let (status, resp) = get_with_id(addr, "/store-down", "req-45").await;
+        assert_eq!(status, 503, "{resp}");
+        assert!(resp.contains(r#""request_id":"req-45""#), "{resp}");
+        assert!(
+            resp.to_ascii_lowercase().contains("retry-after: 1"),
+            "{resp}"
+        );
+        assert!(
+            !resp.contains("/var/lib") && !resp.contains("aedb"),
+            "{resp}"
+        );
+        let log = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("commit queue full") && l.contains("req-45")),
+            "{log}"
         );
 
         let (status, resp) = get_with_id(addr, "/panic", "req-43").await;

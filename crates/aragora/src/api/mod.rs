@@ -96,6 +96,12 @@ impl IntoResponse for ApiError {
             // Logged with the request id, which also goes into the body
             // (`http::internal_errors`), so a report can be matched to the log.
             ServiceError::Internal(_) => return http::internal_error(msg),
+            ServiceError::Backend(_) => {
+                let mut resp = http::hidden_error(StatusCode::SERVICE_UNAVAILABLE, msg);
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return resp;
+            }
         };
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some((name, value)) = extra
