@@ -1075,12 +1075,24 @@ fn credential_failures_maintenance_rotation_and_lockdown() {
     let forged_old = sign(
         OLD_SECRET,
         Algorithm::HS256,
-        &claims(&ok_id, &new_sid, now(), now() + 600),
+        &claims(&ok_id, &new_sid, now() - 60, now() + 600),
     );
     assert_eq!(
         s.get(ME, &forged_old).status,
         200,
-        "previous secret verifies"
+        "previous secret verifies a token issued before the rotation"
+    );
+    // A token signed with the previous secret but issued after the server
+    // loaded it (someone holding the old secret minting tokens) is refused.
+    let minted_after = sign(
+        OLD_SECRET,
+        Algorithm::HS256,
+        &claims(&ok_id, &new_sid, now() + 5, now() + 600),
+    );
+    assert_401(
+        &s.get(ME, &minted_after),
+        "bad_signature",
+        "previous-secret token issued after the rotation",
     );
 
     // Rotation complete: the previous secret is gone, old tokens are not valid.
