@@ -253,6 +253,8 @@ fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
 
 /// Flushes and closes the store once every other holder is gone.
 fn close(store: Arc<EmbeddedStore>, state: Arc<AppState>) -> Result<()> {
+    // Counted refusals whose window has not closed yet.
+    state.auth.flush_failure_audit();
     drop(state);
     match Arc::try_unwrap(store) {
         Ok(s) => s.close().context("closing the store"),

@@ -170,7 +170,18 @@ impl AuditLog {
 
     /// Appends one event, durably.
     pub fn record(&self, event: AuditEvent) -> Result<AuditEntry, AuditError> {
-        self.record_with(event, Vec::new()).map_err(|e| match e {
+        self.append(event, Vec::new(), true).map_err(|e| match e {
+            RecordError::Audit(a) => a,
+            RecordError::Ops(s) => AuditError::Write(s),
+        })
+    }
+
+    /// Appends one event without waiting for its fsync (the store syncs it
+    /// within its batch interval, and any later durable append covers it).
+    /// For best-effort entries on paths an outsider drives (refused
+    /// authentications): they must not cost an fsync each.
+    pub fn record_unsynced(&self, event: AuditEvent) -> Result<AuditEntry, AuditError> {
+        self.append(event, Vec::new(), false).map_err(|e| match e {
             RecordError::Audit(a) => a,
             RecordError::Ops(s) => AuditError::Write(s),
         })
@@ -183,6 +194,15 @@ impl AuditLog {
         &self,
         event: AuditEvent,
         ops: Vec<WriteOp>,
+    ) -> Result<AuditEntry, RecordError> {
+        self.append(event, ops, true)
+    }
+
+    fn append(
+        &self,
+        event: AuditEvent,
+        ops: Vec<WriteOp>,
+        durable: bool,
     ) -> Result<AuditEntry, RecordError> {
         let mut attempt = 0;
         loop {
@@ -261,9 +281,11 @@ impl AuditLog {
                 }
             };
             // Durability outside the lock: concurrent appends share one fsync.
-            self.store
-                .wait_durable(receipt)
-                .map_err(|e| RecordError::Audit(AuditError::Write(e)))?;
+            if durable {
+                self.store
+                    .wait_durable(receipt)
+                    .map_err(|e| RecordError::Audit(AuditError::Write(e)))?;
+            }
             return Ok(entry);
         }
     }

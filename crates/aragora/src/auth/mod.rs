@@ -187,7 +187,7 @@ impl AuthService {
     }
 
     fn write_failure_entry(&self, event: AuditEvent) {
-        if let Err(e) = self.audit.record(event) {
+        if let Err(e) = self.audit.record_unsynced(event) {
             tracing::error!(error = %e, "auth_failure could not be audited");
         }
     }
