@@ -1617,37 +1617,37 @@ fn privilege_ceilings() {
         CeilingDenial {
             actor: &r_id,
             permission: "*",
-            action: "role_update",
+            action: "role_updated",
             target: ("target_role", json!("role_admin")),
         },
         CeilingDenial {
             actor: &r_id,
             permission: "encryption.rotate",
-            action: "role_update",
+            action: "role_updated",
             target: ("target_role", json!("rotator")),
         },
         CeilingDenial {
             actor: &r_id,
             permission: "audit.read",
-            action: "role_update",
+            action: "role_updated",
             target: ("target_role", json!("auditor")),
         },
         CeilingDenial {
             actor: &r_id,
             permission: "audit.read",
-            action: "role_delete",
+            action: "role_deleted",
             target: ("target_role", json!("auditor")),
         },
         CeilingDenial {
             actor: &u_id,
             permission: "*",
-            action: "role_assign",
+            action: "role_assigned",
             target: ("target_role", json!("admin")),
         },
         CeilingDenial {
             actor: &u_id,
             permission: "*",
-            action: "role_assign",
+            action: "role_assigned",
             target: ("target_user_id", json!(u_id)),
         },
         CeilingDenial {
@@ -1677,7 +1677,7 @@ fn privilege_ceilings() {
         CeilingDenial {
             actor: &u_id,
             permission: "*",
-            action: "user_create",
+            action: "user_created",
             target: ("target_email", json!("made-admin@ceiling.test")),
         },
         CeilingDenial {

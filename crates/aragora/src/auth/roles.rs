@@ -63,7 +63,7 @@ impl AuthService {
                 .iter()
                 .chain(existing.iter())
                 .map(String::as_str),
-            "role_update",
+            "role_updated",
             json!({"target_role": name}),
             meta,
         )?;
@@ -134,7 +134,7 @@ impl AuthService {
         self.require_grants(
             actor,
             existing.iter().map(String::as_str),
-            "role_delete",
+            "role_deleted",
             json!({"target_role": name}),
             meta,
         )?;

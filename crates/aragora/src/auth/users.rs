@@ -123,7 +123,7 @@ impl AuthService {
         self.require_grants(
             actor,
             wanted.iter().map(String::as_str),
-            "user_create",
+            "user_created",
             json!({"target_email": email, "target_roles": roles}),
             meta,
         )?;
@@ -212,7 +212,7 @@ impl AuthService {
         self.require_grants(
             actor,
             grants.iter().map(String::as_str),
-            "role_assign",
+            "role_assigned",
             json!({"target_user_id": user_id, "target_role": role}),
             meta,
         )?;
