@@ -106,26 +106,57 @@ impl AuthService {
         except: &User,
         what: &str,
     ) -> Result<WriteOp, ServiceError> {
+        self.keep_an_admin(
+            |u| u.id != except.id && self.is_admin(u),
+            || {
+                format!(
+                    "refusing to {what}: {} is the last enabled admin (enable or create another admin first; `aragora admin recover` is the break-glass path)",
+                    except.email
+                )
+            },
+        )
+    }
+
+    /// Like `keep_another_admin`, for taking `*` out of a custom role: an
+    /// admin must remain that holds `*` through another role.
+    pub(crate) fn keep_admin_without_role(&self, role: &str) -> Result<WriteOp, ServiceError> {
+        self.keep_an_admin(
+            |u| {
+                u.roles.iter().any(|r| {
+                    r != role
+                        && self
+                            .rbac
+                            .role_grants(r)
+                            .is_some_and(|g| g.iter().any(|p| p == WILDCARD))
+                })
+            },
+            || {
+                format!(
+                    "refusing to take * out of role {role}: its holders include the last enabled admin (make another account admin first)"
+                )
+            },
+        )
+    }
+
+    /// The guard write for the first enabled, unlocked user that `stays_admin`
+    /// accepts: its unchanged record rewritten at its version, so the batch
+    /// fails if that admin changes meanwhile. `Conflict(refusal())` when none.
+    fn keep_an_admin(
+        &self,
+        stays_admin: impl Fn(&User) -> bool,
+        refusal: impl FnOnce() -> String,
+    ) -> Result<WriteOp, ServiceError> {
         let now = now_us();
         let mut other: Option<(u64, User)> = None;
-        for_each_json::<User>(self.store.as_ref(), Collection::Users, |id, version, u| {
-            if other.is_none()
-                && id != except.id
-                && !u.disabled
-                && !u.is_locked(now)
-                && self.is_admin(&u)
-            {
+        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, version, u| {
+            if other.is_none() && !u.disabled && !u.is_locked(now) && stays_admin(&u) {
                 other = Some((version, u));
             }
             Ok(())
         })?;
         match other {
-            // Rewriting the unchanged record at its version is the check.
             Some((version, u)) => super::users::put_user(&u, version),
-            None => Err(ServiceError::Conflict(format!(
-                "refusing to {what}: {} is the last enabled admin (enable or create another admin first; `aragora admin recover` is the break-glass path)",
-                except.email
-            ))),
+            None => Err(ServiceError::Conflict(refusal())),
         }
     }
 }

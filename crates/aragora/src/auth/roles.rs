@@ -92,33 +92,6 @@ impl AuthService {
         Ok(role)
     }
 
-    /// A write that fails if an enabled, unlocked admin that holds `*` other
-    /// than through `role` changes before it commits (see
-    /// `keep_another_admin`); 409 when there is none.
-    fn keep_admin_without_role(&self, role: &str) -> Result<WriteOp, ServiceError> {
-        let now = now_us();
-        let mut other: Option<(u64, User)> = None;
-        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, version, u| {
-            let admin_otherwise = u.roles.iter().any(|r| {
-                r != role
-                    && self
-                        .rbac
-                        .role_grants(r)
-                        .is_some_and(|g| g.iter().any(|p| p == WILDCARD))
-            });
-            if other.is_none() && !u.disabled && !u.is_locked(now) && admin_otherwise {
-                other = Some((version, u));
-            }
-            Ok(())
-        })?;
-        match other {
-            Some((version, u)) => super::users::put_user(&u, version),
-            None => Err(ServiceError::Conflict(format!(
-                "refusing to take * out of role {role}: its holders include the last enabled admin (make another account admin first)"
-            ))),
-        }
-    }
-
     pub fn delete_role(
         &self,
         actor: &Principal,
