@@ -75,6 +75,10 @@ struct Io {
     path: PathBuf,
     /// Offset up to which the buffer has been written to `file`.
     written_offset: u64,
+    /// Offset up to which a completed `fdatasync` covers `file`. Only a write at
+    /// this offset starts a batch: recovery reads a batch start as proof that
+    /// everything before it was fsynced.
+    synced_offset: u64,
     spare: Vec<u8>,
 }
 
@@ -179,6 +183,9 @@ impl WalWriter {
             .open(path)
             .map_err(|e| AedbError::io(path, e))?;
         let capacity = file.metadata().map_err(|e| AedbError::io(path, e))?.len();
+        // What recovery read may still be only in the page cache (the process died,
+        // the machine did not): make it durable before the first batch start claims so.
+        file.sync_data().map_err(|e| AedbError::io(path, e))?;
         let w = Self {
             dir: dir.to_path_buf(),
             keys,
@@ -199,6 +206,7 @@ impl WalWriter {
                 file,
                 path: path.to_path_buf(),
                 written_offset: pos.offset,
+                synced_offset: pos.offset,
                 spare: Vec::with_capacity(64 * 1024),
             }),
             sync: Mutex::new(SyncState {
@@ -331,6 +339,7 @@ impl WalWriter {
             io.file = file;
             io.path = path;
             io.written_offset = SEGMENT_HEADER_LEN as u64;
+            io.synced_offset = SEGMENT_HEADER_LEN as u64;
         }
         {
             let mut p = self.pending.lock();
@@ -356,8 +365,12 @@ impl WalWriter {
             p.last_lsn
         };
         if !io.spare.is_empty() {
-            // The buffer starts with a frame header: mark the batch start.
-            io.spare[3] |= (super::format::BATCH_START >> 24) as u8;
+            // The buffer starts with a frame header. It starts a batch only if all
+            // before it is fsynced; after an unsynced write-out the earlier frames
+            // may still tear, and the batch continues until the next fsync.
+            if io.written_offset == io.synced_offset {
+                io.spare[3] |= (super::format::BATCH_START >> 24) as u8;
+            }
             io.file
                 .write_all_at(&io.spare, io.written_offset)
                 .map_err(|e| AedbError::io(&io.path, e))?;
@@ -371,6 +384,7 @@ impl WalWriter {
             io.file
                 .sync_data()
                 .map_err(|e| AedbError::io(&io.path, e))?;
+            io.synced_offset = io.written_offset;
         }
         Ok(upto)
     }
@@ -505,4 +519,55 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), AedbError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| AedbError::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RecoveryMode;
+    use crate::wal::recovery::{ReplayStart, recover};
+
+    fn no_keys() -> WalKeys {
+        WalKeys::new(None, None, None)
+    }
+
+    /// Issue #13, bug 4: a write-out without an fsync (the 32 MiB buffer bound, the
+    /// `OsBuffered` flusher) must not start a batch. Power fails during the fsync
+    /// after it: the written-out frame lost a sector, the frame written just before
+    /// the fsync reached the disk. Neither was acknowledged, so this is a torn tail
+    /// that strict recovery cuts off, not damage in the middle of the log.
+    #[test]
+    fn unsynced_write_out_then_torn_frame_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = WalWriter::create(dir.path(), 1 << 20, no_keys(), 1, 1, [0; 32]).unwrap();
+        w.append(1, b"acknowledged").unwrap();
+        w.wait_durable(1).unwrap();
+        w.append(2, &[b'x'; 300]).unwrap();
+        w.write_out().unwrap();
+        w.append(3, b"in the interrupted fsync").unwrap();
+        w.wait_durable(3).unwrap();
+        w.shutdown().unwrap();
+        drop(w);
+
+        let path = dir.path().join(segment_file_name(1));
+        let mut buf = std::fs::read(&path).unwrap();
+        let frame2 = SEGMENT_HEADER_LEN + FRAME_HEADER_LEN + b"acknowledged".len();
+        // A lost sector inside frame 2's payload.
+        for b in &mut buf[frame2 + FRAME_HEADER_LEN + 100..frame2 + FRAME_HEADER_LEN + 200] {
+            *b = 0;
+        }
+        std::fs::write(&path, &buf).unwrap();
+
+        let r = recover(
+            dir.path(),
+            RecoveryMode::Strict,
+            &no_keys(),
+            ReplayStart::default(),
+            |_, _| Ok(()),
+        )
+        .expect("an interrupted fsync is an ordinary power loss, strict must open");
+        let torn = r.report.torn_tail.expect("torn tail reported");
+        assert_eq!(torn.offset, frame2 as u64);
+        assert_eq!(r.report.last_lsn, 1);
+    }
 }
