@@ -100,6 +100,7 @@ impl<M> AedbInstance<M> {
         let _slot = self.admit()?;
         let tag = tx.idempotency_tag();
         let mut record = tx.to_record();
+        let digest = tag.as_ref().and_then(|_| writes_digest(&record));
         // Encoding happens outside the commit lock: it does not depend on the LSN.
         let mut payload = record.encode()?;
         let limit = self.inner.config.limits.max_txn_bytes;
@@ -143,6 +144,17 @@ impl<M> AedbInstance<M> {
                 }
             }
         }
+        // A retry of a commit that went through replays its result before the
+        // conflict and assertion checks: the first attempt's own writes would fail
+        // them (a `key_absent` guard, a version check) and turn a retry after a
+        // timeout into a spurious failure.
+        if let Some(t) = &tag {
+            let mut cs = self.lock_commit()?;
+            if let Some(replayed) = self.replayed(&mut cs, t, digest.as_ref()) {
+                drop(cs);
+                return self.finish(replayed?, finality, true);
+            }
+        }
         tx.check_conflicts(&latest)?;
         if let Err(e) = tx.check_assertions(&latest) {
             if let AedbError::AssertionFailed { index, description } = &e {
@@ -168,15 +180,12 @@ impl<M> AedbInstance<M> {
         // if grants changed meanwhile, the sequence number and the WAL append.
         let mut cs = self.lock_commit()?;
         self.inner.wal.check_healthy()?;
-        if let Some(seq) = tag.as_ref().and_then(|t| cs.idempotency.get(t).copied()) {
-            // The first attempt may still be between its WAL append and its
-            // publication (it runs under another project's lock): a replay
-            // returns only once that commit is visible, as the first would have.
-            while cs.state.seq < seq {
-                self.inner.published.wait(&mut cs);
-            }
+        // Again: a first attempt to another project may have taken the key meanwhile.
+        if let Some(t) = &tag
+            && let Some(replayed) = self.replayed(&mut cs, t, digest.as_ref())
+        {
             drop(cs);
-            return self.finish(seq, finality, true);
+            return self.finish(replayed?, finality, true);
         }
         if let Some(c) = caller
             && cs.state.authz.generation != latest.authz.generation
@@ -213,7 +222,12 @@ impl<M> AedbInstance<M> {
             self.inner.wal.poison(&e);
         }
         if let Some(tag) = tag {
-            cs.remember(tag, seq, self.inner.config.limits.max_idempotency_records);
+            cs.remember(
+                tag,
+                seq,
+                digest,
+                self.inner.config.limits.max_idempotency_records,
+            );
         }
         drop(cs);
 
@@ -256,6 +270,33 @@ impl<M> AedbInstance<M> {
         drop(project_guard);
         self.bound_buffer(pending)?;
         self.finish(seq, finality, false)
+    }
+
+    /// The commit an idempotency key already names, once it is published; `None`
+    /// if the key is new. Refused when that commit wrote something else: answering
+    /// with another transaction's result would hide a caller bug.
+    fn replayed(
+        &self,
+        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
+        tag: &IdempotencyTag,
+        digest: Option<&WritesDigest>,
+    ) -> Option<Result<u64, AedbError>> {
+        let seq = *cs.idempotency.get(tag)?;
+        if let (Some(first), Some(this)) = (cs.idempotency_digest.get(tag), digest)
+            && first != this
+        {
+            return Some(Err(AedbError::IdempotencyKeyReused {
+                key: tag.key.clone(),
+                first_seq: seq,
+            }));
+        }
+        // The first attempt may still be between its WAL append and its
+        // publication (it runs under another project's lock): a replay returns
+        // only once that commit is visible, as the first would have.
+        while cs.state.seq < seq {
+            self.inner.published.wait(cs);
+        }
+        Some(Ok(seq))
     }
 
     /// Waits until every reserved sequence number has been published, so the

@@ -35,7 +35,7 @@ use crate::open::{
 use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
 use crate::txn::query::{Query, QueryResult};
 use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot};
-use crate::txn::write::WriteTransaction;
+use crate::txn::write::{WriteTransaction, WritesDigest, writes_digest};
 use crate::wal::RecoveryReport;
 use crate::wal::format::segment_file_name;
 use crate::wal::keys::WalKeys;
@@ -62,18 +62,33 @@ struct CommitState {
     /// already have their WAL frame are still applying; they publish in order.
     next_seq: u64,
     idempotency: HashMap<IdempotencyTag, u64>,
+    /// What the commit under each key wrote (`writes_digest`), so a key reused for
+    /// other writes is refused. Absent for keys loaded from a checkpoint, which
+    /// stores only the sequence number: those replay without the comparison.
+    idempotency_digest: HashMap<IdempotencyTag, WritesDigest>,
     idempotency_order: VecDeque<IdempotencyTag>,
     history: VecDeque<Arc<DbState>>,
 }
 
 impl CommitState {
-    fn remember(&mut self, tag: IdempotencyTag, seq: u64, max: usize) {
+    fn remember(
+        &mut self,
+        tag: IdempotencyTag,
+        seq: u64,
+        digest: Option<WritesDigest>,
+        max: usize,
+    ) {
+        match digest {
+            Some(d) => self.idempotency_digest.insert(tag.clone(), d),
+            None => self.idempotency_digest.remove(&tag),
+        };
         if self.idempotency.insert(tag.clone(), seq).is_none() {
             self.idempotency_order.push_back(tag);
         }
         while self.idempotency_order.len() > max {
             if let Some(old) = self.idempotency_order.pop_front() {
                 self.idempotency.remove(&old);
+                self.idempotency_digest.remove(&old);
             }
         }
     }
@@ -430,6 +445,7 @@ impl<M> AedbInstance<M> {
         let mut cs = CommitState {
             state: DbState::initial(),
             idempotency: HashMap::new(),
+            idempotency_digest: HashMap::new(),
             idempotency_order: VecDeque::new(),
             history: VecDeque::new(),
             next_seq: 0,
@@ -450,7 +466,7 @@ impl<M> AedbInstance<M> {
             ckpt_snapshot = Some(Arc::new(cs.state.clone()));
             let max = config.limits.max_idempotency_records;
             for (tag, seq) in state.idempotency {
-                cs.remember(tag, seq, max);
+                cs.remember(tag, seq, None, max);
             }
             ckpt_meta = Some(meta);
         }
@@ -471,9 +487,9 @@ impl<M> AedbInstance<M> {
             if let WalRecord::Commit {
                 idempotency: Some(tag),
                 ..
-            } = record
+            } = &record
             {
-                cs.remember(tag, lsn, max_idem);
+                cs.remember(tag.clone(), lsn, writes_digest(&record), max_idem);
             }
             Ok(())
         })?;

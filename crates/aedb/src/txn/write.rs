@@ -17,6 +17,22 @@ use crate::txn::assertion::ReadAssertion;
 use crate::txn::describe_key;
 use crate::txn::snapshot::{KvPair, Snapshot, prefix_successor};
 
+/// SHA-256 of what a commit writes, compared between attempts under one
+/// idempotency key.
+pub(crate) type WritesDigest = [u8; 32];
+
+/// The digest of a commit record's project and operations as logged (so it is the
+/// same whether computed at commit or from the log at open). Assertions are not
+/// part of it: they are preconditions, not writes. `None` for other records.
+pub(crate) fn writes_digest(record: &WalRecord) -> Option<WritesDigest> {
+    use sha2::Digest;
+    let WalRecord::Commit { project, ops, .. } = record else {
+        return None;
+    };
+    let bytes = postcard::to_stdvec(&(project, ops)).ok()?;
+    Some(sha2::Sha256::digest(&bytes).into())
+}
+
 /// A buffered row write and the table incarnation it was checked against.
 #[derive(Clone, Debug)]
 pub(crate) struct RowWrite {
