@@ -2,6 +2,8 @@
 //! the WAL append, ordered publication, audit rows for denials and failed
 //! assertions, and schema/authorization changes.
 
+use std::panic::AssertUnwindSafe;
+
 use super::*;
 
 impl<M> AedbInstance<M> {
@@ -216,11 +218,11 @@ impl<M> AedbInstance<M> {
             }
         }
         let seq = cs.next_seq;
+        self.make_room(payload.len())?;
+        // From here on the frame is in the log buffer: nothing below may fail
+        // without poisoning, and `seq` is published whatever happens.
         let pending = self.inner.wal.append(seq, &payload)?;
         cs.next_seq += 1;
-        if let Err(e) = self.inner.record_rotation() {
-            self.inner.wal.poison(&e);
-        }
         if let Some(tag) = tag {
             cs.remember(
                 tag,
@@ -237,37 +239,65 @@ impl<M> AedbInstance<M> {
             .get(tx.project())
             .cloned()
             .unwrap_or_default();
-        let applied = match &record {
+        // A panic here is a bug, but it must not leave `seq` unpublished: every later
+        // commit, drain and idempotent replay would wait for it forever.
+        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| match &record {
             WalRecord::Commit {
                 project: name, ops, ..
-            } => project.apply_ops(name, ops, seq),
+            } => {
+                #[cfg(test)]
+                if super::failpoints::hit(super::failpoints::Failpoint::PanicInApply) {
+                    panic!("failpoint: apply of commit {seq}");
+                }
+                project.apply_ops(name, ops, seq)
+            }
             _ => Ok(()),
-        };
+        }))
+        .unwrap_or_else(|_| {
+            Err(AedbError::Poisoned(format!(
+                "applying commit {seq} panicked"
+            )))
+        });
 
         // Phase B2: publish in sequence order.
         let mut cs = self.inner.commit.lock();
         while cs.state.seq + 1 < seq {
             self.inner.published.wait(&mut cs);
         }
-        match applied {
-            Ok(()) => {
-                cs.state.projects.insert(tx.project().to_string(), project);
-                if let WalRecord::Commit { audit, .. } = &record
-                    && let Err(e) = cs.state.append_audit(audit, seq)
-                {
-                    self.inner.wal.poison(&e);
-                }
+        let applied = applied.and_then(|()| {
+            let mut next = cs.state.clone();
+            next.projects.insert(tx.project().to_string(), project);
+            if let WalRecord::Commit { audit, .. } = &record {
+                next.append_audit(audit, seq)?;
             }
-            // Validated above, so this is a bug; the frame is in the log, the state
-            // is not: refuse further commits until a reopen replays it.
-            Err(e) => self.inner.wal.poison(&e),
-        }
+            Ok(next)
+        });
+        let failed = match applied {
+            Ok(next) => {
+                cs.state = next;
+                None
+            }
+            // Validated above, so this is a bug; the frame is in the log buffer, the
+            // state is not: refuse everything until a reopen replays the log (the
+            // poisoned writer never writes that frame out).
+            Err(e) => {
+                self.inner.wal.poison(&e);
+                Some(e)
+            }
+        };
+        // Published even when it failed: later commits wait for this number.
         cs.state.seq = seq;
         self.publish(&mut cs);
         drop(cs);
         // Published: the next commit to this project may start while this one
         // waits for its fsync, so concurrent durable commits share one (group commit).
         drop(project_guard);
+        if let Some(e) = failed {
+            return Err(match e {
+                e @ AedbError::Poisoned(_) => e,
+                e => AedbError::Poisoned(format!("commit {seq} did not apply: {e}")),
+            });
+        }
         self.bound_buffer(pending)?;
         self.finish(seq, finality, false)
     }
@@ -297,6 +327,28 @@ impl<M> AedbInstance<M> {
             self.inner.published.wait(cs);
         }
         Some(Ok(seq))
+    }
+
+    /// Seals the active segment if the next frame does not fit, and records that
+    /// in the manifest, before the frame is appended: a failure leaves no frame
+    /// behind, and poisons (a manifest that may or may not be on disk, like a
+    /// failed fsync, is never retried).
+    fn make_room(&self, payload_len: usize) -> Result<(), AedbError> {
+        self.inner.wal.make_room(payload_len)?;
+        self.record_rotation()
+            .inspect_err(|e| self.inner.wal.poison(e))
+    }
+
+    /// Records segments sealed by the last rotation in the manifest.
+    fn record_rotation(&self) -> Result<(), AedbError> {
+        #[cfg(test)]
+        if super::failpoints::hit(super::failpoints::Failpoint::RecordRotation) {
+            return Err(AedbError::io(
+                self.inner.dir.join("MANIFEST"),
+                std::io::Error::other("failpoint: manifest write after a rotation"),
+            ));
+        }
+        self.inner.record_rotation()
     }
 
     /// Waits until every reserved sequence number has been published, so the
@@ -370,11 +422,13 @@ impl<M> AedbInstance<M> {
             cs.state.seq + 1,
             "serial commits follow the published state"
         );
+        self.inner.wal.check_healthy()?;
         let payload = record.encode()?;
         let mut next = cs.state.clone();
         next.apply(record, seq)?;
+        self.make_room(payload.len())?;
+        // Nothing after the append can fail: the frame and the state go together.
         self.inner.wal.append(seq, &payload)?;
-        self.inner.record_rotation()?;
         cs.state = next;
         self.publish(cs);
         Ok(())

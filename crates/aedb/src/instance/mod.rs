@@ -730,6 +730,14 @@ impl<M> AedbInstance<M> {
         (lsn, head)
     }
 
+    /// True once a WAL write, fsync or manifest update failed (or a commit could
+    /// not be applied): every later commit and fallible read returns
+    /// `AedbError::Poisoned`, and nothing after `durable_head_seq()` will ever
+    /// become durable. Reopen the database to recover from the log.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.wal.check_healthy().is_err()
+    }
+
     /// Highest sequence number on stable storage.
     pub fn durable_head_seq(&self) -> u64 {
         self.inner.wal.durable_lsn()
@@ -782,8 +790,45 @@ impl<M> AedbInstance<M> {
 mod api;
 mod backups;
 mod commit;
+#[cfg(test)]
+mod fault_tests;
 mod inner;
 mod read;
+
+/// Test-only fault injection on the commit path. Armed per thread: a commit runs
+/// on its caller's thread, so parallel tests do not see each other's faults.
+#[cfg(test)]
+pub(crate) mod failpoints {
+    use std::cell::Cell;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Failpoint {
+        /// Recording a sealed segment in the manifest fails (a full disk, an EIO).
+        RecordRotation,
+        /// Applying a commit's writes panics (a bug in apply).
+        PanicInApply,
+    }
+
+    thread_local! {
+        static ARMED: Cell<Option<Failpoint>> = const { Cell::new(None) };
+    }
+
+    /// Makes the next pass through `fp` on this thread fail.
+    pub(crate) fn arm(fp: Failpoint) {
+        ARMED.with(|a| a.set(Some(fp)));
+    }
+
+    /// True (once) when `fp` is armed on this thread.
+    pub(crate) fn hit(fp: Failpoint) -> bool {
+        ARMED.with(|a| {
+            let hit = a.get() == Some(fp);
+            if hit {
+                a.set(None);
+            }
+            hit
+        })
+    }
+}
 
 use inner::{spawn_checkpointer, spawn_flusher};
 pub use read::ReadTx;

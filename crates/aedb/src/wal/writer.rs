@@ -243,29 +243,57 @@ impl WalWriter {
     /// Refuses all further commits (the in-memory state and the log disagree).
     pub fn poison(&self, e: &AedbError) {
         tracing::error!(error = %e, "refusing further commits until the database is reopened");
-        self.sync.lock().failed = Some(e.to_string());
+        // The first failure is the cause worth reporting; later ones follow from it.
+        self.sync.lock().failed.get_or_insert_with(|| e.to_string());
         self.synced.notify_all();
     }
 
-    /// Appends a frame for `lsn`. Must be called with LSNs in order (the engine holds
-    /// its commit lock). Returns the pending-buffer size after the append.
-    pub fn append(&self, lsn: u64, payload: &[u8]) -> Result<usize, AedbError> {
+    fn frame_len(&self, payload_len: usize) -> u64 {
         let overhead = if self.keys.frame.is_some() {
             ring::aead::NONCE_LEN + crypto::TAG_LEN
         } else {
             0
         };
-        let frame_len = (FRAME_HEADER_LEN + payload.len() + overhead) as u64;
-        let needs_rotation = {
+        (FRAME_HEADER_LEN + payload_len + overhead) as u64
+    }
+
+    /// Makes room for the next frame (`payload_len` bytes before encryption):
+    /// seals the current segment and continues in a new one if it would not fit.
+    /// The engine calls this and records the sealed segment in the manifest before
+    /// it appends, so a failed manifest write never leaves a frame behind.
+    pub fn make_room(&self, payload_len: usize) -> Result<(), AedbError> {
+        self.check_healthy()?;
+        let frame_len = self.frame_len(payload_len);
+        let next_lsn = {
             let p = self.pending.lock();
-            assert_eq!(p.last_lsn + 1, lsn, "WAL appends must be in LSN order");
-            p.segment_offset + frame_len > p.segment_capacity
+            if p.segment_offset + frame_len <= p.segment_capacity {
+                return Ok(());
+            }
+            p.last_lsn + 1
         };
-        if needs_rotation {
-            self.rotate(lsn, frame_len)?;
-        }
+        // A half-done rotation leaves the segment files and the writer's idea of
+        // them in an unknown state: never continue past it.
+        self.rotate(next_lsn, frame_len)
+            .inspect_err(|e| self.poison(e))
+    }
+
+    /// Appends a frame for `lsn`. Must be called with LSNs in order (the engine holds
+    /// its commit lock). Returns the pending-buffer size after the append. On error
+    /// nothing was appended.
+    pub fn append(&self, lsn: u64, payload: &[u8]) -> Result<usize, AedbError> {
+        self.make_room(payload.len())?;
         let mut p = self.pending.lock();
         let p = &mut *p;
+        if p.last_lsn + 1 != lsn {
+            // The engine's sequence and the log disagree: a bug, and whatever is
+            // appended next would be wrong.
+            let e = AedbError::Poisoned(format!(
+                "WAL append out of order: LSN {lsn} after {}",
+                p.last_lsn
+            ));
+            self.poison(&e);
+            return Err(e);
+        }
         let prev = p.chain_head;
         let body: &[u8] = match &p.cipher {
             Some(c) => {
@@ -358,6 +386,9 @@ impl WalWriter {
     /// Returns the highest LSN covered.
     fn flush(&self, sync: bool) -> Result<u64, AedbError> {
         let mut io = self.io.lock();
+        // Nothing appended after a failure may reach the disk: a commit that failed
+        // after its append must not become durable behind its caller's back.
+        self.check_healthy()?;
         let io = &mut *io;
         let upto = {
             let mut p = self.pending.lock();
@@ -416,7 +447,7 @@ impl WalWriter {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "WAL write or fsync failed; refusing further commits");
-                    s.failed = Some(e.to_string());
+                    s.failed.get_or_insert_with(|| e.to_string());
                 }
             }
             self.synced.notify_all();
@@ -427,9 +458,9 @@ impl WalWriter {
     pub fn write_out(&self) -> Result<(), AedbError> {
         let upto = match self.flush(false) {
             Ok(upto) => upto,
+            Err(e @ AedbError::Poisoned(_)) => return Err(e),
             Err(e) => {
-                self.sync.lock().failed = Some(e.to_string());
-                self.synced.notify_all();
+                self.poison(&e);
                 return Err(e);
             }
         };
