@@ -93,3 +93,35 @@ fn idempotency_key_reused_with_different_writes_is_refused() -> Result<(), AedbE
     assert!(attempt(&db, b"v1")?.idempotent_replay);
     Ok(())
 }
+
+/// Runs `f` on another thread and fails the test if it has not returned after a
+/// minute: only a detector for a hang, which the fixed code never comes near.
+fn returns<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{what} never returned"))
+}
+
+/// Bug 10: `wait_durable` for a sequence number not issued yet looped on
+/// `fdatasync` forever (each pass made the whole log durable, which never reached
+/// it). A seq that was never handed out is a caller error.
+#[test]
+fn wait_durable_for_a_seq_never_issued_is_an_error() -> Result<(), AedbError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = std::sync::Arc::new(open(dir.path()));
+    db.create_project("p")?;
+    db.create_scope("p", "s")?;
+    let head = db.kv_set("p", "s", b"k", b"v")?.commit_seq;
+    db.wait_durable(head)?;
+    let fsyncs = db.operational_metrics().fsyncs;
+    let d = db.clone();
+    let r = returns("wait_durable(head + 1000)", move || {
+        d.wait_durable(head + 1000)
+    });
+    assert!(matches!(r, Err(AedbError::InvalidArgument(_))), "{r:?}");
+    assert_eq!(db.operational_metrics().fsyncs, fsyncs);
+    Ok(())
+}

@@ -745,6 +745,7 @@ impl<M> AedbInstance<M> {
 
     /// Returns once the commit with sequence number `seq` is on stable storage
     /// (for a `Visible` commit whose caller must not answer before it is durable).
+    /// A `seq` no commit has been given yet is `InvalidArgument`.
     pub fn wait_durable(&self, seq: u64) -> Result<(), AedbError> {
         self.inner.wal.wait_durable(seq)
     }

@@ -421,7 +421,14 @@ impl WalWriter {
     }
 
     /// Returns once every frame up to `lsn` is on stable storage (group commit).
+    /// An LSN not appended yet is refused: no fsync could ever cover it.
     pub fn wait_durable(&self, lsn: u64) -> Result<(), AedbError> {
+        let last = self.last_lsn();
+        if lsn > last {
+            return Err(AedbError::InvalidArgument(format!(
+                "sequence number {lsn} has not been issued (the log ends at {last})"
+            )));
+        }
         let mut s = self.sync.lock();
         loop {
             if let Some(e) = &s.failed {
