@@ -127,9 +127,19 @@ impl DbState {
             .ok_or_else(|| missing("table", &format!("{project}/{scope}/{table}")))
     }
 
-    /// Applies one logged record at `seq`. Every check that can fail here has already
-    /// passed at commit time; during replay a failure means the log is inconsistent.
+    /// Applies one logged record at `seq`, all or nothing. Every check that can fail
+    /// here has already passed at commit time; during replay a failure means the log
+    /// is inconsistent, and permissive recovery keeps the state before the record.
     pub fn apply(&mut self, record: &WalRecord, seq: u64) -> Result<(), AedbError> {
+        // An O(1) clone (persistent maps): the record's first writes must not stay
+        // behind when a later one fails.
+        let mut next = self.clone();
+        next.apply_in_place(record, seq)?;
+        *self = next;
+        Ok(())
+    }
+
+    fn apply_in_place(&mut self, record: &WalRecord, seq: u64) -> Result<(), AedbError> {
         match record {
             WalRecord::Commit {
                 project,
@@ -365,4 +375,72 @@ fn table_mut<'a>(
         .tables
         .get_mut(table)
         .ok_or_else(|| missing("table", &format!("{project}/{scope}/{table}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv_set(scope: &str, key: &[u8]) -> WriteOp {
+        WriteOp::KvSet {
+            scope: scope.to_string(),
+            key: Bytes::from(key),
+            value: SharedBytes::from(&b"v"[..]),
+        }
+    }
+
+    fn base() -> DbState {
+        let mut s = DbState::initial();
+        let ddl = WalRecord::Ddl {
+            actor: None,
+            ops: vec![
+                DdlOperation::CreateProject {
+                    project: "p".into(),
+                    owner: None,
+                },
+                DdlOperation::CreateScope {
+                    project: "p".into(),
+                    scope: "s".into(),
+                },
+            ],
+            audit: Vec::new(),
+        };
+        s.apply(&ddl, 1).expect("base");
+        s
+    }
+
+    /// Issue #13, bug 10: permissive replay keeps the state before a frame that
+    /// does not apply, so that frame must leave no trace, not its first writes.
+    #[test]
+    fn a_commit_that_fails_halfway_changes_nothing() {
+        let mut s = base();
+        let rec = WalRecord::Commit {
+            project: "p".into(),
+            ops: vec![kv_set("s", b"first"), kv_set("missing", b"second")],
+            idempotency: None,
+            audit: Vec::new(),
+        };
+        assert!(s.apply(&rec, 2).is_err());
+        assert_eq!(s.seq, 1);
+        let scope = s.scope("p", "s").expect("scope");
+        assert!(scope.kv.get(&b"first"[..]).is_none());
+        assert_eq!(scope.live_keys, 0);
+    }
+
+    #[test]
+    fn a_ddl_batch_that_fails_halfway_changes_nothing() {
+        let mut s = base();
+        let create = |scope: &str| DdlOperation::CreateScope {
+            project: "p".into(),
+            scope: scope.into(),
+        };
+        let rec = WalRecord::Ddl {
+            actor: None,
+            ops: vec![create("t"), create("s")],
+            audit: Vec::new(),
+        };
+        assert!(s.apply(&rec, 2).is_err());
+        assert_eq!(s.seq, 1);
+        assert!(s.scope("p", "t").is_err());
+    }
 }
