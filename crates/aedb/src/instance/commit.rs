@@ -442,6 +442,10 @@ impl<M> AedbInstance<M> {
         project: &str,
         need: Permission,
     ) -> Result<(), AedbError> {
+        // Every authorized read passes here, also those of read and write
+        // transactions opened before a poison: none serves a state that may hold
+        // commits that will never be durable.
+        self.inner.wal.check_healthy()?;
         let decision = self.inner.current.load().authz.decide(caller, &need);
         match decision {
             Decision::Allowed => Ok(()),

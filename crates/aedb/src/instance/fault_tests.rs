@@ -104,3 +104,46 @@ fn panicking_apply_poisons_instead_of_hanging_later_commits() {
     let ckpt = returns("a checkpoint (drains)", move || d.checkpoint());
     assert!(ckpt.is_err(), "{ckpt:?}");
 }
+
+/// Bug 10: once poisoned, the published state holds commits that will never be
+/// durable (the reopen replays only the durable log). Like PostgreSQL, which
+/// PANICs on a failed fsync and ends every session, the instance stops serving it:
+/// every fallible read entry point is `Poisoned`, also reads through a read
+/// transaction opened before.
+#[test]
+fn poisoned_instance_refuses_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dev(dir.path());
+    db.commit_ddl_batch(vec![DdlOperation::GrantPermission {
+        grantee: "reader".into(),
+        permission: Permission::KvRead {
+            project: "p".into(),
+            scope: None,
+            prefix: None,
+        },
+        delegable: false,
+    }])
+    .expect("grant");
+    db.kv_set("p", "s", b"k", b"v").expect("commit");
+    let reader = CallerContext::new("reader");
+    let open_before = db
+        .begin_read_tx_as(&reader, ConsistencyMode::AtLatest)
+        .expect("read tx");
+    assert!(open_before.kv_get("p", "s", b"k").expect("read").is_some());
+    assert!(!db.operational_metrics().poisoned);
+
+    failpoints::arm(Failpoint::RecordRotation);
+    assert!(db.kv_set("p", "s", b"k2", b"v").is_err());
+    assert!(db.is_poisoned());
+    assert!(db.operational_metrics().poisoned);
+    let poisoned = |r: Result<(), AedbError>| matches!(r, Err(AedbError::Poisoned(_)));
+    assert!(poisoned(
+        db.begin_read(ConsistencyMode::AtLatest).map(|_| ())
+    ));
+    assert!(poisoned(db.begin_write("p").map(|_| ())));
+    assert!(poisoned(db.kv_get(&reader, "p", "s", b"k").map(|_| ())));
+    assert!(poisoned(open_before.kv_get("p", "s", b"k").map(|_| ())));
+    assert!(poisoned(db.export_audit(0).map(|_| ())));
+    // Plain values already handed out stay readable; `is_poisoned` flags them.
+    assert!(db.snapshot().kv("p", "s").expect("kv").get(b"k").is_some());
+}

@@ -612,6 +612,9 @@ impl<M> AedbInstance<M> {
     }
 
     fn begin_read_inner(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
+        // After a poison the latest state may hold commits that will never be
+        // durable; like a database server that stops on a failed fsync, stop serving.
+        self.inner.wal.check_healthy()?;
         match mode {
             ConsistencyMode::AtLatest => Ok(self.snapshot_inner()),
             ConsistencyMode::AtSeq(n) => {
@@ -657,6 +660,7 @@ impl<M> AedbInstance<M> {
         caller: Option<&CallerContext>,
         project: &str,
     ) -> Result<WriteTransaction, AedbError> {
+        self.inner.wal.check_healthy()?;
         let snapshot = self.snapshot_inner();
         if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
             return Err(AedbError::NotFound {
@@ -676,6 +680,7 @@ impl<M> AedbInstance<M> {
         snap: &Snapshot,
         since_id: i64,
     ) -> Result<Vec<AuditExport>, AedbError> {
+        self.inner.wal.check_healthy()?;
         Ok(crate::audit::export_tables(&snap.state, since_id))
     }
 
@@ -761,7 +766,12 @@ impl<M> AedbInstance<M> {
         let mut m = OperationalMetrics::default();
         self.inner.counters.fill(&mut m);
         m.fsyncs = self.inner.wal.fsyncs();
-        m.head_seq = self.inner.current.load().seq;
+        m.poisoned = self.is_poisoned();
+        {
+            let state = self.inner.current.load();
+            m.head_seq = state.seq;
+            m.tombstones = state.tombstones() as u64;
+        }
         m.durable_seq = self.inner.wal.durable_lsn();
         m.queued_commits = self.inner.queued.load(Ordering::Relaxed) as u64;
         m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;

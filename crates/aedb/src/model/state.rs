@@ -111,6 +111,22 @@ impl DbState {
         Ok(())
     }
 
+    /// Deleted keys and rows still held as tombstones (a count per keyspace is
+    /// kept, so this is cheap).
+    pub fn tombstones(&self) -> usize {
+        self.projects
+            .values()
+            .flat_map(|p| p.scopes.values())
+            .map(|s| {
+                s.kv.len() - s.live_keys
+                    + s.tables
+                        .values()
+                        .map(|t| t.rows.len() - t.live_rows)
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+
     pub fn scope(&self, project: &str, scope: &str) -> Result<&ScopeState, AedbError> {
         self.projects
             .get(project)
