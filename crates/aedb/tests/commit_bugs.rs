@@ -125,3 +125,54 @@ fn wait_durable_for_a_seq_never_issued_is_an_error() -> Result<(), AedbError> {
     assert_eq!(db.operational_metrics().fsyncs, fsyncs);
     Ok(())
 }
+
+/// Bug 10: deleted keys stayed in memory as tombstones until a reopen, so a
+/// delete-heavy workload grew without bound. They are purged as soon as no open
+/// write transaction has a snapshot from before the delete (such a transaction
+/// still needs them to see its write-write conflict).
+#[test]
+fn tombstones_are_purged_while_running() -> Result<(), AedbError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(dir.path());
+    db.create_project("p")?;
+    db.create_scope("p", "s")?;
+    let key = |i: u32| format!("key-{i:05}").into_bytes();
+    let mut tx = db.begin_write("p")?;
+    for i in 0..1_000 {
+        tx.kv_set("s", &key(i), b"value")?;
+    }
+    db.commit(tx)?;
+    // Open from before the deletes, writing one of the deleted keys.
+    let mut old = db.begin_write("p")?;
+    old.kv_set("s", &key(0), b"late")?;
+    for batch in 0..10 {
+        let mut tx = db.begin_write("p")?;
+        for i in batch * 100..(batch + 1) * 100 {
+            tx.kv_del("s", &key(i))?;
+        }
+        db.commit(tx)?;
+    }
+    assert_eq!(db.snapshot().kv("p", "s")?.len(), 0);
+    assert_eq!(
+        db.operational_metrics().tombstones,
+        1_000,
+        "pinned by `old`"
+    );
+    assert!(
+        matches!(db.commit(old), Err(AedbError::Conflict { .. })),
+        "the tombstone still detects the conflict"
+    );
+    // `old` is gone: the next commit to the project purges everything before it.
+    db.kv_set("p", "s", b"other", b"1")?;
+    assert_eq!(db.operational_metrics().tombstones, 0);
+
+    // Replay at open does not bring them back either.
+    let mut tx = db.begin_write("p")?;
+    tx.kv_del("s", b"other")?;
+    db.commit(tx)?;
+    db.close()?;
+    let db = open(dir.path());
+    assert_eq!(db.operational_metrics().tombstones, 0);
+    assert_eq!(db.snapshot().kv("p", "s")?.len(), 0);
+    Ok(())
+}

@@ -249,7 +249,10 @@ impl<M> AedbInstance<M> {
                 if super::failpoints::hit(super::failpoints::Failpoint::PanicInApply) {
                     panic!("failpoint: apply of commit {seq}");
                 }
-                project.apply_ops(name, ops, seq)
+                project.apply_ops(name, ops, seq)?;
+                // Delete-heavy workloads would otherwise grow until a reopen.
+                project.purge_tombstones(self.inner.tombstone_horizon());
+                Ok(())
             }
             _ => Ok(()),
         }))

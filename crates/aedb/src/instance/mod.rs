@@ -1,6 +1,6 @@
 //! `AedbInstance`: opening (recovery), the commit path, and read snapshots.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -126,6 +126,9 @@ struct Inner {
     /// One lock per project: a commit holds its project's lock from validation to
     /// publication, so commits to different projects proceed in parallel.
     project_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Snapshot seqs of open write transactions (seq -> how many): tombstones at
+    /// or before the oldest are no longer needed for conflict detection.
+    write_pins: Arc<Mutex<BTreeMap<u64, usize>>>,
     _lock: DirLock,
 }
 
@@ -235,6 +238,43 @@ impl std::fmt::Debug for BoundCaller {
         f.debug_tuple("BoundCaller")
             .field(&self.caller.caller_id)
             .finish()
+    }
+}
+
+/// Keeps tombstones newer than a write transaction's snapshot while it is open
+/// (it needs them to see a write-write conflict with a delete).
+pub(crate) struct SnapshotPin {
+    seq: u64,
+    pins: Arc<Mutex<BTreeMap<u64, usize>>>,
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock();
+        if let Some(n) = pins.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.seq);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for SnapshotPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SnapshotPin").field(&self.seq).finish()
+    }
+}
+
+impl Inner {
+    /// The snapshot seq at or before which no open write transaction needs a
+    /// tombstone: the oldest pinned one, or the published state if none is open.
+    fn tombstone_horizon(&self) -> u64 {
+        let pins = self.write_pins.lock();
+        let published = self.current.load().seq;
+        pins.keys()
+            .next()
+            .map_or(published, |&oldest| oldest.min(published))
     }
 }
 
@@ -537,6 +577,9 @@ impl<M> AedbInstance<M> {
             backup_floor_lsn: manifest_body.as_ref().and_then(|m| m.backup_floor_lsn),
         };
         write_manifest(&dir, &config, &mut ms)?;
+        // Nothing is open yet: replayed deletes need no tombstones.
+        let seq = cs.state.seq;
+        cs.state.purge_tombstones(seq);
         cs.next_seq = cs.state.seq + 1;
         let published = Arc::new(cs.state.clone());
         cs.history.push_back(published.clone());
@@ -571,6 +614,7 @@ impl<M> AedbInstance<M> {
             checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
             published: Condvar::new(),
             project_locks: Mutex::new(HashMap::new()),
+            write_pins: Arc::new(Mutex::new(BTreeMap::new())),
             _lock: lock,
             config,
         });
@@ -661,7 +705,18 @@ impl<M> AedbInstance<M> {
         project: &str,
     ) -> Result<WriteTransaction, AedbError> {
         self.inner.wal.check_healthy()?;
-        let snapshot = self.snapshot_inner();
+        // Taken and pinned under one lock, so a purge either sees the pin or runs
+        // against a state no older than this snapshot.
+        let (snapshot, pin) = {
+            let mut pins = self.inner.write_pins.lock();
+            let snapshot = self.snapshot_inner();
+            *pins.entry(snapshot.seq()).or_default() += 1;
+            let pin = SnapshotPin {
+                seq: snapshot.seq(),
+                pins: self.inner.write_pins.clone(),
+            };
+            (snapshot, pin)
+        };
         if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
             return Err(AedbError::NotFound {
                 kind: "project",
@@ -669,6 +724,7 @@ impl<M> AedbInstance<M> {
             });
         }
         let mut tx = WriteTransaction::new(project.to_string(), snapshot, self.inner.config.limits);
+        tx.pin = Some(pin);
         tx.caller = caller.map(|c| BoundCaller {
             caller: c.clone(),
             db: Arc::downgrade(&self.inner),
@@ -801,8 +857,6 @@ impl<M> AedbInstance<M> {
 mod api;
 mod backups;
 mod commit;
-#[cfg(test)]
-mod fault_tests;
 mod inner;
 mod read;
 
@@ -847,3 +901,6 @@ use read::{
     authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use,
     validate_caller_id, validate_ddl,
 };
+
+#[cfg(test)]
+mod fault_tests;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use imbl::OrdMap;
+use imbl::{OrdMap, Vector};
 
 use crate::audit::{
     ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditRow, SYSTEM_PROJECT, assertion_schema,
@@ -43,6 +43,24 @@ pub(crate) struct ScopeState {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ProjectState {
     pub scopes: OrdMap<String, ScopeState>,
+    /// Every delete in the order applied (so by version), until `purge_tombstones`
+    /// takes it off the front. An entry whose key was written again since is
+    /// skipped then; each delete is visited once.
+    pub deletes: Vector<(u64, Deleted)>,
+}
+
+/// Where a delete left its tombstone.
+#[derive(Clone, Debug)]
+pub(crate) enum Deleted {
+    Kv {
+        scope: String,
+        key: Bytes,
+    },
+    Row {
+        scope: String,
+        table: String,
+        key: Bytes,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -111,6 +129,23 @@ impl DbState {
         Ok(())
     }
 
+    /// `ProjectState::purge_tombstones` for every project.
+    pub fn purge_tombstones(&mut self, horizon: u64) -> usize {
+        let names: Vec<String> = self
+            .projects
+            .iter()
+            .filter(|(_, p)| !p.deletes.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut removed = 0;
+        for n in &names {
+            if let Some(p) = self.projects.get_mut(n) {
+                removed += p.purge_tombstones(horizon);
+            }
+        }
+        removed
+    }
+
     /// Deleted keys and rows still held as tombstones (a count per keyspace is
     /// kept, so this is cheap).
     pub fn tombstones(&self) -> usize {
@@ -118,10 +153,10 @@ impl DbState {
             .values()
             .flat_map(|p| p.scopes.values())
             .map(|s| {
-                s.kv.len() - s.live_keys
+                s.kv.len().saturating_sub(s.live_keys)
                     + s.tables
                         .values()
-                        .map(|t| t.rows.len() - t.live_rows)
+                        .map(|t| t.rows.len().saturating_sub(t.live_rows))
                         .sum::<usize>()
             })
             .sum()
@@ -294,6 +329,41 @@ impl DbState {
 }
 
 impl ProjectState {
+    /// Drops the tombstones of deletes at or before `horizon`: no transaction that
+    /// can still commit has a snapshot older than that, so none could conflict on
+    /// them any more. Readers never see tombstones, so this changes nothing they
+    /// read. Returns how many were removed.
+    pub(crate) fn purge_tombstones(&mut self, horizon: u64) -> usize {
+        let mut removed = 0;
+        while self.deletes.front().is_some_and(|(v, _)| *v <= horizon) {
+            let Some((version, deleted)) = self.deletes.pop_front() else {
+                break;
+            };
+            match deleted {
+                Deleted::Kv { scope, key } => {
+                    if let Some(s) = self.scopes.get_mut(&scope)
+                        && is_tombstone(s.kv.get(&key), version)
+                    {
+                        s.kv.remove(&key);
+                        removed += 1;
+                    }
+                }
+                Deleted::Row { scope, table, key } => {
+                    if let Some(t) = self
+                        .scopes
+                        .get_mut(&scope)
+                        .and_then(|s| s.tables.get_mut(&table))
+                        && is_tombstone(t.rows.get(&key), version)
+                    {
+                        t.rows.remove(&key);
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     /// Applies a commit's writes at `seq` (the engine validated them first).
     pub(crate) fn apply_ops(
         &mut self,
@@ -324,6 +394,13 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
             }
         }
         WriteOp::KvDel { scope, key } => {
+            p.deletes.push_back((
+                seq,
+                Deleted::Kv {
+                    scope: scope.clone(),
+                    key: key.clone(),
+                },
+            ));
             let s = scope_mut(p, project, scope)?;
             let prev = s.kv.insert(
                 key.clone(),
@@ -355,6 +432,14 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
             }
         }
         WriteOp::RowDel { scope, table, key } => {
+            p.deletes.push_back((
+                seq,
+                Deleted::Row {
+                    scope: scope.clone(),
+                    table: table.clone(),
+                    key: key.clone(),
+                },
+            ));
             let t = table_mut(p, project, scope, table)?;
             let prev = t.rows.insert(
                 key.clone(),
@@ -369,6 +454,11 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
         }
     }
     Ok(())
+}
+
+/// True when `e` is still the tombstone written at `version`.
+fn is_tombstone<T>(e: Option<&Versioned<T>>, version: u64) -> bool {
+    e.is_some_and(|e| e.version == version && e.value.is_none())
 }
 
 fn scope_mut<'a>(

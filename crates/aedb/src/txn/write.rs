@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::authz::Permission;
 use crate::config::Limits;
 use crate::error::AedbError;
-use crate::instance::BoundCaller;
+use crate::instance::{BoundCaller, SnapshotPin};
 use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::state::DbState;
 use crate::model::value::{Row, Value};
@@ -56,6 +56,8 @@ pub struct WriteTransaction {
     /// Set by `begin_write_as`: every read is then authorized for this caller when it
     /// happens, like a `ReadTx` read. `None` only on the anonymous development API.
     pub(crate) caller: Option<BoundCaller>,
+    /// Keeps the tombstones this transaction may conflict with until it is dropped.
+    pub(crate) pin: Option<SnapshotPin>,
     pub(crate) limits: Limits,
     bytes: usize,
 }
@@ -70,6 +72,7 @@ impl WriteTransaction {
             assertions: Vec::new(),
             idempotency_key: None,
             caller: None,
+            pin: None,
             limits,
             bytes: 0,
         }

@@ -575,26 +575,26 @@ mod tests {
     /// the fsync reached the disk. Neither was acknowledged, so this is a torn tail
     /// that strict recovery cuts off, not damage in the middle of the log.
     #[test]
-    fn unsynced_write_out_then_torn_frame_is_a_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = WalWriter::create(dir.path(), 1 << 20, no_keys(), 1, 1, [0; 32]).unwrap();
-        w.append(1, b"acknowledged").unwrap();
-        w.wait_durable(1).unwrap();
-        w.append(2, &[b'x'; 300]).unwrap();
-        w.write_out().unwrap();
-        w.append(3, b"in the interrupted fsync").unwrap();
-        w.wait_durable(3).unwrap();
-        w.shutdown().unwrap();
+    fn unsynced_write_out_then_torn_frame_is_a_torn_tail() -> Result<(), AedbError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = WalWriter::create(dir.path(), 1 << 20, no_keys(), 1, 1, [0; 32])?;
+        w.append(1, b"acknowledged")?;
+        w.wait_durable(1)?;
+        w.append(2, &[b'x'; 300])?;
+        w.write_out()?;
+        w.append(3, b"in the interrupted fsync")?;
+        w.wait_durable(3)?;
+        w.shutdown()?;
         drop(w);
 
         let path = dir.path().join(segment_file_name(1));
-        let mut buf = std::fs::read(&path).unwrap();
+        let mut buf = std::fs::read(&path).expect("read segment");
         let frame2 = SEGMENT_HEADER_LEN + FRAME_HEADER_LEN + b"acknowledged".len();
         // A lost sector inside frame 2's payload.
         for b in &mut buf[frame2 + FRAME_HEADER_LEN + 100..frame2 + FRAME_HEADER_LEN + 200] {
             *b = 0;
         }
-        std::fs::write(&path, &buf).unwrap();
+        std::fs::write(&path, &buf).expect("write segment");
 
         let r = recover(
             dir.path(),
@@ -607,5 +607,6 @@ mod tests {
         let torn = r.report.torn_tail.expect("torn tail reported");
         assert_eq!(torn.offset, frame2 as u64);
         assert_eq!(r.report.last_lsn, 1);
+        Ok(())
     }
 }
