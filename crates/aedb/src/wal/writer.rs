@@ -160,6 +160,13 @@ impl WalWriter {
         header: &SegmentHeader,
     ) -> Result<Self, AedbError> {
         let path = dir.join(segment_file_name(pos.segment_index));
+        // What recovery read may still be only in the page cache (the process died,
+        // the machine did not): make it durable before a batch start claims so.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| AedbError::io(&path, e))?;
         Self::resume_at(dir, segment_bytes, keys, &path, pos, header)
     }
 
@@ -183,9 +190,6 @@ impl WalWriter {
             .open(path)
             .map_err(|e| AedbError::io(path, e))?;
         let capacity = file.metadata().map_err(|e| AedbError::io(path, e))?.len();
-        // What recovery read may still be only in the page cache (the process died,
-        // the machine did not): make it durable before the first batch start claims so.
-        file.sync_data().map_err(|e| AedbError::io(path, e))?;
         let w = Self {
             dir: dir.to_path_buf(),
             keys,
