@@ -281,8 +281,8 @@ impl<M> AedbInstance<M> {
                 None
             }
             // Validated above, so this is a bug; the frame is in the log buffer, the
-            // state is not: refuse everything until a reopen replays the log (the
-            // poisoned writer never writes that frame out).
+            // state is not: refuse everything until a reopen (the poisoned writer
+            // starts no further write-out; one already under way may carry it).
             Err(e) => {
                 self.inner.wal.poison(&e);
                 Some(e)
