@@ -40,6 +40,9 @@ pub enum AedbError {
     #[error("assertion {index} failed: {description}")]
     AssertionFailed { index: usize, description: String },
 
+    #[error("idempotency key {key:?} was already used by commit {first_seq} with different writes")]
+    IdempotencyKeyReused { key: String, first_seq: u64 },
+
     #[error("limit exceeded: {what} is {actual}, limit {limit}")]
     LimitExceeded {
         what: &'static str,

@@ -227,6 +227,13 @@ pub struct OperationalMetrics {
     pub checkpoint_age_secs: Option<f64>,
     /// Duration of the last checkpoint written by this instance.
     pub checkpoint_duration_secs: Option<f64>,
+    /// A WAL write, fsync or manifest update failed: the instance refuses commits
+    /// and reads until it is reopened (alert on it).
+    pub poisoned: bool,
+    /// Deleted keys and rows still held in memory as tombstones (conflict
+    /// detection for transactions open before the delete); purged as the oldest
+    /// open write transaction moves past them.
+    pub tombstones: u64,
     pub assertion_failures: u64,
     pub permission_denials: u64,
     pub global_admin_uses: u64,

@@ -174,15 +174,20 @@ fn idempotency_key_applies_once() {
         tx
     };
     let first = db.commit(mk(b"first")).expect("first");
-    let retry = db.commit(mk(b"second")).expect("retry");
+    let retry = db.commit(mk(b"first")).expect("retry");
     assert!(retry.idempotent_replay);
     assert_eq!(retry.commit_seq, first.commit_seq);
+    // The same key for other writes is a caller bug, not a retry.
+    assert!(matches!(
+        db.commit(mk(b"second")),
+        Err(AedbError::IdempotencyKeyReused { .. })
+    ));
     assert_eq!(get(&db, b"k").expect("get").as_deref(), Some(&b"first"[..]));
     db.close().expect("close");
     // Survives reopen: the key is in the log.
     let db = open(dir.path());
     let mut tx = db.begin_write("p").expect("tx");
-    tx.kv_set("s", b"k", b"third").expect("set");
+    tx.kv_set("s", b"k", b"first").expect("set");
     tx.set_idempotency_key("req-1");
     assert!(db.commit(tx).expect("retry after reopen").idempotent_replay);
 }

@@ -2,6 +2,8 @@
 //! the WAL append, ordered publication, audit rows for denials and failed
 //! assertions, and schema/authorization changes.
 
+use std::panic::AssertUnwindSafe;
+
 use super::*;
 
 impl<M> AedbInstance<M> {
@@ -100,6 +102,7 @@ impl<M> AedbInstance<M> {
         let _slot = self.admit()?;
         let tag = tx.idempotency_tag();
         let mut record = tx.to_record();
+        let digest = tag.as_ref().and_then(|_| writes_digest(&record));
         // Encoding happens outside the commit lock: it does not depend on the LSN.
         let mut payload = record.encode()?;
         let limit = self.inner.config.limits.max_txn_bytes;
@@ -143,6 +146,17 @@ impl<M> AedbInstance<M> {
                 }
             }
         }
+        // A retry of a commit that went through replays its result before the
+        // conflict and assertion checks: the first attempt's own writes would fail
+        // them (a `key_absent` guard, a version check) and turn a retry after a
+        // timeout into a spurious failure.
+        if let Some(t) = &tag {
+            let mut cs = self.lock_commit()?;
+            if let Some(replayed) = self.replayed(&mut cs, t, digest.as_ref()) {
+                drop(cs);
+                return self.finish(replayed?, finality, true);
+            }
+        }
         tx.check_conflicts(&latest)?;
         if let Err(e) = tx.check_assertions(&latest) {
             if let AedbError::AssertionFailed { index, description } = &e {
@@ -168,15 +182,12 @@ impl<M> AedbInstance<M> {
         // if grants changed meanwhile, the sequence number and the WAL append.
         let mut cs = self.lock_commit()?;
         self.inner.wal.check_healthy()?;
-        if let Some(seq) = tag.as_ref().and_then(|t| cs.idempotency.get(t).copied()) {
-            // The first attempt may still be between its WAL append and its
-            // publication (it runs under another project's lock): a replay
-            // returns only once that commit is visible, as the first would have.
-            while cs.state.seq < seq {
-                self.inner.published.wait(&mut cs);
-            }
+        // Again: a first attempt to another project may have taken the key meanwhile.
+        if let Some(t) = &tag
+            && let Some(replayed) = self.replayed(&mut cs, t, digest.as_ref())
+        {
             drop(cs);
-            return self.finish(seq, finality, true);
+            return self.finish(replayed?, finality, true);
         }
         if let Some(c) = caller
             && cs.state.authz.generation != latest.authz.generation
@@ -207,13 +218,18 @@ impl<M> AedbInstance<M> {
             }
         }
         let seq = cs.next_seq;
+        self.make_room(payload.len())?;
+        // From here on the frame is in the log buffer: nothing below may fail
+        // without poisoning, and `seq` is published whatever happens.
         let pending = self.inner.wal.append(seq, &payload)?;
         cs.next_seq += 1;
-        if let Err(e) = self.inner.record_rotation() {
-            self.inner.wal.poison(&e);
-        }
         if let Some(tag) = tag {
-            cs.remember(tag, seq, self.inner.config.limits.max_idempotency_records);
+            cs.remember(
+                tag,
+                seq,
+                digest,
+                self.inner.config.limits.max_idempotency_records,
+            );
         }
         drop(cs);
 
@@ -223,39 +239,119 @@ impl<M> AedbInstance<M> {
             .get(tx.project())
             .cloned()
             .unwrap_or_default();
-        let applied = match &record {
+        // A panic here is a bug, but it must not leave `seq` unpublished: every later
+        // commit, drain and idempotent replay would wait for it forever.
+        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| match &record {
             WalRecord::Commit {
                 project: name, ops, ..
-            } => project.apply_ops(name, ops, seq),
+            } => {
+                #[cfg(test)]
+                if super::failpoints::hit(super::failpoints::Failpoint::PanicInApply) {
+                    panic!("failpoint: apply of commit {seq}");
+                }
+                project.apply_ops(name, ops, seq)?;
+                // Delete-heavy workloads would otherwise grow until a reopen.
+                project.purge_tombstones(self.inner.tombstone_horizon());
+                Ok(())
+            }
             _ => Ok(()),
-        };
+        }))
+        .unwrap_or_else(|_| {
+            Err(AedbError::Poisoned(format!(
+                "applying commit {seq} panicked"
+            )))
+        });
 
         // Phase B2: publish in sequence order.
         let mut cs = self.inner.commit.lock();
         while cs.state.seq + 1 < seq {
             self.inner.published.wait(&mut cs);
         }
-        match applied {
-            Ok(()) => {
-                cs.state.projects.insert(tx.project().to_string(), project);
-                if let WalRecord::Commit { audit, .. } = &record
-                    && let Err(e) = cs.state.append_audit(audit, seq)
-                {
-                    self.inner.wal.poison(&e);
-                }
+        let applied = applied.and_then(|()| {
+            let mut next = cs.state.clone();
+            next.projects.insert(tx.project().to_string(), project);
+            if let WalRecord::Commit { audit, .. } = &record {
+                next.append_audit(audit, seq)?;
             }
-            // Validated above, so this is a bug; the frame is in the log, the state
-            // is not: refuse further commits until a reopen replays it.
-            Err(e) => self.inner.wal.poison(&e),
-        }
+            Ok(next)
+        });
+        let failed = match applied {
+            Ok(next) => {
+                cs.state = next;
+                None
+            }
+            // Validated above, so this is a bug; the frame is in the log buffer, the
+            // state is not: refuse everything until a reopen (the poisoned writer
+            // starts no further write-out; one already under way may carry it).
+            Err(e) => {
+                self.inner.wal.poison(&e);
+                Some(e)
+            }
+        };
+        // Published even when it failed: later commits wait for this number.
         cs.state.seq = seq;
         self.publish(&mut cs);
         drop(cs);
         // Published: the next commit to this project may start while this one
         // waits for its fsync, so concurrent durable commits share one (group commit).
         drop(project_guard);
+        if let Some(e) = failed {
+            return Err(match e {
+                e @ AedbError::Poisoned(_) => e,
+                e => AedbError::Poisoned(format!("commit {seq} did not apply: {e}")),
+            });
+        }
         self.bound_buffer(pending)?;
         self.finish(seq, finality, false)
+    }
+
+    /// The commit an idempotency key already names, once it is published; `None`
+    /// if the key is new. Refused when that commit wrote something else: answering
+    /// with another transaction's result would hide a caller bug.
+    fn replayed(
+        &self,
+        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
+        tag: &IdempotencyTag,
+        digest: Option<&WritesDigest>,
+    ) -> Option<Result<u64, AedbError>> {
+        let seq = *cs.idempotency.get(tag)?;
+        if let (Some(first), Some(this)) = (cs.idempotency_digest.get(tag), digest)
+            && first != this
+        {
+            return Some(Err(AedbError::IdempotencyKeyReused {
+                key: tag.key.clone(),
+                first_seq: seq,
+            }));
+        }
+        // The first attempt may still be between its WAL append and its
+        // publication (it runs under another project's lock): a replay returns
+        // only once that commit is visible, as the first would have.
+        while cs.state.seq < seq {
+            self.inner.published.wait(cs);
+        }
+        Some(Ok(seq))
+    }
+
+    /// Seals the active segment if the next frame does not fit, and records that
+    /// in the manifest, before the frame is appended: a failure leaves no frame
+    /// behind, and poisons (a manifest that may or may not be on disk, like a
+    /// failed fsync, is never retried).
+    fn make_room(&self, payload_len: usize) -> Result<(), AedbError> {
+        self.inner.wal.make_room(payload_len)?;
+        self.record_rotation()
+            .inspect_err(|e| self.inner.wal.poison(e))
+    }
+
+    /// Records segments sealed by the last rotation in the manifest.
+    fn record_rotation(&self) -> Result<(), AedbError> {
+        #[cfg(test)]
+        if super::failpoints::hit(super::failpoints::Failpoint::RecordRotation) {
+            return Err(AedbError::io(
+                self.inner.dir.join("MANIFEST"),
+                std::io::Error::other("failpoint: manifest write after a rotation"),
+            ));
+        }
+        self.inner.record_rotation()
     }
 
     /// Waits until every reserved sequence number has been published, so the
@@ -329,11 +425,13 @@ impl<M> AedbInstance<M> {
             cs.state.seq + 1,
             "serial commits follow the published state"
         );
+        self.inner.wal.check_healthy()?;
         let payload = record.encode()?;
         let mut next = cs.state.clone();
         next.apply(record, seq)?;
+        self.make_room(payload.len())?;
+        // Nothing after the append can fail: the frame and the state go together.
         self.inner.wal.append(seq, &payload)?;
-        self.inner.record_rotation()?;
         cs.state = next;
         self.publish(cs);
         Ok(())
@@ -347,6 +445,10 @@ impl<M> AedbInstance<M> {
         project: &str,
         need: Permission,
     ) -> Result<(), AedbError> {
+        // Every authorized read passes here, also those of read and write
+        // transactions opened before a poison: none serves a state that may hold
+        // commits that will never be durable.
+        self.inner.wal.check_healthy()?;
         let decision = self.inner.current.load().authz.decide(caller, &need);
         match decision {
             Decision::Allowed => Ok(()),

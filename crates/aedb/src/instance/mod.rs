@@ -1,6 +1,6 @@
 //! `AedbInstance`: opening (recovery), the commit path, and read snapshots.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ use crate::open::{
 use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
 use crate::txn::query::{Query, QueryResult};
 use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot};
-use crate::txn::write::WriteTransaction;
+use crate::txn::write::{WriteTransaction, WritesDigest, writes_digest};
 use crate::wal::RecoveryReport;
 use crate::wal::format::segment_file_name;
 use crate::wal::keys::WalKeys;
@@ -62,18 +62,33 @@ struct CommitState {
     /// already have their WAL frame are still applying; they publish in order.
     next_seq: u64,
     idempotency: HashMap<IdempotencyTag, u64>,
+    /// What the commit under each key wrote (`writes_digest`), so a key reused for
+    /// other writes is refused. Absent for keys loaded from a checkpoint, which
+    /// stores only the sequence number: those replay without the comparison.
+    idempotency_digest: HashMap<IdempotencyTag, WritesDigest>,
     idempotency_order: VecDeque<IdempotencyTag>,
     history: VecDeque<Arc<DbState>>,
 }
 
 impl CommitState {
-    fn remember(&mut self, tag: IdempotencyTag, seq: u64, max: usize) {
+    fn remember(
+        &mut self,
+        tag: IdempotencyTag,
+        seq: u64,
+        digest: Option<WritesDigest>,
+        max: usize,
+    ) {
+        match digest {
+            Some(d) => self.idempotency_digest.insert(tag.clone(), d),
+            None => self.idempotency_digest.remove(&tag),
+        };
         if self.idempotency.insert(tag.clone(), seq).is_none() {
             self.idempotency_order.push_back(tag);
         }
         while self.idempotency_order.len() > max {
             if let Some(old) = self.idempotency_order.pop_front() {
                 self.idempotency.remove(&old);
+                self.idempotency_digest.remove(&old);
             }
         }
     }
@@ -111,6 +126,9 @@ struct Inner {
     /// One lock per project: a commit holds its project's lock from validation to
     /// publication, so commits to different projects proceed in parallel.
     project_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Snapshot seqs of open write transactions (seq -> how many): tombstones at
+    /// or before the oldest are no longer needed for conflict detection.
+    write_pins: Arc<Mutex<BTreeMap<u64, usize>>>,
     _lock: DirLock,
 }
 
@@ -220,6 +238,43 @@ impl std::fmt::Debug for BoundCaller {
         f.debug_tuple("BoundCaller")
             .field(&self.caller.caller_id)
             .finish()
+    }
+}
+
+/// Keeps tombstones newer than a write transaction's snapshot while it is open
+/// (it needs them to see a write-write conflict with a delete).
+pub(crate) struct SnapshotPin {
+    seq: u64,
+    pins: Arc<Mutex<BTreeMap<u64, usize>>>,
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock();
+        if let Some(n) = pins.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.seq);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for SnapshotPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SnapshotPin").field(&self.seq).finish()
+    }
+}
+
+impl Inner {
+    /// The snapshot seq at or before which no open write transaction needs a
+    /// tombstone: the oldest pinned one, or the published state if none is open.
+    fn tombstone_horizon(&self) -> u64 {
+        let pins = self.write_pins.lock();
+        let published = self.current.load().seq;
+        pins.keys()
+            .next()
+            .map_or(published, |&oldest| oldest.min(published))
     }
 }
 
@@ -430,6 +485,7 @@ impl<M> AedbInstance<M> {
         let mut cs = CommitState {
             state: DbState::initial(),
             idempotency: HashMap::new(),
+            idempotency_digest: HashMap::new(),
             idempotency_order: VecDeque::new(),
             history: VecDeque::new(),
             next_seq: 0,
@@ -450,7 +506,7 @@ impl<M> AedbInstance<M> {
             ckpt_snapshot = Some(Arc::new(cs.state.clone()));
             let max = config.limits.max_idempotency_records;
             for (tag, seq) in state.idempotency {
-                cs.remember(tag, seq, max);
+                cs.remember(tag, seq, None, max);
             }
             ckpt_meta = Some(meta);
         }
@@ -471,9 +527,9 @@ impl<M> AedbInstance<M> {
             if let WalRecord::Commit {
                 idempotency: Some(tag),
                 ..
-            } = record
+            } = &record
             {
-                cs.remember(tag, lsn, max_idem);
+                cs.remember(tag.clone(), lsn, writes_digest(&record), max_idem);
             }
             Ok(())
         })?;
@@ -521,6 +577,9 @@ impl<M> AedbInstance<M> {
             backup_floor_lsn: manifest_body.as_ref().and_then(|m| m.backup_floor_lsn),
         };
         write_manifest(&dir, &config, &mut ms)?;
+        // Nothing is open yet: replayed deletes need no tombstones.
+        let seq = cs.state.seq;
+        cs.state.purge_tombstones(seq);
         cs.next_seq = cs.state.seq + 1;
         let published = Arc::new(cs.state.clone());
         cs.history.push_back(published.clone());
@@ -555,6 +614,7 @@ impl<M> AedbInstance<M> {
             checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
             published: Condvar::new(),
             project_locks: Mutex::new(HashMap::new()),
+            write_pins: Arc::new(Mutex::new(BTreeMap::new())),
             _lock: lock,
             config,
         });
@@ -596,6 +656,9 @@ impl<M> AedbInstance<M> {
     }
 
     fn begin_read_inner(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
+        // After a poison the latest state may hold commits that will never be
+        // durable; like a database server that stops on a failed fsync, stop serving.
+        self.inner.wal.check_healthy()?;
         match mode {
             ConsistencyMode::AtLatest => Ok(self.snapshot_inner()),
             ConsistencyMode::AtSeq(n) => {
@@ -641,7 +704,19 @@ impl<M> AedbInstance<M> {
         caller: Option<&CallerContext>,
         project: &str,
     ) -> Result<WriteTransaction, AedbError> {
-        let snapshot = self.snapshot_inner();
+        self.inner.wal.check_healthy()?;
+        // Taken and pinned under one lock, so a purge either sees the pin or runs
+        // against a state no older than this snapshot.
+        let (snapshot, pin) = {
+            let mut pins = self.inner.write_pins.lock();
+            let snapshot = self.snapshot_inner();
+            *pins.entry(snapshot.seq()).or_default() += 1;
+            let pin = SnapshotPin {
+                seq: snapshot.seq(),
+                pins: self.inner.write_pins.clone(),
+            };
+            (snapshot, pin)
+        };
         if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
             return Err(AedbError::NotFound {
                 kind: "project",
@@ -649,6 +724,7 @@ impl<M> AedbInstance<M> {
             });
         }
         let mut tx = WriteTransaction::new(project.to_string(), snapshot, self.inner.config.limits);
+        tx.pin = Some(pin);
         tx.caller = caller.map(|c| BoundCaller {
             caller: c.clone(),
             db: Arc::downgrade(&self.inner),
@@ -660,6 +736,7 @@ impl<M> AedbInstance<M> {
         snap: &Snapshot,
         since_id: i64,
     ) -> Result<Vec<AuditExport>, AedbError> {
+        self.inner.wal.check_healthy()?;
         Ok(crate::audit::export_tables(&snap.state, since_id))
     }
 
@@ -714,6 +791,14 @@ impl<M> AedbInstance<M> {
         (lsn, head)
     }
 
+    /// True once a WAL write, fsync or manifest update failed (or a commit could
+    /// not be applied): every later commit and fallible read returns
+    /// `AedbError::Poisoned`, and nothing after `durable_head_seq()` will ever
+    /// become durable. Reopen the database to recover from the log.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.wal.check_healthy().is_err()
+    }
+
     /// Highest sequence number on stable storage.
     pub fn durable_head_seq(&self) -> u64 {
         self.inner.wal.durable_lsn()
@@ -721,6 +806,7 @@ impl<M> AedbInstance<M> {
 
     /// Returns once the commit with sequence number `seq` is on stable storage
     /// (for a `Visible` commit whose caller must not answer before it is durable).
+    /// A `seq` no commit has been given yet is `InvalidArgument`.
     pub fn wait_durable(&self, seq: u64) -> Result<(), AedbError> {
         self.inner.wal.wait_durable(seq)
     }
@@ -736,7 +822,12 @@ impl<M> AedbInstance<M> {
         let mut m = OperationalMetrics::default();
         self.inner.counters.fill(&mut m);
         m.fsyncs = self.inner.wal.fsyncs();
-        m.head_seq = self.inner.current.load().seq;
+        m.poisoned = self.is_poisoned();
+        {
+            let state = self.inner.current.load();
+            m.head_seq = state.seq;
+            m.tombstones = state.tombstones() as u64;
+        }
         m.durable_seq = self.inner.wal.durable_lsn();
         m.queued_commits = self.inner.queued.load(Ordering::Relaxed) as u64;
         m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;
@@ -769,9 +860,47 @@ mod commit;
 mod inner;
 mod read;
 
+/// Test-only fault injection on the commit path. Armed per thread: a commit runs
+/// on its caller's thread, so parallel tests do not see each other's faults.
+#[cfg(test)]
+pub(crate) mod failpoints {
+    use std::cell::Cell;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Failpoint {
+        /// Recording a sealed segment in the manifest fails (a full disk, an EIO).
+        RecordRotation,
+        /// Applying a commit's writes panics (a bug in apply).
+        PanicInApply,
+    }
+
+    thread_local! {
+        static ARMED: Cell<Option<Failpoint>> = const { Cell::new(None) };
+    }
+
+    /// Makes the next pass through `fp` on this thread fail.
+    pub(crate) fn arm(fp: Failpoint) {
+        ARMED.with(|a| a.set(Some(fp)));
+    }
+
+    /// True (once) when `fp` is armed on this thread.
+    pub(crate) fn hit(fp: Failpoint) -> bool {
+        ARMED.with(|a| {
+            let hit = a.get() == Some(fp);
+            if hit {
+                a.set(None);
+            }
+            hit
+        })
+    }
+}
+
 use inner::{spawn_checkpointer, spawn_flusher};
 pub use read::ReadTx;
 use read::{
     authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use,
     validate_caller_id, validate_ddl,
 };
+
+#[cfg(test)]
+mod fault_tests;

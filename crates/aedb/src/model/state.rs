@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use imbl::OrdMap;
+use imbl::{OrdMap, Vector};
 
 use crate::audit::{
     ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditRow, SYSTEM_PROJECT, assertion_schema,
@@ -43,6 +43,24 @@ pub(crate) struct ScopeState {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ProjectState {
     pub scopes: OrdMap<String, ScopeState>,
+    /// Every delete in the order applied (so by version), until `purge_tombstones`
+    /// takes it off the front. An entry whose key was written again since is
+    /// skipped then; each delete is visited once.
+    pub deletes: Vector<(u64, Deleted)>,
+}
+
+/// Where a delete left its tombstone.
+#[derive(Clone, Debug)]
+pub(crate) enum Deleted {
+    Kv {
+        scope: String,
+        key: Bytes,
+    },
+    Row {
+        scope: String,
+        table: String,
+        key: Bytes,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -111,6 +129,39 @@ impl DbState {
         Ok(())
     }
 
+    /// `ProjectState::purge_tombstones` for every project.
+    pub fn purge_tombstones(&mut self, horizon: u64) -> usize {
+        let names: Vec<String> = self
+            .projects
+            .iter()
+            .filter(|(_, p)| !p.deletes.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut removed = 0;
+        for n in &names {
+            if let Some(p) = self.projects.get_mut(n) {
+                removed += p.purge_tombstones(horizon);
+            }
+        }
+        removed
+    }
+
+    /// Deleted keys and rows still held as tombstones (a count per keyspace is
+    /// kept, so this is cheap).
+    pub fn tombstones(&self) -> usize {
+        self.projects
+            .values()
+            .flat_map(|p| p.scopes.values())
+            .map(|s| {
+                s.kv.len().saturating_sub(s.live_keys)
+                    + s.tables
+                        .values()
+                        .map(|t| t.rows.len().saturating_sub(t.live_rows))
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+
     pub fn scope(&self, project: &str, scope: &str) -> Result<&ScopeState, AedbError> {
         self.projects
             .get(project)
@@ -127,9 +178,19 @@ impl DbState {
             .ok_or_else(|| missing("table", &format!("{project}/{scope}/{table}")))
     }
 
-    /// Applies one logged record at `seq`. Every check that can fail here has already
-    /// passed at commit time; during replay a failure means the log is inconsistent.
+    /// Applies one logged record at `seq`, all or nothing. Every check that can fail
+    /// here has already passed at commit time; during replay a failure means the log
+    /// is inconsistent, and permissive recovery keeps the state before the record.
     pub fn apply(&mut self, record: &WalRecord, seq: u64) -> Result<(), AedbError> {
+        // An O(1) clone (persistent maps): the record's first writes must not stay
+        // behind when a later one fails.
+        let mut next = self.clone();
+        next.apply_in_place(record, seq)?;
+        *self = next;
+        Ok(())
+    }
+
+    fn apply_in_place(&mut self, record: &WalRecord, seq: u64) -> Result<(), AedbError> {
         match record {
             WalRecord::Commit {
                 project,
@@ -268,6 +329,41 @@ impl DbState {
 }
 
 impl ProjectState {
+    /// Drops the tombstones of deletes at or before `horizon`: no transaction that
+    /// can still commit has a snapshot older than that, so none could conflict on
+    /// them any more. Readers never see tombstones, so this changes nothing they
+    /// read. Returns how many were removed.
+    pub(crate) fn purge_tombstones(&mut self, horizon: u64) -> usize {
+        let mut removed = 0;
+        while self.deletes.front().is_some_and(|(v, _)| *v <= horizon) {
+            let Some((version, deleted)) = self.deletes.pop_front() else {
+                break;
+            };
+            match deleted {
+                Deleted::Kv { scope, key } => {
+                    if let Some(s) = self.scopes.get_mut(&scope)
+                        && is_tombstone(s.kv.get(&key), version)
+                    {
+                        s.kv.remove(&key);
+                        removed += 1;
+                    }
+                }
+                Deleted::Row { scope, table, key } => {
+                    if let Some(t) = self
+                        .scopes
+                        .get_mut(&scope)
+                        .and_then(|s| s.tables.get_mut(&table))
+                        && is_tombstone(t.rows.get(&key), version)
+                    {
+                        t.rows.remove(&key);
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     /// Applies a commit's writes at `seq` (the engine validated them first).
     pub(crate) fn apply_ops(
         &mut self,
@@ -298,6 +394,13 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
             }
         }
         WriteOp::KvDel { scope, key } => {
+            p.deletes.push_back((
+                seq,
+                Deleted::Kv {
+                    scope: scope.clone(),
+                    key: key.clone(),
+                },
+            ));
             let s = scope_mut(p, project, scope)?;
             let prev = s.kv.insert(
                 key.clone(),
@@ -329,6 +432,14 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
             }
         }
         WriteOp::RowDel { scope, table, key } => {
+            p.deletes.push_back((
+                seq,
+                Deleted::Row {
+                    scope: scope.clone(),
+                    table: table.clone(),
+                    key: key.clone(),
+                },
+            ));
             let t = table_mut(p, project, scope, table)?;
             let prev = t.rows.insert(
                 key.clone(),
@@ -343,6 +454,11 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
         }
     }
     Ok(())
+}
+
+/// True when `e` is still the tombstone written at `version`.
+fn is_tombstone<T>(e: Option<&Versioned<T>>, version: u64) -> bool {
+    e.is_some_and(|e| e.version == version && e.value.is_none())
 }
 
 fn scope_mut<'a>(
@@ -365,4 +481,72 @@ fn table_mut<'a>(
         .tables
         .get_mut(table)
         .ok_or_else(|| missing("table", &format!("{project}/{scope}/{table}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv_set(scope: &str, key: &[u8]) -> WriteOp {
+        WriteOp::KvSet {
+            scope: scope.to_string(),
+            key: Bytes::from(key),
+            value: SharedBytes::from(&b"v"[..]),
+        }
+    }
+
+    fn base() -> DbState {
+        let mut s = DbState::initial();
+        let ddl = WalRecord::Ddl {
+            actor: None,
+            ops: vec![
+                DdlOperation::CreateProject {
+                    project: "p".into(),
+                    owner: None,
+                },
+                DdlOperation::CreateScope {
+                    project: "p".into(),
+                    scope: "s".into(),
+                },
+            ],
+            audit: Vec::new(),
+        };
+        s.apply(&ddl, 1).expect("base");
+        s
+    }
+
+    /// Issue #13, bug 10: permissive replay keeps the state before a frame that
+    /// does not apply, so that frame must leave no trace, not its first writes.
+    #[test]
+    fn a_commit_that_fails_halfway_changes_nothing() {
+        let mut s = base();
+        let rec = WalRecord::Commit {
+            project: "p".into(),
+            ops: vec![kv_set("s", b"first"), kv_set("missing", b"second")],
+            idempotency: None,
+            audit: Vec::new(),
+        };
+        assert!(s.apply(&rec, 2).is_err());
+        assert_eq!(s.seq, 1);
+        let scope = s.scope("p", "s").expect("scope");
+        assert!(scope.kv.get(&b"first"[..]).is_none());
+        assert_eq!(scope.live_keys, 0);
+    }
+
+    #[test]
+    fn a_ddl_batch_that_fails_halfway_changes_nothing() {
+        let mut s = base();
+        let create = |scope: &str| DdlOperation::CreateScope {
+            project: "p".into(),
+            scope: scope.into(),
+        };
+        let rec = WalRecord::Ddl {
+            actor: None,
+            ops: vec![create("t"), create("s")],
+            audit: Vec::new(),
+        };
+        assert!(s.apply(&rec, 2).is_err());
+        assert_eq!(s.seq, 1);
+        assert!(s.scope("p", "t").is_err());
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::authz::Permission;
 use crate::config::Limits;
 use crate::error::AedbError;
-use crate::instance::BoundCaller;
+use crate::instance::{BoundCaller, SnapshotPin};
 use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::state::DbState;
 use crate::model::value::{Row, Value};
@@ -16,6 +16,22 @@ use crate::record::{IdempotencyTag, WalRecord, WriteOp};
 use crate::txn::assertion::ReadAssertion;
 use crate::txn::describe_key;
 use crate::txn::snapshot::{KvPair, Snapshot, prefix_successor};
+
+/// SHA-256 of what a commit writes, compared between attempts under one
+/// idempotency key.
+pub(crate) type WritesDigest = [u8; 32];
+
+/// The digest of a commit record's project and operations as logged (so it is the
+/// same whether computed at commit or from the log at open). Assertions are not
+/// part of it: they are preconditions, not writes. `None` for other records.
+pub(crate) fn writes_digest(record: &WalRecord) -> Option<WritesDigest> {
+    use sha2::Digest;
+    let WalRecord::Commit { project, ops, .. } = record else {
+        return None;
+    };
+    let bytes = postcard::to_stdvec(&(project, ops)).ok()?;
+    Some(sha2::Sha256::digest(&bytes).into())
+}
 
 /// A buffered row write and the table incarnation it was checked against.
 #[derive(Clone, Debug)]
@@ -40,6 +56,8 @@ pub struct WriteTransaction {
     /// Set by `begin_write_as`: every read is then authorized for this caller when it
     /// happens, like a `ReadTx` read. `None` only on the anonymous development API.
     pub(crate) caller: Option<BoundCaller>,
+    /// Keeps the tombstones this transaction may conflict with until it is dropped.
+    pub(crate) pin: Option<SnapshotPin>,
     pub(crate) limits: Limits,
     bytes: usize,
 }
@@ -54,6 +72,7 @@ impl WriteTransaction {
             assertions: Vec::new(),
             idempotency_key: None,
             caller: None,
+            pin: None,
             limits,
             bytes: 0,
         }

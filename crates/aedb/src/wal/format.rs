@@ -22,7 +22,7 @@ pub(crate) const FRAME_HEADER_LEN: usize = 48;
 
 pub(crate) type ChainHash = [u8; 32];
 
-/// Bit 31 of a frame's length word: the first frame of one write + fdatasync.
+/// Bit 31 of a frame's length word: the first frame written after a completed fdatasync.
 /// Everything before such a frame was durable when it was written, so damage
 /// followed by a valid batch start is damage to acknowledged data, never a torn
 /// write. (Not covered by the CRC: a flipped flag can only change that verdict.)

@@ -75,6 +75,10 @@ struct Io {
     path: PathBuf,
     /// Offset up to which the buffer has been written to `file`.
     written_offset: u64,
+    /// Offset up to which a completed `fdatasync` covers `file`. Only a write at
+    /// this offset starts a batch: recovery reads a batch start as proof that
+    /// everything before it was fsynced.
+    synced_offset: u64,
     spare: Vec<u8>,
 }
 
@@ -156,6 +160,13 @@ impl WalWriter {
         header: &SegmentHeader,
     ) -> Result<Self, AedbError> {
         let path = dir.join(segment_file_name(pos.segment_index));
+        // What recovery read may still be only in the page cache (the process died,
+        // the machine did not): make it durable before a batch start claims so.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| AedbError::io(&path, e))?;
         Self::resume_at(dir, segment_bytes, keys, &path, pos, header)
     }
 
@@ -199,6 +210,7 @@ impl WalWriter {
                 file,
                 path: path.to_path_buf(),
                 written_offset: pos.offset,
+                synced_offset: pos.offset,
                 spare: Vec::with_capacity(64 * 1024),
             }),
             sync: Mutex::new(SyncState {
@@ -235,29 +247,57 @@ impl WalWriter {
     /// Refuses all further commits (the in-memory state and the log disagree).
     pub fn poison(&self, e: &AedbError) {
         tracing::error!(error = %e, "refusing further commits until the database is reopened");
-        self.sync.lock().failed = Some(e.to_string());
+        // The first failure is the cause worth reporting; later ones follow from it.
+        self.sync.lock().failed.get_or_insert_with(|| e.to_string());
         self.synced.notify_all();
     }
 
-    /// Appends a frame for `lsn`. Must be called with LSNs in order (the engine holds
-    /// its commit lock). Returns the pending-buffer size after the append.
-    pub fn append(&self, lsn: u64, payload: &[u8]) -> Result<usize, AedbError> {
+    fn frame_len(&self, payload_len: usize) -> u64 {
         let overhead = if self.keys.frame.is_some() {
             ring::aead::NONCE_LEN + crypto::TAG_LEN
         } else {
             0
         };
-        let frame_len = (FRAME_HEADER_LEN + payload.len() + overhead) as u64;
-        let needs_rotation = {
+        (FRAME_HEADER_LEN + payload_len + overhead) as u64
+    }
+
+    /// Makes room for the next frame (`payload_len` bytes before encryption):
+    /// seals the current segment and continues in a new one if it would not fit.
+    /// The engine calls this and records the sealed segment in the manifest before
+    /// it appends, so a failed manifest write never leaves a frame behind.
+    pub fn make_room(&self, payload_len: usize) -> Result<(), AedbError> {
+        self.check_healthy()?;
+        let frame_len = self.frame_len(payload_len);
+        let next_lsn = {
             let p = self.pending.lock();
-            assert_eq!(p.last_lsn + 1, lsn, "WAL appends must be in LSN order");
-            p.segment_offset + frame_len > p.segment_capacity
+            if p.segment_offset + frame_len <= p.segment_capacity {
+                return Ok(());
+            }
+            p.last_lsn + 1
         };
-        if needs_rotation {
-            self.rotate(lsn, frame_len)?;
-        }
+        // A half-done rotation leaves the segment files and the writer's idea of
+        // them in an unknown state: never continue past it.
+        self.rotate(next_lsn, frame_len)
+            .inspect_err(|e| self.poison(e))
+    }
+
+    /// Appends a frame for `lsn`. Must be called with LSNs in order (the engine holds
+    /// its commit lock). Returns the pending-buffer size after the append. On error
+    /// nothing was appended.
+    pub fn append(&self, lsn: u64, payload: &[u8]) -> Result<usize, AedbError> {
+        self.make_room(payload.len())?;
         let mut p = self.pending.lock();
         let p = &mut *p;
+        if p.last_lsn + 1 != lsn {
+            // The engine's sequence and the log disagree: a bug, and whatever is
+            // appended next would be wrong.
+            let e = AedbError::Poisoned(format!(
+                "WAL append out of order: LSN {lsn} after {}",
+                p.last_lsn
+            ));
+            self.poison(&e);
+            return Err(e);
+        }
         let prev = p.chain_head;
         let body: &[u8] = match &p.cipher {
             Some(c) => {
@@ -331,6 +371,7 @@ impl WalWriter {
             io.file = file;
             io.path = path;
             io.written_offset = SEGMENT_HEADER_LEN as u64;
+            io.synced_offset = SEGMENT_HEADER_LEN as u64;
         }
         {
             let mut p = self.pending.lock();
@@ -349,6 +390,9 @@ impl WalWriter {
     /// Returns the highest LSN covered.
     fn flush(&self, sync: bool) -> Result<u64, AedbError> {
         let mut io = self.io.lock();
+        // Nothing appended after a failure may reach the disk: a commit that failed
+        // after its append must not become durable behind its caller's back.
+        self.check_healthy()?;
         let io = &mut *io;
         let upto = {
             let mut p = self.pending.lock();
@@ -356,8 +400,12 @@ impl WalWriter {
             p.last_lsn
         };
         if !io.spare.is_empty() {
-            // The buffer starts with a frame header: mark the batch start.
-            io.spare[3] |= (super::format::BATCH_START >> 24) as u8;
+            // The buffer starts with a frame header. It starts a batch only if all
+            // before it is fsynced; after an unsynced write-out the earlier frames
+            // may still tear, and the batch continues until the next fsync.
+            if io.written_offset == io.synced_offset {
+                io.spare[3] |= (super::format::BATCH_START >> 24) as u8;
+            }
             io.file
                 .write_all_at(&io.spare, io.written_offset)
                 .map_err(|e| AedbError::io(&io.path, e))?;
@@ -371,12 +419,20 @@ impl WalWriter {
             io.file
                 .sync_data()
                 .map_err(|e| AedbError::io(&io.path, e))?;
+            io.synced_offset = io.written_offset;
         }
         Ok(upto)
     }
 
     /// Returns once every frame up to `lsn` is on stable storage (group commit).
+    /// An LSN not appended yet is refused: no fsync could ever cover it.
     pub fn wait_durable(&self, lsn: u64) -> Result<(), AedbError> {
+        let last = self.last_lsn();
+        if lsn > last {
+            return Err(AedbError::InvalidArgument(format!(
+                "sequence number {lsn} has not been issued (the log ends at {last})"
+            )));
+        }
         let mut s = self.sync.lock();
         loop {
             if let Some(e) = &s.failed {
@@ -402,7 +458,7 @@ impl WalWriter {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "WAL write or fsync failed; refusing further commits");
-                    s.failed = Some(e.to_string());
+                    s.failed.get_or_insert_with(|| e.to_string());
                 }
             }
             self.synced.notify_all();
@@ -413,9 +469,9 @@ impl WalWriter {
     pub fn write_out(&self) -> Result<(), AedbError> {
         let upto = match self.flush(false) {
             Ok(upto) => upto,
+            Err(e @ AedbError::Poisoned(_)) => return Err(e),
             Err(e) => {
-                self.sync.lock().failed = Some(e.to_string());
-                self.synced.notify_all();
+                self.poison(&e);
                 return Err(e);
             }
         };
@@ -505,4 +561,56 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), AedbError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| AedbError::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RecoveryMode;
+    use crate::wal::recovery::{ReplayStart, recover};
+
+    fn no_keys() -> WalKeys {
+        WalKeys::new(None, None, None)
+    }
+
+    /// Issue #13, bug 4: a write-out without an fsync (the 32 MiB buffer bound, the
+    /// `OsBuffered` flusher) must not start a batch. Power fails during the fsync
+    /// after it: the written-out frame lost a sector, the frame written just before
+    /// the fsync reached the disk. Neither was acknowledged, so this is a torn tail
+    /// that strict recovery cuts off, not damage in the middle of the log.
+    #[test]
+    fn unsynced_write_out_then_torn_frame_is_a_torn_tail() -> Result<(), AedbError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = WalWriter::create(dir.path(), 1 << 20, no_keys(), 1, 1, [0; 32])?;
+        w.append(1, b"acknowledged")?;
+        w.wait_durable(1)?;
+        w.append(2, &[b'x'; 300])?;
+        w.write_out()?;
+        w.append(3, b"in the interrupted fsync")?;
+        w.wait_durable(3)?;
+        w.shutdown()?;
+        drop(w);
+
+        let path = dir.path().join(segment_file_name(1));
+        let mut buf = std::fs::read(&path).expect("read segment");
+        let frame2 = SEGMENT_HEADER_LEN + FRAME_HEADER_LEN + b"acknowledged".len();
+        // A lost sector inside frame 2's payload.
+        for b in &mut buf[frame2 + FRAME_HEADER_LEN + 100..frame2 + FRAME_HEADER_LEN + 200] {
+            *b = 0;
+        }
+        std::fs::write(&path, &buf).expect("write segment");
+
+        let r = recover(
+            dir.path(),
+            RecoveryMode::Strict,
+            &no_keys(),
+            ReplayStart::default(),
+            |_, _| Ok(()),
+        )
+        .expect("an interrupted fsync is an ordinary power loss, strict must open");
+        let torn = r.report.torn_tail.expect("torn tail reported");
+        assert_eq!(torn.offset, frame2 as u64);
+        assert_eq!(r.report.last_lsn, 1);
+        Ok(())
+    }
 }
