@@ -182,6 +182,9 @@ pub(crate) fn state_checks(state: &DbState) -> Vec<CheckResult> {
     checks
 }
 
+/// The check that compares the log with `AedbConfig::expected_head`.
+const EXPECTED_HEAD_CHECK: &str = "expected chain head";
+
 /// Read-only verification of a data directory (see the module docs). Errors are
 /// for "could not run" (lock held, missing keys, unreadable directory); damage is
 /// reported as failed checks.
@@ -286,18 +289,25 @@ pub(crate) fn load_read_only(
     let recovered = match recovered {
         Ok(r) => r,
         Err(e) => {
-            fail(&mut report, "WAL hash chain and checksums", e)?;
+            let name = match e {
+                AedbError::RolledBack { .. } => EXPECTED_HEAD_CHECK,
+                _ => "WAL hash chain and checksums",
+            };
+            fail(&mut report, name, e)?;
             return Ok((None, report));
         }
     };
     report.segments = recovered.report.segments;
     report.frames_replayed = recovered.report.frames_replayed;
     report.last_lsn = recovered.report.last_lsn;
-    report.chain_head = recovered
-        .position
-        .as_ref()
-        .map(|p| hex::encode(p.chain_head))
-        .unwrap_or_default();
+    report.chain_head = hex::encode(recovered.head.hash);
+    if let Some(e) = config.expected_head {
+        report.checks.push(CheckResult {
+            name: EXPECTED_HEAD_CHECK.into(),
+            ok: true,
+            detail: format!("the log reaches {e} (head {})", recovered.head),
+        });
+    }
     report.torn_tail = recovered
         .report
         .torn_tail

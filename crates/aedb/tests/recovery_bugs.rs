@@ -594,3 +594,369 @@ fn permissive_reports_deleted_last_segments() {
     db.close().expect("close");
     assert_usable(&dir, small_segments, "deleted last segments");
 }
+
+// ---------------------------------------------------------------------------------
+// Bug 8 (continued): the durable head is recorded while the database stays open,
+// not only at close, so a crash image is protected too.
+
+/// The durable head LSN the manifest of `dir` records (None when it records none).
+fn manifest_durable_lsn(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("MANIFEST")).ok()?;
+    let body: serde_json::Value = serde_json::from_str(text.lines().next()?).ok()?;
+    body.get("durable_head")?.get("lsn")?.as_u64()
+}
+
+#[test]
+fn durable_head_is_recorded_while_the_database_stays_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("db");
+    let cfg = || {
+        config(RecoveryMode::Strict)
+            .with_durable_head_interval(Some(std::time::Duration::from_millis(10)))
+    };
+    let db = AedbInstance::open(cfg(), &dir).expect("open");
+    schema(&db);
+    let last = commit_range(&db, 0..30, false);
+    // Bounded by the interval, not by machine speed: the deadline only turns a
+    // hang into a failure.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while manifest_durable_lsn(&dir).is_none_or(|l| l < last) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the manifest never recorded LSN {last} as durable ({:?})",
+            manifest_durable_lsn(&dir)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // A crash now: the files as they are, with the instance still open.
+    let crashed = tmp.path().join("crashed");
+    copy_dir(&dir, &crashed, &["LOCK"]);
+    db.close().expect("close");
+    let segment = segments(&crashed).pop().expect("segment");
+    let fs = frames(&segment);
+    let cut = fs[fs.len() - 2];
+    zero(&segment, cut.offset, fs.last().expect("frame").end);
+    let (offset, reason) = strict_refusal(cfg(), &crashed, &segment, "crash image truncated");
+    assert_eq!(offset, cut.offset as u64, "{reason}");
+    assert!(reason.contains("durable"), "{reason}");
+}
+
+// ---------------------------------------------------------------------------------
+// Bug 10: the recovered tail was counted durable without an fsync; segments kept
+// under a rotated-away key for the backup floor blocked key rotation step 4.
+
+#[test]
+fn recovered_tail_is_fsynced_at_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("db");
+    // OsBuffered: frames reach the file without an fsync (the flusher writes them
+    // out), which is what a crash image of an unsynced tail looks like.
+    let cfg = config(RecoveryMode::Strict)
+        .with_durability(aedb::DurabilityMode::OsBuffered)
+        .with_durable_head_interval(None);
+    let db = AedbInstance::open(cfg.clone(), &dir).expect("open");
+    db.create_project("p").expect("project");
+    db.create_scope("p", "s").expect("scope");
+    let mut last = 0;
+    for i in 0..10 {
+        let mut tx = db.begin_write("p").expect("tx");
+        tx.kv_set("s", &key(i), &value(i)).expect("set");
+        last = db
+            .commit_with_finality(tx, CommitFinality::Visible)
+            .expect("visible commit")
+            .commit_seq;
+    }
+    let segment = segments(&dir).pop().expect("segment");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while frames(&segment).last().is_none_or(|f| f.lsn < last) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flusher never wrote the frames out"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let crashed = tmp.path().join("crashed");
+    copy_dir(&dir, &crashed, &["LOCK"]);
+    db.close().expect("close");
+
+    let db = AedbInstance::open(config(RecoveryMode::Strict), &crashed).expect("open the image");
+    assert_eq!(db.snapshot().seq(), last);
+    let report = db.recovery_report();
+    assert_eq!(
+        report.synced_tail.as_deref(),
+        Some(crashed.join(segment.file_name().expect("name")).as_path()),
+        "the recovered frames must be fsynced before they count as durable: {report:?}"
+    );
+    assert_eq!(db.durable_head_seq(), last);
+    assert_eq!(manifest_durable_lsn(&crashed), Some(last));
+    db.close().expect("close");
+}
+
+const MK: [u8; 32] = [0x51; 32];
+const OLD_CK: [u8; 32] = [0x52; 32];
+const NEW_CK: [u8; 32] = [0x53; 32];
+
+/// Key id bytes (80..88) of each segment header in `dir`.
+fn segment_key_ids(dir: &Path) -> Vec<Vec<u8>> {
+    segments(dir)
+        .iter()
+        .map(|p| std::fs::read(p).expect("read")[80..88].to_vec())
+        .collect()
+}
+
+#[test]
+fn key_rotation_step_4_opens_with_old_key_segments_kept_for_the_backup_floor() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("db");
+    let old = || {
+        AedbConfig::production(MK)
+            .with_checkpoint_key(OLD_CK)
+            .with_checkpoint_policy(None, None)
+    };
+    let rotating = || {
+        old()
+            .with_checkpoint_key(NEW_CK)
+            .with_previous_checkpoint_key(OLD_CK)
+    };
+    let new_only = || old().with_checkpoint_key(NEW_CK);
+
+    // Step 1: a full backup; commits after it stay in the log for the next
+    // incremental (the backup floor).
+    let db = AedbInstance::open(old(), &dir).expect("open");
+    schema(&db);
+    commit_range(&db, 0..10, false);
+    db.backup_full(&tmp.path().join("full-1"))
+        .expect("full backup");
+    commit_range(&db, 10..20, false);
+    db.close().expect("close");
+    // Step 2: deploy with the new key and the old one for reading.
+    let db = AedbInstance::open(rotating(), &dir).expect("open rotating");
+    commit_range(&db, 20..25, false);
+    // Step 3: the checkpoint rewrites the state under the new key.
+    db.checkpoint().expect("checkpoint");
+    db.close().expect("close");
+    let ids = segment_key_ids(&dir);
+    assert!(
+        ids.len() >= 2 && ids[0] != ids[ids.len() - 1],
+        "a segment under the old key is kept for the backup floor: {ids:?}"
+    );
+    // Step 4: a full backup again, then the new key alone.
+    let db = AedbInstance::open(rotating(), &dir).expect("open rotating");
+    db.backup_full(&tmp.path().join("full-2"))
+        .expect("second full backup");
+    db.close().expect("close");
+    let db = AedbInstance::open(new_only(), &dir).expect("the new key alone opens");
+    assert_keys(&db, 0..25, false, "new key alone");
+    commit_range(&db, 25..26, false);
+    // The next checkpoint drops the old-key segments (the floor has moved past them).
+    db.checkpoint().expect("checkpoint");
+    db.close().expect("close");
+    let ids = segment_key_ids(&dir);
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "old-key segments removed: {ids:?}"
+    );
+    assert!(
+        matches!(
+            AedbInstance::open(old(), &dir),
+            Err(AedbError::KeyMismatch { .. })
+        ),
+        "the old key alone no longer opens the database"
+    );
+    let db = AedbInstance::open(new_only(), &dir).expect("reopen");
+    assert_keys(&db, 0..26, false, "after the last checkpoint");
+    db.close().expect("close");
+}
+
+// ---------------------------------------------------------------------------------
+// Rollback: a stale but validly signed copy of the directory, or a truncated log
+// with an older manifest, is detected against a head anchored off the machine.
+
+fn signed() -> AedbConfig {
+    AedbConfig::production(MK).with_checkpoint_policy(None, None)
+}
+
+fn aedb_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_aedb"))
+        .args(args)
+        .env("AEDB_MANIFEST_KEY", hex::encode(MK))
+        .env_remove("AEDB_CHECKPOINT_KEY")
+        .env_remove("AEDB_PREVIOUS_CHECKPOINT_KEY")
+        .output()
+        .expect("run aedb")
+}
+
+fn check_with_anchor(dir: &Path, anchor: &aedb::ChainHead) -> (i32, String) {
+    let out = aedb_cli(&[
+        "check",
+        "invariants",
+        "--data-dir",
+        dir.to_str().expect("utf-8 path"),
+        "--expect-head",
+        &anchor.to_string(),
+    ]);
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn chain_head_round_trips_as_lsn_colon_hash() {
+    let h = aedb::ChainHead {
+        lsn: 42,
+        hash: [0xAB; 32],
+    };
+    let text = h.to_string();
+    assert_eq!(text, format!("42:{}", "ab".repeat(32)));
+    assert_eq!(text.parse::<aedb::ChainHead>().expect("parse"), h);
+    for bad in ["42", "x:00", "42:zz", "42:abab"] {
+        assert!(
+            matches!(
+                bad.parse::<aedb::ChainHead>(),
+                Err(AedbError::InvalidArgument(_))
+            ),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn stale_copy_of_the_directory_is_detected_with_expect_head() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("db");
+    let db = AedbInstance::open(signed(), &dir).expect("open");
+    schema(&db);
+    commit_range(&db, 0..10, false);
+    let stale_head = db.chain_head().expect("head");
+    db.close().expect("close");
+    let stale = tmp.path().join("stale");
+    copy_dir(&dir, &stale, &["LOCK"]);
+
+    let db = AedbInstance::open(signed(), &dir).expect("reopen");
+    commit_range(&db, 10..20, false);
+    let anchor = db.chain_head().expect("head");
+    assert_eq!(anchor.lsn, 22);
+    db.close().expect("close");
+
+    // The stale copy is validly signed and consistent: alone, it opens.
+    let db = AedbInstance::open(signed(), &stale).expect("a stale copy opens without an anchor");
+    assert_eq!(db.snapshot().seq(), stale_head.lsn);
+    db.close().expect("close");
+    // Against the anchor it is refused, naming both heads.
+    match AedbInstance::open(signed().with_expected_head(anchor), &stale) {
+        Err(AedbError::RolledBack {
+            dir: d,
+            expected,
+            found,
+            reason,
+        }) => {
+            assert_eq!(d, stale);
+            assert_eq!(*expected, anchor);
+            assert_eq!(*found, stale_head, "{reason}");
+        }
+        Err(e) => panic!("expected RolledBack, got {e}"),
+        Ok(_) => panic!("a stale copy opened against a later anchor"),
+    }
+    // Permissive recovery cannot repair a rollback either.
+    assert!(matches!(
+        AedbInstance::open(
+            signed()
+                .with_recovery_mode(RecoveryMode::Permissive)
+                .with_expected_head(anchor),
+            &stale
+        ),
+        Err(AedbError::RolledBack { .. })
+    ));
+    let (code, out) = check_with_anchor(&stale, &anchor);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&anchor.to_string()) && out.contains(&stale_head.to_string()),
+        "the report names both heads: {out}"
+    );
+
+    // The real directory reaches the anchor, and keeps passing as it moves on.
+    let (code, out) = check_with_anchor(&dir, &anchor);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("chain head {anchor}")), "{out}");
+    let db = AedbInstance::open(signed().with_expected_head(anchor), &dir).expect("anchored open");
+    commit_range(&db, 20..25, false);
+    db.close().expect("close");
+    let db = AedbInstance::open(signed().with_expected_head(anchor), &dir)
+        .expect("a directory ahead of the anchor opens");
+    db.close().expect("close");
+    let (code, out) = check_with_anchor(&dir, &anchor);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn another_history_of_the_same_length_is_detected_with_expect_head() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let build = |name: &str, v: &[u8]| {
+        let dir = tmp.path().join(name);
+        let db = AedbInstance::open(signed(), &dir).expect("open");
+        schema(&db);
+        db.kv_set("p", "s", b"k", v).expect("set");
+        let head = db.chain_head().expect("head");
+        db.close().expect("close");
+        (dir, head)
+    };
+    let (_, anchor) = build("real", b"real");
+    let (forged, forged_head) = build("forged", b"forged");
+    assert_eq!(anchor.lsn, forged_head.lsn);
+    match AedbInstance::open(signed().with_expected_head(anchor), &forged) {
+        Err(AedbError::RolledBack { reason, .. }) => {
+            assert!(reason.contains("different history"), "{reason}")
+        }
+        Err(e) => panic!("expected RolledBack, got {e}"),
+        Ok(_) => panic!("another history opened against the anchor"),
+    }
+    let (code, out) = check_with_anchor(&forged, &anchor);
+    assert_eq!(code, 1, "{out}");
+}
+
+#[test]
+fn truncated_active_segment_with_an_older_manifest_is_detected_with_expect_head() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("db");
+    let db = AedbInstance::open(signed(), &dir).expect("open");
+    schema(&db);
+    commit_range(&db, 0..10, false);
+    db.close().expect("close");
+    // The manifest (validly signed) as it was then.
+    let old_manifest = std::fs::read(dir.join("MANIFEST")).expect("manifest");
+    let segment = segments(&dir).pop().expect("segment");
+    let old_end = frames(&segment).last().expect("frames").end;
+
+    let db = AedbInstance::open(signed(), &dir).expect("reopen");
+    commit_range(&db, 10..20, false);
+    let anchor = db.chain_head().expect("head");
+    db.close().expect("close");
+    assert_eq!(segments(&dir), vec![segment.clone()], "still one segment");
+
+    // With the current manifest, the truncation is refused by the durable head.
+    zero(
+        &segment,
+        old_end,
+        frames(&segment).last().expect("frames").end,
+    );
+    let (_, reason) = strict_refusal(signed(), &dir, &segment, "truncated active segment");
+    assert!(reason.contains("durable"), "{reason}");
+    // With the older manifest put back, the directory is consistent and validly
+    // signed: only the anchor tells.
+    std::fs::write(dir.join("MANIFEST"), &old_manifest).expect("older manifest");
+    let (code, out) = check_with_anchor(&dir, &anchor);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("expected chain head"), "{out}");
+    assert!(matches!(
+        AedbInstance::open(signed().with_expected_head(anchor), &dir),
+        Err(AedbError::RolledBack { .. })
+    ));
+    let db = AedbInstance::open(signed(), &dir).expect("without the anchor it opens");
+    assert_eq!(db.snapshot().seq(), 12);
+    db.close().expect("close");
+}
