@@ -267,9 +267,10 @@ pub(super) fn spawn_flusher(
     Ok(Flusher { signal, handle })
 }
 
-/// Runs the automatic checkpoint policy and records the durable head in the
-/// manifest (`durable_head_interval`). Holds only a weak reference, so it never
-/// keeps a dropped instance alive; it exits once the instance is gone or closed.
+/// Runs the automatic checkpoint policy (evaluated every `CHECKPOINT_POLL`) and
+/// records the durable head in the manifest every `durable_head_interval`. Holds
+/// only a weak reference, so it never keeps a dropped instance alive; it exits once
+/// the instance is gone or closed.
 pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
     let checkpoints =
         inner.config.checkpoint_wal_bytes.is_some() || inner.config.checkpoint_interval.is_some();
@@ -277,19 +278,24 @@ pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
     if !checkpoints && head_interval.is_none() {
         return Ok(());
     }
-    let tick = head_interval.map_or(CHECKPOINT_POLL, |i| i.min(CHECKPOINT_POLL));
     let weak = Arc::downgrade(inner);
     let stop = inner.checkpointer.clone();
     std::thread::Builder::new()
         .name("aedb-checkpointer".into())
         .spawn(move || {
+            let started = std::time::Instant::now();
+            let mut next_policy = started + CHECKPOINT_POLL;
+            let mut next_head = head_interval.map(|i| started + i);
             let mut pending_head = None;
-            let mut head_recorded_at = std::time::Instant::now();
             loop {
                 {
+                    let wake = match next_head {
+                        Some(h) if !checkpoints || h < next_policy => h,
+                        _ => next_policy,
+                    };
                     let mut stopped = stop.0.lock();
                     if !*stopped {
-                        stop.1.wait_for(&mut stopped, tick);
+                        stop.1.wait_until(&mut stopped, wake);
                     }
                     if *stopped {
                         return;
@@ -299,16 +305,19 @@ pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
                 if inner.closed.load(Ordering::Acquire) {
                     return;
                 }
-                if checkpoints
-                    && inner.checkpoint_due()
-                    && let Err(e) = inner.checkpoint()
-                {
-                    tracing::error!(error = %e, "automatic checkpoint failed; will retry");
+                let now = std::time::Instant::now();
+                if checkpoints && now >= next_policy {
+                    next_policy = now + CHECKPOINT_POLL;
+                    if inner.checkpoint_due()
+                        && let Err(e) = inner.checkpoint()
+                    {
+                        tracing::error!(error = %e, "automatic checkpoint failed; will retry");
+                    }
                 }
-                if let Some(i) = head_interval
-                    && head_recorded_at.elapsed() >= i
+                if let (Some(at), Some(i)) = (next_head, head_interval)
+                    && now >= at
                 {
-                    head_recorded_at = std::time::Instant::now();
+                    next_head = Some(now + i);
                     if let Err(e) = inner.record_durable_head(&mut pending_head) {
                         tracing::error!(error = %e, "recording the durable head in the manifest failed; will retry");
                     }
