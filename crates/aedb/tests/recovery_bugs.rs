@@ -255,9 +255,22 @@ fn checkpoint_at_unchanged_lsn_survives_a_crash_before_the_manifest() {
     assert_eq!(ckpts.len(), 1, "one live checkpoint");
     db.close().expect("close");
 
-    // And the database that did not crash reopens with its second checkpoint.
+    // And the database that did not crash reopens with its second checkpoint, whose
+    // file has the second name form; backups copy it under that name and restore it.
     let db = AedbInstance::open(config(RecoveryMode::Strict), &dir).expect("reopen");
     assert_keys(&db, 0..20, false, "after two checkpoints");
+    assert!(
+        second.file.to_string_lossy().ends_with(".ckpt") && second.file != first.file,
+        "{second:?}"
+    );
+    let backup = tmp.path().join("full");
+    db.backup_full(&backup).expect("full backup");
+    db.close().expect("close");
+    let restored = tmp.path().join("restored");
+    aedb::restore_from_backup_chain(&config(RecoveryMode::Strict), &[backup], &restored)
+        .expect("restore");
+    let db = AedbInstance::open(config(RecoveryMode::Strict), &restored).expect("open restored");
+    assert_keys(&db, 0..20, false, "restored");
     db.close().expect("close");
 }
 
