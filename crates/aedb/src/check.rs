@@ -18,10 +18,10 @@ use crate::error::AedbError;
 use crate::lock::DirLock;
 use crate::model::state::DbState;
 use crate::model::value::Value;
-use crate::open::{check_segments_against_manifest, load_manifest_and_checkpoint};
+use crate::open::{check_segments_against_manifest, load_manifest_and_checkpoint, replay_start};
 use crate::record::WalRecord;
 use crate::wal::keys::WalKeys;
-use crate::wal::recovery::{ReplayStart, recover};
+use crate::wal::recovery::recover;
 
 /// Count and content digest of one KV keyspace or table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -182,6 +182,9 @@ pub(crate) fn state_checks(state: &DbState) -> Vec<CheckResult> {
     checks
 }
 
+/// The check that compares the log with `AedbConfig::expected_head`.
+const EXPECTED_HEAD_CHECK: &str = "expected chain head";
+
 /// Read-only verification of a data directory (see the module docs). Errors are
 /// for "could not run" (lock held, missing keys, unreadable directory); damage is
 /// reported as failed checks.
@@ -216,7 +219,9 @@ pub(crate) fn load_read_only(
     };
     let fail = |report: &mut InspectReport, name: &str, e: AedbError| -> Result<(), AedbError> {
         match e {
-            AedbError::Corruption { .. } | AedbError::NotFound { .. } => {
+            AedbError::Corruption { .. }
+            | AedbError::NotFound { .. }
+            | AedbError::RolledBack { .. } => {
                 report.checks.push(CheckResult {
                     name: name.into(),
                     ok: false,
@@ -261,16 +266,19 @@ pub(crate) fn load_read_only(
         });
         report.checkpoint_lsn = Some(meta.lsn);
         state = l.state;
-        ckpt = Some((meta.lsn, meta.chain_head));
+        ckpt = Some(meta);
     }
     let keys = WalKeys::new(
         config.manifest_key.as_ref(),
         config.checkpoint_key.as_ref(),
         config.previous_checkpoint_key.as_ref(),
     );
-    let start = ReplayStart {
-        checkpoint: ckpt,
-        read_only: true,
+    let start = match replay_start(dir, config, loaded.manifest.as_ref(), ckpt.as_ref(), true) {
+        Ok(s) => s,
+        Err(e) => {
+            fail(&mut report, "manifest and checkpoint", e)?;
+            return Ok((None, report));
+        }
     };
     let recovered = recover(dir, RecoveryMode::Strict, &keys, start, |lsn, payload| {
         let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
@@ -281,18 +289,25 @@ pub(crate) fn load_read_only(
     let recovered = match recovered {
         Ok(r) => r,
         Err(e) => {
-            fail(&mut report, "WAL hash chain and checksums", e)?;
+            let name = match e {
+                AedbError::RolledBack { .. } => EXPECTED_HEAD_CHECK,
+                _ => "WAL hash chain and checksums",
+            };
+            fail(&mut report, name, e)?;
             return Ok((None, report));
         }
     };
     report.segments = recovered.report.segments;
     report.frames_replayed = recovered.report.frames_replayed;
     report.last_lsn = recovered.report.last_lsn;
-    report.chain_head = recovered
-        .position
-        .as_ref()
-        .map(|p| hex::encode(p.chain_head))
-        .unwrap_or_default();
+    report.chain_head = hex::encode(recovered.head.hash);
+    if let Some(e) = config.expected_head {
+        report.checks.push(CheckResult {
+            name: EXPECTED_HEAD_CHECK.into(),
+            ok: true,
+            detail: format!("the log reaches {e} (head {})", recovered.head),
+        });
+    }
     report.torn_tail = recovered
         .report
         .torn_tail

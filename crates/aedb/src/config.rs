@@ -118,6 +118,15 @@ pub struct AedbConfig {
     pub commit_timeout: Duration,
     /// Caller id made the first GlobalAdmin when the database has none yet.
     pub bootstrap_admin: Option<String>,
+    /// A chain head recorded earlier (off the machine, see
+    /// `AedbInstance::chain_head`): open refuses a directory whose log does not
+    /// reach it (`AedbError::RolledBack`), in both recovery modes.
+    pub expected_head: Option<crate::wal::ChainHead>,
+    /// How often, at most, the manifest is rewritten to record how far the log is
+    /// durable (None: only at open, segment rotation, checkpoints and close).
+    /// Strict recovery refuses to open a log that lost frames up to the recorded
+    /// head; frames acknowledged after it are protected only by their checksums.
+    pub durable_head_interval: Option<Duration>,
     pub(crate) manifest_key: Option<SecretKey>,
     pub(crate) checkpoint_key: Option<SecretKey>,
     /// The checkpoint key being rotated away from: still accepted for reading.
@@ -137,6 +146,8 @@ impl AedbConfig {
             limits: Limits::default(),
             commit_timeout: Duration::from_secs(10),
             bootstrap_admin: None,
+            expected_head: None,
+            durable_head_interval: Some(Duration::from_secs(1)),
             manifest_key: None,
             checkpoint_key: None,
             previous_checkpoint_key: None,
@@ -207,6 +218,20 @@ impl AedbConfig {
     /// becomes one at open (recorded in `authz_audit`); ignored afterwards.
     pub fn with_bootstrap_admin(mut self, caller_id: impl Into<String>) -> Self {
         self.bootstrap_admin = Some(caller_id.into());
+        self
+    }
+
+    /// Refuse to open unless the log reaches `head` (recorded earlier with
+    /// `AedbInstance::chain_head` and kept off the machine): detects a stale but
+    /// validly signed copy of the directory.
+    pub fn with_expected_head(mut self, head: crate::wal::ChainHead) -> Self {
+        self.expected_head = Some(head);
+        self
+    }
+
+    /// See [`AedbConfig::durable_head_interval`].
+    pub fn with_durable_head_interval(mut self, interval: Option<Duration>) -> Self {
+        self.durable_head_interval = interval;
         self
     }
 
@@ -306,6 +331,12 @@ impl AedbConfig {
                 "batch_interval ({:?}) must be in (0, 10s]",
                 self.batch_interval
             ));
+        }
+        if self.durable_head_interval.is_some_and(|i| i.is_zero()) {
+            problems.push(
+                "durable_head_interval must be above zero (None records the durable head only at open, rotation, checkpoint and close)"
+                    .to_string(),
+            );
         }
         if problems.is_empty() {
             Ok(())

@@ -25,6 +25,19 @@ pub enum AedbError {
         reason: String,
     },
 
+    /// The directory does not reach a chain head recorded earlier (off the machine):
+    /// a stale copy of the directory, lost frames, or another history.
+    #[error(
+        "{dir} is behind the expected chain head {expected} (the directory's head is {found}): {reason}"
+    )]
+    RolledBack {
+        dir: PathBuf,
+        // Boxed: every `Result` of the crate carries this enum.
+        expected: Box<crate::wal::ChainHead>,
+        found: Box<crate::wal::ChainHead>,
+        reason: String,
+    },
+
     #[error("key mismatch for {file}: {reason}")]
     KeyMismatch { file: PathBuf, reason: String },
 

@@ -39,4 +39,4 @@ pub use txn::assertion::{CompareOp, ReadAssertion};
 pub use txn::query::{Filter, Query, QueryResult};
 pub use txn::snapshot::{ConsistencyMode, KvPair, KvView, Snapshot, TableView, Versioned};
 pub use txn::write::WriteTransaction;
-pub use wal::{DroppedTail, RecoveryReport, TornTail};
+pub use wal::{ChainHead, DroppedTail, RecoveryReport, TornTail};

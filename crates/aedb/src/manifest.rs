@@ -44,6 +44,15 @@ pub(crate) struct SegmentRef {
     pub sealed: Option<SealedRef>,
 }
 
+/// The durable end of the log when the manifest was written: every frame up to
+/// `lsn` had been fsynced (and possibly acknowledged), so recovery must find the log
+/// reaching it with this chain hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DurableHeadRef {
+    pub lsn: u64,
+    pub chain_hash: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ManifestBody {
     pub format_version: u32,
@@ -56,6 +65,9 @@ pub(crate) struct ManifestBody {
     /// End LSN of the last backup: WAL after it is kept for the next incremental.
     #[serde(default)]
     pub backup_floor_lsn: Option<u64>,
+    /// Absent in manifests written before it existed, and in a restore's first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable_head: Option<DurableHeadRef>,
 }
 
 fn signer(key: &SecretKey, label: &[u8]) -> ring::hmac::Key {

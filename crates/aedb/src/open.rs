@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{self, CheckpointMeta, LoadedState};
 use crate::config::{AedbConfig, DurabilityMode, RecoveryMode};
 use crate::error::AedbError;
-use crate::manifest::{self, CheckpointRef, ManifestBody, SealedRef, SegmentRef};
+use crate::manifest::{self, CheckpointRef, DurableHeadRef, ManifestBody, SealedRef, SegmentRef};
+use crate::wal::ChainHead;
 use crate::wal::format::segment_file_name;
-use crate::wal::recovery::{list_segments, segment_is_empty};
+use crate::wal::recovery::{ReplayStart, list_segments, segment_is_empty};
 use crate::wal::writer::SealedSegment;
 
 /// What the manifest will say next time it is written.
@@ -22,6 +23,21 @@ pub(crate) struct ManifestState {
     /// Segments holding frames after this LSN are kept for the next incremental
     /// backup (None: no backup chain to serve).
     pub backup_floor_lsn: Option<u64>,
+    /// The durable end of the log, as far as it has been recorded (see
+    /// `advance_durable_head`).
+    pub durable_head: Option<ChainHead>,
+}
+
+impl ManifestState {
+    /// Records that the log is durable up to `head`; true when that is news (the
+    /// manifest is then worth rewriting).
+    pub fn advance_durable_head(&mut self, head: ChainHead) -> bool {
+        if self.durable_head.is_some_and(|d| d.lsn >= head.lsn) {
+            return false;
+        }
+        self.durable_head = Some(head);
+        true
+    }
 }
 
 pub(crate) fn write_manifest(
@@ -63,8 +79,51 @@ pub(crate) fn write_manifest(
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config.checkpoint_key_id_hex(),
         backup_floor_lsn: ms.backup_floor_lsn,
+        durable_head: ms.durable_head.map(|d| DurableHeadRef {
+            lsn: d.lsn,
+            chain_hash: hex::encode(d.hash),
+        }),
     };
     manifest::write(dir, &body, config.manifest_key.as_ref())
+}
+
+/// What replay starts from and must reach: the checkpoint, the durable head and
+/// segments the manifest records, and the head the configuration expects.
+pub(crate) fn replay_start(
+    dir: &Path,
+    config: &AedbConfig,
+    manifest: Option<&ManifestBody>,
+    checkpoint: Option<&CheckpointMeta>,
+    read_only: bool,
+) -> Result<ReplayStart, AedbError> {
+    let durable_head = match manifest.and_then(|m| m.durable_head.as_ref()) {
+        Some(d) => {
+            let hash = hex::decode(&d.chain_hash)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| {
+                    AedbError::corruption(
+                        dir.join(manifest::MANIFEST_FILE),
+                        0,
+                        "durable_head.chain_hash is not a 32-byte hex hash",
+                    )
+                })?;
+            Some(ChainHead { lsn: d.lsn, hash })
+        }
+        None => None,
+    };
+    let listed_segments = manifest.and_then(|m| {
+        let first = m.segments.iter().map(|s| s.index).min()?;
+        let last = m.segments.iter().map(|s| s.index).max()?;
+        Some((first, last))
+    });
+    Ok(ReplayStart {
+        checkpoint: checkpoint.map(|m| (m.lsn, m.chain_head)),
+        read_only,
+        durable_head,
+        listed_segments,
+        expected_head: config.expected_head,
+    })
 }
 
 /// What the manifest and its checkpoint say about a data directory.

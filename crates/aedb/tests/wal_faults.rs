@@ -195,6 +195,9 @@ struct Base {
     /// LSN of each commit `i` (key `k{i}`), in order.
     commits: Vec<(u64, u64)>,
     last_lsn: u64,
+    /// The manifest as it was before the last commit: it does not record the last
+    /// frame as durable (what a crash before the manifest caught up leaves).
+    manifest_before_last: Vec<u8>,
 }
 
 impl Base {
@@ -205,7 +208,11 @@ impl Base {
         db.create_project("p").expect("project");
         db.create_scope("p", "s").expect("scope");
         let mut commits = Vec::new();
+        let mut manifest_before_last = Vec::new();
         for i in 0..BASE_COMMITS {
+            if i + 1 == BASE_COMMITS {
+                manifest_before_last = read_file(&dir.join("MANIFEST"));
+            }
             let mut tx = db.begin_write("p").expect("tx");
             tx.kv_set("s", &key(i), &value(i)).expect("set");
             let r = db
@@ -232,6 +239,7 @@ impl Base {
             segments,
             commits,
             last_lsn,
+            manifest_before_last,
         }
     }
 
@@ -737,6 +745,16 @@ fn check_torn(
     assert_usable_after(&dir, base, first_lost, &ctx);
 }
 
+/// Zeroes the second half of frame `f` of `seg` in `dir`.
+fn cut_in_half(dir: &Path, seg: &Segment, f: &Frame) {
+    let half = FRAME_HEADER_LEN + f.len / 2;
+    write_at(
+        &dir.join(&seg.name),
+        f.offset + half,
+        &vec![0; f.end() - f.offset - half],
+    );
+}
+
 #[test]
 fn last_frame_cut_in_half_is_a_torn_tail_in_both_modes() {
     let base = Base::build();
@@ -748,18 +766,41 @@ fn last_frame_cut_in_half_is_a_torn_tail_in_both_modes() {
             "second half of the last frame zeroed",
             mode,
             |dir| {
-                let half = FRAME_HEADER_LEN + f.len / 2;
-                write_at(
-                    &dir.join(&seg.name),
-                    f.offset + half,
-                    &vec![0; f.end() - f.offset - half],
-                );
+                // Only a frame after the durable head the manifest records can be
+                // a torn write: the manifest is the one from before the last commit
+                // (a crash before it recorded that frame as durable).
+                std::fs::write(dir.join("MANIFEST"), &base.manifest_before_last)
+                    .expect("older manifest");
+                cut_in_half(dir, &seg, &f);
             },
             &seg.name,
             f.offset,
             f.lsn,
         );
     }
+}
+
+/// Changed for issue #13 (bug 8): this case used to be accepted as a torn tail in
+/// both modes, silently dropping a commit acknowledged as durable. The base database
+/// was closed cleanly, so its manifest records the last frame as durable: an
+/// incomplete frame there is lost data. Strict refuses; permissive drops and reports it.
+#[test]
+fn last_frame_cut_in_half_after_it_was_recorded_durable_is_not_a_torn_tail() {
+    let base = Base::build();
+    let seg = base.last_seg().clone();
+    let f = seg.frames.last().expect("frame").clone();
+    check_damage(
+        &base,
+        "second half of a durable last frame zeroed",
+        |dir| cut_in_half(dir, &seg, &f),
+        Expect {
+            file: seg.name.clone(),
+            offset: f.offset as u64,
+            first_dropped_lsn: f.lsn,
+            check_reported_lsn: true,
+            reason_has: "durable",
+        },
+    );
 }
 
 #[test]

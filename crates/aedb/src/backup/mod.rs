@@ -809,6 +809,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config.checkpoint_key_id_hex(),
         backup_floor_lsn: None,
+        durable_head: None,
     };
     crate::manifest::write(staging, &body, config.manifest_key.as_ref())?;
     let mut strict = config.clone();

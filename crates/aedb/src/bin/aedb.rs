@@ -91,6 +91,11 @@ enum CheckCmd {
     Invariants {
         #[arg(long)]
         data_dir: PathBuf,
+        /// A chain head recorded earlier off the machine (`LSN:HASH`, printed by this
+        /// command and by `AedbInstance::chain_head`): fail (exit 1) if the directory's
+        /// log does not reach it, e.g. a stale but validly signed copy.
+        #[arg(long, value_name = "LSN:HASH")]
+        expect_head: Option<String>,
     },
     /// The directory's state equals what a backup recorded (counts and digests).
     Parity {
@@ -245,7 +250,10 @@ fn config(cli_key_file: Option<&Path>) -> Result<AedbConfig> {
 
 /// Errors that mean "the data is bad" become failed checks; the rest could not run.
 fn is_check_failure(e: &AedbError) -> bool {
-    matches!(e, AedbError::Corruption { .. })
+    matches!(
+        e,
+        AedbError::Corruption { .. } | AedbError::RolledBack { .. }
+    )
 }
 
 fn fail(name: &str, e: &AedbError) -> Outcome {
@@ -272,6 +280,12 @@ fn report_human(title: &str, r: &InspectReport) -> String {
         r.checkpoint_lsn.map_or("none".into(), |l| l.to_string()),
         r.keyspaces.len()
     );
+    if !r.chain_head.is_empty() {
+        s += &format!(
+            "chain head {}:{} (keep it off the machine; later: --expect-head)\n",
+            r.last_lsn, r.chain_head
+        );
+    }
     s += if r.ok() {
         "result: all invariants hold\n"
     } else {
@@ -380,8 +394,16 @@ fn run(cli: Cli) -> Result<Outcome> {
     let cfg = config(cli.key_file.as_deref())?;
     match cli.command {
         Command::Check {
-            what: CheckCmd::Invariants { data_dir },
+            what:
+                CheckCmd::Invariants {
+                    data_dir,
+                    expect_head,
+                },
         } => {
+            let cfg = match expect_head {
+                Some(h) => cfg.with_expected_head(h.parse::<aedb::ChainHead>()?),
+                None => cfg,
+            };
             let r = aedb::inspect(&data_dir, &cfg)?;
             Ok(Outcome {
                 ok: r.ok(),

@@ -49,16 +49,36 @@ pub(crate) struct CheckpointMeta {
     pub bytes: u64,
 }
 
-pub(crate) fn file_name(lsn: u64) -> String {
-    format!("checkpoint-{lsn:020}.ckpt")
+/// `checkpoint-{lsn:020}.ckpt`, or `checkpoint-{lsn:020}-{unique}.ckpt` when that is
+/// the name of the live checkpoint `live`: a checkpoint is written next to the live
+/// one, never over it, because the manifest keeps naming the live file (with its
+/// digest) until it is rewritten. Replacing it first would leave, after a crash in
+/// between, a manifest whose checkpoint no longer matches and an older WAL already
+/// removed. `unique` must differ from the suffix of `live` (the next manifest
+/// generation does).
+pub(crate) fn file_name(lsn: u64, live: Option<&str>, unique: u64) -> String {
+    let plain = format!("checkpoint-{lsn:020}.ckpt");
+    if live == Some(plain.as_str()) {
+        format!("checkpoint-{lsn:020}-{unique}.ckpt")
+    } else {
+        plain
+    }
 }
 
+/// The LSN in a checkpoint file name (either form of `file_name`).
 pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
     let d = name.strip_prefix("checkpoint-")?.strip_suffix(".ckpt")?;
-    if d.len() != 20 || !d.bytes().all(|b| b.is_ascii_digit()) {
+    let (lsn, unique) = match d.split_once('-') {
+        Some((lsn, unique)) => (lsn, Some(unique)),
+        None => (d, None),
+    };
+    let digits = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    if lsn.len() != 20 || !digits(lsn, 20) || unique.is_some_and(|u| !digits(u, 20)) {
         return None;
     }
-    d.parse().ok()
+    lsn.parse().ok()
 }
 
 struct Header {
@@ -195,16 +215,18 @@ impl Write for ChunkSink<'_> {
 }
 
 /// Writes a checkpoint of `state` (chain head `chain_head` at `state.seq`) into
-/// `dir` crash-safely: temp file, fsync, rename, fsync directory.
+/// `dir/name` crash-safely: temp file, fsync, rename, fsync directory. `name` comes
+/// from `file_name` and is never the live checkpoint's.
 pub(crate) fn write(
     dir: &Path,
+    name: &str,
     state: &DbState,
     idempotency: &[(IdempotencyTag, u64)],
     chain_head: ChainHash,
     key: Option<&SecretKey>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<CheckpointMeta, AedbError> {
-    let name = file_name(state.seq);
+    let name = name.to_string();
     let path = dir.join(&name);
     let tmp = dir.join(format!("{name}.tmp"));
     let io = |e: std::io::Error| AedbError::io(&tmp, e);

@@ -2,6 +2,7 @@
 //! flusher and checkpointer threads.
 
 use super::*;
+use crate::wal::ChainHead;
 
 impl Inner {
     /// Waits until every reserved sequence number has been published, so the
@@ -27,10 +28,49 @@ impl Inner {
             return Ok(());
         }
         let mut ms = self.manifest.lock();
+        // A segment is sealed only once everything in it is durable.
+        if let Some(last) = sealed.last() {
+            ms.advance_durable_head(ChainHead {
+                lsn: last.last_lsn,
+                hash: last.end_hash,
+            });
+        }
         ms.sealed.extend(sealed);
         let (index, first) = self.wal.active_segment();
         ms.active_index = index;
         ms.active_first_lsn = first;
+        write_manifest(&self.dir, &self.config, &mut ms)
+    }
+
+    /// Records in the manifest how far the log is durable, so that strict recovery
+    /// can tell acknowledged frames from a torn tail. `pending` carries a head seen
+    /// on the previous call: under steady load the log's head is never durable at
+    /// the instant it is read, but the one read a call earlier is.
+    pub(super) fn record_durable_head(
+        &self,
+        pending: &mut Option<ChainHead>,
+    ) -> Result<(), AedbError> {
+        let (_, lsn, hash) = self.wal.head();
+        let now = ChainHead { lsn, hash };
+        let durable = self.wal.durable_lsn();
+        let record = if durable >= now.lsn {
+            *pending = None;
+            Some(now)
+        } else {
+            let earlier = pending.filter(|p| durable >= p.lsn);
+            if earlier.is_some() || pending.is_none() {
+                *pending = Some(now);
+            }
+            earlier
+        };
+        let Some(head) = record else {
+            return Ok(());
+        };
+        let mut ms = self.manifest.lock();
+        // After close the manifest is final (and the directory may be someone else's).
+        if self.closed.load(Ordering::Acquire) || !ms.advance_durable_head(head) {
+            return Ok(());
+        }
         write_manifest(&self.dir, &self.config, &mut ms)
     }
 
@@ -55,8 +95,17 @@ impl Inner {
         // The checkpoint must never be ahead of the durable log.
         self.wal.wait_durable(state.seq)?;
         let appended = self.wal.appended_bytes();
+        let name = {
+            let ms = self.manifest.lock();
+            checkpoint::file_name(
+                state.seq,
+                ms.checkpoint.as_ref().map(|c| c.file.as_str()),
+                ms.generation + 1,
+            )
+        };
         let meta = checkpoint::write(
             &self.dir,
+            &name,
             &state,
             &idempotency,
             chain_head,
@@ -66,6 +115,10 @@ impl Inner {
         let (old, obsolete) = {
             let mut ms = self.manifest.lock();
             let old = ms.checkpoint.replace(meta.clone());
+            ms.advance_durable_head(ChainHead {
+                lsn: meta.lsn,
+                hash: meta.chain_head,
+            });
             // A backup chain needs every frame after its last backup.
             let removable_to = ms.backup_floor_lsn.map_or(meta.lsn, |f| f.min(meta.lsn));
             let (obsolete, keep): (Vec<_>, Vec<_>) = ms
@@ -140,7 +193,28 @@ impl Inner {
             f.signal.1.notify_one();
             let _ = f.handle.join();
         }
-        self.wal.shutdown()
+        self.wal.shutdown()?;
+        // Everything is durable now: the final manifest records the log's end, so
+        // a later loss of any of it is refused by strict recovery.
+        let (_, lsn, hash) = self.wal.head();
+        let mut ms = self.manifest.lock();
+        if ms.advance_durable_head(ChainHead { lsn, hash }) {
+            write_manifest(&self.dir, &self.config, &mut ms)?;
+        }
+        Ok(())
+    }
+}
+
+impl<M> AedbInstance<M> {
+    /// Makes every commit so far durable and returns the head of the log: its last
+    /// LSN and the chain hash that commits to every frame up to it. Store it off
+    /// the machine (it is not secret) and pass it to `AedbConfig::with_expected_head`
+    /// or `aedb check invariants --expect-head LSN:HASH` later: a directory behind
+    /// it (a stale copy, a truncated log) or on another history is refused.
+    pub fn chain_head(&self) -> Result<ChainHead, AedbError> {
+        let (_, lsn, hash) = self.inner.wal.head();
+        self.inner.wal.wait_durable(lsn)?;
+        Ok(ChainHead { lsn, hash })
     }
 }
 
@@ -193,10 +267,15 @@ pub(super) fn spawn_flusher(
     Ok(Flusher { signal, handle })
 }
 
-/// Runs the automatic checkpoint policy. Holds only a weak reference, so it never
-/// keeps a dropped instance alive; it exits once the instance is gone or closed.
+/// Runs the automatic checkpoint policy (evaluated every `CHECKPOINT_POLL`) and
+/// records the durable head in the manifest every `durable_head_interval`. Holds
+/// only a weak reference, so it never keeps a dropped instance alive; it exits once
+/// the instance is gone or closed.
 pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
-    if inner.config.checkpoint_wal_bytes.is_none() && inner.config.checkpoint_interval.is_none() {
+    let checkpoints =
+        inner.config.checkpoint_wal_bytes.is_some() || inner.config.checkpoint_interval.is_some();
+    let head_interval = inner.config.durable_head_interval;
+    if !checkpoints && head_interval.is_none() {
         return Ok(());
     }
     let weak = Arc::downgrade(inner);
@@ -204,11 +283,19 @@ pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
     std::thread::Builder::new()
         .name("aedb-checkpointer".into())
         .spawn(move || {
+            let started = std::time::Instant::now();
+            let mut next_policy = started + CHECKPOINT_POLL;
+            let mut next_head = head_interval.map(|i| started + i);
+            let mut pending_head = None;
             loop {
                 {
+                    let wake = match next_head {
+                        Some(h) if !checkpoints || h < next_policy => h,
+                        _ => next_policy,
+                    };
                     let mut stopped = stop.0.lock();
                     if !*stopped {
-                        stop.1.wait_for(&mut stopped, Duration::from_millis(500));
+                        stop.1.wait_until(&mut stopped, wake);
                     }
                     if *stopped {
                         return;
@@ -218,13 +305,28 @@ pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
                 if inner.closed.load(Ordering::Acquire) {
                     return;
                 }
-                if inner.checkpoint_due()
-                    && let Err(e) = inner.checkpoint()
+                let now = std::time::Instant::now();
+                if checkpoints && now >= next_policy {
+                    next_policy = now + CHECKPOINT_POLL;
+                    if inner.checkpoint_due()
+                        && let Err(e) = inner.checkpoint()
+                    {
+                        tracing::error!(error = %e, "automatic checkpoint failed; will retry");
+                    }
+                }
+                if let (Some(at), Some(i)) = (next_head, head_interval)
+                    && now >= at
                 {
-                    tracing::error!(error = %e, "automatic checkpoint failed; will retry");
+                    next_head = Some(now + i);
+                    if let Err(e) = inner.record_durable_head(&mut pending_head) {
+                        tracing::error!(error = %e, "recording the durable head in the manifest failed; will retry");
+                    }
                 }
             }
         })
         .map_err(|e| AedbError::io("aedb-checkpointer thread", e))?;
     Ok(())
 }
+
+/// How often the automatic checkpoint policy is evaluated.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(500);

@@ -29,8 +29,8 @@ use crate::model::validate_name;
 use crate::model::value::TableSchema;
 use crate::model::value::{Row, Value};
 use crate::open::{
-    ManifestState, check_segments_against_manifest, load_manifest_and_checkpoint, secure_problems,
-    write_manifest,
+    ManifestState, check_segments_against_manifest, load_manifest_and_checkpoint, replay_start,
+    secure_problems, write_manifest,
 };
 use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
 use crate::txn::query::{Query, QueryResult};
@@ -39,7 +39,7 @@ use crate::txn::write::{WriteTransaction, WritesDigest, writes_digest};
 use crate::wal::RecoveryReport;
 use crate::wal::format::segment_file_name;
 use crate::wal::keys::WalKeys;
-use crate::wal::recovery::{ReplayStart, recover};
+use crate::wal::recovery::recover;
 use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES, WalWriter};
 
 /// What a successful commit reports.
@@ -515,10 +515,13 @@ impl<M> AedbInstance<M> {
             config.checkpoint_key.as_ref(),
             config.previous_checkpoint_key.as_ref(),
         );
-        let start = ReplayStart {
-            checkpoint: ckpt_meta.as_ref().map(|m| (m.lsn, m.chain_head)),
-            read_only: false,
-        };
+        let start = replay_start(
+            &dir,
+            &config,
+            manifest_body.as_ref(),
+            ckpt_meta.as_ref(),
+            false,
+        )?;
         let recovered = recover(&dir, config.recovery, &keys, start, |lsn, payload| {
             let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
             cs.state
@@ -539,12 +542,12 @@ impl<M> AedbInstance<M> {
             check_segments_against_manifest(&dir, m, &recovered.segments)?;
         }
         let wal = match (recovered.position, recovered.last_header) {
-            (Some(pos), Some(h)) if keys.writes_like(&h) => {
+            (Some(pos), Some(h)) if keys.writes_like(&h) && !recovered.start_new_segment => {
                 WalWriter::resume(&dir, config.segment_bytes, keys, pos, &h)?
             }
-            // Keys changed since the last segment was written: continue the chain in
-            // a new segment under the current keys.
-            (Some(pos), Some(_)) => WalWriter::create(
+            // Keys changed since the last segment was written, or permissive recovery
+            // moved the log away: continue the chain in a new segment.
+            (Some(pos), _) => WalWriter::create(
                 &dir,
                 config.segment_bytes,
                 keys,
@@ -562,6 +565,19 @@ impl<M> AedbInstance<M> {
             }
         };
         let wal = Arc::new(wal);
+        // The writer must continue exactly after the recovered state: a gap or an
+        // overlap would break the LSN order every append asserts.
+        let (_, wal_lsn, wal_head) = wal.head();
+        if wal_lsn != cs.state.seq {
+            return Err(AedbError::corruption(
+                &dir,
+                0,
+                format!(
+                    "recovery ended at LSN {} but the log continues after LSN {wal_lsn}",
+                    cs.state.seq
+                ),
+            ));
+        }
         let (active_index, active_first_lsn) = wal.active_segment();
         let mut ms = ManifestState {
             generation: manifest_body.as_ref().map_or(0, |m| m.generation),
@@ -575,6 +591,11 @@ impl<M> AedbInstance<M> {
             active_index,
             active_first_lsn,
             backup_floor_lsn: manifest_body.as_ref().and_then(|m| m.backup_floor_lsn),
+            // Recovery fsynced what it kept: the whole log is durable now.
+            durable_head: Some(crate::wal::ChainHead {
+                lsn: wal_lsn,
+                hash: wal_head,
+            }),
         };
         write_manifest(&dir, &config, &mut ms)?;
         // Nothing is open yet: replayed deletes need no tombstones.

@@ -9,4 +9,4 @@ pub(crate) mod reader;
 pub(crate) mod recovery;
 pub(crate) mod writer;
 
-pub use recovery::{DroppedTail, RecoveryReport, TornTail};
+pub use recovery::{ChainHead, DroppedTail, RecoveryReport, TornTail};

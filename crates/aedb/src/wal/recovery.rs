@@ -2,19 +2,69 @@
 //! damage: a torn final write is repaired in both modes; anything else stops strict
 //! recovery with the file and offset, while permissive recovery keeps the longest
 //! valid prefix, moves what it drops to `dropped/`, and reports it.
+//!
+//! What the manifest records is checked too: the segments it lists must all be
+//! there, and the log must reach the durable head it records (frames at or before
+//! it were acknowledged, so losing them is never a torn write). A head anchored off
+//! the machine (`AedbConfig::with_expected_head`) must be reached in both modes.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::format::{
-    ChainHash, SEGMENT_HEADER_LEN, SegmentHeader, parse_segment_file_name, segment_file_name,
+    ChainHash, FLAG_KEYED_CHAIN, SEGMENT_HEADER_LEN, SegmentHeader, parse_segment_file_name,
+    segment_file_name,
 };
 use super::keys::{WalKeys, decrypt_frame};
 use super::reader::{Damage, count_frames_best_effort, scan_frames};
 use super::writer::{SealedSegment, WriterPosition, sync_dir};
 use crate::config::RecoveryMode;
 use crate::error::AedbError;
+
+/// A point of the hash-chained log: an LSN and the chain hash after the frame with
+/// that LSN. It commits to every frame up to it, so a host that stores it off the
+/// machine can later require a directory to reach it
+/// (`AedbConfig::with_expected_head`, `aedb check invariants --expect-head`).
+///
+/// Written and parsed as `LSN:HASH` (decimal LSN, 64 hex characters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChainHead {
+    pub lsn: u64,
+    pub hash: [u8; 32],
+}
+
+impl ChainHead {
+    /// The head of an empty log (LSN 0, zero hash).
+    pub const GENESIS: ChainHead = ChainHead {
+        lsn: 0,
+        hash: [0; 32],
+    };
+}
+
+impl std::fmt::Display for ChainHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.lsn, hex::encode(self.hash))
+    }
+}
+
+impl std::str::FromStr for ChainHead {
+    type Err = AedbError;
+
+    fn from_str(s: &str) -> Result<Self, AedbError> {
+        let bad = |why: &str| {
+            AedbError::InvalidArgument(format!(
+                "chain head {s:?}: {why} (expected LSN:HASH, HASH 64 hex characters)"
+            ))
+        };
+        let (lsn, hash) = s.trim().split_once(':').ok_or_else(|| bad("no ':'"))?;
+        let lsn = lsn.parse().map_err(|_| bad("the LSN is not a number"))?;
+        let bytes = hex::decode(hash).map_err(|_| bad("the hash is not hex"))?;
+        let hash =
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| bad("the hash is not 32 bytes"))?;
+        Ok(ChainHead { lsn, hash })
+    }
+}
 
 /// A torn final write that recovery cut off (never acknowledged as durable).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,11 +80,14 @@ pub struct DroppedTail {
     pub file: PathBuf,
     pub offset: u64,
     pub reason: String,
-    /// First LSN that is no longer in the log.
+    /// First commit (LSN) that is no longer in the database: the first one after
+    /// the damage, or after the checkpoint when the damage is at or below it.
     pub first_dropped_lsn: u64,
-    /// Frames with a valid checksum found after the damage (best effort).
+    /// Frames known to be lost: found with a valid checksum after the damage, or
+    /// recorded as durable by the manifest but no longer in the log (best effort).
     pub frames_dropped: u64,
-    /// Highest LSN seen among the dropped frames and segments (0 if none readable).
+    /// Highest LSN seen among the dropped frames and segments, or recorded as
+    /// durable by the manifest (0 if none is known).
     pub max_dropped_lsn: u64,
     /// Copies of the damaged segment and every later segment, kept for forensics.
     pub preserved: Vec<PathBuf>,
@@ -45,9 +98,16 @@ pub struct DroppedTail {
 pub struct RecoveryReport {
     pub segments: usize,
     pub frames_replayed: u64,
+    /// LSN of the recovered state (the end of the log, or the checkpoint's LSN).
     pub last_lsn: u64,
     pub torn_tail: Option<TornTail>,
     pub dropped: Option<DroppedTail>,
+    /// Segments the manifest lists that are not in the directory (permissive mode:
+    /// strict refuses to open).
+    pub missing_segments: Vec<PathBuf>,
+    /// The segment recovery fsynced before counting its frames durable: frames
+    /// written before a crash may have reached only the page cache.
+    pub synced_tail: Option<PathBuf>,
 }
 
 pub(crate) struct Recovered {
@@ -57,6 +117,12 @@ pub(crate) struct Recovered {
     /// Every segment kept, in order, with its LSN range and final chain hash.
     pub segments: Vec<SealedSegment>,
     pub report: RecoveryReport,
+    /// The writer must start a new segment after `position.segment_index` instead
+    /// of appending (permissive recovery moved every segment away because the
+    /// kept log ended below the checkpoint).
+    pub start_new_segment: bool,
+    /// LSN and chain hash of the recovered state.
+    pub head: ChainHead,
 }
 
 /// Lists the segment files of `dir` in index order, removing leftovers of
@@ -100,12 +166,19 @@ pub(crate) fn segment_is_empty(path: &Path) -> bool {
 }
 
 /// Where replay starts: from the beginning of the log, or after a checkpoint whose
-/// LSN and chain head the log must reproduce.
+/// LSN and chain head the log must reproduce; and what the log must reach.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct ReplayStart {
     pub checkpoint: Option<(u64, ChainHash)>,
     /// Inspection: change nothing on disk (a torn tail is reported, not cut off).
     pub read_only: bool,
+    /// The durable end of the log the manifest records: every frame up to it was
+    /// acknowledged, so the log must reach it with this chain hash.
+    pub durable_head: Option<ChainHead>,
+    /// First and last segment index the manifest lists.
+    pub listed_segments: Option<(u64, u64)>,
+    /// A head anchored off the machine that the log must reach (both modes).
+    pub expected_head: Option<ChainHead>,
 }
 
 /// Replays the log, calling `apply` with each decrypted frame after the checkpoint,
@@ -127,14 +200,6 @@ pub(crate) fn recover(
         last_lsn: ckpt_lsn,
         ..RecoveryReport::default()
     };
-    if segs.is_empty() {
-        return Ok(Recovered {
-            position: None,
-            last_header: None,
-            segments: Vec::new(),
-            report,
-        });
-    }
 
     // Reported as the first dropped LSN if the very first header is unreadable.
     let mut next_lsn = ckpt_lsn + 1;
@@ -142,12 +207,15 @@ pub(crate) fn recover(
     let mut position: Option<WriterPosition> = None;
     let mut last_header = None;
     let mut summaries: Vec<SealedSegment> = Vec::new();
+    // The chain hash the log has at the expected head's LSN, once seen.
+    let mut expected_seen: Option<ChainHash> = None;
     // Every damage exit hands the progress so far to `finish_damaged`.
     macro_rules! damaged {
         ($i:expr, $path:expr, $damage:expr, $named:expr) => {
             return finish_damaged(
                 dir,
                 mode,
+                &start,
                 &segs,
                 DamageAt {
                     index: $i,
@@ -161,6 +229,7 @@ pub(crate) fn recover(
                     position,
                     last_header,
                     segments: summaries,
+                    expected_seen,
                 },
             )
         };
@@ -228,14 +297,23 @@ pub(crate) fn recover(
             let damage = Damage::structural(reason);
             damaged!(i, path, damage, path);
         }
-        let cipher = keys
-            .reader_cipher(&header)
-            .map_err(|reason| AedbError::KeyMismatch {
-                file: path.clone(),
-                reason,
-            })?;
+        // Without the right chain key nothing in the segment can be verified. A
+        // missing frame key matters only for frames that must be decrypted: those
+        // a checkpoint covers are verified by the chain alone, so segments kept
+        // under a rotated-away key (for the backup floor) do not need it.
+        let keyed = header.flags & FLAG_KEYED_CHAIN != 0;
+        let cipher = match keys.reader_cipher(&header) {
+            Err(reason) if keyed != keys.chain.is_some() => {
+                return Err(AedbError::KeyMismatch {
+                    file: path.clone(),
+                    reason,
+                });
+            }
+            other => other,
+        };
 
         let mut replayed = 0u64;
+        let mut key_error = None;
         let outcome = scan_frames(
             keys.chain.as_ref(),
             &buf,
@@ -243,6 +321,17 @@ pub(crate) fn recover(
             next_lsn,
             head,
             |lsn, hash, payload| {
+                if start.expected_head.is_some_and(|e| e.lsn == lsn) {
+                    expected_seen = Some(*hash);
+                }
+                if let Some(d) = start.durable_head
+                    && d.lsn == lsn
+                    && !crate::crypto::ct_eq(&d.hash, hash)
+                {
+                    return Err(format!(
+                        "the log's hash chain at LSN {lsn} differs from the durable head the manifest records (the log was replaced)"
+                    ));
+                }
                 if lsn <= ckpt_lsn {
                     // Already in the checkpoint; the chain must lead to its head.
                     if let Some((l, h)) = start.checkpoint
@@ -255,8 +344,15 @@ pub(crate) fn recover(
                     }
                     return Ok(());
                 }
+                let cipher = match &cipher {
+                    Ok(c) => c,
+                    Err(reason) => {
+                        key_error = Some(reason.clone());
+                        return Err(reason.clone());
+                    }
+                };
                 replayed += 1;
-                match &cipher {
+                match cipher {
                     Some(c) => {
                         let plain = decrypt_frame(c, lsn, payload).map_err(|e| e.to_string())?;
                         apply(lsn, &plain)
@@ -265,10 +361,33 @@ pub(crate) fn recover(
                 }
             },
         );
+        if let Some(reason) = key_error {
+            return Err(AedbError::KeyMismatch {
+                file: path.clone(),
+                reason,
+            });
+        }
+        // Another history than the anchored one: refused before anything is changed.
+        if let (Some(e), Some(seen)) = (start.expected_head, expected_seen)
+            && !crate::crypto::ct_eq(&e.hash, &seen)
+        {
+            return Err(AedbError::RolledBack {
+                dir: dir.to_path_buf(),
+                expected: Box::new(e),
+                found: Box::new(ChainHead {
+                    lsn: e.lsn,
+                    hash: seen,
+                }),
+                reason: format!(
+                    "the log in {} has another chain hash at LSN {} (a different history)",
+                    path.display(),
+                    e.lsn
+                ),
+            });
+        }
         report.frames_replayed += replayed;
         next_lsn = outcome.last_lsn + 1;
         head = outcome.chain_head;
-        report.last_lsn = report.last_lsn.max(outcome.last_lsn);
         position = Some(WriterPosition {
             segment_index: *index,
             offset: outcome.end_offset,
@@ -282,40 +401,52 @@ pub(crate) fn recover(
             end_hash: outcome.chain_head,
         });
         last_header = Some(header);
-        if let Some(damage) = outcome.damage {
+        if let Some(mut damage) = outcome.damage {
             if is_last && damage.is_torn() {
-                // Torn final write: never acknowledged, cut off in both modes.
-                if !start.read_only {
-                    zero_from(path, damage.offset, buf.len() as u64)?;
+                // A frame at or before the recorded durable head was acknowledged:
+                // an incomplete one there is lost data, not a torn final write.
+                match start.durable_head.filter(|d| outcome.last_lsn < d.lsn) {
+                    None => {
+                        // Torn final write: never acknowledged, cut off in both modes.
+                        if !start.read_only {
+                            zero_from(path, damage.offset, buf.len() as u64)?;
+                        }
+                        tracing::warn!(file = %path.display(), offset = damage.offset, reason = %damage.reason,
+                            "truncated an incomplete final WAL frame");
+                        report.torn_tail = Some(TornTail {
+                            file: path.clone(),
+                            offset: damage.offset,
+                            reason: damage.reason,
+                        });
+                        break;
+                    }
+                    Some(d) => {
+                        damage.reason = format!(
+                            "{} at LSN {}, at or before the durable head (LSN {}) the manifest records: an acknowledged frame, not a torn write",
+                            damage.reason,
+                            outcome.last_lsn + 1,
+                            d.lsn
+                        );
+                    }
                 }
-                tracing::warn!(file = %path.display(), offset = damage.offset, reason = %damage.reason,
-                    "truncated an incomplete final WAL frame");
-                report.torn_tail = Some(TornTail {
-                    file: path.clone(),
-                    offset: damage.offset,
-                    reason: damage.reason,
-                });
-                break;
             }
             damaged!(i, path, damage, path);
         }
     }
-    if report.last_lsn < ckpt_lsn {
-        return Err(AedbError::corruption(
-            dir,
-            0,
-            format!(
-                "the log ends at LSN {} before the checkpoint's LSN {ckpt_lsn}",
-                report.last_lsn
-            ),
-        ));
-    }
-    Ok(Recovered {
-        position,
-        last_header,
-        segments: summaries,
-        report,
-    })
+    finish_clean(
+        dir,
+        mode,
+        &start,
+        &segs,
+        Progress {
+            next_lsn,
+            report,
+            position,
+            last_header,
+            segments: summaries,
+            expected_seen,
+        },
+    )
 }
 
 /// Where damage was found: segment `index` of the list, its file, and the file
@@ -326,21 +457,303 @@ struct DamageAt<'a> {
     named_file: &'a Path,
 }
 
-/// What the replay established before the damage.
+/// What the replay established before the damage (or the end of the log).
 struct Progress {
     next_lsn: u64,
     report: RecoveryReport,
     position: Option<WriterPosition>,
     last_header: Option<SegmentHeader>,
     segments: Vec<SealedSegment>,
+    expected_seen: Option<ChainHash>,
+}
+
+impl Progress {
+    /// The state recovery ends with if the log is kept up to `position`: the log's
+    /// end, or the checkpoint's when the log does not reach it.
+    fn head(&self, start: &ReplayStart) -> ChainHead {
+        let log = self.position.as_ref().map(|p| ChainHead {
+            lsn: p.last_lsn,
+            hash: p.chain_head,
+        });
+        let ckpt = start.checkpoint.map(|(lsn, hash)| ChainHead { lsn, hash });
+        match (log, ckpt) {
+            (Some(l), Some(c)) if c.lsn > l.lsn => c,
+            (Some(l), _) => l,
+            (None, Some(c)) => c,
+            (None, None) => ChainHead::GENESIS,
+        }
+    }
+
+    fn into_recovered(self, head: ChainHead) -> Recovered {
+        Recovered {
+            position: self.position,
+            last_header: self.last_header,
+            segments: self.segments,
+            report: self.report,
+            start_new_segment: false,
+            head,
+        }
+    }
+}
+
+/// Refuses a log that does not reach the anchored head or that has another hash
+/// at its LSN. An anchor whose frame is gone (covered by the checkpoint and no
+/// longer in the log) can be checked by LSN only, unless it is the checkpoint's.
+fn check_expected(
+    dir: &Path,
+    start: &ReplayStart,
+    head: ChainHead,
+    seen: Option<ChainHash>,
+    why_short: &str,
+) -> Result<(), AedbError> {
+    let Some(e) = start.expected_head else {
+        return Ok(());
+    };
+    let refuse = |reason: String| AedbError::RolledBack {
+        dir: dir.to_path_buf(),
+        expected: Box::new(e),
+        found: Box::new(head),
+        reason,
+    };
+    if head.lsn < e.lsn {
+        return Err(refuse(why_short.to_string()));
+    }
+    let at = seen
+        .or_else(|| {
+            start
+                .checkpoint
+                .filter(|(l, _)| *l == e.lsn)
+                .map(|(_, h)| h)
+        })
+        .or((head.lsn == e.lsn).then_some(head.hash));
+    match at {
+        Some(h) if !crate::crypto::ct_eq(&h, &e.hash) => Err(refuse(format!(
+            "the chain hash at LSN {} differs (a different history)",
+            e.lsn
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The log ended without damage: check it against the checkpoint, the manifest
+/// (listed segments, durable head) and the anchored head; strict refuses what is
+/// missing, permissive reports it (and continues after the checkpoint when the
+/// log does not reach it).
+fn finish_clean(
+    dir: &Path,
+    mode: RecoveryMode,
+    start: &ReplayStart,
+    segs: &[(u64, PathBuf)],
+    progress: Progress,
+) -> Result<Recovered, AedbError> {
+    let strict = mode == RecoveryMode::Strict;
+    let ckpt_lsn = start.checkpoint.map_or(0, |(l, _)| l);
+    let head = progress.head(start);
+    check_expected(
+        dir,
+        start,
+        head,
+        progress.expected_seen,
+        "the log ends before the expected head (a stale copy of the directory, or lost frames)",
+    )?;
+    // Where the log ends: what an error about missing frames names.
+    let (end_file, end_offset) = match &progress.position {
+        Some(p) => (dir.join(segment_file_name(p.segment_index)), p.offset),
+        None => (dir.to_path_buf(), 0),
+    };
+    let log_end = progress.position.as_ref().map(|p| p.last_lsn);
+    let mut recovered = progress.into_recovered(head);
+
+    if let Some(end) = log_end.filter(|&e| e < ckpt_lsn) {
+        let reason = format!(
+            "the log ends at LSN {end}, before the checkpoint's LSN {ckpt_lsn} (frames lost: a truncated, zeroed or stale segment)"
+        );
+        if strict {
+            return Err(AedbError::corruption(&end_file, end_offset, reason));
+        }
+        let preserved = reset_to_checkpoint(dir, segs, &mut recovered, start)?;
+        let max = start.durable_head.map_or(0, |d| d.lsn);
+        tracing::warn!(file = %end_file.display(), %reason, "permissive recovery: continuing after the checkpoint");
+        recovered.report.dropped = Some(DroppedTail {
+            file: end_file,
+            offset: end_offset,
+            reason,
+            first_dropped_lsn: ckpt_lsn + 1,
+            frames_dropped: max.saturating_sub(ckpt_lsn),
+            max_dropped_lsn: max,
+            preserved,
+        });
+        recovered.report.last_lsn = recovered.head.lsn;
+        return Ok(recovered);
+    }
+
+    let last_found = recovered.position.as_ref().map(|p| p.segment_index);
+    let missing: Vec<(u64, PathBuf)> = start
+        .listed_segments
+        .map(|(first, last)| {
+            (first..=last)
+                .filter(|i| !segs.iter().any(|(j, _)| j == i))
+                .map(|i| (i, dir.join(segment_file_name(i))))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some((_, m)) = missing.first()
+        && strict
+    {
+        return Err(AedbError::corruption(
+            m,
+            0,
+            "segment listed in the manifest is missing",
+        ));
+    }
+    let behind = start.durable_head.filter(|d| head.lsn < d.lsn);
+    let behind_reason = |d: ChainHead| {
+        format!(
+            "the log ends at LSN {}, but the manifest records LSN {} as durable: acknowledged commits are missing (a truncated or stale segment)",
+            head.lsn, d.lsn
+        )
+    };
+    if let Some(d) = behind
+        && strict
+    {
+        return Err(AedbError::corruption(
+            &end_file,
+            end_offset,
+            behind_reason(d),
+        ));
+    }
+    // Permissive: lost segments at the end of the log, or acknowledged frames, are
+    // reported as dropped (there is nothing left to preserve).
+    let tail_missing = missing
+        .iter()
+        .find(|(i, _)| last_found.is_none_or(|l| *i > l));
+    let dropped_at = match (tail_missing, behind) {
+        (Some((_, m)), _) => Some((
+            m.clone(),
+            0,
+            "segment listed in the manifest is missing".to_string(),
+        )),
+        (None, Some(d)) => Some((end_file, end_offset, behind_reason(d))),
+        (None, None) => None,
+    };
+    if let Some((file, offset, reason)) = dropped_at {
+        let max = behind.map_or(0, |d| d.lsn);
+        tracing::warn!(file = %file.display(), %reason, "permissive recovery: the log is shorter than the manifest says");
+        recovered.report.dropped = Some(DroppedTail {
+            file,
+            offset,
+            reason,
+            first_dropped_lsn: head.lsn + 1,
+            frames_dropped: max.saturating_sub(head.lsn),
+            max_dropped_lsn: max,
+            preserved: Vec::new(),
+        });
+    }
+    recovered.report.missing_segments = missing.into_iter().map(|(_, p)| p).collect();
+    sync_tail(dir, start, &mut recovered)?;
+    recovered.report.last_lsn = recovered.head.lsn;
+    Ok(recovered)
+}
+
+/// Frames recovered from the last segment may have reached only the page cache
+/// before a crash; the writer counts them durable, so they are made durable first.
+fn sync_tail(dir: &Path, start: &ReplayStart, r: &mut Recovered) -> Result<(), AedbError> {
+    if start.read_only || r.start_new_segment {
+        return Ok(());
+    }
+    let Some(pos) = &r.position else {
+        return Ok(());
+    };
+    let path = dir.join(segment_file_name(pos.segment_index));
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.sync_data())
+        .map_err(|e| AedbError::io(&path, e))?;
+    r.report.synced_tail = Some(path);
+    Ok(())
+}
+
+/// Moves files into `dropped/` under one timestamp per recovery.
+struct Preserver {
+    dir: PathBuf,
+    stamp: u128,
+}
+
+impl Preserver {
+    fn new(dir: &Path) -> Result<Self, AedbError> {
+        let preserve_dir = dir.join("dropped");
+        fs::create_dir_all(&preserve_dir).map_err(|e| AedbError::io(&preserve_dir, e))?;
+        // Nanoseconds: two recoveries in the same second must not overwrite each
+        // other's preserved copies.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Ok(Self {
+            dir: preserve_dir,
+            stamp,
+        })
+    }
+
+    fn dest(&self, path: &Path) -> PathBuf {
+        self.dir.join(format!("{}-{}", self.stamp, file_name(path)))
+    }
+
+    fn copy(&self, path: &Path) -> Result<PathBuf, AedbError> {
+        let dest = self.dest(path);
+        fs::copy(path, &dest).map_err(|e| AedbError::io(&dest, e))?;
+        Ok(dest)
+    }
+
+    fn move_away(&self, path: &Path) -> Result<PathBuf, AedbError> {
+        let dest = self.dest(path);
+        fs::rename(path, &dest).map_err(|e| AedbError::io(path, e))?;
+        Ok(dest)
+    }
+}
+
+/// Permissive: the kept log ends below the checkpoint, so it cannot continue at
+/// the checkpoint's LSN. Every segment still here holds only frames the checkpoint
+/// covers: they move to `dropped/`, and the writer starts a new segment after the
+/// highest index ever used (indexes are never reused: backups name segments by
+/// index), from the checkpoint's LSN and chain head.
+fn reset_to_checkpoint(
+    dir: &Path,
+    segs: &[(u64, PathBuf)],
+    r: &mut Recovered,
+    start: &ReplayStart,
+) -> Result<Vec<PathBuf>, AedbError> {
+    let Some((lsn, hash)) = start.checkpoint else {
+        return Ok(Vec::new());
+    };
+    let preserver = Preserver::new(dir)?;
+    let mut preserved = Vec::new();
+    for (_, seg) in list_segments(dir)? {
+        preserved.push(preserver.move_away(&seg)?);
+    }
+    sync_dir(dir)?;
+    let highest = segs.last().map_or(0, |(i, _)| *i);
+    r.position = Some(WriterPosition {
+        segment_index: highest,
+        offset: SEGMENT_HEADER_LEN as u64,
+        last_lsn: lsn,
+        chain_head: hash,
+    });
+    r.start_new_segment = true;
+    r.segments.clear();
+    r.report.segments = 0;
+    r.head = ChainHead { lsn, hash };
+    Ok(preserved)
 }
 
 /// Strict: the error. Permissive: keep everything before the damage in segment
 /// `at.index`, preserve copies of what is dropped, and continue from the last
-/// good frame.
+/// good frame (or after the checkpoint, when the damage is at or below it).
 fn finish_damaged(
     dir: &Path,
     mode: RecoveryMode,
+    start: &ReplayStart,
     segs: &[(u64, PathBuf)],
     at: DamageAt<'_>,
     damage: Damage,
@@ -351,13 +764,6 @@ fn finish_damaged(
         path,
         named_file,
     } = at;
-    let Progress {
-        next_lsn,
-        mut report,
-        position,
-        last_header,
-        segments,
-    } = progress;
     if mode == RecoveryMode::Strict {
         return Err(AedbError::corruption(
             named_file,
@@ -365,20 +771,32 @@ fn finish_damaged(
             damage.reason,
         ));
     }
-    let preserve_dir = dir.join("dropped");
-    fs::create_dir_all(&preserve_dir).map_err(|e| AedbError::io(&preserve_dir, e))?;
-    // Nanoseconds: two recoveries in the same second must not overwrite each
-    // other's preserved copies.
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let ckpt_lsn = start.checkpoint.map_or(0, |(l, _)| l);
+    let head = progress.head(start);
+    // An anchored head beyond what would be kept: refuse before changing anything.
+    check_expected(
+        dir,
+        start,
+        head,
+        progress.expected_seen,
+        &format!(
+            "permissive recovery would keep the log only up to LSN {} because of damage in {} at byte {}: {}",
+            head.lsn,
+            named_file.display(),
+            damage.offset,
+            damage.reason
+        ),
+    )?;
+    let next_lsn = progress.next_lsn;
+    let mut recovered = progress.into_recovered(head);
+    let preserver = Preserver::new(dir)?;
     let mut preserved = Vec::new();
     let mut frames_dropped = 0;
     let mut max_dropped_lsn = 0;
 
     // Does the damage sit inside a segment we keep the front of?
-    let keep_front = position
+    let keep_front = recovered
+        .position
         .as_ref()
         .is_some_and(|p| p.segment_index == segs[i].0 && damage.offset > 0);
     let first_moved = if keep_front { i + 1 } else { i };
@@ -390,9 +808,7 @@ fn finish_damaged(
         };
         frames_dropped += n;
         max_dropped_lsn = max_dropped_lsn.max(max);
-        let copy = preserve_dir.join(format!("{stamp}-{}", file_name(path)));
-        fs::copy(path, &copy).map_err(|e| AedbError::io(&copy, e))?;
-        preserved.push(copy);
+        preserved.push(preserver.copy(path)?);
         zero_from(path, damage.offset, buf.len() as u64)?;
     }
     for (_, seg) in &segs[first_moved..] {
@@ -401,29 +817,38 @@ fn finish_damaged(
             frames_dropped += n;
             max_dropped_lsn = max_dropped_lsn.max(max);
         }
-        let dest = preserve_dir.join(format!("{stamp}-{}", file_name(seg)));
-        fs::rename(seg, &dest).map_err(|e| AedbError::io(seg, e))?;
-        preserved.push(dest);
+        preserved.push(preserver.move_away(seg)?);
     }
     sync_dir(dir)?;
+    recovered.report.segments = first_moved;
+    // The kept log ends below the checkpoint: the frames up to it are in the
+    // checkpoint, and the log continues after it in a new segment.
+    if recovered
+        .position
+        .as_ref()
+        .is_none_or(|p| p.last_lsn < ckpt_lsn)
+        && start.checkpoint.is_some()
+    {
+        preserved.extend(reset_to_checkpoint(dir, segs, &mut recovered, start)?);
+    }
+    if let Some(d) = start.durable_head {
+        max_dropped_lsn = max_dropped_lsn.max(d.lsn);
+    }
+    let first_dropped_lsn = next_lsn.max(ckpt_lsn + 1);
     tracing::warn!(file = %named_file.display(), offset = damage.offset, reason = %damage.reason,
-        first_dropped_lsn = next_lsn, frames_dropped, "permissive recovery dropped the WAL after damage");
-    report.dropped = Some(DroppedTail {
+        first_dropped_lsn, frames_dropped, "permissive recovery dropped the WAL after damage");
+    recovered.report.dropped = Some(DroppedTail {
         file: named_file.to_path_buf(),
         offset: damage.offset,
         reason: damage.reason,
-        first_dropped_lsn: next_lsn,
+        first_dropped_lsn,
         frames_dropped,
         max_dropped_lsn,
         preserved,
     });
-    report.segments = first_moved;
-    Ok(Recovered {
-        position,
-        last_header,
-        segments,
-        report,
-    })
+    sync_tail(dir, start, &mut recovered)?;
+    recovered.report.last_lsn = recovered.head.lsn;
+    Ok(recovered)
 }
 
 fn file_name(p: &Path) -> String {
