@@ -252,10 +252,34 @@ fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
 }
 
 /// Flushes and closes the store once every other holder is gone.
+/// How often the store's chain head is logged while serving.
+const CHAIN_HEAD_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Logs the store's chain head (LSN:hash) every `CHAIN_HEAD_LOG_INTERVAL`:
+/// shipped off the machine with the logs, it is the anchor
+/// `aedb check invariants --expect-head` compares a directory with, so a
+/// stale but validly signed copy (a rollback) is caught.
+async fn log_chain_head_periodically(store: Arc<EmbeddedStore>) {
+    let mut every = tokio::time::interval(CHAIN_HEAD_LOG_INTERVAL);
+    loop {
+        every.tick().await;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.engine().chain_head()).await {
+            Ok(Ok(head)) => tracing::info!(chain_head = %head, "aedb chain head (anchor)"),
+            Ok(Err(e)) => tracing::error!(error = %e, "aedb chain head could not be read"),
+            Err(e) => tracing::error!(error = %e, "aedb chain head task failed"),
+        }
+    }
+}
+
 fn close(store: Arc<EmbeddedStore>, state: Arc<AppState>) -> Result<()> {
     // Counted refusals whose window has not closed yet.
     state.auth.flush_failure_audit();
     drop(state);
+    match store.engine().chain_head() {
+        Ok(head) => tracing::info!(chain_head = %head, "aedb chain head at shutdown (anchor)"),
+        Err(e) => tracing::error!(error = %e, "aedb chain head at shutdown could not be read"),
+    }
     match Arc::try_unwrap(store) {
         Ok(s) => s.close().context("closing the store"),
         Err(_) => {
@@ -282,6 +306,7 @@ fn serve() -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let app_state = state.clone();
+    let anchor_store = store.clone();
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
@@ -290,6 +315,7 @@ fn serve() -> Result<ExitCode> {
             .await
             .with_context(|| format!("binding the control socket {}", socket.display()))?;
         let addr = listener.local_addr()?;
+        tokio::spawn(log_chain_head_periodically(anchor_store));
         let app = router(app_state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         match tls {
             None => {
