@@ -180,9 +180,11 @@ pub fn wal_frames(data: &[u8]) {
     let key = chain_key();
     let keyed = (selector & 1 != 0).then_some(&key);
     let buf = f.rest();
+    // Recovery and backup verification refuse a header with first LSN 0 before
+    // they scan (LSNs start at 1): `scan_frames` requires `next_lsn >= 1`.
     let (next_lsn, prev) = match SegmentHeader::decode(buf) {
-        Ok(h) => (h.first_lsn, h.prev_hash),
-        Err(_) => (1, [0u8; 32]),
+        Ok(h) if h.first_lsn > 0 => (h.first_lsn, h.prev_hash),
+        _ => (1, [0u8; 32]),
     };
     let mut visited = 0u64;
     let outcome = scan_frames(keyed, buf, SEGMENT_HEADER_LEN, next_lsn, prev, |_, _, p| {

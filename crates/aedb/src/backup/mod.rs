@@ -644,6 +644,13 @@ fn verify_wal_members(
                 "segment header index does not match its name",
             ));
         }
+        if h.first_lsn == 0 {
+            return Err(AedbError::corruption(
+                &path,
+                0,
+                "segment starts at LSN 0 (LSNs start at 1)",
+            ));
+        }
         if first {
             next_lsn = h.first_lsn;
             head = h.prev_hash;
