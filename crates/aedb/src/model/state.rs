@@ -98,6 +98,9 @@ impl DbState {
                         &format!("{SYSTEM_PROJECT}/{AUDIT_SCOPE}/{}", r.table),
                     )
                 })?;
+            // A logged row that does not fit its table is an inconsistent log,
+            // not a reason to index out of bounds.
+            t.schema.check_row(&r.table, &r.row)?;
             let key = Bytes::from(t.schema.row_key(&r.row));
             t.rows.insert(
                 key,
