@@ -124,6 +124,17 @@ fn signed(body: &[u8], key: Option<&SecretKey>, label: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A state a decoder produced must be one the rest of the engine can use: rows
+/// fit their tables (queries index them by column), keys are primary keys, counts
+/// agree. (Audit chains of fuzzed rows may be broken: that is what `check` reports.)
+fn assert_consistent(state: &DbState, what: &str) {
+    for c in crate::check::state_checks(state) {
+        if c.name == "table and keyspace consistency" {
+            assert!(c.ok, "{what} produced an inconsistent state: {}", c.detail);
+        }
+    }
+}
+
 /// Only typed errors are acceptable; the match documents that every variant a
 /// decoder returns is one of ours (it cannot be anything else, by type).
 fn typed(e: &AedbError) {
@@ -321,10 +332,11 @@ pub fn wal_record(data: &[u8]) {
     );
     let mut state = base_state();
     let seq = state.seq + 1;
-    if let Err(e) = state.apply(&rec, seq) {
-        typed(&e);
+    match state.apply(&rec, seq) {
+        // A failed apply aborts the open; the half-applied state is never used.
+        Err(e) => typed(&e),
+        Ok(()) => assert_consistent(&state, "replay"),
     }
-    let _ = crate::check::state_checks(&state);
     let _ = crate::check::state_digests(&state);
 }
 
@@ -390,6 +402,7 @@ pub fn checkpoint_file(data: &[u8]) {
         Err(e) => return typed(&e),
     };
     assert_eq!((meta.lsn, meta.chain_head), (lsn, head));
+    assert_consistent(&loaded.state, "checkpoint read");
     // Round trip through the real writer, encrypted.
     let out = dir.join("rt");
     std::fs::create_dir_all(&out).expect("mkdir");
@@ -583,5 +596,119 @@ pub fn wal_open(data: &[u8]) {
             }
             Err(e) => typed(&e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::bytes::Bytes;
+    use crate::model::state::Versioned;
+    use crate::record::WriteOp;
+    use crate::{Row, Value};
+
+    fn row_put(key: Vec<u8>, row: Row) -> WalRecord {
+        WalRecord::Commit {
+            project: "p".into(),
+            ops: vec![WriteOp::RowPut {
+                scope: "s".into(),
+                table: "t".into(),
+                key: Bytes::from(key),
+                row: Arc::new(row),
+            }],
+            idempotency: None,
+            audit: Vec::new(),
+        }
+    }
+
+    /// Replay refuses a logged row that does not fit its table or is logged under
+    /// another key (a query would index the short row out of bounds).
+    #[test]
+    fn replay_refuses_rows_that_do_not_fit_their_table() {
+        let schema = base_state()
+            .table("p", "s", "t")
+            .expect("table")
+            .schema
+            .clone();
+        let good: Row = vec![Value::Int(1), Value::Text("a".into())];
+        let key = schema.row_key(&good);
+        let mut s = base_state();
+        let seq = s.seq + 1;
+        s.apply(&row_put(key.clone(), good.clone()), seq)
+            .expect("a fitting row");
+        assert_consistent(&s, "replay");
+        for (k, row) in [
+            (key.clone(), vec![Value::Int(1)]),
+            (key.clone(), vec![Value::Text("x".into()), Value::Int(2)]),
+            (b"another key".to_vec(), good.clone()),
+        ] {
+            let mut s = base_state();
+            let seq = s.seq + 1;
+            assert!(
+                s.apply(&row_put(k, row.clone()), seq).is_err(),
+                "{row:?} accepted"
+            );
+        }
+    }
+
+    /// A checkpoint whose rows do not fit their table, or whose keys repeat or
+    /// are out of order, fails to read (instead of loading a state that
+    /// `check` reports and queries trip over).
+    #[test]
+    fn checkpoints_with_unfit_rows_or_unordered_keys_are_refused() {
+        let dir = scratch("unit-checkpoint");
+        let good = base_state();
+        let w = checkpoint::write(&dir, &good, &[], [1; 32], None, &mut |_| {}).expect("write");
+        checkpoint::read(&dir.join(&w.file), &[]).expect("a good checkpoint reads");
+
+        let mut bad = base_state();
+        let t = bad
+            .projects
+            .get_mut("p")
+            .and_then(|p| p.scopes.get_mut("s"))
+            .and_then(|s| s.tables.get_mut("t"))
+            .expect("table");
+        let short: Row = vec![Value::Int(1)];
+        t.rows.insert(
+            Bytes::from(t.schema.row_key(&short)),
+            Versioned {
+                version: 1,
+                value: Some(Arc::new(short)),
+            },
+        );
+        t.live_rows = 1;
+        std::fs::remove_dir_all(&dir).expect("rm");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let w = checkpoint::write(&dir, &bad, &[], [1; 32], None, &mut |_| {}).expect("write");
+        let e = checkpoint::read(&dir.join(&w.file), &[]).err();
+        assert!(
+            matches!(e, Some(AedbError::Corruption { .. })),
+            "a short row loaded: {e:?}"
+        );
+
+        // Repeated keys: the same key twice in the item stream.
+        let mut items = Vec::new();
+        for item in [
+            &b"\x00\x01p"[..],          // Project("p")
+            &b"\x01\x01s"[..],          // Scope("s")
+            &b"\x03\x01k\x01\x01v"[..], // Kv { key: "k", version: 1, value: "v" }
+            &b"\x03\x01k\x01\x01v"[..],
+        ] {
+            items.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            items.extend_from_slice(item);
+        }
+        let end = b"\x09\x00\x02\x00"; // End { seq: 0, keys: 2, rows: 0 }
+        items.extend_from_slice(&(end.len() as u32).to_le_bytes());
+        items.extend_from_slice(end);
+        let path = dir.join(checkpoint::file_name(0));
+        write(&path, &checkpoint_around(0, [0; 32], &items));
+        let e = checkpoint::read(&path, &[]).err();
+        assert!(
+            e.as_ref()
+                .is_some_and(|e| e.to_string().contains("out of order or repeated")),
+            "repeated keys loaded: {e:?}"
+        );
     }
 }
