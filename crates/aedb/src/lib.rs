@@ -11,6 +11,8 @@ pub(crate) mod checkpoint;
 pub mod config;
 pub(crate) mod crypto;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod instance;
 mod lock;
 pub(crate) mod manifest;

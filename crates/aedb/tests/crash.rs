@@ -1,9 +1,12 @@
 //! Crash safety under a real SIGKILL.
 //!
-//! The test binary re-executes itself as a writer child (`crash_child_writer`, which
-//! does nothing unless `AEDB_CRASH_CHILD_DIR` is set). The child makes durable
-//! commits of `k{n}` and reports each acknowledged one on stdout; the parent kills it
-//! at a random moment, reopens the directory strictly and checks that every
+//! The test binary re-executes itself as a writer child (`crash_child_writer`, an
+//! ignored test that does nothing unless `AEDB_CRASH_CHILD_DIR` is set; see
+//! `crash_support`). The child makes durable commits of `k{n}` and reports each
+//! acknowledged one on stdout; the parent kills it after a random number of
+//! acknowledged commits plus a small random delay (never on a timer started at
+//! spawn, so a slow machine changes nothing), reopens the directory strictly and
+//! checks that every
 //! acknowledged commit survived, that nothing beyond what was attempted appeared and
 //! that the recovered keys form a prefix. The next child continues on the same
 //! directory, so crashes (and torn-tail repairs) accumulate across reopens. Writers
@@ -13,29 +16,25 @@
 //!
 //! `AEDB_CRASH_SEED` replays a run, `AEDB_CRASH_ITERATIONS` (default 100) sets its length.
 
+mod crash_support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::ffi::OsString;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aedb::{
     AedbConfig, AedbInstance, Column, ColumnType, CommitFinality, DurabilityMode, Limits,
     RecoveryMode, TableSchema, Value,
 };
+use crash_support::say;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const CHILD_DIR_ENV: &str = "AEDB_CRASH_CHILD_DIR";
 const CHILD_MODE_ENV: &str = "AEDB_CRASH_CHILD_MODE";
-/// A child never outlives this, even if its parent died without killing it.
-const CHILD_MAX_RUNTIME: Duration = Duration::from_secs(30);
-/// Longest wait for a child to reach the point where the kill timer starts.
-const CHILD_START_TIMEOUT: Duration = Duration::from_secs(60);
-const SIGKILL: i32 = 9;
+/// Child mode for `a_child_that_panics_in_any_thread_fails_the_test`.
+const SELFTEST_PANIC: &str = "selftest-panic";
 
 const PROJECT: &str = "p";
 const SCOPE: &str = "s";
@@ -124,24 +123,23 @@ fn table_schema() -> TableSchema {
     )
 }
 
-/// Starts every report line: the test harness writes to the same stdout, and its
-/// "test crash_child_writer ... " has no newline before the first report.
-const MARK: &str = "@aedb@ ";
-
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    // The parent may be gone; there is nothing useful to do about it here.
-    let _ = writeln!(out, "{MARK}{line}");
-    let _ = out.flush();
-}
-
-/// The writer child. Does nothing in a normal test run.
+/// The writer child: runs only when re-executed by the crash test.
 #[test]
+#[ignore = "SIGKILL child of sigkill_during_durable_commits_loses_nothing_acknowledged; runs only when re-executed by it"]
 fn crash_child_writer() {
-    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
+    let Some(dir) = crash_support::child_env(
+        CHILD_DIR_ENV,
+        "sigkill_during_durable_commits_loses_nothing_acknowledged",
+    ) else {
         return;
     };
-    let mode = Mode::parse(&std::env::var(CHILD_MODE_ENV).unwrap_or_default());
+    let mode_name = std::env::var(CHILD_MODE_ENV).unwrap_or_default();
+    let mode = Mode::parse(&mode_name);
+    if mode_name == SELFTEST_PANIC {
+        // Self-test of the harness: a background thread panics while the main
+        // thread keeps committing; the child must not survive it silently.
+        std::thread::spawn(|| panic!("injected background-thread panic"));
+    }
     say("opening");
     let db = std::sync::Arc::new(AedbInstance::open(config(), &dir).expect("child: open"));
     if !db.snapshot().projects().iter().any(|p| p == PROJECT) {
@@ -170,19 +168,19 @@ fn crash_child_writer() {
     let mut next = db.snapshot().kv(PROJECT, SCOPE).expect("child: kv").len() as u64 + 1;
     say(&format!("ready {next}"));
     let mut rng = StdRng::seed_from_u64(next);
-    let deadline = Instant::now() + CHILD_MAX_RUNTIME;
+    // The child runs until the parent kills it (or its stdin closes: see crash_support).
     if mode == Mode::Checkpoint {
         let db = db.clone();
         let mut rng = StdRng::seed_from_u64(next ^ 0xC4EC);
         std::thread::spawn(move || {
-            while Instant::now() < deadline {
+            loop {
                 std::thread::sleep(Duration::from_micros(rng.random_range(1_000..=10_000)));
                 db.checkpoint().expect("child: checkpoint");
                 say("checkpoint");
             }
         });
     }
-    while Instant::now() < deadline {
+    loop {
         let batch = match mode {
             Mode::Multi => rng.random_range(2..=8u64),
             Mode::Single | Mode::Table | Mode::Checkpoint => 1,
@@ -207,13 +205,19 @@ fn crash_child_writer() {
     }
 }
 
-/// When the kill timer starts.
+/// When the parent kills the child.
 #[derive(Clone, Copy, Debug)]
-enum Trigger {
-    /// When the child announces it is about to open (kills land in open/recovery/DDL).
-    Opening,
-    /// When the child has opened and starts committing.
-    Ready,
+enum Kill {
+    /// `delay` after the child announces it is about to open (kills land in open,
+    /// recovery or DDL; whether any commit happens first does not matter).
+    Opening { delay: Duration },
+    /// `delay` after the child has acknowledged `acks` commit reports (and, when
+    /// `checkpoints` > 0, after that many checkpoints completed too).
+    Acked {
+        acks: usize,
+        checkpoints: usize,
+        delay: Duration,
+    },
 }
 
 struct ChildRun {
@@ -250,92 +254,35 @@ impl ChildRun {
     }
 }
 
-fn spawn_child(dir: &Path, mode: Mode) -> Child {
-    Command::new(std::env::current_exe().expect("current_exe"))
-        .args([
-            "--exact",
-            "crash_child_writer",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR_ENV, dir)
-        .env(CHILD_MODE_ENV, mode.as_str())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn writer child")
-}
-
-/// Runs one child on `dir` and SIGKILLs it `delay` after `trigger`.
-fn run_child(dir: &Path, mode: Mode, trigger: Trigger, delay: Duration) -> ChildRun {
-    let mut child = spawn_child(dir, mode);
-    let stdout = child.stdout.take().expect("child stdout");
-    let mut stderr = child.stderr.take().expect("child stderr");
-    let (tx, rx) = mpsc::channel::<String>();
-    let out_reader: JoinHandle<()> = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        loop {
-            let mut line = String::new();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                // A line cut short by the kill is not a report.
-                Ok(_) if !line.ends_with('\n') => break,
-                Ok(_) => {
-                    let Some((_, report)) = line.trim_end().split_once(MARK) else {
-                        continue;
-                    };
-                    if tx.send(report.to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    let err_reader: JoinHandle<String> = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-
-    let mut lines = Vec::new();
-    let wanted = match trigger {
-        Trigger::Opening => "opening",
-        Trigger::Ready => "ready ",
+/// Runs one child on `dir` and SIGKILLs it as `kill` says. The child must die by
+/// that SIGKILL: a child that exits, panics (in any thread) or aborts on its own
+/// fails the test with its stderr.
+fn run_child(dir: &Path, mode: Mode, kill: Kill, ctx: &str) -> ChildRun {
+    let mut child = crash_support::spawn(
+        "crash_child_writer",
+        &[
+            (CHILD_DIR_ENV, OsString::from(dir)),
+            (CHILD_MODE_ENV, OsString::from(mode.as_str())),
+        ],
+    );
+    let (reached_trigger, delay) = match kill {
+        Kill::Opening { delay } => (child.wait_for("opening", 1), delay),
+        Kill::Acked {
+            acks,
+            checkpoints,
+            delay,
+        } => (
+            child.wait_for("ready ", 1)
+                && child.wait_for("durable ", acks)
+                && child.wait_for("checkpoint", checkpoints),
+            delay,
+        ),
     };
-    let start = Instant::now();
-    let mut reached_trigger = false;
-    while !reached_trigger {
-        let left = CHILD_START_TIMEOUT.saturating_sub(start.elapsed());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                reached_trigger = line.starts_with(wanted);
-                lines.push(line);
-            }
-            // Exited (or hung) before the trigger: reported by the caller.
-            Err(_) => break,
-        }
-    }
-    if reached_trigger {
-        std::thread::sleep(delay);
-    }
-    // `Child::kill` is SIGKILL on Unix. It fails only if the child was already reaped.
-    let _ = child.kill();
-    let status = child.wait().expect("wait for child");
-    out_reader.join().expect("stdout reader");
-    lines.extend(rx.try_iter());
-    let stderr = err_reader.join().expect("stderr reader");
-    if reached_trigger {
-        assert_eq!(
-            status.signal(),
-            Some(SIGKILL),
-            "writer child ended on its own ({status}) instead of being killed\nstdout:\n{}\nstderr:\n{stderr}",
-            lines.join("\n")
-        );
-    }
+    let done = child.kill_after(delay);
+    done.assert_killed(&format!("{ctx}: writer child"));
     ChildRun {
-        lines,
-        stderr,
+        lines: done.lines,
+        stderr: done.stderr,
         reached_trigger,
     }
 }
@@ -498,8 +445,8 @@ fn verify_main(dir: &Path, run: &ChildRun, mode: Mode, exp: &mut Expected, ctx: 
 fn first_open_crash(root: &Path, it: usize, rng: &mut StdRng, seed: u64) -> bool {
     let dir = root.join(format!("fresh-{it}"));
     let delay = Duration::from_micros(rng.random_range(0..=8_000));
-    let run = run_child(&dir, Mode::Single, Trigger::Opening, delay);
     let ctx = format!("seed {seed} iteration {it} (kill {delay:?} into a first open)");
+    let run = run_child(&dir, Mode::Single, Kill::Opening { delay }, &ctx);
     assert!(
         run.reached_trigger,
         "{ctx}: child never started\n{}",
@@ -570,28 +517,30 @@ fn sigkill_during_durable_commits_loses_nothing_acknowledged() {
             2 => Mode::Table,
             _ => Mode::Checkpoint,
         };
-        // Mostly kill while committing; sometimes during open, recovery or DDL.
-        let (trigger, delay) = if it == 0 {
-            (
-                Trigger::Opening,
-                Duration::from_micros(rng.random_range(0..=3_000)),
-            )
+        // Mostly kill while committing (after a random number of acknowledged
+        // commits); sometimes during open, recovery or DDL.
+        let kill = if it == 0 {
+            Kill::Opening {
+                delay: Duration::from_micros(rng.random_range(0..=3_000)),
+            }
         } else if rng.random_bool(0.2) {
-            (
-                Trigger::Opening,
-                Duration::from_micros(rng.random_range(0..=20_000)),
-            )
+            Kill::Opening {
+                delay: Duration::from_micros(rng.random_range(0..=20_000)),
+            }
         } else {
-            (
-                Trigger::Ready,
-                Duration::from_micros(rng.random_range(5_000..=60_000)),
-            )
+            Kill::Acked {
+                acks: rng.random_range(1..=30),
+                // Checkpoint children sometimes wait for a completed checkpoint,
+                // so kills also land in the ones after it.
+                checkpoints: usize::from(mode == Mode::Checkpoint && rng.random_bool(0.5)),
+                delay: Duration::from_micros(rng.random_range(0..=2_000)),
+            }
         };
-        let ctx = format!("seed {seed} iteration {it} ({mode:?}, {trigger:?} + {delay:?})");
-        let run = run_child(&dir, mode, trigger, delay);
+        let ctx = format!("seed {seed} iteration {it} ({mode:?}, {kill:?})");
+        let run = run_child(&dir, mode, kill, &ctx);
         assert!(
             run.reached_trigger,
-            "{ctx}: child did not reach {trigger:?}\nstdout:\n{}\nstderr:\n{}",
+            "{ctx}: child exited before {kill:?}\nstdout:\n{}\nstderr:\n{}",
             run.lines.join("\n"),
             run.stderr
         );
@@ -629,4 +578,33 @@ fn sigkill_during_durable_commits_loses_nothing_acknowledged() {
             "no checkpoint completed; the test no longer covers them"
         );
     }
+}
+
+/// The harness itself: a child whose background thread panics (as a failing
+/// checkpoint thread would) dies by SIGABRT with the panic on stderr, and the
+/// check every crash test applies to its children refuses it.
+#[test]
+fn a_child_that_panics_in_any_thread_fails_the_test() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let child = crash_support::spawn(
+        "crash_child_writer",
+        &[
+            (CHILD_DIR_ENV, OsString::from(root.path().join("db"))),
+            (CHILD_MODE_ENV, OsString::from(SELFTEST_PANIC)),
+        ],
+    );
+    let done = child.finish();
+    assert!(
+        done.stderr.contains(crash_support::PANIC_MARK)
+            && done.stderr.contains("injected background-thread panic"),
+        "{}",
+        done.stderr
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(done.status.signal(), Some(6), "SIGABRT: {}", done.status);
+    let refused = std::panic::catch_unwind(|| done.assert_killed("self-test"));
+    assert!(
+        refused.is_err(),
+        "a panicking child passed the SIGKILL check"
+    );
 }

@@ -133,6 +133,129 @@ fn sha256_file(path: &Path) -> Result<(String, u64), AedbError> {
     Ok((hex::encode(Sha256::digest(&bytes)), bytes.len() as u64))
 }
 
+/// A destination that must reach stable storage before it counts: every file a
+/// backup or a restore writes goes through [`write_synced`] / [`copy_synced`] on
+/// one of these (a `File`, whose `sync` is `fsync`; tests inject a recorder).
+pub(crate) trait SyncWrite: Write {
+    fn sync(&mut self) -> std::io::Result<()>;
+}
+
+impl SyncWrite for fs::File {
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.sync_all()
+    }
+}
+
+/// Writes `bytes` to `out`, then flushes and syncs it; only then is it `Ok`.
+pub(crate) fn write_synced(out: &mut dyn SyncWrite, bytes: &[u8]) -> std::io::Result<()> {
+    out.write_all(bytes)?;
+    out.flush()?;
+    out.sync()
+}
+
+/// Which side of a copy failed.
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// Copies `input` to `out` in 1 MiB pieces, showing each piece to `seen`
+/// (hashing, progress), then flushes and syncs `out`. Returns the bytes copied.
+pub(crate) fn copy_synced(
+    input: &mut dyn std::io::Read,
+    out: &mut dyn SyncWrite,
+    seen: &mut dyn FnMut(&[u8]),
+) -> Result<u64, CopyError> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(e)),
+        };
+        seen(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(CopyError::Write)?;
+        total += n as u64;
+    }
+    out.flush().map_err(CopyError::Write)?;
+    out.sync().map_err(CopyError::Write)?;
+    Ok(total)
+}
+
+/// Creates (or truncates) `path` with `bytes`, fsynced before it returns `Ok`.
+pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), AedbError> {
+    let mut f = fs::File::create(path).map_err(|e| AedbError::io(path, e))?;
+    write_synced(&mut f, bytes).map_err(|e| AedbError::io(path, e))?;
+    synced::record(path);
+    Ok(())
+}
+
+/// Copies `src` to `dst` (created or truncated), fsynced before it returns `Ok`;
+/// `seen` is shown every piece copied. Returns the bytes copied.
+pub(crate) fn copy_file_synced(
+    src: &Path,
+    dst: &Path,
+    seen: &mut dyn FnMut(&[u8]),
+) -> Result<u64, AedbError> {
+    let mut input = fs::File::open(src).map_err(|e| AedbError::io(src, e))?;
+    let mut output = fs::File::create(dst).map_err(|e| AedbError::io(dst, e))?;
+    let n = copy_synced(&mut input, &mut output, seen).map_err(|e| match e {
+        CopyError::Read(e) => AedbError::io(src, e),
+        CopyError::Write(e) => AedbError::io(dst, e),
+    })?;
+    synced::record(dst);
+    Ok(n)
+}
+
+/// fsyncs every regular file under `dir` (files a strict open wrote into a
+/// restore included), then the directories themselves, deepest first.
+fn sync_tree(dir: &Path) -> Result<(), AedbError> {
+    for entry in fs::read_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        let entry = entry.map_err(|e| AedbError::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| AedbError::io(&path, e))?;
+        if kind.is_dir() {
+            sync_tree(&path)?;
+        } else if kind.is_file() {
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| AedbError::io(&path, e))?;
+            synced::record(&path);
+        }
+    }
+    sync_dir(dir)
+}
+
+/// In unit tests, a per-thread log of the files this module fsynced (and of the
+/// descriptor writes), so tests can check that every file of a backup or restore
+/// was synced, and in which order. Compiled away otherwise.
+#[cfg(test)]
+pub(crate) mod synced {
+    use std::cell::RefCell;
+    use std::path::{Path, PathBuf};
+
+    thread_local! {
+        static LOG: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn record(path: &Path) {
+        LOG.with(|l| l.borrow_mut().push(path.to_path_buf()));
+    }
+
+    pub fn take() -> Vec<PathBuf> {
+        LOG.with(|l| std::mem::take(&mut *l.borrow_mut()))
+    }
+}
+
+#[cfg(not(test))]
+mod synced {
+    #[inline(always)]
+    pub fn record(_: &std::path::Path) {}
+}
+
 /// A staging directory next to `dest`: `dest` must be absent or an empty directory.
 fn staging_for(dest: &Path, suffix: &str) -> Result<PathBuf, AedbError> {
     if dest.exists() {
@@ -176,7 +299,11 @@ fn write_descriptor(
 ) -> Result<(), AedbError> {
     let json = serde_json::to_string(d)
         .map_err(|e| AedbError::InvalidArgument(format!("descriptor encoding: {e}")))?;
-    write_signed(&dir.join(DESCRIPTOR_FILE), &json, key, LABEL_BACKUP)
+    // write_signed writes a temp file, fsyncs it, renames it and fsyncs `dir`.
+    let path = dir.join(DESCRIPTOR_FILE);
+    write_signed(&path, &json, key, LABEL_BACKUP)?;
+    synced::record(&path);
+    Ok(())
 }
 
 /// Reads and verifies one backup's descriptor signature and member hashes.
@@ -237,33 +364,19 @@ pub(crate) struct LiveFiles {
     pub segments: Vec<(u64, u64)>,
 }
 
-/// Copies `src` to `dst` while hashing it; returns (sha256 hex, bytes).
+/// Copies `src` to `dst` (fsynced) while hashing it; returns (sha256 hex, bytes).
 fn copy_hashed(
     src: &Path,
     dst: &Path,
     progress: &mut dyn FnMut(u64),
     done: &mut u64,
 ) -> Result<(String, u64), AedbError> {
-    use std::io::Read;
-    let mut input = fs::File::open(src).map_err(|e| AedbError::io(src, e))?;
-    let mut output = fs::File::create(dst).map_err(|e| AedbError::io(dst, e))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = input.read(&mut buf).map_err(|e| AedbError::io(src, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        output
-            .write_all(&buf[..n])
-            .map_err(|e| AedbError::io(dst, e))?;
-        total += n as u64;
-        *done += n as u64;
+    let total = copy_file_synced(src, dst, &mut |piece| {
+        h.update(piece);
+        *done += piece.len() as u64;
         progress(*done);
-    }
-    output.sync_all().map_err(|e| AedbError::io(dst, e))?;
+    })?;
     Ok((hex::encode(h.finalize()), total))
 }
 
@@ -390,11 +503,7 @@ fn copy_segment_upto(
     let src = data_dir.join(&name);
     let buf = fs::read(&src).map_err(|e| AedbError::io(&src, e))?;
     let end = end_of_frames_upto(&buf, end_lsn);
-    let out = staging.join(&name);
-    let mut f = fs::File::create(&out).map_err(|e| AedbError::io(&out, e))?;
-    f.write_all(&buf[..end])
-        .and_then(|()| f.sync_all())
-        .map_err(|e| AedbError::io(&out, e))?;
+    write_file_synced(&staging.join(&name), &buf[..end])?;
     Ok(Member {
         file: name,
         sha256: hex::encode(Sha256::digest(&buf[..end])),
@@ -533,6 +642,13 @@ fn verify_wal_members(
                 &path,
                 0,
                 "segment header index does not match its name",
+            ));
+        }
+        if h.first_lsn == 0 {
+            return Err(AedbError::corruption(
+                &path,
+                0,
+                "segment starts at LSN 0 (LSNs start at 1)",
             ));
         }
         if first {
@@ -751,8 +867,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         .iter()
         .find(|m| checkpoint::parse_file_name(&m.file).is_some());
     if let Some(m) = ckpt {
-        fs::copy(full.dir.join(&m.file), staging.join(&m.file))
-            .map_err(|e| AedbError::io(staging, e))?;
+        copy_file_synced(&full.dir.join(&m.file), &staging.join(&m.file), &mut |_| {})?;
     }
     // Later copies of a segment extend earlier ones: keep the longest, and insist
     // that each earlier copy is a prefix of it.
@@ -783,7 +898,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     }
     for (index, (_, bytes)) in &segments {
         let out = staging.join(crate::wal::format::segment_file_name(*index));
-        fs::write(&out, bytes).map_err(|e| AedbError::io(&out, e))?;
+        write_file_synced(&out, bytes)?;
     }
     // No manifest is copied: a restored database gets a fresh one, written by a
     // permissive-free, strict open of exactly these files.
@@ -830,6 +945,10 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     let digests = state_digests(&snap.state);
     drop(snap);
     db.close()?;
+    // Everything in the restore is on stable storage before it is published:
+    // the copies above were fsynced as written; this also covers whatever the
+    // verification open wrote (manifest, a new segment) before it closed.
+    sync_tree(staging)?;
     let last = &chain.backups[chain.backups.len() - 1].descriptor;
     if head.0 != last.end_lsn || hex::encode(head.1) != last.end_chain_head {
         return Err(AedbError::corruption(
@@ -856,4 +975,204 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// What a recording sink saw, in order.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Event {
+        Write(usize),
+        Flush,
+        Sync,
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        events: Vec<Event>,
+        fail_sync: bool,
+    }
+
+    impl Write for Recorder {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.events.push(Event::Write(b.len()));
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.events.push(Event::Flush);
+            Ok(())
+        }
+    }
+
+    impl SyncWrite for Recorder {
+        fn sync(&mut self) -> std::io::Result<()> {
+            self.events.push(Event::Sync);
+            if self.fail_sync {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            Ok(())
+        }
+    }
+
+    /// The helpers sync after every write, exactly once, and report a failed
+    /// sync as a failure (never as a written file).
+    #[test]
+    fn synced_helpers_sync_after_the_last_write() {
+        let mut r = Recorder::default();
+        write_synced(&mut r, b"hello").expect("write");
+        assert_eq!(r.events.last(), Some(&Event::Sync));
+        assert_eq!(r.events.iter().filter(|e| **e == Event::Sync).count(), 1);
+        let written: usize = r
+            .events
+            .iter()
+            .map(|e| if let Event::Write(n) = e { *n } else { 0 })
+            .sum();
+        assert_eq!(written, 5);
+
+        // A copy of more than one buffer: several writes, then one sync at the end.
+        let data = vec![7u8; (1 << 20) * 2 + 3];
+        let mut r = Recorder::default();
+        let mut seen = 0usize;
+        let n = copy_synced(&mut &data[..], &mut r, &mut |p| seen += p.len()).expect("copy");
+        assert_eq!((n as usize, seen), (data.len(), data.len()));
+        let sync_at = r
+            .events
+            .iter()
+            .position(|e| *e == Event::Sync)
+            .expect("synced");
+        assert_eq!(sync_at, r.events.len() - 1, "sync is the last thing done");
+        assert!(
+            r.events
+                .iter()
+                .filter(|e| matches!(e, Event::Write(_)))
+                .count()
+                >= 3
+        );
+
+        let mut r = Recorder {
+            fail_sync: true,
+            ..Recorder::default()
+        };
+        assert!(write_synced(&mut r, b"x").is_err());
+        let mut r = Recorder {
+            fail_sync: true,
+            ..Recorder::default()
+        };
+        assert!(matches!(
+            copy_synced(&mut &b"abc"[..], &mut r, &mut |_| {}),
+            Err(CopyError::Write(_))
+        ));
+    }
+
+    fn names(paths: &[PathBuf], under: &Path) -> Vec<String> {
+        paths
+            .iter()
+            .filter(|p| p.parent() == Some(under))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    /// Every member of a backup is fsynced before the descriptor naming it is
+    /// written, and every file of a restored database is fsynced before the
+    /// restore reports success (bug 7: restore used to sync only directories).
+    #[test]
+    fn backups_and_restores_fsync_every_file_they_write() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let cfg = AedbConfig::development()
+            .with_segment_bytes(256 * 1024)
+            .with_limits(crate::Limits {
+                max_txn_bytes: 64 * 1024,
+                max_value_bytes: 16 * 1024,
+                ..Default::default()
+            });
+        let db = crate::AedbInstance::open(cfg.clone(), &data).expect("open");
+        db.create_project("p").expect("project");
+        db.create_scope("p", "s").expect("scope");
+        for i in 0..200u32 {
+            db.kv_set("p", "s", format!("k{i}").as_bytes(), &[3; 500])
+                .expect("set");
+        }
+        db.checkpoint().expect("checkpoint");
+        for i in 200..400u32 {
+            db.kv_set("p", "s", format!("k{i}").as_bytes(), &[4; 500])
+                .expect("set");
+        }
+        let full = tmp.path().join("full");
+        let inc = tmp.path().join("inc");
+        let _ = synced::take();
+        db.backup_full(&full).expect("full backup");
+        let full_log = synced::take();
+        for i in 400..500u32 {
+            db.kv_set("p", "s", format!("k{i}").as_bytes(), &[5; 500])
+                .expect("set");
+        }
+        db.backup_incremental(&inc, &full).expect("incremental");
+        let inc_log = synced::take();
+        db.close().expect("close");
+
+        for (dir, log) in [(&full, &full_log), (&inc, &inc_log)] {
+            let staging = dir.with_file_name(format!(
+                "{}.partial",
+                dir.file_name().expect("name").to_string_lossy()
+            ));
+            let order = names(log, &staging);
+            let desc_at = order
+                .iter()
+                .position(|n| n == DESCRIPTOR_FILE)
+                .expect("descriptor written");
+            let d = verify_backup_dir(&cfg, dir).expect("verify").descriptor;
+            assert!(!d.members.is_empty(), "{}: no members", dir.display());
+            for m in &d.members {
+                let at = order
+                    .iter()
+                    .position(|n| *n == m.file)
+                    .unwrap_or_else(|| panic!("{} never fsynced ({order:?})", m.file));
+                assert!(at < desc_at, "{} synced after the descriptor", m.file);
+            }
+        }
+
+        let target = tmp.path().join("restored");
+        restore_from_backup_chain(&cfg, &[full, inc], &target).expect("restore");
+        let log = synced::take();
+        let staging = tmp.path().join("restored.restoring");
+        let synced_names: BTreeSet<String> = names(&log, &staging).into_iter().collect();
+        let mut files = 0;
+        for e in fs::read_dir(&target).expect("ls") {
+            let e = e.expect("entry");
+            if e.file_type().expect("type").is_file() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                assert!(
+                    synced_names.contains(&n),
+                    "restored {n} was never fsynced (synced: {synced_names:?})"
+                );
+                files += 1;
+            }
+        }
+        assert!(
+            files >= 3,
+            "a checkpoint, segments and a manifest were restored"
+        );
+        // The copies themselves were synced as they were written (before the
+        // verification open), not only by the final sweep.
+        let first_sweep = log
+            .iter()
+            .position(|p| p.file_name().is_some_and(|n| n == "MANIFEST"))
+            .expect("manifest synced");
+        assert!(
+            log[..first_sweep]
+                .iter()
+                .any(|p| p.extension().is_some_and(|x| x == "ckpt")),
+            "checkpoint copy synced when written: {log:?}"
+        );
+        assert!(
+            log[..first_sweep]
+                .iter()
+                .any(|p| p.extension().is_some_and(|x| x == "seg")),
+            "segment copies synced when written: {log:?}"
+        );
+    }
 }

@@ -258,6 +258,9 @@ pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, Str
                 if table.is_some() {
                     return Err("key after a table in the same scope".into());
                 }
+                if entries.last().is_some_and(|(prev, _)| *prev >= key) {
+                    return Err("keys out of order or repeated".into());
+                }
                 entries.push((
                     key,
                     Versioned {
@@ -268,7 +271,15 @@ pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, Str
                 keys += 1;
             }
             Item::Row { key, version, row } => {
-                let (_, _, entries) = table.as_mut().ok_or("row outside a table")?;
+                let (name, t, entries) = table.as_mut().ok_or("row outside a table")?;
+                if entries.last().is_some_and(|(prev, _)| *prev >= key) {
+                    return Err("rows out of order or repeated".into());
+                }
+                // Queries index rows by column: a row must fit its table.
+                t.schema.check_row(name, &row).map_err(|e| e.to_string())?;
+                if t.schema.row_key(&row).as_slice() != key.as_slice() {
+                    return Err("row stored under a key that is not its primary key".into());
+                }
                 entries.push((
                     key,
                     Versioned {

@@ -116,15 +116,20 @@ impl DbState {
                         &format!("{SYSTEM_PROJECT}/{AUDIT_SCOPE}/{}", r.table),
                     )
                 })?;
+            // A logged row that does not fit its table is an inconsistent log,
+            // not a reason to index out of bounds.
+            t.schema.check_row(&r.table, &r.row)?;
             let key = Bytes::from(t.schema.row_key(&r.row));
-            t.rows.insert(
+            let prev = t.rows.insert(
                 key,
                 Versioned {
                     version: seq,
                     value: Some(r.row.clone()),
                 },
             );
-            t.live_rows += 1;
+            if !matches!(prev, Some(Versioned { value: Some(_), .. })) {
+                t.live_rows += 1;
+            }
         }
         Ok(())
     }
@@ -420,6 +425,16 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
             row,
         } => {
             let t = table_mut(p, project, scope, table)?;
+            // Checked at commit time; a logged row that does not fit its table, or
+            // is logged under another key, is an inconsistent log (queries index
+            // rows by column).
+            t.schema.check_row(table, row)?;
+            if t.schema.row_key(row).as_slice() != key.as_slice() {
+                return Err(AedbError::Schema {
+                    table: table.clone(),
+                    reason: "logged row key is not the row's primary key".into(),
+                });
+            }
             let prev = t.rows.insert(
                 key.clone(),
                 Versioned {

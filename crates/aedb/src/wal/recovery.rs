@@ -265,6 +265,8 @@ pub(crate) fn recover(
                 "segment header says index {}, file name says {index} (renamed or reordered segment)",
                 header.index
             ))
+        } else if header.first_lsn == 0 {
+            Some("segment starts at LSN 0 (LSNs start at 1)".to_string())
         } else if header.first_lsn != next_lsn {
             Some(format!(
                 "segment starts at LSN {}, expected {next_lsn} (missing or reordered segment)",
