@@ -384,7 +384,7 @@ pub fn checkpoint_file(data: &[u8]) {
     let selector = f.u8();
     let key = checkpoint_keys();
     let dir = scratch("checkpoint");
-    let path = dir.join(checkpoint::file_name(1));
+    let path = dir.join(checkpoint::file_name(1, None, 0));
     if selector & 1 == 0 {
         write(&path, f.rest());
         for keys in [&[][..], &[&key][..]] {
@@ -408,6 +408,7 @@ pub fn checkpoint_file(data: &[u8]) {
     std::fs::create_dir_all(&out).expect("mkdir");
     let written = checkpoint::write(
         &out,
+        &checkpoint::file_name(loaded.state.seq, None, 0),
         &loaded.state,
         &loaded.idempotency,
         head,
@@ -523,7 +524,7 @@ pub fn backup_descriptor(data: &[u8]) {
     // Members named by the descriptor may be present: a few plausible files.
     if selector & 4 != 0 {
         write(&dir.join("wal-0000000000000001.seg"), &[0u8; 256]);
-        write(&dir.join(checkpoint::file_name(0)), &[0u8; 300]);
+        write(&dir.join(checkpoint::file_name(0, None, 0)), &[0u8; 300]);
     }
     match backup::verify_backup_dir(&config, &dir) {
         Ok(v) => {
@@ -660,7 +661,16 @@ mod tests {
     fn checkpoints_with_unfit_rows_or_unordered_keys_are_refused() {
         let dir = scratch("unit-checkpoint");
         let good = base_state();
-        let w = checkpoint::write(&dir, &good, &[], [1; 32], None, &mut |_| {}).expect("write");
+        let w = checkpoint::write(
+            &dir,
+            &checkpoint::file_name(good.seq, None, 0),
+            &good,
+            &[],
+            [1; 32],
+            None,
+            &mut |_| {},
+        )
+        .expect("write");
         checkpoint::read(&dir.join(&w.file), &[]).expect("a good checkpoint reads");
 
         let mut bad = base_state();
@@ -681,7 +691,16 @@ mod tests {
         t.live_rows = 1;
         std::fs::remove_dir_all(&dir).expect("rm");
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let w = checkpoint::write(&dir, &bad, &[], [1; 32], None, &mut |_| {}).expect("write");
+        let w = checkpoint::write(
+            &dir,
+            &checkpoint::file_name(bad.seq, None, 0),
+            &bad,
+            &[],
+            [1; 32],
+            None,
+            &mut |_| {},
+        )
+        .expect("write");
         let e = checkpoint::read(&dir.join(&w.file), &[]).err();
         assert!(
             matches!(e, Some(AedbError::Corruption { .. })),
@@ -702,7 +721,7 @@ mod tests {
         let end = b"\x09\x00\x02\x00"; // End { seq: 0, keys: 2, rows: 0 }
         items.extend_from_slice(&(end.len() as u32).to_le_bytes());
         items.extend_from_slice(end);
-        let path = dir.join(checkpoint::file_name(0));
+        let path = dir.join(checkpoint::file_name(0, None, 0));
         write(&path, &checkpoint_around(0, [0; 32], &items));
         let e = checkpoint::read(&path, &[]).err();
         assert!(
