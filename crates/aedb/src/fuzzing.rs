@@ -135,8 +135,8 @@ fn assert_consistent(state: &DbState, what: &str) {
     }
 }
 
-/// Only typed errors are acceptable; the match documents that every variant a
-/// decoder returns is one of ours (it cannot be anything else, by type).
+/// Bad input must come back as an `AedbError` (the type guarantees that much;
+/// this also renders it, which must not panic either).
 fn typed(e: &AedbError) {
     let _ = e.to_string();
 }
@@ -197,14 +197,19 @@ pub fn wal_frames(data: &[u8]) {
         Ok(h) if h.first_lsn > 0 => (h.first_lsn, h.prev_hash),
         _ => (1, [0u8; 32]),
     };
-    let mut visited = 0u64;
+    let mut accepted = 0u64;
     let outcome = scan_frames(keyed, buf, SEGMENT_HEADER_LEN, next_lsn, prev, |_, _, p| {
-        visited += 1;
         if selector & 2 != 0 && p.first() == Some(&0xff) {
             return Err("visitor refused".into());
         }
+        accepted += 1;
         Ok(())
     });
+    // The scan ends just after the frames it accepted.
+    assert_eq!(
+        outcome.last_lsn.wrapping_add(1).wrapping_sub(next_lsn),
+        accepted
+    );
     assert!(outcome.end_offset as usize <= buf.len().max(SEGMENT_HEADER_LEN));
     if let Some(d) = &outcome.damage {
         assert!(d.offset as usize <= buf.len().max(SEGMENT_HEADER_LEN));
@@ -222,7 +227,6 @@ pub fn wal_frames(data: &[u8]) {
     let _ = next_valid_frame(buf, from, next_lsn, selector & 4 != 0);
     let _ = count_frames_best_effort(buf, from);
     let _ = count_frames_best_effort(buf, SEGMENT_HEADER_LEN);
-    let _ = visited;
 
     // Round trip: frames encoded from the input's pieces scan back in order.
     let mut f = Fields::new(data);

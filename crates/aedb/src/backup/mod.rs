@@ -544,7 +544,7 @@ pub(crate) fn write_incremental(
             p.end_lsn
         )));
     }
-    let start_lsn = p.end_lsn + 1;
+    let start_lsn = p.end_lsn.saturating_add(1);
     // (index, first LSN) of live segments, in order; the ones we need overlap
     // start_lsn..=end_lsn.
     let mut needed = Vec::new();
@@ -662,7 +662,8 @@ fn verify_wal_members(
                 "segment does not continue the previous member's chain",
             ));
         }
-        if h.first_lsn == parent_lsn + 1 && hex::encode(h.prev_hash) != parent_head {
+        if parent_lsn.checked_add(1) == Some(h.first_lsn) && hex::encode(h.prev_hash) != parent_head
+        {
             return Err(AedbError::corruption(
                 &path,
                 0,
@@ -690,10 +691,17 @@ fn verify_wal_members(
         if let Some(damage) = outcome.damage {
             return Err(AedbError::corruption(&path, damage.offset, damage.reason));
         }
-        next_lsn = outcome.last_lsn + 1;
+        // LSNs come from the descriptor and the files: no arithmetic may overflow.
+        next_lsn = outcome.last_lsn.checked_add(1).ok_or_else(|| {
+            AedbError::corruption(
+                &path,
+                outcome.end_offset,
+                "LSN beyond the last possible one",
+            )
+        })?;
         head = outcome.chain_head;
     }
-    if next_lsn != d.end_lsn + 1 || hex::encode(head) != d.end_chain_head {
+    if d.end_lsn.checked_add(1) != Some(next_lsn) || hex::encode(head) != d.end_chain_head {
         return Err(AedbError::corruption(
             dir.join(DESCRIPTOR_FILE),
             0,
@@ -770,14 +778,14 @@ pub fn verify_backup_chain(
                 ));
             }
         }
-        if d.kind != "incremental" || d.start_lsn != prev.descriptor.end_lsn + 1 {
+        if d.kind != "incremental" || prev.descriptor.end_lsn.checked_add(1) != Some(d.start_lsn) {
             return Err(AedbError::corruption(
                 &desc,
                 0,
                 format!(
                     "LSN range starts at {}, expected {} (gap or overlap)",
                     d.start_lsn,
-                    prev.descriptor.end_lsn + 1
+                    prev.descriptor.end_lsn.saturating_add(1)
                 ),
             ));
         }
