@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::{Value, json};
 
+/// The value of one series in a Prometheus text exposition (0 when absent).
+pub fn metric_value(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -336,16 +350,7 @@ impl Server {
     pub fn metric(&self, series: &str) -> f64 {
         let r = self.send(Request::new("GET", "/metrics"));
         assert_eq!(r.status, 200, "/metrics: {}", r.body);
-        r.body
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        metric_value(&r.body, series)
     }
 
     pub fn send(&self, r: Request) -> Response {

@@ -247,16 +247,7 @@ fn https_serves_the_api_to_tls_1_2_and_newer_only() {
 /// The value of `series` in the server's /metrics (over HTTPS).
 fn metric(port: u16, trusted: &str, series: &str) -> f64 {
     let r = https(port, trusted, "/metrics").expect("metrics");
-    r.body
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    aragora_testkit::metric_value(&r.body, series)
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
