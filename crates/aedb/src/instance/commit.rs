@@ -12,13 +12,17 @@ impl<M> AedbInstance<M> {
             return Err(AedbError::Closed);
         }
         let limit = self.inner.config.limits.max_queued_commits;
-        let queued = self.inner.queued.fetch_add(1, Ordering::AcqRel);
-        let slot = QueueSlot(&self.inner.queued);
-        if queued >= limit {
-            return Err(AedbError::Overloaded {
+        // Take a slot only if one is free, so the counter (and the
+        // `queued_commits` metric) never exceeds the limit, even briefly.
+        self.inner
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued < limit).then_some(queued + 1)
+            })
+            .map_err(|queued| AedbError::Overloaded {
                 reason: format!("{queued} commits queued (limit {limit})"),
-            });
-        }
+            })?;
+        let slot = QueueSlot(&self.inner.queued);
         if let Some(rl) = &self.inner.admission_rate
             && rl.check().is_err()
         {
