@@ -789,31 +789,23 @@ fn signed() -> AedbConfig {
     AedbConfig::production(MK).with_checkpoint_policy(None, None)
 }
 
-fn aedb_cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_aedb"))
-        .args(args)
-        .env("AEDB_MANIFEST_KEY", hex::encode(MK))
-        .env_remove("AEDB_CHECKPOINT_KEY")
-        .env_remove("AEDB_PREVIOUS_CHECKPOINT_KEY")
-        .output()
-        .expect("run aedb")
-}
-
+/// What `aedb check invariants --expect-head` reports (the CLI's exit code and
+/// output are tested in the aedb-cli crate): 0 when every invariant holds, 1 when
+/// one fails, with every check's detail.
 fn check_with_anchor(dir: &Path, anchor: &aedb::ChainHead) -> (i32, String) {
-    let out = aedb_cli(&[
-        "check",
-        "invariants",
-        "--data-dir",
-        dir.to_str().expect("utf-8 path"),
-        "--expect-head",
-        &anchor.to_string(),
-    ]);
+    let report = aedb::inspect(dir, &signed().with_expected_head(*anchor)).expect("inspect");
+    let details: Vec<String> = report
+        .checks
+        .iter()
+        .map(|c| format!("{} {}: {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail))
+        .collect();
     (
-        out.status.code().unwrap_or(-1),
+        if report.ok() { 0 } else { 1 },
         format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            "{}\nchain head {}:{}",
+            details.join("\n"),
+            report.last_lsn,
+            report.chain_head
         ),
     )
 }

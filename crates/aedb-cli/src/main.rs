@@ -12,6 +12,7 @@ use aedb::{AedbConfig, AedbError, AedbInstance, InspectReport};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(
@@ -200,7 +201,8 @@ fn parse_key(name: &str, hex_value: &str) -> Result<[u8; 32]> {
             v.len()
         );
     }
-    let bytes = hex::decode(v).map_err(|_| anyhow!("{name} is not valid hex"))?;
+    // Key material is wiped from every intermediate buffer when dropped.
+    let bytes = Zeroizing::new(hex::decode(v).map_err(|_| anyhow!("{name} is not valid hex"))?);
     let mut k = [0u8; 32];
     k.copy_from_slice(&bytes);
     Ok(k)
@@ -209,10 +211,13 @@ fn parse_key(name: &str, hex_value: &str) -> Result<[u8; 32]> {
 /// Keys from `--key-file` or the environment; the config mirrors what the
 /// database was created with (strict recovery always).
 fn config(cli_key_file: Option<&Path>) -> Result<AedbConfig> {
-    let mut vars = std::collections::HashMap::new();
+    let mut vars: std::collections::HashMap<String, Zeroizing<String>> =
+        std::collections::HashMap::new();
     if let Some(f) = cli_key_file {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("reading key file {}", f.display()))?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading key file {}", f.display()))?,
+        );
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -221,7 +226,7 @@ fn config(cli_key_file: Option<&Path>) -> Result<AedbConfig> {
             let (k, v) = line
                 .split_once('=')
                 .ok_or_else(|| anyhow!("{} line {}: expected NAME=hex", f.display(), n + 1))?;
-            vars.insert(k.trim().to_string(), v.trim().to_string());
+            vars.insert(k.trim().to_string(), Zeroizing::new(v.trim().to_string()));
         }
     } else {
         for name in [
@@ -230,7 +235,7 @@ fn config(cli_key_file: Option<&Path>) -> Result<AedbConfig> {
             "AEDB_PREVIOUS_CHECKPOINT_KEY",
         ] {
             if let Ok(v) = std::env::var(name) {
-                vars.insert(name.to_string(), v);
+                vars.insert(name.to_string(), Zeroizing::new(v));
             }
         }
     }
