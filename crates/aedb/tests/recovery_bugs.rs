@@ -797,7 +797,14 @@ fn check_with_anchor(dir: &Path, anchor: &aedb::ChainHead) -> (i32, String) {
     let details: Vec<String> = report
         .checks
         .iter()
-        .map(|c| format!("{} {}: {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail))
+        .map(|c| {
+            format!(
+                "{} {}: {}",
+                if c.ok { "ok" } else { "FAIL" },
+                c.name,
+                c.detail
+            )
+        })
         .collect();
     (
         if report.ok() { 0 } else { 1 },

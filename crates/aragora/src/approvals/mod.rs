@@ -1,0 +1,12 @@
+//! Approval gates: risky operations wait for eligible approvers (issue #15).
+//!
+//! `catalogue` says which operations are gated and how; `request` holds one
+//! request and the rules of deciding it. The service that stores requests,
+//! audits decisions and hands approved operations to the jobs service builds
+//! on these.
+
+pub mod catalogue;
+pub mod request;
+
+pub use catalogue::{Operation, OperationPolicy, RiskLevel};
+pub use request::{Approval, ApprovalRequest, ApproveInput, Decider, Refusal, Status};
