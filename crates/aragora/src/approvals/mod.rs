@@ -7,6 +7,7 @@
 
 pub mod catalogue;
 pub mod request;
+pub mod store;
 
 pub use catalogue::{Operation, OperationPolicy, RiskLevel};
 pub use request::{Approval, ApprovalRequest, ApproveInput, Decider, Refusal, Status};
