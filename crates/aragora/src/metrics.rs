@@ -28,7 +28,11 @@ pub struct Metrics {
     pub auth_latency: Histogram,
     pub approval_requests: IntCounterVec,
     pub pending_critical_approvals: IntGauge,
+    /// Age of the oldest pending critical request: `CriticalOperationPendingTooLong`
+    /// pages when one request has waited an hour.
+    pub oldest_pending_critical_approval_age: IntGauge,
     pub approval_unauthorized_attempts: IntCounter,
+    pub approval_timeouts: IntCounter,
     /// Records a re-encryption migration could not rewrap, by store.
     pub migration_errors: IntCounterVec,
     /// Records a re-encryption migration handled, by store and outcome.
@@ -129,15 +133,28 @@ impl Metrics {
             approval_requests: counter_vec(
                 &r,
                 "aragora_approval_requests_total",
-                "Approval requests",
-                &["risk_level"],
+                "Approval requests by operation, risk level and outcome (requested, approved, rejected, bypassed, expired, executed, failed, refused)",
+                &["operation", "risk_level", "outcome"],
             )?,
             pending_critical_approvals: gauge(
                 &r,
                 "aragora_pending_critical_approvals",
                 "Critical approvals pending",
             )?,
+            oldest_pending_critical_approval_age: gauge(
+                &r,
+                "aragora_oldest_pending_critical_approval_age_seconds",
+                "Seconds the oldest pending critical approval request has waited (0 when none)",
+            )?,
             approval_unauthorized_attempts,
+            approval_timeouts: {
+                let c = IntCounter::new(
+                    "aragora_approval_timeouts_total",
+                    "Approval requests that expired before enough approvals",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             migration_errors: counter_vec(
                 &r,
                 "aragora_security_migration_errors_total",
@@ -197,8 +214,12 @@ impl Metrics {
             self.rbac_decisions.with_label_values(&["*", decision]);
         }
         self.rbac_denied.with_label_values(&["*", "*"]);
-        for level in ["low", "medium", "high", "critical"] {
-            self.approval_requests.with_label_values(&[level]);
+        for op in crate::approvals::Operation::all() {
+            self.approval_requests.with_label_values(&[
+                op.as_str(),
+                op.policy().risk_level.as_str(),
+                "requested",
+            ]);
         }
         for store in crate::encryption::migration::MigrationStore::ALL {
             self.migration_errors.with_label_values(&[store.name()]);
