@@ -7,6 +7,7 @@
 
 pub mod catalogue;
 pub mod request;
+pub mod service;
 pub mod store;
 
 pub use catalogue::{Operation, OperationPolicy, RiskLevel};

@@ -55,6 +55,10 @@ impl ApprovalStore {
         Self { store }
     }
 
+    pub(super) fn inner(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
     pub fn insert(&self, r: &ApprovalRequest) -> Result<(), StoreError> {
         self.store.write(
             vec![WriteOp::put_json(C, r.id.clone(), r, Expect::Absent)?],
