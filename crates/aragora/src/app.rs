@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::approvals::ApprovalService;
 use crate::audit::AuditLog;
 use crate::auth::AuthService;
 use crate::config::Config;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub secrets: SecretsService,
     /// Re-encryption migration (rewraps records under the primary key).
     pub migration: Arc<Migrator>,
+    /// Approval gates (issue #15).
+    pub approvals: ApprovalService,
     /// Password hashes computed at once (Argon2id: ~20 ms of CPU and 19 MiB
     /// each): without a bound, a flood of logins from many addresses would
     /// exhaust memory before any per-IP limit bites.
@@ -89,6 +92,12 @@ impl AppState {
             metrics.clone(),
             MigrationOptions::from_env(),
         ));
+        let approvals = ApprovalService::new(
+            store.clone(),
+            audit.clone(),
+            metrics.clone(),
+            config.approvals.clone(),
+        );
         let config_slots = config.password_hash_concurrency;
         Ok(Self {
             config,
@@ -100,6 +109,7 @@ impl AppState {
             keyring,
             secrets,
             migration,
+            approvals,
             password_slots: tokio::sync::Semaphore::new(config_slots),
         })
     }

@@ -137,6 +137,9 @@ pub struct Config {
     /// before one summary audit entry is written
     /// (ARAGORA_AUTH_FAILURE_AUDIT_WINDOW, seconds).
     pub auth_failure_audit_window: Duration,
+    /// Approval gates: `APPROVAL_TIMEOUT_<OPERATION>` (seconds) and
+    /// `APPROVAL_AUTO_APPROVE_LOW`.
+    pub approvals: crate::approvals::ApprovalSettings,
 }
 
 /// PEM files of the HTTPS listener, read at boot and on SIGHUP (`crate::tls`).
@@ -301,6 +304,11 @@ impl Config {
         let auth_failure_audit_window = get("ARAGORA_AUTH_FAILURE_AUDIT_WINDOW").map_or(10, |v| {
             number("ARAGORA_AUTH_FAILURE_AUDIT_WINDOW", v, 1, 3600, &mut p)
         });
+        let approvals = crate::approvals::ApprovalSettings::from_lookup(|k| get(k).map(str::to_owned))
+            .unwrap_or_else(|e| {
+                p.push(e);
+                crate::approvals::ApprovalSettings::default()
+            });
         let mut trusted_proxies = Vec::new();
         for part in get("ARAGORA_TRUSTED_PROXIES")
             .unwrap_or_default()
@@ -386,6 +394,7 @@ impl Config {
             request_timeout: Duration::from_secs(request_timeout),
             password_hash_concurrency: password_hash_concurrency as usize,
             auth_failure_audit_window: Duration::from_secs(auth_failure_audit_window),
+            approvals,
         })
     }
 }

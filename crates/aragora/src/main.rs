@@ -316,6 +316,15 @@ fn serve() -> Result<ExitCode> {
             .with_context(|| format!("binding the control socket {}", socket.display()))?;
         let addr = listener.local_addr()?;
         tokio::spawn(log_chain_head_periodically(anchor_store));
+        let approvals_state = app_state.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(aragora::approvals::service::EXPIRY_INTERVAL);
+            loop {
+                every.tick().await;
+                let s = approvals_state.clone();
+                let _ = tokio::task::spawn_blocking(move || s.approvals.tick()).await;
+            }
+        });
         let app = router(app_state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         match tls {
             None => {

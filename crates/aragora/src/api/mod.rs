@@ -3,6 +3,7 @@
 //! service errors to statuses with a JSON body naming what is wrong.
 
 pub mod admin;
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod encryption;
@@ -276,6 +277,14 @@ routes! {
     PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret;
     GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret;
     DELETE "/api/secrets/{*id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret;
+    POST "/api/security/approvals" Some("approvals.request"), "Request a gated operation: {operation, params, reason} -> 202 {approval_id, status, operation, risk_level, expires_at}" => approvals::create;
+    GET "/api/security/approvals" Some("approvals.read"), "Approval requests, newest first (?status=, ?operation=, ?before=, ?limit=)" => approvals::history;
+    GET "/api/security/approvals/pending" Some("approvals.read"), "Pending approval requests, oldest first (?risk_level=): array of {id, operation, risk_level, requested_at, requester_id, reason, checklist, approvals, required_approvals, expires_at}" => approvals::pending;
+    GET "/api/security/approvals/{id}" Some("approvals.read"), "One approval request, any status, with decisions and result" => approvals::get;
+    GET "/api/security/approvals/{id}/eligible-approvers" Some("approvals.read"), "Who may decide: array of {id, email, roles, last_active_at}" => approvals::eligible_approvers;
+    POST "/api/security/approvals/{id}/approve" Some("self.read"), "Approve: {notes?, reason?, checklist_confirmed?, bypass_checklist? (admin)}; eligible approvers only, never the requester" => approvals::approve;
+    POST "/api/security/approvals/{id}/reject" Some("self.read"), "Reject: {reason} (required)" => approvals::reject;
+    POST "/api/security/approvals/{id}/emergency-bypass" Some("self.read"), "Emergency bypass: {reason, incident_id} (security_lead; audited at critical severity)" => approvals::emergency_bypass;
     GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status;
     POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once)" => encryption::migration_run;
 }

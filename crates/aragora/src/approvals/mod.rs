@@ -12,3 +12,4 @@ pub mod store;
 
 pub use catalogue::{Operation, OperationPolicy, RiskLevel};
 pub use request::{Approval, ApprovalRequest, ApproveInput, Decider, Refusal, Status};
+pub use service::{ApprovalError, ApprovalService, ApprovalSettings, Requester};

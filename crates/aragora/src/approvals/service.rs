@@ -164,6 +164,10 @@ pub struct ApprovalService {
     settings: ApprovalSettings,
 }
 
+/// How often pending requests are checked for expiry (and the gauges
+/// refreshed): the timeout alert and the pending list lag by at most this.
+pub const EXPIRY_INTERVAL: Duration = Duration::from_secs(15);
+
 /// Attempts of one compare-and-set decision before giving up.
 const DECIDE_RETRIES: usize = 32;
 
@@ -577,6 +581,16 @@ impl ApprovalService {
         }
         self.refresh_gauges()?;
         Ok(expired)
+    }
+
+    /// One periodic pass (`EXPIRY_INTERVAL`): expiries and gauges; a failure is
+    /// logged and retried on the next pass.
+    pub fn tick(&self) {
+        match self.expire_due() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "approval requests expired"),
+            Err(e) => tracing::warn!(error = %e, "approval expiry pass failed; retrying"),
+        }
     }
 
     /// `aragora_pending_critical_approvals` and the age of the oldest one, from

@@ -1,0 +1,304 @@
+//! `/api/security/approvals/*`: request, list, read and decide approval requests.
+//!
+//! Deciding routes only need an authenticated caller at the guard: whether the
+//! caller may decide is the approval service's rule, so every attempt without
+//! the authority is audited as `unauthorized_approval` (not a generic
+//! `permission_denied`) and counted for the `UnauthorizedApprovalAttempt` alert.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiResult, JsonBody, QueryParams, blocking};
+use crate::app::AppState;
+use crate::approvals::request::ApprovalRequest;
+use crate::approvals::{ApproveInput, Decider, Operation, Requester, RiskLevel, Status};
+use crate::auth::{Principal, RequestMeta};
+use crate::error::ServiceError;
+
+fn parse<T: std::str::FromStr<Err = String>>(v: Option<&str>) -> Result<Option<T>, ServiceError> {
+    v.map(str::parse).transpose().map_err(ServiceError::BadRequest)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestBody {
+    operation: String,
+    #[serde(default)]
+    params: serde_json::Value,
+    reason: String,
+}
+
+/// `POST /api/security/approvals`: asks for a gated operation explicitly.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(b): JsonBody<RequestBody>,
+) -> ApiResult<Response> {
+    let r = blocking(move || {
+        let operation: Operation = b.operation.parse().map_err(ServiceError::BadRequest)?;
+        Ok(state.approvals.request(
+            &Requester {
+                user_id: &p.user_id,
+                ip: meta.ip_string(),
+            },
+            operation,
+            b.params,
+            &b.reason,
+        )?)
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(r.created_view())).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingQuery {
+    risk_level: Option<String>,
+}
+
+/// `GET /api/security/approvals/pending?risk_level=`: a top-level array, oldest first.
+pub async fn pending(
+    State(state): State<Arc<AppState>>,
+    QueryParams(q): QueryParams<PendingQuery>,
+) -> ApiResult<Response> {
+    let risk: Option<RiskLevel> = parse(q.risk_level.as_deref())?;
+    let list = blocking(move || Ok(state.approvals.pending(risk)?)).await?;
+    Ok(axum::Json(list).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    status: Option<String>,
+    operation: Option<String>,
+    before: Option<String>,
+    limit: Option<usize>,
+}
+
+fn parse_status(s: &str) -> Result<Status, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+        format!(
+            "status {s:?} is not one of pending, approved, executing, executed, failed, refused, rejected, expired"
+        )
+    })
+}
+
+/// `GET /api/security/approvals`: every request, newest first, filtered.
+pub async fn history(
+    State(state): State<Arc<AppState>>,
+    QueryParams(q): QueryParams<HistoryQuery>,
+) -> ApiResult<Response> {
+    let status = q
+        .status
+        .as_deref()
+        .map(parse_status)
+        .transpose()
+        .map_err(ServiceError::BadRequest)?;
+    let operation: Option<Operation> = parse(q.operation.as_deref())?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let list = blocking(move || {
+        Ok(state
+            .approvals
+            .history(q.before.as_deref(), limit, status, operation)?)
+    })
+    .await?;
+    let views: Vec<_> = list.iter().map(ApprovalRequest::view).collect();
+    Ok(axum::Json(views).into_response())
+}
+
+/// `GET /api/security/approvals/{id}`: any status, with decisions and result.
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let r = blocking(move || Ok(state.approvals.get(&id)?)).await?;
+    Ok(axum::Json(r.view()).into_response())
+}
+
+/// The caller as a decider: roles from the token, `disabled` from the store
+/// (a disabled account's token stops at the guard already; this closes the
+/// window of a request in flight), and whether any role grants
+/// `approvals.approve`.
+fn decider_parts(state: &AppState, p: &Principal) -> Result<(bool, bool), ServiceError> {
+    let (_, user) = state.auth.user(&p.user_id)?;
+    let can_approve = state.rbac.evaluate(&p.roles, "approvals.approve").is_some();
+    Ok((user.disabled, can_approve))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveBody {
+    notes: Option<String>,
+    reason: Option<String>,
+    #[serde(default)]
+    checklist_confirmed: Vec<String>,
+    #[serde(default)]
+    bypass_checklist: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct DecisionResult {
+    approval_id: String,
+    status: Status,
+    approvals: usize,
+    required_approvals: u8,
+}
+
+fn decision_result(r: &ApprovalRequest) -> DecisionResult {
+    DecisionResult {
+        approval_id: r.id.clone(),
+        status: r.status,
+        approvals: r.approvals().count(),
+        required_approvals: r.required_approvals,
+    }
+}
+
+pub async fn approve(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ApproveBody>,
+) -> ApiResult<Response> {
+    let r = blocking(move || {
+        let (disabled, can_approve) = decider_parts(&state, &p)?;
+        let d = Decider {
+            user_id: &p.user_id,
+            roles: &p.roles,
+            disabled,
+            can_approve,
+        };
+        let input = ApproveInput {
+            notes: b.notes,
+            reason: b.reason,
+            checklist_confirmed: b.checklist_confirmed,
+            bypass_checklist: b.bypass_checklist,
+        };
+        let (_, r) = state.approvals.approve(&id, &d, input, meta.ip_string())?;
+        Ok(r)
+    })
+    .await?;
+    Ok(axum::Json(decision_result(&r)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectBody {
+    reason: Option<String>,
+}
+
+pub async fn reject(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<RejectBody>,
+) -> ApiResult<Response> {
+    let r = blocking(move || {
+        let (disabled, can_approve) = decider_parts(&state, &p)?;
+        let d = Decider {
+            user_id: &p.user_id,
+            roles: &p.roles,
+            disabled,
+            can_approve,
+        };
+        Ok(state
+            .approvals
+            .reject(&id, &d, b.reason, meta.ip_string())?)
+    })
+    .await?;
+    Ok(axum::Json(decision_result(&r)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BypassBody {
+    reason: Option<String>,
+    incident_id: Option<String>,
+}
+
+pub async fn emergency_bypass(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<BypassBody>,
+) -> ApiResult<Response> {
+    let r = blocking(move || {
+        let (disabled, can_approve) = decider_parts(&state, &p)?;
+        let d = Decider {
+            user_id: &p.user_id,
+            roles: &p.roles,
+            disabled,
+            can_approve,
+        };
+        Ok(state.approvals.emergency_bypass(
+            &id,
+            &d,
+            b.reason,
+            b.incident_id,
+            meta.ip_string(),
+        )?)
+    })
+    .await?;
+    Ok(axum::Json(decision_result(&r)).into_response())
+}
+
+#[derive(Debug, Serialize)]
+struct EligibleApprover {
+    id: String,
+    email: String,
+    roles: Vec<String>,
+    last_active_at: Option<String>,
+}
+
+/// `GET /api/security/approvals/{id}/eligible-approvers`: enabled users who
+/// hold one of the operation's approver roles and `approvals.approve`, other
+/// than the requester.
+pub async fn eligible_approvers(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let out = blocking(move || {
+        let r = state.approvals.get(&id)?;
+        let mut out: Vec<EligibleApprover> = Vec::new();
+        for role in r.operation.policy().approver_roles {
+            let (users, _) = state.auth.list_users(Some(role), None, 1000)?;
+            for u in users {
+                let (Some(uid), Some(email)) = (u["id"].as_str(), u["email"].as_str()) else {
+                    continue;
+                };
+                let roles: Vec<String> = u["roles"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if uid == r.requester_id
+                    || u["disabled"].as_bool() == Some(true)
+                    || out.iter().any(|e| e.id == uid)
+                    || state.rbac.evaluate(&roles, "approvals.approve").is_none()
+                {
+                    continue;
+                }
+                out.push(EligibleApprover {
+                    id: uid.to_owned(),
+                    email: email.to_owned(),
+                    roles,
+                    last_active_at: u["last_active_at"].as_str().map(str::to_owned),
+                });
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
