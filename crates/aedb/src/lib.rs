@@ -20,6 +20,7 @@ pub mod metrics;
 pub(crate) mod model;
 pub(crate) mod open;
 pub(crate) mod record;
+pub mod storage;
 pub mod txn;
 pub mod wal;
 
@@ -41,4 +42,5 @@ pub use txn::assertion::{CompareOp, ReadAssertion};
 pub use txn::query::{Filter, Query, QueryResult};
 pub use txn::snapshot::{ConsistencyMode, KvPair, KvView, Snapshot, TableView, Versioned};
 pub use txn::write::WriteTransaction;
+pub use storage::{FaultKind, FaultPlan, FaultStorage, OsStorage, Storage};
 pub use wal::{ChainHead, DroppedTail, RecoveryReport, TornTail};

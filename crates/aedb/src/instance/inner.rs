@@ -104,6 +104,7 @@ impl Inner {
             )
         };
         let meta = checkpoint::write(
+            &*self.config.storage,
             &self.dir,
             &name,
             &state,
@@ -132,13 +133,13 @@ impl Inner {
         // Only now that the new manifest is durable are the old files garbage.
         for s in &obsolete {
             let p = self.dir.join(segment_file_name(s.index));
-            if let Err(e) = std::fs::remove_file(&p) {
+            if let Err(e) = self.config.storage.remove_file(&p) {
                 tracing::warn!(file = %p.display(), error = %e, "could not remove an obsolete segment");
             }
         }
         if let Some(old) = old.filter(|o| o.file != meta.file) {
             let p = self.dir.join(&old.file);
-            if let Err(e) = std::fs::remove_file(&p) {
+            if let Err(e) = self.config.storage.remove_file(&p) {
                 tracing::warn!(file = %p.display(), error = %e, "could not remove the old checkpoint");
             }
         }
@@ -275,7 +276,9 @@ pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
     let checkpoints =
         inner.config.checkpoint_wal_bytes.is_some() || inner.config.checkpoint_interval.is_some();
     let head_interval = inner.config.durable_head_interval;
-    if !checkpoints && head_interval.is_none() {
+    // A storage that must see its calls in a reproducible order gets none from
+    // background threads: checkpoints and durable-head records are then explicit.
+    if (!checkpoints && head_interval.is_none()) || !inner.config.storage.background_io() {
         return Ok(());
     }
     let weak = Arc::downgrade(inner);
