@@ -310,6 +310,22 @@ impl Storage for OsStorage {
     }
 }
 
+/// `create_dir_all`, then fsyncs the parent of every directory it created (top
+/// down), so the new directories survive a power loss with what is put in them.
+pub fn create_dir_all_durable(fs: &dyn Storage, path: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = path.ancestors().take_while(|p| !fs.exists(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs.create_dir_all(path)?;
+    for dir in missing.iter().rev() {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs.sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 /// The default storage.
 pub fn os() -> Arc<dyn Storage> {
     Arc::new(OsStorage)

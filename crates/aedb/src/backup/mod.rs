@@ -293,7 +293,9 @@ fn staging_for(fs: &dyn Storage, dest: &Path, suffix: &str) -> Result<PathBuf, A
         fs.remove_dir_all(&staging)
             .map_err(|e| AedbError::io(&staging, e))?;
     }
-    fs.create_dir_all(&staging)
+    // `publish` fsyncs the staging directory's parent after the rename; the
+    // parents above it must already be durable.
+    crate::storage::create_dir_all_durable(fs, &staging)
         .map_err(|e| AedbError::io(&staging, e))?;
     Ok(staging)
 }

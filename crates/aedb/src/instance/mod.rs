@@ -480,8 +480,9 @@ impl<M> AedbInstance<M> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let fs = config.storage.clone();
-        fs.create_dir_all(&dir)
-            .map_err(|e| AedbError::io(&dir, e))?;
+        // A data directory whose own entry is lost in a power loss loses every
+        // commit in it: its parent is fsynced when it is created.
+        crate::storage::create_dir_all_durable(&*fs, &dir).map_err(|e| AedbError::io(&dir, e))?;
         let lock = DirLock::acquire(&*fs, &dir, true)?;
 
         let mut cs = CommitState {
