@@ -312,8 +312,19 @@ impl Storage for OsStorage {
 
 /// `create_dir_all`, then fsyncs the parent of every directory it created (top
 /// down), so the new directories survive a power loss with what is put in them.
+/// The parents of directories that already existed are fsynced too, best effort:
+/// an earlier call may have created one and failed before its parent was synced,
+/// and an existing directory is not yet a durable one. Their errors are ignored
+/// (they may be outside what this process may sync).
 pub fn create_dir_all_durable(fs: &dyn Storage, path: &Path) -> io::Result<()> {
     let missing: Vec<&Path> = path.ancestors().take_while(|p| !fs.exists(p)).collect();
+    let existing = path.ancestors().skip(missing.len());
+    let parents: Vec<&Path> = existing
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    for dir in parents.iter().rev() {
+        let _ = fs.sync_dir(dir);
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -529,7 +540,7 @@ const SECTOR: usize = 512;
 /// Applies part of the volatile content `live` onto the durable `data`, in 512-byte
 /// sectors: none, a prefix of the differing sectors, or any subset of them (the
 /// sectors of one write reach the disk in any order); then maybe one more sector
-/// of garbage or zeros (a sector torn mid-write).
+/// whose changed bytes are garbage or zeros (a sector torn mid-write).
 fn tear(data: &mut Vec<u8>, live: &[u8], rng: &mut Rng) {
     let len = data.len().max(live.len());
     let differs: Vec<usize> = (0..len.div_ceil(SECTOR))
@@ -568,15 +579,20 @@ fn tear(data: &mut Vec<u8>, live: &[u8], rng: &mut Rng) {
         }
         data[s * SECTOR..end].copy_from_slice(&live[s * SECTOR..end]);
     }
+    // Only the bytes being changed are torn: a sector write never alters the bytes
+    // it rewrites with their old values ("powersafe overwrite", as SQLite assumes),
+    // so a frame written next to a segment header cannot destroy the header.
     if let Some(s) = torn_sector {
-        let end = ((s + 1) * SECTOR).min(live.len().max(data.len()));
+        let end = ((s + 1) * SECTOR).min(live.len());
         if end > s * SECTOR {
             if data.len() < end {
                 data.resize(end, 0);
             }
             let zeros = rng.below(2) == 0;
-            for b in &mut data[s * SECTOR..end] {
-                *b = if zeros { 0 } else { rng.next() as u8 };
+            for j in s * SECTOR..end {
+                if data[j] != live[j] {
+                    data[j] = if zeros { 0 } else { rng.next() as u8 };
+                }
             }
         }
     }

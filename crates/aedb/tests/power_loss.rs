@@ -595,14 +595,18 @@ fn check_strict(image: &FaultStorage, out: &Outcome, plan: &FaultPlan) -> Result
     out.model.check(seq, &kv, "strict open")?;
     // The recovered database continues: a durable commit after recovery survives a
     // clean reopen (a writer resumed at the wrong LSN fails here).
-    let needs_schema = db
+    let snap = db
         .begin_read(ConsistencyMode::AtLatest)
-        .is_ok_and(|s| s.kv(PROJECT, SCOPE).is_err());
-    if needs_schema {
+        .map_err(|e| format!("read after strict open: {e}"))?;
+    if !snap.projects().iter().any(|p| p == PROJECT) {
         db.create_project(PROJECT)
-            .and_then(|_| db.create_scope(PROJECT, SCOPE))
             .map_err(|e| format!("DDL after recovery: {e}"))?;
     }
+    if snap.kv(PROJECT, SCOPE).is_err() {
+        db.create_scope(PROJECT, SCOPE)
+            .map_err(|e| format!("DDL after recovery: {e}"))?;
+    }
+    drop(snap);
     let mut tx = db
         .begin_write(PROJECT)
         .map_err(|e| format!("begin after recovery: {e}"))?;
