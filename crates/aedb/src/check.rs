@@ -280,12 +280,19 @@ pub(crate) fn load_read_only(
             return Ok((None, report));
         }
     };
-    let recovered = recover(&*config.storage, dir, RecoveryMode::Strict, &keys, start, |lsn, payload| {
-        let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
-        state
-            .apply(&record, lsn)
-            .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))
-    });
+    let recovered = recover(
+        &*config.storage,
+        dir,
+        RecoveryMode::Strict,
+        &keys,
+        start,
+        |lsn, payload| {
+            let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
+            state
+                .apply(&record, lsn)
+                .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))
+        },
+    );
     let recovered = match recovered {
         Ok(r) => r,
         Err(e) => {

@@ -414,7 +414,8 @@ pub fn checkpoint_file(data: &[u8]) {
     // Round trip through the real writer, encrypted.
     let out = dir.join("rt");
     std::fs::create_dir_all(&out).expect("mkdir");
-    let written = checkpoint::write(&OS,
+    let written = checkpoint::write(
+        &OS,
         &out,
         &checkpoint::file_name(loaded.state.seq, None, 0),
         &loaded.state,
@@ -424,8 +425,8 @@ pub fn checkpoint_file(data: &[u8]) {
         &mut |_| {},
     )
     .expect("a decoded state is written again");
-    let (back, meta2) =
-        checkpoint::read(&OS, &out.join(&written.file), &[&key]).expect("a written checkpoint reads");
+    let (back, meta2) = checkpoint::read(&OS, &out.join(&written.file), &[&key])
+        .expect("a written checkpoint reads");
     assert_eq!((meta2.lsn, meta2.chain_head), (lsn, head));
     assert_eq!(
         canonical(&back.state),
@@ -669,7 +670,8 @@ mod tests {
     fn checkpoints_with_unfit_rows_or_unordered_keys_are_refused() {
         let dir = scratch("unit-checkpoint");
         let good = base_state();
-        let w = checkpoint::write(&OS,
+        let w = checkpoint::write(
+            &OS,
             &dir,
             &checkpoint::file_name(good.seq, None, 0),
             &good,
@@ -699,7 +701,8 @@ mod tests {
         t.live_rows = 1;
         std::fs::remove_dir_all(&dir).expect("rm");
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let w = checkpoint::write(&OS,
+        let w = checkpoint::write(
+            &OS,
             &dir,
             &checkpoint::file_name(bad.seq, None, 0),
             &bad,

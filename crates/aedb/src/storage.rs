@@ -319,9 +319,7 @@ impl Storage for OsStorage {
 pub fn create_dir_all_durable(fs: &dyn Storage, path: &Path) -> io::Result<()> {
     let missing: Vec<&Path> = path.ancestors().take_while(|p| !fs.exists(p)).collect();
     let existing = path.ancestors().skip(missing.len());
-    let parents: Vec<&Path> = existing
-        .filter(|p| !p.as_os_str().is_empty())
-        .collect();
+    let parents: Vec<&Path> = existing.filter(|p| !p.as_os_str().is_empty()).collect();
     for dir in parents.iter().rev() {
         let _ = fs.sync_dir(dir);
     }
@@ -657,8 +655,10 @@ impl Sim {
         self.calls += 1;
         if self.crashed || self.plan.crash_at.is_some_and(|c| n >= c) {
             if !self.crashed {
-                self.injected
-                    .push(format!("power lost at call {n} ({what} {})", path.display()));
+                self.injected.push(format!(
+                    "power lost at call {n} ({what} {})",
+                    path.display()
+                ));
             }
             self.crashed = true;
             return Err(io::Error::other("simulated power loss: the machine is off"));
@@ -788,7 +788,12 @@ impl FaultStorage {
     pub fn peek(&self, path: &Path) -> Option<Vec<u8>> {
         let s = self.sim.lock();
         match s.fs.lookup(path).ok()? {
-            Node::File(id) => Some(s.fs.files.get(&id).map(|f| f.data.clone()).unwrap_or_default()),
+            Node::File(id) => Some(
+                s.fs.files
+                    .get(&id)
+                    .map(|f| f.data.clone())
+                    .unwrap_or_default(),
+            ),
             Node::Dir(_) => None,
         }
     }
@@ -844,7 +849,9 @@ impl StorageFile for SimHandle {
         let mut s = self.sim.lock();
         s.enter(Op::Read, "read", &self.path)?;
         let f = s.fs.file_mut(self.id);
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(f.data.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(f.data.len());
         let n = buf.len().min(f.data.len() - start);
         buf[..n].copy_from_slice(&f.data[start..start + n]);
         Ok(n)

@@ -295,8 +295,7 @@ fn staging_for(fs: &dyn Storage, dest: &Path, suffix: &str) -> Result<PathBuf, A
     }
     // `publish` fsyncs the staging directory's parent after the rename; the
     // parents above it must already be durable.
-    crate::storage::create_dir_all_durable(fs, &staging)
-        .map_err(|e| AedbError::io(&staging, e))?;
+    crate::storage::create_dir_all_durable(fs, &staging).map_err(|e| AedbError::io(&staging, e))?;
     Ok(staging)
 }
 

@@ -219,6 +219,24 @@ impl<M> AedbInstance<M> {
     }
 }
 
+impl<M> AedbInstance<M> {
+    /// Runs one round of what the background threads do: the flusher's (make the
+    /// log durable under `Full` and `Batch`, write the buffer out under
+    /// `OsBuffered`) and recording the durable head in the manifest. Returns the
+    /// durable LSN after it. For a storage without background I/O
+    /// (`Storage::background_io`), where no thread does this, so a test can run it
+    /// at chosen points.
+    pub fn run_background_round(&self) -> Result<u64, AedbError> {
+        let wal = &self.inner.wal;
+        match self.inner.config.durability {
+            DurabilityMode::OsBuffered => wal.write_out()?,
+            DurabilityMode::Full | DurabilityMode::Batch => wal.wait_durable(wal.last_lsn())?,
+        }
+        self.inner.record_durable_head(&mut None)?;
+        Ok(wal.durable_lsn())
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {

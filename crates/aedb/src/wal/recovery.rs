@@ -845,13 +845,7 @@ fn finish_damaged(
         .is_none_or(|p| p.last_lsn < ckpt_lsn)
         && start.checkpoint.is_some()
     {
-        preserved.extend(reset_to_checkpoint(
-            fs,
-            dir,
-            segs,
-            &mut recovered,
-            start,
-        )?);
+        preserved.extend(reset_to_checkpoint(fs, dir, segs, &mut recovered, start)?);
     }
     if let Some(d) = start.durable_head {
         max_dropped_lsn = max_dropped_lsn.max(d.lsn);
