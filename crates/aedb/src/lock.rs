@@ -11,7 +11,7 @@ pub(crate) const LOCK_FILE: &str = "LOCK";
 pub(crate) struct DirLock {
     // Dropping the guard releases the lock. None: an inspection of a directory that
     // has no LOCK file (nothing can hold it, and inspection creates no file).
-    _guard: Option<Box<dyn Send + Sync>>,
+    _guard: Option<Box<dyn Send + Sync + std::panic::RefUnwindSafe + std::panic::UnwindSafe>>,
 }
 
 impl std::fmt::Debug for DirLock {

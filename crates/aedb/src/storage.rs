@@ -16,7 +16,22 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+/// std's mutex, not parking_lot's: it is `RefUnwindSafe`, which `AedbConfig` (and
+/// so every `Storage`) must stay for callers that open under `catch_unwind`.
+#[derive(Debug, Default)]
+struct Mutex<T>(std::sync::Mutex<T>);
+
+impl<T> Mutex<T> {
+    fn new(t: T) -> Self {
+        Self(std::sync::Mutex::new(t))
+    }
+
+    /// A panic while holding the lock leaves a consistent simulated disk (every
+    /// change is one assignment), so poisoning is ignored.
+    fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// How a file is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +115,7 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
 /// What a lock attempt found.
 pub enum LockAttempt {
     /// Held until the guard is dropped.
-    Held(Box<dyn Send + Sync>),
+    Held(Box<dyn Send + Sync + std::panic::RefUnwindSafe + std::panic::UnwindSafe>),
     /// Someone else holds it; `holder` is what they wrote into the lock file.
     Busy { holder: String },
 }
@@ -116,7 +131,9 @@ impl fmt::Debug for LockAttempt {
 
 /// Every file-system operation aedb performs on its data. Implementations must be
 /// usable from several threads; the calls mirror the POSIX ones they stand for.
-pub trait Storage: Send + Sync + fmt::Debug {
+pub trait Storage:
+    Send + Sync + fmt::Debug + std::panic::RefUnwindSafe + std::panic::UnwindSafe
+{
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>>;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove_file(&self, path: &Path) -> io::Result<()>;
@@ -957,13 +974,13 @@ impl Storage for FaultStorage {
             let node = fs.lookup(from)?;
             let (fd, fname) = fs.parent(from)?;
             let (td, tname) = fs.parent(to)?;
-            if let (Node::Dir(_), Ok(Node::Dir(existing))) = (node, fs.lookup(to)) {
-                if !fs.dirs[&existing].live.is_empty() {
-                    return Err(io::Error::other(format!(
-                        "{}: directory not empty",
-                        to.display()
-                    )));
-                }
+            if let (Node::Dir(_), Ok(Node::Dir(existing))) = (node, fs.lookup(to))
+                && !fs.dirs[&existing].live.is_empty()
+            {
+                return Err(io::Error::other(format!(
+                    "{}: directory not empty",
+                    to.display()
+                )));
             }
             fs.dirs.entry(fd).or_default().live.remove(&fname);
             fs.dirs.entry(td).or_default().live.insert(tname, node);
@@ -1131,7 +1148,7 @@ mod tests {
         f.sync_data()?; // 3: once only
         f.write_all_at(b"y", 1)?; // 4
         assert!(f.write_all_at(b"z", 2).is_err()); // 5: power lost
-        assert!(fs.exists(&p("/a")) == false && fs.crashed());
+        assert!(!fs.exists(&p("/a")) && fs.crashed());
         Ok(())
     }
 

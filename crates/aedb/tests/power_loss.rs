@@ -571,14 +571,15 @@ fn run_workload(seed: u64, fs: &FaultStorage) -> Outcome {
             _ => w.commit(i),
         }
     }
-    if !fs.crashed() && w.rng.below(3) == 0 {
-        if let Some(db) = w.db.take() {
-            let r = db.close();
-            w.out.ops.push(format!(
-                "final close -> {}",
-                r.map_or_else(|e| e.to_string(), |()| "ok".into())
-            ));
-        }
+    if !fs.crashed()
+        && w.rng.below(3) == 0
+        && let Some(db) = w.db.take()
+    {
+        let r = db.close();
+        w.out.ops.push(format!(
+            "final close -> {}",
+            r.map_or_else(|e| e.to_string(), |()| "ok".into())
+        ));
     }
     fs.crash_now();
     // Dropping an instance on a dead disk: every call fails, nothing may panic.
