@@ -569,7 +569,7 @@ fn tear(data: &mut Vec<u8>, live: &[u8], rng: &mut Rng) {
     if differs.is_empty() {
         return;
     }
-    let applied: Vec<usize> = match rng.below(3) {
+    let applied: Vec<usize> = match rng.below(4) {
         0 => Vec::new(),
         1 => {
             let k = rng.below(differs.len() as u64 + 1) as usize;
@@ -645,6 +645,8 @@ struct Sim {
     fired: bool,
     /// A short write happened: the next write fails with ENOSPC.
     after_short: bool,
+    /// The calls that were fsyncs (of files or directories): index and path.
+    syncs: Vec<(u64, PathBuf)>,
     injected: Vec<String>,
 }
 
@@ -670,6 +672,9 @@ impl Sim {
     fn enter(&mut self, op: Op, what: &str, path: &Path) -> io::Result<()> {
         let n = self.calls;
         self.calls += 1;
+        if op == Op::Sync {
+            self.syncs.push((n, path.to_path_buf()));
+        }
         if self.crashed || self.plan.crash_at.is_some_and(|c| n >= c) {
             if !self.crashed {
                 self.injected.push(format!(
@@ -757,6 +762,7 @@ impl FaultStorage {
                 crashed: false,
                 fired: false,
                 after_short: false,
+                syncs: Vec::new(),
                 injected: Vec::new(),
             })),
         }
@@ -765,6 +771,12 @@ impl FaultStorage {
     /// Storage calls made so far.
     pub fn calls(&self) -> u64 {
         self.sim.lock().calls
+    }
+
+    /// Indexes of the calls that were fsyncs: power lost at one of them is power
+    /// lost before that fsync completed, the moment that decides what survives.
+    pub fn sync_calls(&self) -> Vec<(u64, PathBuf)> {
+        self.sim.lock().syncs.clone()
     }
 
     pub fn crashed(&self) -> bool {
