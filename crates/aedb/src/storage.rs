@@ -645,8 +645,9 @@ struct Sim {
     fired: bool,
     /// A short write happened: the next write fails with ENOSPC.
     after_short: bool,
-    /// The calls that were fsyncs (of files or directories): index and path.
-    syncs: Vec<(u64, PathBuf)>,
+    /// Every call: what it was and on which path, in order (its index is its call
+    /// number).
+    trace: Vec<(&'static str, PathBuf)>,
     injected: Vec<String>,
 }
 
@@ -657,6 +658,31 @@ enum Op {
     Write,
     Sync,
     Meta,
+}
+
+/// The calls' names as `'static` (they are all literals in this file).
+fn what_name(what: &str) -> &'static str {
+    const NAMES: [&str; 14] = [
+        "read",
+        "write",
+        "fdatasync",
+        "set_len",
+        "len",
+        "open",
+        "rename",
+        "unlink",
+        "rmdir",
+        "rm -r",
+        "mkdir -p",
+        "readdir",
+        "fsync dir",
+        "stat",
+    ];
+    NAMES
+        .iter()
+        .find(|n| **n == what)
+        .copied()
+        .unwrap_or("flock")
 }
 
 fn eio(what: &str) -> io::Error {
@@ -672,9 +698,7 @@ impl Sim {
     fn enter(&mut self, op: Op, what: &str, path: &Path) -> io::Result<()> {
         let n = self.calls;
         self.calls += 1;
-        if op == Op::Sync {
-            self.syncs.push((n, path.to_path_buf()));
-        }
+        self.trace.push((what_name(what), path.to_path_buf()));
         if self.crashed || self.plan.crash_at.is_some_and(|c| n >= c) {
             if !self.crashed {
                 self.injected.push(format!(
@@ -762,7 +786,7 @@ impl FaultStorage {
                 crashed: false,
                 fired: false,
                 after_short: false,
-                syncs: Vec::new(),
+                trace: Vec::new(),
                 injected: Vec::new(),
             })),
         }
@@ -776,7 +800,17 @@ impl FaultStorage {
     /// Indexes of the calls that were fsyncs: power lost at one of them is power
     /// lost before that fsync completed, the moment that decides what survives.
     pub fn sync_calls(&self) -> Vec<(u64, PathBuf)> {
-        self.sim.lock().syncs.clone()
+        self.trace()
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (what, _))| what.starts_with("fsync") || *what == "fdatasync")
+            .map(|(n, (_, p))| (n as u64, p))
+            .collect()
+    }
+
+    /// Every call so far (its index is its call number): what and on which path.
+    pub fn trace(&self) -> Vec<(&'static str, PathBuf)> {
+        self.sim.lock().trace.clone()
     }
 
     pub fn crashed(&self) -> bool {

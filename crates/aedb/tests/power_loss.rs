@@ -611,7 +611,7 @@ fn plan_for(seed: u64, calls: u64, syncs: &[(u64, PathBuf)]) -> FaultPlan {
         .map(|(n, _)| *n)
         .collect();
     let any: Vec<u64> = syncs.iter().map(|(n, _)| *n).collect();
-    let mut pick = |from: &[u64], rng: &mut Rng| from[rng.below(from.len() as u64) as usize];
+    let pick = |from: &[u64], rng: &mut Rng| from[rng.below(from.len() as u64) as usize];
     match rng.below(2) {
         0 => FaultPlan {
             fault: None,
@@ -910,10 +910,11 @@ fn the_harness_notices_a_lost_durable_commit() {
 /// earlier backup whose directory fsync failed, was never fsynced again), 18 (a
 /// torn sector must not garble bytes it rewrote unchanged: the segment header next
 /// to the first frame), 6813 and 3050 (a failed close loses `Visible` commits that
-/// were never durable; the reopened database continues from what it has).
+/// were never durable; the reopened database continues from what it has), 35338
+/// (see `a_checkpoint_after_a_failed_manifest_write_never_replaces_the_live_one`).
 #[test]
 fn pinned_seeds_pass() {
-    for seed in [5, 18, 279, 3050, 6813] {
+    for seed in [5, 18, 279, 3050, 6813, 35338] {
         if let Err(e) = run_seed_caught(seed) {
             panic!(
                 "pinned seed {seed}: {e}\nreproduce: AEDB_FAULT_SEED={seed} cargo test -p aedb --test power_loss"
@@ -974,4 +975,55 @@ fn a_backup_survives_a_power_loss_when_its_parent_directory_was_never_synced() {
     let v = aedb::verify_backup_chain(&dev_config(&after), &chain)
         .expect("the backup that returned Ok survives the power loss");
     assert_eq!(v.end_lsn, r.end_lsn);
+}
+
+/// Found by the harness (seed 35338 of 50,000): two checkpoints at an unchanged
+/// LSN, the second one's manifest write fails (EIO), a third one at the same LSN.
+/// The failed one had already moved the in-memory manifest to its own file, so the
+/// third took the plain name again: the live file of the manifest on disk, replaced
+/// before the new manifest was written. Power lost in between: "checkpoint does
+/// not match the digest the manifest records", and strict mode refused to open.
+#[test]
+fn a_checkpoint_after_a_failed_manifest_write_never_replaces_the_live_one() {
+    let manifest_tmp = Path::new("/db/MANIFEST.tmp");
+    let opens_of = |trace: &[(&str, PathBuf)], from: usize| {
+        (from..trace.len()).find(|&i| trace[i].0 == "open" && trace[i].1 == manifest_tmp)
+    };
+    // Runs the steps; returns the call numbers where the second and the third
+    // checkpoint started.
+    let steps = |fs: &FaultStorage| {
+        let db = AedbInstance::open(dev_config(fs), DB).expect("open");
+        db.create_project(PROJECT).expect("project");
+        db.checkpoint().expect("first checkpoint");
+        let second = fs.calls();
+        let _ = db.checkpoint();
+        let third = fs.calls();
+        let _ = db.checkpoint();
+        fs.crash_now();
+        drop(db);
+        (second as usize, third as usize)
+    };
+    // The second checkpoint's manifest write fails...
+    let probe = FaultStorage::default();
+    let (second, _) = steps(&probe);
+    let fail_at =
+        opens_of(&probe.trace(), second).expect("the second checkpoint writes a manifest");
+    let fault = Some((fail_at as u64, FaultKind::Eio));
+    // ...and the power goes when the third one is about to write its manifest.
+    let probe = FaultStorage::new(FaultPlan {
+        fault,
+        crash_at: None,
+    });
+    let (_, third) = steps(&probe);
+    let crash_at = opens_of(&probe.trace(), third).expect("the third checkpoint writes a manifest");
+    let fs = FaultStorage::new(FaultPlan {
+        fault,
+        crash_at: Some(crash_at as u64),
+    });
+    steps(&fs);
+    assert_eq!(fs.injected().len(), 2, "{:?}", fs.injected());
+    let after = fs.power_loss(None);
+    let db = AedbInstance::open(dev_config(&after), DB).expect("strict open after the power loss");
+    let (seq, _) = read_kv(&db).expect("read");
+    assert_eq!(seq, 1, "the project commit survives");
 }

@@ -97,9 +97,16 @@ impl Inner {
         let appended = self.wal.appended_bytes();
         let name = {
             let ms = self.manifest.lock();
+            // The file the durable manifest names may not be the one in memory: a
+            // checkpoint whose manifest write failed already moved `ms.checkpoint`
+            // on. No existing file is ever replaced (the generation only grows, so
+            // the other form is always new).
+            let plain = checkpoint::file_name(state.seq, None, 0);
+            let taken = ms.checkpoint.as_ref().is_some_and(|c| c.file == plain)
+                || self.config.storage.exists(&self.dir.join(&plain));
             checkpoint::file_name(
                 state.seq,
-                ms.checkpoint.as_ref().map(|c| c.file.as_str()),
+                taken.then_some(plain.as_str()),
                 ms.generation + 1,
             )
         };
