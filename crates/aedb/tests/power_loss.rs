@@ -33,7 +33,8 @@
 //! otherwise `Visible` commits become durable with the next durable commit,
 //! checkpoint, backup or close.
 //!
-//! `AEDB_FAULT_SEEDS=N` runs seeds 0..N (default `DEFAULT_SEEDS`);
+//! `AEDB_FAULT_SEEDS=N` runs N seeds (default `DEFAULT_SEEDS`) from
+//! `AEDB_FAULT_FIRST_SEED` (default 0);
 //! `AEDB_FAULT_SEED=S` replays one seed.
 
 use std::collections::BTreeMap;
@@ -830,7 +831,10 @@ fn env_u64(name: &str) -> Option<u64> {
 fn power_loss_and_io_faults_leave_a_prefix_with_every_durable_commit() {
     let seeds: Vec<u64> = match env_u64("AEDB_FAULT_SEED") {
         Some(s) => vec![s],
-        None => (0..env_u64("AEDB_FAULT_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect(),
+        None => {
+            let first = env_u64("AEDB_FAULT_FIRST_SEED").unwrap_or(0);
+            (first..first + env_u64("AEDB_FAULT_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect()
+        }
     };
     let single = seeds.len() == 1;
     let mut failures = Vec::new();
