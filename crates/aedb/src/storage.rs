@@ -146,7 +146,13 @@ pub trait Storage:
     /// fsync of a directory: its entries (creates, renames, removes) survive a
     /// power loss.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
-    fn exists(&self, path: &Path) -> bool;
+    /// Whether `path` exists; an error when that cannot be told.
+    fn try_exists(&self, path: &Path) -> io::Result<bool>;
+
+    /// Whether `path` exists (false when that cannot be told).
+    fn exists(&self, path: &Path) -> bool {
+        self.try_exists(path).unwrap_or(false)
+    }
     /// An exclusive, advisory lock on the file at `path` (created when
     /// `record_pid`, which also writes our pid into it).
     fn try_lock(&self, path: &Path, record_pid: bool) -> io::Result<LockAttempt>;
@@ -291,8 +297,8 @@ impl Storage for OsStorage {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         std::fs::File::open(path)?.sync_all()
     }
-    fn exists(&self, path: &Path) -> bool {
-        path.exists()
+    fn try_exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
     }
     fn modified(&self, path: &Path) -> Option<std::time::SystemTime> {
         std::fs::metadata(path).and_then(|m| m.modified()).ok()
@@ -1113,9 +1119,8 @@ impl Storage for FaultStorage {
         })
     }
 
-    fn exists(&self, path: &Path) -> bool {
+    fn try_exists(&self, path: &Path) -> io::Result<bool> {
         self.with(Op::Meta, "stat", path, |fs| Ok(fs.lookup(path).is_ok()))
-            .unwrap_or(false)
     }
 
     fn try_lock(&self, path: &Path, record_pid: bool) -> io::Result<LockAttempt> {

@@ -356,7 +356,7 @@ pub fn verify_backup_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBack
             ));
         }
         let mp = dir.join(&m.file);
-        if !fs.exists(&mp) {
+        if !fs.try_exists(&mp).map_err(|e| AedbError::io(&mp, e))? {
             return Err(AedbError::corruption(&mp, 0, "backup member missing"));
         }
         let (sha, bytes) = sha256_file(fs, &mp)?;

@@ -102,8 +102,13 @@ impl Inner {
             // on. No existing file is ever replaced (the generation only grows, so
             // the other form is always new).
             let plain = checkpoint::file_name(state.seq, None, 0);
+            let path = self.dir.join(&plain);
             let taken = ms.checkpoint.as_ref().is_some_and(|c| c.file == plain)
-                || self.config.storage.exists(&self.dir.join(&plain));
+                || self
+                    .config
+                    .storage
+                    .try_exists(&path)
+                    .map_err(|e| AedbError::io(&path, e))?;
             checkpoint::file_name(
                 state.seq,
                 taken.then_some(plain.as_str()),
