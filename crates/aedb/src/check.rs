@@ -195,7 +195,7 @@ pub fn inspect(dir: &Path, config: &AedbConfig) -> Result<InspectReport, AedbErr
             name: dir.display().to_string(),
         });
     }
-    let _lock = DirLock::acquire(dir, false)?;
+    let _lock = DirLock::acquire(&*config.storage, dir, false)?;
     let (state, report) = load_read_only(dir, config)?;
     let _ = state;
     Ok(report)
@@ -280,12 +280,19 @@ pub(crate) fn load_read_only(
             return Ok((None, report));
         }
     };
-    let recovered = recover(dir, RecoveryMode::Strict, &keys, start, |lsn, payload| {
-        let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
-        state
-            .apply(&record, lsn)
-            .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))
-    });
+    let recovered = recover(
+        &*config.storage,
+        dir,
+        RecoveryMode::Strict,
+        &keys,
+        start,
+        |lsn, payload| {
+            let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
+            state
+                .apply(&record, lsn)
+                .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))
+        },
+    );
     let recovered = match recovered {
         Ok(r) => r,
         Err(e) => {
@@ -350,7 +357,7 @@ pub fn export_audit_from_dir(
     config: &AedbConfig,
     since_id: i64,
 ) -> Result<Vec<crate::audit::AuditExport>, AedbError> {
-    let _lock = DirLock::acquire(dir, false)?;
+    let _lock = DirLock::acquire(&*config.storage, dir, false)?;
     let (state, report) = load_read_only(dir, config)?;
     let state = state.ok_or_else(|| {
         let failed: Vec<String> = report
@@ -391,7 +398,7 @@ pub fn offline_metrics(
     dir: &Path,
     config: &AedbConfig,
 ) -> Result<(OfflineMetrics, InspectReport), AedbError> {
-    let _lock = DirLock::acquire(dir, false)?;
+    let _lock = DirLock::acquire(&*config.storage, dir, false)?;
     let (state, report) = load_read_only(dir, config)?;
     let mut wal_bytes = 0;
     let mut ckpt_age = None;

@@ -127,6 +127,9 @@ pub struct AedbConfig {
     /// Strict recovery refuses to open a log that lost frames up to the recorded
     /// head; frames acknowledged after it are protected only by their checksums.
     pub durable_head_interval: Option<Duration>,
+    /// Where every file of the database, its backups and restores is read and
+    /// written (`std::fs` unless `with_storage` says otherwise).
+    pub storage: std::sync::Arc<dyn crate::storage::Storage>,
     pub(crate) manifest_key: Option<SecretKey>,
     pub(crate) checkpoint_key: Option<SecretKey>,
     /// The checkpoint key being rotated away from: still accepted for reading.
@@ -148,6 +151,7 @@ impl AedbConfig {
             bootstrap_admin: None,
             expected_head: None,
             durable_head_interval: Some(Duration::from_secs(1)),
+            storage: crate::storage::os(),
             manifest_key: None,
             checkpoint_key: None,
             previous_checkpoint_key: None,
@@ -164,6 +168,13 @@ impl AedbConfig {
         Self::development()
             .with_hmac_key(manifest_key)
             .with_durability(DurabilityMode::Batch)
+    }
+
+    /// Runs every file-system call through `storage` (fault tests use
+    /// `FaultStorage`, a simulated disk with power-loss semantics).
+    pub fn with_storage(mut self, storage: std::sync::Arc<dyn crate::storage::Storage>) -> Self {
+        self.storage = storage;
+        self
     }
 
     pub fn with_hmac_key(mut self, key: [u8; 32]) -> Self {

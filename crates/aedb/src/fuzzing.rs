@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 
 use crate::backup::{self, DESCRIPTOR_FILE};
 use crate::checkpoint;
+use crate::storage::OsStorage;
+
+/// The fuzz targets read and write real scratch files.
+const OS: OsStorage = OsStorage;
 use crate::config::{AedbConfig, RecoveryMode, SecretKey};
 use crate::crypto::{self, LABEL_BACKUP, LABEL_MANIFEST, LABEL_WAL_CHAIN};
 use crate::error::AedbError;
@@ -392,7 +396,7 @@ pub fn checkpoint_file(data: &[u8]) {
     if selector & 1 == 0 {
         write(&path, f.rest());
         for keys in [&[][..], &[&key][..]] {
-            if let Err(e) = checkpoint::read(&path, keys) {
+            if let Err(e) = checkpoint::read(&OS, &path, keys) {
                 typed(&e);
             }
         }
@@ -401,7 +405,7 @@ pub fn checkpoint_file(data: &[u8]) {
     let lsn = f.u64();
     let head: [u8; 32] = [selector; 32];
     write(&path, &checkpoint_around(lsn, head, f.rest()));
-    let (loaded, meta) = match checkpoint::read(&path, &[]) {
+    let (loaded, meta) = match checkpoint::read(&OS, &path, &[]) {
         Ok(x) => x,
         Err(e) => return typed(&e),
     };
@@ -411,6 +415,7 @@ pub fn checkpoint_file(data: &[u8]) {
     let out = dir.join("rt");
     std::fs::create_dir_all(&out).expect("mkdir");
     let written = checkpoint::write(
+        &OS,
         &out,
         &checkpoint::file_name(loaded.state.seq, None, 0),
         &loaded.state,
@@ -420,8 +425,8 @@ pub fn checkpoint_file(data: &[u8]) {
         &mut |_| {},
     )
     .expect("a decoded state is written again");
-    let (back, meta2) =
-        checkpoint::read(&out.join(&written.file), &[&key]).expect("a written checkpoint reads");
+    let (back, meta2) = checkpoint::read(&OS, &out.join(&written.file), &[&key])
+        .expect("a written checkpoint reads");
     assert_eq!((meta2.lsn, meta2.chain_head), (lsn, head));
     assert_eq!(
         canonical(&back.state),
@@ -481,7 +486,7 @@ pub fn manifest_file(data: &[u8]) {
     if selector & 1 == 0 {
         write(&path, f.rest());
         for k in [None, Some(&key)] {
-            if let Err(e) = manifest::read(&dir, k) {
+            if let Err(e) = manifest::read(&OS, &dir, k) {
                 typed(&e);
             }
         }
@@ -489,13 +494,13 @@ pub fn manifest_file(data: &[u8]) {
     }
     let k = (selector & 2 != 0).then_some(&key);
     write(&path, &signed(f.rest(), k, LABEL_MANIFEST));
-    let body = match manifest::read(&dir, k) {
+    let body = match manifest::read(&OS, &dir, k) {
         Ok(Some(b)) => b,
         Ok(None) => panic!("a manifest that exists read as absent"),
         Err(e) => return typed(&e),
     };
-    manifest::write(&dir, &body, k).expect("a decoded manifest is written again");
-    let back = manifest::read(&dir, k)
+    manifest::write(&OS, &dir, &body, k).expect("a decoded manifest is written again");
+    let back = manifest::read(&OS, &dir, k)
         .expect("a written manifest reads")
         .expect("present");
     assert_eq!(back, body, "manifest round trip");
@@ -666,6 +671,7 @@ mod tests {
         let dir = scratch("unit-checkpoint");
         let good = base_state();
         let w = checkpoint::write(
+            &OS,
             &dir,
             &checkpoint::file_name(good.seq, None, 0),
             &good,
@@ -675,7 +681,7 @@ mod tests {
             &mut |_| {},
         )
         .expect("write");
-        checkpoint::read(&dir.join(&w.file), &[]).expect("a good checkpoint reads");
+        checkpoint::read(&OS, &dir.join(&w.file), &[]).expect("a good checkpoint reads");
 
         let mut bad = base_state();
         let t = bad
@@ -696,6 +702,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("rm");
         std::fs::create_dir_all(&dir).expect("mkdir");
         let w = checkpoint::write(
+            &OS,
             &dir,
             &checkpoint::file_name(bad.seq, None, 0),
             &bad,
@@ -705,7 +712,7 @@ mod tests {
             &mut |_| {},
         )
         .expect("write");
-        let e = checkpoint::read(&dir.join(&w.file), &[]).err();
+        let e = checkpoint::read(&OS, &dir.join(&w.file), &[]).err();
         assert!(
             matches!(e, Some(AedbError::Corruption { .. })),
             "a short row loaded: {e:?}"
@@ -727,7 +734,7 @@ mod tests {
         items.extend_from_slice(end);
         let path = dir.join(checkpoint::file_name(0, None, 0));
         write(&path, &checkpoint_around(0, [0; 32], &items));
-        let e = checkpoint::read(&path, &[]).err();
+        let e = checkpoint::read(&OS, &path, &[]).err();
         assert!(
             e.as_ref()
                 .is_some_and(|e| e.to_string().contains("out of order or repeated")),

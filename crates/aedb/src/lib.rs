@@ -20,6 +20,7 @@ pub mod metrics;
 pub(crate) mod model;
 pub(crate) mod open;
 pub(crate) mod record;
+pub mod storage;
 pub mod txn;
 pub mod wal;
 
@@ -37,6 +38,7 @@ pub use metrics::{CallerAlertCounters, LatencySummary, OperationalMetrics};
 pub use model::bytes::Bytes as Key;
 pub use model::value::{Column, ColumnType, Row, TableSchema, Value};
 pub use record::DdlOperation;
+pub use storage::{FaultKind, FaultPlan, FaultStorage, OsStorage, Storage};
 pub use txn::assertion::{CompareOp, ReadAssertion};
 pub use txn::query::{Filter, Query, QueryResult};
 pub use txn::snapshot::{ConsistencyMode, KvPair, KvView, Snapshot, TableView, Versioned};

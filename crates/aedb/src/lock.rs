@@ -1,60 +1,53 @@
 //! One process per data directory: an exclusive `flock` on `LOCK`, holding our pid
 //! so the error for a second opener can say who has it.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use crate::error::AedbError;
+use crate::storage::{LockAttempt, Storage};
 
 pub(crate) const LOCK_FILE: &str = "LOCK";
 
-#[derive(Debug)]
 pub(crate) struct DirLock {
-    // Dropping the file releases the lock. None: an inspection of a directory that
+    // Dropping the guard releases the lock. None: an inspection of a directory that
     // has no LOCK file (nothing can hold it, and inspection creates no file).
-    _file: Option<File>,
+    _guard: Option<Box<dyn Send + Sync + std::panic::RefUnwindSafe + std::panic::UnwindSafe>>,
+}
+
+impl std::fmt::Debug for DirLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirLock")
+            .field("held", &self._guard.is_some())
+            .finish()
+    }
 }
 
 impl DirLock {
     /// Takes the lock, writing our pid into it when `record_pid` (the engine); the
     /// CLI's read-only inspections take it without rewriting the file.
-    pub fn acquire(dir: &Path, record_pid: bool) -> Result<Self, AedbError> {
+    pub fn acquire(fs: &dyn Storage, dir: &Path, record_pid: bool) -> Result<Self, AedbError> {
         let path = dir.join(LOCK_FILE);
-        if !record_pid && !path.exists() {
-            return Ok(Self { _file: None });
+        if !record_pid && !fs.exists(&path) {
+            return Ok(Self { _guard: None });
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(record_pid)
-            .create(record_pid)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| AedbError::io(&path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                let pid = pid.trim();
-                return Err(AedbError::Locked {
+        match fs
+            .try_lock(&path, record_pid)
+            .map_err(|e| AedbError::io(&path, e))?
+        {
+            LockAttempt::Held(guard) => Ok(Self {
+                _guard: Some(guard),
+            }),
+            LockAttempt::Busy { holder } => {
+                let pid = holder.trim();
+                Err(AedbError::Locked {
                     dir: dir.to_path_buf(),
                     pid: if pid.is_empty() {
                         "unknown".to_string()
                     } else {
                         pid.to_string()
                     },
-                });
+                })
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(AedbError::io(&path, e)),
         }
-        if record_pid {
-            let pid = std::process::id().to_string();
-            file.set_len(0)
-                .and_then(|()| file.seek(SeekFrom::Start(0)).map(|_| ()))
-                .and_then(|()| file.write_all(pid.as_bytes()))
-                .map_err(|e| AedbError::io(&path, e))?;
-        }
-        Ok(Self { _file: Some(file) })
     }
 }

@@ -5,8 +5,6 @@
 //! (or `unsigned` without a manifest key). The MAC covers the body bytes exactly as
 //! stored. Replaced atomically: `MANIFEST.tmp`, fsync, rename, fsync directory.
 
-use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::SecretKey;
 use crate::crypto::{self, LABEL_MANIFEST};
 use crate::error::AedbError;
+use crate::storage::{OpenMode, Storage};
 use crate::wal::writer::sync_dir;
 
 pub(crate) const MANIFEST_FILE: &str = "MANIFEST";
@@ -77,12 +76,13 @@ fn signer(key: &SecretKey, label: &[u8]) -> ring::hmac::Key {
 /// Reads a signed two-line file (JSON body, then `hmac-sha256:<hex>` or `unsigned`)
 /// and returns the verified body; `Ok(None)` when the file does not exist.
 pub(crate) fn read_signed(
+    fs: &dyn Storage,
     path: &Path,
     key: Option<&SecretKey>,
     label: &[u8],
 ) -> Result<Option<String>, AedbError> {
     let bad = |reason: &str| AedbError::corruption(path, 0, reason);
-    let text = match fs::read(path) {
+    let text = match fs.read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(AedbError::io(path, e)),
@@ -111,6 +111,7 @@ pub(crate) fn read_signed(
 
 /// Signs `json` and replaces `path` atomically (temp file, fsync, rename, fsync dir).
 pub(crate) fn write_signed(
+    fs: &dyn Storage,
     path: &Path,
     json: &str,
     key: Option<&SecretKey>,
@@ -125,20 +126,24 @@ pub(crate) fn write_signed(
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::File::create(&tmp).map_err(|e| AedbError::io(&tmp, e))?;
-        f.write_all(format!("{json}\n{sig}\n").as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| AedbError::io(&tmp, e))?;
-    }
-    fs::rename(&tmp, path).map_err(|e| AedbError::io(path, e))?;
-    sync_dir(dir)
+    fs.open(&tmp, OpenMode::Create)
+        .and_then(|f| {
+            f.write_all_at(format!("{json}\n{sig}\n").as_bytes(), 0)?;
+            f.sync_all()
+        })
+        .map_err(|e| AedbError::io(&tmp, e))?;
+    fs.rename(&tmp, path).map_err(|e| AedbError::io(path, e))?;
+    sync_dir(fs, dir)
 }
 
 /// Reads and verifies the manifest; `Ok(None)` when there is none.
-pub(crate) fn read(dir: &Path, key: Option<&SecretKey>) -> Result<Option<ManifestBody>, AedbError> {
+pub(crate) fn read(
+    fs: &dyn Storage,
+    dir: &Path,
+    key: Option<&SecretKey>,
+) -> Result<Option<ManifestBody>, AedbError> {
     let path = dir.join(MANIFEST_FILE);
-    let Some(body) = read_signed(&path, key, LABEL_MANIFEST)? else {
+    let Some(body) = read_signed(fs, &path, key, LABEL_MANIFEST)? else {
         return Ok(None);
     };
     let parsed: ManifestBody = serde_json::from_str(&body)
@@ -158,11 +163,12 @@ pub(crate) fn read(dir: &Path, key: Option<&SecretKey>) -> Result<Option<Manifes
 
 /// Signs and atomically replaces the manifest.
 pub(crate) fn write(
+    fs: &dyn Storage,
     dir: &Path,
     body: &ManifestBody,
     key: Option<&SecretKey>,
 ) -> Result<(), AedbError> {
     let json = serde_json::to_string(body)
         .map_err(|e| AedbError::InvalidArgument(format!("manifest encoding: {e}")))?;
-    write_signed(&dir.join(MANIFEST_FILE), &json, key, LABEL_MANIFEST)
+    write_signed(fs, &dir.join(MANIFEST_FILE), &json, key, LABEL_MANIFEST)
 }

@@ -84,7 +84,7 @@ pub(crate) fn write_manifest(
             chain_hash: hex::encode(d.hash),
         }),
     };
-    manifest::write(dir, &body, config.manifest_key.as_ref())
+    manifest::write(&*config.storage, dir, &body, config.manifest_key.as_ref())
 }
 
 /// What replay starts from and must reach: the checkpoint, the durable head and
@@ -140,7 +140,8 @@ pub(crate) fn load_manifest_and_checkpoint(
     read_only: bool,
 ) -> Result<Loaded, AedbError> {
     let strict = config.recovery == RecoveryMode::Strict;
-    let body = match manifest::read(dir, config.manifest_key.as_ref()) {
+    let fs = &*config.storage;
+    let body = match manifest::read(fs, dir, config.manifest_key.as_ref()) {
         Ok(b) => b,
         Err(e) if !strict => {
             tracing::warn!(error = %e, "permissive recovery: ignoring an unusable manifest");
@@ -149,14 +150,14 @@ pub(crate) fn load_manifest_and_checkpoint(
         Err(e) => return Err(e),
     };
     let keys = config.checkpoint_read_keys();
-    let checkpoints = checkpoint::list(dir)?;
-    let segments = list_segments(dir)?;
+    let checkpoints = checkpoint::list(fs, dir)?;
+    let segments = list_segments(fs, dir)?;
     let named: Option<(PathBuf, Option<&CheckpointRef>)> = match &body {
         Some(m) => m.checkpoint.as_ref().map(|c| (dir.join(&c.file), Some(c))),
         None => {
             let fresh = checkpoints.is_empty()
                 && (segments.is_empty()
-                    || (segments.len() == 1 && segment_is_empty(&segments[0].1)));
+                    || (segments.len() == 1 && segment_is_empty(fs, &segments[0].1)));
             if !fresh {
                 if strict {
                     return Err(AedbError::corruption(
@@ -174,7 +175,7 @@ pub(crate) fn load_manifest_and_checkpoint(
     };
     let mut meta = None;
     if let Some((path, reference)) = named {
-        let (loaded, m) = checkpoint::read(&path, &keys)?;
+        let (loaded, m) = checkpoint::read(fs, &path, &keys)?;
         if let Some(r) = reference
             && (hex::encode(m.digest) != r.digest || m.lsn != r.lsn)
         {
@@ -194,13 +195,13 @@ pub(crate) fn load_manifest_and_checkpoint(
                 .as_ref()
                 .is_some_and(|(_, c)| p.file_name().is_some_and(|n| n.to_string_lossy() == c.file));
             if !is_live {
-                std::fs::remove_file(p).map_err(|e| AedbError::io(p, e))?;
+                fs.remove_file(p).map_err(|e| AedbError::io(p, e))?;
             }
         }
         if let Some(first) = m.segments.first() {
             for (index, p) in &segments {
                 if *index < first.index {
-                    std::fs::remove_file(p).map_err(|e| AedbError::io(p, e))?;
+                    fs.remove_file(p).map_err(|e| AedbError::io(p, e))?;
                 }
             }
         }

@@ -16,6 +16,7 @@
 //! head and parity against the last descriptor, and only then renames it to the
 //! target: nothing is ever half-restored.
 
+#[cfg(test)]
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use crate::crypto::{self, LABEL_BACKUP};
 use crate::error::AedbError;
 use crate::manifest::{read_signed, write_signed};
 use crate::model::state::DbState;
+use crate::storage::{OpenMode, SeqFile, Storage};
 use crate::wal::format::{
     ChainHash, FRAME_HEADER_LEN, FrameAt, SEGMENT_HEADER_LEN, SegmentHeader, frame_at,
     parse_segment_file_name,
@@ -128,8 +130,8 @@ pub(crate) struct Captured {
     pub chain_head: ChainHash,
 }
 
-fn sha256_file(path: &Path) -> Result<(String, u64), AedbError> {
-    let bytes = fs::read(path).map_err(|e| AedbError::io(path, e))?;
+fn sha256_file(fs: &dyn Storage, path: &Path) -> Result<(String, u64), AedbError> {
+    let bytes = fs.read(path).map_err(|e| AedbError::io(path, e))?;
     Ok((hex::encode(Sha256::digest(&bytes)), bytes.len() as u64))
 }
 
@@ -140,9 +142,9 @@ pub(crate) trait SyncWrite: Write {
     fn sync(&mut self) -> std::io::Result<()>;
 }
 
-impl SyncWrite for fs::File {
+impl SyncWrite for SeqFile {
     fn sync(&mut self) -> std::io::Result<()> {
-        self.sync_all()
+        self.file.sync_all()
     }
 }
 
@@ -186,8 +188,15 @@ pub(crate) fn copy_synced(
 }
 
 /// Creates (or truncates) `path` with `bytes`, fsynced before it returns `Ok`.
-pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), AedbError> {
-    let mut f = fs::File::create(path).map_err(|e| AedbError::io(path, e))?;
+pub(crate) fn write_file_synced(
+    fs: &dyn Storage,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(), AedbError> {
+    let mut f = SeqFile::new(
+        fs.open(path, OpenMode::Create)
+            .map_err(|e| AedbError::io(path, e))?,
+    );
     write_synced(&mut f, bytes).map_err(|e| AedbError::io(path, e))?;
     synced::record(path);
     Ok(())
@@ -196,12 +205,19 @@ pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), AedbErr
 /// Copies `src` to `dst` (created or truncated), fsynced before it returns `Ok`;
 /// `seen` is shown every piece copied. Returns the bytes copied.
 pub(crate) fn copy_file_synced(
+    fs: &dyn Storage,
     src: &Path,
     dst: &Path,
     seen: &mut dyn FnMut(&[u8]),
 ) -> Result<u64, AedbError> {
-    let mut input = fs::File::open(src).map_err(|e| AedbError::io(src, e))?;
-    let mut output = fs::File::create(dst).map_err(|e| AedbError::io(dst, e))?;
+    let mut input = SeqFile::new(
+        fs.open(src, OpenMode::Read)
+            .map_err(|e| AedbError::io(src, e))?,
+    );
+    let mut output = SeqFile::new(
+        fs.open(dst, OpenMode::Create)
+            .map_err(|e| AedbError::io(dst, e))?,
+    );
     let n = copy_synced(&mut input, &mut output, seen).map_err(|e| match e {
         CopyError::Read(e) => AedbError::io(src, e),
         CopyError::Write(e) => AedbError::io(dst, e),
@@ -212,21 +228,19 @@ pub(crate) fn copy_file_synced(
 
 /// fsyncs every regular file under `dir` (files a strict open wrote into a
 /// restore included), then the directories themselves, deepest first.
-fn sync_tree(dir: &Path) -> Result<(), AedbError> {
-    for entry in fs::read_dir(dir).map_err(|e| AedbError::io(dir, e))? {
-        let entry = entry.map_err(|e| AedbError::io(dir, e))?;
-        let path = entry.path();
-        let kind = entry.file_type().map_err(|e| AedbError::io(&path, e))?;
-        if kind.is_dir() {
-            sync_tree(&path)?;
-        } else if kind.is_file() {
-            fs::File::open(&path)
+fn sync_tree(fs: &dyn Storage, dir: &Path) -> Result<(), AedbError> {
+    for entry in fs.list_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        let path = dir.join(&entry.name);
+        if entry.is_dir {
+            sync_tree(fs, &path)?;
+        } else {
+            fs.open(&path, OpenMode::Read)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| AedbError::io(&path, e))?;
             synced::record(&path);
         }
     }
-    sync_dir(dir)
+    sync_dir(fs, dir)
 }
 
 /// In unit tests, a per-thread log of the files this module fsynced (and of the
@@ -257,12 +271,12 @@ mod synced {
 }
 
 /// A staging directory next to `dest`: `dest` must be absent or an empty directory.
-fn staging_for(dest: &Path, suffix: &str) -> Result<PathBuf, AedbError> {
-    if dest.exists() {
-        let empty = fs::read_dir(dest)
+fn staging_for(fs: &dyn Storage, dest: &Path, suffix: &str) -> Result<PathBuf, AedbError> {
+    if fs.exists(dest) {
+        let empty = fs
+            .list_dir(dest)
             .map_err(|e| AedbError::io(dest, e))?
-            .next()
-            .is_none();
+            .is_empty();
         if !empty {
             return Err(AedbError::InvalidArgument(format!(
                 "{} exists and is not empty; refusing to write into it",
@@ -274,25 +288,30 @@ fn staging_for(dest: &Path, suffix: &str) -> Result<PathBuf, AedbError> {
         AedbError::InvalidArgument(format!("{} has no file name", dest.display()))
     })?;
     let staging = dest.with_file_name(format!("{}.{suffix}", name.to_string_lossy()));
-    if staging.exists() {
+    if fs.exists(&staging) {
         // Left by an interrupted run of ours: never a complete result, safe to redo.
-        fs::remove_dir_all(&staging).map_err(|e| AedbError::io(&staging, e))?;
+        fs.remove_dir_all(&staging)
+            .map_err(|e| AedbError::io(&staging, e))?;
     }
-    fs::create_dir_all(&staging).map_err(|e| AedbError::io(&staging, e))?;
+    // `publish` fsyncs the staging directory's parent after the rename; the
+    // parents above it must already be durable.
+    crate::storage::create_dir_all_durable(fs, &staging).map_err(|e| AedbError::io(&staging, e))?;
     Ok(staging)
 }
 
 /// Moves a finished staging directory into place crash-safely.
-fn publish(staging: &Path, dest: &Path) -> Result<(), AedbError> {
-    sync_dir(staging)?;
-    if dest.exists() {
-        fs::remove_dir(dest).map_err(|e| AedbError::io(dest, e))?;
+fn publish(fs: &dyn Storage, staging: &Path, dest: &Path) -> Result<(), AedbError> {
+    sync_dir(fs, staging)?;
+    if fs.exists(dest) {
+        fs.remove_dir(dest).map_err(|e| AedbError::io(dest, e))?;
     }
-    fs::rename(staging, dest).map_err(|e| AedbError::io(dest, e))?;
-    sync_dir(dest.parent().unwrap_or(Path::new(".")))
+    fs.rename(staging, dest)
+        .map_err(|e| AedbError::io(dest, e))?;
+    sync_dir(fs, dest.parent().unwrap_or(Path::new(".")))
 }
 
 fn write_descriptor(
+    fs: &dyn Storage,
     dir: &Path,
     d: &BackupDescriptor,
     key: Option<&SecretKey>,
@@ -301,16 +320,17 @@ fn write_descriptor(
         .map_err(|e| AedbError::InvalidArgument(format!("descriptor encoding: {e}")))?;
     // write_signed writes a temp file, fsyncs it, renames it and fsyncs `dir`.
     let path = dir.join(DESCRIPTOR_FILE);
-    write_signed(&path, &json, key, LABEL_BACKUP)?;
+    write_signed(fs, &path, &json, key, LABEL_BACKUP)?;
     synced::record(&path);
     Ok(())
 }
 
 /// Reads and verifies one backup's descriptor signature and member hashes.
 pub fn verify_backup_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBackup, AedbError> {
+    let fs = &*config.storage;
     let path = dir.join(DESCRIPTOR_FILE);
     let body =
-        read_signed(&path, config.manifest_key.as_ref(), LABEL_BACKUP)?.ok_or_else(|| {
+        read_signed(fs, &path, config.manifest_key.as_ref(), LABEL_BACKUP)?.ok_or_else(|| {
             AedbError::corruption(
                 &path,
                 0,
@@ -326,7 +346,7 @@ pub fn verify_backup_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBack
             format!("unsupported backup format {}", d.format_version),
         ));
     }
-    let stored = fs::read(&path).map_err(|e| AedbError::io(&path, e))?;
+    let stored = fs.read(&path).map_err(|e| AedbError::io(&path, e))?;
     for m in &d.members {
         if m.file.contains('/') || m.file.starts_with('.') {
             return Err(AedbError::corruption(
@@ -336,10 +356,10 @@ pub fn verify_backup_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBack
             ));
         }
         let mp = dir.join(&m.file);
-        if !mp.exists() {
+        if !fs.try_exists(&mp).map_err(|e| AedbError::io(&mp, e))? {
             return Err(AedbError::corruption(&mp, 0, "backup member missing"));
         }
-        let (sha, bytes) = sha256_file(&mp)?;
+        let (sha, bytes) = sha256_file(fs, &mp)?;
         if sha != m.sha256 || bytes != m.bytes {
             return Err(AedbError::corruption(
                 &mp,
@@ -366,13 +386,14 @@ pub(crate) struct LiveFiles {
 
 /// Copies `src` to `dst` (fsynced) while hashing it; returns (sha256 hex, bytes).
 fn copy_hashed(
+    fs: &dyn Storage,
     src: &Path,
     dst: &Path,
     progress: &mut dyn FnMut(u64),
     done: &mut u64,
 ) -> Result<(String, u64), AedbError> {
     let mut h = Sha256::new();
-    let total = copy_file_synced(src, dst, &mut |piece| {
+    let total = copy_file_synced(fs, src, dst, &mut |piece| {
         h.update(piece);
         *done += piece.len() as u64;
         progress(*done);
@@ -394,11 +415,12 @@ pub(crate) fn write_full(
 ) -> Result<BackupReport, AedbError> {
     let started = Instant::now();
     let end_lsn = cap.state.seq;
-    let staging = staging_for(dest, "partial")?;
+    let fs = &*config.storage;
+    let staging = staging_for(fs, dest, "partial")?;
     // The parity digests are computed while the files are copied.
     let (digests, copied) = std::thread::scope(|scope| {
         let digests = scope.spawn(|| state_digests(&cap.state));
-        let copied = copy_live(data_dir, &staging, live, end_lsn, &mut |b| {
+        let copied = copy_live(fs, data_dir, &staging, live, end_lsn, &mut |b| {
             progress(BackupProgress {
                 phase: "copy",
                 bytes_done: b,
@@ -423,9 +445,9 @@ pub(crate) fn write_full(
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config.checkpoint_key_id_hex(),
     };
-    write_descriptor(&staging, &d, config.manifest_key.as_ref())?;
+    write_descriptor(fs, &staging, &d, config.manifest_key.as_ref())?;
     verify_wal_members(config, &staging, &d, (start.0, &start.1))?;
-    publish(&staging, dest)?;
+    publish(fs, &staging, dest)?;
     progress(BackupProgress {
         phase: "done",
         bytes_done: bytes,
@@ -439,6 +461,7 @@ type Copied = (Vec<Member>, u64, (u64, String));
 
 /// Copies the checkpoint and the WAL after it into `staging`.
 fn copy_live(
+    fs: &dyn Storage,
     data_dir: &Path,
     staging: &Path,
     live: &LiveFiles,
@@ -450,6 +473,7 @@ fn copy_live(
     let start = match &live.checkpoint {
         Some(c) => {
             let (sha, bytes) = copy_hashed(
+                fs,
                 &data_dir.join(&c.file),
                 &staging.join(&c.file),
                 progress,
@@ -470,7 +494,7 @@ fn copy_live(
         if next_first <= start.0 + 1 || *first > end_lsn {
             continue;
         }
-        let m = copy_segment_upto(data_dir, staging, *index, end_lsn)?;
+        let m = copy_segment_upto(fs, data_dir, staging, *index, end_lsn)?;
         done += m.bytes;
         progress(done);
         members.push(m);
@@ -494,6 +518,7 @@ fn report(dest: &Path, d: &BackupDescriptor, bytes: u64, took: Duration) -> Back
 /// Copies segment `index` of `data_dir` into `staging`, cut after its last frame
 /// with LSN <= `end_lsn` (the zero-filled rest is not backed up).
 fn copy_segment_upto(
+    fs: &dyn Storage,
     data_dir: &Path,
     staging: &Path,
     index: u64,
@@ -501,9 +526,9 @@ fn copy_segment_upto(
 ) -> Result<Member, AedbError> {
     let name = crate::wal::format::segment_file_name(index);
     let src = data_dir.join(&name);
-    let buf = fs::read(&src).map_err(|e| AedbError::io(&src, e))?;
+    let buf = fs.read(&src).map_err(|e| AedbError::io(&src, e))?;
     let end = end_of_frames_upto(&buf, end_lsn);
-    write_file_synced(&staging.join(&name), &buf[..end])?;
+    write_file_synced(fs, &staging.join(&name), &buf[..end])?;
     Ok(Member {
         file: name,
         sha256: hex::encode(Sha256::digest(&buf[..end])),
@@ -559,12 +584,13 @@ pub(crate) fn write_incremental(
             "the WAL after the parent backup (from LSN {start_lsn}) is no longer on disk; take a full backup"
         )));
     }
-    let staging = staging_for(dest, "partial")?;
+    let fs = &*config.storage;
+    let staging = staging_for(fs, dest, "partial")?;
     let mut members = Vec::new();
     let mut total = 0u64;
     if start_lsn <= end_lsn {
         for index in needed {
-            let m = copy_segment_upto(data_dir, &staging, index, end_lsn)?;
+            let m = copy_segment_upto(fs, data_dir, &staging, index, end_lsn)?;
             total += m.bytes;
             members.push(m);
             progress(BackupProgress {
@@ -590,10 +616,10 @@ pub(crate) fn write_incremental(
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config.checkpoint_key_id_hex(),
     };
-    write_descriptor(&staging, &d, config.manifest_key.as_ref())?;
+    write_descriptor(fs, &staging, &d, config.manifest_key.as_ref())?;
     // The copied frames must form exactly the promised range before we publish.
     verify_wal_members(config, &staging, &d, (p.end_lsn, &p.end_chain_head))?;
-    publish(&staging, dest)?;
+    publish(fs, &staging, dest)?;
     progress(BackupProgress {
         phase: "done",
         bytes_done: total,
@@ -635,7 +661,10 @@ fn verify_wal_members(
     let mut first = true;
     for m in segments {
         let path = dir.join(&m.file);
-        let buf = fs::read(&path).map_err(|e| AedbError::io(&path, e))?;
+        let buf = config
+            .storage
+            .read(&path)
+            .map_err(|e| AedbError::io(&path, e))?;
         let h = SegmentHeader::decode(&buf).map_err(|r| AedbError::corruption(&path, 0, r))?;
         if parse_segment_file_name(&m.file) != Some(h.index) {
             return Err(AedbError::corruption(
@@ -743,7 +772,7 @@ pub fn verify_backup_chain(
         .find(|m| checkpoint::parse_file_name(&m.file).is_some())
     {
         Some(ckpt) => {
-            let (_, meta) = checkpoint::read(&first.join(&ckpt.file), &keys)?;
+            let (_, meta) = checkpoint::read(&*config.storage, &first.join(&ckpt.file), &keys)?;
             if meta.lsn > full.descriptor.end_lsn {
                 return Err(AedbError::corruption(
                     first.join(&ckpt.file),
@@ -809,13 +838,14 @@ pub fn verify_backup_chain(
 /// Given a directory of backups, returns the chain ending at the newest backup
 /// (following parent links back to its full backup).
 pub fn discover_chain(root: &Path, config: &AedbConfig) -> Result<Vec<PathBuf>, AedbError> {
-    if root.join(DESCRIPTOR_FILE).exists() {
+    let fs = &*config.storage;
+    if fs.exists(&root.join(DESCRIPTOR_FILE)) {
         return Ok(vec![root.to_path_buf()]);
     }
     let mut all = Vec::new();
-    for e in fs::read_dir(root).map_err(|e| AedbError::io(root, e))? {
-        let p = e.map_err(|e| AedbError::io(root, e))?.path();
-        if p.join(DESCRIPTOR_FILE).exists() {
+    for e in fs.list_dir(root).map_err(|e| AedbError::io(root, e))? {
+        let p = root.join(&e.name);
+        if e.is_dir && fs.exists(&p.join(DESCRIPTOR_FILE)) {
             all.push(verify_backup_dir(config, &p)?);
         }
     }
@@ -850,13 +880,14 @@ pub fn restore_from_backup_chain(
 ) -> Result<RestoreReport, AedbError> {
     let started = Instant::now();
     let verified = verify_backup_chain(config, chain)?;
-    let staging = staging_for(target, "restoring")?;
+    let fs = &*config.storage;
+    let staging = staging_for(fs, target, "restoring")?;
     let result = assemble(config, &verified, &staging);
     if let Err(e) = result {
-        let _ = fs::remove_dir_all(&staging);
+        let _ = fs.remove_dir_all(&staging);
         return Err(e);
     }
-    publish(&staging, target)?;
+    publish(fs, &staging, target)?;
     let last = &verified.backups[verified.backups.len() - 1].descriptor;
     Ok(RestoreReport {
         target: target.to_path_buf(),
@@ -868,6 +899,7 @@ pub fn restore_from_backup_chain(
 }
 
 fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<(), AedbError> {
+    let fs = &*config.storage;
     let full = &chain.backups[0];
     let ckpt = full
         .descriptor
@@ -875,7 +907,12 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         .iter()
         .find(|m| checkpoint::parse_file_name(&m.file).is_some());
     if let Some(m) = ckpt {
-        copy_file_synced(&full.dir.join(&m.file), &staging.join(&m.file), &mut |_| {})?;
+        copy_file_synced(
+            fs,
+            &full.dir.join(&m.file),
+            &staging.join(&m.file),
+            &mut |_| {},
+        )?;
     }
     // Later copies of a segment extend earlier ones: keep the longest, and insist
     // that each earlier copy is a prefix of it.
@@ -887,7 +924,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
                 continue;
             };
             let path = b.dir.join(&m.file);
-            let bytes = fs::read(&path).map_err(|e| AedbError::io(&path, e))?;
+            let bytes = fs.read(&path).map_err(|e| AedbError::io(&path, e))?;
             if let Some((_, earlier)) = segments.get(&index) {
                 let n = earlier.len().min(bytes.len());
                 if earlier[..n] != bytes[..n] {
@@ -906,14 +943,14 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     }
     for (index, (_, bytes)) in &segments {
         let out = staging.join(crate::wal::format::segment_file_name(*index));
-        write_file_synced(&out, bytes)?;
+        write_file_synced(fs, &out, bytes)?;
     }
     // No manifest is copied: a restored database gets a fresh one, written by a
     // permissive-free, strict open of exactly these files.
     let keys = config.checkpoint_read_keys();
     let checkpoint_ref = match ckpt {
         Some(m) => {
-            let (_, meta) = checkpoint::read(&staging.join(&m.file), &keys)?;
+            let (_, meta) = checkpoint::read(fs, &staging.join(&m.file), &keys)?;
             Some(crate::manifest::CheckpointRef {
                 file: meta.file.clone(),
                 lsn: meta.lsn,
@@ -934,7 +971,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         backup_floor_lsn: None,
         durable_head: None,
     };
-    crate::manifest::write(staging, &body, config.manifest_key.as_ref())?;
+    crate::manifest::write(fs, staging, &body, config.manifest_key.as_ref())?;
     let mut strict = config.clone();
     strict.recovery = RecoveryMode::Strict;
     strict.bootstrap_admin = None;
@@ -956,7 +993,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     // Everything in the restore is on stable storage before it is published:
     // the copies above were fsynced as written; this also covers whatever the
     // verification open wrote (manifest, a new segment) before it closed.
-    sync_tree(staging)?;
+    sync_tree(fs, staging)?;
     let last = &chain.backups[chain.backups.len() - 1].descriptor;
     if head.0 != last.end_lsn || hex::encode(head.1) != last.end_chain_head {
         return Err(AedbError::corruption(

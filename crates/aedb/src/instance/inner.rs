@@ -97,13 +97,26 @@ impl Inner {
         let appended = self.wal.appended_bytes();
         let name = {
             let ms = self.manifest.lock();
+            // The file the durable manifest names may not be the one in memory: a
+            // checkpoint whose manifest write failed already moved `ms.checkpoint`
+            // on. No existing file is ever replaced (the generation only grows, so
+            // the other form is always new).
+            let plain = checkpoint::file_name(state.seq, None, 0);
+            let path = self.dir.join(&plain);
+            let taken = ms.checkpoint.as_ref().is_some_and(|c| c.file == plain)
+                || self
+                    .config
+                    .storage
+                    .try_exists(&path)
+                    .map_err(|e| AedbError::io(&path, e))?;
             checkpoint::file_name(
                 state.seq,
-                ms.checkpoint.as_ref().map(|c| c.file.as_str()),
+                taken.then_some(plain.as_str()),
                 ms.generation + 1,
             )
         };
         let meta = checkpoint::write(
+            &*self.config.storage,
             &self.dir,
             &name,
             &state,
@@ -132,13 +145,13 @@ impl Inner {
         // Only now that the new manifest is durable are the old files garbage.
         for s in &obsolete {
             let p = self.dir.join(segment_file_name(s.index));
-            if let Err(e) = std::fs::remove_file(&p) {
+            if let Err(e) = self.config.storage.remove_file(&p) {
                 tracing::warn!(file = %p.display(), error = %e, "could not remove an obsolete segment");
             }
         }
         if let Some(old) = old.filter(|o| o.file != meta.file) {
             let p = self.dir.join(&old.file);
-            if let Err(e) = std::fs::remove_file(&p) {
+            if let Err(e) = self.config.storage.remove_file(&p) {
                 tracing::warn!(file = %p.display(), error = %e, "could not remove the old checkpoint");
             }
         }
@@ -218,6 +231,24 @@ impl<M> AedbInstance<M> {
     }
 }
 
+impl<M> AedbInstance<M> {
+    /// Runs one round of what the background threads do: the flusher's (make the
+    /// log durable under `Full` and `Batch`, write the buffer out under
+    /// `OsBuffered`) and recording the durable head in the manifest. Returns the
+    /// durable LSN after it. For a storage without background I/O
+    /// (`Storage::background_io`), where no thread does this, so a test can run it
+    /// at chosen points.
+    pub fn run_background_round(&self) -> Result<u64, AedbError> {
+        let wal = &self.inner.wal;
+        match self.inner.config.durability {
+            DurabilityMode::OsBuffered => wal.write_out()?,
+            DurabilityMode::Full | DurabilityMode::Batch => wal.wait_durable(wal.last_lsn())?,
+        }
+        self.inner.record_durable_head(&mut None)?;
+        Ok(wal.durable_lsn())
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
@@ -275,7 +306,9 @@ pub(super) fn spawn_checkpointer(inner: &Arc<Inner>) -> Result<(), AedbError> {
     let checkpoints =
         inner.config.checkpoint_wal_bytes.is_some() || inner.config.checkpoint_interval.is_some();
     let head_interval = inner.config.durable_head_interval;
-    if !checkpoints && head_interval.is_none() {
+    // A storage that must see its calls in a reproducible order gets none from
+    // background threads: checkpoints and durable-head records are then explicit.
+    if (!checkpoints && head_interval.is_none()) || !inner.config.storage.background_io() {
         return Ok(());
     }
     let weak = Arc::downgrade(inner);

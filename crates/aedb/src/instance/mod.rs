@@ -479,8 +479,11 @@ impl<M> AedbInstance<M> {
     fn open_inner(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| AedbError::io(&dir, e))?;
-        let lock = DirLock::acquire(&dir, true)?;
+        let fs = config.storage.clone();
+        // A data directory whose own entry is lost in a power loss loses every
+        // commit in it: its parent is fsynced when it is created.
+        crate::storage::create_dir_all_durable(&*fs, &dir).map_err(|e| AedbError::io(&dir, e))?;
+        let lock = DirLock::acquire(&*fs, &dir, true)?;
 
         let mut cs = CommitState {
             state: DbState::initial(),
@@ -499,9 +502,7 @@ impl<M> AedbInstance<M> {
         let mut ckpt_snapshot = None;
         let mut ckpt_written_at = None;
         if let Some((state, meta)) = loaded.checkpoint {
-            ckpt_written_at = std::fs::metadata(dir.join(&meta.file))
-                .and_then(|m| m.modified())
-                .ok();
+            ckpt_written_at = fs.modified(&dir.join(&meta.file));
             cs.state = state.state;
             ckpt_snapshot = Some(Arc::new(cs.state.clone()));
             let max = config.limits.max_idempotency_records;
@@ -522,7 +523,7 @@ impl<M> AedbInstance<M> {
             ckpt_meta.as_ref(),
             false,
         )?;
-        let recovered = recover(&dir, config.recovery, &keys, start, |lsn, payload| {
+        let recovered = recover(&*fs, &dir, config.recovery, &keys, start, |lsn, payload| {
             let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
             cs.state
                 .apply(&record, lsn)
@@ -543,11 +544,12 @@ impl<M> AedbInstance<M> {
         }
         let wal = match (recovered.position, recovered.last_header) {
             (Some(pos), Some(h)) if keys.writes_like(&h) && !recovered.start_new_segment => {
-                WalWriter::resume(&dir, config.segment_bytes, keys, pos, &h)?
+                WalWriter::resume(fs.clone(), &dir, config.segment_bytes, keys, pos, &h)?
             }
             // Keys changed since the last segment was written, or permissive recovery
             // moved the log away: continue the chain in a new segment.
             (Some(pos), _) => WalWriter::create(
+                fs.clone(),
                 &dir,
                 config.segment_bytes,
                 keys,
@@ -561,7 +563,15 @@ impl<M> AedbInstance<M> {
                 let (lsn, head) = ckpt_meta
                     .as_ref()
                     .map_or((0, [0; 32]), |m| (m.lsn, m.chain_head));
-                WalWriter::create(&dir, config.segment_bytes, keys, 1, lsn + 1, head)?
+                WalWriter::create(
+                    fs.clone(),
+                    &dir,
+                    config.segment_bytes,
+                    keys,
+                    1,
+                    lsn + 1,
+                    head,
+                )?
             }
         };
         let wal = Arc::new(wal);
@@ -639,11 +649,15 @@ impl<M> AedbInstance<M> {
             _lock: lock,
             config,
         });
-        *inner.flusher.lock() = Some(spawn_flusher(
-            wal,
-            inner.config.durability,
-            inner.config.batch_interval,
-        )?);
+        // Without background I/O (a simulated disk), `Visible` commits become
+        // durable with the next durable commit, checkpoint, backup or close.
+        if inner.config.storage.background_io() {
+            *inner.flusher.lock() = Some(spawn_flusher(
+                wal,
+                inner.config.durability,
+                inner.config.batch_interval,
+            )?);
+        }
         spawn_checkpointer(&inner)?;
         let db = Self {
             inner,

@@ -8,8 +8,6 @@
 //! it were acknowledged, so losing them is never a torn write). A head anchored off
 //! the machine (`AedbConfig::with_expected_head`) must be reached in both modes.
 
-use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::format::{
@@ -21,6 +19,7 @@ use super::reader::{Damage, count_frames_best_effort, scan_frames};
 use super::writer::{SealedSegment, WriterPosition, sync_dir};
 use crate::config::RecoveryMode;
 use crate::error::AedbError;
+use crate::storage::{OpenMode, Storage};
 
 /// A point of the hash-chained log: an LSN and the chain hash after the frame with
 /// that LSN. It commits to every frame up to it, so a host that stores it off the
@@ -127,36 +126,34 @@ pub(crate) struct Recovered {
 
 /// Lists the segment files of `dir` in index order, removing leftovers of
 /// interrupted segment creation.
-pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AedbError> {
+pub(crate) fn list_segments(
+    fs: &dyn Storage,
+    dir: &Path,
+) -> Result<Vec<(u64, PathBuf)>, AedbError> {
     let mut segs = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| AedbError::io(dir, e))? {
-        let entry = entry.map_err(|e| AedbError::io(dir, e))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(index) = parse_segment_file_name(name) {
-            segs.push((index, entry.path()));
+    for entry in fs.list_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        if let Some(index) = parse_segment_file_name(&entry.name) {
+            segs.push((index, dir.join(&entry.name)));
         }
     }
     segs.sort();
     Ok(segs)
 }
 
-pub(crate) fn remove_leftovers(dir: &Path) -> Result<(), AedbError> {
-    for entry in fs::read_dir(dir).map_err(|e| AedbError::io(dir, e))? {
-        let entry = entry.map_err(|e| AedbError::io(dir, e))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.ends_with(".tmp") || name == "wal-next.prep" {
-            let p = entry.path();
-            fs::remove_file(&p).map_err(|e| AedbError::io(&p, e))?;
+pub(crate) fn remove_leftovers(fs: &dyn Storage, dir: &Path) -> Result<(), AedbError> {
+    for entry in fs.list_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        let name = entry.name.as_str();
+        if !entry.is_dir && (name.ends_with(".tmp") || name == "wal-next.prep") {
+            let p = dir.join(name);
+            fs.remove_file(&p).map_err(|e| AedbError::io(&p, e))?;
         }
     }
     Ok(())
 }
 
 /// True when the segment file at `path` has a valid header and no frame.
-pub(crate) fn segment_is_empty(path: &Path) -> bool {
-    let Ok(f) = fs::File::open(path) else {
+pub(crate) fn segment_is_empty(fs: &dyn Storage, path: &Path) -> bool {
+    let Ok(f) = fs.open(path, OpenMode::Read) else {
         return false;
     };
     let mut b = vec![0u8; SEGMENT_HEADER_LEN + super::format::FRAME_HEADER_LEN];
@@ -184,6 +181,7 @@ pub(crate) struct ReplayStart {
 /// Replays the log, calling `apply` with each decrypted frame after the checkpoint,
 /// in LSN order.
 pub(crate) fn recover(
+    fs: &dyn Storage,
     dir: &Path,
     mode: RecoveryMode,
     keys: &WalKeys,
@@ -191,9 +189,9 @@ pub(crate) fn recover(
     mut apply: impl FnMut(u64, &[u8]) -> Result<(), String>,
 ) -> Result<Recovered, AedbError> {
     if !start.read_only {
-        remove_leftovers(dir)?;
+        remove_leftovers(fs, dir)?;
     }
-    let segs = list_segments(dir)?;
+    let segs = list_segments(fs, dir)?;
     let ckpt_lsn = start.checkpoint.map_or(0, |(l, _)| l);
     let mut report = RecoveryReport {
         segments: segs.len(),
@@ -213,6 +211,7 @@ pub(crate) fn recover(
     macro_rules! damaged {
         ($i:expr, $path:expr, $damage:expr, $named:expr) => {
             return finish_damaged(
+                fs,
                 dir,
                 mode,
                 &start,
@@ -246,7 +245,7 @@ pub(crate) fn recover(
             ));
             damaged!(i, path, damage, &missing);
         }
-        let buf = fs::read(path).map_err(|e| AedbError::io(path, e))?;
+        let buf = fs.read(path).map_err(|e| AedbError::io(path, e))?;
         let header = match SegmentHeader::decode(&buf) {
             Ok(h) => h,
             Err(reason) => {
@@ -411,7 +410,7 @@ pub(crate) fn recover(
                     None => {
                         // Torn final write: never acknowledged, cut off in both modes.
                         if !start.read_only {
-                            zero_from(path, damage.offset, buf.len() as u64)?;
+                            zero_from(fs, path, damage.offset, buf.len() as u64)?;
                         }
                         tracing::warn!(file = %path.display(), offset = damage.offset, reason = %damage.reason,
                             "truncated an incomplete final WAL frame");
@@ -436,6 +435,7 @@ pub(crate) fn recover(
         }
     }
     finish_clean(
+        fs,
         dir,
         mode,
         &start,
@@ -542,6 +542,7 @@ fn check_expected(
 /// missing, permissive reports it (and continues after the checkpoint when the
 /// log does not reach it).
 fn finish_clean(
+    fs: &dyn Storage,
     dir: &Path,
     mode: RecoveryMode,
     start: &ReplayStart,
@@ -573,7 +574,7 @@ fn finish_clean(
         if strict {
             return Err(AedbError::corruption(&end_file, end_offset, reason));
         }
-        let preserved = reset_to_checkpoint(dir, segs, &mut recovered, start)?;
+        let preserved = reset_to_checkpoint(fs, dir, segs, &mut recovered, start)?;
         let max = start.durable_head.map_or(0, |d| d.lsn);
         tracing::warn!(file = %end_file.display(), %reason, "permissive recovery: continuing after the checkpoint");
         recovered.report.dropped = Some(DroppedTail {
@@ -652,14 +653,19 @@ fn finish_clean(
         });
     }
     recovered.report.missing_segments = missing.into_iter().map(|(_, p)| p).collect();
-    sync_tail(dir, start, &mut recovered)?;
+    sync_tail(fs, dir, start, &mut recovered)?;
     recovered.report.last_lsn = recovered.head.lsn;
     Ok(recovered)
 }
 
 /// Frames recovered from the last segment may have reached only the page cache
 /// before a crash; the writer counts them durable, so they are made durable first.
-fn sync_tail(dir: &Path, start: &ReplayStart, r: &mut Recovered) -> Result<(), AedbError> {
+fn sync_tail(
+    fs: &dyn Storage,
+    dir: &Path,
+    start: &ReplayStart,
+    r: &mut Recovered,
+) -> Result<(), AedbError> {
     if start.read_only || r.start_new_segment {
         return Ok(());
     }
@@ -667,9 +673,7 @@ fn sync_tail(dir: &Path, start: &ReplayStart, r: &mut Recovered) -> Result<(), A
         return Ok(());
     };
     let path = dir.join(segment_file_name(pos.segment_index));
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
+    fs.open(&path, OpenMode::Write)
         .and_then(|f| f.sync_data())
         .map_err(|e| AedbError::io(&path, e))?;
     r.report.synced_tail = Some(path);
@@ -677,15 +681,17 @@ fn sync_tail(dir: &Path, start: &ReplayStart, r: &mut Recovered) -> Result<(), A
 }
 
 /// Moves files into `dropped/` under one timestamp per recovery.
-struct Preserver {
+struct Preserver<'a> {
+    fs: &'a dyn Storage,
     dir: PathBuf,
     stamp: u128,
 }
 
-impl Preserver {
-    fn new(dir: &Path) -> Result<Self, AedbError> {
+impl<'a> Preserver<'a> {
+    fn new(fs: &'a dyn Storage, dir: &Path) -> Result<Self, AedbError> {
         let preserve_dir = dir.join("dropped");
-        fs::create_dir_all(&preserve_dir).map_err(|e| AedbError::io(&preserve_dir, e))?;
+        fs.create_dir_all(&preserve_dir)
+            .map_err(|e| AedbError::io(&preserve_dir, e))?;
         // Nanoseconds: two recoveries in the same second must not overwrite each
         // other's preserved copies.
         let stamp = std::time::SystemTime::now()
@@ -693,6 +699,7 @@ impl Preserver {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         Ok(Self {
+            fs,
             dir: preserve_dir,
             stamp,
         })
@@ -704,13 +711,18 @@ impl Preserver {
 
     fn copy(&self, path: &Path) -> Result<PathBuf, AedbError> {
         let dest = self.dest(path);
-        fs::copy(path, &dest).map_err(|e| AedbError::io(&dest, e))?;
+        let bytes = self.fs.read(path).map_err(|e| AedbError::io(path, e))?;
+        self.fs
+            .write(&dest, &bytes)
+            .map_err(|e| AedbError::io(&dest, e))?;
         Ok(dest)
     }
 
     fn move_away(&self, path: &Path) -> Result<PathBuf, AedbError> {
         let dest = self.dest(path);
-        fs::rename(path, &dest).map_err(|e| AedbError::io(path, e))?;
+        self.fs
+            .rename(path, &dest)
+            .map_err(|e| AedbError::io(path, e))?;
         Ok(dest)
     }
 }
@@ -721,6 +733,7 @@ impl Preserver {
 /// highest index ever used (indexes are never reused: backups name segments by
 /// index), from the checkpoint's LSN and chain head.
 fn reset_to_checkpoint(
+    fs: &dyn Storage,
     dir: &Path,
     segs: &[(u64, PathBuf)],
     r: &mut Recovered,
@@ -729,12 +742,12 @@ fn reset_to_checkpoint(
     let Some((lsn, hash)) = start.checkpoint else {
         return Ok(Vec::new());
     };
-    let preserver = Preserver::new(dir)?;
+    let preserver = Preserver::new(fs, dir)?;
     let mut preserved = Vec::new();
-    for (_, seg) in list_segments(dir)? {
+    for (_, seg) in list_segments(fs, dir)? {
         preserved.push(preserver.move_away(&seg)?);
     }
-    sync_dir(dir)?;
+    sync_dir(fs, dir)?;
     let highest = segs.last().map_or(0, |(i, _)| *i);
     r.position = Some(WriterPosition {
         segment_index: highest,
@@ -752,7 +765,10 @@ fn reset_to_checkpoint(
 /// Strict: the error. Permissive: keep everything before the damage in segment
 /// `at.index`, preserve copies of what is dropped, and continue from the last
 /// good frame (or after the checkpoint, when the damage is at or below it).
+// The storage joined the existing seven; grouping them would only rename them.
+#[allow(clippy::too_many_arguments)]
 fn finish_damaged(
+    fs: &dyn Storage,
     dir: &Path,
     mode: RecoveryMode,
     start: &ReplayStart,
@@ -791,7 +807,7 @@ fn finish_damaged(
     )?;
     let next_lsn = progress.next_lsn;
     let mut recovered = progress.into_recovered(head);
-    let preserver = Preserver::new(dir)?;
+    let preserver = Preserver::new(fs, dir)?;
     let mut preserved = Vec::new();
     let mut frames_dropped = 0;
     let mut max_dropped_lsn = 0;
@@ -803,7 +819,7 @@ fn finish_damaged(
         .is_some_and(|p| p.segment_index == segs[i].0 && damage.offset > 0);
     let first_moved = if keep_front { i + 1 } else { i };
     if keep_front {
-        let buf = fs::read(path).map_err(|e| AedbError::io(path, e))?;
+        let buf = fs.read(path).map_err(|e| AedbError::io(path, e))?;
         let (n, max) = match damage.next_valid.filter(|&p| p > damage.offset as usize) {
             Some(p) => count_frames_best_effort(&buf, p),
             None => (0, 0),
@@ -811,17 +827,17 @@ fn finish_damaged(
         frames_dropped += n;
         max_dropped_lsn = max_dropped_lsn.max(max);
         preserved.push(preserver.copy(path)?);
-        zero_from(path, damage.offset, buf.len() as u64)?;
+        zero_from(fs, path, damage.offset, buf.len() as u64)?;
     }
     for (_, seg) in &segs[first_moved..] {
-        if let Ok(buf) = fs::read(seg) {
+        if let Ok(buf) = fs.read(seg) {
             let (n, max) = count_frames_best_effort(&buf, SEGMENT_HEADER_LEN);
             frames_dropped += n;
             max_dropped_lsn = max_dropped_lsn.max(max);
         }
         preserved.push(preserver.move_away(seg)?);
     }
-    sync_dir(dir)?;
+    sync_dir(fs, dir)?;
     recovered.report.segments = first_moved;
     // The kept log ends below the checkpoint: the frames up to it are in the
     // checkpoint, and the log continues after it in a new segment.
@@ -831,7 +847,7 @@ fn finish_damaged(
         .is_none_or(|p| p.last_lsn < ckpt_lsn)
         && start.checkpoint.is_some()
     {
-        preserved.extend(reset_to_checkpoint(dir, segs, &mut recovered, start)?);
+        preserved.extend(reset_to_checkpoint(fs, dir, segs, &mut recovered, start)?);
     }
     if let Some(d) = start.durable_head {
         max_dropped_lsn = max_dropped_lsn.max(d.lsn);
@@ -848,7 +864,7 @@ fn finish_damaged(
         max_dropped_lsn,
         preserved,
     });
-    sync_tail(dir, start, &mut recovered)?;
+    sync_tail(fs, dir, start, &mut recovered)?;
     recovered.report.last_lsn = recovered.head.lsn;
     Ok(recovered)
 }
@@ -860,13 +876,12 @@ fn file_name(p: &Path) -> String {
 }
 
 /// Overwrites `[from, to)` with zeros and fsyncs, so the region reads as unwritten.
-fn zero_from(path: &Path, from: u64, to: u64) -> Result<(), AedbError> {
+fn zero_from(fs: &dyn Storage, path: &Path, from: u64, to: u64) -> Result<(), AedbError> {
     if from >= to {
         return Ok(());
     }
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
+    let f = fs
+        .open(path, OpenMode::Write)
         .map_err(|e| AedbError::io(path, e))?;
     let zeros = vec![0u8; 1 << 20];
     let mut at = from;

@@ -11,10 +11,8 @@
 //! Segments are preallocated and zero-filled (by a background thread for all but
 //! the first), so `fdatasync` after a write never has to journal a size change.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
@@ -26,6 +24,7 @@ use super::format::{
 use super::keys::{WalKeys, frame_aad};
 use crate::crypto::{self, Aead};
 use crate::error::AedbError;
+use crate::storage::{OpenMode, Storage, StorageFile};
 
 /// Pending bytes above which a `Visible` committer wakes the flusher early.
 pub(crate) const SOFT_BUFFER_BYTES: usize = 4 << 20;
@@ -71,7 +70,7 @@ struct Pending {
 }
 
 struct Io {
-    file: File,
+    file: Box<dyn StorageFile>,
     path: PathBuf,
     /// Offset up to which the buffer has been written to `file`.
     written_offset: u64,
@@ -92,6 +91,7 @@ struct SyncState {
 }
 
 pub(crate) struct WalWriter {
+    fs: Arc<dyn Storage>,
     dir: PathBuf,
     keys: WalKeys,
     segment_bytes: u64,
@@ -120,6 +120,7 @@ impl WalWriter {
     /// chain ending in `prev_hash`: for a new database, and after recovery when the
     /// last segment must not be written again (it is sealed or its keys changed).
     pub fn create(
+        fs: Arc<dyn Storage>,
         dir: &Path,
         segment_bytes: u64,
         keys: WalKeys,
@@ -140,19 +141,20 @@ impl WalWriter {
         };
         let size = segment_bytes.min(INITIAL_SEGMENT_BYTES);
         let tmp = dir.join(format!("{}.tmp", segment_file_name(index)));
-        zero_filled_file(&tmp, size)?;
-        let path = install_segment(dir, &tmp, &header)?;
+        zero_filled_file(&*fs, &tmp, size)?;
+        let path = install_segment(&*fs, dir, &tmp, &header)?;
         let pos = WriterPosition {
             segment_index: index,
             offset: SEGMENT_HEADER_LEN as u64,
             last_lsn: first_lsn - 1,
             chain_head: prev_hash,
         };
-        Self::resume_at(dir, segment_bytes, keys, &path, pos, &header)
+        Self::resume_at(fs, dir, segment_bytes, keys, &path, pos, &header)
     }
 
     /// Continues an existing log at `pos` (from recovery).
     pub fn resume(
+        fs: Arc<dyn Storage>,
         dir: &Path,
         segment_bytes: u64,
         keys: WalKeys,
@@ -162,15 +164,14 @@ impl WalWriter {
         let path = dir.join(segment_file_name(pos.segment_index));
         // What recovery read may still be only in the page cache (the process died,
         // the machine did not): make it durable before a batch start claims so.
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
+        fs.open(&path, OpenMode::Write)
             .and_then(|f| f.sync_data())
             .map_err(|e| AedbError::io(&path, e))?;
-        Self::resume_at(dir, segment_bytes, keys, &path, pos, header)
+        Self::resume_at(fs, dir, segment_bytes, keys, &path, pos, header)
     }
 
     fn resume_at(
+        fs: Arc<dyn Storage>,
         dir: &Path,
         segment_bytes: u64,
         keys: WalKeys,
@@ -184,13 +185,12 @@ impl WalWriter {
                 file: path.to_path_buf(),
                 reason,
             })?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
+        let file = fs
+            .open(path, OpenMode::Write)
             .map_err(|e| AedbError::io(path, e))?;
-        let capacity = file.metadata().map_err(|e| AedbError::io(path, e))?.len();
+        let capacity = file.len().map_err(|e| AedbError::io(path, e))?;
         let w = Self {
+            fs,
             dir: dir.to_path_buf(),
             keys,
             segment_bytes,
@@ -227,11 +227,16 @@ impl WalWriter {
     }
 
     fn start_preparing_next(&self) {
+        // Without background I/O the next segment is prepared inline at rotation.
+        if !self.fs.background_io() {
+            return;
+        }
         let path = prep_path(&self.dir);
         let size = self.segment_bytes;
+        let fs = self.fs.clone();
         let handle = std::thread::Builder::new()
             .name("aedb-wal-prep".into())
-            .spawn(move || zero_filled_file(&path, size).map(|()| path));
+            .spawn(move || zero_filled_file(&*fs, &path, size).map(|()| path));
         *self.preparing.lock() = handle.ok();
     }
 
@@ -344,7 +349,7 @@ impl WalWriter {
             Some(p) if self.segment_bytes >= needed => p,
             _ => {
                 let tmp = prep_path(&self.dir);
-                zero_filled_file(&tmp, self.segment_bytes.max(needed))?;
+                zero_filled_file(&*self.fs, &tmp, self.segment_bytes.max(needed))?;
                 tmp
             }
         };
@@ -359,13 +364,12 @@ impl WalWriter {
             salt,
             key_id,
         };
-        let path = install_segment(&self.dir, &tmp, &header)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        let path = install_segment(&*self.fs, &self.dir, &tmp, &header)?;
+        let file = self
+            .fs
+            .open(&path, OpenMode::Write)
             .map_err(|e| AedbError::io(&path, e))?;
-        let capacity = file.metadata().map_err(|e| AedbError::io(&path, e))?.len();
+        let capacity = file.len().map_err(|e| AedbError::io(&path, e))?;
         {
             let mut io = self.io.lock();
             io.file = file;
@@ -528,39 +532,43 @@ impl WalWriter {
 }
 
 /// Writes a zero-filled file of `size` bytes and fsyncs it.
-fn zero_filled_file(path: &Path, size: u64) -> Result<(), AedbError> {
-    let mut f = File::create(path).map_err(|e| AedbError::io(path, e))?;
-    let chunk = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        f.write_all(&chunk[..n])
+fn zero_filled_file(fs: &dyn Storage, path: &Path, size: u64) -> Result<(), AedbError> {
+    let f = fs
+        .open(path, OpenMode::Create)
+        .map_err(|e| AedbError::io(path, e))?;
+    let chunk = vec![0u8; (1 << 20).min(size as usize)];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], at)
             .map_err(|e| AedbError::io(path, e))?;
-        left -= n as u64;
+        at += n as u64;
     }
     f.sync_all().map_err(|e| AedbError::io(path, e))
 }
 
 /// Writes `header` into the prepared file `tmp` and renames it into place
 /// crash-safely (fsync file, rename, fsync directory).
-fn install_segment(dir: &Path, tmp: &Path, header: &SegmentHeader) -> Result<PathBuf, AedbError> {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(tmp)
+fn install_segment(
+    fs: &dyn Storage,
+    dir: &Path,
+    tmp: &Path,
+    header: &SegmentHeader,
+) -> Result<PathBuf, AedbError> {
+    let f = fs
+        .open(tmp, OpenMode::Write)
         .map_err(|e| AedbError::io(tmp, e))?;
     f.write_all_at(&header.encode(), 0)
         .map_err(|e| AedbError::io(tmp, e))?;
     f.sync_data().map_err(|e| AedbError::io(tmp, e))?;
     let path = dir.join(segment_file_name(header.index));
-    std::fs::rename(tmp, &path).map_err(|e| AedbError::io(&path, e))?;
-    sync_dir(dir)?;
+    fs.rename(tmp, &path).map_err(|e| AedbError::io(&path, e))?;
+    sync_dir(fs, dir)?;
     Ok(path)
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), AedbError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| AedbError::io(dir, e))
+pub(crate) fn sync_dir(fs: &dyn Storage, dir: &Path) -> Result<(), AedbError> {
+    fs.sync_dir(dir).map_err(|e| AedbError::io(dir, e))
 }
 
 #[cfg(test)]
@@ -581,7 +589,15 @@ mod tests {
     #[test]
     fn unsynced_write_out_then_torn_frame_is_a_torn_tail() -> Result<(), AedbError> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let w = WalWriter::create(dir.path(), 1 << 20, no_keys(), 1, 1, [0; 32])?;
+        let w = WalWriter::create(
+            crate::storage::os(),
+            dir.path(),
+            1 << 20,
+            no_keys(),
+            1,
+            1,
+            [0; 32],
+        )?;
         w.append(1, b"acknowledged")?;
         w.wait_durable(1)?;
         w.append(2, &[b'x'; 300])?;
@@ -601,6 +617,7 @@ mod tests {
         std::fs::write(&path, &buf).expect("write segment");
 
         let r = recover(
+            &crate::storage::OsStorage,
             dir.path(),
             RecoveryMode::Strict,
             &no_keys(),
