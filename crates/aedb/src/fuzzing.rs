@@ -658,6 +658,68 @@ mod tests {
         }
     }
 
+    /// Checkpoints written before idempotency records carried the writes digest
+    /// (version 1) still read; what the current writer stores reads back with it.
+    #[test]
+    fn version_1_checkpoints_read_and_idempotency_digests_round_trip() {
+        let dir = scratch("unit-idempotency");
+        let mut items = Vec::new();
+        for item in [
+            &b"\x05\x01c\x01k\x03"[..], // Idempotency { caller: "c", key: "k", seq: 3 }
+            &b"\x09\x00\x00\x00"[..],   // End { seq: 0, keys: 0, rows: 0 }
+        ] {
+            items.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            items.extend_from_slice(item);
+        }
+        let path = dir.join(checkpoint::file_name(0, None, 0));
+        write(&path, &checkpoint_around(0, [0; 32], &items));
+        let (old, _) = checkpoint::read(&path, &[]).expect("a version 1 checkpoint reads");
+        let tag = crate::record::IdempotencyTag {
+            caller: "c".into(),
+            key: "k".into(),
+        };
+        assert_eq!(
+            old.idempotency,
+            vec![checkpoint::IdempotencyEntry {
+                tag: tag.clone(),
+                seq: 3,
+                digest: None
+            }]
+        );
+
+        let entries = vec![
+            checkpoint::IdempotencyEntry {
+                tag: tag.clone(),
+                seq: 3,
+                digest: Some([7; 32]),
+            },
+            checkpoint::IdempotencyEntry {
+                tag: crate::record::IdempotencyTag {
+                    caller: "c".into(),
+                    key: "older format".into(),
+                },
+                seq: 2,
+                digest: None,
+            },
+        ];
+        let state = base_state();
+        let out = dir.join("v2");
+        std::fs::create_dir_all(&out).expect("mkdir");
+        let w = checkpoint::write(
+            &out,
+            &checkpoint::file_name(state.seq, None, 0),
+            &state,
+            &entries,
+            [1; 32],
+            Some(&checkpoint_keys()),
+            &mut |_| {},
+        )
+        .expect("write");
+        let (back, _) =
+            checkpoint::read(&out.join(&w.file), &[&checkpoint_keys()]).expect("read back");
+        assert_eq!(back.idempotency, entries, "order and digests kept");
+    }
+
     /// A checkpoint whose rows do not fit their table, or whose keys repeat or
     /// are out of order, fails to read (instead of loading a state that
     /// `check` reports and queries trip over).

@@ -63,8 +63,8 @@ struct CommitState {
     next_seq: u64,
     idempotency: HashMap<IdempotencyTag, u64>,
     /// What the commit under each key wrote (`writes_digest`), so a key reused for
-    /// other writes is refused. Absent for keys loaded from a checkpoint, which
-    /// stores only the sequence number: those replay without the comparison.
+    /// other writes is refused; checkpoints keep it. Absent only for keys loaded
+    /// from a version 1 checkpoint: those replay without the comparison.
     idempotency_digest: HashMap<IdempotencyTag, WritesDigest>,
     idempotency_order: VecDeque<IdempotencyTag>,
     history: VecDeque<Arc<DbState>>,
@@ -505,8 +505,8 @@ impl<M> AedbInstance<M> {
             cs.state = state.state;
             ckpt_snapshot = Some(Arc::new(cs.state.clone()));
             let max = config.limits.max_idempotency_records;
-            for (tag, seq) in state.idempotency {
-                cs.remember(tag, seq, None, max);
+            for e in state.idempotency {
+                cs.remember(e.tag, e.seq, e.digest, max);
             }
             ckpt_meta = Some(meta);
         }
