@@ -592,9 +592,12 @@ pub fn wal_open(data: &[u8]) {
             });
         match crate::AedbInstance::open(config, &dir) {
             Ok(db) => {
-                let snap = db.snapshot();
-                let _ = crate::check::state_checks(&snap.state);
-                drop(snap);
+                match db.snapshot() {
+                    Ok(snap) => {
+                        let _ = crate::check::state_checks(&snap.state);
+                    }
+                    Err(e) => typed(&e),
+                }
                 if let Err(e) = db.close() {
                     typed(&e);
                 }

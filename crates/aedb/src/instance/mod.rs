@@ -296,9 +296,12 @@ impl AedbInstance<Dev> {
         Self::open_inner(config, dir)
     }
 
-    /// The latest committed state.
-    pub fn snapshot(&self) -> Snapshot {
-        self.snapshot_inner()
+    /// The latest committed state. `Poisoned` once a WAL write or fsync failed: that
+    /// state may hold commits that will never be durable (a `Snapshot` taken before
+    /// stays readable as a plain value).
+    pub fn snapshot(&self) -> Result<Snapshot, AedbError> {
+        self.inner.wal.check_healthy()?;
+        Ok(self.snapshot_inner())
     }
 
     /// A read-only snapshot chosen by `mode`.
