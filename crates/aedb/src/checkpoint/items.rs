@@ -18,6 +18,7 @@ use crate::model::state::{DbState, ProjectState, ScopeState, TableState, Version
 use crate::model::value::{Row, TableSchema};
 use crate::record::IdempotencyTag;
 use crate::txn::write::WritesDigest;
+use crate::wal::reader::MAX_LSN;
 
 /// Largest single item accepted when reading (a corrupt length must not allocate).
 const MAX_ITEM: usize = 64 << 20;
@@ -197,6 +198,12 @@ pub(crate) fn write_items(
 
 /// Rebuilds the state; `lsn` is the header's LSN, which the `End` item must repeat.
 pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, String> {
+    // The log continues at `lsn + 1`: no engine writes a checkpoint past this.
+    if lsn > MAX_LSN {
+        return Err(format!(
+            "checkpoint LSN {lsn} is past the largest LSN {MAX_LSN}"
+        ));
+    }
     let mut state = DbState {
         seq: lsn,
         ..DbState::default()
