@@ -552,40 +552,192 @@ pub fn backup_descriptor(data: &[u8]) {
 // ---------------------------------------------------------------------------
 // Whole-directory open (recovery and replay)
 
-/// A segment of valid frames (CRC and chain fixed up by the harness) whose
-/// payloads come from the input, opened strictly and permissively: recovery,
-/// record decoding and replay of arbitrary records.
-pub fn wal_open(data: &[u8]) {
-    let mut f = Fields::new(data);
-    let selector = f.u8();
+/// Frames of an unkeyed, unencrypted segment: returned by [`craft_segment`].
+#[derive(Debug)]
+pub struct CraftedSegment {
+    /// The whole file, zero-filled to at least the requested length.
+    pub bytes: Vec<u8>,
+    /// (LSN, chain hash after it) of each frame, in order.
+    pub frames: Vec<(u64, [u8; 32])>,
+}
+
+/// A segment file (`index`, development mode: no chain key, no encryption) whose
+/// frames carry `payloads` from LSN `first_lsn` on, chained from `prev_hash`, with
+/// valid CRCs and chain hashes. Stops before an LSN past `u64::MAX`.
+pub fn craft_segment(
+    index: u64,
+    first_lsn: u64,
+    prev_hash: [u8; 32],
+    payloads: &[&[u8]],
+    min_len: usize,
+) -> CraftedSegment {
     let header = SegmentHeader {
         version: FORMAT_VERSION,
         flags: 0,
-        index: 1,
-        first_lsn: 1,
-        prev_hash: [0; 32],
+        index,
+        first_lsn,
+        prev_hash,
         salt: [0; 16],
         key_id: [0; 8],
     };
-    let mut seg = header.encode().to_vec();
-    let mut head = [0u8; 32];
-    let mut lsn = 1u64;
-    while !f.is_empty() && lsn < 64 {
-        let p = f.piece();
-        if p.is_empty() {
-            continue;
-        }
-        head = format::encode_frame(&mut seg, None, &head, lsn, p);
-        lsn += 1;
+    let mut bytes = header.encode().to_vec();
+    let mut frames = Vec::new();
+    let mut head = prev_hash;
+    let mut lsn = Some(first_lsn);
+    for p in payloads.iter().filter(|p| !p.is_empty()) {
+        let Some(l) = lsn else { break };
+        head = format::encode_frame(&mut bytes, None, &head, l, p);
+        frames.push((l, head));
+        lsn = l.checked_add(1);
     }
+    bytes.resize(bytes.len().max(min_len), 0);
+    CraftedSegment { bytes, frames }
+}
+
+/// What [`craft_checkpoint`] writes next to a crafted segment 1.
+#[derive(Clone, Debug)]
+pub struct CraftedCheckpoint {
+    /// The checkpoint's LSN (its state's `seq`) and chain head at that LSN.
+    pub lsn: u64,
+    pub chain_head: [u8; 32],
+    /// The state holds project `p`, scope `s` and table `t` (else it is empty).
+    pub tables: bool,
+    /// An unsigned manifest names the checkpoint and lists segment 1 (starting at
+    /// `segment_first_lsn`) as the active segment; without it only a permissive
+    /// open uses the checkpoint.
+    pub manifest: bool,
+    pub segment_first_lsn: u64,
+    /// The durable head the manifest records, if any.
+    pub durable_head: Option<(u64, [u8; 32])>,
+}
+
+/// Writes a development-mode checkpoint (and manifest) into `dir`, as a checkpoint
+/// that covered the log up to `c.lsn` would have left them.
+pub fn craft_checkpoint(dir: &Path, c: &CraftedCheckpoint) -> Result<(), AedbError> {
+    let mut state = if c.tables {
+        base_state()
+    } else {
+        DbState::initial()
+    };
+    state.seq = c.lsn;
+    let meta = checkpoint::write(
+        &OS,
+        dir,
+        &checkpoint::file_name(c.lsn, None, 0),
+        &state,
+        &[],
+        c.chain_head,
+        None,
+        &mut |_| {},
+    )?;
+    if !c.manifest {
+        return Ok(());
+    }
+    let body = manifest::ManifestBody {
+        format_version: manifest::FORMAT_VERSION,
+        generation: 1,
+        checkpoint: Some(manifest::CheckpointRef {
+            file: meta.file.clone(),
+            lsn: meta.lsn,
+            chain_head: hex::encode(meta.chain_head),
+            digest: hex::encode(meta.digest),
+            bytes: meta.bytes,
+        }),
+        segments: vec![manifest::SegmentRef {
+            file: format::segment_file_name(1),
+            index: 1,
+            first_lsn: c.segment_first_lsn,
+            sealed: None,
+        }],
+        keyed_chain: false,
+        checkpoint_key_id: None,
+        backup_floor_lsn: None,
+        durable_head: c.durable_head.map(|(lsn, h)| manifest::DurableHeadRef {
+            lsn,
+            chain_hash: hex::encode(h),
+        }),
+    };
+    manifest::write(&OS, dir, &body, None)
+}
+
+/// A segment of valid frames (CRC and chain fixed up by the harness) whose
+/// payloads come from the input, opened strictly and permissively: recovery,
+/// record decoding and replay of arbitrary records; then one commit, which must
+/// succeed or fail with an error (the writer resumes where recovery left it).
+///
+/// Selector bit 0: a torn or damaged tail after the frames. Bit 1: a checkpoint,
+/// described by the bytes after the selector: the segment's first LSN (bit 2:
+/// any `u64`, else 1 + a byte), then a mode byte and a distance byte placing the
+/// checkpoint's LSN below the log's first LSN, inside its frames, at or past its
+/// end, or anywhere (`u64`); bit 3: the checkpoint's chain head is the log's at
+/// that LSN (else a wrong one); bit 4: a manifest names it; bit 5: the manifest
+/// records the checkpoint as the durable head; bit 6: its state holds the tables
+/// the seeds' records write to. Frames follow as `u16`-length pieces.
+pub fn wal_open(data: &[u8]) {
+    let mut f = Fields::new(data);
+    let selector = f.u8();
+    let with_checkpoint = selector & 2 != 0;
+    let mut plan = None;
+    let first_lsn = if !with_checkpoint {
+        1
+    } else if selector & 4 != 0 {
+        f.u64().max(1)
+    } else {
+        1 + u64::from(f.u8())
+    };
+    if with_checkpoint {
+        plan = Some((f.u8(), u64::from(f.u8()), f.u64()));
+    }
+    let prev_hash = if first_lsn == 1 { [0; 32] } else { [0x11; 32] };
+    let mut pieces = Vec::new();
+    while !f.is_empty() && pieces.len() < 63 {
+        let p = f.piece();
+        if !p.is_empty() {
+            pieces.push(p);
+        }
+    }
+    let mut seg = craft_segment(1, first_lsn, prev_hash, &pieces, 0);
     if selector & 1 != 0 {
         // A torn or damaged tail after the good frames.
-        seg.extend_from_slice(&data[..data.len().min(64)]);
+        seg.bytes.extend_from_slice(&data[..data.len().min(64)]);
     }
-    seg.resize(seg.len().max(64 * 1024), 0);
+    seg.bytes.resize(seg.bytes.len().max(64 * 1024), 0);
+    let last_lsn = seg.frames.last().map_or(first_lsn - 1, |(l, _)| *l);
+    let checkpoint = plan.map(|(mode, delta, raw)| {
+        let lsn = match mode % 4 {
+            0 => (first_lsn - 1).saturating_sub(delta),
+            1 => (first_lsn - 1).saturating_add(delta),
+            2 => last_lsn.saturating_add(delta),
+            _ => raw,
+        };
+        let log_head = if lsn == first_lsn - 1 {
+            Some(prev_hash)
+        } else {
+            seg.frames.iter().find(|(l, _)| *l == lsn).map(|(_, h)| *h)
+        };
+        let chain_head = match log_head {
+            Some(h) if selector & 8 != 0 => h,
+            _ => [mode; 32],
+        };
+        CraftedCheckpoint {
+            lsn,
+            chain_head,
+            tables: selector & 64 != 0,
+            manifest: selector & 16 != 0,
+            segment_first_lsn: first_lsn,
+            durable_head: (selector & 32 != 0).then_some((lsn, chain_head)),
+        }
+    });
     for mode in [RecoveryMode::Strict, RecoveryMode::Permissive] {
         let dir = scratch("open");
-        write(&dir.join(format::segment_file_name(1)), &seg);
+        write(&dir.join(format::segment_file_name(1)), &seg.bytes);
+        if let Some(c) = &checkpoint
+            && let Err(e) = craft_checkpoint(&dir, c)
+        {
+            // The writer refuses what no engine would write (an LSN past the end).
+            typed(&e);
+            return;
+        }
         let config = AedbConfig::development()
             .with_recovery_mode(mode)
             .with_segment_bytes(64 * 1024)
@@ -597,9 +749,23 @@ pub fn wal_open(data: &[u8]) {
             });
         match crate::AedbInstance::open(config, &dir) {
             Ok(db) => {
-                let snap = db.snapshot();
-                let _ = crate::check::state_checks(&snap.state);
-                drop(snap);
+                match db.snapshot() {
+                    Ok(snap) => {
+                        let _ = crate::check::state_checks(&snap.state);
+                        if let Some(c) = &checkpoint {
+                            assert!(
+                                snap.seq() >= c.lsn,
+                                "{mode:?} open with a checkpoint at LSN {} is at seq {}",
+                                c.lsn,
+                                snap.seq()
+                            );
+                        }
+                    }
+                    Err(e) => typed(&e),
+                }
+                if let Err(e) = db.create_project("fuzz-after-open") {
+                    typed(&e);
+                }
                 if let Err(e) = db.close() {
                     typed(&e);
                 }
@@ -661,6 +827,69 @@ mod tests {
                 "{row:?} accepted"
             );
         }
+    }
+
+    /// Checkpoints written before idempotency records carried the writes digest
+    /// (version 1) still read; what the current writer stores reads back with it.
+    #[test]
+    fn version_1_checkpoints_read_and_idempotency_digests_round_trip() {
+        let dir = scratch("unit-idempotency");
+        let mut items = Vec::new();
+        for item in [
+            &b"\x05\x01c\x01k\x03"[..], // Idempotency { caller: "c", key: "k", seq: 3 }
+            &b"\x09\x00\x00\x00"[..],   // End { seq: 0, keys: 0, rows: 0 }
+        ] {
+            items.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            items.extend_from_slice(item);
+        }
+        let path = dir.join(checkpoint::file_name(0, None, 0));
+        write(&path, &checkpoint_around(0, [0; 32], &items));
+        let (old, _) = checkpoint::read(&OS, &path, &[]).expect("a version 1 checkpoint reads");
+        let tag = crate::record::IdempotencyTag {
+            caller: "c".into(),
+            key: "k".into(),
+        };
+        assert_eq!(
+            old.idempotency,
+            vec![checkpoint::IdempotencyEntry {
+                tag: tag.clone(),
+                seq: 3,
+                digest: None
+            }]
+        );
+
+        let entries = vec![
+            checkpoint::IdempotencyEntry {
+                tag: tag.clone(),
+                seq: 3,
+                digest: Some([7; 32]),
+            },
+            checkpoint::IdempotencyEntry {
+                tag: crate::record::IdempotencyTag {
+                    caller: "c".into(),
+                    key: "older format".into(),
+                },
+                seq: 2,
+                digest: None,
+            },
+        ];
+        let state = base_state();
+        let out = dir.join("v2");
+        std::fs::create_dir_all(&out).expect("mkdir");
+        let w = checkpoint::write(
+            &OS,
+            &out,
+            &checkpoint::file_name(state.seq, None, 0),
+            &state,
+            &entries,
+            [1; 32],
+            Some(&checkpoint_keys()),
+            &mut |_| {},
+        )
+        .expect("write");
+        let (back, _) =
+            checkpoint::read(&OS, &out.join(&w.file), &[&checkpoint_keys()]).expect("read back");
+        assert_eq!(back.idempotency, entries, "order and digests kept");
     }
 
     /// A checkpoint whose rows do not fit their table, or whose keys repeat or

@@ -36,7 +36,11 @@ fn create(dir: &Path, cfg: AedbConfig, n: u32) {
 }
 
 fn count(db: &AedbInstance) -> usize {
-    db.snapshot().kv("p", "s").expect("kv").len()
+    db.snapshot()
+        .expect("snapshot")
+        .kv("p", "s")
+        .expect("kv")
+        .len()
 }
 
 fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
@@ -79,11 +83,11 @@ fn checkpoint_round_trip_without_keys_replays_only_the_tail() {
     let loaded = db
         .begin_read(ConsistencyMode::AtCheckpoint)
         .expect("the loaded checkpoint is readable");
-    assert_eq!(loaded.seq() + 10, db.snapshot().seq());
+    assert_eq!(loaded.seq() + 10, db.snapshot().expect("snapshot").seq());
     assert_eq!(loaded.kv("p", "s").expect("kv").len(), 2000);
     assert!(db.operational_metrics().checkpoint_age_secs.is_some());
     let info = db.checkpoint().expect("second checkpoint");
-    assert_eq!(info.lsn, db.snapshot().seq());
+    assert_eq!(info.lsn, db.snapshot().expect("snapshot").seq());
     assert_eq!(
         files(dir.path(), ".ckpt").len(),
         1,
@@ -118,6 +122,7 @@ fn encrypted_files_hide_values_and_reopen_with_the_keys() {
     assert_eq!(count(&db), 60);
     assert_eq!(
         db.snapshot()
+            .expect("snapshot")
             .kv("p", "s")
             .expect("kv")
             .get(b"key-00059")

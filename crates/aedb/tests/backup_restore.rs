@@ -88,7 +88,7 @@ fn assert_restored(target: &Path, n: u32) {
     let report = inspect(target, &cfg()).expect("inspect");
     assert!(report.ok(), "{:#?}", report.checks);
     let db = AedbInstance::open(cfg(), target).expect("strict open of the restore");
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     assert_eq!(snap.kv("p", "s").expect("kv").len(), n as usize);
     assert_eq!(snap.table("p", "s", "t").expect("t").len(), n as usize);
     let last = format!("k{:06}", n - 1);

@@ -11,6 +11,7 @@ fn open(dir: &std::path::Path) -> AedbInstance {
 
 fn assertion_audit_rows(db: &AedbInstance) -> usize {
     db.snapshot()
+        .expect("snapshot")
         .table("_system", "audit", "assertion_audit")
         .expect("assertion_audit")
         .len()
@@ -79,6 +80,7 @@ fn idempotency_key_reused_with_different_writes_is_refused() -> Result<(), AedbE
     }
     assert_eq!(
         db.snapshot()
+            .expect("snapshot")
             .kv("payments", "eu")?
             .get(b"order-17")
             .as_deref(),
@@ -152,7 +154,7 @@ fn tombstones_are_purged_while_running() -> Result<(), AedbError> {
         }
         db.commit(tx)?;
     }
-    assert_eq!(db.snapshot().kv("p", "s")?.len(), 0);
+    assert_eq!(db.snapshot().expect("snapshot").kv("p", "s")?.len(), 0);
     assert_eq!(
         db.operational_metrics().tombstones,
         1_000,
@@ -173,6 +175,6 @@ fn tombstones_are_purged_while_running() -> Result<(), AedbError> {
     db.close()?;
     let db = open(dir.path());
     assert_eq!(db.operational_metrics().tombstones, 0);
-    assert_eq!(db.snapshot().kv("p", "s")?.len(), 0);
+    assert_eq!(db.snapshot().expect("snapshot").kv("p", "s")?.len(), 0);
     Ok(())
 }

@@ -142,11 +142,18 @@ fn crash_child_writer() {
     }
     say("opening");
     let db = std::sync::Arc::new(AedbInstance::open(config(), &dir).expect("child: open"));
-    if !db.snapshot().projects().iter().any(|p| p == PROJECT) {
+    if !db
+        .snapshot()
+        .expect("snapshot")
+        .projects()
+        .iter()
+        .any(|p| p == PROJECT)
+    {
         db.create_project(PROJECT).expect("child: create project");
     }
     if !db
         .snapshot()
+        .expect("snapshot")
         .scopes(PROJECT)
         .expect("child: scopes")
         .iter()
@@ -157,6 +164,7 @@ fn crash_child_writer() {
     }
     if !db
         .snapshot()
+        .expect("snapshot")
         .tables(PROJECT, SCOPE)
         .expect("child: tables")
         .iter()
@@ -165,7 +173,13 @@ fn crash_child_writer() {
         db.create_table(PROJECT, SCOPE, TABLE, table_schema())
             .expect("child: create table");
     }
-    let mut next = db.snapshot().kv(PROJECT, SCOPE).expect("child: kv").len() as u64 + 1;
+    let mut next = db
+        .snapshot()
+        .expect("snapshot")
+        .kv(PROJECT, SCOPE)
+        .expect("child: kv")
+        .len() as u64
+        + 1;
     say(&format!("ready {next}"));
     let mut rng = StdRng::seed_from_u64(next);
     // The child runs until the parent kills it (or its stdin closes: see crash_support).
@@ -370,7 +384,7 @@ fn verify_main(dir: &Path, run: &ChildRun, mode: Mode, exp: &mut Expected, ctx: 
         "{ctx}: strict recovery dropped data: {report:?}"
     );
     let torn = report.torn_tail.is_some();
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let has_scope = snap.projects().iter().any(|p| p == PROJECT)
         && snap
             .scopes(PROJECT)
@@ -456,17 +470,28 @@ fn first_open_crash(root: &Path, it: usize, rng: &mut StdRng, seed: u64) -> bool
     let db = AedbInstance::open(config(), &dir)
         .unwrap_or_else(|e| panic!("{ctx}: strict open after a crash in first open: {e}"));
     assert!(db.recovery_report().dropped.is_none());
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let acknowledged = run.durable().len();
     if !snap.projects().iter().any(|p| p == PROJECT) {
         assert_eq!(acknowledged, 0, "{ctx}: acknowledged commits lost");
         db.create_project(PROJECT).expect("project");
     }
-    if db.snapshot().scopes(PROJECT).expect("scopes").is_empty() {
+    if db
+        .snapshot()
+        .expect("snapshot")
+        .scopes(PROJECT)
+        .expect("scopes")
+        .is_empty()
+    {
         assert_eq!(acknowledged, 0, "{ctx}: acknowledged commits lost");
         db.create_scope(PROJECT, SCOPE).expect("scope");
     }
-    let before = db.snapshot().kv(PROJECT, SCOPE).expect("kv").len();
+    let before = db
+        .snapshot()
+        .expect("snapshot")
+        .kv(PROJECT, SCOPE)
+        .expect("kv")
+        .len();
     assert!(before >= acknowledged, "{ctx}: acknowledged commits lost");
     db.kv_set(PROJECT, SCOPE, b"after-crash", b"ok")
         .expect("write after crash");
@@ -474,6 +499,7 @@ fn first_open_crash(root: &Path, it: usize, rng: &mut StdRng, seed: u64) -> bool
     let db = AedbInstance::open(config(), &dir).expect("strict reopen");
     assert_eq!(
         db.snapshot()
+            .expect("snapshot")
             .kv(PROJECT, SCOPE)
             .expect("kv")
             .get(b"after-crash")

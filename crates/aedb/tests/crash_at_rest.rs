@@ -63,14 +63,21 @@ fn crash_at_rest_child() {
     say("opening");
     let db = AedbInstance::open(config(encrypted), &dir).expect("child open");
     // Each step on its own: an earlier child may have been killed between them.
-    if db.snapshot().projects().iter().all(|p| p != "p") {
+    if db
+        .snapshot()
+        .expect("snapshot")
+        .projects()
+        .iter()
+        .all(|p| p != "p")
+    {
         db.create_project("p").expect("project");
     }
-    if db.snapshot().kv("p", "s").is_err() {
+    if db.snapshot().expect("snapshot").kv("p", "s").is_err() {
         db.create_scope("p", "s").expect("scope");
     }
     let mut n = db
         .snapshot()
+        .expect("snapshot")
         .kv("p", "s")
         .expect("kv")
         .scan_prefix(b"k", usize::MAX)
@@ -97,7 +104,7 @@ fn crash_at_rest_child() {
 
 fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
     let db = AedbInstance::open(config(encrypted), dir).expect("strict reopen after SIGKILL");
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let Ok(kv) = snap.kv("p", "s") else {
         assert!(acknowledged.is_none(), "acknowledged commits but no scope");
         return 0;

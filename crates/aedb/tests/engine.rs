@@ -12,7 +12,7 @@ fn open(dir: &std::path::Path) -> AedbInstance {
 }
 
 fn get(db: &AedbInstance, key: &[u8]) -> Result<Option<std::sync::Arc<[u8]>>, AedbError> {
-    Ok(db.snapshot().kv("p", "s")?.get(key))
+    Ok(db.snapshot().expect("snapshot").kv("p", "s")?.get(key))
 }
 
 fn setup(dir: &std::path::Path) -> AedbInstance {
@@ -46,7 +46,7 @@ fn kv_round_trip_scans_and_reopen() {
         tx.kv_del("s", b"k050").expect("del");
         let r = db.commit(tx).expect("commit");
         assert!(r.durable_head_seq >= r.commit_seq);
-        let snap = db.snapshot();
+        let snap = db.snapshot().expect("snapshot");
         let kv = snap.kv("p", "s").expect("kv");
         assert_eq!(kv.len(), 99);
         assert_eq!(kv.get(b"k007").as_deref(), Some(&7u32.to_le_bytes()[..]));
@@ -62,7 +62,7 @@ fn kv_round_trip_scans_and_reopen() {
         db.close().expect("close");
     }
     let db = open(dir.path());
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv("p", "s").expect("kv after reopen");
     assert_eq!(kv.len(), 99);
     assert_eq!(kv.get(b"k099").as_deref(), Some(&99u32.to_le_bytes()[..]));
@@ -97,7 +97,7 @@ fn snapshots_stay_stable_while_writers_commit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = setup(dir.path());
     db.kv_set("p", "s", b"x", b"1").expect("v1");
-    let old = db.snapshot();
+    let old = db.snapshot().expect("snapshot");
     let seq = old.seq();
     db.kv_set("p", "s", b"x", b"2").expect("v2");
     assert_eq!(
@@ -227,7 +227,7 @@ fn tables_check_schema_and_query() {
         Err(AedbError::NotFound { .. })
     ));
     db.commit(tx).expect("commit");
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let t = snap.table("p", "s", "users").expect("table");
     assert_eq!(t.len(), 10);
     let row = t.get(&[Value::Int(3)]).expect("get").expect("row 3");
@@ -344,7 +344,14 @@ fn chain_continues_across_rotation_and_reopen() {
                 .expect("commit");
             expected += 1;
         }
-        assert_eq!(db.snapshot().kv("p", "s").expect("kv").len(), expected);
+        assert_eq!(
+            db.snapshot()
+                .expect("snapshot")
+                .kv("p", "s")
+                .expect("kv")
+                .len(),
+            expected
+        );
         db.close().expect("close");
     }
     let segments = std::fs::read_dir(dir.path())
@@ -359,7 +366,14 @@ fn chain_continues_across_rotation_and_reopen() {
         "expected rotation, found {segments} segments"
     );
     let db = AedbInstance::open(cfg(), dir.path()).expect("strict reopen");
-    assert_eq!(db.snapshot().kv("p", "s").expect("kv").len(), expected);
+    assert_eq!(
+        db.snapshot()
+            .expect("snapshot")
+            .kv("p", "s")
+            .expect("kv")
+            .len(),
+        expected
+    );
 }
 
 #[test]
@@ -387,7 +401,14 @@ fn batch_mode_visible_commits_become_durable() {
         }
     }
     let db = open(dir.path());
-    assert_eq!(db.snapshot().kv("p", "s").expect("kv").len(), 200);
+    assert_eq!(
+        db.snapshot()
+            .expect("snapshot")
+            .kv("p", "s")
+            .expect("kv")
+            .len(),
+        200
+    );
 }
 
 #[test]
@@ -414,7 +435,7 @@ fn concurrent_commits_to_different_projects_publish_as_a_prefix_of_the_log() {
             let mut snaps = Vec::new();
             let mut last = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let s = db.snapshot();
+                let s = db.snapshot().expect("snapshot");
                 assert!(s.seq() >= last, "published sequence went backwards");
                 last = s.seq();
                 if snaps.len() < 200 {
@@ -463,7 +484,10 @@ fn concurrent_commits_to_different_projects_publish_as_a_prefix_of_the_log() {
         "every commit got its own sequence number"
     );
     // Every snapshot holds exactly the commits with a sequence number up to its own.
-    for s in snaps.iter().chain(std::iter::once(&db.snapshot())) {
+    for s in snaps
+        .iter()
+        .chain(std::iter::once(&db.snapshot().expect("snapshot")))
+    {
         for (seq, p, key) in log.iter() {
             let present = s.kv(p, "s").expect("kv").get(key).is_some();
             assert_eq!(

@@ -68,7 +68,7 @@ fn commit_range(db: &AedbInstance, range: std::ops::Range<u64>, big: bool) -> u6
 }
 
 fn assert_keys(db: &AedbInstance, range: std::ops::Range<u64>, big: bool, ctx: &str) {
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv("p", "s").expect("kv");
     for i in range {
         let want = if big { big_value(i) } else { value(i) };
@@ -81,7 +81,7 @@ fn assert_keys(db: &AedbInstance, range: std::ops::Range<u64>, big: bool, ctx: &
 }
 
 fn assert_no_keys(db: &AedbInstance, range: std::ops::Range<u64>, ctx: &str) {
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv("p", "s").expect("kv");
     for i in range {
         assert!(kv.get(&key(i)).is_none(), "{ctx}: k{i} should be gone");
@@ -180,7 +180,7 @@ fn strict_refusal(cfg: AedbConfig, dir: &Path, file: &Path, ctx: &str) -> (u64, 
         Ok(db) => panic!(
             "{ctx}: strict open accepted the directory: {:?}, head {}",
             db.recovery_report(),
-            db.snapshot().seq()
+            db.snapshot().expect("snapshot").seq()
         ),
     }
 }
@@ -209,6 +209,7 @@ fn assert_usable(dir: &Path, cfg: impl Fn(RecoveryMode) -> AedbConfig, ctx: &str
     );
     assert_eq!(
         db.snapshot()
+            .expect("snapshot")
             .kv("p", "s")
             .expect("kv")
             .get(b"after-repair")
@@ -244,7 +245,7 @@ fn checkpoint_at_unchanged_lsn_survives_a_crash_before_the_manifest() {
 
     let db = AedbInstance::open(config(RecoveryMode::Strict), &crashed)
         .expect("strict open after a crash between checkpoint and manifest");
-    assert_eq!(db.snapshot().seq(), first.lsn);
+    assert_eq!(db.snapshot().expect("snapshot").seq(), first.lsn);
     assert_keys(&db, 0..20, false, "after the crash");
     // The leftover checkpoint was removed, the live one kept.
     let ckpts: Vec<_> = std::fs::read_dir(&crashed)
@@ -351,7 +352,7 @@ fn log_ending_before_the_checkpoint_is_reported_in_permissive_mode_and_commits_w
         .unwrap_or_else(|| panic!("the loss must be reported: {report:?}"));
     // Everything up to the checkpoint is in the checkpoint; what came after it is lost.
     assert_eq!(dropped.first_dropped_lsn, s.ckpt + 1, "{dropped:?}");
-    assert_eq!(db.snapshot().seq(), s.ckpt);
+    assert_eq!(db.snapshot().expect("snapshot").seq(), s.ckpt);
     assert_eq!(report.last_lsn, s.ckpt, "{report:?}");
     assert_keys(&db, 0..20, false, "permissive");
     assert_no_keys(&db, 20..25, "permissive");
@@ -397,7 +398,7 @@ fn permissive_damage_at_or_below_the_checkpoint_lsn_resumes_commits() {
 
     let db = AedbInstance::open(config(RecoveryMode::Permissive), &dir).expect("permissive");
     // The state is the checkpoint's; the commits after it were behind the damage.
-    assert_eq!(db.snapshot().seq(), ckpt);
+    assert_eq!(db.snapshot().expect("snapshot").seq(), ckpt);
     assert_keys(&db, 0..20, false, "permissive");
     assert_no_keys(&db, 20..25, "permissive");
     // The writer continues after the checkpoint (it used to panic here).
@@ -572,7 +573,7 @@ fn permissive_reports_a_deleted_active_segment() {
     assert!(dropped.reason.contains("missing"), "{dropped:?}");
     assert_eq!(dropped.first_dropped_lsn, first_lost, "{dropped:?}");
     assert_eq!(dropped.max_dropped_lsn, 92, "{dropped:?}");
-    assert_eq!(db.snapshot().seq(), first_lost - 1);
+    assert_eq!(db.snapshot().expect("snapshot").seq(), first_lost - 1);
     db.close().expect("close");
     assert_usable(&dir, small_segments, "deleted active segment");
 }
@@ -603,7 +604,7 @@ fn permissive_reports_deleted_last_segments() {
         .unwrap_or_else(|| panic!("deleted segments must be reported: {report:?}"));
     assert_eq!(dropped.file, first_deleted, "{dropped:?}");
     assert_eq!(dropped.first_dropped_lsn, first_lost, "{dropped:?}");
-    assert_eq!(db.snapshot().seq(), first_lost - 1);
+    assert_eq!(db.snapshot().expect("snapshot").seq(), first_lost - 1);
     db.close().expect("close");
     assert_usable(&dir, small_segments, "deleted last segments");
 }
@@ -693,7 +694,7 @@ fn recovered_tail_is_fsynced_at_open() {
     db.close().expect("close");
 
     let db = AedbInstance::open(config(RecoveryMode::Strict), &crashed).expect("open the image");
-    assert_eq!(db.snapshot().seq(), last);
+    assert_eq!(db.snapshot().expect("snapshot").seq(), last);
     let report = db.recovery_report();
     assert_eq!(
         report.synced_tail.as_deref(),
@@ -857,7 +858,7 @@ fn stale_copy_of_the_directory_is_detected_with_expect_head() {
 
     // The stale copy is validly signed and consistent: alone, it opens.
     let db = AedbInstance::open(signed(), &stale).expect("a stale copy opens without an anchor");
-    assert_eq!(db.snapshot().seq(), stale_head.lsn);
+    assert_eq!(db.snapshot().expect("snapshot").seq(), stale_head.lsn);
     db.close().expect("close");
     // Against the anchor it is refused, naming both heads.
     match AedbInstance::open(signed().with_expected_head(anchor), &stale) {
@@ -969,6 +970,6 @@ fn truncated_active_segment_with_an_older_manifest_is_detected_with_expect_head(
         Err(AedbError::RolledBack { .. })
     ));
     let db = AedbInstance::open(signed(), &dir).expect("without the anchor it opens");
-    assert_eq!(db.snapshot().seq(), 12);
+    assert_eq!(db.snapshot().expect("snapshot").seq(), 12);
     db.close().expect("close");
 }

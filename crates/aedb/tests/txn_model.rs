@@ -500,7 +500,7 @@ fn commit(db: &AedbInstance, model: &mut Model, b: Built) -> Result<Outcome, Tes
 /// The whole state: every live pair with its version, counts, head sequence, and
 /// that keys the model says are absent (or deleted) read as absent.
 fn check_state(db: &AedbInstance, model: &Model) -> Result<(), TestCaseError> {
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     prop_assert_eq!(snap.seq(), model.seq, "head sequence");
     let audit = snap
         .table(SYSTEM_PROJECT, AUDIT_SCOPE, ASSERTION_AUDIT)
@@ -544,7 +544,7 @@ fn scan_snapshot(
     range: &RangeSpec,
     limit: usize,
 ) -> Result<(), TestCaseError> {
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv(PROJECT, SCOPES[s]).expect("kv");
     let got = match range {
         RangeSpec::Prefix(p) => kv.scan_prefix(p, limit),
@@ -573,7 +573,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         db.create_scope(PROJECT, s).expect("scope");
     }
     let mut model = Model {
-        seq: db.snapshot().seq(),
+        seq: db.snapshot().expect("snapshot").seq(),
         ..Model::default()
     };
     for op in ops {
@@ -589,7 +589,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 b_first,
             } => {
                 let snap_a = model.clone();
-                let old = db.snapshot();
+                let old = db.snapshot().expect("snapshot");
                 let ta = build(&db, a, &snap_a)?;
                 if let Some(ops) = between {
                     let mut tx = db.begin_write(PROJECT).expect("begin");

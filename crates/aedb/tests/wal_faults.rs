@@ -313,7 +313,7 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// Keys of the base commits with an LSN below `first_lost`, with their values, and
 /// that nothing else is there.
 fn assert_base_prefix(db: &AedbInstance, base: &Base, first_lost: u64, ctx: &str) {
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     if first_lost <= 2 {
         // The scope (LSN 2) or even the project (LSN 1) was dropped.
         if first_lost == 1 {
@@ -361,10 +361,22 @@ fn assert_usable_after(dir: &Path, base: &Base, first_lost: u64, ctx: &str) {
         "{ctx}: a repaired log must reopen clean: {:?}",
         db.recovery_report()
     );
-    if !db.snapshot().projects().iter().any(|p| p == "p") {
+    if !db
+        .snapshot()
+        .expect("snapshot")
+        .projects()
+        .iter()
+        .any(|p| p == "p")
+    {
         db.create_project("p").expect("recreate project");
     }
-    if db.snapshot().scopes("p").expect("scopes").is_empty() {
+    if db
+        .snapshot()
+        .expect("snapshot")
+        .scopes("p")
+        .expect("scopes")
+        .is_empty()
+    {
         db.create_scope("p", "s").expect("recreate scope");
     }
     // 40 x ~8 KiB > one 256 KiB segment: the writer continues the repaired segment
@@ -385,7 +397,7 @@ fn assert_usable_after(dir: &Path, base: &Base, first_lost: u64, ctx: &str) {
         report.dropped.is_none() && report.torn_tail.is_none(),
         "{ctx}: {report:?}"
     );
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv("p", "s").expect("kv");
     for i in 0..40u64 {
         assert_eq!(
@@ -840,7 +852,12 @@ fn assert_strict_refuses(dir: &Path, file: &str, offset: usize, ctx: &str) {
         Err(e) => panic!("{ctx}: expected Corruption, got {e}"),
         Ok(db) => {
             let r = db.recovery_report().clone();
-            let kept = db.snapshot().kv("p", "s").map(|kv| kv.len()).unwrap_or(0);
+            let kept = db
+                .snapshot()
+                .expect("snapshot")
+                .kv("p", "s")
+                .map(|kv| kv.len())
+                .unwrap_or(0);
             panic!(
                 "{ctx}: strict open accepted the log and silently cut acknowledged durable \
                  commits (now {kept} of {BASE_COMMITS} keys): {r:?}"

@@ -147,7 +147,7 @@ impl<const ENCRYPTED: bool> Session for AedbSession<'_, ENCRYPTED> {
     }
 
     fn read_view(&mut self) -> Result<AedbView<'_>> {
-        let snapshot = self.snapshot.insert(self.engine.db.snapshot());
+        let snapshot = self.snapshot.insert(self.engine.db.snapshot()?);
         Ok(AedbView {
             kv: snapshot.kv(PROJECT, SCOPE)?,
         })

@@ -981,7 +981,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
     // checkpoint; the state it loaded is then checked and compared directly.
     let db = crate::AedbInstance::open(strict, staging)?;
     let head = db.head_for_backup();
-    let snap = db.snapshot();
+    let snap = db.snapshot()?;
     let failed: Vec<String> = crate::check::state_checks(&snap.state)
         .into_iter()
         .filter(|c| !c.ok)

@@ -1,6 +1,10 @@
 //! The checkpoint's logical contents: a stream of length-prefixed postcard items in
 //! state order (project, its scopes, each scope's keys, then its tables and rows),
 //! closed by an `End` item with counts so a cut-short stream is detected.
+//!
+//! Variants are only ever appended to `Item` (postcard encodes the variant index):
+//! version 1 files hold `Idempotency` records without a writes digest, version 2
+//! files `IdempotencyRecord`s with it, and both read.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -13,6 +17,8 @@ use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::state::{DbState, ProjectState, ScopeState, TableState, Versioned};
 use crate::model::value::{Row, TableSchema};
 use crate::record::IdempotencyTag;
+use crate::txn::write::WritesDigest;
+use crate::wal::reader::MAX_LSN;
 
 /// Largest single item accepted when reading (a corrupt length must not allocate).
 const MAX_ITEM: usize = 64 << 20;
@@ -36,6 +42,7 @@ enum Item {
         version: u64,
         row: Arc<Row>,
     },
+    /// Version 1: no digest (read only).
     Idempotency {
         caller: String,
         key: String,
@@ -55,6 +62,24 @@ enum Item {
         keys: u64,
         rows: u64,
     },
+    /// Version 2: the digest of what the commit wrote, so a retry with other writes
+    /// is still refused after the log holding the commit is gone.
+    IdempotencyRecord {
+        caller: String,
+        key: String,
+        seq: u64,
+        digest: Option<WritesDigest>,
+    },
+}
+
+/// One remembered idempotency key, in the order the commit path evicts them
+/// (oldest first): the key, the commit it names, and what that commit wrote
+/// (`None` for records read from a version 1 checkpoint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct IdempotencyEntry {
+    pub tag: IdempotencyTag,
+    pub seq: u64,
+    pub digest: Option<WritesDigest>,
 }
 
 /// A scope or table being rebuilt: its name, its state, its entries in key order.
@@ -64,7 +89,7 @@ type TableBuild = Building<TableState, Arc<Row>>;
 
 pub(crate) struct LoadedState {
     pub state: DbState,
-    pub idempotency: Vec<(IdempotencyTag, u64)>,
+    pub idempotency: Vec<IdempotencyEntry>,
 }
 
 fn put(w: &mut impl Write, item: &Item, buf: &mut Vec<u8>) -> std::io::Result<()> {
@@ -79,7 +104,7 @@ fn put(w: &mut impl Write, item: &Item, buf: &mut Vec<u8>) -> std::io::Result<()
 pub(crate) fn write_items(
     w: &mut impl Write,
     state: &DbState,
-    idempotency: &[(IdempotencyTag, u64)],
+    idempotency: &[IdempotencyEntry],
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(256);
     let (mut keys, mut rows) = (0u64, 0u64);
@@ -129,13 +154,14 @@ pub(crate) fn write_items(
             }
         }
     }
-    for (tag, seq) in idempotency {
+    for e in idempotency {
         put(
             w,
-            &Item::Idempotency {
-                caller: tag.caller.clone(),
-                key: tag.key.clone(),
-                seq: *seq,
+            &Item::IdempotencyRecord {
+                caller: e.tag.caller.clone(),
+                key: e.tag.key.clone(),
+                seq: e.seq,
+                digest: e.digest,
             },
             &mut buf,
         )?;
@@ -172,6 +198,12 @@ pub(crate) fn write_items(
 
 /// Rebuilds the state; `lsn` is the header's LSN, which the `End` item must repeat.
 pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, String> {
+    // The log continues at `lsn + 1`: no engine writes a checkpoint past this.
+    if lsn > MAX_LSN {
+        return Err(format!(
+            "checkpoint LSN {lsn} is past the largest LSN {MAX_LSN}"
+        ));
+    }
     let mut state = DbState {
         seq: lsn,
         ..DbState::default()
@@ -290,7 +322,23 @@ pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, Str
                 rows += 1;
             }
             Item::Idempotency { caller, key, seq } => {
-                idempotency.push((IdempotencyTag { caller, key }, seq));
+                idempotency.push(IdempotencyEntry {
+                    tag: IdempotencyTag { caller, key },
+                    seq,
+                    digest: None,
+                });
+            }
+            Item::IdempotencyRecord {
+                caller,
+                key,
+                seq,
+                digest,
+            } => {
+                idempotency.push(IdempotencyEntry {
+                    tag: IdempotencyTag { caller, key },
+                    seq,
+                    digest,
+                });
             }
             Item::Grant { principal, grant } => {
                 state.authz.grants.entry(principal).or_default().push(grant);

@@ -21,15 +21,15 @@ use crate::config::SecretKey;
 use crate::crypto::{self, Aead, LABEL_CHECKPOINT, counter_nonce};
 use crate::error::AedbError;
 use crate::model::state::DbState;
-use crate::record::IdempotencyTag;
 use crate::storage::{OpenMode, SeqFile, Storage};
 use crate::wal::format::ChainHash;
 use crate::wal::writer::sync_dir;
 
-pub(crate) use items::LoadedState;
+pub(crate) use items::{IdempotencyEntry, LoadedState};
 
 const MAGIC: &[u8; 8] = b"AEDBCKP\0";
-const VERSION: u32 = 1;
+/// 2: idempotency records carry the writes digest. Version 1 files still read.
+const VERSION: u32 = 2;
 const FLAG_ENCRYPTED: u32 = 1;
 pub(crate) const HEADER_LEN: usize = 256;
 const AAD_HEADER_LEN: usize = 96;
@@ -119,7 +119,7 @@ impl Header {
             return Err("header checksum mismatch".into());
         }
         let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(format!("unsupported checkpoint version {version}"));
         }
         let arr32 = |r: std::ops::Range<usize>| {
@@ -223,7 +223,7 @@ pub(crate) fn write(
     dir: &Path,
     name: &str,
     state: &DbState,
-    idempotency: &[(IdempotencyTag, u64)],
+    idempotency: &[IdempotencyEntry],
     chain_head: ChainHash,
     key: Option<&SecretKey>,
     progress: &mut dyn FnMut(u64),

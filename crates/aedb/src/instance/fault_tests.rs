@@ -52,7 +52,7 @@ fn failed_rotation_record_in_a_serial_commit_poisons_and_leaves_no_frame() {
     drop(db);
 
     let db = AedbInstance::open(AedbConfig::development(), dir.path()).expect("reopen");
-    let snap = db.snapshot();
+    let snap = db.snapshot().expect("snapshot");
     assert_eq!(snap.scopes("p").expect("scopes"), vec!["s".to_string()]);
     assert!(snap.kv("p", "s").expect("kv").get(b"before").is_some());
     db.create_scope("p", "next")
@@ -75,10 +75,17 @@ fn failed_rotation_record_in_a_commit_poisons_and_leaves_no_frame() {
     );
     assert!(failed.is_err(), "{failed:?}");
     assert!(db.is_poisoned());
-    assert!(db.snapshot().kv("p", "s").expect("kv").get(b"k").is_none());
+    assert!(matches!(db.snapshot(), Err(AedbError::Poisoned(_))));
     drop(db);
     let db = AedbInstance::open(AedbConfig::development(), dir.path()).expect("reopen");
-    assert!(db.snapshot().kv("p", "s").expect("kv").get(b"k").is_none());
+    assert!(
+        db.snapshot()
+            .expect("snapshot")
+            .kv("p", "s")
+            .expect("kv")
+            .get(b"k")
+            .is_none()
+    );
 }
 
 /// Bug 10: an apply that panics (a bug) must not leave its sequence number
@@ -144,6 +151,34 @@ fn poisoned_instance_refuses_reads() {
     assert!(poisoned(db.kv_get(&reader, "p", "s", b"k").map(|_| ())));
     assert!(poisoned(open_before.kv_get("p", "s", b"k").map(|_| ())));
     assert!(poisoned(db.export_audit(0).map(|_| ())));
-    // Plain values already handed out stay readable; `is_poisoned` flags them.
-    assert!(db.snapshot().kv("p", "s").expect("kv").get(b"k").is_some());
+    assert!(poisoned(db.snapshot().map(|_| ())));
+}
+
+/// Bug 10, `snapshot()`: it served the published state after a poison, including
+/// `Visible` commits that may never become durable; it is `Poisoned` like every
+/// other read entry point. A snapshot taken before stays readable as a value.
+#[test]
+fn snapshot_of_a_poisoned_instance_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dev(dir.path());
+    db.commit_with_finality(
+        {
+            let mut tx = db.begin_write("p").expect("tx");
+            tx.kv_set("s", b"visible", b"v").expect("set");
+            tx
+        },
+        CommitFinality::Visible,
+    )
+    .expect("visible commit");
+    let before = db.snapshot().expect("snapshot before the poison");
+    failpoints::arm(Failpoint::RecordRotation);
+    assert!(db.kv_set("p", "s", b"k2", b"v").is_err());
+    assert!(db.is_poisoned());
+    let after = db.snapshot();
+    assert!(
+        matches!(after, Err(AedbError::Poisoned(_))),
+        "a poisoned instance served a snapshot at seq {:?}",
+        after.map(|s| s.seq())
+    );
+    assert!(before.kv("p", "s").expect("kv").get(b"visible").is_some());
 }

@@ -85,10 +85,18 @@ impl Inner {
                 .back()
                 .cloned()
                 .unwrap_or_else(|| Arc::new(cs.state.clone()));
-            let idem: Vec<(IdempotencyTag, u64)> = cs
+            let idem: Vec<checkpoint::IdempotencyEntry> = cs
                 .idempotency_order
                 .iter()
-                .filter_map(|t| cs.idempotency.get(t).map(|s| (t.clone(), *s)))
+                .filter_map(|t| {
+                    cs.idempotency
+                        .get(t)
+                        .map(|&seq| checkpoint::IdempotencyEntry {
+                            tag: t.clone(),
+                            seq,
+                            digest: cs.idempotency_digest.get(t).copied(),
+                        })
+                })
                 .collect();
             (state, idem, self.wal.head().2)
         };

@@ -63,8 +63,8 @@ struct CommitState {
     next_seq: u64,
     idempotency: HashMap<IdempotencyTag, u64>,
     /// What the commit under each key wrote (`writes_digest`), so a key reused for
-    /// other writes is refused. Absent for keys loaded from a checkpoint, which
-    /// stores only the sequence number: those replay without the comparison.
+    /// other writes is refused; checkpoints keep it. Absent only for keys loaded
+    /// from a version 1 checkpoint: those replay without the comparison.
     idempotency_digest: HashMap<IdempotencyTag, WritesDigest>,
     idempotency_order: VecDeque<IdempotencyTag>,
     history: VecDeque<Arc<DbState>>,
@@ -296,9 +296,12 @@ impl AedbInstance<Dev> {
         Self::open_inner(config, dir)
     }
 
-    /// The latest committed state.
-    pub fn snapshot(&self) -> Snapshot {
-        self.snapshot_inner()
+    /// The latest committed state. `Poisoned` once a WAL write or fsync failed: that
+    /// state may hold commits that will never be durable (a `Snapshot` taken before
+    /// stays readable as a plain value).
+    pub fn snapshot(&self) -> Result<Snapshot, AedbError> {
+        self.inner.wal.check_healthy()?;
+        Ok(self.snapshot_inner())
     }
 
     /// A read-only snapshot chosen by `mode`.
@@ -506,8 +509,8 @@ impl<M> AedbInstance<M> {
             cs.state = state.state;
             ckpt_snapshot = Some(Arc::new(cs.state.clone()));
             let max = config.limits.max_idempotency_records;
-            for (tag, seq) in state.idempotency {
-                cs.remember(tag, seq, None, max);
+            for e in state.idempotency {
+                cs.remember(e.tag, e.seq, e.digest, max);
             }
             ckpt_meta = Some(meta);
         }

@@ -2,6 +2,12 @@
 
 use super::format::{ChainHash, FRAME_HEADER_LEN, FrameAt, RawFrame, chain_hash, frame_at};
 
+/// The largest LSN (and commit sequence number): `i64::MAX`, as audit rows store
+/// the sequence number in a signed column. An LSN read from disk above it (a
+/// checkpoint's, a segment header's, a frame's) is damage, so that adding 1 to an
+/// accepted LSN can never overflow.
+pub(crate) const MAX_LSN: u64 = i64::MAX as u64;
+
 /// Why a scan stopped before the end of the written data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Damage {
@@ -105,40 +111,38 @@ pub(crate) fn scan_frames(
             FrameAt::Frame(f) => f,
         };
         let next_pos = pos + FRAME_HEADER_LEN + raw.len as usize;
-        if let Some((reason, complete)) = check_frame(keyed, &raw, next_lsn, &prev_hash) {
-            break Some(Damage::after(buf, pos + 1, next_lsn, pos, reason, complete));
-        }
+        let after = match check_frame(keyed, &raw, next_lsn, &prev_hash) {
+            Ok(after) => after,
+            Err((reason, complete)) => {
+                break Some(Damage::after(buf, pos + 1, next_lsn, pos, reason, complete));
+            }
+        };
         if let Err(reason) = visit(raw.lsn, &raw.hash, raw.payload) {
-            break Some(Damage::after(
-                buf,
-                next_pos,
-                next_lsn + 1,
-                pos,
-                reason,
-                true,
-            ));
+            break Some(Damage::after(buf, next_pos, after, pos, reason, true));
         }
         prev_hash = raw.hash;
-        next_lsn += 1;
+        next_lsn = after;
         pos = next_pos;
     };
     ScanOutcome {
         end_offset: pos as u64,
-        last_lsn: next_lsn - 1,
+        // Callers start at LSN 1 or later; 0 would mean "nothing before".
+        last_lsn: next_lsn.saturating_sub(1),
         chain_head: prev_hash,
         damage,
     }
 }
 
-/// Why a frame is not the next one of the log, and whether it is complete.
+/// The LSN after the frame, if it is the next one of the log; else why not, and
+/// whether it is complete.
 fn check_frame(
     keyed: Option<&ring::hmac::Key>,
     raw: &RawFrame<'_>,
     expected_lsn: u64,
     prev_hash: &ChainHash,
-) -> Option<(String, bool)> {
+) -> Result<u64, (String, bool)> {
     if !raw.crc_ok() {
-        return Some((
+        return Err((
             format!(
                 "frame checksum mismatch (frame claims LSN {}, {} payload bytes)",
                 raw.lsn, raw.len
@@ -147,7 +151,7 @@ fn check_frame(
         ));
     }
     if raw.lsn != expected_lsn {
-        return Some((
+        return Err((
             format!(
                 "LSN out of order: expected {expected_lsn}, found {}",
                 raw.lsn
@@ -155,13 +159,20 @@ fn check_frame(
             true,
         ));
     }
+    // Checked before the chain: a forged frame there must not reach `lsn + 1`.
+    let Some(after) = raw.lsn.checked_add(1).filter(|_| raw.lsn <= MAX_LSN) else {
+        return Err((
+            format!("frame at LSN {} is past the largest LSN {MAX_LSN}", raw.lsn),
+            true,
+        ));
+    };
     if !crate::crypto::ct_eq(
         &chain_hash(keyed, prev_hash, raw.lsn, raw.payload),
         &raw.hash,
     ) {
-        return Some((format!("hash chain broken at LSN {}", raw.lsn), true));
+        return Err((format!("hash chain broken at LSN {}", raw.lsn), true));
     }
-    None
+    Ok(after)
 }
 
 /// The first offset at or after `from` where a frame with a valid CRC and an LSN

@@ -15,7 +15,7 @@ use super::format::{
     segment_file_name,
 };
 use super::keys::{WalKeys, decrypt_frame};
-use super::reader::{Damage, count_frames_best_effort, scan_frames};
+use super::reader::{Damage, MAX_LSN, count_frames_best_effort, scan_frames};
 use super::writer::{SealedSegment, WriterPosition, sync_dir};
 use crate::config::RecoveryMode;
 use crate::error::AedbError;
@@ -193,6 +193,14 @@ pub(crate) fn recover(
     }
     let segs = list_segments(fs, dir)?;
     let ckpt_lsn = start.checkpoint.map_or(0, |(l, _)| l);
+    // Reading a checkpoint refuses this too; recovery adds 1 to it below.
+    if ckpt_lsn > MAX_LSN {
+        return Err(AedbError::corruption(
+            dir,
+            0,
+            format!("checkpoint LSN {ckpt_lsn} is past the largest LSN {MAX_LSN}"),
+        ));
+    }
     let mut report = RecoveryReport {
         segments: segs.len(),
         last_lsn: ckpt_lsn,
@@ -266,6 +274,17 @@ pub(crate) fn recover(
             ))
         } else if header.first_lsn == 0 {
             Some("segment starts at LSN 0 (LSNs start at 1)".to_string())
+        } else if header.first_lsn > MAX_LSN {
+            Some(format!(
+                "segment starts at LSN {}, past the largest LSN {MAX_LSN}",
+                header.first_lsn
+            ))
+        } else if header.index > MAX_LSN {
+            // The writer continues in segment index + 1.
+            Some(format!(
+                "segment index {} is past the largest segment index {MAX_LSN}",
+                header.index
+            ))
         } else if header.first_lsn != next_lsn {
             Some(format!(
                 "segment starts at LSN {}, expected {next_lsn} (missing or reordered segment)",

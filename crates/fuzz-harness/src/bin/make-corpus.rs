@@ -92,6 +92,66 @@ fn files(dir: &Path) -> Res<Vec<(String, Vec<u8>)>> {
     Ok(v)
 }
 
+/// `wal_open` inputs that add a checkpoint to the frames `pieces` (see
+/// `aedb::fuzzing::wal_open` for the layout): below, inside, at the end of and past
+/// the log, with a wrong chain head, without a manifest, and near the largest LSN.
+fn wal_open_checkpoint_seeds(out: &mut Out, name: &str, pieces: &[u8], frames: usize) -> Res {
+    const CKPT: u8 = 2;
+    const ANY_FIRST: u8 = 4;
+    const RIGHT_HEAD: u8 = 8;
+    const MANIFEST: u8 = 16;
+    const DURABLE: u8 = 32;
+    const TABLES: u8 = 64;
+    let n = u8::try_from(frames.min(255))?;
+    let normal = CKPT | RIGHT_HEAD | MANIFEST | DURABLE;
+    // (name, selector, first LSN field, mode, distance, raw LSN)
+    let variants: [(&str, u8, u64, u8, u8, u64); 9] = [
+        ("ckpt-inside", normal | TABLES, 0, 1, n / 2, 0),
+        ("ckpt-at-end", normal, 0, 2, 0, 0),
+        ("ckpt-past-end", normal, 0, 2, 3, 0),
+        ("ckpt-before-start", normal | TABLES, 9, 0, 0, 0),
+        ("ckpt-gap-before-start", normal | TABLES, 9, 0, 4, 0),
+        ("ckpt-wrong-head", CKPT | MANIFEST | TABLES, 0, 1, n / 2, 0),
+        (
+            "ckpt-no-manifest",
+            CKPT | RIGHT_HEAD | TABLES,
+            0,
+            1,
+            n / 2,
+            0,
+        ),
+        (
+            "ckpt-near-max-lsn",
+            normal | ANY_FIRST,
+            (i64::MAX - 2) as u64,
+            0,
+            0,
+            0,
+        ),
+        (
+            "ckpt-raw-lsn",
+            normal | ANY_FIRST,
+            u64::MAX - 1,
+            3,
+            0,
+            u64::MAX,
+        ),
+    ];
+    for (variant, sel, first, mode, delta, raw) in variants {
+        let mut v = vec![sel];
+        if sel & ANY_FIRST != 0 {
+            v.extend_from_slice(&first.to_le_bytes());
+        } else {
+            v.push(u8::try_from(first)?);
+        }
+        v.extend_from_slice(&[mode, delta]);
+        v.extend_from_slice(&raw.to_le_bytes());
+        v.extend_from_slice(pieces);
+        out.seed("wal_open", &format!("{name}-{variant}"), &v)?;
+    }
+    Ok(())
+}
+
 fn populate(db: &AedbInstance<aedb::Dev>) -> Res {
     db.bootstrap_global_admin("admin")?;
     db.create_project("p")?;
@@ -179,6 +239,7 @@ fn aedb_seeds(out: &mut Out, tmp: &Path) -> Res {
                         open.extend_from_slice(p);
                     }
                     out.seed("wal_open", &format!("{tag}-{name}"), &open)?;
+                    wal_open_checkpoint_seeds(out, &format!("{tag}-{name}"), &open[1..], ps.len())?;
                     let mut frames = vec![0u8];
                     frames.extend_from_slice(&1u64.to_le_bytes());
                     frames.extend_from_slice(&[0u8; 32]);
