@@ -224,10 +224,10 @@ fn login_rate_limit_under_a_concurrent_burst() {
     const N: usize = 20;
     const IP: &str = "203.0.113.50";
     let barrier = Arc::new(Barrier::new(N));
-    let port = s.port;
+    let client = s.client();
     let handles: Vec<_> = (0..N)
         .map(|i| {
-            let barrier = barrier.clone();
+            let (barrier, client) = (barrier.clone(), client.clone());
             std::thread::spawn(move || {
                 // Half the right password, half an unknown account: both are
                 // processed attempts (200 / 401) when the limiter lets them by.
@@ -240,7 +240,7 @@ fn login_rate_limit_under_a_concurrent_burst() {
                     .header("X-Forwarded-For", IP)
                     .json(&json!({"email": email, "password": PASSWORD}));
                 barrier.wait();
-                req.send(port).expect("login request")
+                client.send(req)
             })
         })
         .collect();
@@ -370,7 +370,7 @@ impl Checker<'_> {
     }
 
     fn send(&mut self, what: &str, req: Request, keyword: &str) {
-        match req.send(self.s.port) {
+        match self.s.client().try_send(&req) {
             Ok(r) => self.check(what, r.status, &r.body, keyword),
             Err(e) => self.problems.push(format!("{what}: request failed: {e}")),
         }
@@ -988,16 +988,16 @@ fn concurrent_wrong_passwords_are_bounded_by_the_lockout_threshold() {
     let bad_before = failures_metric(&s, "bad_password");
     const N: usize = 12;
     let barrier = Arc::new(Barrier::new(N));
-    let port = s.port;
+    let client = s.client();
     let handles: Vec<_> = (0..N)
         .map(|i| {
-            let barrier = barrier.clone();
+            let (barrier, client) = (barrier.clone(), client.clone());
             std::thread::spawn(move || {
                 let req = Request::new("POST", "/api/auth/login")
                     .header("X-Forwarded-For", &format!("198.51.100.{}", 100 + i))
                     .json(&json!({"email": "race@race.test", "password": format!("wrong guess {i:03}")}));
                 barrier.wait();
-                req.send(port).expect("login").status
+                client.send(req).status
             })
         })
         .collect();
@@ -1076,7 +1076,7 @@ fn all_audit(s: &Server, admin: &str) -> Vec<Value> {
 
 /// Sends `reqs` from `threads` threads at once; the statuses, in order.
 fn flood(s: &Server, reqs: Vec<Request>, threads: usize) -> Vec<u16> {
-    let port = s.port;
+    let client = s.client();
     let chunk = reqs.len().div_ceil(threads);
     let mut parts: Vec<Vec<Request>> = Vec::new();
     let mut rest = reqs;
@@ -1088,9 +1088,10 @@ fn flood(s: &Server, reqs: Vec<Request>, threads: usize) -> Vec<u16> {
     let handles: Vec<_> = parts
         .into_iter()
         .map(|part| {
+            let client = client.clone();
             std::thread::spawn(move || {
                 part.into_iter()
-                    .map(|r| r.send(port).expect("request").status)
+                    .map(|r| client.send(r).status)
                     .collect::<Vec<u16>>()
             })
         })
