@@ -5,11 +5,13 @@
 //! must have (`store::suite`) and the record builders those tests use.
 
 pub mod http;
+pub mod scenario;
 pub mod server;
 #[cfg(feature = "store")]
 pub mod store;
 
 pub use http::{Client, HttpError, Request, Response};
+pub use scenario::Scenario;
 pub use serde_json::{Value, json};
 pub use server::{BootFailure, Server, Shared, base_env};
 

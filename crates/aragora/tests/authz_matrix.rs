@@ -24,9 +24,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aragora_testkit::{Request, Response, Server, Value, json};
+use aragora_testkit::{Request, Response, Scenario, Server, Value, json};
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
@@ -305,261 +306,359 @@ impl RoleUser {
     }
 }
 
-#[test]
-fn every_route_by_every_builtin_role() {
-    let s = start(&[]);
-    let (_, admin_key) = s.bootstrap_admin("root@matrix.test");
+/// The matrix on one server, in order (logout and revoke-all end sessions, so
+/// they run last); each step one behaviour, each with its test below.
+fn matrix() -> &'static Scenario {
+    static S: OnceLock<Scenario> = OnceLock::new();
+    S.get_or_init(|| {
+        let mut sc = Scenario::new();
+        run_matrix(&mut sc);
+        sc
+    })
+}
 
-    // The route table the server serves is the one it is built from.
-    let table = routes(&s);
-    let served: BTreeSet<(String, String, Option<String>)> = table
-        .iter()
-        .map(|r| (r.method.clone(), r.path.clone(), r.permission.clone()))
-        .collect();
-    let built: BTreeSet<(String, String, Option<String>)> = aragora::api::ROUTES
-        .iter()
-        .map(|r| {
-            (
-                r.method.to_string(),
-                r.path.to_string(),
-                r.permission.map(str::to_string),
-            )
-        })
-        .collect();
-    assert_eq!(served, built, "/api/routes differs from api::ROUTES");
+aragora_testkit::scenario_tests!(mod route_matrix = matrix;
+    the_route_table_is_served_to_anyone,
+    the_served_route_table_is_the_one_the_server_is_built_from,
+    every_permission_a_route_names_is_catalogued,
+    the_served_builtin_roles_are_the_catalogues_eight,
+    a_user_of_every_builtin_role_gets_a_jwt_and_an_api_key,
+    anonymous_gets_answer_and_protected_routes_refuse_a_missing_credential,
+    each_role_is_refused_exactly_the_permissions_it_lacks_naming_them,
+    logout_ends_the_callers_own_session,
+    revoke_all_is_refused_to_roles_without_its_permission,
+    every_route_and_role_pair_was_called,
+    every_denial_is_audited_with_its_permission,
+    denial_entries_carry_outcome_path_and_method,
+    a_sensitive_denial_is_audited_with_role_sensitivity_and_path,
+    denials_are_counted_per_permission_and_role,
+    the_audit_chain_verifies_after_the_matrix,
+);
 
-    // Every permission a route names is catalogued.
-    let r = s.get("/api/security/rbac/permissions", &admin_key);
-    assert_eq!(r.status, 200, "{}", r.body);
-    let catalogue: BTreeSet<String> = r
-        .json()
-        .as_array()
-        .expect("permissions array")
-        .iter()
-        .map(|p| p["name"].as_str().expect("name").to_string())
-        .collect();
-    for route in &table {
-        if let Some(p) = &route.permission {
-            assert!(
-                catalogue.contains(p),
-                "{} {} names uncatalogued {p}",
-                route.method,
-                route.path
-            );
-        }
-    }
+fn run_matrix(sc: &mut Scenario) {
+    let Some((s, admin_key, table)) = sc.step("the_route_table_is_served_to_anyone", || {
+        let s = start(&[]);
+        let (_, admin_key) = s.bootstrap_admin("root@matrix.test");
+        let table = routes(&s);
+        (s, admin_key, table)
+    }) else {
+        return;
+    };
 
-    // The built-in roles as the API serves them (and as the catalogue defines them).
-    let r = s.get("/api/security/rbac/roles", &admin_key);
-    assert_eq!(r.status, 200, "{}", r.body);
-    let served_roles: BTreeMap<String, Vec<String>> = r
-        .json()
-        .as_array()
-        .expect("roles array")
-        .iter()
-        .filter(|r| r["builtin"] == true)
-        .map(|r| {
-            let perms = r["permissions"]
-                .as_array()
-                .expect("permissions")
+    sc.step(
+        "the_served_route_table_is_the_one_the_server_is_built_from",
+        || {
+            let served: BTreeSet<(String, String, Option<String>)> = table
                 .iter()
-                .map(|p| p.as_str().expect("permission").to_string())
+                .map(|r| (r.method.clone(), r.path.clone(), r.permission.clone()))
                 .collect();
-            (r["name"].as_str().expect("name").to_string(), perms)
-        })
-        .collect();
-    let catalogue_roles: BTreeMap<String, Vec<String>> = aragora::rbac::catalogue::BUILTIN_ROLES
-        .iter()
-        .map(|r| {
-            (
-                r.name.to_string(),
-                r.permissions.iter().map(|p| p.to_string()).collect(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        served_roles, catalogue_roles,
-        "served built-in roles differ from the catalogue"
+            let built: BTreeSet<(String, String, Option<String>)> = aragora::api::ROUTES
+                .iter()
+                .map(|r| {
+                    (
+                        r.method.to_string(),
+                        r.path.to_string(),
+                        r.permission.map(str::to_string),
+                    )
+                })
+                .collect();
+            assert_eq!(served, built, "/api/routes differs from api::ROUTES");
+        },
     );
-    assert_eq!(served_roles.len(), 8, "eight built-in roles");
+
+    sc.step("every_permission_a_route_names_is_catalogued", || {
+        let r = s.get("/api/security/rbac/permissions", &admin_key);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let catalogue: BTreeSet<String> = r
+            .json()
+            .as_array()
+            .expect("permissions array")
+            .iter()
+            .map(|p| p["name"].as_str().expect("name").to_string())
+            .collect();
+        for route in &table {
+            if let Some(p) = &route.permission {
+                assert!(
+                    catalogue.contains(p),
+                    "{} {} names uncatalogued {p}",
+                    route.method,
+                    route.path
+                );
+            }
+        }
+    });
+
+    let Some(served_roles) = sc.step("the_served_builtin_roles_are_the_catalogues_eight", || {
+        let r = s.get("/api/security/rbac/roles", &admin_key);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let served_roles: BTreeMap<String, Vec<String>> = r
+            .json()
+            .as_array()
+            .expect("roles array")
+            .iter()
+            .filter(|r| r["builtin"] == true)
+            .map(|r| {
+                let perms = r["permissions"]
+                    .as_array()
+                    .expect("permissions")
+                    .iter()
+                    .map(|p| p.as_str().expect("permission").to_string())
+                    .collect();
+                (r["name"].as_str().expect("name").to_string(), perms)
+            })
+            .collect();
+        let catalogue_roles: BTreeMap<String, Vec<String>> =
+            aragora::rbac::catalogue::BUILTIN_ROLES
+                .iter()
+                .map(|r| {
+                    (
+                        r.name.to_string(),
+                        r.permissions.iter().map(|p| p.to_string()).collect(),
+                    )
+                })
+                .collect();
+        assert_eq!(
+            served_roles, catalogue_roles,
+            "served built-in roles differ from the catalogue"
+        );
+        assert_eq!(served_roles.len(), 8, "eight built-in roles");
+        served_roles
+    }) else {
+        return;
+    };
 
     // One user per role (created and logged in concurrently: argon2 dominates),
     // each with a JWT and an API key.
-    let users: Vec<RoleUser> = std::thread::scope(|scope| {
-        let handles: Vec<_> = served_roles
-            .iter()
-            .map(|(role, perms)| {
-                let (s, admin_key) = (&s, &admin_key);
-                scope.spawn(move || {
-                    let (id, token, _) =
-                        user_with_token(s, admin_key, &format!("{role}@matrix.test"), &[role]);
-                    let k = s.post(
-                        &format!("/api/admin/users/{id}/api-keys"),
-                        admin_key,
-                        &json!({"name": "matrix"}),
-                    );
-                    assert_eq!(k.status, 201, "api key for {role}: {}", k.body);
-                    RoleUser {
-                        role: role.clone(),
-                        id,
-                        token,
-                        api_key: k.json()["token"].as_str().expect("token").to_string(),
-                        permissions: perms.clone(),
-                    }
-                })
+    let Some(users) = sc.step(
+        "a_user_of_every_builtin_role_gets_a_jwt_and_an_api_key",
+        || {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = served_roles
+                    .iter()
+                    .map(|(role, perms)| {
+                        let (s, admin_key) = (&s, &admin_key);
+                        scope.spawn(move || {
+                            let (id, token, _) = user_with_token(
+                                s,
+                                admin_key,
+                                &format!("{role}@matrix.test"),
+                                &[role],
+                            );
+                            let k = s.post(
+                                &format!("/api/admin/users/{id}/api-keys"),
+                                admin_key,
+                                &json!({"name": "matrix"}),
+                            );
+                            assert_eq!(k.status, 201, "api key for {role}: {}", k.body);
+                            RoleUser {
+                                role: role.clone(),
+                                id,
+                                token,
+                                api_key: k.json()["token"].as_str().expect("token").to_string(),
+                                permissions: perms.clone(),
+                            }
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("user setup"))
+                    .collect::<Vec<RoleUser>>()
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("user setup"))
-            .collect()
-    });
+        },
+    ) else {
+        return;
+    };
 
-    let mut problems = Vec::new();
     let mut calls = 0usize;
     let mut expected_denials: BTreeSet<(String, String)> = BTreeSet::new();
     let protected: Vec<&Route> = table.iter().filter(|r| r.permission.is_some()).collect();
-    assert!(
-        protected.len() >= 30,
-        "only {} protected routes",
-        protected.len()
+
+    sc.step(
+        "anonymous_gets_answer_and_protected_routes_refuse_a_missing_credential",
+        || {
+            let mut problems = Vec::new();
+            for route in &table {
+                let mut req = Request::new(&route.method, &concrete_path(&route.path));
+                if let Some(b) = placeholder_body(&route.method, &route.path) {
+                    req = req.json(&b);
+                }
+                let r = s.send(req);
+                match &route.permission {
+                    None if route.method == "GET" && r.status != 200 => {
+                        problems.push(format!(
+                            "anonymous {} {}: {} {}",
+                            route.method, route.path, r.status, r.body
+                        ));
+                    }
+                    Some(_) if r.status != 401 || !r.body.contains("\"missing\"") => {
+                        problems.push(format!(
+                            "no credential on {} {}: expected 401 missing, got {} {}",
+                            route.method, route.path, r.status, r.body
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            assert!(problems.is_empty(), "{}", problems.join("\n"));
+        },
     );
 
-    // Anonymous routes answer without a credential; every protected one refuses.
-    for route in &table {
-        let mut req = Request::new(&route.method, &concrete_path(&route.path));
-        if let Some(b) = placeholder_body(&route.method, &route.path) {
-            req = req.json(&b);
-        }
-        let r = s.send(req);
-        match &route.permission {
-            None if route.method == "GET" && r.status != 200 => {
-                problems.push(format!(
-                    "anonymous {} {}: {} {}",
-                    route.method, route.path, r.status, r.body
-                ));
+    sc.step(
+        "each_role_is_refused_exactly_the_permissions_it_lacks_naming_them",
+        || {
+            assert!(
+                protected.len() >= 30,
+                "only {} protected routes",
+                protected.len()
+            );
+            let mut problems = Vec::new();
+            for route in protected.iter().filter(|r| !is_deferred(r)) {
+                let permission = route.permission.as_deref().expect("protected");
+                for u in &users {
+                    let allowed = u.holds(permission);
+                    let r = s.send(matrix_request(route, &u.token));
+                    if !allowed {
+                        expected_denials.insert((u.id.clone(), permission.to_string()));
+                    }
+                    calls += 1;
+                    problems.extend(check_call(&u.role, route, permission, allowed, &r));
+                }
             }
-            Some(_) if r.status != 401 || !r.body.contains("\"missing\"") => {
-                problems.push(format!(
-                    "no credential on {} {}: expected 401 missing, got {} {}",
-                    route.method, route.path, r.status, r.body
-                ));
-            }
-            _ => {}
-        }
-    }
-
-    for route in protected.iter().filter(|r| !is_deferred(r)) {
-        let permission = route.permission.as_deref().expect("protected");
-        for u in &users {
-            let allowed = u.holds(permission);
-            let r = s.send(matrix_request(route, &u.token));
-            if !allowed {
-                expected_denials.insert((u.id.clone(), permission.to_string()));
-            }
-            calls += 1;
-            problems.extend(check_call(&u.role, route, permission, allowed, &r));
-        }
-    }
+            assert!(
+                problems.is_empty(),
+                "{} problems:\n{}",
+                problems.len(),
+                problems.join("\n")
+            );
+        },
+    );
 
     // Logout (every role holds self.read): the caller's own session ends.
-    for route in protected.iter().filter(|r| r.path == "/api/auth/logout") {
-        let permission = route.permission.as_deref().expect("protected");
-        for u in &users {
-            let allowed = u.holds(permission);
-            let r = s.send(matrix_request(route, &u.token));
-            if !allowed {
-                expected_denials.insert((u.id.clone(), permission.to_string()));
-            }
-            calls += 1;
-            problems.extend(check_call(&u.role, route, permission, allowed, &r));
-            if allowed && r.status == 204 {
-                let me = s.get("/api/auth/me", &u.token);
-                if me.status != 401 || !me.body.contains("\"revoked\"") {
-                    problems.push(format!(
-                        "{} after logout: {} {}",
-                        u.role, me.status, me.body
-                    ));
+    sc.step("logout_ends_the_callers_own_session", || {
+        let mut problems = Vec::new();
+        for route in protected.iter().filter(|r| r.path == "/api/auth/logout") {
+            let permission = route.permission.as_deref().expect("protected");
+            for u in &users {
+                let allowed = u.holds(permission);
+                let r = s.send(matrix_request(route, &u.token));
+                if !allowed {
+                    expected_denials.insert((u.id.clone(), permission.to_string()));
+                }
+                calls += 1;
+                problems.extend(check_call(&u.role, route, permission, allowed, &r));
+                if allowed && r.status == 204 {
+                    let me = s.get("/api/auth/me", &u.token);
+                    if me.status != 401 || !me.body.contains("\"revoked\"") {
+                        problems.push(format!(
+                            "{} after logout: {} {}",
+                            u.role, me.status, me.body
+                        ));
+                    }
                 }
             }
         }
-    }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    });
 
     // Revoke-all last, with API keys (which it leaves valid), denied roles first.
-    for route in protected
-        .iter()
-        .filter(|r| r.path == "/api/admin/sessions/revoke-all")
-    {
-        let permission = route.permission.as_deref().expect("protected");
-        let mut ordered: Vec<&RoleUser> = users.iter().collect();
-        ordered.sort_by_key(|u| u.holds(permission));
-        for u in ordered {
-            let allowed = u.holds(permission);
-            let r = s.send(matrix_request(route, &u.api_key));
-            if !allowed {
-                expected_denials.insert((u.id.clone(), permission.to_string()));
+    sc.step(
+        "revoke_all_is_refused_to_roles_without_its_permission",
+        || {
+            let mut problems = Vec::new();
+            for route in protected
+                .iter()
+                .filter(|r| r.path == "/api/admin/sessions/revoke-all")
+            {
+                let permission = route.permission.as_deref().expect("protected");
+                let mut ordered: Vec<&RoleUser> = users.iter().collect();
+                ordered.sort_by_key(|u| u.holds(permission));
+                for u in ordered {
+                    let allowed = u.holds(permission);
+                    let r = s.send(matrix_request(route, &u.api_key));
+                    if !allowed {
+                        expected_denials.insert((u.id.clone(), permission.to_string()));
+                    }
+                    calls += 1;
+                    problems.extend(check_call(&u.role, route, permission, allowed, &r));
+                }
             }
-            calls += 1;
-            problems.extend(check_call(&u.role, route, permission, allowed, &r));
-        }
-    }
-    assert_eq!(
-        calls,
-        protected.len() * users.len(),
-        "every (route, role) pair called"
-    );
-    assert!(
-        problems.is_empty(),
-        "{} problems:\n{}",
-        problems.len(),
-        problems.join("\n")
+            assert!(problems.is_empty(), "{}", problems.join("\n"));
+        },
     );
 
-    // Every denial is audited with the permission, and counted.
-    let denials = audit(&s, &admin_key, "permission_denied");
-    let audited: BTreeSet<(String, String)> = denials
-        .iter()
-        .map(|e| {
-            (
-                e["actor"].as_str().unwrap_or_default().to_string(),
-                e["details"]["permission"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        })
-        .collect();
-    let missing: Vec<_> = expected_denials.difference(&audited).collect();
-    assert!(missing.is_empty(), "denials not audited: {missing:?}");
-    assert!(
-        denials.iter().all(|e| e["outcome"] == "denied"
-            && e["details"]["path"].as_str().is_some()
-            && e["details"]["method"].as_str().is_some()),
-        "denial entries lack outcome/path/method"
+    sc.step("every_route_and_role_pair_was_called", || {
+        assert_eq!(
+            calls,
+            protected.len() * users.len(),
+            "every (route, role) pair called"
+        );
+    });
+
+    let Some(denials) = sc.step("every_denial_is_audited_with_its_permission", || {
+        let denials = audit(&s, &admin_key, "permission_denied");
+        let audited: BTreeSet<(String, String)> = denials
+            .iter()
+            .map(|e| {
+                (
+                    e["actor"].as_str().unwrap_or_default().to_string(),
+                    e["details"]["permission"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect();
+        let missing: Vec<_> = expected_denials.difference(&audited).collect();
+        assert!(missing.is_empty(), "denials not audited: {missing:?}");
+        denials
+    }) else {
+        return;
+    };
+
+    sc.step("denial_entries_carry_outcome_path_and_method", || {
+        assert!(
+            denials.iter().all(|e| e["outcome"] == "denied"
+                && e["details"]["path"].as_str().is_some()
+                && e["details"]["method"].as_str().is_some()),
+            "denial entries lack outcome/path/method"
+        );
+    });
+
+    sc.step(
+        "a_sensitive_denial_is_audited_with_role_sensitivity_and_path",
+        || {
+            let viewer = users.iter().find(|u| u.role == "viewer").expect("viewer");
+            assert!(
+                denials.iter().any(|e| e["actor"] == viewer.id.as_str()
+                    && e["details"]["permission"] == "audit.read"
+                    && e["details"]["role"] == "viewer"
+                    && e["details"]["sensitive"] == true
+                    && e["details"]["path"] == "/api/security/audit/search"),
+                "viewer's audit.read denial not audited with role, sensitivity and path"
+            );
+        },
     );
-    let viewer = users.iter().find(|u| u.role == "viewer").expect("viewer");
-    assert!(
-        denials.iter().any(|e| e["actor"] == viewer.id.as_str()
-            && e["details"]["permission"] == "audit.read"
-            && e["details"]["role"] == "viewer"
-            && e["details"]["sensitive"] == true
-            && e["details"]["path"] == "/api/security/audit/search"),
-        "viewer's audit.read denial not audited with role, sensitivity and path"
-    );
-    assert!(
-        metric(
-            &s,
-            "aragora_security_rbac_denied_total{permission=\"audit.read\",role=\"viewer\"}"
-        ) >= 1.0
-    );
-    let r = s.get("/api/security/audit/verify", &admin_key);
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        r.json()["ok"],
-        true,
-        "audit chain after the matrix: {}",
-        r.body
-    );
+
+    sc.step("denials_are_counted_per_permission_and_role", || {
+        assert!(
+            metric(
+                &s,
+                "aragora_security_rbac_denied_total{permission=\"audit.read\",role=\"viewer\"}"
+            ) >= 1.0
+        );
+    });
+
+    sc.step("the_audit_chain_verifies_after_the_matrix", || {
+        let r = s.get("/api/security/audit/verify", &admin_key);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            r.json()["ok"],
+            true,
+            "audit chain after the matrix: {}",
+            r.body
+        );
+    });
 }
 
 // ---------------------------------------------------------------------------
