@@ -1599,449 +1599,550 @@ fn assert_ceiling_denials_audited(s: &Server, admin: &str, expected: &[CeilingDe
 /// revocation, bulk lock), itself excepted; every refusal is a 403 naming the
 /// missing grant, audited as `permission_denied` with `details.reason ==
 /// "privilege_ceiling"`, the action and the target.
-#[test]
-fn privilege_ceilings() {
-    let s = start(&[]);
-    let root_email = "root@ceiling.test";
-    let (admin_id, admin_key) = s.bootstrap_admin(root_email);
+/// Privilege ceilings on one server, in order (roles and users made by one
+/// step are the subjects of the next); each step one behaviour.
+fn ceilings() -> &'static Scenario {
+    static S: OnceLock<Scenario> = OnceLock::new();
+    S.get_or_init(|| {
+        let mut sc = Scenario::new();
+        run_ceilings(&mut sc);
+        sc
+    })
+}
 
-    // The admin (which holds `*`) defines any role.
-    let role_admin = [
-        "rbac.read",
-        "roles.manage",
-        "secrets.read:team-a/",
-        "self.read",
-    ];
-    for (name, perms) in [
-        ("role_admin", &role_admin[..]),
+aragora_testkit::scenario_tests!(mod privilege_ceilings = ceilings;
+    an_admin_holding_star_defines_any_role,
+    a_role_author_grants_only_what_it_holds,
+    a_path_scope_includes_only_narrower_paths_under_it,
+    redefining_or_deleting_a_role_needs_its_current_grants,
+    an_author_narrows_its_own_role_within_its_grants,
+    a_user_administrator_cannot_give_itself_roles_beyond_its_grants,
+    a_user_administrator_has_no_way_into_the_admins_account,
+    users_are_created_only_with_roles_within_the_callers_grants,
+    a_role_is_assigned_only_within_the_callers_and_the_targets_grants,
+    acting_on_oneself_is_not_limited_by_the_ceiling,
+    a_security_lead_cannot_act_on_the_admin,
+    a_security_lead_cannot_act_on_a_user_administrator,
+    a_security_lead_acts_on_accounts_within_its_grants,
+    every_ceiling_refusal_is_audited_with_reason_action_and_target,
+    the_audit_chain_verifies_after_the_ceiling_refusals,
+);
+
+fn run_ceilings(sc: &mut Scenario) {
+    let Some((
+        s,
+        root_email,
+        admin_id,
+        admin_key,
+        role_admin,
+        r_id,
+        r_key,
+        u_id,
+        u_key,
+        l_id,
+        l_key,
+        m_id,
+        v_id,
+        a_id,
+    )) = sc.step("an_admin_holding_star_defines_any_role", || {
+        let s = start(&[]);
+        let root_email = "root@ceiling.test";
+        let (admin_id, admin_key) = s.bootstrap_admin(root_email);
+
+        // The admin (which holds `*`) defines any role.
+        let role_admin = [
+            "rbac.read",
+            "roles.manage",
+            "secrets.read:team-a/",
+            "self.read",
+        ];
+        for (name, perms) in [
+            ("role_admin", &role_admin[..]),
+            (
+                "user_admin",
+                &["users.manage", "users.read", "self.read"][..],
+            ),
+            ("auditor", &["audit.read", "self.read"][..]),
+        ] {
+            let r = put_role(&s, &admin_key, name, perms);
+            assert_eq!(r.status, 201, "admin creates {name}: {}", r.body);
+        }
+        let (r_id, r_key) = user_with_key(&s, &admin_key, "roles@ceiling.test", &["role_admin"]);
+        let (u_id, u_key) = user_with_key(&s, &admin_key, "users@ceiling.test", &["user_admin"]);
+        let (l_id, l_key) = user_with_key(&s, &admin_key, "lead@ceiling.test", &["security_lead"]);
+        let (m_id, _) = user_with_key(&s, &admin_key, "member@ceiling.test", &["member"]);
+        let (v_id, _) = user_with_key(&s, &admin_key, "viewer@ceiling.test", &["viewer"]);
+        let (a_id, _) = user_with_key(
+            &s,
+            &admin_key,
+            "analyst@ceiling.test",
+            &["security_analyst"],
+        );
+
         (
-            "user_admin",
-            &["users.manage", "users.read", "self.read"][..],
-        ),
-        ("auditor", &["audit.read", "self.read"][..]),
-    ] {
-        let r = put_role(&s, &admin_key, name, perms);
-        assert_eq!(r.status, 201, "admin creates {name}: {}", r.body);
-    }
-    let (r_id, r_key) = user_with_key(&s, &admin_key, "roles@ceiling.test", &["role_admin"]);
-    let (u_id, u_key) = user_with_key(&s, &admin_key, "users@ceiling.test", &["user_admin"]);
-    let (l_id, l_key) = user_with_key(&s, &admin_key, "lead@ceiling.test", &["security_lead"]);
-    let (m_id, _) = user_with_key(&s, &admin_key, "member@ceiling.test", &["member"]);
-    let (v_id, _) = user_with_key(&s, &admin_key, "viewer@ceiling.test", &["viewer"]);
-    let (a_id, _) = user_with_key(
-        &s,
-        &admin_key,
-        "analyst@ceiling.test",
-        &["security_analyst"],
+            s, root_email, admin_id, admin_key, role_admin, r_id, r_key, u_id, u_key, l_id, l_key,
+            m_id, v_id, a_id,
+        )
+    })
+    else {
+        return;
+    };
+    sc.step("a_role_author_grants_only_what_it_holds", || {
+        // --- roles.manage: a role holds only what its author holds. ---
+        let r = put_role(&s, &r_key, "role_admin", &["*"]);
+        assert_denied(&r, "*", "roles.manage widening its own role to *");
+        let mut held: Vec<String> = role_admin.iter().map(|p| p.to_string()).collect();
+        held.sort();
+        assert_eq!(
+            role_grants(&s, &r_key, "role_admin"),
+            Some(held),
+            "the refused update changed the role"
+        );
+        let mut widened = role_admin.to_vec();
+        widened.push("users.manage");
+        let r = put_role(&s, &r_key, "role_admin", &widened);
+        assert_denied(
+            &r,
+            "users.manage",
+            "roles.manage adding users.manage to its own role",
+        );
+        let r = put_role(&s, &r_key, "rotator", &["self.read", "encryption.rotate"]);
+        assert_denied(
+            &r,
+            "encryption.rotate",
+            "role with a grant the author lacks",
+        );
+        assert_eq!(
+            role_grants(&s, &r_key, "rotator"),
+            None,
+            "refused role exists"
+        );
+    });
+    sc.step("a_path_scope_includes_only_narrower_paths_under_it", || {
+        // Path scopes: `P:a/` includes `P:a/b/` and nothing wider or elsewhere.
+        for (grant, missing) in [
+            ("secrets.read:team-b/", "secrets.read:team-b/"),
+            ("secrets.read:team", "secrets.read:team"),
+            ("secrets.read:*", "secrets.read:*"),
+            ("secrets.read", "secrets.read"),
+            ("secrets.list:team-a/", "secrets.list:team-a/"),
+        ] {
+            let r = put_role(&s, &r_key, "scoped", &["rbac.read", grant]);
+            assert_denied(&r, missing, &format!("role with {grant}"));
+        }
+        let r = put_role(
+            &s,
+            &r_key,
+            "team_a_db",
+            &["rbac.read", "secrets.read:team-a/db/", "self.read"],
+        );
+        assert_eq!(r.status, 201, "role within the author's grants: {}", r.body);
+        assert_eq!(
+            r.json()["permissions"],
+            json!(["rbac.read", "secrets.read:team-a/db/", "self.read"])
+        );
+    });
+    sc.step(
+        "redefining_or_deleting_a_role_needs_its_current_grants",
+        || {
+            // Redefining or deleting a role needs its current grants too.
+            let r = put_role(&s, &r_key, "auditor", &["self.read"]);
+            assert_denied(
+                &r,
+                "audit.read",
+                "narrowing a role beyond the author's reach",
+            );
+            assert_eq!(
+                role_grants(&s, &r_key, "auditor"),
+                Some(vec!["audit.read".to_string(), "self.read".to_string()])
+            );
+            let r = delete(&s, "/api/admin/roles/auditor", &r_key);
+            assert_denied(
+                &r,
+                "audit.read",
+                "deleting a role beyond the author's reach",
+            );
+            assert!(role_grants(&s, &r_key, "auditor").is_some());
+            let r = delete(&s, "/api/admin/roles/team_a_db", &r_key);
+            assert_eq!(r.status, 204, "deleting a role within reach: {}", r.body);
+        },
     );
-
-    // --- roles.manage: a role holds only what its author holds. ---
-    let r = put_role(&s, &r_key, "role_admin", &["*"]);
-    assert_denied(&r, "*", "roles.manage widening its own role to *");
-    let mut held: Vec<String> = role_admin.iter().map(|p| p.to_string()).collect();
-    held.sort();
-    assert_eq!(
-        role_grants(&s, &r_key, "role_admin"),
-        Some(held),
-        "the refused update changed the role"
+    sc.step("an_author_narrows_its_own_role_within_its_grants", || {
+        // The author narrows its own role (within its grants).
+        let r = put_role(
+            &s,
+            &r_key,
+            "role_admin",
+            &["rbac.read", "roles.manage", "self.read"],
+        );
+        assert_eq!(r.status, 201, "narrowing its own role: {}", r.body);
+        let r = put_role(&s, &r_key, "team_a_db", &["secrets.read:team-a/db/"]);
+        assert_denied(
+            &r,
+            "secrets.read:team-a/db/",
+            "a grant given up by narrowing",
+        );
+    });
+    sc.step(
+        "a_user_administrator_cannot_give_itself_roles_beyond_its_grants",
+        || {
+            // --- users.manage: the user administrator. ---
+            let r = s.post(
+                &format!("/api/admin/users/{u_id}/roles"),
+                &u_key,
+                &json!({"role": "admin"}),
+            );
+            assert_denied(&r, "*", "users.manage adding admin to itself");
+            let r = s.post(
+                &format!("/api/admin/users/{u_id}/roles"),
+                &u_key,
+                &json!({"role": "auditor"}),
+            );
+            assert_denied(&r, "audit.read", "users.manage adding auditor to itself");
+            assert_eq!(
+                user_view(&s, &admin_key, &u_id)["roles"],
+                json!(["user_admin"]),
+                "refused role assignments changed the roles"
+            );
+        },
     );
-    let mut widened = role_admin.to_vec();
-    widened.push("users.manage");
-    let r = put_role(&s, &r_key, "role_admin", &widened);
-    assert_denied(
-        &r,
-        "users.manage",
-        "roles.manage adding users.manage to its own role",
+    sc.step(
+        "a_user_administrator_has_no_way_into_the_admins_account",
+        || {
+            // No way into the admin's account.
+            let r = s.post(
+                &format!("/api/admin/users/{admin_id}/api-keys"),
+                &u_key,
+                &json!({"name": "backdoor"}),
+            );
+            assert_denied(&r, "*", "users.manage minting a key for the admin");
+            let r = s.post(
+                &format!("/api/admin/users/{admin_id}/password"),
+                &u_key,
+                &json!({"password": PASSWORD}),
+            );
+            assert_denied(&r, "*", "users.manage resetting the admin's password");
+            assert_eq!(
+                user_view(&s, &admin_key, &admin_id)["has_password"],
+                false,
+                "the refused reset set a password"
+            );
+            let r = delete(
+                &s,
+                &format!("/api/admin/users/{admin_id}/roles/admin"),
+                &u_key,
+            );
+            assert_denied(&r, "*", "users.manage removing the admin's role");
+            let keys = s.get(&format!("/api/admin/users/{admin_id}/sessions"), &u_key);
+            assert_eq!(keys.status, 200, "{}", keys.body);
+            assert_eq!(
+                keys.json()["api_keys"].as_array().map(Vec::len),
+                Some(1),
+                "only the bootstrap key: {}",
+                keys.body
+            );
+        },
     );
-    let r = put_role(&s, &r_key, "rotator", &["self.read", "encryption.rotate"]);
-    assert_denied(
-        &r,
-        "encryption.rotate",
-        "role with a grant the author lacks",
-    );
-    assert_eq!(
-        role_grants(&s, &r_key, "rotator"),
-        None,
-        "refused role exists"
-    );
-    // Path scopes: `P:a/` includes `P:a/b/` and nothing wider or elsewhere.
-    for (grant, missing) in [
-        ("secrets.read:team-b/", "secrets.read:team-b/"),
-        ("secrets.read:team", "secrets.read:team"),
-        ("secrets.read:*", "secrets.read:*"),
-        ("secrets.read", "secrets.read"),
-        ("secrets.list:team-a/", "secrets.list:team-a/"),
-    ] {
-        let r = put_role(&s, &r_key, "scoped", &["rbac.read", grant]);
-        assert_denied(&r, missing, &format!("role with {grant}"));
-    }
-    let r = put_role(
-        &s,
-        &r_key,
-        "team_a_db",
-        &["rbac.read", "secrets.read:team-a/db/", "self.read"],
-    );
-    assert_eq!(r.status, 201, "role within the author's grants: {}", r.body);
-    assert_eq!(
-        r.json()["permissions"],
-        json!(["rbac.read", "secrets.read:team-a/db/", "self.read"])
-    );
-    // Redefining or deleting a role needs its current grants too.
-    let r = put_role(&s, &r_key, "auditor", &["self.read"]);
-    assert_denied(
-        &r,
-        "audit.read",
-        "narrowing a role beyond the author's reach",
-    );
-    assert_eq!(
-        role_grants(&s, &r_key, "auditor"),
-        Some(vec!["audit.read".to_string(), "self.read".to_string()])
-    );
-    let r = delete(&s, "/api/admin/roles/auditor", &r_key);
-    assert_denied(
-        &r,
-        "audit.read",
-        "deleting a role beyond the author's reach",
-    );
-    assert!(role_grants(&s, &r_key, "auditor").is_some());
-    let r = delete(&s, "/api/admin/roles/team_a_db", &r_key);
-    assert_eq!(r.status, 204, "deleting a role within reach: {}", r.body);
-    // The author narrows its own role (within its grants).
-    let r = put_role(
-        &s,
-        &r_key,
-        "role_admin",
-        &["rbac.read", "roles.manage", "self.read"],
-    );
-    assert_eq!(r.status, 201, "narrowing its own role: {}", r.body);
-    let r = put_role(&s, &r_key, "team_a_db", &["secrets.read:team-a/db/"]);
-    assert_denied(
-        &r,
-        "secrets.read:team-a/db/",
-        "a grant given up by narrowing",
-    );
-
-    // --- users.manage: the user administrator. ---
-    let r = s.post(
-        &format!("/api/admin/users/{u_id}/roles"),
-        &u_key,
-        &json!({"role": "admin"}),
-    );
-    assert_denied(&r, "*", "users.manage adding admin to itself");
-    let r = s.post(
-        &format!("/api/admin/users/{u_id}/roles"),
-        &u_key,
-        &json!({"role": "auditor"}),
-    );
-    assert_denied(&r, "audit.read", "users.manage adding auditor to itself");
-    assert_eq!(
-        user_view(&s, &admin_key, &u_id)["roles"],
-        json!(["user_admin"]),
-        "refused role assignments changed the roles"
-    );
-    // No way into the admin's account.
-    let r = s.post(
-        &format!("/api/admin/users/{admin_id}/api-keys"),
-        &u_key,
-        &json!({"name": "backdoor"}),
-    );
-    assert_denied(&r, "*", "users.manage minting a key for the admin");
-    let r = s.post(
-        &format!("/api/admin/users/{admin_id}/password"),
-        &u_key,
-        &json!({"password": PASSWORD}),
-    );
-    assert_denied(&r, "*", "users.manage resetting the admin's password");
-    assert_eq!(
-        user_view(&s, &admin_key, &admin_id)["has_password"],
-        false,
-        "the refused reset set a password"
-    );
-    let r = delete(
-        &s,
-        &format!("/api/admin/users/{admin_id}/roles/admin"),
-        &u_key,
-    );
-    assert_denied(&r, "*", "users.manage removing the admin's role");
-    let keys = s.get(&format!("/api/admin/users/{admin_id}/sessions"), &u_key);
-    assert_eq!(keys.status, 200, "{}", keys.body);
-    assert_eq!(
-        keys.json()["api_keys"].as_array().map(Vec::len),
-        Some(1),
-        "only the bootstrap key: {}",
-        keys.body
-    );
-    // Creating users: only with roles within the caller's grants.
-    let r = s.post(
+    let made_id_opt = sc.step(
+        "users_are_created_only_with_roles_within_the_callers_grants",
+        || {
+            // Creating users: only with roles within the caller's grants.
+            let r = s.post(
         "/api/admin/users",
         &u_key,
         &json!({"email": "made-admin@ceiling.test", "password": PASSWORD, "roles": ["admin"]}),
     );
-    assert_denied(&r, "*", "users.manage creating an admin");
-    let r = s.post(
-        "/api/admin/users",
-        &u_key,
-        &json!({"email": "made-member@ceiling.test", "roles": ["viewer", "member"]}),
-    );
-    assert_denied(&r, "self.api_keys", "users.manage creating a member");
-    let listed = s.get("/api/admin/users?limit=1000", &admin_key);
-    for email in ["made-admin@ceiling.test", "made-member@ceiling.test"] {
-        assert!(
-            !listed.body.contains(email),
-            "refused user {email} was created"
-        );
-    }
-    let r = s.post(
+            assert_denied(&r, "*", "users.manage creating an admin");
+            let r = s.post(
+                "/api/admin/users",
+                &u_key,
+                &json!({"email": "made-member@ceiling.test", "roles": ["viewer", "member"]}),
+            );
+            assert_denied(&r, "self.api_keys", "users.manage creating a member");
+            let listed = s.get("/api/admin/users?limit=1000", &admin_key);
+            for email in ["made-admin@ceiling.test", "made-member@ceiling.test"] {
+                assert!(
+                    !listed.body.contains(email),
+                    "refused user {email} was created"
+                );
+            }
+            let r = s.post(
         "/api/admin/users",
         &u_key,
         &json!({"email": "made-viewer@ceiling.test", "password": PASSWORD, "roles": ["viewer"]}),
     );
-    assert_eq!(
-        r.status, 201,
-        "a user within the caller's grants: {}",
-        r.body
+            assert_eq!(
+                r.status, 201,
+                "a user within the caller's grants: {}",
+                r.body
+            );
+            let made_id = r.json()["id"].as_str().expect("id").to_string();
+            let r = s.post(
+                "/api/admin/users",
+                &u_key,
+                &json!({"email": "made-peer@ceiling.test", "roles": ["user_admin"]}),
+            );
+            assert_eq!(
+                r.status, 201,
+                "a peer with the caller's own role: {}",
+                r.body
+            );
+            made_id
+        },
     );
-    let made_id = r.json()["id"].as_str().expect("id").to_string();
-    let r = s.post(
-        "/api/admin/users",
-        &u_key,
-        &json!({"email": "made-peer@ceiling.test", "roles": ["user_admin"]}),
-    );
-    assert_eq!(
-        r.status, 201,
-        "a peer with the caller's own role: {}",
-        r.body
-    );
-    // Assigning a role: the role within the caller's grants, and the target's
-    // current grants too.
-    let r = s.post(
-        &format!("/api/admin/users/{m_id}/roles"),
-        &u_key,
-        &json!({"role": "viewer"}),
-    );
-    assert_denied(&r, "approvals.request", "assigning a role to a member");
-    let r = s.post(
-        &format!("/api/admin/users/{made_id}/roles"),
-        &u_key,
-        &json!({"role": "user_admin"}),
-    );
-    assert_eq!(r.status, 200, "assigning within the ceiling: {}", r.body);
-    assert_eq!(r.json()["roles"], json!(["user_admin", "viewer"]));
-    let r = delete(
-        &s,
-        &format!("/api/admin/users/{made_id}/roles/user_admin"),
-        &u_key,
-    );
-    assert_eq!(r.status, 200, "removing within the ceiling: {}", r.body);
-    let r = s.post(
-        &format!("/api/admin/users/{made_id}/password"),
-        &u_key,
-        &json!({"password": "another long enough password"}),
-    );
-    assert_eq!(r.status, 204, "resetting a viewer's password: {}", r.body);
-    let r = s.post(
-        &format!("/api/admin/users/{v_id}/api-keys"),
-        &u_key,
-        &json!({"name": "for a viewer"}),
-    );
-    assert_eq!(r.status, 201, "a key for a viewer: {}", r.body);
-    // Acting on oneself is not limited by the ceiling.
-    let r = s.post(
-        &format!("/api/admin/users/{u_id}/api-keys"),
-        &u_key,
-        &json!({"name": "my own"}),
-    );
-    assert_eq!(r.status, 201, "a key for oneself: {}", r.body);
-
-    // --- security_lead: holds users.disable & co., not `*`. ---
-    let admin_email = json!(root_email);
-    for (method, path, body) in [
-        ("POST", "disable", Some(json!({"reason": "ceiling test"}))),
-        ("POST", "enable", Some(json!({}))),
-        ("POST", "unlock", Some(json!({}))),
-        ("POST", "revoke-keys", Some(json!({}))),
-        ("POST", "sessions/revoke", Some(json!({}))),
-    ] {
-        let mut req =
-            Request::new(method, &format!("/api/admin/users/{admin_id}/{path}")).bearer(&l_key);
-        if let Some(b) = &body {
-            req = req.json(b);
-        }
-        assert_denied(
-            &s.send(req),
-            "*",
-            &format!("security_lead: {path} the admin"),
+    if let Some(made_id) = made_id_opt.clone() {
+        sc.step(
+            "a_role_is_assigned_only_within_the_callers_and_the_targets_grants",
+            || {
+                // Assigning a role: the role within the caller's grants, and the target's
+                // current grants too.
+                let r = s.post(
+                    &format!("/api/admin/users/{m_id}/roles"),
+                    &u_key,
+                    &json!({"role": "viewer"}),
+                );
+                assert_denied(&r, "approvals.request", "assigning a role to a member");
+                let r = s.post(
+                    &format!("/api/admin/users/{made_id}/roles"),
+                    &u_key,
+                    &json!({"role": "user_admin"}),
+                );
+                assert_eq!(r.status, 200, "assigning within the ceiling: {}", r.body);
+                assert_eq!(r.json()["roles"], json!(["user_admin", "viewer"]));
+                let r = delete(
+                    &s,
+                    &format!("/api/admin/users/{made_id}/roles/user_admin"),
+                    &u_key,
+                );
+                assert_eq!(r.status, 200, "removing within the ceiling: {}", r.body);
+                let r = s.post(
+                    &format!("/api/admin/users/{made_id}/password"),
+                    &u_key,
+                    &json!({"password": "another long enough password"}),
+                );
+                assert_eq!(r.status, 204, "resetting a viewer's password: {}", r.body);
+                let r = s.post(
+                    &format!("/api/admin/users/{v_id}/api-keys"),
+                    &u_key,
+                    &json!({"name": "for a viewer"}),
+                );
+                assert_eq!(r.status, 201, "a key for a viewer: {}", r.body);
+            },
         );
     }
-    let r = s.post(
-        "/api/admin/users/bulk-lock",
-        &l_key,
-        &json!({"emails": [root_email], "duration": "1h"}),
-    );
-    assert_denied(&r, "*", "security_lead bulk-locking the admin");
-    let admin_now = user_view(&s, &admin_key, &admin_id);
-    assert_eq!(admin_now["disabled"], false, "{admin_now}");
-    assert_eq!(admin_now["locked"], false, "{admin_now}");
-    assert_eq!(
-        s.get(ME, &admin_key).status,
-        200,
-        "the admin's key survived"
-    );
-    // Nor a user administrator (users.manage is beyond security_lead).
-    let r = s.post(
-        &format!("/api/admin/users/{u_id}/disable"),
-        &l_key,
-        &json!({"reason": "ceiling test"}),
-    );
-    assert_denied(&r, "users.manage", "security_lead disabling a user admin");
-    // Accounts within its grants: every built-in role but admin (viewer,
-    // security_analyst, member).
-    for id in [&v_id, &a_id, &m_id] {
+    sc.step("acting_on_oneself_is_not_limited_by_the_ceiling", || {
+        // Acting on oneself is not limited by the ceiling.
         let r = s.post(
-            &format!("/api/admin/users/{id}/disable"),
+            &format!("/api/admin/users/{u_id}/api-keys"),
+            &u_key,
+            &json!({"name": "my own"}),
+        );
+        assert_eq!(r.status, 201, "a key for oneself: {}", r.body);
+    });
+    sc.step("a_security_lead_cannot_act_on_the_admin", || {
+        // --- security_lead: holds users.disable & co., not `*`. ---
+        for (method, path, body) in [
+            ("POST", "disable", Some(json!({"reason": "ceiling test"}))),
+            ("POST", "enable", Some(json!({}))),
+            ("POST", "unlock", Some(json!({}))),
+            ("POST", "revoke-keys", Some(json!({}))),
+            ("POST", "sessions/revoke", Some(json!({}))),
+        ] {
+            let mut req =
+                Request::new(method, &format!("/api/admin/users/{admin_id}/{path}")).bearer(&l_key);
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            assert_denied(
+                &s.send(req),
+                "*",
+                &format!("security_lead: {path} the admin"),
+            );
+        }
+        let r = s.post(
+            "/api/admin/users/bulk-lock",
+            &l_key,
+            &json!({"emails": [root_email], "duration": "1h"}),
+        );
+        assert_denied(&r, "*", "security_lead bulk-locking the admin");
+        let admin_now = user_view(&s, &admin_key, &admin_id);
+        assert_eq!(admin_now["disabled"], false, "{admin_now}");
+        assert_eq!(admin_now["locked"], false, "{admin_now}");
+        assert_eq!(
+            s.get(ME, &admin_key).status,
+            200,
+            "the admin's key survived"
+        );
+    });
+    sc.step("a_security_lead_cannot_act_on_a_user_administrator", || {
+        // Nor a user administrator (users.manage is beyond security_lead).
+        let r = s.post(
+            &format!("/api/admin/users/{u_id}/disable"),
             &l_key,
             &json!({"reason": "ceiling test"}),
         );
-        assert_eq!(r.status, 200, "security_lead disabling {id}: {}", r.body);
-        assert_eq!(r.json()["disabled"], true);
-        let r = s.post(&format!("/api/admin/users/{id}/enable"), &l_key, &json!({}));
-        assert_eq!(r.status, 200, "security_lead enabling {id}: {}", r.body);
-        for path in ["unlock", "revoke-keys", "sessions/revoke"] {
-            let r = s.post(&format!("/api/admin/users/{id}/{path}"), &l_key, &json!({}));
-            assert_eq!(r.status, 200, "security_lead: {path} {id}: {}", r.body);
+        assert_denied(&r, "users.manage", "security_lead disabling a user admin");
+    });
+    sc.step("a_security_lead_acts_on_accounts_within_its_grants", || {
+        // Accounts within its grants: every built-in role but admin (viewer,
+        // security_analyst, member).
+        for id in [&v_id, &a_id, &m_id] {
+            let r = s.post(
+                &format!("/api/admin/users/{id}/disable"),
+                &l_key,
+                &json!({"reason": "ceiling test"}),
+            );
+            assert_eq!(r.status, 200, "security_lead disabling {id}: {}", r.body);
+            assert_eq!(r.json()["disabled"], true);
+            let r = s.post(&format!("/api/admin/users/{id}/enable"), &l_key, &json!({}));
+            assert_eq!(r.status, 200, "security_lead enabling {id}: {}", r.body);
+            for path in ["unlock", "revoke-keys", "sessions/revoke"] {
+                let r = s.post(&format!("/api/admin/users/{id}/{path}"), &l_key, &json!({}));
+                assert_eq!(r.status, 200, "security_lead: {path} {id}: {}", r.body);
+            }
         }
-    }
-    let r = s.post(
-        "/api/admin/users/bulk-lock",
-        &l_key,
-        &json!({"emails": ["analyst@ceiling.test"], "duration": "1h"}),
+        let r = s.post(
+            "/api/admin/users/bulk-lock",
+            &l_key,
+            &json!({"emails": ["analyst@ceiling.test"], "duration": "1h"}),
+        );
+        assert_eq!(
+            r.status, 200,
+            "security_lead bulk-locking an analyst: {}",
+            r.body
+        );
+    });
+    sc.step(
+        "every_ceiling_refusal_is_audited_with_reason_action_and_target",
+        || {
+            let admin_email = json!(root_email);
+            // Every refusal is audited with its reason, action and target.
+            let expected = [
+                CeilingDenial {
+                    actor: &r_id,
+                    permission: "*",
+                    action: "role_updated",
+                    target: ("target_role", json!("role_admin")),
+                },
+                CeilingDenial {
+                    actor: &r_id,
+                    permission: "encryption.rotate",
+                    action: "role_updated",
+                    target: ("target_role", json!("rotator")),
+                },
+                CeilingDenial {
+                    actor: &r_id,
+                    permission: "audit.read",
+                    action: "role_updated",
+                    target: ("target_role", json!("auditor")),
+                },
+                CeilingDenial {
+                    actor: &r_id,
+                    permission: "audit.read",
+                    action: "role_deleted",
+                    target: ("target_role", json!("auditor")),
+                },
+                CeilingDenial {
+                    actor: &u_id,
+                    permission: "*",
+                    action: "role_assigned",
+                    target: ("target_role", json!("admin")),
+                },
+                CeilingDenial {
+                    actor: &u_id,
+                    permission: "*",
+                    action: "role_assigned",
+                    target: ("target_user_id", json!(u_id)),
+                },
+                CeilingDenial {
+                    actor: &u_id,
+                    permission: "*",
+                    action: "api_key_create",
+                    target: ("target_user_id", json!(admin_id)),
+                },
+                CeilingDenial {
+                    actor: &u_id,
+                    permission: "*",
+                    action: "api_key_create",
+                    target: ("target_email", admin_email.clone()),
+                },
+                CeilingDenial {
+                    actor: &u_id,
+                    permission: "*",
+                    action: "password_set",
+                    target: ("target_user_id", json!(admin_id)),
+                },
+                CeilingDenial {
+                    actor: &u_id,
+                    permission: "*",
+                    action: "role_removed",
+                    target: ("target_user_id", json!(admin_id)),
+                },
+                CeilingDenial {
+                    actor: &u_id,
+                    permission: "*",
+                    action: "user_created",
+                    target: ("target_email", json!("made-admin@ceiling.test")),
+                },
+                CeilingDenial {
+                    actor: &u_id,
+                    permission: "approvals.request",
+                    action: "role_assigned",
+                    target: ("target_user_id", json!(m_id)),
+                },
+                CeilingDenial {
+                    actor: &l_id,
+                    permission: "*",
+                    action: "user_disabled",
+                    target: ("target_user_id", json!(admin_id)),
+                },
+                CeilingDenial {
+                    actor: &l_id,
+                    permission: "*",
+                    action: "user_enabled",
+                    target: ("target_user_id", json!(admin_id)),
+                },
+                CeilingDenial {
+                    actor: &l_id,
+                    permission: "*",
+                    action: "account_unlocked",
+                    target: ("target_user_id", json!(admin_id)),
+                },
+                CeilingDenial {
+                    actor: &l_id,
+                    permission: "*",
+                    action: "api_keys_revoke",
+                    target: ("target_user_id", json!(admin_id)),
+                },
+                CeilingDenial {
+                    actor: &l_id,
+                    permission: "*",
+                    action: "sessions_revoke",
+                    target: ("target_user_id", json!(admin_id)),
+                },
+                CeilingDenial {
+                    actor: &l_id,
+                    permission: "*",
+                    action: "account_locked",
+                    target: ("target_email", admin_email.clone()),
+                },
+                CeilingDenial {
+                    actor: &l_id,
+                    permission: "users.manage",
+                    action: "user_disabled",
+                    target: ("target_user_id", json!(u_id)),
+                },
+            ];
+            assert_ceiling_denials_audited(&s, &admin_key, &expected);
+        },
     );
-    assert_eq!(
-        r.status, 200,
-        "security_lead bulk-locking an analyst: {}",
-        r.body
+    sc.step(
+        "the_audit_chain_verifies_after_the_ceiling_refusals",
+        || {
+            let r = s.get("/api/security/audit/verify", &admin_key);
+            assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
+        },
     );
-
-    // Every refusal is audited with its reason, action and target.
-    let expected = [
-        CeilingDenial {
-            actor: &r_id,
-            permission: "*",
-            action: "role_updated",
-            target: ("target_role", json!("role_admin")),
-        },
-        CeilingDenial {
-            actor: &r_id,
-            permission: "encryption.rotate",
-            action: "role_updated",
-            target: ("target_role", json!("rotator")),
-        },
-        CeilingDenial {
-            actor: &r_id,
-            permission: "audit.read",
-            action: "role_updated",
-            target: ("target_role", json!("auditor")),
-        },
-        CeilingDenial {
-            actor: &r_id,
-            permission: "audit.read",
-            action: "role_deleted",
-            target: ("target_role", json!("auditor")),
-        },
-        CeilingDenial {
-            actor: &u_id,
-            permission: "*",
-            action: "role_assigned",
-            target: ("target_role", json!("admin")),
-        },
-        CeilingDenial {
-            actor: &u_id,
-            permission: "*",
-            action: "role_assigned",
-            target: ("target_user_id", json!(u_id)),
-        },
-        CeilingDenial {
-            actor: &u_id,
-            permission: "*",
-            action: "api_key_create",
-            target: ("target_user_id", json!(admin_id)),
-        },
-        CeilingDenial {
-            actor: &u_id,
-            permission: "*",
-            action: "api_key_create",
-            target: ("target_email", admin_email.clone()),
-        },
-        CeilingDenial {
-            actor: &u_id,
-            permission: "*",
-            action: "password_set",
-            target: ("target_user_id", json!(admin_id)),
-        },
-        CeilingDenial {
-            actor: &u_id,
-            permission: "*",
-            action: "role_removed",
-            target: ("target_user_id", json!(admin_id)),
-        },
-        CeilingDenial {
-            actor: &u_id,
-            permission: "*",
-            action: "user_created",
-            target: ("target_email", json!("made-admin@ceiling.test")),
-        },
-        CeilingDenial {
-            actor: &u_id,
-            permission: "approvals.request",
-            action: "role_assigned",
-            target: ("target_user_id", json!(m_id)),
-        },
-        CeilingDenial {
-            actor: &l_id,
-            permission: "*",
-            action: "user_disabled",
-            target: ("target_user_id", json!(admin_id)),
-        },
-        CeilingDenial {
-            actor: &l_id,
-            permission: "*",
-            action: "user_enabled",
-            target: ("target_user_id", json!(admin_id)),
-        },
-        CeilingDenial {
-            actor: &l_id,
-            permission: "*",
-            action: "account_unlocked",
-            target: ("target_user_id", json!(admin_id)),
-        },
-        CeilingDenial {
-            actor: &l_id,
-            permission: "*",
-            action: "api_keys_revoke",
-            target: ("target_user_id", json!(admin_id)),
-        },
-        CeilingDenial {
-            actor: &l_id,
-            permission: "*",
-            action: "sessions_revoke",
-            target: ("target_user_id", json!(admin_id)),
-        },
-        CeilingDenial {
-            actor: &l_id,
-            permission: "*",
-            action: "account_locked",
-            target: ("target_email", admin_email.clone()),
-        },
-        CeilingDenial {
-            actor: &l_id,
-            permission: "users.manage",
-            action: "user_disabled",
-            target: ("target_user_id", json!(u_id)),
-        },
-    ];
-    assert_ceiling_denials_audited(&s, &admin_key, &expected);
-    let r = s.get("/api/security/audit/verify", &admin_key);
-    assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
 }
 
 /// The last enabled admin (a holder of `*`, by the built-in role or a custom
