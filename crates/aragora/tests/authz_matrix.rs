@@ -2150,139 +2150,195 @@ fn run_ceilings(sc: &mut Scenario) {
 /// stripped of the role or locked; once no other enabled, unlocked admin is
 /// left, each of those is a 409 naming the last one. Disabling oneself or
 /// removing one's own admin role is always a 409.
-#[test]
-fn last_enabled_admin_stays() {
-    let s = start(&[]);
-    let root = "root@lastadmin.test";
-    let second = "second@lastadmin.test";
-    let third = "third@lastadmin.test";
-    let (a1_id, a1_key) = s.bootstrap_admin(root);
-    let r = put_role(&s, &a1_key, "superuser", &["*"]);
-    assert_eq!(r.status, 201, "{}", r.body);
-    let (a2_id, a2_key) = user_with_key(&s, &a1_key, second, &["admin"]);
-    // An admin by a custom `*` role.
-    let (a3_id, a3_key) = user_with_key(&s, &a1_key, third, &["superuser"]);
+/// The last enabled admin, on one server, in order (each step changes which
+/// admins can act); each step one behaviour.
+fn last_admin() -> &'static Scenario {
+    static S: OnceLock<Scenario> = OnceLock::new();
+    S.get_or_init(|| {
+        let mut sc = Scenario::new();
+        run_last_admin(&mut sc);
+        sc
+    })
+}
 
-    // Never oneself.
-    let r = s.post(
-        &format!("/api/admin/users/{a1_id}/disable"),
-        &a1_key,
-        &json!({"reason": "self"}),
-    );
-    assert_eq!(r.status, 409, "disabling oneself: {}", r.body);
-    let r = delete(
-        &s,
-        &format!("/api/admin/users/{a1_id}/roles/admin"),
-        &a1_key,
-    );
-    assert_eq!(r.status, 409, "removing one's own admin role: {}", r.body);
+aragora_testkit::scenario_tests!(mod last_enabled_admin = last_admin;
+    admins_by_the_builtin_role_and_by_a_custom_star_role_are_set_up,
+    an_admin_never_disables_or_demotes_itself,
+    a_locked_admins_api_key_still_works,
+    of_two_able_admins_one_can_be_disabled,
+    the_last_able_admin_cannot_be_disabled_demoted_or_locked,
+    locking_oneself_as_the_last_admin_is_refused,
+    with_another_admin_back_the_same_changes_go_through_until_one_is_left,
+    the_refusals_changed_nothing_and_left_no_success_entry,
+    the_audit_chain_verifies_after_the_last_admin_checks,
+);
 
-    // A locked admin's API key still works: the third admin is locked and acts
-    // from now on; only the first two can count as the admin that stays.
-    let r = s.post(
-        "/api/admin/users/bulk-lock",
-        &a1_key,
-        &json!({"emails": [third], "duration": "1h"}),
-    );
-    assert_eq!(
-        r.status, 200,
-        "locking an admin while others remain: {}",
-        r.body
-    );
-    assert_eq!(user_view(&s, &a1_key, &a3_id)["locked"], true);
-    assert_eq!(s.get(ME, &a3_key).status, 200);
+fn run_last_admin(sc: &mut Scenario) {
+    let Some((s, root, second, third, a1_id, a1_key, a2_id, a2_key, a3_id, a3_key)) = sc.step(
+        "admins_by_the_builtin_role_and_by_a_custom_star_role_are_set_up",
+        || {
+            let s = start(&[]);
+            let root = "root@lastadmin.test";
+            let second = "second@lastadmin.test";
+            let third = "third@lastadmin.test";
+            let (a1_id, a1_key) = s.bootstrap_admin(root);
+            let r = put_role(&s, &a1_key, "superuser", &["*"]);
+            assert_eq!(r.status, 201, "{}", r.body);
+            let (a2_id, a2_key) = user_with_key(&s, &a1_key, second, &["admin"]);
+            // An admin by a custom `*` role.
+            let (a3_id, a3_key) = user_with_key(&s, &a1_key, third, &["superuser"]);
 
-    // Two enabled, unlocked admins: one can be disabled...
-    let r = s.post(
-        &format!("/api/admin/users/{a2_id}/disable"),
-        &a3_key,
-        &json!({"reason": "one of two"}),
+            (
+                s, root, second, third, a1_id, a1_key, a2_id, a2_key, a3_id, a3_key,
+            )
+        },
+    ) else {
+        return;
+    };
+    sc.step("an_admin_never_disables_or_demotes_itself", || {
+        // Never oneself.
+        let r = s.post(
+            &format!("/api/admin/users/{a1_id}/disable"),
+            &a1_key,
+            &json!({"reason": "self"}),
+        );
+        assert_eq!(r.status, 409, "disabling oneself: {}", r.body);
+        let r = delete(
+            &s,
+            &format!("/api/admin/users/{a1_id}/roles/admin"),
+            &a1_key,
+        );
+        assert_eq!(r.status, 409, "removing one's own admin role: {}", r.body);
+    });
+    sc.step("a_locked_admins_api_key_still_works", || {
+        // A locked admin's API key still works: the third admin is locked and acts
+        // from now on; only the first two can count as the admin that stays.
+        let r = s.post(
+            "/api/admin/users/bulk-lock",
+            &a1_key,
+            &json!({"emails": [third], "duration": "1h"}),
+        );
+        assert_eq!(
+            r.status, 200,
+            "locking an admin while others remain: {}",
+            r.body
+        );
+        assert_eq!(user_view(&s, &a1_key, &a3_id)["locked"], true);
+        assert_eq!(s.get(ME, &a3_key).status, 200);
+    });
+    sc.step("of_two_able_admins_one_can_be_disabled", || {
+        // Two enabled, unlocked admins: one can be disabled...
+        let r = s.post(
+            &format!("/api/admin/users/{a2_id}/disable"),
+            &a3_key,
+            &json!({"reason": "one of two"}),
+        );
+        assert_eq!(r.status, 200, "disabling one of two admins: {}", r.body);
+        assert_401(&s.get(ME, &a2_key), "disabled", "disabled admin");
+    });
+    sc.step(
+        "the_last_able_admin_cannot_be_disabled_demoted_or_locked",
+        || {
+            // ...then the other cannot, nor lose the role, nor be locked.
+            let r = s.post(
+                &format!("/api/admin/users/{a1_id}/disable"),
+                &a3_key,
+                &json!({"reason": "the last one"}),
+            );
+            assert_last_admin(&r, root, "disabling the last enabled admin");
+            let r = delete(
+                &s,
+                &format!("/api/admin/users/{a1_id}/roles/admin"),
+                &a3_key,
+            );
+            assert_last_admin(&r, root, "removing the last admin's role");
+            let r = s.post(
+                "/api/admin/users/bulk-lock",
+                &a3_key,
+                &json!({"emails": [root], "duration": "1h"}),
+            );
+            assert_last_admin(&r, root, "bulk-locking the last unlocked admin");
+        },
     );
-    assert_eq!(r.status, 200, "disabling one of two admins: {}", r.body);
-    assert_401(&s.get(ME, &a2_key), "disabled", "disabled admin");
-    // ...then the other cannot, nor lose the role, nor be locked.
-    let r = s.post(
-        &format!("/api/admin/users/{a1_id}/disable"),
-        &a3_key,
-        &json!({"reason": "the last one"}),
+    sc.step("locking_oneself_as_the_last_admin_is_refused", || {
+        // Locking oneself is refused the same way.
+        let r = s.post(
+            "/api/admin/users/bulk-lock",
+            &a1_key,
+            &json!({"emails": [root], "duration": "1h"}),
+        );
+        assert_last_admin(&r, root, "the last admin locking itself");
+        let v = user_view(&s, &a1_key, &a1_id);
+        assert_eq!(v["disabled"], false, "{v}");
+        assert_eq!(v["locked"], false, "{v}");
+        assert_eq!(v["roles"], json!(["admin"]), "{v}");
+        assert_eq!(s.get(ME, &a1_key).status, 200);
+    });
+    sc.step(
+        "with_another_admin_back_the_same_changes_go_through_until_one_is_left",
+        || {
+            // Another admin back: the same changes go through, until again only one
+            // is left.
+            let r = s.post(
+                &format!("/api/admin/users/{a2_id}/enable"),
+                &a1_key,
+                &json!({}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            let r = delete(
+                &s,
+                &format!("/api/admin/users/{a1_id}/roles/admin"),
+                &a3_key,
+            );
+            assert_eq!(
+                r.status, 200,
+                "removing an admin role while another admin remains: {}",
+                r.body
+            );
+            assert_eq!(r.json()["roles"], json!([]));
+            let r = s.post(
+                &format!("/api/admin/users/{a2_id}/disable"),
+                &a3_key,
+                &json!({"reason": "the last one"}),
+            );
+            assert_last_admin(&r, second, "disabling the last enabled admin (second)");
+            let r = s.post(
+                &format!("/api/admin/users/{a1_id}/roles"),
+                &a2_key,
+                &json!({"role": "admin"}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            let r = s.post(
+                &format!("/api/admin/users/{a3_id}/unlock"),
+                &a1_key,
+                &json!({}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(user_view(&s, &a1_key, &a3_id)["locked"], false);
+        },
     );
-    assert_last_admin(&r, root, "disabling the last enabled admin");
-    let r = delete(
-        &s,
-        &format!("/api/admin/users/{a1_id}/roles/admin"),
-        &a3_key,
+    sc.step(
+        "the_refusals_changed_nothing_and_left_no_success_entry",
+        || {
+            // The refusals changed nothing and left no success entry.
+            let disabled: Vec<Value> = audit(&s, &a1_key, "user_disabled");
+            assert_eq!(
+                disabled
+                    .iter()
+                    .map(|e| e["details"]["user_id"].clone())
+                    .collect::<Vec<_>>(),
+                vec![json!(a2_id)],
+                "user_disabled entries: {disabled:?}"
+            );
+        },
     );
-    assert_last_admin(&r, root, "removing the last admin's role");
-    let r = s.post(
-        "/api/admin/users/bulk-lock",
-        &a3_key,
-        &json!({"emails": [root], "duration": "1h"}),
+    sc.step(
+        "the_audit_chain_verifies_after_the_last_admin_checks",
+        || {
+            let r = s.get("/api/security/audit/verify", &a1_key);
+            assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
+        },
     );
-    assert_last_admin(&r, root, "bulk-locking the last unlocked admin");
-    // Locking oneself is refused the same way.
-    let r = s.post(
-        "/api/admin/users/bulk-lock",
-        &a1_key,
-        &json!({"emails": [root], "duration": "1h"}),
-    );
-    assert_last_admin(&r, root, "the last admin locking itself");
-    let v = user_view(&s, &a1_key, &a1_id);
-    assert_eq!(v["disabled"], false, "{v}");
-    assert_eq!(v["locked"], false, "{v}");
-    assert_eq!(v["roles"], json!(["admin"]), "{v}");
-    assert_eq!(s.get(ME, &a1_key).status, 200);
-
-    // Another admin back: the same changes go through, until again only one
-    // is left.
-    let r = s.post(
-        &format!("/api/admin/users/{a2_id}/enable"),
-        &a1_key,
-        &json!({}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let r = delete(
-        &s,
-        &format!("/api/admin/users/{a1_id}/roles/admin"),
-        &a3_key,
-    );
-    assert_eq!(
-        r.status, 200,
-        "removing an admin role while another admin remains: {}",
-        r.body
-    );
-    assert_eq!(r.json()["roles"], json!([]));
-    let r = s.post(
-        &format!("/api/admin/users/{a2_id}/disable"),
-        &a3_key,
-        &json!({"reason": "the last one"}),
-    );
-    assert_last_admin(&r, second, "disabling the last enabled admin (second)");
-    let r = s.post(
-        &format!("/api/admin/users/{a1_id}/roles"),
-        &a2_key,
-        &json!({"role": "admin"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let r = s.post(
-        &format!("/api/admin/users/{a3_id}/unlock"),
-        &a1_key,
-        &json!({}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(user_view(&s, &a1_key, &a3_id)["locked"], false);
-
-    // The refusals changed nothing and left no success entry.
-    let disabled: Vec<Value> = audit(&s, &a1_key, "user_disabled");
-    assert_eq!(
-        disabled
-            .iter()
-            .map(|e| e["details"]["user_id"].clone())
-            .collect::<Vec<_>>(),
-        vec![json!(a2_id)],
-        "user_disabled entries: {disabled:?}"
-    );
-    let r = s.get("/api/security/audit/verify", &a1_key);
-    assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
 }
 
 fn secret_path(id: &str) -> String {
@@ -2317,271 +2373,360 @@ fn listed_secrets(s: &Server, token: &str) -> BTreeSet<String> {
 /// shows only what the caller may list; overwriting keeps the owner; handing a
 /// secret to someone else needs a path grant; bad paths and bad path scopes
 /// are 400.
-#[test]
-fn secret_paths_and_ownership() {
-    const DB: &str = "team-a/db/password";
-    let s = start(&[]);
-    let (_, admin_key) = s.bootstrap_admin("root@secrets.test");
-    let (a_id, a_key) = user_with_key(&s, &admin_key, "alice@secrets.test", &["member"]);
-    let (b_id, b_key) = user_with_key(&s, &admin_key, "bob@secrets.test", &["member"]);
+/// The secret whose access the steps below follow.
+const DB: &str = "team-a/db/password";
 
-    // Alice creates a secret: she owns it.
-    let r = put_secret(
-        &s,
-        &a_key,
-        DB,
-        &json!({"value": "alice-db-1", "secret_type": "password"}),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.json()["id"], DB);
-    assert_eq!(r.json()["owner"], a_id.as_str());
-    let r = s.get(&secret_path(DB), &a_key);
-    assert_eq!(r.status, 200, "owner reads: {}", r.body);
-    assert_eq!(r.json()["value"], "alice-db-1");
-    let r = put_secret(
-        &s,
-        &a_key,
-        "team-b/x",
-        &json!({"value": "alice-b", "secret_type": "token"}),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(
-        listed_secrets(&s, &a_key),
-        BTreeSet::from([DB.to_string(), "team-b/x".to_string()])
-    );
+/// Per-secret access on one server, in order (grants and secrets made by one
+/// step are what the next checks); each step one behaviour.
+fn secret_access() -> &'static Scenario {
+    static S: OnceLock<Scenario> = OnceLock::new();
+    S.get_or_init(|| {
+        let mut sc = Scenario::new();
+        run_secret_access(&mut sc);
+        sc
+    })
+}
 
-    // Bob (also a member) neither reads, overwrites, deletes nor lists it.
-    assert_denied(
-        &s.get(&secret_path(DB), &b_key),
-        &format!("secrets.read:{DB}"),
-        "member reading another's secret",
-    );
-    let r = put_secret(
-        &s,
-        &b_key,
-        DB,
-        &json!({"value": "bob-was-here", "secret_type": "password"}),
-    );
-    assert_denied(
-        &r,
-        &format!("secrets.write:{DB}"),
-        "member overwriting another's secret",
-    );
-    // Members hold no secrets.delete at all: the route refuses.
-    assert_denied(
-        &delete(&s, &secret_path(DB), &b_key),
-        "secrets.delete",
-        "member deleting",
-    );
-    // Existence is not revealed without a covering grant.
-    assert_denied(
-        &s.get(&secret_path("team-a/nope"), &b_key),
-        "secrets.read:team-a/nope",
-        "member reading a secret that does not exist",
-    );
-    let r = put_secret(
-        &s,
-        &b_key,
-        "team-b/bob",
-        &json!({"value": "bob-b", "secret_type": "token"}),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.json()["owner"], b_id.as_str());
-    assert_eq!(
-        listed_secrets(&s, &b_key),
-        BTreeSet::from(["team-b/bob".to_string()])
-    );
-    // Handing a secret to someone else needs a path grant.
-    let r = put_secret(
-        &s,
-        &a_key,
-        "team-a/handoff",
-        &json!({"value": "for bob", "secret_type": "token", "owner": b_id}),
-    );
-    assert_denied(
-        &r,
-        "secrets.write:team-a/handoff",
-        "member creating a secret owned by another",
-    );
-    assert_eq!(
-        s.get(&secret_path("team-a/handoff"), &admin_key).status,
-        404,
-        "the refused handoff was stored"
-    );
-    let r = put_secret(
-        &s,
-        &a_key,
-        DB,
-        &json!({"value": "alice-db-2", "secret_type": "password", "owner": b_id}),
-    );
-    assert_denied(
-        &r,
-        &format!("secrets.write:{DB}"),
-        "owner giving its secret away without a path grant",
-    );
-    let r = s.get(&secret_path(DB), &a_key);
-    assert_eq!(r.json()["value"], "alice-db-1", "{}", r.body);
-    assert_eq!(r.json()["owner"], a_id.as_str());
+aragora_testkit::scenario_tests!(mod secret_paths = secret_access;
+    members_are_set_up_to_own_secrets,
+    the_creator_owns_a_secret,
+    another_member_neither_reads_overwrites_deletes_nor_lists_it,
+    members_hold_no_secrets_delete,
+    existence_is_not_revealed_without_a_covering_grant,
+    handing_a_secret_to_someone_else_needs_a_path_grant,
+    a_path_grant_to_read_and_list_reaches_another_owners_secret,
+    a_covered_absent_secret_is_404,
+    a_prefix_covers_nothing_else_and_reading_is_not_writing,
+    unscoped_secrets_delete_covers_only_ones_own,
+    an_absent_secret_is_404_when_covered_and_403_when_not,
+    a_path_grant_to_write_keeps_the_owner_and_may_hand_secrets_over,
+    star_covers_everything_and_an_admin_overwrite_keeps_the_owner,
+    secret_ids_are_paths,
+    path_scopes_exist_only_on_secret_permissions_and_are_paths,
+    denials_are_audited_with_the_secret_and_its_owner_and_reads_with_the_type,
+    the_audit_chain_verifies_after_the_secret_checks,
+);
 
-    // A path grant to read and list team-a/: Bob reads Alice's secret.
-    let r = put_role(
-        &s,
-        &admin_key,
-        "team_a_reader",
-        &["secrets.read:team-a/", "secrets.list:team-a/"],
-    );
-    assert_eq!(
-        r.status, 201,
-        "admin creates a path-scoped role: {}",
-        r.body
-    );
-    let r = s.post(
-        &format!("/api/admin/users/{b_id}/roles"),
-        &admin_key,
-        &json!({"role": "team_a_reader"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let r = s.get(&secret_path(DB), &b_key);
-    assert_eq!(r.status, 200, "path grant reads: {}", r.body);
-    assert_eq!(r.json()["value"], "alice-db-1");
-    assert_eq!(r.json()["owner"], a_id.as_str());
-    assert_eq!(
-        listed_secrets(&s, &b_key),
-        BTreeSet::from([DB.to_string(), "team-b/bob".to_string()])
-    );
-    // Covered and absent: a 404.
-    let r = s.get(&secret_path("team-a/nope"), &b_key);
-    assert_eq!(r.status, 404, "covered, nonexistent: {}", r.body);
-    // The prefix covers nothing else, and reading is not writing.
-    assert_denied(
-        &s.get(&secret_path("team-b/x"), &b_key),
-        "secrets.read:team-b/x",
-        "secrets.read:team-a/ on team-b/x",
-    );
-    let r = put_secret(
-        &s,
-        &b_key,
-        DB,
-        &json!({"value": "bob-was-here", "secret_type": "password"}),
-    );
-    assert_denied(
-        &r,
-        &format!("secrets.write:{DB}"),
-        "read path grant overwriting",
-    );
-    assert_eq!(s.get(&secret_path("team-b/bob"), &b_key).status, 200);
+fn run_secret_access(sc: &mut Scenario) {
+    let Some((s, admin_key, a_id, a_key, b_id, b_key)) =
+        sc.step("members_are_set_up_to_own_secrets", || {
+            let s = start(&[]);
+            let (_, admin_key) = s.bootstrap_admin("root@secrets.test");
+            let (a_id, a_key) = user_with_key(&s, &admin_key, "alice@secrets.test", &["member"]);
+            let (b_id, b_key) = user_with_key(&s, &admin_key, "bob@secrets.test", &["member"]);
 
-    // Unscoped secrets.delete: only one's own.
-    let r = put_role(&s, &admin_key, "own_deleter", &["secrets.delete"]);
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = s.post(
-        &format!("/api/admin/users/{b_id}/roles"),
-        &admin_key,
-        &json!({"role": "own_deleter"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_denied(
-        &delete(&s, &secret_path(DB), &b_key),
-        &format!("secrets.delete:{DB}"),
-        "unscoped delete on another's secret",
-    );
-    // Absent: 404 when covered, 403 when not.
-    assert_denied(
-        &delete(&s, &secret_path("team-b/none"), &b_key),
-        "secrets.delete:team-b/none",
-        "unscoped delete of a secret that does not exist",
-    );
-    assert_eq!(
-        delete(&s, &secret_path("team-b/none"), &admin_key).status,
-        404
-    );
-    assert_eq!(delete(&s, &secret_path("team-b/bob"), &b_key).status, 204);
-
-    // A path grant to write and delete: overwriting keeps the owner, and it
-    // may hand secrets over.
-    let r = put_role(
-        &s,
-        &admin_key,
-        "team_a_writer",
-        &["secrets.write:team-a/", "secrets.delete:team-a/"],
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let (c_id, c_key) = user_with_key(&s, &admin_key, "carol@secrets.test", &["team_a_writer"]);
-    let r = put_secret(
-        &s,
-        &c_key,
-        DB,
-        &json!({"value": "alice-db-rotated", "secret_type": "password"}),
-    );
-    assert_eq!(r.status, 200, "path grant overwrites: {}", r.body);
-    assert_eq!(r.json()["owner"], a_id.as_str(), "overwrite kept the owner");
-    let r = s.get(&secret_path(DB), &a_key);
-    assert_eq!(r.json()["value"], "alice-db-rotated", "{}", r.body);
-    let r = put_secret(
-        &s,
-        &c_key,
-        "team-a/handoff",
-        &json!({"value": "for bob", "secret_type": "token", "owner": b_id}),
-    );
-    assert_eq!(r.status, 201, "path grant hands over: {}", r.body);
-    assert_eq!(r.json()["owner"], b_id.as_str());
-    assert_denied(
-        &delete(&s, &secret_path("team-b/x"), &c_key),
-        "secrets.delete:team-b/x",
-        "secrets.delete:team-a/ on team-b/x",
-    );
-    assert_eq!(
-        delete(&s, &secret_path("team-a/handoff"), &c_key).status,
-        204
-    );
-
-    // `*` covers everything; the admin's overwrite keeps the owner too.
-    for id in [DB, "team-b/x"] {
-        assert_eq!(s.get(&secret_path(id), &admin_key).status, 200, "{id}");
-    }
-    assert_eq!(
-        listed_secrets(&s, &admin_key),
-        BTreeSet::from([DB.to_string(), "team-b/x".to_string()])
-    );
-    let r = put_secret(
-        &s,
-        &admin_key,
-        "team-b/x",
-        &json!({"value": "admin-set", "secret_type": "token"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["owner"], a_id.as_str());
-    assert_eq!(s.get(&secret_path("ops/nothing"), &admin_key).status, 404);
-
-    // Ids are paths.
-    for bad in ["a//b", "a/../b", "a/./b", "team-a/", "../etc", "a/b%20c"] {
-        let body = json!({"value": "x", "secret_type": "token"});
-        for r in [
-            put_secret(&s, &admin_key, bad, &body),
-            s.get(&secret_path(bad), &admin_key),
-            delete(&s, &secret_path(bad), &admin_key),
-        ] {
-            assert_eq!(r.status, 400, "secret id {bad:?}: {}", r.body);
-        }
-    }
-    // Path scopes exist only on secret permissions, and are paths.
-    for grant in [
-        "audit.read:x/",
-        "secrets.read:../",
-        "secrets.read:",
-        "secrets.read:a//",
-    ] {
-        let r = put_role(&s, &admin_key, "bad_scope", &[grant]);
-        assert_eq!(r.status, 400, "role with {grant}: {}", r.body);
-        assert!(
-            r.json()["error"]
-                .as_str()
-                .is_some_and(|e| e.contains(grant)),
-            "the 400 does not name {grant}: {}",
-            r.body
+            (s, admin_key, a_id, a_key, b_id, b_key)
+        })
+    else {
+        return;
+    };
+    sc.step("the_creator_owns_a_secret", || {
+        // Alice creates a secret: she owns it.
+        let r = put_secret(
+            &s,
+            &a_key,
+            DB,
+            &json!({"value": "alice-db-1", "secret_type": "password"}),
         );
-    }
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert_eq!(r.json()["id"], DB);
+        assert_eq!(r.json()["owner"], a_id.as_str());
+        let r = s.get(&secret_path(DB), &a_key);
+        assert_eq!(r.status, 200, "owner reads: {}", r.body);
+        assert_eq!(r.json()["value"], "alice-db-1");
+        let r = put_secret(
+            &s,
+            &a_key,
+            "team-b/x",
+            &json!({"value": "alice-b", "secret_type": "token"}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert_eq!(
+            listed_secrets(&s, &a_key),
+            BTreeSet::from([DB.to_string(), "team-b/x".to_string()])
+        );
+    });
+    sc.step(
+        "another_member_neither_reads_overwrites_deletes_nor_lists_it",
+        || {
+            // Bob (also a member) neither reads, overwrites, deletes nor lists it.
+            assert_denied(
+                &s.get(&secret_path(DB), &b_key),
+                &format!("secrets.read:{DB}"),
+                "member reading another's secret",
+            );
+            let r = put_secret(
+                &s,
+                &b_key,
+                DB,
+                &json!({"value": "bob-was-here", "secret_type": "password"}),
+            );
+            assert_denied(
+                &r,
+                &format!("secrets.write:{DB}"),
+                "member overwriting another's secret",
+            );
+        },
+    );
+    sc.step("members_hold_no_secrets_delete", || {
+        // Members hold no secrets.delete at all: the route refuses.
+        assert_denied(
+            &delete(&s, &secret_path(DB), &b_key),
+            "secrets.delete",
+            "member deleting",
+        );
+    });
+    sc.step("existence_is_not_revealed_without_a_covering_grant", || {
+        // Existence is not revealed without a covering grant.
+        assert_denied(
+            &s.get(&secret_path("team-a/nope"), &b_key),
+            "secrets.read:team-a/nope",
+            "member reading a secret that does not exist",
+        );
+        let r = put_secret(
+            &s,
+            &b_key,
+            "team-b/bob",
+            &json!({"value": "bob-b", "secret_type": "token"}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert_eq!(r.json()["owner"], b_id.as_str());
+        assert_eq!(
+            listed_secrets(&s, &b_key),
+            BTreeSet::from(["team-b/bob".to_string()])
+        );
+    });
+    sc.step(
+        "handing_a_secret_to_someone_else_needs_a_path_grant",
+        || {
+            // Handing a secret to someone else needs a path grant.
+            let r = put_secret(
+                &s,
+                &a_key,
+                "team-a/handoff",
+                &json!({"value": "for bob", "secret_type": "token", "owner": b_id}),
+            );
+            assert_denied(
+                &r,
+                "secrets.write:team-a/handoff",
+                "member creating a secret owned by another",
+            );
+            assert_eq!(
+                s.get(&secret_path("team-a/handoff"), &admin_key).status,
+                404,
+                "the refused handoff was stored"
+            );
+            let r = put_secret(
+                &s,
+                &a_key,
+                DB,
+                &json!({"value": "alice-db-2", "secret_type": "password", "owner": b_id}),
+            );
+            assert_denied(
+                &r,
+                &format!("secrets.write:{DB}"),
+                "owner giving its secret away without a path grant",
+            );
+            let r = s.get(&secret_path(DB), &a_key);
+            assert_eq!(r.json()["value"], "alice-db-1", "{}", r.body);
+            assert_eq!(r.json()["owner"], a_id.as_str());
+        },
+    );
+    sc.step(
+        "a_path_grant_to_read_and_list_reaches_another_owners_secret",
+        || {
+            // A path grant to read and list team-a/: Bob reads Alice's secret.
+            let r = put_role(
+                &s,
+                &admin_key,
+                "team_a_reader",
+                &["secrets.read:team-a/", "secrets.list:team-a/"],
+            );
+            assert_eq!(
+                r.status, 201,
+                "admin creates a path-scoped role: {}",
+                r.body
+            );
+            let r = s.post(
+                &format!("/api/admin/users/{b_id}/roles"),
+                &admin_key,
+                &json!({"role": "team_a_reader"}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            let r = s.get(&secret_path(DB), &b_key);
+            assert_eq!(r.status, 200, "path grant reads: {}", r.body);
+            assert_eq!(r.json()["value"], "alice-db-1");
+            assert_eq!(r.json()["owner"], a_id.as_str());
+            assert_eq!(
+                listed_secrets(&s, &b_key),
+                BTreeSet::from([DB.to_string(), "team-b/bob".to_string()])
+            );
+        },
+    );
+    sc.step("a_covered_absent_secret_is_404", || {
+        // Covered and absent: a 404.
+        let r = s.get(&secret_path("team-a/nope"), &b_key);
+        assert_eq!(r.status, 404, "covered, nonexistent: {}", r.body);
+    });
+    sc.step(
+        "a_prefix_covers_nothing_else_and_reading_is_not_writing",
+        || {
+            // The prefix covers nothing else, and reading is not writing.
+            assert_denied(
+                &s.get(&secret_path("team-b/x"), &b_key),
+                "secrets.read:team-b/x",
+                "secrets.read:team-a/ on team-b/x",
+            );
+            let r = put_secret(
+                &s,
+                &b_key,
+                DB,
+                &json!({"value": "bob-was-here", "secret_type": "password"}),
+            );
+            assert_denied(
+                &r,
+                &format!("secrets.write:{DB}"),
+                "read path grant overwriting",
+            );
+            assert_eq!(s.get(&secret_path("team-b/bob"), &b_key).status, 200);
+        },
+    );
+    sc.step("unscoped_secrets_delete_covers_only_ones_own", || {
+        // Unscoped secrets.delete: only one's own.
+        let r = put_role(&s, &admin_key, "own_deleter", &["secrets.delete"]);
+        assert_eq!(r.status, 201, "{}", r.body);
+        let r = s.post(
+            &format!("/api/admin/users/{b_id}/roles"),
+            &admin_key,
+            &json!({"role": "own_deleter"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_denied(
+            &delete(&s, &secret_path(DB), &b_key),
+            &format!("secrets.delete:{DB}"),
+            "unscoped delete on another's secret",
+        );
+    });
+    sc.step(
+        "an_absent_secret_is_404_when_covered_and_403_when_not",
+        || {
+            // Absent: 404 when covered, 403 when not.
+            assert_denied(
+                &delete(&s, &secret_path("team-b/none"), &b_key),
+                "secrets.delete:team-b/none",
+                "unscoped delete of a secret that does not exist",
+            );
+            assert_eq!(
+                delete(&s, &secret_path("team-b/none"), &admin_key).status,
+                404
+            );
+            assert_eq!(delete(&s, &secret_path("team-b/bob"), &b_key).status, 204);
+        },
+    );
+    let c_id_opt = sc.step(
+        "a_path_grant_to_write_keeps_the_owner_and_may_hand_secrets_over",
+        || {
+            // A path grant to write and delete: overwriting keeps the owner, and it
+            // may hand secrets over.
+            let r = put_role(
+                &s,
+                &admin_key,
+                "team_a_writer",
+                &["secrets.write:team-a/", "secrets.delete:team-a/"],
+            );
+            assert_eq!(r.status, 201, "{}", r.body);
+            let (c_id, c_key) =
+                user_with_key(&s, &admin_key, "carol@secrets.test", &["team_a_writer"]);
+            let r = put_secret(
+                &s,
+                &c_key,
+                DB,
+                &json!({"value": "alice-db-rotated", "secret_type": "password"}),
+            );
+            assert_eq!(r.status, 200, "path grant overwrites: {}", r.body);
+            assert_eq!(r.json()["owner"], a_id.as_str(), "overwrite kept the owner");
+            let r = s.get(&secret_path(DB), &a_key);
+            assert_eq!(r.json()["value"], "alice-db-rotated", "{}", r.body);
+            let r = put_secret(
+                &s,
+                &c_key,
+                "team-a/handoff",
+                &json!({"value": "for bob", "secret_type": "token", "owner": b_id}),
+            );
+            assert_eq!(r.status, 201, "path grant hands over: {}", r.body);
+            assert_eq!(r.json()["owner"], b_id.as_str());
+            assert_denied(
+                &delete(&s, &secret_path("team-b/x"), &c_key),
+                "secrets.delete:team-b/x",
+                "secrets.delete:team-a/ on team-b/x",
+            );
+            assert_eq!(
+                delete(&s, &secret_path("team-a/handoff"), &c_key).status,
+                204
+            );
 
+            c_id
+        },
+    );
+    sc.step(
+        "star_covers_everything_and_an_admin_overwrite_keeps_the_owner",
+        || {
+            // `*` covers everything; the admin's overwrite keeps the owner too.
+            for id in [DB, "team-b/x"] {
+                assert_eq!(s.get(&secret_path(id), &admin_key).status, 200, "{id}");
+            }
+            assert_eq!(
+                listed_secrets(&s, &admin_key),
+                BTreeSet::from([DB.to_string(), "team-b/x".to_string()])
+            );
+            let r = put_secret(
+                &s,
+                &admin_key,
+                "team-b/x",
+                &json!({"value": "admin-set", "secret_type": "token"}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.json()["owner"], a_id.as_str());
+            assert_eq!(s.get(&secret_path("ops/nothing"), &admin_key).status, 404);
+        },
+    );
+    sc.step("secret_ids_are_paths", || {
+        // Ids are paths.
+        for bad in ["a//b", "a/../b", "a/./b", "team-a/", "../etc", "a/b%20c"] {
+            let body = json!({"value": "x", "secret_type": "token"});
+            for r in [
+                put_secret(&s, &admin_key, bad, &body),
+                s.get(&secret_path(bad), &admin_key),
+                delete(&s, &secret_path(bad), &admin_key),
+            ] {
+                assert_eq!(r.status, 400, "secret id {bad:?}: {}", r.body);
+            }
+        }
+    });
+    sc.step(
+        "path_scopes_exist_only_on_secret_permissions_and_are_paths",
+        || {
+            // Path scopes exist only on secret permissions, and are paths.
+            for grant in [
+                "audit.read:x/",
+                "secrets.read:../",
+                "secrets.read:",
+                "secrets.read:a//",
+            ] {
+                let r = put_role(&s, &admin_key, "bad_scope", &[grant]);
+                assert_eq!(r.status, 400, "role with {grant}: {}", r.body);
+                assert!(
+                    r.json()["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(grant)),
+                    "the 400 does not name {grant}: {}",
+                    r.body
+                );
+            }
+        },
+    );
+    if let Some(c_id) = c_id_opt.clone() {
+        sc.step("denials_are_audited_with_the_secret_and_its_owner_and_reads_with_the_type", || {
     // Audited: denials with the secret and its owner, reads with the type.
     let denials: Vec<Value> = audit(&s, &admin_key, "permission_denied")
         .into_iter()
@@ -2620,8 +2765,12 @@ fn secret_paths_and_ownership() {
             .any(|e| e["actor"] == b_id.as_str() && e["details"]["secret_id"] == "team-b/x"),
         "a refused read audited as secret_access"
     );
-    let r = s.get("/api/security/audit/verify", &admin_key);
-    assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
+    });
+    }
+    sc.step("the_audit_chain_verifies_after_the_secret_checks", || {
+        let r = s.get("/api/security/audit/verify", &admin_key);
+        assert_eq!(r.json()["ok"], true, "audit chain: {}", r.body);
+    });
 }
 
 /// A refused change changes nothing: a bulk lock naming one account beyond
