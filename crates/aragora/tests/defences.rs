@@ -6,10 +6,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::time::Duration;
 
-use aragora_testkit::{Request, Response, Server, Value, json};
+use aragora_testkit::{Request, Response, Scenario, Server, Value, json};
 
 const SECRET: &str = "defences-test-secret-0123456789abcdef0123";
 const PASSWORD: &str = "correct horse battery staple";
@@ -80,135 +80,188 @@ fn retry_after(r: &Response) -> u64 {
         .unwrap_or_else(|| panic!("no numeric Retry-After: {:?} {}", r.headers, r.body))
 }
 
-#[test]
-fn lockout_unlock_and_bulk_lock() {
-    let s = start(&[
-        ("AUTH_LOCKOUT_THRESHOLD", "3"),
-        ("AUTH_LOCKOUT_SECONDS", "60"),
-        ("AUTH_RATE_LIMIT_PER_IP", "5"),
-        ("AUTH_RATE_LIMIT_WINDOW", "60"),
-    ]);
-    let (_, admin) = s.bootstrap_admin("root@defences.test");
-    let victim = s.create_user(&admin, "victim@defences.test", PASSWORD, &["viewer"]);
+/// Lockout, unlock and bulk lock on one server, in order (each step locks
+/// or unlocks what the next checks); each step one behaviour.
+fn lockout() -> &'static Scenario {
+    static S: OnceLock<Scenario> = OnceLock::new();
+    S.get_or_init(|| {
+        let mut sc = Scenario::new();
+        run_lockout(&mut sc);
+        sc
+    })
+}
 
-    // Three wrong passwords lock the account; the right one is then refused.
-    for i in 1..=3 {
-        let r = login_from(
+aragora_testkit::scenario_tests!(mod lockout = lockout;
+    a_viewer_account_is_set_up,
+    three_wrong_passwords_lock_the_account,
+    a_locked_account_answers_like_an_unknown_one_from_any_address,
+    the_user_view_shows_the_lock,
+    wrong_passwords_and_the_lock_are_audited,
+    an_administrator_unlocks_and_the_password_works_again,
+    bulk_lock_locks_known_accounts_reports_unknown_ones_and_is_audited,
+    a_bulk_locked_account_is_unlocked_by_an_administrator,
+);
+
+fn run_lockout(sc: &mut Scenario) {
+    let Some((s, admin, victim)) = sc.step("a_viewer_account_is_set_up", || {
+        let s = start(&[
+            ("AUTH_LOCKOUT_THRESHOLD", "3"),
+            ("AUTH_LOCKOUT_SECONDS", "60"),
+            ("AUTH_RATE_LIMIT_PER_IP", "5"),
+            ("AUTH_RATE_LIMIT_WINDOW", "60"),
+        ]);
+        let (_, admin) = s.bootstrap_admin("root@defences.test");
+        let victim = s.create_user(&admin, "victim@defences.test", PASSWORD, &["viewer"]);
+
+        (s, admin, victim)
+    }) else {
+        return;
+    };
+    sc.step("three_wrong_passwords_lock_the_account", || {
+        // Three wrong passwords lock the account; the right one is then refused.
+        for i in 1..=3 {
+            let r = login_from(
+                &s,
+                "198.51.100.10",
+                "victim@defences.test",
+                "wrong password!!",
+            );
+            assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
+            assert_eq!(r.json()["reason"], "invalid_credentials");
+            assert_eq!(r.json()["error"], "invalid email or password");
+        }
+    });
+    sc.step(
+        "a_locked_account_answers_like_an_unknown_one_from_any_address",
+        || {
+            // Locked: the right password is refused with exactly the answer of an
+            // unknown account or a wrong password (the lockout shows only in the
+            // audit log), from this address or another, right password or wrong.
+            let unknown = login_from(&s, "198.51.100.13", "nobody@defences.test", PASSWORD);
+            assert_eq!(unknown.status, 401, "{}", unknown.body);
+            for (ip, password) in [
+                ("198.51.100.10", PASSWORD),
+                ("198.51.100.11", "wrong password!!"),
+            ] {
+                let r = login_from(&s, ip, "victim@defences.test", password);
+                assert_eq!(
+                    (r.status, &r.body, r.header("retry-after")),
+                    (unknown.status, &unknown.body, None),
+                    "a locked account answers like an unknown one"
+                );
+            }
+        },
+    );
+    sc.step("the_user_view_shows_the_lock", || {
+        let r = s.get(&format!("/api/admin/users/{victim}"), &admin);
+        assert_eq!(r.json()["locked"], true, "{}", r.body);
+    });
+    sc.step("wrong_passwords_and_the_lock_are_audited", || {
+        audited_attempts(
             &s,
-            "198.51.100.10",
-            "victim@defences.test",
-            "wrong password!!",
+            &admin,
+            Some("bad_password"),
+            Some("victim@defences.test"),
+            3,
         );
-        assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
-        assert_eq!(r.json()["reason"], "invalid_credentials");
-        assert_eq!(r.json()["error"], "invalid email or password");
-    }
-    // Locked: the right password is refused with exactly the answer of an
-    // unknown account or a wrong password (the lockout shows only in the
-    // audit log), from this address or another, right password or wrong.
-    let unknown = login_from(&s, "198.51.100.13", "nobody@defences.test", PASSWORD);
-    assert_eq!(unknown.status, 401, "{}", unknown.body);
-    for (ip, password) in [
-        ("198.51.100.10", PASSWORD),
-        ("198.51.100.11", "wrong password!!"),
-    ] {
-        let r = login_from(&s, ip, "victim@defences.test", password);
-        assert_eq!(
-            (r.status, &r.body, r.header("retry-after")),
-            (unknown.status, &unknown.body, None),
-            "a locked account answers like an unknown one"
+        let failures = audit(&s, &admin, "auth_failure");
+        assert!(
+            failures
+                .iter()
+                .any(|e| e["details"]["reason"] == "bad_password"
+                    && e["details"]["email"] == "victim@defences.test"
+                    && e["actor"] == victim.as_str()),
+            "bad_password entries name the account: {failures:?}"
         );
-    }
-    let r = s.get(&format!("/api/admin/users/{victim}"), &admin);
-    assert_eq!(r.json()["locked"], true, "{}", r.body);
-
-    audited_attempts(
-        &s,
-        &admin,
-        Some("bad_password"),
-        Some("victim@defences.test"),
-        3,
-    );
-    let failures = audit(&s, &admin, "auth_failure");
-    assert!(
-        failures
-            .iter()
-            .any(|e| e["details"]["reason"] == "bad_password"
+        assert!(
+            failures.iter().any(|e| e["details"]["reason"] == "locked"
+                && e["details"]["email"] == "victim@defences.test"),
+            "no auth_failure reason=locked"
+        );
+        let locked = audit(&s, &admin, "account_locked");
+        assert!(
+            locked.iter().any(|e| e["actor"] == victim.as_str()
                 && e["details"]["email"] == "victim@defences.test"
-                && e["actor"] == victim.as_str()),
-        "bad_password entries name the account: {failures:?}"
+                && e["details"]["by"] == "lockout_policy"),
+            "no account_locked entry: {locked:?}"
+        );
+        assert!(failures_metric(&s, "locked") >= 2.0);
+        assert!(failures_metric(&s, "bad_password") >= 3.0);
+    });
+    sc.step(
+        "an_administrator_unlocks_and_the_password_works_again",
+        || {
+            // An administrator unlocks; the password works again.
+            let r = s.post(
+                &format!("/api/admin/users/{victim}/unlock"),
+                &admin,
+                &json!({}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.json()["locked"], false);
+            let r = login_from(&s, "198.51.100.12", "victim@defences.test", PASSWORD);
+            assert_eq!(r.status, 200, "after unlock: {}", r.body);
+            assert!(!audit(&s, &admin, "account_unlocked").is_empty());
+        },
     );
-    assert!(
-        failures.iter().any(|e| e["details"]["reason"] == "locked"
-            && e["details"]["email"] == "victim@defences.test"),
-        "no auth_failure reason=locked"
-    );
-    let locked = audit(&s, &admin, "account_locked");
-    assert!(
-        locked.iter().any(|e| e["actor"] == victim.as_str()
-            && e["details"]["email"] == "victim@defences.test"
-            && e["details"]["by"] == "lockout_policy"),
-        "no account_locked entry: {locked:?}"
-    );
-    assert!(failures_metric(&s, "locked") >= 2.0);
-    assert!(failures_metric(&s, "bad_password") >= 3.0);
-
-    // An administrator unlocks; the password works again.
-    let r = s.post(
-        &format!("/api/admin/users/{victim}/unlock"),
-        &admin,
-        &json!({}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["locked"], false);
-    let r = login_from(&s, "198.51.100.12", "victim@defences.test", PASSWORD);
-    assert_eq!(r.status, 200, "after unlock: {}", r.body);
-    assert!(!audit(&s, &admin, "account_unlocked").is_empty());
-
-    // Bulk-lock: known accounts are locked (emails normalised), unknown reported.
-    let bulk = s.create_user(&admin, "bulk@defences.test", PASSWORD, &["viewer"]);
-    let r = s.post(
+    let bulk_opt = sc.step(
+        "bulk_lock_locks_known_accounts_reports_unknown_ones_and_is_audited",
+        || {
+            // Bulk-lock: known accounts are locked (emails normalised), unknown reported.
+            let bulk = s.create_user(&admin, "bulk@defences.test", PASSWORD, &["viewer"]);
+            let r = s.post(
         "/api/admin/users/bulk-lock",
         &admin,
         &json!({"emails": ["  BULK@Defences.Test ", "nobody@defences.test"], "duration": "1h"}),
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let v = r.json();
-    assert_eq!(
-        v["not_found"],
-        json!(["nobody@defences.test"]),
-        "{}",
-        r.body
+            assert_eq!(r.status, 200, "{}", r.body);
+            let v = r.json();
+            assert_eq!(
+                v["not_found"],
+                json!(["nobody@defences.test"]),
+                "{}",
+                r.body
+            );
+            assert_eq!(v["locked"].as_array().map(Vec::len), Some(1), "{}", r.body);
+            assert_eq!(v["locked"][0]["user_id"], bulk.as_str());
+            assert_eq!(v["locked"][0]["email"], "bulk@defences.test");
+            let r = login_from(&s, "198.51.100.13", "bulk@defences.test", PASSWORD);
+            assert_eq!(r.status, 401, "bulk-locked: {}", r.body);
+            assert_eq!(r.json()["reason"], "invalid_credentials");
+            let r = s.get(&format!("/api/admin/users/{bulk}"), &admin);
+            let until = r.json()["locked_until"].as_str().map(str::to_string);
+            assert!(
+                until.is_some(),
+                "the lock end is for administrators: {}",
+                r.body
+            );
+            assert!(
+                audit(&s, &admin, "account_locked")
+                    .iter()
+                    .any(|e| e["details"]["user_id"] == bulk.as_str()
+                        && e["details"]["by"] == "bulk_lock"),
+                "bulk lock not audited"
+            );
+            bulk
+        },
     );
-    assert_eq!(v["locked"].as_array().map(Vec::len), Some(1), "{}", r.body);
-    assert_eq!(v["locked"][0]["user_id"], bulk.as_str());
-    assert_eq!(v["locked"][0]["email"], "bulk@defences.test");
-    let r = login_from(&s, "198.51.100.13", "bulk@defences.test", PASSWORD);
-    assert_eq!(r.status, 401, "bulk-locked: {}", r.body);
-    assert_eq!(r.json()["reason"], "invalid_credentials");
-    let r = s.get(&format!("/api/admin/users/{bulk}"), &admin);
-    let until = r.json()["locked_until"].as_str().map(str::to_string);
-    assert!(
-        until.is_some(),
-        "the lock end is for administrators: {}",
-        r.body
-    );
-    assert!(
-        audit(&s, &admin, "account_locked")
-            .iter()
-            .any(|e| e["details"]["user_id"] == bulk.as_str() && e["details"]["by"] == "bulk_lock"),
-        "bulk lock not audited"
-    );
-    let r = s.post(
-        &format!("/api/admin/users/{bulk}/unlock"),
-        &admin,
-        &json!({}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        login_from(&s, "198.51.100.14", "bulk@defences.test", PASSWORD).status,
-        200
-    );
+    if let Some(bulk) = bulk_opt.clone() {
+        sc.step(
+            "a_bulk_locked_account_is_unlocked_by_an_administrator",
+            || {
+                let r = s.post(
+                    &format!("/api/admin/users/{bulk}/unlock"),
+                    &admin,
+                    &json!({}),
+                );
+                assert_eq!(r.status, 200, "{}", r.body);
+                assert_eq!(
+                    login_from(&s, "198.51.100.14", "bulk@defences.test", PASSWORD).status,
+                    200
+                );
+            },
+        );
+    }
 }
 
 #[test]
