@@ -55,8 +55,11 @@ pub mod records {
 
 use records::{put, value, version};
 
+/// One behaviour of the suite: it panics when the store lacks it.
+pub type Behaviour = fn(&dyn Store);
+
 /// Every behaviour, by name (the order `run_all` runs them in).
-pub const BEHAVIOURS: &[(&str, fn(&dyn Store))] = &[
+pub const BEHAVIOURS: &[(&str, Behaviour)] = &[
     (
         "a_second_insert_of_an_id_conflicts",
         a_second_insert_of_an_id_conflicts,
