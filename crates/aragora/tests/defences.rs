@@ -358,7 +358,9 @@ struct Raw {
 }
 
 /// Sends `head` (request line and headers, without the blank line) and
-/// `body` as raw bytes; tolerates the server closing early.
+/// `body` as raw bytes; tolerates the server closing early. Only for what a
+/// client library will not send or not report: non-UTF-8 header bytes, and
+/// oversized bodies the server answers (and closes on) before reading them.
 fn raw(port: u16, head: &[u8], body: &[u8]) -> Raw {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
