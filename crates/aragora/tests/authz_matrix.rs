@@ -306,9 +306,26 @@ impl RoleUser {
     }
 }
 
+/// The scenarios of this file are independent of one another: the first test
+/// that needs one starts them all, each on its own thread, so a test thread
+/// waiting for one scenario does not hold the others back.
+fn start_every_scenario() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let all: [fn() -> &'static Scenario; 5] =
+            [matrix, credentials, ceilings, last_admin, secret_access];
+        for scenario in all {
+            std::thread::spawn(move || {
+                scenario();
+            });
+        }
+    });
+}
+
 /// The matrix on one server, in order (logout and revoke-all end sessions, so
 /// they run last); each step one behaviour, each with its test below.
 fn matrix() -> &'static Scenario {
+    start_every_scenario();
     static S: OnceLock<Scenario> = OnceLock::new();
     S.get_or_init(|| {
         let mut sc = Scenario::new();
@@ -671,6 +688,7 @@ const AUDIT: &str = "/api/security/audit/search?minutes=5&limit=1";
 /// Credential failures, maintenance, JWT rotation and lockdown on one server,
 /// in order (restarts and revocations change what later steps see).
 fn credentials() -> &'static Scenario {
+    start_every_scenario();
     static S: OnceLock<Scenario> = OnceLock::new();
     S.get_or_init(|| {
         let mut sc = Scenario::new();
@@ -1602,6 +1620,7 @@ fn assert_ceiling_denials_audited(s: &Server, admin: &str, expected: &[CeilingDe
 /// Privilege ceilings on one server, in order (roles and users made by one
 /// step are the subjects of the next); each step one behaviour.
 fn ceilings() -> &'static Scenario {
+    start_every_scenario();
     static S: OnceLock<Scenario> = OnceLock::new();
     S.get_or_init(|| {
         let mut sc = Scenario::new();
@@ -2153,6 +2172,7 @@ fn run_ceilings(sc: &mut Scenario) {
 /// The last enabled admin, on one server, in order (each step changes which
 /// admins can act); each step one behaviour.
 fn last_admin() -> &'static Scenario {
+    start_every_scenario();
     static S: OnceLock<Scenario> = OnceLock::new();
     S.get_or_init(|| {
         let mut sc = Scenario::new();
@@ -2379,6 +2399,7 @@ const DB: &str = "team-a/db/password";
 /// Per-secret access on one server, in order (grants and secrets made by one
 /// step are what the next checks); each step one behaviour.
 fn secret_access() -> &'static Scenario {
+    start_every_scenario();
     static S: OnceLock<Scenario> = OnceLock::new();
     S.get_or_init(|| {
         let mut sc = Scenario::new();
