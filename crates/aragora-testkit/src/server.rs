@@ -227,7 +227,7 @@ impl Server {
                 }
             });
         }
-        let running = Running {
+        let mut running = Running {
             child,
             watchdog,
             _watch: watch,
@@ -262,6 +262,47 @@ impl Server {
         self.addr = addr;
         self.port = addr.port();
         self.client = Client::http(addr);
+        // The address is printed once the listener is bound, a moment before
+        // the server installs its SIGTERM handler and serves: one answered
+        // request shows it is there (a test that stops the server at once
+        // then sees a graceful exit). An HTTPS server is left to its test's
+        // own client, which knows the certificate.
+        let tls = self
+            .env
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .chain(overrides.iter().map(|(k, _)| *k))
+            .any(|k| k == "ARAGORA_TLS_CERT_FILE");
+        if !tls {
+            let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+            while self
+                .client
+                .try_send(&Request::new("GET", "/api/health"))
+                .is_err()
+            {
+                if let Ok(Some(status)) = running.child.try_wait() {
+                    let log = running.stderr.clone();
+                    running.finish(None);
+                    let stderr = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    return Err(BootFailure {
+                        status: Some(status),
+                        stderr,
+                    });
+                }
+                if std::time::Instant::now() > deadline {
+                    let log = running.stderr.clone();
+                    let status = running.finish(Some("KILL"));
+                    let stderr = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    return Err(BootFailure {
+                        status,
+                        stderr: format!(
+                            "no answer on {addr} within {BOOT_TIMEOUT:?}; stderr: {stderr}"
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         self.running = Some(running);
         Ok(())
     }
