@@ -246,3 +246,55 @@ where
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Client, Request};
+    use std::io::{BufRead, BufReader, Write};
+
+    /// A one-shot server that records the request head it got and answers
+    /// with `reply`.
+    fn one_shot(reply: &'static str) -> (std::net::SocketAddr, std::thread::JoinHandle<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let h = std::thread::spawn(move || {
+            let (s, _) = listener.accept().expect("accept");
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).expect("read");
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            (&s).write_all(reply.as_bytes()).expect("reply");
+            head
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn the_path_goes_on_the_wire_as_given() {
+        let (addr, h) =
+            one_shot("HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\nx-a: 1\r\n\r\n{}");
+        let r = Client::http(addr)
+            .try_send(&Request::new("GET", "/api/secrets/a/../b%20c").bearer("t"))
+            .expect("response");
+        let head = h.join().expect("server");
+        assert!(
+            head.starts_with("GET /api/secrets/a/../b%20c HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("authorization: bearer t"),
+            "{head}"
+        );
+        assert_eq!(
+            (r.status, r.header("X-A"), r.json()),
+            (400, Some("1"), serde_json::json!({}))
+        );
+    }
+}

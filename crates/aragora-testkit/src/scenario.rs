@@ -99,3 +99,33 @@ macro_rules! scenario_tests {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Scenario;
+
+    #[test]
+    fn a_failed_step_is_recorded_and_later_steps_still_run() {
+        let mut sc = Scenario::new();
+        assert_eq!(sc.step("first", || 1), Some(1));
+        assert_eq!(sc.step("second", || -> u8 { panic!("second broke") }), None);
+        assert_eq!(sc.step("third", || 3), Some(3));
+        assert_eq!(sc.steps(), ["first", "second", "third"]);
+        sc.assert_step("first");
+        sc.assert_step("third");
+        let e = std::panic::catch_unwind(|| sc.assert_step("second")).expect_err("second failed");
+        assert_eq!(
+            e.downcast_ref::<String>().map(String::as_str),
+            Some("second broke")
+        );
+    }
+
+    #[test]
+    fn a_step_that_never_ran_fails_naming_the_failed_ones() {
+        let mut sc = Scenario::new();
+        sc.step("setup", || -> () { panic!("no server") });
+        let e = std::panic::catch_unwind(|| sc.assert_step("later")).expect_err("never ran");
+        let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("later") && msg.contains("setup"), "{msg}");
+    }
+}

@@ -493,7 +493,7 @@ impl Drop for Server {
 /// its own users and secrets), with an admin bootstrapped: started by the
 /// first test that asks, stopped by its watchdog when the test binary exits.
 ///
-/// ```ignore
+/// ```text
 /// static SHARED: OnceLock<Shared> = OnceLock::new();
 /// fn shared() -> &'static Shared {
 ///     Shared::get(&SHARED, Path::new(env!("CARGO_BIN_EXE_aragora")), &[], "root@x.test")
