@@ -193,19 +193,25 @@ fn assert_security_headers(r: &Response, hsts: bool) {
 struct TlsServer {
     server: Server,
     cert: String,
-    _files: Files,
 }
 
 fn tls_server() -> &'static TlsServer {
     static S: OnceLock<TlsServer> = OnceLock::new();
     S.get_or_init(|| {
         let (cert, key) = certificate();
-        let files = Files::new(&cert, &key);
-        TlsServer {
-            server: start_tls(&files),
-            cert,
-            _files: files,
+        // The files live in the server's data dir, which goes with it (a
+        // static is never dropped: the test kit's watchdog removes the dir).
+        let mut server = Server::stopped(bin(), &[("JWT_SECRET", SECRET)]);
+        for (var, file, pem) in [
+            ("ARAGORA_TLS_CERT_FILE", "tls.crt", &cert),
+            ("ARAGORA_TLS_KEY_FILE", "tls.key", &key),
+        ] {
+            let path = server.data_dir.join(file);
+            std::fs::write(&path, pem).expect("write PEM");
+            server.env.push((var.into(), path.display().to_string()));
         }
+        server.start_once(&[]).unwrap_or_else(|e| panic!("{e}"));
+        TlsServer { server, cert }
     })
 }
 
