@@ -1,7 +1,7 @@
 //! HTTP throughput over loopback: the server runs in this process (the same
 //! router and services as `aragora serve`, on an embedded store), the load comes
 //! from a second process (this binary in `--load-gen` mode) with keep-alive
-//! connections. Two phases: an authorized GET (JWT verify + session and user
+//! connections through hyper's client. Two phases: an authorized GET (JWT verify + session and user
 //! lookups + RBAC + handler), and a secret read (the same, plus decryption and
 //! its `secret_access` audit entry written durably before the response).
 
@@ -17,8 +17,10 @@ use aragora::app::{AppState, router};
 use aragora::auth::RequestMeta;
 use aragora::config::Config;
 use aragora::store::{EmbeddedStore, Store};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::Options;
 use crate::report::Report;
@@ -190,16 +192,14 @@ pub fn load_gen(port: u16, secs: f64, conns: usize) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let results = rt.block_on(async {
         let mut tasks = Vec::new();
         for _ in 0..conns {
-            let request = request.clone();
+            let (path, token) = (path.clone(), token.clone());
             tasks.push(tokio::spawn(async move {
-                connection(port, request, deadline).await
+                connection(port, path, token, deadline).await
             }));
         }
         let mut all = (0u64, 0u64, Vec::new());
@@ -230,48 +230,42 @@ pub fn load_gen(port: u16, secs: f64, conns: usize) -> Result<()> {
     Ok(())
 }
 
-async fn connection(port: u16, request: String, deadline: Instant) -> Result<(u64, u64, Vec<u64>)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.set_nodelay(true)?;
-    let mut buf = vec![0u8; 16 * 1024];
+/// One keep-alive connection through hyper's client, sending GETs back to back
+/// until `deadline`: (200s, other statuses, latencies in µs).
+async fn connection(
+    port: u16,
+    path: String,
+    token: String,
+    deadline: Instant,
+) -> Result<(u64, u64, Vec<u64>)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    let driver = tokio::spawn(conn);
+    let bearer = format!("Bearer {token}");
     let (mut ok, mut err, mut lat) = (0u64, 0u64, Vec::new());
     while Instant::now() < deadline {
+        let req = http::Request::get(path.as_str())
+            .header(http::header::HOST, "localhost")
+            .header(http::header::AUTHORIZATION, bearer.as_str())
+            .body(Empty::<Bytes>::new())?;
         let t = Instant::now();
-        s.write_all(request.as_bytes()).await?;
-        // Read one response: headers, then Content-Length bytes of body.
-        let mut filled = 0;
-        let (head_end, body_len) = loop {
-            let n = s.read(&mut buf[filled..]).await?;
-            if n == 0 {
-                bail!("server closed the connection");
-            }
-            filled += n;
-            if let Some(pos) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = std::str::from_utf8(&buf[..pos]).unwrap_or_default();
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                if head.starts_with("HTTP/1.1 200") {
-                    ok += 1
-                } else {
-                    err += 1
-                }
-                break (pos + 4, len);
-            }
-        };
-        while filled < head_end + body_len {
-            let n = s.read(&mut buf[filled..]).await?;
-            if n == 0 {
-                bail!("server closed the connection");
-            }
-            filled += n;
-        }
+        sender
+            .ready()
+            .await
+            .context("the server closed the connection")?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        // The whole body, so the next request starts on a clean connection.
+        resp.into_body().collect().await?;
         lat.push(t.elapsed().as_micros() as u64);
+        if status == http::StatusCode::OK {
+            ok += 1
+        } else {
+            err += 1
+        }
     }
+    drop(sender);
+    let _ = driver.await;
     Ok((ok, err, lat))
 }

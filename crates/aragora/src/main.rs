@@ -315,6 +315,9 @@ fn serve() -> Result<ExitCode> {
             .await
             .with_context(|| format!("binding the control socket {}", socket.display()))?;
         let addr = listener.local_addr()?;
+        // The one line serve writes to stdout: the bound address, so whoever
+        // asked for port 0 (the test kit, a supervisor) learns the real one.
+        println!("aragora listening on {addr}");
         tokio::spawn(log_chain_head_periodically(anchor_store));
         let approvals_state = app_state.clone();
         tokio::spawn(async move {

@@ -6,10 +6,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::time::Duration;
 
-use aragora_testkit::{Request, Response, Server, Value, json};
+use aragora_testkit::{Request, Response, Scenario, Server, Value, json};
 
 const SECRET: &str = "defences-test-secret-0123456789abcdef0123";
 const PASSWORD: &str = "correct horse battery staple";
@@ -80,135 +80,188 @@ fn retry_after(r: &Response) -> u64 {
         .unwrap_or_else(|| panic!("no numeric Retry-After: {:?} {}", r.headers, r.body))
 }
 
-#[test]
-fn lockout_unlock_and_bulk_lock() {
-    let s = start(&[
-        ("AUTH_LOCKOUT_THRESHOLD", "3"),
-        ("AUTH_LOCKOUT_SECONDS", "60"),
-        ("AUTH_RATE_LIMIT_PER_IP", "5"),
-        ("AUTH_RATE_LIMIT_WINDOW", "60"),
-    ]);
-    let (_, admin) = s.bootstrap_admin("root@defences.test");
-    let victim = s.create_user(&admin, "victim@defences.test", PASSWORD, &["viewer"]);
+/// Lockout, unlock and bulk lock on one server, in order (each step locks
+/// or unlocks what the next checks); each step one behaviour.
+fn lockout() -> &'static Scenario {
+    static S: OnceLock<Scenario> = OnceLock::new();
+    S.get_or_init(|| {
+        let mut sc = Scenario::new();
+        run_lockout(&mut sc);
+        sc
+    })
+}
 
-    // Three wrong passwords lock the account; the right one is then refused.
-    for i in 1..=3 {
-        let r = login_from(
+aragora_testkit::scenario_tests!(mod lockout = lockout;
+    a_viewer_account_is_set_up,
+    three_wrong_passwords_lock_the_account,
+    a_locked_account_answers_like_an_unknown_one_from_any_address,
+    the_user_view_shows_the_lock,
+    wrong_passwords_and_the_lock_are_audited,
+    an_administrator_unlocks_and_the_password_works_again,
+    bulk_lock_locks_known_accounts_reports_unknown_ones_and_is_audited,
+    a_bulk_locked_account_is_unlocked_by_an_administrator,
+);
+
+fn run_lockout(sc: &mut Scenario) {
+    let Some((s, admin, victim)) = sc.step("a_viewer_account_is_set_up", || {
+        let s = start(&[
+            ("AUTH_LOCKOUT_THRESHOLD", "3"),
+            ("AUTH_LOCKOUT_SECONDS", "60"),
+            ("AUTH_RATE_LIMIT_PER_IP", "5"),
+            ("AUTH_RATE_LIMIT_WINDOW", "60"),
+        ]);
+        let (_, admin) = s.bootstrap_admin("root@defences.test");
+        let victim = s.create_user(&admin, "victim@defences.test", PASSWORD, &["viewer"]);
+
+        (s, admin, victim)
+    }) else {
+        return;
+    };
+    sc.step("three_wrong_passwords_lock_the_account", || {
+        // Three wrong passwords lock the account; the right one is then refused.
+        for i in 1..=3 {
+            let r = login_from(
+                &s,
+                "198.51.100.10",
+                "victim@defences.test",
+                "wrong password!!",
+            );
+            assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
+            assert_eq!(r.json()["reason"], "invalid_credentials");
+            assert_eq!(r.json()["error"], "invalid email or password");
+        }
+    });
+    sc.step(
+        "a_locked_account_answers_like_an_unknown_one_from_any_address",
+        || {
+            // Locked: the right password is refused with exactly the answer of an
+            // unknown account or a wrong password (the lockout shows only in the
+            // audit log), from this address or another, right password or wrong.
+            let unknown = login_from(&s, "198.51.100.13", "nobody@defences.test", PASSWORD);
+            assert_eq!(unknown.status, 401, "{}", unknown.body);
+            for (ip, password) in [
+                ("198.51.100.10", PASSWORD),
+                ("198.51.100.11", "wrong password!!"),
+            ] {
+                let r = login_from(&s, ip, "victim@defences.test", password);
+                assert_eq!(
+                    (r.status, &r.body, r.header("retry-after")),
+                    (unknown.status, &unknown.body, None),
+                    "a locked account answers like an unknown one"
+                );
+            }
+        },
+    );
+    sc.step("the_user_view_shows_the_lock", || {
+        let r = s.get(&format!("/api/admin/users/{victim}"), &admin);
+        assert_eq!(r.json()["locked"], true, "{}", r.body);
+    });
+    sc.step("wrong_passwords_and_the_lock_are_audited", || {
+        audited_attempts(
             &s,
-            "198.51.100.10",
-            "victim@defences.test",
-            "wrong password!!",
+            &admin,
+            Some("bad_password"),
+            Some("victim@defences.test"),
+            3,
         );
-        assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
-        assert_eq!(r.json()["reason"], "invalid_credentials");
-        assert_eq!(r.json()["error"], "invalid email or password");
-    }
-    // Locked: the right password is refused with exactly the answer of an
-    // unknown account or a wrong password (the lockout shows only in the
-    // audit log), from this address or another, right password or wrong.
-    let unknown = login_from(&s, "198.51.100.13", "nobody@defences.test", PASSWORD);
-    assert_eq!(unknown.status, 401, "{}", unknown.body);
-    for (ip, password) in [
-        ("198.51.100.10", PASSWORD),
-        ("198.51.100.11", "wrong password!!"),
-    ] {
-        let r = login_from(&s, ip, "victim@defences.test", password);
-        assert_eq!(
-            (r.status, &r.body, r.header("retry-after")),
-            (unknown.status, &unknown.body, None),
-            "a locked account answers like an unknown one"
+        let failures = audit(&s, &admin, "auth_failure");
+        assert!(
+            failures
+                .iter()
+                .any(|e| e["details"]["reason"] == "bad_password"
+                    && e["details"]["email"] == "victim@defences.test"
+                    && e["actor"] == victim.as_str()),
+            "bad_password entries name the account: {failures:?}"
         );
-    }
-    let r = s.get(&format!("/api/admin/users/{victim}"), &admin);
-    assert_eq!(r.json()["locked"], true, "{}", r.body);
-
-    audited_attempts(
-        &s,
-        &admin,
-        Some("bad_password"),
-        Some("victim@defences.test"),
-        3,
-    );
-    let failures = audit(&s, &admin, "auth_failure");
-    assert!(
-        failures
-            .iter()
-            .any(|e| e["details"]["reason"] == "bad_password"
+        assert!(
+            failures.iter().any(|e| e["details"]["reason"] == "locked"
+                && e["details"]["email"] == "victim@defences.test"),
+            "no auth_failure reason=locked"
+        );
+        let locked = audit(&s, &admin, "account_locked");
+        assert!(
+            locked.iter().any(|e| e["actor"] == victim.as_str()
                 && e["details"]["email"] == "victim@defences.test"
-                && e["actor"] == victim.as_str()),
-        "bad_password entries name the account: {failures:?}"
+                && e["details"]["by"] == "lockout_policy"),
+            "no account_locked entry: {locked:?}"
+        );
+        assert!(failures_metric(&s, "locked") >= 2.0);
+        assert!(failures_metric(&s, "bad_password") >= 3.0);
+    });
+    sc.step(
+        "an_administrator_unlocks_and_the_password_works_again",
+        || {
+            // An administrator unlocks; the password works again.
+            let r = s.post(
+                &format!("/api/admin/users/{victim}/unlock"),
+                &admin,
+                &json!({}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.json()["locked"], false);
+            let r = login_from(&s, "198.51.100.12", "victim@defences.test", PASSWORD);
+            assert_eq!(r.status, 200, "after unlock: {}", r.body);
+            assert!(!audit(&s, &admin, "account_unlocked").is_empty());
+        },
     );
-    assert!(
-        failures.iter().any(|e| e["details"]["reason"] == "locked"
-            && e["details"]["email"] == "victim@defences.test"),
-        "no auth_failure reason=locked"
-    );
-    let locked = audit(&s, &admin, "account_locked");
-    assert!(
-        locked.iter().any(|e| e["actor"] == victim.as_str()
-            && e["details"]["email"] == "victim@defences.test"
-            && e["details"]["by"] == "lockout_policy"),
-        "no account_locked entry: {locked:?}"
-    );
-    assert!(failures_metric(&s, "locked") >= 2.0);
-    assert!(failures_metric(&s, "bad_password") >= 3.0);
-
-    // An administrator unlocks; the password works again.
-    let r = s.post(
-        &format!("/api/admin/users/{victim}/unlock"),
-        &admin,
-        &json!({}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["locked"], false);
-    let r = login_from(&s, "198.51.100.12", "victim@defences.test", PASSWORD);
-    assert_eq!(r.status, 200, "after unlock: {}", r.body);
-    assert!(!audit(&s, &admin, "account_unlocked").is_empty());
-
-    // Bulk-lock: known accounts are locked (emails normalised), unknown reported.
-    let bulk = s.create_user(&admin, "bulk@defences.test", PASSWORD, &["viewer"]);
-    let r = s.post(
+    let bulk_opt = sc.step(
+        "bulk_lock_locks_known_accounts_reports_unknown_ones_and_is_audited",
+        || {
+            // Bulk-lock: known accounts are locked (emails normalised), unknown reported.
+            let bulk = s.create_user(&admin, "bulk@defences.test", PASSWORD, &["viewer"]);
+            let r = s.post(
         "/api/admin/users/bulk-lock",
         &admin,
         &json!({"emails": ["  BULK@Defences.Test ", "nobody@defences.test"], "duration": "1h"}),
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let v = r.json();
-    assert_eq!(
-        v["not_found"],
-        json!(["nobody@defences.test"]),
-        "{}",
-        r.body
+            assert_eq!(r.status, 200, "{}", r.body);
+            let v = r.json();
+            assert_eq!(
+                v["not_found"],
+                json!(["nobody@defences.test"]),
+                "{}",
+                r.body
+            );
+            assert_eq!(v["locked"].as_array().map(Vec::len), Some(1), "{}", r.body);
+            assert_eq!(v["locked"][0]["user_id"], bulk.as_str());
+            assert_eq!(v["locked"][0]["email"], "bulk@defences.test");
+            let r = login_from(&s, "198.51.100.13", "bulk@defences.test", PASSWORD);
+            assert_eq!(r.status, 401, "bulk-locked: {}", r.body);
+            assert_eq!(r.json()["reason"], "invalid_credentials");
+            let r = s.get(&format!("/api/admin/users/{bulk}"), &admin);
+            let until = r.json()["locked_until"].as_str().map(str::to_string);
+            assert!(
+                until.is_some(),
+                "the lock end is for administrators: {}",
+                r.body
+            );
+            assert!(
+                audit(&s, &admin, "account_locked")
+                    .iter()
+                    .any(|e| e["details"]["user_id"] == bulk.as_str()
+                        && e["details"]["by"] == "bulk_lock"),
+                "bulk lock not audited"
+            );
+            bulk
+        },
     );
-    assert_eq!(v["locked"].as_array().map(Vec::len), Some(1), "{}", r.body);
-    assert_eq!(v["locked"][0]["user_id"], bulk.as_str());
-    assert_eq!(v["locked"][0]["email"], "bulk@defences.test");
-    let r = login_from(&s, "198.51.100.13", "bulk@defences.test", PASSWORD);
-    assert_eq!(r.status, 401, "bulk-locked: {}", r.body);
-    assert_eq!(r.json()["reason"], "invalid_credentials");
-    let r = s.get(&format!("/api/admin/users/{bulk}"), &admin);
-    let until = r.json()["locked_until"].as_str().map(str::to_string);
-    assert!(
-        until.is_some(),
-        "the lock end is for administrators: {}",
-        r.body
-    );
-    assert!(
-        audit(&s, &admin, "account_locked")
-            .iter()
-            .any(|e| e["details"]["user_id"] == bulk.as_str() && e["details"]["by"] == "bulk_lock"),
-        "bulk lock not audited"
-    );
-    let r = s.post(
-        &format!("/api/admin/users/{bulk}/unlock"),
-        &admin,
-        &json!({}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        login_from(&s, "198.51.100.14", "bulk@defences.test", PASSWORD).status,
-        200
-    );
+    if let Some(bulk) = bulk_opt.clone() {
+        sc.step(
+            "a_bulk_locked_account_is_unlocked_by_an_administrator",
+            || {
+                let r = s.post(
+                    &format!("/api/admin/users/{bulk}/unlock"),
+                    &admin,
+                    &json!({}),
+                );
+                assert_eq!(r.status, 200, "{}", r.body);
+                assert_eq!(
+                    login_from(&s, "198.51.100.14", "bulk@defences.test", PASSWORD).status,
+                    200
+                );
+            },
+        );
+    }
 }
 
 #[test]
@@ -224,10 +277,10 @@ fn login_rate_limit_under_a_concurrent_burst() {
     const N: usize = 20;
     const IP: &str = "203.0.113.50";
     let barrier = Arc::new(Barrier::new(N));
-    let port = s.port;
+    let client = s.client();
     let handles: Vec<_> = (0..N)
         .map(|i| {
-            let barrier = barrier.clone();
+            let (barrier, client) = (barrier.clone(), client.clone());
             std::thread::spawn(move || {
                 // Half the right password, half an unknown account: both are
                 // processed attempts (200 / 401) when the limiter lets them by.
@@ -240,7 +293,7 @@ fn login_rate_limit_under_a_concurrent_burst() {
                     .header("X-Forwarded-For", IP)
                     .json(&json!({"email": email, "password": PASSWORD}));
                 barrier.wait();
-                req.send(port).expect("login request")
+                client.send(req)
             })
         })
         .collect();
@@ -305,7 +358,9 @@ struct Raw {
 }
 
 /// Sends `head` (request line and headers, without the blank line) and
-/// `body` as raw bytes; tolerates the server closing early.
+/// `body` as raw bytes; tolerates the server closing early. Only for what a
+/// client library will not send or not report: non-UTF-8 header bytes, and
+/// oversized bodies the server answers (and closes on) before reading them.
 fn raw(port: u16, head: &[u8], body: &[u8]) -> Raw {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
@@ -349,6 +404,13 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// Panics listing the cases since `from` (a count of problems) that
+    /// did not get a 4xx naming their problem.
+    fn no_problems_since(&self, from: usize) {
+        let new = &self.problems[from..];
+        assert!(new.is_empty(), "{} cases:\n{}", new.len(), new.join("\n"));
+    }
+
     fn check(&mut self, what: &str, status: u16, body: &str, keyword: &str) {
         self.cases += 1;
         let error = serde_json::from_str::<Value>(body)
@@ -370,7 +432,7 @@ impl Checker<'_> {
     }
 
     fn send(&mut self, what: &str, req: Request, keyword: &str) {
-        match req.send(self.s.port) {
+        match self.s.client().try_send(&req) {
             Ok(r) => self.check(what, r.status, &r.body, keyword),
             Err(e) => self.problems.push(format!("{what}: request failed: {e}")),
         }
@@ -404,10 +466,39 @@ impl Checker<'_> {
     }
 }
 
-#[test]
-fn bad_input_is_a_4xx_naming_the_problem_never_a_5xx() {
-    let s = start(&[("AUTH_RATE_LIMIT_PER_IP", "100000")]);
-    let (admin_id, admin) = s.bootstrap_admin("root@input.test");
+/// Bad input of every kind on one server, by kind, then what the refused
+/// requests left behind; each step one behaviour.
+fn bad_input() -> &'static Scenario {
+    static S: OnceLock<Scenario> = OnceLock::new();
+    S.get_or_init(|| {
+        let mut sc = Scenario::new();
+        run_bad_input(&mut sc);
+        sc
+    })
+}
+
+aragora_testkit::scenario_tests!(mod bad_input_is_a_4xx_naming_the_problem = bad_input;
+    the_server_and_its_admin_are_set_up,
+    malformed_or_mistyped_bodies_are_4xx_naming_the_problem,
+    an_oversized_body_is_refused_before_parsing_naming_the_limit,
+    bad_query_strings_are_4xx_naming_the_parameter,
+    bad_durations_addresses_emails_passwords_roles_and_names_are_4xx_naming_them,
+    bad_credentials_in_headers_are_4xx_and_unread_non_utf8_headers_are_ignored,
+    unknown_routes_and_wrong_methods_are_4xx,
+    at_least_sixty_cases_were_checked,
+    refused_requests_leave_the_server_healthy,
+    refused_requests_create_no_user_and_no_block,
+    the_audit_chain_stays_intact_and_the_admin_keeps_its_roles,
+);
+
+fn run_bad_input(sc: &mut Scenario) {
+    let Some((s, admin_id, admin)) = sc.step("the_server_and_its_admin_are_set_up", || {
+        let s = start(&[("AUTH_RATE_LIMIT_PER_IP", "100000")]);
+        let (admin_id, admin) = s.bootstrap_admin("root@input.test");
+        (s, admin_id, admin)
+    }) else {
+        return;
+    };
     let mut c = Checker {
         s: &s,
         problems: Vec::new(),
@@ -416,104 +507,114 @@ fn bad_input_is_a_4xx_naming_the_problem_never_a_5xx() {
     let login = "/api/auth/login";
     let users = "/api/admin/users";
 
-    // Bodies: malformed, empty, wrong types, unknown fields, wrong shape, deep.
-    c.post_raw(
-        "malformed JSON",
-        login,
-        None,
-        br#"{"email": "a@b.c", "password": "#,
-        "not valid",
-    );
-    c.post_raw(
-        "malformed JSON (admin)",
-        users,
-        Some(&admin),
-        b"{email: x}",
-        "not valid",
-    );
-    c.post_raw(
-        "trailing garbage",
-        login,
-        None,
-        br#"{"email":"a@b.c","password":"p"} x"#,
-        "trailing",
-    );
-    c.post_raw("empty body", login, None, b"", "empty");
-    c.post_raw(
-        "empty body (admin)",
-        "/api/admin/ratelimit/block",
-        Some(&admin),
-        b"",
-        "empty",
-    );
-    c.post_raw("JSON null", login, None, b"null", "invalid type");
-    c.post_raw("JSON array", login, None, b"[]", "not valid");
-    c.post_raw(
-        "not UTF-8",
-        login,
-        None,
-        b"{\"email\": \"\xff\xfe\", \"password\": \"x\"}",
-        "not valid",
-    );
-    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
-    c.post_raw(
-        "5000-deep nesting",
-        users,
-        Some(&admin),
-        deep.as_bytes(),
-        "not valid",
-    );
-    c.send(
-        "password as number",
-        Request::new("POST", login).json(&json!({"email": "a@b.c", "password": 123})),
-        "invalid type",
-    );
-    c.post(
-        "roles as string",
-        users,
-        &admin,
-        json!({"email": "t@input.test", "password": PASSWORD, "roles": "admin"}),
-        "invalid type",
-    );
-    c.post(
-        "emails as string",
-        "/api/admin/users/bulk-lock",
-        &admin,
-        json!({"emails": "x@input.test", "duration": "1h"}),
-        "invalid type",
-    );
-    c.post(
-        "duration as number",
-        "/api/admin/ratelimit/block",
-        &admin,
-        json!({"ip": "203.0.113.1", "duration": 3600}),
-        "invalid type",
-    );
-    c.send(
-        "missing field",
-        Request::new("POST", login).json(&json!({"email": "a@b.c"})),
-        "missing field",
-    );
-    c.send(
-        "unknown field",
-        Request::new("POST", login).json(&json!({"email": "a@b.c", "password": "x", "otp": 1})),
-        "unknown field",
-    );
-    c.post(
-        "unknown field (admin)",
-        users,
-        &admin,
-        json!({"email": "t@input.test", "is_admin": true}),
-        "unknown field",
-    );
-    c.post_raw(
-        "bad revoke body",
-        &format!("/api/admin/users/{admin_id}/sessions/revoke"),
-        Some(&admin),
-        b"{oops",
-        "not valid",
-    );
+    sc.step(
+        "malformed_or_mistyped_bodies_are_4xx_naming_the_problem",
+        || {
+            let from = c.problems.len();
+            // Bodies: malformed, empty, wrong types, unknown fields, wrong shape, deep.
+            c.post_raw(
+                "malformed JSON",
+                login,
+                None,
+                br#"{"email": "a@b.c", "password": "#,
+                "not valid",
+            );
+            c.post_raw(
+                "malformed JSON (admin)",
+                users,
+                Some(&admin),
+                b"{email: x}",
+                "not valid",
+            );
+            c.post_raw(
+                "trailing garbage",
+                login,
+                None,
+                br#"{"email":"a@b.c","password":"p"} x"#,
+                "trailing",
+            );
+            c.post_raw("empty body", login, None, b"", "empty");
+            c.post_raw(
+                "empty body (admin)",
+                "/api/admin/ratelimit/block",
+                Some(&admin),
+                b"",
+                "empty",
+            );
+            c.post_raw("JSON null", login, None, b"null", "invalid type");
+            c.post_raw("JSON array", login, None, b"[]", "not valid");
+            c.post_raw(
+                "not UTF-8",
+                login,
+                None,
+                b"{\"email\": \"\xff\xfe\", \"password\": \"x\"}",
+                "not valid",
+            );
+            let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+            c.post_raw(
+                "5000-deep nesting",
+                users,
+                Some(&admin),
+                deep.as_bytes(),
+                "not valid",
+            );
+            c.send(
+                "password as number",
+                Request::new("POST", login).json(&json!({"email": "a@b.c", "password": 123})),
+                "invalid type",
+            );
+            c.post(
+                "roles as string",
+                users,
+                &admin,
+                json!({"email": "t@input.test", "password": PASSWORD, "roles": "admin"}),
+                "invalid type",
+            );
+            c.post(
+                "emails as string",
+                "/api/admin/users/bulk-lock",
+                &admin,
+                json!({"emails": "x@input.test", "duration": "1h"}),
+                "invalid type",
+            );
+            c.post(
+                "duration as number",
+                "/api/admin/ratelimit/block",
+                &admin,
+                json!({"ip": "203.0.113.1", "duration": 3600}),
+                "invalid type",
+            );
+            c.send(
+                "missing field",
+                Request::new("POST", login).json(&json!({"email": "a@b.c"})),
+                "missing field",
+            );
+            c.send(
+                "unknown field",
+                Request::new("POST", login)
+                    .json(&json!({"email": "a@b.c", "password": "x", "otp": 1})),
+                "unknown field",
+            );
+            c.post(
+                "unknown field (admin)",
+                users,
+                &admin,
+                json!({"email": "t@input.test", "is_admin": true}),
+                "unknown field",
+            );
+            c.post_raw(
+                "bad revoke body",
+                &format!("/api/admin/users/{admin_id}/sessions/revoke"),
+                Some(&admin),
+                b"{oops",
+                "not valid",
+            );
 
+            c.no_problems_since(from);
+        },
+    );
+    sc.step("an_oversized_body_is_refused_before_parsing_naming_the_limit", || {
+    let from = c.problems.len();
     // Oversized body: refused before parsing (raw, the server may close early).
     let big = format!(
         r#"{{"email":"big@input.test","password":"{}"}}"#,
@@ -529,349 +630,375 @@ fn bad_input_is_a_4xx_naming_the_problem_never_a_5xx() {
     let r = raw(s.port, head.as_bytes(), big.as_bytes());
     c.check("200 KiB login body", r.status, &r.body, "larger than");
 
-    // Query strings.
-    let search = "/api/security/audit/search";
-    c.get(
-        "minutes=abc",
-        &format!("{search}?minutes=abc"),
-        &admin,
-        "query string",
-    );
-    c.get(
-        "minutes=-5",
-        &format!("{search}?minutes=-5"),
-        &admin,
-        "query string",
-    );
-    c.get(
-        "minutes=0",
-        &format!("{search}?minutes=0"),
-        &admin,
-        "minutes",
-    );
-    c.get("limit=0", &format!("{search}?limit=0"), &admin, "limit");
-    c.get(
-        "limit=999999",
-        &format!("{search}?limit=999999"),
-        &admin,
-        "limit",
-    );
-    c.get(
-        "limit=abc",
-        &format!("{search}?limit=abc"),
-        &admin,
-        "query string",
-    );
-    c.get(
-        "limit overflow",
-        &format!("{search}?limit=99999999999999999999999"),
-        &admin,
-        "query string",
-    );
-    c.get(
-        "unknown parameter",
-        &format!("{search}?actions=login"),
-        &admin,
-        "unknown field",
-    );
-    c.get(
-        "users limit=abc",
-        "/api/admin/users?limit=abc",
-        &admin,
-        "query string",
-    );
-    c.get(
-        "denials minutes=abc",
-        "/api/security/rbac/denials/recent?minutes=abc",
-        &admin,
-        "query string",
-    );
+    c.no_problems_since(from);
+    });
+    sc.step("bad_query_strings_are_4xx_naming_the_parameter", || {
+        let from = c.problems.len();
+        // Query strings.
+        let search = "/api/security/audit/search";
+        c.get(
+            "minutes=abc",
+            &format!("{search}?minutes=abc"),
+            &admin,
+            "query string",
+        );
+        c.get(
+            "minutes=-5",
+            &format!("{search}?minutes=-5"),
+            &admin,
+            "query string",
+        );
+        c.get(
+            "minutes=0",
+            &format!("{search}?minutes=0"),
+            &admin,
+            "minutes",
+        );
+        c.get("limit=0", &format!("{search}?limit=0"), &admin, "limit");
+        c.get(
+            "limit=999999",
+            &format!("{search}?limit=999999"),
+            &admin,
+            "limit",
+        );
+        c.get(
+            "limit=abc",
+            &format!("{search}?limit=abc"),
+            &admin,
+            "query string",
+        );
+        c.get(
+            "limit overflow",
+            &format!("{search}?limit=99999999999999999999999"),
+            &admin,
+            "query string",
+        );
+        c.get(
+            "unknown parameter",
+            &format!("{search}?actions=login"),
+            &admin,
+            "unknown field",
+        );
+        c.get(
+            "users limit=abc",
+            "/api/admin/users?limit=abc",
+            &admin,
+            "query string",
+        );
+        c.get(
+            "denials minutes=abc",
+            "/api/security/rbac/denials/recent?minutes=abc",
+            &admin,
+            "query string",
+        );
 
-    // Durations, addresses, emails, passwords, roles, names.
-    let block = "/api/admin/ratelimit/block";
-    c.post(
-        "duration soon (block)",
-        block,
-        &admin,
-        json!({"ip": "203.0.113.1", "duration": "soon"}),
-        "duration",
-    );
-    c.post(
-        "duration 0s (block)",
-        block,
-        &admin,
-        json!({"ip": "203.0.113.1", "duration": "0s"}),
-        "duration",
-    );
-    c.post(
-        "duration 400d (block)",
-        block,
-        &admin,
-        json!({"ip": "203.0.113.1", "duration": "400d"}),
-        "366 days",
-    );
-    c.post(
-        "duration soon (bulk-lock)",
-        "/api/admin/users/bulk-lock",
-        &admin,
-        json!({"emails": ["a@input.test"], "duration": "soon"}),
-        "duration",
-    );
-    c.post(
-        "duration -1h (bulk-lock)",
-        "/api/admin/users/bulk-lock",
-        &admin,
-        json!({"emails": ["a@input.test"], "duration": "-1h"}),
-        "duration",
-    );
-    c.post(
-        "no emails (bulk-lock)",
-        "/api/admin/users/bulk-lock",
-        &admin,
-        json!({"emails": [], "duration": "1h"}),
-        "emails",
-    );
-    c.post(
-        "bad IPv4",
-        block,
-        &admin,
-        json!({"ip": "999.1.1.1", "duration": "1h"}),
-        "IPv4",
-    );
-    c.post(
-        "IP with port",
-        block,
-        &admin,
-        json!({"ip": "203.0.113.1:80", "duration": "1h"}),
-        "IPv4",
-    );
-    c.post(
-        "empty IP",
-        block,
-        &admin,
-        json!({"ip": "", "duration": "1h"}),
-        "IPv4",
-    );
-    c.send(
-        "bad IP (unblock)",
-        Request::new("DELETE", "/api/admin/ratelimit/blocks/not-an-ip").bearer(&admin),
-        "IPv4",
-    );
-    c.send(
-        "IP not blocked (unblock)",
-        Request::new("DELETE", "/api/admin/ratelimit/blocks/203.0.113.77").bearer(&admin),
-        "not blocked",
-    );
-    c.post(
-        "email without @",
-        users,
-        &admin,
-        json!({"email": "no-at-sign", "password": PASSWORD}),
-        "not an email address",
-    );
-    c.post(
-        "email with space",
-        users,
-        &admin,
-        json!({"email": "a b@input.test", "password": PASSWORD}),
-        "not an email address",
-    );
-    c.post(
-        "email without local part",
-        users,
-        &admin,
-        json!({"email": "@input.test", "password": PASSWORD}),
-        "not an email address",
-    );
-    c.post(
-        "300-char email",
-        users,
-        &admin,
-        json!({"email": format!("{}@input.test", "a".repeat(300)), "password": PASSWORD}),
-        "not an email address",
-    );
-    c.post(
-        "short password",
-        users,
-        &admin,
-        json!({"email": "short@input.test", "password": "short"}),
-        "at least 12",
-    );
-    c.post(
-        "1100-byte password",
-        users,
-        &admin,
-        json!({"email": "long@input.test", "password": "x".repeat(1100)}),
-        "at most",
-    );
-    c.post(
-        "short password (set)",
-        &format!("/api/admin/users/{admin_id}/password"),
-        &admin,
-        json!({"password": "eleven char"}),
-        "at least 12",
-    );
-    c.post(
-        "unknown role",
-        users,
-        &admin,
-        json!({"email": "role@input.test", "password": PASSWORD, "roles": ["superuser"]}),
-        "not a role",
-    );
-    c.post(
-        "unknown role (assign)",
-        &format!("/api/admin/users/{admin_id}/roles"),
-        &admin,
-        json!({"role": "superuser"}),
-        "not a role",
-    );
-    c.post(
-        "bad role name",
-        "/api/admin/roles",
-        &admin,
-        json!({"name": "Ops Team!", "permissions": []}),
-        "must be 1 to 64",
-    );
-    c.post(
-        "uncatalogued permission",
-        "/api/admin/roles",
-        &admin,
-        json!({"name": "ops", "permissions": ["nuke.everything"]}),
-        "catalogue",
-    );
-    c.post(
-        "redefine built-in role",
-        "/api/admin/roles",
-        &admin,
-        json!({"name": "admin", "permissions": []}),
-        "built-in",
-    );
-    c.post(
-        "empty key name",
-        "/api/auth/api-keys",
-        &admin,
-        json!({"name": "  "}),
-        "name",
-    );
-    c.post(
-        "200-char key name",
-        "/api/auth/api-keys",
-        &admin,
-        json!({"name": "k".repeat(200)}),
-        "name",
-    );
-    c.post(
-        "empty disable reason",
-        &format!("/api/admin/users/{admin_id}/disable"),
-        &admin,
-        json!({"reason": " "}),
-        "reason",
-    );
-    c.post(
-        "disable oneself",
-        &format!("/api/admin/users/{admin_id}/disable"),
-        &admin,
-        json!({"reason": "oops"}),
-        "your own",
-    );
-    c.send(
-        "remove own admin",
-        Request::new(
-            "DELETE",
-            &format!("/api/admin/users/{admin_id}/roles/admin"),
-        )
-        .bearer(&admin),
-        "your own admin",
-    );
-    c.get(
-        "unknown user",
-        "/api/admin/users/usr_nobody",
-        &admin,
-        "no user",
-    );
+        c.no_problems_since(from);
+    });
+    sc.step(
+        "bad_durations_addresses_emails_passwords_roles_and_names_are_4xx_naming_them",
+        || {
+            let from = c.problems.len();
+            // Durations, addresses, emails, passwords, roles, names.
+            let block = "/api/admin/ratelimit/block";
+            c.post(
+                "duration soon (block)",
+                block,
+                &admin,
+                json!({"ip": "203.0.113.1", "duration": "soon"}),
+                "duration",
+            );
+            c.post(
+                "duration 0s (block)",
+                block,
+                &admin,
+                json!({"ip": "203.0.113.1", "duration": "0s"}),
+                "duration",
+            );
+            c.post(
+                "duration 400d (block)",
+                block,
+                &admin,
+                json!({"ip": "203.0.113.1", "duration": "400d"}),
+                "366 days",
+            );
+            c.post(
+                "duration soon (bulk-lock)",
+                "/api/admin/users/bulk-lock",
+                &admin,
+                json!({"emails": ["a@input.test"], "duration": "soon"}),
+                "duration",
+            );
+            c.post(
+                "duration -1h (bulk-lock)",
+                "/api/admin/users/bulk-lock",
+                &admin,
+                json!({"emails": ["a@input.test"], "duration": "-1h"}),
+                "duration",
+            );
+            c.post(
+                "no emails (bulk-lock)",
+                "/api/admin/users/bulk-lock",
+                &admin,
+                json!({"emails": [], "duration": "1h"}),
+                "emails",
+            );
+            c.post(
+                "bad IPv4",
+                block,
+                &admin,
+                json!({"ip": "999.1.1.1", "duration": "1h"}),
+                "IPv4",
+            );
+            c.post(
+                "IP with port",
+                block,
+                &admin,
+                json!({"ip": "203.0.113.1:80", "duration": "1h"}),
+                "IPv4",
+            );
+            c.post(
+                "empty IP",
+                block,
+                &admin,
+                json!({"ip": "", "duration": "1h"}),
+                "IPv4",
+            );
+            c.send(
+                "bad IP (unblock)",
+                Request::new("DELETE", "/api/admin/ratelimit/blocks/not-an-ip").bearer(&admin),
+                "IPv4",
+            );
+            c.send(
+                "IP not blocked (unblock)",
+                Request::new("DELETE", "/api/admin/ratelimit/blocks/203.0.113.77").bearer(&admin),
+                "not blocked",
+            );
+            c.post(
+                "email without @",
+                users,
+                &admin,
+                json!({"email": "no-at-sign", "password": PASSWORD}),
+                "not an email address",
+            );
+            c.post(
+                "email with space",
+                users,
+                &admin,
+                json!({"email": "a b@input.test", "password": PASSWORD}),
+                "not an email address",
+            );
+            c.post(
+                "email without local part",
+                users,
+                &admin,
+                json!({"email": "@input.test", "password": PASSWORD}),
+                "not an email address",
+            );
+            c.post(
+                "300-char email",
+                users,
+                &admin,
+                json!({"email": format!("{}@input.test", "a".repeat(300)), "password": PASSWORD}),
+                "not an email address",
+            );
+            c.post(
+                "short password",
+                users,
+                &admin,
+                json!({"email": "short@input.test", "password": "short"}),
+                "at least 12",
+            );
+            c.post(
+                "1100-byte password",
+                users,
+                &admin,
+                json!({"email": "long@input.test", "password": "x".repeat(1100)}),
+                "at most",
+            );
+            c.post(
+                "short password (set)",
+                &format!("/api/admin/users/{admin_id}/password"),
+                &admin,
+                json!({"password": "eleven char"}),
+                "at least 12",
+            );
+            c.post(
+                "unknown role",
+                users,
+                &admin,
+                json!({"email": "role@input.test", "password": PASSWORD, "roles": ["superuser"]}),
+                "not a role",
+            );
+            c.post(
+                "unknown role (assign)",
+                &format!("/api/admin/users/{admin_id}/roles"),
+                &admin,
+                json!({"role": "superuser"}),
+                "not a role",
+            );
+            c.post(
+                "bad role name",
+                "/api/admin/roles",
+                &admin,
+                json!({"name": "Ops Team!", "permissions": []}),
+                "must be 1 to 64",
+            );
+            c.post(
+                "uncatalogued permission",
+                "/api/admin/roles",
+                &admin,
+                json!({"name": "ops", "permissions": ["nuke.everything"]}),
+                "catalogue",
+            );
+            c.post(
+                "redefine built-in role",
+                "/api/admin/roles",
+                &admin,
+                json!({"name": "admin", "permissions": []}),
+                "built-in",
+            );
+            c.post(
+                "empty key name",
+                "/api/auth/api-keys",
+                &admin,
+                json!({"name": "  "}),
+                "name",
+            );
+            c.post(
+                "200-char key name",
+                "/api/auth/api-keys",
+                &admin,
+                json!({"name": "k".repeat(200)}),
+                "name",
+            );
+            c.post(
+                "empty disable reason",
+                &format!("/api/admin/users/{admin_id}/disable"),
+                &admin,
+                json!({"reason": " "}),
+                "reason",
+            );
+            c.post(
+                "disable oneself",
+                &format!("/api/admin/users/{admin_id}/disable"),
+                &admin,
+                json!({"reason": "oops"}),
+                "your own",
+            );
+            c.send(
+                "remove own admin",
+                Request::new(
+                    "DELETE",
+                    &format!("/api/admin/users/{admin_id}/roles/admin"),
+                )
+                .bearer(&admin),
+                "your own admin",
+            );
+            c.get(
+                "unknown user",
+                "/api/admin/users/usr_nobody",
+                &admin,
+                "no user",
+            );
 
-    // Headers: a 10 KB credential, non-UTF-8 bytes, a bare scheme.
-    let long = "a".repeat(10 * 1024);
-    c.send(
-        "10 KB Authorization",
-        Request::new("GET", "/api/auth/me").bearer(&long),
-        "authorization",
+            c.no_problems_since(from);
+        },
     );
-    c.send(
-        "10 KB API key",
-        Request::new("GET", "/api/auth/me").bearer(&format!("ara_{long}")),
-        "authorization",
-    );
-    c.send(
-        "bare Bearer",
-        Request::new("GET", "/api/auth/me").header("Authorization", "Bearer"),
-        "authorization",
-    );
-    c.send(
-        "Bearer and spaces",
-        Request::new("GET", "/api/auth/me").header("Authorization", "Bearer    "),
-        "authorization",
-    );
-    let r = raw(
+    sc.step(
+        "bad_credentials_in_headers_are_4xx_and_unread_non_utf8_headers_are_ignored",
+        || {
+            let from = c.problems.len();
+            // Headers: a 10 KB credential, non-UTF-8 bytes, a bare scheme.
+            let long = "a".repeat(10 * 1024);
+            c.send(
+                "10 KB Authorization",
+                Request::new("GET", "/api/auth/me").bearer(&long),
+                "authorization",
+            );
+            c.send(
+                "10 KB API key",
+                Request::new("GET", "/api/auth/me").bearer(&format!("ara_{long}")),
+                "authorization",
+            );
+            c.send(
+                "bare Bearer",
+                Request::new("GET", "/api/auth/me").header("Authorization", "Bearer"),
+                "authorization",
+            );
+            c.send(
+                "Bearer and spaces",
+                Request::new("GET", "/api/auth/me").header("Authorization", "Bearer    "),
+                "authorization",
+            );
+            let r = raw(
         s.port,
         b"GET /api/auth/me HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\xfd\r\n",
         b"",
     );
-    c.check(
-        "non-UTF-8 Authorization",
-        r.status,
-        &r.body,
-        "authorization",
-    );
-    // Non-UTF-8 in headers the server only reads: ignored, the request served.
-    let mut head = format!(
-        "GET /api/auth/me HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {admin}\r\n"
-    )
-    .into_bytes();
-    head.extend_from_slice(b"X-Forwarded-For: \xff\xfe\r\nUser-Agent: \xc3\x28agent\r\n");
-    let r = raw(s.port, &head, b"");
-    c.cases += 1;
-    if r.status != 200 {
-        c.problems.push(format!(
-            "non-UTF-8 X-Forwarded-For/User-Agent: {} {}",
-            r.status, r.body
-        ));
-    }
+            c.check(
+                "non-UTF-8 Authorization",
+                r.status,
+                &r.body,
+                "authorization",
+            );
+            // Non-UTF-8 in headers the server only reads: ignored, the request served.
+            let mut head = format!(
+                "GET /api/auth/me HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {admin}\r\n"
+            )
+            .into_bytes();
+            head.extend_from_slice(b"X-Forwarded-For: \xff\xfe\r\nUser-Agent: \xc3\x28agent\r\n");
+            let r = raw(s.port, &head, b"");
+            c.cases += 1;
+            if r.status != 200 {
+                c.problems.push(format!(
+                    "non-UTF-8 X-Forwarded-For/User-Agent: {} {}",
+                    r.status, r.body
+                ));
+            }
 
-    // Routing.
-    c.get("unknown route", "/api/nothing/here", &admin, "no route");
-    c.send(
-        "wrong method",
-        Request::new("PUT", login).json(&json!({})),
-        "not allowed",
+            c.no_problems_since(from);
+        },
     );
+    sc.step("unknown_routes_and_wrong_methods_are_4xx", || {
+        let from = c.problems.len();
+        // Routing.
+        c.get("unknown route", "/api/nothing/here", &admin, "no route");
+        c.send(
+            "wrong method",
+            Request::new("PUT", login).json(&json!({})),
+            "not allowed",
+        );
 
-    assert!(c.cases >= 60, "only {} cases", c.cases);
-    assert!(
-        c.problems.is_empty(),
-        "{} of {} cases:\n{}",
-        c.problems.len(),
-        c.cases,
-        c.problems.join("\n")
-    );
-
-    // Still healthy, nothing created by the refused requests, the chain intact.
-    let r = s.send(Request::new("GET", "/api/health"));
-    assert_eq!(r.status, 200);
-    let r = s.get("/api/admin/users", &admin);
-    assert_eq!(
-        r.json()["count"],
-        1,
-        "refused requests created users: {}",
-        r.body
-    );
-    let r = s.get("/api/admin/ratelimit/blocks", &admin);
-    assert_eq!(r.json()["blocks"], json!([]), "{}", r.body);
-    let r = s.get("/api/security/audit/verify", &admin);
-    assert_eq!(r.json()["ok"], true, "{}", r.body);
-    assert_eq!(
-        s.get("/api/auth/me", &admin).json()["roles"],
-        json!(["admin"])
+        c.no_problems_since(from);
+    });
+    sc.step("at_least_sixty_cases_were_checked", || {
+        assert!(c.cases >= 60, "only {} cases", c.cases);
+    });
+    sc.step("refused_requests_leave_the_server_healthy", || {
+        let r = s.send(Request::new("GET", "/api/health"));
+        assert_eq!(r.status, 200);
+    });
+    sc.step("refused_requests_create_no_user_and_no_block", || {
+        let r = s.get("/api/admin/users", &admin);
+        assert_eq!(
+            r.json()["count"],
+            1,
+            "refused requests created users: {}",
+            r.body
+        );
+        let r = s.get("/api/admin/ratelimit/blocks", &admin);
+        assert_eq!(r.json()["blocks"], json!([]), "{}", r.body);
+    });
+    sc.step(
+        "the_audit_chain_stays_intact_and_the_admin_keeps_its_roles",
+        || {
+            let r = s.get("/api/security/audit/verify", &admin);
+            assert_eq!(r.json()["ok"], true, "{}", r.body);
+            assert_eq!(
+                s.get("/api/auth/me", &admin).json()["roles"],
+                json!(["admin"])
+            );
+        },
     );
 }
 
@@ -988,16 +1115,16 @@ fn concurrent_wrong_passwords_are_bounded_by_the_lockout_threshold() {
     let bad_before = failures_metric(&s, "bad_password");
     const N: usize = 12;
     let barrier = Arc::new(Barrier::new(N));
-    let port = s.port;
+    let client = s.client();
     let handles: Vec<_> = (0..N)
         .map(|i| {
-            let barrier = barrier.clone();
+            let (barrier, client) = (barrier.clone(), client.clone());
             std::thread::spawn(move || {
                 let req = Request::new("POST", "/api/auth/login")
                     .header("X-Forwarded-For", &format!("198.51.100.{}", 100 + i))
                     .json(&json!({"email": "race@race.test", "password": format!("wrong guess {i:03}")}));
                 barrier.wait();
-                req.send(port).expect("login").status
+                client.send(req).status
             })
         })
         .collect();
@@ -1076,7 +1203,7 @@ fn all_audit(s: &Server, admin: &str) -> Vec<Value> {
 
 /// Sends `reqs` from `threads` threads at once; the statuses, in order.
 fn flood(s: &Server, reqs: Vec<Request>, threads: usize) -> Vec<u16> {
-    let port = s.port;
+    let client = s.client();
     let chunk = reqs.len().div_ceil(threads);
     let mut parts: Vec<Vec<Request>> = Vec::new();
     let mut rest = reqs;
@@ -1088,9 +1215,10 @@ fn flood(s: &Server, reqs: Vec<Request>, threads: usize) -> Vec<u16> {
     let handles: Vec<_> = parts
         .into_iter()
         .map(|part| {
+            let client = client.clone();
             std::thread::spawn(move || {
                 part.into_iter()
-                    .map(|r| r.send(port).expect("request").status)
+                    .map(|r| client.send(r).status)
                     .collect::<Vec<u16>>()
             })
         })

@@ -1,80 +1,42 @@
-//! Starts the real `aragora serve` on a free port and exercises the foundation:
-//! health, the Appendix A metric names, maintenance mode, graceful SIGTERM, and
-//! the key checks at boot.
+//! The real `aragora serve` through the test kit: health, the Appendix A
+//! metric names, maintenance mode, graceful SIGTERM, and the checks of
+//! configuration and keys at boot.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::OnceLock;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+use aragora_testkit::{BootFailure, Request, Server};
+
+const BIN: &str = env!("CARGO_BIN_EXE_aragora");
+
+/// The development server the read-only tests share.
+fn shared() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| Server::start(Path::new(BIN), &[]))
 }
 
-/// A minimal HTTP/1.1 GET (status, body): the tests need nothing more.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+/// A server in maintenance mode, shared the same way.
+fn maintenance() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| Server::start(Path::new(BIN), &[("MAINTENANCE_MODE", "true")]))
 }
 
-fn start(data: &Path, port: u16, extra: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aragora"));
-    cmd.arg("serve")
-        .env_clear()
-        .env("ARAGORA_BIND", format!("127.0.0.1:{port}"))
-        .env("ARAGORA_DATA_DIR", data)
-        .env("ARAGORA_LOG_LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("spawn aragora");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(port, "/api/health").is_none() {
-        assert!(Instant::now() < deadline, "aragora did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
-fn stop(mut child: Child) -> std::process::ExitStatus {
-    let pid = child.id().to_string();
-    Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill -TERM");
-    child.wait().expect("wait")
+fn get(s: &Server, path: &str) -> aragora_testkit::Response {
+    s.send(Request::new("GET", path))
 }
 
 #[test]
-fn serve_health_metrics_and_graceful_shutdown() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let child = start(tmp.path(), port, &[]);
-    let (status, body) = get(port, "/api/health").expect("health");
-    assert_eq!(status, 200);
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(v["status"], "ok");
-    let (status, text) = get(port, "/metrics").expect("metrics");
-    assert_eq!(status, 200);
+fn health_answers_ok() {
+    let r = get(shared(), "/api/health");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], "ok");
+}
+
+#[test]
+fn metrics_expose_every_appendix_a_family() {
+    let r = get(shared(), "/metrics");
+    assert_eq!(r.status, 200);
     for name in [
         "aragora_security_encryption_operations_total",
         "aragora_security_encryption_latency_seconds",
@@ -90,59 +52,74 @@ fn serve_health_metrics_and_graceful_shutdown() {
         "aragora_pending_critical_approvals",
         "aragora_approval_unauthorized_attempts_total",
     ] {
-        assert!(text.contains(name), "/metrics lacks {name}");
+        assert!(r.body.contains(name), "/metrics lacks {name}");
     }
-    let (status, body) = get(port, "/api/nope").expect("404");
-    assert_eq!(status, 404);
-    assert!(body.contains("no route for GET /api/nope"));
-    // Development keys were generated into an owner-only file.
-    let keys = tmp.path().join("dev-keys.env");
+}
+
+#[test]
+fn an_unknown_route_is_a_404_naming_method_and_path() {
+    let r = get(shared(), "/api/nope");
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("no route for GET /api/nope"), "{}", r.body);
+}
+
+#[test]
+fn development_keys_are_generated_into_an_owner_only_file() {
+    let keys = shared().data_dir.join("dev-keys.env");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&keys).expect("keys file").permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
-    assert!(stop(child).success(), "SIGTERM shuts down cleanly");
-    // The store was closed (lock released) and the same keys reopen it.
-    let child = start(tmp.path(), port, &[]);
-    assert!(stop(child).success());
 }
 
 #[test]
-fn maintenance_mode_serves_only_health_metrics_and_admin() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let child = start(tmp.path(), port, &[("MAINTENANCE_MODE", "true")]);
-    assert_eq!(get(port, "/api/health").expect("health").0, 200);
-    assert_eq!(get(port, "/metrics").expect("metrics").0, 200);
-    let (status, body) = get(port, "/api/security/rbac/permissions").expect("locked");
-    assert_eq!(status, 503);
-    assert!(body.contains("maintenance mode"));
+fn sigterm_shuts_down_cleanly_and_the_same_keys_reopen_the_store() {
+    let mut s = Server::start(Path::new(BIN), &[]);
+    assert!(
+        s.stop().is_some_and(|st| st.success()),
+        "SIGTERM shuts down cleanly"
+    );
+    // The store was closed (lock released) and the same keys reopen it.
+    s.restart_with(&[]);
+    assert_eq!(get(&s, "/api/health").status, 200);
+    assert!(s.stop().is_some_and(|st| st.success()));
+}
+
+#[test]
+fn maintenance_mode_still_serves_health_and_metrics() {
+    assert_eq!(get(maintenance(), "/api/health").status, 200);
+    assert_eq!(get(maintenance(), "/metrics").status, 200);
+}
+
+#[test]
+fn maintenance_mode_refuses_the_rest_of_the_api_with_503() {
+    let r = get(maintenance(), "/api/security/rbac/permissions");
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("maintenance mode"), "{}", r.body);
+}
+
+#[test]
+fn maintenance_mode_lets_admin_routes_through() {
     assert_ne!(
-        get(port, "/api/admin/sessions/revoke-all")
-            .expect("admin")
-            .0,
+        get(maintenance(), "/api/admin/sessions/revoke-all").status,
         503
     );
-    stop(child);
+}
+
+/// Boots with `env` and expects a refusal with exit code 2: its stderr.
+fn refused(env: &[(&str, &str)]) -> String {
+    match Server::try_start(Path::new(BIN), env) {
+        Ok(s) => panic!("{env:?}: the server started at {}", s.addr),
+        Err(BootFailure { status, stderr }) => {
+            assert_eq!(status.and_then(|s| s.code()), Some(2), "{env:?}: {stderr}");
+            stderr
+        }
+    }
 }
 
 #[test]
-fn bad_configuration_stops_boot_naming_the_variable() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let run = |env: &[(&str, &str)]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_aragora"));
-        cmd.arg("serve")
-            .env_clear()
-            .env("ARAGORA_DATA_DIR", tmp.path())
-            .env("ARAGORA_BIND", "127.0.0.1:1");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.output().expect("run")
-    };
-    let out = run(&[("ARAGORA_ENV", "production")]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+fn production_without_keys_stops_boot_naming_each_missing_key() {
+    let err = refused(&[("ARAGORA_ENV", "production")]);
     for name in [
         "ARAGORA_ENCRYPTION_KEY is not set",
         "JWT_SECRET is not set",
@@ -150,36 +127,49 @@ fn bad_configuration_stops_boot_naming_the_variable() {
     ] {
         assert!(err.contains(name), "{err}");
     }
-    let out = run(&[("ARAGORA_ENCRYPTION_KEY", "xyz")]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("got 3 characters"));
+}
+
+#[test]
+fn a_short_encryption_key_stops_boot_naming_its_length() {
+    let err = refused(&[("ARAGORA_ENCRYPTION_KEY", "xyz")]);
+    assert!(err.contains("got 3 characters"), "{err}");
+}
+
+#[test]
+fn a_bad_setting_stops_boot_naming_the_variable() {
     for (name, value) in [
         ("ARAGORA_PASSWORD_HASH_CONCURRENCY", "0"),
         ("AUTH_LOCKOUT_THRESHOLD", "many"),
         ("ARAGORA_TRUSTED_PROXIES", "10.0.0.1,not-an-ip"),
         ("RBAC_CACHE_TTL", "-5"),
     ] {
-        let out = run(&[(name, value)]);
-        assert_eq!(out.status.code(), Some(2), "{name}={value}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused(&[(name, value)]);
         assert!(err.contains(name), "{name}={value}: {err}");
     }
+}
 
-    let check = |v: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_aragora"));
-        cmd.arg("check-key").env_clear();
-        if let Some(v) = v {
-            cmd.env("ARAGORA_ENCRYPTION_KEY", v);
-        }
-        cmd.output().expect("run")
-    };
-    assert!(check(Some(&"ab".repeat(32))).status.success());
+fn check_key(v: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-key").env_clear();
+    if let Some(v) = v {
+        cmd.env("ARAGORA_ENCRYPTION_KEY", v);
+    }
+    cmd.output().expect("run")
+}
+
+#[test]
+fn check_key_accepts_64_hex_characters() {
+    assert!(check_key(Some(&"ab".repeat(32))).status.success());
+}
+
+#[test]
+fn check_key_names_the_problem_and_never_prints_the_key() {
     for (v, msg) in [
         (None, "is not set"),
         (Some("abc"), "must be 64 hex characters"),
         (Some(&*"g".repeat(64)), "is not valid hex"),
     ] {
-        let out = check(v);
+        let out = check_key(v);
         assert_eq!(out.status.code(), Some(2));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(msg), "{err}");

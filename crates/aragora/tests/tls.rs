@@ -7,13 +7,12 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use aragora_testkit::{Request, Response, Server, free_port};
+use aragora_testkit::{Client, HttpError, Request, Response, Server};
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 
 const SECRET: &str = "tls-test-jwt-secret-0123456789abcdef0123";
 
@@ -78,7 +77,7 @@ fn https_with(
     trusted: &str,
     versions: &[&'static rustls::SupportedProtocolVersion],
     req: &Request,
-) -> std::io::Result<Response> {
+) -> Result<Response, HttpError> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(trusted.as_bytes()).expect("PEM"))
@@ -88,15 +87,11 @@ fn https_with(
         .expect("versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn =
-        rustls::ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
-    let tcp = TcpStream::connect(("127.0.0.1", port))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
-    req.send_over(rustls::StreamOwned::new(conn, tcp))
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    Client::https(addr, "localhost", config).try_send(req)
 }
 
-fn https(port: u16, trusted: &str, path: &str) -> std::io::Result<Response> {
+fn https(port: u16, trusted: &str, path: &str) -> Result<Response, HttpError> {
     https_with(
         port,
         trusted,
@@ -194,50 +189,104 @@ fn assert_security_headers(r: &Response, hsts: bool) {
     }
 }
 
-#[test]
-fn https_serves_the_api_to_tls_1_2_and_newer_only() {
-    let (cert, key) = certificate();
-    let files = Files::new(&cert, &key);
-    let s = start_tls(&files);
+/// One HTTPS server the read-only TLS tests share, with its certificate.
+struct TlsServer {
+    server: Server,
+    cert: String,
+}
 
-    let r = https(s.port, &cert, "/api/health").expect("HTTPS health");
+fn tls_server() -> &'static TlsServer {
+    static S: OnceLock<TlsServer> = OnceLock::new();
+    S.get_or_init(|| {
+        let (cert, key) = certificate();
+        // The files live in the server's data dir, which goes with it (a
+        // static is never dropped: the test kit's watchdog removes the dir).
+        let mut server = Server::stopped(bin(), &[("JWT_SECRET", SECRET)]);
+        for (var, file, pem) in [
+            ("ARAGORA_TLS_CERT_FILE", "tls.crt", &cert),
+            ("ARAGORA_TLS_KEY_FILE", "tls.key", &key),
+        ] {
+            let path = server.data_dir.join(file);
+            std::fs::write(&path, pem).expect("write PEM");
+            server.env.push((var.into(), path.display().to_string()));
+        }
+        server.start_once(&[]).unwrap_or_else(|e| panic!("{e}"));
+        TlsServer { server, cert }
+    })
+}
+
+#[test]
+fn https_serves_health_with_security_headers_and_hsts() {
+    let t = tls_server();
+    let r = https(t.server.port, &t.cert, "/api/health").expect("HTTPS health");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["status"], "ok");
     assert_security_headers(&r, true);
+}
+
+#[test]
+fn tls_1_2_is_accepted() {
+    let t = tls_server();
     let r = https_with(
-        s.port,
-        &cert,
+        t.server.port,
+        &t.cert,
         &[&rustls::version::TLS12],
         &Request::new("GET", "/api/health"),
     )
     .expect("TLS 1.2");
     assert_eq!(r.status, 200, "TLS 1.2 is accepted");
+}
 
-    // The listener speaks only TLS: plain HTTP gets no HTTP answer.
-    let plain = Request::new("GET", "/api/health").send(s.port);
+#[test]
+fn plain_http_on_the_tls_port_gets_no_http_answer() {
+    let t = tls_server();
+    let plain = t
+        .server
+        .client()
+        .try_send(&Request::new("GET", "/api/health"));
     assert!(plain.is_err(), "plain HTTP on the TLS port: {plain:?}");
-    // TLS 1.1 is refused with an alert, never a ServerHello.
-    let reply = raw_exchange(s.port, &tls11_client_hello());
-    // A fatal alert (21) whose description is protocol_version (70).
+}
+
+#[test]
+fn tls_1_1_is_refused_with_a_protocol_version_alert() {
+    let t = tls_server();
+    let reply = raw_exchange(t.server.port, &tls11_client_hello());
+    // A fatal alert (21) whose description is protocol_version (70), never a
+    // ServerHello.
     assert!(
         reply.len() >= 7 && reply[0] == 0x15 && reply[5] == 2 && reply[6] == 70,
         "TLS 1.1 hello answered with {reply:02x?}, expected a protocol_version alert"
     );
-    // A client that does not trust the certificate does not get through.
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_certificate_does_not_get_through() {
+    let t = tls_server();
     let (other, _) = certificate();
-    assert!(https(s.port, &other, "/api/health").is_err());
-    // The API itself works over it.
-    let (_, admin) = s.bootstrap_admin("root@tls.test");
+    assert!(https(t.server.port, &other, "/api/health").is_err());
+}
+
+#[test]
+fn the_api_works_over_https() {
+    let t = tls_server();
+    let (_, admin) = t.server.bootstrap_admin("root@tls.test");
     let r = https_with(
-        s.port,
-        &cert,
+        t.server.port,
+        &t.cert,
         rustls::DEFAULT_VERSIONS,
         &Request::new("GET", "/api/auth/me").bearer(&admin),
     )
     .expect("HTTPS me");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["email"], "root@tls.test");
-    let mut s = s;
+}
+
+#[test]
+fn sigterm_shuts_the_https_server_down_cleanly() {
+    let (cert, key) = certificate();
+    let files = Files::new(&cert, &key);
+    let mut s = start_tls(&files);
+    assert_eq!(https(s.port, &cert, "/api/health").expect("up").status, 200);
     assert!(
         s.stop().is_some_and(|st| st.success()),
         "SIGTERM shuts the HTTPS server down cleanly"
@@ -297,23 +346,8 @@ fn sighup_reloads_the_certificate_and_keeps_the_old_one_when_the_new_is_bad() {
 #[test]
 fn a_bad_certificate_file_stops_boot_naming_it() {
     let (cert, key) = certificate();
-    let data = tempfile::tempdir().expect("tempdir");
-    let run = |env: &[(&str, &str)]| {
-        let mut cmd = Command::new(bin());
-        cmd.arg("serve")
-            .env_clear()
-            .env("ARAGORA_DATA_DIR", data.path())
-            .env("ARAGORA_BIND", format!("127.0.0.1:{}", free_port()));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().expect("run");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let missing = data.path().join("missing.crt");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.crt");
     let files = Files::new("not PEM at all", &key);
     let good = Files::new(&cert, &key);
     for (env, named) in [
@@ -336,9 +370,15 @@ fn a_bad_certificate_file_stops_boot_naming_it() {
             "ARAGORA_TLS_KEY_FILE".to_string(),
         ),
     ] {
-        let (code, err) = run(&env);
-        assert_eq!(code, Some(2), "{env:?}: {err}");
-        assert!(err.contains(&named), "{env:?}: {named} not named in {err}");
+        let err = match Server::try_start(bin(), &env) {
+            Ok(s) => panic!("{env:?}: started at {}", s.addr),
+            Err(e) => e,
+        };
+        assert_eq!(err.code(), Some(2), "{env:?}: {err}");
+        assert!(
+            err.stderr.contains(&named),
+            "{env:?}: {named} not named in {err}"
+        );
     }
 }
 
@@ -353,66 +393,85 @@ fn production_env() -> Vec<(&'static str, String)> {
 }
 
 /// Production listening beyond loopback in plain HTTP would carry tokens and
-/// secrets in clear: refused at boot unless a proxy terminates TLS.
+/// secrets in clear: refused at boot, naming the ways out.
 #[test]
-fn production_refuses_plain_http_beyond_loopback_unless_tls_is_terminated_upstream() {
-    let port = free_port();
-    let bind = format!("0.0.0.0:{port}");
-    let data = tempfile::tempdir().expect("tempdir");
-    let mut cmd = Command::new(bin());
-    cmd.arg("serve")
-        .env_clear()
-        .env("ARAGORA_DATA_DIR", data.path())
-        .env("ARAGORA_BIND", &bind);
-    for (k, v) in production_env() {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+fn production_refuses_plain_http_beyond_loopback() {
+    let env = production_env();
+    let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    extra.push(("ARAGORA_BIND", "0.0.0.0:0"));
+    let err = match Server::try_start(bin(), &extra) {
+        Ok(s) => panic!("production plain HTTP on {} started", s.addr),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), Some(2), "{err}");
     for name in [
         "ARAGORA_TLS_CERT_FILE",
         "ARAGORA_TLS_TERMINATED_UPSTREAM",
         "ARAGORA_BIND",
     ] {
-        assert!(err.contains(name), "{name} not named: {err}");
+        assert!(err.stderr.contains(name), "{name} not named: {err}");
     }
+}
 
+/// Behind a proxy that terminates TLS it serves, and tells browsers to use
+/// HTTPS (HSTS), since clients reach it that way.
+#[test]
+fn production_beyond_loopback_serves_when_tls_is_terminated_upstream() {
     let env = production_env();
     let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    extra.push(("ARAGORA_BIND", &bind));
+    extra.push(("ARAGORA_BIND", "0.0.0.0:0"));
     extra.push(("ARAGORA_TLS_TERMINATED_UPSTREAM", "true"));
     let s = Server::start(bin(), &extra);
     let r = s.send(Request::new("GET", "/api/health"));
     assert_eq!(r.status, 200, "{}", r.body);
-    // Clients reach it over HTTPS (through the proxy): tell browsers so.
     assert_security_headers(&r, true);
 }
 
+/// The plain-HTTP server the envelope tests share.
+fn plain() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| Server::start(bin(), &[("JWT_SECRET", SECRET)]))
+}
+
 #[test]
-fn every_response_has_security_headers_and_a_request_id() {
-    let s = Server::start(bin(), &[("JWT_SECRET", SECRET)]);
-    let health = s.send(Request::new("GET", "/api/health"));
+fn a_response_has_security_headers_without_hsts_over_plain_http() {
+    let health = plain().send(Request::new("GET", "/api/health"));
     assert_eq!(health.status, 200);
     assert_security_headers(&health, false);
-    let generated = health
+}
+
+#[test]
+fn each_response_gets_a_new_generated_request_id() {
+    let s = plain();
+    let first = s.send(Request::new("GET", "/api/health"));
+    let generated = first
         .header("x-request-id")
         .expect("generated id")
         .to_string();
     assert_eq!(generated.len(), 36, "a UUID: {generated}");
     let again = s.send(Request::new("GET", "/api/health"));
     assert_ne!(again.header("x-request-id"), Some(generated.as_str()));
+}
 
-    // The client's id is echoed; an unusable one is replaced.
-    let r = s.send(Request::new("GET", "/api/health").header("X-Request-Id", "trace-42.a_b:c"));
+#[test]
+fn a_client_request_id_is_echoed() {
+    let r =
+        plain().send(Request::new("GET", "/api/health").header("X-Request-Id", "trace-42.a_b:c"));
     assert_eq!(r.header("x-request-id"), Some("trace-42.a_b:c"));
+}
+
+#[test]
+fn an_unusable_client_request_id_is_replaced() {
     let long = "x".repeat(300);
-    let r = s.send(Request::new("GET", "/api/health").header("X-Request-Id", &long));
+    let r = plain().send(Request::new("GET", "/api/health").header("X-Request-Id", &long));
     let id = r.header("x-request-id").expect("id");
     assert_ne!(id, long);
     assert_eq!(id.len(), 36);
+}
 
-    // Errors and refusals carry them too, and the body limit still names itself.
+#[test]
+fn errors_and_refusals_carry_security_headers_and_the_request_id() {
+    let s = plain();
     for r in [
         s.send(Request::new("GET", "/api/nothing").header("X-Request-Id", "e-1")),
         s.send(Request::new("GET", "/api/auth/me").header("X-Request-Id", "e-1")),
@@ -430,6 +489,11 @@ fn every_response_has_security_headers_and_a_request_id() {
             assert!(e.contains("65536"), "{e}");
         }
     }
-    let big = s.send(Request::new("POST", "/api/auth/login").raw_body(vec![b'x'; 100 * 1024]));
+}
+
+#[test]
+fn a_body_over_64_kib_is_413() {
+    let big =
+        plain().send(Request::new("POST", "/api/auth/login").raw_body(vec![b'x'; 100 * 1024]));
     assert_eq!(big.status, 413, "{}", big.body);
 }

@@ -1,6 +1,6 @@
 //! Persistence behind one small trait, so the embedded store (aedb, the default)
 //! and a shared PostgreSQL store (scale-out) run the same domain code and pass the
-//! same test suite (`testsuite::run`).
+//! same test suite (`aragora_testkit::store`).
 //!
 //! The model is a set of collections of versioned records. A write is a batch of
 //! puts and deletes applied atomically, each with an expectation (absent, at a
@@ -9,7 +9,6 @@
 //! or backward, bounded by a limit: pagination without offsets.
 
 pub mod embedded;
-pub mod testsuite;
 
 use std::fmt;
 use std::ops::Bound;
