@@ -1079,10 +1079,7 @@ fn overload_fails_fast_and_the_queue_bound_holds() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let max_queued = sampler.join().expect("sampler");
-    assert!(
-        max_queued <= 4,
-        "queue bound of 4 held: {max_queued}"
-    );
+    assert!(max_queued <= 4, "queue bound of 4 held: {max_queued}");
     assert!(
         overloaded > 0,
         "16 writers against a queue of 4 must be turned away sometimes"

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::audit::{AuditEvent, AuditLog, MAX_SEARCH_LIMIT, Outcome, RecordError, SearchFilter};
 use crate::auth::{CAS_RETRIES, Principal, RequestMeta};
@@ -59,18 +60,53 @@ impl crate::encryption::migration::Enveloped for SecretRecord {
 
 impl SecretRecord {
     /// Metadata only.
-    pub fn view(&self) -> Value {
-        json!({
-            "id": self.id,
-            "secret_type": self.secret_type,
-            "owner": self.owner,
-            "key_id": self.key_id,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "rotation_required": self.rotation_required,
-            "rotation_reason": self.rotation_reason,
-        })
+    pub fn view(&self) -> SecretView {
+        SecretView {
+            id: self.id.clone(),
+            secret_type: self.secret_type.clone(),
+            owner: self.owner.clone(),
+            key_id: self.key_id.clone(),
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+            rotation_required: self.rotation_required,
+            rotation_reason: self.rotation_reason.clone(),
+        }
     }
+}
+
+/// A secret's metadata (never its value).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SecretView {
+    pub id: String,
+    pub secret_type: String,
+    pub owner: String,
+    /// The data key its envelope names.
+    pub key_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub rotation_required: bool,
+    pub rotation_reason: Option<String>,
+}
+
+/// What `aragora rotation` did (or, dry, would do) to one secret.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MarkedSecret {
+    pub id: String,
+    /// `None` when the secret no longer exists.
+    pub secret_type: Option<String>,
+    /// Successful reads by the user.
+    pub reads: u64,
+    /// `marked_for_rotation`, `would_mark_for_rotation`, `already_marked` or
+    /// `not_found`.
+    pub action: String,
+}
+
+/// `aragora rotation --secrets-accessed-by=USER_ID`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RotationMarks {
+    pub user_id: String,
+    pub dry_run: bool,
+    pub secrets: Vec<MarkedSecret>,
 }
 
 #[derive(Debug)]
@@ -191,7 +227,7 @@ impl SecretsService {
         secret_type: &str,
         owner: Option<&str>,
         meta: &RequestMeta,
-    ) -> Result<(Value, bool), ServiceError> {
+    ) -> Result<(SecretView, bool), ServiceError> {
         validate_id(id)?;
         validate_type(secret_type)?;
         if value.len() > MAX_VALUE_BYTES {
@@ -279,7 +315,7 @@ impl SecretsService {
         p: &Principal,
         id: &str,
         meta: &RequestMeta,
-    ) -> Result<(Value, String), ServiceError> {
+    ) -> Result<(SecretView, String), ServiceError> {
         validate_id(id)?;
         let found = get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?;
         // Authorized before "not found": without a grant covering the path,
@@ -371,7 +407,7 @@ impl SecretsService {
         p: &Principal,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<Value>, Option<String>), ServiceError> {
+    ) -> Result<(Vec<SecretView>, Option<String>), ServiceError> {
         const MAX_SCAN: usize = 10 * MAX_PAGE;
         let limit = limit.clamp(1, MAX_PAGE);
         let grants = self.rbac.grants_of(&p.roles);
@@ -419,7 +455,7 @@ impl SecretsService {
         user_id: &str,
         dry_run: bool,
         actor: &str,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<RotationMarks, ServiceError> {
         if user_id.trim().is_empty() {
             return Err(ServiceError::BadRequest(
                 "--secrets-accessed-by needs a user id".into(),
@@ -455,12 +491,20 @@ impl SecretsService {
                 let Some((version, mut rec)) =
                     get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, &id)?
                 else {
-                    entry = Some(
-                        json!({"id": id, "secret_type": null, "reads": reads, "action": "not_found"}),
-                    );
+                    entry = Some(MarkedSecret {
+                        id: id.clone(),
+                        secret_type: None,
+                        reads,
+                        action: "not_found".into(),
+                    });
                     break;
                 };
-                let view = |action: &str| json!({"id": id, "secret_type": rec.secret_type, "reads": reads, "action": action});
+                let view = |action: &str| MarkedSecret {
+                    id: id.clone(),
+                    secret_type: Some(rec.secret_type.clone()),
+                    reads,
+                    action: action.to_string(),
+                };
                 if rec.rotation_required {
                     entry = Some(view("already_marked"));
                     break;
@@ -494,7 +538,11 @@ impl SecretsService {
                 ServiceError::Conflict(format!("secret {id} is being changed concurrently; retry"))
             })?);
         }
-        Ok(json!({"user_id": user_id, "dry_run": dry_run, "secrets": out}))
+        Ok(RotationMarks {
+            user_id: user_id.to_string(),
+            dry_run,
+            secrets: out,
+        })
     }
 }
 

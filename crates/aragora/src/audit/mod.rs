@@ -27,7 +27,7 @@ pub const DEFAULT_SEARCH_LIMIT: usize = 1_000;
 /// Conflicts retried before an append gives up (another replica appending).
 const APPEND_RETRIES: usize = 16;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Success,
@@ -68,7 +68,7 @@ impl AuditEvent {
 }
 
 /// One entry as stored and as the search API returns it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: String,
     pub seq: u64,
@@ -77,6 +77,7 @@ pub struct AuditEntry {
     pub action: String,
     pub actor: String,
     pub ip_address: Option<String>,
+    #[schema(value_type = Object)]
     pub details: Value,
     pub outcome: Outcome,
     pub prev_hash: String,
@@ -133,7 +134,7 @@ pub struct SearchFilter {
     pub limit: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchResult {
     /// The newest `limit` matches, oldest first.
     pub entries: Vec<AuditEntry>,
@@ -143,7 +144,7 @@ pub struct SearchResult {
     pub next_before: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VerifyReport {
     pub ok: bool,
     pub entries_checked: u64,

@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::model::{ApiKey, Session, User};
@@ -40,7 +40,7 @@ pub struct RecoveryRequest<'a> {
 }
 
 /// A credential that lets an admin act right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UsableCredential {
     Password,
@@ -49,21 +49,21 @@ pub enum UsableCredential {
 }
 
 /// An admin who can act, so break-glass is not needed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AbleAdmin {
     pub user_id: String,
     pub email: String,
     pub credentials: Vec<UsableCredential>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Refusal {
     pub message: String,
     pub able_admins: Vec<AbleAdmin>,
 }
 
 /// The recovered account and its new API key (shown once).
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct RecoveredAdmin {
     pub user_id: String,
     pub email: String,
@@ -95,7 +95,7 @@ impl fmt::Debug for RecoveredAdmin {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum RecoveryOutcome {
     Recovered(RecoveredAdmin),

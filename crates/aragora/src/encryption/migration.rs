@@ -48,6 +48,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
 use super::KeyRing;
@@ -123,7 +124,7 @@ impl MigrationStore {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     /// Never ran.
@@ -136,7 +137,7 @@ pub enum RunState {
     CompletedWithErrors,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FailedRecord {
     pub record_id: String,
     pub store: String,
@@ -184,25 +185,86 @@ impl MigrationState {
         self.migrated + self.already_current + self.failed + self.skipped
     }
 
-    pub fn view(&self) -> Value {
-        json!({
-            "state": self.state,
-            "store": self.store,
-            "target_key_id": self.target_key_id,
-            "cursor": self.cursor,
-            "total": self.total,
-            "migrated": self.migrated,
-            "already_current": self.already_current,
-            "failed": self.failed,
-            "skipped": self.skipped,
-            "failed_records": self.failed_records,
-            "skipped_records": self.skipped_records,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "updated_at": self.updated_at,
-            "resumed": self.resumed,
-        })
+    pub fn view(&self) -> MigrationView {
+        MigrationView {
+            state: self.state,
+            store: self.store.clone(),
+            target_key_id: self.target_key_id.clone(),
+            cursor: self.cursor.clone(),
+            total: self.total,
+            migrated: self.migrated,
+            already_current: self.already_current,
+            failed: self.failed,
+            skipped: self.skipped,
+            failed_records: self.failed_records.clone(),
+            skipped_records: self.skipped_records.clone(),
+            started_at: self.started_at.clone(),
+            finished_at: self.finished_at.clone(),
+            updated_at: self.updated_at.clone(),
+            resumed: self.resumed,
+        }
     }
+}
+
+/// A store's migration as `GET /api/security/migration/status` and the CLI
+/// show it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MigrationView {
+    pub state: RunState,
+    pub store: String,
+    pub target_key_id: Option<String>,
+    pub cursor: Option<String>,
+    pub total: u64,
+    pub migrated: u64,
+    pub already_current: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    pub failed_records: Vec<FailedRecord>,
+    pub skipped_records: Vec<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub resumed: u32,
+}
+
+impl MigrationView {
+    /// Records done so far (the progress line's numerator).
+    pub fn processed(&self) -> u64 {
+        self.migrated + self.already_current + self.failed + self.skipped
+    }
+}
+
+/// A record a dry run could not read the header of.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnreadableRecord {
+    pub record_id: String,
+    pub error: String,
+}
+
+/// Records under one key (dry run).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyRecords {
+    pub key_id: String,
+    pub version: u32,
+    pub records: u64,
+    pub primary: bool,
+}
+
+/// What a run would change (`--dry-run`); writes nothing.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DryRunView {
+    /// Always true: tells a dry run's answer apart from a run's.
+    pub dry_run: bool,
+    pub store: String,
+    pub primary_key_id: String,
+    pub total: u64,
+    pub would_change: u64,
+    pub already_current: u64,
+    pub unreadable: u64,
+    /// The first 100.
+    pub unreadable_records: Vec<UnreadableRecord>,
+    pub skipped: u64,
+    pub by_key: Vec<KeyRecords>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -356,7 +418,7 @@ impl Migrator {
 
     /// `GET /api/security/migration/status`: the named store, or the store
     /// whose migration started last.
-    pub fn status(&self, store: Option<&str>) -> Result<Value, MigrationError> {
+    pub fn status(&self, store: Option<&str>) -> Result<MigrationView, MigrationError> {
         if let Some(live) = self.live()
             && store.is_none_or(|s| s == live.store)
         {
@@ -391,7 +453,7 @@ impl Migrator {
 
     /// Dry run: how many records each key encrypts and how many a run would
     /// rewrap. Writes nothing.
-    pub fn dry_run(&self, store: MigrationStore) -> Result<Value, MigrationError> {
+    pub fn dry_run(&self, store: MigrationStore) -> Result<DryRunView, MigrationError> {
         let primary = self.keyring.primary_key_id();
         let (_, st) = self.load(store)?;
         let skipped: HashSet<&str> = st.skipped_records.iter().map(String::as_str).collect();
@@ -423,7 +485,10 @@ impl Migrator {
                         Err(e) => {
                             unreadable += 1;
                             if unreadable_records.len() < 100 {
-                                unreadable_records.push(json!({"record_id": id, "error": e}));
+                                unreadable_records.push(UnreadableRecord {
+                                    record_id: id.clone(),
+                                    error: e,
+                                });
                             }
                         }
                     }
@@ -434,26 +499,26 @@ impl Migrator {
                 break;
             }
         }
-        Ok(json!({
-            "dry_run": true,
-            "store": store.name(),
-            "primary_key_id": primary,
-            "total": total,
-            "would_change": would_change,
-            "already_current": current,
-            "unreadable": unreadable,
-            "unreadable_records": unreadable_records,
-            "skipped": skip,
-            "by_key": by_key
+        Ok(DryRunView {
+            dry_run: true,
+            store: store.name().to_string(),
+            total,
+            would_change,
+            already_current: current,
+            unreadable,
+            unreadable_records,
+            skipped: skip,
+            by_key: by_key
                 .into_iter()
-                .map(|((key_id, version), records)| json!({
-                    "key_id": key_id,
-                    "version": version,
-                    "records": records,
-                    "primary": key_id == primary,
-                }))
-                .collect::<Vec<_>>(),
-        }))
+                .map(|((key_id, version), records)| KeyRecords {
+                    primary: key_id == primary,
+                    key_id,
+                    version,
+                    records,
+                })
+                .collect(),
+            primary_key_id: primary,
+        })
     }
 
     /// Runs (or resumes) the migration of `store`. `progress` is called after

@@ -35,7 +35,8 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
 use crate::clock::{format_us, now_us};
@@ -59,7 +60,7 @@ const MAX_TRACKED_ACTORS: usize = 10_000;
 /// Derivations measured at boot for `derivation_latency_p95`.
 const DERIVATION_SAMPLES: usize = 5;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyStatus {
     /// The primary: encrypts and decrypts.
@@ -111,17 +112,120 @@ pub struct KeyRecord {
 
 impl KeyRecord {
     /// Metadata only (no wrapped key).
-    pub fn view(&self) -> Value {
-        json!({
-            "key_id": self.key_id,
-            "version": self.version,
-            "status": self.status,
-            "primary": self.primary,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "retired_at": self.retired_at,
-        })
+    pub fn view(&self) -> KeyView {
+        KeyView {
+            key_id: self.key_id.clone(),
+            version: self.version,
+            status: self.status,
+            primary: self.primary,
+            created_at: self.created_at.clone(),
+            expires_at: self.expires_at.clone(),
+            retired_at: self.retired_at.clone(),
+        }
     }
+}
+
+/// A data key's metadata (never its material).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyView {
+    pub key_id: String,
+    pub version: u32,
+    pub status: KeyStatus,
+    pub primary: bool,
+    pub created_at: String,
+    pub expires_at: String,
+    pub retired_at: Option<String>,
+}
+
+/// `GET /api/security/encryption/health` (nothing secret).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EncryptionHealth {
+    /// `healthy`, or `critical` when no key can decrypt.
+    pub status: String,
+    pub master_key_loaded: bool,
+    pub active_key_id: String,
+    pub active_keys: usize,
+}
+
+/// `GET /api/security/encryption/keys`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeysView {
+    pub active_count: usize,
+    pub primary_key_id: String,
+    pub keys: Vec<KeyView>,
+}
+
+/// One actor's decrypts in the last minute.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ActorDecrypts {
+    pub actor: String,
+    pub last_minute: u64,
+    pub per_second: f64,
+}
+
+/// The unwrapped keys held in memory.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyCacheView {
+    pub unwrapped_keys: usize,
+    pub primary_key_id: String,
+}
+
+/// `GET /api/security/encryption/stats` (latencies in seconds).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EncryptionStats {
+    pub encrypt_ops: u64,
+    pub decrypt_ops: u64,
+    pub errors: u64,
+    pub encryption_latency_p50: f64,
+    pub encryption_latency_p95: f64,
+    pub decryption_latency_p50: f64,
+    pub decryption_latency_p95: f64,
+    pub derivation_latency_p95: f64,
+    pub derivation_iterations: u32,
+    pub decrypts_last_minute: u64,
+    pub decrypts_per_actor: Vec<ActorDecrypts>,
+    pub cache: KeyCacheView,
+}
+
+/// A key `cleanup_expired` moved on.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RetiredKey {
+    pub key_id: String,
+    pub from: KeyStatus,
+    pub to: KeyStatus,
+}
+
+/// A key `cleanup_expired` kept because records use it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeptKey {
+    pub key_id: String,
+    pub status: KeyStatus,
+    pub records: u64,
+}
+
+/// What `key-rotation --cleanup-expired` did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CleanupOutcome {
+    pub retired: Vec<RetiredKey>,
+    pub kept_in_use: Vec<KeptKey>,
+    /// Stored records per key id.
+    pub usage: BTreeMap<String, u64>,
+    pub active_count: usize,
+}
+
+/// A key brought back from a backup file.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RestoredKey {
+    pub key_id: String,
+    pub status: KeyStatus,
+}
+
+/// What `key-ring restore` did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RestoreOutcome {
+    pub restored: Vec<RestoredKey>,
+    pub already_present: Vec<String>,
+    pub active_count: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +366,7 @@ struct Stats {
 }
 
 /// What a rotation did.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct RotationOutcome {
     pub rotated: bool,
     pub message: String,
@@ -510,29 +614,29 @@ impl KeyRing {
     }
 
     /// `GET /api/security/encryption/health` (nothing secret).
-    pub fn health(&self) -> Value {
+    pub fn health(&self) -> EncryptionHealth {
         let ring = self.current();
         let active = ring.active_count();
-        json!({
-            "status": if active > 0 { "healthy" } else { "critical" },
-            "master_key_loaded": true,
-            "active_key_id": ring.primary.key_id(),
-            "active_keys": active,
-        })
+        EncryptionHealth {
+            status: if active > 0 { "healthy" } else { "critical" }.to_string(),
+            master_key_loaded: true,
+            active_key_id: ring.primary.key_id().to_string(),
+            active_keys: active,
+        }
     }
 
     /// `GET /api/security/encryption/keys` (metadata only).
-    pub fn keys(&self) -> Value {
+    pub fn keys(&self) -> KeysView {
         let ring = self.current();
-        json!({
-            "active_count": ring.active_count(),
-            "primary_key_id": ring.primary.key_id(),
-            "keys": ring.records.iter().map(KeyRecord::view).collect::<Vec<_>>(),
-        })
+        KeysView {
+            active_count: ring.active_count(),
+            primary_key_id: ring.primary.key_id().to_string(),
+            keys: ring.records.iter().map(KeyRecord::view).collect(),
+        }
     }
 
     /// `GET /api/security/encryption/stats`.
-    pub fn stats(&self) -> Value {
+    pub fn stats(&self) -> EncryptionStats {
         let now_sec = now_us().div_euclid(1_000_000);
         let mut per_actor: Vec<(String, u64)> = {
             let mut map = self.stats.per_actor.lock();
@@ -552,26 +656,30 @@ impl KeyRing {
             (s.percentile(0.5), s.percentile(0.95))
         };
         let ring = self.current();
-        json!({
-            "encrypt_ops": self.stats.encrypt_ops.load(Ordering::Relaxed),
-            "decrypt_ops": self.stats.decrypt_ops.load(Ordering::Relaxed),
-            "errors": self.stats.errors.load(Ordering::Relaxed),
-            "encryption_latency_p50": e50,
-            "encryption_latency_p95": e95,
-            "decryption_latency_p50": d50,
-            "decryption_latency_p95": d95,
-            "derivation_latency_p95": percentile(&self.stats.derivation, 0.95),
-            "derivation_iterations": self.stats.derivation_iterations,
-            "decrypts_last_minute": total,
-            "decrypts_per_actor": per_actor
-                .iter()
-                .map(|(a, n)| json!({"actor": a, "last_minute": n, "per_second": *n as f64 / 60.0}))
-                .collect::<Vec<_>>(),
-            "cache": {
-                "unwrapped_keys": ring.keys.len(),
-                "primary_key_id": ring.primary.key_id(),
+        EncryptionStats {
+            encrypt_ops: self.stats.encrypt_ops.load(Ordering::Relaxed),
+            decrypt_ops: self.stats.decrypt_ops.load(Ordering::Relaxed),
+            errors: self.stats.errors.load(Ordering::Relaxed),
+            encryption_latency_p50: e50,
+            encryption_latency_p95: e95,
+            decryption_latency_p50: d50,
+            decryption_latency_p95: d95,
+            derivation_latency_p95: percentile(&self.stats.derivation, 0.95),
+            derivation_iterations: self.stats.derivation_iterations,
+            decrypts_last_minute: total,
+            decrypts_per_actor: per_actor
+                .into_iter()
+                .map(|(actor, n)| ActorDecrypts {
+                    actor,
+                    last_minute: n,
+                    per_second: n as f64 / 60.0,
+                })
+                .collect(),
+            cache: KeyCacheView {
+                unwrapped_keys: ring.keys.len(),
+                primary_key_id: ring.primary.key_id().to_string(),
             },
-        })
+        }
     }
 
     /// How many stored secrets each key id encrypts (read from the envelopes'
@@ -707,7 +815,11 @@ impl KeyRing {
 
     /// Retires keys no stored secret uses: decrypt_only -> expired, expired ->
     /// destroyed. The primary is never retired.
-    pub fn cleanup_expired(&self, actor: &str, ip: Option<String>) -> Result<Value, KeyRingError> {
+    pub fn cleanup_expired(
+        &self,
+        actor: &str,
+        ip: Option<String>,
+    ) -> Result<CleanupOutcome, KeyRingError> {
         let _admin = self.admin.lock();
         let usage = self.key_usage()?;
         let records = load_records(self.store.as_ref())?;
@@ -721,7 +833,11 @@ impl KeyRing {
             }
             let used = usage.get(&r.key_id).copied().unwrap_or(0);
             if used > 0 {
-                kept.push(json!({"key_id": r.key_id, "status": r.status, "records": used}));
+                kept.push(KeptKey {
+                    key_id: r.key_id.clone(),
+                    status: r.status,
+                    records: used,
+                });
                 continue;
             }
             let mut next = r.clone();
@@ -732,7 +848,11 @@ impl KeyRing {
                 KeyStatus::Destroyed
             };
             next.retired_at = Some(format_us(now));
-            retired.push(json!({"key_id": r.key_id, "from": r.status, "to": next.status}));
+            retired.push(RetiredKey {
+                key_id: r.key_id.clone(),
+                from: r.status,
+                to: next.status,
+            });
             ops.push(WriteOp::put_json(
                 Collection::KeyRing,
                 &r.key_id,
@@ -747,12 +867,12 @@ impl KeyRing {
             self.audit.record_with(event, ops)?;
             self.reload()?;
         }
-        Ok(json!({
-            "retired": retired,
-            "kept_in_use": kept,
-            "usage": usage,
-            "active_count": self.current().active_count(),
-        }))
+        Ok(CleanupOutcome {
+            retired,
+            kept_in_use: kept,
+            usage,
+            active_count: self.current().active_count(),
+        })
     }
 
     /// Writes the stored records (wrapped keys included: the master key
@@ -797,7 +917,7 @@ impl KeyRing {
         file: &Path,
         actor: &str,
         ip: Option<String>,
-    ) -> Result<Value, KeyRingError> {
+    ) -> Result<RestoreOutcome, KeyRingError> {
         let bad = |reason: String| KeyRingError::Backup {
             path: file.display().to_string(),
             reason,
@@ -831,7 +951,10 @@ impl KeyRing {
                 r.primary = false;
                 r.status = KeyStatus::DecryptOnly;
             }
-            restored.push(json!({"key_id": r.key_id, "status": r.status}));
+            restored.push(RestoredKey {
+                key_id: r.key_id.clone(),
+                status: r.status,
+            });
             ops.push(WriteOp::put_json(
                 Collection::KeyRing,
                 &r.key_id,
@@ -846,11 +969,11 @@ impl KeyRing {
             self.audit.record_with(event, ops)?;
             self.reload()?;
         }
-        Ok(json!({
-            "restored": restored,
-            "already_present": present,
-            "active_count": self.current().active_count(),
-        }))
+        Ok(RestoreOutcome {
+            restored,
+            already_present: present,
+            active_count: self.current().active_count(),
+        })
     }
 }
 
