@@ -87,7 +87,7 @@ impl AppState {
             audit.clone(),
             keyring.clone(),
             metrics.clone(),
-            MigrationOptions::from_env(),
+            MigrationOptions::from_config(&config),
         ));
         let config_slots = config.password_hash_concurrency;
         Ok(Self {

@@ -1,6 +1,5 @@
 //! `aragora`: the security control plane (`serve`) and its operator commands.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -10,10 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, anyhow};
 use aragora::app::{AppState, router};
 use aragora::cli::render::{self, Rendered, render};
-use aragora::config::{Config, Environment, parse_key};
+use aragora::config::Config;
 use aragora::control::{self, ControlRequest, ControlResponse, Via};
 use aragora::encryption::migration::MigrationView;
-use aragora::keys::load_or_generate_dev_keys;
 use aragora::store::EmbeddedStore;
 use clap::{Parser, Subcommand};
 
@@ -216,11 +214,8 @@ fn main() -> ExitCode {
 }
 
 fn check_key() -> Result<ExitCode> {
-    match parse_key(
-        "ARAGORA_ENCRYPTION_KEY",
-        std::env::var("ARAGORA_ENCRYPTION_KEY").ok().as_deref(),
-    ) {
-        Ok(_) => {
+    match aragora::config::check_encryption_key() {
+        Ok(()) => {
             println!("ARAGORA_ENCRYPTION_KEY: ok (64 hex characters, 32 bytes)");
             Ok(ExitCode::SUCCESS)
         }
@@ -231,22 +226,9 @@ fn check_key() -> Result<ExitCode> {
     }
 }
 
-/// The validated configuration; in development, missing keys come from (or
-/// are generated into) the owner-only key file in the data dir.
+/// The validated configuration (logging set up as soon as it is known).
 fn load_config() -> Result<Config> {
-    let mut vars: BTreeMap<String, String> = std::env::vars().collect();
-    let first = Config::from_vars(&vars);
-    if let Ok(c) = &first
-        && c.environment == Environment::Development
-    {
-        init_logging(&c.log_level, c.log_json);
-        load_or_generate_dev_keys(&c.data_dir, &mut vars)?;
-    }
-    let config = Config::from_vars(&vars)?;
-    if first.is_err() || config.environment == Environment::Production {
-        init_logging(&config.log_level, config.log_json);
-    }
-    Ok(config)
+    Ok(Config::load(&|c| init_logging(&c.log_level, c.log_json))?)
 }
 
 fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {

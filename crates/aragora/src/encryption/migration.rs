@@ -34,11 +34,12 @@
 //! goes on. `--retry-failed` retries only those; `--skip-record=ID` marks one
 //! skipped (listed, counted and audited; later runs leave it alone).
 //!
-//! # Test hooks
+//! # Sizes and faults
 //!
-//! `ARAGORA_MIGRATION_BATCH_SIZE` (records per batch) and
-//! `ARAGORA_MIGRATION_STOP_AFTER_BATCHES=N` (the process aborts, like a
-//! `kill -9`, after N durable batches: the crash/resume tests use it).
+//! The batch size comes from the configuration
+//! (`ARAGORA_MIGRATION_BATCH_SIZE`); after each durable batch the run passes
+//! the configuration's fault seam ([`FaultPoint::MigrationBatchDurable`]),
+//! where the crash/resume tests make the process die like a `kill -9`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -54,6 +55,7 @@ use zeroize::Zeroizing;
 use super::KeyRing;
 use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
 use crate::clock::{format_us, now_us};
+use crate::config::{Config, FaultPlan, FaultPoint};
 use crate::crypto::{self, CryptoError};
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
@@ -63,9 +65,6 @@ use crate::store::{
 
 /// Records per atomic store batch.
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
-pub const BATCH_SIZE_ENV: &str = "ARAGORA_MIGRATION_BATCH_SIZE";
-/// Test hook: abort the process after this many durable batches.
-pub const STOP_AFTER_ENV: &str = "ARAGORA_MIGRATION_STOP_AFTER_BATCHES";
 /// Failed records listed in the state (all are counted).
 pub const MAX_LISTED_FAILURES: usize = 10_000;
 /// Times one record is re-read after losing a race to a concurrent write
@@ -279,7 +278,7 @@ pub enum MigrationError {
         "a migration is already running in this server; see GET /api/security/migration/status"
     )]
     Busy,
-    #[error("migration stopped after {0} batches ({STOP_AFTER_ENV}); rerun to resume")]
+    #[error("migration stopped after {0} batches (test stop); rerun to resume")]
     Stopped(u64),
     #[error("{0}")]
     Invalid(String),
@@ -306,14 +305,14 @@ impl From<MigrationError> for ServiceError {
     }
 }
 
-/// Sizes and test hooks.
+/// Sizes and faults.
 #[derive(Clone, Copy, Debug)]
 pub struct MigrationOptions {
     pub batch_size: usize,
-    /// Stop after this many batches (test hook).
+    /// Return `Stopped` after this many batches (unit tests of resumption).
     pub stop_after_batches: Option<u64>,
-    /// On stop, abort the process (a crash) instead of returning an error.
-    pub abort_on_stop: bool,
+    /// The configuration's fault plan (a crash at a chosen batch).
+    pub faults: FaultPlan,
 }
 
 impl Default for MigrationOptions {
@@ -321,25 +320,17 @@ impl Default for MigrationOptions {
         Self {
             batch_size: DEFAULT_BATCH_SIZE,
             stop_after_batches: None,
-            abort_on_stop: false,
+            faults: FaultPlan::default(),
         }
     }
 }
 
 impl MigrationOptions {
-    /// The defaults with the environment's test hooks applied.
-    pub fn from_env() -> Self {
-        let num = |k: &str| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let stop = num(STOP_AFTER_ENV);
+    pub fn from_config(config: &Config) -> Self {
         Self {
-            batch_size: num(BATCH_SIZE_ENV)
-                .map_or(DEFAULT_BATCH_SIZE, |n| (n as usize).clamp(1, 100_000)),
-            stop_after_batches: stop,
-            abort_on_stop: stop.is_some(),
+            batch_size: config.migration_batch_size,
+            stop_after_batches: None,
+            faults: config.faults,
         }
     }
 }
@@ -611,14 +602,10 @@ impl Migrator {
             *self.live.write() = Some(st.clone());
             progress(&st);
             batches += 1;
+            self.options
+                .faults
+                .at(FaultPoint::MigrationBatchDurable { batches });
             if self.options.stop_after_batches == Some(batches) {
-                if self.options.abort_on_stop {
-                    tracing::error!(
-                        batches,
-                        "{STOP_AFTER_ENV}: aborting the process (test hook)"
-                    );
-                    std::process::abort();
-                }
                 return Err(MigrationError::Stopped(batches));
             }
             if n < self.options.batch_size {

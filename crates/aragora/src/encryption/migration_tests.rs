@@ -19,7 +19,7 @@ fn migrator(f: &Fixture, batch_size: usize, stop_after_batches: Option<u64>) -> 
         MigrationOptions {
             batch_size,
             stop_after_batches,
-            abort_on_stop: false,
+            faults: Default::default(),
         },
     )
 }
