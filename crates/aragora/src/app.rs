@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::encryption::migration::{MigrationOptions, Migrator};
 use crate::encryption::{KeyRing, KeyRingError};
+use crate::jobs::{JobError, Jobs};
 use crate::metrics::Metrics;
 use crate::rbac::Rbac;
 use crate::secrets::SecretsService;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub secrets: SecretsService,
     /// Re-encryption migration (rewraps records under the primary key).
     pub migration: Arc<Migrator>,
+    /// Long operations (migration runs), one at a time.
+    pub jobs: Arc<Jobs>,
     /// Password hashes computed at once (Argon2id: ~20 ms of CPU and 19 MiB
     /// each): without a bound, a flood of logins from many addresses would
     /// exhaust memory before any per-IP limit bites.
@@ -44,6 +47,8 @@ pub enum BootError {
     KeyRing(#[from] KeyRingError),
     #[error("ARAGORA_ENCRYPTION_KEY is not set")]
     NoEncryptionKey,
+    #[error("jobs: {0}")]
+    Jobs(#[from] JobError),
 }
 
 impl AppState {
@@ -89,6 +94,11 @@ impl AppState {
             metrics.clone(),
             MigrationOptions::from_config(&config),
         ));
+        let jobs = Arc::new(Jobs::open(
+            store.clone(),
+            migration.clone(),
+            config.faults.clone(),
+        )?);
         let config_slots = config.password_hash_concurrency;
         Ok(Self {
             config,
@@ -100,6 +110,7 @@ impl AppState {
             keyring,
             secrets,
             migration,
+            jobs,
             password_slots: tokio::sync::Semaphore::new(config_slots),
         })
     }

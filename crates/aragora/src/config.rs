@@ -149,17 +149,23 @@ pub enum FaultPoint {
     /// A migration batch (records and progress) has been written durably;
     /// `batches` so far in this run.
     MigrationBatchDurable { batches: u64 },
+    /// A job has taken the slot and is about to run.
+    JobStarted,
 }
 
 /// Test-only faults, read once with the rest of the configuration: the crash
 /// and resume tests make the process die at a chosen point, like a `kill -9`,
 /// to prove what a crash there leaves behind. Services call [`FaultPlan::at`]
 /// at each [`FaultPoint`]; with the default (empty) plan it does nothing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultPlan {
     /// Abort after this many durable migration batches
     /// (ARAGORA_MIGRATION_STOP_AFTER_BATCHES).
     pub crash_after_migration_batches: Option<u64>,
+    /// A started job waits until this file exists (ARAGORA_TEST_JOB_GATE):
+    /// a test holds a job running for as long as it needs, whatever the
+    /// machine's speed.
+    pub job_gate: Option<PathBuf>,
 }
 
 impl FaultPlan {
@@ -176,6 +182,13 @@ impl FaultPlan {
                 std::process::abort();
             }
             FaultPoint::MigrationBatchDurable { .. } => {}
+            FaultPoint::JobStarted => {
+                if let Some(gate) = &self.job_gate {
+                    while !gate.exists() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
         }
     }
 }
@@ -438,15 +451,18 @@ impl Config {
         let migration_batch_size = get("ARAGORA_MIGRATION_BATCH_SIZE").map_or(1000, |v| {
             number("ARAGORA_MIGRATION_BATCH_SIZE", v, 1, 100_000, &mut p)
         });
-        let crash_after_migration_batches = get("ARAGORA_MIGRATION_STOP_AFTER_BATCHES").map(|v| {
-            number(
-                "ARAGORA_MIGRATION_STOP_AFTER_BATCHES",
-                v,
-                1,
-                u64::MAX,
-                &mut p,
-            )
-        });
+        let crash_after_migration_batches = get("ARAGORA_MIGRATION_STOP_AFTER_BATCHES")
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                number(
+                    "ARAGORA_MIGRATION_STOP_AFTER_BATCHES",
+                    v,
+                    1,
+                    u64::MAX,
+                    &mut p,
+                )
+            });
+        let job_gate = file("ARAGORA_TEST_JOB_GATE");
         if !p.is_empty() {
             return Err(ConfigError { problems: p });
         }
@@ -481,6 +497,7 @@ impl Config {
             migration_batch_size: migration_batch_size as usize,
             faults: FaultPlan {
                 crash_after_migration_batches,
+                job_gate,
             },
         })
     }

@@ -281,7 +281,11 @@ fn run_migration(
         } else if retry_failed {
             MigrationResult::Run(state.migration.retry_failed(*s, CLI_ACTOR)?.view())
         } else {
-            MigrationResult::Run(state.migration.run(*s, CLI_ACTOR, &|_| {})?.view())
+            // One job for every store named (through the jobs service, like
+            // `POST /api/security/migration/run`).
+            let job = state.jobs.run_migration(store, CLI_ACTOR)?;
+            results = job.results.into_iter().map(MigrationResult::Run).collect();
+            break;
         };
         results.push(v);
     }

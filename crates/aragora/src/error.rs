@@ -12,6 +12,13 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A job of its kind (or another) holds the slot: 409 naming it.
+    #[error("{message}")]
+    JobRunning {
+        message: String,
+        job_id: String,
+        kind: &'static str,
+    },
     /// Authentication failed; `reason` is the metric label.
     #[error("{message}")]
     Unauthorized {

@@ -16,6 +16,7 @@ pub mod control;
 pub mod crypto;
 pub mod encryption;
 pub mod error;
+pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod net;

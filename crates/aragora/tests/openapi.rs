@@ -344,9 +344,15 @@ fn every_route_answers_with_the_documented_schema() {
     run(case("POST", "/api/security/migration/run", 200)
         .as_(a)
         .body(json!({"store": "secrets", "dry_run": true})));
-    run(case("POST", "/api/security/migration/run", 202)
+    let job = run(case("POST", "/api/security/migration/run", 202)
         .as_(a)
-        .body(json!({"store": "secrets"})));
+        .body(json!({"store": "secrets"})))["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    run(case("GET", "/api/security/jobs/{id}", 200)
+        .at(format!("/api/security/jobs/{job}"))
+        .as_(a));
     run(case("GET", "/api/security/migration/status", 200).as_(a));
     run(case("DELETE", "/api/secrets/{id}", 204).at(secret).as_(a));
 

@@ -13,7 +13,7 @@ use super::views::{DryRunsView, MigrationStartedView, SecretValueView, SecretsPa
 use super::{ApiResult, JsonBody, QueryParams, blocking};
 use crate::app::AppState;
 use crate::auth::{Principal, RequestMeta};
-use crate::encryption::migration::{MigrationError, MigrationStore};
+use crate::encryption::migration::MigrationStore;
 use crate::error::ServiceError;
 
 /// Anonymous: nothing secret in it.
@@ -178,24 +178,25 @@ pub async fn migration_run(
         .await?;
         return Ok(axum::Json(v).into_response());
     }
-    if state.migration.is_running() {
-        return Err(ServiceError::from(MigrationError::Busy).into());
-    }
     let store = b.store.clone();
-    std::thread::spawn(move || {
-        for s in stores {
-            if let Err(e) = state.migration.run(s, &p.user_id, &|_| {}) {
-                tracing::error!(store = s.name(), error = %e, "migration failed");
-                return;
-            }
-        }
-    });
+    let job = blocking(move || Ok(state.jobs.start_migration(&b.store, &p.user_id)?)).await?;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(MigrationStartedView {
             started: true,
             store,
+            job_id: job.id,
+            kind: job.kind,
         }),
     )
         .into_response())
+}
+
+/// A job's state and results.
+pub async fn job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let job = blocking(move || Ok(state.jobs.get(&id)?)).await?;
+    Ok(axum::Json(job).into_response())
 }

@@ -44,6 +44,7 @@ mod doc_types {
     pub use crate::auth::users::BulkLockOutcome;
     pub use crate::encryption::migration::MigrationView;
     pub use crate::encryption::{EncryptionHealth, EncryptionStats, KeysView, RotationOutcome};
+    pub use crate::jobs::JobRecord;
     pub use crate::rbac::denials::DenialRow;
     pub use crate::rbac::{CacheStats, CustomRole, PermissionView, RoleView};
     pub use crate::secrets::SecretView;
@@ -73,6 +74,11 @@ impl IntoResponse for ApiError {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, json!({"error": msg}), None),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": msg}), None),
             ServiceError::Conflict(_) => (StatusCode::CONFLICT, json!({"error": msg}), None),
+            ServiceError::JobRunning { job_id, kind, .. } => (
+                StatusCode::CONFLICT,
+                json!({"error": msg, "job_id": job_id, "kind": kind}),
+                None,
+            ),
             ServiceError::Unauthorized { reason, .. } => (
                 StatusCode::UNAUTHORIZED,
                 json!({"error": msg, "reason": reason}),
@@ -301,8 +307,9 @@ routes! {
     PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret, encryption::PutSecretBody, [200 SecretView, 201 SecretView];
     GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret, NoBody, [200 SecretValueView];
     DELETE "/api/secrets/{*id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret, NoBody, [204 NoBody];
+    GET "/api/security/jobs/{id}" Some("migration.read"), "A long operation (migration run): state, stores, per-store results, resumed" => encryption::job, NoBody, [200 JobRecord];
     GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status, NoBody, [200 MigrationView];
-    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once)" => encryption::migration_run, encryption::MigrationRunBody, [200 DryRunsView, 202 MigrationStartedView];
+    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once)" => encryption::migration_run, encryption::MigrationRunBody, [200 DryRunsView, 202 MigrationStartedView, 409 ErrorView];
 }
 
 /// Builds the router: each route behind its permission guard, then the IP block

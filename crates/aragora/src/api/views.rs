@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use super::RouteSpec;
 use crate::auth::model::{ApiKeyView, IpBlockView, SessionView, UserView};
 use crate::encryption::migration::DryRunView;
+use crate::jobs::JobKind;
 use crate::secrets::SecretView;
 
 /// `GET /api/health`.
@@ -165,6 +166,9 @@ pub struct DryRunsView {
 pub struct MigrationStartedView {
     pub started: bool,
     pub store: String,
+    /// The job (`GET /api/security/jobs/{id}`).
+    pub job_id: String,
+    pub kind: JobKind,
 }
 
 /// Every error body: `{"error": message}`, with what the status needs.
@@ -180,6 +184,11 @@ pub struct ErrorView {
     /// Internal errors: the request id the log has the cause under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// 409 while a job runs: the running job's id and kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 // One-time tokens and secret values are credentials: Debug never shows them.

@@ -306,7 +306,7 @@ impl From<MigrationError> for ServiceError {
 }
 
 /// Sizes and faults.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct MigrationOptions {
     pub batch_size: usize,
     /// Return `Stopped` after this many batches (unit tests of resumption).
@@ -330,7 +330,7 @@ impl MigrationOptions {
         Self {
             batch_size: config.migration_batch_size,
             stop_after_batches: None,
-            faults: config.faults,
+            faults: config.faults.clone(),
         }
     }
 }

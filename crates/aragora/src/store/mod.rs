@@ -39,10 +39,12 @@ pub enum Collection {
     KeyRing,
     /// Encrypted secrets (id -> `secrets::SecretRecord`).
     Secrets,
+    /// Long operations (id -> `jobs::JobRecord`) and the `active` marker.
+    Jobs,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 10] = [
+    pub const ALL: [Collection; 11] = [
         Collection::Users,
         Collection::UserEmails,
         Collection::Roles,
@@ -53,6 +55,7 @@ impl Collection {
         Collection::Meta,
         Collection::KeyRing,
         Collection::Secrets,
+        Collection::Jobs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +70,7 @@ impl Collection {
             Collection::Meta => "meta",
             Collection::KeyRing => "key_ring",
             Collection::Secrets => "secrets",
+            Collection::Jobs => "jobs",
         }
     }
 }
