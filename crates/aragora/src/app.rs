@@ -84,6 +84,7 @@ impl AppState {
             master,
             &config.data_dir,
             config.environment,
+            vec![crate::secrets::encrypted_collection()],
         )?);
         let secrets =
             SecretsService::new(store.clone(), audit.clone(), keyring.clone(), rbac.clone());

@@ -46,7 +46,15 @@ pub struct SecretRecord {
     pub rotation_reason: Option<String>,
 }
 
-impl crate::encryption::migration::Enveloped for SecretRecord {
+/// The secrets collection as the key ring and the migration see it.
+pub fn encrypted_collection() -> Arc<dyn crate::encryption::EncryptedCollection> {
+    Arc::new(crate::encryption::JsonEnveloped::<SecretRecord>::new(
+        "secrets",
+        Collection::Secrets,
+    ))
+}
+
+impl crate::encryption::Enveloped for SecretRecord {
     fn envelope_hex(&self) -> &str {
         &self.envelope
     }

@@ -440,3 +440,20 @@ pub enum RecordError {
     #[error(transparent)]
     Audit(#[from] AuditError),
 }
+
+// The audit log's failures as service errors (here, so `error` depends on
+// nothing above the store).
+impl From<AuditError> for crate::error::ServiceError {
+    fn from(e: AuditError) -> Self {
+        crate::error::ServiceError::Backend(e.to_string())
+    }
+}
+
+impl From<RecordError> for crate::error::ServiceError {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::Ops(s) => s.into(),
+            RecordError::Audit(a) => a.into(),
+        }
+    }
+}

@@ -3,9 +3,11 @@
 //!
 //! # Stores
 //!
-//! [`MigrationStore`] maps a store name (`--store=NAME`) to its collection and
-//! its record type; a record type says where its envelope is through
-//! [`Enveloped`]. Adding an encrypted store is adding a variant and an impl.
+//! [`MigrationStore`] names a store (`--store=NAME`) and its collection; the
+//! collection's owner registers an [`EncryptedCollection`] with the key ring at
+//! boot (where a record's envelope is, how to put a new one in its place), so
+//! this module never names a record type. Adding an encrypted store is adding
+//! a variant and registering its collection.
 //!
 //! # Online, record by record compare-and-set
 //!
@@ -46,13 +48,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
 use super::KeyRing;
+use super::collection::EncryptedCollection;
 use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
 use crate::clock::{format_us, now_us};
 use crate::config::{Config, FaultPlan, FaultPoint};
@@ -70,14 +72,6 @@ pub const MAX_LISTED_FAILURES: usize = 10_000;
 /// Times one record is re-read after losing a race to a concurrent write
 /// before it is reported as failed for this run.
 const CONFLICT_RETRIES: u32 = 16;
-
-/// A stored record type that carries an envelope.
-pub trait Enveloped: Serialize + DeserializeOwned + Clone {
-    /// The envelope, hex.
-    fn envelope_hex(&self) -> &str;
-    /// Replaces the envelope (and whatever names its key).
-    fn set_envelope(&mut self, envelope: &[u8], key_id: &str, key_version: u32);
-}
 
 /// The encrypted stores `--store=NAME` can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -336,11 +330,12 @@ impl MigrationOptions {
 }
 
 /// What to do with one record.
-enum Plan<T> {
+enum Plan {
     Current,
     Rewrap {
         version: u64,
-        record: T,
+        /// The stored record as read.
+        value: Arc<[u8]>,
         plaintext: Zeroizing<Vec<u8>>,
     },
     Failed(String),
@@ -445,6 +440,7 @@ impl Migrator {
     /// Dry run: how many records each key encrypts and how many a run would
     /// rewrap. Writes nothing.
     pub fn dry_run(&self, store: MigrationStore) -> Result<DryRunView, MigrationError> {
+        let coll = self.collection_of(store)?;
         let primary = self.keyring.primary_key_id();
         let (_, st) = self.load(store)?;
         let skipped: HashSet<&str> = st.skipped_records.iter().map(String::as_str).collect();
@@ -464,7 +460,7 @@ impl Migrator {
                 if skipped.contains(id.as_str()) {
                     skip += 1;
                 } else {
-                    match header_of(store, &id, &rec.value) {
+                    match header_of(coll.as_ref(), &rec.value) {
                         Ok(h) => {
                             if h.key_id == primary {
                                 current += 1;
@@ -521,19 +517,31 @@ impl Migrator {
         progress: &dyn Fn(&MigrationState),
     ) -> Result<MigrationState, MigrationError> {
         let _run = self.begin()?;
-        match store {
-            MigrationStore::Secrets => {
-                self.run_typed::<crate::secrets::SecretRecord>(store, actor, progress)
-            }
-        }
+        self.run_inner(store, actor, progress)
     }
 
-    fn run_typed<T: Enveloped>(
+    /// The registered collection behind a store name.
+    fn collection_of(
+        &self,
+        store: MigrationStore,
+    ) -> Result<Arc<dyn EncryptedCollection>, MigrationError> {
+        self.keyring
+            .encrypted_collections()
+            .iter()
+            .find(|c| c.name() == store.name())
+            .cloned()
+            .ok_or_else(|| {
+                MigrationError::Invalid(format!("store {} is not registered", store.name()))
+            })
+    }
+
+    fn run_inner(
         &self,
         store: MigrationStore,
         actor: &str,
         progress: &dyn Fn(&MigrationState),
     ) -> Result<MigrationState, MigrationError> {
+        let coll = self.collection_of(store)?;
         let (_, prev) = self.load(store)?;
         let now = now_us();
         let primary = self.keyring.primary_key_id();
@@ -587,13 +595,13 @@ impl Migrator {
                 break;
             };
             let primary = self.keyring.primary_key_id();
-            let plans: Vec<(String, Plan<T>)> = page
+            let plans: Vec<(String, Plan)> = page
                 .into_iter()
                 .map(|(id, rec)| {
                     let plan = if skipped.contains(&id) {
                         Plan::Skipped
                     } else {
-                        self.plan::<T>(&id, rec.version, &rec.value, &primary)
+                        self.plan(coll.as_ref(), &id, rec.version, &rec.value, &primary)
                     };
                     (id, plan)
                 })
@@ -639,14 +647,10 @@ impl Migrator {
         actor: &str,
     ) -> Result<MigrationState, MigrationError> {
         let _run = self.begin()?;
-        match store {
-            MigrationStore::Secrets => {
-                self.retry_typed::<crate::secrets::SecretRecord>(store, actor)
-            }
-        }
+        self.retry_inner(store, actor)
     }
 
-    fn retry_typed<T: Enveloped>(
+    fn retry_inner(
         &self,
         store: MigrationStore,
         actor: &str,
@@ -674,7 +678,7 @@ impl Migrator {
                 // Un-count it; the new plan counts it again.
                 st.failed = st.failed.saturating_sub(1);
                 st.failed_records.retain(|f| &f.record_id != id);
-                plans.push((id.clone(), self.replan::<T>(store, id, &primary)?));
+                plans.push((id.clone(), self.replan(store, id, &primary)?));
             }
             self.commit(store, plans, &mut st, |_| {})?;
         }
@@ -753,14 +757,17 @@ impl Migrator {
         }
     }
 
-    fn plan<T: Enveloped>(&self, id: &str, version: u64, value: &[u8], primary: &str) -> Plan<T> {
-        let record: T = match serde_json::from_slice(value) {
-            Ok(r) => r,
-            Err(e) => return Plan::Failed(format!("record does not decode: {e}")),
-        };
-        let envelope = match hex::decode(record.envelope_hex()) {
+    fn plan(
+        &self,
+        coll: &dyn EncryptedCollection,
+        id: &str,
+        version: u64,
+        value: &Arc<[u8]>,
+        primary: &str,
+    ) -> Plan {
+        let envelope = match coll.envelope(value) {
             Ok(b) => b,
-            Err(_) => return Plan::Failed("malformed envelope: not hex".into()),
+            Err(e) => return Plan::Failed(e),
         };
         match crypto::parse_header(&envelope) {
             Ok(h) if h.key_id == primary => return Plan::Current,
@@ -770,34 +777,36 @@ impl Migrator {
         match self.keyring.decrypt(id, &envelope, None) {
             Ok(p) => Plan::Rewrap {
                 version,
-                record,
+                value: value.clone(),
                 plaintext: Zeroizing::new(p),
             },
             Err(e) => Plan::Failed(e.to_string()),
         }
     }
 
-    fn replan<T: Enveloped>(
+    fn replan(
         &self,
         store: MigrationStore,
         id: &str,
         primary: &str,
-    ) -> Result<Plan<T>, MigrationError> {
+    ) -> Result<Plan, MigrationError> {
+        let coll = self.collection_of(store)?;
         Ok(match self.store.get(store.collection(), id)? {
-            Some(r) => self.plan::<T>(id, r.version, &r.value, primary),
+            Some(r) => self.plan(coll.as_ref(), id, r.version, &r.value, primary),
             None => Plan::Gone,
         })
     }
 
     /// Writes one batch (the rewrapped records and the state after it)
     /// atomically and durably; on a lost race re-reads the record and retries.
-    fn commit<T: Enveloped>(
+    fn commit(
         &self,
         store: MigrationStore,
-        mut plans: Vec<(String, Plan<T>)>,
+        mut plans: Vec<(String, Plan)>,
         st: &mut MigrationState,
         advance: impl Fn(&mut MigrationState),
     ) -> Result<(), MigrationError> {
+        let coll = self.collection_of(store)?;
         let mut conflicts: HashMap<String, u32> = HashMap::new();
         loop {
             let mut next = st.clone();
@@ -836,21 +845,18 @@ impl Migrator {
                     let mut ops = Vec::with_capacity(envelopes.len() + 1);
                     let mut envs = envelopes.into_iter();
                     for (id, p) in &plans {
-                        if let Plan::Rewrap {
-                            version, record, ..
-                        } = p
-                        {
+                        if let Plan::Rewrap { version, value, .. } = p {
                             let env = envs.next().ok_or_else(|| {
                                 MigrationError::Invalid("envelope count mismatch".into())
                             })?;
-                            let mut r = record.clone();
-                            r.set_envelope(&env, key_id, key_version);
-                            ops.push(WriteOp::put_json(
-                                store.collection(),
-                                id.clone(),
-                                &r,
-                                Expect::Version(*version),
-                            )?);
+                            ops.push(WriteOp::Put {
+                                collection: store.collection(),
+                                id: id.clone(),
+                                value: coll
+                                    .reseal(value, &env, key_id, key_version)
+                                    .map_err(MigrationError::Invalid)?,
+                                expect: Expect::Version(*version),
+                            });
                         }
                     }
                     ops.push(state_op(store, &next)?);
@@ -891,7 +897,7 @@ impl Migrator {
                              retry with --retry-failed"
                         ))
                     } else {
-                        self.replan::<T>(store, &id, &primary)?
+                        self.replan(store, &id, &primary)?
                     };
                     if let Some(slot) = plans.iter_mut().find(|(pid, _)| *pid == id) {
                         slot.1 = plan;
@@ -960,20 +966,11 @@ fn counts(st: &MigrationState) -> Value {
 
 /// The envelope header of a stored record (dry run: no decryption).
 fn header_of(
-    store: MigrationStore,
-    id: &str,
+    coll: &dyn EncryptedCollection,
     value: &[u8],
 ) -> Result<crypto::EnvelopeHeader, String> {
-    fn typed<T: Enveloped>(value: &[u8]) -> Result<crypto::EnvelopeHeader, String> {
-        let r: T =
-            serde_json::from_slice(value).map_err(|e| format!("record does not decode: {e}"))?;
-        let env = hex::decode(r.envelope_hex()).map_err(|_| "malformed envelope: not hex")?;
-        crypto::parse_header(&env).map_err(|e| e.to_string())
-    }
-    let _ = id;
-    match store {
-        MigrationStore::Secrets => typed::<crate::secrets::SecretRecord>(value),
-    }
+    let env = coll.envelope(value)?;
+    crypto::parse_header(&env).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

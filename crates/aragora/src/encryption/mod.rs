@@ -44,9 +44,12 @@ use crate::config::Environment;
 use crate::crypto::{self, CryptoError, DataKey, MasterKey, WrappedKey, kdf};
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
-use crate::store::{Collection, Expect, Store, StoreError, WriteOp, for_each_json};
+use crate::store::{Collection, Expect, ListQuery, Store, StoreError, WriteOp, for_each_json};
 
+pub mod collection;
 pub mod migration;
+
+pub use collection::{EncryptedCollection, Enveloped, JsonEnveloped};
 
 /// A primary key is due for rotation after this long (`--force` rotates
 /// earlier).
@@ -399,6 +402,9 @@ pub struct KeyRing {
     /// Serializes rotation, cleanup and restore in this process.
     admin: Mutex<()>,
     stats: Stats,
+    /// The collections whose records the keys encrypt (registered by their
+    /// owners): what `cleanup_expired` counts and the migration rewraps.
+    encrypted: Vec<Arc<dyn EncryptedCollection>>,
 }
 
 fn new_key_id(version: u32) -> Result<String, KeyRingError> {
@@ -440,6 +446,7 @@ impl KeyRing {
         master: MasterKey,
         data_dir: &Path,
         environment: Environment,
+        encrypted: Vec<Arc<dyn EncryptedCollection>>,
     ) -> Result<Self, KeyRingError> {
         let fingerprint = master.fingerprint();
         let (derivation, derivation_iterations) = measure_derivation(environment);
@@ -486,6 +493,7 @@ impl KeyRing {
             gate: RwLock::new(()),
             admin: Mutex::new(()),
             stats,
+            encrypted,
         })
     }
 
@@ -682,29 +690,42 @@ impl KeyRing {
         }
     }
 
-    /// How many stored secrets each key id encrypts (read from the envelopes'
-    /// headers, not from metadata).
+    /// The encrypted collections registered at boot.
+    pub fn encrypted_collections(&self) -> &[Arc<dyn EncryptedCollection>] {
+        &self.encrypted
+    }
+
+    /// How many stored records each key id encrypts (read from the envelopes'
+    /// headers, not from metadata), over every encrypted collection.
     pub fn key_usage(&self) -> Result<BTreeMap<String, u64>, KeyRingError> {
-        #[derive(Deserialize)]
-        struct Envelope {
-            envelope: String,
-        }
         let mut usage = BTreeMap::new();
         let mut bad = None;
-        for_each_json::<Envelope>(self.store.as_ref(), Collection::Secrets, |id, _, r| {
-            match hex::decode(&r.envelope)
-                .map_err(|_| CryptoError::malformed("envelope is not hex"))
-                .and_then(|b| crypto::parse_header(&b))
-            {
-                Ok(h) => *usage.entry(h.key_id).or_insert(0) += 1,
-                Err(e) => bad = Some(format!("secret {id}: {e}")),
+        for c in &self.encrypted {
+            let mut after: Option<String> = None;
+            loop {
+                let page = self
+                    .store
+                    .list(c.collection(), &ListQuery::after(after.as_deref(), 1000))?;
+                let n = page.len();
+                for (id, rec) in page {
+                    match c
+                        .envelope(&rec.value)
+                        .and_then(|b| crypto::parse_header(&b).map_err(|e| e.to_string()))
+                    {
+                        Ok(h) => *usage.entry(h.key_id).or_insert(0) += 1,
+                        Err(e) => bad = Some(format!("{} {id}: {e}", c.name())),
+                    }
+                    after = Some(id);
+                }
+                if n < 1000 {
+                    break;
+                }
             }
-            Ok(())
-        })?;
+        }
         if let Some(b) = bad {
             // An unreadable header could name any key: retire nothing.
             return Err(KeyRingError::Invalid(format!(
-                "cannot tell which key a stored secret uses ({b}); no key retired"
+                "cannot tell which key a stored record uses ({b}); no key retired"
             )));
         }
         Ok(usage)

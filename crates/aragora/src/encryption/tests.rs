@@ -33,6 +33,7 @@ pub(super) fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError
         MasterKey::from_bytes(Zeroizing::new(master)),
         dir,
         Environment::Development,
+        vec![crate::secrets::encrypted_collection()],
     )?);
     let rbac = Arc::new(
         crate::rbac::Rbac::load(store.as_ref(), metrics.clone(), std::time::Duration::ZERO)
