@@ -27,7 +27,7 @@ pub struct AppState {
     pub auth: AuthService,
     /// Data keys (encryption issue #8).
     pub keyring: Arc<KeyRing>,
-    pub secrets: SecretsService,
+    pub secrets: Arc<SecretsService>,
     /// Re-encryption migration (rewraps records under the primary key).
     pub migration: Arc<Migrator>,
     /// Long operations (migration runs), one at a time.
@@ -86,8 +86,12 @@ impl AppState {
             config.environment,
             vec![crate::secrets::encrypted_collection()],
         )?);
-        let secrets =
-            SecretsService::new(store.clone(), audit.clone(), keyring.clone(), rbac.clone());
+        let secrets = Arc::new(SecretsService::new(
+            store.clone(),
+            audit.clone(),
+            keyring.clone(),
+            rbac.clone(),
+        ));
         let migration = Arc::new(Migrator::new(
             store.clone(),
             audit.clone(),
@@ -98,6 +102,7 @@ impl AppState {
         let jobs = Arc::new(Jobs::open(
             store.clone(),
             migration.clone(),
+            secrets.clone(),
             config.faults.clone(),
         )?);
         let config_slots = config.password_hash_concurrency;

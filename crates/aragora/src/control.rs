@@ -254,11 +254,20 @@ pub fn execute(
         ControlRequest::MigrationStatus { store } => Ok(ControlResponse::MigrationStatus(
             state.migration.status(store.as_deref())?,
         )),
-        ControlRequest::SecretRotation { user_id, dry_run } => Ok(ControlResponse::SecretRotation(
-            state
-                .secrets
-                .mark_accessed_by(&user_id, dry_run, CLI_ACTOR)?,
+        ControlRequest::SecretRotation {
+            user_id,
+            dry_run: true,
+        } => Ok(ControlResponse::SecretRotation(
+            state.secrets.mark_accessed_by(&user_id, true, CLI_ACTOR)?,
         )),
+        // Marking is a job (one at a time, recorded like a migration run).
+        ControlRequest::SecretRotation { user_id, .. } => {
+            let job = state.jobs.run_secret_rotation(&user_id, CLI_ACTOR)?;
+            let marks = job
+                .marked
+                .ok_or_else(|| ServiceError::Internal("the rotation job has no result".into()))?;
+            Ok(ControlResponse::SecretRotation(marks))
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! Long operations as jobs: the only way a migration run starts, from HTTP
-//! (`POST /api/security/migration/run`, in the background) or the control
-//! socket (`aragora migration`, in the foreground).
+//! Long operations as jobs: the only way a migration run or a
+//! rotation-by-accessor starts, from HTTP (`POST /api/security/migration/run`,
+//! in the background) or the control socket (`aragora migration`, `aragora
+//! rotation`, in the foreground).
 //!
 //! # One at a time, atomically
 //!
@@ -28,6 +29,7 @@ use crate::clock::{format_us, now_us};
 use crate::config::{FaultPlan, FaultPoint};
 use crate::encryption::migration::{MigrationError, MigrationStore, MigrationView, Migrator};
 use crate::error::ServiceError;
+use crate::secrets::{RotationMarks, SecretsService};
 use crate::store::{Collection, Durability, Expect, Store, StoreError, WriteOp, get_json};
 
 /// The marker record naming the job that holds the slot.
@@ -38,12 +40,15 @@ const ACTIVE_ID: &str = "active";
 pub enum JobKind {
     /// Rewrap the records of one or more encrypted stores under the primary.
     MigrationRun,
+    /// Mark for rotation every secret a user read.
+    SecretRotation,
 }
 
 impl JobKind {
     pub fn name(self) -> &'static str {
         match self {
             JobKind::MigrationRun => "migration_run",
+            JobKind::SecretRotation => "secret_rotation",
         }
     }
 }
@@ -69,6 +74,12 @@ pub struct JobRecord {
     pub stores: Vec<String>,
     /// Each finished store's final migration state.
     pub results: Vec<MigrationView>,
+    /// A rotation's subject: the user whose reads expose the secrets.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// A rotation's outcome.
+    #[serde(default)]
+    pub marked: Option<RotationMarks>,
     pub error: Option<String>,
     pub started_at: String,
     pub updated_at: String,
@@ -92,6 +103,8 @@ pub enum JobError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Migration(#[from] MigrationError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
 }
 
 impl From<JobError> for ServiceError {
@@ -109,6 +122,7 @@ impl From<JobError> for ServiceError {
             JobError::NotFound(_) => ServiceError::NotFound(e.to_string()),
             JobError::Store(s) => s.into(),
             JobError::Migration(m) => m.into(),
+            JobError::Service(s) => s,
         }
     }
 }
@@ -117,6 +131,7 @@ impl From<JobError> for ServiceError {
 pub struct Jobs {
     store: Arc<dyn Store>,
     migration: Arc<Migrator>,
+    secrets: Arc<SecretsService>,
     faults: FaultPlan,
     /// The job this process runs, if any (the slot).
     active: Mutex<Option<JobRecord>>,
@@ -135,11 +150,13 @@ impl Jobs {
     pub fn open(
         store: Arc<dyn Store>,
         migration: Arc<Migrator>,
+        secrets: Arc<SecretsService>,
         faults: FaultPlan,
     ) -> Result<Self, JobError> {
         let jobs = Self {
             store,
             migration,
+            secrets,
             faults,
             active: Mutex::new(None),
         };
@@ -219,6 +236,7 @@ impl Jobs {
         &self,
         kind: JobKind,
         stores: &[MigrationStore],
+        user_id: Option<&str>,
         actor: &str,
     ) -> Result<JobRecord, JobError> {
         let mut active = self.active.lock();
@@ -231,7 +249,7 @@ impl Jobs {
         let now = format_us(now_us());
         let names: Vec<String> = stores.iter().map(|s| s.name().to_string()).collect();
         let (expect, job) = match self.interrupted(kind)? {
-            Some((v, mut j)) if j.stores == names => {
+            Some((v, mut j)) if j.stores == names && j.user_id.as_deref() == user_id => {
                 j.state = JobState::Running;
                 j.resumed += 1;
                 j.updated_at = now;
@@ -246,6 +264,8 @@ impl Jobs {
                     actor: actor.to_string(),
                     stores: names,
                     results: Vec::new(),
+                    user_id: user_id.map(str::to_string),
+                    marked: None,
                     error: None,
                     started_at: now.clone(),
                     updated_at: now,
@@ -292,7 +312,7 @@ impl Jobs {
         actor: &str,
     ) -> Result<JobRecord, JobError> {
         let stores = MigrationStore::parse(store)?;
-        let job = self.claim(JobKind::MigrationRun, &stores, actor)?;
+        let job = self.claim(JobKind::MigrationRun, &stores, None, actor)?;
         let me = self.clone();
         let running = job.clone();
         std::thread::spawn(move || {
@@ -307,8 +327,33 @@ impl Jobs {
     /// the same slot as the background start.
     pub fn run_migration(&self, store: &str, actor: &str) -> Result<JobRecord, JobError> {
         let stores = MigrationStore::parse(store)?;
-        let job = self.claim(JobKind::MigrationRun, &stores, actor)?;
+        let job = self.claim(JobKind::MigrationRun, &stores, None, actor)?;
         self.execute(job, &stores)
+    }
+
+    /// `aragora rotation --secrets-accessed-by=USER_ID` (not a dry run): marks
+    /// the secrets as one job, in the foreground.
+    pub fn run_secret_rotation(&self, user_id: &str, actor: &str) -> Result<JobRecord, JobError> {
+        let mut job = self.claim(JobKind::SecretRotation, &[], Some(user_id), actor)?;
+        self.faults.at(FaultPoint::JobStarted);
+        let outcome = self.secrets.mark_accessed_by(user_id, false, &job.actor);
+        let now = format_us(now_us());
+        job.finished_at = Some(now.clone());
+        job.updated_at = now;
+        match outcome {
+            Ok(marks) => {
+                job.state = JobState::Completed;
+                job.marked = Some(marks);
+                self.save(&job, true)?;
+                Ok(job)
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(e.to_string());
+                self.save(&job, true)?;
+                Err(e.into())
+            }
+        }
     }
 
     fn execute(

@@ -102,6 +102,14 @@ fn two_concurrent_starts_get_one_202_and_one_409_naming_the_running_job() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(id) && err.contains("migration_run"), "{err}");
+    // So does a rotation-by-accessor: one long operation at a time.
+    let out = s.cli(&["rotation", "--secrets-accessed-by=usr_x", "--json"]);
+    assert!(
+        !out.status.success(),
+        "a rotation while the job runs is refused"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(id), "{err}");
 
     std::fs::write(&gate, b"").expect("open the gate");
     let job = finished(&s, &admin, id);
@@ -114,6 +122,15 @@ fn two_concurrent_starts_get_one_202_and_one_409_naming_the_running_job() {
         &json!({"store": "secrets"}),
     );
     assert_eq!(r.status, 202, "{}", r.body);
+    let second = r.json()["job_id"].as_str().expect("job id").to_string();
+    assert_ne!(second, id);
+    assert_eq!(finished(&s, &admin, &second)["state"], "completed");
+    let out = s.cli(&["rotation", "--secrets-accessed-by=usr_x", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
