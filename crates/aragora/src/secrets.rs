@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::ToSchema;
 
 use crate::audit::{AuditEvent, AuditLog, MAX_SEARCH_LIMIT, Outcome, RecordError, SearchFilter};
@@ -211,14 +210,14 @@ impl SecretsService {
         let needed = format!("{permission}:{id}");
         let event = AuditEvent::new("permission_denied", p.user_id.clone(), Outcome::Denied)
             .ip(meta.ip_string())
-            .details(json!({
-                "permission": needed,
-                "role": roles_label(&p.roles),
-                "sensitive": is_sensitive(permission),
-                "reason": "secret_path",
-                "secret_id": id,
-                "secret_owner": owner,
-            }));
+            .details(PathDenied {
+                permission: &needed,
+                role: &roles_label(&p.roles),
+                sensitive: is_sensitive(permission),
+                reason: "secret_path",
+                secret_id: id,
+                secret_owner: owner,
+            });
         if let Err(e) = self.audit.record(event) {
             tracing::error!(error = %e, "permission_denied could not be audited");
         }
@@ -292,12 +291,12 @@ impl SecretsService {
                     let event =
                         AuditEvent::new("secret_written", p.user_id.clone(), Outcome::Success)
                             .ip(meta.ip_string())
-                            .details(json!({
-                                "secret_id": id,
-                                "secret_type": secret_type,
-                                "key_id": key_id,
-                                "created": existing.is_none(),
-                            }));
+                            .details(SecretWritten {
+                                secret_id: id,
+                                secret_type,
+                                key_id,
+                                created: existing.is_none(),
+                            });
                     match self.audit.record_with(event, vec![op]) {
                         Ok(_) => Ok(rec),
                         Err(RecordError::Ops(e)) if e.is_conflict() => Err(WriteFailure::Conflict),
@@ -343,11 +342,13 @@ impl SecretsService {
                 reason: "stored envelope is not hex".into(),
             })
             .and_then(|env| self.keyring.decrypt(id, &env, Some(&p.user_id)));
-        let base = json!({
-            "secret_id": id,
-            "secret_type": rec.secret_type,
-            "key_id": rec.key_id,
-        });
+        let base = SecretAccess {
+            secret_id: id,
+            secret_type: &rec.secret_type,
+            key_id: &rec.key_id,
+            error: None,
+            reason: None,
+        };
         match opened {
             Ok(plain) => {
                 let value = String::from_utf8(plain)
@@ -360,9 +361,12 @@ impl SecretsService {
                 Ok((rec.view(), value))
             }
             Err(e) => {
-                let mut details = base;
-                details["error"] = json!(e.to_string());
-                details["reason"] = json!(e.reason());
+                let error = e.to_string();
+                let details = SecretAccess {
+                    error: Some(&error),
+                    reason: Some(e.reason()),
+                    ..base
+                };
                 if let Err(a) = self.audit.record(
                     AuditEvent::new("secret_access", p.user_id.clone(), Outcome::Failure)
                         .ip(meta.ip_string())
@@ -394,7 +398,10 @@ impl SecretsService {
             let op = WriteOp::delete(Collection::Secrets, id, Expect::Version(version));
             let event = AuditEvent::new("secret_deleted", p.user_id.clone(), Outcome::Success)
                 .ip(meta.ip_string())
-                .details(json!({"secret_id": id, "secret_type": rec.secret_type}));
+                .details(SecretDeleted {
+                    secret_id: id,
+                    secret_type: &rec.secret_type,
+                });
             match self.audit.record_with(event, vec![op]) {
                 Ok(_) => return Ok(()),
                 Err(RecordError::Ops(e)) if e.is_conflict() => continue,
@@ -527,12 +534,12 @@ impl SecretsService {
                 let op =
                     WriteOp::put_json(Collection::Secrets, &id, &rec, Expect::Version(version))?;
                 let event = AuditEvent::new("secret_rotation_marked", actor, Outcome::Success)
-                    .details(json!({
-                        "secret_id": id,
-                        "secret_type": rec.secret_type,
-                        "accessed_by": user_id,
-                        "reason": reason,
-                    }));
+                    .details(RotationMarked {
+                        secret_id: &id,
+                        secret_type: &rec.secret_type,
+                        accessed_by: user_id,
+                        reason: &reason,
+                    });
                 match self.audit.record_with(event, vec![op]) {
                     Ok(_) => {
                         entry = Some(marked);
@@ -552,6 +559,54 @@ impl SecretsService {
             secrets: out,
         })
     }
+}
+
+/// `permission_denied` for a secret path.
+#[derive(Serialize)]
+struct PathDenied<'a> {
+    permission: &'a str,
+    role: &'a str,
+    sensitive: bool,
+    reason: &'static str,
+    secret_id: &'a str,
+    secret_owner: Option<&'a str>,
+}
+
+/// `secret_written`.
+#[derive(Serialize)]
+struct SecretWritten<'a> {
+    secret_id: &'a str,
+    secret_type: &'a str,
+    key_id: &'a str,
+    created: bool,
+}
+
+/// `secret_access` (a failure adds the error and its reason).
+#[derive(Clone, Copy, Serialize)]
+struct SecretAccess<'a> {
+    secret_id: &'a str,
+    secret_type: &'a str,
+    key_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+/// `secret_deleted`.
+#[derive(Serialize)]
+struct SecretDeleted<'a> {
+    secret_id: &'a str,
+    secret_type: &'a str,
+}
+
+/// `secret_rotation_marked`.
+#[derive(Serialize)]
+struct RotationMarked<'a> {
+    secret_id: &'a str,
+    secret_type: &'a str,
+    accessed_by: &'a str,
+    reason: &'a str,
 }
 
 enum WriteFailure {

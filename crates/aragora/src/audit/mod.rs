@@ -61,8 +61,14 @@ impl AuditEvent {
         self
     }
 
-    pub fn details(mut self, details: Value) -> Self {
-        self.details = details;
+    /// The event's details: a typed struct of the action's fields (stored and
+    /// searched as a JSON object).
+    pub fn details(mut self, details: impl Serialize) -> Self {
+        self.details = serde_json::to_value(details).unwrap_or_else(|e| {
+            let mut m = serde_json::Map::new();
+            m.insert("details_error".into(), Value::String(e.to_string()));
+            Value::Object(m)
+        });
         self
     }
 }

@@ -49,7 +49,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
@@ -566,13 +565,14 @@ impl Migrator {
         st.target_key_id = Some(primary);
         st.total = st.processed() + self.count_after(store, st.cursor.as_deref())?;
         st.updated_at = Some(format_us(now));
-        let event = AuditEvent::new("migration_started", actor, Outcome::Success).details(json!({
-            "store": store.name(),
-            "resumed": resuming,
-            "cursor": st.cursor,
-            "total": st.total,
-            "target_key_id": st.target_key_id,
-        }));
+        let event =
+            AuditEvent::new("migration_started", actor, Outcome::Success).details(RunStarted {
+                store: store.name(),
+                resumed: resuming,
+                cursor: st.cursor.as_deref(),
+                total: st.total,
+                target_key_id: st.target_key_id.as_deref(),
+            });
         self.audit.record_with(event, vec![state_op(store, &st)?])?;
         tracing::info!(
             store = store.name(),
@@ -630,7 +630,7 @@ impl Migrator {
         let done = now_us();
         st.finished_at = Some(format_us(done));
         st.updated_at = st.finished_at.clone();
-        self.record_finished(actor, store, &st, counts(&st))?;
+        self.record_finished(actor, store, &st, Counts::of(&st))?;
         tracing::info!(
             store = store.name(),
             migrated = st.migrated,
@@ -662,11 +662,12 @@ impl Migrator {
             .filter(|f| f.store == store.name())
             .map(|f| f.record_id.clone())
             .collect();
-        let event = AuditEvent::new("migration_started", actor, Outcome::Success).details(json!({
-            "store": store.name(),
-            "mode": "retry_failed",
-            "records": ids.len(),
-        }));
+        let event =
+            AuditEvent::new("migration_started", actor, Outcome::Success).details(RetryStarted {
+                store: store.name(),
+                mode: "retry_failed",
+                records: ids.len(),
+            });
         self.audit
             .record(event)
             .map_err(|e| MigrationError::Audit(e.to_string()))?;
@@ -687,9 +688,11 @@ impl Migrator {
         }
         st.total = st.processed();
         st.updated_at = Some(format_us(now_us()));
-        let mut details = counts(&st);
-        details["mode"] = json!("retry_failed");
-        details["recovered"] = json!(st.migrated - before.0);
+        let details = RetryFinished {
+            counts: Counts::of(&st),
+            mode: "retry_failed",
+            recovered: st.migrated - before.0,
+        };
         self.record_finished(actor, store, &st, details)?;
         Ok(st)
     }
@@ -729,7 +732,11 @@ impl Migrator {
         };
         let op = WriteOp::put_json(Collection::Meta, store.state_id(), &st, expect)?;
         let event = AuditEvent::new("migration_record_skipped", actor, Outcome::Success).details(
-            json!({"store": store.name(), "record_id": record_id, "was_failed": was_failed}),
+            RecordSkipped {
+                store: store.name(),
+                record_id,
+                was_failed,
+            },
         );
         self.audit.record_with(event, vec![op])?;
         Ok(st)
@@ -921,7 +928,7 @@ impl Migrator {
         actor: &str,
         store: MigrationStore,
         st: &MigrationState,
-        details: Value,
+        details: impl Serialize,
     ) -> Result<(), MigrationError> {
         let outcome = if st.failed > 0 {
             Outcome::Failure
@@ -950,18 +957,69 @@ fn state_op(store: MigrationStore, st: &MigrationState) -> Result<WriteOp, Store
     WriteOp::put_json(Collection::Meta, store.state_id(), st, Expect::Any)
 }
 
-fn counts(st: &MigrationState) -> Value {
-    json!({
-        "store": st.store,
-        "state": st.state,
-        "total": st.total,
-        "migrated": st.migrated,
-        "already_current": st.already_current,
-        "failed": st.failed,
-        "skipped": st.skipped,
-        "target_key_id": st.target_key_id,
-        "resumed": st.resumed,
-    })
+/// `migration_started` of a run.
+#[derive(Serialize)]
+struct RunStarted<'a> {
+    store: &'a str,
+    resumed: bool,
+    cursor: Option<&'a str>,
+    total: u64,
+    target_key_id: Option<&'a str>,
+}
+
+/// `migration_started` of `--retry-failed`.
+#[derive(Serialize)]
+struct RetryStarted<'a> {
+    store: &'a str,
+    mode: &'static str,
+    records: usize,
+}
+
+/// `migration_record_skipped`.
+#[derive(Serialize)]
+struct RecordSkipped<'a> {
+    store: &'a str,
+    record_id: &'a str,
+    was_failed: bool,
+}
+
+/// `migration_finished`: the counts of the run.
+#[derive(Serialize)]
+struct Counts<'a> {
+    store: &'a str,
+    state: RunState,
+    total: u64,
+    migrated: u64,
+    already_current: u64,
+    failed: u64,
+    skipped: u64,
+    target_key_id: Option<&'a str>,
+    resumed: u32,
+}
+
+impl<'a> Counts<'a> {
+    fn of(st: &'a MigrationState) -> Self {
+        Counts {
+            store: &st.store,
+            state: st.state,
+            total: st.total,
+            migrated: st.migrated,
+            already_current: st.already_current,
+            failed: st.failed,
+            skipped: st.skipped,
+            target_key_id: st.target_key_id.as_deref(),
+            resumed: st.resumed,
+        }
+    }
+}
+
+/// `migration_finished` of `--retry-failed`.
+#[derive(Serialize)]
+struct RetryFinished<'a> {
+    #[serde(flatten)]
+    counts: Counts<'a>,
+    mode: &'static str,
+    recovered: u64,
 }
 
 /// The envelope header of a stored record (dry run: no decryption).

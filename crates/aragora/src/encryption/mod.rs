@@ -35,7 +35,6 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::ToSchema;
 
 use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
@@ -470,7 +469,11 @@ impl KeyRing {
                 let op = WriteOp::put_json(Collection::KeyRing, &rec.key_id, &rec, Expect::Absent)?;
                 audit.record_with(
                     AuditEvent::new("key_created", "system", Outcome::Success).details(
-                        json!({"key_id": rec.key_id, "version": rec.version, "reason": reason}),
+                        KeyCreated {
+                            key_id: &rec.key_id,
+                            version: rec.version,
+                            reason,
+                        },
                     ),
                     vec![op],
                 )?;
@@ -792,13 +795,13 @@ impl KeyRing {
         ];
         let event = AuditEvent::new("key_rotated", actor, Outcome::Success)
             .ip(ip.clone())
-            .details(json!({
-                "reason": reason,
-                "force": force,
-                "new_key_id": new.key_id,
-                "previous_key_id": old.key_id,
-                "backup": backup.display().to_string(),
-            }));
+            .details(KeyRotated {
+                reason,
+                force,
+                new_key_id: &new.key_id,
+                previous_key_id: &old.key_id,
+                backup: backup.display().to_string(),
+            });
         let committed = {
             let _gate = self.gate.write();
             let r = self.audit.record_with(event, ops);
@@ -815,7 +818,10 @@ impl KeyRing {
             tracing::error!(error = %e, "key rotation failed; the previous primary stays active");
             let failed = AuditEvent::new("key_rotation_failed", actor, Outcome::Failure)
                 .ip(ip)
-                .details(json!({"reason": reason, "error": e.to_string()}));
+                .details(RotationFailed {
+                    reason,
+                    error: e.to_string(),
+                });
             let _ = self.audit.record(failed);
             let _ = self.reload();
             return Err(e.into());
@@ -884,7 +890,10 @@ impl KeyRing {
         if !ops.is_empty() {
             let event = AuditEvent::new("keys_retired", actor, Outcome::Success)
                 .ip(ip)
-                .details(json!({"retired": retired, "kept_in_use": kept}));
+                .details(KeysRetired {
+                    retired: &retired,
+                    kept_in_use: &kept,
+                });
             self.audit.record_with(event, ops)?;
             self.reload()?;
         }
@@ -986,7 +995,10 @@ impl KeyRing {
         if !ops.is_empty() {
             let event = AuditEvent::new("key_ring_restored", actor, Outcome::Success)
                 .ip(ip)
-                .details(json!({"file": file.display().to_string(), "restored": restored}));
+                .details(RingRestored {
+                    file: file.display().to_string(),
+                    restored: &restored,
+                });
             self.audit.record_with(event, ops)?;
             self.reload()?;
         }
@@ -996,6 +1008,45 @@ impl KeyRing {
             active_count: self.current().active_count(),
         })
     }
+}
+
+/// `key_created`.
+#[derive(Serialize)]
+struct KeyCreated<'a> {
+    key_id: &'a str,
+    version: u32,
+    reason: &'a str,
+}
+
+/// `key_rotated`.
+#[derive(Serialize)]
+struct KeyRotated<'a> {
+    reason: &'a str,
+    force: bool,
+    new_key_id: &'a str,
+    previous_key_id: &'a str,
+    backup: String,
+}
+
+/// `key_rotation_failed`.
+#[derive(Serialize)]
+struct RotationFailed<'a> {
+    reason: &'a str,
+    error: String,
+}
+
+/// `keys_retired`.
+#[derive(Serialize)]
+struct KeysRetired<'a> {
+    retired: &'a [RetiredKey],
+    kept_in_use: &'a [KeptKey],
+}
+
+/// `key_ring_restored`.
+#[derive(Serialize)]
+struct RingRestored<'a> {
+    file: String,
+    restored: &'a [RestoredKey],
 }
 
 fn load_records(store: &dyn Store) -> Result<Vec<(u64, KeyRecord)>, StoreError> {
