@@ -371,7 +371,12 @@ impl Jobs {
                 Ok(st) => {
                     job.results.push(st.view());
                     job.updated_at = format_us(now_us());
-                    self.save(&job, false)?;
+                    // Progress only: the store's own migration state is
+                    // durable, and the job must still reach its end (which
+                    // frees the slot).
+                    if let Err(e) = self.save(&job, false) {
+                        tracing::warn!(job_id = %job.id, error = %e, "job progress not saved");
+                    }
                 }
                 Err(e) => {
                     failure = Some(e);

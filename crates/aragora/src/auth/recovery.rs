@@ -11,7 +11,6 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::model::{ApiKey, Session, User};
 use super::tokens::new_api_key;
@@ -93,6 +92,26 @@ impl fmt::Debug for RecoveredAdmin {
             .field("revoked_key_ids", &self.revoked_key_ids)
             .finish_non_exhaustive()
     }
+}
+
+/// The `admin_recovered` entry.
+#[derive(Serialize)]
+struct Recovered<'a> {
+    severity: &'static str,
+    reason: Option<&'a str>,
+    email: &'a str,
+    user_id: &'a str,
+    created: bool,
+    forced: bool,
+    via: &'a str,
+    key_id: &'a str,
+    revoked_session_ids: &'a [String],
+    revoked_key_ids: &'a [String],
+    was_disabled: bool,
+    was_locked: bool,
+    granted_admin: bool,
+    password_cleared: bool,
+    able_admins: Vec<&'a str>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -323,23 +342,25 @@ impl AuthService {
             Expect::Absent,
         )?);
         let password_cleared = before.as_ref().is_some_and(|b| b.password_hash.is_some());
-        let event = AuditEvent::new(ACTION, req.actor, Outcome::Success).details(json!({
-            "severity": "critical",
-            "reason": reason,
-            "email": user.email,
-            "user_id": user.id,
-            "created": created,
-            "forced": req.force,
-            "via": req.via,
-            "key_id": key.id,
-            "revoked_session_ids": revoked_session_ids,
-            "revoked_key_ids": revoked_key_ids,
-            "was_disabled": before.as_ref().is_some_and(|b| b.disabled),
-            "was_locked": before.as_ref().is_some_and(|b| b.is_locked(now)),
-            "granted_admin": before.as_ref().is_none_or(|b| !b.roles.iter().any(|r| r == ADMIN_ROLE)),
-            "password_cleared": password_cleared,
-            "able_admins": able.iter().map(|a| &a.user_id).collect::<Vec<_>>(),
-        }));
+        let event = AuditEvent::new(ACTION, req.actor, Outcome::Success).details(Recovered {
+            severity: "critical",
+            reason,
+            email: &user.email,
+            user_id: &user.id,
+            created,
+            forced: req.force,
+            via: req.via,
+            key_id: &key.id,
+            revoked_session_ids: &revoked_session_ids,
+            revoked_key_ids: &revoked_key_ids,
+            was_disabled: before.as_ref().is_some_and(|b| b.disabled),
+            was_locked: before.as_ref().is_some_and(|b| b.is_locked(now)),
+            granted_admin: before
+                .as_ref()
+                .is_none_or(|b| !b.roles.iter().any(|r| r == ADMIN_ROLE)),
+            password_cleared,
+            able_admins: able.iter().map(|a| a.user_id.as_str()).collect(),
+        });
         let entry = match self.audit.record_with(event, ops) {
             Ok(entry) => entry,
             Err(RecordError::Ops(_)) => return Ok(None),
