@@ -93,6 +93,7 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
         MasterKey::from_bytes(Zeroizing::new([0x42; 32])),
         dir.path(),
         Environment::Development,
+        vec![aragora::secrets::encrypted_collection()],
     )?);
     let t = Instant::now();
     seed(&ring, store.as_ref(), records)?;

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::encryption::migration::{MigrationOptions, Migrator};
 use crate::encryption::{KeyRing, KeyRingError};
+use crate::jobs::{JobError, Jobs};
 use crate::metrics::Metrics;
 use crate::rbac::Rbac;
 use crate::secrets::SecretsService;
@@ -27,11 +28,13 @@ pub struct AppState {
     pub auth: AuthService,
     /// Data keys (encryption issue #8).
     pub keyring: Arc<KeyRing>,
-    pub secrets: SecretsService,
+    pub secrets: Arc<SecretsService>,
     /// Re-encryption migration (rewraps records under the primary key).
     pub migration: Arc<Migrator>,
     /// Approval gates (issue #15).
     pub approvals: ApprovalService,
+    /// Long operations (migration runs), one at a time.
+    pub jobs: Arc<Jobs>,
     /// Password hashes computed at once (Argon2id: ~20 ms of CPU and 19 MiB
     /// each): without a bound, a flood of logins from many addresses would
     /// exhaust memory before any per-IP limit bites.
@@ -47,6 +50,8 @@ pub enum BootError {
     KeyRing(#[from] KeyRingError),
     #[error("ARAGORA_ENCRYPTION_KEY is not set")]
     NoEncryptionKey,
+    #[error("jobs: {0}")]
+    Jobs(#[from] JobError),
 }
 
 impl AppState {
@@ -82,15 +87,20 @@ impl AppState {
             master,
             &config.data_dir,
             config.environment,
+            vec![crate::secrets::encrypted_collection()],
         )?);
-        let secrets =
-            SecretsService::new(store.clone(), audit.clone(), keyring.clone(), rbac.clone());
+        let secrets = Arc::new(SecretsService::new(
+            store.clone(),
+            audit.clone(),
+            keyring.clone(),
+            rbac.clone(),
+        ));
         let migration = Arc::new(Migrator::new(
             store.clone(),
             audit.clone(),
             keyring.clone(),
             metrics.clone(),
-            MigrationOptions::from_env(),
+            MigrationOptions::from_config(&config),
         ));
         let approvals = ApprovalService::new(
             store.clone(),
@@ -98,6 +108,12 @@ impl AppState {
             metrics.clone(),
             config.approvals.clone(),
         );
+        let jobs = Arc::new(Jobs::open(
+            store.clone(),
+            migration.clone(),
+            secrets.clone(),
+            config.faults.clone(),
+        )?);
         let config_slots = config.password_hash_concurrency;
         Ok(Self {
             config,
@@ -110,6 +126,7 @@ impl AppState {
             secrets,
             migration,
             approvals,
+            jobs,
             password_slots: tokio::sync::Semaphore::new(config_slots),
         })
     }

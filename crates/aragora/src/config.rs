@@ -140,6 +140,78 @@ pub struct Config {
     /// Approval gates: `APPROVAL_TIMEOUT_<OPERATION>` (seconds) and
     /// `APPROVAL_AUTO_APPROVE_LOW`.
     pub approvals: crate::approvals::ApprovalSettings,
+    /// Records per migration batch (ARAGORA_MIGRATION_BATCH_SIZE).
+    pub migration_batch_size: usize,
+    /// Test-only faults (none unless a test asks for one).
+    pub faults: FaultPlan,
+}
+
+/// Where a fault plan can strike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// A migration batch (records and progress) has been written durably;
+    /// `batches` so far in this run.
+    MigrationBatchDurable { batches: u64 },
+    /// A job has taken the slot and is about to run.
+    JobStarted,
+}
+
+/// Test-only faults, read once with the rest of the configuration: the crash
+/// and resume tests make the process die at a chosen point, like a `kill -9`,
+/// to prove what a crash there leaves behind. Services call [`FaultPlan::at`]
+/// at each [`FaultPoint`]; with the default (empty) plan it does nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Abort after this many durable migration batches
+    /// (ARAGORA_MIGRATION_STOP_AFTER_BATCHES).
+    pub crash_after_migration_batches: Option<u64>,
+    /// A started job waits until this file exists (ARAGORA_TEST_JOB_GATE):
+    /// a test holds a job running for as long as it needs, whatever the
+    /// machine's speed.
+    pub job_gate: Option<PathBuf>,
+}
+
+impl FaultPlan {
+    /// Crashes the process when the plan names this point.
+    pub fn at(&self, point: FaultPoint) {
+        match point {
+            FaultPoint::MigrationBatchDurable { batches }
+                if self.crash_after_migration_batches == Some(batches) =>
+            {
+                tracing::error!(
+                    batches,
+                    "ARAGORA_MIGRATION_STOP_AFTER_BATCHES: aborting the process (test fault)"
+                );
+                std::process::abort();
+            }
+            FaultPoint::MigrationBatchDurable { .. } => {}
+            FaultPoint::JobStarted => {
+                if let Some(gate) = &self.job_gate {
+                    while !gate.exists() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    #[error(transparent)]
+    DevKeys(#[from] crate::keys::KeyFileError),
+}
+
+/// `aragora check-key`: ARAGORA_ENCRYPTION_KEY as the server would read it.
+pub fn check_encryption_key() -> Result<(), KeyProblem> {
+    parse_key(
+        "ARAGORA_ENCRYPTION_KEY",
+        std::env::var("ARAGORA_ENCRYPTION_KEY").ok().as_deref(),
+    )
+    .map(|_| ())
 }
 
 /// PEM files of the HTTPS listener, read at boot and on SIGHUP (`crate::tls`).
@@ -192,6 +264,27 @@ impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(&std::env::vars().collect())
+    }
+
+    /// The configuration, built once from the process environment (the only
+    /// module that reads it). In development, missing keys come from (or are
+    /// generated into) the data dir's owner-only key file first; `logging`
+    /// is set up before that (so the key warnings are seen) and again once
+    /// the final configuration is known.
+    pub fn load(logging: &dyn Fn(&Config)) -> Result<Config, LoadError> {
+        let mut vars: BTreeMap<String, String> = std::env::vars().collect();
+        let first = Config::from_vars(&vars);
+        if let Ok(c) = &first
+            && c.environment == Environment::Development
+        {
+            logging(c);
+            crate::keys::load_or_generate_dev_keys(&c.data_dir, &mut vars)?;
+        }
+        let config = Config::from_vars(&vars)?;
+        if first.is_err() || config.environment == Environment::Production {
+            logging(&config);
+        }
+        Ok(config)
     }
 
     /// Parses `vars` (the environment), reporting every problem at once. In
@@ -304,11 +397,12 @@ impl Config {
         let auth_failure_audit_window = get("ARAGORA_AUTH_FAILURE_AUDIT_WINDOW").map_or(10, |v| {
             number("ARAGORA_AUTH_FAILURE_AUDIT_WINDOW", v, 1, 3600, &mut p)
         });
-        let approvals = crate::approvals::ApprovalSettings::from_lookup(|k| get(k).map(str::to_owned))
-            .unwrap_or_else(|e| {
-                p.push(e);
-                crate::approvals::ApprovalSettings::default()
-            });
+        let approvals =
+            crate::approvals::ApprovalSettings::from_lookup(|k| get(k).map(str::to_owned))
+                .unwrap_or_else(|e| {
+                    p.push(e);
+                    crate::approvals::ApprovalSettings::default()
+                });
         let mut trusted_proxies = Vec::new();
         for part in get("ARAGORA_TRUSTED_PROXIES")
             .unwrap_or_default()
@@ -363,6 +457,21 @@ impl Config {
         let request_timeout = get("ARAGORA_REQUEST_TIMEOUT").map_or(30, |v| {
             number("ARAGORA_REQUEST_TIMEOUT", v, 1, 3600, &mut p)
         });
+        let migration_batch_size = get("ARAGORA_MIGRATION_BATCH_SIZE").map_or(1000, |v| {
+            number("ARAGORA_MIGRATION_BATCH_SIZE", v, 1, 100_000, &mut p)
+        });
+        let crash_after_migration_batches = get("ARAGORA_MIGRATION_STOP_AFTER_BATCHES")
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                number(
+                    "ARAGORA_MIGRATION_STOP_AFTER_BATCHES",
+                    v,
+                    1,
+                    u64::MAX,
+                    &mut p,
+                )
+            });
+        let job_gate = file("ARAGORA_TEST_JOB_GATE");
         if !p.is_empty() {
             return Err(ConfigError { problems: p });
         }
@@ -395,6 +504,11 @@ impl Config {
             password_hash_concurrency: password_hash_concurrency as usize,
             auth_failure_audit_window: Duration::from_secs(auth_failure_audit_window),
             approvals,
+            migration_batch_size: migration_batch_size as usize,
+            faults: FaultPlan {
+                crash_after_migration_batches,
+                job_gate,
+            },
         })
     }
 }
@@ -540,5 +654,54 @@ mod tests {
         assert_eq!(c.client_nets.ipv6_prefix_len, 56);
         assert_eq!(c.request_timeout, Duration::from_secs(30));
         assert!(c.tls.is_none() && !c.clients_use_https());
+    }
+
+    #[test]
+    fn the_whole_config_debug_shows_no_secret() {
+        let key = "ab".repeat(32);
+        let jwt = "a-jwt-secret-of-at-least-32-characters!";
+        let c = Config::from_vars(&vars(&[
+            ("ARAGORA_ENCRYPTION_KEY", &key),
+            ("AEDB_MANIFEST_KEY", &"cd".repeat(32)),
+            ("AEDB_CHECKPOINT_KEY", &"ef".repeat(32)),
+            ("JWT_SECRET", jwt),
+            (
+                "JWT_SECRET_PREVIOUS",
+                "the-previous-jwt-secret-also-32-chars!!",
+            ),
+        ]))
+        .expect("valid");
+        let shown = format!("{c:?}");
+        for secret in [
+            key.as_str(),
+            &"cd".repeat(32),
+            &"ef".repeat(32),
+            jwt,
+            "the-previous-jwt-secret",
+        ] {
+            assert!(!shown.contains(secret), "Debug shows a secret: {shown}");
+        }
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn migration_sizes_and_the_fault_plan_are_read_and_validated() {
+        let c = Config::from_vars(&vars(&[
+            ("ARAGORA_MIGRATION_BATCH_SIZE", "25"),
+            ("ARAGORA_MIGRATION_STOP_AFTER_BATCHES", "3"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.migration_batch_size, 25);
+        assert_eq!(c.faults.crash_after_migration_batches, Some(3));
+        let d = Config::from_vars(&vars(&[])).expect("defaults");
+        assert_eq!(d.migration_batch_size, 1000);
+        assert_eq!(d.faults, FaultPlan::default());
+        // Not a crash point: passing it does nothing.
+        c.faults
+            .at(FaultPoint::MigrationBatchDurable { batches: 2 });
+        let e = Config::from_vars(&vars(&[("ARAGORA_MIGRATION_BATCH_SIZE", "0")]))
+            .expect_err("zero batch")
+            .to_string();
+        assert!(e.contains("ARAGORA_MIGRATION_BATCH_SIZE"), "{e}");
     }
 }

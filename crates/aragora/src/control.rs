@@ -11,13 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::app::AppState;
-use crate::auth::recovery::RecoveryRequest;
-use crate::encryption::migration::MigrationStore;
+use crate::audit::VerifyReport;
+use crate::auth::recovery::{RecoveryOutcome, RecoveryRequest};
+use crate::encryption::migration::{DryRunView, MigrationStore, MigrationView};
+use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome};
 use crate::error::ServiceError;
+use crate::secrets::RotationMarks;
 
 pub const SOCKET_FILE: &str = "aragora.sock";
 /// A request line longer than this is refused.
@@ -82,6 +84,90 @@ impl ControlRequest {
     }
 }
 
+/// The answer to each [`ControlRequest`], shared by the server and the CLI
+/// (which renders it as text, or prints the inner view with `--json`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlResponse {
+    Bootstrap(BootstrapView),
+    AdminRecover(RecoveryOutcome),
+    AuditVerify(VerifyReport),
+    KeyRotation(RotationOutcome),
+    KeyCleanup(CleanupOutcome),
+    KeyRingRestore(RestoreOutcome),
+    Migration(MigrationOutcome),
+    MigrationStatus(MigrationView),
+    SecretRotation(RotationMarks),
+}
+
+/// The first admin and its API key (shown once).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct BootstrapView {
+    pub user_id: String,
+    pub email: String,
+    pub token: String,
+}
+
+// The token is a credential: Debug (logs, panics) never shows it.
+impl std::fmt::Debug for BootstrapView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapView")
+            .field("user_id", &self.user_id)
+            .field("email", &self.email)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One store's migration answer: a dry run's counts, or a run's state.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MigrationResult {
+    DryRun(DryRunView),
+    Run(MigrationView),
+}
+
+/// `aragora migration`: the store's result, or with `--store=all`
+/// `{"store": "all", "results": [...]}`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MigrationOutcome {
+    All {
+        store: String,
+        results: Vec<MigrationResult>,
+    },
+    One(MigrationResult),
+}
+
+impl MigrationOutcome {
+    pub fn results(&self) -> Vec<&MigrationResult> {
+        match self {
+            MigrationOutcome::All { results, .. } => results.iter().collect(),
+            MigrationOutcome::One(r) => vec![r],
+        }
+    }
+}
+
+/// One line on the socket, each way.
+#[derive(Debug, Serialize, Deserialize)]
+struct Reply {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    result: Option<ControlResponse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl Reply {
+    fn error(e: impl Into<String>) -> Self {
+        Reply {
+            ok: false,
+            result: None,
+            error: Some(e.into()),
+        }
+    }
+}
+
 /// The audit actor of operator commands.
 pub const CLI_ACTOR: &str = "cli";
 
@@ -106,11 +192,19 @@ impl Via {
 
 /// Runs one control command against the services (shared by the socket and the
 /// direct, server-stopped path).
-pub fn execute(state: &AppState, req: ControlRequest, via: Via) -> Result<Value, ServiceError> {
+pub fn execute(
+    state: &AppState,
+    req: ControlRequest,
+    via: Via,
+) -> Result<ControlResponse, ServiceError> {
     match req {
         ControlRequest::Bootstrap { email } => {
             let (user, token) = state.auth.bootstrap_admin(&email)?;
-            Ok(json!({"user_id": user.id, "email": user.email, "token": token}))
+            Ok(ControlResponse::Bootstrap(BootstrapView {
+                user_id: user.id,
+                email: user.email,
+                token,
+            }))
         }
         ControlRequest::AdminRecover {
             email,
@@ -124,37 +218,55 @@ pub fn execute(state: &AppState, req: ControlRequest, via: Via) -> Result<Value,
                 actor: CLI_ACTOR,
                 via: via.as_str(),
             })?;
-            serde_json::to_value(outcome).map_err(|e| ServiceError::Internal(e.to_string()))
+            Ok(ControlResponse::AdminRecover(outcome))
         }
-        ControlRequest::AuditVerify => Ok(serde_json::to_value(state.audit.verify()?)
-            .map_err(|e| ServiceError::Internal(e.to_string()))?),
+        ControlRequest::AuditVerify => Ok(ControlResponse::AuditVerify(state.audit.verify()?)),
         ControlRequest::KeyRotation {
             cleanup_expired: true,
             ..
-        } => Ok(state.keyring.cleanup_expired(CLI_ACTOR, None)?),
+        } => Ok(ControlResponse::KeyCleanup(
+            state.keyring.cleanup_expired(CLI_ACTOR, None)?,
+        )),
         ControlRequest::KeyRotation { reason, force, .. } => {
             let reason = reason.ok_or_else(|| {
                 ServiceError::BadRequest("--reason=TEXT is required to rotate".into())
             })?;
             let outcome = state.keyring.rotate(CLI_ACTOR, None, &reason, force)?;
-            serde_json::to_value(outcome).map_err(|e| ServiceError::Internal(e.to_string()))
+            Ok(ControlResponse::KeyRotation(outcome))
         }
-        ControlRequest::KeyRingRestore { file } => {
-            Ok(state
+        ControlRequest::KeyRingRestore { file } => Ok(ControlResponse::KeyRingRestore(
+            state
                 .keyring
-                .restore(std::path::Path::new(&file), CLI_ACTOR, None)?)
-        }
+                .restore(std::path::Path::new(&file), CLI_ACTOR, None)?,
+        )),
         ControlRequest::Migration {
             store,
             dry_run,
             retry_failed,
             skip_record,
-        } => run_migration(state, &store, dry_run, retry_failed, skip_record.as_deref()),
-        ControlRequest::MigrationStatus { store } => {
-            Ok(state.migration.status(store.as_deref())?)
-        }
-        ControlRequest::SecretRotation { user_id, dry_run } => {
-            state.secrets.mark_accessed_by(&user_id, dry_run, CLI_ACTOR)
+        } => Ok(ControlResponse::Migration(run_migration(
+            state,
+            &store,
+            dry_run,
+            retry_failed,
+            skip_record.as_deref(),
+        )?)),
+        ControlRequest::MigrationStatus { store } => Ok(ControlResponse::MigrationStatus(
+            state.migration.status(store.as_deref())?,
+        )),
+        ControlRequest::SecretRotation {
+            user_id,
+            dry_run: true,
+        } => Ok(ControlResponse::SecretRotation(
+            state.secrets.mark_accessed_by(&user_id, true, CLI_ACTOR)?,
+        )),
+        // Marking is a job (one at a time, recorded like a migration run).
+        ControlRequest::SecretRotation { user_id, .. } => {
+            let job = state.jobs.run_secret_rotation(&user_id, CLI_ACTOR)?;
+            let marks = job
+                .marked
+                .ok_or_else(|| ServiceError::Internal("the rotation job has no result".into()))?;
+            Ok(ControlResponse::SecretRotation(marks))
         }
     }
 }
@@ -167,26 +279,34 @@ fn run_migration(
     dry_run: bool,
     retry_failed: bool,
     skip_record: Option<&str>,
-) -> Result<Value, ServiceError> {
+) -> Result<MigrationOutcome, ServiceError> {
     let stores = MigrationStore::parse(store)?;
     let mut results = Vec::new();
     for s in &stores {
         let v = if let Some(id) = skip_record {
-            state.migration.skip_record(*s, id, CLI_ACTOR)?.view()
+            MigrationResult::Run(state.migration.skip_record(*s, id, CLI_ACTOR)?.view())
         } else if dry_run {
-            state.migration.dry_run(*s)?
+            MigrationResult::DryRun(state.migration.dry_run(*s)?)
         } else if retry_failed {
-            state.migration.retry_failed(*s, CLI_ACTOR)?.view()
+            MigrationResult::Run(state.migration.retry_failed(*s, CLI_ACTOR)?.view())
         } else {
-            state.migration.run(*s, CLI_ACTOR, &|_| {})?.view()
+            // One job for every store named (through the jobs service, like
+            // `POST /api/security/migration/run`).
+            let job = state.jobs.run_migration(store, CLI_ACTOR)?;
+            results = job.results.into_iter().map(MigrationResult::Run).collect();
+            break;
         };
         results.push(v);
     }
     if store == "all" {
-        Ok(json!({"store": "all", "results": results}))
+        Ok(MigrationOutcome::All {
+            store: "all".into(),
+            results,
+        })
     } else {
         results
             .pop()
+            .map(MigrationOutcome::One)
             .ok_or_else(|| ServiceError::Internal("no migration result".into()))
     }
 }
@@ -226,9 +346,8 @@ async fn handle(
     let peer = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
     if peer.uid() != owner {
-        let msg =
-            json!({"ok": false, "error": "the control socket accepts only the server's own user"});
-        write.write_all(format!("{msg}\n").as_bytes()).await?;
+        let msg = Reply::error("the control socket accepts only the server's own user");
+        write.write_all(&line_of(&msg)).await?;
         return Ok(());
     }
     let mut line = String::new();
@@ -238,15 +357,27 @@ async fn handle(
         Ok(req) => {
             tracing::info!(command = ?std::mem::discriminant(&req), "control command");
             match tokio::task::spawn_blocking(move || execute(&state, req, Via::Socket)).await {
-                Ok(Ok(v)) => json!({"ok": true, "result": v}),
-                Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
-                Err(e) => json!({"ok": false, "error": format!("worker failed: {e}")}),
+                Ok(Ok(v)) => Reply {
+                    ok: true,
+                    result: Some(v),
+                    error: None,
+                },
+                Ok(Err(e)) => Reply::error(e.to_string()),
+                Err(e) => Reply::error(format!("worker failed: {e}")),
             }
         }
-        Err(e) => json!({"ok": false, "error": format!("bad control request: {e}")}),
+        Err(e) => Reply::error(format!("bad control request: {e}")),
     };
-    write.write_all(format!("{response}\n").as_bytes()).await?;
+    write.write_all(&line_of(&response)).await?;
     write.shutdown().await
+}
+
+fn line_of(reply: &Reply) -> Vec<u8> {
+    let mut line = serde_json::to_vec(reply).unwrap_or_else(|e| {
+        format!("{{\"ok\":false,\"error\":\"response encoding failed: {e}\"}}").into_bytes()
+    });
+    line.push(b'\n');
+    line
 }
 
 /// Client side: `Ok(None)` when no server listens (the caller then opens the
@@ -254,7 +385,7 @@ async fn handle(
 pub fn call(
     data_dir: &Path,
     req: &ControlRequest,
-) -> Result<Option<Result<Value, String>>, String> {
+) -> Result<Option<Result<ControlResponse, String>>, String> {
     let path = socket_path(data_dir);
     let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
@@ -271,14 +402,13 @@ pub fn call(
     BufReader::new(stream)
         .read_line(&mut resp)
         .map_err(|e| format!("reading from {}: {e}", path.display()))?;
-    let v: Value =
+    let reply: Reply =
         serde_json::from_str(&resp).map_err(|e| format!("bad response from the server: {e}"))?;
-    if v["ok"] == true {
-        Ok(Some(Ok(v["result"].clone())))
-    } else {
-        Ok(Some(Err(v["error"]
-            .as_str()
-            .unwrap_or("unknown error")
-            .to_string())))
+    match (reply.ok, reply.result) {
+        (true, Some(r)) => Ok(Some(Ok(r))),
+        (true, None) => Err("the server answered ok without a result".into()),
+        (false, _) => Ok(Some(Err(reply
+            .error
+            .unwrap_or_else(|| "unknown error".into())))),
     }
 }

@@ -1,7 +1,6 @@
 //! The error every domain service returns; `api` maps it to a status and a JSON
 //! body naming what is wrong.
 
-use crate::audit::{AuditError, RecordError};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +11,13 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A job of its kind (or another) holds the slot: 409 naming it.
+    #[error("{message}")]
+    JobRunning {
+        message: String,
+        job_id: String,
+        kind: &'static str,
+    },
     /// Authentication failed; `reason` is the metric label.
     #[error("{message}")]
     Unauthorized {
@@ -45,21 +51,6 @@ impl From<StoreError> for ServiceError {
             StoreError::Conflict { .. } => ServiceError::Conflict(e.to_string()),
             StoreError::Unavailable(_) => ServiceError::Backend(e.to_string()),
             other => ServiceError::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<AuditError> for ServiceError {
-    fn from(e: AuditError) -> Self {
-        ServiceError::Backend(e.to_string())
-    }
-}
-
-impl From<RecordError> for ServiceError {
-    fn from(e: RecordError) -> Self {
-        match e {
-            RecordError::Ops(s) => s.into(),
-            RecordError::Audit(a) => a.into(),
         }
     }
 }

@@ -8,26 +8,49 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
-
 pub const DEV_KEYS_FILE: &str = "dev-keys.env";
+
+/// Why the development key file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("{path} must be readable by its owner only (mode {mode:o}); run chmod 600")]
+    Exposed { path: String, mode: u32 },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the system random source failed")]
+    Random,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> KeyFileError + '_ {
+    move |source| KeyFileError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
 
 /// Fills missing development keys in `vars` from (or into) `data_dir/dev-keys.env`.
 pub fn load_or_generate_dev_keys(
     data_dir: &Path,
     vars: &mut BTreeMap<String, String>,
-) -> Result<()> {
+) -> Result<(), KeyFileError> {
     let path = data_dir.join(DEV_KEYS_FILE);
     let mut stored = BTreeMap::new();
     if path.exists() {
-        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&path)
+            .map_err(io(&path))?
+            .permissions()
+            .mode()
+            & 0o777;
         if mode & 0o077 != 0 {
-            bail!(
-                "{} must be readable by its owner only (mode {mode:o}); run chmod 600",
-                path.display()
-            );
+            return Err(KeyFileError::Exposed {
+                path: path.display().to_string(),
+                mode,
+            });
         }
-        for line in std::fs::read_to_string(&path)?.lines() {
+        for line in std::fs::read_to_string(&path).map_err(io(&path))?.lines() {
             if let Some((k, v)) = line.split_once('=') {
                 stored.insert(k.trim().to_string(), v.trim().to_string());
             }
@@ -49,7 +72,7 @@ pub fn load_or_generate_dev_keys(
             None => {
                 let mut b = vec![0u8; len];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-                    .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+                    .map_err(|_| KeyFileError::Random)?;
                 changed = true;
                 let v = hex::encode(&b);
                 stored.insert(name.to_string(), v.clone());
@@ -63,19 +86,18 @@ pub fn load_or_generate_dev_keys(
         tracing::warn!(keys = %from_file.join(","), file = %path.display(), "development mode: using generated keys (set ARAGORA_ENV=production to require keys from the environment)");
     }
     if changed {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
+            .map_err(io(&path))?;
         for (k, v) in &stored {
-            writeln!(f, "{k}={v}")?;
+            writeln!(f, "{k}={v}").map_err(io(&path))?;
         }
-        f.sync_all()?;
+        f.sync_all().map_err(io(&path))?;
     }
     Ok(())
 }

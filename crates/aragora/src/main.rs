@@ -1,6 +1,5 @@
 //! `aragora`: the security control plane (`serve`) and its operator commands.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -9,9 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, anyhow};
 use aragora::app::{AppState, router};
-use aragora::config::{Config, Environment, parse_key};
-use aragora::control::{self, ControlRequest, Via};
-use aragora::keys::load_or_generate_dev_keys;
+use aragora::cli::render::{self, Rendered, render};
+use aragora::config::Config;
+use aragora::control::{self, ControlRequest, ControlResponse, Via};
+use aragora::encryption::migration::MigrationView;
 use aragora::store::EmbeddedStore;
 use clap::{Parser, Subcommand};
 
@@ -156,7 +156,7 @@ fn main() -> ExitCode {
         Command::Serve => serve(),
         Command::Admin {
             command: AdminCommand::Bootstrap { email, json },
-        } => bootstrap(&email, json),
+        } => command(ControlRequest::Bootstrap { email }, json),
         Command::Admin {
             command:
                 AdminCommand::Recover {
@@ -165,10 +165,17 @@ fn main() -> ExitCode {
                     force,
                     json,
                 },
-        } => recover(email, reason, force, json),
+        } => command(
+            ControlRequest::AdminRecover {
+                email,
+                reason,
+                force,
+            },
+            json,
+        ),
         Command::Audit {
             command: AuditCommand::Verify { json },
-        } => audit_verify(json),
+        } => command(ControlRequest::AuditVerify, json),
         Command::KeyRotation {
             force,
             reason,
@@ -189,7 +196,13 @@ fn main() -> ExitCode {
             secrets_accessed_by,
             dry_run,
             json,
-        } => rotation(&secrets_accessed_by, dry_run, json),
+        } => command(
+            ControlRequest::SecretRotation {
+                user_id: secrets_accessed_by,
+                dry_run,
+            },
+            json,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -201,11 +214,8 @@ fn main() -> ExitCode {
 }
 
 fn check_key() -> Result<ExitCode> {
-    match parse_key(
-        "ARAGORA_ENCRYPTION_KEY",
-        std::env::var("ARAGORA_ENCRYPTION_KEY").ok().as_deref(),
-    ) {
-        Ok(_) => {
+    match aragora::config::check_encryption_key() {
+        Ok(()) => {
             println!("ARAGORA_ENCRYPTION_KEY: ok (64 hex characters, 32 bytes)");
             Ok(ExitCode::SUCCESS)
         }
@@ -216,22 +226,9 @@ fn check_key() -> Result<ExitCode> {
     }
 }
 
-/// The validated configuration; in development, missing keys come from (or
-/// are generated into) the owner-only key file in the data dir.
+/// The validated configuration (logging set up as soon as it is known).
 fn load_config() -> Result<Config> {
-    let mut vars: BTreeMap<String, String> = std::env::vars().collect();
-    let first = Config::from_vars(&vars);
-    if let Ok(c) = &first
-        && c.environment == Environment::Development
-    {
-        init_logging(&c.log_level, c.log_json);
-        load_or_generate_dev_keys(&c.data_dir, &mut vars)?;
-    }
-    let config = Config::from_vars(&vars)?;
-    if first.is_err() || config.environment == Environment::Production {
-        init_logging(&config.log_level, config.log_json);
-    }
-    Ok(config)
+    Ok(Config::load(&|c| init_logging(&c.log_level, c.log_json))?)
 }
 
 fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
@@ -378,7 +375,7 @@ fn serve() -> Result<ExitCode> {
 }
 
 /// Sends `req` to the running server, or runs it on the store directly.
-fn run_control(req: ControlRequest) -> Result<serde_json::Value> {
+fn run_control(req: ControlRequest) -> Result<ControlResponse> {
     let config = load_config()?;
     match control::call(&config.data_dir, &req).map_err(|e| anyhow!(e))? {
         Some(Ok(v)) => Ok(v),
@@ -392,91 +389,16 @@ fn run_control(req: ControlRequest) -> Result<serde_json::Value> {
     }
 }
 
-fn bootstrap(email: &str, json: bool) -> Result<ExitCode> {
-    let v = run_control(ControlRequest::Bootstrap {
-        email: email.to_string(),
-    })?;
-    if json {
-        println!("{v}");
-    } else {
-        println!(
-            "admin created: {} ({})",
-            v["email"].as_str().unwrap_or_default(),
-            v["user_id"].as_str().unwrap_or_default()
-        );
-        println!("API key (shown once, store it now):");
-        println!("{}", v["token"].as_str().unwrap_or_default());
-        println!();
-        println!(
-            "export ADMIN_TOKEN=<the key above>   # then: curl -H \"Authorization: Bearer $ADMIN_TOKEN\" ..."
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+/// Prints a rendered answer and turns its code into the exit code.
+fn emit(r: Rendered) -> ExitCode {
+    print!("{}", r.stdout);
+    eprint!("{}", r.stderr);
+    ExitCode::from(r.code)
 }
 
-fn recover(email: String, reason: Option<String>, force: bool, json: bool) -> Result<ExitCode> {
-    let v = run_control(ControlRequest::AdminRecover {
-        email,
-        reason,
-        force,
-    })?;
-    if v["status"] == "refused" {
-        if json {
-            println!("{v}");
-        }
-        eprintln!("aragora: {}", v["message"].as_str().unwrap_or("refused"));
-        return Ok(ExitCode::from(1));
-    }
-    if json {
-        println!("{v}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let user_id = v["user_id"].as_str().unwrap_or_default();
-    println!(
-        "admin {}: {} ({user_id})",
-        if v["created"] == true {
-            "created"
-        } else {
-            "recovered"
-        },
-        v["email"].as_str().unwrap_or_default(),
-    );
-    let count = |k: &str| v[k].as_array().map_or(0, Vec::len);
-    println!(
-        "revoked {} session(s) and {} API key(s); audited as admin_recovered ({})",
-        count("revoked_session_ids"),
-        count("revoked_key_ids"),
-        v["audit_entry_id"].as_str().unwrap_or_default()
-    );
-    if v["password_cleared"] == true {
-        println!("password cleared: set a new one with POST /api/admin/users/{user_id}/password");
-    }
-    println!("API key (shown once, store it now):");
-    println!("{}", v["token"].as_str().unwrap_or_default());
-    Ok(ExitCode::SUCCESS)
-}
-
-fn audit_verify(json: bool) -> Result<ExitCode> {
-    let v = run_control(ControlRequest::AuditVerify)?;
-    let ok = v["ok"] == true;
-    if json {
-        println!("{v}");
-    } else if ok {
-        println!(
-            "audit chain ok: {} entries, head seq {}",
-            v["entries_checked"], v["head_seq"]
-        );
-    } else {
-        println!("audit chain BROKEN:");
-        for p in v["problems"].as_array().into_iter().flatten() {
-            println!("  - {}", p.as_str().unwrap_or_default());
-        }
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+fn command(req: ControlRequest, json: bool) -> Result<ExitCode> {
+    let v = run_control(req)?;
+    Ok(emit(render(&v, json, render::Context::default())))
 }
 
 fn key_rotation(
@@ -488,58 +410,28 @@ fn key_rotation(
     if !cleanup_expired && reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
         anyhow::bail!("--reason=TEXT is required to rotate (or use --cleanup-expired)");
     }
-    let v = run_control(ControlRequest::KeyRotation {
-        reason,
-        force,
-        cleanup_expired,
-    })?;
-    if json {
-        println!("{v}");
-    } else if cleanup_expired {
-        let retired = v["retired"].as_array().cloned().unwrap_or_default();
-        println!("retired {} key(s)", retired.len());
-        for r in &retired {
-            println!("  {} {} -> {}", r["key_id"], r["from"], r["to"]);
-        }
-        for k in v["kept_in_use"].as_array().into_iter().flatten() {
-            println!("  kept {} ({} record(s) use it)", k["key_id"], k["records"]);
-        }
-        println!("active keys: {}", v["active_count"]);
-    } else {
-        println!("{}", v["message"].as_str().unwrap_or_default());
-        if let Some(b) = v["backup"].as_str() {
-            println!("key-ring backup: {b}");
-        }
-        println!(
-            "primary key: {}; active keys: {}",
-            v["primary_key_id"].as_str().unwrap_or_default(),
-            v["active_count"]
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    command(
+        ControlRequest::KeyRotation {
+            reason,
+            force,
+            cleanup_expired,
+        },
+        json,
+    )
 }
 
 fn key_ring_restore(file: &std::path::Path, json: bool) -> Result<ExitCode> {
     let file =
         std::fs::canonicalize(file).with_context(|| format!("backup file {}", file.display()))?;
+    let shown = file.display().to_string();
     let v = run_control(ControlRequest::KeyRingRestore {
-        file: file.display().to_string(),
+        file: shown.clone(),
     })?;
-    if json {
-        println!("{v}");
-    } else {
-        let restored = v["restored"].as_array().cloned().unwrap_or_default();
-        println!("restored {} key(s) from {}", restored.len(), file.display());
-        for r in &restored {
-            println!("  {} ({})", r["key_id"], r["status"]);
-        }
-        let present = v["already_present"].as_array().map_or(0, Vec::len);
-        println!(
-            "{present} key(s) already present; active keys: {}",
-            v["active_count"]
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(emit(render(
+        &v,
+        json,
+        render::Context { file: Some(&shown) },
+    )))
 }
 
 fn migration(
@@ -569,11 +461,9 @@ fn migration(
         let dir = config.data_dir.clone();
         with_progress(
             show_progress,
-            || {
-                control::call(&dir, &status_req)
-                    .ok()
-                    .flatten()
-                    .and_then(|r| r.ok())
+            || match control::call(&dir, &status_req) {
+                Ok(Some(Ok(ControlResponse::MigrationStatus(v)))) => Some(v),
+                _ => None,
             },
             || match control::call(&config.data_dir, &req) {
                 Ok(Some(Ok(v))) => Ok(v),
@@ -594,81 +484,14 @@ fn migration(
         close(store, state)?;
         r?
     };
-    if json {
-        println!("{v}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let results = match v["results"].as_array() {
-        Some(r) => r.clone(),
-        None => vec![v],
-    };
-    for r in &results {
-        if r["dry_run"] == true {
-            println!(
-                "{} (dry run): {} record(s); {} would be rewrapped under {}, {} already current, \
-                 {} unreadable, {} skipped",
-                r["store"].as_str().unwrap_or_default(),
-                r["total"],
-                r["would_change"],
-                r["primary_key_id"].as_str().unwrap_or_default(),
-                r["already_current"],
-                r["unreadable"],
-                r["skipped"]
-            );
-            for k in r["by_key"].as_array().into_iter().flatten() {
-                println!(
-                    "  {} v{}: {} record(s){}",
-                    k["key_id"].as_str().unwrap_or_default(),
-                    k["version"],
-                    k["records"],
-                    if k["primary"] == true {
-                        " (primary)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            continue;
-        }
-        println!(
-            "{}: {}; {} of {} rewrapped, {} already current, {} failed, {} skipped",
-            r["store"].as_str().unwrap_or_default(),
-            r["state"].as_str().unwrap_or_default(),
-            r["migrated"],
-            r["total"],
-            r["already_current"],
-            r["failed"],
-            r["skipped"]
-        );
-        for f in r["failed_records"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .take(20)
-        {
-            println!(
-                "  failed {}: {}",
-                f["record_id"].as_str().unwrap_or_default(),
-                f["error"].as_str().unwrap_or_default()
-            );
-        }
-        for id in r["skipped_records"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .take(20)
-        {
-            println!("  skipped {}", id.as_str().unwrap_or_default());
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(emit(render(&v, json, render::Context::default())))
 }
 
 /// Runs `work`, printing a progress line on stderr (a terminal) from
 /// `status` meanwhile.
 fn with_progress<T>(
     enabled: bool,
-    status: impl Fn() -> Option<serde_json::Value> + Sync,
+    status: impl Fn() -> Option<MigrationView> + Sync,
     work: impl FnOnce() -> T,
 ) -> T {
     if !enabled {
@@ -682,23 +505,10 @@ fn with_progress<T>(
             while !done.load(Ordering::Relaxed) {
                 std::thread::sleep(std::time::Duration::from_millis(250));
                 let Some(v) = status() else { continue };
-                if v["state"] != "running" {
-                    continue;
+                if let Some(line) = render::progress_line(&v, started.elapsed().as_secs_f64()) {
+                    eprint!("{line}");
+                    printed = true;
                 }
-                let total = v["total"].as_u64().unwrap_or(0).max(1);
-                let done_n = ["migrated", "already_current", "failed", "skipped"]
-                    .iter()
-                    .map(|k| v[*k].as_u64().unwrap_or(0))
-                    .sum::<u64>();
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                eprint!(
-                    "\r{}: {done_n}/{total} ({:.0}%) {:.0} records/s, {} failed   ",
-                    v["store"].as_str().unwrap_or_default(),
-                    100.0 * done_n as f64 / total as f64,
-                    done_n as f64 / secs,
-                    v["failed"]
-                );
-                printed = true;
             }
             if printed {
                 eprintln!();
@@ -708,36 +518,6 @@ fn with_progress<T>(
         done.store(true, Ordering::Relaxed);
         r
     })
-}
-
-fn rotation(user_id: &str, dry_run: bool, json: bool) -> Result<ExitCode> {
-    let v = run_control(ControlRequest::SecretRotation {
-        user_id: user_id.to_string(),
-        dry_run,
-    })?;
-    if json {
-        println!("{v}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let secrets = v["secrets"].as_array().cloned().unwrap_or_default();
-    println!(
-        "{} secret(s) read by {user_id}{}",
-        secrets.len(),
-        if dry_run {
-            " (dry run: nothing marked)"
-        } else {
-            ""
-        }
-    );
-    for s in &secrets {
-        println!(
-            "  {} ({}): {}",
-            s["id"].as_str().unwrap_or_default(),
-            s["secret_type"].as_str().unwrap_or("-"),
-            s["action"].as_str().unwrap_or_default()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(level: &str, json: bool) {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use crate::audit::{AuditEvent, AuditLog, MAX_SEARCH_LIMIT, Outcome, RecordError, SearchFilter};
 use crate::auth::{CAS_RETRIES, Principal, RequestMeta};
@@ -45,7 +45,15 @@ pub struct SecretRecord {
     pub rotation_reason: Option<String>,
 }
 
-impl crate::encryption::migration::Enveloped for SecretRecord {
+/// The secrets collection as the key ring and the migration see it.
+pub fn encrypted_collection() -> Arc<dyn crate::encryption::EncryptedCollection> {
+    Arc::new(crate::encryption::JsonEnveloped::<SecretRecord>::new(
+        "secrets",
+        Collection::Secrets,
+    ))
+}
+
+impl crate::encryption::Enveloped for SecretRecord {
     fn envelope_hex(&self) -> &str {
         &self.envelope
     }
@@ -59,18 +67,53 @@ impl crate::encryption::migration::Enveloped for SecretRecord {
 
 impl SecretRecord {
     /// Metadata only.
-    pub fn view(&self) -> Value {
-        json!({
-            "id": self.id,
-            "secret_type": self.secret_type,
-            "owner": self.owner,
-            "key_id": self.key_id,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "rotation_required": self.rotation_required,
-            "rotation_reason": self.rotation_reason,
-        })
+    pub fn view(&self) -> SecretView {
+        SecretView {
+            id: self.id.clone(),
+            secret_type: self.secret_type.clone(),
+            owner: self.owner.clone(),
+            key_id: self.key_id.clone(),
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+            rotation_required: self.rotation_required,
+            rotation_reason: self.rotation_reason.clone(),
+        }
     }
+}
+
+/// A secret's metadata (never its value).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SecretView {
+    pub id: String,
+    pub secret_type: String,
+    pub owner: String,
+    /// The data key its envelope names.
+    pub key_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub rotation_required: bool,
+    pub rotation_reason: Option<String>,
+}
+
+/// What `aragora rotation` did (or, dry, would do) to one secret.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MarkedSecret {
+    pub id: String,
+    /// `None` when the secret no longer exists.
+    pub secret_type: Option<String>,
+    /// Successful reads by the user.
+    pub reads: u64,
+    /// `marked_for_rotation`, `would_mark_for_rotation`, `already_marked` or
+    /// `not_found`.
+    pub action: String,
+}
+
+/// `aragora rotation --secrets-accessed-by=USER_ID`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RotationMarks {
+    pub user_id: String,
+    pub dry_run: bool,
+    pub secrets: Vec<MarkedSecret>,
 }
 
 #[derive(Debug)]
@@ -167,14 +210,14 @@ impl SecretsService {
         let needed = format!("{permission}:{id}");
         let event = AuditEvent::new("permission_denied", p.user_id.clone(), Outcome::Denied)
             .ip(meta.ip_string())
-            .details(json!({
-                "permission": needed,
-                "role": roles_label(&p.roles),
-                "sensitive": is_sensitive(permission),
-                "reason": "secret_path",
-                "secret_id": id,
-                "secret_owner": owner,
-            }));
+            .details(PathDenied {
+                permission: &needed,
+                role: &roles_label(&p.roles),
+                sensitive: is_sensitive(permission),
+                reason: "secret_path",
+                secret_id: id,
+                secret_owner: owner,
+            });
         if let Err(e) = self.audit.record(event) {
             tracing::error!(error = %e, "permission_denied could not be audited");
         }
@@ -191,7 +234,7 @@ impl SecretsService {
         secret_type: &str,
         owner: Option<&str>,
         meta: &RequestMeta,
-    ) -> Result<(Value, bool), ServiceError> {
+    ) -> Result<(SecretView, bool), ServiceError> {
         validate_id(id)?;
         validate_type(secret_type)?;
         if value.len() > MAX_VALUE_BYTES {
@@ -248,12 +291,12 @@ impl SecretsService {
                     let event =
                         AuditEvent::new("secret_written", p.user_id.clone(), Outcome::Success)
                             .ip(meta.ip_string())
-                            .details(json!({
-                                "secret_id": id,
-                                "secret_type": secret_type,
-                                "key_id": key_id,
-                                "created": existing.is_none(),
-                            }));
+                            .details(SecretWritten {
+                                secret_id: id,
+                                secret_type,
+                                key_id,
+                                created: existing.is_none(),
+                            });
                     match self.audit.record_with(event, vec![op]) {
                         Ok(_) => Ok(rec),
                         Err(RecordError::Ops(e)) if e.is_conflict() => Err(WriteFailure::Conflict),
@@ -279,7 +322,7 @@ impl SecretsService {
         p: &Principal,
         id: &str,
         meta: &RequestMeta,
-    ) -> Result<(Value, String), ServiceError> {
+    ) -> Result<(SecretView, String), ServiceError> {
         validate_id(id)?;
         let found = get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, id)?;
         // Authorized before "not found": without a grant covering the path,
@@ -299,11 +342,13 @@ impl SecretsService {
                 reason: "stored envelope is not hex".into(),
             })
             .and_then(|env| self.keyring.decrypt(id, &env, Some(&p.user_id)));
-        let base = json!({
-            "secret_id": id,
-            "secret_type": rec.secret_type,
-            "key_id": rec.key_id,
-        });
+        let base = SecretAccess {
+            secret_id: id,
+            secret_type: &rec.secret_type,
+            key_id: &rec.key_id,
+            error: None,
+            reason: None,
+        };
         match opened {
             Ok(plain) => {
                 let value = String::from_utf8(plain)
@@ -316,9 +361,12 @@ impl SecretsService {
                 Ok((rec.view(), value))
             }
             Err(e) => {
-                let mut details = base;
-                details["error"] = json!(e.to_string());
-                details["reason"] = json!(e.reason());
+                let error = e.to_string();
+                let details = SecretAccess {
+                    error: Some(&error),
+                    reason: Some(e.reason()),
+                    ..base
+                };
                 if let Err(a) = self.audit.record(
                     AuditEvent::new("secret_access", p.user_id.clone(), Outcome::Failure)
                         .ip(meta.ip_string())
@@ -350,7 +398,10 @@ impl SecretsService {
             let op = WriteOp::delete(Collection::Secrets, id, Expect::Version(version));
             let event = AuditEvent::new("secret_deleted", p.user_id.clone(), Outcome::Success)
                 .ip(meta.ip_string())
-                .details(json!({"secret_id": id, "secret_type": rec.secret_type}));
+                .details(SecretDeleted {
+                    secret_id: id,
+                    secret_type: &rec.secret_type,
+                });
             match self.audit.record_with(event, vec![op]) {
                 Ok(_) => return Ok(()),
                 Err(RecordError::Ops(e)) if e.is_conflict() => continue,
@@ -371,7 +422,7 @@ impl SecretsService {
         p: &Principal,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<Value>, Option<String>), ServiceError> {
+    ) -> Result<(Vec<SecretView>, Option<String>), ServiceError> {
         const MAX_SCAN: usize = 10 * MAX_PAGE;
         let limit = limit.clamp(1, MAX_PAGE);
         let grants = self.rbac.grants_of(&p.roles);
@@ -419,7 +470,7 @@ impl SecretsService {
         user_id: &str,
         dry_run: bool,
         actor: &str,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<RotationMarks, ServiceError> {
         if user_id.trim().is_empty() {
             return Err(ServiceError::BadRequest(
                 "--secrets-accessed-by needs a user id".into(),
@@ -455,12 +506,20 @@ impl SecretsService {
                 let Some((version, mut rec)) =
                     get_json::<SecretRecord>(self.store.as_ref(), Collection::Secrets, &id)?
                 else {
-                    entry = Some(
-                        json!({"id": id, "secret_type": null, "reads": reads, "action": "not_found"}),
-                    );
+                    entry = Some(MarkedSecret {
+                        id: id.clone(),
+                        secret_type: None,
+                        reads,
+                        action: "not_found".into(),
+                    });
                     break;
                 };
-                let view = |action: &str| json!({"id": id, "secret_type": rec.secret_type, "reads": reads, "action": action});
+                let view = |action: &str| MarkedSecret {
+                    id: id.clone(),
+                    secret_type: Some(rec.secret_type.clone()),
+                    reads,
+                    action: action.to_string(),
+                };
                 if rec.rotation_required {
                     entry = Some(view("already_marked"));
                     break;
@@ -475,12 +534,12 @@ impl SecretsService {
                 let op =
                     WriteOp::put_json(Collection::Secrets, &id, &rec, Expect::Version(version))?;
                 let event = AuditEvent::new("secret_rotation_marked", actor, Outcome::Success)
-                    .details(json!({
-                        "secret_id": id,
-                        "secret_type": rec.secret_type,
-                        "accessed_by": user_id,
-                        "reason": reason,
-                    }));
+                    .details(RotationMarked {
+                        secret_id: &id,
+                        secret_type: &rec.secret_type,
+                        accessed_by: user_id,
+                        reason: &reason,
+                    });
                 match self.audit.record_with(event, vec![op]) {
                     Ok(_) => {
                         entry = Some(marked);
@@ -494,8 +553,60 @@ impl SecretsService {
                 ServiceError::Conflict(format!("secret {id} is being changed concurrently; retry"))
             })?);
         }
-        Ok(json!({"user_id": user_id, "dry_run": dry_run, "secrets": out}))
+        Ok(RotationMarks {
+            user_id: user_id.to_string(),
+            dry_run,
+            secrets: out,
+        })
     }
+}
+
+/// `permission_denied` for a secret path.
+#[derive(Serialize)]
+struct PathDenied<'a> {
+    permission: &'a str,
+    role: &'a str,
+    sensitive: bool,
+    reason: &'static str,
+    secret_id: &'a str,
+    secret_owner: Option<&'a str>,
+}
+
+/// `secret_written`.
+#[derive(Serialize)]
+struct SecretWritten<'a> {
+    secret_id: &'a str,
+    secret_type: &'a str,
+    key_id: &'a str,
+    created: bool,
+}
+
+/// `secret_access` (a failure adds the error and its reason).
+#[derive(Clone, Copy, Serialize)]
+struct SecretAccess<'a> {
+    secret_id: &'a str,
+    secret_type: &'a str,
+    key_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+/// `secret_deleted`.
+#[derive(Serialize)]
+struct SecretDeleted<'a> {
+    secret_id: &'a str,
+    secret_type: &'a str,
+}
+
+/// `secret_rotation_marked`.
+#[derive(Serialize)]
+struct RotationMarked<'a> {
+    secret_id: &'a str,
+    secret_type: &'a str,
+    accessed_by: &'a str,
+    reason: &'a str,
 }
 
 enum WriteFailure {

@@ -27,7 +27,7 @@ fn world() -> &'static World {
     W.get_or_init(|| {
         let server = Server::start(Path::new(env!("CARGO_BIN_EXE_aragora")), &[]);
         let (_, admin) = server.bootstrap_admin("admin@example.com");
-        let mut login = |email: &str, roles: &[&str]| {
+        let login = |email: &str, roles: &[&str]| {
             let id = server.create_user(&admin, email, PASSWORD, roles);
             (id, server.login(email, PASSWORD))
         };
@@ -120,12 +120,18 @@ fn a_request_answers_202_and_is_listed_pending_with_runbook_fields() {
         &w.approver,
     );
     assert!(
-        !critical.json().as_array().expect("array").iter().any(|e| e["id"] == id),
+        !critical
+            .json()
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|e| e["id"] == id),
         "a high-risk request is not listed as critical"
     );
-    let bad = w
-        .server
-        .get("/api/security/approvals/pending?risk_level=urgent", &w.approver);
+    let bad = w.server.get(
+        "/api/security/approvals/pending?risk_level=urgent",
+        &w.approver,
+    );
     assert_eq!(bad.status, 400, "{}", bad.body);
 }
 
@@ -159,7 +165,10 @@ fn an_eligible_approver_with_the_checklist_approves_once() {
         .get(&format!("/api/security/approvals/{id}"), &w.admin)
         .json();
     assert_eq!(got["status"], "approved");
-    assert_eq!(got["decisions"][0]["notes"], "Approved per escalation procedure");
+    assert_eq!(
+        got["decisions"][0]["notes"],
+        "Approved per escalation procedure"
+    );
     let rows = w.server.audit(&w.admin, "approval_approved");
     assert!(rows.iter().any(|e| e["details"]["approval_id"] == id));
 }
@@ -294,7 +303,10 @@ fn eligible_approvers_exclude_the_requester_and_non_approvers() {
     assert!(!emails.contains(&"op@example.com"), "{emails:?}");
     assert!(!emails.contains(&"viewer@example.com"), "{emails:?}");
     for e in list.as_array().expect("array") {
-        assert!(e.get("last_active_at").is_some() && e.get("roles").is_some(), "{e}");
+        assert!(
+            e.get("last_active_at").is_some() && e.get("roles").is_some(),
+            "{e}"
+        );
     }
     let r = w.server.get(
         "/api/security/approvals/apr_0000000000000000_00000000/eligible-approvers",
@@ -312,7 +324,11 @@ fn unknown_operations_and_oversized_input_are_refused_naming_them() {
         &json!({"operation": "rm_rf", "reason": "x"}),
     );
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("key_rotation"), "lists the gated operations: {}", r.body);
+    assert!(
+        r.body.contains("key_rotation"),
+        "lists the gated operations: {}",
+        r.body
+    );
     let r = w.server.post(
         "/api/security/approvals",
         &w.operator,

@@ -7,9 +7,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::auth::{KeyBody, created_key};
+use super::views::{
+    BlocksView, RevokedKeysView, RevokedSessionsView, UserPermissionsView, UserSessionsView,
+    UsersPage,
+};
 use super::{ApiResult, JsonBody, QueryParams, blocking, hashing};
 use crate::app::AppState;
 use crate::auth::{Principal, RequestMeta};
@@ -34,13 +37,15 @@ pub async fn list_users(
     let (users, next) = state
         .auth
         .list_users(q.role.as_deref(), q.after.as_deref(), limit)?;
-    Ok(
-        axum::Json(json!({"users": users, "count": users.len(), "next_after": next}))
-            .into_response(),
-    )
+    Ok(axum::Json(UsersPage {
+        count: users.len(),
+        users,
+        next_after: next,
+    })
+    .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserBody {
     email: String,
@@ -72,9 +77,9 @@ pub async fn get_user(
     Ok(axum::Json(state.auth.get_user(&id)?).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RoleBody {
+pub struct AssignRoleBody {
     role: String,
 }
 
@@ -83,7 +88,7 @@ pub async fn add_role(
     Extension(p): Extension<Principal>,
     Extension(meta): Extension<RequestMeta>,
     Path(id): Path<String>,
-    JsonBody(b): JsonBody<RoleBody>,
+    JsonBody(b): JsonBody<AssignRoleBody>,
 ) -> ApiResult<Response> {
     let u = blocking(move || state.auth.add_role(&p, &id, &b.role, &meta)).await?;
     Ok(axum::Json(u.view(now_us(), None)).into_response())
@@ -99,7 +104,7 @@ pub async fn remove_role(
     Ok(axum::Json(u.view(now_us(), None)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordBody {
     password: String,
@@ -120,7 +125,7 @@ pub async fn set_password(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReasonBody {
     reason: String,
@@ -165,7 +170,12 @@ pub async fn revoke_keys(
 ) -> ApiResult<Response> {
     let uid = id.clone();
     let ids = blocking(move || state.auth.revoke_api_keys(&p, &id, None, &meta)).await?;
-    Ok(axum::Json(json!({"user_id": uid, "revoked": ids.len(), "key_ids": ids})).into_response())
+    Ok(axum::Json(RevokedKeysView {
+        user_id: uid,
+        revoked: ids.len(),
+        key_ids: ids,
+    })
+    .into_response())
 }
 
 pub async fn create_key(
@@ -185,18 +195,19 @@ pub async fn permissions(
 ) -> ApiResult<Response> {
     let (_, user) = state.auth.user(&id)?;
     let perms = state.rbac.permissions_of(&user.roles);
-    let sensitive: Vec<_> = perms
+    let sensitive = perms
         .iter()
         .filter(|p| crate::rbac::catalogue::is_sensitive(p))
+        .map(|p| p.to_string())
         .collect();
-    Ok(axum::Json(json!({
-        "user_id": user.id,
-        "email": user.email,
-        "roles": user.roles,
-        "disabled": user.disabled,
-        "permissions": perms,
-        "sensitive_permissions": sensitive,
-    }))
+    Ok(axum::Json(UserPermissionsView {
+        user_id: user.id,
+        email: user.email,
+        roles: user.roles,
+        disabled: user.disabled,
+        permissions: perms.into_iter().map(str::to_string).collect(),
+        sensitive_permissions: sensitive,
+    })
     .into_response())
 }
 
@@ -208,16 +219,16 @@ pub async fn sessions(
     let (user, sessions) = state.auth.sessions_of(&id)?;
     let active = sessions.iter().filter(|s| s.is_active(&user, now)).count();
     let keys = state.auth.api_keys_of(&id)?;
-    Ok(axum::Json(json!({
-        "user_id": id,
-        "active_sessions": active,
-        "sessions": sessions.iter().map(|s| s.view(&user, now)).collect::<Vec<_>>(),
-        "api_keys": keys.iter().map(|k| k.view()).collect::<Vec<_>>(),
-    }))
+    Ok(axum::Json(UserSessionsView {
+        user_id: id,
+        active_sessions: active,
+        sessions: sessions.iter().map(|s| s.view(&user, now)).collect(),
+        api_keys: keys.iter().map(|k| k.view()).collect(),
+    })
     .into_response())
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeSessionsBody {
     session_id: Option<String>,
@@ -250,13 +261,15 @@ pub async fn revoke_user_sessions(
         )
     })
     .await?;
-    Ok(
-        axum::Json(json!({"user_id": uid, "revoked": ids.len(), "session_ids": ids}))
-            .into_response(),
-    )
+    Ok(axum::Json(RevokedSessionsView {
+        user_id: uid,
+        revoked: ids.len(),
+        session_ids: ids,
+    })
+    .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkLockBody {
     emails: Vec<String>,
@@ -282,7 +295,7 @@ pub async fn revoke_all(
     Ok(axum::Json(r).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BlockBody {
     ip: String,
@@ -307,7 +320,10 @@ pub async fn block_ip(
 }
 
 pub async fn list_blocks(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
-    Ok(axum::Json(json!({"blocks": state.auth.list_blocks()})).into_response())
+    Ok(axum::Json(BlocksView {
+        blocks: state.auth.list_blocks(),
+    })
+    .into_response())
 }
 
 pub async fn unblock_ip(

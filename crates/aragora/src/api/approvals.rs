@@ -21,10 +21,12 @@ use crate::auth::{Principal, RequestMeta};
 use crate::error::ServiceError;
 
 fn parse<T: std::str::FromStr<Err = String>>(v: Option<&str>) -> Result<Option<T>, ServiceError> {
-    v.map(str::parse).transpose().map_err(ServiceError::BadRequest)
+    v.map(str::parse)
+        .transpose()
+        .map_err(ServiceError::BadRequest)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestBody {
     operation: String,
@@ -131,7 +133,7 @@ fn decider_parts(state: &AppState, p: &Principal) -> Result<(bool, bool), Servic
     Ok((user.disabled, can_approve))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApproveBody {
     notes: Option<String>,
@@ -187,7 +189,7 @@ pub async fn approve(
     Ok(axum::Json(decision_result(&r)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RejectBody {
     reason: Option<String>,
@@ -216,7 +218,7 @@ pub async fn reject(
     Ok(axum::Json(decision_result(&r)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BypassBody {
     reason: Option<String>,
@@ -238,13 +240,9 @@ pub async fn emergency_bypass(
             disabled,
             can_approve,
         };
-        Ok(state.approvals.emergency_bypass(
-            &id,
-            &d,
-            b.reason,
-            b.incident_id,
-            meta.ip_string(),
-        )?)
+        Ok(state
+            .approvals
+            .emergency_bypass(&id, &d, b.reason, b.incident_id, meta.ip_string())?)
     })
     .await?;
     Ok(axum::Json(decision_result(&r)).into_response())
@@ -271,29 +269,18 @@ pub async fn eligible_approvers(
         for role in r.operation.policy().approver_roles {
             let (users, _) = state.auth.list_users(Some(role), None, 1000)?;
             for u in users {
-                let (Some(uid), Some(email)) = (u["id"].as_str(), u["email"].as_str()) else {
-                    continue;
-                };
-                let roles: Vec<String> = u["roles"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if uid == r.requester_id
-                    || u["disabled"].as_bool() == Some(true)
-                    || out.iter().any(|e| e.id == uid)
-                    || state.rbac.evaluate(&roles, "approvals.approve").is_none()
+                if u.id == r.requester_id
+                    || u.disabled
+                    || out.iter().any(|e| e.id == u.id)
+                    || state.rbac.evaluate(&u.roles, "approvals.approve").is_none()
                 {
                     continue;
                 }
                 out.push(EligibleApprover {
-                    id: uid.to_owned(),
-                    email: email.to_owned(),
-                    roles,
-                    last_active_at: u["last_active_at"].as_str().map(str::to_owned),
+                    id: u.id,
+                    email: u.email,
+                    roles: u.roles,
+                    last_active_at: u.last_active_at,
                 });
             }
         }

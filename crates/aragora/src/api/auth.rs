@@ -7,13 +7,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 
+use super::views::{ApiKeysView, CreatedKeyView, LoginView, MeView, RevokedIdsView};
 use super::{ApiResult, JsonBody, LimitedJsonBody, blocking, hashing};
 use crate::app::AppState;
 use crate::auth::{Principal, RequestMeta};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
     email: String,
@@ -36,12 +36,12 @@ pub async fn login(
         st.auth.login(&body.email, &body.password, &meta)
     })
     .await?;
-    Ok(axum::Json(json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": expires_in,
-        "session_id": session_id,
-    }))
+    Ok(axum::Json(LoginView {
+        access_token: token,
+        token_type: "Bearer".into(),
+        expires_in,
+        session_id,
+    })
     .into_response())
 }
 
@@ -58,14 +58,14 @@ pub async fn me(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
 ) -> ApiResult<Response> {
-    let mut user = state.auth.get_user(&p.user_id)?;
-    if let Some(o) = user.as_object_mut() {
-        o.insert(
-            "permissions".into(),
-            json!(state.rbac.permissions_of(&p.roles)),
-        );
-    }
-    Ok(axum::Json(user).into_response())
+    let user = state.auth.get_user(&p.user_id)?;
+    let permissions = state
+        .rbac
+        .permissions_of(&p.roles)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    Ok(axum::Json(MeView { user, permissions }).into_response())
 }
 
 pub async fn list_keys(
@@ -73,13 +73,13 @@ pub async fn list_keys(
     Extension(p): Extension<Principal>,
 ) -> ApiResult<Response> {
     let keys = state.auth.api_keys_of(&p.user_id)?;
-    Ok(
-        axum::Json(json!({"api_keys": keys.iter().map(|k| k.view()).collect::<Vec<_>>()}))
-            .into_response(),
-    )
+    Ok(axum::Json(ApiKeysView {
+        api_keys: keys.iter().map(|k| k.view()).collect(),
+    })
+    .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
     pub name: String,
@@ -100,14 +100,11 @@ pub async fn create_key(
 }
 
 pub(super) fn created_key(key: crate::auth::model::ApiKey, token: String) -> Response {
-    let mut v = key.view();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("token".into(), json!(token));
-        o.insert(
-            "note".into(),
-            json!("the token is shown only now; store it securely"),
-        );
-    }
+    let v = CreatedKeyView {
+        key: key.view(),
+        token,
+        note: "the token is shown only now; store it securely".into(),
+    };
     (StatusCode::CREATED, axum::Json(v)).into_response()
 }
 
@@ -122,7 +119,7 @@ pub async fn revoke_key(
         state.auth.revoke_api_keys(&p, &uid, Some(&key_id), &meta)
     })
     .await?;
-    Ok(axum::Json(json!({"revoked": ids})).into_response())
+    Ok(axum::Json(RevokedIdsView { revoked: ids }).into_response())
 }
 
 /// Carries a password: Debug never shows it.
@@ -132,7 +129,7 @@ impl std::fmt::Debug for LoginBody {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordChangeBody {
     current_password: String,

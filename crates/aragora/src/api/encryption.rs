@@ -8,12 +8,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 
+use super::views::{DryRunsView, MigrationStartedView, SecretValueView, SecretsPage};
 use super::{ApiResult, JsonBody, QueryParams, blocking};
 use crate::app::AppState;
 use crate::auth::{Principal, RequestMeta};
-use crate::encryption::migration::{MigrationError, MigrationStore};
+use crate::encryption::migration::MigrationStore;
 use crate::error::ServiceError;
 
 /// Anonymous: nothing secret in it.
@@ -29,7 +29,7 @@ pub async fn keys(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(state.keyring.keys()).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateBody {
     reason: String,
@@ -52,7 +52,7 @@ pub async fn rotate(
     Ok(axum::Json(outcome).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutSecretBody {
     value: String,
@@ -97,9 +97,8 @@ pub async fn get_secret(
     Extension(meta): Extension<RequestMeta>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let (mut view, value) = blocking(move || state.secrets.get(&p, &id, &meta)).await?;
-    view["value"] = json!(value);
-    Ok(axum::Json(view).into_response())
+    let (secret, value) = blocking(move || state.secrets.get(&p, &id, &meta)).await?;
+    Ok(axum::Json(SecretValueView { secret, value }).into_response())
 }
 
 pub async fn delete_secret(
@@ -130,10 +129,12 @@ pub async fn list_secrets(
             .list(&p, q.after.as_deref(), q.limit.unwrap_or(100))
     })
     .await?;
-    Ok(
-        axum::Json(json!({"secrets": items, "count": items.len(), "next_after": next}))
-            .into_response(),
-    )
+    Ok(axum::Json(SecretsPage {
+        count: items.len(),
+        secrets: items,
+        next_after: next,
+    })
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,7 +151,7 @@ pub async fn migration_status(
     Ok(axum::Json(v).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationRunBody {
     store: String,
@@ -172,26 +173,30 @@ pub async fn migration_run(
             for s in stores {
                 out.push(state.migration.dry_run(s)?);
             }
-            Ok(json!({"results": out}))
+            Ok(DryRunsView { results: out })
         })
         .await?;
         return Ok(axum::Json(v).into_response());
     }
-    if state.migration.is_running() {
-        return Err(ServiceError::from(MigrationError::Busy).into());
-    }
     let store = b.store.clone();
-    std::thread::spawn(move || {
-        for s in stores {
-            if let Err(e) = state.migration.run(s, &p.user_id, &|_| {}) {
-                tracing::error!(store = s.name(), error = %e, "migration failed");
-                return;
-            }
-        }
-    });
+    let job = blocking(move || Ok(state.jobs.start_migration(&b.store, &p.user_id)?)).await?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(json!({"started": true, "store": store})),
+        axum::Json(MigrationStartedView {
+            started: true,
+            store,
+            job_id: job.id,
+            kind: job.kind,
+        }),
     )
         .into_response())
+}
+
+/// A job's state and results.
+pub async fn job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let job = blocking(move || Ok(state.jobs.get(&id)?)).await?;
+    Ok(axum::Json(job).into_response())
 }

@@ -8,8 +8,10 @@ pub mod audit;
 pub mod auth;
 pub mod encryption;
 pub mod http;
+pub mod openapi;
 pub mod rbac;
 pub mod system;
+pub mod views;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -31,6 +33,23 @@ use crate::auth::{Principal, RequestMeta};
 use crate::clock::now_us;
 use crate::error::ServiceError;
 use crate::rbac::{catalogue, roles_label};
+use doc_types::*;
+
+/// The types the route table documents, in one place.
+mod doc_types {
+    pub use super::openapi::{NoBody, Optional, Text};
+    pub use super::views::*;
+    pub use crate::audit::{SearchResult, VerifyReport};
+    pub use crate::auth::model::{IpBlockView, UserView};
+    pub use crate::auth::tokens::RevokeAllOutcome;
+    pub use crate::auth::users::BulkLockOutcome;
+    pub use crate::encryption::migration::MigrationView;
+    pub use crate::encryption::{EncryptionHealth, EncryptionStats, KeysView, RotationOutcome};
+    pub use crate::jobs::JobRecord;
+    pub use crate::rbac::denials::DenialRow;
+    pub use crate::rbac::{CacheStats, CustomRole, PermissionView, RoleView};
+    pub use crate::secrets::SecretView;
+}
 
 /// Request bodies above this are refused with 413 before parsing.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -56,6 +75,11 @@ impl IntoResponse for ApiError {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, json!({"error": msg}), None),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": msg}), None),
             ServiceError::Conflict(_) => (StatusCode::CONFLICT, json!({"error": msg}), None),
+            ServiceError::JobRunning { job_id, kind, .. } => (
+                StatusCode::CONFLICT,
+                json!({"error": msg, "job_id": job_id, "kind": kind}),
+                None,
+            ),
             ServiceError::Unauthorized { reason, .. } => (
                 StatusCode::UNAUTHORIZED,
                 json!({"error": msg, "reason": reason}),
@@ -194,7 +218,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
 
 /// One route: method, path, the permission it requires (`None`: anonymous) and
 /// a summary (served as the API description at `/api/routes`).
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct RouteSpec {
     pub method: &'static str,
     pub path: &'static str,
@@ -205,13 +229,20 @@ pub struct RouteSpec {
 type Handler = fn() -> MethodRouter<Arc<AppState>>;
 
 macro_rules! routes {
-    ($( $method:ident $path:literal $perm:expr, $summary:literal => $handler:path; )*) => {
+    ($( $method:ident $path:literal $perm:expr, $summary:literal => $handler:path, $req:ty, [$($status:literal $resp:ty),+]; )*) => {
         /// Every route of the API.
         pub const ROUTES: &[RouteSpec] = &[
             $( RouteSpec { method: stringify!($method), path: $path, permission: $perm, summary: $summary }, )*
         ];
         fn handlers() -> Vec<Handler> {
             vec![ $( || on(method_filter(stringify!($method)), $handler), )* ]
+        }
+        /// Each route's request body and success responses, in `ROUTES` order.
+        pub fn route_docs() -> Vec<openapi::RouteDoc> {
+            vec![ $( openapi::RouteDoc {
+                request: <$req as openapi::DocBody>::doc,
+                responses: vec![ $( ($status, <$resp as openapi::DocBody>::doc) ),+ ],
+            }, )* ]
         }
     };
 }
@@ -228,65 +259,66 @@ fn method_filter(m: &str) -> MethodFilter {
 const A: Option<&str> = None;
 
 routes! {
-    GET "/api/health" A, "Liveness and store status" => system::health;
-    GET "/metrics" A, "Prometheus metrics" => system::metrics;
-    GET "/api/routes" A, "This route table with each route's permission" => system::routes;
-    GET "/api/openapi.json" A, "OpenAPI 3.1 description of every route" => system::openapi;
-    POST "/api/auth/login" A, "Password login: {email, password} -> {access_token, token_type, expires_in}" => auth::login;
-    POST "/api/auth/logout" Some("self.read"), "Revoke the caller's session" => auth::logout;
-    GET "/api/auth/me" Some("self.read"), "The caller's account, roles and permissions" => auth::me;
-    POST "/api/auth/password" Some("self.read"), "Change one's own password: {current_password, new_password}; every other session of the caller ends" => auth::change_password;
-    GET "/api/auth/api-keys" Some("self.read"), "The caller's API keys (metadata)" => auth::list_keys;
-    POST "/api/auth/api-keys" Some("self.api_keys"), "Create an API key for the caller: {name} -> {token} (shown once)" => auth::create_key;
-    DELETE "/api/auth/api-keys/{key_id}" Some("self.api_keys"), "Revoke one of the caller's API keys" => auth::revoke_key;
-    GET "/api/admin/users" Some("users.read"), "Users (?role=, ?after=, ?limit=) with last_active_at" => admin::list_users;
-    POST "/api/admin/users" Some("users.manage"), "Create a user: {email, password?, roles}" => admin::create_user;
-    GET "/api/admin/users/{id}" Some("users.read"), "One user" => admin::get_user;
-    POST "/api/admin/users/{id}/roles" Some("users.manage"), "Assign a role: {role}" => admin::add_role;
-    DELETE "/api/admin/users/{id}/roles/{role}" Some("users.manage"), "Remove a role" => admin::remove_role;
-    POST "/api/admin/users/{id}/password" Some("users.manage"), "Set a password: {password}" => admin::set_password;
-    POST "/api/admin/users/{id}/disable" Some("users.disable"), "Disable a user: {reason}; effective on the next request" => admin::disable;
-    POST "/api/admin/users/{id}/enable" Some("users.disable"), "Re-enable a user" => admin::enable;
-    POST "/api/admin/users/{id}/unlock" Some("users.lock"), "Clear a lockout" => admin::unlock;
-    POST "/api/admin/users/{id}/revoke-keys" Some("users.revoke_keys"), "Revoke every API key of a user" => admin::revoke_keys;
-    POST "/api/admin/users/{id}/api-keys" Some("users.manage"), "Create an API key for a user: {name}" => admin::create_key;
-    GET "/api/admin/users/{id}/permissions" Some("users.read"), "A user's roles and effective permissions" => admin::permissions;
-    GET "/api/admin/users/{id}/sessions" Some("users.read"), "A user's sessions" => admin::sessions;
-    POST "/api/admin/users/{id}/sessions/revoke" Some("sessions.revoke"), "Revoke a user's sessions" => admin::revoke_user_sessions;
-    POST "/api/admin/users/bulk-lock" Some("users.lock"), "Lock accounts: {emails, duration}" => admin::bulk_lock;
-    POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown)" => admin::revoke_all;
-    POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP or CIDR network: {ip, duration, reason}" => admin::block_ip;
-    GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks;
-    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded)" => admin::unblock_ip;
-    GET "/api/admin/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles;
-    POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description}" => rbac::put_role;
-    DELETE "/api/admin/roles/{name}" Some("roles.manage"), "Delete a custom role (refused while assigned)" => rbac::delete_role;
-    GET "/api/security/rbac/permissions" Some("rbac.read"), "The permission catalogue (array)" => rbac::permissions;
-    GET "/api/security/rbac/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles;
-    GET "/api/security/rbac/cache/stats" Some("rbac.read"), "Decision cache: hits, misses, hit_rate, size, ttl, backend" => rbac::cache_stats;
-    POST "/api/security/rbac/cache/clear" Some("rbac.manage"), "Empty the decision cache" => rbac::cache_clear;
-    POST "/api/security/rbac/cache/warmup" Some("rbac.manage"), "Precompute decisions for every active user" => rbac::cache_warmup;
-    GET "/api/security/rbac/denials/recent" Some("rbac.read"), "Denials of the last ?minutes= (default 15) by user, permission, role" => rbac::denials_recent;
-    GET "/api/security/audit/search" Some("audit.read"), "Audit entries by ?action=, ?actor=, ?minutes=, ?limit=, ?before=" => audit::search;
-    GET "/api/security/audit/verify" Some("audit.read"), "Verify the audit hash chain" => audit::verify;
-    GET "/api/security/encryption/health" A, "Key ring health: {status, master_key_loaded, active_key_id, active_keys} (nothing secret)" => encryption::health;
-    GET "/api/security/encryption/stats" Some("encryption.read"), "Encrypt/decrypt counts and latency percentiles, derivation_latency_p95, decrypts_per_actor (last minute)" => encryption::stats;
-    GET "/api/security/encryption/keys" Some("encryption.read"), "Key ring metadata: {active_count, primary_key_id, keys}" => encryption::keys;
-    POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}" => encryption::rotate;
-    GET "/api/secrets" Some("secrets.list"), "Secret metadata (?after=, ?limit=); never values" => encryption::list_secrets;
-    PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret;
-    GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret;
-    DELETE "/api/secrets/{*id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret;
-    POST "/api/security/approvals" Some("approvals.request"), "Request a gated operation: {operation, params, reason} -> 202 {approval_id, status, operation, risk_level, expires_at}" => approvals::create;
-    GET "/api/security/approvals" Some("approvals.read"), "Approval requests, newest first (?status=, ?operation=, ?before=, ?limit=)" => approvals::history;
-    GET "/api/security/approvals/pending" Some("approvals.read"), "Pending approval requests, oldest first (?risk_level=): array of {id, operation, risk_level, requested_at, requester_id, reason, checklist, approvals, required_approvals, expires_at}" => approvals::pending;
-    GET "/api/security/approvals/{id}" Some("approvals.read"), "One approval request, any status, with decisions and result" => approvals::get;
-    GET "/api/security/approvals/{id}/eligible-approvers" Some("approvals.read"), "Who may decide: array of {id, email, roles, last_active_at}" => approvals::eligible_approvers;
-    POST "/api/security/approvals/{id}/approve" Some("self.read"), "Approve: {notes?, reason?, checklist_confirmed?, bypass_checklist? (admin)}; eligible approvers only, never the requester" => approvals::approve;
-    POST "/api/security/approvals/{id}/reject" Some("self.read"), "Reject: {reason} (required)" => approvals::reject;
-    POST "/api/security/approvals/{id}/emergency-bypass" Some("self.read"), "Emergency bypass: {reason, incident_id} (security_lead; audited at critical severity)" => approvals::emergency_bypass;
-    GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status;
-    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once)" => encryption::migration_run;
+    GET "/api/health" A, "Liveness and store status" => system::health, NoBody, [200 HealthView];
+    GET "/metrics" A, "Prometheus metrics" => system::metrics, NoBody, [200 Text];
+    GET "/api/routes" A, "This route table with each route's permission" => system::routes, NoBody, [200 RoutesView];
+    GET "/api/openapi.json" A, "OpenAPI 3.1 description of every route" => system::openapi, NoBody, [200 serde_json::Value];
+    POST "/api/auth/login" A, "Password login: {email, password} -> {access_token, token_type, expires_in}" => auth::login, auth::LoginBody, [200 LoginView];
+    POST "/api/auth/logout" Some("self.read"), "Revoke the caller's session" => auth::logout, NoBody, [204 NoBody];
+    GET "/api/auth/me" Some("self.read"), "The caller's account, roles and permissions" => auth::me, NoBody, [200 MeView];
+    POST "/api/auth/password" Some("self.read"), "Change one's own password: {current_password, new_password}; every other session of the caller ends" => auth::change_password, auth::PasswordChangeBody, [204 NoBody];
+    GET "/api/auth/api-keys" Some("self.read"), "The caller's API keys (metadata)" => auth::list_keys, NoBody, [200 ApiKeysView];
+    POST "/api/auth/api-keys" Some("self.api_keys"), "Create an API key for the caller: {name} -> {token} (shown once)" => auth::create_key, auth::KeyBody, [201 CreatedKeyView];
+    DELETE "/api/auth/api-keys/{key_id}" Some("self.api_keys"), "Revoke one of the caller's API keys" => auth::revoke_key, NoBody, [200 RevokedIdsView];
+    GET "/api/admin/users" Some("users.read"), "Users (?role=, ?after=, ?limit=) with last_active_at" => admin::list_users, NoBody, [200 UsersPage];
+    POST "/api/admin/users" Some("users.manage"), "Create a user: {email, password?, roles}" => admin::create_user, admin::CreateUserBody, [201 UserView];
+    GET "/api/admin/users/{id}" Some("users.read"), "One user" => admin::get_user, NoBody, [200 UserView];
+    POST "/api/admin/users/{id}/roles" Some("users.manage"), "Assign a role: {role}" => admin::add_role, admin::AssignRoleBody, [200 UserView];
+    DELETE "/api/admin/users/{id}/roles/{role}" Some("users.manage"), "Remove a role" => admin::remove_role, NoBody, [200 UserView];
+    POST "/api/admin/users/{id}/password" Some("users.manage"), "Set a password: {password}" => admin::set_password, admin::PasswordBody, [204 NoBody];
+    POST "/api/admin/users/{id}/disable" Some("users.disable"), "Disable a user: {reason}; effective on the next request" => admin::disable, admin::ReasonBody, [200 UserView];
+    POST "/api/admin/users/{id}/enable" Some("users.disable"), "Re-enable a user" => admin::enable, NoBody, [200 UserView];
+    POST "/api/admin/users/{id}/unlock" Some("users.lock"), "Clear a lockout" => admin::unlock, NoBody, [200 UserView];
+    POST "/api/admin/users/{id}/revoke-keys" Some("users.revoke_keys"), "Revoke every API key of a user" => admin::revoke_keys, NoBody, [200 RevokedKeysView];
+    POST "/api/admin/users/{id}/api-keys" Some("users.manage"), "Create an API key for a user: {name}" => admin::create_key, auth::KeyBody, [201 CreatedKeyView];
+    GET "/api/admin/users/{id}/permissions" Some("users.read"), "A user's roles and effective permissions" => admin::permissions, NoBody, [200 UserPermissionsView];
+    GET "/api/admin/users/{id}/sessions" Some("users.read"), "A user's sessions" => admin::sessions, NoBody, [200 UserSessionsView];
+    POST "/api/admin/users/{id}/sessions/revoke" Some("sessions.revoke"), "Revoke a user's sessions" => admin::revoke_user_sessions, Optional<admin::RevokeSessionsBody>, [200 RevokedSessionsView];
+    POST "/api/admin/users/bulk-lock" Some("users.lock"), "Lock accounts: {emails, duration}" => admin::bulk_lock, admin::BulkLockBody, [200 BulkLockOutcome];
+    POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown)" => admin::revoke_all, NoBody, [200 RevokeAllOutcome];
+    POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP or CIDR network: {ip, duration, reason}" => admin::block_ip, admin::BlockBody, [201 IpBlockView];
+    GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks, NoBody, [200 BlocksView];
+    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded)" => admin::unblock_ip, NoBody, [204 NoBody];
+    GET "/api/admin/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles, NoBody, [200 Vec<RoleView>];
+    POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description}" => rbac::put_role, rbac::CustomRoleBody, [201 CustomRole];
+    DELETE "/api/admin/roles/{name}" Some("roles.manage"), "Delete a custom role (refused while assigned)" => rbac::delete_role, NoBody, [204 NoBody];
+    GET "/api/security/rbac/permissions" Some("rbac.read"), "The permission catalogue (array)" => rbac::permissions, NoBody, [200 Vec<PermissionView>];
+    GET "/api/security/rbac/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles, NoBody, [200 Vec<RoleView>];
+    GET "/api/security/rbac/cache/stats" Some("rbac.read"), "Decision cache: hits, misses, hit_rate, size, ttl, backend" => rbac::cache_stats, NoBody, [200 CacheStats];
+    POST "/api/security/rbac/cache/clear" Some("rbac.manage"), "Empty the decision cache" => rbac::cache_clear, NoBody, [200 CacheClearedView];
+    POST "/api/security/rbac/cache/warmup" Some("rbac.manage"), "Precompute decisions for every active user" => rbac::cache_warmup, NoBody, [200 CacheWarmupView];
+    GET "/api/security/rbac/denials/recent" Some("rbac.read"), "Denials of the last ?minutes= (default 15) by user, permission, role" => rbac::denials_recent, NoBody, [200 Vec<DenialRow>];
+    GET "/api/security/audit/search" Some("audit.read"), "Audit entries by ?action=, ?actor=, ?minutes=, ?limit=, ?before=" => audit::search, NoBody, [200 SearchResult];
+    GET "/api/security/audit/verify" Some("audit.read"), "Verify the audit hash chain" => audit::verify, NoBody, [200 VerifyReport];
+    GET "/api/security/encryption/health" A, "Key ring health: {status, master_key_loaded, active_key_id, active_keys} (nothing secret)" => encryption::health, NoBody, [200 EncryptionHealth];
+    GET "/api/security/encryption/stats" Some("encryption.read"), "Encrypt/decrypt counts and latency percentiles, derivation_latency_p95, decrypts_per_actor (last minute)" => encryption::stats, NoBody, [200 EncryptionStats];
+    GET "/api/security/encryption/keys" Some("encryption.read"), "Key ring metadata: {active_count, primary_key_id, keys}" => encryption::keys, NoBody, [200 KeysView];
+    POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}" => encryption::rotate, encryption::RotateBody, [200 RotationOutcome];
+    GET "/api/secrets" Some("secrets.list"), "Secret metadata (?after=, ?limit=); never values" => encryption::list_secrets, NoBody, [200 SecretsPage];
+    PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret, encryption::PutSecretBody, [200 SecretView, 201 SecretView];
+    GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret, NoBody, [200 SecretValueView];
+    DELETE "/api/secrets/{*id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret, NoBody, [204 NoBody];
+    POST "/api/security/approvals" Some("approvals.request"), "Request a gated operation: {operation, params, reason} -> 202 {approval_id, status, operation, risk_level, expires_at}" => approvals::create, approvals::RequestBody, [202 serde_json::Value];
+    GET "/api/security/approvals" Some("approvals.read"), "Approval requests, newest first (?status=, ?operation=, ?before=, ?limit=)" => approvals::history, NoBody, [200 serde_json::Value];
+    GET "/api/security/approvals/pending" Some("approvals.read"), "Pending approval requests, oldest first (?risk_level=): array of {id, operation, risk_level, requested_at, requester_id, reason, checklist, approvals, required_approvals, expires_at}" => approvals::pending, NoBody, [200 serde_json::Value];
+    GET "/api/security/approvals/{id}" Some("approvals.read"), "One approval request, any status, with decisions and result" => approvals::get, NoBody, [200 serde_json::Value];
+    GET "/api/security/approvals/{id}/eligible-approvers" Some("approvals.read"), "Who may decide: array of {id, email, roles, last_active_at}" => approvals::eligible_approvers, NoBody, [200 serde_json::Value];
+    POST "/api/security/approvals/{id}/approve" Some("self.read"), "Approve: {notes?, reason?, checklist_confirmed?, bypass_checklist? (admin)}; eligible approvers only, never the requester" => approvals::approve, approvals::ApproveBody, [200 serde_json::Value];
+    POST "/api/security/approvals/{id}/reject" Some("self.read"), "Reject: {reason} (required)" => approvals::reject, approvals::RejectBody, [200 serde_json::Value];
+    POST "/api/security/approvals/{id}/emergency-bypass" Some("self.read"), "Emergency bypass: {reason, incident_id} (security_lead; audited at critical severity)" => approvals::emergency_bypass, approvals::BypassBody, [200 serde_json::Value];
+    GET "/api/security/jobs/{id}" Some("migration.read"), "A long operation (migration run): state, stores, per-store results, resumed" => encryption::job, NoBody, [200 JobRecord];
+    GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status, NoBody, [200 MigrationView];
+    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once)" => encryption::migration_run, encryption::MigrationRunBody, [200 DryRunsView, 202 MigrationStartedView, 409 ErrorView];
 }
 
 /// Builds the router: each route behind its permission guard, then the IP block

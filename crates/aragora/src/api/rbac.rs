@@ -1,6 +1,5 @@
 //! `/api/security/rbac/*` and `/api/admin/roles`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Extension;
@@ -8,24 +7,15 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
+use super::views::{CacheClearedView, CacheWarmupView};
 use super::{ApiResult, JsonBody, QueryParams, blocking};
 use crate::app::AppState;
-use crate::audit::SearchFilter;
 use crate::auth::{Principal, RequestMeta};
-use crate::rbac::catalogue::PERMISSIONS;
+use crate::rbac::{denials, permission_catalogue};
 
 pub async fn permissions() -> Response {
-    axum::Json(
-        PERMISSIONS
-            .iter()
-            .map(
-                |p| json!({"name": p.name, "description": p.description, "sensitive": p.sensitive}),
-            )
-            .collect::<Vec<_>>(),
-    )
-    .into_response()
+    axum::Json(permission_catalogue()).into_response()
 }
 
 pub async fn roles(State(state): State<Arc<AppState>>) -> Response {
@@ -50,12 +40,12 @@ pub async fn cache_clear(
                 crate::audit::Outcome::Success,
             )
             .ip(meta.ip_string())
-            .details(json!({"entries": n})),
+            .details(serde_json::json!({"entries": n})),
         )?;
         Ok(n)
     })
     .await?;
-    Ok(axum::Json(json!({"cleared": cleared})).into_response())
+    Ok(axum::Json(CacheClearedView { cleared }).into_response())
 }
 
 pub async fn cache_warmup(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
@@ -69,7 +59,7 @@ pub async fn cache_warmup(State(state): State<Arc<AppState>>) -> ApiResult<Respo
         Ok((users.len(), warmed))
     })
     .await?;
-    Ok(axum::Json(json!({"users": users, "warmed": warmed})).into_response())
+    Ok(axum::Json(CacheWarmupView { users, warmed }).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,47 +75,13 @@ pub async fn denials_recent(
     QueryParams(q): QueryParams<DenialsQuery>,
 ) -> ApiResult<Response> {
     let minutes = q.minutes.unwrap_or(15).clamp(1, 7 * 24 * 60);
-    let result = blocking(move || {
-        Ok(state.audit.search(&SearchFilter {
-            action: Some("permission_denied".into()),
-            minutes: Some(minutes),
-            limit: crate::audit::MAX_SEARCH_LIMIT,
-            ..SearchFilter::default()
-        })?)
-    })
-    .await?;
-    let mut groups: BTreeMap<(String, String, String), Value> = BTreeMap::new();
-    for e in &result.entries {
-        let permission = e.details["permission"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let role = e.details["role"].as_str().unwrap_or_default().to_string();
-        let g = groups
-            .entry((e.actor.clone(), permission.clone(), role.clone()))
-            .or_insert_with(|| {
-                json!({
-                    "user_id": e.actor, "permission": permission, "role": role,
-                    "sensitive": e.details["sensitive"], "count": 0,
-                    "first_seen": e.timestamp, "last_seen": e.timestamp, "ip_addresses": [],
-                })
-            });
-        g["count"] = json!(g["count"].as_u64().unwrap_or(0) + 1);
-        g["last_seen"] = json!(e.timestamp);
-        if let (Some(ip), Some(ips)) = (&e.ip_address, g["ip_addresses"].as_array_mut())
-            && !ips.iter().any(|x| x == ip)
-        {
-            ips.push(json!(ip));
-        }
-    }
-    let mut rows: Vec<Value> = groups.into_values().collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r["count"].as_u64().unwrap_or(0)));
+    let rows = blocking(move || Ok(denials::recent(&state.audit, minutes)?)).await?;
     Ok(axum::Json(rows).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RoleBody {
+pub struct CustomRoleBody {
     name: String,
     #[serde(default)]
     description: String,
@@ -136,7 +92,7 @@ pub async fn put_role(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
     Extension(meta): Extension<RequestMeta>,
-    JsonBody(b): JsonBody<RoleBody>,
+    JsonBody(b): JsonBody<CustomRoleBody>,
 ) -> ApiResult<Response> {
     let role = blocking(move || {
         state

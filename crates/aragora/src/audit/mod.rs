@@ -27,7 +27,7 @@ pub const DEFAULT_SEARCH_LIMIT: usize = 1_000;
 /// Conflicts retried before an append gives up (another replica appending).
 const APPEND_RETRIES: usize = 16;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Success,
@@ -61,14 +61,20 @@ impl AuditEvent {
         self
     }
 
-    pub fn details(mut self, details: Value) -> Self {
-        self.details = details;
+    /// The event's details: a typed struct of the action's fields (stored and
+    /// searched as a JSON object).
+    pub fn details(mut self, details: impl Serialize) -> Self {
+        self.details = serde_json::to_value(details).unwrap_or_else(|e| {
+            let mut m = serde_json::Map::new();
+            m.insert("details_error".into(), Value::String(e.to_string()));
+            Value::Object(m)
+        });
         self
     }
 }
 
 /// One entry as stored and as the search API returns it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: String,
     pub seq: u64,
@@ -77,6 +83,7 @@ pub struct AuditEntry {
     pub action: String,
     pub actor: String,
     pub ip_address: Option<String>,
+    #[schema(value_type = Object)]
     pub details: Value,
     pub outcome: Outcome,
     pub prev_hash: String,
@@ -133,7 +140,7 @@ pub struct SearchFilter {
     pub limit: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchResult {
     /// The newest `limit` matches, oldest first.
     pub entries: Vec<AuditEntry>,
@@ -143,7 +150,7 @@ pub struct SearchResult {
     pub next_before: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VerifyReport {
     pub ok: bool,
     pub entries_checked: u64,
@@ -438,4 +445,21 @@ pub enum RecordError {
     Ops(StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+}
+
+// The audit log's failures as service errors (here, so `error` depends on
+// nothing above the store).
+impl From<AuditError> for crate::error::ServiceError {
+    fn from(e: AuditError) -> Self {
+        crate::error::ServiceError::Backend(e.to_string())
+    }
+}
+
+impl From<RecordError> for crate::error::ServiceError {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::Ops(s) => s.into(),
+            RecordError::Audit(a) => a.into(),
+        }
+    }
 }

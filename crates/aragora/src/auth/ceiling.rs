@@ -3,8 +3,6 @@
 //! stays. Refusals are 403 naming the missing grant and audited as
 //! `permission_denied` with the target.
 
-use serde_json::json;
-
 use super::model::User;
 use super::{AuthService, Principal, RequestMeta};
 use crate::audit::{AuditEvent, Outcome};
@@ -14,6 +12,32 @@ use crate::rbac::catalogue::{WILDCARD, is_sensitive};
 use crate::rbac::grant::first_not_included;
 use crate::rbac::roles_label;
 use crate::store::{Collection, WriteOp, for_each_json};
+use serde::Serialize;
+
+/// `permission_denied` by the privilege ceiling, with what was targeted.
+#[derive(Serialize)]
+struct CeilingDenied<'a, T> {
+    permission: &'a str,
+    role: &'a str,
+    sensitive: bool,
+    reason: &'static str,
+    action: &'a str,
+    #[serde(flatten)]
+    target: T,
+}
+
+/// The account an action targeted.
+#[derive(Serialize)]
+pub(crate) struct TargetUser<'a> {
+    pub target_user_id: &'a str,
+    pub target_email: &'a str,
+}
+
+/// The role an action targeted.
+#[derive(Serialize)]
+pub(crate) struct TargetRole<'a> {
+    pub target_role: &'a str,
+}
 
 impl AuthService {
     /// 403 (audited) unless the actor's grants include every one of `wanted`.
@@ -22,7 +46,7 @@ impl AuthService {
         actor: &Principal,
         wanted: impl IntoIterator<Item = &'w str>,
         action: &str,
-        target: serde_json::Value,
+        target: impl Serialize,
         meta: &RequestMeta,
     ) -> Result<(), ServiceError> {
         let held = self.rbac.grants_of(&actor.roles);
@@ -50,7 +74,10 @@ impl AuthService {
             actor,
             theirs.iter().map(String::as_str),
             action,
-            json!({"target_user_id": target.id, "target_email": target.email}),
+            TargetUser {
+                target_user_id: &target.id,
+                target_email: &target.email,
+            },
             meta,
         )
     }
@@ -60,19 +87,18 @@ impl AuthService {
         actor: &Principal,
         missing: &str,
         action: &str,
-        target: serde_json::Value,
+        target: impl Serialize,
         meta: &RequestMeta,
     ) -> ServiceError {
-        let mut details = json!({
-            "permission": missing,
-            "role": roles_label(&actor.roles),
-            "sensitive": missing == WILDCARD || is_sensitive(missing.split(':').next().unwrap_or(missing)),
-            "reason": "privilege_ceiling",
-            "action": action,
-        });
-        if let (Some(d), serde_json::Value::Object(t)) = (details.as_object_mut(), target) {
-            d.extend(t);
-        }
+        let details = CeilingDenied {
+            permission: missing,
+            role: &roles_label(&actor.roles),
+            sensitive: missing == WILDCARD
+                || is_sensitive(missing.split(':').next().unwrap_or(missing)),
+            reason: "privilege_ceiling",
+            action,
+            target,
+        };
         let event = AuditEvent::new("permission_denied", actor.user_id.clone(), Outcome::Denied)
             .ip(meta.ip_string())
             .details(details);

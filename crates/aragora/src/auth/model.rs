@@ -1,7 +1,7 @@
 //! What the authentication domain stores, and how it is shown.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use crate::clock::{format_opt, format_us};
 
@@ -34,20 +34,75 @@ impl User {
     }
 
     /// The API view: never the password hash.
-    pub fn view(&self, now_us: i64, last_active_at: Option<i64>) -> Value {
-        json!({
-            "id": self.id,
-            "email": self.email,
-            "roles": self.roles,
-            "disabled": self.disabled,
-            "disabled_reason": self.disabled_reason,
-            "locked": self.is_locked(now_us),
-            "locked_until": format_opt(self.locked_until.filter(|&t| t > now_us)),
-            "has_password": self.password_hash.is_some(),
-            "created_at": format_us(self.created_at),
-            "last_active_at": format_opt(last_active_at.or(self.last_active_at)),
-        })
+    pub fn view(&self, now_us: i64, last_active_at: Option<i64>) -> UserView {
+        UserView {
+            id: self.id.clone(),
+            email: self.email.clone(),
+            roles: self.roles.clone(),
+            disabled: self.disabled,
+            disabled_reason: self.disabled_reason.clone(),
+            locked: self.is_locked(now_us),
+            locked_until: format_opt(self.locked_until.filter(|&t| t > now_us)),
+            has_password: self.password_hash.is_some(),
+            created_at: format_us(self.created_at),
+            last_active_at: format_opt(last_active_at.or(self.last_active_at)),
+        }
     }
+}
+
+/// A user as the API shows it (never the password hash).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub id: String,
+    pub email: String,
+    pub roles: Vec<String>,
+    pub disabled: bool,
+    pub disabled_reason: Option<String>,
+    pub locked: bool,
+    pub locked_until: Option<String>,
+    pub has_password: bool,
+    pub created_at: String,
+    pub last_active_at: Option<String>,
+}
+
+/// A session as the API shows it (never its token).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    pub id: String,
+    pub user_id: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub active: bool,
+    /// Ended by a password change/reset or a disable (not revoked one by one).
+    pub ended_by_credential_change: bool,
+    pub revoked_at: Option<String>,
+    pub revoked_reason: Option<String>,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+/// An API key's metadata (never its secret).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyView {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    /// `ara_<id>`: how the key starts.
+    pub prefix: String,
+    pub created_at: String,
+    pub revoked: bool,
+    pub revoked_at: Option<String>,
+}
+
+/// An IP block as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct IpBlockView {
+    /// The address or CIDR network.
+    pub ip: String,
+    pub reason: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub created_by: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -74,20 +129,20 @@ impl Session {
             && !user.disabled
     }
 
-    pub fn view(&self, user: &User, now_us: i64) -> Value {
+    pub fn view(&self, user: &User, now_us: i64) -> SessionView {
         let ended = self.revoked_at.is_none() && self.generation != user.session_generation;
-        json!({
-            "id": self.id,
-            "user_id": self.user_id,
-            "created_at": format_us(self.created_at),
-            "expires_at": format_us(self.expires_at),
-            "active": self.is_active(user, now_us),
-            "ended_by_credential_change": ended,
-            "revoked_at": format_opt(self.revoked_at),
-            "revoked_reason": self.revoked_reason,
-            "ip_address": self.ip_address,
-            "user_agent": self.user_agent,
-        })
+        SessionView {
+            id: self.id.clone(),
+            user_id: self.user_id.clone(),
+            created_at: format_us(self.created_at),
+            expires_at: format_us(self.expires_at),
+            active: self.is_active(user, now_us),
+            ended_by_credential_change: ended,
+            revoked_at: format_opt(self.revoked_at),
+            revoked_reason: self.revoked_reason.clone(),
+            ip_address: self.ip_address.clone(),
+            user_agent: self.user_agent.clone(),
+        }
     }
 }
 
@@ -108,16 +163,16 @@ impl ApiKey {
         format!("{}{}", super::tokens::API_KEY_PREFIX, self.id)
     }
 
-    pub fn view(&self) -> Value {
-        json!({
-            "id": self.id,
-            "user_id": self.user_id,
-            "name": self.name,
-            "prefix": self.prefix(),
-            "created_at": format_us(self.created_at),
-            "revoked": self.revoked_at.is_some(),
-            "revoked_at": format_opt(self.revoked_at),
-        })
+    pub fn view(&self) -> ApiKeyView {
+        ApiKeyView {
+            id: self.id.clone(),
+            user_id: self.user_id.clone(),
+            name: self.name.clone(),
+            prefix: self.prefix(),
+            created_at: format_us(self.created_at),
+            revoked: self.revoked_at.is_some(),
+            revoked_at: format_opt(self.revoked_at),
+        }
     }
 }
 
@@ -131,14 +186,14 @@ pub struct IpBlock {
 }
 
 impl IpBlock {
-    pub fn view(&self) -> Value {
-        json!({
-            "ip": self.ip,
-            "reason": self.reason,
-            "created_at": format_us(self.created_at),
-            "expires_at": format_us(self.expires_at),
-            "created_by": self.created_by,
-        })
+    pub fn view(&self) -> IpBlockView {
+        IpBlockView {
+            ip: self.ip.clone(),
+            reason: self.reason.clone(),
+            created_at: format_us(self.created_at),
+            expires_at: format_us(self.expires_at),
+            created_by: self.created_by.clone(),
+        }
     }
 }
 

@@ -10,8 +10,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::model::{ApiKey, Session, User};
 use super::tokens::new_api_key;
@@ -40,7 +39,7 @@ pub struct RecoveryRequest<'a> {
 }
 
 /// A credential that lets an admin act right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UsableCredential {
     Password,
@@ -49,21 +48,21 @@ pub enum UsableCredential {
 }
 
 /// An admin who can act, so break-glass is not needed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AbleAdmin {
     pub user_id: String,
     pub email: String,
     pub credentials: Vec<UsableCredential>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Refusal {
     pub message: String,
     pub able_admins: Vec<AbleAdmin>,
 }
 
 /// The recovered account and its new API key (shown once).
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct RecoveredAdmin {
     pub user_id: String,
     pub email: String,
@@ -95,7 +94,27 @@ impl fmt::Debug for RecoveredAdmin {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// The `admin_recovered` entry.
+#[derive(Serialize)]
+struct Recovered<'a> {
+    severity: &'static str,
+    reason: Option<&'a str>,
+    email: &'a str,
+    user_id: &'a str,
+    created: bool,
+    forced: bool,
+    via: &'a str,
+    key_id: &'a str,
+    revoked_session_ids: &'a [String],
+    revoked_key_ids: &'a [String],
+    was_disabled: bool,
+    was_locked: bool,
+    granted_admin: bool,
+    password_cleared: bool,
+    able_admins: Vec<&'a str>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum RecoveryOutcome {
     Recovered(RecoveredAdmin),
@@ -323,23 +342,25 @@ impl AuthService {
             Expect::Absent,
         )?);
         let password_cleared = before.as_ref().is_some_and(|b| b.password_hash.is_some());
-        let event = AuditEvent::new(ACTION, req.actor, Outcome::Success).details(json!({
-            "severity": "critical",
-            "reason": reason,
-            "email": user.email,
-            "user_id": user.id,
-            "created": created,
-            "forced": req.force,
-            "via": req.via,
-            "key_id": key.id,
-            "revoked_session_ids": revoked_session_ids,
-            "revoked_key_ids": revoked_key_ids,
-            "was_disabled": before.as_ref().is_some_and(|b| b.disabled),
-            "was_locked": before.as_ref().is_some_and(|b| b.is_locked(now)),
-            "granted_admin": before.as_ref().is_none_or(|b| !b.roles.iter().any(|r| r == ADMIN_ROLE)),
-            "password_cleared": password_cleared,
-            "able_admins": able.iter().map(|a| &a.user_id).collect::<Vec<_>>(),
-        }));
+        let event = AuditEvent::new(ACTION, req.actor, Outcome::Success).details(Recovered {
+            severity: "critical",
+            reason,
+            email: &user.email,
+            user_id: &user.id,
+            created,
+            forced: req.force,
+            via: req.via,
+            key_id: &key.id,
+            revoked_session_ids: &revoked_session_ids,
+            revoked_key_ids: &revoked_key_ids,
+            was_disabled: before.as_ref().is_some_and(|b| b.disabled),
+            was_locked: before.as_ref().is_some_and(|b| b.is_locked(now)),
+            granted_admin: before
+                .as_ref()
+                .is_none_or(|b| !b.roles.iter().any(|r| r == ADMIN_ROLE)),
+            password_cleared,
+            able_admins: able.iter().map(|a| a.user_id.as_str()).collect(),
+        });
         let entry = match self.audit.record_with(event, ops) {
             Ok(entry) => entry,
             Err(RecordError::Ops(_)) => return Ok(None),

@@ -1,8 +1,9 @@
 //! Custom roles: stored, audited, and applied to the RBAC engine (which drops
 //! every cached decision) before the call returns.
 
-use serde_json::json;
+use serde::Serialize;
 
+use super::ceiling::TargetRole;
 use super::model::User;
 use super::{AuthService, Principal, RequestMeta};
 use crate::audit::{AuditEvent, Outcome};
@@ -12,6 +13,19 @@ use crate::rbac::CustomRole;
 use crate::rbac::catalogue::{WILDCARD, builtin};
 use crate::rbac::grant;
 use crate::store::{Collection, Expect, WriteOp, for_each_json};
+
+/// `role_updated`.
+#[derive(Serialize)]
+struct RoleUpdated<'a> {
+    role: &'a str,
+    permissions: &'a [String],
+}
+
+/// `role_deleted`.
+#[derive(Serialize)]
+struct RoleDeleted<'a> {
+    role: &'a str,
+}
 
 const MAX_ROLE_NAME: usize = 64;
 /// Entries one custom role may list.
@@ -64,7 +78,7 @@ impl AuthService {
                 .chain(existing.iter())
                 .map(String::as_str),
             "role_updated",
-            json!({"target_role": name}),
+            TargetRole { target_role: name },
             meta,
         )?;
         let mut ops = Vec::new();
@@ -82,7 +96,10 @@ impl AuthService {
         };
         let event = AuditEvent::new("role_updated", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"role": name, "permissions": role.permissions}));
+            .details(RoleUpdated {
+                role: name,
+                permissions: &role.permissions,
+            });
         ops.insert(
             0,
             WriteOp::put_json(Collection::Roles, name, &role, Expect::Any)?,
@@ -108,7 +125,7 @@ impl AuthService {
             actor,
             existing.iter().map(String::as_str),
             "role_deleted",
-            json!({"target_role": name}),
+            TargetRole { target_role: name },
             meta,
         )?;
         let mut holders = Vec::new();
@@ -132,7 +149,7 @@ impl AuthService {
         }
         let event = AuditEvent::new("role_deleted", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"role": name}));
+            .details(RoleDeleted { role: name });
         self.audit.record_with(
             event,
             vec![WriteOp::delete(Collection::Roles, name, Expect::Any)],

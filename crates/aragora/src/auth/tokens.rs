@@ -563,7 +563,7 @@ impl AuthService {
         &self,
         actor: &Principal,
         meta: &RequestMeta,
-    ) -> Result<serde_json::Value, ServiceError> {
+    ) -> Result<RevokeAllOutcome, ServiceError> {
         for _ in 0..CAS_RETRIES {
             let (version, _) = self.revocation_epoch()?;
             let now = now_us();
@@ -600,11 +600,11 @@ impl AuthService {
             ) {
                 Ok(_) => {
                     tracing::warn!(by = %actor.user_id, active, "all sessions revoked");
-                    return Ok(json!({
-                        "revoked_before": clock::format_us(now),
-                        "sessions_revoked": active,
-                        "note": "API keys stay valid; revoke them per user with /api/admin/users/{id}/revoke-keys",
-                    }));
+                    return Ok(RevokeAllOutcome {
+                        revoked_before: clock::format_us(now),
+                        sessions_revoked: active,
+                        note: "API keys stay valid; revoke them per user with /api/admin/users/{id}/revoke-keys".into(),
+                    });
                 }
                 Err(RecordError::Ops(_)) => continue,
                 Err(e) => return Err(e.into()),
@@ -627,6 +627,16 @@ impl AuthService {
             )),
         }
     }
+}
+
+/// What `POST /api/admin/sessions/revoke-all` did.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RevokeAllOutcome {
+    /// Tokens issued before this instant are refused.
+    pub revoked_before: String,
+    /// Sessions that were active.
+    pub sessions_revoked: u64,
+    pub note: String,
 }
 
 /// A new key record and the one-time full key.

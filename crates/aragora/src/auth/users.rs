@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::model::User;
+use super::model::{IpBlockView, User, UserView};
 use super::tokens::{new_api_key, random_hex};
 use super::{AuthService, CAS_RETRIES, Principal, RequestMeta, password};
 use crate::audit::{AuditEvent, Outcome, RecordError};
@@ -407,7 +407,7 @@ impl AuthService {
         emails: &[String],
         duration: &str,
         meta: &RequestMeta,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<BulkLockOutcome, ServiceError> {
         if emails.is_empty() || emails.len() > MAX_BULK_LOCK {
             return Err(ServiceError::BadRequest(format!(
                 "emails: 1 to {MAX_BULK_LOCK} addresses"
@@ -472,14 +472,19 @@ impl AuthService {
                     ops,
                 ))
             })?;
-            locked.push(json!({"user_id": u.id, "email": email}));
+            locked.push(LockedUser {
+                user_id: u.id,
+                email,
+            });
         }
-        Ok(
-            json!({"locked": locked, "not_found": not_found, "locked_until": clock::format_us(until)}),
-        )
+        Ok(BulkLockOutcome {
+            locked,
+            not_found,
+            locked_until: clock::format_us(until),
+        })
     }
 
-    pub fn get_user(&self, user_id: &str) -> Result<Value, ServiceError> {
+    pub fn get_user(&self, user_id: &str) -> Result<UserView, ServiceError> {
         let (_, u) = self.user(user_id)?;
         Ok(u.view(now_us(), self.last_active(&u)))
     }
@@ -490,7 +495,7 @@ impl AuthService {
         role: Option<&str>,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<Value>, Option<String>), ServiceError> {
+    ) -> Result<(Vec<UserView>, Option<String>), ServiceError> {
         let now = now_us();
         let mut out = Vec::new();
         let mut next = None;
@@ -579,7 +584,7 @@ impl AuthService {
         duration: &str,
         reason: &str,
         meta: &RequestMeta,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<IpBlockView, ServiceError> {
         let net = self.blocks.target(ip).map_err(ServiceError::BadRequest)?;
         // Every route but health and metrics refuses a blocked address, this
         // one included: a block of one's own address could not be undone.
@@ -659,11 +664,27 @@ impl AuthService {
         Ok(())
     }
 
-    pub fn list_blocks(&self) -> Vec<Value> {
+    pub fn list_blocks(&self) -> Vec<IpBlockView> {
         self.blocks
             .list(now_us())
             .iter()
             .map(|b| b.view())
             .collect()
     }
+}
+
+/// An account `bulk_lock` locked.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct LockedUser {
+    pub user_id: String,
+    pub email: String,
+}
+
+/// What `POST /api/admin/users/bulk-lock` did.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct BulkLockOutcome {
+    pub locked: Vec<LockedUser>,
+    /// Emails of no account (nothing created).
+    pub not_found: Vec<String>,
+    pub locked_until: String,
 }

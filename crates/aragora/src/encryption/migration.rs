@@ -3,9 +3,11 @@
 //!
 //! # Stores
 //!
-//! [`MigrationStore`] maps a store name (`--store=NAME`) to its collection and
-//! its record type; a record type says where its envelope is through
-//! [`Enveloped`]. Adding an encrypted store is adding a variant and an impl.
+//! [`MigrationStore`] names a store (`--store=NAME`) and its collection; the
+//! collection's owner registers an [`EncryptedCollection`] with the key ring at
+//! boot (where a record's envelope is, how to put a new one in its place), so
+//! this module never names a record type. Adding an encrypted store is adding
+//! a variant and registering its collection.
 //!
 //! # Online, record by record compare-and-set
 //!
@@ -34,25 +36,27 @@
 //! goes on. `--retry-failed` retries only those; `--skip-record=ID` marks one
 //! skipped (listed, counted and audited; later runs leave it alone).
 //!
-//! # Test hooks
+//! # Sizes and faults
 //!
-//! `ARAGORA_MIGRATION_BATCH_SIZE` (records per batch) and
-//! `ARAGORA_MIGRATION_STOP_AFTER_BATCHES=N` (the process aborts, like a
-//! `kill -9`, after N durable batches: the crash/resume tests use it).
+//! The batch size comes from the configuration
+//! (`ARAGORA_MIGRATION_BATCH_SIZE`); after each durable batch the run passes
+//! the configuration's fault seam ([`FaultPoint::MigrationBatchDurable`]),
+//! where the crash/resume tests make the process die like a `kill -9`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
 use super::KeyRing;
+use super::collection::EncryptedCollection;
 use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
 use crate::clock::{format_us, now_us};
+use crate::config::{Config, FaultPlan, FaultPoint};
 use crate::crypto::{self, CryptoError};
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
@@ -62,22 +66,11 @@ use crate::store::{
 
 /// Records per atomic store batch.
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
-pub const BATCH_SIZE_ENV: &str = "ARAGORA_MIGRATION_BATCH_SIZE";
-/// Test hook: abort the process after this many durable batches.
-pub const STOP_AFTER_ENV: &str = "ARAGORA_MIGRATION_STOP_AFTER_BATCHES";
 /// Failed records listed in the state (all are counted).
 pub const MAX_LISTED_FAILURES: usize = 10_000;
 /// Times one record is re-read after losing a race to a concurrent write
 /// before it is reported as failed for this run.
 const CONFLICT_RETRIES: u32 = 16;
-
-/// A stored record type that carries an envelope.
-pub trait Enveloped: Serialize + DeserializeOwned + Clone {
-    /// The envelope, hex.
-    fn envelope_hex(&self) -> &str;
-    /// Replaces the envelope (and whatever names its key).
-    fn set_envelope(&mut self, envelope: &[u8], key_id: &str, key_version: u32);
-}
 
 /// The encrypted stores `--store=NAME` can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -123,7 +116,7 @@ impl MigrationStore {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     /// Never ran.
@@ -136,7 +129,7 @@ pub enum RunState {
     CompletedWithErrors,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FailedRecord {
     pub record_id: String,
     pub store: String,
@@ -184,25 +177,86 @@ impl MigrationState {
         self.migrated + self.already_current + self.failed + self.skipped
     }
 
-    pub fn view(&self) -> Value {
-        json!({
-            "state": self.state,
-            "store": self.store,
-            "target_key_id": self.target_key_id,
-            "cursor": self.cursor,
-            "total": self.total,
-            "migrated": self.migrated,
-            "already_current": self.already_current,
-            "failed": self.failed,
-            "skipped": self.skipped,
-            "failed_records": self.failed_records,
-            "skipped_records": self.skipped_records,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "updated_at": self.updated_at,
-            "resumed": self.resumed,
-        })
+    pub fn view(&self) -> MigrationView {
+        MigrationView {
+            state: self.state,
+            store: self.store.clone(),
+            target_key_id: self.target_key_id.clone(),
+            cursor: self.cursor.clone(),
+            total: self.total,
+            migrated: self.migrated,
+            already_current: self.already_current,
+            failed: self.failed,
+            skipped: self.skipped,
+            failed_records: self.failed_records.clone(),
+            skipped_records: self.skipped_records.clone(),
+            started_at: self.started_at.clone(),
+            finished_at: self.finished_at.clone(),
+            updated_at: self.updated_at.clone(),
+            resumed: self.resumed,
+        }
     }
+}
+
+/// A store's migration as `GET /api/security/migration/status` and the CLI
+/// show it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MigrationView {
+    pub state: RunState,
+    pub store: String,
+    pub target_key_id: Option<String>,
+    pub cursor: Option<String>,
+    pub total: u64,
+    pub migrated: u64,
+    pub already_current: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    pub failed_records: Vec<FailedRecord>,
+    pub skipped_records: Vec<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub resumed: u32,
+}
+
+impl MigrationView {
+    /// Records done so far (the progress line's numerator).
+    pub fn processed(&self) -> u64 {
+        self.migrated + self.already_current + self.failed + self.skipped
+    }
+}
+
+/// A record a dry run could not read the header of.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnreadableRecord {
+    pub record_id: String,
+    pub error: String,
+}
+
+/// Records under one key (dry run).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyRecords {
+    pub key_id: String,
+    pub version: u32,
+    pub records: u64,
+    pub primary: bool,
+}
+
+/// What a run would change (`--dry-run`); writes nothing.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DryRunView {
+    /// Always true: tells a dry run's answer apart from a run's.
+    pub dry_run: bool,
+    pub store: String,
+    pub primary_key_id: String,
+    pub total: u64,
+    pub would_change: u64,
+    pub already_current: u64,
+    pub unreadable: u64,
+    /// The first 100.
+    pub unreadable_records: Vec<UnreadableRecord>,
+    pub skipped: u64,
+    pub by_key: Vec<KeyRecords>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,7 +271,7 @@ pub enum MigrationError {
         "a migration is already running in this server; see GET /api/security/migration/status"
     )]
     Busy,
-    #[error("migration stopped after {0} batches ({STOP_AFTER_ENV}); rerun to resume")]
+    #[error("migration stopped after {0} batches (test stop); rerun to resume")]
     Stopped(u64),
     #[error("{0}")]
     Invalid(String),
@@ -244,14 +298,14 @@ impl From<MigrationError> for ServiceError {
     }
 }
 
-/// Sizes and test hooks.
-#[derive(Clone, Copy, Debug)]
+/// Sizes and faults.
+#[derive(Clone, Debug)]
 pub struct MigrationOptions {
     pub batch_size: usize,
-    /// Stop after this many batches (test hook).
+    /// Return `Stopped` after this many batches (unit tests of resumption).
     pub stop_after_batches: Option<u64>,
-    /// On stop, abort the process (a crash) instead of returning an error.
-    pub abort_on_stop: bool,
+    /// The configuration's fault plan (a crash at a chosen batch).
+    pub faults: FaultPlan,
 }
 
 impl Default for MigrationOptions {
@@ -259,35 +313,28 @@ impl Default for MigrationOptions {
         Self {
             batch_size: DEFAULT_BATCH_SIZE,
             stop_after_batches: None,
-            abort_on_stop: false,
+            faults: FaultPlan::default(),
         }
     }
 }
 
 impl MigrationOptions {
-    /// The defaults with the environment's test hooks applied.
-    pub fn from_env() -> Self {
-        let num = |k: &str| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let stop = num(STOP_AFTER_ENV);
+    pub fn from_config(config: &Config) -> Self {
         Self {
-            batch_size: num(BATCH_SIZE_ENV)
-                .map_or(DEFAULT_BATCH_SIZE, |n| (n as usize).clamp(1, 100_000)),
-            stop_after_batches: stop,
-            abort_on_stop: stop.is_some(),
+            batch_size: config.migration_batch_size,
+            stop_after_batches: None,
+            faults: config.faults.clone(),
         }
     }
 }
 
 /// What to do with one record.
-enum Plan<T> {
+enum Plan {
     Current,
     Rewrap {
         version: u64,
-        record: T,
+        /// The stored record as read.
+        value: Arc<[u8]>,
         plaintext: Zeroizing<Vec<u8>>,
     },
     Failed(String),
@@ -356,7 +403,7 @@ impl Migrator {
 
     /// `GET /api/security/migration/status`: the named store, or the store
     /// whose migration started last.
-    pub fn status(&self, store: Option<&str>) -> Result<Value, MigrationError> {
+    pub fn status(&self, store: Option<&str>) -> Result<MigrationView, MigrationError> {
         if let Some(live) = self.live()
             && store.is_none_or(|s| s == live.store)
         {
@@ -391,7 +438,8 @@ impl Migrator {
 
     /// Dry run: how many records each key encrypts and how many a run would
     /// rewrap. Writes nothing.
-    pub fn dry_run(&self, store: MigrationStore) -> Result<Value, MigrationError> {
+    pub fn dry_run(&self, store: MigrationStore) -> Result<DryRunView, MigrationError> {
+        let coll = self.collection_of(store)?;
         let primary = self.keyring.primary_key_id();
         let (_, st) = self.load(store)?;
         let skipped: HashSet<&str> = st.skipped_records.iter().map(String::as_str).collect();
@@ -411,7 +459,7 @@ impl Migrator {
                 if skipped.contains(id.as_str()) {
                     skip += 1;
                 } else {
-                    match header_of(store, &id, &rec.value) {
+                    match header_of(coll.as_ref(), &rec.value) {
                         Ok(h) => {
                             if h.key_id == primary {
                                 current += 1;
@@ -423,7 +471,10 @@ impl Migrator {
                         Err(e) => {
                             unreadable += 1;
                             if unreadable_records.len() < 100 {
-                                unreadable_records.push(json!({"record_id": id, "error": e}));
+                                unreadable_records.push(UnreadableRecord {
+                                    record_id: id.clone(),
+                                    error: e,
+                                });
                             }
                         }
                     }
@@ -434,26 +485,26 @@ impl Migrator {
                 break;
             }
         }
-        Ok(json!({
-            "dry_run": true,
-            "store": store.name(),
-            "primary_key_id": primary,
-            "total": total,
-            "would_change": would_change,
-            "already_current": current,
-            "unreadable": unreadable,
-            "unreadable_records": unreadable_records,
-            "skipped": skip,
-            "by_key": by_key
+        Ok(DryRunView {
+            dry_run: true,
+            store: store.name().to_string(),
+            total,
+            would_change,
+            already_current: current,
+            unreadable,
+            unreadable_records,
+            skipped: skip,
+            by_key: by_key
                 .into_iter()
-                .map(|((key_id, version), records)| json!({
-                    "key_id": key_id,
-                    "version": version,
-                    "records": records,
-                    "primary": key_id == primary,
-                }))
-                .collect::<Vec<_>>(),
-        }))
+                .map(|((key_id, version), records)| KeyRecords {
+                    primary: key_id == primary,
+                    key_id,
+                    version,
+                    records,
+                })
+                .collect(),
+            primary_key_id: primary,
+        })
     }
 
     /// Runs (or resumes) the migration of `store`. `progress` is called after
@@ -465,19 +516,31 @@ impl Migrator {
         progress: &dyn Fn(&MigrationState),
     ) -> Result<MigrationState, MigrationError> {
         let _run = self.begin()?;
-        match store {
-            MigrationStore::Secrets => {
-                self.run_typed::<crate::secrets::SecretRecord>(store, actor, progress)
-            }
-        }
+        self.run_inner(store, actor, progress)
     }
 
-    fn run_typed<T: Enveloped>(
+    /// The registered collection behind a store name.
+    fn collection_of(
+        &self,
+        store: MigrationStore,
+    ) -> Result<Arc<dyn EncryptedCollection>, MigrationError> {
+        self.keyring
+            .encrypted_collections()
+            .iter()
+            .find(|c| c.name() == store.name())
+            .cloned()
+            .ok_or_else(|| {
+                MigrationError::Invalid(format!("store {} is not registered", store.name()))
+            })
+    }
+
+    fn run_inner(
         &self,
         store: MigrationStore,
         actor: &str,
         progress: &dyn Fn(&MigrationState),
     ) -> Result<MigrationState, MigrationError> {
+        let coll = self.collection_of(store)?;
         let (_, prev) = self.load(store)?;
         let now = now_us();
         let primary = self.keyring.primary_key_id();
@@ -502,13 +565,14 @@ impl Migrator {
         st.target_key_id = Some(primary);
         st.total = st.processed() + self.count_after(store, st.cursor.as_deref())?;
         st.updated_at = Some(format_us(now));
-        let event = AuditEvent::new("migration_started", actor, Outcome::Success).details(json!({
-            "store": store.name(),
-            "resumed": resuming,
-            "cursor": st.cursor,
-            "total": st.total,
-            "target_key_id": st.target_key_id,
-        }));
+        let event =
+            AuditEvent::new("migration_started", actor, Outcome::Success).details(RunStarted {
+                store: store.name(),
+                resumed: resuming,
+                cursor: st.cursor.as_deref(),
+                total: st.total,
+                target_key_id: st.target_key_id.as_deref(),
+            });
         self.audit.record_with(event, vec![state_op(store, &st)?])?;
         tracing::info!(
             store = store.name(),
@@ -531,13 +595,13 @@ impl Migrator {
                 break;
             };
             let primary = self.keyring.primary_key_id();
-            let plans: Vec<(String, Plan<T>)> = page
+            let plans: Vec<(String, Plan)> = page
                 .into_iter()
                 .map(|(id, rec)| {
                     let plan = if skipped.contains(&id) {
                         Plan::Skipped
                     } else {
-                        self.plan::<T>(&id, rec.version, &rec.value, &primary)
+                        self.plan(coll.as_ref(), &id, rec.version, &rec.value, &primary)
                     };
                     (id, plan)
                 })
@@ -546,14 +610,10 @@ impl Migrator {
             *self.live.write() = Some(st.clone());
             progress(&st);
             batches += 1;
+            self.options
+                .faults
+                .at(FaultPoint::MigrationBatchDurable { batches });
             if self.options.stop_after_batches == Some(batches) {
-                if self.options.abort_on_stop {
-                    tracing::error!(
-                        batches,
-                        "{STOP_AFTER_ENV}: aborting the process (test hook)"
-                    );
-                    std::process::abort();
-                }
                 return Err(MigrationError::Stopped(batches));
             }
             if n < self.options.batch_size {
@@ -570,7 +630,7 @@ impl Migrator {
         let done = now_us();
         st.finished_at = Some(format_us(done));
         st.updated_at = st.finished_at.clone();
-        self.record_finished(actor, store, &st, counts(&st))?;
+        self.record_finished(actor, store, &st, Counts::of(&st))?;
         tracing::info!(
             store = store.name(),
             migrated = st.migrated,
@@ -587,14 +647,10 @@ impl Migrator {
         actor: &str,
     ) -> Result<MigrationState, MigrationError> {
         let _run = self.begin()?;
-        match store {
-            MigrationStore::Secrets => {
-                self.retry_typed::<crate::secrets::SecretRecord>(store, actor)
-            }
-        }
+        self.retry_inner(store, actor)
     }
 
-    fn retry_typed<T: Enveloped>(
+    fn retry_inner(
         &self,
         store: MigrationStore,
         actor: &str,
@@ -606,11 +662,12 @@ impl Migrator {
             .filter(|f| f.store == store.name())
             .map(|f| f.record_id.clone())
             .collect();
-        let event = AuditEvent::new("migration_started", actor, Outcome::Success).details(json!({
-            "store": store.name(),
-            "mode": "retry_failed",
-            "records": ids.len(),
-        }));
+        let event =
+            AuditEvent::new("migration_started", actor, Outcome::Success).details(RetryStarted {
+                store: store.name(),
+                mode: "retry_failed",
+                records: ids.len(),
+            });
         self.audit
             .record(event)
             .map_err(|e| MigrationError::Audit(e.to_string()))?;
@@ -622,7 +679,7 @@ impl Migrator {
                 // Un-count it; the new plan counts it again.
                 st.failed = st.failed.saturating_sub(1);
                 st.failed_records.retain(|f| &f.record_id != id);
-                plans.push((id.clone(), self.replan::<T>(store, id, &primary)?));
+                plans.push((id.clone(), self.replan(store, id, &primary)?));
             }
             self.commit(store, plans, &mut st, |_| {})?;
         }
@@ -631,9 +688,11 @@ impl Migrator {
         }
         st.total = st.processed();
         st.updated_at = Some(format_us(now_us()));
-        let mut details = counts(&st);
-        details["mode"] = json!("retry_failed");
-        details["recovered"] = json!(st.migrated - before.0);
+        let details = RetryFinished {
+            counts: Counts::of(&st),
+            mode: "retry_failed",
+            recovered: st.migrated - before.0,
+        };
         self.record_finished(actor, store, &st, details)?;
         Ok(st)
     }
@@ -673,7 +732,11 @@ impl Migrator {
         };
         let op = WriteOp::put_json(Collection::Meta, store.state_id(), &st, expect)?;
         let event = AuditEvent::new("migration_record_skipped", actor, Outcome::Success).details(
-            json!({"store": store.name(), "record_id": record_id, "was_failed": was_failed}),
+            RecordSkipped {
+                store: store.name(),
+                record_id,
+                was_failed,
+            },
         );
         self.audit.record_with(event, vec![op])?;
         Ok(st)
@@ -701,14 +764,17 @@ impl Migrator {
         }
     }
 
-    fn plan<T: Enveloped>(&self, id: &str, version: u64, value: &[u8], primary: &str) -> Plan<T> {
-        let record: T = match serde_json::from_slice(value) {
-            Ok(r) => r,
-            Err(e) => return Plan::Failed(format!("record does not decode: {e}")),
-        };
-        let envelope = match hex::decode(record.envelope_hex()) {
+    fn plan(
+        &self,
+        coll: &dyn EncryptedCollection,
+        id: &str,
+        version: u64,
+        value: &Arc<[u8]>,
+        primary: &str,
+    ) -> Plan {
+        let envelope = match coll.envelope(value) {
             Ok(b) => b,
-            Err(_) => return Plan::Failed("malformed envelope: not hex".into()),
+            Err(e) => return Plan::Failed(e),
         };
         match crypto::parse_header(&envelope) {
             Ok(h) if h.key_id == primary => return Plan::Current,
@@ -718,34 +784,36 @@ impl Migrator {
         match self.keyring.decrypt(id, &envelope, None) {
             Ok(p) => Plan::Rewrap {
                 version,
-                record,
+                value: value.clone(),
                 plaintext: Zeroizing::new(p),
             },
             Err(e) => Plan::Failed(e.to_string()),
         }
     }
 
-    fn replan<T: Enveloped>(
+    fn replan(
         &self,
         store: MigrationStore,
         id: &str,
         primary: &str,
-    ) -> Result<Plan<T>, MigrationError> {
+    ) -> Result<Plan, MigrationError> {
+        let coll = self.collection_of(store)?;
         Ok(match self.store.get(store.collection(), id)? {
-            Some(r) => self.plan::<T>(id, r.version, &r.value, primary),
+            Some(r) => self.plan(coll.as_ref(), id, r.version, &r.value, primary),
             None => Plan::Gone,
         })
     }
 
     /// Writes one batch (the rewrapped records and the state after it)
     /// atomically and durably; on a lost race re-reads the record and retries.
-    fn commit<T: Enveloped>(
+    fn commit(
         &self,
         store: MigrationStore,
-        mut plans: Vec<(String, Plan<T>)>,
+        mut plans: Vec<(String, Plan)>,
         st: &mut MigrationState,
         advance: impl Fn(&mut MigrationState),
     ) -> Result<(), MigrationError> {
+        let coll = self.collection_of(store)?;
         let mut conflicts: HashMap<String, u32> = HashMap::new();
         loop {
             let mut next = st.clone();
@@ -784,21 +852,18 @@ impl Migrator {
                     let mut ops = Vec::with_capacity(envelopes.len() + 1);
                     let mut envs = envelopes.into_iter();
                     for (id, p) in &plans {
-                        if let Plan::Rewrap {
-                            version, record, ..
-                        } = p
-                        {
+                        if let Plan::Rewrap { version, value, .. } = p {
                             let env = envs.next().ok_or_else(|| {
                                 MigrationError::Invalid("envelope count mismatch".into())
                             })?;
-                            let mut r = record.clone();
-                            r.set_envelope(&env, key_id, key_version);
-                            ops.push(WriteOp::put_json(
-                                store.collection(),
-                                id.clone(),
-                                &r,
-                                Expect::Version(*version),
-                            )?);
+                            ops.push(WriteOp::Put {
+                                collection: store.collection(),
+                                id: id.clone(),
+                                value: coll
+                                    .reseal(value, &env, key_id, key_version)
+                                    .map_err(MigrationError::Invalid)?,
+                                expect: Expect::Version(*version),
+                            });
                         }
                     }
                     ops.push(state_op(store, &next)?);
@@ -839,7 +904,7 @@ impl Migrator {
                              retry with --retry-failed"
                         ))
                     } else {
-                        self.replan::<T>(store, &id, &primary)?
+                        self.replan(store, &id, &primary)?
                     };
                     if let Some(slot) = plans.iter_mut().find(|(pid, _)| *pid == id) {
                         slot.1 = plan;
@@ -863,7 +928,7 @@ impl Migrator {
         actor: &str,
         store: MigrationStore,
         st: &MigrationState,
-        details: Value,
+        details: impl Serialize,
     ) -> Result<(), MigrationError> {
         let outcome = if st.failed > 0 {
             Outcome::Failure
@@ -892,36 +957,78 @@ fn state_op(store: MigrationStore, st: &MigrationState) -> Result<WriteOp, Store
     WriteOp::put_json(Collection::Meta, store.state_id(), st, Expect::Any)
 }
 
-fn counts(st: &MigrationState) -> Value {
-    json!({
-        "store": st.store,
-        "state": st.state,
-        "total": st.total,
-        "migrated": st.migrated,
-        "already_current": st.already_current,
-        "failed": st.failed,
-        "skipped": st.skipped,
-        "target_key_id": st.target_key_id,
-        "resumed": st.resumed,
-    })
+/// `migration_started` of a run.
+#[derive(Serialize)]
+struct RunStarted<'a> {
+    store: &'a str,
+    resumed: bool,
+    cursor: Option<&'a str>,
+    total: u64,
+    target_key_id: Option<&'a str>,
+}
+
+/// `migration_started` of `--retry-failed`.
+#[derive(Serialize)]
+struct RetryStarted<'a> {
+    store: &'a str,
+    mode: &'static str,
+    records: usize,
+}
+
+/// `migration_record_skipped`.
+#[derive(Serialize)]
+struct RecordSkipped<'a> {
+    store: &'a str,
+    record_id: &'a str,
+    was_failed: bool,
+}
+
+/// `migration_finished`: the counts of the run.
+#[derive(Serialize)]
+struct Counts<'a> {
+    store: &'a str,
+    state: RunState,
+    total: u64,
+    migrated: u64,
+    already_current: u64,
+    failed: u64,
+    skipped: u64,
+    target_key_id: Option<&'a str>,
+    resumed: u32,
+}
+
+impl<'a> Counts<'a> {
+    fn of(st: &'a MigrationState) -> Self {
+        Counts {
+            store: &st.store,
+            state: st.state,
+            total: st.total,
+            migrated: st.migrated,
+            already_current: st.already_current,
+            failed: st.failed,
+            skipped: st.skipped,
+            target_key_id: st.target_key_id.as_deref(),
+            resumed: st.resumed,
+        }
+    }
+}
+
+/// `migration_finished` of `--retry-failed`.
+#[derive(Serialize)]
+struct RetryFinished<'a> {
+    #[serde(flatten)]
+    counts: Counts<'a>,
+    mode: &'static str,
+    recovered: u64,
 }
 
 /// The envelope header of a stored record (dry run: no decryption).
 fn header_of(
-    store: MigrationStore,
-    id: &str,
+    coll: &dyn EncryptedCollection,
     value: &[u8],
 ) -> Result<crypto::EnvelopeHeader, String> {
-    fn typed<T: Enveloped>(value: &[u8]) -> Result<crypto::EnvelopeHeader, String> {
-        let r: T =
-            serde_json::from_slice(value).map_err(|e| format!("record does not decode: {e}"))?;
-        let env = hex::decode(r.envelope_hex()).map_err(|_| "malformed envelope: not hex")?;
-        crypto::parse_header(&env).map_err(|e| e.to_string())
-    }
-    let _ = id;
-    match store {
-        MigrationStore::Secrets => typed::<crate::secrets::SecretRecord>(value),
-    }
+    let env = coll.envelope(value)?;
+    crypto::parse_header(&env).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

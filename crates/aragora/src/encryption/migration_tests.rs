@@ -19,7 +19,7 @@ fn migrator(f: &Fixture, batch_size: usize, stop_after_batches: Option<u64>) -> 
         MigrationOptions {
             batch_size,
             stop_after_batches,
-            abort_on_stop: false,
+            faults: Default::default(),
         },
     )
 }
@@ -133,7 +133,7 @@ fn rotate_then_migrate_rewraps_everything_and_cleanup_retires_the_old_key() {
         .store
         .list(Collection::Secrets, &ListQuery::all(1000))
         .expect("list");
-    let dry = m.dry_run(MigrationStore::Secrets).expect("dry run");
+    let dry = j(m.dry_run(MigrationStore::Secrets).expect("dry run"));
     assert_eq!(
         (dry["total"].as_u64(), dry["would_change"].as_u64()),
         (Some(450), Some(450)),
@@ -146,7 +146,7 @@ fn rotate_then_migrate_rewraps_everything_and_cleanup_retires_the_old_key() {
             .expect("list"),
         before
     );
-    assert_eq!(m.status(None).expect("status")["state"], "idle");
+    assert_eq!(j(m.status(None).expect("status"))["state"], "idle");
 
     let seen = std::sync::Mutex::new(0);
     let st = m
@@ -161,7 +161,7 @@ fn rotate_then_migrate_rewraps_everything_and_cleanup_retires_the_old_key() {
     );
     assert!(*seen.lock().expect("lock") >= 5, "progress per batch");
     assert_all_under(&f, 450, &new);
-    let status = m.status(Some("secrets")).expect("status");
+    let status = j(m.status(Some("secrets")).expect("status"));
     assert_eq!(status["state"], "completed", "{status}");
     assert!(
         status["finished_at"]
@@ -178,7 +178,7 @@ fn rotate_then_migrate_rewraps_everything_and_cleanup_retires_the_old_key() {
     assert_eq!((st.migrated, st.already_current), (0, 450));
 
     // The old key is no longer used: cleanup retires it.
-    let out = f.ring.cleanup_expired("t", None).expect("cleanup");
+    let out = j(f.ring.cleanup_expired("t", None).expect("cleanup"));
     assert_eq!(out["retired"][0]["key_id"], old.as_str(), "{out}");
 }
 
@@ -299,7 +299,7 @@ fn a_stopped_migration_resumes_from_its_cursor_and_counts_add_up() {
         .expect_err("stops");
     assert!(matches!(e, MigrationError::Stopped(3)), "{e}");
     let m = migrator(&f, 100, None);
-    let status = m.status(None).expect("status");
+    let status = j(m.status(None).expect("status"));
     assert_eq!(status["state"], "interrupted", "{status}");
     assert_eq!(status["migrated"], 300, "{status}");
     assert_eq!(status["cursor"], "s-00299", "{status}");
@@ -351,7 +351,7 @@ fn concurrent_writes_during_a_migration_are_not_lost() {
             .secrets
             .get(&p, &id, &RequestMeta::default())
             .expect("get");
-        assert_eq!(view["key_id"], new.as_str(), "{id}");
+        assert_eq!(view.key_id, new.as_str(), "{id}");
         if i % 37 == 0 {
             assert_eq!(v, format!("rewritten 3 {i}"), "{id}");
         } else {
@@ -377,21 +377,21 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
     f.secrets.get(&alice, "a", &meta).expect("read");
     f.secrets.get(&alice, "c", &meta).expect("read");
     f.secrets.get(&admin, "b", &meta).expect("read");
-    let dry = f
+    let dry = j(f
         .secrets
         .mark_accessed_by("alice", true, "cli")
-        .expect("dry run");
+        .expect("dry run"));
     assert_eq!(
         dry["secrets"][0]["action"], "would_mark_for_rotation",
         "{dry}"
     );
     let (items, _) = f.secrets.list(&principal(), None, 10).expect("list");
-    assert!(items.iter().all(|i| i["rotation_required"] == false));
+    assert!(items.iter().all(|i| !i.rotation_required));
 
-    let out = f
+    let out = j(f
         .secrets
         .mark_accessed_by("alice", false, "cli")
-        .expect("mark");
+        .expect("mark"));
     let ids: Vec<_> = out["secrets"]
         .as_array()
         .expect("secrets")
@@ -404,8 +404,8 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
     let (items, _) = f.secrets.list(&principal(), None, 10).expect("list");
     let marked: Vec<_> = items
         .iter()
-        .filter(|i| i["rotation_required"] == true)
-        .map(|i| i["id"].as_str())
+        .filter(|i| i.rotation_required)
+        .map(|i| Some(i.id.as_str()))
         .collect();
     assert_eq!(marked, [Some("a"), Some("c")]);
     assert_eq!(actions(&f, "secret_rotation_marked").len(), 2);
@@ -415,11 +415,11 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
         .put(&admin, "a", "v2", "api_key", None, &meta)
         .expect("rotate value");
     let (items, _) = f.secrets.list(&principal(), None, 10).expect("list");
-    assert_eq!(items[0]["rotation_required"], false);
-    let again = f
+    assert!(!items[0].rotation_required);
+    let again = j(f
         .secrets
         .mark_accessed_by("alice", false, "cli")
-        .expect("again");
+        .expect("again"));
     assert_eq!(again["secrets"][1]["action"], "already_marked", "{again}");
 }
 
@@ -440,4 +440,9 @@ fn a_stopped_migration_starts_over_after_another_rotation() {
         .expect("run");
     assert_eq!((st.resumed, st.migrated, st.total), (0, 300, 300));
     assert_all_under(&f, 300, &newest);
+}
+
+/// A view as the JSON it is served as.
+fn j<T: serde::Serialize>(v: T) -> serde_json::Value {
+    serde_json::to_value(v).expect("view serializes")
 }

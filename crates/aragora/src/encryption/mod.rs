@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
 use crate::clock::{format_us, now_us};
@@ -43,9 +43,12 @@ use crate::config::Environment;
 use crate::crypto::{self, CryptoError, DataKey, MasterKey, WrappedKey, kdf};
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
-use crate::store::{Collection, Expect, Store, StoreError, WriteOp, for_each_json};
+use crate::store::{Collection, Expect, ListQuery, Store, StoreError, WriteOp, for_each_json};
 
+pub mod collection;
 pub mod migration;
+
+pub use collection::{EncryptedCollection, Enveloped, JsonEnveloped};
 
 /// A primary key is due for rotation after this long (`--force` rotates
 /// earlier).
@@ -59,7 +62,7 @@ const MAX_TRACKED_ACTORS: usize = 10_000;
 /// Derivations measured at boot for `derivation_latency_p95`.
 const DERIVATION_SAMPLES: usize = 5;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyStatus {
     /// The primary: encrypts and decrypts.
@@ -111,17 +114,120 @@ pub struct KeyRecord {
 
 impl KeyRecord {
     /// Metadata only (no wrapped key).
-    pub fn view(&self) -> Value {
-        json!({
-            "key_id": self.key_id,
-            "version": self.version,
-            "status": self.status,
-            "primary": self.primary,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "retired_at": self.retired_at,
-        })
+    pub fn view(&self) -> KeyView {
+        KeyView {
+            key_id: self.key_id.clone(),
+            version: self.version,
+            status: self.status,
+            primary: self.primary,
+            created_at: self.created_at.clone(),
+            expires_at: self.expires_at.clone(),
+            retired_at: self.retired_at.clone(),
+        }
     }
+}
+
+/// A data key's metadata (never its material).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyView {
+    pub key_id: String,
+    pub version: u32,
+    pub status: KeyStatus,
+    pub primary: bool,
+    pub created_at: String,
+    pub expires_at: String,
+    pub retired_at: Option<String>,
+}
+
+/// `GET /api/security/encryption/health` (nothing secret).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EncryptionHealth {
+    /// `healthy`, or `critical` when no key can decrypt.
+    pub status: String,
+    pub master_key_loaded: bool,
+    pub active_key_id: String,
+    pub active_keys: usize,
+}
+
+/// `GET /api/security/encryption/keys`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeysView {
+    pub active_count: usize,
+    pub primary_key_id: String,
+    pub keys: Vec<KeyView>,
+}
+
+/// One actor's decrypts in the last minute.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ActorDecrypts {
+    pub actor: String,
+    pub last_minute: u64,
+    pub per_second: f64,
+}
+
+/// The unwrapped keys held in memory.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyCacheView {
+    pub unwrapped_keys: usize,
+    pub primary_key_id: String,
+}
+
+/// `GET /api/security/encryption/stats` (latencies in seconds).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EncryptionStats {
+    pub encrypt_ops: u64,
+    pub decrypt_ops: u64,
+    pub errors: u64,
+    pub encryption_latency_p50: f64,
+    pub encryption_latency_p95: f64,
+    pub decryption_latency_p50: f64,
+    pub decryption_latency_p95: f64,
+    pub derivation_latency_p95: f64,
+    pub derivation_iterations: u32,
+    pub decrypts_last_minute: u64,
+    pub decrypts_per_actor: Vec<ActorDecrypts>,
+    pub cache: KeyCacheView,
+}
+
+/// A key `cleanup_expired` moved on.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RetiredKey {
+    pub key_id: String,
+    pub from: KeyStatus,
+    pub to: KeyStatus,
+}
+
+/// A key `cleanup_expired` kept because records use it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeptKey {
+    pub key_id: String,
+    pub status: KeyStatus,
+    pub records: u64,
+}
+
+/// What `key-rotation --cleanup-expired` did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CleanupOutcome {
+    pub retired: Vec<RetiredKey>,
+    pub kept_in_use: Vec<KeptKey>,
+    /// Stored records per key id.
+    pub usage: BTreeMap<String, u64>,
+    pub active_count: usize,
+}
+
+/// A key brought back from a backup file.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RestoredKey {
+    pub key_id: String,
+    pub status: KeyStatus,
+}
+
+/// What `key-ring restore` did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RestoreOutcome {
+    pub restored: Vec<RestoredKey>,
+    pub already_present: Vec<String>,
+    pub active_count: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +368,7 @@ struct Stats {
 }
 
 /// What a rotation did.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct RotationOutcome {
     pub rotated: bool,
     pub message: String,
@@ -295,6 +401,9 @@ pub struct KeyRing {
     /// Serializes rotation, cleanup and restore in this process.
     admin: Mutex<()>,
     stats: Stats,
+    /// The collections whose records the keys encrypt (registered by their
+    /// owners): what `cleanup_expired` counts and the migration rewraps.
+    encrypted: Vec<Arc<dyn EncryptedCollection>>,
 }
 
 fn new_key_id(version: u32) -> Result<String, KeyRingError> {
@@ -336,6 +445,7 @@ impl KeyRing {
         master: MasterKey,
         data_dir: &Path,
         environment: Environment,
+        encrypted: Vec<Arc<dyn EncryptedCollection>>,
     ) -> Result<Self, KeyRingError> {
         let fingerprint = master.fingerprint();
         let (derivation, derivation_iterations) = measure_derivation(environment);
@@ -359,7 +469,11 @@ impl KeyRing {
                 let op = WriteOp::put_json(Collection::KeyRing, &rec.key_id, &rec, Expect::Absent)?;
                 audit.record_with(
                     AuditEvent::new("key_created", "system", Outcome::Success).details(
-                        json!({"key_id": rec.key_id, "version": rec.version, "reason": reason}),
+                        KeyCreated {
+                            key_id: &rec.key_id,
+                            version: rec.version,
+                            reason,
+                        },
                     ),
                     vec![op],
                 )?;
@@ -382,6 +496,7 @@ impl KeyRing {
             gate: RwLock::new(()),
             admin: Mutex::new(()),
             stats,
+            encrypted,
         })
     }
 
@@ -510,29 +625,29 @@ impl KeyRing {
     }
 
     /// `GET /api/security/encryption/health` (nothing secret).
-    pub fn health(&self) -> Value {
+    pub fn health(&self) -> EncryptionHealth {
         let ring = self.current();
         let active = ring.active_count();
-        json!({
-            "status": if active > 0 { "healthy" } else { "critical" },
-            "master_key_loaded": true,
-            "active_key_id": ring.primary.key_id(),
-            "active_keys": active,
-        })
+        EncryptionHealth {
+            status: if active > 0 { "healthy" } else { "critical" }.to_string(),
+            master_key_loaded: true,
+            active_key_id: ring.primary.key_id().to_string(),
+            active_keys: active,
+        }
     }
 
     /// `GET /api/security/encryption/keys` (metadata only).
-    pub fn keys(&self) -> Value {
+    pub fn keys(&self) -> KeysView {
         let ring = self.current();
-        json!({
-            "active_count": ring.active_count(),
-            "primary_key_id": ring.primary.key_id(),
-            "keys": ring.records.iter().map(KeyRecord::view).collect::<Vec<_>>(),
-        })
+        KeysView {
+            active_count: ring.active_count(),
+            primary_key_id: ring.primary.key_id().to_string(),
+            keys: ring.records.iter().map(KeyRecord::view).collect(),
+        }
     }
 
     /// `GET /api/security/encryption/stats`.
-    pub fn stats(&self) -> Value {
+    pub fn stats(&self) -> EncryptionStats {
         let now_sec = now_us().div_euclid(1_000_000);
         let mut per_actor: Vec<(String, u64)> = {
             let mut map = self.stats.per_actor.lock();
@@ -552,51 +667,68 @@ impl KeyRing {
             (s.percentile(0.5), s.percentile(0.95))
         };
         let ring = self.current();
-        json!({
-            "encrypt_ops": self.stats.encrypt_ops.load(Ordering::Relaxed),
-            "decrypt_ops": self.stats.decrypt_ops.load(Ordering::Relaxed),
-            "errors": self.stats.errors.load(Ordering::Relaxed),
-            "encryption_latency_p50": e50,
-            "encryption_latency_p95": e95,
-            "decryption_latency_p50": d50,
-            "decryption_latency_p95": d95,
-            "derivation_latency_p95": percentile(&self.stats.derivation, 0.95),
-            "derivation_iterations": self.stats.derivation_iterations,
-            "decrypts_last_minute": total,
-            "decrypts_per_actor": per_actor
-                .iter()
-                .map(|(a, n)| json!({"actor": a, "last_minute": n, "per_second": *n as f64 / 60.0}))
-                .collect::<Vec<_>>(),
-            "cache": {
-                "unwrapped_keys": ring.keys.len(),
-                "primary_key_id": ring.primary.key_id(),
+        EncryptionStats {
+            encrypt_ops: self.stats.encrypt_ops.load(Ordering::Relaxed),
+            decrypt_ops: self.stats.decrypt_ops.load(Ordering::Relaxed),
+            errors: self.stats.errors.load(Ordering::Relaxed),
+            encryption_latency_p50: e50,
+            encryption_latency_p95: e95,
+            decryption_latency_p50: d50,
+            decryption_latency_p95: d95,
+            derivation_latency_p95: percentile(&self.stats.derivation, 0.95),
+            derivation_iterations: self.stats.derivation_iterations,
+            decrypts_last_minute: total,
+            decrypts_per_actor: per_actor
+                .into_iter()
+                .map(|(actor, n)| ActorDecrypts {
+                    actor,
+                    last_minute: n,
+                    per_second: n as f64 / 60.0,
+                })
+                .collect(),
+            cache: KeyCacheView {
+                unwrapped_keys: ring.keys.len(),
+                primary_key_id: ring.primary.key_id().to_string(),
             },
-        })
+        }
     }
 
-    /// How many stored secrets each key id encrypts (read from the envelopes'
-    /// headers, not from metadata).
+    /// The encrypted collections registered at boot.
+    pub fn encrypted_collections(&self) -> &[Arc<dyn EncryptedCollection>] {
+        &self.encrypted
+    }
+
+    /// How many stored records each key id encrypts (read from the envelopes'
+    /// headers, not from metadata), over every encrypted collection.
     pub fn key_usage(&self) -> Result<BTreeMap<String, u64>, KeyRingError> {
-        #[derive(Deserialize)]
-        struct Envelope {
-            envelope: String,
-        }
         let mut usage = BTreeMap::new();
         let mut bad = None;
-        for_each_json::<Envelope>(self.store.as_ref(), Collection::Secrets, |id, _, r| {
-            match hex::decode(&r.envelope)
-                .map_err(|_| CryptoError::malformed("envelope is not hex"))
-                .and_then(|b| crypto::parse_header(&b))
-            {
-                Ok(h) => *usage.entry(h.key_id).or_insert(0) += 1,
-                Err(e) => bad = Some(format!("secret {id}: {e}")),
+        for c in &self.encrypted {
+            let mut after: Option<String> = None;
+            loop {
+                let page = self
+                    .store
+                    .list(c.collection(), &ListQuery::after(after.as_deref(), 1000))?;
+                let n = page.len();
+                for (id, rec) in page {
+                    match c
+                        .envelope(&rec.value)
+                        .and_then(|b| crypto::parse_header(&b).map_err(|e| e.to_string()))
+                    {
+                        Ok(h) => *usage.entry(h.key_id).or_insert(0) += 1,
+                        Err(e) => bad = Some(format!("{} {id}: {e}", c.name())),
+                    }
+                    after = Some(id);
+                }
+                if n < 1000 {
+                    break;
+                }
             }
-            Ok(())
-        })?;
+        }
         if let Some(b) = bad {
             // An unreadable header could name any key: retire nothing.
             return Err(KeyRingError::Invalid(format!(
-                "cannot tell which key a stored secret uses ({b}); no key retired"
+                "cannot tell which key a stored record uses ({b}); no key retired"
             )));
         }
         Ok(usage)
@@ -663,13 +795,13 @@ impl KeyRing {
         ];
         let event = AuditEvent::new("key_rotated", actor, Outcome::Success)
             .ip(ip.clone())
-            .details(json!({
-                "reason": reason,
-                "force": force,
-                "new_key_id": new.key_id,
-                "previous_key_id": old.key_id,
-                "backup": backup.display().to_string(),
-            }));
+            .details(KeyRotated {
+                reason,
+                force,
+                new_key_id: &new.key_id,
+                previous_key_id: &old.key_id,
+                backup: backup.display().to_string(),
+            });
         let committed = {
             let _gate = self.gate.write();
             let r = self.audit.record_with(event, ops);
@@ -686,7 +818,10 @@ impl KeyRing {
             tracing::error!(error = %e, "key rotation failed; the previous primary stays active");
             let failed = AuditEvent::new("key_rotation_failed", actor, Outcome::Failure)
                 .ip(ip)
-                .details(json!({"reason": reason, "error": e.to_string()}));
+                .details(RotationFailed {
+                    reason,
+                    error: e.to_string(),
+                });
             let _ = self.audit.record(failed);
             let _ = self.reload();
             return Err(e.into());
@@ -707,7 +842,11 @@ impl KeyRing {
 
     /// Retires keys no stored secret uses: decrypt_only -> expired, expired ->
     /// destroyed. The primary is never retired.
-    pub fn cleanup_expired(&self, actor: &str, ip: Option<String>) -> Result<Value, KeyRingError> {
+    pub fn cleanup_expired(
+        &self,
+        actor: &str,
+        ip: Option<String>,
+    ) -> Result<CleanupOutcome, KeyRingError> {
         let _admin = self.admin.lock();
         let usage = self.key_usage()?;
         let records = load_records(self.store.as_ref())?;
@@ -721,7 +860,11 @@ impl KeyRing {
             }
             let used = usage.get(&r.key_id).copied().unwrap_or(0);
             if used > 0 {
-                kept.push(json!({"key_id": r.key_id, "status": r.status, "records": used}));
+                kept.push(KeptKey {
+                    key_id: r.key_id.clone(),
+                    status: r.status,
+                    records: used,
+                });
                 continue;
             }
             let mut next = r.clone();
@@ -732,7 +875,11 @@ impl KeyRing {
                 KeyStatus::Destroyed
             };
             next.retired_at = Some(format_us(now));
-            retired.push(json!({"key_id": r.key_id, "from": r.status, "to": next.status}));
+            retired.push(RetiredKey {
+                key_id: r.key_id.clone(),
+                from: r.status,
+                to: next.status,
+            });
             ops.push(WriteOp::put_json(
                 Collection::KeyRing,
                 &r.key_id,
@@ -743,16 +890,19 @@ impl KeyRing {
         if !ops.is_empty() {
             let event = AuditEvent::new("keys_retired", actor, Outcome::Success)
                 .ip(ip)
-                .details(json!({"retired": retired, "kept_in_use": kept}));
+                .details(KeysRetired {
+                    retired: &retired,
+                    kept_in_use: &kept,
+                });
             self.audit.record_with(event, ops)?;
             self.reload()?;
         }
-        Ok(json!({
-            "retired": retired,
-            "kept_in_use": kept,
-            "usage": usage,
-            "active_count": self.current().active_count(),
-        }))
+        Ok(CleanupOutcome {
+            retired,
+            kept_in_use: kept,
+            usage,
+            active_count: self.current().active_count(),
+        })
     }
 
     /// Writes the stored records (wrapped keys included: the master key
@@ -797,7 +947,7 @@ impl KeyRing {
         file: &Path,
         actor: &str,
         ip: Option<String>,
-    ) -> Result<Value, KeyRingError> {
+    ) -> Result<RestoreOutcome, KeyRingError> {
         let bad = |reason: String| KeyRingError::Backup {
             path: file.display().to_string(),
             reason,
@@ -831,7 +981,10 @@ impl KeyRing {
                 r.primary = false;
                 r.status = KeyStatus::DecryptOnly;
             }
-            restored.push(json!({"key_id": r.key_id, "status": r.status}));
+            restored.push(RestoredKey {
+                key_id: r.key_id.clone(),
+                status: r.status,
+            });
             ops.push(WriteOp::put_json(
                 Collection::KeyRing,
                 &r.key_id,
@@ -842,16 +995,58 @@ impl KeyRing {
         if !ops.is_empty() {
             let event = AuditEvent::new("key_ring_restored", actor, Outcome::Success)
                 .ip(ip)
-                .details(json!({"file": file.display().to_string(), "restored": restored}));
+                .details(RingRestored {
+                    file: file.display().to_string(),
+                    restored: &restored,
+                });
             self.audit.record_with(event, ops)?;
             self.reload()?;
         }
-        Ok(json!({
-            "restored": restored,
-            "already_present": present,
-            "active_count": self.current().active_count(),
-        }))
+        Ok(RestoreOutcome {
+            restored,
+            already_present: present,
+            active_count: self.current().active_count(),
+        })
     }
+}
+
+/// `key_created`.
+#[derive(Serialize)]
+struct KeyCreated<'a> {
+    key_id: &'a str,
+    version: u32,
+    reason: &'a str,
+}
+
+/// `key_rotated`.
+#[derive(Serialize)]
+struct KeyRotated<'a> {
+    reason: &'a str,
+    force: bool,
+    new_key_id: &'a str,
+    previous_key_id: &'a str,
+    backup: String,
+}
+
+/// `key_rotation_failed`.
+#[derive(Serialize)]
+struct RotationFailed<'a> {
+    reason: &'a str,
+    error: String,
+}
+
+/// `keys_retired`.
+#[derive(Serialize)]
+struct KeysRetired<'a> {
+    retired: &'a [RetiredKey],
+    kept_in_use: &'a [KeptKey],
+}
+
+/// `key_ring_restored`.
+#[derive(Serialize)]
+struct RingRestored<'a> {
+    file: String,
+    restored: &'a [RestoredKey],
 }
 
 fn load_records(store: &dyn Store) -> Result<Vec<(u64, KeyRecord)>, StoreError> {

@@ -8,6 +8,7 @@
 //! eagerly, before the call that made the change returns.
 
 pub mod catalogue;
+pub mod denials;
 pub mod grant;
 
 use std::borrow::Cow;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use crate::metrics::Metrics;
 use crate::store::{Collection, Store, StoreError, for_each_json};
@@ -30,13 +31,59 @@ use grant::Grant;
 /// Entries kept at most; beyond it expired entries go, then everything.
 pub const MAX_CACHE_ENTRIES: usize = 100_000;
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct CustomRole {
     pub name: String,
     pub description: String,
     pub permissions: Vec<String>,
     pub created_at: i64,
     pub created_by: String,
+}
+
+/// A role with what it grants.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RoleView {
+    pub name: String,
+    pub description: String,
+    pub builtin: bool,
+    pub permissions: Vec<String>,
+}
+
+/// A catalogue entry (`GET /api/security/rbac/permissions`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct PermissionView {
+    pub name: String,
+    pub description: String,
+    pub sensitive: bool,
+}
+
+/// The permission catalogue.
+pub fn permission_catalogue() -> Vec<PermissionView> {
+    PERMISSIONS
+        .iter()
+        .map(|p| PermissionView {
+            name: p.name.to_string(),
+            description: p.description.to_string(),
+            sensitive: p.sensitive,
+        })
+        .collect()
+}
+
+/// `GET /api/security/rbac/cache/stats`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CacheStats {
+    /// `memory` (in-process).
+    pub backend: String,
+    pub enabled: bool,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_rate: f64,
+    pub size: usize,
+    pub max_size: usize,
+    /// Seconds.
+    pub ttl: u64,
+    pub invalidations: u64,
+    pub evictions: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -315,22 +362,26 @@ impl Rbac {
         n
     }
 
-    pub fn stats(&self) -> Value {
+    pub fn stats(&self) -> CacheStats {
         let hits = self.counters.hits.load(Ordering::Relaxed);
         let misses = self.counters.misses.load(Ordering::Relaxed);
         let total = hits + misses;
-        json!({
-            "backend": "memory",
-            "enabled": !self.ttl.is_zero(),
-            "hits": hits,
-            "misses": misses,
-            "hit_rate": if total == 0 { 0.0 } else { hits as f64 / total as f64 },
-            "size": self.cache.read().len(),
-            "max_size": MAX_CACHE_ENTRIES,
-            "ttl": self.ttl.as_secs(),
-            "invalidations": self.counters.invalidations.load(Ordering::Relaxed),
-            "evictions": self.counters.evictions.load(Ordering::Relaxed),
-        })
+        CacheStats {
+            backend: "memory".into(),
+            enabled: !self.ttl.is_zero(),
+            hits,
+            misses,
+            hit_rate: if total == 0 {
+                0.0
+            } else {
+                hits as f64 / total as f64
+            },
+            size: self.cache.read().len(),
+            max_size: MAX_CACHE_ENTRIES,
+            ttl: self.ttl.as_secs(),
+            invalidations: self.counters.invalidations.load(Ordering::Relaxed),
+            evictions: self.counters.evictions.load(Ordering::Relaxed),
+        }
     }
 
     /// Every permission the roles grant, sorted.
@@ -347,17 +398,27 @@ impl Rbac {
     }
 
     /// Built-in and custom roles with their permissions.
-    pub fn roles(&self) -> Vec<Value> {
-        let mut out: Vec<Value> = BUILTIN_ROLES
+    pub fn roles(&self) -> Vec<RoleView> {
+        let mut out: Vec<RoleView> = BUILTIN_ROLES
             .iter()
-            .map(|r| json!({"name": r.name, "description": r.description, "builtin": true, "permissions": r.permissions}))
+            .map(|r| RoleView {
+                name: r.name.to_string(),
+                description: r.description.to_string(),
+                builtin: true,
+                permissions: r.permissions.iter().map(|p| p.to_string()).collect(),
+            })
             .collect();
         let custom = self.custom.read();
         let mut names: Vec<_> = custom.keys().collect();
         names.sort();
         for n in names {
             let r = &custom[n];
-            out.push(json!({"name": r.name, "description": r.description, "builtin": false, "permissions": r.permissions}));
+            out.push(RoleView {
+                name: r.name.clone(),
+                description: r.description.clone(),
+                builtin: false,
+                permissions: r.permissions.clone(),
+            });
         }
         out
     }

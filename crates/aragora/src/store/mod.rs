@@ -40,10 +40,12 @@ pub enum Collection {
     Secrets,
     /// Approval requests (time-ordered id -> `approvals::ApprovalRequest`).
     Approvals,
+    /// Long operations (id -> `jobs::JobRecord`) and the `active` marker.
+    Jobs,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 11] = [
+    pub const ALL: [Collection; 12] = [
         Collection::Users,
         Collection::UserEmails,
         Collection::Roles,
@@ -55,6 +57,7 @@ impl Collection {
         Collection::KeyRing,
         Collection::Secrets,
         Collection::Approvals,
+        Collection::Jobs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +73,7 @@ impl Collection {
             Collection::KeyRing => "key_ring",
             Collection::Secrets => "secrets",
             Collection::Approvals => "approvals",
+            Collection::Jobs => "jobs",
         }
     }
 }
