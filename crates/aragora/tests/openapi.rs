@@ -356,6 +356,59 @@ fn every_route_answers_with_the_documented_schema() {
     run(case("GET", "/api/security/migration/status", 200).as_(a));
     run(case("DELETE", "/api/secrets/{id}", 204).at(secret).as_(a));
 
+    // Approval gates: the admin requests, an approver decides.
+    s.create_user(
+        a,
+        "approver@openapi.test",
+        "approver passphrase",
+        &["approver"],
+    );
+    let ap = s.login("approver@openapi.test", "approver passphrase");
+    let ask = |reason: &str| {
+        case("POST", "/api/security/approvals", 202).as_(a).body(
+            json!({"operation": "migration_run", "params": {"store": "secrets"}, "reason": reason}),
+        )
+    };
+    let id_of = |v: Value| v["approval_id"].as_str().expect("approval id").to_string();
+    let first = id_of(run(ask("schema check")));
+    run(case("GET", "/api/security/approvals/pending", 200).as_(a));
+    run(case("GET", "/api/security/approvals", 200).as_(a));
+    run(case("GET", "/api/security/approvals/{id}", 200)
+        .at(format!("/api/security/approvals/{first}"))
+        .as_(a));
+    run(case(
+        "GET",
+        "/api/security/approvals/{id}/eligible-approvers",
+        200,
+    )
+    .at(format!(
+        "/api/security/approvals/{first}/eligible-approvers"
+    ))
+    .as_(a));
+    run(case("POST", "/api/security/approvals/{id}/approve", 200)
+        .at(format!("/api/security/approvals/{first}/approve"))
+        .as_(&ap)
+        .body(json!({"checklist_confirmed": ["dry run reviewed", "change window agreed"]})));
+    let second = id_of(run(ask("to reject")));
+    run(case("POST", "/api/security/approvals/{id}/reject", 200)
+        .at(format!("/api/security/approvals/{second}/reject"))
+        .as_(&ap)
+        .body(json!({"reason": "not needed"})));
+    let third = id_of(run(ask("to bypass")));
+    s.create_user(
+        a,
+        "lead@openapi.test",
+        "lead passphrase here",
+        &["security_lead"],
+    );
+    let lead = s.login("lead@openapi.test", "lead passphrase here");
+    run(
+        case("POST", "/api/security/approvals/{id}/emergency-bypass", 200)
+            .at(format!("/api/security/approvals/{third}/emergency-bypass"))
+            .as_(&lead)
+            .body(json!({"reason": "incident", "incident_id": "INC-1"})),
+    );
+
     run(case("GET", "/api/security/audit/search", 200)
         .at("/api/security/audit/search?minutes=60")
         .as_(a));
