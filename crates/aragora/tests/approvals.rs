@@ -9,6 +9,15 @@ use aragora_testkit::{Server, Value, json};
 
 const PASSWORD: &str = "correct horse battery staple";
 
+/// Held by every test that makes unauthorized attempts, so the one that counts
+/// `aragora_approval_unauthorized_attempts_total` exactly sees only its own
+/// (the tests share one server and run in parallel).
+static UNAUTHORIZED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn unauthorized_lock() -> std::sync::MutexGuard<'static, ()> {
+    UNAUTHORIZED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct World {
     server: Server,
     admin: String,
@@ -178,6 +187,7 @@ fn unauthorized_attempts_are_refused_audited_with_ip_and_counted() {
     let w = world();
     let created = request(w, "key_cleanup", "retire old keys");
     let id = created["approval_id"].as_str().expect("id");
+    let _counting = unauthorized_lock();
     let before = w
         .server
         .metric("aragora_approval_unauthorized_attempts_total");
@@ -239,11 +249,14 @@ fn reject_and_emergency_bypass_need_their_fields() {
     );
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("incident_id"), "{}", r.body);
-    let r = w.server.post(
-        &format!("/api/security/approvals/{id}/emergency-bypass"),
-        &w.approver,
-        &json!({"reason": "x", "incident_id": "INC-1"}),
-    );
+    let r = {
+        let _counting = unauthorized_lock();
+        w.server.post(
+            &format!("/api/security/approvals/{id}/emergency-bypass"),
+            &w.approver,
+            &json!({"reason": "x", "incident_id": "INC-1"}),
+        )
+    };
     assert_eq!(r.status, 403, "only a security lead: {}", r.body);
     let r = w.server.post(
         &format!("/api/security/approvals/{id}/emergency-bypass"),

@@ -123,14 +123,22 @@ pub async fn get(
     Ok(axum::Json(r.view()).into_response())
 }
 
-/// The caller as a decider: roles from the token, `disabled` from the store
-/// (a disabled account's token stops at the guard already; this closes the
-/// window of a request in flight), and whether any role grants
+/// Runs `f` with the caller as a decider: roles from the token, `disabled` from
+/// the store (a disabled account's token stops at the guard already; this
+/// closes the window of a request in flight), and whether any role grants
 /// `approvals.approve`.
-fn decider_parts(state: &AppState, p: &Principal) -> Result<(bool, bool), ServiceError> {
+fn as_decider<T>(
+    state: &AppState,
+    p: &Principal,
+    f: impl FnOnce(&Decider<'_>) -> Result<T, ServiceError>,
+) -> Result<T, ServiceError> {
     let (_, user) = state.auth.user(&p.user_id)?;
-    let can_approve = state.rbac.evaluate(&p.roles, "approvals.approve").is_some();
-    Ok((user.disabled, can_approve))
+    f(&Decider {
+        user_id: &p.user_id,
+        roles: &p.roles,
+        disabled: user.disabled,
+        can_approve: state.rbac.evaluate(&p.roles, "approvals.approve").is_some(),
+    })
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -169,21 +177,16 @@ pub async fn approve(
     JsonBody(b): JsonBody<ApproveBody>,
 ) -> ApiResult<Response> {
     let r = blocking(move || {
-        let (disabled, can_approve) = decider_parts(&state, &p)?;
-        let d = Decider {
-            user_id: &p.user_id,
-            roles: &p.roles,
-            disabled,
-            can_approve,
-        };
         let input = ApproveInput {
             notes: b.notes,
             reason: b.reason,
             checklist_confirmed: b.checklist_confirmed,
             bypass_checklist: b.bypass_checklist,
         };
-        let (_, r) = state.approvals.approve(&id, &d, input, meta.ip_string())?;
-        Ok(r)
+        as_decider(&state, &p, |d| {
+            let (_, r) = state.approvals.approve(&id, d, input, meta.ip_string())?;
+            Ok(r)
+        })
     })
     .await?;
     Ok(axum::Json(decision_result(&r)).into_response())
@@ -203,16 +206,9 @@ pub async fn reject(
     JsonBody(b): JsonBody<RejectBody>,
 ) -> ApiResult<Response> {
     let r = blocking(move || {
-        let (disabled, can_approve) = decider_parts(&state, &p)?;
-        let d = Decider {
-            user_id: &p.user_id,
-            roles: &p.roles,
-            disabled,
-            can_approve,
-        };
-        Ok(state
-            .approvals
-            .reject(&id, &d, b.reason, meta.ip_string())?)
+        as_decider(&state, &p, |d| {
+            Ok(state.approvals.reject(&id, d, b.reason, meta.ip_string())?)
+        })
     })
     .await?;
     Ok(axum::Json(decision_result(&r)).into_response())
@@ -233,16 +229,15 @@ pub async fn emergency_bypass(
     JsonBody(b): JsonBody<BypassBody>,
 ) -> ApiResult<Response> {
     let r = blocking(move || {
-        let (disabled, can_approve) = decider_parts(&state, &p)?;
-        let d = Decider {
-            user_id: &p.user_id,
-            roles: &p.roles,
-            disabled,
-            can_approve,
-        };
-        Ok(state
-            .approvals
-            .emergency_bypass(&id, &d, b.reason, b.incident_id, meta.ip_string())?)
+        as_decider(&state, &p, |d| {
+            Ok(state.approvals.emergency_bypass(
+                &id,
+                d,
+                b.reason,
+                b.incident_id,
+                meta.ip_string(),
+            )?)
+        })
     })
     .await?;
     Ok(axum::Json(decision_result(&r)).into_response())
