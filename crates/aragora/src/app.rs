@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::approvals::ApprovalService;
+use crate::approvals::execute::Executor;
 use crate::audit::AuditLog;
 use crate::auth::AuthService;
 use crate::config::Config;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub migration: Arc<Migrator>,
     /// Approval gates (issue #15).
     pub approvals: ApprovalService,
+    /// Runs approved requests, once each.
+    pub executor: Executor,
     /// Long operations (migration runs), one at a time.
     pub jobs: Arc<Jobs>,
     /// Password hashes computed at once (Argon2id: ~20 ms of CPU and 19 MiB
@@ -126,6 +129,9 @@ impl AppState {
             secrets,
             migration,
             approvals,
+            // The embedded store is opened by this process alone (its
+            // directory lock); a shared store must say otherwise.
+            executor: Executor::new(true),
             jobs,
             password_slots: tokio::sync::Semaphore::new(config_slots),
         })

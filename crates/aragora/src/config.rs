@@ -154,6 +154,11 @@ pub enum FaultPoint {
     MigrationBatchDurable { batches: u64 },
     /// A job has taken the slot and is about to run.
     JobStarted,
+    /// An approved request is about to be claimed for execution.
+    ApprovalBeforeExecution,
+    /// An approved operation ran and its job recorded the outcome; the
+    /// request does not say so yet.
+    ApprovalAfterJob,
 }
 
 /// Test-only faults, read once with the rest of the configuration: the crash
@@ -169,6 +174,9 @@ pub struct FaultPlan {
     /// a test holds a job running for as long as it needs, whatever the
     /// machine's speed.
     pub job_gate: Option<PathBuf>,
+    /// Abort at this approval execution step (ARAGORA_TEST_APPROVAL_CRASH:
+    /// `before_execution` or `after_job`).
+    pub approval_crash: Option<FaultPoint>,
 }
 
 impl FaultPlan {
@@ -185,6 +193,15 @@ impl FaultPlan {
                 std::process::abort();
             }
             FaultPoint::MigrationBatchDurable { .. } => {}
+            FaultPoint::ApprovalBeforeExecution | FaultPoint::ApprovalAfterJob => {
+                if self.approval_crash == Some(point) {
+                    tracing::error!(
+                        ?point,
+                        "ARAGORA_TEST_APPROVAL_CRASH: aborting the process (test fault)"
+                    );
+                    std::process::abort();
+                }
+            }
             FaultPoint::JobStarted => {
                 if let Some(gate) = &self.job_gate {
                     while !gate.exists() {
@@ -472,6 +489,17 @@ impl Config {
                 )
             });
         let job_gate = file("ARAGORA_TEST_JOB_GATE");
+        let approval_crash = match get("ARAGORA_TEST_APPROVAL_CRASH").map(str::trim) {
+            None | Some("") => None,
+            Some("before_execution") => Some(FaultPoint::ApprovalBeforeExecution),
+            Some("after_job") => Some(FaultPoint::ApprovalAfterJob),
+            Some(other) => {
+                p.push(format!(
+                    "ARAGORA_TEST_APPROVAL_CRASH={other:?} is not before_execution or after_job"
+                ));
+                None
+            }
+        };
         if !p.is_empty() {
             return Err(ConfigError { problems: p });
         }
@@ -508,6 +536,7 @@ impl Config {
             faults: FaultPlan {
                 crash_after_migration_batches,
                 job_gate,
+                approval_crash,
             },
         })
     }

@@ -42,6 +42,9 @@ pub enum JobKind {
     MigrationRun,
     /// Mark for rotation every secret a user read.
     SecretRotation,
+    /// An approved request's operation (`approval_id` names the request). It
+    /// does not take the slot: a short operation never waits for a migration.
+    ApprovedOperation,
 }
 
 impl JobKind {
@@ -49,6 +52,7 @@ impl JobKind {
         match self {
             JobKind::MigrationRun => "migration_run",
             JobKind::SecretRotation => "secret_rotation",
+            JobKind::ApprovedOperation => "approved_operation",
         }
     }
 }
@@ -86,6 +90,14 @@ pub struct JobRecord {
     pub finished_at: Option<String>,
     /// How often it was resumed after an interruption.
     pub resumed: u32,
+    /// The approval request this job runs (approved operations).
+    #[serde(default)]
+    pub approval_id: Option<String>,
+    /// The approved operation's name and outcome.
+    #[serde(default)]
+    pub operation: Option<String>,
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -137,7 +149,7 @@ pub struct Jobs {
     active: Mutex<Option<JobRecord>>,
 }
 
-fn new_job_id() -> Result<String, JobError> {
+pub fn new_job_id() -> Result<String, JobError> {
     let mut b = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| StoreError::Backend("the system random source failed".into()))?;
@@ -271,6 +283,9 @@ impl Jobs {
                     updated_at: now,
                     finished_at: None,
                     resumed: 0,
+                    approval_id: None,
+                    operation: None,
+                    result: None,
                 },
             ),
         };
@@ -353,6 +368,88 @@ impl Jobs {
                 self.save(&job, true)?;
                 Err(e.into())
             }
+        }
+    }
+
+    /// Records the start of an approved request's operation under `job_id`
+    /// (chosen by the approval executor before it claimed the request), before
+    /// anything runs: a job record that is `running` after a crash says the
+    /// operation may have started; none says it did not.
+    pub fn start_approved(
+        &self,
+        job_id: &str,
+        approval_id: &str,
+        operation: &str,
+        actor: &str,
+    ) -> Result<JobRecord, JobError> {
+        let now = format_us(now_us());
+        let job = JobRecord {
+            id: job_id.to_string(),
+            kind: JobKind::ApprovedOperation,
+            state: JobState::Running,
+            actor: actor.to_string(),
+            stores: Vec::new(),
+            results: Vec::new(),
+            user_id: None,
+            marked: None,
+            error: None,
+            started_at: now.clone(),
+            updated_at: now,
+            finished_at: None,
+            resumed: 0,
+            approval_id: Some(approval_id.to_string()),
+            operation: Some(operation.to_string()),
+            result: None,
+        };
+        self.store.write(
+            vec![WriteOp::put_json(
+                Collection::Jobs,
+                &job.id,
+                &job,
+                Expect::Absent,
+            )?],
+            Durability::Durable,
+        )?;
+        Ok(job)
+    }
+
+    /// Records how an approved operation ended.
+    pub fn finish_approved(
+        &self,
+        mut job: JobRecord,
+        outcome: &Result<serde_json::Value, String>,
+    ) -> Result<JobRecord, JobError> {
+        let now = format_us(now_us());
+        match outcome {
+            Ok(v) => {
+                job.state = JobState::Completed;
+                job.result = Some(v.clone());
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(e.clone());
+            }
+        }
+        job.finished_at = Some(now.clone());
+        job.updated_at = now;
+        self.store.write(
+            vec![WriteOp::put_json(
+                Collection::Jobs,
+                &job.id,
+                &job,
+                Expect::Any,
+            )?],
+            Durability::Durable,
+        )?;
+        Ok(job)
+    }
+
+    /// A job by id, if it exists.
+    pub fn find(&self, id: &str) -> Result<Option<JobRecord>, JobError> {
+        match self.get(id) {
+            Ok(j) => Ok(Some(j)),
+            Err(JobError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

@@ -322,7 +322,12 @@ fn serve() -> Result<ExitCode> {
             loop {
                 every.tick().await;
                 let s = approvals_state.clone();
-                let _ = tokio::task::spawn_blocking(move || s.approvals.tick()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    s.approvals.tick();
+                    // Approved requests a crash or a lost wake-up left behind.
+                    aragora::approvals::execute::run_due(&s);
+                })
+                .await;
             }
         });
         let app = router(app_state.clone()).into_make_service_with_connect_info::<SocketAddr>();

@@ -13,8 +13,12 @@ use super::views::{
     BlocksView, RevokedKeysView, RevokedSessionsView, UserPermissionsView, UserSessionsView,
     UsersPage,
 };
-use super::{ApiResult, JsonBody, QueryParams, blocking, hashing};
+use super::approvals::accepted;
+use super::{ApiResult, JsonBody, QueryParams, blocking, hashing, optional_body};
 use crate::app::AppState;
+use crate::approvals::OperationParams;
+use crate::approvals::gate::{Gate, gate, is_privileged};
+use crate::approvals::params::{IpUnblockParams, RoleGrantParams, UserDeleteParams};
 use crate::auth::{Principal, RequestMeta};
 use crate::clock::now_us;
 
@@ -81,8 +85,14 @@ pub async fn get_user(
 #[serde(deny_unknown_fields)]
 pub struct AssignRoleBody {
     role: String,
+    /// Why (shown to approvers when the role is privileged and the grant waits
+    /// for approval).
+    reason: Option<String>,
 }
 
+/// Assigning a role that holds a sensitive permission is gated
+/// (`privileged_role_grant`): 202 and an approval request unless the caller is
+/// an admin. Other roles are assigned at once.
 pub async fn add_role(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
@@ -90,8 +100,27 @@ pub async fn add_role(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<AssignRoleBody>,
 ) -> ApiResult<Response> {
-    let u = blocking(move || state.auth.add_role(&p, &id, &b.role, &meta)).await?;
-    Ok(axum::Json(u.view(now_us(), None)).into_response())
+    blocking(move || {
+        let privileged = state
+            .rbac
+            .role_grants(&b.role)
+            .is_some_and(|g| is_privileged(&g));
+        if privileged {
+            let reason = b
+                .reason
+                .unwrap_or_else(|| format!("grant the role {} to user {id}", b.role));
+            let params = OperationParams::PrivilegedRoleGrant(RoleGrantParams {
+                user_id: id.clone(),
+                role: b.role.clone(),
+            });
+            if let Gate::Requested(r) = gate(&state, &p, &meta, &params, &reason)? {
+                return Ok(accepted(&r));
+            }
+        }
+        let u = state.auth.add_role(&p, &id, &b.role, &meta)?;
+        Ok(axum::Json(u.view(now_us(), None)).into_response())
+    })
+    .await
 }
 
 pub async fn remove_role(
@@ -286,13 +315,61 @@ pub async fn bulk_lock(
     Ok(axum::Json(r).into_response())
 }
 
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeAllBody {
+    reason: Option<String>,
+}
+
+/// Gated (`sessions_revoke_all`): the admin's lockdown acts at once; anyone
+/// else with `sessions.revoke` or `approvals.request` gets 202.
 pub async fn revoke_all(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
     Extension(meta): Extension<RequestMeta>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let r = blocking(move || state.auth.revoke_all_sessions(&p, &meta)).await?;
-    Ok(axum::Json(r).into_response())
+    let b: RevokeAllBody = optional_body(&body)?;
+    blocking(move || {
+        let reason = b
+            .reason
+            .unwrap_or_else(|| "revoke every session (lockdown)".into());
+        match gate(&state, &p, &meta, &OperationParams::SessionsRevokeAll, &reason)? {
+            Gate::Requested(r) => Ok(accepted(&r)),
+            Gate::Run => {
+                Ok(axum::Json(state.auth.revoke_all_sessions(&p, &meta)?).into_response())
+            }
+        }
+    })
+    .await
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteUserBody {
+    reason: Option<String>,
+}
+
+/// Gated (`user_delete`): 202 unless the caller is an admin.
+pub async fn delete_user(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let b: DeleteUserBody = optional_body(&body)?;
+    blocking(move || {
+        let reason = b.reason.unwrap_or_else(|| format!("delete user {id}"));
+        let params = OperationParams::UserDelete(UserDeleteParams {
+            user_id: id.clone(),
+        });
+        match gate(&state, &p, &meta, &params, &reason)? {
+            Gate::Requested(r) => Ok(accepted(&r)),
+            Gate::Run => Ok(axum::Json(state.auth.delete_user(&p, &id, &meta)?).into_response()),
+        }
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -326,14 +403,25 @@ pub async fn list_blocks(State(state): State<Arc<AppState>>) -> ApiResult<Respon
     .into_response())
 }
 
+/// Gated (`ip_unblock`, low risk): 202 unless the caller is an admin; with
+/// `APPROVAL_AUTO_APPROVE_LOW=true` the request is approved at once and runs.
 pub async fn unblock_ip(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
     Extension(meta): Extension<RequestMeta>,
     Path(ip): Path<String>,
 ) -> ApiResult<Response> {
-    blocking(move || state.auth.unblock_ip(&p, &ip, &meta)).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    blocking(move || {
+        let params = OperationParams::IpUnblock(IpUnblockParams { ip: ip.clone() });
+        match gate(&state, &p, &meta, &params, &format!("remove the IP block {ip}"))? {
+            Gate::Requested(r) => Ok(accepted(&r)),
+            Gate::Run => {
+                state.auth.unblock_ip(&p, &ip, &meta)?;
+                Ok(StatusCode::NO_CONTENT.into_response())
+            }
+        }
+    })
+    .await
 }
 
 /// Carries a password: Debug never shows it.

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use super::{ApiResult, JsonBody, QueryParams, blocking};
 use crate::app::AppState;
 use crate::approvals::request::ApprovalRequest;
-use crate::approvals::{ApproveInput, Decider, Operation, Requester, RiskLevel, Status};
+use crate::approvals::{
+    ApproveInput, Decider, Operation, OperationParams, RiskLevel, Status, execute, gate,
+};
 use crate::auth::{Principal, RequestMeta};
 use crate::error::ServiceError;
 
@@ -44,18 +46,18 @@ pub async fn create(
 ) -> ApiResult<Response> {
     let r = blocking(move || {
         let operation: Operation = b.operation.parse().map_err(ServiceError::BadRequest)?;
-        Ok(state.approvals.request(
-            &Requester {
-                user_id: &p.user_id,
-                ip: meta.ip_string(),
-            },
-            operation,
-            b.params,
-            &b.reason,
-        )?)
+        let params =
+            OperationParams::parse(operation, &b.params).map_err(ServiceError::BadRequest)?;
+        gate::request(&state, &p, &meta, &params, &b.reason)
     })
     .await?;
-    Ok((StatusCode::ACCEPTED, axum::Json(r.created_view())).into_response())
+    Ok(accepted(&r))
+}
+
+/// 202 `{approval_id, status, operation, risk_level, expires_at}`: the call
+/// waits for approvers (a gated call or an explicit request).
+pub fn accepted(r: &ApprovalRequest) -> Response {
+    (StatusCode::ACCEPTED, axum::Json(r.created_view())).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +178,7 @@ pub async fn approve(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<ApproveBody>,
 ) -> ApiResult<Response> {
+    let runner = state.clone();
     let r = blocking(move || {
         let input = ApproveInput {
             notes: b.notes,
@@ -189,6 +192,9 @@ pub async fn approve(
         })
     })
     .await?;
+    if r.status == Status::Approved {
+        execute::spawn(&runner, r.id.clone());
+    }
     Ok(axum::Json(decision_result(&r)).into_response())
 }
 
@@ -228,6 +234,7 @@ pub async fn emergency_bypass(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<BypassBody>,
 ) -> ApiResult<Response> {
+    let runner = state.clone();
     let r = blocking(move || {
         as_decider(&state, &p, |d| {
             Ok(state.approvals.emergency_bypass(
@@ -240,6 +247,9 @@ pub async fn emergency_bypass(
         })
     })
     .await?;
+    if r.status == Status::Approved {
+        execute::spawn(&runner, r.id.clone());
+    }
     Ok(axum::Json(decision_result(&r)).into_response())
 }
 

@@ -11,7 +11,11 @@ use serde::Deserialize;
 
 use super::views::{DryRunsView, MigrationStartedView, SecretValueView, SecretsPage};
 use super::{ApiResult, JsonBody, QueryParams, blocking};
+use super::approvals::accepted;
 use crate::app::AppState;
+use crate::approvals::gate::{Gate, gate};
+use crate::approvals::params::{KeyRotationParams, MigrationRunParams};
+use crate::approvals::OperationParams;
 use crate::auth::{Principal, RequestMeta};
 use crate::encryption::migration::MigrationStore;
 use crate::error::ServiceError;
@@ -37,19 +41,29 @@ pub struct RotateBody {
     force: bool,
 }
 
+/// Gated (`key_rotation`): the admin rotates at once; anyone else holding
+/// `encryption.rotate` or `approvals.request` gets 202 and an approval request
+/// that runs the rotation, as them, once approved.
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
     Extension(meta): Extension<RequestMeta>,
     JsonBody(b): JsonBody<RotateBody>,
 ) -> ApiResult<Response> {
-    let outcome = blocking(move || {
-        Ok(state
-            .keyring
-            .rotate(&p.user_id, meta.ip_string(), &b.reason, b.force)?)
+    blocking(move || {
+        let params = OperationParams::KeyRotation(KeyRotationParams { force: b.force });
+        match gate(&state, &p, &meta, &params, &b.reason)? {
+            Gate::Requested(r) => Ok(accepted(&r)),
+            Gate::Run => Ok(axum::Json(state.keyring.rotate(
+                &p.user_id,
+                meta.ip_string(),
+                &b.reason,
+                b.force,
+            )?)
+            .into_response()),
+        }
     })
-    .await?;
-    Ok(axum::Json(outcome).into_response())
+    .await
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -164,10 +178,20 @@ pub struct MigrationRunBody {
 pub async fn migration_run(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
     JsonBody(b): JsonBody<MigrationRunBody>,
 ) -> ApiResult<Response> {
     let stores = MigrationStore::parse(&b.store).map_err(ServiceError::from)?;
     if b.dry_run {
+        if state.rbac.evaluate(&p.roles, "migration.run").is_none() {
+            // Let through by the gate's approvals.request; a dry run is no request.
+            let m = axum::http::Method::POST;
+            super::deny(&state, &p, "migration.run", &m, "/api/security/migration/run", &meta);
+            return Err(ServiceError::Forbidden {
+                permission: "migration.run".into(),
+            }
+            .into());
+        }
         let v = blocking(move || {
             let mut out = Vec::new();
             for s in stores {
@@ -178,18 +202,29 @@ pub async fn migration_run(
         .await?;
         return Ok(axum::Json(v).into_response());
     }
-    let store = b.store.clone();
-    let job = blocking(move || Ok(state.jobs.start_migration(&b.store, &p.user_id)?)).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(MigrationStartedView {
-            started: true,
-            store,
-            job_id: job.id,
-            kind: job.kind,
-        }),
-    )
-        .into_response())
+    blocking(move || {
+        let params = OperationParams::MigrationRun(MigrationRunParams {
+            store: b.store.clone(),
+        });
+        let reason = format!("re-encryption migration of {}", b.store);
+        match gate(&state, &p, &meta, &params, &reason)? {
+            Gate::Requested(r) => Ok(accepted(&r)),
+            Gate::Run => {
+                let job = state.jobs.start_migration(&b.store, &p.user_id)?;
+                Ok((
+                    StatusCode::ACCEPTED,
+                    axum::Json(MigrationStartedView {
+                        started: true,
+                        store: b.store,
+                        job_id: job.id,
+                        kind: job.kind,
+                    }),
+                )
+                    .into_response())
+            }
+        }
+    })
+    .await
 }
 
 /// A job's state and results.

@@ -45,6 +45,8 @@ mod doc_types {
     pub use crate::auth::users::BulkLockOutcome;
     pub use crate::encryption::migration::MigrationView;
     pub use crate::encryption::{EncryptionHealth, EncryptionStats, KeysView, RotationOutcome};
+    pub use crate::approvals::request::CreatedView;
+    pub use crate::auth::DeletedUser;
     pub use crate::jobs::JobRecord;
     pub use crate::rbac::denials::DenialRow;
     pub use crate::rbac::{CacheStats, CustomRole, PermissionView, RoleView};
@@ -200,6 +202,15 @@ impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S>
     }
 }
 
+/// An optional JSON body: empty (or whitespace) is the default value.
+pub fn optional_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| bad_request(format!("request body is not valid: {e}")))
+}
+
 /// Query parameters; a bad value names its parameter.
 #[derive(Debug)]
 pub struct QueryParams<T>(pub T);
@@ -273,7 +284,8 @@ routes! {
     GET "/api/admin/users" Some("users.read"), "Users (?role=, ?after=, ?limit=) with last_active_at" => admin::list_users, NoBody, [200 UsersPage];
     POST "/api/admin/users" Some("users.manage"), "Create a user: {email, password?, roles}" => admin::create_user, admin::CreateUserBody, [201 UserView];
     GET "/api/admin/users/{id}" Some("users.read"), "One user" => admin::get_user, NoBody, [200 UserView];
-    POST "/api/admin/users/{id}/roles" Some("users.manage"), "Assign a role: {role}" => admin::add_role, admin::AssignRoleBody, [200 UserView];
+    DELETE "/api/admin/users/{id}" Some("users.manage"), "Delete a user, its sessions and API keys: {reason?}; gated (user_delete: 202 unless admin)" => admin::delete_user, Optional<admin::DeleteUserBody>, [200 DeletedUser, 202 CreatedView];
+    POST "/api/admin/users/{id}/roles" Some("users.manage"), "Assign a role: {role, reason?}; a role holding a sensitive permission is gated (privileged_role_grant: 202 unless admin)" => admin::add_role, admin::AssignRoleBody, [200 UserView, 202 CreatedView];
     DELETE "/api/admin/users/{id}/roles/{role}" Some("users.manage"), "Remove a role" => admin::remove_role, NoBody, [200 UserView];
     POST "/api/admin/users/{id}/password" Some("users.manage"), "Set a password: {password}" => admin::set_password, admin::PasswordBody, [204 NoBody];
     POST "/api/admin/users/{id}/disable" Some("users.disable"), "Disable a user: {reason}; effective on the next request" => admin::disable, admin::ReasonBody, [200 UserView];
@@ -285,12 +297,12 @@ routes! {
     GET "/api/admin/users/{id}/sessions" Some("users.read"), "A user's sessions" => admin::sessions, NoBody, [200 UserSessionsView];
     POST "/api/admin/users/{id}/sessions/revoke" Some("sessions.revoke"), "Revoke a user's sessions" => admin::revoke_user_sessions, Optional<admin::RevokeSessionsBody>, [200 RevokedSessionsView];
     POST "/api/admin/users/bulk-lock" Some("users.lock"), "Lock accounts: {emails, duration}" => admin::bulk_lock, admin::BulkLockBody, [200 BulkLockOutcome];
-    POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown)" => admin::revoke_all, NoBody, [200 RevokeAllOutcome];
+    POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown): {reason?}; gated (sessions_revoke_all: 202 unless admin)" => admin::revoke_all, Optional<admin::RevokeAllBody>, [200 RevokeAllOutcome, 202 CreatedView];
     POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP or CIDR network: {ip, duration, reason}" => admin::block_ip, admin::BlockBody, [201 IpBlockView];
     GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks, NoBody, [200 BlocksView];
-    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded)" => admin::unblock_ip, NoBody, [204 NoBody];
+    DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded); gated (ip_unblock, low risk: 202 unless admin)" => admin::unblock_ip, NoBody, [204 NoBody, 202 CreatedView];
     GET "/api/admin/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles, NoBody, [200 Vec<RoleView>];
-    POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description}" => rbac::put_role, rbac::CustomRoleBody, [201 CustomRole];
+    POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description, reason?}; with a sensitive permission gated (custom_role_change: 202 unless admin)" => rbac::put_role, rbac::CustomRoleBody, [201 CustomRole, 202 CreatedView];
     DELETE "/api/admin/roles/{name}" Some("roles.manage"), "Delete a custom role (refused while assigned)" => rbac::delete_role, NoBody, [204 NoBody];
     GET "/api/security/rbac/permissions" Some("rbac.read"), "The permission catalogue (array)" => rbac::permissions, NoBody, [200 Vec<PermissionView>];
     GET "/api/security/rbac/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles, NoBody, [200 Vec<RoleView>];
@@ -303,7 +315,7 @@ routes! {
     GET "/api/security/encryption/health" A, "Key ring health: {status, master_key_loaded, active_key_id, active_keys} (nothing secret)" => encryption::health, NoBody, [200 EncryptionHealth];
     GET "/api/security/encryption/stats" Some("encryption.read"), "Encrypt/decrypt counts and latency percentiles, derivation_latency_p95, decrypts_per_actor (last minute)" => encryption::stats, NoBody, [200 EncryptionStats];
     GET "/api/security/encryption/keys" Some("encryption.read"), "Key ring metadata: {active_count, primary_key_id, keys}" => encryption::keys, NoBody, [200 KeysView];
-    POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}" => encryption::rotate, encryption::RotateBody, [200 RotationOutcome];
+    POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}; gated (key_rotation: 202 unless admin)" => encryption::rotate, encryption::RotateBody, [200 RotationOutcome, 202 CreatedView];
     GET "/api/secrets" Some("secrets.list"), "Secret metadata (?after=, ?limit=); never values" => encryption::list_secrets, NoBody, [200 SecretsPage];
     PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret, encryption::PutSecretBody, [200 SecretView, 201 SecretView];
     GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret, NoBody, [200 SecretValueView];
@@ -318,7 +330,7 @@ routes! {
     POST "/api/security/approvals/{id}/emergency-bypass" Some("self.read"), "Emergency bypass: {reason, incident_id} (security_lead; audited at critical severity)" => approvals::emergency_bypass, approvals::BypassBody, [200 serde_json::Value];
     GET "/api/security/jobs/{id}" Some("migration.read"), "A long operation (migration run): state, stores, per-store results, resumed" => encryption::job, NoBody, [200 JobRecord];
     GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status, NoBody, [200 MigrationView];
-    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once)" => encryption::migration_run, encryption::MigrationRunBody, [200 DryRunsView, 202 MigrationStartedView, 409 ErrorView];
+    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once); gated (migration_run: 202 with an approval request unless admin)" => encryption::migration_run, encryption::MigrationRunBody, [200 DryRunsView, 202 MigrationRunAccepted, 409 ErrorView];
 }
 
 /// Builds the router: each route behind its permission guard, then the IP block
@@ -443,6 +455,20 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
     next.run(req).await
 }
 
+/// Routes whose call is an approval gate (see `approvals::gate`): the path
+/// as the router matched it, without parameters.
+const GATED_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/security/encryption/rotate"),
+    ("POST", "/api/security/migration/run"),
+    ("POST", "/api/admin/sessions/revoke-all"),
+];
+
+fn is_gated(method: &Method, path: &str) -> bool {
+    GATED_ROUTES
+        .iter()
+        .any(|(m, p)| *m == method.as_str() && *p == path)
+}
+
 /// Authenticates the bearer credential and checks the route's permission;
 /// denials are audited and counted.
 async fn guard(
@@ -466,7 +492,15 @@ async fn guard(
     let decision = state
         .rbac
         .check(&principal.user_id, &principal.roles, permission);
-    if !decision.allowed {
+    // A gated route is also open to holders of approvals.request: their call
+    // becomes an approval request (the handler's gate decides), never a run.
+    let asks = !decision.allowed
+        && is_gated(req.method(), req.uri().path())
+        && state
+            .rbac
+            .check(&principal.user_id, &principal.roles, "approvals.request")
+            .allowed;
+    if !decision.allowed && !asks {
         deny(
             &state,
             &principal,
@@ -484,7 +518,7 @@ async fn guard(
     next.run(req).await
 }
 
-fn deny(
+pub(crate) fn deny(
     state: &AppState,
     p: &Principal,
     permission: &str,

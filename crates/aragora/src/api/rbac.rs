@@ -9,8 +9,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::views::{CacheClearedView, CacheWarmupView};
+use super::approvals::accepted;
 use super::{ApiResult, JsonBody, QueryParams, blocking};
 use crate::app::AppState;
+use crate::approvals::OperationParams;
+use crate::approvals::gate::{Gate, gate, is_privileged};
+use crate::approvals::params::CustomRoleParams;
 use crate::auth::{Principal, RequestMeta};
 use crate::rbac::{denials, permission_catalogue};
 
@@ -86,21 +90,40 @@ pub struct CustomRoleBody {
     #[serde(default)]
     description: String,
     permissions: Vec<String>,
+    /// Why (shown to approvers when the role is privileged and waits for
+    /// approval).
+    reason: Option<String>,
 }
 
+/// A custom role with a sensitive permission is gated (`custom_role_change`):
+/// 202 and an approval request unless the caller is an admin.
 pub async fn put_role(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
     Extension(meta): Extension<RequestMeta>,
     JsonBody(b): JsonBody<CustomRoleBody>,
 ) -> ApiResult<Response> {
-    let role = blocking(move || {
-        state
+    blocking(move || {
+        if is_privileged(&b.permissions) {
+            let reason = b
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("define the custom role {}", b.name));
+            let params = OperationParams::CustomRoleChange(CustomRoleParams {
+                name: b.name.clone(),
+                permissions: b.permissions.clone(),
+                description: b.description.clone(),
+            });
+            if let Gate::Requested(r) = gate(&state, &p, &meta, &params, &reason)? {
+                return Ok(accepted(&r));
+            }
+        }
+        let role = state
             .auth
-            .put_role(&p, &b.name, &b.description, b.permissions, &meta)
+            .put_role(&p, &b.name, &b.description, b.permissions, &meta)?;
+        Ok((StatusCode::CREATED, axum::Json(role)).into_response())
     })
-    .await?;
-    Ok((StatusCode::CREATED, axum::Json(role)).into_response())
+    .await
 }
 
 pub async fn delete_role(

@@ -171,6 +171,15 @@ pub struct MigrationStartedView {
     pub kind: JobKind,
 }
 
+/// The 202 of `POST /api/security/migration/run`: the job started (an admin)
+/// or an approval request waits (`migration_run`, anyone else).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum MigrationRunAccepted {
+    Started(MigrationStartedView),
+    AwaitingApproval(crate::approvals::request::CreatedView),
+}
+
 /// Every error body: `{"error": message}`, with what the status needs.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorView {

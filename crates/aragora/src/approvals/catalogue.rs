@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RiskLevel {
     Low,
@@ -58,7 +60,7 @@ impl FromStr for RiskLevel {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
     KeyRotation,
@@ -70,6 +72,7 @@ pub enum Operation {
     CustomRoleChange,
     UserDelete,
     SecretExport,
+    IpUnblock,
 }
 
 /// Who may decide a request besides holding `approvals.approve`.
@@ -179,6 +182,16 @@ pub const CATALOGUE: &[OperationPolicy] = &[
         approver_roles: APPROVERS,
         checklist: &["destination approved", "data owner informed"],
     },
+    OperationPolicy {
+        operation: Operation::IpUnblock,
+        // Undoes a defence, but only lets an address try again under every
+        // other limit; with APPROVAL_AUTO_APPROVE_LOW it runs at once.
+        risk_level: RiskLevel::Low,
+        required_approvals: 1,
+        permission: "ratelimit.manage",
+        approver_roles: APPROVERS,
+        checklist: &["the cause of the block is resolved"],
+    },
 ];
 
 impl Operation {
@@ -193,6 +206,7 @@ impl Operation {
             Self::CustomRoleChange => "custom_role_change",
             Self::UserDelete => "user_delete",
             Self::SecretExport => "secret_export",
+            Self::IpUnblock => "ip_unblock",
         }
     }
 
@@ -260,7 +274,7 @@ mod tests {
             }
             assert_eq!(op.as_str().parse::<Operation>(), Ok(op));
         }
-        assert_eq!(Operation::all().count(), 9);
+        assert_eq!(Operation::all().count(), 10);
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub const MAX_INCIDENT_ID_BYTES: usize = 128;
 pub const MAX_PARAMS_BYTES: usize = 4096;
 pub const MAX_RESULT_BYTES: usize = 8192;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Waiting for decisions.
@@ -80,6 +80,13 @@ pub struct Decision {
 pub struct Execution {
     pub job_id: String,
     pub started_at: i64,
+    /// Until when the runner that started it owns it; after that a runner that
+    /// finds it still executing takes it over (the first runner died).
+    #[serde(default)]
+    pub lease_until: i64,
+    /// How often a runner took it over after the previous one died.
+    #[serde(default)]
+    pub takeovers: u32,
     pub finished_at: Option<i64>,
     /// The operation's own result (bounded), when it ran.
     pub result: Option<serde_json::Value>,
@@ -386,7 +393,7 @@ impl ApprovalRequest {
 
     /// Approved → executing, once: a second call (a concurrent approval, a
     /// restart) finds it executing and does not start the job again.
-    pub fn begin_execution(&mut self, job_id: &str, now_us: i64) -> bool {
+    pub fn begin_execution(&mut self, job_id: &str, now_us: i64, lease_us: i64) -> bool {
         if self.status != Status::Approved {
             return false;
         }
@@ -394,11 +401,48 @@ impl ApprovalRequest {
         self.execution = Some(Execution {
             job_id: job_id.to_owned(),
             started_at: now_us,
+            lease_until: now_us.saturating_add(lease_us),
+            takeovers: 0,
             finished_at: None,
             result: None,
             error: None,
         });
         true
+    }
+
+    /// Executing with an expired lease (its runner died) → owned by a new
+    /// runner; returns the job id of the dead runner's attempt. `known_dead`:
+    /// the caller knows the runner is gone whatever its lease says (the first
+    /// pass after a restart on a store no other process opens).
+    pub fn take_over(
+        &mut self,
+        job_id: &str,
+        now_us: i64,
+        lease_us: i64,
+        known_dead: bool,
+    ) -> Option<String> {
+        if self.status != Status::Executing {
+            return None;
+        }
+        let exec = self.execution.as_mut()?;
+        if exec.lease_until > now_us && !known_dead {
+            return None;
+        }
+        let previous = std::mem::replace(&mut exec.job_id, job_id.to_owned());
+        exec.lease_until = now_us.saturating_add(lease_us);
+        exec.takeovers = exec.takeovers.saturating_add(1);
+        Some(previous)
+    }
+
+    /// Keeps the lease of a long execution (a migration) while it runs.
+    pub fn renew_lease(&mut self, job_id: &str, now_us: i64, lease_us: i64) -> bool {
+        match self.execution.as_mut() {
+            Some(e) if self.status == Status::Executing && e.job_id == job_id => {
+                e.lease_until = now_us.saturating_add(lease_us);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Records how the execution ended. A result larger than the bound is
@@ -412,6 +456,8 @@ impl ApprovalRequest {
         let exec = self.execution.get_or_insert_with(|| Execution {
             job_id: String::new(),
             started_at: now_us,
+            lease_until: now_us,
+            takeovers: 0,
             finished_at: None,
             result: None,
             error: None,
@@ -480,6 +526,8 @@ pub struct ExecutionView {
     pub job_id: String,
     pub started_at: String,
     pub finished_at: Option<String>,
+    /// Runs that died before finishing and were taken over.
+    pub takeovers: u32,
     pub result: Option<serde_json::Value>,
     pub error: Option<String>,
 }
@@ -503,7 +551,7 @@ pub struct RequestView {
 }
 
 /// The 202 body of a gated call or an explicit request.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedView {
     pub approval_id: String,
     pub status: Status,
@@ -561,6 +609,7 @@ impl ApprovalRequest {
                 job_id: e.job_id.clone(),
                 started_at: format_us(e.started_at),
                 finished_at: format_opt(e.finished_at),
+                takeovers: e.takeovers,
                 result: e.result.clone(),
                 error: e.error.clone(),
             }),
@@ -633,8 +682,12 @@ mod tests {
             Ok(Approval::Approved)
         );
         assert_eq!(r.status, Status::Approved);
-        assert!(r.begin_execution("job_1", 11));
-        assert!(!r.begin_execution("job_2", 12), "runs once");
+        assert!(r.begin_execution("job_1", 11, 100));
+        assert!(!r.begin_execution("job_2", 12, 100), "runs once");
+        assert_eq!(r.take_over("job_2", 50, 100, false), None, "the lease holds");
+        assert_eq!(r.take_over("job_2", 111, 100, false).as_deref(), Some("job_1"));
+        assert_eq!(r.take_over("job_3", 112, 100, false), None, "the new lease holds");
+        assert_eq!(r.take_over("job_3", 113, 100, true).as_deref(), Some("job_2"));
         r.finish_execution(Ok(serde_json::json!({"new_key_id": "k2"})), false, 13);
         assert_eq!(r.status, Status::Executed);
         assert_eq!(r.view().execution.expect("execution").job_id, "job_1");
@@ -810,7 +863,7 @@ mod tests {
             })
         );
         r.status = Status::Approved;
-        assert!(r.begin_execution("j", 1));
+        assert!(r.begin_execution("j", 1, 100));
         r.finish_execution(
             Ok(serde_json::json!("x".repeat(MAX_RESULT_BYTES * 2))),
             false,

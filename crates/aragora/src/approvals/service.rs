@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::catalogue::{Operation, RiskLevel};
+use super::params::OperationParams;
 use super::request::{
     Approval, ApprovalRequest, ApproveInput, Decider, MAX_PARAMS_BYTES, MAX_REASON_BYTES,
     PendingView, Refusal, Status,
@@ -171,6 +172,15 @@ pub const EXPIRY_INTERVAL: Duration = Duration::from_secs(15);
 /// Attempts of one compare-and-set decision before giving up.
 const DECIDE_RETRIES: usize = 32;
 
+/// How long a runner owns an execution before another may take it over. The
+/// short operations finish well within it; a migration renews it while its
+/// job runs.
+pub const EXECUTION_LEASE: Duration = Duration::from_secs(60);
+
+fn lease_us() -> i64 {
+    i64::try_from(EXECUTION_LEASE.as_micros()).unwrap_or(i64::MAX)
+}
+
 impl ApprovalService {
     pub fn new(
         store: Arc<dyn Store>,
@@ -215,6 +225,9 @@ impl ApprovalService {
                 "reason is longer than {MAX_REASON_BYTES} bytes"
             )));
         }
+        let params = OperationParams::parse(operation, &params)
+            .map_err(ApprovalError::BadRequest)?
+            .to_value();
         let params_len = serde_json::to_vec(&params).map_or(usize::MAX, |b| b.len());
         if params_len > MAX_PARAMS_BYTES {
             return Err(ApprovalError::BadRequest(format!(
@@ -357,9 +370,33 @@ impl ApprovalService {
         decider: &Decider<'_>,
         ip: Option<String>,
         action: &'static str,
-        mut rule: impl FnMut(&mut ApprovalRequest, i64) -> Result<T, Refusal>,
+        rule: impl FnMut(&mut ApprovalRequest, i64) -> Result<T, Refusal>,
         details: impl Fn(&ApprovalRequest, &T) -> Value,
     ) -> Result<(T, ApprovalRequest), ApprovalError> {
+        match self.apply(id, decider.user_id, ip.clone(), action, rule, details)? {
+            Ok(done) => Ok(done),
+            Err((refusal, r)) => {
+                self.audit_refusal(id, &r, decider, ip, action, &refusal)?;
+                Err(ApprovalError::Refused {
+                    id: id.to_owned(),
+                    refusal,
+                })
+            }
+        }
+    }
+
+    /// The compare-and-set loop under `decide` and the execution steps: a
+    /// refusal is returned with the request as read, not audited.
+    #[allow(clippy::type_complexity)]
+    fn apply<T>(
+        &self,
+        id: &str,
+        actor: &str,
+        ip: Option<String>,
+        action: &'static str,
+        mut rule: impl FnMut(&mut ApprovalRequest, i64) -> Result<T, Refusal>,
+        details: impl Fn(&ApprovalRequest, &T) -> Value,
+    ) -> Result<Result<(T, ApprovalRequest), (Refusal, ApprovalRequest)>, ApprovalError> {
         for _ in 0..DECIDE_RETRIES {
             let Some((version, mut r)) = crate::store::get_json::<ApprovalRequest>(
                 self.store_ref(),
@@ -372,13 +409,7 @@ impl ApprovalService {
             let now = now_us();
             let out = match rule(&mut r, now) {
                 Ok(out) => out,
-                Err(refusal) => {
-                    self.audit_refusal(id, &r, decider, ip, action, &refusal)?;
-                    return Err(ApprovalError::Refused {
-                        id: id.to_owned(),
-                        refusal,
-                    });
-                }
+                Err(refusal) => return Ok(Err((refusal, r))),
             };
             let mut d = details(&r, &out);
             if let Value::Object(m) = &mut d {
@@ -387,7 +418,7 @@ impl ApprovalService {
                 m.insert("risk_level".into(), json!(r.risk_level.as_str()));
                 m.insert("status".into(), json!(r.status.as_str()));
             }
-            let event = AuditEvent::new(action, decider.user_id, Outcome::Success)
+            let event = AuditEvent::new(action, actor, Outcome::Success)
                 .ip(ip.clone())
                 .details(d);
             let op = WriteOp::put_json(
@@ -397,7 +428,7 @@ impl ApprovalService {
                 Expect::Version(version),
             )?;
             match self.audit.record_with(event, vec![op]) {
-                Ok(_) => return Ok((out, r)),
+                Ok(_) => return Ok(Ok((out, r))),
                 Err(RecordError::Ops(e)) if e.is_conflict() => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -529,6 +560,136 @@ impl ApprovalService {
         self.count(&r, "bypassed");
         self.refresh_gauges()?;
         Ok(r)
+    }
+
+    /// Approved → executing under `job_id`, once. `None` when the request is
+    /// not (or no longer) approved: another runner took it, or it was decided
+    /// otherwise. Audited `approval_execution_started`.
+    pub fn begin_execution(
+        &self,
+        id: &str,
+        job_id: &str,
+    ) -> Result<Option<ApprovalRequest>, ApprovalError> {
+        let lease = lease_us();
+        Ok(self
+            .apply(
+                id,
+                "system",
+                None,
+                "approval_execution_started",
+                |r, now| {
+                    if r.begin_execution(job_id, now, lease) {
+                        Ok(())
+                    } else {
+                        Err(Refusal::NotPending(r.status))
+                    }
+                },
+                |r, _| json!({"job_id": job_id, "requester_id": r.requester_id}),
+            )?
+            .ok()
+            .map(|((), r)| r))
+    }
+
+    /// An execution whose runner died (lease expired) → owned by `job_id`;
+    /// returns the request and the dead attempt's job id. Audited
+    /// `approval_execution_taken_over`.
+    pub fn take_over_execution(
+        &self,
+        id: &str,
+        job_id: &str,
+        known_dead: bool,
+    ) -> Result<Option<(ApprovalRequest, String)>, ApprovalError> {
+        let lease = lease_us();
+        Ok(self
+            .apply(
+                id,
+                "system",
+                None,
+                "approval_execution_taken_over",
+                |r, now| {
+                    r.take_over(job_id, now, lease, known_dead)
+                        .ok_or(Refusal::NotPending(r.status))
+                },
+                |_, previous| json!({"job_id": job_id, "previous_job_id": previous}),
+            )?
+            .ok()
+            .map(|(previous, r)| (r, previous)))
+    }
+
+    /// Extends the lease of a long execution still running under `job_id`.
+    pub fn renew_execution_lease(&self, id: &str, job_id: &str) -> Result<bool, ApprovalError> {
+        let lease = lease_us();
+        let renewed = self.store.update(id, |r: &mut ApprovalRequest| {
+            if r.renew_lease(job_id, now_us(), lease) {
+                Ok(())
+            } else {
+                Err(())
+            }
+        });
+        match renewed {
+            Ok(_) => Ok(true),
+            Err(super::store::UpdateError::Refused(())) => Ok(false),
+            Err(super::store::UpdateError::NotFound(id)) => Err(ApprovalError::NotFound(id)),
+            Err(super::store::UpdateError::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// Records the end of the execution run under `job_id` (its result or
+    /// why it failed or was refused), with its audit entry, once; `None` when
+    /// that run no longer owns the request.
+    pub fn finish_execution(
+        &self,
+        id: &str,
+        job_id: &str,
+        outcome: Result<Value, String>,
+        refused: bool,
+    ) -> Result<Option<ApprovalRequest>, ApprovalError> {
+        let action = match (&outcome, refused) {
+            (Ok(_), _) => "approval_executed",
+            (Err(_), true) => "approval_execution_refused",
+            (Err(_), false) => "approval_execution_failed",
+        };
+        let done = self
+            .apply(
+                id,
+                "system",
+                None,
+                action,
+                |r, now| {
+                    let owned = r.status == Status::Executing
+                        && r.execution.as_ref().is_some_and(|e| e.job_id == job_id);
+                    if !owned {
+                        return Err(Refusal::NotPending(r.status));
+                    }
+                    r.finish_execution(outcome.clone(), refused, now);
+                    Ok(())
+                },
+                |r, _| {
+                    let e = r.execution.as_ref();
+                    json!({
+                        "job_id": job_id,
+                        "requester_id": r.requester_id,
+                        "error": e.and_then(|e| e.error.clone()),
+                        "severity": if r.status == Status::Executed { "info" } else { "high" },
+                    })
+                },
+            )?
+            .ok()
+            .map(|((), r)| r);
+        if let Some(r) = &done {
+            self.count(r, r.status.as_str());
+        }
+        Ok(done)
+    }
+
+    /// Requests an executor must act on: approved and not started, or
+    /// executing (the executor checks the lease or the job behind it).
+    pub fn awaiting_execution(&self) -> Result<Vec<ApprovalRequest>, ApprovalError> {
+        Ok(self
+            .open_requests(now_us())?
+            .into_iter()
+            .filter(|r| matches!(r.status, Status::Approved | Status::Executing))
+            .collect())
     }
 
     /// Marks every pending request past its time expired (audited
@@ -712,7 +873,7 @@ mod tests {
             .request(
                 &who("u_op"),
                 Operation::KeyRotation,
-                json!({"reason": "quarterly"}),
+                json!({"force": false}),
                 "quarterly rotation",
             )
             .expect("request");
@@ -864,25 +1025,25 @@ mod tests {
         });
         for _ in 0..3 {
             f.svc
-                .request(&who("u_a"), Operation::MigrationRun, json!({}), "r")
+                .request(&who("u_a"), Operation::MigrationRun, json!({"store": "all"}), "r")
                 .expect("request");
         }
         let e = f
             .svc
-            .request(&who("u_a"), Operation::MigrationRun, json!({}), "r")
+            .request(&who("u_a"), Operation::MigrationRun, json!({"store": "all"}), "r")
             .expect_err("per requester");
         assert!(e.to_string().contains("limit 3"), "{e}");
         for _ in 0..2 {
             f.svc
-                .request(&who("u_b"), Operation::MigrationRun, json!({}), "r")
+                .request(&who("u_b"), Operation::MigrationRun, json!({"store": "all"}), "r")
                 .expect("request");
         }
         let e = f
             .svc
-            .request(&who("u_c"), Operation::MigrationRun, json!({}), "r")
+            .request(&who("u_c"), Operation::MigrationRun, json!({"store": "all"}), "r")
             .expect_err("in all");
         assert!(e.to_string().contains("limit 5"), "{e}");
-        let big = json!({"x": "y".repeat(MAX_PARAMS_BYTES)});
+        let big = json!({"store": "y".repeat(MAX_PARAMS_BYTES)});
         assert!(matches!(
             f.svc
                 .request(&who("u_d"), Operation::MigrationRun, big, "r"),
