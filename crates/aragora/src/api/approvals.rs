@@ -294,3 +294,58 @@ pub async fn eligible_approvers(
     .await?;
     Ok(axum::Json(out).into_response())
 }
+
+/// How long the requester of an approved export may download it.
+pub const EXPORT_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `GET /api/security/approvals/{id}/export`: the values of an approved
+/// `secret_export`, for its requester only, within `EXPORT_WINDOW` of the
+/// approval running; each read is authorized as the requester is now and
+/// audited as `secret_access`.
+pub async fn export(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    blocking(move || {
+        let r = state.approvals.get(&id)?;
+        if r.operation != Operation::SecretExport {
+            return Err(ServiceError::BadRequest(format!(
+                "approval request {id} is a {}, not a secret_export",
+                r.operation
+            )));
+        }
+        if r.requester_id != p.user_id {
+            return Err(ServiceError::Forbidden {
+                permission: format!("the requester of {id} (only they download its export)"),
+            });
+        }
+        let finished = r.execution.as_ref().and_then(|e| e.finished_at);
+        let (Status::Executed, Some(finished)) = (r.status, finished) else {
+            return Err(ServiceError::Conflict(format!(
+                "approval request {id} is {}; its export is available once executed",
+                r.status.as_str()
+            )));
+        };
+        let window = i64::try_from(EXPORT_WINDOW.as_micros()).unwrap_or(i64::MAX);
+        if crate::clock::now_us() > finished.saturating_add(window) {
+            return Err(ServiceError::Conflict(format!(
+                "the download window of {id} closed at {}; request the export again",
+                crate::clock::format_us(finished.saturating_add(window))
+            )));
+        }
+        let OperationParams::SecretExport(e) = OperationParams::parse(r.operation, &r.params)
+            .map_err(ServiceError::BadRequest)?
+        else {
+            return Err(ServiceError::Internal("export params".into()));
+        };
+        let secrets = super::encryption::read_export(&state, &p, &e.ids, &meta)?;
+        Ok(axum::Json(super::encryption::SecretExportView {
+            approval_id: Some(id),
+            secrets,
+        })
+        .into_response())
+    })
+    .await
+}

@@ -7,7 +7,7 @@ use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::views::{DryRunsView, MigrationStartedView, SecretValueView, SecretsPage};
 use super::{ApiResult, JsonBody, QueryParams, blocking};
@@ -15,7 +15,7 @@ use super::approvals::accepted;
 use crate::app::AppState;
 use crate::approvals::gate::{Gate, gate};
 use crate::approvals::params::{KeyRotationParams, MigrationRunParams};
-use crate::approvals::OperationParams;
+use crate::approvals::{Operation, OperationParams};
 use crate::auth::{Principal, RequestMeta};
 use crate::encryption::migration::MigrationStore;
 use crate::error::ServiceError;
@@ -123,6 +123,69 @@ pub async fn delete_secret(
 ) -> ApiResult<Response> {
     blocking(move || state.secrets.delete(&p, &id, &meta)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportBody {
+    ids: Vec<String>,
+    reason: String,
+}
+
+/// Several secrets' values at once: the admin's call, or an approved
+/// `secret_export` downloaded by its requester.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SecretExportView {
+    /// The approval request the export ran under (none for the admin's call).
+    pub approval_id: Option<String>,
+    pub secrets: Vec<SecretValueView>,
+}
+
+/// Reads every secret of an export as `p` (each read authorized and audited
+/// as `secret_access`, like `GET /api/secrets/{id}`).
+pub(crate) fn read_export(
+    state: &AppState,
+    p: &Principal,
+    ids: &[String],
+    meta: &RequestMeta,
+) -> Result<Vec<SecretValueView>, ServiceError> {
+    ids.iter()
+        .map(|id| {
+            let (secret, value) = state.secrets.get(p, id, meta)?;
+            Ok(SecretValueView { secret, value })
+        })
+        .collect()
+}
+
+/// Gated (`secret_export`): the admin gets the values at once; anyone else
+/// gets 202, and once approved downloads them with
+/// `GET /api/security/approvals/{id}/export`.
+pub async fn export_secrets(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(b): JsonBody<ExportBody>,
+) -> ApiResult<Response> {
+    blocking(move || {
+        let params =
+            OperationParams::parse(Operation::SecretExport, &serde_json::json!({"ids": b.ids}))
+                .map_err(ServiceError::BadRequest)?;
+        match gate(&state, &p, &meta, &params, &b.reason)? {
+            Gate::Requested(r) => Ok(accepted(&r)),
+            Gate::Run => {
+                let OperationParams::SecretExport(e) = params else {
+                    return Err(ServiceError::Internal("export params".into()));
+                };
+                let secrets = read_export(&state, &p, &e.ids, &meta)?;
+                Ok(axum::Json(SecretExportView {
+                    approval_id: None,
+                    secrets,
+                })
+                .into_response())
+            }
+        }
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]

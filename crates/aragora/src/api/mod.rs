@@ -320,10 +320,12 @@ routes! {
     PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret, encryption::PutSecretBody, [200 SecretView, 201 SecretView];
     GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret, NoBody, [200 SecretValueView];
     DELETE "/api/secrets/{*id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret, NoBody, [204 NoBody];
+    POST "/api/security/secrets/export" Some("secrets.read"), "Export several secrets' values: {ids (at most 100), reason}; gated (secret_export: 202 unless admin)" => encryption::export_secrets, encryption::ExportBody, [200 encryption::SecretExportView, 202 CreatedView];
     POST "/api/security/approvals" Some("approvals.request"), "Request a gated operation: {operation, params, reason} -> 202 {approval_id, status, operation, risk_level, expires_at}" => approvals::create, approvals::RequestBody, [202 serde_json::Value];
     GET "/api/security/approvals" Some("approvals.read"), "Approval requests, newest first (?status=, ?operation=, ?before=, ?limit=)" => approvals::history, NoBody, [200 serde_json::Value];
     GET "/api/security/approvals/pending" Some("approvals.read"), "Pending approval requests, oldest first (?risk_level=): array of {id, operation, risk_level, requested_at, requester_id, reason, checklist, approvals, required_approvals, expires_at}" => approvals::pending, NoBody, [200 serde_json::Value];
     GET "/api/security/approvals/{id}" Some("approvals.read"), "One approval request, any status, with decisions and result" => approvals::get, NoBody, [200 serde_json::Value];
+    GET "/api/security/approvals/{id}/export" Some("self.read"), "The values of an approved secret_export, for its requester, within an hour of it running (each read audited as secret_access)" => approvals::export, NoBody, [200 encryption::SecretExportView];
     GET "/api/security/approvals/{id}/eligible-approvers" Some("approvals.read"), "Who may decide: array of {id, email, roles, last_active_at}" => approvals::eligible_approvers, NoBody, [200 serde_json::Value];
     POST "/api/security/approvals/{id}/approve" Some("self.read"), "Approve: {notes?, reason?, checklist_confirmed?, bypass_checklist? (admin)}; eligible approvers only, never the requester" => approvals::approve, approvals::ApproveBody, [200 serde_json::Value];
     POST "/api/security/approvals/{id}/reject" Some("self.read"), "Reject: {reason} (required)" => approvals::reject, approvals::RejectBody, [200 serde_json::Value];
@@ -461,6 +463,7 @@ const GATED_ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/security/encryption/rotate"),
     ("POST", "/api/security/migration/run"),
     ("POST", "/api/admin/sessions/revoke-all"),
+    ("POST", "/api/security/secrets/export"),
 ];
 
 fn is_gated(method: &Method, path: &str) -> bool {
