@@ -40,16 +40,17 @@ struct NextPage<'a> {
 }
 
 /// The RFC 8288 `Link` to the page after `last_id`, with the same filter and
-/// page size (query values URL-encoded, so a role name cannot break the header).
+/// page size. Query values are URL-encoded, so the caller's `role` cannot break
+/// out of the header; the errors are for that input, should encoding ever fail.
 fn next_link(role: Option<&str>, last_id: &str, limit: usize) -> ApiResult<HeaderValue> {
     let query = serde_urlencoded::to_string(NextPage {
         role,
         after: last_id,
         limit,
     })
-    .map_err(|e| super::bad_request(format!("query string is not valid: {e}")))?;
+    .map_err(|e| super::bad_request(format!("role: cannot be encoded: {e}")))?;
     HeaderValue::from_str(&format!("</api/admin/users?{query}>; rel=\"next\""))
-        .map_err(|e| super::bad_request(format!("query string is not valid: {e}")))
+        .map_err(|e| super::bad_request(format!("role: cannot be encoded: {e}")))
 }
 
 /// `GET /api/admin/users?role=&limit=&after=`: a top-level array (the runbook
