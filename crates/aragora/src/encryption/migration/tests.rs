@@ -1,8 +1,12 @@
 use std::path::Path;
+use std::sync::Arc;
 
 use super::*;
 use crate::auth::{Credential, Principal, RequestMeta};
+use crate::clock::format_us;
+use crate::crypto;
 use crate::secrets::SecretRecord;
+use crate::store::{Collection, Durability, Expect, ListQuery, WriteOp, get_json};
 
 use crate::encryption::tests::{Fixture, open as open_ring};
 
