@@ -55,7 +55,7 @@ pub(super) fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError
     })
 }
 
-fn principal() -> Principal {
+pub(super) fn principal() -> Principal {
     Principal {
         user_id: "u-1".into(),
         email: "u@example.com".into(),

@@ -2,13 +2,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::*;
-use crate::auth::{Credential, Principal, RequestMeta};
+use crate::auth::RequestMeta;
 use crate::clock::format_us;
 use crate::crypto;
 use crate::secrets::SecretRecord;
 use crate::store::{Collection, Durability, Expect, ListQuery, WriteOp, get_json};
 
-use crate::encryption::tests::{Fixture, open as open_ring};
+use crate::encryption::tests::{Fixture, open as open_ring, principal};
 
 fn open(dir: &Path) -> Fixture {
     open_ring(dir, [1; 32]).expect("key ring")
@@ -26,15 +26,6 @@ fn migrator(f: &Fixture, batch_size: usize, stop_after_batches: Option<u64>) -> 
             faults: Default::default(),
         },
     )
-}
-
-fn principal() -> Principal {
-    Principal {
-        user_id: "u-1".into(),
-        email: "u@example.com".into(),
-        roles: vec!["admin".into()],
-        credential: Credential::ApiKey { key_id: "k".into() },
-    }
 }
 
 fn value(i: usize) -> String {
