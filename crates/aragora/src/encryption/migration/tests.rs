@@ -437,6 +437,30 @@ fn a_stopped_migration_starts_over_after_another_rotation() {
     assert_all_under(&f, 300, &newest);
 }
 
+#[test]
+fn the_stored_state_stays_one_flat_record_that_reads_back_as_written() {
+    // A progress record as stored before the state embedded its view: one
+    // flat object, `started_at_us` among the view's fields.
+    let stored = serde_json::json!({
+        "state": "running", "store": "secrets", "target_key_id": "dk-v2-00000000",
+        "cursor": "s-00099", "total": 300, "migrated": 90, "already_current": 5,
+        "failed": 1, "skipped": 4,
+        "failed_records": [{"record_id": "s-00007", "store": "secrets", "error": "bad"}],
+        "skipped_records": ["s-00001"], "started_at": "2026-01-01T00:00:00Z",
+        "started_at_us": 1_767_225_600_000_000_i64, "finished_at": null,
+        "updated_at": "2026-01-01T00:00:01Z", "resumed": 2
+    });
+    let st: MigrationState = serde_json::from_value(stored.clone()).expect("reads");
+    assert_eq!((st.migrated, st.resumed), (90, 2));
+    assert_eq!(st.started_at_us, Some(1_767_225_600_000_000));
+    assert_eq!(st.failed_records[0].record_id, "s-00007");
+    assert_eq!(j(&st), stored);
+    // The view is the state without what only the runner needs.
+    let mut view = stored;
+    view.as_object_mut().map(|o| o.remove("started_at_us"));
+    assert_eq!(j(st.view()), view);
+}
+
 /// A view as the JSON it is served as.
 fn j<T: serde::Serialize>(v: T) -> serde_json::Value {
     serde_json::to_value(v).expect("view serializes")
