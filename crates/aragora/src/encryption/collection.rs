@@ -50,7 +50,7 @@ pub trait EncryptedCollection: Send + Sync + fmt::Debug {
 /// first short page, or at the first error. Every scan of an encrypted
 /// collection (key usage, dry run, counting, the migration itself) pages the
 /// same way, so a record added behind the cursor is never read twice.
-pub(crate) fn for_each_page<E: From<StoreError>>(
+pub(super) fn for_each_page<E: From<StoreError>>(
     store: &dyn Store,
     collection: Collection,
     after: Option<&str>,
@@ -73,7 +73,7 @@ pub(crate) fn for_each_page<E: From<StoreError>>(
 }
 
 /// [`for_each_page`] from the start, one record at a time.
-pub(crate) fn for_each_stored(
+pub(super) fn for_each_stored(
     store: &dyn Store,
     collection: Collection,
     page_size: usize,
