@@ -63,6 +63,17 @@ impl Response {
             .get(&name.to_ascii_lowercase())
             .map(String::as_str)
     }
+
+    /// The target of the `Link: <...>; rel="next"` header (RFC 8288), if any.
+    pub fn next_link(&self) -> Option<String> {
+        self.header("link")?.split(',').find_map(|link| {
+            let (target, params) = link.trim().strip_prefix('<')?.split_once('>')?;
+            params
+                .split(';')
+                .any(|p| matches!(p.trim(), "rel=\"next\"" | "rel=next"))
+                .then(|| target.to_string())
+        })
+    }
 }
 
 /// A request being built: method, path (with its query), headers, body.

@@ -469,6 +469,24 @@ impl Server {
         r.json()["id"].as_str().expect("id").to_string()
     }
 
+    /// Every page of a listing that paginates with `Link: <...>; rel="next"`
+    /// (`GET /api/admin/users`), from `path`: the pages' arrays, in order.
+    pub fn pages(&self, path: &str, token: &str) -> Vec<Vec<Value>> {
+        let mut pages = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(path) = next.take() {
+            let r = self.get(&path, token);
+            assert_eq!(r.status, 200, "{path}: {}", r.body);
+            let page = r.json().as_array().cloned().unwrap_or_else(|| {
+                panic!("{path}: not a top-level array: {}", r.body);
+            });
+            next = r.next_link();
+            assert!(pages.len() < 10_000, "{path}: the Link chain does not end");
+            pages.push(page);
+        }
+        pages
+    }
+
     /// Logs in; returns the access token.
     pub fn login(&self, email: &str, password: &str) -> String {
         let r = self.send(

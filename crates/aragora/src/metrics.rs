@@ -221,11 +221,8 @@ impl Metrics {
                 "requested",
             ]);
         }
-        for store in crate::encryption::migration::MigrationStore::ALL {
-            self.migration_errors.with_label_values(&[store.name()]);
-            self.migration_records
-                .with_label_values(&[store.name(), "migrated"]);
-        }
+        // The migration's series are created by the migration
+        // (`encryption::migration::register_metrics`): it owns the store names.
         for outcome in ["ok", "failed"] {
             self.tls_certificate_reloads.with_label_values(&[outcome]);
         }

@@ -981,8 +981,8 @@ fn run_bad_input(sc: &mut Scenario) {
     sc.step("refused_requests_create_no_user_and_no_block", || {
         let r = s.get("/api/admin/users", &admin);
         assert_eq!(
-            r.json()["count"],
-            1,
+            r.json().as_array().map(Vec::len),
+            Some(1),
             "refused requests created users: {}",
             r.body
         );

@@ -1,7 +1,8 @@
 //! Conformance: runs every ```bash block of our runbook edition
 //! (docs/runbooks/aragora-security-operations.md) with bash, curl and jq against
 //! the real server, after creating the situation each block investigates (failed
-//! logins, denials, a suspicious user). Every block must exit 0 and print
+//! logins, denials, a suspicious user, approval requests waiting for decisions
+//! and an unauthorized approval attempt). Every block must exit 0 and print
 //! something; then the effects the resolution blocks promise are checked.
 
 use std::path::Path;
@@ -99,7 +100,7 @@ fn runbook_commands_work_against_the_real_server() {
         .expect("runbook edition");
     let blocks = bash_blocks(&doc);
     assert!(
-        blocks.len() >= 24,
+        blocks.len() >= 35,
         "found only {} bash blocks",
         blocks.len()
     );
@@ -182,6 +183,69 @@ fn runbook_commands_work_against_the_real_server() {
         let r = server.get(&format!("/api/secrets/{id}"), &alice_token);
         assert_eq!(r.status, 200, "{}", r.body);
     }
+    // Section 3: an operator's approval requests waiting for decisions (one per
+    // decision the runbook shows: they are alternatives), an approver and a
+    // security lead to decide them (API keys: they outlive revoke-all), and
+    // mallory trying to approve one she may not.
+    let operator = server.create_user(&admin, "operator@example.com", PASSWORD, &["operator"]);
+    let approver = server.create_user(&admin, "approver@example.com", PASSWORD, &["approver"]);
+    let lead = server.create_user(&admin, "lead@example.com", PASSWORD, &["security_lead"]);
+    let api_key = |user: &str| {
+        let r = server.post(
+            &format!("/api/admin/users/{user}/api-keys"),
+            &admin,
+            &json!({"name": "on-call"}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["token"].as_str().expect("token").to_string()
+    };
+    let (operator_key, approver_key, lead_key) =
+        (api_key(&operator), api_key(&approver), api_key(&lead));
+    // The approver has been active (the availability check reads it).
+    assert_eq!(server.get("/api/auth/me", &approver_key).status, 200);
+    let request_approval = |operation: &str, reason: &str| {
+        let r = server.post(
+            "/api/security/approvals",
+            &operator_key,
+            &json!({"operation": operation, "params": {}, "reason": reason}),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.json()["status"], "pending", "{}", r.body);
+        r.json()["approval_id"]
+            .as_str()
+            .expect("approval_id")
+            .to_string()
+    };
+    let by_admin = request_approval("sessions_revoke_all", "incident INC-12345: stolen sessions");
+    let to_approve = request_approval("sessions_revoke_all", "incident INC-12346: stolen sessions");
+    let to_reject = request_approval("sessions_revoke_all", "incident INC-12347: stolen sessions");
+    let to_bypass = request_approval("master_key_rotation", "master key exposed in a log");
+    for (token, why) in [
+        (&mallory_token, "not_eligible"),
+        (&operator_key, "own_request"),
+    ] {
+        let r = server.post(
+            &format!("/api/security/approvals/{to_approve}/approve"),
+            token,
+            &json!({"notes": "lgtm"}),
+        );
+        assert_eq!(r.status, 403, "{why}: {}", r.body);
+    }
+    let approval_of = |block: &str| {
+        if block.contains("bypass_checklist") {
+            &by_admin
+        } else if block.contains("/reject") {
+            &to_reject
+        } else if block.contains("/emergency-bypass") {
+            &to_bypass
+        } else {
+            &to_approve
+        }
+    };
+
+    // Section 3's investigation checks below, each of which must meet its block.
+    let mut approval_checks = std::collections::BTreeSet::new();
+
     // `aragora ...` in a block runs the binary under test with the server's env.
     let bin_dir = server.bin.parent().expect("binary dir").to_path_buf();
     let path = format!(
@@ -206,6 +270,9 @@ fn runbook_commands_work_against_the_real_server() {
             .env("ADMIN_TOKEN", token)
             .env("USER_ID", &mallory)
             .env("ACTOR_ID", &mallory)
+            .env("APPROVAL_ID", approval_of(block))
+            .env("APPROVER_TOKEN", &approver_key)
+            .env("SECURITY_LEAD_TOKEN", &lead_key)
             .env("PATH", &path)
             .env("ARAGORA_DATA_DIR", &target.data_dir)
             .envs(target.env.iter().map(|(k, v)| (k, v)))
@@ -266,6 +333,58 @@ fn runbook_commands_work_against_the_real_server() {
                 "the recovered admin acts and the recovery is audited:\n{stdout}"
             );
         }
+        if block.contains("{id, operation, risk_level, requested_at, requester_id}") {
+            approval_checks.insert("{id, operation, risk_level, requested_at, requester_id}");
+            for id in [&by_admin, &to_approve, &to_reject, &to_bypass, &operator] {
+                assert!(
+                    stdout.contains(id.as_str()),
+                    "pending lists {id}:\n{stdout}"
+                );
+            }
+            // The queue age: numbers, not null (requested_at parsed by fromdateiso8601).
+            assert!(
+                stdout.contains("\"oldest_minutes\": ") && !stdout.contains("null"),
+                "queue age and the approver's last activity:\n{stdout}"
+            );
+            // The approver availability check: the one approver, active.
+            let active: Vec<&str> = stdout
+                .lines()
+                .filter(|l| l.starts_with("\"20") && l.ends_with("Z\""))
+                .collect();
+            assert_eq!(active.len(), 1, "approvers' last_active_at:\n{stdout}");
+        }
+        if block.contains("risk_level=critical") {
+            approval_checks.insert("risk_level=critical");
+            for id in [&to_approve, &to_reject, &to_bypass] {
+                assert!(
+                    stdout.contains(id.as_str()),
+                    "critical pending lists {id}:\n{stdout}"
+                );
+            }
+            assert!(
+                !stdout.contains(by_admin.as_str()),
+                "the request the admin approved is no longer pending:\n{stdout}"
+            );
+            assert!(
+                stdout.contains("approver@example.com")
+                    && stdout.contains("lead@example.com")
+                    && !stdout.contains("operator@example.com"),
+                "eligible approvers, never the requester:\n{stdout}"
+            );
+        }
+        if block.contains("action=unauthorized_approval") {
+            approval_checks.insert("action=unauthorized_approval");
+            assert!(
+                stdout.contains(&mallory)
+                    && stdout.contains(&to_approve)
+                    && stdout.contains("not_eligible")
+                    && stdout.contains(&operator)
+                    && stdout.contains("own_request")
+                    && stdout.contains("\"ip\": \"")
+                    && !stdout.contains("\"ip\": null"),
+                "the refused attempts with their address and details:\n{stdout}"
+            );
+        }
         if block.contains("{permission, role, count}") {
             assert!(
                 stdout.contains("audit.read") && stdout.contains("viewer"),
@@ -273,6 +392,73 @@ fn runbook_commands_work_against_the_real_server() {
             );
         }
     }
+
+    assert_eq!(
+        approval_checks.len(),
+        3,
+        "Section 3 blocks checked: {approval_checks:?}"
+    );
+    // Section 3's decisions took effect, each recorded as the runbook says.
+    let approval = |id: &str| {
+        let r = server.get(&format!("/api/security/approvals/{id}"), &admin);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    // Approved, or past approval (running or run) once execution picks it up.
+    let approved = |v: &aragora_testkit::Value| {
+        matches!(
+            v["status"].as_str(),
+            Some("approved" | "executing" | "executed" | "failed" | "refused")
+        )
+    };
+    let r = approval(&by_admin);
+    let d = &r["decisions"][0];
+    assert!(approved(&r), "{r}");
+    assert_eq!(
+        (&d["kind"], &d["bypass_checklist"], &d["reason"]),
+        (
+            &json!("approve"),
+            &json!(true),
+            &json!("Emergency override per runbook")
+        ),
+        "{r}"
+    );
+    let r = approval(&to_approve);
+    let d = &r["decisions"][0];
+    assert!(approved(&r), "{r}");
+    assert_eq!(d["approver_id"], approver.as_str(), "{r}");
+    assert_eq!(d["notes"], "Approved per escalation procedure", "{r}");
+    assert_eq!(d["checklist_confirmed"], r["checklist"], "{r}");
+    let r = approval(&to_reject);
+    assert_eq!(r["status"], "rejected", "{r}");
+    assert_eq!(
+        r["decisions"][0]["reason"], "Operation timed out, user should retry",
+        "{r}"
+    );
+    let r = approval(&to_bypass);
+    let d = &r["decisions"][0];
+    assert!(approved(&r), "bypassed without the two approvals: {r}");
+    assert_eq!(
+        (&d["kind"], &d["approver_id"], &d["incident_id"]),
+        (
+            &json!("emergency_bypass"),
+            &json!(lead),
+            &json!("INC-12345")
+        ),
+        "{r}"
+    );
+    let bypasses = server.audit(&admin, "approval_emergency_bypass");
+    assert!(
+        bypasses
+            .iter()
+            .any(|e| e["details"]["approval_id"] == to_bypass.as_str()
+                && e["details"]["severity"] == "critical"),
+        "{bypasses:?}"
+    );
+    assert!(
+        server.metric("aragora_approval_unauthorized_attempts_total") >= 2.0,
+        "the refused attempts are counted"
+    );
 
     // The resolutions took effect: mallory's keys were revoked and the account
     // disabled, the IPs are blocked, the targets are locked, every session revoked.

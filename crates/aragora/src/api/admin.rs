@@ -4,14 +4,13 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::auth::{KeyBody, created_key};
 use super::views::{
     BlocksView, RevokedKeysView, RevokedSessionsView, UserPermissionsView, UserSessionsView,
-    UsersPage,
 };
 use super::approvals::accepted;
 use super::{ApiResult, JsonBody, QueryParams, blocking, hashing, optional_body};
@@ -22,8 +21,11 @@ use crate::approvals::params::{IpUnblockParams, RoleGrantParams, UserDeleteParam
 use crate::auth::{Principal, RequestMeta};
 use crate::clock::now_us;
 
-/// Users returned by one page of `GET /api/admin/users`.
+/// Users returned by one page of `GET /api/admin/users` at most, and by default.
 const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 100;
+/// User ids are `usr_` and hex; anything longer than this is not a cursor.
+const MAX_AFTER_LEN: usize = 128;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,20 +35,66 @@ pub struct ListUsersQuery {
     limit: Option<usize>,
 }
 
+#[derive(serde::Serialize)]
+struct NextPage<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+    after: &'a str,
+    limit: usize,
+}
+
+/// The RFC 8288 `Link` to the page after `last_id`, with the same filter and
+/// page size. Query values are URL-encoded, so the caller's `role` cannot break
+/// out of the header; the errors are for that input, should encoding ever fail.
+fn next_link(role: Option<&str>, last_id: &str, limit: usize) -> ApiResult<HeaderValue> {
+    let query = serde_urlencoded::to_string(NextPage {
+        role,
+        after: last_id,
+        limit,
+    })
+    .map_err(|e| super::bad_request(format!("role: cannot be encoded: {e}")))?;
+    HeaderValue::from_str(&format!("</api/admin/users?{query}>; rel=\"next\""))
+        .map_err(|e| super::bad_request(format!("role: cannot be encoded: {e}")))
+}
+
+/// `GET /api/admin/users?role=&limit=&after=`: a top-level array (the runbook
+/// reads `.[].last_active_at`) in id order; a `Link: <...>; rel="next"` header
+/// when more users follow, absent on the last page.
 pub async fn list_users(
     State(state): State<Arc<AppState>>,
     QueryParams(q): QueryParams<ListUsersQuery>,
 ) -> ApiResult<Response> {
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let (users, next) = state
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(super::bad_request(format!(
+            "limit: must be 1 to {MAX_PAGE}"
+        )));
+    }
+    if let Some(after) = q.after.as_deref() {
+        let valid = !after.is_empty()
+            && after.len() <= MAX_AFTER_LEN
+            && after
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(super::bad_request(
+                "after: not a user id (the id of the last user of the previous page)",
+            ));
+        }
+    }
+    // One more than the page: the service cannot tell a full last page from a
+    // page with more behind it, and a Link to an empty page would be a lie.
+    let (mut users, _) = state
         .auth
-        .list_users(q.role.as_deref(), q.after.as_deref(), limit)?;
-    Ok(axum::Json(UsersPage {
-        count: users.len(),
-        users,
-        next_after: next,
-    })
-    .into_response())
+        .list_users(q.role.as_deref(), q.after.as_deref(), limit + 1)?;
+    let more = users.len() > limit;
+    users.truncate(limit);
+    let mut response = axum::Json(users.as_slice()).into_response();
+    if let (true, Some(last)) = (more, users.last()) {
+        let link = next_link(q.role.as_deref(), &last.id, limit)?;
+        response.headers_mut().insert(header::LINK, link);
+    }
+    Ok(response)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

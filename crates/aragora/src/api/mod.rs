@@ -281,7 +281,7 @@ routes! {
     GET "/api/auth/api-keys" Some("self.read"), "The caller's API keys (metadata)" => auth::list_keys, NoBody, [200 ApiKeysView];
     POST "/api/auth/api-keys" Some("self.api_keys"), "Create an API key for the caller: {name} -> {token} (shown once)" => auth::create_key, auth::KeyBody, [201 CreatedKeyView];
     DELETE "/api/auth/api-keys/{key_id}" Some("self.api_keys"), "Revoke one of the caller's API keys" => auth::revoke_key, NoBody, [200 RevokedIdsView];
-    GET "/api/admin/users" Some("users.read"), "Users (?role=, ?after=, ?limit=) with last_active_at" => admin::list_users, NoBody, [200 UsersPage];
+    GET "/api/admin/users" Some("users.read"), "Users with last_active_at, a top-level array in id order (?role=, ?limit= 1-1000, default 100, ?after=ID); Link: </api/admin/users?...&after=ID&limit=N>; rel=\"next\" when more follow" => admin::list_users, NoBody, [200 Vec<UserView>];
     POST "/api/admin/users" Some("users.manage"), "Create a user: {email, password?, roles}" => admin::create_user, admin::CreateUserBody, [201 UserView];
     GET "/api/admin/users/{id}" Some("users.read"), "One user" => admin::get_user, NoBody, [200 UserView];
     DELETE "/api/admin/users/{id}" Some("users.manage"), "Delete a user, its sessions and API keys: {reason?}; gated (user_delete: 202 unless admin)" => admin::delete_user, Optional<admin::DeleteUserBody>, [200 DeletedUser, 202 CreatedView];

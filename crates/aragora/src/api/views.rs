@@ -73,15 +73,6 @@ pub struct RevokedIdsView {
     pub revoked: Vec<String>,
 }
 
-/// One page of `GET /api/admin/users`.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct UsersPage {
-    pub users: Vec<UserView>,
-    pub count: usize,
-    /// Pass as `after` for the next page; absent on the last page.
-    pub next_after: Option<String>,
-}
-
 /// `POST /api/admin/users/{id}/revoke-keys`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct RevokedKeysView {

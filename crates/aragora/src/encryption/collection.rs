@@ -9,7 +9,8 @@ use std::marker::PhantomData;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::Collection;
+use crate::crypto::{self, EnvelopeHeader};
+use crate::store::{Collection, ListQuery, Record, Store, StoreError};
 
 /// A stored record type that carries an envelope.
 pub trait Enveloped: Serialize + DeserializeOwned + Clone {
@@ -35,6 +36,55 @@ pub trait EncryptedCollection: Send + Sync + fmt::Debug {
         key_id: &str,
         key_version: u32,
     ) -> Result<Vec<u8>, String>;
+
+    /// The header of a stored record's envelope: which key encrypts it,
+    /// read without decrypting.
+    fn header(&self, value: &[u8]) -> Result<EnvelopeHeader, String> {
+        let envelope = self.envelope(value)?;
+        crypto::parse_header(&envelope).map_err(|e| e.to_string())
+    }
+}
+
+/// Reads `collection` in id order, `page_size` records at a time, starting
+/// after the id `after`, and hands each non-empty page to `f`. Stops after the
+/// first short page, or at the first error. Every scan of an encrypted
+/// collection (key usage, dry run, counting, the migration itself) pages the
+/// same way, so a record added behind the cursor is never read twice.
+pub(super) fn for_each_page<E: From<StoreError>>(
+    store: &dyn Store,
+    collection: Collection,
+    after: Option<&str>,
+    page_size: usize,
+    mut f: impl FnMut(Vec<(String, Record)>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut after = after.map(str::to_string);
+    loop {
+        let page = store.list(collection, &ListQuery::after(after.as_deref(), page_size))?;
+        let n = page.len();
+        let Some(last) = page.last().map(|(id, _)| id.clone()) else {
+            return Ok(());
+        };
+        f(page)?;
+        if n < page_size {
+            return Ok(());
+        }
+        after = Some(last);
+    }
+}
+
+/// [`for_each_page`] from the start, one record at a time.
+pub(super) fn for_each_stored(
+    store: &dyn Store,
+    collection: Collection,
+    page_size: usize,
+    mut f: impl FnMut(&str, &Record),
+) -> Result<(), StoreError> {
+    for_each_page(store, collection, None, page_size, |page| {
+        for (id, rec) in &page {
+            f(id, rec);
+        }
+        Ok(())
+    })
 }
 
 /// An [`EncryptedCollection`] of JSON records of type `T`.

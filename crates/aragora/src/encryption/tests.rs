@@ -2,10 +2,16 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
+use std::sync::Arc;
+
 use super::*;
+use crate::audit::AuditLog;
 use crate::auth::{Credential, Principal, RequestMeta};
+use crate::config::Environment;
+use crate::crypto::{CryptoError, MasterKey};
+use crate::metrics::Metrics;
 use crate::secrets::SecretsService;
-use crate::store::{Durability, EmbeddedStore};
+use crate::store::{Collection, Durability, EmbeddedStore, Expect, Store, WriteOp};
 
 const MK: [u8; 32] = [7; 32];
 const CK: [u8; 32] = [9; 32];
@@ -49,7 +55,7 @@ pub(super) fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError
     })
 }
 
-fn principal() -> Principal {
+pub(super) fn principal() -> Principal {
     Principal {
         user_id: "u-1".into(),
         email: "u@example.com".into(),

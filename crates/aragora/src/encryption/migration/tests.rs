@@ -1,10 +1,14 @@
 use std::path::Path;
+use std::sync::Arc;
 
 use super::*;
-use crate::auth::{Credential, Principal, RequestMeta};
+use crate::auth::RequestMeta;
+use crate::clock::format_us;
+use crate::crypto;
 use crate::secrets::SecretRecord;
+use crate::store::{Collection, Durability, Expect, ListQuery, WriteOp, get_json};
 
-use crate::encryption::tests::{Fixture, open as open_ring};
+use crate::encryption::tests::{Fixture, open as open_ring, principal};
 
 fn open(dir: &Path) -> Fixture {
     open_ring(dir, [1; 32]).expect("key ring")
@@ -22,15 +26,6 @@ fn migrator(f: &Fixture, batch_size: usize, stop_after_batches: Option<u64>) -> 
             faults: Default::default(),
         },
     )
-}
-
-fn principal() -> Principal {
-    Principal {
-        user_id: "u-1".into(),
-        email: "u@example.com".into(),
-        roles: vec!["admin".into()],
-        credential: Credential::ApiKey { key_id: "k".into() },
-    }
 }
 
 fn value(i: usize) -> String {
@@ -440,6 +435,30 @@ fn a_stopped_migration_starts_over_after_another_rotation() {
         .expect("run");
     assert_eq!((st.resumed, st.migrated, st.total), (0, 300, 300));
     assert_all_under(&f, 300, &newest);
+}
+
+#[test]
+fn the_stored_state_stays_one_flat_record_that_reads_back_as_written() {
+    // A progress record as stored before the state embedded its view: one
+    // flat object, `started_at_us` among the view's fields.
+    let stored = serde_json::json!({
+        "state": "running", "store": "secrets", "target_key_id": "dk-v2-00000000",
+        "cursor": "s-00099", "total": 300, "migrated": 90, "already_current": 5,
+        "failed": 1, "skipped": 4,
+        "failed_records": [{"record_id": "s-00007", "store": "secrets", "error": "bad"}],
+        "skipped_records": ["s-00001"], "started_at": "2026-01-01T00:00:00Z",
+        "started_at_us": 1_767_225_600_000_000_i64, "finished_at": null,
+        "updated_at": "2026-01-01T00:00:01Z", "resumed": 2
+    });
+    let st: MigrationState = serde_json::from_value(stored.clone()).expect("reads");
+    assert_eq!((st.migrated, st.resumed), (90, 2));
+    assert_eq!(st.started_at_us, Some(1_767_225_600_000_000));
+    assert_eq!(st.failed_records[0].record_id, "s-00007");
+    assert_eq!(j(&st), stored);
+    // The view is the state without what only the runner needs.
+    let mut view = stored;
+    view.as_object_mut().map(|o| o.remove("started_at_us"));
+    assert_eq!(j(st.view()), view);
 }
 
 /// A view as the JSON it is served as.

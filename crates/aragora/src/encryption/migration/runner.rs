@@ -1,68 +1,29 @@
-//! Re-encryption migration: rewraps every record of an encrypted store under
-//! the current primary key, online and resumably.
-//!
-//! # Stores
-//!
-//! [`MigrationStore`] names a store (`--store=NAME`) and its collection; the
-//! collection's owner registers an [`EncryptedCollection`] with the key ring at
-//! boot (where a record's envelope is, how to put a new one in its place), so
-//! this module never names a record type. Adding an encrypted store is adding
-//! a variant and registering its collection.
-//!
-//! # Online, record by record compare-and-set
-//!
-//! Records are read a page at a time (`batch_size`, default 1000), decrypted
-//! with exactly the key their header names, and re-encrypted under the primary
-//! inside [`KeyRing::seal_many_and_write`] (the rotation gate, held shared, so
-//! `cleanup_expired`'s usage scan never misses a record). Each rewritten record
-//! expects the version it was read at: a concurrent API write wins, the
-//! conflicting record is re-read (a fresh API write is already under the
-//! primary) and the batch retried. No record is ever deleted or written with a
-//! key that is not in the ring.
-//!
-//! # Resumable
-//!
-//! The progress ([`MigrationState`]: cursor = last record id done, counts,
-//! failed and skipped records, timestamps) is the `Collection::Meta` record
-//! `migration:{store}`, written in the same atomic batch as the records it
-//! describes, then waited durable. A killed run leaves state `running` with a
-//! cursor; the next run continues after the cursor with the counts so far
-//! (or starts over if the primary changed meanwhile).
-//!
-//! # Failures
-//!
-//! A record that does not decode or decrypt is listed in `failed_records`,
-//! counted in `aragora_security_migration_errors_total{store}`, and the run
-//! goes on. `--retry-failed` retries only those; `--skip-record=ID` marks one
-//! skipped (listed, counted and audited; later runs leave it alone).
-//!
-//! # Sizes and faults
-//!
-//! The batch size comes from the configuration
-//! (`ARAGORA_MIGRATION_BATCH_SIZE`); after each durable batch the run passes
-//! the configuration's fault seam ([`FaultPoint::MigrationBatchDurable`]),
-//! where the crash/resume tests make the process die like a `kill -9`.
+//! The migration runner: one run at a time per process, page by page, each
+//! batch of rewrapped records written atomically with the progress that
+//! describes it; retrying failed records; marking records skipped. The state
+//! it persists and the views it answers with are in `state.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use serde::Serialize;
 use zeroize::Zeroizing;
 
-use super::KeyRing;
-use super::collection::EncryptedCollection;
-use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
+use super::error::MigrationError;
+use super::state::{
+    DryRunView, FailedRecord, KeyRecords, MigrationState, MigrationStore, MigrationView, RunState,
+    UnreadableRecord,
+};
+use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::clock::{format_us, now_us};
 use crate::config::{Config, FaultPlan, FaultPoint};
-use crate::crypto::{self, CryptoError};
-use crate::error::ServiceError;
+use crate::crypto;
+use crate::encryption::KeyRing;
+use crate::encryption::collection::{EncryptedCollection, for_each_page, for_each_stored};
 use crate::metrics::Metrics;
-use crate::store::{
-    Collection, Durability, Expect, ListQuery, Store, StoreError, WriteOp, get_json,
-};
+use crate::store::{Collection, Durability, Expect, Store, StoreError, WriteOp};
 
 /// Records per atomic store batch.
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
@@ -71,232 +32,6 @@ pub const MAX_LISTED_FAILURES: usize = 10_000;
 /// Times one record is re-read after losing a race to a concurrent write
 /// before it is reported as failed for this run.
 const CONFLICT_RETRIES: u32 = 16;
-
-/// The encrypted stores `--store=NAME` can name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum MigrationStore {
-    Secrets,
-}
-
-impl MigrationStore {
-    pub const ALL: [MigrationStore; 1] = [MigrationStore::Secrets];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MigrationStore::Secrets => "secrets",
-        }
-    }
-
-    pub fn collection(self) -> Collection {
-        match self {
-            MigrationStore::Secrets => Collection::Secrets,
-        }
-    }
-
-    /// `NAME` or `all`.
-    pub fn parse(name: &str) -> Result<Vec<MigrationStore>, MigrationError> {
-        if name == "all" {
-            return Ok(Self::ALL.to_vec());
-        }
-        Self::ALL
-            .iter()
-            .find(|s| s.name() == name)
-            .map(|s| vec![*s])
-            .ok_or_else(|| {
-                let known: Vec<_> = Self::ALL.iter().map(|s| s.name()).collect();
-                MigrationError::Invalid(format!(
-                    "unknown store {name:?}: one of {} or all",
-                    known.join(", ")
-                ))
-            })
-    }
-
-    fn state_id(self) -> String {
-        format!("migration:{}", self.name())
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    /// Never ran.
-    #[default]
-    Idle,
-    Running,
-    /// Persisted `running` but no run is active in this process: killed.
-    Interrupted,
-    Completed,
-    CompletedWithErrors,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct FailedRecord {
-    pub record_id: String,
-    pub store: String,
-    pub error: String,
-}
-
-/// The persisted progress of one store's migration.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct MigrationState {
-    pub state: RunState,
-    pub store: String,
-    /// The primary key the run rewraps under.
-    pub target_key_id: Option<String>,
-    /// Last record id done (the run continues after it).
-    pub cursor: Option<String>,
-    /// Records to process (an estimate while running: the store changes
-    /// online; at the end, everything processed).
-    pub total: u64,
-    /// Rewrapped under the primary.
-    pub migrated: u64,
-    /// Already under the primary (nothing to do).
-    pub already_current: u64,
-    pub failed: u64,
-    pub skipped: u64,
-    pub failed_records: Vec<FailedRecord>,
-    /// Marked with `--skip-record`; left alone by every run.
-    pub skipped_records: Vec<String>,
-    pub started_at: Option<String>,
-    pub started_at_us: Option<i64>,
-    pub finished_at: Option<String>,
-    pub updated_at: Option<String>,
-    /// How often the run was resumed after an interruption.
-    pub resumed: u32,
-}
-
-impl MigrationState {
-    fn new(store: MigrationStore) -> Self {
-        Self {
-            store: store.name().to_string(),
-            ..Self::default()
-        }
-    }
-
-    fn processed(&self) -> u64 {
-        self.migrated + self.already_current + self.failed + self.skipped
-    }
-
-    pub fn view(&self) -> MigrationView {
-        MigrationView {
-            state: self.state,
-            store: self.store.clone(),
-            target_key_id: self.target_key_id.clone(),
-            cursor: self.cursor.clone(),
-            total: self.total,
-            migrated: self.migrated,
-            already_current: self.already_current,
-            failed: self.failed,
-            skipped: self.skipped,
-            failed_records: self.failed_records.clone(),
-            skipped_records: self.skipped_records.clone(),
-            started_at: self.started_at.clone(),
-            finished_at: self.finished_at.clone(),
-            updated_at: self.updated_at.clone(),
-            resumed: self.resumed,
-        }
-    }
-}
-
-/// A store's migration as `GET /api/security/migration/status` and the CLI
-/// show it.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct MigrationView {
-    pub state: RunState,
-    pub store: String,
-    pub target_key_id: Option<String>,
-    pub cursor: Option<String>,
-    pub total: u64,
-    pub migrated: u64,
-    pub already_current: u64,
-    pub failed: u64,
-    pub skipped: u64,
-    pub failed_records: Vec<FailedRecord>,
-    pub skipped_records: Vec<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub updated_at: Option<String>,
-    pub resumed: u32,
-}
-
-impl MigrationView {
-    /// Records done so far (the progress line's numerator).
-    pub fn processed(&self) -> u64 {
-        self.migrated + self.already_current + self.failed + self.skipped
-    }
-}
-
-/// A record a dry run could not read the header of.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct UnreadableRecord {
-    pub record_id: String,
-    pub error: String,
-}
-
-/// Records under one key (dry run).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct KeyRecords {
-    pub key_id: String,
-    pub version: u32,
-    pub records: u64,
-    pub primary: bool,
-}
-
-/// What a run would change (`--dry-run`); writes nothing.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct DryRunView {
-    /// Always true: tells a dry run's answer apart from a run's.
-    pub dry_run: bool,
-    pub store: String,
-    pub primary_key_id: String,
-    pub total: u64,
-    pub would_change: u64,
-    pub already_current: u64,
-    pub unreadable: u64,
-    /// The first 100.
-    pub unreadable_records: Vec<UnreadableRecord>,
-    pub skipped: u64,
-    pub by_key: Vec<KeyRecords>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MigrationError {
-    #[error("migration: {0}")]
-    Store(#[from] StoreError),
-    #[error("migration: {0}")]
-    Crypto(#[from] CryptoError),
-    #[error("migration: audit log: {0}")]
-    Audit(String),
-    #[error(
-        "a migration is already running in this server; see GET /api/security/migration/status"
-    )]
-    Busy,
-    #[error("migration stopped after {0} batches (test stop); rerun to resume")]
-    Stopped(u64),
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl From<RecordError> for MigrationError {
-    fn from(e: RecordError) -> Self {
-        match e {
-            RecordError::Ops(s) => MigrationError::Store(s),
-            RecordError::Audit(a) => MigrationError::Audit(a.to_string()),
-        }
-    }
-}
-
-impl From<MigrationError> for ServiceError {
-    fn from(e: MigrationError) -> Self {
-        match e {
-            MigrationError::Store(s) => s.into(),
-            MigrationError::Audit(a) => ServiceError::Unavailable(a),
-            MigrationError::Busy => ServiceError::Conflict(e.to_string()),
-            MigrationError::Invalid(m) => ServiceError::BadRequest(m),
-            other => ServiceError::Internal(other.to_string()),
-        }
-    }
-}
 
 /// Sizes and faults.
 #[derive(Clone, Debug)]
@@ -343,6 +78,18 @@ enum Plan {
     Gone,
 }
 
+/// Creates the migration's series for every store (at zero), so
+/// `/metrics` names them before the first run. The migration owns its label
+/// values; `Metrics` only holds the families.
+pub fn register_metrics(metrics: &Metrics) {
+    for store in MigrationStore::ALL {
+        metrics.migration_errors.with_label_values(&[store.name()]);
+        metrics
+            .migration_records
+            .with_label_values(&[store.name(), "migrated"]);
+    }
+}
+
 #[derive(Debug)]
 pub struct Migrator {
     store: Arc<dyn Store>,
@@ -365,6 +112,7 @@ impl Migrator {
         metrics: Metrics,
         options: MigrationOptions,
     ) -> Self {
+        register_metrics(&metrics);
         Self {
             store,
             audit,
@@ -378,10 +126,7 @@ impl Migrator {
     }
 
     fn load(&self, store: MigrationStore) -> Result<(u64, MigrationState), MigrationError> {
-        Ok(
-            get_json::<MigrationState>(self.store.as_ref(), Collection::Meta, &store.state_id())?
-                .unwrap_or_else(|| (0, MigrationState::new(store))),
-        )
+        Ok(MigrationState::load(self.store.as_ref(), store)?)
     }
 
     fn shown(&self, mut s: MigrationState) -> MigrationState {
@@ -447,44 +192,37 @@ impl Migrator {
         let (mut total, mut would_change, mut current, mut unreadable, mut skip) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
         let mut unreadable_records = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.list(
-                store.collection(),
-                &ListQuery::after(after.as_deref(), self.options.batch_size),
-            )?;
-            let n = page.len();
-            for (id, rec) in page {
+        for_each_stored(
+            self.store.as_ref(),
+            store.collection(),
+            self.options.batch_size,
+            |id, rec| {
                 total += 1;
-                if skipped.contains(id.as_str()) {
+                if skipped.contains(id) {
                     skip += 1;
-                } else {
-                    match header_of(coll.as_ref(), &rec.value) {
-                        Ok(h) => {
-                            if h.key_id == primary {
-                                current += 1;
-                            } else {
-                                would_change += 1;
-                            }
-                            *by_key.entry((h.key_id, h.version)).or_insert(0) += 1;
+                    return;
+                }
+                match coll.header(&rec.value) {
+                    Ok(h) => {
+                        if h.key_id == primary {
+                            current += 1;
+                        } else {
+                            would_change += 1;
                         }
-                        Err(e) => {
-                            unreadable += 1;
-                            if unreadable_records.len() < 100 {
-                                unreadable_records.push(UnreadableRecord {
-                                    record_id: id.clone(),
-                                    error: e,
-                                });
-                            }
+                        *by_key.entry((h.key_id, h.version)).or_insert(0) += 1;
+                    }
+                    Err(e) => {
+                        unreadable += 1;
+                        if unreadable_records.len() < 100 {
+                            unreadable_records.push(UnreadableRecord {
+                                record_id: id.to_string(),
+                                error: e,
+                            });
                         }
                     }
                 }
-                after = Some(id);
-            }
-            if n < self.options.batch_size {
-                break;
-            }
-        }
+            },
+        )?;
         Ok(DryRunView {
             dry_run: true,
             store: store.name().to_string(),
@@ -541,7 +279,7 @@ impl Migrator {
         progress: &dyn Fn(&MigrationState),
     ) -> Result<MigrationState, MigrationError> {
         let coll = self.collection_of(store)?;
-        let (_, prev) = self.load(store)?;
+        let (_, mut prev) = self.load(store)?;
         let now = now_us();
         let primary = self.keyring.primary_key_id();
         // Resume only towards the same primary: after another rotation the
@@ -553,12 +291,11 @@ impl Migrator {
             s.resumed += 1;
             s
         } else {
-            MigrationState {
-                skipped_records: prev.skipped_records,
-                started_at: Some(format_us(now)),
-                started_at_us: Some(now),
-                ..MigrationState::new(store)
-            }
+            let mut s = MigrationState::new(store);
+            s.skipped_records = std::mem::take(&mut prev.skipped_records);
+            s.started_at = Some(format_us(now));
+            s.started_at_us = Some(now);
+            s
         };
         st.state = RunState::Running;
         st.finished_at = None;
@@ -573,7 +310,7 @@ impl Migrator {
                 total: st.total,
                 target_key_id: st.target_key_id.as_deref(),
             });
-        self.audit.record_with(event, vec![state_op(store, &st)?])?;
+        self.audit.record_with(event, vec![st.op(store)?])?;
         tracing::info!(
             store = store.name(),
             resumed = resuming,
@@ -585,41 +322,41 @@ impl Migrator {
 
         let skipped: HashSet<String> = st.skipped_records.iter().cloned().collect();
         let mut batches = 0u64;
-        loop {
-            let page = self.store.list(
-                store.collection(),
-                &ListQuery::after(st.cursor.as_deref(), self.options.batch_size),
-            )?;
-            let n = page.len();
-            let Some(last) = page.last().map(|(id, _)| id.clone()) else {
-                break;
-            };
-            let primary = self.keyring.primary_key_id();
-            let plans: Vec<(String, Plan)> = page
-                .into_iter()
-                .map(|(id, rec)| {
-                    let plan = if skipped.contains(&id) {
-                        Plan::Skipped
-                    } else {
-                        self.plan(coll.as_ref(), &id, rec.version, &rec.value, &primary)
-                    };
-                    (id, plan)
-                })
-                .collect();
-            self.commit(store, plans, &mut st, |s| s.cursor = Some(last.clone()))?;
-            *self.live.write() = Some(st.clone());
-            progress(&st);
-            batches += 1;
-            self.options
-                .faults
-                .at(FaultPoint::MigrationBatchDurable { batches });
-            if self.options.stop_after_batches == Some(batches) {
-                return Err(MigrationError::Stopped(batches));
-            }
-            if n < self.options.batch_size {
-                break;
-            }
-        }
+        let cursor = st.cursor.clone();
+        for_each_page(
+            self.store.as_ref(),
+            store.collection(),
+            cursor.as_deref(),
+            self.options.batch_size,
+            |page| {
+                let Some(last) = page.last().map(|(id, _)| id.clone()) else {
+                    return Ok(());
+                };
+                let primary = self.keyring.primary_key_id();
+                let plans: Vec<(String, Plan)> = page
+                    .into_iter()
+                    .map(|(id, rec)| {
+                        let plan = if skipped.contains(&id) {
+                            Plan::Skipped
+                        } else {
+                            self.plan(coll.as_ref(), &id, rec.version, &rec.value, &primary)
+                        };
+                        (id, plan)
+                    })
+                    .collect();
+                self.commit(store, plans, &mut st, |s| s.cursor = Some(last.clone()))?;
+                *self.live.write() = Some(st.clone());
+                progress(&st);
+                batches += 1;
+                self.options
+                    .faults
+                    .at(FaultPoint::MigrationBatchDurable { batches });
+                if self.options.stop_after_batches == Some(batches) {
+                    return Err(MigrationError::Stopped(batches));
+                }
+                Ok(())
+            },
+        )?;
 
         st.state = if st.failed > 0 {
             RunState::CompletedWithErrors
@@ -747,21 +484,20 @@ impl Migrator {
         store: MigrationStore,
         after: Option<&str>,
     ) -> Result<u64, MigrationError> {
-        let mut n = 0u64;
-        let mut cursor = after.map(str::to_string);
+        // Counting only: a larger page than a batch, nothing is decoded.
         const PAGE: usize = 10_000;
-        loop {
-            let page = self.store.list(
-                store.collection(),
-                &ListQuery::after(cursor.as_deref(), PAGE),
-            )?;
-            n += page.len() as u64;
-            let full = page.len() == PAGE;
-            cursor = page.into_iter().last().map(|(id, _)| id);
-            if !full {
-                return Ok(n);
-            }
-        }
+        let mut n = 0u64;
+        for_each_page::<StoreError>(
+            self.store.as_ref(),
+            store.collection(),
+            after,
+            PAGE,
+            |page| {
+                n += page.len() as u64;
+                Ok(())
+            },
+        )?;
+        Ok(n)
     }
 
     fn plan(
@@ -866,7 +602,7 @@ impl Migrator {
                             });
                         }
                     }
-                    ops.push(state_op(store, &next)?);
+                    ops.push(next.op(store)?);
                     Ok(self.store.write(ops, Durability::Visible)?)
                 },
             );
@@ -936,7 +672,7 @@ impl Migrator {
             Outcome::Success
         };
         let event = AuditEvent::new("migration_finished", actor, outcome).details(details);
-        self.audit.record_with(event, vec![state_op(store, st)?])?;
+        self.audit.record_with(event, vec![st.op(store)?])?;
         Ok(())
     }
 }
@@ -951,10 +687,6 @@ impl Drop for RunGuard<'_> {
         self.migrator.active.store(false, Ordering::Relaxed);
         *self.migrator.live.write() = None;
     }
-}
-
-fn state_op(store: MigrationStore, st: &MigrationState) -> Result<WriteOp, StoreError> {
-    WriteOp::put_json(Collection::Meta, store.state_id(), st, Expect::Any)
 }
 
 /// `migration_started` of a run.
@@ -1021,16 +753,3 @@ struct RetryFinished<'a> {
     mode: &'static str,
     recovered: u64,
 }
-
-/// The envelope header of a stored record (dry run: no decryption).
-fn header_of(
-    coll: &dyn EncryptedCollection,
-    value: &[u8],
-) -> Result<crypto::EnvelopeHeader, String> {
-    let env = coll.envelope(value)?;
-    crypto::parse_header(&env).map_err(|e| e.to_string())
-}
-
-#[cfg(test)]
-#[path = "migration_tests.rs"]
-mod tests;

@@ -1,0 +1,314 @@
+//! The key lifecycle: rotate (a new primary, the old one decrypt-only),
+//! cleanup (retire keys no stored record uses: decrypt-only -> expired ->
+//! destroyed) and restore (bring lost keys back from a backup file). Each is
+//! one audited atomic store write followed by a reload of the in-memory ring,
+//! serialized in this process by the ring's admin lock. The hot path lives in
+//! `keyring.rs` and never changes the stored ring.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::backup_files;
+use super::collection::for_each_stored;
+use super::error::KeyRingError;
+use super::keyring::KeyRing;
+use super::record::{KEY_ROTATION_PERIOD_US, KeyStatus, load_records, new_primary};
+use super::views::{
+    CleanupOutcome, KeptKey, RestoreOutcome, RestoredKey, RetiredKey, RotationOutcome,
+};
+use crate::audit::{AuditEvent, Outcome};
+use crate::clock::{format_us, now_us};
+use crate::store::{Collection, Expect, WriteOp};
+
+impl KeyRing {
+    /// How many stored records each key id encrypts (read from the envelopes'
+    /// headers, not from metadata), over every encrypted collection.
+    pub fn key_usage(&self) -> Result<BTreeMap<String, u64>, KeyRingError> {
+        let mut usage = BTreeMap::new();
+        let mut bad = None;
+        for c in &self.encrypted {
+            for_each_stored(self.store.as_ref(), c.collection(), 1000, |id, rec| match c
+                .header(&rec.value)
+            {
+                Ok(h) => *usage.entry(h.key_id).or_insert(0) += 1,
+                Err(e) => bad = Some(format!("{} {id}: {e}", c.name())),
+            })?;
+        }
+        if let Some(b) = bad {
+            // An unreadable header could name any key: retire nothing.
+            return Err(KeyRingError::Invalid(format!(
+                "cannot tell which key a stored record uses ({b}); no key retired"
+            )));
+        }
+        Ok(usage)
+    }
+
+    /// Rotates: a new primary, the old one kept for decryption, in one atomic
+    /// write with its audit entry. Without `force`, only when the primary is
+    /// older than the rotation period.
+    pub fn rotate(
+        &self,
+        actor: &str,
+        ip: Option<String>,
+        reason: &str,
+        force: bool,
+    ) -> Result<RotationOutcome, KeyRingError> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > 500 {
+            return Err(KeyRingError::Invalid(
+                "a reason (1 to 500 characters) is required for a key rotation".into(),
+            ));
+        }
+        let _admin = self.admin.lock();
+        let records = load_records(self.store.as_ref())?;
+        let ring = self.current();
+        let Some((cur_version, cur)) = records
+            .iter()
+            .find(|(_, r)| r.key_id == ring.primary.key_id())
+            .cloned()
+        else {
+            return Err(KeyRingError::Invalid(
+                "the primary key is not in the store; restart the server".into(),
+            ));
+        };
+        let now = now_us();
+        if !force && now < cur.created_at_us + KEY_ROTATION_PERIOD_US {
+            return Ok(RotationOutcome {
+                rotated: false,
+                message: format!(
+                    "rotation not due: primary key {} was created {} and rotates after 90 days \
+                     (--force rotates now)",
+                    cur.key_id, cur.created_at
+                ),
+                primary_key_id: cur.key_id,
+                previous_key_id: None,
+                backup: None,
+                active_count: ring.active_count(),
+            });
+        }
+        let backup = backup_files::write(&self.backup_dir, &self.fingerprint, &records)?;
+        let version = records.iter().map(|(_, r)| r.version).max().unwrap_or(0) + 1;
+        let (_, new) = new_primary(&self.master, &self.fingerprint, version)?;
+        let mut old = cur.clone();
+        old.status = KeyStatus::DecryptOnly;
+        old.primary = false;
+        old.retired_at = Some(format_us(now));
+        let ops = vec![
+            WriteOp::put_json(Collection::KeyRing, &new.key_id, &new, Expect::Absent)?,
+            WriteOp::put_json(
+                Collection::KeyRing,
+                &old.key_id,
+                &old,
+                Expect::Version(cur_version),
+            )?,
+        ];
+        let event = AuditEvent::new("key_rotated", actor, Outcome::Success)
+            .ip(ip.clone())
+            .details(KeyRotated {
+                reason,
+                force,
+                new_key_id: &new.key_id,
+                previous_key_id: &old.key_id,
+                backup: backup.display().to_string(),
+            });
+        let committed = {
+            let _gate = self.gate.write();
+            let r = self.audit.record_with(event, ops);
+            if r.is_ok() {
+                self.reload()?;
+            }
+            r
+        };
+        if let Err(e) = committed {
+            self.metrics
+                .encryption_errors
+                .with_label_values(&["rotation_failed"])
+                .inc();
+            tracing::error!(error = %e, "key rotation failed; the previous primary stays active");
+            let failed = AuditEvent::new("key_rotation_failed", actor, Outcome::Failure)
+                .ip(ip)
+                .details(RotationFailed {
+                    reason,
+                    error: e.to_string(),
+                });
+            let _ = self.audit.record(failed);
+            let _ = self.reload();
+            return Err(e.into());
+        }
+        tracing::info!(new = %new.key_id, previous = %old.key_id, reason, "key rotated");
+        Ok(RotationOutcome {
+            rotated: true,
+            message: format!(
+                "rotated: new primary {}; {} is decrypt-only until no record uses it",
+                new.key_id, old.key_id
+            ),
+            primary_key_id: new.key_id,
+            previous_key_id: Some(old.key_id),
+            backup: Some(backup.display().to_string()),
+            active_count: self.current().active_count(),
+        })
+    }
+
+    /// Retires keys no stored secret uses: decrypt_only -> expired, expired ->
+    /// destroyed. The primary is never retired.
+    pub fn cleanup_expired(
+        &self,
+        actor: &str,
+        ip: Option<String>,
+    ) -> Result<CleanupOutcome, KeyRingError> {
+        let _admin = self.admin.lock();
+        let usage = self.key_usage()?;
+        let records = load_records(self.store.as_ref())?;
+        let now = now_us();
+        let mut ops = Vec::new();
+        let mut retired = Vec::new();
+        let mut kept = Vec::new();
+        for (version, r) in &records {
+            if r.primary || matches!(r.status, KeyStatus::Active | KeyStatus::Destroyed) {
+                continue;
+            }
+            let used = usage.get(&r.key_id).copied().unwrap_or(0);
+            if used > 0 {
+                kept.push(KeptKey {
+                    key_id: r.key_id.clone(),
+                    status: r.status,
+                    records: used,
+                });
+                continue;
+            }
+            let mut next = r.clone();
+            next.status = if r.status == KeyStatus::DecryptOnly {
+                KeyStatus::Expired
+            } else {
+                next.wrapped = None;
+                KeyStatus::Destroyed
+            };
+            next.retired_at = Some(format_us(now));
+            retired.push(RetiredKey {
+                key_id: r.key_id.clone(),
+                from: r.status,
+                to: next.status,
+            });
+            ops.push(WriteOp::put_json(
+                Collection::KeyRing,
+                &r.key_id,
+                &next,
+                Expect::Version(*version),
+            )?);
+        }
+        if !ops.is_empty() {
+            let event = AuditEvent::new("keys_retired", actor, Outcome::Success)
+                .ip(ip)
+                .details(KeysRetired {
+                    retired: &retired,
+                    kept_in_use: &kept,
+                });
+            self.audit.record_with(event, ops)?;
+            self.reload()?;
+        }
+        Ok(CleanupOutcome {
+            retired,
+            kept_in_use: kept,
+            usage,
+            active_count: self.current().active_count(),
+        })
+    }
+
+    /// Brings back keys missing from the store from a backup file. Each must
+    /// unwrap under the current master key; restored keys are decrypt-only
+    /// (the current primary stays primary).
+    pub fn restore(
+        &self,
+        file: &Path,
+        actor: &str,
+        ip: Option<String>,
+    ) -> Result<RestoreOutcome, KeyRingError> {
+        let bad = |reason: String| backup_files::invalid(file, reason);
+        let backup = backup_files::read(file)?;
+        let _admin = self.admin.lock();
+        let records = load_records(self.store.as_ref())?;
+        let mut ops = Vec::new();
+        let mut restored = Vec::new();
+        let mut present = Vec::new();
+        for mut r in backup.keys {
+            if records.iter().any(|(_, s)| s.key_id == r.key_id) {
+                present.push(r.key_id);
+                continue;
+            }
+            let Some(w) = &r.wrapped else {
+                continue;
+            };
+            if w.key_id != r.key_id || w.version != r.version {
+                return Err(bad(format!("key {} is relabelled", r.key_id)));
+            }
+            self.master.unwrap(w).map_err(|_| {
+                bad(format!(
+                    "key {} does not open under ARAGORA_ENCRYPTION_KEY (another master key)",
+                    r.key_id
+                ))
+            })?;
+            if r.primary || r.status == KeyStatus::Active {
+                r.primary = false;
+                r.status = KeyStatus::DecryptOnly;
+            }
+            restored.push(RestoredKey {
+                key_id: r.key_id.clone(),
+                status: r.status,
+            });
+            ops.push(WriteOp::put_json(
+                Collection::KeyRing,
+                &r.key_id,
+                &r,
+                Expect::Absent,
+            )?);
+        }
+        if !ops.is_empty() {
+            let event = AuditEvent::new("key_ring_restored", actor, Outcome::Success)
+                .ip(ip)
+                .details(RingRestored {
+                    file: file.display().to_string(),
+                    restored: &restored,
+                });
+            self.audit.record_with(event, ops)?;
+            self.reload()?;
+        }
+        Ok(RestoreOutcome {
+            restored,
+            already_present: present,
+            active_count: self.current().active_count(),
+        })
+    }
+}
+
+/// `key_rotated`.
+#[derive(Serialize)]
+struct KeyRotated<'a> {
+    reason: &'a str,
+    force: bool,
+    new_key_id: &'a str,
+    previous_key_id: &'a str,
+    backup: String,
+}
+
+/// `key_rotation_failed`.
+#[derive(Serialize)]
+struct RotationFailed<'a> {
+    reason: &'a str,
+    error: String,
+}
+
+/// `keys_retired`.
+#[derive(Serialize)]
+struct KeysRetired<'a> {
+    retired: &'a [RetiredKey],
+    kept_in_use: &'a [KeptKey],
+}
+
+/// `key_ring_restored`.
+#[derive(Serialize)]
+struct RingRestored<'a> {
+    file: String,
+    restored: &'a [RestoredKey],
+}

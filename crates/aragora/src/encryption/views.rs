@@ -1,0 +1,124 @@
+//! The typed views the key ring answers with: what the encryption endpoints
+//! and the CLI render, and what the OpenAPI document describes. Plain data,
+//! no behaviour, so handlers and the CLI depend on these and not on the ring.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::record::KeyStatus;
+
+/// A data key's metadata (never its material).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyView {
+    pub key_id: String,
+    pub version: u32,
+    pub status: KeyStatus,
+    pub primary: bool,
+    pub created_at: String,
+    pub expires_at: String,
+    pub retired_at: Option<String>,
+}
+
+/// `GET /api/security/encryption/health` (nothing secret).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EncryptionHealth {
+    /// `healthy`, or `critical` when no key can decrypt.
+    pub status: String,
+    pub master_key_loaded: bool,
+    pub active_key_id: String,
+    pub active_keys: usize,
+}
+
+/// `GET /api/security/encryption/keys`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeysView {
+    pub active_count: usize,
+    pub primary_key_id: String,
+    pub keys: Vec<KeyView>,
+}
+
+/// One actor's decrypts in the last minute.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ActorDecrypts {
+    pub actor: String,
+    pub last_minute: u64,
+    pub per_second: f64,
+}
+
+/// The unwrapped keys held in memory.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyCacheView {
+    pub unwrapped_keys: usize,
+    pub primary_key_id: String,
+}
+
+/// `GET /api/security/encryption/stats` (latencies in seconds).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct EncryptionStats {
+    pub encrypt_ops: u64,
+    pub decrypt_ops: u64,
+    pub errors: u64,
+    pub encryption_latency_p50: f64,
+    pub encryption_latency_p95: f64,
+    pub decryption_latency_p50: f64,
+    pub decryption_latency_p95: f64,
+    pub derivation_latency_p95: f64,
+    pub derivation_iterations: u32,
+    pub decrypts_last_minute: u64,
+    pub decrypts_per_actor: Vec<ActorDecrypts>,
+    pub cache: KeyCacheView,
+}
+
+/// A key `cleanup_expired` moved on.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RetiredKey {
+    pub key_id: String,
+    pub from: KeyStatus,
+    pub to: KeyStatus,
+}
+
+/// A key `cleanup_expired` kept because records use it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeptKey {
+    pub key_id: String,
+    pub status: KeyStatus,
+    pub records: u64,
+}
+
+/// What `key-rotation --cleanup-expired` did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CleanupOutcome {
+    pub retired: Vec<RetiredKey>,
+    pub kept_in_use: Vec<KeptKey>,
+    /// Stored records per key id.
+    pub usage: BTreeMap<String, u64>,
+    pub active_count: usize,
+}
+
+/// A key brought back from a backup file.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RestoredKey {
+    pub key_id: String,
+    pub status: KeyStatus,
+}
+
+/// What `key-ring restore` did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RestoreOutcome {
+    pub restored: Vec<RestoredKey>,
+    pub already_present: Vec<String>,
+    pub active_count: usize,
+}
+
+/// What a rotation did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RotationOutcome {
+    pub rotated: bool,
+    pub message: String,
+    pub primary_key_id: String,
+    pub previous_key_id: Option<String>,
+    pub backup: Option<String>,
+    pub active_count: usize,
+}
