@@ -133,7 +133,9 @@ pub struct ExportBody {
 }
 
 /// Several secrets' values at once: the admin's call, or an approved
-/// `secret_export` downloaded by its requester.
+/// `secret_export` downloaded by its requester. Deliberately not `Debug`: it
+/// carries secret values.
+#[allow(missing_debug_implementations)]
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct SecretExportView {
     /// The approval request the export ran under (none for the admin's call).

@@ -128,6 +128,7 @@ pub fn run_due(state: &Arc<AppState>) {
                     .as_ref()
                     .is_some_and(|e| e.lease_until <= crate::clock::now_us()));
         if r.status == Status::Approved || abandoned {
+            tracing::info!(approval_id = %r.id, status = r.status.as_str(), boot, "running an approved request left waiting");
             spawn_with(state, r.id.clone(), boot);
         }
     }

@@ -314,7 +314,12 @@ impl ApprovalService {
             .store
             .since(now.saturating_sub(longest), scan_limit)?
             .into_iter()
-            .filter(|r| matches!(r.status, Status::Pending | Status::Approved))
+            .filter(|r| {
+                matches!(
+                    r.status,
+                    Status::Pending | Status::Approved | Status::Executing
+                )
+            })
             .collect())
     }
 
