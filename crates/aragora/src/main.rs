@@ -325,6 +325,9 @@ fn serve() -> Result<ExitCode> {
                 let _ = tokio::task::spawn_blocking(move || s.approvals.tick()).await;
             }
         });
+        if let Some(n) = app_state.notifier.clone() {
+            tokio::spawn(n.run());
+        }
         let app = router(app_state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         match tls {
             None => {

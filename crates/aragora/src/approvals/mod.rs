@@ -6,10 +6,12 @@
 //! on these.
 
 pub mod catalogue;
+pub mod notify;
 pub mod request;
 pub mod service;
 pub mod store;
 
 pub use catalogue::{Operation, OperationPolicy, RiskLevel};
+pub use notify::{Approver, Event, Notification, Notifier, WebhookSettings};
 pub use request::{Approval, ApprovalRequest, ApproveInput, Decider, Refusal, Status};
 pub use service::{ApprovalError, ApprovalService, ApprovalSettings, Requester};

@@ -162,6 +162,8 @@ pub struct ApprovalService {
     audit: Arc<AuditLog>,
     metrics: Metrics,
     settings: ApprovalSettings,
+    /// Approval webhook notifications, when `APPROVAL_WEBHOOK_URL` is set.
+    notifier: Option<Arc<super::notify::Notifier>>,
 }
 
 /// How often pending requests are checked for expiry (and the gauges
@@ -183,6 +185,31 @@ impl ApprovalService {
             audit,
             metrics,
             settings,
+            notifier: None,
+        }
+    }
+
+    /// Sends each lifecycle event of a request to the approval webhook.
+    pub fn with_notifier(mut self, notifier: Arc<super::notify::Notifier>) -> Self {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// Queues a notification (never waits; see `notify`).
+    fn notify(&self, event: super::notify::Event, r: &ApprovalRequest) {
+        if let Some(n) = &self.notifier {
+            n.enqueue(super::notify::Notification::new(event, r));
+        }
+    }
+
+    /// For the execution code: `executed`, or `failed` when the run failed or
+    /// was refused, once the outcome is stored on `r`.
+    pub fn notify_executed(&self, r: &ApprovalRequest) {
+        use super::notify::Event;
+        match r.status {
+            Status::Executed => self.notify(Event::Executed, r),
+            Status::Failed | Status::Refused => self.notify(Event::Failed, r),
+            _ => {}
         }
     }
 
@@ -285,6 +312,14 @@ impl ApprovalService {
         if auto {
             self.count(&r, "approved");
         }
+        self.notify(
+            if auto {
+                super::notify::Event::Approved
+            } else {
+                super::notify::Event::Requested
+            },
+            &r,
+        );
         self.refresh_gauges_from(&open, Some(&r), now);
         Ok(r)
     }
@@ -478,6 +513,7 @@ impl ApprovalService {
         )?;
         if approval == Approval::Approved {
             self.count(&r, "approved");
+            self.notify(super::notify::Event::Approved, &r);
         }
         self.refresh_gauges()?;
         Ok((approval, r))
@@ -499,6 +535,7 @@ impl ApprovalService {
             |r, _| json!({"reason": r.decisions.last().and_then(|d| d.reason.clone())}),
         )?;
         self.count(&r, "rejected");
+        self.notify(super::notify::Event::Rejected, &r);
         self.refresh_gauges()?;
         Ok(r)
     }
@@ -527,6 +564,7 @@ impl ApprovalService {
             },
         )?;
         self.count(&r, "bypassed");
+        self.notify(super::notify::Event::EmergencyBypass, &r);
         self.refresh_gauges()?;
         Ok(r)
     }
@@ -573,6 +611,7 @@ impl ApprovalService {
                     expired += 1;
                     self.metrics.approval_timeouts.inc();
                     self.count(&r, "expired");
+                    self.notify(super::notify::Event::Expired, &r);
                 }
                 // Decided or expired by someone else meanwhile.
                 Err(ApprovalError::Refused { .. }) => {}
