@@ -761,6 +761,105 @@ mod tests {
         );
     }
 
+    /// A one-connection HTTPS receiver: reads one request (head and
+    /// `Content-Length` body), answers 204, and hands back what it read.
+    async fn https_receiver(
+        files: &crate::config::TlsFiles,
+    ) -> (u16, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(crate::tls::server_config(files).expect("tls config"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut tls = acceptor.accept(tcp).await.expect("TLS accept");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = tls.read(&mut buf).await.expect("read");
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got).into_owned();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    if got.len() >= end + 4 + len || n == 0 {
+                        break;
+                    }
+                }
+                assert!(n > 0, "connection closed mid-request");
+            }
+            tls.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let _ = tls.shutdown().await;
+            String::from_utf8_lossy(&got).into_owned()
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn https_delivers_to_a_receiver_trusted_through_the_ca_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let files = crate::config::TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+        };
+        std::fs::write(&files.cert, c.cert.pem()).expect("write cert");
+        std::fs::write(&files.key, c.signing_key.serialize_pem()).expect("write key");
+        let (port, received) = https_receiver(&files).await;
+
+        let mut s = settings(&format!("https://localhost:{port}/hooks/TOKEN"));
+        s.ca_file = Some(files.cert.clone());
+        s.max_attempts = 1;
+        let m = metrics();
+        let n = Arc::new(Notifier::new(s, m.clone()).expect("notifier"));
+        n.enqueue(Notification::new(Event::Approved, &request()));
+        let delivery = tokio::spawn(n.clone().run());
+        let got = tokio::time::timeout(Duration::from_secs(60), received)
+            .await
+            .expect("received in time")
+            .expect("receiver");
+        assert!(got.starts_with("POST /hooks/TOKEN HTTP/1.1\r\n"), "{got}");
+        let lower = got.to_ascii_lowercase();
+        assert!(lower.contains("x-aragora-signature: sha256="), "{got}");
+        assert!(lower.contains("x-aragora-event: approved"), "{got}");
+        assert!(got.contains("\"event\":\"approved\""), "{got}");
+        for _ in 0..3000 {
+            if m.approval_notifications
+                .with_label_values(&["delivered"])
+                .get()
+                == 1
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            m.approval_notifications
+                .with_label_values(&["delivered"])
+                .get(),
+            1
+        );
+        delivery.abort();
+
+        // Without the CA file the self-signed receiver is not trusted: a
+        // missing file is a boot error naming the variable.
+        let mut s = settings(&format!("https://localhost:{port}/hooks"));
+        s.ca_file = Some(dir.path().join("absent.pem"));
+        let e = Notifier::new(s, metrics()).expect_err("no CA file");
+        assert!(e.to_string().contains("APPROVAL_WEBHOOK_CA_FILE"), "{e}");
+    }
+
     #[test]
     fn debug_shows_neither_secret_nor_path() {
         let s = settings("https://hooks.example.com/t/SECRET-TOKEN");
