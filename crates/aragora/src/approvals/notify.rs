@@ -860,6 +860,104 @@ mod tests {
         assert!(e.to_string().contains("APPROVAL_WEBHOOK_CA_FILE"), "{e}");
     }
 
+    /// The events the approval service queued, in order.
+    fn drain(n: &Notifier) -> Vec<(Event, String)> {
+        let mut guard = n.rx.lock();
+        let rx = guard.as_mut().expect("not running");
+        let mut out = Vec::new();
+        while let Ok(x) = rx.try_recv() {
+            out.push((x.event, x.approval_id));
+        }
+        out
+    }
+
+    #[test]
+    fn the_approval_service_queues_each_lifecycle_event() {
+        use crate::approvals::request::{ApproveInput, Decider};
+        use crate::approvals::service::{ApprovalService, ApprovalSettings, Requester};
+        use crate::approvals::store::{ApprovalStore, request_id};
+        use crate::store::Store;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::EmbeddedStore::open(&dir.path().join("db"), [1; 32], [2; 32])
+                .expect("open"),
+        );
+        let audit = Arc::new(crate::audit::AuditLog::new(store.clone()));
+        let m = metrics();
+        let n = Arc::new(Notifier::new(settings("http://127.0.0.1:9/hook"), m.clone()).expect("n"));
+        let svc =
+            ApprovalService::new(store.clone(), audit, m.clone(), ApprovalSettings::default())
+                .with_notifier(n.clone());
+        let who = Requester {
+            user_id: "u_op",
+            ip: None,
+        };
+        let ask = || {
+            svc.request(&who, Operation::MigrationRun, serde_json::json!({}), "r")
+                .expect("request")
+        };
+        let approver = vec!["approver".to_string()];
+        let lead = vec!["security_lead".to_string()];
+        let decider = |roles| Decider {
+            user_id: "u_ap",
+            roles,
+            disabled: false,
+            can_approve: true,
+        };
+
+        let a = ask();
+        let input = ApproveInput {
+            checklist_confirmed: a.checklist.clone(),
+            ..ApproveInput::default()
+        };
+        svc.approve(&a.id, &decider(&approver), input, None)
+            .expect("approve");
+        let b = ask();
+        svc.reject(&b.id, &decider(&approver), Some("no".into()), None)
+            .expect("reject");
+        let c = ask();
+        svc.emergency_bypass(
+            &c.id,
+            &decider(&lead),
+            Some("outage".into()),
+            Some("INC-1".into()),
+            None,
+        )
+        .expect("bypass");
+        let mut due = a.clone();
+        let now = now_us();
+        due.id = request_id(now - 1_000_000, "0000000d");
+        due.status = Status::Pending;
+        due.decisions.clear();
+        due.expires_at = now - 1;
+        ApprovalStore::new(store).insert(&due).expect("insert");
+        assert_eq!(svc.expire_due().expect("expire"), 1);
+
+        let mut done = a.clone();
+        done.status = Status::Executed;
+        svc.notify_executed(&done);
+        done.status = Status::Failed;
+        svc.notify_executed(&done);
+        done.status = Status::Pending;
+        svc.notify_executed(&done);
+
+        assert_eq!(
+            drain(&n),
+            vec![
+                (Event::Requested, a.id.clone()),
+                (Event::Approved, a.id.clone()),
+                (Event::Requested, b.id.clone()),
+                (Event::Rejected, b.id.clone()),
+                (Event::Requested, c.id.clone()),
+                (Event::EmergencyBypass, c.id.clone()),
+                (Event::Expired, due.id.clone()),
+                (Event::Executed, a.id.clone()),
+                (Event::Failed, a.id.clone()),
+            ]
+        );
+    }
+
     #[test]
     fn debug_shows_neither_secret_nor_path() {
         let s = settings("https://hooks.example.com/t/SECRET-TOKEN");
