@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::approvals::ApprovalService;
 use crate::approvals::execute::Executor;
+use crate::approvals::notify::{Approver, ApproverResolver, NotifyError};
+use crate::approvals::{ApprovalService, Notifier, Operation};
 use crate::audit::AuditLog;
 use crate::auth::AuthService;
 use crate::config::Config;
@@ -36,6 +37,9 @@ pub struct AppState {
     pub approvals: ApprovalService,
     /// Runs approved requests, once each.
     pub executor: Executor,
+    /// Approval webhook notifications (APPROVAL_WEBHOOK_URL); its delivery
+    /// task is spawned by `serve` (`Notifier::run`).
+    pub notifier: Option<Arc<Notifier>>,
     /// Long operations (migration runs), one at a time.
     pub jobs: Arc<Jobs>,
     /// Password hashes computed at once (Argon2id: ~20 ms of CPU and 19 MiB
@@ -55,6 +59,41 @@ pub enum BootError {
     NoEncryptionKey,
     #[error("jobs: {0}")]
     Jobs(#[from] JobError),
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
+}
+
+/// The eligible approvers of `operation` requested by `requester`, as
+/// `GET .../eligible-approvers` lists them: enabled users holding one of the
+/// operation's approver roles and `approvals.approve`, not the requester.
+fn approver_resolver(store: Arc<dyn Store>, rbac: Arc<Rbac>) -> ApproverResolver {
+    Arc::new(move |operation: Operation, requester: &str| {
+        let roles = operation.policy().approver_roles;
+        let mut out = Vec::new();
+        let scan = crate::store::for_each_json::<crate::auth::model::User>(
+            store.as_ref(),
+            crate::store::Collection::Users,
+            |_, _, u| {
+                if u.id != requester
+                    && !u.disabled
+                    && u.roles.iter().any(|r| roles.contains(&r.as_str()))
+                    && rbac.evaluate(&u.roles, "approvals.approve").is_some()
+                {
+                    out.push(Approver {
+                        id: u.id,
+                        email: u.email,
+                    });
+                }
+                Ok(())
+            },
+        );
+        if let Err(e) = scan {
+            // The notification still goes out, naming no one: the receiver
+            // can read eligible-approvers itself.
+            tracing::warn!(error = %e, "listing eligible approvers for a notification failed");
+        }
+        out
+    })
 }
 
 impl AppState {
@@ -105,12 +144,28 @@ impl AppState {
             metrics.clone(),
             MigrationOptions::from_config(&config),
         ));
-        let approvals = ApprovalService::new(
+        let notifier = match &config.approval_webhook {
+            Some(w) => {
+                tracing::info!(url = ?w.url, "approval notifications: on");
+                Some(Arc::new(
+                    Notifier::new(w.clone(), metrics.clone())?
+                        .with_resolver(approver_resolver(store.clone(), rbac.clone())),
+                ))
+            }
+            None => {
+                tracing::info!("approval notifications: off (APPROVAL_WEBHOOK_URL is not set)");
+                None
+            }
+        };
+        let mut approvals = ApprovalService::new(
             store.clone(),
             audit.clone(),
             metrics.clone(),
             config.approvals.clone(),
         );
+        if let Some(n) = &notifier {
+            approvals = approvals.with_notifier(n.clone());
+        }
         let jobs = Arc::new(Jobs::open(
             store.clone(),
             migration.clone(),
@@ -132,6 +187,7 @@ impl AppState {
             // The embedded store is opened by this process alone (its
             // directory lock); a shared store must say otherwise.
             executor: Executor::new(true),
+            notifier,
             jobs,
             password_slots: tokio::sync::Semaphore::new(config_slots),
         })

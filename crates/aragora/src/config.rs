@@ -140,6 +140,9 @@ pub struct Config {
     /// Approval gates: `APPROVAL_TIMEOUT_<OPERATION>` (seconds) and
     /// `APPROVAL_AUTO_APPROVE_LOW`.
     pub approvals: crate::approvals::ApprovalSettings,
+    /// Approval notifications (APPROVAL_WEBHOOK_URL and its companions);
+    /// `None`: none are sent.
+    pub approval_webhook: Option<crate::approvals::WebhookSettings>,
     /// Records per migration batch (ARAGORA_MIGRATION_BATCH_SIZE).
     pub migration_batch_size: usize,
     /// Test-only faults (none unless a test asks for one).
@@ -275,6 +278,65 @@ fn number(name: &str, v: &str, min: u64, max: u64, problems: &mut Vec<String>) -
             min
         }
     }
+}
+
+/// `APPROVAL_WEBHOOK_URL` with its secret and delivery knobs. Neither the URL
+/// (its path may hold a token) nor the secret is echoed in a problem.
+fn webhook<'v>(
+    get: &dyn Fn(&str) -> Option<&'v str>,
+    p: &mut Vec<String>,
+) -> Option<crate::approvals::WebhookSettings> {
+    use crate::approvals::notify::{
+        DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_BACKOFF_BASE, DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS_LIMIT,
+        MIN_SECRET_BYTES, WebhookSettings, WebhookUrl,
+    };
+    let url = get("APPROVAL_WEBHOOK_URL").filter(|v| !v.trim().is_empty())?;
+    let url = WebhookUrl::parse(url).map_err(|e| p.push(e)).ok();
+    let secret = match get("APPROVAL_WEBHOOK_SECRET").filter(|s| !s.is_empty()) {
+        None => {
+            p.push(
+                "APPROVAL_WEBHOOK_SECRET is not set (required with APPROVAL_WEBHOOK_URL, \
+                 at least 32 bytes)"
+                    .into(),
+            );
+            None
+        }
+        Some(s) if s.len() < MIN_SECRET_BYTES => {
+            p.push(format!(
+                "APPROVAL_WEBHOOK_SECRET must be at least {MIN_SECRET_BYTES} bytes, got {}",
+                s.len()
+            ));
+            None
+        }
+        Some(s) => Some(SecretString::new(s.to_owned())),
+    };
+    let max_attempts =
+        get("APPROVAL_WEBHOOK_MAX_ATTEMPTS").map_or(u64::from(DEFAULT_MAX_ATTEMPTS), |v| {
+            number(
+                "APPROVAL_WEBHOOK_MAX_ATTEMPTS",
+                v,
+                1,
+                u64::from(MAX_ATTEMPTS_LIMIT),
+                p,
+            )
+        });
+    let backoff_ms = get("APPROVAL_WEBHOOK_BACKOFF_BASE_MS").map_or(
+        u64::try_from(DEFAULT_BACKOFF_BASE.as_millis()).unwrap_or(1000),
+        |v| number("APPROVAL_WEBHOOK_BACKOFF_BASE_MS", v, 1, 60_000, p),
+    );
+    let timeout = get("APPROVAL_WEBHOOK_TIMEOUT").map_or(DEFAULT_ATTEMPT_TIMEOUT.as_secs(), |v| {
+        number("APPROVAL_WEBHOOK_TIMEOUT", v, 1, 120, p)
+    });
+    let ca_file = get("APPROVAL_WEBHOOK_CA_FILE")
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let mut s = WebhookSettings::new(url?, secret?);
+    s.max_attempts = u32::try_from(max_attempts).unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    s.backoff_base = Duration::from_millis(backoff_ms);
+    s.attempt_timeout = Duration::from_secs(timeout);
+    s.ca_file = ca_file;
+    Some(s)
 }
 
 impl Config {
@@ -420,6 +482,7 @@ impl Config {
                     p.push(e);
                     crate::approvals::ApprovalSettings::default()
                 });
+        let approval_webhook = webhook(&get, &mut p);
         let mut trusted_proxies = Vec::new();
         for part in get("ARAGORA_TRUSTED_PROXIES")
             .unwrap_or_default()
@@ -532,6 +595,7 @@ impl Config {
             password_hash_concurrency: password_hash_concurrency as usize,
             auth_failure_audit_window: Duration::from_secs(auth_failure_audit_window),
             approvals,
+            approval_webhook,
             migration_batch_size: migration_batch_size as usize,
             faults: FaultPlan {
                 crash_after_migration_batches,
@@ -711,6 +775,71 @@ mod tests {
             assert!(!shown.contains(secret), "Debug shows a secret: {shown}");
         }
         assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn the_approval_webhook_is_validated_without_echoing_url_or_secret() {
+        let secret = "a-webhook-secret-of-at-least-32-bytes!";
+        let c = Config::from_vars(&vars(&[
+            ("APPROVAL_WEBHOOK_URL", "https://hooks.example.com/t/TOKEN"),
+            ("APPROVAL_WEBHOOK_SECRET", secret),
+            ("APPROVAL_WEBHOOK_MAX_ATTEMPTS", "3"),
+            ("APPROVAL_WEBHOOK_BACKOFF_BASE_MS", "20"),
+        ]))
+        .expect("valid");
+        let w = c.approval_webhook.as_ref().expect("configured");
+        assert_eq!(w.max_attempts, 3);
+        assert_eq!(w.backoff_base, Duration::from_millis(20));
+        assert_eq!(w.secret.expose(), secret);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains(secret) && !shown.contains("TOKEN"),
+            "{shown}"
+        );
+        assert!(
+            Config::from_vars(&vars(&[]))
+                .expect("defaults")
+                .approval_webhook
+                .is_none()
+        );
+
+        for (pairs, name) in [
+            (
+                vec![
+                    ("APPROVAL_WEBHOOK_URL", "hooks.example.com/TOKEN"),
+                    ("APPROVAL_WEBHOOK_SECRET", secret),
+                ],
+                "APPROVAL_WEBHOOK_URL",
+            ),
+            (
+                vec![("APPROVAL_WEBHOOK_URL", "http://127.0.0.1:9/TOKEN")],
+                "APPROVAL_WEBHOOK_SECRET",
+            ),
+            (
+                vec![
+                    ("APPROVAL_WEBHOOK_URL", "http://127.0.0.1:9/TOKEN"),
+                    ("APPROVAL_WEBHOOK_SECRET", "short-secret-value"),
+                ],
+                "APPROVAL_WEBHOOK_SECRET",
+            ),
+            (
+                vec![
+                    ("APPROVAL_WEBHOOK_URL", "http://127.0.0.1:9/TOKEN"),
+                    ("APPROVAL_WEBHOOK_SECRET", secret),
+                    ("APPROVAL_WEBHOOK_MAX_ATTEMPTS", "0"),
+                ],
+                "APPROVAL_WEBHOOK_MAX_ATTEMPTS",
+            ),
+        ] {
+            let e = Config::from_vars(&vars(&pairs))
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains(name), "{name} not named: {e}");
+            assert!(
+                !e.contains("TOKEN") && !e.contains("short-secret-value") && !e.contains(secret),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -330,6 +330,9 @@ fn serve() -> Result<ExitCode> {
                 .await;
             }
         });
+        if let Some(n) = app_state.notifier.clone() {
+            tokio::spawn(n.run());
+        }
         let app = router(app_state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         match tls {
             None => {

@@ -33,6 +33,11 @@ pub struct Metrics {
     pub oldest_pending_critical_approval_age: IntGauge,
     pub approval_unauthorized_attempts: IntCounter,
     pub approval_timeouts: IntCounter,
+    /// Approval webhook notifications by outcome (delivered, failed after
+    /// the last attempt, dropped because the queue was full).
+    pub approval_notifications: IntCounterVec,
+    pub approval_notification_retries: IntCounter,
+    pub approval_notification_queue_depth: IntGauge,
     /// Records a re-encryption migration could not rewrap, by store.
     pub migration_errors: IntCounterVec,
     /// Records a re-encryption migration handled, by store and outcome.
@@ -155,6 +160,25 @@ impl Metrics {
                 r.register(Box::new(c.clone()))?;
                 c
             },
+            approval_notifications: counter_vec(
+                &r,
+                "aragora_approval_notifications_total",
+                "Approval webhook notifications by outcome (delivered, failed after the last attempt, dropped when the queue was full)",
+                &["outcome"],
+            )?,
+            approval_notification_retries: {
+                let c = IntCounter::new(
+                    "aragora_approval_notification_retries_total",
+                    "Approval webhook delivery attempts retried",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            approval_notification_queue_depth: gauge(
+                &r,
+                "aragora_approval_notification_queue_depth",
+                "Approval webhook notifications waiting for delivery",
+            )?,
             migration_errors: counter_vec(
                 &r,
                 "aragora_security_migration_errors_total",
@@ -223,6 +247,9 @@ impl Metrics {
         }
         // The migration's series are created by the migration
         // (`encryption::migration::register_metrics`): it owns the store names.
+        for outcome in ["delivered", "failed", "dropped"] {
+            self.approval_notifications.with_label_values(&[outcome]);
+        }
         for outcome in ["ok", "failed"] {
             self.tls_certificate_reloads.with_label_values(&[outcome]);
         }

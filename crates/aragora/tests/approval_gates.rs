@@ -132,7 +132,10 @@ fn settled(w: &World, id: &str) -> Value {
 }
 
 fn key_count(w: &World) -> u64 {
-    let keys = w.server.get("/api/security/encryption/keys", &w.admin).json();
+    let keys = w
+        .server
+        .get("/api/security/encryption/keys", &w.admin)
+        .json();
     keys["keys"].as_array().expect("keys").len() as u64
 }
 
@@ -195,7 +198,11 @@ fn gated_calls_answer_202_for_everyone_but_the_admin() {
         &json!({"operation": "migration_run", "params": {}, "reason": "x"}),
     );
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("store"), "names the missing field: {}", r.body);
+    assert!(
+        r.body.contains("store"),
+        "names the missing field: {}",
+        r.body
+    );
 
     // The admin runs at once, audited as a skipped gate.
     let before = key_count(&w);
@@ -269,8 +276,10 @@ fn an_approved_rotation_runs_once_as_the_requester_with_its_result() {
     let result = &done["execution"]["result"];
     assert_eq!(result["rotated"], true, "{done}");
     assert_eq!(key_count(&w), before + 1, "rotated exactly once");
-    let primary = w.server.get("/api/security/encryption/keys", &w.admin).json()
-        ["primary_key_id"]
+    let primary = w
+        .server
+        .get("/api/security/encryption/keys", &w.admin)
+        .json()["primary_key_id"]
         .clone();
     assert_eq!(result["primary_key_id"], primary);
 
@@ -290,7 +299,10 @@ fn an_approved_rotation_runs_once_as_the_requester_with_its_result() {
         "the rotation is the requester's: {rows:?}"
     );
     let rows = w.server.audit(&w.admin, "approval_executed");
-    assert!(rows.iter().any(|e| e["details"]["approval_id"] == id.as_str()));
+    assert!(
+        rows.iter()
+            .any(|e| e["details"]["approval_id"] == id.as_str())
+    );
     // A decided request cannot run again: approving it now is a conflict.
     let r = w.server.post(
         &format!("/api/security/approvals/{id}/approve"),
@@ -335,7 +347,10 @@ fn a_requester_who_lost_the_authority_meanwhile_is_refused_at_execution() {
     );
     assert_eq!(key_count(&w), before, "nothing ran");
     let rows = w.server.audit(&w.admin, "approval_execution_refused");
-    assert!(rows.iter().any(|e| e["details"]["approval_id"] == id.as_str()));
+    assert!(
+        rows.iter()
+            .any(|e| e["details"]["approval_id"] == id.as_str())
+    );
 
     // Stripped of the role instead of disabled: refused as well.
     let (op3_id, op3) = user(&w.server, &w.admin, "op3@example.com", &["operator"]);
@@ -346,8 +361,11 @@ fn a_requester_who_lost_the_authority_meanwhile_is_refused_at_execution() {
     );
     let id = accepted(&r, "key_rotation", "high");
     let r = w.server.send(
-        Request::new("DELETE", &format!("/api/admin/users/{op3_id}/roles/operator"))
-            .bearer(&w.admin),
+        Request::new(
+            "DELETE",
+            &format!("/api/admin/users/{op3_id}/roles/operator"),
+        )
+        .bearer(&w.admin),
     );
     assert_eq!(r.status, 200, "{}", r.body);
     approve(&w, &w.approver, &id);
@@ -369,7 +387,11 @@ fn each_risk_level_runs_from_request_to_result() {
         .server
         .delete("/api/admin/ratelimit/blocks/203.0.113.50", &w.lead);
     let low = accepted(&r, "ip_unblock", "low");
-    assert_eq!(get(&w, &low)["status"], "pending", "no auto-approval by default");
+    assert_eq!(
+        get(&w, &low)["status"],
+        "pending",
+        "no auto-approval by default"
+    );
     approve(&w, &w.approver, &low);
     assert_eq!(settled(&w, &low)["status"], "executed");
     let blocks = w.server.get("/api/admin/ratelimit/blocks", &w.admin).json();
@@ -411,16 +433,20 @@ fn each_risk_level_runs_from_request_to_result() {
         .json()["roles"]
         .clone();
     assert!(
-        roles.as_array().is_some_and(|r| r.contains(&json!("approver"))),
+        roles
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("approver"))),
         "{roles}"
     );
 
     // critical: revoke every session; a session from before stops working.
     let jwt = w.server.login("t@example.com", PASSWORD);
     assert_eq!(w.server.get("/api/auth/me", &jwt).status, 200);
-    let r = w
-        .server
-        .post("/api/admin/sessions/revoke-all", &w.operator, &json!({"reason": "breach"}));
+    let r = w.server.post(
+        "/api/admin/sessions/revoke-all",
+        &w.operator,
+        &json!({"reason": "breach"}),
+    );
     let critical = accepted(&r, "sessions_revoke_all", "critical");
     assert_eq!(w.server.get("/api/auth/me", &jwt).status, 200, "not yet");
     approve(&w, &w.approver, &critical);
@@ -548,7 +574,10 @@ fn an_approved_secret_export_is_downloaded_by_its_requester_only() {
     approve(&w, &w.approver, &id);
     let done = settled(&w, &id);
     assert_eq!(done["status"], "executed", "{done}");
-    assert!(!done.to_string().contains("value of"), "the request stores no value: {done}");
+    assert!(
+        !done.to_string().contains("value of"),
+        "the request stores no value: {done}"
+    );
     let r = w.server.get(&download, &w.approver);
     assert_eq!(r.status, 403, "only the requester: {}", r.body);
     let r = w.server.get(&download, &member);

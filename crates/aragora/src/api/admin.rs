@@ -8,11 +8,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::approvals::accepted;
 use super::auth::{KeyBody, created_key};
 use super::views::{
     BlocksView, RevokedKeysView, RevokedSessionsView, UserPermissionsView, UserSessionsView,
 };
-use super::approvals::accepted;
 use super::{ApiResult, JsonBody, QueryParams, blocking, hashing, optional_body};
 use crate::app::AppState;
 use crate::approvals::OperationParams;
@@ -382,11 +382,15 @@ pub async fn revoke_all(
         let reason = b
             .reason
             .unwrap_or_else(|| "revoke every session (lockdown)".into());
-        match gate(&state, &p, &meta, &OperationParams::SessionsRevokeAll, &reason)? {
+        match gate(
+            &state,
+            &p,
+            &meta,
+            &OperationParams::SessionsRevokeAll,
+            &reason,
+        )? {
             Gate::Requested(r) => Ok(accepted(&r)),
-            Gate::Run => {
-                Ok(axum::Json(state.auth.revoke_all_sessions(&p, &meta)?).into_response())
-            }
+            Gate::Run => Ok(axum::Json(state.auth.revoke_all_sessions(&p, &meta)?).into_response()),
         }
     })
     .await
@@ -461,7 +465,13 @@ pub async fn unblock_ip(
 ) -> ApiResult<Response> {
     blocking(move || {
         let params = OperationParams::IpUnblock(IpUnblockParams { ip: ip.clone() });
-        match gate(&state, &p, &meta, &params, &format!("remove the IP block {ip}"))? {
+        match gate(
+            &state,
+            &p,
+            &meta,
+            &params,
+            &format!("remove the IP block {ip}"),
+        )? {
             Gate::Requested(r) => Ok(accepted(&r)),
             Gate::Run => {
                 state.auth.unblock_ip(&p, &ip, &meta)?;

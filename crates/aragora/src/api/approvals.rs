@@ -335,8 +335,8 @@ pub async fn export(
                 crate::clock::format_us(finished.saturating_add(window))
             )));
         }
-        let OperationParams::SecretExport(e) = OperationParams::parse(r.operation, &r.params)
-            .map_err(ServiceError::BadRequest)?
+        let OperationParams::SecretExport(e) =
+            OperationParams::parse(r.operation, &r.params).map_err(ServiceError::BadRequest)?
         else {
             return Err(ServiceError::Internal("export params".into()));
         };

@@ -9,9 +9,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::approvals::accepted;
 use super::views::{DryRunsView, MigrationStartedView, SecretValueView, SecretsPage};
 use super::{ApiResult, JsonBody, QueryParams, blocking};
-use super::approvals::accepted;
 use crate::app::AppState;
 use crate::approvals::gate::{Gate, gate};
 use crate::approvals::params::{KeyRotationParams, MigrationRunParams};
@@ -251,7 +251,14 @@ pub async fn migration_run(
         if state.rbac.evaluate(&p.roles, "migration.run").is_none() {
             // Let through by the gate's approvals.request; a dry run is no request.
             let m = axum::http::Method::POST;
-            super::deny(&state, &p, "migration.run", &m, "/api/security/migration/run", &meta);
+            super::deny(
+                &state,
+                &p,
+                "migration.run",
+                &m,
+                "/api/security/migration/run",
+                &meta,
+            );
             return Err(ServiceError::Forbidden {
                 permission: "migration.run".into(),
             }

@@ -39,14 +39,14 @@ use doc_types::*;
 mod doc_types {
     pub use super::openapi::{NoBody, Optional, Text};
     pub use super::views::*;
+    pub use crate::approvals::request::CreatedView;
     pub use crate::audit::{SearchResult, VerifyReport};
+    pub use crate::auth::DeletedUser;
     pub use crate::auth::model::{IpBlockView, UserView};
     pub use crate::auth::tokens::RevokeAllOutcome;
     pub use crate::auth::users::BulkLockOutcome;
     pub use crate::encryption::migration::MigrationView;
     pub use crate::encryption::{EncryptionHealth, EncryptionStats, KeysView, RotationOutcome};
-    pub use crate::approvals::request::CreatedView;
-    pub use crate::auth::DeletedUser;
     pub use crate::jobs::JobRecord;
     pub use crate::rbac::denials::DenialRow;
     pub use crate::rbac::{CacheStats, CustomRole, PermissionView, RoleView};
@@ -207,8 +207,7 @@ pub fn optional_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, A
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
-        .map_err(|e| bad_request(format!("request body is not valid: {e}")))
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("request body is not valid: {e}")))
 }
 
 /// Query parameters; a bad value names its parameter.

@@ -8,8 +8,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::views::{CacheClearedView, CacheWarmupView};
 use super::approvals::accepted;
+use super::views::{CacheClearedView, CacheWarmupView};
 use super::{ApiResult, JsonBody, QueryParams, blocking};
 use crate::app::AppState;
 use crate::approvals::OperationParams;

@@ -132,7 +132,10 @@ pub fn run_due(state: &Arc<AppState>) {
             spawn_with(state, r.id.clone(), boot);
         }
     }
-    state.executor.first_pass_done.store(true, Ordering::Release);
+    state
+        .executor
+        .first_pass_done
+        .store(true, Ordering::Release);
 }
 
 /// Runs (or takes over) one request on a new thread.
@@ -251,10 +254,7 @@ fn run(state: &AppState, r: &ApprovalRequest) -> RunEnd {
     };
     let meta = RequestMeta::default();
     if let Err(e) = check_requester(state, &principal, &meta, &params) {
-        return RunEnd::Refused(format!(
-            "requester {} no longer may: {e}",
-            r.requester_id
-        ));
+        return RunEnd::Refused(format!("requester {} no longer may: {e}", r.requester_id));
     }
     let outcome: Result<Value, ServiceError> = match &params {
         OperationParams::KeyRotation(p) => state
@@ -271,9 +271,7 @@ fn run(state: &AppState, r: &ApprovalRequest) -> RunEnd {
             .jobs
             .run_migration(&p.store, &principal.user_id)
             .map_err(ServiceError::from)
-            .map(|j: JobRecord| {
-                json!({"job_id": j.id, "state": j.state, "results": j.results})
-            }),
+            .map(|j: JobRecord| json!({"job_id": j.id, "state": j.state, "results": j.results})),
         OperationParams::SessionsRevokeAll => state
             .auth
             .revoke_all_sessions(&principal, &meta)
@@ -310,10 +308,9 @@ fn run(state: &AppState, r: &ApprovalRequest) -> RunEnd {
     };
     match outcome {
         Ok(v) => RunEnd::Done(v),
-        Err(ServiceError::Forbidden { permission }) => RunEnd::Refused(format!(
-            "requester {} lacks {permission}",
-            r.requester_id
-        )),
+        Err(ServiceError::Forbidden { permission }) => {
+            RunEnd::Refused(format!("requester {} lacks {permission}", r.requester_id))
+        }
         Err(e) => RunEnd::Failed(e.to_string()),
     }
 }

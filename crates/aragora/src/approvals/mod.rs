@@ -8,12 +8,14 @@
 pub mod catalogue;
 pub mod execute;
 pub mod gate;
+pub mod notify;
 pub mod params;
 pub mod request;
 pub mod service;
 pub mod store;
 
 pub use catalogue::{Operation, OperationPolicy, RiskLevel};
+pub use notify::{Approver, Event, Notification, Notifier, WebhookSettings};
 pub use params::OperationParams;
 pub use request::{Approval, ApprovalRequest, ApproveInput, Decider, Refusal, Status};
 pub use service::{ApprovalError, ApprovalService, ApprovalSettings, Requester};

@@ -179,10 +179,12 @@ mod tests {
     fn params_are_checked_per_operation_and_errors_name_the_field() {
         assert_eq!(
             OperationParams::parse(Operation::KeyRotation, &json!(null)),
-            Ok(OperationParams::KeyRotation(KeyRotationParams { force: false }))
+            Ok(OperationParams::KeyRotation(KeyRotationParams {
+                force: false
+            }))
         );
-        let e = OperationParams::parse(Operation::MigrationRun, &json!({}))
-            .expect_err("store missing");
+        let e =
+            OperationParams::parse(Operation::MigrationRun, &json!({})).expect_err("store missing");
         assert!(e.contains("store"), "{e}");
         let e = OperationParams::parse(
             Operation::PrivilegedRoleGrant,

@@ -684,10 +684,24 @@ mod tests {
         assert_eq!(r.status, Status::Approved);
         assert!(r.begin_execution("job_1", 11, 100));
         assert!(!r.begin_execution("job_2", 12, 100), "runs once");
-        assert_eq!(r.take_over("job_2", 50, 100, false), None, "the lease holds");
-        assert_eq!(r.take_over("job_2", 111, 100, false).as_deref(), Some("job_1"));
-        assert_eq!(r.take_over("job_3", 112, 100, false), None, "the new lease holds");
-        assert_eq!(r.take_over("job_3", 113, 100, true).as_deref(), Some("job_2"));
+        assert_eq!(
+            r.take_over("job_2", 50, 100, false),
+            None,
+            "the lease holds"
+        );
+        assert_eq!(
+            r.take_over("job_2", 111, 100, false).as_deref(),
+            Some("job_1")
+        );
+        assert_eq!(
+            r.take_over("job_3", 112, 100, false),
+            None,
+            "the new lease holds"
+        );
+        assert_eq!(
+            r.take_over("job_3", 113, 100, true).as_deref(),
+            Some("job_2")
+        );
         r.finish_execution(Ok(serde_json::json!({"new_key_id": "k2"})), false, 13);
         assert_eq!(r.status, Status::Executed);
         assert_eq!(r.view().execution.expect("execution").job_id, "job_1");

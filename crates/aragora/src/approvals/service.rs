@@ -163,6 +163,8 @@ pub struct ApprovalService {
     audit: Arc<AuditLog>,
     metrics: Metrics,
     settings: ApprovalSettings,
+    /// Approval webhook notifications, when `APPROVAL_WEBHOOK_URL` is set.
+    notifier: Option<Arc<super::notify::Notifier>>,
 }
 
 /// How often pending requests are checked for expiry (and the gauges
@@ -193,6 +195,31 @@ impl ApprovalService {
             audit,
             metrics,
             settings,
+            notifier: None,
+        }
+    }
+
+    /// Sends each lifecycle event of a request to the approval webhook.
+    pub fn with_notifier(mut self, notifier: Arc<super::notify::Notifier>) -> Self {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// Queues a notification (never waits; see `notify`).
+    fn notify(&self, event: super::notify::Event, r: &ApprovalRequest) {
+        if let Some(n) = &self.notifier {
+            n.enqueue(super::notify::Notification::new(event, r));
+        }
+    }
+
+    /// For the execution code: `executed`, or `failed` when the run failed or
+    /// was refused, once the outcome is stored on `r`.
+    pub fn notify_executed(&self, r: &ApprovalRequest) {
+        use super::notify::Event;
+        match r.status {
+            Status::Executed => self.notify(Event::Executed, r),
+            Status::Failed | Status::Refused => self.notify(Event::Failed, r),
+            _ => {}
         }
     }
 
@@ -298,6 +325,14 @@ impl ApprovalService {
         if auto {
             self.count(&r, "approved");
         }
+        self.notify(
+            if auto {
+                super::notify::Event::Approved
+            } else {
+                super::notify::Event::Requested
+            },
+            &r,
+        );
         self.refresh_gauges_from(&open, Some(&r), now);
         Ok(r)
     }
@@ -514,6 +549,7 @@ impl ApprovalService {
         )?;
         if approval == Approval::Approved {
             self.count(&r, "approved");
+            self.notify(super::notify::Event::Approved, &r);
         }
         self.refresh_gauges()?;
         Ok((approval, r))
@@ -535,6 +571,7 @@ impl ApprovalService {
             |r, _| json!({"reason": r.decisions.last().and_then(|d| d.reason.clone())}),
         )?;
         self.count(&r, "rejected");
+        self.notify(super::notify::Event::Rejected, &r);
         self.refresh_gauges()?;
         Ok(r)
     }
@@ -563,6 +600,7 @@ impl ApprovalService {
             },
         )?;
         self.count(&r, "bypassed");
+        self.notify(super::notify::Event::EmergencyBypass, &r);
         self.refresh_gauges()?;
         Ok(r)
     }
@@ -683,6 +721,7 @@ impl ApprovalService {
             .map(|((), r)| r);
         if let Some(r) = &done {
             self.count(r, r.status.as_str());
+            self.notify_executed(r);
         }
         Ok(done)
     }
@@ -739,6 +778,7 @@ impl ApprovalService {
                     expired += 1;
                     self.metrics.approval_timeouts.inc();
                     self.count(&r, "expired");
+                    self.notify(super::notify::Event::Expired, &r);
                 }
                 // Decided or expired by someone else meanwhile.
                 Err(ApprovalError::Refused { .. }) => {}
@@ -1030,22 +1070,42 @@ mod tests {
         });
         for _ in 0..3 {
             f.svc
-                .request(&who("u_a"), Operation::MigrationRun, json!({"store": "all"}), "r")
+                .request(
+                    &who("u_a"),
+                    Operation::MigrationRun,
+                    json!({"store": "all"}),
+                    "r",
+                )
                 .expect("request");
         }
         let e = f
             .svc
-            .request(&who("u_a"), Operation::MigrationRun, json!({"store": "all"}), "r")
+            .request(
+                &who("u_a"),
+                Operation::MigrationRun,
+                json!({"store": "all"}),
+                "r",
+            )
             .expect_err("per requester");
         assert!(e.to_string().contains("limit 3"), "{e}");
         for _ in 0..2 {
             f.svc
-                .request(&who("u_b"), Operation::MigrationRun, json!({"store": "all"}), "r")
+                .request(
+                    &who("u_b"),
+                    Operation::MigrationRun,
+                    json!({"store": "all"}),
+                    "r",
+                )
                 .expect("request");
         }
         let e = f
             .svc
-            .request(&who("u_c"), Operation::MigrationRun, json!({"store": "all"}), "r")
+            .request(
+                &who("u_c"),
+                Operation::MigrationRun,
+                json!({"store": "all"}),
+                "r",
+            )
             .expect_err("in all");
         assert!(e.to_string().contains("limit 5"), "{e}");
         let big = json!({"store": "y".repeat(MAX_PARAMS_BYTES)});

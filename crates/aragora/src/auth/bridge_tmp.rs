@@ -43,6 +43,8 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<DeletedUser, ServiceError> {
         self.check_delete_user(actor, user_id, meta)?;
-        Err(ServiceError::Unavailable("delete_user lands with h15-d".into()))
+        Err(ServiceError::Unavailable(
+            "delete_user lands with h15-d".into(),
+        ))
     }
 }
