@@ -594,3 +594,31 @@ fn an_approved_secret_export_is_downloaded_by_its_requester_only() {
     );
     assert_eq!(r.status, 400, "{}", r.body);
 }
+
+#[test]
+fn timeouts_come_from_the_environment_and_bad_ones_stop_boot() {
+    let w = world_with(&[("APPROVAL_TIMEOUT_KEY_ROTATION", "7200")]);
+    let r = w.server.post(
+        "/api/security/encryption/rotate",
+        &w.operator,
+        &json!({"reason": "quarterly", "force": true}),
+    );
+    let id = accepted(&r, "key_rotation", "high");
+    let rq = get(&w, &id);
+    let secs = |field: &str| {
+        let t = rq[field].as_str().expect(field);
+        // YYYY-MM-DDTHH:MM:SSZ: same day in this test, so compare seconds of day.
+        let hms: Vec<i64> = t[11..19]
+            .split(':')
+            .map(|x| x.parse().expect("number"))
+            .collect();
+        (t[..10].to_string(), hms[0] * 3600 + hms[1] * 60 + hms[2])
+    };
+    let (day_a, at) = secs("requested_at");
+    let (day_b, until) = secs("expires_at");
+    let span = if day_a == day_b { until - at } else { until + 86_400 - at };
+    assert_eq!(span, 7200, "{rq}");
+    let e = Server::try_start(bin(), &[("APPROVAL_TIMEOUT_KEY_ROTATION", "2h")])
+        .expect_err("refused");
+    assert!(e.to_string().contains("APPROVAL_TIMEOUT_KEY_ROTATION"), "{e}");
+}

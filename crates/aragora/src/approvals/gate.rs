@@ -169,7 +169,7 @@ mod tests {
         assert!(is_privileged(&["*"]));
         assert!(is_privileged(&["self.read", "encryption.rotate"]));
         assert!(is_privileged(&["secrets.read:team-a/"]));
-        assert!(!is_privileged(&["self.read", "audit.read"]));
+        assert!(!is_privileged(&["self.read", "secrets.list", "approvals.read"]));
         assert!(!is_privileged::<&str>(&[]));
     }
 }

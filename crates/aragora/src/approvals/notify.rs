@@ -894,7 +894,12 @@ mod tests {
             ip: None,
         };
         let ask = || {
-            svc.request(&who, Operation::MigrationRun, serde_json::json!({}), "r")
+            svc.request(
+                &who,
+                Operation::MigrationRun,
+                serde_json::json!({"store": "all"}),
+                "r",
+            )
                 .expect("request")
         };
         let approver = vec!["approver".to_string()];

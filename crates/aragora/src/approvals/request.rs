@@ -704,7 +704,8 @@ mod tests {
         );
         r.finish_execution(Ok(serde_json::json!({"new_key_id": "k2"})), false, 13);
         assert_eq!(r.status, Status::Executed);
-        assert_eq!(r.view().execution.expect("execution").job_id, "job_1");
+        let exec = r.view().execution.expect("execution");
+        assert_eq!((exec.job_id.as_str(), exec.takeovers), ("job_3", 2));
     }
 
     #[test]

@@ -3,8 +3,6 @@
 //! defences. Every security event is audited; changes are written in the same
 //! atomic batch as their audit entry.
 
-mod bridge_tmp;
-pub use bridge_tmp::DeletedUser;
 mod ceiling;
 pub mod defence;
 pub mod failures;
