@@ -37,8 +37,18 @@ use model::{IpBlock, RevocationEpoch, User};
 /// How a request proved who it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Credential {
-    Session { session_id: String },
-    ApiKey { key_id: String },
+    Session {
+        session_id: String,
+    },
+    ApiKey {
+        key_id: String,
+    },
+    /// The requester acting through an approved request, executed later by
+    /// the server: no bearer credential of the user's is involved, so there is
+    /// no session or key to keep, end or revoke on its behalf.
+    Approval {
+        approval_id: String,
+    },
 }
 
 /// An authenticated caller.
@@ -479,3 +489,6 @@ impl AuthService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -297,6 +297,39 @@ impl AuthService {
         )
     }
 
+    /// The requester of an approved request, as the account is now, acting
+    /// through that request: the server executes it later, so the roles are
+    /// read again (a role removed meanwhile is not exercised) and a deleted or
+    /// disabled account gets nothing run. A lockout is no reason to refuse: it
+    /// stops password guessing, not an account's other credentials.
+    /// Nothing is audited or counted here: the caller records the execution.
+    pub fn principal_for_approval(
+        &self,
+        user_id: &str,
+        approval_id: &str,
+    ) -> Result<Principal, ServiceError> {
+        let Some((_, user)) = get_json::<User>(self.store.as_ref(), Collection::Users, user_id)?
+        else {
+            return Err(ServiceError::Conflict(format!(
+                "the requester {user_id} of approval {approval_id} no longer exists; the request is not executed"
+            )));
+        };
+        if user.disabled {
+            return Err(ServiceError::Conflict(format!(
+                "the requester {} ({user_id}) of approval {approval_id} is disabled; the request is not executed",
+                user.email
+            )));
+        }
+        Ok(Principal {
+            user_id: user.id,
+            email: user.email,
+            roles: user.roles,
+            credential: Credential::Approval {
+                approval_id: approval_id.to_string(),
+            },
+        })
+    }
+
     fn principal_for(
         &self,
         user_id: &str,
@@ -624,6 +657,9 @@ impl AuthService {
             }
             Credential::ApiKey { .. } => Err(ServiceError::BadRequest(
                 "an API key has no session; revoke the key instead".into(),
+            )),
+            Credential::Approval { .. } => Err(ServiceError::BadRequest(
+                "an approved request acts without a session; there is nothing to log out".into(),
             )),
         }
     }

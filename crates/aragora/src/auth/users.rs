@@ -352,7 +352,7 @@ impl AuthService {
         let hash = password::hash(new_password).map_err(ServiceError::Internal)?;
         let keep = match &actor.credential {
             super::Credential::Session { session_id } => Some(session_id.clone()),
-            super::Credential::ApiKey { .. } => None,
+            super::Credential::ApiKey { .. } | super::Credential::Approval { .. } => None,
         };
         self.update_user_with(
             &actor.user_id,
