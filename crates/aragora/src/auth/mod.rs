@@ -5,6 +5,7 @@
 
 mod ceiling;
 pub mod defence;
+pub mod delete;
 pub mod failures;
 pub mod jwt;
 pub mod model;
@@ -33,6 +34,8 @@ use defence::{IpBlocks, IpLimiter, LockoutPolicy};
 use failures::FailureAudit;
 use jwt::JwtKeys;
 use model::{IpBlock, RevocationEpoch, User};
+
+pub use delete::DeletedUser;
 
 /// How a request proved who it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
