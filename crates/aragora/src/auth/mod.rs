@@ -6,6 +6,7 @@
 mod ceiling;
 pub mod defence;
 pub mod delete;
+mod details;
 pub mod failures;
 pub mod jwt;
 pub mod model;
@@ -21,7 +22,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use serde_json::json;
 
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::clock::{self, now_us};
@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::rbac::Rbac;
 use crate::store::{Collection, Store, StoreError, for_each_json, get_json};
 use defence::{IpBlocks, IpLimiter, LockoutPolicy};
+use details::{FailureDetail, PolicyLocked};
 use failures::FailureAudit;
 use jwt::JwtKeys;
 use model::{IpBlock, RevocationEpoch, User};
@@ -177,7 +178,7 @@ impl AuthService {
         actor: &str,
         email: Option<&str>,
         meta: &RequestMeta,
-        extra: serde_json::Value,
+        extra: FailureDetail,
     ) -> ServiceError {
         self.metrics
             .auth_failures
@@ -270,7 +271,7 @@ impl AuthService {
                 "anonymous",
                 Some(&email),
                 meta,
-                json!({}),
+                FailureDetail::None {},
             );
             return Err(ServiceError::RateLimited {
                 retry_after_secs: retry,
@@ -324,7 +325,7 @@ impl AuthService {
                 "anonymous",
                 Some(&email),
                 meta,
-                json!({"unknown_user": true}),
+                FailureDetail::UnknownUser { unknown_user: true },
             ));
         };
         // The attempt counts as a failure before the (slow) password check, in
@@ -347,7 +348,9 @@ impl AuthService {
                     &user_id,
                     Some(&email),
                     meta,
-                    json!({"locked_until": clock::format_us(until)}),
+                    FailureDetail::Locked {
+                        locked_until: clock::format_us(until),
+                    },
                 ));
             }
         };
@@ -368,7 +371,7 @@ impl AuthService {
                 &user.id,
                 Some(&email),
                 meta,
-                json!({}),
+                FailureDetail::None {},
             ));
         }
         self.start_session(user, version, &email, meta)
@@ -425,14 +428,21 @@ impl AuthService {
             &user.id,
             Some(email),
             meta,
-            json!({"failed_logins": user.failed_logins, "locked_until": clock::format_opt(locked)}),
+            FailureDetail::BadPassword {
+                failed_logins: user.failed_logins,
+                locked_until: clock::format_opt(locked),
+            },
         );
         if let Some(until) = locked {
             tracing::warn!(user_id = %user.id, until = %clock::format_us(until), "account locked after failed logins");
             if let Err(e) = self.audit.record(
                 AuditEvent::new("account_locked", user.id.clone(), Outcome::Success)
                     .ip(meta.ip_string())
-                    .details(json!({"email": email, "until": clock::format_us(until), "by": "lockout_policy"})),
+                    .details(PolicyLocked {
+                        email,
+                        until: clock::format_us(until),
+                        by: "lockout_policy",
+                    }),
             ) {
                 tracing::error!(error = %e, "account_locked could not be audited");
             }

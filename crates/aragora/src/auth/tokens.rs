@@ -9,9 +9,12 @@ use std::time::Instant;
 
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
-use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use super::details::{
+    AllSessionsRevoked, ApiKeyCreated, ApiKeysRevoked, FailureDetail, LoginSucceeded,
+    SessionsRevoked,
+};
 use super::model::{ApiKey, RevocationEpoch, Session, User};
 use super::{AuthService, CAS_RETRIES, Credential, Principal, RequestMeta, users};
 use crate::audit::{AuditEvent, Outcome, RecordError};
@@ -74,7 +77,11 @@ impl AuthService {
         user.last_active_at = Some(now);
         let event = AuditEvent::new("login_success", user.id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"email": email, "session_id": session.id, "method": "password"}));
+            .details(LoginSucceeded {
+                email,
+                session_id: &session.id,
+                method: "password",
+            });
         // The session, the counter reset and the audit entry are one write; when
         // a concurrent attempt moved the account, re-read it and reset again (a
         // correct password clears the lockout state, whatever came between).
@@ -107,7 +114,9 @@ impl AuthService {
                             &user.id,
                             Some(email),
                             meta,
-                            json!({"why": "account changed during login"}),
+                            FailureDetail::Why {
+                                why: "account changed during login",
+                            },
                         ));
                     }
                     self.lockout.on_success(&mut user);
@@ -170,7 +179,7 @@ impl AuthService {
                 "anonymous",
                 None,
                 meta,
-                json!({}),
+                FailureDetail::None {},
             ));
         };
         if let Some(rest) = token.strip_prefix(API_KEY_PREFIX) {
@@ -188,7 +197,10 @@ impl AuthService {
                 "anonymous",
                 None,
                 meta,
-                json!({"credential": "jwt"}),
+                FailureDetail::Credential {
+                    credential: "jwt",
+                    key_id: None,
+                },
             )
         })?;
         // Session, revocation epoch and user in one snapshot.
@@ -230,7 +242,9 @@ impl AuthService {
                 &claims.sub,
                 None,
                 meta,
-                json!({"session_id": claims.sid}),
+                FailureDetail::Session {
+                    session_id: claims.sid.clone(),
+                },
             ));
         }
         self.principal_from(
@@ -255,7 +269,10 @@ impl AuthService {
                 "anonymous",
                 None,
                 meta,
-                json!({"credential": "api_key"}),
+                FailureDetail::Credential {
+                    credential: "api_key",
+                    key_id: None,
+                },
             ));
         };
         let key = get_json::<ApiKey>(self.store.as_ref(), Collection::ApiKeys, id)?.map(|(_, k)| k);
@@ -266,7 +283,10 @@ impl AuthService {
                 "anonymous",
                 None,
                 meta,
-                json!({"credential": "api_key"}),
+                FailureDetail::Credential {
+                    credential: "api_key",
+                    key_id: None,
+                },
             ));
         };
         let presented = sha256_hex(secret);
@@ -277,7 +297,10 @@ impl AuthService {
                 &key.user_id,
                 None,
                 meta,
-                json!({"credential": "api_key", "key_id": key.id}),
+                FailureDetail::Credential {
+                    credential: "api_key",
+                    key_id: Some(key.id.clone()),
+                },
             ));
         }
         if key.revoked_at.is_some() {
@@ -287,7 +310,10 @@ impl AuthService {
                 &key.user_id,
                 None,
                 meta,
-                json!({"credential": "api_key", "key_id": key.id}),
+                FailureDetail::Credential {
+                    credential: "api_key",
+                    key_id: Some(key.id.clone()),
+                },
             ));
         }
         self.principal_for(
@@ -355,7 +381,7 @@ impl AuthService {
                 user_id,
                 None,
                 meta,
-                json!({}),
+                FailureDetail::None {},
             ));
         };
         if user.disabled {
@@ -365,7 +391,7 @@ impl AuthService {
                 user_id,
                 Some(&user.email),
                 meta,
-                json!({}),
+                FailureDetail::None {},
             ));
         }
         self.touch(&user, version);
@@ -394,7 +420,11 @@ impl AuthService {
         let (key, token) = new_api_key(&user.id, name)?;
         let event = AuditEvent::new("api_key_created", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"user_id": user.id, "key_id": key.id, "name": name}));
+            .details(ApiKeyCreated {
+                user_id: &user.id,
+                key_id: &key.id,
+                name,
+            });
         self.audit.record_with(
             event,
             vec![WriteOp::put_json(
@@ -457,7 +487,10 @@ impl AuthService {
         }
         let event = AuditEvent::new("api_keys_revoked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"user_id": user_id, "key_ids": ids}));
+            .details(ApiKeysRevoked {
+                user_id,
+                key_ids: &ids,
+            });
         self.audit.record_with(event, ops)?;
         self.rbac.invalidate_user(user_id);
         Ok(ids)
@@ -585,7 +618,11 @@ impl AuthService {
         }
         let event = AuditEvent::new("sessions_revoked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"user_id": user_id, "session_ids": ids, "reason": reason}));
+            .details(SessionsRevoked {
+                user_id,
+                session_ids: &ids,
+                reason,
+            });
         self.audit.record_with(event, ops)?;
         Ok(ids)
     }
@@ -621,7 +658,10 @@ impl AuthService {
                 Outcome::Success,
             )
             .ip(meta.ip_string())
-            .details(json!({"revoked_before": clock::format_us(now), "active_sessions": active}));
+            .details(AllSessionsRevoked {
+                revoked_before: clock::format_us(now),
+                active_sessions: active,
+            });
             match self.audit.record_with(
                 event,
                 vec![WriteOp::put_json(

@@ -2,8 +2,13 @@
 //! written with its audit entry, and invalidates the user's cached RBAC
 //! decisions before returning.
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
+use super::details::{
+    Bootstrapped, BulkLocked, Disabled, IpBlocked, IpUnblocked, NoDetails, PasswordChanged,
+    PasswordSet, RoleChange, TargetNewUser, TargetUserRole, UserChange, UserCreated,
+};
 use super::model::{IpBlockView, User, UserView};
 use super::tokens::{new_api_key, random_hex};
 use super::{AuthService, CAS_RETRIES, Principal, RequestMeta, password};
@@ -124,7 +129,10 @@ impl AuthService {
             actor,
             wanted.iter().map(String::as_str),
             "user_created",
-            json!({"target_email": email, "target_roles": roles}),
+            TargetNewUser {
+                target_email: &email,
+                target_roles: &roles,
+            },
             meta,
         )?;
         let password_hash = match password {
@@ -137,7 +145,11 @@ impl AuthService {
         let (user, ops) = new_user(email.clone(), password_hash, roles)?;
         let event = AuditEvent::new("user_created", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"user_id": user.id, "email": email, "roles": user.roles}));
+            .details(UserCreated {
+                user_id: &user.id,
+                email: &email,
+                roles: &user.roles,
+            });
         match self.audit.record_with(event, ops) {
             Ok(_) => Ok(user),
             Err(RecordError::Ops(_)) => Err(ServiceError::Conflict(format!(
@@ -150,24 +162,24 @@ impl AuthService {
     /// Applies `change` to the user with compare-and-set, audited as `action`;
     /// `change` returns the audit details and writes of its own (in the
     /// same atomic batch as the user record and the audit entry).
-    pub(crate) fn update_user_with(
+    pub(crate) fn update_user_with<D: Serialize>(
         &self,
         actor: &str,
         user_id: &str,
         action: &'static str,
         meta: &RequestMeta,
-        mut change: impl FnMut(&mut User) -> Result<(Value, Vec<WriteOp>), ServiceError>,
+        mut change: impl FnMut(&mut User) -> Result<(D, Vec<WriteOp>), ServiceError>,
     ) -> Result<User, ServiceError> {
         for _ in 0..CAS_RETRIES {
             let (version, mut user) = self.user(user_id)?;
-            let (mut details, mut ops) = change(&mut user)?;
-            if let Some(d) = details.as_object_mut() {
-                d.insert("user_id".into(), json!(user.id));
-                d.insert("email".into(), json!(user.email));
-            }
+            let (change, mut ops) = change(&mut user)?;
             let event = AuditEvent::new(action, actor, Outcome::Success)
                 .ip(meta.ip_string())
-                .details(details);
+                .details(UserChange {
+                    change,
+                    user_id: &user.id,
+                    email: &user.email,
+                });
             ops.insert(0, put_user(&user, version)?);
             match self.audit.record_with(event, ops) {
                 Ok(_) => {
@@ -186,13 +198,13 @@ impl AuthService {
     /// An administrative change to another account: refused (403, audited)
     /// unless the target holds no grant the actor lacks, checked on the record
     /// the change applies to.
-    fn admin_update(
+    fn admin_update<D: Serialize>(
         &self,
         actor: &Principal,
         user_id: &str,
         action: &'static str,
         meta: &RequestMeta,
-        mut change: impl FnMut(&mut User) -> Result<(Value, Vec<WriteOp>), ServiceError>,
+        mut change: impl FnMut(&mut User) -> Result<(D, Vec<WriteOp>), ServiceError>,
     ) -> Result<User, ServiceError> {
         self.update_user_with(&actor.user_id, user_id, action, meta, |u| {
             self.require_ceiling_over(actor, u, action, meta)?;
@@ -213,7 +225,10 @@ impl AuthService {
             actor,
             grants.iter().map(String::as_str),
             "role_assigned",
-            json!({"target_user_id": user_id, "target_role": role}),
+            TargetUserRole {
+                target_user_id: user_id,
+                target_role: role,
+            },
             meta,
         )?;
         self.admin_update(actor, user_id, "role_assigned", meta, |u| {
@@ -221,7 +236,13 @@ impl AuthService {
                 u.roles.push(role.to_string());
                 u.roles.sort();
             }
-            Ok((json!({"role": role, "roles": u.roles}), Vec::new()))
+            Ok((
+                RoleChange {
+                    role,
+                    roles: u.roles.clone(),
+                },
+                Vec::new(),
+            ))
         })
     }
 
@@ -251,7 +272,13 @@ impl AuthService {
             if was_admin && !u.disabled && !self.is_admin(u) {
                 ops.push(self.keep_another_admin(u, "remove the admin role")?);
             }
-            Ok((json!({"role": role, "roles": u.roles}), ops))
+            Ok((
+                RoleChange {
+                    role,
+                    roles: u.roles.clone(),
+                },
+                ops,
+            ))
         })
     }
 
@@ -284,7 +311,11 @@ impl AuthService {
             u.disabled_reason = Some(reason.to_string());
             u.session_generation += 1;
             Ok((
-                json!({"reason": reason, "sessions_ended": true, "api_keys_suspended": true}),
+                Disabled {
+                    reason,
+                    sessions_ended: true,
+                    api_keys_suspended: true,
+                },
                 ops,
             ))
         })?;
@@ -301,7 +332,7 @@ impl AuthService {
         self.admin_update(actor, user_id, "user_enabled", meta, |u| {
             u.disabled = false;
             u.disabled_reason = None;
-            Ok((json!({}), Vec::new()))
+            Ok((NoDetails {}, Vec::new()))
         })
     }
 
@@ -322,7 +353,12 @@ impl AuthService {
         self.admin_update(actor, user_id, "password_set", meta, |u| {
             u.password_hash = Some(hash.clone());
             u.session_generation += 1;
-            Ok((json!({"sessions_ended": true}), Vec::new()))
+            Ok((
+                PasswordSet {
+                    sessions_ended: true,
+                },
+                Vec::new(),
+            ))
         })
     }
 
@@ -380,7 +416,10 @@ impl AuthService {
                     )?);
                 }
                 Ok((
-                    json!({"other_sessions_ended": true, "kept_session": keep}),
+                    PasswordChanged {
+                        other_sessions_ended: true,
+                        kept_session: keep.clone(),
+                    },
                     ops,
                 ))
             },
@@ -395,7 +434,7 @@ impl AuthService {
     ) -> Result<User, ServiceError> {
         self.admin_update(actor, user_id, "account_unlocked", meta, |u| {
             self.lockout.on_success(u);
-            Ok((json!({}), Vec::new()))
+            Ok((NoDetails {}, Vec::new()))
         })
     }
 
@@ -468,7 +507,10 @@ impl AuthService {
                 }
                 u.locked_until = Some(until.max(u.locked_until.unwrap_or(0)));
                 Ok((
-                    json!({"until": clock::format_us(until), "by": "bulk_lock"}),
+                    BulkLocked {
+                        until: clock::format_us(until),
+                        by: "bulk_lock",
+                    },
                     ops,
                 ))
             })?;
@@ -552,12 +594,20 @@ impl AuthService {
         // behind that would refuse the next attempt.
         let (user, mut ops) = new_user(email, None, vec!["admin".into()])?;
         let (key, token) = new_api_key(&user.id, "bootstrap")?;
-        let event = AuditEvent::new("admin_bootstrap", user.id.clone(), Outcome::Success)
-            .details(json!({"user_id": user.id, "email": user.email, "key_id": key.id}));
+        let event = AuditEvent::new("admin_bootstrap", user.id.clone(), Outcome::Success).details(
+            Bootstrapped {
+                user_id: &user.id,
+                email: &user.email,
+                key_id: &key.id,
+            },
+        );
         ops.push(WriteOp::put_json(
             Collection::Meta,
             BOOTSTRAP_MARKER,
-            &json!({"user_id": user.id, "at": now_us()}),
+            &BootstrapMarker {
+                user_id: &user.id,
+                at: now_us(),
+            },
             Expect::Absent,
         )?);
         ops.push(WriteOp::put_json(
@@ -621,7 +671,11 @@ impl AuthService {
         };
         let event = AuditEvent::new("ip_blocked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"blocked_ip": block.ip, "reason": reason, "until": clock::format_us(block.expires_at)}));
+            .details(IpBlocked {
+                blocked_ip: &block.ip,
+                reason,
+                until: clock::format_us(block.expires_at),
+            });
         let mut ops = vec![WriteOp::put_json(
             Collection::IpBlocks,
             block.ip.clone(),
@@ -652,7 +706,7 @@ impl AuthService {
         }
         let event = AuditEvent::new("ip_unblocked", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"blocked_ip": key}));
+            .details(IpUnblocked { blocked_ip: &key });
         let ops = self
             .blocks
             .store_keys(&net)
@@ -671,6 +725,13 @@ impl AuthService {
             .map(|b| b.view())
             .collect()
     }
+}
+
+/// The record saying the one-time bootstrap ran.
+#[derive(Serialize)]
+struct BootstrapMarker<'a> {
+    user_id: &'a str,
+    at: i64,
 }
 
 /// An account `bulk_lock` locked.
