@@ -7,12 +7,12 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::model::{ApiKey, User};
+use super::model::User;
 use super::{AuthService, CAS_RETRIES, Principal, RequestMeta};
 use crate::audit::{AuditEvent, Outcome, RecordError};
 use crate::clock::now_us;
 use crate::error::ServiceError;
-use crate::store::{Collection, Expect, WriteOp, for_each_json, get_json};
+use crate::store::{Collection, Expect, WriteOp};
 
 /// The audit action, and the reason written on what the deletion revoked.
 pub const ACTION: &str = "user_deleted";
@@ -75,7 +75,7 @@ impl AuthService {
             match self.try_delete(actor, plan, meta)? {
                 Some(done) => {
                     self.rbac.invalidate_user(user_id);
-                    self.activity.lock().remove(user_id);
+                    self.users.forget_activity(user_id);
                     tracing::warn!(
                         user_id,
                         email = %done.email,
@@ -138,8 +138,7 @@ impl AuthService {
             Expect::Version(version),
         )];
         // The email index entry goes only if it still names this account.
-        if let Some((v, id)) =
-            get_json::<String>(self.store.as_ref(), Collection::UserEmails, &user.email)?
+        if let Some((v, id)) = self.users.email_owner(&user.email)?
             && id == user.id
         {
             ops.push(WriteOp::delete(
@@ -148,34 +147,14 @@ impl AuthService {
                 Expect::Version(v),
             ));
         }
-        let mut sessions_revoked = 0u64;
-        for (id, v, mut s) in self.user_sessions(&user.id)? {
-            if s.revoked_at.is_none() && s.expires_at > now {
-                s.revoked_at = Some(now);
-                s.revoked_reason = Some(ACTION.into());
-                ops.push(WriteOp::put_json(
-                    Collection::Sessions,
-                    id,
-                    &s,
-                    Expect::Version(v),
-                )?);
-                sessions_revoked += 1;
-            }
-        }
-        let mut api_keys_revoked = 0u64;
-        for_each_json::<ApiKey>(self.store.as_ref(), Collection::ApiKeys, |id, v, mut k| {
-            if k.user_id == user.id && k.revoked_at.is_none() {
-                k.revoked_at = Some(now);
-                ops.push(WriteOp::put_json(
-                    Collection::ApiKeys,
-                    id,
-                    &k,
-                    Expect::Version(v),
-                )?);
-                api_keys_revoked += 1;
-            }
-            Ok(())
-        })?;
+        let (sessions, session_ops) = self
+            .sessions
+            .revoke_ops(&user.id, None, true, ACTION, now)?;
+        let (keys, key_ops) = self.api_keys.revoke_ops(&user.id, None, now)?;
+        ops.extend(session_ops);
+        ops.extend(key_ops);
+        let sessions_revoked = sessions.len() as u64;
+        let api_keys_revoked = keys.len() as u64;
         ops.extend(admin_guard);
         let event = AuditEvent::new(ACTION, actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())

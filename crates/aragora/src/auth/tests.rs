@@ -227,7 +227,7 @@ fn deleting_a_user_removes_it_and_ends_its_sessions_and_keys() {
             .expect("read")
             .is_none()
     );
-    let sessions = f.auth.user_sessions(&user.id).expect("sessions");
+    let sessions = f.auth.sessions.of_user(&user.id).expect("sessions");
     assert!(
         sessions
             .iter()
