@@ -302,32 +302,14 @@ impl AuthService {
                     user.roles.sort();
                 }
                 let mut ops = vec![put_user(&user, version)?];
-                for (id, version, mut s) in self.sessions.of_user(&user.id)? {
-                    if s.revoked_at.is_none() && s.expires_at > now {
-                        s.revoked_at = Some(now);
-                        s.revoked_reason = Some(ACTION.into());
-                        ops.push(WriteOp::put_json(
-                            Collection::Sessions,
-                            id.clone(),
-                            &s,
-                            Expect::Version(version),
-                        )?);
-                        revoked_session_ids.push(id);
-                    }
-                }
-                self.api_keys.for_each(|id, version, mut k| {
-                    if k.user_id == user.id && k.revoked_at.is_none() {
-                        k.revoked_at = Some(now);
-                        ops.push(WriteOp::put_json(
-                            Collection::ApiKeys,
-                            id.clone(),
-                            &k,
-                            Expect::Version(version),
-                        )?);
-                        revoked_key_ids.push(id);
-                    }
-                    Ok(())
-                })?;
+                let (session_ids, session_ops) = self
+                    .sessions
+                    .revoke_ops(&user.id, None, true, ACTION, now)?;
+                let (key_ids, key_ops) = self.api_keys.revoke_ops(&user.id, None, now)?;
+                ops.extend(session_ops);
+                ops.extend(key_ops);
+                revoked_session_ids = session_ids;
+                revoked_key_ids = key_ids;
                 (user, ops, Some(before))
             }
         };
