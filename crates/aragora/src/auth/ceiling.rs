@@ -11,7 +11,7 @@ use crate::error::ServiceError;
 use crate::rbac::catalogue::{WILDCARD, is_sensitive};
 use crate::rbac::grant::first_not_included;
 use crate::rbac::roles_label;
-use crate::store::{Collection, WriteOp, for_each_json};
+use crate::store::WriteOp;
 use serde::Serialize;
 
 /// `permission_denied` by the privilege ceiling, with what was targeted.
@@ -174,7 +174,7 @@ impl AuthService {
     ) -> Result<WriteOp, ServiceError> {
         let now = now_us();
         let mut other: Option<(u64, User)> = None;
-        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, version, u| {
+        self.users.for_each(|_, version, u| {
             if other.is_none() && !u.disabled && !u.is_locked(now) && stays_admin(&u) {
                 other = Some((version, u));
             }

@@ -10,12 +10,12 @@
 //! however many addresses, go into one overflow summary. So the audit state an
 //! anonymous flood adds is bounded per window, whatever its size or spread.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use parking_lot::Mutex;
-use serde_json::{Value, json};
 
+use super::details::{Aggregated, AuthFailure, FailureDetail, ManySources};
 use crate::audit::{AuditEvent, Outcome};
 use crate::clock;
 
@@ -91,16 +91,16 @@ impl FailureAudit {
         }
     }
 
-    /// Registers one refusal. `details` must already be bounded by the caller
-    /// (fixed keys, stored values); `email` and `actor` are cut here.
-    pub fn refusal(
+    /// Registers one refusal. `details` holds fixed keys and stored values;
+    /// `email` and `actor` are cut here.
+    pub(crate) fn refusal(
         &self,
         now_us: i64,
         source: Option<String>,
         reason: &'static str,
         actor: &str,
         email: Option<&str>,
-        details: Value,
+        details: FailureDetail,
     ) -> (Decision, Vec<AuditEvent>) {
         let key = Key {
             source,
@@ -171,48 +171,40 @@ fn summaries(w: Window) -> Vec<AuditEvent> {
         if p.suppressed > 0 {
             out.push(entry(
                 &key,
-                json!({}),
+                FailureDetail::None {},
                 p.suppressed,
                 Some((p.first_suppressed_us, p.last_us)),
             ));
         }
     }
     if w.overflow > 0 {
-        let mut reasons: Vec<_> = w.overflow_reasons.into_iter().collect();
-        reasons.sort();
         out.push(
-            AuditEvent::new("auth_failure", "anonymous", Outcome::Failure).details(json!({
-                "reason": "many_sources",
-                "aggregated": true,
-                "count": w.overflow,
-                "reasons": reasons.into_iter().collect::<HashMap<_, _>>(),
-                "first_at": clock::format_us(w.overflow_first_us),
-                "last_at": clock::format_us(w.overflow_last_us),
-                "note": format!("more than {MAX_KEYS_PER_WINDOW} distinct sources/accounts refused in one window; see aragora_security_auth_failures_total"),
-            })),
+            AuditEvent::new("auth_failure", "anonymous", Outcome::Failure).details(ManySources {
+                reason: "many_sources",
+                aggregated: true,
+                count: w.overflow,
+                reasons: w.overflow_reasons.into_iter().collect::<BTreeMap<_, _>>(),
+                first_at: clock::format_us(w.overflow_first_us),
+                last_at: clock::format_us(w.overflow_last_us),
+                note: format!("more than {MAX_KEYS_PER_WINDOW} distinct sources/accounts refused in one window; see aragora_security_auth_failures_total"),
+            }),
         );
     }
     out
 }
 
-fn entry(key: &Key, extra: Value, count: u64, span: Option<(i64, i64)>) -> AuditEvent {
-    let mut details = json!({
-        "reason": key.reason,
-        "email": key.email,
-        "count": count,
-    });
-    if let Some(d) = details.as_object_mut() {
-        if let Some((first, last)) = span {
-            d.insert("aggregated".into(), json!(true));
-            d.insert("first_at".into(), json!(clock::format_us(first)));
-            d.insert("last_at".into(), json!(clock::format_us(last)));
-        }
-        if let Value::Object(x) = extra {
-            for (k, v) in x {
-                d.entry(k).or_insert(v);
-            }
-        }
-    }
+fn entry(key: &Key, detail: FailureDetail, count: u64, span: Option<(i64, i64)>) -> AuditEvent {
+    let details = AuthFailure {
+        reason: key.reason,
+        email: key.email.as_deref(),
+        count,
+        span: span.map(|(first, last)| Aggregated {
+            aggregated: true,
+            first_at: clock::format_us(first),
+            last_at: clock::format_us(last),
+        }),
+        detail,
+    };
     AuditEvent::new("auth_failure", key.actor.clone(), Outcome::Failure)
         .ip(key.source.clone())
         .details(details)
@@ -238,7 +230,7 @@ mod tests {
             "bad_password",
             "anonymous",
             Some("x@y"),
-            json!({}),
+            FailureDetail::None {},
         );
         assert!(matches!(d, Decision::Write(_)) && s.is_empty());
         for i in 0..499 {
@@ -248,7 +240,7 @@ mod tests {
                 "bad_password",
                 "anonymous",
                 Some("x@y"),
-                json!({}),
+                FailureDetail::None {},
             );
             assert!(matches!(d, Decision::Counted) && s.is_empty());
         }
@@ -273,7 +265,7 @@ mod tests {
                 "rate_limited",
                 "anonymous",
                 Some(&format!("{i}@x")),
-                json!({}),
+                FailureDetail::None {},
             );
             written += matches!(d, Decision::Write(_)) as usize;
         }
@@ -287,7 +279,14 @@ mod tests {
     fn long_values_are_cut() {
         let a = audit();
         let long = "é".repeat(1000);
-        let (d, _) = a.refusal(W, None, "malformed", &long, Some(&long), json!({}));
+        let (d, _) = a.refusal(
+            W,
+            None,
+            "malformed",
+            &long,
+            Some(&long),
+            FailureDetail::None {},
+        );
         let Decision::Write(e) = d else {
             panic!("first is written")
         };

@@ -12,14 +12,14 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{ApiKey, Session, User};
+use super::model::{Session, User};
 use super::tokens::new_api_key;
 use super::users::{new_user, normalize_email, put_user, validate_email};
 use super::{AuthService, CAS_RETRIES};
 use crate::audit::{AuditEvent, Outcome, RecordError};
 use crate::clock::now_us;
 use crate::error::ServiceError;
-use crate::store::{Collection, Expect, WriteOp, for_each_json};
+use crate::store::{Collection, Expect, WriteOp};
 
 pub const ADMIN_ROLE: &str = "admin";
 pub const ACTION: &str = "admin_recovered";
@@ -224,7 +224,7 @@ impl AuthService {
     /// Every enabled admin that can act now, with how.
     fn able_admins(&self) -> Result<Vec<AbleAdmin>, ServiceError> {
         let mut admins = Vec::new();
-        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, _, u| {
+        self.users.for_each(|_, _, u| {
             // Any holder of `*` (the built-in admin role or a custom one) is
             // an admin here, as for the last-admin rule.
             if !u.disabled && self.is_admin(&u) {
@@ -236,18 +236,19 @@ impl AuthService {
             return Ok(Vec::new());
         }
         let mut keys = std::collections::HashMap::<String, usize>::new();
-        for_each_json::<ApiKey>(self.store.as_ref(), Collection::ApiKeys, |_, _, k| {
+        self.api_keys.for_each(|_, _, k| {
             if k.revoked_at.is_none() {
                 *keys.entry(k.user_id).or_default() += 1;
             }
             Ok(())
         })?;
-        let (_, epoch) = self.revocation_epoch()?;
+        let (_, epoch) = self.sessions.epoch()?;
         let now = now_us();
         let mut out = Vec::new();
         for u in admins {
             let live = self
-                .user_sessions(&u.id)?
+                .sessions
+                .of_user(&u.id)?
                 .iter()
                 .filter(|(_, _, s)| {
                     s.generation == u.session_generation
@@ -290,7 +291,7 @@ impl AuthService {
                 let mut user = before.clone();
                 user.disabled = false;
                 user.disabled_reason = None;
-                self.lockout.on_success(&mut user);
+                self.defences.lockout().on_success(&mut user);
                 // The password may be what was stolen; the new API key is the
                 // only credential the account leaves with.
                 user.password_hash = None;
@@ -301,36 +302,14 @@ impl AuthService {
                     user.roles.sort();
                 }
                 let mut ops = vec![put_user(&user, version)?];
-                for (id, version, mut s) in self.user_sessions(&user.id)? {
-                    if s.revoked_at.is_none() && s.expires_at > now {
-                        s.revoked_at = Some(now);
-                        s.revoked_reason = Some(ACTION.into());
-                        ops.push(WriteOp::put_json(
-                            Collection::Sessions,
-                            id.clone(),
-                            &s,
-                            Expect::Version(version),
-                        )?);
-                        revoked_session_ids.push(id);
-                    }
-                }
-                for_each_json::<ApiKey>(
-                    self.store.as_ref(),
-                    Collection::ApiKeys,
-                    |id, version, mut k| {
-                        if k.user_id == user.id && k.revoked_at.is_none() {
-                            k.revoked_at = Some(now);
-                            ops.push(WriteOp::put_json(
-                                Collection::ApiKeys,
-                                id.clone(),
-                                &k,
-                                Expect::Version(version),
-                            )?);
-                            revoked_key_ids.push(id);
-                        }
-                        Ok(())
-                    },
-                )?;
+                let (session_ids, session_ops) = self
+                    .sessions
+                    .revoke_ops(&user.id, None, true, ACTION, now)?;
+                let (key_ids, key_ops) = self.api_keys.revoke_ops(&user.id, None, now)?;
+                ops.extend(session_ops);
+                ops.extend(key_ops);
+                revoked_session_ids = session_ids;
+                revoked_key_ids = key_ids;
                 (user, ops, Some(before))
             }
         };

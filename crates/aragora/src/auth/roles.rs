@@ -4,7 +4,6 @@
 use serde::Serialize;
 
 use super::ceiling::TargetRole;
-use super::model::User;
 use super::{AuthService, Principal, RequestMeta};
 use crate::audit::{AuditEvent, Outcome};
 use crate::clock::now_us;
@@ -12,7 +11,7 @@ use crate::error::ServiceError;
 use crate::rbac::CustomRole;
 use crate::rbac::catalogue::{WILDCARD, builtin};
 use crate::rbac::grant;
-use crate::store::{Collection, Expect, WriteOp, for_each_json};
+use crate::store::{Collection, Expect, WriteOp};
 
 /// `role_updated`.
 #[derive(Serialize)]
@@ -129,7 +128,7 @@ impl AuthService {
             meta,
         )?;
         let mut holders = Vec::new();
-        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, _, u| {
+        self.users.for_each(|_, _, u| {
             if u.roles.iter().any(|r| r == name) {
                 holders.push(u.id);
             }

@@ -1,16 +1,26 @@
 //! Account administration. Each change is a compare-and-set on the user record
 //! written with its audit entry, and invalidates the user's cached RBAC
-//! decisions before returning.
+//! decisions before returning. `Users` owns the user records and their email
+//! index.
 
-use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
 
-use super::model::{IpBlockView, User, UserView};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::details::{
+    Bootstrapped, BulkLocked, Disabled, NoDetails, PasswordChanged, PasswordSet, RoleChange,
+    TargetNewUser, TargetUserRole, UserChange, UserCreated,
+};
+use super::model::{User, UserView};
 use super::tokens::{new_api_key, random_hex};
 use super::{AuthService, CAS_RETRIES, Principal, RequestMeta, password};
 use crate::audit::{AuditEvent, Outcome, RecordError};
 use crate::clock::{self, now_us, parse_duration};
 use crate::error::ServiceError;
-use crate::store::{Collection, Expect, WriteOp, for_each_json, get_json};
+use crate::store::{Collection, Expect, Store, StoreError, WriteOp, for_each_json, get_json};
 
 pub const MAX_EMAIL_LEN: usize = 254;
 const BOOTSTRAP_MARKER: &str = "bootstrap";
@@ -92,6 +102,95 @@ pub(crate) fn put_user(user: &User, version: u64) -> Result<WriteOp, ServiceErro
     )?)
 }
 
+/// Minimum interval between persisted `last_active_at` updates of one user.
+const ACTIVITY_FLUSH_US: i64 = 60_000_000;
+
+/// Owns `Collection::Users` and its email index `Collection::UserEmails`,
+/// and the latest activity per user seen by this process (flushed to the
+/// store at most once a minute per user).
+#[derive(Debug)]
+pub(crate) struct Users {
+    store: Arc<dyn Store>,
+    activity: Mutex<HashMap<String, i64>>,
+}
+
+impl Users {
+    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            activity: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn find(&self, id: &str) -> Result<Option<(u64, User)>, ServiceError> {
+        Ok(get_json::<User>(
+            self.store.as_ref(),
+            Collection::Users,
+            id,
+        )?)
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Result<(u64, User), ServiceError> {
+        self.find(id)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no user with id {id}")))
+    }
+
+    /// The id the email index names for `email`, with the entry's version.
+    pub(crate) fn email_owner(&self, email: &str) -> Result<Option<(u64, String)>, ServiceError> {
+        Ok(get_json::<String>(
+            self.store.as_ref(),
+            Collection::UserEmails,
+            email,
+        )?)
+    }
+
+    pub(crate) fn by_email(&self, email: &str) -> Result<Option<(u64, User)>, ServiceError> {
+        match self.email_owner(email)? {
+            Some((_, id)) => self.find(&id),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn for_each(
+        &self,
+        f: impl FnMut(String, u64, User) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for_each_json::<User>(self.store.as_ref(), Collection::Users, f)
+    }
+
+    /// Notes activity; persists it when the stored value is over a minute old.
+    pub(crate) fn touch(&self, user: &User, version: u64) {
+        let now = now_us();
+        self.activity.lock().insert(user.id.clone(), now);
+        if user
+            .last_active_at
+            .is_some_and(|t| now - t < ACTIVITY_FLUSH_US)
+        {
+            return;
+        }
+        let mut u = user.clone();
+        u.last_active_at = Some(now);
+        // Best effort: a lost race means someone else wrote the user just now.
+        if let Ok(op) = put_user(&u, version) {
+            let _ = self
+                .store
+                .write(vec![op], crate::store::Durability::Visible);
+        }
+    }
+
+    pub(crate) fn last_active(&self, user: &User) -> Option<i64> {
+        let mem = self.activity.lock().get(&user.id).copied();
+        match (mem, user.last_active_at) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub(crate) fn forget_activity(&self, user_id: &str) {
+        self.activity.lock().remove(user_id);
+    }
+}
+
 impl AuthService {
     fn check_roles(&self, roles: &[String]) -> Result<(), ServiceError> {
         for r in roles {
@@ -124,7 +223,10 @@ impl AuthService {
             actor,
             wanted.iter().map(String::as_str),
             "user_created",
-            json!({"target_email": email, "target_roles": roles}),
+            TargetNewUser {
+                target_email: &email,
+                target_roles: &roles,
+            },
             meta,
         )?;
         let password_hash = match password {
@@ -137,7 +239,11 @@ impl AuthService {
         let (user, ops) = new_user(email.clone(), password_hash, roles)?;
         let event = AuditEvent::new("user_created", actor.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
-            .details(json!({"user_id": user.id, "email": email, "roles": user.roles}));
+            .details(UserCreated {
+                user_id: &user.id,
+                email: &email,
+                roles: &user.roles,
+            });
         match self.audit.record_with(event, ops) {
             Ok(_) => Ok(user),
             Err(RecordError::Ops(_)) => Err(ServiceError::Conflict(format!(
@@ -150,24 +256,24 @@ impl AuthService {
     /// Applies `change` to the user with compare-and-set, audited as `action`;
     /// `change` returns the audit details and writes of its own (in the
     /// same atomic batch as the user record and the audit entry).
-    pub(crate) fn update_user_with(
+    pub(crate) fn update_user_with<D: Serialize>(
         &self,
         actor: &str,
         user_id: &str,
         action: &'static str,
         meta: &RequestMeta,
-        mut change: impl FnMut(&mut User) -> Result<(Value, Vec<WriteOp>), ServiceError>,
+        mut change: impl FnMut(&mut User) -> Result<(D, Vec<WriteOp>), ServiceError>,
     ) -> Result<User, ServiceError> {
         for _ in 0..CAS_RETRIES {
             let (version, mut user) = self.user(user_id)?;
-            let (mut details, mut ops) = change(&mut user)?;
-            if let Some(d) = details.as_object_mut() {
-                d.insert("user_id".into(), json!(user.id));
-                d.insert("email".into(), json!(user.email));
-            }
+            let (change, mut ops) = change(&mut user)?;
             let event = AuditEvent::new(action, actor, Outcome::Success)
                 .ip(meta.ip_string())
-                .details(details);
+                .details(UserChange {
+                    change,
+                    user_id: &user.id,
+                    email: &user.email,
+                });
             ops.insert(0, put_user(&user, version)?);
             match self.audit.record_with(event, ops) {
                 Ok(_) => {
@@ -186,13 +292,13 @@ impl AuthService {
     /// An administrative change to another account: refused (403, audited)
     /// unless the target holds no grant the actor lacks, checked on the record
     /// the change applies to.
-    fn admin_update(
+    fn admin_update<D: Serialize>(
         &self,
         actor: &Principal,
         user_id: &str,
         action: &'static str,
         meta: &RequestMeta,
-        mut change: impl FnMut(&mut User) -> Result<(Value, Vec<WriteOp>), ServiceError>,
+        mut change: impl FnMut(&mut User) -> Result<(D, Vec<WriteOp>), ServiceError>,
     ) -> Result<User, ServiceError> {
         self.update_user_with(&actor.user_id, user_id, action, meta, |u| {
             self.require_ceiling_over(actor, u, action, meta)?;
@@ -213,7 +319,10 @@ impl AuthService {
             actor,
             grants.iter().map(String::as_str),
             "role_assigned",
-            json!({"target_user_id": user_id, "target_role": role}),
+            TargetUserRole {
+                target_user_id: user_id,
+                target_role: role,
+            },
             meta,
         )?;
         self.admin_update(actor, user_id, "role_assigned", meta, |u| {
@@ -221,7 +330,13 @@ impl AuthService {
                 u.roles.push(role.to_string());
                 u.roles.sort();
             }
-            Ok((json!({"role": role, "roles": u.roles}), Vec::new()))
+            Ok((
+                RoleChange {
+                    role,
+                    roles: u.roles.clone(),
+                },
+                Vec::new(),
+            ))
         })
     }
 
@@ -251,7 +366,13 @@ impl AuthService {
             if was_admin && !u.disabled && !self.is_admin(u) {
                 ops.push(self.keep_another_admin(u, "remove the admin role")?);
             }
-            Ok((json!({"role": role, "roles": u.roles}), ops))
+            Ok((
+                RoleChange {
+                    role,
+                    roles: u.roles.clone(),
+                },
+                ops,
+            ))
         })
     }
 
@@ -284,7 +405,11 @@ impl AuthService {
             u.disabled_reason = Some(reason.to_string());
             u.session_generation += 1;
             Ok((
-                json!({"reason": reason, "sessions_ended": true, "api_keys_suspended": true}),
+                Disabled {
+                    reason,
+                    sessions_ended: true,
+                    api_keys_suspended: true,
+                },
                 ops,
             ))
         })?;
@@ -301,7 +426,7 @@ impl AuthService {
         self.admin_update(actor, user_id, "user_enabled", meta, |u| {
             u.disabled = false;
             u.disabled_reason = None;
-            Ok((json!({}), Vec::new()))
+            Ok((NoDetails {}, Vec::new()))
         })
     }
 
@@ -322,7 +447,12 @@ impl AuthService {
         self.admin_update(actor, user_id, "password_set", meta, |u| {
             u.password_hash = Some(hash.clone());
             u.session_generation += 1;
-            Ok((json!({"sessions_ended": true}), Vec::new()))
+            Ok((
+                PasswordSet {
+                    sessions_ended: true,
+                },
+                Vec::new(),
+            ))
         })
     }
 
@@ -352,7 +482,7 @@ impl AuthService {
         let hash = password::hash(new_password).map_err(ServiceError::Internal)?;
         let keep = match &actor.credential {
             super::Credential::Session { session_id } => Some(session_id.clone()),
-            super::Credential::ApiKey { .. } => None,
+            super::Credential::ApiKey { .. } | super::Credential::Approval { .. } => None,
         };
         self.update_user_with(
             &actor.user_id,
@@ -365,11 +495,7 @@ impl AuthService {
                 let mut ops = Vec::new();
                 // The caller's own session moves to the new generation.
                 if let Some(sid) = &keep
-                    && let Some((v, mut s)) = get_json::<super::model::Session>(
-                        self.store.as_ref(),
-                        Collection::Sessions,
-                        sid,
-                    )?
+                    && let Some((v, mut s)) = self.sessions.get(sid)?
                 {
                     s.generation = u.session_generation;
                     ops.push(WriteOp::put_json(
@@ -380,7 +506,10 @@ impl AuthService {
                     )?);
                 }
                 Ok((
-                    json!({"other_sessions_ended": true, "kept_session": keep}),
+                    PasswordChanged {
+                        other_sessions_ended: true,
+                        kept_session: keep.clone(),
+                    },
                     ops,
                 ))
             },
@@ -394,8 +523,8 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> Result<User, ServiceError> {
         self.admin_update(actor, user_id, "account_unlocked", meta, |u| {
-            self.lockout.on_success(u);
-            Ok((json!({}), Vec::new()))
+            self.defences.lockout().on_success(u);
+            Ok((NoDetails {}, Vec::new()))
         })
     }
 
@@ -439,7 +568,7 @@ impl AuthService {
         let able_admin = |u: &User| !u.disabled && !u.is_locked(now) && self.is_admin(u);
         if targets.iter().any(|(_, u)| able_admin(u)) {
             let mut remaining = 0usize;
-            for_each_json::<User>(self.store.as_ref(), Collection::Users, |id, _, u| {
+            self.users.for_each(|id, _, u| {
                 if able_admin(&u) && !targets.iter().any(|(_, t)| t.id == id) {
                     remaining += 1;
                 }
@@ -468,7 +597,10 @@ impl AuthService {
                 }
                 u.locked_until = Some(until.max(u.locked_until.unwrap_or(0)));
                 Ok((
-                    json!({"until": clock::format_us(until), "by": "bulk_lock"}),
+                    BulkLocked {
+                        until: clock::format_us(until),
+                        by: "bulk_lock",
+                    },
                     ops,
                 ))
             })?;
@@ -486,7 +618,7 @@ impl AuthService {
 
     pub fn get_user(&self, user_id: &str) -> Result<UserView, ServiceError> {
         let (_, u) = self.user(user_id)?;
-        Ok(u.view(now_us(), self.last_active(&u)))
+        Ok(u.view(now_us(), self.users.last_active(&u)))
     }
 
     /// Users, optionally only those holding `role`, in id order from `after`.
@@ -499,14 +631,14 @@ impl AuthService {
         let now = now_us();
         let mut out = Vec::new();
         let mut next = None;
-        for_each_json::<User>(self.store.as_ref(), Collection::Users, |id, _, u| {
+        self.users.for_each(|id, _, u| {
             if after.is_some_and(|a| id.as_str() <= a)
                 || role.is_some_and(|r| !u.roles.iter().any(|x| x == r))
             {
                 return Ok(());
             }
             if out.len() < limit {
-                out.push(u.view(now, self.last_active(&u)));
+                out.push(u.view(now, self.users.last_active(&u)));
                 if out.len() == limit {
                     next = Some(id);
                 }
@@ -521,7 +653,7 @@ impl AuthService {
     /// Every user id with its roles (RBAC cache warm-up).
     pub fn all_user_roles(&self) -> Result<Vec<(String, Vec<String>)>, ServiceError> {
         let mut out = Vec::new();
-        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, _, u| {
+        self.users.for_each(|_, _, u| {
             if !u.disabled {
                 out.push((u.id, u.roles));
             }
@@ -534,7 +666,7 @@ impl AuthService {
     /// Refused when any admin exists or a bootstrap already ran.
     pub fn bootstrap_admin(&self, email: &str) -> Result<(User, String), ServiceError> {
         let mut has_admin = false;
-        for_each_json::<User>(self.store.as_ref(), Collection::Users, |_, _, u| {
+        self.users.for_each(|_, _, u| {
             has_admin |= u.roles.iter().any(|r| r == "admin");
             Ok(())
         })?;
@@ -552,12 +684,20 @@ impl AuthService {
         // behind that would refuse the next attempt.
         let (user, mut ops) = new_user(email, None, vec!["admin".into()])?;
         let (key, token) = new_api_key(&user.id, "bootstrap")?;
-        let event = AuditEvent::new("admin_bootstrap", user.id.clone(), Outcome::Success)
-            .details(json!({"user_id": user.id, "email": user.email, "key_id": key.id}));
+        let event = AuditEvent::new("admin_bootstrap", user.id.clone(), Outcome::Success).details(
+            Bootstrapped {
+                user_id: &user.id,
+                email: &user.email,
+                key_id: &key.id,
+            },
+        );
         ops.push(WriteOp::put_json(
             Collection::Meta,
             BOOTSTRAP_MARKER,
-            &json!({"user_id": user.id, "at": now_us()}),
+            &BootstrapMarker {
+                user_id: &user.id,
+                at: now_us(),
+            },
             Expect::Absent,
         )?);
         ops.push(WriteOp::put_json(
@@ -574,103 +714,13 @@ impl AuthService {
             Err(e) => Err(e.into()),
         }
     }
+}
 
-    /// Blocks an address or CIDR network for `duration` (`1h`, `24h`, ...);
-    /// an IPv6 address blocks its client network (`crate::net`).
-    pub fn block_ip(
-        &self,
-        actor: &Principal,
-        ip: &str,
-        duration: &str,
-        reason: &str,
-        meta: &RequestMeta,
-    ) -> Result<IpBlockView, ServiceError> {
-        let net = self.blocks.target(ip).map_err(ServiceError::BadRequest)?;
-        // Every route but health and metrics refuses a blocked address, this
-        // one included: a block of one's own address could not be undone.
-        if let Some(me) = meta.ip
-            && net.contains(&crate::net::normalize(me))
-        {
-            return Err(ServiceError::BadRequest(format!(
-                "ip: {} contains your own address {me}; blocking it would lock you out",
-                crate::net::net_key(&net)
-            )));
-        }
-        let d = parse_duration("duration", duration).map_err(ServiceError::BadRequest)?;
-        if d.as_secs() > MAX_LOCK_SECS {
-            return Err(ServiceError::BadRequest(
-                "duration: at most 366 days".into(),
-            ));
-        }
-        let reason = reason.trim();
-        if reason.len() > 1000 {
-            return Err(ServiceError::BadRequest(
-                "reason: at most 1000 characters".into(),
-            ));
-        }
-        let now = now_us();
-        self.blocks
-            .check_room(&net, now)
-            .map_err(ServiceError::BadRequest)?;
-        let block = super::model::IpBlock {
-            ip: crate::net::net_key(&net),
-            reason: reason.to_string(),
-            created_at: now,
-            expires_at: now.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2)),
-            created_by: actor.user_id.clone(),
-        };
-        let event = AuditEvent::new("ip_blocked", actor.user_id.clone(), Outcome::Success)
-            .ip(meta.ip_string())
-            .details(json!({"blocked_ip": block.ip, "reason": reason, "until": clock::format_us(block.expires_at)}));
-        let mut ops = vec![WriteOp::put_json(
-            Collection::IpBlocks,
-            block.ip.clone(),
-            &block,
-            Expect::Any,
-        )?];
-        for old in self.blocks.store_keys(&net) {
-            if old != block.ip {
-                ops.push(WriteOp::delete(Collection::IpBlocks, old, Expect::Any));
-            }
-        }
-        self.audit.record_with(event, ops)?;
-        self.blocks.insert(net, block.clone());
-        tracing::warn!(ip = %block.ip, by = %actor.user_id, "ip blocked");
-        Ok(block.view())
-    }
-
-    pub fn unblock_ip(
-        &self,
-        actor: &Principal,
-        ip: &str,
-        meta: &RequestMeta,
-    ) -> Result<(), ServiceError> {
-        let net = self.blocks.target(ip).map_err(ServiceError::BadRequest)?;
-        let key = crate::net::net_key(&net);
-        if !self.blocks.is_active(&net, now_us()) {
-            return Err(ServiceError::NotFound(format!("{key} is not blocked")));
-        }
-        let event = AuditEvent::new("ip_unblocked", actor.user_id.clone(), Outcome::Success)
-            .ip(meta.ip_string())
-            .details(json!({"blocked_ip": key}));
-        let ops = self
-            .blocks
-            .store_keys(&net)
-            .into_iter()
-            .map(|k| WriteOp::delete(Collection::IpBlocks, k, Expect::Any))
-            .collect();
-        self.audit.record_with(event, ops)?;
-        self.blocks.remove(&net);
-        Ok(())
-    }
-
-    pub fn list_blocks(&self) -> Vec<IpBlockView> {
-        self.blocks
-            .list(now_us())
-            .iter()
-            .map(|b| b.view())
-            .collect()
-    }
+/// The record saying the one-time bootstrap ran.
+#[derive(Serialize)]
+struct BootstrapMarker<'a> {
+    user_id: &'a str,
+    at: i64,
 }
 
 /// An account `bulk_lock` locked.
