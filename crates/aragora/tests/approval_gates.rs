@@ -616,9 +616,16 @@ fn timeouts_come_from_the_environment_and_bad_ones_stop_boot() {
     };
     let (day_a, at) = secs("requested_at");
     let (day_b, until) = secs("expires_at");
-    let span = if day_a == day_b { until - at } else { until + 86_400 - at };
+    let span = if day_a == day_b {
+        until - at
+    } else {
+        until + 86_400 - at
+    };
     assert_eq!(span, 7200, "{rq}");
-    let e = Server::try_start(bin(), &[("APPROVAL_TIMEOUT_KEY_ROTATION", "2h")])
-        .expect_err("refused");
-    assert!(e.to_string().contains("APPROVAL_TIMEOUT_KEY_ROTATION"), "{e}");
+    let e =
+        Server::try_start(bin(), &[("APPROVAL_TIMEOUT_KEY_ROTATION", "2h")]).expect_err("refused");
+    assert!(
+        e.to_string().contains("APPROVAL_TIMEOUT_KEY_ROTATION"),
+        "{e}"
+    );
 }

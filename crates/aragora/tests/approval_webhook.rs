@@ -153,10 +153,14 @@ fn users(s: &Server) -> (String, String) {
 }
 
 fn request(s: &Server, token: &str, operation: &str) -> String {
+    let params = match operation {
+        "migration_run" => json!({"store": "all"}),
+        _ => json!({}),
+    };
     let r = s.post(
         "/api/security/approvals",
         token,
-        &json!({"operation": operation, "params": {}, "reason": "quarterly rotation"}),
+        &json!({"operation": operation, "params": params, "reason": "quarterly rotation"}),
     );
     assert_eq!(r.status, 202, "{}", r.body);
     r.json()["approval_id"]

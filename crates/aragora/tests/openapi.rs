@@ -409,6 +409,43 @@ fn every_route_answers_with_the_documented_schema() {
             .body(json!({"reason": "incident", "incident_id": "INC-1"})),
     );
 
+    // Gated calls: the admin's run at once, anyone else's wait (202).
+    run(case("POST", "/api/security/encryption/rotate", 202)
+        .as_(&lead)
+        .body(json!({"reason": "schema check", "force": true})));
+    let gone = s.create_user(a, "gone@openapi.test", "gone passphrase here", &["viewer"]);
+    run(case("DELETE", "/api/admin/users/{id}", 200)
+        .at(format!("/api/admin/users/{gone}"))
+        .as_(a));
+    s.create_user(a, "m@openapi.test", "member passphrase", &["member"]);
+    let member = s.login("m@openapi.test", "member passphrase");
+    run(case("PUT", "/api/secrets/{id}", 201)
+        .at("/api/secrets/m-export")
+        .as_(&member)
+        .body(json!({"value": "v", "secret_type": "api_key"})));
+    run(case("POST", "/api/security/secrets/export", 200)
+        .as_(a)
+        .body(json!({"ids": ["m-export"], "reason": "schema check"})));
+    let export = id_of(run(case("POST", "/api/security/secrets/export", 202)
+        .as_(&member)
+        .body(json!({"ids": ["m-export"], "reason": "schema check"}))));
+    run(case("POST", "/api/security/approvals/{id}/approve", 200)
+        .at(format!("/api/security/approvals/{export}/approve"))
+        .as_(&ap)
+        .body(json!({"checklist_confirmed": ["destination approved", "data owner informed"]})));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while s
+        .get(&format!("/api/security/approvals/{export}"), a)
+        .json()["status"]
+        != "executed"
+    {
+        assert!(std::time::Instant::now() < deadline, "export never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    run(case("GET", "/api/security/approvals/{id}/export", 200)
+        .at(format!("/api/security/approvals/{export}/export"))
+        .as_(&member));
+
     run(case("GET", "/api/security/audit/search", 200)
         .at("/api/security/audit/search?minutes=60")
         .as_(a));

@@ -28,6 +28,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::app::AppState;
+use crate::approvals::Operation;
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::{Principal, RequestMeta};
 use crate::clock::now_us;
@@ -458,17 +459,40 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
 
 /// Routes whose call is an approval gate (see `approvals::gate`): the path
 /// as the router matched it, without parameters.
-const GATED_ROUTES: &[(&str, &str)] = &[
-    ("POST", "/api/security/encryption/rotate"),
-    ("POST", "/api/security/migration/run"),
-    ("POST", "/api/admin/sessions/revoke-all"),
-    ("POST", "/api/security/secrets/export"),
+const GATED_ROUTES: &[(&str, &str, Operation)] = &[
+    (
+        "POST",
+        "/api/security/encryption/rotate",
+        Operation::KeyRotation,
+    ),
+    (
+        "POST",
+        "/api/security/migration/run",
+        Operation::MigrationRun,
+    ),
+    (
+        "POST",
+        "/api/admin/sessions/revoke-all",
+        Operation::SessionsRevokeAll,
+    ),
+    (
+        "POST",
+        "/api/security/secrets/export",
+        Operation::SecretExport,
+    ),
 ];
 
-fn is_gated(method: &Method, path: &str) -> bool {
+/// The operation a route's call asks for when the caller lacks the route's
+/// permission but holds `approvals.request`.
+pub fn gated_operation(method: &str, path: &str) -> Option<Operation> {
     GATED_ROUTES
         .iter()
-        .any(|(m, p)| *m == method.as_str() && *p == path)
+        .find(|(m, p, _)| *m == method && *p == path)
+        .map(|(_, _, op)| *op)
+}
+
+fn is_gated(method: &Method, path: &str) -> bool {
+    gated_operation(method.as_str(), path).is_some()
 }
 
 /// Authenticates the bearer credential and checks the route's permission;

@@ -104,7 +104,9 @@ pub async fn put_role(
     JsonBody(b): JsonBody<CustomRoleBody>,
 ) -> ApiResult<Response> {
     blocking(move || {
-        if is_privileged(&b.permissions) {
+        // Widening to or narrowing from a sensitive permission both wait.
+        let existing = state.rbac.role_grants(&b.name).unwrap_or_default();
+        if is_privileged(&b.permissions) || is_privileged(&existing) {
             let reason = b
                 .reason
                 .clone()

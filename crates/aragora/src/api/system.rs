@@ -7,7 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::ROUTES;
-use super::views::{HealthView, RoutesView, StoreView};
+use super::views::{HealthView, RouteEntry, RoutesView, StoreView};
 use crate::app::AppState;
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
@@ -35,7 +35,17 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 pub async fn routes() -> Response {
     axum::Json(RoutesView {
-        routes: ROUTES.to_vec(),
+        routes: ROUTES
+            .iter()
+            .map(|spec| {
+                let op = super::gated_operation(spec.method, spec.path);
+                RouteEntry {
+                    spec: *spec,
+                    or_to_request: op.map(|_| "approvals.request"),
+                    gated_operation: op,
+                }
+            })
+            .collect(),
     })
     .into_response()
 }

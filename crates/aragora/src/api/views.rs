@@ -30,7 +30,19 @@ pub struct StoreView {
 /// `GET /api/routes`.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct RoutesView {
-    pub routes: Vec<RouteSpec>,
+    pub routes: Vec<RouteEntry>,
+}
+
+/// One route of `GET /api/routes`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct RouteEntry {
+    #[serde(flatten)]
+    pub spec: RouteSpec,
+    /// A gated route: a caller without `permission` but with this one
+    /// (`approvals.request`) may call it, and the call becomes an approval
+    /// request for `gated_operation` (202).
+    pub or_to_request: Option<&'static str>,
+    pub gated_operation: Option<crate::approvals::Operation>,
 }
 
 /// `POST /api/auth/login`.

@@ -169,7 +169,7 @@ pub const CATALOGUE: &[OperationPolicy] = &[
         operation: Operation::CustomRoleChange,
         risk_level: RiskLevel::High,
         required_approvals: 1,
-        permission: "rbac.manage",
+        permission: "roles.manage",
         approver_roles: APPROVERS,
         checklist: &[
             "sensitive permissions reviewed",

@@ -37,8 +37,11 @@ pub enum Gate {
     Requested(Box<ApprovalRequest>),
 }
 
-pub fn is_ungated(p: &Principal) -> bool {
+/// The `admin` role, or any role granting everything (`*`): what it could
+/// grant itself, a gate cannot hold back.
+pub fn is_ungated(state: &AppState, p: &Principal) -> bool {
     p.roles.iter().any(|r| r == UNGATED_ROLE)
+        || state.rbac.grants_of(&p.roles).iter().any(|g| g == WILDCARD)
 }
 
 /// Whether a grant list holds a sensitive permission (or everything).
@@ -58,7 +61,7 @@ pub fn gate(
     reason: &str,
 ) -> Result<Gate, ServiceError> {
     let operation = params.operation();
-    if is_ungated(p) {
+    if is_ungated(state, p) {
         let event = AuditEvent::new("approval_gate_skipped", p.user_id.clone(), Outcome::Success)
             .ip(meta.ip_string())
             .details(json!({
@@ -144,13 +147,9 @@ pub fn check_requester(
             )?;
         }
         OperationParams::CustomRoleChange(c) => {
-            state.auth.require_grants(
-                p,
-                c.permissions.iter().map(String::as_str),
-                "role_changed",
-                json!({"target_role": c.name}),
-                meta,
-            )?;
+            state
+                .auth
+                .check_put_role(p, &c.name, &c.permissions, meta)?;
         }
         OperationParams::UserDelete(d) => {
             state.auth.check_delete_user(p, &d.user_id, meta)?;
@@ -169,7 +168,11 @@ mod tests {
         assert!(is_privileged(&["*"]));
         assert!(is_privileged(&["self.read", "encryption.rotate"]));
         assert!(is_privileged(&["secrets.read:team-a/"]));
-        assert!(!is_privileged(&["self.read", "secrets.list", "approvals.read"]));
+        assert!(!is_privileged(&[
+            "self.read",
+            "secrets.list",
+            "approvals.read"
+        ]));
         assert!(!is_privileged::<&str>(&[]));
     }
 }

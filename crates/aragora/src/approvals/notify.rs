@@ -900,7 +900,7 @@ mod tests {
                 serde_json::json!({"store": "all"}),
                 "r",
             )
-                .expect("request")
+            .expect("request")
         };
         let approver = vec!["approver".to_string()];
         let lead = vec!["security_lead".to_string()];

@@ -31,14 +31,17 @@ const MAX_ROLE_NAME: usize = 64;
 const MAX_ROLE_GRANTS: usize = 200;
 
 impl AuthService {
-    pub fn put_role(
+    /// Every refusal `put_role` would give, without writing (the approval
+    /// gate checks a `custom_role_change` request with it when it is made).
+    /// Returns the permissions normalized (sorted, deduplicated) and the
+    /// role's current grants.
+    pub fn check_put_role(
         &self,
         actor: &Principal,
         name: &str,
-        description: &str,
-        permissions: Vec<String>,
+        permissions: &[String],
         meta: &RequestMeta,
-    ) -> Result<CustomRole, ServiceError> {
+    ) -> Result<(Vec<String>, Vec<String>), ServiceError> {
         let valid_name = !name.is_empty()
             && name.len() <= MAX_ROLE_NAME
             && name
@@ -59,11 +62,11 @@ impl AuthService {
                 "permissions: at most {MAX_ROLE_GRANTS} entries"
             )));
         }
-        for p in &permissions {
+        for p in permissions {
             grant::validate(p)
                 .map_err(|e| ServiceError::BadRequest(format!("permissions: {e}")))?;
         }
-        let mut permissions = permissions;
+        let mut permissions = permissions.to_vec();
         permissions.sort();
         permissions.dedup();
         // The caller hands out only what it holds, and reshapes only roles
@@ -80,6 +83,21 @@ impl AuthService {
             TargetRole { target_role: name },
             meta,
         )?;
+        if existing.iter().any(|g| g == WILDCARD) && !permissions.iter().any(|g| g == WILDCARD) {
+            self.keep_admin_without_role(name)?;
+        }
+        Ok((permissions, existing))
+    }
+
+    pub fn put_role(
+        &self,
+        actor: &Principal,
+        name: &str,
+        description: &str,
+        permissions: Vec<String>,
+        meta: &RequestMeta,
+    ) -> Result<CustomRole, ServiceError> {
+        let (permissions, existing) = self.check_put_role(actor, name, &permissions, meta)?;
         let mut ops = Vec::new();
         // Taking `*` out of a role must leave an admin who does not hold it
         // through this role (the last-admin rule, as for disable and demote).
