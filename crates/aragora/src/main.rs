@@ -1,19 +1,17 @@
 //! `aragora`: the security control plane (`serve`) and its operator commands.
 
+mod serve;
+
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, anyhow};
-use aragora::app::{AppState, router};
 use aragora::cli::render::{self, Rendered, render};
-use aragora::config::Config;
 use aragora::control::{self, ControlRequest, ControlResponse, Via};
 use aragora::encryption::migration::MigrationView;
-use aragora::store::EmbeddedStore;
 use clap::{Parser, Subcommand};
+use serve::{close, load_config, open_state};
 
 #[derive(Parser)]
 #[command(name = "aragora", version, about = "Aragora security control plane")]
@@ -153,7 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckKey => check_key(),
-        Command::Serve => serve(),
+        Command::Serve => serve::run(),
         Command::Admin {
             command: AdminCommand::Bootstrap { email, json },
         } => command(ControlRequest::Bootstrap { email }, json),
@@ -224,162 +222,6 @@ fn check_key() -> Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
-}
-
-/// The validated configuration (logging set up as soon as it is known).
-fn load_config() -> Result<Config> {
-    Ok(Config::load(&|c| init_logging(&c.log_level, c.log_json))?)
-}
-
-fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
-    let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
-        anyhow::bail!("AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required");
-    };
-    let jwt = config
-        .jwt_secret
-        .clone()
-        .ok_or_else(|| anyhow!("JWT_SECRET is not set"))?;
-    let store_dir = config.data_dir.join("aedb");
-    let store = Arc::new(
-        EmbeddedStore::open(&store_dir, mk.bytes(), ck.bytes())
-            .with_context(|| format!("opening the store in {}", store_dir.display()))?,
-    );
-    let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
-    Ok((store, state))
-}
-
-/// Flushes and closes the store once every other holder is gone.
-/// How often the store's chain head is logged while serving.
-const CHAIN_HEAD_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
-
-/// Logs the store's chain head (LSN:hash) every `CHAIN_HEAD_LOG_INTERVAL`:
-/// shipped off the machine with the logs, it is the anchor
-/// `aedb check invariants --expect-head` compares a directory with, so a
-/// stale but validly signed copy (a rollback) is caught.
-async fn log_chain_head_periodically(store: Arc<EmbeddedStore>) {
-    let mut every = tokio::time::interval(CHAIN_HEAD_LOG_INTERVAL);
-    loop {
-        every.tick().await;
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.engine().chain_head()).await {
-            Ok(Ok(head)) => tracing::info!(chain_head = %head, "aedb chain head (anchor)"),
-            Ok(Err(e)) => tracing::error!(error = %e, "aedb chain head could not be read"),
-            Err(e) => tracing::error!(error = %e, "aedb chain head task failed"),
-        }
-    }
-}
-
-fn close(store: Arc<EmbeddedStore>, state: Arc<AppState>) -> Result<()> {
-    // Counted refusals whose window has not closed yet.
-    state.auth.flush_failure_audit();
-    drop(state);
-    match store.engine().chain_head() {
-        Ok(head) => tracing::info!(chain_head = %head, "aedb chain head at shutdown (anchor)"),
-        Err(e) => tracing::error!(error = %e, "aedb chain head at shutdown could not be read"),
-    }
-    match Arc::try_unwrap(store) {
-        Ok(s) => s.close().context("closing the store"),
-        Err(_) => {
-            tracing::warn!("store still referenced at shutdown; relying on drop to flush");
-            Ok(())
-        }
-    }
-}
-
-fn serve() -> Result<ExitCode> {
-    let config = load_config()?;
-    let bind = config.bind;
-    let socket = control::socket_path(&config.data_dir);
-    if config.maintenance_mode {
-        tracing::warn!("MAINTENANCE_MODE=true: only health, metrics and /api/admin/* are served");
-    }
-    // A bad certificate stops boot before the store is touched.
-    let tls = match &config.tls {
-        Some(files) => Some((aragora::tls::server_config(files)?, files.clone())),
-        None => None,
-    };
-    let (store, state) = open_state(config)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let app_state = state.clone();
-    let anchor_store = store.clone();
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(bind)
-            .await
-            .with_context(|| format!("binding {bind} (ARAGORA_BIND)"))?;
-        control::serve(app_state.clone(), socket.clone())
-            .await
-            .with_context(|| format!("binding the control socket {}", socket.display()))?;
-        let addr = listener.local_addr()?;
-        // The one line serve writes to stdout: the bound address, so whoever
-        // asked for port 0 (the test kit, a supervisor) learns the real one.
-        println!("aragora listening on {addr}");
-        tokio::spawn(log_chain_head_periodically(anchor_store));
-        let approvals_state = app_state.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(aragora::approvals::service::EXPIRY_INTERVAL);
-            loop {
-                every.tick().await;
-                let s = approvals_state.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    s.approvals.tick();
-                    // Approved requests a crash or a lost wake-up left behind.
-                    aragora::approvals::execute::run_due(&s);
-                })
-                .await;
-            }
-        });
-        if let Some(n) = app_state.notifier.clone() {
-            tokio::spawn(n.run());
-        }
-        let app = router(app_state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        match tls {
-            None => {
-                tokio::spawn(async {
-                    // Without it SIGHUP (sent to reload certificates) would
-                    // terminate the process.
-                    let Ok(mut hup) =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                    else {
-                        return;
-                    };
-                    while hup.recv().await.is_some() {
-                        tracing::info!("SIGHUP: no TLS certificate to reload (plain HTTP)");
-                    }
-                });
-                tracing::info!(%addr, control = %socket.display(), "aragora listening (http)");
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown_signal())
-                    .await?;
-            }
-            Some((tls_config, files)) => {
-                let live = axum_server::tls_rustls::RustlsConfig::from_config(tls_config);
-                tokio::spawn(aragora::tls::reload_on_sighup(
-                    live.clone(),
-                    files,
-                    app_state.metrics.clone(),
-                ));
-                let handle = axum_server::Handle::new();
-                let stopping = handle.clone();
-                tokio::spawn(async move {
-                    shutdown_signal().await;
-                    stopping.graceful_shutdown(Some(std::time::Duration::from_secs(20)));
-                });
-                tracing::info!(%addr, control = %socket.display(), "aragora listening (https)");
-                axum_server::from_tcp_rustls(listener.into_std()?, live)?
-                    .handle(handle)
-                    .serve(app)
-                    .await?;
-            }
-        }
-        let _ = std::fs::remove_file(&socket);
-        tracing::info!("shutting down: flushing the store");
-        anyhow::Ok(())
-    })?;
-    rt.shutdown_timeout(std::time::Duration::from_secs(10));
-    close(store, state)?;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Sends `req` to the running server, or runs it on the store directly.
@@ -526,32 +368,4 @@ fn with_progress<T>(
         done.store(true, Ordering::Relaxed);
         r
     })
-}
-
-fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::new(level);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

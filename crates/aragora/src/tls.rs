@@ -97,17 +97,17 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// On every SIGHUP: reload the certificate into `live` (new connections get
-/// it; open ones keep theirs), or log why not and keep the current one.
+/// On every SIGHUP (`hup`: registered by the caller before it announces the
+/// server, so an early one is not lost): reload the certificate into `live`
+/// (new connections get it; open ones keep theirs), or log why not and keep
+/// the current one.
 /// Counted in `aragora_tls_certificate_reloads_total{outcome}`.
-pub async fn reload_on_sighup(live: RustlsConfig, files: TlsFiles, metrics: Metrics) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "SIGHUP handler not installed: the TLS certificate cannot be reloaded");
-            return;
-        }
-    };
+pub async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    live: RustlsConfig,
+    files: TlsFiles,
+    metrics: Metrics,
+) {
     while hup.recv().await.is_some() {
         let f = files.clone();
         let loaded = tokio::task::spawn_blocking(move || server_config(&f))

@@ -450,6 +450,9 @@ fn every_route_answers_with_the_documented_schema() {
         .at("/api/security/audit/search?minutes=60")
         .as_(a));
     run(case("GET", "/api/security/audit/verify", 200).as_(a));
+    run(case("DELETE", "/api/admin/users/{id}", 200)
+        .at(u(""))
+        .as_(a));
 
     let missing: Vec<_> = documented(&doc).difference(&seen).cloned().collect();
     assert!(
@@ -508,4 +511,144 @@ fn every_route_the_router_serves_is_documented() {
             assert!(ok, "{method} {path}: a success response without a schema");
         }
     }
+}
+
+/// The query parameters the document gives an operation: name -> parameter.
+fn query_params(op: &Value) -> std::collections::BTreeMap<String, Value> {
+    op["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["in"] == "query")
+        .map(|p| (p["name"].as_str().expect("name").to_string(), p.clone()))
+        .collect()
+}
+
+/// The fields serde names in "unknown field `x`, expected one of `a`, `b`"
+/// (or "expected `a`", or "there are no fields").
+fn expected_fields(message: &str) -> Option<BTreeSet<String>> {
+    let (_, rest) = message.split_once("unknown field `")?;
+    let (_, rest) = rest.split_once('`')?;
+    Some(
+        rest.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// A concrete path for a template (any value for each parameter).
+fn concrete(template: &str) -> String {
+    template
+        .split('/')
+        .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[test]
+fn every_query_parameter_is_documented() {
+    let s = server();
+    let (_, admin) = s.bootstrap_admin("admin@openapi-query.test");
+    let doc = s.send(Request::new("GET", "/api/openapi.json")).json();
+
+    // The runbook's filters, by name.
+    let expect = [
+        ("/api/security/approvals/pending", &["risk_level"][..]),
+        ("/api/admin/users", &["role", "limit", "after"][..]),
+        (
+            "/api/security/audit/search",
+            &["action", "actor", "minutes", "limit", "before"][..],
+        ),
+        ("/api/security/rbac/denials/recent", &["minutes"][..]),
+    ];
+    for (path, names) in expect {
+        let params = query_params(&doc["paths"][path]["get"]);
+        for name in names {
+            assert!(
+                params.contains_key(*name),
+                "GET {path}: query parameter {name} is not documented: {params:?}"
+            );
+        }
+    }
+
+    // Every operation: the parameters its handler accepts are the documented
+    // ones. The query structs refuse unknown fields, and serde's refusal lists
+    // the fields there are; a handler without query parameters ignores the
+    // query string. GETs first: the rest are probed without a body and with
+    // `x` for every path parameter, so they stop at a 400 or 404.
+    let mut ops: Vec<(String, String, Value)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("operations") {
+            ops.push((method.to_ascii_uppercase(), path.clone(), op.clone()));
+        }
+    }
+    ops.sort_by_key(|(method, _, _)| method != "GET");
+    let mut with_query = 0;
+    for (method, path, op) in &ops {
+        let documented = query_params(op);
+        for (name, p) in &documented {
+            let description = p["description"].as_str().unwrap_or_default();
+            assert!(
+                !description.trim().is_empty(),
+                "{method} {path}: query parameter {name} has no description"
+            );
+            assert!(
+                p["required"].is_boolean(),
+                "{method} {path}: query parameter {name} does not say whether it is required"
+            );
+            assert!(
+                p["schema"].is_object(),
+                "{method} {path}: query parameter {name} has no schema"
+            );
+        }
+        let url = format!("{}?zz_not_a_parameter=1", concrete(path));
+        let r = s.send(Request::new(method, &url).bearer(&admin));
+        let body: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+        let error = body["error"].as_str().unwrap_or_default();
+        let accepted = (r.status == 400).then(|| expected_fields(error)).flatten();
+        let names: BTreeSet<String> = documented.keys().cloned().collect();
+        match accepted {
+            Some(fields) => assert_eq!(
+                fields, names,
+                "{method} {path}: the handler accepts these query parameters, the document lists others ({error})"
+            ),
+            None => assert!(
+                names.is_empty(),
+                "{method} {path}: documents query parameters {names:?} but an unknown one was not refused: {} {}",
+                r.status,
+                r.body
+            ),
+        }
+        if names.is_empty() {
+            continue;
+        }
+        with_query += 1;
+        // Each documented parameter is one the handler reads: a bad value
+        // (given twice; not a number where a number is documented) answers
+        // 400 naming it.
+        for (name, p) in &documented {
+            let mut bad = vec![format!("{name}=1&{name}=2")];
+            let ty = &p["schema"]["type"];
+            let numeric = |t: &Value| t == "integer" || t == "number";
+            if numeric(ty) || ty.as_array().is_some_and(|ts| ts.iter().any(numeric)) {
+                bad.push(format!("{name}=not-a-number"));
+            }
+            for q in bad {
+                let url = format!("{}?{q}", concrete(path));
+                let r = s.send(Request::new(method, &url).bearer(&admin));
+                assert_eq!(r.status, 400, "{method} {url}: {}", r.body);
+                assert!(
+                    r.body.contains(name.as_str()),
+                    "{method} {url}: the error does not name {name}: {}",
+                    r.body
+                );
+            }
+        }
+    }
+    assert!(
+        with_query >= 7,
+        "operations with query parameters: {with_query}"
+    );
 }

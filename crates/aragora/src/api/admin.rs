@@ -27,11 +27,15 @@ const DEFAULT_PAGE: usize = 100;
 /// User ids are `usr_` and hex; anything longer than this is not a cursor.
 const MAX_AFTER_LEN: usize = 128;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListUsersQuery {
+    /// Only users holding this role.
     role: Option<String>,
+    /// The id of the last user of the previous page (from the `Link` header).
     after: Option<String>,
+    /// Users per page: 1 to 1000, default 100.
     limit: Option<usize>,
 }
 

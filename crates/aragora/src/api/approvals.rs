@@ -60,9 +60,11 @@ pub fn accepted(r: &ApprovalRequest) -> Response {
     (StatusCode::ACCEPTED, axum::Json(r.created_view())).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PendingQuery {
+    /// Only requests of this risk level: low, medium, high or critical.
     risk_level: Option<String>,
 }
 
@@ -76,12 +78,18 @@ pub async fn pending(
     Ok(axum::Json(list).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryQuery {
+    /// Only requests in this status: pending, approved, executing, executed,
+    /// failed, refused, rejected or expired.
     status: Option<String>,
+    /// Only requests for this gated operation (e.g. migration_run).
     operation: Option<String>,
+    /// Only requests older than this approval id (paging backwards).
     before: Option<String>,
+    /// Requests at most: clamped to 1 to 1000, default 100.
     limit: Option<usize>,
 }
 

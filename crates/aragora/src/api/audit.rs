@@ -11,13 +11,19 @@ use crate::app::AppState;
 use crate::audit::{DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT, SearchFilter};
 use crate::error::ServiceError;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SearchQuery {
+    /// Only entries with this action (e.g. permission_denied).
     action: Option<String>,
+    /// Only entries by this actor (a user id).
     actor: Option<String>,
+    /// Only entries of the last this many minutes (at least 1).
     minutes: Option<u64>,
+    /// Entries per page: 1 to 10000, default 1000.
     limit: Option<usize>,
+    /// Only entries older than this entry id (`next_before` of the previous page).
     before: Option<String>,
 }
 

@@ -190,10 +190,13 @@ pub async fn export_secrets(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only secrets after this id (`next_after` of the previous page).
     after: Option<String>,
+    /// Secrets per page: clamped to 1 to 1000, default 100.
     limit: Option<usize>,
 }
 
@@ -216,9 +219,11 @@ pub async fn list_secrets(
     .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationStatusQuery {
+    /// The store whose migration to show (secrets); default: the latest run.
     store: Option<String>,
 }
 

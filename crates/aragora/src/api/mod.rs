@@ -239,8 +239,13 @@ pub struct RouteSpec {
 
 type Handler = fn() -> MethodRouter<Arc<AppState>>;
 
+/// A route line: `METHOD "path" permission, "summary" => handler, RequestBody,
+/// [status Response, ...]` and, for a handler taking `QueryParams<Q>`,
+/// `, query Q` before the `;` (documented as the operation's query parameters).
 macro_rules! routes {
-    ($( $method:ident $path:literal $perm:expr, $summary:literal => $handler:path, $req:ty, [$($status:literal $resp:ty),+]; )*) => {
+    (@query) => { openapi::no_query };
+    (@query $q:ty) => { openapi::query_params::<$q> };
+    ($( $method:ident $path:literal $perm:expr, $summary:literal => $handler:path, $req:ty, [$($status:literal $resp:ty),+] $(, query $query:ty)?; )*) => {
         /// Every route of the API.
         pub const ROUTES: &[RouteSpec] = &[
             $( RouteSpec { method: stringify!($method), path: $path, permission: $perm, summary: $summary }, )*
@@ -248,9 +253,11 @@ macro_rules! routes {
         fn handlers() -> Vec<Handler> {
             vec![ $( || on(method_filter(stringify!($method)), $handler), )* ]
         }
-        /// Each route's request body and success responses, in `ROUTES` order.
+        /// Each route's query parameters, request body and success responses,
+        /// in `ROUTES` order.
         pub fn route_docs() -> Vec<openapi::RouteDoc> {
             vec![ $( openapi::RouteDoc {
+                query: routes!(@query $($query)?),
                 request: <$req as openapi::DocBody>::doc,
                 responses: vec![ $( ($status, <$resp as openapi::DocBody>::doc) ),+ ],
             }, )* ]
@@ -281,7 +288,7 @@ routes! {
     GET "/api/auth/api-keys" Some("self.read"), "The caller's API keys (metadata)" => auth::list_keys, NoBody, [200 ApiKeysView];
     POST "/api/auth/api-keys" Some("self.api_keys"), "Create an API key for the caller: {name} -> {token} (shown once)" => auth::create_key, auth::KeyBody, [201 CreatedKeyView];
     DELETE "/api/auth/api-keys/{key_id}" Some("self.api_keys"), "Revoke one of the caller's API keys" => auth::revoke_key, NoBody, [200 RevokedIdsView];
-    GET "/api/admin/users" Some("users.read"), "Users with last_active_at, a top-level array in id order (?role=, ?limit= 1-1000, default 100, ?after=ID); Link: </api/admin/users?...&after=ID&limit=N>; rel=\"next\" when more follow" => admin::list_users, NoBody, [200 Vec<UserView>];
+    GET "/api/admin/users" Some("users.read"), "Users with last_active_at, a top-level array in id order (?role=, ?limit= 1-1000, default 100, ?after=ID); Link: </api/admin/users?...&after=ID&limit=N>; rel=\"next\" when more follow" => admin::list_users, NoBody, [200 Vec<UserView>], query admin::ListUsersQuery;
     POST "/api/admin/users" Some("users.manage"), "Create a user: {email, password?, roles}" => admin::create_user, admin::CreateUserBody, [201 UserView];
     GET "/api/admin/users/{id}" Some("users.read"), "One user" => admin::get_user, NoBody, [200 UserView];
     DELETE "/api/admin/users/{id}" Some("users.manage"), "Delete a user, its sessions and API keys: {reason?}; gated (user_delete: 202 unless admin)" => admin::delete_user, Optional<admin::DeleteUserBody>, [200 DeletedUser, 202 CreatedView];
@@ -309,21 +316,21 @@ routes! {
     GET "/api/security/rbac/cache/stats" Some("rbac.read"), "Decision cache: hits, misses, hit_rate, size, ttl, backend" => rbac::cache_stats, NoBody, [200 CacheStats];
     POST "/api/security/rbac/cache/clear" Some("rbac.manage"), "Empty the decision cache" => rbac::cache_clear, NoBody, [200 CacheClearedView];
     POST "/api/security/rbac/cache/warmup" Some("rbac.manage"), "Precompute decisions for every active user" => rbac::cache_warmup, NoBody, [200 CacheWarmupView];
-    GET "/api/security/rbac/denials/recent" Some("rbac.read"), "Denials of the last ?minutes= (default 15) by user, permission, role" => rbac::denials_recent, NoBody, [200 Vec<DenialRow>];
-    GET "/api/security/audit/search" Some("audit.read"), "Audit entries by ?action=, ?actor=, ?minutes=, ?limit=, ?before=" => audit::search, NoBody, [200 SearchResult];
+    GET "/api/security/rbac/denials/recent" Some("rbac.read"), "Denials of the last ?minutes= (default 15) by user, permission, role" => rbac::denials_recent, NoBody, [200 Vec<DenialRow>], query rbac::DenialsQuery;
+    GET "/api/security/audit/search" Some("audit.read"), "Audit entries by ?action=, ?actor=, ?minutes=, ?limit=, ?before=" => audit::search, NoBody, [200 SearchResult], query audit::SearchQuery;
     GET "/api/security/audit/verify" Some("audit.read"), "Verify the audit hash chain" => audit::verify, NoBody, [200 VerifyReport];
     GET "/api/security/encryption/health" A, "Key ring health: {status, master_key_loaded, active_key_id, active_keys} (nothing secret)" => encryption::health, NoBody, [200 EncryptionHealth];
     GET "/api/security/encryption/stats" Some("encryption.read"), "Encrypt/decrypt counts and latency percentiles, derivation_latency_p95, decrypts_per_actor (last minute)" => encryption::stats, NoBody, [200 EncryptionStats];
     GET "/api/security/encryption/keys" Some("encryption.read"), "Key ring metadata: {active_count, primary_key_id, keys}" => encryption::keys, NoBody, [200 KeysView];
     POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}; gated (key_rotation: 202 unless admin)" => encryption::rotate, encryption::RotateBody, [200 RotationOutcome, 202 CreatedView];
-    GET "/api/secrets" Some("secrets.list"), "Secret metadata (?after=, ?limit=); never values" => encryption::list_secrets, NoBody, [200 SecretsPage];
+    GET "/api/secrets" Some("secrets.list"), "Secret metadata (?after=, ?limit=); never values" => encryption::list_secrets, NoBody, [200 SecretsPage], query encryption::ListQuery;
     PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret, encryption::PutSecretBody, [200 SecretView, 201 SecretView];
     GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret, NoBody, [200 SecretValueView];
     DELETE "/api/secrets/{*id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret, NoBody, [204 NoBody];
     POST "/api/security/secrets/export" Some("secrets.read"), "Export several secrets' values: {ids (at most 100), reason}; gated (secret_export: 202 unless admin)" => encryption::export_secrets, encryption::ExportBody, [200 encryption::SecretExportView, 202 CreatedView];
     POST "/api/security/approvals" Some("approvals.request"), "Request a gated operation: {operation, params, reason} -> 202 {approval_id, status, operation, risk_level, expires_at}" => approvals::create, approvals::RequestBody, [202 serde_json::Value];
-    GET "/api/security/approvals" Some("approvals.read"), "Approval requests, newest first (?status=, ?operation=, ?before=, ?limit=)" => approvals::history, NoBody, [200 serde_json::Value];
-    GET "/api/security/approvals/pending" Some("approvals.read"), "Pending approval requests, oldest first (?risk_level=): array of {id, operation, risk_level, requested_at, requester_id, reason, checklist, approvals, required_approvals, expires_at}" => approvals::pending, NoBody, [200 serde_json::Value];
+    GET "/api/security/approvals" Some("approvals.read"), "Approval requests, newest first (?status=, ?operation=, ?before=, ?limit=)" => approvals::history, NoBody, [200 serde_json::Value], query approvals::HistoryQuery;
+    GET "/api/security/approvals/pending" Some("approvals.read"), "Pending approval requests, oldest first (?risk_level=): array of {id, operation, risk_level, requested_at, requester_id, reason, checklist, approvals, required_approvals, expires_at}" => approvals::pending, NoBody, [200 serde_json::Value], query approvals::PendingQuery;
     GET "/api/security/approvals/{id}" Some("approvals.read"), "One approval request, any status, with decisions and result" => approvals::get, NoBody, [200 serde_json::Value];
     GET "/api/security/approvals/{id}/export" Some("self.read"), "The values of an approved secret_export, for its requester, within an hour of it running (each read audited as secret_access)" => approvals::export, NoBody, [200 encryption::SecretExportView];
     GET "/api/security/approvals/{id}/eligible-approvers" Some("approvals.read"), "Who may decide: array of {id, email, roles, last_active_at}" => approvals::eligible_approvers, NoBody, [200 serde_json::Value];
@@ -331,7 +338,7 @@ routes! {
     POST "/api/security/approvals/{id}/reject" Some("self.read"), "Reject: {reason} (required)" => approvals::reject, approvals::RejectBody, [200 serde_json::Value];
     POST "/api/security/approvals/{id}/emergency-bypass" Some("self.read"), "Emergency bypass: {reason, incident_id} (security_lead; audited at critical severity)" => approvals::emergency_bypass, approvals::BypassBody, [200 serde_json::Value];
     GET "/api/security/jobs/{id}" Some("migration.read"), "A long operation (migration run): state, stores, per-store results, resumed" => encryption::job, NoBody, [200 JobRecord];
-    GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status, NoBody, [200 MigrationView];
+    GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status, NoBody, [200 MigrationView], query encryption::MigrationStatusQuery;
     POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once); gated (migration_run: 202 with an approval request unless admin)" => encryption::migration_run, encryption::MigrationRunBody, [200 DryRunsView, 202 MigrationRunAccepted, 409 ErrorView];
 }
 

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 use utoipa::openapi::RefOr;
+use utoipa::openapi::path::{Parameter, ParameterIn};
 use utoipa::openapi::schema::Schema;
-use utoipa::{PartialSchema, ToSchema};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::views::ErrorView;
 use super::{ROUTES, route_docs};
@@ -63,9 +64,25 @@ impl<T: ToSchema> DocBody for Optional<T> {
 /// Documents one body, collecting the schemas it names.
 pub type DocFn = fn(&mut Components) -> BodyDoc;
 
-/// One route's request body and success responses (status, body).
+/// Documents a route's query parameters.
+pub type ParamsFn = fn() -> Vec<Parameter>;
+
+/// A route without query parameters.
+pub fn no_query() -> Vec<Parameter> {
+    Vec::new()
+}
+
+/// The query parameters of a handler's `QueryParams<T>`, from the same struct
+/// it deserializes (fields, their types and doc comments).
+pub fn query_params<T: IntoParams>() -> Vec<Parameter> {
+    T::into_params(|| Some(ParameterIn::Query))
+}
+
+/// One route's query parameters, request body and success responses
+/// (status, body).
 #[derive(Debug)]
 pub struct RouteDoc {
+    pub query: ParamsFn,
     pub request: DocFn,
     pub responses: Vec<(u16, DocFn)>,
 }
@@ -95,20 +112,24 @@ fn status_text(status: u16) -> &'static str {
 }
 
 /// The whole document: every route's path, method, summary, permission
-/// (`x-permission`), path parameters, request body and responses, and the
+/// (`x-permission`), path and query parameters, request body and responses, and the
 /// schema of every type they name.
 pub fn document() -> Value {
     let mut components: Components = Vec::new();
     components.push((ErrorView::name().into_owned(), ErrorView::schema()));
     let mut paths = Map::new();
     for (r, d) in ROUTES.iter().zip(route_docs()) {
-        let params: Vec<_> = r
+        let mut params: Vec<_> = r
             .path
             .split('/')
             .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(|name| name.trim_start_matches('*'))
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
+        params.extend((d.query)().into_iter().map(|p| {
+            serde_json::to_value(p)
+                .unwrap_or_else(|e| json!({"description": format!("parameter error: {e}")}))
+        }));
         let mut responses = Map::new();
         for (status, body) in &d.responses {
             let mut resp = json!({"description": status_text(*status)});

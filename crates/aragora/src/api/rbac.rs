@@ -66,9 +66,11 @@ pub async fn cache_warmup(State(state): State<Arc<AppState>>) -> ApiResult<Respo
     Ok(axum::Json(CacheWarmupView { users, warmed }).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DenialsQuery {
+    /// The window in minutes: clamped to 1 to 10080 (a week), default 15.
     minutes: Option<u64>,
 }
 

@@ -1,0 +1,246 @@
+//! `aragora serve`, and the state lifecycle the operator commands share with
+//! it: configuration and logging, opening the store and the services on it,
+//! and closing them so the store is flushed. Serving is binding the listener
+//! and the control socket, the periodic tasks (chain-head anchor, approvals
+//! tick, notifier), plain or TLS serving, and the signals that stop or reload
+//! it.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use aragora::app::{AppState, router};
+use aragora::config::{Config, TlsFiles};
+use aragora::control;
+use aragora::store::EmbeddedStore;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// How often the store's chain head is logged while serving.
+const CHAIN_HEAD_LOG_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How long connections in flight may finish after SIGTERM (TLS; the plain
+/// server waits for them).
+const TLS_GRACE: Duration = Duration::from_secs(20);
+
+/// How long the runtime's blocking work may take to finish at shutdown.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(10);
+
+/// The validated configuration (logging set up as soon as it is known).
+pub fn load_config() -> Result<Config> {
+    Ok(Config::load(&|c| init_logging(&c.log_level, c.log_json))?)
+}
+
+pub fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
+    let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
+        anyhow::bail!("AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required");
+    };
+    let jwt = config
+        .jwt_secret
+        .clone()
+        .ok_or_else(|| anyhow!("JWT_SECRET is not set"))?;
+    let store_dir = config.data_dir.join("aedb");
+    let store = Arc::new(
+        EmbeddedStore::open(&store_dir, mk.bytes(), ck.bytes())
+            .with_context(|| format!("opening the store in {}", store_dir.display()))?,
+    );
+    let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
+    Ok((store, state))
+}
+
+/// Flushes and closes the store once every other holder is gone.
+pub fn close(store: Arc<EmbeddedStore>, state: Arc<AppState>) -> Result<()> {
+    // Counted refusals whose window has not closed yet.
+    state.auth.flush_failure_audit();
+    drop(state);
+    match store.engine().chain_head() {
+        Ok(head) => tracing::info!(chain_head = %head, "aedb chain head at shutdown (anchor)"),
+        Err(e) => tracing::error!(error = %e, "aedb chain head at shutdown could not be read"),
+    }
+    match Arc::try_unwrap(store) {
+        Ok(s) => s.close().context("closing the store"),
+        Err(_) => {
+            tracing::warn!("store still referenced at shutdown; relying on drop to flush");
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::new(level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// `aragora serve`: until SIGTERM or SIGINT, then a graceful stop and a
+/// flushed store.
+pub fn run() -> Result<ExitCode> {
+    let config = load_config()?;
+    if config.maintenance_mode {
+        tracing::warn!("MAINTENANCE_MODE=true: only health, metrics and /api/admin/* are served");
+    }
+    // A bad certificate stops boot before the store is touched.
+    let tls = match &config.tls {
+        Some(files) => Some((aragora::tls::server_config(files)?, files.clone())),
+        None => None,
+    };
+    let bind = config.bind;
+    let socket = control::socket_path(&config.data_dir);
+    let (store, state) = open_state(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(state.clone(), store.clone(), bind, socket, tls))?;
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+    close(store, state)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    store: Arc<EmbeddedStore>,
+    bind: SocketAddr,
+    socket: std::path::PathBuf,
+    tls: Option<(Arc<rustls::ServerConfig>, TlsFiles)>,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("binding {bind} (ARAGORA_BIND)"))?;
+    control::serve(state.clone(), socket.clone())
+        .await
+        .with_context(|| format!("binding the control socket {}", socket.display()))?;
+    let addr = listener.local_addr()?;
+    // Before the listen line: whoever reads it (the test kit, a supervisor)
+    // may signal at once, and an unhandled SIGTERM or SIGHUP kills the
+    // process instead of stopping it gracefully or reloading.
+    let signals = Signals::install()?;
+    // The one line serve writes to stdout: the bound address, so whoever
+    // asked for port 0 (the test kit, a supervisor) learns the real one.
+    println!("aragora listening on {addr}");
+    spawn_periodic_tasks(&state, store);
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let Signals { shutdown, hup } = signals;
+    match tls {
+        None => {
+            tokio::spawn(ignore_hangups(hup));
+            tracing::info!(%addr, control = %socket.display(), "aragora listening (http)");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.wait())
+                .await?;
+        }
+        Some((tls_config, files)) => {
+            let live = axum_server::tls_rustls::RustlsConfig::from_config(tls_config);
+            tokio::spawn(aragora::tls::reload_on_sighup(
+                hup,
+                live.clone(),
+                files,
+                state.metrics.clone(),
+            ));
+            let handle = axum_server::Handle::new();
+            let stopping = handle.clone();
+            tokio::spawn(async move {
+                shutdown.wait().await;
+                stopping.graceful_shutdown(Some(TLS_GRACE));
+            });
+            tracing::info!(%addr, control = %socket.display(), "aragora listening (https)");
+            axum_server::from_tcp_rustls(listener.into_std()?, live)?
+                .handle(handle)
+                .serve(app)
+                .await?;
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("shutting down: flushing the store");
+    Ok(())
+}
+
+/// The chain-head anchor log, the approvals tick and the notifier.
+fn spawn_periodic_tasks(state: &Arc<AppState>, store: Arc<EmbeddedStore>) {
+    tokio::spawn(log_chain_head_periodically(store));
+    let approvals_state = state.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(aragora::approvals::service::EXPIRY_INTERVAL);
+        loop {
+            every.tick().await;
+            let s = approvals_state.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                s.approvals.tick();
+                // Approved requests a crash or a lost wake-up left behind.
+                aragora::approvals::execute::run_due(&s);
+            })
+            .await;
+        }
+    });
+    if let Some(n) = state.notifier.clone() {
+        tokio::spawn(n.run());
+    }
+}
+
+/// Logs the store's chain head (LSN:hash) every `CHAIN_HEAD_LOG_INTERVAL`:
+/// shipped off the machine with the logs, it is the anchor
+/// `aedb check invariants --expect-head` compares a directory with, so a
+/// stale but validly signed copy (a rollback) is caught.
+async fn log_chain_head_periodically(store: Arc<EmbeddedStore>) {
+    let mut every = tokio::time::interval(CHAIN_HEAD_LOG_INTERVAL);
+    loop {
+        every.tick().await;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.engine().chain_head()).await {
+            Ok(Ok(head)) => tracing::info!(chain_head = %head, "aedb chain head (anchor)"),
+            Ok(Err(e)) => tracing::error!(error = %e, "aedb chain head could not be read"),
+            Err(e) => tracing::error!(error = %e, "aedb chain head task failed"),
+        }
+    }
+}
+
+/// Without a handler SIGHUP (sent to reload certificates) would terminate a
+/// plain-HTTP server.
+async fn ignore_hangups(mut hup: Signal) {
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: no TLS certificate to reload (plain HTTP)");
+    }
+}
+
+/// The signals serve handles, registered up front (a signal that arrives
+/// after registration is kept until it is waited for).
+struct Signals {
+    shutdown: Shutdown,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let handler = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
+        Ok(Signals {
+            shutdown: Shutdown {
+                term: handler(SignalKind::terminate(), "SIGTERM")?,
+                int: handler(SignalKind::interrupt(), "SIGINT")?,
+            },
+            hup: handler(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+}
+
+/// SIGTERM or SIGINT (Ctrl-C): stop gracefully.
+struct Shutdown {
+    term: Signal,
+    int: Signal,
+}
+
+impl Shutdown {
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
+}
