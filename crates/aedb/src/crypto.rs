@@ -47,10 +47,13 @@ pub(crate) fn derive(key: &SecretKey, salt: &[u8], label: &[u8]) -> Zeroizing<[u
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(key.expose());
     let mut out = Zeroizing::new([0u8; 32]);
     let info = [label];
-    // Len32 is within HKDF-SHA256's output limit, so expand/fill cannot fail.
-    if let Ok(okm) = prk.expand(&info, Len32) {
-        let _ = okm.fill(out.as_mut());
-    }
+    let filled = prk
+        .expand(&info, Len32)
+        .and_then(|okm| okm.fill(out.as_mut()));
+    // HKDF-SHA256 refuses only outputs longer than 255 * 32 bytes, so 32 always
+    // fits; were it ever to fail, carrying on would key everything with zeros.
+    // Fail closed instead.
+    assert!(filled.is_ok(), "HKDF-SHA256 could not expand 32 bytes");
     out
 }
 
@@ -165,4 +168,23 @@ pub(crate) fn counter_nonce(index: u64) -> [u8; NONCE_LEN] {
 /// Constant-time equality for MACs and hashes.
 pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     subtle::ConstantTimeEq::ct_eq(a, b).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_keys_are_never_zero_and_separate_labels_and_salts() {
+        let key = SecretKey::new([7; 32]);
+        let a = derive(&key, b"", b"label-a");
+        let b = derive(&key, b"", b"label-b");
+        let c = derive(&key, b"salt", b"label-a");
+        for k in [&a, &b, &c] {
+            assert_ne!(**k, [0u8; 32]);
+        }
+        assert_ne!(*a, *b);
+        assert_ne!(*a, *c);
+        assert_eq!(*a, *derive(&key, b"", b"label-a"), "deterministic");
+    }
 }
