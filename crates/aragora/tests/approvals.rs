@@ -280,6 +280,9 @@ fn reject_and_emergency_bypass_need_their_fields() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["status"], "approved");
+    // A master-key rotation is the owner's offline step: the server never
+    // runs it, the approval waits for it (checked after the other steps).
+    let bypassed = id.to_string();
     let rows = w.server.audit(&w.admin, "approval_emergency_bypass");
     let row = rows
         .iter()
@@ -306,6 +309,12 @@ fn reject_and_emergency_bypass_need_their_fields() {
     let items = checklist(w, oid);
     let (status, _) = approve(w, &w.approver2, oid, &json!({"checklist_confirmed": items}));
     assert_eq!(status, 409, "approval after rejection");
+    let got = w
+        .server
+        .get(&format!("/api/security/approvals/{bypassed}"), &w.admin)
+        .json();
+    assert_eq!(got["status"], "approved", "not run by the server: {got}");
+    assert_eq!(got["execution"], Value::Null, "{got}");
 }
 
 #[test]

@@ -114,9 +114,7 @@ pub fn run_due(state: &Arc<AppState>) {
     };
     let boot = state.executor.boot_takeover();
     for r in due {
-        if r.operation == Operation::MasterKeyRotation {
-            // Run offline by the owner with the new master key (it never
-            // passes through the API); the approval waits for that step.
+        if !runs_here(r.operation) {
             continue;
         }
         if state.executor.is_running_here(&r.id) {
@@ -136,6 +134,13 @@ pub fn run_due(state: &Arc<AppState>) {
         .executor
         .first_pass_done
         .store(true, Ordering::Release);
+}
+
+/// Whether the server runs this operation once approved. A master-key
+/// rotation is run offline by the owner with the new key (which never passes
+/// through the API); its approval waits for that step.
+fn runs_here(op: Operation) -> bool {
+    op != Operation::MasterKeyRotation
 }
 
 /// Runs (or takes over) one request on a new thread.
@@ -170,6 +175,9 @@ pub fn execute(
     known_dead: bool,
 ) -> Result<Option<ApprovalRequest>, ServiceError> {
     let r = state.approvals.get(id)?;
+    if !runs_here(r.operation) {
+        return Ok(None);
+    }
     state.config.faults.at(FaultPoint::ApprovalBeforeExecution);
     let job_id = new_job_id().map_err(ServiceError::from)?;
     let (r, previous) = match r.status {
