@@ -152,17 +152,20 @@ fn spawn_with(state: &Arc<AppState>, id: String, known_dead: bool) {
     if !state.executor.reserve(&id) {
         return;
     }
-    let state = state.clone();
+    let runner = state.clone();
+    let run_id = id.clone();
     let spawned = std::thread::Builder::new()
         .name("approval-exec".into())
         .spawn(move || {
-            if let Err(e) = execute(&state, &id, known_dead) {
-                tracing::warn!(approval_id = %id, error = %e, "approved operation not run; retrying on the next pass");
+            if let Err(e) = execute(&runner, &run_id, known_dead) {
+                tracing::warn!(approval_id = %run_id, error = %e, "approved operation not run; retrying on the next pass");
             }
-            state.executor.release(&id);
+            runner.executor.release(&run_id);
         });
     if let Err(e) = spawned {
-        tracing::error!(error = %e, "could not start a thread for an approved operation");
+        // Free the slot: the next pass tries again.
+        state.executor.release(&id);
+        tracing::error!(approval_id = %id, error = %e, "could not start a thread for an approved operation");
     }
 }
 
