@@ -324,12 +324,7 @@ pub async fn revoke_user_sessions(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     // The body is optional: no body revokes every session of the user.
-    let b: RevokeSessionsBody = if body.iter().all(u8::is_ascii_whitespace) {
-        RevokeSessionsBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| super::bad_request(format!("request body is not valid: {e}")))?
-    };
+    let b: RevokeSessionsBody = optional_body(&body)?;
     let uid = id.clone();
     let ids = blocking(move || {
         state.auth.user(&id)?;
@@ -367,9 +362,11 @@ pub async fn bulk_lock(
     Ok(axum::Json(r).into_response())
 }
 
+/// The optional body of a gated call that takes nothing else: why, shown to
+/// approvers when the call waits for approval.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RevokeAllBody {
+pub struct OptionalReasonBody {
     reason: Option<String>,
 }
 
@@ -381,7 +378,7 @@ pub async fn revoke_all(
     Extension(meta): Extension<RequestMeta>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let b: RevokeAllBody = optional_body(&body)?;
+    let b: OptionalReasonBody = optional_body(&body)?;
     blocking(move || {
         let reason = b
             .reason
@@ -400,12 +397,6 @@ pub async fn revoke_all(
     .await
 }
 
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DeleteUserBody {
-    reason: Option<String>,
-}
-
 /// Gated (`user_delete`): 202 unless the caller is an admin.
 pub async fn delete_user(
     State(state): State<Arc<AppState>>,
@@ -414,7 +405,7 @@ pub async fn delete_user(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let b: DeleteUserBody = optional_body(&body)?;
+    let b: OptionalReasonBody = optional_body(&body)?;
     blocking(move || {
         let reason = b.reason.unwrap_or_else(|| format!("delete user {id}"));
         let params = OperationParams::UserDelete(UserDeleteParams {

@@ -291,7 +291,7 @@ routes! {
     GET "/api/admin/users" Some("users.read"), "Users with last_active_at, a top-level array in id order (?role=, ?limit= 1-1000, default 100, ?after=ID); Link: </api/admin/users?...&after=ID&limit=N>; rel=\"next\" when more follow" => admin::list_users, NoBody, [200 Vec<UserView>], query admin::ListUsersQuery;
     POST "/api/admin/users" Some("users.manage"), "Create a user: {email, password?, roles}" => admin::create_user, admin::CreateUserBody, [201 UserView];
     GET "/api/admin/users/{id}" Some("users.read"), "One user" => admin::get_user, NoBody, [200 UserView];
-    DELETE "/api/admin/users/{id}" Some("users.manage"), "Delete a user, its sessions and API keys: {reason?}; gated (user_delete: 202 unless admin)" => admin::delete_user, Optional<admin::DeleteUserBody>, [200 DeletedUser, 202 CreatedView];
+    DELETE "/api/admin/users/{id}" Some("users.manage"), "Delete a user, its sessions and API keys: {reason?}; gated (user_delete: 202 unless admin)" => admin::delete_user, Optional<admin::OptionalReasonBody>, [200 DeletedUser, 202 CreatedView];
     POST "/api/admin/users/{id}/roles" Some("users.manage"), "Assign a role: {role, reason?}; a role holding a sensitive permission is gated (privileged_role_grant: 202 unless admin)" => admin::add_role, admin::AssignRoleBody, [200 UserView, 202 CreatedView];
     DELETE "/api/admin/users/{id}/roles/{role}" Some("users.manage"), "Remove a role" => admin::remove_role, NoBody, [200 UserView];
     POST "/api/admin/users/{id}/password" Some("users.manage"), "Set a password: {password}" => admin::set_password, admin::PasswordBody, [204 NoBody];
@@ -304,7 +304,7 @@ routes! {
     GET "/api/admin/users/{id}/sessions" Some("users.read"), "A user's sessions" => admin::sessions, NoBody, [200 UserSessionsView];
     POST "/api/admin/users/{id}/sessions/revoke" Some("sessions.revoke"), "Revoke a user's sessions" => admin::revoke_user_sessions, Optional<admin::RevokeSessionsBody>, [200 RevokedSessionsView];
     POST "/api/admin/users/bulk-lock" Some("users.lock"), "Lock accounts: {emails, duration}" => admin::bulk_lock, admin::BulkLockBody, [200 BulkLockOutcome];
-    POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown): {reason?}; gated (sessions_revoke_all: 202 unless admin)" => admin::revoke_all, Optional<admin::RevokeAllBody>, [200 RevokeAllOutcome, 202 CreatedView];
+    POST "/api/admin/sessions/revoke-all" Some("sessions.revoke"), "Revoke every session (lockdown): {reason?}; gated (sessions_revoke_all: 202 unless admin)" => admin::revoke_all, Optional<admin::OptionalReasonBody>, [200 RevokeAllOutcome, 202 CreatedView];
     POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP or CIDR network: {ip, duration, reason}" => admin::block_ip, admin::BlockBody, [201 IpBlockView];
     GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks, NoBody, [200 BlocksView];
     DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded); gated (ip_unblock, low risk: 202 unless admin)" => admin::unblock_ip, NoBody, [204 NoBody, 202 CreatedView];
