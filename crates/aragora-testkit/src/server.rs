@@ -87,6 +87,10 @@ impl Running {
     }
 }
 
+/// How long `Server::wait` waits for an exit the test caused (generous: the
+/// machine may be loaded).
+const WAIT_FOR_EXIT: Duration = Duration::from_secs(120);
+
 /// A running `aragora serve`, stopped (SIGTERM) on drop.
 pub struct Server {
     /// Where it listens now (a restart binds a new port).
@@ -339,8 +343,26 @@ impl Server {
         self.finish(Some("KILL"))
     }
 
-    /// Waits for the server to exit by itself (an injected fault, say).
+    /// Waits for the server to exit by itself (an injected fault, say). A
+    /// server still running after `WAIT_FOR_EXIT` fails the test (killed,
+    /// with its stderr) instead of hanging it.
     pub fn wait(&mut self) -> Option<ExitStatus> {
+        let deadline = std::time::Instant::now() + WAIT_FOR_EXIT;
+        while let Some(r) = self.running.as_mut() {
+            match r.child.try_wait() {
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => {
+                    let status = self.kill();
+                    panic!(
+                        "the server did not exit by itself within {WAIT_FOR_EXIT:?} (killed: {status:?}); stderr:\n{}",
+                        self.stderr()
+                    );
+                }
+                Ok(Some(_)) | Err(_) => break,
+            }
+        }
         self.finish(None)
     }
 

@@ -142,12 +142,7 @@ fn key_count(w: &World) -> u64 {
 #[test]
 fn gated_calls_answer_202_for_everyone_but_the_admin() {
     let w = world();
-    let r = w.server.post(
-        "/api/security/encryption/rotate",
-        &w.operator,
-        &json!({"reason": "quarterly", "force": true}),
-    );
-    let rotation = accepted(&r, "key_rotation", "high");
+    let rotation = rotation_requested(&w, &w.operator, "quarterly");
     assert_eq!(get(&w, &rotation)["params"], json!({"force": true}));
     assert_eq!(get(&w, &rotation)["reason"], "quarterly");
 
@@ -233,12 +228,7 @@ fn gated_calls_answer_202_for_everyone_but_the_admin() {
 fn an_approved_rotation_runs_once_as_the_requester_with_its_result() {
     let w = world();
     let before = key_count(&w);
-    let r = w.server.post(
-        "/api/security/encryption/rotate",
-        &w.operator,
-        &json!({"reason": "quarterly", "force": true}),
-    );
-    let id = accepted(&r, "key_rotation", "high");
+    let id = rotation_requested(&w, &w.operator, "quarterly");
     assert_eq!(key_count(&w), before, "nothing runs before approval");
 
     // Six approvals at once (three approvers, twice each): one wins.
@@ -324,12 +314,7 @@ fn a_requester_who_lost_the_authority_meanwhile_is_refused_at_execution() {
     let w = world();
     let (op2_id, op2) = user(&w.server, &w.admin, "op2@example.com", &["operator"]);
     let before = key_count(&w);
-    let r = w.server.post(
-        "/api/security/encryption/rotate",
-        &op2,
-        &json!({"reason": "rotation", "force": true}),
-    );
-    let id = accepted(&r, "key_rotation", "high");
+    let id = rotation_requested(&w, &op2, "rotation");
     let r = w.server.post(
         &format!("/api/admin/users/{op2_id}/disable"),
         &w.admin,
@@ -354,12 +339,7 @@ fn a_requester_who_lost_the_authority_meanwhile_is_refused_at_execution() {
 
     // Stripped of the role instead of disabled: refused as well.
     let (op3_id, op3) = user(&w.server, &w.admin, "op3@example.com", &["operator"]);
-    let r = w.server.post(
-        "/api/security/encryption/rotate",
-        &op3,
-        &json!({"reason": "rotation", "force": true}),
-    );
-    let id = accepted(&r, "key_rotation", "high");
+    let id = rotation_requested(&w, &op3, "rotation");
     let r = w.server.send(
         Request::new(
             "DELETE",
@@ -455,12 +435,7 @@ fn each_risk_level_runs_from_request_to_result() {
     assert_eq!(r.status, 401, "revoked: {}", r.body);
 
     // Rejected and expired requests never run (expiry: approvals.rs).
-    let r = w.server.post(
-        "/api/security/encryption/rotate",
-        &w.operator,
-        &json!({"reason": "not needed", "force": true}),
-    );
-    let rejected = accepted(&r, "key_rotation", "high");
+    let rejected = rotation_requested(&w, &w.operator, "not needed");
     let before = key_count(&w);
     let r = w.server.post(
         &format!("/api/security/approvals/{rejected}/reject"),
@@ -488,13 +463,18 @@ fn low_risk_requests_auto_approve_when_configured() {
     assert_eq!(r.json()["status"], "approved", "{}", r.body);
     assert_eq!(settled(&w, &id)["status"], "executed");
     // Higher risks still wait.
+    let high = rotation_requested(&w, &w.operator, "quarterly");
+    assert_eq!(get(&w, &high)["status"], "pending");
+}
+
+/// `POST .../encryption/rotate` by a non-admin: the approval request's id.
+fn rotation_requested(w: &World, token: &str, reason: &str) -> String {
     let r = w.server.post(
         "/api/security/encryption/rotate",
-        &w.operator,
-        &json!({"reason": "quarterly", "force": true}),
+        token,
+        &json!({"reason": reason, "force": true}),
     );
-    let high = accepted(&r, "key_rotation", "high");
-    assert_eq!(get(&w, &high)["status"], "pending");
+    accepted(&r, "key_rotation", "high")
 }
 
 /// Approves `id` on a server that is about to abort: the response may not
@@ -507,42 +487,32 @@ fn approve_expecting_a_crash(w: &World, id: &str) {
     );
 }
 
-#[test]
-fn a_crash_between_approval_and_execution_runs_it_once_after_the_restart() {
-    let mut w = world_with(&[("ARAGORA_TEST_APPROVAL_CRASH", "before_execution")]);
+/// An operator's rotation approved on a server that aborts at `point`
+/// (`ARAGORA_TEST_APPROVAL_CRASH`), restarted without the fault; returns the
+/// request once settled and the key count from before.
+fn rotation_across_a_crash_at(point: &str) -> (World, Value, u64) {
+    let mut w = world_with(&[("ARAGORA_TEST_APPROVAL_CRASH", point)]);
     let before = key_count(&w);
-    let r = w.server.post(
-        "/api/security/encryption/rotate",
-        &w.operator,
-        &json!({"reason": "quarterly", "force": true}),
-    );
-    let id = accepted(&r, "key_rotation", "high");
+    let id = rotation_requested(&w, &w.operator, "quarterly");
     approve_expecting_a_crash(&w, &id);
     let status = w.server.wait();
     assert!(status.is_some_and(|s| !s.success()), "aborted: {status:?}");
     w.server
         .restart_with(&[("ARAGORA_TEST_APPROVAL_CRASH", "")]);
     let done = settled(&w, &id);
+    (w, done, before)
+}
+
+#[test]
+fn a_crash_between_approval_and_execution_runs_it_once_after_the_restart() {
+    let (w, done, before) = rotation_across_a_crash_at("before_execution");
     assert_eq!(done["status"], "executed", "{done}");
     assert_eq!(key_count(&w), before + 1, "once");
 }
 
 #[test]
 fn a_crash_after_the_operation_ran_records_it_without_running_it_again() {
-    let mut w = world_with(&[("ARAGORA_TEST_APPROVAL_CRASH", "after_job")]);
-    let before = key_count(&w);
-    let r = w.server.post(
-        "/api/security/encryption/rotate",
-        &w.operator,
-        &json!({"reason": "quarterly", "force": true}),
-    );
-    let id = accepted(&r, "key_rotation", "high");
-    approve_expecting_a_crash(&w, &id);
-    let status = w.server.wait();
-    assert!(status.is_some_and(|s| !s.success()), "aborted: {status:?}");
-    w.server
-        .restart_with(&[("ARAGORA_TEST_APPROVAL_CRASH", "")]);
-    let done = settled(&w, &id);
+    let (w, done, before) = rotation_across_a_crash_at("after_job");
     assert_eq!(done["status"], "executed", "{done}");
     assert_eq!(done["execution"]["takeovers"], 1, "{done}");
     assert_eq!(done["execution"]["result"]["rotated"], true, "{done}");
@@ -598,12 +568,7 @@ fn an_approved_secret_export_is_downloaded_by_its_requester_only() {
 #[test]
 fn timeouts_come_from_the_environment_and_bad_ones_stop_boot() {
     let w = world_with(&[("APPROVAL_TIMEOUT_KEY_ROTATION", "7200")]);
-    let r = w.server.post(
-        "/api/security/encryption/rotate",
-        &w.operator,
-        &json!({"reason": "quarterly", "force": true}),
-    );
-    let id = accepted(&r, "key_rotation", "high");
+    let id = rotation_requested(&w, &w.operator, "quarterly");
     let rq = get(&w, &id);
     let secs = |field: &str| {
         let t = rq[field].as_str().expect(field);
