@@ -27,7 +27,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub audit: Arc<AuditLog>,
     pub rbac: Arc<Rbac>,
-    pub auth: AuthService,
+    pub auth: Arc<AuthService>,
     /// Data keys (encryption issue #8).
     pub keyring: Arc<KeyRing>,
     pub secrets: Arc<SecretsService>,
@@ -63,36 +63,25 @@ pub enum BootError {
     Notify(#[from] NotifyError),
 }
 
-/// The eligible approvers of `operation` requested by `requester`, as
-/// `GET .../eligible-approvers` lists them: enabled users holding one of the
-/// operation's approver roles and `approvals.approve`, not the requester.
-fn approver_resolver(store: Arc<dyn Store>, rbac: Arc<Rbac>) -> ApproverResolver {
+/// The eligible approvers a notification names: the same list as
+/// `GET .../eligible-approvers` (`AuthService::eligible_approvers`).
+fn approver_resolver(auth: Arc<AuthService>) -> ApproverResolver {
     Arc::new(move |operation: Operation, requester: &str| {
-        let roles = operation.policy().approver_roles;
-        let mut out = Vec::new();
-        let scan = crate::store::for_each_json::<crate::auth::model::User>(
-            store.as_ref(),
-            crate::store::Collection::Users,
-            |_, _, u| {
-                if u.id != requester
-                    && !u.disabled
-                    && u.roles.iter().any(|r| roles.contains(&r.as_str()))
-                    && rbac.evaluate(&u.roles, "approvals.approve").is_some()
-                {
-                    out.push(Approver {
-                        id: u.id,
-                        email: u.email,
-                    });
-                }
-                Ok(())
-            },
-        );
-        if let Err(e) = scan {
-            // The notification still goes out, naming no one: the receiver
-            // can read eligible-approvers itself.
-            tracing::warn!(error = %e, "listing eligible approvers for a notification failed");
+        match auth.eligible_approvers(operation.policy().approver_roles, requester) {
+            Ok(users) => users
+                .into_iter()
+                .map(|u| Approver {
+                    id: u.id,
+                    email: u.email,
+                })
+                .collect(),
+            Err(e) => {
+                // The notification still goes out, naming no one: the
+                // receiver can read eligible-approvers itself.
+                tracing::warn!(error = %e, "listing eligible approvers for a notification failed");
+                Vec::new()
+            }
         }
-        out
     })
 }
 
@@ -109,14 +98,14 @@ impl AppState {
             metrics.clone(),
             config.rbac_cache_ttl,
         )?);
-        let auth = AuthService::new(
+        let auth = Arc::new(AuthService::new(
             &config,
             jwt_secret,
             store.clone(),
             audit.clone(),
             rbac.clone(),
             metrics.clone(),
-        )?;
+        )?);
         let master = config
             .encryption_key
             .as_ref()
@@ -149,7 +138,7 @@ impl AppState {
                 tracing::info!(url = ?w.url, "approval notifications: on");
                 Some(Arc::new(
                     Notifier::new(w.clone(), metrics.clone())?
-                        .with_resolver(approver_resolver(store.clone(), rbac.clone())),
+                        .with_resolver(approver_resolver(auth.clone())),
                 ))
             }
             None => {

@@ -278,26 +278,18 @@ pub async fn eligible_approvers(
 ) -> ApiResult<Response> {
     let out = blocking(move || {
         let r = state.approvals.get(&id)?;
-        let mut out: Vec<EligibleApprover> = Vec::new();
-        for role in r.operation.policy().approver_roles {
-            let (users, _) = state.auth.list_users(Some(role), None, 1000)?;
-            for u in users {
-                if u.id == r.requester_id
-                    || u.disabled
-                    || out.iter().any(|e| e.id == u.id)
-                    || state.rbac.evaluate(&u.roles, "approvals.approve").is_none()
-                {
-                    continue;
-                }
-                out.push(EligibleApprover {
-                    id: u.id,
-                    email: u.email,
-                    roles: u.roles,
-                    last_active_at: u.last_active_at,
-                });
-            }
-        }
-        Ok(out)
+        let users = state
+            .auth
+            .eligible_approvers(r.operation.policy().approver_roles, &r.requester_id)?;
+        Ok(users
+            .into_iter()
+            .map(|u| EligibleApprover {
+                id: u.id,
+                email: u.email,
+                roles: u.roles,
+                last_active_at: u.last_active_at,
+            })
+            .collect::<Vec<_>>())
     })
     .await?;
     Ok(axum::Json(out).into_response())

@@ -650,6 +650,30 @@ impl AuthService {
         Ok((out, next))
     }
 
+    /// Who may decide a request for an operation whose approver roles are
+    /// `approver_roles`: enabled users holding one of them and
+    /// `approvals.approve`, other than `requester`, in id order. What both
+    /// `GET .../eligible-approvers` and the approval notifications list.
+    pub fn eligible_approvers(
+        &self,
+        approver_roles: &[&str],
+        requester: &str,
+    ) -> Result<Vec<UserView>, ServiceError> {
+        let now = now_us();
+        let mut out = Vec::new();
+        self.users.for_each(|_, _, u| {
+            if u.id != requester
+                && !u.disabled
+                && u.roles.iter().any(|r| approver_roles.contains(&r.as_str()))
+                && self.rbac.evaluate(&u.roles, "approvals.approve").is_some()
+            {
+                out.push(u.view(now, self.users.last_active(&u)));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Every user id with its roles (RBAC cache warm-up).
     pub fn all_user_roles(&self) -> Result<Vec<(String, Vec<String>)>, ServiceError> {
         let mut out = Vec::new();
