@@ -125,26 +125,14 @@ pub fn check_requester(
     }
     match params {
         OperationParams::PrivilegedRoleGrant(g) => {
-            let Some(grants) = state.rbac.role_grants(&g.role) else {
-                return Err(ServiceError::BadRequest(format!(
-                    "role: {:?} does not exist",
-                    g.role
-                )));
-            };
+            state.auth.user(&g.user_id)?;
+            let grants = state.auth.check_add_role(p, &g.user_id, &g.role, meta)?;
             if !is_privileged(&grants) {
                 return Err(ServiceError::BadRequest(format!(
                     "role: {} holds no sensitive permission; assign it directly (POST /api/admin/users/{{id}}/roles)",
                     g.role
                 )));
             }
-            state.auth.user(&g.user_id)?;
-            state.auth.require_grants(
-                p,
-                grants.iter().map(String::as_str),
-                "role_assigned",
-                json!({"target_user_id": g.user_id, "target_role": g.role}),
-                meta,
-            )?;
         }
         OperationParams::CustomRoleChange(c) => {
             state

@@ -306,13 +306,17 @@ impl AuthService {
         })
     }
 
-    pub fn add_role(
+    /// The refusals of `add_role` decided before its write (the role exists;
+    /// the actor holds every grant it hands out), without writing: the
+    /// approval gate checks a `privileged_role_grant` request with it.
+    /// Returns the role's grants.
+    pub fn check_add_role(
         &self,
         actor: &Principal,
         user_id: &str,
         role: &str,
         meta: &RequestMeta,
-    ) -> Result<User, ServiceError> {
+    ) -> Result<Vec<String>, ServiceError> {
         self.check_roles(&[role.to_string()])?;
         let grants = self.rbac.role_grants(role).unwrap_or_default();
         self.require_grants(
@@ -325,6 +329,17 @@ impl AuthService {
             },
             meta,
         )?;
+        Ok(grants)
+    }
+
+    pub fn add_role(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        role: &str,
+        meta: &RequestMeta,
+    ) -> Result<User, ServiceError> {
+        self.check_add_role(actor, user_id, role, meta)?;
         self.admin_update(actor, user_id, "role_assigned", meta, |u| {
             if !u.roles.iter().any(|r| r == role) {
                 u.roles.push(role.to_string());
