@@ -345,10 +345,10 @@ pub fn collections_are_separate(store: &dyn Store) {
 pub fn concurrent_compare_and_set_loses_no_increment(store: &dyn Store) {
     const THREADS: usize = 4;
     const EACH: usize = 25;
-    let meta = Collection::Meta;
+    let counters = Collection::Jobs;
     store
         .write(
-            vec![put(meta, "counter", "0", Expect::Absent)],
+            vec![put(counters, "counter", "0", Expect::Absent)],
             Durability::Durable,
         )
         .expect("counter");
@@ -357,11 +357,14 @@ pub fn concurrent_compare_and_set_loses_no_increment(store: &dyn Store) {
             scope.spawn(|| {
                 for _ in 0..EACH {
                     loop {
-                        let r = store.get(meta, "counter").expect("get").expect("present");
+                        let r = store
+                            .get(counters, "counter")
+                            .expect("get")
+                            .expect("present");
                         let n: u64 = String::from_utf8_lossy(&r.value).parse().expect("number");
                         match store.write(
                             vec![put(
-                                meta,
+                                counters,
                                 "counter",
                                 &(n + 1).to_string(),
                                 Expect::Version(r.version),
@@ -378,7 +381,7 @@ pub fn concurrent_compare_and_set_loses_no_increment(store: &dyn Store) {
         }
     });
     assert_eq!(
-        value(store, meta, "counter").as_deref(),
+        value(store, counters, "counter").as_deref(),
         Some((THREADS * EACH).to_string().as_str()),
         "every compare-and-set increment counted exactly once"
     );

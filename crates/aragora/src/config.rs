@@ -89,6 +89,10 @@ pub enum Environment {
     Development,
 }
 
+/// ARAGORA_KEY_DESTROY_GRACE's default: a week in `expired` before a data key
+/// is destroyed, so a cleanup run by mistake (or twice) can still be undone.
+pub const DEFAULT_KEY_DESTROY_GRACE: u64 = 7 * 86_400;
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -145,6 +149,10 @@ pub struct Config {
     pub approval_webhook: Option<crate::approvals::WebhookSettings>,
     /// Records per migration batch (ARAGORA_MIGRATION_BATCH_SIZE).
     pub migration_batch_size: usize,
+    /// How long a data key stays `expired` (unused, still recoverable from
+    /// the store) before a cleanup destroys it (ARAGORA_KEY_DESTROY_GRACE,
+    /// seconds, default 7 days).
+    pub key_destroy_grace: Duration,
     /// Test-only faults (none unless a test asks for one).
     pub faults: FaultPlan,
 }
@@ -473,6 +481,10 @@ impl Config {
             .map_or(cores, |v| {
                 number("ARAGORA_PASSWORD_HASH_CONCURRENCY", v, 1, 256, &mut p)
             });
+        let key_destroy_grace = get("ARAGORA_KEY_DESTROY_GRACE")
+            .map_or(DEFAULT_KEY_DESTROY_GRACE, |v| {
+                number("ARAGORA_KEY_DESTROY_GRACE", v, 0, 10 * 365 * 86_400, &mut p)
+            });
         let auth_failure_audit_window = get("ARAGORA_AUTH_FAILURE_AUDIT_WINDOW").map_or(10, |v| {
             number("ARAGORA_AUTH_FAILURE_AUDIT_WINDOW", v, 1, 3600, &mut p)
         });
@@ -597,6 +609,7 @@ impl Config {
             approvals,
             approval_webhook,
             migration_batch_size: migration_batch_size as usize,
+            key_destroy_grace: Duration::from_secs(key_destroy_grace),
             faults: FaultPlan {
                 crash_after_migration_batches,
                 job_gate,

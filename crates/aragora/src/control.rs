@@ -19,6 +19,7 @@ use crate::auth::recovery::{RecoveryOutcome, RecoveryRequest};
 use crate::encryption::migration::{DryRunView, MigrationStore, MigrationView};
 use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome};
 use crate::error::ServiceError;
+use crate::operator::Operator;
 use crate::secrets::RotationMarks;
 
 pub const SOCKET_FILE: &str = "aragora.sock";
@@ -74,6 +75,20 @@ pub enum ControlRequest {
 }
 
 impl ControlRequest {
+    /// The command's name on the wire (for logs: never its arguments).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ControlRequest::Bootstrap { .. } => "bootstrap",
+            ControlRequest::AdminRecover { .. } => "admin_recover",
+            ControlRequest::AuditVerify => "audit_verify",
+            ControlRequest::KeyRotation { .. } => "key_rotation",
+            ControlRequest::KeyRingRestore { .. } => "key_ring_restore",
+            ControlRequest::Migration { .. } => "migration",
+            ControlRequest::MigrationStatus { .. } => "migration_status",
+            ControlRequest::SecretRotation { .. } => "secret_rotation",
+        }
+    }
+
     /// How long the client waits for the answer: a migration of a large store
     /// runs for minutes.
     pub fn timeout(&self) -> Duration {
@@ -123,8 +138,16 @@ impl std::fmt::Debug for BootstrapView {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum MigrationResult {
+    NothingToRetry(NothingToRetry),
     DryRun(DryRunView),
     Run(MigrationView),
+}
+
+/// `--retry-failed` on a store with no failed record: nothing ran.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NothingToRetry {
+    pub store: String,
+    pub nothing_to_retry: bool,
 }
 
 /// `aragora migration`: the store's result, or with `--store=all`
@@ -168,9 +191,6 @@ impl Reply {
     }
 }
 
-/// The audit actor of operator commands.
-pub const CLI_ACTOR: &str = "cli";
-
 /// How a command reached the services (recorded where it matters: a
 /// break-glass recovery says which).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,7 +216,10 @@ pub fn execute(
     state: &AppState,
     req: ControlRequest,
     via: Via,
+    operator: &Operator,
 ) -> Result<ControlResponse, ServiceError> {
+    let actor = operator.actor();
+    let actor = actor.as_str();
     match req {
         ControlRequest::Bootstrap { email } => {
             let (user, token) = state.auth.bootstrap_admin(&email)?;
@@ -215,7 +238,7 @@ pub fn execute(
                 email: &email,
                 reason: reason.as_deref(),
                 force,
-                actor: CLI_ACTOR,
+                actor,
                 via: via.as_str(),
             })?;
             Ok(ControlResponse::AdminRecover(outcome))
@@ -224,20 +247,22 @@ pub fn execute(
         ControlRequest::KeyRotation {
             cleanup_expired: true,
             ..
-        } => Ok(ControlResponse::KeyCleanup(
-            state.keyring.cleanup_expired(CLI_ACTOR, None)?,
-        )),
+        } => Ok(ControlResponse::KeyCleanup(state.keyring.cleanup_expired(
+            actor,
+            None,
+            state.config.key_destroy_grace,
+        )?)),
         ControlRequest::KeyRotation { reason, force, .. } => {
             let reason = reason.ok_or_else(|| {
                 ServiceError::BadRequest("--reason=TEXT is required to rotate".into())
             })?;
-            let outcome = state.keyring.rotate(CLI_ACTOR, None, &reason, force)?;
+            let outcome = state.keyring.rotate(actor, None, &reason, force)?;
             Ok(ControlResponse::KeyRotation(outcome))
         }
         ControlRequest::KeyRingRestore { file } => Ok(ControlResponse::KeyRingRestore(
             state
                 .keyring
-                .restore(std::path::Path::new(&file), CLI_ACTOR, None)?,
+                .restore(std::path::Path::new(&file), actor, None)?,
         )),
         ControlRequest::Migration {
             store,
@@ -250,6 +275,7 @@ pub fn execute(
             dry_run,
             retry_failed,
             skip_record.as_deref(),
+            actor,
         )?)),
         ControlRequest::MigrationStatus { store } => Ok(ControlResponse::MigrationStatus(
             state.migration.status(store.as_deref())?,
@@ -258,11 +284,14 @@ pub fn execute(
             user_id,
             dry_run: true,
         } => Ok(ControlResponse::SecretRotation(
-            state.secrets.mark_accessed_by(&user_id, true, CLI_ACTOR)?,
+            state
+                .secrets
+                .mark_accessed_by(&state.auth.resolve_user(&user_id)?, true, actor)?,
         )),
         // Marking is a job (one at a time, recorded like a migration run).
         ControlRequest::SecretRotation { user_id, .. } => {
-            let job = state.jobs.run_secret_rotation(&user_id, CLI_ACTOR)?;
+            let user_id = state.auth.resolve_user(&user_id)?;
+            let job = state.jobs.run_secret_rotation(&user_id, actor)?;
             let marks = job
                 .marked
                 .ok_or_else(|| ServiceError::Internal("the rotation job has no result".into()))?;
@@ -279,20 +308,27 @@ fn run_migration(
     dry_run: bool,
     retry_failed: bool,
     skip_record: Option<&str>,
+    actor: &str,
 ) -> Result<MigrationOutcome, ServiceError> {
     let stores = MigrationStore::parse(store)?;
     let mut results = Vec::new();
     for s in &stores {
         let v = if let Some(id) = skip_record {
-            MigrationResult::Run(state.migration.skip_record(*s, id, CLI_ACTOR)?.view())
+            MigrationResult::Run(state.migration.skip_record(*s, id, actor)?.view())
         } else if dry_run {
             MigrationResult::DryRun(state.migration.dry_run(*s)?)
         } else if retry_failed {
-            MigrationResult::Run(state.migration.retry_failed(*s, CLI_ACTOR)?.view())
+            match state.migration.retry_failed(*s, actor)? {
+                Some(st) => MigrationResult::Run(st.view()),
+                None => MigrationResult::NothingToRetry(NothingToRetry {
+                    store: s.name().into(),
+                    nothing_to_retry: true,
+                }),
+            }
         } else {
             // One job for every store named (through the jobs service, like
             // `POST /api/security/migration/run`).
-            let job = state.jobs.run_migration(store, CLI_ACTOR)?;
+            let job = state.jobs.run_migration(store, actor)?;
             results = job.results.into_iter().map(MigrationResult::Run).collect();
             break;
         };
@@ -355,8 +391,15 @@ async fn handle(
     reader.read_line(&mut line).await?;
     let response = match serde_json::from_str::<ControlRequest>(&line) {
         Ok(req) => {
-            tracing::info!(command = ?std::mem::discriminant(&req), "control command");
-            match tokio::task::spawn_blocking(move || execute(&state, req, Via::Socket)).await {
+            let operator = Operator::of_peer(peer.uid(), peer.pid());
+            tracing::info!(
+                command = req.name(),
+                operator = %operator.describe(),
+                "control command"
+            );
+            match tokio::task::spawn_blocking(move || execute(&state, req, Via::Socket, &operator))
+                .await
+            {
                 Ok(Ok(v)) => Reply {
                     ok: true,
                     result: Some(v),

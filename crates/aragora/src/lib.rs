@@ -21,6 +21,7 @@ pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod net;
+pub mod operator;
 pub mod rbac;
 pub mod secrets;
 pub mod store;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow};
 use aragora::cli::render::{self, Rendered, render};
 use aragora::control::{self, ControlRequest, ControlResponse, Via};
 use aragora::encryption::migration::MigrationView;
+use aragora::operator::Operator;
 use clap::{Parser, Subcommand};
 use serve::{close, load_config, open_state};
 
@@ -82,7 +83,9 @@ enum Command {
     /// Mark for rotation every secret a user read (from the audit log's
     /// secret_access entries, all time): `rotation_required` in its metadata.
     Rotation {
-        /// The user id whose reads expose the secrets.
+        /// The user whose reads expose the secrets: an email or a user id (an id
+        /// the audit log knows is accepted for a deleted account; anything else
+        /// is refused).
         #[arg(long)]
         secrets_accessed_by: String,
         /// Only report what would be marked.
@@ -232,7 +235,8 @@ fn run_control(req: ControlRequest) -> Result<ControlResponse> {
         Some(Err(e)) => Err(anyhow!(e)),
         None => {
             let (store, state) = open_state(config)?;
-            let r = control::execute(&state, req, Via::Direct).map_err(|e| anyhow!(e.to_string()));
+            let r = control::execute(&state, req, Via::Direct, &Operator::of_this_process())
+                .map_err(|e| anyhow!(e.to_string()));
             close(store, state)?;
             r
         }
@@ -329,7 +333,10 @@ fn migration(
         let r = with_progress(
             show_progress,
             || state.migration.live().map(|s| s.view()),
-            || control::execute(&state, req, Via::Direct).map_err(|e| anyhow!(e.to_string())),
+            || {
+                control::execute(&state, req, Via::Direct, &Operator::of_this_process())
+                    .map_err(|e| anyhow!(e.to_string()))
+            },
         );
         close(store, state)?;
         r?

@@ -103,7 +103,11 @@ fn two_concurrent_starts_get_one_202_and_one_409_naming_the_running_job() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(id) && err.contains("migration_run"), "{err}");
     // So does a rotation-by-accessor: one long operation at a time.
-    let out = s.cli(&["rotation", "--secrets-accessed-by=usr_x", "--json"]);
+    let out = s.cli(&[
+        "rotation",
+        "--secrets-accessed-by=admin@jobs.test",
+        "--json",
+    ]);
     assert!(
         !out.status.success(),
         "a rotation while the job runs is refused"
@@ -125,7 +129,11 @@ fn two_concurrent_starts_get_one_202_and_one_409_naming_the_running_job() {
     let second = r.json()["job_id"].as_str().expect("job id").to_string();
     assert_ne!(second, id);
     assert_eq!(finished(&s, &admin, &second)["state"], "completed");
-    let out = s.cli(&["rotation", "--secrets-accessed-by=usr_x", "--json"]);
+    let out = s.cli(&[
+        "rotation",
+        "--secrets-accessed-by=admin@jobs.test",
+        "--json",
+    ]);
     assert!(
         out.status.success(),
         "{}",

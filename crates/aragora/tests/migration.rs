@@ -481,6 +481,27 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
     }
     secret(&s, &admin, "orders-db");
 
+    // A user nobody knows is refused, not reported as "nothing to mark".
+    for unknown in ["usr_nobody", "nobody@example.com"] {
+        let out = s.cli(&[
+            "rotation",
+            &format!("--secrets-accessed-by={unknown}"),
+            "--dry-run",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(unknown),
+            "{unknown}: {err}"
+        );
+    }
+    // The email names the same account as the id.
+    let by_email = s.cli_json(&[
+        "rotation",
+        "--secrets-accessed-by=Alice@Example.com",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(by_email["user_id"], alice.as_str(), "{by_email}");
     let dry = s.cli_json(&[
         "rotation",
         &format!("--secrets-accessed-by={alice}"),
@@ -488,6 +509,7 @@ fn rotation_by_accessor_marks_exactly_the_secrets_that_user_read() {
         "--json",
     ]);
     assert_eq!(dry["user_id"], alice.as_str(), "{dry}");
+    assert_eq!(dry["secrets"], by_email["secrets"], "{dry}");
     let actions: Vec<_> = dry["secrets"]
         .as_array()
         .expect("secrets")

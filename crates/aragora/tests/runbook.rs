@@ -300,8 +300,10 @@ fn runbook_commands_work_against_the_real_server() {
         }
         if block.contains("action=login_success") {
             assert!(
-                stdout.contains(&alice),
-                "successful logins name alice:\n{stdout}"
+                stdout.contains(&alice)
+                    && stdout.contains("alice@example.com")
+                    && stdout.contains("\"ip\": \"127."),
+                "successful logins name alice by id and email, with the address:\n{stdout}"
             );
         }
         if block.contains("action=secret_access") {

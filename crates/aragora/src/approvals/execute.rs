@@ -275,7 +275,7 @@ fn run(state: &AppState, r: &ApprovalRequest) -> RunEnd {
             .map(|o| to_value(&o)),
         OperationParams::KeyCleanup => state
             .keyring
-            .cleanup_expired(&principal.user_id, None)
+            .cleanup_expired(&principal.user_id, None, state.config.key_destroy_grace)
             .map_err(ServiceError::from)
             .map(|o| to_value(&o)),
         OperationParams::MigrationRun(p) => state

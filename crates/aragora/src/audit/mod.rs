@@ -258,7 +258,7 @@ impl AuditLog {
                         .map_err(|e| RecordError::Audit(AuditError::Write(e)))?,
                 );
                 batch.push(
-                    WriteOp::put_json(Collection::Meta, HEAD_ID, &new_head, head_expect)
+                    WriteOp::put_json(Collection::AuditChain, HEAD_ID, &new_head, head_expect)
                         .map_err(|e| RecordError::Audit(AuditError::Write(e)))?,
                 );
                 match self.store.write(batch, Durability::Visible) {
@@ -270,7 +270,8 @@ impl AuditLog {
                         // A conflict on the caller's ops (not on the chain's own records) is
                         // theirs to resolve.
                         let ours = matches!(&e, StoreError::Conflict { collection, id, .. }
-                            if *collection != "audit" && !(*collection == "meta" && id == HEAD_ID));
+                            if *collection != Collection::Audit.name()
+                                && !(*collection == Collection::AuditChain.name() && id == HEAD_ID));
                         // Someone else moved the head: forget it and retry.
                         *guard = None;
                         if ours && n_ops > 0 {
@@ -299,7 +300,7 @@ impl AuditLog {
 
     fn load_head(&self) -> Result<(u64, ChainHead), AuditError> {
         Ok(
-            get_json::<ChainHead>(self.store.as_ref(), Collection::Meta, HEAD_ID)
+            get_json::<ChainHead>(self.store.as_ref(), Collection::AuditChain, HEAD_ID)
                 .map_err(AuditError::Read)?
                 .unwrap_or_default(),
         )

@@ -22,7 +22,7 @@ use crate::store::{
     Collection, Expect, ListQuery, Store, StoreError, WriteOp, for_each_json, get_json, list_json,
 };
 
-/// The singleton revocation epoch in `Collection::Meta`.
+/// The singleton revocation epoch in `Collection::AuthState`.
 pub(crate) const EPOCH_ID: &str = "session_epoch";
 
 /// The session records, the signing keys of the tokens that name them, and
@@ -58,7 +58,7 @@ impl Sessions {
 
     pub(crate) fn epoch(&self) -> Result<(u64, RevocationEpoch), ServiceError> {
         Ok(
-            get_json::<RevocationEpoch>(self.store.as_ref(), Collection::Meta, EPOCH_ID)?
+            get_json::<RevocationEpoch>(self.store.as_ref(), Collection::AuthState, EPOCH_ID)?
                 .unwrap_or_default(),
         )
     }
@@ -446,7 +446,7 @@ impl AuthService {
             match self.audit.record_with(
                 event,
                 vec![WriteOp::put_json(
-                    Collection::Meta,
+                    Collection::AuthState,
                     EPOCH_ID,
                     &epoch,
                     expect,

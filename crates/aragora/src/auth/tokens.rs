@@ -110,14 +110,15 @@ impl AuthService {
         // Session, revocation epoch and user in one snapshot.
         let found = self.store.get_many(&[
             (Collection::Sessions, &claims.sid),
-            (Collection::Meta, EPOCH_ID),
+            (Collection::AuthState, EPOCH_ID),
             (Collection::Users, &claims.sub),
         ])?;
         let session = decode_opt::<Session>(Collection::Sessions, &claims.sid, found[0].as_ref())?
             .map(|(_, s)| s);
-        let epoch = decode_opt::<RevocationEpoch>(Collection::Meta, EPOCH_ID, found[1].as_ref())?
-            .map(|(_, e)| e)
-            .unwrap_or_default();
+        let epoch =
+            decode_opt::<RevocationEpoch>(Collection::AuthState, EPOCH_ID, found[1].as_ref())?
+                .map(|(_, e)| e)
+                .unwrap_or_default();
         let user = decode_opt::<User>(Collection::Users, &claims.sub, found[2].as_ref())?;
         let now = now_us();
         let revoked = match &session {

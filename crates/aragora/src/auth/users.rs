@@ -631,6 +631,44 @@ impl AuthService {
         })
     }
 
+    /// The user id an operator names by email or by id. An id need not be a
+    /// current account if the audit log knows it as an actor (a deleted
+    /// account's reads can still be investigated); anything else is refused, so
+    /// a typo never reports "nothing found" as if all were well.
+    pub fn resolve_user(&self, who: &str) -> Result<String, ServiceError> {
+        let who = who.trim();
+        if who.is_empty() {
+            return Err(ServiceError::BadRequest(
+                "a user is needed: give an email or a user id".into(),
+            ));
+        }
+        if who.contains('@') {
+            return match self.users.by_email(&normalize_email(who))? {
+                Some((_, user)) => Ok(user.id),
+                None => Err(ServiceError::NotFound(format!(
+                    "no account has the email {who:?}"
+                ))),
+            };
+        }
+        if self.users.find(who)?.is_some() {
+            return Ok(who.to_string());
+        }
+        let seen = self
+            .audit
+            .search(&crate::audit::SearchFilter {
+                actor: Some(who.to_string()),
+                limit: 1,
+                ..Default::default()
+            })
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        if seen.entries.is_empty() {
+            return Err(ServiceError::NotFound(format!(
+                "no user has the id {who:?} and the audit log never saw it"
+            )));
+        }
+        Ok(who.to_string())
+    }
+
     pub fn get_user(&self, user_id: &str) -> Result<UserView, ServiceError> {
         let (_, u) = self.user(user_id)?;
         Ok(u.view(now_us(), self.users.last_active(&u)))
@@ -709,8 +747,8 @@ impl AuthService {
             has_admin |= u.roles.iter().any(|r| r == "admin");
             Ok(())
         })?;
-        let done =
-            get_json::<Value>(self.store.as_ref(), Collection::Meta, BOOTSTRAP_MARKER)?.is_some();
+        let done = get_json::<Value>(self.store.as_ref(), Collection::AuthState, BOOTSTRAP_MARKER)?
+            .is_some();
         if has_admin || done {
             return Err(ServiceError::Conflict(
                 "an admin already exists: bootstrap runs once; ask an admin to create your account"
@@ -731,7 +769,7 @@ impl AuthService {
             },
         );
         ops.push(WriteOp::put_json(
-            Collection::Meta,
+            Collection::AuthState,
             BOOTSTRAP_MARKER,
             &BootstrapMarker {
                 user_id: &user.id,

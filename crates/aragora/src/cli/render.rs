@@ -161,6 +161,13 @@ fn cleanup(v: &CleanupOutcome) -> String {
     for k in &v.kept_in_use {
         let _ = writeln!(s, "  kept {} ({} record(s) use it)", k.key_id, k.records);
     }
+    for k in &v.waiting_to_be_destroyed {
+        let _ = writeln!(
+            s,
+            "  kept {} (expired; destroyed by a cleanup after {}, ARAGORA_KEY_DESTROY_GRACE)",
+            k.key_id, k.destroy_after
+        );
+    }
     let _ = writeln!(s, "active keys: {}", v.active_count);
     s
 }
@@ -183,6 +190,9 @@ fn migration(v: &MigrationOutcome) -> String {
     v.results()
         .into_iter()
         .map(|r| match r {
+            MigrationResult::NothingToRetry(n) => {
+                format!("{}: no failed records to retry; nothing ran\n", n.store)
+            }
             MigrationResult::DryRun(d) => dry_run(d),
             MigrationResult::Run(m) => migration_run(m),
         })
@@ -377,12 +387,16 @@ mod tests {
                 status: KeyStatus::DecryptOnly,
                 records: 4,
             }],
+            waiting_to_be_destroyed: vec![crate::encryption::WaitingKey {
+                key_id: "dk-v0-cc".into(),
+                destroy_after: "2026-12-08T00:00:00.000000Z".into(),
+            }],
             usage: Default::default(),
             active_count: 2,
         };
         assert_eq!(
             render(&ControlResponse::KeyCleanup(v), false, Context::default()).stdout,
-            "retired 1 key(s)\n  dk-v1-aa decrypt_only -> expired\n  kept dk-v2-bb (4 record(s) use it)\nactive keys: 2\n"
+            "retired 1 key(s)\n  dk-v1-aa decrypt_only -> expired\n  kept dk-v2-bb (4 record(s) use it)\n  kept dk-v0-cc (expired; destroyed by a cleanup after 2026-12-08T00:00:00.000000Z, ARAGORA_KEY_DESTROY_GRACE)\nactive keys: 2\n"
         );
     }
 

@@ -16,7 +16,7 @@ use super::error::KeyRingError;
 use super::keyring::KeyRing;
 use super::record::{KEY_ROTATION_PERIOD_US, KeyStatus, load_records, new_primary};
 use super::views::{
-    CleanupOutcome, KeptKey, RestoreOutcome, RestoredKey, RetiredKey, RotationOutcome,
+    CleanupOutcome, KeptKey, RestoreOutcome, RestoredKey, RetiredKey, RotationOutcome, WaitingKey,
 };
 use crate::audit::{AuditEvent, Outcome};
 use crate::clock::{format_us, now_us};
@@ -95,6 +95,7 @@ impl KeyRing {
         old.status = KeyStatus::DecryptOnly;
         old.primary = false;
         old.retired_at = Some(format_us(now));
+        old.retired_at_us = Some(now);
         let ops = vec![
             WriteOp::put_json(Collection::KeyRing, &new.key_id, &new, Expect::Absent)?,
             WriteOp::put_json(
@@ -151,13 +152,17 @@ impl KeyRing {
         })
     }
 
-    /// Retires keys no stored secret uses: decrypt_only -> expired, expired ->
-    /// destroyed. The primary is never retired.
+    /// Retires keys no stored secret uses: decrypt_only -> expired, and
+    /// expired -> destroyed once it has been expired for `destroy_grace` (until
+    /// then the key is still in the store and a mistaken cleanup costs
+    /// nothing). The primary is never retired.
     pub fn cleanup_expired(
         &self,
         actor: &str,
         ip: Option<String>,
+        destroy_grace: std::time::Duration,
     ) -> Result<CleanupOutcome, KeyRingError> {
+        let grace_us = i64::try_from(destroy_grace.as_micros()).unwrap_or(i64::MAX);
         let _admin = self.admin.lock();
         let usage = self.key_usage()?;
         let records = load_records(self.store.as_ref())?;
@@ -165,6 +170,7 @@ impl KeyRing {
         let mut ops = Vec::new();
         let mut retired = Vec::new();
         let mut kept = Vec::new();
+        let mut waiting = Vec::new();
         for (version, r) in &records {
             if r.primary || matches!(r.status, KeyStatus::Active | KeyStatus::Destroyed) {
                 continue;
@@ -179,6 +185,31 @@ impl KeyRing {
                 continue;
             }
             let mut next = r.clone();
+            if r.status == KeyStatus::Expired && grace_us > 0 {
+                let Some(expired_at) = r.retired_at_us else {
+                    // Expired before the grace period existed: it starts now.
+                    next.retired_at_us = Some(now);
+                    waiting.push(WaitingKey {
+                        key_id: r.key_id.clone(),
+                        destroy_after: format_us(now.saturating_add(grace_us)),
+                    });
+                    ops.push(WriteOp::put_json(
+                        Collection::KeyRing,
+                        &r.key_id,
+                        &next,
+                        Expect::Version(*version),
+                    )?);
+                    continue;
+                };
+                let destroy_after = expired_at.saturating_add(grace_us);
+                if now < destroy_after {
+                    waiting.push(WaitingKey {
+                        key_id: r.key_id.clone(),
+                        destroy_after: format_us(destroy_after),
+                    });
+                    continue;
+                }
+            }
             next.status = if r.status == KeyStatus::DecryptOnly {
                 KeyStatus::Expired
             } else {
@@ -186,6 +217,7 @@ impl KeyRing {
                 KeyStatus::Destroyed
             };
             next.retired_at = Some(format_us(now));
+            next.retired_at_us = Some(now);
             retired.push(RetiredKey {
                 key_id: r.key_id.clone(),
                 from: r.status,
@@ -204,6 +236,7 @@ impl KeyRing {
                 .details(KeysRetired {
                     retired: &retired,
                     kept_in_use: &kept,
+                    waiting_to_be_destroyed: &waiting,
                 });
             self.audit.record_with(event, ops)?;
             self.reload()?;
@@ -211,14 +244,15 @@ impl KeyRing {
         Ok(CleanupOutcome {
             retired,
             kept_in_use: kept,
+            waiting_to_be_destroyed: waiting,
             usage,
             active_count: self.current().active_count(),
         })
     }
 
-    /// Brings back keys missing from the store from a backup file. Each must
-    /// unwrap under the current master key; restored keys are decrypt-only
-    /// (the current primary stays primary).
+    /// Brings back keys missing from the store, or destroyed in it, from a
+    /// backup file. Each must unwrap under the current master key; restored
+    /// keys are decrypt-only (the current primary stays primary).
     pub fn restore(
         &self,
         file: &Path,
@@ -233,10 +267,22 @@ impl KeyRing {
         let mut restored = Vec::new();
         let mut present = Vec::new();
         for mut r in backup.keys {
-            if records.iter().any(|(_, s)| s.key_id == r.key_id) {
-                present.push(r.key_id);
-                continue;
-            }
+            // A destroyed key's record stays (without its material) so the id is
+            // never reused; the backup brings the material back.
+            let expect = match records.iter().find(|(_, s)| s.key_id == r.key_id) {
+                Some((version, s)) if s.status == KeyStatus::Destroyed && r.wrapped.is_some() => {
+                    r.status = KeyStatus::DecryptOnly;
+                    r.primary = false;
+                    r.retired_at = None;
+                    r.retired_at_us = None;
+                    Expect::Version(*version)
+                }
+                Some(_) => {
+                    present.push(r.key_id);
+                    continue;
+                }
+                None => Expect::Absent,
+            };
             let Some(w) = &r.wrapped else {
                 continue;
             };
@@ -261,7 +307,7 @@ impl KeyRing {
                 Collection::KeyRing,
                 &r.key_id,
                 &r,
-                Expect::Absent,
+                expect,
             )?);
         }
         if !ops.is_empty() {
@@ -304,6 +350,7 @@ struct RotationFailed<'a> {
 struct KeysRetired<'a> {
     retired: &'a [RetiredKey],
     kept_in_use: &'a [KeptKey],
+    waiting_to_be_destroyed: &'a [WaitingKey],
 }
 
 /// `key_ring_restored`.

@@ -59,6 +59,11 @@ pub struct KeyRecord {
     pub expires_at_us: i64,
     #[serde(default)]
     pub retired_at: Option<String>,
+    /// `retired_at` as microseconds: when the key last changed status on its
+    /// way out (the destroy grace counts from its move to `expired`). Absent
+    /// in records written before the grace period existed.
+    #[serde(default)]
+    pub retired_at_us: Option<i64>,
     /// Public fingerprint of the master key that wrapped it: tells "another
     /// master key" apart from corruption at boot.
     #[serde(default)]
@@ -120,6 +125,7 @@ pub(super) fn new_primary(
         expires_at: format_us(expires),
         expires_at_us: expires,
         retired_at: None,
+        retired_at_us: None,
         master_fingerprint: Some(fingerprint.to_string()),
         wrapped: Some(wrapped),
     };

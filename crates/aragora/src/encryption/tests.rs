@@ -141,7 +141,7 @@ fn rotation_keeps_old_keys_for_decryption_and_cleanup_spares_keys_in_use() {
     assert_eq!(j(f.ring.keys())["active_count"], 2);
 
     // s1 uses the old key: cleanup keeps it.
-    let c = j(f.ring.cleanup_expired("t", None).expect("cleanup"));
+    let c = j(f.ring.cleanup_expired("t", None, WEEK).expect("cleanup"));
     assert_eq!(c["retired"].as_array().map(Vec::len), Some(0), "{c}");
     assert_eq!(
         c["kept_in_use"][0]["key_id"].as_str(),
@@ -153,14 +153,56 @@ fn rotation_keeps_old_keys_for_decryption_and_cleanup_spares_keys_in_use() {
     f.secrets
         .put(&p, "s1", "v1b", "api_key", None, &meta)
         .expect("rewrite");
-    let c = j(f.ring.cleanup_expired("t", None).expect("cleanup"));
+    let c = j(f.ring.cleanup_expired("t", None, WEEK).expect("cleanup"));
     assert_eq!(c["retired"][0]["to"], "expired", "{c}");
-    let c = j(f.ring.cleanup_expired("t", None).expect("cleanup"));
+    // A second run straight after destroys nothing: the key waits out its grace.
+    let c = j(f.ring.cleanup_expired("t", None, WEEK).expect("cleanup"));
+    assert_eq!(c["retired"].as_array().map(Vec::len), Some(0), "{c}");
+    assert_eq!(
+        c["waiting_to_be_destroyed"][0]["key_id"].as_str(),
+        Some(old.as_str()),
+        "{c}"
+    );
+    // Past its grace (none here), the next run destroys it.
+    let c = j(f
+        .ring
+        .cleanup_expired("t", None, std::time::Duration::ZERO)
+        .expect("cleanup"));
     assert_eq!(c["retired"][0]["to"], "destroyed", "{c}");
     assert_eq!(j(f.ring.keys())["active_count"], 1);
     assert_eq!(f.secrets.get(&p, "s1", &meta).expect("s1").1, "v1b");
     assert_eq!(f.secrets.get(&p, "s2", &meta).expect("s2").1, "v2");
+
+    // The key-ring backup taken at the rotation brings the destroyed key back,
+    // decrypt-only, and a record still under it decrypts again.
+    let restored = j(f
+        .ring
+        .restore(std::path::Path::new(&backup), "t", None)
+        .expect("restore"));
+    assert_eq!(
+        restored["restored"][0]["key_id"].as_str(),
+        Some(old.as_str())
+    );
+    assert_eq!(
+        restored["restored"][0]["status"], "decrypt_only",
+        "{restored}"
+    );
+    let keys = j(f.ring.keys());
+    assert_eq!(keys["active_count"], 2, "{keys}");
+    assert_eq!(f.ring.primary_key_id(), new, "the primary stays");
+    // A second restore finds it present.
+    let again = j(f
+        .ring
+        .restore(std::path::Path::new(&backup), "t", None)
+        .expect("restore"));
+    assert_eq!(
+        again["restored"].as_array().map(Vec::len),
+        Some(0),
+        "{again}"
+    );
 }
+
+const WEEK: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 #[test]
 fn restore_brings_back_a_lost_key_from_the_backup() {

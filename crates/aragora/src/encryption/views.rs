@@ -87,11 +87,21 @@ pub struct KeptKey {
     pub records: u64,
 }
 
+/// An expired key `cleanup_expired` will destroy on a run after its grace.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct WaitingKey {
+    pub key_id: String,
+    pub destroy_after: String,
+}
+
 /// What `key-rotation --cleanup-expired` did.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CleanupOutcome {
     pub retired: Vec<RetiredKey>,
     pub kept_in_use: Vec<KeptKey>,
+    /// Expired keys within ARAGORA_KEY_DESTROY_GRACE: not destroyed yet.
+    #[serde(default)]
+    pub waiting_to_be_destroyed: Vec<WaitingKey>,
     /// Stored records per key id.
     pub usage: BTreeMap<String, u64>,
     pub active_count: usize,

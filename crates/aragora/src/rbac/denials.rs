@@ -22,17 +22,35 @@ pub struct DenialRow {
     pub ip_addresses: Vec<String>,
 }
 
+/// Denial entries one call reads at most (10 pages of the audit search). The
+/// rows' counts stay exact up to it; beyond it the oldest denials of the window
+/// are left out and the runbook pages the audit search instead.
+pub const MAX_DENIALS_READ: usize = 10 * MAX_SEARCH_LIMIT;
+
 /// Denials of the last `minutes`, one row per (user, permission, role) with
-/// its count, most frequent first.
+/// its count (denials, not rows), most frequent first.
 pub fn recent(audit: &AuditLog, minutes: u64) -> Result<Vec<DenialRow>, AuditError> {
-    let result = audit.search(&SearchFilter {
-        action: Some("permission_denied".into()),
-        minutes: Some(minutes),
-        limit: MAX_SEARCH_LIMIT,
-        ..SearchFilter::default()
-    })?;
+    let mut entries = Vec::new();
+    let mut before = None;
+    loop {
+        let page = audit.search(&SearchFilter {
+            action: Some("permission_denied".into()),
+            minutes: Some(minutes),
+            limit: MAX_SEARCH_LIMIT,
+            before: before.take(),
+            ..SearchFilter::default()
+        })?;
+        // Each page is oldest first; pages go back in time.
+        let mut page_entries = page.entries;
+        page_entries.append(&mut entries);
+        entries = page_entries;
+        match page.next_before {
+            Some(b) if entries.len() < MAX_DENIALS_READ => before = Some(b),
+            _ => break,
+        }
+    }
     let mut groups: BTreeMap<(String, String, String), DenialRow> = BTreeMap::new();
-    for e in result.entries {
+    for e in entries {
         let text = |k: &str| e.details[k].as_str().unwrap_or_default().to_string();
         let (permission, role) = (text("permission"), text("role"));
         let row = groups

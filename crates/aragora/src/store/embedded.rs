@@ -46,6 +46,7 @@ impl EmbeddedStore {
             caller: CallerContext::new(SERVICE_CALLER),
         };
         store.ensure_layout()?;
+        super::legacy_meta::upgrade(&store.db, &store.caller)?;
         Ok(store)
     }
 
@@ -57,7 +58,7 @@ impl EmbeddedStore {
         let mut missing = Vec::new();
         // The owner may read anything in its project, so a denial here means the
         // project does not exist (authorization is decided before existence).
-        let project_exists = match read.kv_get(PROJECT, Collection::Meta.name(), b"-") {
+        let project_exists = match read.kv_get(PROJECT, Collection::Users.name(), b"-") {
             Ok(_) => true,
             Err(AedbError::NotFound { kind, .. }) => kind != "project",
             Err(AedbError::PermissionDenied { .. }) => false,
@@ -239,17 +240,21 @@ impl Store for EmbeddedStore {
             match self.db.commit_as_with_finality(&self.caller, tx, finality) {
                 Ok(r) => return Ok(Receipt { seq: r.commit_seq }),
                 Err(AedbError::AssertionFailed { index, .. }) => {
-                    let op = asserted.get(index).and_then(|&i| ops.get(i));
-                    let (collection, id) = op.map_or((Collection::Meta, "?"), WriteOp::target);
+                    let Some(op) = asserted.get(index).and_then(|&i| ops.get(i)) else {
+                        return Err(StoreError::Backend(format!(
+                            "assertion {index} failed, but this batch made no such assertion"
+                        )));
+                    };
+                    let (collection, id) = op.target();
                     let reason = match op {
-                        Some(WriteOp::Put {
+                        WriteOp::Put {
                             expect: Expect::Absent,
                             ..
-                        })
-                        | Some(WriteOp::Delete {
+                        }
+                        | WriteOp::Delete {
                             expect: Expect::Absent,
                             ..
-                        }) => "already exists",
+                        } => "already exists",
                         _ => "changed since it was read",
                     };
                     return Err(StoreError::Conflict {

@@ -9,6 +9,7 @@
 //! or backward, bounded by a limit: pagination without offsets.
 
 pub mod embedded;
+mod legacy_meta;
 
 use std::fmt;
 use std::ops::Bound;
@@ -32,8 +33,13 @@ pub enum Collection {
     IpBlocks,
     /// Hash-chained audit entries, ids ordered by time.
     Audit,
-    /// Singletons: the audit chain head, the session revocation epoch, ...
-    Meta,
+    /// The audit chain's head (owned by `audit`).
+    AuditChain,
+    /// Singletons of `auth`: the session revocation epoch, the bootstrap marker.
+    AuthState,
+    /// Re-encryption progress, one record per encrypted store (owned by
+    /// `encryption::migration`).
+    Migrations,
     /// Data keys, wrapped by the master key (key id -> `encryption::KeyRecord`).
     KeyRing,
     /// Encrypted secrets (id -> `secrets::SecretRecord`).
@@ -45,7 +51,7 @@ pub enum Collection {
 }
 
 impl Collection {
-    pub const ALL: [Collection; 12] = [
+    pub const ALL: [Collection; 14] = [
         Collection::Users,
         Collection::UserEmails,
         Collection::Roles,
@@ -53,7 +59,9 @@ impl Collection {
         Collection::ApiKeys,
         Collection::IpBlocks,
         Collection::Audit,
-        Collection::Meta,
+        Collection::AuditChain,
+        Collection::AuthState,
+        Collection::Migrations,
         Collection::KeyRing,
         Collection::Secrets,
         Collection::Approvals,
@@ -69,7 +77,9 @@ impl Collection {
             Collection::ApiKeys => "api_keys",
             Collection::IpBlocks => "ip_blocks",
             Collection::Audit => "audit",
-            Collection::Meta => "meta",
+            Collection::AuditChain => "audit_chain",
+            Collection::AuthState => "auth_state",
+            Collection::Migrations => "migrations",
             Collection::KeyRing => "key_ring",
             Collection::Secrets => "secrets",
             Collection::Approvals => "approvals",

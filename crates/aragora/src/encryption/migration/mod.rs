@@ -23,7 +23,7 @@
 //! # Resumable
 //!
 //! The progress ([`MigrationState`]: cursor = last record id done, counts,
-//! failed and skipped records, timestamps) is the `Collection::Meta` record
+//! failed and skipped records, timestamps) is the `Collection::Migrations` record
 //! `migration:{store}`, written in the same atomic batch as the records it
 //! describes, then waited durable. A killed run leaves state `running` with a
 //! cursor; the next run continues after the cursor with the counts so far

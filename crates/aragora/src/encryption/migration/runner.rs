@@ -377,14 +377,19 @@ impl Migrator {
         Ok(st)
     }
 
-    /// Retries only the records listed as failed.
+    /// Retries only the records listed as failed. `None` when none is: nothing
+    /// runs and nothing is audited (the last run's state is not a retry's result).
     pub fn retry_failed(
         &self,
         store: MigrationStore,
         actor: &str,
-    ) -> Result<MigrationState, MigrationError> {
+    ) -> Result<Option<MigrationState>, MigrationError> {
         let _run = self.begin()?;
-        self.retry_inner(store, actor)
+        let (_, st) = self.load(store)?;
+        if !st.failed_records.iter().any(|f| f.store == store.name()) {
+            return Ok(None);
+        }
+        self.retry_inner(store, actor).map(Some)
     }
 
     fn retry_inner(
@@ -467,7 +472,7 @@ impl Migrator {
         } else {
             Expect::Version(version)
         };
-        let op = WriteOp::put_json(Collection::Meta, store.state_id(), &st, expect)?;
+        let op = WriteOp::put_json(Collection::Migrations, store.state_id(), &st, expect)?;
         let event = AuditEvent::new("migration_record_skipped", actor, Outcome::Success).details(
             RecordSkipped {
                 store: store.name(),

@@ -1,5 +1,5 @@
 //! The persisted state of a migration and the views of it: which stores can
-//! be migrated, the progress record (`Collection::Meta` `migration:{store}`)
+//! be migrated, the progress record (`Collection::Migrations` `migration:{store}`)
 //! and what the status and dry-run answers look like. The runner
 //! (`runner.rs`) is the only writer of the progress record.
 
@@ -119,14 +119,14 @@ impl MigrationState {
         store: MigrationStore,
     ) -> Result<(u64, MigrationState), StoreError> {
         Ok(
-            get_json::<MigrationState>(db, Collection::Meta, &store.state_id())?
+            get_json::<MigrationState>(db, Collection::Migrations, &store.state_id())?
                 .unwrap_or_else(|| (0, MigrationState::new(store))),
         )
     }
 
     /// The write that stores this state, whatever is stored now.
     pub(super) fn op(&self, store: MigrationStore) -> Result<WriteOp, StoreError> {
-        WriteOp::put_json(Collection::Meta, store.state_id(), self, Expect::Any)
+        WriteOp::put_json(Collection::Migrations, store.state_id(), self, Expect::Any)
     }
 
     pub fn view(&self) -> MigrationView {

@@ -173,7 +173,10 @@ fn rotate_then_migrate_rewraps_everything_and_cleanup_retires_the_old_key() {
     assert_eq!((st.migrated, st.already_current), (0, 450));
 
     // The old key is no longer used: cleanup retires it.
-    let out = j(f.ring.cleanup_expired("t", None).expect("cleanup"));
+    let out = j(f
+        .ring
+        .cleanup_expired("t", None, std::time::Duration::ZERO)
+        .expect("cleanup"));
     assert_eq!(out["retired"][0]["key_id"], old.as_str(), "{out}");
 }
 
@@ -240,7 +243,10 @@ fn undecryptable_records_are_reported_and_the_rest_migrated_then_skipped() {
     }
 
     // Retrying fails the same way; fixing one record then retrying recovers it.
-    let st = m.retry_failed(MigrationStore::Secrets, "t").expect("retry");
+    let st = m
+        .retry_failed(MigrationStore::Secrets, "t")
+        .expect("retry")
+        .expect("two failed");
     assert_eq!((st.migrated, st.failed), (118, 2));
     let p = principal();
     f.secrets
@@ -253,7 +259,10 @@ fn undecryptable_records_are_reported_and_the_rest_migrated_then_skipped() {
             &RequestMeta::default(),
         )
         .expect("fix");
-    let st = m.retry_failed(MigrationStore::Secrets, "t").expect("retry");
+    let st = m
+        .retry_failed(MigrationStore::Secrets, "t")
+        .expect("retry")
+        .expect("two failed");
     assert_eq!((st.failed, st.failed_records.len()), (1, 1));
     assert_eq!(
         st.already_current, 1,
@@ -269,6 +278,14 @@ fn undecryptable_records_are_reported_and_the_rest_migrated_then_skipped() {
         (0, 1, RunState::Completed)
     );
     assert_eq!(st.skipped_records, ["s-00050"]);
+    // Nothing failed is left: a retry does nothing and says so.
+    let started = actions(&f, "migration_started").len();
+    assert!(
+        m.retry_failed(MigrationStore::Secrets, "t")
+            .expect("retry")
+            .is_none()
+    );
+    assert_eq!(actions(&f, "migration_started").len(), started);
     assert_eq!(
         actions(&f, "migration_record_skipped")[0].details["record_id"],
         "s-00050"
