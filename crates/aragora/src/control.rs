@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::app::AppState;
 use crate::audit::VerifyReport;
+use crate::audit::export::{self as audit_export, ExportReport, ExportSigner, ExportVerifyReport};
 use crate::auth::recovery::{RecoveryOutcome, RecoveryRequest};
 use crate::encryption::migration::{DryRunView, MigrationStore, MigrationView};
 use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome};
@@ -41,6 +42,19 @@ pub enum ControlRequest {
         force: bool,
     },
     AuditVerify,
+    /// `aragora audit export --out DIR [--since T]`: new signed segments.
+    AuditExport {
+        /// Absolute (the CLI resolves it before sending).
+        out: String,
+        #[serde(default)]
+        since_us: Option<i64>,
+    },
+    /// `aragora audit verify --export DIR [--public-key HEX]...`.
+    AuditVerifyExport {
+        dir: String,
+        #[serde(default)]
+        public_keys: Vec<String>,
+    },
     /// `aragora key-rotation`: rotate (reason required) or retire unused keys.
     KeyRotation {
         reason: Option<String>,
@@ -81,6 +95,8 @@ impl ControlRequest {
             ControlRequest::Bootstrap { .. } => "bootstrap",
             ControlRequest::AdminRecover { .. } => "admin_recover",
             ControlRequest::AuditVerify => "audit_verify",
+            ControlRequest::AuditExport { .. } => "audit_export",
+            ControlRequest::AuditVerifyExport { .. } => "audit_verify_export",
             ControlRequest::KeyRotation { .. } => "key_rotation",
             ControlRequest::KeyRingRestore { .. } => "key_ring_restore",
             ControlRequest::Migration { .. } => "migration",
@@ -94,6 +110,9 @@ impl ControlRequest {
     pub fn timeout(&self) -> Duration {
         match self {
             ControlRequest::Migration { .. } => Duration::from_secs(24 * 3600),
+            ControlRequest::AuditExport { .. } | ControlRequest::AuditVerifyExport { .. } => {
+                Duration::from_secs(3600)
+            }
             _ => Duration::from_secs(60),
         }
     }
@@ -107,6 +126,8 @@ pub enum ControlResponse {
     Bootstrap(BootstrapView),
     AdminRecover(RecoveryOutcome),
     AuditVerify(VerifyReport),
+    AuditExport(ExportReport),
+    AuditVerifyExport(ExportVerifyReport),
     KeyRotation(RotationOutcome),
     KeyCleanup(CleanupOutcome),
     KeyRingRestore(RestoreOutcome),
@@ -244,6 +265,26 @@ pub fn execute(
             Ok(ControlResponse::AdminRecover(outcome))
         }
         ControlRequest::AuditVerify => Ok(ControlResponse::AuditVerify(state.audit.verify()?)),
+        ControlRequest::AuditExport { out, since_us } => {
+            let signer = export_signer(state)?;
+            Ok(ControlResponse::AuditExport(audit_export::export(
+                &state.audit,
+                &signer,
+                Path::new(&out),
+                since_us,
+            )?))
+        }
+        ControlRequest::AuditVerifyExport { dir, public_keys } => {
+            let signer = export_signer(state).ok();
+            Ok(ControlResponse::AuditVerifyExport(
+                audit_export::verify_dir(
+                    Path::new(&dir),
+                    signer.as_ref(),
+                    &public_keys,
+                    Some(&state.audit),
+                )?,
+            ))
+        }
         ControlRequest::KeyRotation {
             cleanup_expired: true,
             ..
@@ -298,6 +339,17 @@ pub fn execute(
             Ok(ControlResponse::SecretRotation(marks))
         }
     }
+}
+
+/// The audit export signer, derived from the master key.
+pub fn export_signer(state: &AppState) -> Result<ExportSigner, ServiceError> {
+    let key = state
+        .config
+        .encryption_key
+        .as_ref()
+        .ok_or(audit_export::ExportError::NoSigningKey)?;
+    let bytes = zeroize::Zeroizing::new(key.bytes());
+    Ok(ExportSigner::from_master_key(&bytes)?)
 }
 
 /// `aragora migration`: one result per store (`{"results": [...]}` for

@@ -143,8 +143,30 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Verify the audit hash chain (exit 1 when it is broken).
+    /// Verify the audit hash chain (exit 1 when it is broken); with --export,
+    /// verify a directory of exported segments against each other and the
+    /// live chains instead.
     Verify {
+        /// A directory written by `aragora audit export`.
+        #[arg(long, value_name = "DIR")]
+        export: Option<std::path::PathBuf>,
+        /// Also trust segments signed with this public key (hex; printed by
+        /// every export), e.g. one from before a master-key rotation.
+        #[arg(long = "public-key", value_name = "HEX", requires = "export")]
+        public_keys: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export what is new in the audit chains (aragora's log, aedb's
+    /// authz_audit and assertion_audit) to DIR as signed, chain-linked
+    /// segment files, written once; rerun to continue where DIR ends.
+    Export {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// For a chain DIR does not hold yet: start at this time (RFC 3339,
+        /// e.g. 2026-12-01T00:00:00Z) or this long ago (e.g. 24h).
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -175,8 +197,25 @@ fn main() -> ExitCode {
             json,
         ),
         Command::Audit {
-            command: AuditCommand::Verify { json },
+            command: AuditCommand::Verify {
+                export: None, json, ..
+            },
         } => command(ControlRequest::AuditVerify, json),
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    export: Some(dir),
+                    public_keys,
+                    json,
+                },
+        } => absolute(&dir)
+            .and_then(|dir| command(ControlRequest::AuditVerifyExport { dir, public_keys }, json)),
+        Command::Audit {
+            command: AuditCommand::Export { out, since, json },
+        } => absolute(&out).and_then(|out| {
+            let since_us = since.as_deref().map(parse_since).transpose()?;
+            command(ControlRequest::AuditExport { out, since_us }, json)
+        }),
         Command::KeyRotation {
             force,
             reason,
@@ -272,6 +311,34 @@ fn key_rotation(
         },
         json,
     )
+}
+
+/// A path the server can use: the socket's server has its own working
+/// directory.
+fn absolute(path: &std::path::Path) -> Result<String> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .context("the current directory")?
+            .join(path)
+    };
+    Ok(abs.display().to_string())
+}
+
+/// `--since`: an RFC 3339 time, or a duration ago.
+fn parse_since(value: &str) -> Result<i64> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(value.trim()) {
+        let us = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| anyhow!("--since: {value:?} is before 1970"))?
+            .as_micros();
+        return Ok(i64::try_from(us).unwrap_or(i64::MAX));
+    }
+    let ago = aragora::clock::parse_duration("--since", value)
+        .map_err(|e| anyhow!("{e}; or give a time such as 2026-12-01T00:00:00Z"))?;
+    let ago_us = i64::try_from(ago.as_micros()).unwrap_or(i64::MAX);
+    Ok(aragora::clock::now_us().saturating_sub(ago_us))
 }
 
 fn key_ring_restore(file: &std::path::Path, json: bool) -> Result<ExitCode> {

@@ -15,6 +15,8 @@ use ring::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod export;
+
 use crate::clock;
 use crate::store::{
     Collection, Durability, Expect, ListQuery, Store, StoreError, WriteOp, decode, get_json,

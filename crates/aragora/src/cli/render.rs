@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::audit::VerifyReport;
+use crate::audit::export::{ExportReport, ExportVerifyReport};
 use crate::auth::recovery::{RecoveredAdmin, RecoveryOutcome};
 use crate::control::{BootstrapView, ControlResponse, MigrationOutcome, MigrationResult};
 use crate::encryption::migration::{DryRunView, MigrationView, RunState};
@@ -50,6 +51,11 @@ pub fn render(resp: &ControlResponse, json: bool, ctx: Context<'_>) -> Rendered 
         {
             r.code = 1;
         }
+        if let ControlResponse::AuditVerifyExport(v) = resp
+            && !v.ok
+        {
+            r.code = 1;
+        }
         return r;
     }
     match resp {
@@ -62,6 +68,12 @@ pub fn render(resp: &ControlResponse, json: bool, ctx: Context<'_>) -> Rendered 
         },
         ControlResponse::AuditVerify(v) => Rendered {
             stdout: audit_verify(v),
+            stderr: String::new(),
+            code: u8::from(!v.ok),
+        },
+        ControlResponse::AuditExport(v) => Rendered::out(audit_export(v)),
+        ControlResponse::AuditVerifyExport(v) => Rendered {
+            stdout: audit_verify_export(v),
             stderr: String::new(),
             code: u8::from(!v.ok),
         },
@@ -84,6 +96,8 @@ pub fn json_of(resp: &ControlResponse) -> String {
         ControlResponse::Bootstrap(v) => j(v),
         ControlResponse::AdminRecover(v) => j(v),
         ControlResponse::AuditVerify(v) => j(v),
+        ControlResponse::AuditExport(v) => j(v),
+        ControlResponse::AuditVerifyExport(v) => j(v),
         ControlResponse::KeyRotation(v) => j(v),
         ControlResponse::KeyCleanup(v) => j(v),
         ControlResponse::KeyRingRestore(v) => j(v),
@@ -123,6 +137,52 @@ fn recovered(r: &RecoveredAdmin) -> String {
         );
     }
     let _ = write!(s, "API key (shown once, store it now):\n{}\n", r.token);
+    s
+}
+
+fn audit_export(v: &ExportReport) -> String {
+    let mut s = if v.written.is_empty() {
+        format!("{}: up to date, nothing new to export\n", v.dir)
+    } else {
+        format!("wrote {} segment(s) to {}\n", v.written.len(), v.dir)
+    };
+    for w in &v.written {
+        let _ = writeln!(
+            s,
+            "  {} ({} {}..{}, {} entries)",
+            w.file, w.source, w.first, w.last, w.entries
+        );
+    }
+    for h in &v.heads {
+        let _ = writeln!(s, "{} ends at {} (hash {})", h.source, h.last, h.end_hash);
+    }
+    let _ = writeln!(s, "signed with public key {}", v.public_key);
+    s
+}
+
+fn audit_verify_export(v: &ExportVerifyReport) -> String {
+    let mut s = format!(
+        "{}: {} segment(s), {} entries: {}\n",
+        v.dir,
+        v.segments,
+        v.entries,
+        if v.ok { "OK" } else { "FAILED" }
+    );
+    for c in &v.chains {
+        let live = match c.matches_live {
+            Some(true) => "matches the live chain",
+            Some(false) => "NOT in the live chain",
+            None => "live chain not checked",
+        };
+        let _ = writeln!(
+            s,
+            "  {} ends at {} (hash {}): {live}",
+            c.source, c.last, c.end_hash
+        );
+    }
+    for p in &v.problems {
+        let _ = writeln!(s, "  problem: {p}");
+    }
     s
 }
 

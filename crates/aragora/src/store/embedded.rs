@@ -11,7 +11,7 @@ use std::path::Path;
 
 use aedb::{
     AedbConfig, AedbError, AedbInstance, CallerContext, CommitFinality, ConsistencyMode,
-    DdlOperation, ReadAssertion, Secure,
+    DdlOperation, Permission, ReadAssertion, Secure,
 };
 
 use super::Expect;
@@ -46,6 +46,7 @@ impl EmbeddedStore {
             caller: CallerContext::new(SERVICE_CALLER),
         };
         store.ensure_layout()?;
+        store.ensure_audit_read()?;
         super::legacy_meta::upgrade(&store.db, &store.caller)?;
         Ok(store)
     }
@@ -93,6 +94,27 @@ impl EmbeddedStore {
                 .map_err(backend)?;
         }
         Ok(())
+    }
+
+    /// The service caller reads aedb's audit tables (for `aragora audit
+    /// export`) through its own grant, so exports never use GlobalAdmin.
+    fn ensure_audit_read(&self) -> Result<(), StoreError> {
+        match self.db.export_audit_as(&self.caller, i64::MAX) {
+            Ok(_) => Ok(()),
+            Err(AedbError::PermissionDenied { .. }) => self
+                .db
+                .commit_ddl_as(
+                    &CallerContext::new(BOOTSTRAP_ADMIN),
+                    vec![DdlOperation::GrantPermission {
+                        grantee: SERVICE_CALLER.into(),
+                        permission: Permission::AuditRead,
+                        delegable: false,
+                    }],
+                )
+                .map(|_| ())
+                .map_err(backend),
+            Err(e) => Err(backend(e)),
+        }
     }
 
     /// The transaction for a batch, and for each assertion the op it guards.
@@ -275,5 +297,11 @@ impl Store for EmbeddedStore {
 
     fn wait_durable(&self, receipt: Receipt) -> Result<(), StoreError> {
         self.db.wait_durable(receipt.seq).map_err(backend)
+    }
+
+    fn engine_audit(&self, since_id: i64) -> Result<Vec<aedb::AuditExport>, StoreError> {
+        self.db
+            .export_audit_as(&self.caller, since_id)
+            .map_err(backend)
     }
 }

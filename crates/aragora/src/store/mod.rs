@@ -268,6 +268,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<Receipt, StoreError>;
 
     fn wait_durable(&self, receipt: Receipt) -> Result<(), StoreError>;
+
+    /// The storage engine's own audit tables (aedb's `authz_audit` and
+    /// `assertion_audit`), rows with id >= `since_id`, each with its chain
+    /// head. A backend without such tables has none to export.
+    fn engine_audit(&self, since_id: i64) -> Result<Vec<aedb::AuditExport>, StoreError> {
+        let _ = since_id;
+        Ok(Vec::new())
+    }
 }
 
 /// Decodes a JSON record, naming it when it does not decode.
