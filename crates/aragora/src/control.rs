@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use zeroize::Zeroizing;
 
 use crate::app::AppState;
 use crate::audit::VerifyReport;
 use crate::auth::recovery::{RecoveryOutcome, RecoveryRequest};
 use crate::encryption::migration::{DryRunView, MigrationStore, MigrationView};
-use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome};
+use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome, UnsealOutcome};
 use crate::error::ServiceError;
 use crate::secrets::RotationMarks;
 
@@ -71,6 +72,44 @@ pub enum ControlRequest {
         #[serde(default)]
         dry_run: bool,
     },
+    /// `aragora unseal`: open a sealed key ring with this master key (read
+    /// by the CLI from stdin; only ever sent over the owner-only socket).
+    Unseal {
+        key: KeyHex,
+    },
+}
+
+/// A master key in hex on its way to [`ControlRequest::Unseal`]: zeroized
+/// when dropped, never shown by `Debug`.
+#[derive(Clone)]
+pub struct KeyHex(Zeroizing<String>);
+
+impl KeyHex {
+    pub fn new(hex: Zeroizing<String>) -> Self {
+        Self(hex)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for KeyHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHex(<redacted>)")
+    }
+}
+
+impl Serialize for KeyHex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyHex {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| KeyHex(Zeroizing::new(s)))
+    }
 }
 
 impl ControlRequest {
@@ -98,6 +137,7 @@ pub enum ControlResponse {
     Migration(MigrationOutcome),
     MigrationStatus(MigrationView),
     SecretRotation(RotationMarks),
+    Unseal(UnsealOutcome),
 }
 
 /// The first admin and its API key (shown once).
@@ -260,6 +300,24 @@ pub fn execute(
         } => Ok(ControlResponse::SecretRotation(
             state.secrets.mark_accessed_by(&user_id, true, CLI_ACTOR)?,
         )),
+        ControlRequest::Unseal { key } => {
+            if via == Via::Direct {
+                return Err(ServiceError::BadRequest(
+                    "aragora unseal opens the key ring of a running server, and none answers \
+                     on its control socket: start it (without a usable key it starts sealed), \
+                     or set ARAGORA_ENCRYPTION_KEY for commands run with the server stopped"
+                        .into(),
+                ));
+            }
+            // Named as what it is here: the variable is the server's, not
+            // what the operator typed.
+            let key = crate::config::parse_key("the unseal key", Some(key.expose()))
+                .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+            let master = crate::crypto::MasterKey::from_key32(&key);
+            Ok(ControlResponse::Unseal(
+                state.keyring.unseal(master, CLI_ACTOR)?,
+            ))
+        }
         // Marking is a job (one at a time, recorded like a migration run).
         ControlRequest::SecretRotation { user_id, .. } => {
             let job = state.jobs.run_secret_rotation(&user_id, CLI_ACTOR)?;
@@ -350,12 +408,15 @@ async fn handle(
         write.write_all(&line_of(&msg)).await?;
         return Ok(());
     }
-    let mut line = String::new();
+    // The line may carry a master key (`unseal`): zeroized when dropped, and
+    // sized so a short line is never reallocated (leaving a copy behind).
+    let mut line = Zeroizing::new(String::with_capacity(4096));
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64);
     reader.read_line(&mut line).await?;
     let response = match serde_json::from_str::<ControlRequest>(&line) {
         Ok(req) => {
-            tracing::info!(command = ?std::mem::discriminant(&req), "control command");
+            // Debug shows no key (`KeyHex` is redacted).
+            tracing::info!(request = ?req, "control command");
             match tokio::task::spawn_blocking(move || execute(&state, req, Via::Socket)).await {
                 Ok(Ok(v)) => Reply {
                     ok: true,
@@ -394,9 +455,12 @@ pub fn call(
     stream
         .set_read_timeout(Some(req.timeout()))
         .map_err(|e| e.to_string())?;
-    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    // May carry a master key (`unseal`): zeroized, and written without a
+    // formatted copy.
+    let line = Zeroizing::new(serde_json::to_vec(req).map_err(|e| e.to_string())?);
     stream
-        .write_all(format!("{line}\n").as_bytes())
+        .write_all(&line)
+        .and_then(|()| stream.write_all(b"\n"))
         .map_err(|e| format!("writing to {}: {e}", path.display()))?;
     let mut resp = String::new();
     BufReader::new(stream)
