@@ -217,6 +217,10 @@ impl Metrics {
             self.encryption_operations.with_label_values(&[op]);
             self.encryption_latency.with_label_values(&[op]);
         }
+        // Set by the key ring at boot (master 0 while sealed).
+        for t in ["master", "data"] {
+            self.active_keys.with_label_values(&[t]);
+        }
         self.encryption_errors
             .with_label_values(&["decryption_failed"]);
         // The reasons the key ring records (`CryptoError::reason`, rotation).

@@ -154,6 +154,19 @@ fn every_runbook_log_grep_finds_its_event_with_address_and_actor() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The CLI logs at ARAGORA_LOG_LEVEL too (its own steps: socket or store).
+    let out = s
+        .command()
+        .env("ARAGORA_LOG_LEVEL", "debug")
+        .args(["audit", "verify"])
+        .output()
+        .expect("run aragora");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("DEBUG") && err.contains("control socket") && !err.contains('\u{1b}'),
+        "ARAGORA_LOG_LEVEL=debug must show the CLI's debug lines, uncoloured: {err}"
+    );
     // A decryption error: logs/b now holds logs/a's envelope.
     s.stop();
     copy_envelope(&s, "logs/a", "logs/b");
