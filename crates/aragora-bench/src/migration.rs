@@ -90,9 +90,10 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
         store.clone(),
         audit.clone(),
         metrics.clone(),
-        MasterKey::from_bytes(Zeroizing::new([0x42; 32])),
+        Some(MasterKey::from_bytes(Zeroizing::new([0x42; 32]))),
         dir.path(),
         Environment::Development,
+        false,
         vec![aragora::secrets::encrypted_collection()],
     )?);
     let t = Instant::now();

@@ -412,6 +412,28 @@ impl Server {
             .unwrap_or_else(|e| panic!("run aragora: {e}"))
     }
 
+    /// Runs `aragora ARGS` with the server's environment and `stdin` as its
+    /// standard input (`aragora unseal` reads the key there, never from argv).
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = self
+            .command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run aragora: {e}"));
+        if let Some(mut input) = child.stdin.take() {
+            // A command that exits before reading closes the pipe: its
+            // output says why, so a failed write is not the test's failure.
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("run aragora: {e}"))
+    }
+
     /// `aragora ARGS --json`-style commands that must succeed: their stdout
     /// as JSON (panics with stderr otherwise).
     pub fn cli_json(&self, args: &[&str]) -> Value {

@@ -7,7 +7,7 @@ use crate::approvals::notify::{Approver, ApproverResolver, NotifyError};
 use crate::approvals::{ApprovalService, Notifier, Operation};
 use crate::audit::AuditLog;
 use crate::auth::AuthService;
-use crate::config::Config;
+use crate::config::{Config, Environment};
 use crate::crypto::MasterKey;
 use crate::encryption::migration::{MigrationOptions, Migrator};
 use crate::encryption::{KeyRing, KeyRingError};
@@ -106,11 +106,15 @@ impl AppState {
             rbac.clone(),
             metrics.clone(),
         )?);
-        let master = config
-            .encryption_key
-            .as_ref()
-            .map(MasterKey::from_key32)
-            .ok_or(BootError::NoEncryptionKey)?;
+        // Production starts sealed without a master key that opens the ring
+        // (Vault's model: login, RBAC, audit and health keep serving, and
+        // `aragora unseal` or a restart with the key opens it); development
+        // always has its generated key, so a wrong one is a mistake to stop on.
+        let sealed_start = config.environment == Environment::Production;
+        let master = config.encryption_key.as_ref().map(MasterKey::from_key32);
+        if master.is_none() && !sealed_start {
+            return Err(BootError::NoEncryptionKey);
+        }
         let keyring = Arc::new(KeyRing::open(
             store.clone(),
             audit.clone(),
@@ -118,6 +122,7 @@ impl AppState {
             master,
             &config.data_dir,
             config.environment,
+            sealed_start,
             vec![crate::secrets::encrypted_collection()],
         )?);
         let secrets = Arc::new(SecretsService::new(

@@ -434,7 +434,17 @@ impl Config {
                 None
             }
         };
-        let encryption_key = key("ARAGORA_ENCRYPTION_KEY", &mut p);
+        // Missing is allowed in production too: the server starts sealed
+        // (`encryption::KeyRing`), which a malformed key never does.
+        let encryption_key =
+            match parse_key("ARAGORA_ENCRYPTION_KEY", get("ARAGORA_ENCRYPTION_KEY")) {
+                Ok(k) => Some(k),
+                Err(KeyProblem::Missing(_)) => None,
+                Err(e) => {
+                    p.push(e.to_string());
+                    None
+                }
+            };
         let aedb_manifest_key = key("AEDB_MANIFEST_KEY", &mut p);
         let aedb_checkpoint_key = key("AEDB_CHECKPOINT_KEY", &mut p);
         let jwt_secret = get("JWT_SECRET")
@@ -642,12 +652,7 @@ mod tests {
     fn production_names_every_missing_key() {
         let e =
             Config::from_vars(&vars(&[("ARAGORA_ENV", "production")])).expect_err("keys missing");
-        for name in [
-            "ARAGORA_ENCRYPTION_KEY",
-            "AEDB_MANIFEST_KEY",
-            "AEDB_CHECKPOINT_KEY",
-            "JWT_SECRET",
-        ] {
+        for name in ["AEDB_MANIFEST_KEY", "AEDB_CHECKPOINT_KEY", "JWT_SECRET"] {
             assert!(
                 e.problems.iter().any(|p| p.contains(name)),
                 "{name} not named: {e}"
@@ -696,6 +701,23 @@ mod tests {
         ]);
         v.extend(vars(extra));
         v
+    }
+
+    #[test]
+    fn production_without_the_master_key_loads_to_start_sealed_but_a_malformed_one_is_refused() {
+        let mut v = production(&[]);
+        v.remove("ARAGORA_ENCRYPTION_KEY");
+        let c = Config::from_vars(&v).expect("a missing master key starts sealed");
+        assert!(c.encryption_key.is_none());
+        for (bad, named) in [
+            ("abcd", "ARAGORA_ENCRYPTION_KEY must be 64 hex characters"),
+            (&*"zz".repeat(32), "ARAGORA_ENCRYPTION_KEY is not valid hex"),
+        ] {
+            let e = Config::from_vars(&production(&[("ARAGORA_ENCRYPTION_KEY", bad)]))
+                .expect_err("malformed")
+                .to_string();
+            assert!(e.contains(named), "{e}");
+        }
     }
 
     #[test]

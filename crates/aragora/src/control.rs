@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use zeroize::Zeroizing;
 
 use crate::app::AppState;
 use crate::audit::VerifyReport;
 use crate::audit::export::{self as audit_export, ExportReport, ExportSigner, ExportVerifyReport};
 use crate::auth::recovery::{RecoveryOutcome, RecoveryRequest};
 use crate::encryption::migration::{DryRunView, MigrationStore, MigrationView};
-use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome};
+use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome, UnsealOutcome};
 use crate::error::ServiceError;
 use crate::operator::Operator;
 use crate::secrets::RotationMarks;
@@ -86,25 +87,47 @@ pub enum ControlRequest {
         #[serde(default)]
         dry_run: bool,
     },
+    /// `aragora unseal`: open a sealed key ring with this master key (read
+    /// by the CLI from stdin; only ever sent over the owner-only socket).
+    Unseal {
+        key: KeyHex,
+    },
+}
+
+/// A master key in hex on its way to [`ControlRequest::Unseal`]: zeroized
+/// when dropped, never shown by `Debug`.
+#[derive(Clone)]
+pub struct KeyHex(Zeroizing<String>);
+
+impl KeyHex {
+    pub fn new(hex: Zeroizing<String>) -> Self {
+        Self(hex)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for KeyHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHex(<redacted>)")
+    }
+}
+
+impl Serialize for KeyHex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyHex {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| KeyHex(Zeroizing::new(s)))
+    }
 }
 
 impl ControlRequest {
-    /// The command's name on the wire (for logs: never its arguments).
-    pub fn name(&self) -> &'static str {
-        match self {
-            ControlRequest::Bootstrap { .. } => "bootstrap",
-            ControlRequest::AdminRecover { .. } => "admin_recover",
-            ControlRequest::AuditVerify => "audit_verify",
-            ControlRequest::AuditExport { .. } => "audit_export",
-            ControlRequest::AuditVerifyExport { .. } => "audit_verify_export",
-            ControlRequest::KeyRotation { .. } => "key_rotation",
-            ControlRequest::KeyRingRestore { .. } => "key_ring_restore",
-            ControlRequest::Migration { .. } => "migration",
-            ControlRequest::MigrationStatus { .. } => "migration_status",
-            ControlRequest::SecretRotation { .. } => "secret_rotation",
-        }
-    }
-
     /// How long the client waits for the answer: a migration of a large store
     /// runs for minutes.
     pub fn timeout(&self) -> Duration {
@@ -134,6 +157,7 @@ pub enum ControlResponse {
     Migration(MigrationOutcome),
     MigrationStatus(MigrationView),
     SecretRotation(RotationMarks),
+    Unseal(UnsealOutcome),
 }
 
 /// The first admin and its API key (shown once).
@@ -329,6 +353,24 @@ pub fn execute(
                 .secrets
                 .mark_accessed_by(&state.auth.resolve_user(&user_id)?, true, actor)?,
         )),
+        ControlRequest::Unseal { key } => {
+            if via == Via::Direct {
+                return Err(ServiceError::BadRequest(
+                    "aragora unseal opens the key ring of a running server, and none answers \
+                     on its control socket: start it (without a usable key it starts sealed), \
+                     or set ARAGORA_ENCRYPTION_KEY for commands run with the server stopped"
+                        .into(),
+                ));
+            }
+            // Named as what it is here: the variable is the server's, not
+            // what the operator typed.
+            let key = crate::config::parse_key("the unseal key", Some(key.expose()))
+                .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+            let master = crate::crypto::MasterKey::from_key32(&key);
+            Ok(ControlResponse::Unseal(
+                state.keyring.unseal(master, actor)?,
+            ))
+        }
         // Marking is a job (one at a time, recorded like a migration run).
         ControlRequest::SecretRotation { user_id, .. } => {
             let user_id = state.auth.resolve_user(&user_id)?;
@@ -438,17 +480,16 @@ async fn handle(
         write.write_all(&line_of(&msg)).await?;
         return Ok(());
     }
-    let mut line = String::new();
+    // The line may carry a master key (`unseal`): zeroized when dropped, and
+    // sized so a short line is never reallocated (leaving a copy behind).
+    let mut line = Zeroizing::new(String::with_capacity(4096));
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64);
     reader.read_line(&mut line).await?;
     let response = match serde_json::from_str::<ControlRequest>(&line) {
         Ok(req) => {
             let operator = Operator::of_peer(peer.uid(), peer.pid());
-            tracing::info!(
-                command = req.name(),
-                operator = %operator.describe(),
-                "control command"
-            );
+            // Debug shows no key (`KeyHex` is redacted).
+            tracing::info!(request = ?req, operator = %operator.describe(), "control command");
             match tokio::task::spawn_blocking(move || execute(&state, req, Via::Socket, &operator))
                 .await
             {
@@ -489,9 +530,12 @@ pub fn call(
     stream
         .set_read_timeout(Some(req.timeout()))
         .map_err(|e| e.to_string())?;
-    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    // May carry a master key (`unseal`): zeroized, and written without a
+    // formatted copy.
+    let line = Zeroizing::new(serde_json::to_vec(req).map_err(|e| e.to_string())?);
     stream
-        .write_all(format!("{line}\n").as_bytes())
+        .write_all(&line)
+        .and_then(|()| stream.write_all(b"\n"))
         .map_err(|e| format!("writing to {}: {e}", path.display()))?;
     let mut resp = String::new();
     BufReader::new(stream)

@@ -37,12 +37,28 @@ pub enum ServiceError {
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
     Unavailable(String),
+    /// The key ring is sealed: the operation needs a data key and none is
+    /// usable until the master key is set (503 naming the variable and the
+    /// way out; it does not pass by retrying).
+    #[error("{0}")]
+    Sealed(String),
     /// The store or the audit log failed in a way that may pass: 503, with
     /// the detail only in the log (it names store internals).
     #[error("{0}")]
     Backend(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<crate::crypto::CryptoError> for ServiceError {
+    /// A crypto failure the caller did not handle itself: sealed is 503, the
+    /// rest are the server's problem.
+    fn from(e: crate::crypto::CryptoError) -> Self {
+        match e {
+            crate::crypto::CryptoError::Sealed { why } => ServiceError::Sealed(why),
+            other => ServiceError::Internal(format!("encryption failed: {other}")),
+        }
+    }
 }
 
 impl From<StoreError> for ServiceError {

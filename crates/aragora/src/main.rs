@@ -80,6 +80,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open the key ring of a running server that started sealed (without an
+    /// ARAGORA_ENCRYPTION_KEY that opens it): reads the master key (64 hex
+    /// characters) from stdin, never from arguments, and sends it over the
+    /// owner-only control socket. A wrong key is refused (exit 1) and the
+    /// server stays sealed; both are audited.
+    Unseal {
+        #[arg(long)]
+        json: bool,
+    },
     /// Mark for rotation every secret a user read (from the audit log's
     /// secret_access entries, all time): `rotation_required` in its metadata.
     Rotation {
@@ -232,6 +241,7 @@ fn main() -> ExitCode {
             skip_record,
             json,
         } => migration(store, dry_run, retry_failed, skip_record, json),
+        Command::Unseal { json } => unseal(json),
         Command::Rotation {
             secrets_accessed_by,
             dry_run,
@@ -269,10 +279,22 @@ fn check_key() -> Result<ExitCode> {
 /// Sends `req` to the running server, or runs it on the store directly.
 fn run_control(req: ControlRequest) -> Result<ControlResponse> {
     let config = load_config()?;
+    let socket = control::socket_path(&config.data_dir);
+    tracing::debug!(socket = %socket.display(), request = ?req, "trying the running server's control socket");
     match control::call(&config.data_dir, &req).map_err(|e| anyhow!(e))? {
-        Some(Ok(v)) => Ok(v),
-        Some(Err(e)) => Err(anyhow!(e)),
+        Some(Ok(v)) => {
+            tracing::debug!("the server ran the command");
+            Ok(v)
+        }
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "the server refused the command");
+            Err(anyhow!(e))
+        }
         None => {
+            tracing::debug!(
+                data_dir = %config.data_dir.display(),
+                "no server answers: running the command on the store directly"
+            );
             let (store, state) = open_state(config)?;
             let r = control::execute(&state, req, Via::Direct, &Operator::of_this_process())
                 .map_err(|e| anyhow!(e.to_string()));
@@ -292,6 +314,49 @@ fn emit(r: Rendered) -> ExitCode {
 fn command(req: ControlRequest, json: bool) -> Result<ExitCode> {
     let v = run_control(req)?;
     Ok(emit(render(&v, json, render::Context::default())))
+}
+
+/// The longest line `unseal` reads from stdin (a key is 64 characters).
+const MAX_UNSEAL_INPUT: u64 = 4096;
+
+fn unseal(json: bool) -> Result<ExitCode> {
+    use std::io::{BufRead, Read};
+    let config = load_config()?;
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!(
+            "ARAGORA_ENCRYPTION_KEY (64 hex characters, shown as typed; pipe it in to avoid that): "
+        );
+    }
+    let mut input = zeroize::Zeroizing::new(String::with_capacity(MAX_UNSEAL_INPUT as usize));
+    stdin
+        .lock()
+        .take(MAX_UNSEAL_INPUT)
+        .read_line(&mut input)
+        .context("reading the key from stdin")?;
+    let key = zeroize::Zeroizing::new(input.trim().to_string());
+    if key.is_empty() {
+        anyhow::bail!(
+            "no key on stdin: pipe the master key in (e.g. `aragora unseal < /path/to/key`); \
+             it is never taken from arguments"
+        );
+    }
+    let req = ControlRequest::Unseal {
+        key: control::KeyHex::new(key),
+    };
+    match control::call(&config.data_dir, &req).map_err(|e| anyhow!(e))? {
+        Some(Ok(v)) => Ok(emit(render(&v, json, render::Context::default()))),
+        // Refused (a wrong or malformed key): the server stays sealed.
+        Some(Err(e)) => {
+            eprintln!("aragora: {e}");
+            Ok(ExitCode::from(1))
+        }
+        None => anyhow::bail!(
+            "no server answers on {}: unseal opens a running server's key ring (start it; \
+             without a usable ARAGORA_ENCRYPTION_KEY it starts sealed)",
+            control::socket_path(&config.data_dir).display()
+        ),
+    }
 }
 
 fn key_rotation(

@@ -3,8 +3,8 @@
 //! encryption, RBAC, auth and approval modules, as they land).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds: 100 µs to 10 s.
@@ -19,7 +19,9 @@ pub struct Metrics {
     pub encryption_operations: IntCounterVec,
     pub encryption_latency: HistogramVec,
     pub encryption_errors: IntCounterVec,
-    pub active_keys: IntGauge,
+    /// `type="master"`: 1 when the master key is loaded and opens the key
+    /// ring, 0 while sealed; `type="data"`: usable active data keys.
+    pub active_keys: IntGaugeVec,
     pub rbac_decisions: IntCounterVec,
     pub rbac_denied: IntCounterVec,
     pub rbac_evaluation_latency: Histogram,
@@ -100,7 +102,14 @@ impl Metrics {
                 "Encryption and decryption errors",
                 &["reason"],
             )?,
-            active_keys: gauge(&r, "aragora_security_active_keys", "Active encryption keys")?,
+            active_keys: {
+                let g = IntGaugeVec::new(
+                    Opts::new("aragora_security_active_keys", "Active encryption keys"),
+                    &["type"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             rbac_decisions: counter_vec(
                 &r,
                 "aragora_security_rbac_decisions_total",
@@ -207,6 +216,10 @@ impl Metrics {
         for op in ["encrypt", "decrypt"] {
             self.encryption_operations.with_label_values(&[op]);
             self.encryption_latency.with_label_values(&[op]);
+        }
+        // Set by the key ring at boot (master 0 while sealed).
+        for t in ["master", "data"] {
+            self.active_keys.with_label_values(&[t]);
         }
         self.encryption_errors
             .with_label_values(&["decryption_failed"]);

@@ -221,7 +221,14 @@ impl SecretsService {
         if let Err(e) = self.audit.record(event) {
             tracing::error!(error = %e, "permission_denied could not be audited");
         }
-        tracing::warn!(user_id = %p.user_id, secret_id = id, permission, "secret access denied");
+        let ip = meta.ip_string();
+        tracing::warn!(
+            reason = "secret_path",
+            permission = %needed,
+            ip = %ip.as_deref().unwrap_or("-"),
+            actor = %p.user_id,
+            "permission_denied"
+        );
         Err(ServiceError::Forbidden { permission: needed })
     }
 
@@ -374,9 +381,10 @@ impl SecretsService {
                 ) {
                     tracing::error!(error = %a, "failed secret_access could not be audited");
                 }
-                Err(ServiceError::Internal(format!(
-                    "secret {id} could not be decrypted: {e}"
-                )))
+                Err(match e {
+                    crate::crypto::CryptoError::Sealed { .. } => e.into(),
+                    _ => ServiceError::Internal(format!("secret {id} could not be decrypted: {e}")),
+                })
             }
         }
     }
@@ -616,6 +624,6 @@ enum WriteFailure {
 
 impl From<crate::crypto::CryptoError> for WriteFailure {
     fn from(e: crate::crypto::CryptoError) -> Self {
-        WriteFailure::Other(ServiceError::Internal(format!("encryption failed: {e}")))
+        WriteFailure::Other(e.into())
     }
 }

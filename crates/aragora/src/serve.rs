@@ -68,9 +68,13 @@ pub fn close(store: Arc<EmbeddedStore>, state: Arc<AppState>) -> Result<()> {
 }
 
 fn init_logging(level: &str, json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::new(level);
+    // Colour only on a terminal: under `kubectl logs`, a pipe or a file the
+    // escape codes would end up in the fields the runbook's greps and awk read.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()

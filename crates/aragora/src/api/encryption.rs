@@ -29,8 +29,10 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(state.keyring.stats()).into_response()
 }
 
-pub async fn keys(State(state): State<Arc<AppState>>) -> Response {
-    axum::Json(state.keyring.keys()).into_response()
+/// 503 while sealed: no key is known to open.
+pub async fn keys(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
+    let v = state.keyring.keys().map_err(ServiceError::from)?;
+    Ok(axum::Json(v).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -50,6 +52,11 @@ pub async fn rotate(
     Extension(meta): Extension<RequestMeta>,
     JsonBody(b): JsonBody<RotateBody>,
 ) -> ApiResult<Response> {
+    // Sealed: 503 now, not an approval request that could only fail.
+    state
+        .keyring
+        .ensure_unsealed()
+        .map_err(ServiceError::from)?;
     blocking(move || {
         let params = OperationParams::KeyRotation(KeyRotationParams { force: b.force });
         match gate(&state, &p, &meta, &params, &b.reason)? {
@@ -168,6 +175,10 @@ pub async fn export_secrets(
     Extension(meta): Extension<RequestMeta>,
     JsonBody(b): JsonBody<ExportBody>,
 ) -> ApiResult<Response> {
+    state
+        .keyring
+        .ensure_unsealed()
+        .map_err(ServiceError::from)?;
     blocking(move || {
         let params =
             OperationParams::parse(Operation::SecretExport, &serde_json::json!({"ids": b.ids}))
@@ -252,6 +263,12 @@ pub async fn migration_run(
     JsonBody(b): JsonBody<MigrationRunBody>,
 ) -> ApiResult<Response> {
     let stores = MigrationStore::parse(&b.store).map_err(ServiceError::from)?;
+    // A migration decrypts every record: sealed, it answers 503 at once
+    // rather than starting a job (or asking for an approval) that must fail.
+    state
+        .keyring
+        .ensure_unsealed()
+        .map_err(ServiceError::from)?;
     if b.dry_run {
         if state.rbac.evaluate(&p.roles, "migration.run").is_none() {
             // Let through by the gate's approvals.request; a dry run is no request.

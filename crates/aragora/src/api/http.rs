@@ -143,6 +143,8 @@ fn request_span(req: &axum::http::Request<Body>) -> tracing::Span {
         method = %req.method(),
         path = %req.uri().path(),
         request_id = %request_id(req.headers()),
+        // Recorded by `identify` once the client is known (trusted proxies).
+        client_ip = tracing::field::Empty,
     )
 }
 

@@ -121,6 +121,13 @@ impl IntoResponse for ApiError {
                     Some((header::RETRY_AFTER, "1".to_string())),
                 )
             }
+            // Not logged per request: health, the active-keys gauge and the
+            // boot log already say so once, and a sealed server refuses many.
+            ServiceError::Sealed(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": msg, "reason": "sealed"}),
+                None,
+            ),
             // Logged with the request id, which also goes into the body
             // (`http::internal_errors`), so a report can be matched to the log.
             ServiceError::Internal(_) => return http::internal_error(msg),
@@ -319,27 +326,27 @@ routes! {
     GET "/api/security/rbac/denials/recent" Some("rbac.read"), "Denials of the last ?minutes= (default 15) by user, permission, role" => rbac::denials_recent, NoBody, [200 Vec<DenialRow>], query rbac::DenialsQuery;
     GET "/api/security/audit/search" Some("audit.read"), "Audit entries by ?action=, ?actor=, ?minutes=, ?limit=, ?before=" => audit::search, NoBody, [200 SearchResult], query audit::SearchQuery;
     GET "/api/security/audit/verify" Some("audit.read"), "Verify the audit hash chain" => audit::verify, NoBody, [200 VerifyReport];
-    GET "/api/security/encryption/health" A, "Key ring health: {status, master_key_loaded, active_key_id, active_keys} (nothing secret)" => encryption::health, NoBody, [200 EncryptionHealth];
+    GET "/api/security/encryption/health" A, "Key ring health: {status, master_key_loaded, active_key_id, active_keys, sealed, sealed_reason?, message?} (nothing secret)" => encryption::health, NoBody, [200 EncryptionHealth];
     GET "/api/security/encryption/stats" Some("encryption.read"), "Encrypt/decrypt counts and latency percentiles, derivation_latency_p95, decrypts_per_actor (last minute)" => encryption::stats, NoBody, [200 EncryptionStats];
-    GET "/api/security/encryption/keys" Some("encryption.read"), "Key ring metadata: {active_count, primary_key_id, keys}" => encryption::keys, NoBody, [200 KeysView];
-    POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}; gated (key_rotation: 202 unless admin)" => encryption::rotate, encryption::RotateBody, [200 RotationOutcome, 202 CreatedView];
+    GET "/api/security/encryption/keys" Some("encryption.read"), "Key ring metadata: {active_count, primary_key_id, keys}" => encryption::keys, NoBody, [200 KeysView, 503 ErrorView];
+    POST "/api/security/encryption/rotate" Some("encryption.rotate"), "Rotate the primary data key: {reason, force}; gated (key_rotation: 202 unless admin)" => encryption::rotate, encryption::RotateBody, [200 RotationOutcome, 202 CreatedView, 503 ErrorView];
     GET "/api/secrets" Some("secrets.list"), "Secret metadata (?after=, ?limit=); never values" => encryption::list_secrets, NoBody, [200 SecretsPage], query encryption::ListQuery;
-    PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret, encryption::PutSecretBody, [200 SecretView, 201 SecretView];
-    GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret, NoBody, [200 SecretValueView];
+    PUT "/api/secrets/{*id}" Some("secrets.write"), "Create or replace a secret: {value, secret_type, owner?}" => encryption::put_secret, encryption::PutSecretBody, [200 SecretView, 201 SecretView, 503 ErrorView];
+    GET "/api/secrets/{*id}" Some("secrets.read"), "Decrypt a secret (audited as secret_access)" => encryption::get_secret, NoBody, [200 SecretValueView, 503 ErrorView];
     DELETE "/api/secrets/{*id}" Some("secrets.delete"), "Delete a secret" => encryption::delete_secret, NoBody, [204 NoBody];
-    POST "/api/security/secrets/export" Some("secrets.read"), "Export several secrets' values: {ids (at most 100), reason}; gated (secret_export: 202 unless admin)" => encryption::export_secrets, encryption::ExportBody, [200 encryption::SecretExportView, 202 CreatedView];
+    POST "/api/security/secrets/export" Some("secrets.read"), "Export several secrets' values: {ids (at most 100), reason}; gated (secret_export: 202 unless admin)" => encryption::export_secrets, encryption::ExportBody, [200 encryption::SecretExportView, 202 CreatedView, 503 ErrorView];
     POST "/api/security/approvals" Some("approvals.request"), "Request a gated operation: {operation, params, reason} -> 202 {approval_id, status, operation, risk_level, expires_at}" => approvals::create, approvals::RequestBody, [202 serde_json::Value];
     GET "/api/security/approvals" Some("approvals.read"), "Approval requests, newest first (?status=, ?operation=, ?before=, ?limit=)" => approvals::history, NoBody, [200 serde_json::Value], query approvals::HistoryQuery;
     GET "/api/security/approvals/pending" Some("approvals.read"), "Pending approval requests, oldest first (?risk_level=): array of {id, operation, risk_level, requested_at, requester_id, reason, checklist, approvals, required_approvals, expires_at}" => approvals::pending, NoBody, [200 serde_json::Value], query approvals::PendingQuery;
     GET "/api/security/approvals/{id}" Some("approvals.read"), "One approval request, any status, with decisions and result" => approvals::get, NoBody, [200 serde_json::Value];
-    GET "/api/security/approvals/{id}/export" Some("self.read"), "The values of an approved secret_export, for its requester, within an hour of it running (each read audited as secret_access)" => approvals::export, NoBody, [200 encryption::SecretExportView];
+    GET "/api/security/approvals/{id}/export" Some("self.read"), "The values of an approved secret_export, for its requester, within an hour of it running (each read audited as secret_access)" => approvals::export, NoBody, [200 encryption::SecretExportView, 503 ErrorView];
     GET "/api/security/approvals/{id}/eligible-approvers" Some("approvals.read"), "Who may decide: array of {id, email, roles, last_active_at}" => approvals::eligible_approvers, NoBody, [200 serde_json::Value];
     POST "/api/security/approvals/{id}/approve" Some("self.read"), "Approve: {notes?, reason?, checklist_confirmed?, bypass_checklist? (admin)}; eligible approvers only, never the requester" => approvals::approve, approvals::ApproveBody, [200 serde_json::Value];
     POST "/api/security/approvals/{id}/reject" Some("self.read"), "Reject: {reason} (required)" => approvals::reject, approvals::RejectBody, [200 serde_json::Value];
     POST "/api/security/approvals/{id}/emergency-bypass" Some("self.read"), "Emergency bypass: {reason, incident_id} (security_lead; audited at critical severity)" => approvals::emergency_bypass, approvals::BypassBody, [200 serde_json::Value];
     GET "/api/security/jobs/{id}" Some("migration.read"), "A long operation (migration run): state, stores, per-store results, resumed" => encryption::job, NoBody, [200 JobRecord];
     GET "/api/security/migration/status" Some("migration.read"), "Re-encryption migration progress (?store=): {state, store, total, migrated, failed, skipped, failed_records, started_at, finished_at}" => encryption::migration_status, NoBody, [200 MigrationView], query encryption::MigrationStatusQuery;
-    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once); gated (migration_run: 202 with an approval request unless admin)" => encryption::migration_run, encryption::MigrationRunBody, [200 DryRunsView, 202 MigrationRunAccepted, 409 ErrorView];
+    POST "/api/security/migration/run" Some("migration.run"), "Start a re-encryption migration in the background: {store, dry_run?} (dry_run answers at once); gated (migration_run: 202 with an approval request unless admin)" => encryption::migration_run, encryption::MigrationRunBody, [200 DryRunsView, 202 MigrationRunAccepted, 409 ErrorView, 503 ErrorView];
 }
 
 /// Builds the router: each route behind its permission guard, then the IP block
@@ -445,6 +452,10 @@ async fn identify(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
             .and_then(|v| v.to_str().ok())
             .map(|s| s.chars().take(200).collect()),
     };
+    if let Some(ip) = meta.ip {
+        // Every line logged for this request names its client.
+        tracing::Span::current().record("client_ip", tracing::field::display(ip));
+    }
     let path = req.uri().path();
     if path != "/api/health"
         && path != "/metrics"
@@ -572,7 +583,18 @@ pub(crate) fn deny(
     if let Err(e) = state.audit.record(event) {
         tracing::error!(error = %e, "permission_denied could not be audited");
     }
-    tracing::warn!(user_id = %p.user_id, permission, sensitive, "permission_denied");
+    // The line the runbook greps and cuts with `awk '{print $NF}'`: the
+    // actor is the last field.
+    let ip = meta.ip_string();
+    tracing::warn!(
+        permission = %permission,
+        sensitive,
+        method = %method,
+        path = %path,
+        ip = %ip.as_deref().unwrap_or("-"),
+        actor = %p.user_id,
+        "permission_denied"
+    );
 }
 
 /// Every error response is JSON: axum's own rejections (an undecodable path
@@ -636,7 +658,10 @@ pub async fn hashing<T: Send + 'static>(
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
 ) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
+    // The request's span (its id and client address) goes along, so what
+    // the work logs on the blocking pool is found with its request.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| ApiError(ServiceError::Internal(format!("worker failed: {e}"))))?
         .map_err(ApiError)

@@ -14,6 +14,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(HealthView {
         status: "ok".into(),
         maintenance_mode: state.config.maintenance_mode,
+        sealed: state.keyring.sealed().is_some(),
         store: StoreView {
             backend: state.store.backend().to_string(),
         },

@@ -17,6 +17,9 @@ pub struct HealthView {
     /// Always `ok` when the process answers.
     pub status: String,
     pub maintenance_mode: bool,
+    /// The key ring is sealed (no usable master key): secrets and key
+    /// operations answer 503 until it is unsealed; the rest serves.
+    pub sealed: bool,
     pub store: StoreView,
     pub version: String,
 }

@@ -109,7 +109,15 @@ impl AuthService {
             .rbac_denied
             .with_label_values(&[missing, &roles_label(&actor.roles)])
             .inc();
-        tracing::warn!(user_id = %actor.user_id, permission = missing, action, "privilege ceiling");
+        let ip = meta.ip_string();
+        tracing::warn!(
+            reason = "privilege_ceiling",
+            permission = %missing,
+            action = %action,
+            ip = %ip.as_deref().unwrap_or("-"),
+            actor = %actor.user_id,
+            "permission_denied"
+        );
         ServiceError::Forbidden {
             permission: missing.to_string(),
         }

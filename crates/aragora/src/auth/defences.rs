@@ -88,10 +88,28 @@ impl AuthService {
         meta: &RequestMeta,
         extra: FailureDetail,
     ) -> ServiceError {
+        let message = message.into();
         self.metrics
             .auth_failures
             .with_label_values(&[reason])
             .inc();
+        // The log line the runbook greps (`auth_failure` ... `ip=`; a JWT's
+        // `credential=jwt error=...`): plain values, the actor last.
+        let credential = match (&extra, email) {
+            (FailureDetail::Credential { credential, .. }, _) => *credential,
+            (_, Some(_)) => "password",
+            _ => "bearer",
+        };
+        let ip = meta.ip_string();
+        tracing::warn!(
+            reason = %reason,
+            credential = %credential,
+            error = ?message,
+            email = %email.unwrap_or("-"),
+            ip = %ip.as_deref().unwrap_or("-"),
+            actor = %actor,
+            "auth_failure"
+        );
         let (decision, summaries) =
             self.defences
                 .failures
@@ -102,11 +120,7 @@ impl AuthService {
         for event in summaries {
             self.write_failure_entry(event);
         }
-        tracing::warn!(reason, ip = ?meta.ip, "auth_failure");
-        ServiceError::Unauthorized {
-            reason,
-            message: message.into(),
-        }
+        ServiceError::Unauthorized { reason, message }
     }
 
     fn write_failure_entry(&self, event: AuditEvent) {

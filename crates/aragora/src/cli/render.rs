@@ -83,6 +83,7 @@ pub fn render(resp: &ControlResponse, json: bool, ctx: Context<'_>) -> Rendered 
         ControlResponse::Migration(v) => Rendered::out(migration(v)),
         ControlResponse::MigrationStatus(v) => Rendered::out(migration_run(v)),
         ControlResponse::SecretRotation(v) => Rendered::out(secret_rotation(v)),
+        ControlResponse::Unseal(v) => Rendered::out(format!("{}\n", v.message)),
     }
 }
 
@@ -104,6 +105,7 @@ pub fn json_of(resp: &ControlResponse) -> String {
         ControlResponse::Migration(v) => j(v),
         ControlResponse::MigrationStatus(v) => j(v),
         ControlResponse::SecretRotation(v) => j(v),
+        ControlResponse::Unseal(v) => j(v),
     }
 }
 

@@ -44,6 +44,11 @@ pub enum CryptoError {
     /// HKDF refused the requested output (cannot happen for 32-byte keys).
     #[error("key derivation failed")]
     Kdf,
+
+    /// The key ring is sealed (no master key, or one that does not open it):
+    /// no data key is usable. `why` names the variable and the way out.
+    #[error("{why}")]
+    Sealed { why: String },
 }
 
 impl CryptoError {
@@ -57,6 +62,7 @@ impl CryptoError {
             Self::UnwrapFailed { .. } => "unwrap_failed",
             Self::Rng => "rng",
             Self::Kdf => "kdf",
+            Self::Sealed { .. } => "sealed",
         }
     }
 

@@ -28,6 +28,14 @@ pub enum KeyRingError {
     Backup { path: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// The ring is sealed: the message names ARAGORA_ENCRYPTION_KEY and how
+    /// to unseal.
+    #[error("{0}")]
+    Sealed(String),
+    /// `aragora unseal` with a key that does not open the ring: refused, the
+    /// ring stays sealed.
+    #[error("{0}")]
+    UnsealRefused(String),
 }
 
 impl From<RecordError> for KeyRingError {
@@ -45,6 +53,9 @@ impl From<KeyRingError> for ServiceError {
             KeyRingError::Store(s) => s.into(),
             KeyRingError::Audit(a) => ServiceError::Unavailable(a),
             KeyRingError::Invalid(m) => ServiceError::BadRequest(m),
+            KeyRingError::Sealed(m) => ServiceError::Sealed(m),
+            KeyRingError::Crypto(c @ CryptoError::Sealed { .. }) => c.into(),
+            KeyRingError::UnsealRefused(m) => ServiceError::BadRequest(m),
             other => ServiceError::Internal(other.to_string()),
         }
     }

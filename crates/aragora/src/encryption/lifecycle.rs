@@ -62,8 +62,9 @@ impl KeyRing {
             ));
         }
         let _admin = self.admin.lock();
+        let ring = self.current()?;
+        let master = self.master()?;
         let records = load_records(self.store.as_ref())?;
-        let ring = self.current();
         let Some((cur_version, cur)) = records
             .iter()
             .find(|(_, r)| r.key_id == ring.primary.key_id())
@@ -88,9 +89,9 @@ impl KeyRing {
                 active_count: ring.active_count(),
             });
         }
-        let backup = backup_files::write(&self.backup_dir, &self.fingerprint, &records)?;
+        let backup = backup_files::write(&self.backup_dir, &master.fingerprint, &records)?;
         let version = records.iter().map(|(_, r)| r.version).max().unwrap_or(0) + 1;
-        let (_, new) = new_primary(&self.master, &self.fingerprint, version)?;
+        let (_, new) = new_primary(&master.key, &master.fingerprint, version)?;
         let mut old = cur.clone();
         old.status = KeyStatus::DecryptOnly;
         old.primary = false;
@@ -127,7 +128,12 @@ impl KeyRing {
                 .encryption_errors
                 .with_label_values(&["rotation_failed"])
                 .inc();
-            tracing::error!(error = %e, "key rotation failed; the previous primary stays active");
+            tracing::error!(
+                error = %e,
+                ip = %ip.as_deref().unwrap_or("-"),
+                actor = %actor,
+                "key rotation failed; the previous primary stays active"
+            );
             let failed = AuditEvent::new("key_rotation_failed", actor, Outcome::Failure)
                 .ip(ip)
                 .details(RotationFailed {
@@ -138,7 +144,14 @@ impl KeyRing {
             let _ = self.reload();
             return Err(e.into());
         }
-        tracing::info!(new = %new.key_id, previous = %old.key_id, reason, "key rotated");
+        tracing::info!(
+            new = %new.key_id,
+            previous = %old.key_id,
+            reason = ?reason,
+            ip = %ip.as_deref().unwrap_or("-"),
+            actor = %actor,
+            "key rotation: rotated"
+        );
         Ok(RotationOutcome {
             rotated: true,
             message: format!(
@@ -148,7 +161,7 @@ impl KeyRing {
             primary_key_id: new.key_id,
             previous_key_id: Some(old.key_id),
             backup: Some(backup.display().to_string()),
-            active_count: self.current().active_count(),
+            active_count: self.current()?.active_count(),
         })
     }
 
@@ -164,6 +177,8 @@ impl KeyRing {
     ) -> Result<CleanupOutcome, KeyRingError> {
         let grace_us = i64::try_from(destroy_grace.as_micros()).unwrap_or(i64::MAX);
         let _admin = self.admin.lock();
+        // Retiring is judged against the open ring (and reloads it).
+        self.ensure_unsealed()?;
         let usage = self.key_usage()?;
         let records = load_records(self.store.as_ref())?;
         let now = now_us();
@@ -246,7 +261,7 @@ impl KeyRing {
             kept_in_use: kept,
             waiting_to_be_destroyed: waiting,
             usage,
-            active_count: self.current().active_count(),
+            active_count: self.current()?.active_count(),
         })
     }
 
@@ -262,6 +277,7 @@ impl KeyRing {
         let bad = |reason: String| backup_files::invalid(file, reason);
         let backup = backup_files::read(file)?;
         let _admin = self.admin.lock();
+        let master = self.master()?;
         let records = load_records(self.store.as_ref())?;
         let mut ops = Vec::new();
         let mut restored = Vec::new();
@@ -289,7 +305,7 @@ impl KeyRing {
             if w.key_id != r.key_id || w.version != r.version {
                 return Err(bad(format!("key {} is relabelled", r.key_id)));
             }
-            self.master.unwrap(w).map_err(|_| {
+            master.key.unwrap(w).map_err(|_| {
                 bad(format!(
                     "key {} does not open under ARAGORA_ENCRYPTION_KEY (another master key)",
                     r.key_id
@@ -323,7 +339,7 @@ impl KeyRing {
         Ok(RestoreOutcome {
             restored,
             already_present: present,
-            active_count: self.current().active_count(),
+            active_count: self.current()?.active_count(),
         })
     }
 }

@@ -53,7 +53,8 @@ pub use keyring::KeyRing;
 pub use record::{KEY_ROTATION_PERIOD_US, KeyRecord, KeyStatus};
 pub use views::{
     ActorDecrypts, CleanupOutcome, EncryptionHealth, EncryptionStats, KeptKey, KeyCacheView,
-    KeyView, KeysView, RestoreOutcome, RestoredKey, RetiredKey, RotationOutcome, WaitingKey,
+    KeyView, KeysView, RestoreOutcome, RestoredKey, RetiredKey, RotationOutcome, SealedView,
+    UnsealOutcome, WaitingKey,
 };
 
 #[cfg(test)]

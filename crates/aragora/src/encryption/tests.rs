@@ -28,6 +28,15 @@ pub(super) struct Fixture {
 }
 
 pub(super) fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError> {
+    open_with(dir, Some(master), false)
+}
+
+/// [`open`] with an optional master key; `sealed_start` as in production.
+pub(super) fn open_with(
+    dir: &Path,
+    master: Option<[u8; 32]>,
+    sealed_start: bool,
+) -> Result<Fixture, KeyRingError> {
     let store: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&dir.join("aedb"), MK, CK).expect("store"));
     let audit = Arc::new(AuditLog::new(store.clone()));
@@ -36,9 +45,10 @@ pub(super) fn open(dir: &Path, master: [u8; 32]) -> Result<Fixture, KeyRingError
         store.clone(),
         audit.clone(),
         metrics.clone(),
-        MasterKey::from_bytes(Zeroizing::new(master)),
+        master.map(|m| MasterKey::from_bytes(Zeroizing::new(m))),
         dir,
         Environment::Development,
+        sealed_start,
         vec![crate::secrets::encrypted_collection()],
     )?);
     let rbac = Arc::new(
@@ -70,11 +80,11 @@ fn first_open_creates_a_primary_and_reopen_keeps_it() {
     let (primary, env) = {
         let f = open(dir.path(), [1; 32]).expect("open");
         let env = f.ring.encrypt("rec-1", b"hello").expect("encrypt");
-        assert_eq!(j(f.ring.keys())["active_count"], 1);
-        (f.ring.primary_key_id(), env)
+        assert_eq!(j(f.ring.keys().expect("open ring"))["active_count"], 1);
+        (f.ring.primary_key_id().expect("open ring"), env)
     };
     let f = open(dir.path(), [1; 32]).expect("reopen");
-    assert_eq!(f.ring.primary_key_id(), primary);
+    assert_eq!(f.ring.primary_key_id().expect("open ring"), primary);
     assert_eq!(
         f.ring.decrypt("rec-1", &env, None).expect("decrypt"),
         b"hello"
@@ -91,7 +101,8 @@ fn wrong_master_key_refuses_to_open_naming_the_key() {
     let primary = open(dir.path(), [1; 32])
         .expect("open")
         .ring
-        .primary_key_id();
+        .primary_key_id()
+        .expect("open ring");
     let e = open(dir.path(), [2; 32]).expect_err("wrong master key");
     let msg = e.to_string();
     assert!(msg.contains(&primary), "{msg}");
@@ -105,7 +116,7 @@ fn rotation_keeps_old_keys_for_decryption_and_cleanup_spares_keys_in_use() {
     let f = open(dir.path(), [1; 32]).expect("open");
     let p = principal();
     let meta = RequestMeta::default();
-    let old = f.ring.primary_key_id();
+    let old = f.ring.primary_key_id().expect("open ring");
     f.secrets
         .put(&p, "s1", "v1", "api_key", None, &meta)
         .expect("put");
@@ -115,11 +126,11 @@ fn rotation_keeps_old_keys_for_decryption_and_cleanup_spares_keys_in_use() {
         .rotate("t", None, "scheduled", false)
         .expect("rotate");
     assert!(!not_due.rotated);
-    assert_eq!(f.ring.primary_key_id(), old);
+    assert_eq!(f.ring.primary_key_id().expect("open ring"), old);
 
     let out = f.ring.rotate("t", None, "test", true).expect("rotate");
     assert!(out.rotated);
-    let new = f.ring.primary_key_id();
+    let new = f.ring.primary_key_id().expect("open ring");
     assert_ne!(new, old);
     let backup = out.backup.expect("backup path");
     let mode = std::fs::metadata(&backup).expect("backup").permissions();
@@ -138,7 +149,7 @@ fn rotation_keeps_old_keys_for_decryption_and_cleanup_spares_keys_in_use() {
         .put(&p, "s2", "v2", "api_key", None, &meta)
         .expect("put");
     assert_eq!(Some(view.key_id.as_str()), Some(new.as_str()));
-    assert_eq!(j(f.ring.keys())["active_count"], 2);
+    assert_eq!(j(f.ring.keys().expect("open ring"))["active_count"], 2);
 
     // s1 uses the old key: cleanup keeps it.
     let c = j(f.ring.cleanup_expired("t", None, WEEK).expect("cleanup"));
@@ -169,7 +180,7 @@ fn rotation_keeps_old_keys_for_decryption_and_cleanup_spares_keys_in_use() {
         .cleanup_expired("t", None, std::time::Duration::ZERO)
         .expect("cleanup"));
     assert_eq!(c["retired"][0]["to"], "destroyed", "{c}");
-    assert_eq!(j(f.ring.keys())["active_count"], 1);
+    assert_eq!(j(f.ring.keys().expect("open ring"))["active_count"], 1);
     assert_eq!(f.secrets.get(&p, "s1", &meta).expect("s1").1, "v1b");
     assert_eq!(f.secrets.get(&p, "s2", &meta).expect("s2").1, "v2");
 
@@ -187,9 +198,13 @@ fn rotation_keeps_old_keys_for_decryption_and_cleanup_spares_keys_in_use() {
         restored["restored"][0]["status"], "decrypt_only",
         "{restored}"
     );
-    let keys = j(f.ring.keys());
+    let keys = j(f.ring.keys().expect("open ring"));
     assert_eq!(keys["active_count"], 2, "{keys}");
-    assert_eq!(f.ring.primary_key_id(), new, "the primary stays");
+    assert_eq!(
+        f.ring.primary_key_id().expect("open ring"),
+        new,
+        "the primary stays"
+    );
     // A second restore finds it present.
     let again = j(f
         .ring
@@ -210,7 +225,7 @@ fn restore_brings_back_a_lost_key_from_the_backup() {
     let f = open(dir.path(), [1; 32]).expect("open");
     let p = principal();
     let meta = RequestMeta::default();
-    let old = f.ring.primary_key_id();
+    let old = f.ring.primary_key_id().expect("open ring");
     f.secrets
         .put(&p, "s1", "v1", "token", None, &meta)
         .expect("put");
@@ -278,6 +293,80 @@ fn stats_count_operations_and_decrypts_per_actor() {
             .is_some_and(|v| v > 0.0),
         "{s}"
     );
+}
+
+#[test]
+fn a_wrong_key_seals_the_ring_until_the_right_key_unseals_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (primary, env) = {
+        let f = open(dir.path(), [1; 32]).expect("open");
+        let env = f.ring.encrypt("rec-1", b"hello").expect("encrypt");
+        (f.ring.primary_key_id().expect("open ring"), env)
+    };
+    let f = open_with(dir.path(), Some([2; 32]), true).expect("starts sealed");
+    let sealed = f.ring.sealed().expect("sealed");
+    assert_eq!(sealed.reason, "wrong_key");
+    assert!(sealed.message.contains(&primary), "{}", sealed.message);
+    let h = j(f.ring.health());
+    assert_eq!(
+        (&h["master_key_loaded"], &h["sealed"], &h["active_keys"]),
+        (
+            &serde_json::json!(false),
+            &serde_json::json!(true),
+            &serde_json::json!(0)
+        ),
+        "{h}"
+    );
+    let master = |g: &Metrics| g.active_keys.with_label_values(&["master"]).get();
+    assert_eq!(master(&f.metrics), 0);
+    let e = f.ring.decrypt("rec-1", &env, None).expect_err("sealed");
+    assert!(matches!(e, CryptoError::Sealed { .. }), "{e}");
+    assert!(e.to_string().contains("ARAGORA_ENCRYPTION_KEY"), "{e}");
+    assert!(matches!(
+        f.ring.rotate("t", None, "sealed", true),
+        Err(KeyRingError::Sealed(_))
+    ));
+    // Sealed is not an encryption error: no metric, no error per request.
+    let errors: u64 = ["sealed", "unwrap_failed", "aad_mismatch"]
+        .iter()
+        .map(|r| f.metrics.encryption_errors.with_label_values(&[r]).get())
+        .sum();
+    assert_eq!(errors, 0);
+
+    let wrong = MasterKey::from_bytes(Zeroizing::new([3; 32]));
+    let e = f.ring.unseal(wrong, "t").expect_err("wrong key");
+    assert!(matches!(e, KeyRingError::UnsealRefused(_)), "{e}");
+    assert!(f.ring.sealed().is_some());
+
+    let right = MasterKey::from_bytes(Zeroizing::new([1; 32]));
+    let done = f.ring.unseal(right, "t").expect("unseal");
+    assert!(done.unsealed && done.primary_key_id == primary, "{done:?}");
+    assert!(f.ring.sealed().is_none());
+    assert_eq!(master(&f.metrics), 1);
+    assert_eq!(
+        f.ring.decrypt("rec-1", &env, None).expect("decrypt"),
+        b"hello"
+    );
+    let e = f
+        .ring
+        .unseal(MasterKey::from_bytes(Zeroizing::new([3; 32])), "t")
+        .expect_err("another key once open");
+    assert!(matches!(e, KeyRingError::UnsealRefused(_)), "{e}");
+}
+
+#[test]
+fn without_a_key_the_ring_starts_sealed_only_when_allowed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(open_with(dir.path(), None, false).is_err());
+    let f = open_with(dir.path(), None, true).expect("sealed");
+    assert_eq!(f.ring.sealed().expect("sealed").reason, "missing_key");
+    // A wrong key outside production still stops boot.
+    drop(f);
+    open(dir.path(), [1; 32]).expect("first start");
+    assert!(matches!(
+        open(dir.path(), [2; 32]),
+        Err(KeyRingError::Unwrap { .. })
+    ));
 }
 
 /// A view as the JSON it is served as.

@@ -24,11 +24,43 @@ pub struct KeyView {
 /// `GET /api/security/encryption/health` (nothing secret).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct EncryptionHealth {
-    /// `healthy`, or `critical` when no key can decrypt.
+    /// `healthy`; `critical` when no key can decrypt; `sealed` when the
+    /// master key is missing or does not open the key ring.
     pub status: String,
+    /// The master key is set and opens the key ring.
     pub master_key_loaded: bool,
-    pub active_key_id: String,
+    /// The primary data key (`null` while sealed).
+    pub active_key_id: Option<String>,
+    /// Usable active data keys (0 while sealed).
     pub active_keys: usize,
+    /// No data key is usable until the master key is set (restart with it,
+    /// or `aragora unseal`).
+    pub sealed: bool,
+    /// While sealed: `missing_key` or `wrong_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_reason: Option<String>,
+    /// While sealed: what is wrong and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Why the key ring is sealed (nothing secret).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SealedView {
+    /// `missing_key` or `wrong_key`.
+    pub reason: String,
+    /// What is wrong and what to do (names ARAGORA_ENCRYPTION_KEY).
+    pub message: String,
+}
+
+/// `aragora unseal`: the key ring opened under the key given.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnsealOutcome {
+    /// `false` when it was already unsealed with this key.
+    pub unsealed: bool,
+    pub primary_key_id: String,
+    pub active_keys: usize,
+    pub message: String,
 }
 
 /// `GET /api/security/encryption/keys`.
@@ -51,7 +83,8 @@ pub struct ActorDecrypts {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct KeyCacheView {
     pub unwrapped_keys: usize,
-    pub primary_key_id: String,
+    /// `null` while the key ring is sealed.
+    pub primary_key_id: Option<String>,
 }
 
 /// `GET /api/security/encryption/stats` (latencies in seconds).

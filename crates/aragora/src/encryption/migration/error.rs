@@ -39,6 +39,7 @@ impl From<MigrationError> for ServiceError {
             MigrationError::Audit(a) => ServiceError::Unavailable(a),
             MigrationError::Busy => ServiceError::Conflict(e.to_string()),
             MigrationError::Invalid(m) => ServiceError::BadRequest(m),
+            MigrationError::Crypto(c @ CryptoError::Sealed { .. }) => c.into(),
             other => ServiceError::Internal(other.to_string()),
         }
     }

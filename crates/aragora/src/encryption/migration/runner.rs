@@ -185,7 +185,7 @@ impl Migrator {
     /// rewrap. Writes nothing.
     pub fn dry_run(&self, store: MigrationStore) -> Result<DryRunView, MigrationError> {
         let coll = self.collection_of(store)?;
-        let primary = self.keyring.primary_key_id();
+        let primary = self.keyring.primary_key_id()?;
         let (_, st) = self.load(store)?;
         let skipped: HashSet<&str> = st.skipped_records.iter().map(String::as_str).collect();
         let mut by_key: BTreeMap<(String, u32), u64> = BTreeMap::new();
@@ -281,7 +281,7 @@ impl Migrator {
         let coll = self.collection_of(store)?;
         let (_, mut prev) = self.load(store)?;
         let now = now_us();
-        let primary = self.keyring.primary_key_id();
+        let primary = self.keyring.primary_key_id()?;
         // Resume only towards the same primary: after another rotation the
         // records before the cursor need rewrapping again, so start over.
         let resuming = prev.state == RunState::Running
@@ -315,6 +315,7 @@ impl Migrator {
             store = store.name(),
             resumed = resuming,
             total = st.total,
+            actor = %actor,
             "migration started"
         );
         *self.live.write() = Some(st.clone());
@@ -332,7 +333,7 @@ impl Migrator {
                 let Some(last) = page.last().map(|(id, _)| id.clone()) else {
                     return Ok(());
                 };
-                let primary = self.keyring.primary_key_id();
+                let primary = self.keyring.primary_key_id()?;
                 let plans: Vec<(String, Plan)> = page
                     .into_iter()
                     .map(|(id, rec)| {
@@ -372,6 +373,7 @@ impl Migrator {
             store = store.name(),
             migrated = st.migrated,
             failed = st.failed,
+            actor = %actor,
             "migration finished"
         );
         Ok(st)
@@ -415,7 +417,7 @@ impl Migrator {
             .map_err(|e| MigrationError::Audit(e.to_string()))?;
         let before = (st.migrated, st.failed);
         for chunk in ids.chunks(self.options.batch_size) {
-            let primary = self.keyring.primary_key_id();
+            let primary = self.keyring.primary_key_id()?;
             let mut plans = Vec::with_capacity(chunk.len());
             for id in chunk {
                 // Un-count it; the new plan counts it again.
@@ -638,7 +640,7 @@ impl Migrator {
                 {
                     let tries = conflicts.entry(id.clone()).or_insert(0);
                     *tries += 1;
-                    let primary = self.keyring.primary_key_id();
+                    let primary = self.keyring.primary_key_id()?;
                     let plan = if *tries > CONFLICT_RETRIES {
                         Plan::Failed(format!(
                             "changed concurrently {CONFLICT_RETRIES} times during the migration; \

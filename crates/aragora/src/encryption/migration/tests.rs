@@ -118,9 +118,9 @@ fn rotate_then_migrate_rewraps_everything_and_cleanup_retires_the_old_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let f = open(dir.path());
     seed(&f, 450);
-    let old = f.ring.primary_key_id();
+    let old = f.ring.primary_key_id().expect("open ring");
     f.ring.rotate("t", None, "test", true).expect("rotate");
-    let new = f.ring.primary_key_id();
+    let new = f.ring.primary_key_id().expect("open ring");
     let m = migrator(&f, 100, None);
 
     // Dry run: counts by key, writes nothing.
@@ -186,7 +186,7 @@ fn undecryptable_records_are_reported_and_the_rest_migrated_then_skipped() {
     let f = open(dir.path());
     seed(&f, 120);
     f.ring.rotate("t", None, "test", true).expect("rotate");
-    let new = f.ring.primary_key_id();
+    let new = f.ring.primary_key_id().expect("open ring");
     // s-00007: ciphertext of another record (AAD mismatch); s-00050: not an envelope.
     let get = |id: &str| {
         get_json::<SecretRecord>(f.store.as_ref(), Collection::Secrets, id)
@@ -305,7 +305,7 @@ fn a_stopped_migration_resumes_from_its_cursor_and_counts_add_up() {
     let f = open(dir.path());
     seed(&f, 1000);
     f.ring.rotate("t", None, "test", true).expect("rotate");
-    let new = f.ring.primary_key_id();
+    let new = f.ring.primary_key_id().expect("open ring");
     let e = migrator(&f, 100, Some(3))
         .run(MigrationStore::Secrets, "t", &|_| {})
         .expect_err("stops");
@@ -331,7 +331,7 @@ fn concurrent_writes_during_a_migration_are_not_lost() {
     let f = Arc::new(open(dir.path()));
     seed(&f, 3000);
     f.ring.rotate("t", None, "test", true).expect("rotate");
-    let new = f.ring.primary_key_id();
+    let new = f.ring.primary_key_id().expect("open ring");
     let m = migrator(&f, 200, None);
     let writer = {
         let f = f.clone();
@@ -446,7 +446,7 @@ fn a_stopped_migration_starts_over_after_another_rotation() {
         .expect_err("stops");
     assert!(matches!(e, MigrationError::Stopped(1)), "{e}");
     f.ring.rotate("t", None, "second", true).expect("rotate");
-    let newest = f.ring.primary_key_id();
+    let newest = f.ring.primary_key_id().expect("open ring");
     let st = migrator(&f, 100, None)
         .run(MigrationStore::Secrets, "t", &|_| {})
         .expect("run");
