@@ -81,6 +81,7 @@ impl AuthService {
     /// request fails anyway, and failing it "closed" cannot fail it harder.
     pub(crate) fn fail(
         &self,
+        method: &'static str,
         reason: &'static str,
         message: impl Into<String>,
         actor: &str,
@@ -90,7 +91,7 @@ impl AuthService {
     ) -> ServiceError {
         self.metrics
             .auth_failures
-            .with_label_values(&[reason])
+            .with_label_values(&[method, reason])
             .inc();
         let (decision, summaries) =
             self.defences
@@ -137,7 +138,7 @@ impl AuthService {
         let malformed = |what: String| {
             self.metrics
                 .auth_failures
-                .with_label_values(&["malformed"])
+                .with_label_values(&[crate::metrics::auth_method::PASSWORD, "malformed"])
                 .inc();
             ServiceError::BadRequest(what)
         };
@@ -175,6 +176,7 @@ impl AuthService {
                 .inc();
             let email = users::normalize_email(email);
             let _ = self.fail(
+                crate::metrics::auth_method::PASSWORD,
                 "rate_limited",
                 "",
                 "anonymous",
@@ -239,6 +241,7 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> ServiceError {
         let err = self.fail(
+            crate::metrics::auth_method::PASSWORD,
             "bad_password",
             super::INVALID_LOGIN,
             &user.id,

@@ -48,6 +48,12 @@ impl KeyRing {
     /// Rotates: a new primary, the old one kept for decryption, in one atomic
     /// write with its audit entry. Without `force`, only when the primary is
     /// older than the rotation period.
+    ///
+    /// Every failure past the reason check (the key-ring backup, the new key,
+    /// the commit, the reload after it) is counted as
+    /// `aragora_security_encryption_errors_total{reason="rotation_failed"}`
+    /// and audited as `key_rotation_failed`, here and only here: a failure
+    /// path that returned early used to page nobody.
     pub fn rotate(
         &self,
         actor: &str,
@@ -61,6 +67,33 @@ impl KeyRing {
                 "a reason (1 to 500 characters) is required for a key rotation".into(),
             ));
         }
+        let r = self.rotate_inner(actor, ip.clone(), reason, force);
+        if let Err(e) = &r {
+            self.metrics
+                .encryption_errors
+                .with_label_values(&["rotation_failed"])
+                .inc();
+            tracing::error!(error = %e, "key rotation failed");
+            let failed = AuditEvent::new("key_rotation_failed", actor, Outcome::Failure)
+                .ip(ip)
+                .details(RotationFailed {
+                    reason,
+                    error: e.to_string(),
+                });
+            if let Err(a) = self.audit.record(failed) {
+                tracing::error!(error = %a, "key_rotation_failed could not be audited");
+            }
+        }
+        r
+    }
+
+    fn rotate_inner(
+        &self,
+        actor: &str,
+        ip: Option<String>,
+        reason: &str,
+        force: bool,
+    ) -> Result<RotationOutcome, KeyRingError> {
         let _admin = self.admin.lock();
         let records = load_records(self.store.as_ref())?;
         let ring = self.current();
@@ -105,7 +138,7 @@ impl KeyRing {
             )?,
         ];
         let event = AuditEvent::new("key_rotated", actor, Outcome::Success)
-            .ip(ip.clone())
+            .ip(ip)
             .details(KeyRotated {
                 reason,
                 force,
@@ -122,18 +155,7 @@ impl KeyRing {
             r
         };
         if let Err(e) = committed {
-            self.metrics
-                .encryption_errors
-                .with_label_values(&["rotation_failed"])
-                .inc();
-            tracing::error!(error = %e, "key rotation failed; the previous primary stays active");
-            let failed = AuditEvent::new("key_rotation_failed", actor, Outcome::Failure)
-                .ip(ip)
-                .details(RotationFailed {
-                    reason,
-                    error: e.to_string(),
-                });
-            let _ = self.audit.record(failed);
+            tracing::error!(error = %e, "key rotation not committed; the previous primary stays active");
             let _ = self.reload();
             return Err(e.into());
         }

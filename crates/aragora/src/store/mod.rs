@@ -258,6 +258,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn write(&self, ops: Vec<WriteOp>, durability: Durability) -> Result<Receipt, StoreError>;
 
     fn wait_durable(&self, receipt: Receipt) -> Result<(), StoreError>;
+
+    /// The embedded engine's health counters (`aedb_*` on `/metrics`);
+    /// `None` for a store without one.
+    fn operational_metrics(&self) -> Option<aedb::OperationalMetrics> {
+        None
+    }
 }
 
 /// Decodes a JSON record, naming it when it does not decode.
