@@ -398,3 +398,33 @@ impl Metrics {
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roles(r: &[&str]) -> Vec<String> {
+        r.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Custom role names are the users' to choose: as labels they would
+    /// grow the series without bound.
+    #[test]
+    fn role_labels_keep_builtin_names_and_fold_custom_ones() {
+        assert_eq!(role_label(&[]), "none");
+        assert_eq!(role_label(&roles(&["viewer"])), "viewer");
+        assert_eq!(role_label(&roles(&["team-a-reader"])), "custom");
+        assert_eq!(
+            role_label(&roles(&["viewer", "team-b", "member", "team-a", "viewer"])),
+            "custom,member,viewer"
+        );
+    }
+
+    #[test]
+    fn permission_labels_are_catalogue_names() {
+        assert_eq!(permission_label("audit.read"), "audit.read");
+        assert_eq!(permission_label("secrets.read:team-a/db"), "secrets.read");
+        assert_eq!(permission_label("*"), "*");
+        assert_eq!(permission_label("anything.else"), "other");
+    }
+}
