@@ -92,6 +92,10 @@ impl AppState {
         let metrics = Metrics::new()
             .map_err(|e| StoreError::Backend(format!("metrics registry: {e}")))?
             .with_known_series();
+        let engine = store.clone();
+        metrics
+            .register_aedb(Arc::new(move || engine.operational_metrics()))
+            .map_err(|e| StoreError::Backend(format!("metrics registry: {e}")))?;
         let audit = Arc::new(AuditLog::new(store.clone()));
         let rbac = Arc::new(Rbac::load(
             store.as_ref(),

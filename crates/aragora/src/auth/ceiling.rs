@@ -107,7 +107,10 @@ impl AuthService {
         }
         self.metrics
             .rbac_denied
-            .with_label_values(&[missing, &roles_label(&actor.roles)])
+            .with_label_values(&[
+                crate::metrics::permission_label(missing),
+                &crate::metrics::role_label(&actor.roles),
+            ])
             .inc();
         let ip = meta.ip_string();
         tracing::warn!(

@@ -79,8 +79,12 @@ impl AuthService {
     /// through the bounded failure trail (the first of its kind in a window at
     /// once, repeats as one summary). The audit write is best effort here: the
     /// request fails anyway, and failing it "closed" cannot fail it harder.
+    // `method` and `reason` are the two labels of one counter; a struct for
+    // them would only move the argument count.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn fail(
         &self,
+        method: &'static str,
         reason: &'static str,
         message: impl Into<String>,
         actor: &str,
@@ -91,7 +95,7 @@ impl AuthService {
         let message = message.into();
         self.metrics
             .auth_failures
-            .with_label_values(&[reason])
+            .with_label_values(&[method, reason])
             .inc();
         // The log line the runbook greps (`auth_failure` ... `ip=`; a JWT's
         // `credential=jwt error=...`): plain values, the actor last.
@@ -151,7 +155,7 @@ impl AuthService {
         let malformed = |what: String| {
             self.metrics
                 .auth_failures
-                .with_label_values(&["malformed"])
+                .with_label_values(&[crate::metrics::auth_method::PASSWORD, "malformed"])
                 .inc();
             ServiceError::BadRequest(what)
         };
@@ -189,6 +193,7 @@ impl AuthService {
                 .inc();
             let email = users::normalize_email(email);
             let _ = self.fail(
+                crate::metrics::auth_method::PASSWORD,
                 "rate_limited",
                 "",
                 "anonymous",
@@ -253,6 +258,7 @@ impl AuthService {
         meta: &RequestMeta,
     ) -> ServiceError {
         let err = self.fail(
+            crate::metrics::auth_method::PASSWORD,
             "bad_password",
             super::INVALID_LOGIN,
             &user.id,

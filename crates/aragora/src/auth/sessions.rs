@@ -213,6 +213,7 @@ impl AuthService {
         let Some((version, user)) = self.user_by_email(&email)? else {
             password::verify_dummy(password);
             return Err(self.fail(
+                crate::metrics::auth_method::PASSWORD,
                 "bad_password",
                 INVALID_LOGIN,
                 "anonymous",
@@ -236,6 +237,7 @@ impl AuthService {
                 // answer faster.
                 password::verify_dummy(password);
                 return Err(self.fail(
+                    crate::metrics::auth_method::PASSWORD,
                     "locked",
                     INVALID_LOGIN,
                     &user_id,
@@ -259,6 +261,7 @@ impl AuthService {
         }
         if user.disabled {
             return Err(self.fail(
+                crate::metrics::auth_method::PASSWORD,
                 "disabled",
                 INVALID_LOGIN,
                 &user.id,
@@ -337,6 +340,7 @@ impl AuthService {
                         || user.session_generation != verified_generation
                     {
                         return Err(self.fail(
+                            crate::metrics::auth_method::PASSWORD,
                             "revoked",
                             super::INVALID_LOGIN,
                             &user.id,

@@ -15,6 +15,7 @@ use super::sessions::EPOCH_ID;
 use super::{AuthService, Credential, Principal, RequestMeta};
 use crate::clock::now_us;
 use crate::error::ServiceError;
+use crate::metrics::auth_method;
 use crate::store::{Collection, decode_opt};
 
 // Where these lived before the split; callers outside `auth` name them here.
@@ -62,7 +63,7 @@ impl AuthService {
         let Some(header) = authorization else {
             self.metrics
                 .auth_failures
-                .with_label_values(&["missing"])
+                .with_label_values(&[auth_method::HEADER, "missing"])
                 .inc();
             return Err(ServiceError::Unauthorized {
                 reason: "missing",
@@ -78,6 +79,7 @@ impl AuthService {
             .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN);
         let Some(token) = token else {
             return Err(self.fail(
+                auth_method::HEADER,
                 "malformed",
                 "Authorization header must be 'Bearer <token>'",
                 "anonymous",
@@ -96,6 +98,7 @@ impl AuthService {
         self.metrics.auth_attempts.with_label_values(&["jwt"]).inc();
         let claims = self.sessions.jwt().verify(token).map_err(|p| {
             self.fail(
+                auth_method::JWT,
                 p.reason(),
                 p.message(),
                 "anonymous",
@@ -142,6 +145,7 @@ impl AuthService {
         };
         if let Some(why) = revoked {
             return Err(self.fail(
+                auth_method::JWT,
                 "revoked",
                 why,
                 &claims.sub,
@@ -169,6 +173,7 @@ impl AuthService {
     ) -> Result<Principal, ServiceError> {
         let Some((id, secret)) = rest.split_once('_') else {
             return Err(self.fail(
+                auth_method::API_KEY,
                 "malformed",
                 "API key is malformed",
                 "anonymous",
@@ -183,6 +188,7 @@ impl AuthService {
         let key = self.api_keys.get(id)?;
         let Some(key) = key else {
             return Err(self.fail(
+                auth_method::API_KEY,
                 "bad_signature",
                 "API key is not valid",
                 "anonymous",
@@ -197,6 +203,7 @@ impl AuthService {
         let presented = sha256_hex(secret);
         if !bool::from(presented.as_bytes().ct_eq(key.secret_sha256.as_bytes())) {
             return Err(self.fail(
+                auth_method::API_KEY,
                 "bad_signature",
                 "API key is not valid",
                 &key.user_id,
@@ -210,6 +217,7 @@ impl AuthService {
         }
         if key.revoked_at.is_some() {
             return Err(self.fail(
+                auth_method::API_KEY,
                 "revoked",
                 "API key revoked",
                 &key.user_id,
@@ -278,8 +286,13 @@ impl AuthService {
         credential: Credential,
         meta: &RequestMeta,
     ) -> Result<Principal, ServiceError> {
+        let method = match credential {
+            Credential::ApiKey { .. } => auth_method::API_KEY,
+            Credential::Session { .. } | Credential::Approval { .. } => auth_method::JWT,
+        };
         let Some((version, user)) = user else {
             return Err(self.fail(
+                method,
                 "revoked",
                 "user no longer exists",
                 user_id,
@@ -290,6 +303,7 @@ impl AuthService {
         };
         if user.disabled {
             return Err(self.fail(
+                method,
                 "disabled",
                 "account disabled",
                 user_id,

@@ -296,6 +296,18 @@ impl KeyRing {
         Ok(self.open_ring()?.primary.key_id().to_string())
     }
 
+    /// When the primary key was created (µs since the epoch): its age is
+    /// what `aragora_security_primary_key_created_timestamp_seconds` shows.
+    pub fn primary_created_at_us(&self) -> Option<i64> {
+        // Sealed: no primary to age.
+        let ring = self.current().ok()?;
+        let id = ring.primary.key_id();
+        ring.records
+            .iter()
+            .find(|r| r.key_id == id)
+            .map(|r| r.created_at_us)
+    }
+
     /// Encrypts under the primary key (record id = AAD).
     pub fn encrypt(&self, record_id: &str, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let primary = self.open_ring()?.primary.clone();
@@ -372,6 +384,14 @@ impl KeyRing {
         self.observe("decrypt", secs, r.as_ref().err(), record_id, actor);
         if r.is_ok() {
             self.stats.decrypted(secs, actor);
+        }
+        // A decrypt on behalf of an actor is a secret read through the API;
+        // the migration's decrypts (no actor) are not reads.
+        if actor.is_some() {
+            self.metrics
+                .secret_reads
+                .with_label_values(&[if r.is_ok() { "success" } else { "failure" }])
+                .inc();
         }
         r
     }

@@ -20,6 +20,7 @@ use super::views::{
 };
 use crate::audit::{AuditEvent, Outcome};
 use crate::clock::{format_us, now_us};
+use crate::crypto::CryptoError;
 use crate::store::{Collection, Expect, WriteOp};
 
 impl KeyRing {
@@ -48,6 +49,12 @@ impl KeyRing {
     /// Rotates: a new primary, the old one kept for decryption, in one atomic
     /// write with its audit entry. Without `force`, only when the primary is
     /// older than the rotation period.
+    ///
+    /// Every failure past the reason check (the key-ring backup, the new key,
+    /// the commit, the reload after it) is counted as
+    /// `aragora_security_encryption_errors_total{reason="rotation_failed"}`
+    /// and audited as `key_rotation_failed`, here and only here: a failure
+    /// path that returned early used to page nobody.
     pub fn rotate(
         &self,
         actor: &str,
@@ -61,6 +68,46 @@ impl KeyRing {
                 "a reason (1 to 500 characters) is required for a key rotation".into(),
             ));
         }
+        let r = self.rotate_inner(actor, ip.clone(), reason, force);
+        // A sealed ring refuses before anything is tried: NoActiveEncryptionKeys
+        // already pages for that, so it is not a failed rotation.
+        let sealed = matches!(
+            &r,
+            Err(KeyRingError::Sealed(_) | KeyRingError::Crypto(CryptoError::Sealed { .. }))
+        );
+        if let Err(e) = &r
+            && !sealed
+        {
+            self.metrics
+                .encryption_errors
+                .with_label_values(&["rotation_failed"])
+                .inc();
+            tracing::error!(
+                error = %e,
+                ip = %ip.as_deref().unwrap_or("-"),
+                actor = %actor,
+                "key rotation failed; the previous primary stays active"
+            );
+            let failed = AuditEvent::new("key_rotation_failed", actor, Outcome::Failure)
+                .ip(ip)
+                .details(RotationFailed {
+                    reason,
+                    error: e.to_string(),
+                });
+            if let Err(a) = self.audit.record(failed) {
+                tracing::error!(error = %a, "key_rotation_failed could not be audited");
+            }
+        }
+        r
+    }
+
+    fn rotate_inner(
+        &self,
+        actor: &str,
+        ip: Option<String>,
+        reason: &str,
+        force: bool,
+    ) -> Result<RotationOutcome, KeyRingError> {
         let _admin = self.admin.lock();
         let ring = self.current()?;
         let master = self.master()?;
@@ -124,23 +171,7 @@ impl KeyRing {
             r
         };
         if let Err(e) = committed {
-            self.metrics
-                .encryption_errors
-                .with_label_values(&["rotation_failed"])
-                .inc();
-            tracing::error!(
-                error = %e,
-                ip = %ip.as_deref().unwrap_or("-"),
-                actor = %actor,
-                "key rotation failed; the previous primary stays active"
-            );
-            let failed = AuditEvent::new("key_rotation_failed", actor, Outcome::Failure)
-                .ip(ip)
-                .details(RotationFailed {
-                    reason,
-                    error: e.to_string(),
-                });
-            let _ = self.audit.record(failed);
+            tracing::error!(error = %e, "key rotation not committed; the previous primary stays active");
             let _ = self.reload();
             return Err(e.into());
         }

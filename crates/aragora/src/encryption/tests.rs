@@ -373,3 +373,48 @@ fn without_a_key_the_ring_starts_sealed_only_when_allowed() {
 fn j<T: serde::Serialize>(v: T) -> serde_json::Value {
     serde_json::to_value(v).expect("view serializes")
 }
+
+/// A rotation that fails before its commit (here: the key-ring backup cannot
+/// be written) pages like one that fails at the commit: counted as
+/// `rotation_failed` and audited as `key_rotation_failed`, ring unchanged.
+#[test]
+fn every_rotation_failure_is_counted_and_audited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = open(dir.path(), [1; 32]).expect("open");
+    let before = f.ring.primary_key_id();
+    // A file where the backup directory goes: the backup write fails.
+    std::fs::write(dir.path().join(BACKUP_DIR), b"not a directory").expect("block");
+    let failed = |f: &Fixture| {
+        f.metrics
+            .encryption_errors
+            .with_label_values(&["rotation_failed"])
+            .get()
+    };
+    f.ring
+        .rotate("op", None, "drill", true)
+        .expect_err("backup cannot be written");
+    assert_eq!(failed(&f), 1);
+    assert_eq!(f.ring.primary_key_id(), before, "the ring is unchanged");
+    let audited = f
+        .audit
+        .search(&crate::audit::SearchFilter {
+            action: Some("key_rotation_failed".into()),
+            actor: None,
+            minutes: None,
+            before: None,
+            limit: 10,
+        })
+        .expect("search");
+    assert_eq!(audited.total, 1, "{:?}", audited.entries);
+    // A refused reason is a bad request, not a failed rotation.
+    f.ring.rotate("op", None, " ", true).expect_err("no reason");
+    assert_eq!(failed(&f), 1);
+    // Not due without --force: nothing failed either.
+    std::fs::remove_file(dir.path().join(BACKUP_DIR)).expect("unblock");
+    let r = f
+        .ring
+        .rotate("op", None, "not due", false)
+        .expect("not due");
+    assert!(!r.rotated);
+    assert_eq!(failed(&f), 1);
+}

@@ -222,14 +222,15 @@ impl Rbac {
         self.metrics
             .rbac_evaluation_latency
             .observe(started.elapsed().as_secs_f64());
+        let label = crate::metrics::permission_label(permission);
         self.metrics
             .rbac_decisions
-            .with_label_values(&[permission, if d.allowed { "allow" } else { "deny" }])
+            .with_label_values(&[label, if d.allowed { "allow" } else { "deny" }])
             .inc();
         if !d.allowed {
             self.metrics
                 .rbac_denied
-                .with_label_values(&[permission, &roles_key])
+                .with_label_values(&[label, &crate::metrics::role_label(roles)])
                 .inc();
         }
         d

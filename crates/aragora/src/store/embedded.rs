@@ -182,6 +182,10 @@ impl Store for EmbeddedStore {
         "aedb"
     }
 
+    fn operational_metrics(&self) -> Option<aedb::OperationalMetrics> {
+        Some(self.db.operational_metrics())
+    }
+
     fn get(&self, collection: Collection, id: &str) -> Result<Option<Record>, StoreError> {
         let read = self
             .db

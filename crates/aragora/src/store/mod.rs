@@ -276,6 +276,12 @@ pub trait Store: Send + Sync + fmt::Debug {
         let _ = since_id;
         Ok(Vec::new())
     }
+
+    /// The embedded engine's health counters (`aedb_*` on `/metrics`);
+    /// `None` for a store without one.
+    fn operational_metrics(&self) -> Option<aedb::OperationalMetrics> {
+        None
+    }
 }
 
 /// Decodes a JSON record, naming it when it does not decode.

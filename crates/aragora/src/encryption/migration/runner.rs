@@ -87,6 +87,10 @@ pub fn register_metrics(metrics: &Metrics) {
         metrics
             .migration_records
             .with_label_values(&[store.name(), "migrated"]);
+        metrics.migration_running.with_label_values(&[store.name()]);
+        metrics
+            .migration_processed
+            .with_label_values(&[store.name()]);
     }
 }
 

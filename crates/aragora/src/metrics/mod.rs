@@ -1,11 +1,18 @@
 //! The Prometheus registry with every metric family of the runbook's Appendix A.
 //! Families are registered at boot; each is recorded where its event happens (the
-//! encryption, RBAC, auth and approval modules, as they land).
+//! encryption, RBAC, auth and approval modules). The embedded store's own
+//! signals are read at scrape time (`aedb.rs`), as are the few gauges that
+//! describe state rather than count events (`scrape.rs`).
+
+pub mod aedb;
+pub mod scrape;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::rbac::catalogue::{self, WILDCARD};
 
 /// Latency buckets in seconds: 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -46,6 +53,63 @@ pub struct Metrics {
     pub migration_records: IntCounterVec,
     /// SIGHUP reloads of the HTTPS certificate, by outcome (ok, failed).
     pub tls_certificate_reloads: IntCounterVec,
+    /// Secret values read through the API, by outcome (success, failure):
+    /// the migration's decrypts are not reads and are not counted here.
+    pub secret_reads: IntCounterVec,
+    /// The busiest actor's secret reads in the last minute (no actor label:
+    /// one series however many actors there are). Set at scrape time.
+    pub secret_reads_busiest_actor: IntGauge,
+    /// When the primary data key was created (Unix seconds).
+    pub primary_key_created: IntGauge,
+    /// The rotation period of data keys (seconds): the rule compares.
+    pub key_rotation_period: IntGauge,
+    /// 1 while a re-encryption migration of the store runs in this process.
+    /// Set at scrape time.
+    pub migration_running: IntGaugeVec,
+    /// Records the running migration has handled so far (0 when none runs).
+    /// Set at scrape time.
+    pub migration_processed: IntGaugeVec,
+}
+
+/// `aragora_security_auth_failures_total{method}`: how the credential came.
+pub mod auth_method {
+    /// `POST /api/auth/login`.
+    pub const PASSWORD: &str = "password";
+    /// A bearer JWT access token.
+    pub const JWT: &str = "jwt";
+    /// A bearer API key (`ara_...`).
+    pub const API_KEY: &str = "api_key";
+    /// No credential, or an `Authorization` header that is not `Bearer <token>`.
+    pub const HEADER: &str = "header";
+}
+
+/// The `role` label of a denial: built-in role names as they are, any other
+/// (custom) role as `custom`, several roles sorted and comma-joined. Custom
+/// role names are chosen by users, so as labels they would make the series
+/// unbounded; built-in ones are a fixed set (2^9 combinations at most).
+pub fn role_label(roles: &[String]) -> String {
+    let mut names: Vec<&str> = roles
+        .iter()
+        .map(|r| catalogue::builtin(r).map(|b| b.name).unwrap_or("custom"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(",")
+    }
+}
+
+/// The `permission` label of a decision: a catalogue permission or `*` as it
+/// is, a path-scoped grant (`secrets.read:team-a/`) as its permission, any
+/// other string as `other` (bounded, whatever a caller sends).
+pub fn permission_label(permission: &str) -> &'static str {
+    if permission == WILDCARD {
+        return WILDCARD;
+    }
+    let base = permission.split(':').next().unwrap_or(permission);
+    catalogue::find(base).map(|d| d.name).unwrap_or("other")
 }
 
 fn counter_vec(
@@ -67,6 +131,17 @@ fn histogram(r: &Registry, name: &str, help: &str) -> Result<Histogram, promethe
 
 fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
     let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, prometheus::Error> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
 }
@@ -136,8 +211,8 @@ impl Metrics {
             auth_failures: counter_vec(
                 &r,
                 "aragora_security_auth_failures_total",
-                "Authentication failures by reason",
-                &["reason"],
+                "Authentication failures by credential method (password, jwt, api_key, header) and reason",
+                &["method", "reason"],
             )?,
             auth_latency: histogram(
                 &r,
@@ -206,8 +281,48 @@ impl Metrics {
                 "Reloads of the HTTPS certificate on SIGHUP, by outcome",
                 &["outcome"],
             )?,
+            secret_reads: counter_vec(
+                &r,
+                "aragora_security_secret_reads_total",
+                "Secret values read through the API, by outcome (migration decrypts are not reads)",
+                &["outcome"],
+            )?,
+            secret_reads_busiest_actor: gauge(
+                &r,
+                "aragora_security_secret_reads_busiest_actor_last_minute",
+                "Secret reads in the last minute by the actor who read the most",
+            )?,
+            primary_key_created: gauge(
+                &r,
+                "aragora_security_primary_key_created_timestamp_seconds",
+                "When the primary data key was created (Unix seconds)",
+            )?,
+            key_rotation_period: gauge(
+                &r,
+                "aragora_security_key_rotation_period_seconds",
+                "Age at which the primary data key is due for rotation",
+            )?,
+            migration_running: gauge_vec(
+                &r,
+                "aragora_security_migration_running",
+                "1 while a re-encryption migration of the store runs",
+                &["store"],
+            )?,
+            migration_processed: gauge_vec(
+                &r,
+                "aragora_security_migration_processed_records",
+                "Records the running migration has handled (0 when none runs)",
+                &["store"],
+            )?,
             registry: r,
         })
+    }
+
+    /// Registers the embedded store's `aedb_*` families, read from `source`
+    /// at every scrape.
+    pub fn register_aedb(&self, source: aedb::Source) -> Result<(), prometheus::Error> {
+        self.registry
+            .register(Box::new(aedb::AedbCollector::new(source)?))
     }
 
     /// Creates the series whose label values are known up front, so their names
@@ -232,25 +347,45 @@ impl Metrics {
         ] {
             self.encryption_errors.with_label_values(&[reason]);
         }
-        for reason in [
-            "expired",
-            "bad_signature",
-            "malformed",
-            "revoked",
-            "disabled",
-            "bad_password",
-            "locked",
-            "rate_limited",
+        // Every (method, reason) the code records: a rule over a series
+        // born at its first failure would miss that failure.
+        use auth_method::{API_KEY, HEADER, JWT, PASSWORD};
+        for (method, reason) in [
+            (PASSWORD, "bad_password"),
+            (PASSWORD, "locked"),
+            (PASSWORD, "rate_limited"),
+            (PASSWORD, "disabled"),
+            (PASSWORD, "revoked"),
+            (PASSWORD, "malformed"),
+            (JWT, "expired"),
+            (JWT, "bad_signature"),
+            (JWT, "malformed"),
+            (JWT, "invalid_claims"),
+            (JWT, "revoked"),
+            (JWT, "disabled"),
+            (API_KEY, "bad_signature"),
+            (API_KEY, "malformed"),
+            (API_KEY, "revoked"),
+            (API_KEY, "disabled"),
+            (HEADER, "missing"),
+            (HEADER, "malformed"),
         ] {
-            self.auth_failures.with_label_values(&[reason]);
+            self.auth_failures.with_label_values(&[method, reason]);
         }
-        for method in ["password", "jwt", "api_key"] {
+        for method in [PASSWORD, JWT, API_KEY] {
             self.auth_attempts.with_label_values(&[method]);
         }
         for decision in ["allow", "deny"] {
             self.rbac_decisions.with_label_values(&["*", decision]);
         }
+        // Listed from boot; a (permission, role) series is still born at 1
+        // on its first denial, which SensitivePermissionDenied catches.
         self.rbac_denied.with_label_values(&["*", "*"]);
+        for outcome in ["success", "failure"] {
+            self.secret_reads.with_label_values(&[outcome]);
+        }
+        self.key_rotation_period
+            .set(crate::encryption::KEY_ROTATION_PERIOD_US / 1_000_000);
         for op in crate::approvals::Operation::all() {
             self.approval_requests.with_label_values(&[
                 op.as_str(),
@@ -274,5 +409,35 @@ impl Metrics {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roles(r: &[&str]) -> Vec<String> {
+        r.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Custom role names are the users' to choose: as labels they would
+    /// grow the series without bound.
+    #[test]
+    fn role_labels_keep_builtin_names_and_fold_custom_ones() {
+        assert_eq!(role_label(&[]), "none");
+        assert_eq!(role_label(&roles(&["viewer"])), "viewer");
+        assert_eq!(role_label(&roles(&["team-a-reader"])), "custom");
+        assert_eq!(
+            role_label(&roles(&["viewer", "team-b", "member", "team-a", "viewer"])),
+            "custom,member,viewer"
+        );
+    }
+
+    #[test]
+    fn permission_labels_are_catalogue_names() {
+        assert_eq!(permission_label("audit.read"), "audit.read");
+        assert_eq!(permission_label("secrets.read:team-a/db"), "secrets.read");
+        assert_eq!(permission_label("*"), "*");
+        assert_eq!(permission_label("anything.else"), "other");
     }
 }
