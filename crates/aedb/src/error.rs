@@ -75,7 +75,7 @@ pub enum AedbError {
     Timeout { waited_ms: u64 },
 
     #[error("{kind} {name:?} not found")]
-    NotFound { kind: &'static str, name: String },
+    NotFound { kind: NotFoundKind, name: String },
 
     #[error("{kind} {name:?} already exists")]
     AlreadyExists { kind: &'static str, name: String },
@@ -100,6 +100,40 @@ pub enum AedbError {
 
     #[error("the instance is closed")]
     Closed,
+}
+
+/// What a `NotFound` error did not find; matched on by hosts (a missing project
+/// is set up, a missing key is not an error), so it is typed, not a string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NotFoundKind {
+    Project,
+    Scope,
+    Table,
+    /// No backup in the directory a chain was to be discovered in.
+    Backup,
+    /// A backup names a parent that is not beside it.
+    ParentBackup,
+    DataDirectory,
+}
+
+impl NotFoundKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotFoundKind::Project => "project",
+            NotFoundKind::Scope => "scope",
+            NotFoundKind::Table => "table",
+            NotFoundKind::Backup => "backup",
+            NotFoundKind::ParentBackup => "parent backup",
+            NotFoundKind::DataDirectory => "data directory",
+        }
+    }
+}
+
+impl std::fmt::Display for NotFoundKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl AedbError {

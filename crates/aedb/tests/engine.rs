@@ -4,7 +4,7 @@ use std::ops::Bound;
 
 use aedb::{
     AedbConfig, AedbError, AedbInstance, Column, ColumnType, CommitFinality, ConsistencyMode,
-    DurabilityMode, Filter, Limits, Query, ReadAssertion, TableSchema, Value,
+    DurabilityMode, Filter, Limits, NotFoundKind, Query, ReadAssertion, TableSchema, Value,
 };
 
 fn open(dir: &std::path::Path) -> AedbInstance {
@@ -160,7 +160,13 @@ fn assertions_fail_the_commit_and_name_the_failed_one() {
     // Asserting on an unknown scope is an error, not "absent".
     let mut bad = db.begin_write("p").expect("tx");
     bad.assert(ReadAssertion::key_absent("nope", b"k".to_vec()));
-    assert!(matches!(db.commit(bad), Err(AedbError::NotFound { .. })));
+    assert!(matches!(
+        db.commit(bad),
+        Err(AedbError::NotFound {
+            kind: NotFoundKind::Scope,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -224,7 +230,10 @@ fn tables_check_schema_and_query() {
     }
     assert!(matches!(
         tx.put_row("s", "nosuch", vec![Value::Int(1)]),
-        Err(AedbError::NotFound { .. })
+        Err(AedbError::NotFound {
+            kind: NotFoundKind::Table,
+            ..
+        })
     ));
     db.commit(tx).expect("commit");
     let snap = db.snapshot().expect("snapshot");
@@ -287,8 +296,13 @@ fn limits_give_typed_errors_and_lose_nothing() {
     ));
     assert!(matches!(
         db.begin_write("nope"),
-        Err(AedbError::NotFound { .. })
+        Err(AedbError::NotFound {
+            kind: NotFoundKind::Project,
+            ..
+        })
     ));
+    assert!(!db.project_exists("nope").expect("project_exists"));
+    assert!(db.project_exists("p").expect("project_exists"));
     assert!(matches!(
         db.create_project("bad name"),
         Err(AedbError::InvalidArgument(_))
@@ -498,4 +512,49 @@ fn concurrent_commits_to_different_projects_publish_as_a_prefix_of_the_log() {
             );
         }
     }
+}
+
+#[test]
+fn versioned_scans_carry_the_seq_of_the_commit_that_last_wrote_each_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    let a1 = db.kv_set("p", "s", b"a/1", b"x").expect("a/1").commit_seq;
+    let a2 = db.kv_set("p", "s", b"a/2", b"y").expect("a/2").commit_seq;
+    db.kv_set("p", "s", b"b/1", b"z").expect("b/1");
+    let a1b = db.kv_set("p", "s", b"a/1", b"x2").expect("a/1 again").commit_seq;
+    assert!(a1b > a2 && a2 > a1);
+    db.kv_del("p", "s", b"a/2").expect("del a/2");
+    let snap = db.snapshot().expect("snapshot");
+    let kv = snap.kv("p", "s").expect("kv");
+    let simple = |v: Vec<aedb::VersionedKvPair>| -> Vec<(Vec<u8>, u64, Vec<u8>)> {
+        v.into_iter()
+            .map(|(k, (ver, val))| (k.as_slice().to_vec(), ver, val.to_vec()))
+            .collect()
+    };
+    let expect_a = vec![(b"a/1".to_vec(), a1b, b"x2".to_vec())];
+    assert_eq!(simple(kv.scan_prefix_versioned(b"a/", 10)), expect_a);
+    assert_eq!(
+        simple(kv.scan_range_versioned(Bound::Unbounded, Bound::Excluded(b"b/"), 10)),
+        expect_a
+    );
+    let all = simple(kv.scan_range_rev_versioned(Bound::Unbounded, Bound::Unbounded, 10));
+    assert_eq!(all.len(), 2, "the deleted key is not listed");
+    assert_eq!(all[0].0, b"b/1".to_vec());
+    for (k, ver, val) in &all {
+        assert_eq!(
+            kv.get_versioned(k).map(|(v, x)| (v, x.to_vec())),
+            Some((*ver, val.clone())),
+            "a scan agrees with a point read"
+        );
+    }
+    // Unversioned scans list the same entries.
+    assert_eq!(
+        kv.scan_range_rev(Bound::Unbounded, Bound::Unbounded, 1).len(),
+        1
+    );
+    assert!(
+        kv.scan_range_versioned(Bound::Included(b"z"), Bound::Excluded(b"a"), 10)
+            .is_empty(),
+        "an inverted range is empty"
+    );
 }

@@ -129,6 +129,33 @@ impl<M> AedbInstance<M> {
             .kv_scan_range(project, scope, start, end, limit)
     }
 
+    /// `kv_scan_prefix` with the version of each value.
+    pub fn kv_scan_prefix_versioned(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_scan_prefix_versioned(project, scope, prefix, limit)
+    }
+
+    /// `kv_scan_range` with the version of each value.
+    pub fn kv_scan_range_versioned(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_scan_range_versioned(project, scope, start, end, limit)
+    }
+
     pub fn query_as(
         &self,
         caller: &CallerContext,
@@ -139,6 +166,36 @@ impl<M> AedbInstance<M> {
     ) -> Result<QueryResult, AedbError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .query(project, scope, table, q)
+    }
+
+    /// True when `project` exists and `caller` holds something in it (ownership,
+    /// a grant confined to it, or GlobalAdmin, whose use is audited; `AuditRead`
+    /// for the system project). False otherwise: a caller learns nothing about
+    /// projects it has no access to, so asking is not a denial and is not audited.
+    pub fn project_exists_as(&self, caller: &CallerContext, project: &str) -> Result<bool, AedbError> {
+        self.inner.wal.check_healthy()?;
+        let state = self.inner.current.load_full();
+        let decision = if project == SYSTEM_PROJECT {
+            state.authz.decide(caller, &Permission::AuditRead)
+        } else {
+            state.authz.sees_project(caller, project)
+        };
+        match decision {
+            Decision::Allowed => {}
+            Decision::AllowedAsGlobalAdmin => {
+                let need = Permission::GlobalAdmin;
+                let mut cs = self.lock_commit()?;
+                self.write_audit_locked(
+                    &mut cs,
+                    &[global_admin_use(caller, &need, &format!("project_exists {project}"))],
+                )?;
+                self.inner
+                    .counters
+                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
+            }
+            Decision::Denied => return Ok(false),
+        }
+        Ok(state.projects.contains_key(project))
     }
 
     /// A read transaction whose every read is authorized for `caller` at the time

@@ -95,12 +95,12 @@ impl<M> AedbInstance<M> {
         finality: CommitFinality,
     ) -> Result<CommitResult, AedbError> {
         if let Some(c) = caller
-            && tx.caller_id() != Some(c.caller_id.as_str())
+            && tx.caller_id() != Some(c.caller_id())
         {
             return Err(AedbError::InvalidArgument(format!(
                 "transaction was begun by {:?}, committed by {:?}",
                 tx.caller_id(),
-                c.caller_id
+                c.caller_id()
             )));
         }
         let _slot = self.admit()?;
@@ -373,7 +373,7 @@ impl<M> AedbInstance<M> {
         need: &Permission,
     ) -> Result<T, AedbError> {
         let event = AuditEvent::Assertion {
-            actor: caller.caller_id.clone(),
+            actor: caller.caller_id().to_string(),
             project: project.to_string(),
             kind: "permission_denied".into(),
             detail: format!("operation needs {need}"),
@@ -383,9 +383,9 @@ impl<M> AedbInstance<M> {
         self.write_audit_locked(cs, &[event])?;
         self.inner
             .counters
-            .alert(&caller.caller_id, AlertKind::PermissionDenial);
+            .alert(caller.caller_id(), AlertKind::PermissionDenial);
         Err(AedbError::PermissionDenied {
-            caller: caller.caller_id.clone(),
+            caller: caller.caller_id().to_string(),
             permission: need.to_string(),
         })
     }
@@ -461,7 +461,7 @@ impl<M> AedbInstance<M> {
                 self.write_audit_locked(&mut cs, &[global_admin_use(caller, &need, "read")])?;
                 self.inner
                     .counters
-                    .alert(&caller.caller_id, AlertKind::GlobalAdminUse);
+                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
                 Ok(())
             }
             Decision::Denied => {
@@ -489,7 +489,7 @@ impl<M> AedbInstance<M> {
         match decision {
             Decision::Allowed => {
                 let event = AuditEvent::Authz {
-                    actor: caller.caller_id.clone(),
+                    actor: caller.caller_id().to_string(),
                     action: operation.to_string(),
                     permission: need.to_string(),
                     target: target.to_string(),
@@ -503,7 +503,7 @@ impl<M> AedbInstance<M> {
                 self.write_audit_locked(&mut cs, &[event])?;
                 self.inner
                     .counters
-                    .alert(&caller.caller_id, AlertKind::GlobalAdminUse);
+                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
                 Ok(())
             }
             Decision::Denied => {
@@ -569,7 +569,7 @@ impl<M> AedbInstance<M> {
             if let DdlOperation::CreateProject { owner, .. } = op
                 && owner.is_none()
             {
-                *owner = caller.map(|c| c.caller_id.clone());
+                *owner = caller.map(|c| c.caller_id().to_string());
             }
         }
         let _slot = self.admit()?;
@@ -618,7 +618,7 @@ impl<M> AedbInstance<M> {
         }
         let seq = cs.state.seq + 1;
         let record = WalRecord::Ddl {
-            actor: caller.map(|c| c.caller_id.clone()),
+            actor: caller.map(|c| c.caller_id().to_string()),
             audit: chain_rows(&cs.state, &events, seq, now_unix()),
             ops,
         };

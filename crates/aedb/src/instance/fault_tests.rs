@@ -132,7 +132,7 @@ fn poisoned_instance_refuses_reads() {
     }])
     .expect("grant");
     db.kv_set("p", "s", b"k", b"v").expect("commit");
-    let reader = CallerContext::new("reader");
+    let reader = CallerContext::new("reader").expect("caller id");
     let open_before = db
         .begin_read_tx_as(&reader, ConsistencyMode::AtLatest)
         .expect("read tx");

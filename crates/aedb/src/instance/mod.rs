@@ -16,11 +16,11 @@ use crate::audit::{
     ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditEvent, AuditExport, AuditVerifyError,
     SYSTEM_PROJECT, chain_rows, now_unix,
 };
-use crate::authz::{CallerContext, Decision, Grant, Permission};
+use crate::authz::{CallerContext, Decision, Grant, Permission, validate_caller_id};
 use crate::backup::{BackupProgress, BackupReport, Captured};
 use crate::checkpoint;
 use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode};
-use crate::error::AedbError;
+use crate::error::{AedbError, NotFoundKind};
 use crate::lock::DirLock;
 use crate::metrics::AlertKind;
 use crate::metrics::{Counters, OperationalMetrics};
@@ -34,7 +34,7 @@ use crate::open::{
 };
 use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
 use crate::txn::query::{Query, QueryResult};
-use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot};
+use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot, VersionedKvPair};
 use crate::txn::write::{WriteTransaction, WritesDigest, writes_digest};
 use crate::wal::RecoveryReport;
 use crate::wal::format::segment_file_name;
@@ -162,7 +162,7 @@ pub enum Dev {}
 /// ```no_run
 /// # use aedb::{AedbConfig, AedbInstance, CallerContext};
 /// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x")?;
-/// let me = CallerContext::new("svc-payments");
+/// let me = CallerContext::new("svc-payments")?;
 /// let _ = db.kv_get(&me, "payments", "eu", b"order-1")?;
 /// # Ok::<(), aedb::AedbError>(())
 /// ```
@@ -218,7 +218,7 @@ pub(crate) struct BoundCaller {
 
 impl BoundCaller {
     pub(crate) fn caller_id(&self) -> &str {
-        &self.caller.caller_id
+        self.caller.caller_id()
     }
 
     /// The decision and audit trail of a `ReadTx` read (`authorize_read`).
@@ -236,7 +236,7 @@ impl BoundCaller {
 impl std::fmt::Debug for BoundCaller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("BoundCaller")
-            .field(&self.caller.caller_id)
+            .field(&self.caller.caller_id())
             .finish()
     }
 }
@@ -302,6 +302,12 @@ impl AedbInstance<Dev> {
     pub fn snapshot(&self) -> Result<Snapshot, AedbError> {
         self.inner.wal.check_healthy()?;
         Ok(self.snapshot_inner())
+    }
+
+    /// True when `project` exists (the system project included).
+    pub fn project_exists(&self, project: &str) -> Result<bool, AedbError> {
+        self.inner.wal.check_healthy()?;
+        Ok(self.inner.current.load().projects.contains_key(project))
     }
 
     /// A read-only snapshot chosen by `mode`.
@@ -757,7 +763,7 @@ impl<M> AedbInstance<M> {
         };
         if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
             return Err(AedbError::NotFound {
-                kind: "project",
+                kind: NotFoundKind::Project,
                 name: project.to_string(),
             });
         }
@@ -936,8 +942,7 @@ pub(crate) mod failpoints {
 use inner::{spawn_checkpointer, spawn_flusher};
 pub use read::ReadTx;
 use read::{
-    authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use,
-    validate_caller_id, validate_ddl,
+    authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use, validate_ddl,
 };
 
 #[cfg(test)]

@@ -92,6 +92,47 @@ impl<M> ReadTx<'_, M> {
             .scan_range_rev(start, end, limit))
     }
 
+    /// `kv_scan_prefix` with the version of each value (as `kv_get_versioned`).
+    pub fn kv_scan_prefix_versioned(
+        &self,
+        project: &str,
+        scope: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+        Ok(self
+            .kv_view(project, scope, Some(prefix))?
+            .scan_prefix_versioned(prefix, limit))
+    }
+
+    /// `kv_scan_range` with the version of each value (as `kv_get_versioned`).
+    pub fn kv_scan_range_versioned(
+        &self,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+        Ok(self
+            .kv_view(project, scope, None)?
+            .scan_range_versioned(start, end, limit))
+    }
+
+    /// `kv_scan_range_rev` with the version of each value (as `kv_get_versioned`).
+    pub fn kv_scan_range_rev_versioned(
+        &self,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+        Ok(self
+            .kv_view(project, scope, None)?
+            .scan_range_rev_versioned(start, end, limit))
+    }
+
     pub fn query(
         &self,
         project: &str,
@@ -121,7 +162,7 @@ impl<M> ReadTx<'_, M> {
 }
 
 pub(super) fn caller_name(caller: Option<&CallerContext>) -> &str {
-    caller.map_or(ANONYMOUS, |c| c.caller_id.as_str())
+    caller.map_or(ANONYMOUS, |c| c.caller_id())
 }
 
 pub(super) fn global_admin_use(
@@ -130,7 +171,7 @@ pub(super) fn global_admin_use(
     operation: &str,
 ) -> AuditEvent {
     AuditEvent::Authz {
-        actor: caller.caller_id.clone(),
+        actor: caller.caller_id().to_string(),
         action: "global_admin_use".into(),
         permission: need.to_string(),
         target: operation.to_string(),
@@ -262,18 +303,6 @@ pub(super) fn validate_principal(p: &str, max: usize) -> Result<(), AedbError> {
         Some(role) => validate_name("role", role, max),
         None => validate_caller_id(p),
     }
-}
-
-/// Caller ids come from the host's authentication (user ids, emails, service
-/// names): printable ASCII without spaces, 1..=256 bytes.
-pub(crate) fn validate_caller_id(id: &str) -> Result<(), AedbError> {
-    if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(AedbError::InvalidArgument(format!(
-            "caller id must be 1..=256 printable ASCII characters without spaces, got {} bytes",
-            id.len()
-        )));
-    }
-    Ok(())
 }
 
 /// The existing project a schema operation changes (CreateProject adds a new one

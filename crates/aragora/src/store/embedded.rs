@@ -11,7 +11,7 @@ use std::path::Path;
 
 use aedb::{
     AedbConfig, AedbError, AedbInstance, CallerContext, CommitFinality, ConsistencyMode,
-    DdlOperation, ReadAssertion, Secure,
+    DdlOperation, NotFoundKind, ReadAssertion, Secure,
 };
 
 use super::Expect;
@@ -43,30 +43,24 @@ impl EmbeddedStore {
         .map_err(|e| StoreError::Backend(format!("opening {}: {e}", dir.display())))?;
         let store = Self {
             db,
-            caller: CallerContext::new(SERVICE_CALLER),
+            caller: CallerContext::new(SERVICE_CALLER).map_err(backend)?,
         };
         store.ensure_layout()?;
         Ok(store)
     }
 
     fn ensure_layout(&self) -> Result<(), StoreError> {
-        let read = self
+        // False also when the project exists but the service caller holds
+        // nothing in it: creating it then fails with AlreadyExists, which is the
+        // error to report (someone else owns the project).
+        let project_exists = self
             .db
-            .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
+            .project_exists_as(&self.caller, PROJECT)
             .map_err(backend)?;
-        let mut missing = Vec::new();
-        // The owner may read anything in its project, so a denial here means the
-        // project does not exist (authorization is decided before existence).
-        let project_exists = match read.kv_get(PROJECT, Collection::Meta.name(), b"-") {
-            Ok(_) => true,
-            Err(AedbError::NotFound { kind, .. }) => kind != "project",
-            Err(AedbError::PermissionDenied { .. }) => false,
-            Err(e) => return Err(backend(e)),
-        };
         if !project_exists {
             self.db
                 .commit_ddl_as(
-                    &CallerContext::new(BOOTSTRAP_ADMIN),
+                    &CallerContext::new(BOOTSTRAP_ADMIN).map_err(backend)?,
                     vec![DdlOperation::CreateProject {
                         project: PROJECT.into(),
                         owner: Some(SERVICE_CALLER.into()),
@@ -78,8 +72,13 @@ impl EmbeddedStore {
             .db
             .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
             .map_err(backend)?;
+        let mut missing = Vec::new();
         for c in Collection::ALL {
-            if let Err(AedbError::NotFound { .. }) = read.kv_get(PROJECT, c.name(), b"-") {
+            if let Err(AedbError::NotFound {
+                kind: NotFoundKind::Scope,
+                ..
+            }) = read.kv_get(PROJECT, c.name(), b"-")
+            {
                 missing.push(DdlOperation::CreateScope {
                     project: PROJECT.into(),
                     scope: c.name().into(),
@@ -197,27 +196,21 @@ impl Store for EmbeddedStore {
         let start = q.start.map(str::as_bytes);
         let end = q.end.map(str::as_bytes);
         let scope = collection.name();
-        let pairs = if q.reverse {
-            read.kv_scan_range_rev(PROJECT, scope, start, end, q.limit)
+        let entries = if q.reverse {
+            read.kv_scan_range_rev_versioned(PROJECT, scope, start, end, q.limit)
         } else {
-            read.kv_scan_range(PROJECT, scope, start, end, q.limit)
+            read.kv_scan_range_versioned(PROJECT, scope, start, end, q.limit)
         }
         .map_err(backend)?;
-        // The scan does not return versions; a second lookup per key keeps the
-        // engine API small and costs a map lookup.
-        pairs
+        entries
             .into_iter()
-            .map(|(k, value)| {
+            .map(|(k, (version, value))| {
                 let id =
                     String::from_utf8(k.as_ref().to_vec()).map_err(|_| StoreError::Corrupt {
                         collection: scope,
                         id: hex::encode(k.as_ref()),
                         reason: "record id is not UTF-8".into(),
                     })?;
-                let version = read
-                    .kv_get_versioned(PROJECT, scope, id.as_bytes())
-                    .map_err(backend)?
-                    .map_or(0, |(v, _)| v);
                 Ok((id, Record { version, value }))
             })
             .collect()
