@@ -7,8 +7,8 @@ use std::ops::Bound;
 
 use aedb::{
     AedbConfig, AedbError, AedbInstance, AuditVerifyError, CallerContext, Column, ColumnType,
-    ConsistencyMode, DdlOperation, Limits, Permission, Query, ReadTx, Secure, TableSchema, Value,
-    WriteTransaction, verify_audit_export,
+    CommitError, ConsistencyMode, DdlOperation, Limits, Permission, Query, ReadError, ReadTx,
+    Secure, TableSchema, Value, WriteTransaction, verify_audit_export,
 };
 
 const MK: [u8; 32] = [5; 32];
@@ -134,17 +134,17 @@ enum Op {
 
 fn run(db: &AedbInstance<Secure>, who: &CallerContext, op: Op) -> Result<(), AedbError> {
     match op {
-        Op::KvWrite => db.kv_set_as(who, "p", "s", b"user/2", b"bob").map(|_| ()),
-        Op::KvRead => db.kv_get(who, "p", "s", b"user/1").map(|_| ()),
-        Op::KvScan => db.kv_scan_prefix(who, "p", "s", b"user/", 10).map(|_| ()),
+        Op::KvWrite => db.kv_set_as(who, "p", "s", b"user/2", b"bob").map(|_| ())?,
+        Op::KvRead => db.kv_get(who, "p", "s", b"user/1").map(|_| ())?,
+        Op::KvScan => db.kv_scan_prefix(who, "p", "s", b"user/", 10).map(|_| ())?,
         Op::TableWrite => {
             let mut tx = db.begin_write_as(who, "p")?;
             tx.put_row("s", "users", vec![Value::Int(2), Value::Text("bob".into())])?;
-            db.commit_as(who, tx).map(|_| ())
+            db.commit_as(who, tx).map(|_| ())?
         }
         Op::TableRead => db
             .query_as(who, "p", "s", "users", &Query::all(10))
-            .map(|_| ()),
+            .map(|_| ())?,
         Op::TableDdl => db
             .commit_ddl_as(
                 who,
@@ -158,8 +158,9 @@ fn run(db: &AedbInstance<Secure>, who: &CallerContext, op: Op) -> Result<(), Aed
                     ),
                 }],
             )
-            .map(|_| ()),
+            .map(|_| ())?,
     }
+    Ok(())
 }
 
 #[test]
@@ -294,7 +295,8 @@ fn permission_matrix_allows_exactly_what_is_granted_and_audits_every_deny() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = secure(dir.path());
     for (i, (shape, grants, allowed)) in shapes.iter().enumerate() {
-        let who = CallerContext::new(format!("caller-{i:02}-{}", "x".repeat(i))).expect("caller id");
+        let who =
+            CallerContext::new(format!("caller-{i:02}-{}", "x".repeat(i))).expect("caller id");
         for g in grants {
             grant(&db, who.caller_id(), g.clone());
         }
@@ -359,7 +361,7 @@ const TX_READS: [TxRead; 4] = [
 ];
 
 /// `read` through a write transaction on project p, returning what it saw.
-fn tx_read(tx: &WriteTransaction, read: TxRead) -> Result<String, AedbError> {
+fn tx_read(tx: &WriteTransaction, read: TxRead) -> Result<String, ReadError> {
     Ok(match read {
         TxRead::Get => format!("{:?}", tx.kv_get("s", b"user/1")?),
         TxRead::ScanPrefix => format!("{:?}", tx.kv_scan_prefix("s", b"user/", 10)?),
@@ -372,7 +374,7 @@ fn tx_read(tx: &WriteTransaction, read: TxRead) -> Result<String, AedbError> {
 }
 
 /// The same read through a `ReadTx`, the reference for what a read may see.
-fn read_tx_read(rt: &ReadTx<'_, Secure>, read: TxRead) -> Result<String, AedbError> {
+fn read_tx_read(rt: &ReadTx<'_, Secure>, read: TxRead) -> Result<String, ReadError> {
     Ok(match read {
         TxRead::Get => format!("{:?}", rt.kv_get("p", "s", b"user/1")?),
         TxRead::ScanPrefix => format!("{:?}", rt.kv_scan_prefix("p", "s", b"user/", 10)?),
@@ -496,10 +498,10 @@ fn write_transaction_reads_are_authorized_and_audited_like_read_tx_reads() {
                     );
                     assert!(seen.contains("alice") || seen.contains("97, 108"), "{seen}");
                 }
-                (Err(AedbError::PermissionDenied { caller, permission }), false) => {
+                (Err(ReadError::PermissionDenied { caller, permission }), false) => {
                     assert_eq!(caller, who.caller_id(), "{shape} / {read:?}");
                     match &reference {
-                        Err(AedbError::PermissionDenied {
+                        Err(ReadError::PermissionDenied {
                             caller: c,
                             permission: p,
                         }) => assert_eq!(
@@ -568,20 +570,20 @@ fn reading_your_own_writes_still_needs_read_permission() {
     assert!(
         matches!(
             tx.kv_get("s", b"user/7"),
-            Err(AedbError::PermissionDenied { .. })
+            Err(ReadError::PermissionDenied { .. })
         ),
         "a key written in this transaction is still a read"
     );
     assert!(
         matches!(
             tx.kv_scan_prefix("s", b"user/", 10),
-            Err(AedbError::PermissionDenied { .. })
+            Err(ReadError::PermissionDenied { .. })
         ),
         "writing user/7 must not open a scan over user/1"
     );
     assert!(matches!(
         tx.get_row("s", "users", &[Value::Int(7)]),
-        Err(AedbError::PermissionDenied { .. })
+        Err(ReadError::PermissionDenied { .. })
     ));
     assert_eq!(denial_rows(&db).len(), before + 3, "each denial is audited");
     db.commit_as(&writer, tx)
@@ -628,7 +630,7 @@ fn a_revoke_applies_to_write_transactions_already_open() {
     .expect("revoke");
     assert!(matches!(
         tx.kv_get("s", b"user/1"),
-        Err(AedbError::PermissionDenied { .. })
+        Err(ReadError::PermissionDenied { .. })
     ));
 }
 
@@ -652,7 +654,7 @@ fn anonymous_write_transactions_on_a_dev_instance_read_without_grants() {
         .expect("tx");
     assert!(matches!(
         tx.kv_get("s", b"k"),
-        Err(AedbError::PermissionDenied { .. })
+        Err(ReadError::PermissionDenied { .. })
     ));
 }
 
@@ -663,8 +665,8 @@ fn authz_rows_of(db: &AedbInstance<Secure>, actor: &str, action: &str) -> Vec<Ar
         .collect()
 }
 
-fn assert_denied<T: std::fmt::Debug>(r: Result<T, AedbError>, who: &str, needed: &str) {
-    match r {
+fn assert_denied<T: std::fmt::Debug, E: Into<AedbError>>(r: Result<T, E>, who: &str, needed: &str) {
+    match r.map_err(Into::into) {
         Err(AedbError::PermissionDenied { caller, permission }) => {
             assert_eq!((caller.as_str(), permission.as_str()), (who, needed));
         }
@@ -817,7 +819,7 @@ fn anonymous_api_is_not_reachable_on_a_secure_instance() {
     assert!(
         matches!(
             db.begin_write_as(&owner, "_system"),
-            Err(AedbError::NotFound { .. })
+            Err(CommitError::NotFound { .. })
         ),
         "nobody writes the audit tables directly"
     );
@@ -884,7 +886,7 @@ fn grants_are_audited_one_row_each_and_revokes_apply_to_open_snapshots() {
                 delegable: false
             }]
         ),
-        Err(AedbError::PermissionDenied { .. })
+        Err(CommitError::PermissionDenied { .. })
     ));
 
     let tx = db
@@ -902,7 +904,7 @@ fn grants_are_audited_one_row_each_and_revokes_apply_to_open_snapshots() {
     assert!(
         matches!(
             tx.kv_get("p", "s", b"user/1"),
-            Err(AedbError::PermissionDenied { .. })
+            Err(ReadError::PermissionDenied { .. })
         ),
         "a revoke applies to snapshots opened before it"
     );
@@ -922,7 +924,7 @@ fn bootstrap_is_one_time_and_survives_reopen() {
         let db = secure(dir.path());
         assert!(matches!(
             db.bootstrap_global_admin("intruder"),
-            Err(AedbError::AlreadyExists { .. })
+            Err(CommitError::AlreadyExists { .. })
         ));
         db.checkpoint_as(&admin()).expect("checkpoint keeps grants");
         db.close().expect("close");
@@ -941,7 +943,7 @@ fn bootstrap_is_one_time_and_survives_reopen() {
     assert_eq!(boots[0][6], Value::Text("root-admin".into()));
     assert!(matches!(
         db.create_project_as(&CallerContext::new("someone-else").expect("caller id"), "z"),
-        Err(AedbError::PermissionDenied { .. })
+        Err(CommitError::PermissionDenied { .. })
     ));
     db.create_project_as(&admin(), "z")
         .expect("the bootstrapped admin still works");
@@ -961,7 +963,7 @@ fn failed_assertions_are_audited_with_redacted_values() {
     tx.kv_set("s", b"user/1", b"x").expect("set");
     assert!(matches!(
         db.commit_as(&owner, tx),
-        Err(AedbError::AssertionFailed { index: 0, .. })
+        Err(CommitError::AssertionFailed { index: 0, .. })
     ));
     let rows = audit_rows(&db, "assertion_audit");
     let failed: Vec<_> = rows
@@ -1027,7 +1029,7 @@ fn audit_export_verification_catches_removed_edited_and_reordered_rows() {
     assert!(verify_audit_export(&reordered).is_err());
     assert!(matches!(
         db.export_audit_as(&CallerContext::new("u1").expect("caller id"), 1),
-        Err(AedbError::PermissionDenied { .. })
+        Err(ReadError::PermissionDenied { .. })
     ));
 }
 
@@ -1063,7 +1065,7 @@ fn overload_fails_fast_and_the_queue_bound_holds() {
                 for i in 0..200u32 {
                     match db.kv_set("p", "s", &[t, (i >> 8) as u8, i as u8], b"v") {
                         Ok(_) => ok += 1,
-                        Err(AedbError::Overloaded { .. }) => overloaded += 1,
+                        Err(CommitError::Overloaded { .. }) => overloaded += 1,
                         Err(e) => panic!("unexpected {e}"),
                     }
                 }
@@ -1101,7 +1103,12 @@ fn overload_fails_fast_and_the_queue_bound_holds() {
         .expect("open");
     db.create_project("p").ok();
     let rejected = (0..50)
-        .filter(|_| matches!(db.create_scope("p", "s"), Err(AedbError::Overloaded { .. })))
+        .filter(|_| {
+            matches!(
+                db.create_scope("p", "s"),
+                Err(CommitError::Overloaded { .. })
+            )
+        })
         .count();
     assert!(rejected >= 40, "{rejected}");
 }
@@ -1110,15 +1117,17 @@ fn overload_fails_fast_and_the_queue_bound_holds() {
 fn caller_contexts_are_validated_and_roles_carry_their_grants() {
     for bad in ["", "has space", "tab\there", "role:readers"] {
         assert!(
-            matches!(
-                CallerContext::new(bad),
-                Err(AedbError::InvalidArgument(_))
-            ),
+            matches!(CallerContext::new(bad), Err(AedbError::InvalidArgument(_))),
             "{bad:?} must be refused"
         );
     }
     assert!(CallerContext::new("x".repeat(257)).is_err());
-    assert!(CallerContext::builder("ok").role("bad role").build().is_err());
+    assert!(
+        CallerContext::builder("ok")
+            .role("bad role")
+            .build()
+            .is_err()
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let db = secure(dir.path());
@@ -1146,7 +1155,7 @@ fn caller_contexts_are_validated_and_roles_carry_their_grants() {
     let outsider = CallerContext::new("carol").expect("caller id");
     assert!(matches!(
         db.kv_get(&outsider, "p", "s", b"user/1"),
-        Err(AedbError::PermissionDenied { .. })
+        Err(ReadError::PermissionDenied { .. })
     ));
 }
 
@@ -1175,7 +1184,10 @@ fn project_exists_answers_only_callers_with_access_and_audits_global_admin_use()
     assert!(!db.project_exists_as(&owner, "nope").expect("owner, absent"));
     // Existing and absent look the same to a caller without access.
     assert!(!db.project_exists_as(&outsider, "p").expect("outsider, p"));
-    assert!(!db.project_exists_as(&outsider, "nope").expect("outsider, absent"));
+    assert!(
+        !db.project_exists_as(&outsider, "nope")
+            .expect("outsider, absent")
+    );
     assert_eq!(
         audit_rows(&db, "assertion_audit").len(),
         denials,
@@ -1186,7 +1198,10 @@ fn project_exists_answers_only_callers_with_access_and_audits_global_admin_use()
     assert!(!db.project_exists_as(&owner, "_system").expect("owner"));
 
     assert!(db.project_exists_as(&admin(), "q").expect("admin, q"));
-    assert!(!db.project_exists_as(&admin(), "nope").expect("admin, absent"));
+    assert!(
+        !db.project_exists_as(&admin(), "nope")
+            .expect("admin, absent")
+    );
     assert_eq!(
         count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use"),
         ga_uses + 2,

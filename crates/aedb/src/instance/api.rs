@@ -8,16 +8,18 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         project: &str,
-    ) -> Result<WriteTransaction, AedbError> {
+    ) -> Result<WriteTransaction, CommitError> {
         self.begin_write_inner(Some(caller), project)
+            .map_err(CommitError::narrow)
     }
 
     pub fn commit_as(
         &self,
         caller: &CallerContext,
         tx: WriteTransaction,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_tx(Some(caller), tx, self.inner.config.default_finality())
+            .map_err(CommitError::narrow)
     }
 
     pub fn commit_as_with_finality(
@@ -25,8 +27,9 @@ impl<M> AedbInstance<M> {
         caller: &CallerContext,
         tx: WriteTransaction,
         finality: CommitFinality,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_tx(Some(caller), tx, finality)
+            .map_err(CommitError::narrow)
     }
 
     /// Schema and authorization changes (`GrantPermission`, `RevokePermission`,
@@ -35,15 +38,16 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         ops: Vec<DdlOperation>,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl(Some(caller), ops)
+            .map_err(CommitError::narrow)
     }
 
     pub fn create_project_as(
         &self,
         caller: &CallerContext,
         project: &str,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl_as(
             caller,
             vec![DdlOperation::CreateProject {
@@ -58,7 +62,7 @@ impl<M> AedbInstance<M> {
         caller: &CallerContext,
         project: &str,
         scope: &str,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl_as(
             caller,
             vec![DdlOperation::CreateScope {
@@ -75,7 +79,7 @@ impl<M> AedbInstance<M> {
         scope: &str,
         key: &[u8],
         value: &[u8],
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         let mut tx = self.begin_write_as(caller, project)?;
         tx.kv_set(scope, key, value)?;
         self.commit_as(caller, tx)
@@ -87,7 +91,7 @@ impl<M> AedbInstance<M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         let mut tx = self.begin_write_as(caller, project)?;
         tx.kv_del(scope, key)?;
         self.commit_as(caller, tx)
@@ -99,7 +103,7 @@ impl<M> AedbInstance<M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<Option<Arc<[u8]>>, AedbError> {
+    ) -> Result<Option<Arc<[u8]>>, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .kv_get(project, scope, key)
     }
@@ -111,7 +115,7 @@ impl<M> AedbInstance<M> {
         scope: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .kv_scan_prefix(project, scope, prefix, limit)
     }
@@ -124,7 +128,7 @@ impl<M> AedbInstance<M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .kv_scan_range(project, scope, start, end, limit)
     }
@@ -137,7 +141,7 @@ impl<M> AedbInstance<M> {
         scope: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .kv_scan_prefix_versioned(project, scope, prefix, limit)
     }
@@ -151,7 +155,7 @@ impl<M> AedbInstance<M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .kv_scan_range_versioned(project, scope, start, end, limit)
     }
@@ -163,7 +167,7 @@ impl<M> AedbInstance<M> {
         scope: &str,
         table: &str,
         q: &Query,
-    ) -> Result<QueryResult, AedbError> {
+    ) -> Result<QueryResult, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .query(project, scope, table, q)
     }
@@ -172,7 +176,20 @@ impl<M> AedbInstance<M> {
     /// a grant confined to it, or GlobalAdmin, whose use is audited; `AuditRead`
     /// for the system project). False otherwise: a caller learns nothing about
     /// projects it has no access to, so asking is not a denial and is not audited.
-    pub fn project_exists_as(&self, caller: &CallerContext, project: &str) -> Result<bool, AedbError> {
+    pub fn project_exists_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+    ) -> Result<bool, ReadError> {
+        self.project_exists_as_inner(caller, project)
+            .map_err(ReadError::narrow)
+    }
+
+    fn project_exists_as_inner(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+    ) -> Result<bool, AedbError> {
         self.inner.wal.check_healthy()?;
         let state = self.inner.current.load_full();
         let decision = if project == SYSTEM_PROJECT {
@@ -187,7 +204,11 @@ impl<M> AedbInstance<M> {
                 let mut cs = self.lock_commit()?;
                 self.write_audit_locked(
                     &mut cs,
-                    &[global_admin_use(caller, &need, &format!("project_exists {project}"))],
+                    &[global_admin_use(
+                        caller,
+                        &need,
+                        &format!("project_exists {project}"),
+                    )],
                 )?;
                 self.inner
                     .counters
@@ -204,11 +225,11 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         mode: ConsistencyMode,
-    ) -> Result<ReadTx<'_, M>, AedbError> {
+    ) -> Result<ReadTx<'_, M>, ReadError> {
         Ok(ReadTx {
             db: self,
             caller: caller.clone(),
-            snapshot: self.begin_read_inner(mode)?,
+            snapshot: self.begin_read_inner(mode).map_err(ReadError::narrow)?,
         })
     }
 
@@ -217,8 +238,9 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         since_id: i64,
-    ) -> Result<Vec<AuditExport>, AedbError> {
-        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)?;
+    ) -> Result<Vec<AuditExport>, ReadError> {
+        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)
+            .map_err(ReadError::narrow)?;
         self.export_audit_inner(&self.snapshot_inner(), since_id)
     }
 
@@ -277,8 +299,9 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         principal: &str,
-    ) -> Result<Vec<Grant>, AedbError> {
-        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)?;
+    ) -> Result<Vec<Grant>, ReadError> {
+        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)
+            .map_err(ReadError::narrow)?;
         Ok(self.inner.current.load().authz.grants_of(principal))
     }
 }

@@ -20,7 +20,7 @@ use crate::authz::{CallerContext, Decision, Grant, Permission, validate_caller_i
 use crate::backup::{BackupProgress, BackupReport, Captured};
 use crate::checkpoint;
 use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode};
-use crate::error::{AedbError, NotFoundKind};
+use crate::error::{AedbError, CommitError, NotFoundKind, ReadError};
 use crate::lock::DirLock;
 use crate::metrics::AlertKind;
 use crate::metrics::{Counters, OperationalMetrics};
@@ -299,42 +299,45 @@ impl AedbInstance<Dev> {
     /// The latest committed state. `Poisoned` once a WAL write or fsync failed: that
     /// state may hold commits that will never be durable (a `Snapshot` taken before
     /// stays readable as a plain value).
-    pub fn snapshot(&self) -> Result<Snapshot, AedbError> {
-        self.inner.wal.check_healthy()?;
+    pub fn snapshot(&self) -> Result<Snapshot, ReadError> {
+        self.inner.wal.check_healthy().map_err(ReadError::narrow)?;
         Ok(self.snapshot_inner())
     }
 
     /// True when `project` exists (the system project included).
-    pub fn project_exists(&self, project: &str) -> Result<bool, AedbError> {
-        self.inner.wal.check_healthy()?;
+    pub fn project_exists(&self, project: &str) -> Result<bool, ReadError> {
+        self.inner.wal.check_healthy().map_err(ReadError::narrow)?;
         Ok(self.inner.current.load().projects.contains_key(project))
     }
 
     /// A read-only snapshot chosen by `mode`.
-    pub fn begin_read(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
-        self.begin_read_inner(mode)
+    pub fn begin_read(&self, mode: ConsistencyMode) -> Result<Snapshot, ReadError> {
+        self.begin_read_inner(mode).map_err(ReadError::narrow)
     }
 
     /// Starts a write transaction on `project`, reading from the latest state.
-    pub fn begin_write(&self, project: &str) -> Result<WriteTransaction, AedbError> {
+    pub fn begin_write(&self, project: &str) -> Result<WriteTransaction, CommitError> {
         self.begin_write_inner(None, project)
+            .map_err(CommitError::narrow)
     }
 
     /// Commits with the configured default finality (`Durable` under
     /// `DurabilityMode::Full`, `Visible` otherwise).
-    pub fn commit(&self, tx: WriteTransaction) -> Result<CommitResult, AedbError> {
+    pub fn commit(&self, tx: WriteTransaction) -> Result<CommitResult, CommitError> {
         self.commit_tx(None, tx, self.inner.config.default_finality())
+            .map_err(CommitError::narrow)
     }
 
     pub fn commit_with_finality(
         &self,
         tx: WriteTransaction,
         finality: CommitFinality,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_tx(None, tx, finality)
+            .map_err(CommitError::narrow)
     }
 
-    pub fn create_project(&self, project: &str) -> Result<CommitResult, AedbError> {
+    pub fn create_project(&self, project: &str) -> Result<CommitResult, CommitError> {
         self.commit_ddl(
             None,
             vec![DdlOperation::CreateProject {
@@ -342,9 +345,10 @@ impl AedbInstance<Dev> {
                 owner: None,
             }],
         )
+        .map_err(CommitError::narrow)
     }
 
-    pub fn create_scope(&self, project: &str, scope: &str) -> Result<CommitResult, AedbError> {
+    pub fn create_scope(&self, project: &str, scope: &str) -> Result<CommitResult, CommitError> {
         self.commit_ddl(
             None,
             vec![DdlOperation::CreateScope {
@@ -352,6 +356,7 @@ impl AedbInstance<Dev> {
                 scope: scope.to_string(),
             }],
         )
+        .map_err(CommitError::narrow)
     }
 
     pub fn create_table(
@@ -360,7 +365,7 @@ impl AedbInstance<Dev> {
         scope: &str,
         table: &str,
         schema: TableSchema,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl(
             None,
             vec![DdlOperation::CreateTable {
@@ -370,6 +375,7 @@ impl AedbInstance<Dev> {
                 schema,
             }],
         )
+        .map_err(CommitError::narrow)
     }
 
     pub fn drop_table(
@@ -377,7 +383,7 @@ impl AedbInstance<Dev> {
         project: &str,
         scope: &str,
         table: &str,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl(
             None,
             vec![DdlOperation::DropTable {
@@ -386,11 +392,12 @@ impl AedbInstance<Dev> {
                 table: table.to_string(),
             }],
         )
+        .map_err(CommitError::narrow)
     }
 
     /// Several schema/authorization changes in one atomic commit (anonymous).
-    pub fn commit_ddl_batch(&self, ops: Vec<DdlOperation>) -> Result<CommitResult, AedbError> {
-        self.commit_ddl(None, ops)
+    pub fn commit_ddl_batch(&self, ops: Vec<DdlOperation>) -> Result<CommitResult, CommitError> {
+        self.commit_ddl(None, ops).map_err(CommitError::narrow)
     }
 
     /// One-key convenience write, committed with the default finality.
@@ -400,7 +407,7 @@ impl AedbInstance<Dev> {
         scope: &str,
         key: &[u8],
         value: &[u8],
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         let mut tx = self.begin_write(project)?;
         tx.kv_set(scope, key, value)?;
         self.commit(tx)
@@ -411,14 +418,14 @@ impl AedbInstance<Dev> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         let mut tx = self.begin_write(project)?;
         tx.kv_del(scope, key)?;
         self.commit(tx)
     }
 
     /// Rows of both audit tables with id >= `since_id`, each with its chain head.
-    pub fn export_audit(&self, since_id: i64) -> Result<Vec<AuditExport>, AedbError> {
+    pub fn export_audit(&self, since_id: i64) -> Result<Vec<AuditExport>, ReadError> {
         self.export_audit_inner(&self.snapshot_inner(), since_id)
     }
 
@@ -779,8 +786,8 @@ impl<M> AedbInstance<M> {
         &self,
         snap: &Snapshot,
         since_id: i64,
-    ) -> Result<Vec<AuditExport>, AedbError> {
-        self.inner.wal.check_healthy()?;
+    ) -> Result<Vec<AuditExport>, ReadError> {
+        self.inner.wal.check_healthy().map_err(ReadError::narrow)?;
         Ok(crate::audit::export_tables(&snap.state, since_id))
     }
 
@@ -799,7 +806,12 @@ impl<M> AedbInstance<M> {
 
     /// The one-time, public bootstrap of the first GlobalAdmin of a database
     /// (recorded in `authz_audit`). Fails once any GlobalAdmin was bootstrapped.
-    pub fn bootstrap_global_admin(&self, admin: &str) -> Result<CommitResult, AedbError> {
+    pub fn bootstrap_global_admin(&self, admin: &str) -> Result<CommitResult, CommitError> {
+        self.bootstrap_global_admin_inner(admin)
+            .map_err(CommitError::narrow)
+    }
+
+    fn bootstrap_global_admin_inner(&self, admin: &str) -> Result<CommitResult, AedbError> {
         validate_caller_id(admin)?;
         let _slot = self.admit()?;
         let mut cs = self.lock_commit()?;

@@ -16,8 +16,10 @@ impl<M> ReadTx<'_, M> {
         self.snapshot.seq()
     }
 
-    fn check(&self, project: &str, need: Permission) -> Result<(), AedbError> {
-        self.db.authorize_read(&self.caller, project, need)
+    fn check(&self, project: &str, need: Permission) -> Result<(), ReadError> {
+        self.db
+            .authorize_read(&self.caller, project, need)
+            .map_err(ReadError::narrow)
     }
 
     /// Authorizes a KV read of `prefix` (`None`: the whole scope) and returns
@@ -27,7 +29,7 @@ impl<M> ReadTx<'_, M> {
         project: &str,
         scope: &str,
         prefix: Option<&[u8]>,
-    ) -> Result<crate::txn::snapshot::KvView<'_>, AedbError> {
+    ) -> Result<crate::txn::snapshot::KvView<'_>, ReadError> {
         self.check(project, Permission::kv_read(project, scope, prefix))?;
         self.snapshot.kv(project, scope)
     }
@@ -37,7 +39,7 @@ impl<M> ReadTx<'_, M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<Option<Arc<[u8]>>, AedbError> {
+    ) -> Result<Option<Arc<[u8]>>, ReadError> {
         Ok(self.kv_view(project, scope, Some(key))?.get(key))
     }
 
@@ -48,7 +50,7 @@ impl<M> ReadTx<'_, M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<Option<crate::txn::snapshot::Versioned>, AedbError> {
+    ) -> Result<Option<crate::txn::snapshot::Versioned>, ReadError> {
         Ok(self.kv_view(project, scope, Some(key))?.get_versioned(key))
     }
 
@@ -58,7 +60,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, Some(prefix))?
             .scan_prefix(prefix, limit))
@@ -72,7 +74,7 @@ impl<M> ReadTx<'_, M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, None)?
             .scan_range(start, end, limit))
@@ -86,7 +88,7 @@ impl<M> ReadTx<'_, M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, None)?
             .scan_range_rev(start, end, limit))
@@ -99,7 +101,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, Some(prefix))?
             .scan_prefix_versioned(prefix, limit))
@@ -113,7 +115,7 @@ impl<M> ReadTx<'_, M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, None)?
             .scan_range_versioned(start, end, limit))
@@ -127,7 +129,7 @@ impl<M> ReadTx<'_, M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<VersionedKvPair>, AedbError> {
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, None)?
             .scan_range_rev_versioned(start, end, limit))
@@ -139,7 +141,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         table: &str,
         q: &Query,
-    ) -> Result<QueryResult, AedbError> {
+    ) -> Result<QueryResult, ReadError> {
         let need = if project == SYSTEM_PROJECT {
             Permission::AuditRead
         } else {
@@ -155,7 +157,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         table: &str,
         pk: &[Value],
-    ) -> Result<Option<Arc<Row>>, AedbError> {
+    ) -> Result<Option<Arc<Row>>, ReadError> {
         self.check(project, Permission::table_read(project, scope, table))?;
         self.snapshot.table(project, scope, table)?.get(pk)
     }

@@ -324,9 +324,9 @@ impl DbState {
                     .scopes
                     .get_mut(scope)
                     .ok_or_else(|| missing(NotFoundKind::Scope, &format!("{project}/{scope}")))?;
-                s.tables
-                    .remove(table)
-                    .ok_or_else(|| missing(NotFoundKind::Table, &format!("{project}/{scope}/{table}")))?;
+                s.tables.remove(table).ok_or_else(|| {
+                    missing(NotFoundKind::Table, &format!("{project}/{scope}/{table}"))
+                })?;
             }
         }
         Ok(())

@@ -3,7 +3,7 @@
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::error::{AedbError, NotFoundKind};
+use crate::error::{NotFoundKind, ReadError};
 use crate::model::state::{DbState, ScopeState, TableState};
 use crate::model::value::{Row, TableSchema, Value};
 use crate::txn::query::{Query, QueryResult, run_query};
@@ -41,9 +41,12 @@ impl Snapshot {
         self.state.seq
     }
 
-    pub fn kv<'a>(&'a self, project: &str, scope: &str) -> Result<KvView<'a>, AedbError> {
+    pub fn kv<'a>(&'a self, project: &str, scope: &str) -> Result<KvView<'a>, ReadError> {
         Ok(KvView {
-            scope: self.state.scope(project, scope)?,
+            scope: self
+                .state
+                .scope(project, scope)
+                .map_err(ReadError::narrow)?,
         })
     }
 
@@ -52,10 +55,13 @@ impl Snapshot {
         project: &str,
         scope: &str,
         table: &str,
-    ) -> Result<TableView<'a>, AedbError> {
+    ) -> Result<TableView<'a>, ReadError> {
         Ok(TableView {
             name: table.to_string(),
-            table: self.state.table(project, scope, table)?,
+            table: self
+                .state
+                .table(project, scope, table)
+                .map_err(ReadError::narrow)?,
         })
     }
 
@@ -63,12 +69,12 @@ impl Snapshot {
         self.state.projects.keys().cloned().collect()
     }
 
-    pub fn scopes(&self, project: &str) -> Result<Vec<String>, AedbError> {
+    pub fn scopes(&self, project: &str) -> Result<Vec<String>, ReadError> {
         Ok(self
             .state
             .projects
             .get(project)
-            .ok_or_else(|| AedbError::NotFound {
+            .ok_or_else(|| ReadError::NotFound {
                 kind: NotFoundKind::Project,
                 name: project.to_string(),
             })?
@@ -78,10 +84,11 @@ impl Snapshot {
             .collect())
     }
 
-    pub fn tables(&self, project: &str, scope: &str) -> Result<Vec<String>, AedbError> {
+    pub fn tables(&self, project: &str, scope: &str) -> Result<Vec<String>, ReadError> {
         Ok(self
             .state
-            .scope(project, scope)?
+            .scope(project, scope)
+            .map_err(ReadError::narrow)?
             .tables
             .keys()
             .cloned()
@@ -130,11 +137,13 @@ impl KvView<'_> {
         end: Bound<&[u8]>,
     ) -> impl DoubleEndedIterator<Item = VersionedKvPair> + '_ {
         // imbl panics on an inverted range; an inverted range is simply empty.
-        let range = (!bounds_empty(start, end)).then(|| self.scope.kv.range::<_, [u8]>((start, end)));
-        range
-            .into_iter()
-            .flatten()
-            .filter_map(|(k, e)| e.value.as_ref().map(|v| (k.clone(), (e.version, v.to_arc()))))
+        let range =
+            (!bounds_empty(start, end)).then(|| self.scope.kv.range::<_, [u8]>((start, end)));
+        range.into_iter().flatten().filter_map(|(k, e)| {
+            e.value
+                .as_ref()
+                .map(|v| (k.clone(), (e.version, v.to_arc())))
+        })
     }
 
     /// Up to `limit` pairs with keys in `[start, end)` (per the bounds), in key order.
@@ -240,12 +249,16 @@ impl TableView<'_> {
     }
 
     /// The row with primary key `pk` (values in primary-key column order).
-    pub fn get(&self, pk: &[Value]) -> Result<Option<Arc<Row>>, AedbError> {
+    pub fn get(&self, pk: &[Value]) -> Result<Option<Arc<Row>>, ReadError> {
         Ok(self.get_versioned(pk)?.map(|(_, r)| r))
     }
 
-    pub fn get_versioned(&self, pk: &[Value]) -> Result<Option<(u64, Arc<Row>)>, AedbError> {
-        let key = self.table.schema.encode_pk(&self.name, pk)?;
+    pub fn get_versioned(&self, pk: &[Value]) -> Result<Option<(u64, Arc<Row>)>, ReadError> {
+        let key = self
+            .table
+            .schema
+            .encode_pk(&self.name, pk)
+            .map_err(ReadError::narrow)?;
         Ok(self
             .table
             .rows
@@ -258,7 +271,7 @@ impl TableView<'_> {
         self.table.rows.values().filter_map(|e| e.value.as_ref())
     }
 
-    pub fn query(&self, q: &Query) -> Result<QueryResult, AedbError> {
-        run_query(&self.name, self.table, q)
+    pub fn query(&self, q: &Query) -> Result<QueryResult, ReadError> {
+        run_query(&self.name, self.table, q).map_err(ReadError::narrow)
     }
 }

@@ -10,8 +10,8 @@
 use std::path::Path;
 
 use aedb::{
-    AedbConfig, AedbError, AedbInstance, CallerContext, CommitFinality, ConsistencyMode,
-    DdlOperation, NotFoundKind, ReadAssertion, Secure,
+    AedbConfig, AedbError, AedbInstance, CallerContext, CommitError, CommitFinality,
+    ConsistencyMode, DdlOperation, NotFoundKind, ReadAssertion, ReadError, Secure,
 };
 
 use super::Expect;
@@ -74,7 +74,7 @@ impl EmbeddedStore {
             .map_err(backend)?;
         let mut missing = Vec::new();
         for c in Collection::ALL {
-            if let Err(AedbError::NotFound {
+            if let Err(ReadError::NotFound {
                 kind: NotFoundKind::Scope,
                 ..
             }) = read.kv_get(PROJECT, c.name(), b"-")
@@ -143,8 +143,8 @@ impl EmbeddedStore {
     }
 }
 
-fn backend(e: AedbError) -> StoreError {
-    match e {
+fn backend(e: impl Into<AedbError>) -> StoreError {
+    match e.into() {
         AedbError::Overloaded { reason } => StoreError::Unavailable(reason),
         AedbError::Timeout { waited_ms } => {
             StoreError::Unavailable(format!("commit timed out after {waited_ms} ms"))
@@ -231,7 +231,7 @@ impl Store for EmbeddedStore {
             let (tx, asserted) = self.batch(&ops)?;
             match self.db.commit_as_with_finality(&self.caller, tx, finality) {
                 Ok(r) => return Ok(Receipt { seq: r.commit_seq }),
-                Err(AedbError::AssertionFailed { index, .. }) => {
+                Err(CommitError::AssertionFailed { index, .. }) => {
                     let op = asserted.get(index).and_then(|&i| ops.get(i));
                     let (collection, id) = op.map_or((Collection::Meta, "?"), WriteOp::target);
                     let reason = match op {
@@ -251,7 +251,7 @@ impl Store for EmbeddedStore {
                         reason: reason.into(),
                     });
                 }
-                Err(AedbError::Conflict { .. }) => continue,
+                Err(CommitError::Conflict { .. }) => continue,
                 Err(e) => return Err(backend(e)),
             }
         }
