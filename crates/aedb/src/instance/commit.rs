@@ -11,29 +11,7 @@ impl<M> AedbInstance<M> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(AedbError::Closed);
         }
-        let limit = self.inner.config.limits.max_queued_commits;
-        // Take a slot only if one is free, so the counter (and the
-        // `queued_commits` metric) never exceeds the limit, even briefly.
-        self.inner
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
-                (queued < limit).then_some(queued + 1)
-            })
-            .map_err(|queued| AedbError::Overloaded {
-                reason: format!("{queued} commits queued (limit {limit})"),
-            })?;
-        let slot = QueueSlot(&self.inner.queued);
-        if let Some(rl) = &self.inner.admission_rate
-            && rl.check().is_err()
-        {
-            return Err(AedbError::Overloaded {
-                reason: format!(
-                    "admission rate of {} commits/s exceeded",
-                    self.inner.config.limits.max_commits_per_sec.unwrap_or(0)
-                ),
-            });
-        }
-        Ok(slot)
+        self.inner.admission.admit()
     }
 
     /// Takes the commit lock within the commit timeout. A timeout here guarantees

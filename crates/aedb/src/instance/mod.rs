@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -111,8 +111,7 @@ struct Inner {
     current: ArcSwap<DbState>,
     commit: Mutex<CommitState>,
     wal: Arc<WalWriter>,
-    queued: AtomicUsize,
-    admission_rate: Option<governor::DefaultDirectRateLimiter>,
+    admission: Admission,
     counters: Counters,
     flusher: Mutex<Option<Flusher>>,
     recovery: RecoveryReport,
@@ -275,15 +274,6 @@ impl Inner {
         pins.keys()
             .next()
             .map_or(published, |&oldest| oldest.min(published))
-    }
-}
-
-/// Holds one slot of the bounded commit queue.
-struct QueueSlot<'a>(&'a AtomicUsize);
-
-impl Drop for QueueSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -640,12 +630,7 @@ impl<M> AedbInstance<M> {
             current: ArcSwap::new(published),
             commit: Mutex::new(cs),
             wal: wal.clone(),
-            queued: AtomicUsize::new(0),
-            admission_rate: config
-                .limits
-                .max_commits_per_sec
-                .and_then(std::num::NonZeroU32::new)
-                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
+            admission: Admission::new(&config.limits),
             counters: Counters::default(),
             flusher: Mutex::new(None),
             recovery: recovered.report,
@@ -885,7 +870,7 @@ impl<M> AedbInstance<M> {
             m.tombstones = state.tombstones() as u64;
         }
         m.durable_seq = self.inner.wal.durable_lsn();
-        m.queued_commits = self.inner.queued.load(Ordering::Relaxed) as u64;
+        m.queued_commits = self.inner.admission.queued() as u64;
         m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;
         m.wal_bytes_written = self.inner.wal.appended_bytes();
         {
@@ -910,6 +895,7 @@ impl<M> AedbInstance<M> {
     }
 }
 
+mod admission;
 mod api;
 mod backups;
 mod commit;
@@ -951,6 +937,7 @@ pub(crate) mod failpoints {
     }
 }
 
+use admission::{Admission, QueueSlot};
 use inner::{spawn_checkpointer, spawn_flusher};
 pub use read::ReadTx;
 use read::{
