@@ -233,7 +233,7 @@ fn audit_export_verify_and_capture() {
     let data = tmp.path().join("data");
     {
         let db = AedbInstance::open(cfg().with_bootstrap_admin("root"), &data).expect("open");
-        db.create_project_as(&aedb::CallerContext::new("root"), "p")
+        db.create_project_as(&aedb::CallerContext::new("root").expect("caller id"), "p")
             .expect("p");
         db.close().expect("close");
     }

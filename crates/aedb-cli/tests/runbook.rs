@@ -14,7 +14,7 @@ fn make_db(dir: &Path) {
         .with_checkpoint_key(CK)
         .with_bootstrap_admin("root");
     let db = AedbInstance::open(cfg, dir).expect("open");
-    let root = CallerContext::new("root");
+    let root = CallerContext::new("root").expect("caller id");
     db.create_project_as(&root, "payments").expect("project");
     db.create_scope_as(&root, "payments", "eu").expect("scope");
     db.commit_ddl_as(
@@ -30,7 +30,7 @@ fn make_db(dir: &Path) {
         }],
     )
     .expect("grant");
-    let svc = CallerContext::new("svc");
+    let svc = CallerContext::new("svc").expect("caller id");
     for i in 0..200u32 {
         db.kv_set_as(
             &svc,

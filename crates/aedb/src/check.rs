@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, SYSTEM_PROJECT, verify_rows};
 use crate::config::{AedbConfig, RecoveryMode};
-use crate::error::AedbError;
+use crate::error::{AedbError, NotFoundKind};
 use crate::lock::DirLock;
 use crate::model::state::DbState;
 use crate::model::value::Value;
@@ -191,7 +191,7 @@ const EXPECTED_HEAD_CHECK: &str = "expected chain head";
 pub fn inspect(dir: &Path, config: &AedbConfig) -> Result<InspectReport, AedbError> {
     if !dir.is_dir() {
         return Err(AedbError::NotFound {
-            kind: "data directory",
+            kind: NotFoundKind::DataDirectory,
             name: dir.display().to_string(),
         });
     }

@@ -32,7 +32,7 @@ pub use backup::{
 };
 pub use check::{CheckResult, InspectReport, KeyspaceDigest, inspect};
 pub use config::{AedbConfig, CommitFinality, DurabilityMode, Limits, RecoveryMode, SecretKey};
-pub use error::AedbError;
+pub use error::{AedbError, CommitError, NotFoundKind, ReadError};
 pub use instance::{AedbInstance, CheckpointInfo, CommitResult, Dev, ReadTx, Secure};
 pub use metrics::{CallerAlertCounters, LatencySummary, OperationalMetrics};
 pub use model::bytes::Bytes as Key;
@@ -41,6 +41,8 @@ pub use record::DdlOperation;
 pub use storage::{FaultKind, FaultPlan, FaultStorage, OsStorage, Storage};
 pub use txn::assertion::{CompareOp, ReadAssertion};
 pub use txn::query::{Filter, Query, QueryResult};
-pub use txn::snapshot::{ConsistencyMode, KvPair, KvView, Snapshot, TableView, Versioned};
+pub use txn::snapshot::{
+    ConsistencyMode, KvPair, KvView, Snapshot, TableView, Versioned, VersionedKvPair,
+};
 pub use txn::write::WriteTransaction;
 pub use wal::{ChainHead, DroppedTail, RecoveryReport, TornTail};

@@ -7,14 +7,14 @@ use std::ops::Bound;
 
 use aedb::{
     AedbConfig, AedbError, AedbInstance, AuditVerifyError, CallerContext, Column, ColumnType,
-    ConsistencyMode, DdlOperation, Limits, Permission, Query, ReadTx, Secure, TableSchema, Value,
-    WriteTransaction, verify_audit_export,
+    CommitError, ConsistencyMode, DdlOperation, Limits, Permission, Query, ReadError, ReadTx,
+    Secure, TableSchema, Value, WriteTransaction, verify_audit_export,
 };
 
 const MK: [u8; 32] = [5; 32];
 
 fn admin() -> CallerContext {
-    CallerContext::new("root-admin")
+    CallerContext::new("root-admin").expect("caller id")
 }
 
 /// A secure instance with project p (scopes s, t; table s/users) owned by `owner`.
@@ -48,7 +48,7 @@ fn secure(dir: &std::path::Path) -> AedbInstance<Secure> {
         }],
     )
     .expect("auditor");
-    let owner = CallerContext::new("owner");
+    let owner = CallerContext::new("owner").expect("caller id");
     for (p, s) in [("p", "s"), ("p", "t"), ("q", "s")] {
         db.create_scope_as(&owner, p, s).expect("scope");
     }
@@ -83,7 +83,7 @@ fn secure(dir: &std::path::Path) -> AedbInstance<Secure> {
 
 fn grant(db: &AedbInstance<Secure>, who: &str, p: Permission) {
     db.commit_ddl_as(
-        &CallerContext::new("owner"),
+        &CallerContext::new("owner").expect("caller id"),
         vec![DdlOperation::GrantPermission {
             grantee: who.into(),
             permission: p,
@@ -106,7 +106,7 @@ fn grant(db: &AedbInstance<Secure>, who: &str, p: Permission) {
 fn audit_rows(db: &AedbInstance<Secure>, table: &str) -> Vec<Arc<Vec<Value>>> {
     // Read as a plain auditor: a GlobalAdmin read would itself add audit rows.
     db.query_as(
-        &CallerContext::new("auditor"),
+        &CallerContext::new("auditor").expect("caller id"),
         "_system",
         "audit",
         table,
@@ -134,32 +134,33 @@ enum Op {
 
 fn run(db: &AedbInstance<Secure>, who: &CallerContext, op: Op) -> Result<(), AedbError> {
     match op {
-        Op::KvWrite => db.kv_set_as(who, "p", "s", b"user/2", b"bob").map(|_| ()),
-        Op::KvRead => db.kv_get(who, "p", "s", b"user/1").map(|_| ()),
-        Op::KvScan => db.kv_scan_prefix(who, "p", "s", b"user/", 10).map(|_| ()),
+        Op::KvWrite => db.kv_set_as(who, "p", "s", b"user/2", b"bob").map(|_| ())?,
+        Op::KvRead => db.kv_get(who, "p", "s", b"user/1").map(|_| ())?,
+        Op::KvScan => db.kv_scan_prefix(who, "p", "s", b"user/", 10).map(|_| ())?,
         Op::TableWrite => {
             let mut tx = db.begin_write_as(who, "p")?;
             tx.put_row("s", "users", vec![Value::Int(2), Value::Text("bob".into())])?;
-            db.commit_as(who, tx).map(|_| ())
+            db.commit_as(who, tx).map(|_| ())?
         }
         Op::TableRead => db
             .query_as(who, "p", "s", "users", &Query::all(10))
-            .map(|_| ()),
+            .map(|_| ())?,
         Op::TableDdl => db
             .commit_ddl_as(
                 who,
                 vec![DdlOperation::CreateTable {
                     project: "p".into(),
                     scope: "s".into(),
-                    table: format!("t{}", who.caller_id.len()),
+                    table: format!("t{}", who.caller_id().len()),
                     schema: TableSchema::new(
                         vec![Column::new("id", ColumnType::Int)],
                         vec!["id".into()],
                     ),
                 }],
             )
-            .map(|_| ()),
+            .map(|_| ())?,
     }
+    Ok(())
 }
 
 #[test]
@@ -294,9 +295,10 @@ fn permission_matrix_allows_exactly_what_is_granted_and_audits_every_deny() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = secure(dir.path());
     for (i, (shape, grants, allowed)) in shapes.iter().enumerate() {
-        let who = CallerContext::new(format!("caller-{i:02}-{}", "x".repeat(i)));
+        let who =
+            CallerContext::new(format!("caller-{i:02}-{}", "x".repeat(i))).expect("caller id");
         for g in grants {
-            grant(&db, &who.caller_id, g.clone());
+            grant(&db, who.caller_id(), g.clone());
         }
         for op in ops {
             let denials_before =
@@ -307,7 +309,7 @@ fn permission_matrix_allows_exactly_what_is_granted_and_audits_every_deny() {
             match (&r, expect_allowed) {
                 (Ok(()), true) => {}
                 (Err(AedbError::PermissionDenied { caller, permission }), false) => {
-                    assert_eq!(caller, &who.caller_id);
+                    assert_eq!(caller, who.caller_id());
                     assert!(
                         !permission.contains("alice") && !permission.contains("bob"),
                         "no data in {permission}"
@@ -359,7 +361,7 @@ const TX_READS: [TxRead; 4] = [
 ];
 
 /// `read` through a write transaction on project p, returning what it saw.
-fn tx_read(tx: &WriteTransaction, read: TxRead) -> Result<String, AedbError> {
+fn tx_read(tx: &WriteTransaction, read: TxRead) -> Result<String, ReadError> {
     Ok(match read {
         TxRead::Get => format!("{:?}", tx.kv_get("s", b"user/1")?),
         TxRead::ScanPrefix => format!("{:?}", tx.kv_scan_prefix("s", b"user/", 10)?),
@@ -372,7 +374,7 @@ fn tx_read(tx: &WriteTransaction, read: TxRead) -> Result<String, AedbError> {
 }
 
 /// The same read through a `ReadTx`, the reference for what a read may see.
-fn read_tx_read(rt: &ReadTx<'_, Secure>, read: TxRead) -> Result<String, AedbError> {
+fn read_tx_read(rt: &ReadTx<'_, Secure>, read: TxRead) -> Result<String, ReadError> {
     Ok(match read {
         TxRead::Get => format!("{:?}", rt.kv_get("p", "s", b"user/1")?),
         TxRead::ScanPrefix => format!("{:?}", rt.kv_scan_prefix("p", "s", b"user/", 10)?),
@@ -467,9 +469,9 @@ fn write_transaction_reads_are_authorized_and_audited_like_read_tx_reads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = secure(dir.path());
     for (i, (shape, grants, allowed)) in shapes.iter().enumerate() {
-        let who = CallerContext::new(format!("wtx-reader-{i:02}"));
+        let who = CallerContext::new(format!("wtx-reader-{i:02}")).expect("caller id");
         for g in grants {
-            grant(&db, &who.caller_id, g.clone());
+            grant(&db, who.caller_id(), g.clone());
         }
         let tx = db.begin_write_as(&who, "p").expect("begin_write_as");
         let rt = db
@@ -496,10 +498,10 @@ fn write_transaction_reads_are_authorized_and_audited_like_read_tx_reads() {
                     );
                     assert!(seen.contains("alice") || seen.contains("97, 108"), "{seen}");
                 }
-                (Err(AedbError::PermissionDenied { caller, permission }), false) => {
-                    assert_eq!(caller, &who.caller_id, "{shape} / {read:?}");
+                (Err(ReadError::PermissionDenied { caller, permission }), false) => {
+                    assert_eq!(caller, who.caller_id(), "{shape} / {read:?}");
                     match &reference {
-                        Err(AedbError::PermissionDenied {
+                        Err(ReadError::PermissionDenied {
                             caller: c,
                             permission: p,
                         }) => assert_eq!(
@@ -515,7 +517,7 @@ fn write_transaction_reads_are_authorized_and_audited_like_read_tx_reads() {
                         "{shape} / {read:?}: one denial audit row"
                     );
                     let row = denials.last().expect("denial row");
-                    assert_eq!(row[3], Value::Text(who.caller_id.clone()), "actor");
+                    assert_eq!(row[3], Value::Text(who.caller_id().to_string()), "actor");
                     assert_eq!(row[4], Value::Text("p".into()), "project");
                     assert_eq!(row[7], Value::Text(permission.clone()), "needed");
                 }
@@ -537,7 +539,7 @@ fn write_transaction_reads_are_authorized_and_audited_like_read_tx_reads() {
 fn reading_your_own_writes_still_needs_read_permission() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = secure(dir.path());
-    let writer = CallerContext::new("writer-only");
+    let writer = CallerContext::new("writer-only").expect("caller id");
     grant(
         &db,
         "writer-only",
@@ -568,20 +570,20 @@ fn reading_your_own_writes_still_needs_read_permission() {
     assert!(
         matches!(
             tx.kv_get("s", b"user/7"),
-            Err(AedbError::PermissionDenied { .. })
+            Err(ReadError::PermissionDenied { .. })
         ),
         "a key written in this transaction is still a read"
     );
     assert!(
         matches!(
             tx.kv_scan_prefix("s", b"user/", 10),
-            Err(AedbError::PermissionDenied { .. })
+            Err(ReadError::PermissionDenied { .. })
         ),
         "writing user/7 must not open a scan over user/1"
     );
     assert!(matches!(
         tx.get_row("s", "users", &[Value::Int(7)]),
-        Err(AedbError::PermissionDenied { .. })
+        Err(ReadError::PermissionDenied { .. })
     ));
     assert_eq!(denial_rows(&db).len(), before + 3, "each denial is audited");
     db.commit_as(&writer, tx)
@@ -615,11 +617,11 @@ fn a_revoke_applies_to_write_transactions_already_open() {
         prefix: None,
     };
     grant(&db, "reader", read.clone());
-    let reader = CallerContext::new("reader");
+    let reader = CallerContext::new("reader").expect("caller id");
     let tx = db.begin_write_as(&reader, "p").expect("tx");
     assert!(tx.kv_get("s", b"user/1").expect("allowed").is_some());
     db.commit_ddl_as(
-        &CallerContext::new("owner"),
+        &CallerContext::new("owner").expect("caller id"),
         vec![DdlOperation::RevokePermission {
             grantee: "reader".into(),
             permission: read,
@@ -628,7 +630,7 @@ fn a_revoke_applies_to_write_transactions_already_open() {
     .expect("revoke");
     assert!(matches!(
         tx.kv_get("s", b"user/1"),
-        Err(AedbError::PermissionDenied { .. })
+        Err(ReadError::PermissionDenied { .. })
     ));
 }
 
@@ -648,11 +650,11 @@ fn anonymous_write_transactions_on_a_dev_instance_read_without_grants() {
     assert_eq!(tx.kv_scan_prefix("s", b"k", 10).expect("scan").len(), 2);
     // The authenticated API on a dev instance checks permissions like a secure one.
     let tx = db
-        .begin_write_as(&CallerContext::new("nobody"), "p")
+        .begin_write_as(&CallerContext::new("nobody").expect("caller id"), "p")
         .expect("tx");
     assert!(matches!(
         tx.kv_get("s", b"k"),
-        Err(AedbError::PermissionDenied { .. })
+        Err(ReadError::PermissionDenied { .. })
     ));
 }
 
@@ -663,8 +665,8 @@ fn authz_rows_of(db: &AedbInstance<Secure>, actor: &str, action: &str) -> Vec<Ar
         .collect()
 }
 
-fn assert_denied<T: std::fmt::Debug>(r: Result<T, AedbError>, who: &str, needed: &str) {
-    match r {
+fn assert_denied<T: std::fmt::Debug, E: Into<AedbError>>(r: Result<T, E>, who: &str, needed: &str) {
+    match r.map_err(Into::into) {
         Err(AedbError::PermissionDenied { caller, permission }) => {
             assert_eq!((caller.as_str(), permission.as_str()), (who, needed));
         }
@@ -678,13 +680,13 @@ fn backup_and_checkpoint_need_their_own_permission_and_are_audited() {
     let db = secure(&root.path().join("data"));
     let backups = root.path().join("backups");
     let (full, inc) = (backups.join("full"), backups.join("inc"));
-    let operator = CallerContext::new("operator");
-    let owner = CallerContext::new("owner");
+    let operator = CallerContext::new("operator").expect("caller id");
+    let owner = CallerContext::new("owner").expect("caller id");
 
     // Neither a caller without grants nor a project owner may: backups copy every
     // project, and checkpoints are instance-wide.
     for who in [&operator, &owner] {
-        let id = who.caller_id.as_str();
+        let id = who.caller_id();
         let before = denial_rows(&db).len();
         assert_denied(db.checkpoint_as(who), id, "Checkpoint");
         assert_denied(db.backup_full_as(who, &full), id, "Backup");
@@ -807,7 +809,7 @@ fn anonymous_api_is_not_reachable_on_a_secure_instance() {
     // `compile_fail`. Here: the authenticated path works end to end.
     let dir = tempfile::tempdir().expect("tempdir");
     let db = secure(dir.path());
-    let owner = CallerContext::new("owner");
+    let owner = CallerContext::new("owner").expect("caller id");
     assert_eq!(
         db.kv_get(&owner, "p", "s", b"user/1")
             .expect("get")
@@ -817,7 +819,7 @@ fn anonymous_api_is_not_reachable_on_a_secure_instance() {
     assert!(
         matches!(
             db.begin_write_as(&owner, "_system"),
-            Err(AedbError::NotFound { .. })
+            Err(CommitError::NotFound { .. })
         ),
         "nobody writes the audit tables directly"
     );
@@ -827,7 +829,7 @@ fn anonymous_api_is_not_reachable_on_a_secure_instance() {
 fn grants_are_audited_one_row_each_and_revokes_apply_to_open_snapshots() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = secure(dir.path());
-    let owner = CallerContext::new("owner");
+    let owner = CallerContext::new("owner").expect("caller id");
     let r = Permission::KvRead {
         project: "p".into(),
         scope: Some("s".into()),
@@ -864,7 +866,7 @@ fn grants_are_audited_one_row_each_and_revokes_apply_to_open_snapshots() {
     assert_eq!(grants[1][7], Value::Bool(false));
     assert_eq!(grants[0][2], grants[1][2], "same commit");
 
-    let reader = CallerContext::new("reader");
+    let reader = CallerContext::new("reader").expect("caller id");
     // Delegation: reader may pass on the delegable read, not the write.
     db.commit_ddl_as(
         &reader,
@@ -884,7 +886,7 @@ fn grants_are_audited_one_row_each_and_revokes_apply_to_open_snapshots() {
                 delegable: false
             }]
         ),
-        Err(AedbError::PermissionDenied { .. })
+        Err(CommitError::PermissionDenied { .. })
     ));
 
     let tx = db
@@ -902,7 +904,7 @@ fn grants_are_audited_one_row_each_and_revokes_apply_to_open_snapshots() {
     assert!(
         matches!(
             tx.kv_get("p", "s", b"user/1"),
-            Err(AedbError::PermissionDenied { .. })
+            Err(ReadError::PermissionDenied { .. })
         ),
         "a revoke applies to snapshots opened before it"
     );
@@ -922,7 +924,7 @@ fn bootstrap_is_one_time_and_survives_reopen() {
         let db = secure(dir.path());
         assert!(matches!(
             db.bootstrap_global_admin("intruder"),
-            Err(AedbError::AlreadyExists { .. })
+            Err(CommitError::AlreadyExists { .. })
         ));
         db.checkpoint_as(&admin()).expect("checkpoint keeps grants");
         db.close().expect("close");
@@ -940,8 +942,8 @@ fn bootstrap_is_one_time_and_survives_reopen() {
     assert_eq!(boots.len(), 1);
     assert_eq!(boots[0][6], Value::Text("root-admin".into()));
     assert!(matches!(
-        db.create_project_as(&CallerContext::new("someone-else"), "z"),
-        Err(AedbError::PermissionDenied { .. })
+        db.create_project_as(&CallerContext::new("someone-else").expect("caller id"), "z"),
+        Err(CommitError::PermissionDenied { .. })
     ));
     db.create_project_as(&admin(), "z")
         .expect("the bootstrapped admin still works");
@@ -951,7 +953,7 @@ fn bootstrap_is_one_time_and_survives_reopen() {
 fn failed_assertions_are_audited_with_redacted_values() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = secure(dir.path());
-    let owner = CallerContext::new("owner");
+    let owner = CallerContext::new("owner").expect("caller id");
     let mut tx = db.begin_write_as(&owner, "p").expect("tx");
     tx.assert(aedb::ReadAssertion::KeyEquals {
         scope: "s".into(),
@@ -961,7 +963,7 @@ fn failed_assertions_are_audited_with_redacted_values() {
     tx.kv_set("s", b"user/1", b"x").expect("set");
     assert!(matches!(
         db.commit_as(&owner, tx),
-        Err(AedbError::AssertionFailed { index: 0, .. })
+        Err(CommitError::AssertionFailed { index: 0, .. })
     ));
     let rows = audit_rows(&db, "assertion_audit");
     let failed: Vec<_> = rows
@@ -1026,8 +1028,8 @@ fn audit_export_verification_catches_removed_edited_and_reordered_rows() {
     reordered.rows.swap(1, 2);
     assert!(verify_audit_export(&reordered).is_err());
     assert!(matches!(
-        db.export_audit_as(&CallerContext::new("u1"), 1),
-        Err(AedbError::PermissionDenied { .. })
+        db.export_audit_as(&CallerContext::new("u1").expect("caller id"), 1),
+        Err(ReadError::PermissionDenied { .. })
     ));
 }
 
@@ -1063,7 +1065,7 @@ fn overload_fails_fast_and_the_queue_bound_holds() {
                 for i in 0..200u32 {
                     match db.kv_set("p", "s", &[t, (i >> 8) as u8, i as u8], b"v") {
                         Ok(_) => ok += 1,
-                        Err(AedbError::Overloaded { .. }) => overloaded += 1,
+                        Err(CommitError::Overloaded { .. }) => overloaded += 1,
                         Err(e) => panic!("unexpected {e}"),
                     }
                 }
@@ -1101,7 +1103,150 @@ fn overload_fails_fast_and_the_queue_bound_holds() {
         .expect("open");
     db.create_project("p").ok();
     let rejected = (0..50)
-        .filter(|_| matches!(db.create_scope("p", "s"), Err(AedbError::Overloaded { .. })))
+        .filter(|_| {
+            matches!(
+                db.create_scope("p", "s"),
+                Err(CommitError::Overloaded { .. })
+            )
+        })
         .count();
     assert!(rejected >= 40, "{rejected}");
+}
+
+#[test]
+fn caller_contexts_are_validated_and_roles_carry_their_grants() {
+    for bad in ["", "has space", "tab\there", "role:readers"] {
+        assert!(
+            matches!(CallerContext::new(bad), Err(AedbError::InvalidArgument(_))),
+            "{bad:?} must be refused"
+        );
+    }
+    assert!(CallerContext::new("x".repeat(257)).is_err());
+    assert!(
+        CallerContext::builder("ok")
+            .role("bad role")
+            .build()
+            .is_err()
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    grant(
+        &db,
+        "role:readers",
+        Permission::KvRead {
+            project: "p".into(),
+            scope: Some("s".into()),
+            prefix: None,
+        },
+    );
+    let member = CallerContext::builder("carol")
+        .role("readers")
+        .build()
+        .expect("caller with role");
+    assert_eq!(member.caller_id(), "carol");
+    assert_eq!(member.roles(), ["readers".to_string()]);
+    assert_eq!(
+        db.kv_get(&member, "p", "s", b"user/1")
+            .expect("read through the role's grant")
+            .as_deref(),
+        Some(&b"alice"[..])
+    );
+    let outsider = CallerContext::new("carol").expect("caller id");
+    assert!(matches!(
+        db.kv_get(&outsider, "p", "s", b"user/1"),
+        Err(ReadError::PermissionDenied { .. })
+    ));
+}
+
+#[test]
+fn project_exists_answers_only_callers_with_access_and_audits_global_admin_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let owner = CallerContext::new("owner").expect("caller id");
+    let outsider = CallerContext::new("outsider").expect("caller id");
+    let narrow = CallerContext::new("narrow").expect("caller id");
+    grant(
+        &db,
+        "narrow",
+        Permission::KvRead {
+            project: "p".into(),
+            scope: Some("t".into()),
+            prefix: Some(b"x/".to_vec()),
+        },
+    );
+    let denials = audit_rows(&db, "assertion_audit").len();
+    let ga_uses = count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use");
+
+    assert!(db.project_exists_as(&owner, "p").expect("owner, p"));
+    assert!(db.project_exists_as(&narrow, "p").expect("narrow grant, p"));
+    assert!(!db.project_exists_as(&narrow, "q").expect("narrow grant, q"));
+    assert!(!db.project_exists_as(&owner, "nope").expect("owner, absent"));
+    // Existing and absent look the same to a caller without access.
+    assert!(!db.project_exists_as(&outsider, "p").expect("outsider, p"));
+    assert!(
+        !db.project_exists_as(&outsider, "nope")
+            .expect("outsider, absent")
+    );
+    assert_eq!(
+        audit_rows(&db, "assertion_audit").len(),
+        denials,
+        "asking is not a denial"
+    );
+    let auditor = CallerContext::new("auditor").expect("caller id");
+    assert!(db.project_exists_as(&auditor, "_system").expect("auditor"));
+    assert!(!db.project_exists_as(&owner, "_system").expect("owner"));
+
+    assert!(db.project_exists_as(&admin(), "q").expect("admin, q"));
+    assert!(
+        !db.project_exists_as(&admin(), "nope")
+            .expect("admin, absent")
+    );
+    assert_eq!(
+        count_kind(&audit_rows(&db, "authz_audit"), 4, "global_admin_use"),
+        ga_uses + 2,
+        "each GlobalAdmin answer is audited"
+    );
+}
+
+#[test]
+fn versioned_scans_are_authorized_like_plain_scans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = secure(dir.path());
+    let narrow = CallerContext::new("narrow").expect("caller id");
+    grant(
+        &db,
+        "narrow",
+        Permission::KvRead {
+            project: "p".into(),
+            scope: Some("s".into()),
+            prefix: Some(b"user/".to_vec()),
+        },
+    );
+    let rt = db
+        .begin_read_tx_as(&narrow, ConsistencyMode::AtLatest)
+        .expect("read tx");
+    let listed = rt
+        .kv_scan_prefix_versioned("p", "s", b"user/", 10)
+        .expect("prefix scan within the grant");
+    assert_eq!(listed.len(), 1);
+    let (key, (version, value)) = &listed[0];
+    assert_eq!(key.as_slice(), b"user/1");
+    assert_eq!(&value[..], b"alice");
+    assert_eq!(
+        rt.kv_get_versioned("p", "s", b"user/1")
+            .expect("point read")
+            .map(|(v, _)| v),
+        Some(*version)
+    );
+    assert_denied(
+        rt.kv_scan_range_versioned("p", "s", Bound::Unbounded, Bound::Unbounded, 10),
+        "narrow",
+        "KvRead(p/s)",
+    );
+    assert_denied(
+        db.kv_scan_prefix_versioned(&narrow, "p", "s", b"admin/", 10),
+        "narrow",
+        "KvRead(p/s, prefix 0x61646d696e2f)",
+    );
 }

@@ -3,7 +3,7 @@
 //! a panicking apply) are unit tests in `src/instance/fault_tests.rs`, where the
 //! test-only hooks exist.
 
-use aedb::{AedbConfig, AedbError, AedbInstance, CommitFinality, ReadAssertion};
+use aedb::{AedbConfig, AedbError, AedbInstance, CommitError, CommitFinality, ReadAssertion};
 
 fn open(dir: &std::path::Path) -> AedbInstance {
     AedbInstance::open(AedbConfig::development(), dir).expect("open")
@@ -27,7 +27,7 @@ fn readme_idempotent_retry_replays_instead_of_failing_its_assertion() -> Result<
     db.create_project("payments")?;
     db.create_scope("payments", "eu")?;
 
-    let attempt = |db: &AedbInstance| -> Result<_, AedbError> {
+    let attempt = |db: &AedbInstance| -> Result<_, CommitError> {
         let mut tx = db.begin_write("payments")?; // MVCC snapshot + buffered writes
         tx.assert(ReadAssertion::key_absent("eu", b"order-17".to_vec()));
         tx.kv_set("eu", b"order-17", b"{...}")?;
@@ -64,7 +64,7 @@ fn idempotency_key_reused_with_different_writes_is_refused() -> Result<(), AedbE
     let db = open(dir.path());
     db.create_project("payments")?;
     db.create_scope("payments", "eu")?;
-    let attempt = |db: &AedbInstance, value: &[u8]| -> Result<_, AedbError> {
+    let attempt = |db: &AedbInstance, value: &[u8]| -> Result<_, CommitError> {
         let mut tx = db.begin_write("payments")?;
         tx.kv_set("eu", b"order-17", value)?;
         tx.set_idempotency_key("req-8c1f");
@@ -72,7 +72,7 @@ fn idempotency_key_reused_with_different_writes_is_refused() -> Result<(), AedbE
     };
     let first = attempt(&db, b"v1")?;
     match attempt(&db, b"v2") {
-        Err(AedbError::IdempotencyKeyReused { key, first_seq }) => {
+        Err(CommitError::IdempotencyKeyReused { key, first_seq }) => {
             assert_eq!(key, "req-8c1f");
             assert_eq!(first_seq, first.commit_seq);
         }
@@ -90,7 +90,7 @@ fn idempotency_key_reused_with_different_writes_is_refused() -> Result<(), AedbE
     let db = open(dir.path());
     assert!(matches!(
         attempt(&db, b"v2"),
-        Err(AedbError::IdempotencyKeyReused { .. })
+        Err(CommitError::IdempotencyKeyReused { .. })
     ));
     assert!(attempt(&db, b"v1")?.idempotent_replay);
     Ok(())
@@ -161,7 +161,7 @@ fn tombstones_are_purged_while_running() -> Result<(), AedbError> {
         "pinned by `old`"
     );
     assert!(
-        matches!(db.commit(old), Err(AedbError::Conflict { .. })),
+        matches!(db.commit(old), Err(CommitError::Conflict { .. })),
         "the tombstone still detects the conflict"
     );
     // `old` is gone: the next commit to the project purges everything before it.

@@ -3,8 +3,9 @@
 use std::ops::Bound;
 
 use aedb::{
-    AedbConfig, AedbError, AedbInstance, Column, ColumnType, CommitFinality, ConsistencyMode,
-    DurabilityMode, Filter, Limits, Query, ReadAssertion, TableSchema, Value,
+    AedbConfig, AedbError, AedbInstance, Column, ColumnType, CommitError, CommitFinality,
+    ConsistencyMode, DurabilityMode, Filter, Limits, NotFoundKind, Query, ReadAssertion, ReadError,
+    TableSchema, Value,
 };
 
 fn open(dir: &std::path::Path) -> AedbInstance {
@@ -80,7 +81,7 @@ fn first_committer_wins_and_loser_gets_conflict() {
     b.kv_set("s", b"x", b"b").expect("b set");
     db.commit(a).expect("a commits");
     match db.commit(b) {
-        Err(AedbError::Conflict { .. }) => {}
+        Err(CommitError::Conflict { .. }) => {}
         other => panic!("expected Conflict, got {other:?}"),
     }
     assert_eq!(get(&db, b"x").expect("get").as_deref(), Some(&b"a"[..]));
@@ -88,7 +89,7 @@ fn first_committer_wins_and_loser_gets_conflict() {
     let mut c = db.begin_write("p").expect("c");
     db.kv_del("p", "s", b"x").expect("del");
     c.kv_set("s", b"x", b"c").expect("c set");
-    assert!(matches!(db.commit(c), Err(AedbError::Conflict { .. })));
+    assert!(matches!(db.commit(c), Err(CommitError::Conflict { .. })));
     assert_eq!(db.operational_metrics().aborts_conflict, 2);
 }
 
@@ -111,7 +112,7 @@ fn snapshots_stay_stable_while_writers_commit() {
     );
     assert!(matches!(
         db.begin_read(ConsistencyMode::AtSeq(seq + 100)),
-        Err(AedbError::SnapshotUnavailable { .. })
+        Err(ReadError::SnapshotUnavailable { .. })
     ));
 }
 
@@ -132,7 +133,7 @@ fn assertions_fail_the_commit_and_name_the_failed_one() {
     });
     tx.kv_set("s", b"balance", b"20").expect("set");
     match db.commit(tx) {
-        Err(AedbError::AssertionFailed { index, description }) => {
+        Err(CommitError::AssertionFailed { index, description }) => {
             assert_eq!(index, 1);
             assert!(description.contains("KeyVersion"), "{description}");
             assert!(
@@ -160,7 +161,13 @@ fn assertions_fail_the_commit_and_name_the_failed_one() {
     // Asserting on an unknown scope is an error, not "absent".
     let mut bad = db.begin_write("p").expect("tx");
     bad.assert(ReadAssertion::key_absent("nope", b"k".to_vec()));
-    assert!(matches!(db.commit(bad), Err(AedbError::NotFound { .. })));
+    assert!(matches!(
+        db.commit(bad),
+        Err(CommitError::NotFound {
+            kind: NotFoundKind::Scope,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -180,7 +187,7 @@ fn idempotency_key_applies_once() {
     // The same key for other writes is a caller bug, not a retry.
     assert!(matches!(
         db.commit(mk(b"second")),
-        Err(AedbError::IdempotencyKeyReused { .. })
+        Err(CommitError::IdempotencyKeyReused { .. })
     ));
     assert_eq!(get(&db, b"k").expect("get").as_deref(), Some(&b"first"[..]));
     db.close().expect("close");
@@ -219,12 +226,15 @@ fn tables_check_schema_and_query() {
     ] {
         assert!(matches!(
             tx.put_row("s", "users", bad),
-            Err(AedbError::Schema { .. })
+            Err(CommitError::Schema { .. })
         ));
     }
     assert!(matches!(
         tx.put_row("s", "nosuch", vec![Value::Int(1)]),
-        Err(AedbError::NotFound { .. })
+        Err(CommitError::NotFound {
+            kind: NotFoundKind::Table,
+            ..
+        })
     ));
     db.commit(tx).expect("commit");
     let snap = db.snapshot().expect("snapshot");
@@ -246,7 +256,7 @@ fn tables_check_schema_and_query() {
     assert!(rest.next_cursor.is_none());
     assert!(matches!(
         t.query(&Query::all(1).filter(Filter::Eq("nope".into(), Value::Int(1)))),
-        Err(AedbError::Schema { .. })
+        Err(ReadError::Schema { .. })
     ));
 }
 
@@ -268,34 +278,39 @@ fn limits_give_typed_errors_and_lose_nothing() {
     let mut tx = db.begin_write("p").expect("tx");
     assert!(matches!(
         tx.kv_set("s", b"123456789", b"v"),
-        Err(AedbError::LimitExceeded { .. })
+        Err(CommitError::LimitExceeded { .. })
     ));
     assert!(matches!(
         tx.kv_set("s", b"k", &[0; 17]),
-        Err(AedbError::LimitExceeded { .. })
+        Err(CommitError::LimitExceeded { .. })
     ));
     assert!(matches!(
         tx.kv_set("s", b"", b"v"),
-        Err(AedbError::InvalidArgument(_))
+        Err(CommitError::InvalidArgument(_))
     ));
     for i in 0..4u8 {
         tx.kv_set("s", &[b'k', i], b"v").expect("within limits");
     }
     assert!(matches!(
         tx.kv_set("s", b"k9", b"v"),
-        Err(AedbError::LimitExceeded { .. })
+        Err(CommitError::LimitExceeded { .. })
     ));
     assert!(matches!(
         db.begin_write("nope"),
-        Err(AedbError::NotFound { .. })
+        Err(CommitError::NotFound {
+            kind: NotFoundKind::Project,
+            ..
+        })
     ));
+    assert!(!db.project_exists("nope").expect("project_exists"));
+    assert!(db.project_exists("p").expect("project_exists"));
     assert!(matches!(
         db.create_project("bad name"),
-        Err(AedbError::InvalidArgument(_))
+        Err(CommitError::InvalidArgument(_))
     ));
     assert!(matches!(
         db.create_project("p"),
-        Err(AedbError::AlreadyExists { .. })
+        Err(CommitError::AlreadyExists { .. })
     ));
     db.commit(tx).expect("commit the valid part");
     assert_eq!(get(&db, b"keep").expect("get").as_deref(), Some(&b"v"[..]));
@@ -498,4 +513,53 @@ fn concurrent_commits_to_different_projects_publish_as_a_prefix_of_the_log() {
             );
         }
     }
+}
+
+#[test]
+fn versioned_scans_carry_the_seq_of_the_commit_that_last_wrote_each_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    let a1 = db.kv_set("p", "s", b"a/1", b"x").expect("a/1").commit_seq;
+    let a2 = db.kv_set("p", "s", b"a/2", b"y").expect("a/2").commit_seq;
+    db.kv_set("p", "s", b"b/1", b"z").expect("b/1");
+    let a1b = db
+        .kv_set("p", "s", b"a/1", b"x2")
+        .expect("a/1 again")
+        .commit_seq;
+    assert!(a1b > a2 && a2 > a1);
+    db.kv_del("p", "s", b"a/2").expect("del a/2");
+    let snap = db.snapshot().expect("snapshot");
+    let kv = snap.kv("p", "s").expect("kv");
+    let simple = |v: Vec<aedb::VersionedKvPair>| -> Vec<(Vec<u8>, u64, Vec<u8>)> {
+        v.into_iter()
+            .map(|(k, (ver, val))| (k.as_slice().to_vec(), ver, val.to_vec()))
+            .collect()
+    };
+    let expect_a = vec![(b"a/1".to_vec(), a1b, b"x2".to_vec())];
+    assert_eq!(simple(kv.scan_prefix_versioned(b"a/", 10)), expect_a);
+    assert_eq!(
+        simple(kv.scan_range_versioned(Bound::Unbounded, Bound::Excluded(b"b/"), 10)),
+        expect_a
+    );
+    let all = simple(kv.scan_range_rev_versioned(Bound::Unbounded, Bound::Unbounded, 10));
+    assert_eq!(all.len(), 2, "the deleted key is not listed");
+    assert_eq!(all[0].0, b"b/1".to_vec());
+    for (k, ver, val) in &all {
+        assert_eq!(
+            kv.get_versioned(k).map(|(v, x)| (v, x.to_vec())),
+            Some((*ver, val.clone())),
+            "a scan agrees with a point read"
+        );
+    }
+    // Unversioned scans list the same entries.
+    assert_eq!(
+        kv.scan_range_rev(Bound::Unbounded, Bound::Unbounded, 1)
+            .len(),
+        1
+    );
+    assert!(
+        kv.scan_range_versioned(Bound::Included(b"z"), Bound::Excluded(b"a"), 10)
+            .is_empty(),
+        "an inverted range is empty"
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use aedb::{AedbConfig, AedbError, AedbInstance, CommitResult, Limits, ReadAssertion};
+use aedb::{AedbConfig, AedbError, AedbInstance, CommitError, CommitResult, Limits, ReadAssertion};
 
 /// Small segments, so a few commits seal segments that the checkpoint then covers
 /// and removes; no automatic checkpoints, so the test decides when one happens.
@@ -35,7 +35,7 @@ fn segments(dir: &Path) -> Vec<String> {
 }
 
 /// The README's example: a guarded insert under an idempotency key.
-fn attempt(db: &AedbInstance, value: &[u8]) -> Result<CommitResult, AedbError> {
+fn attempt(db: &AedbInstance, value: &[u8]) -> Result<CommitResult, CommitError> {
     let mut tx = db.begin_write("payments")?;
     tx.assert(ReadAssertion::key_absent("eu", b"order-17".to_vec()));
     tx.kv_set("eu", b"order-17", value)?;
@@ -88,7 +88,7 @@ fn idempotency_key_reused_with_other_writes_after_a_checkpoint_is_refused() -> R
     let first = commit_then_checkpoint_away(dir.path());
     let db = open(dir.path());
     match attempt(&db, b"v2") {
-        Err(AedbError::IdempotencyKeyReused { key, first_seq }) => {
+        Err(CommitError::IdempotencyKeyReused { key, first_seq }) => {
             assert_eq!(key, "req-8c1f");
             assert_eq!(first_seq, first.commit_seq);
         }
@@ -102,7 +102,7 @@ fn idempotency_key_reused_with_other_writes_after_a_checkpoint_is_refused() -> R
     let db = open(dir.path());
     assert!(matches!(
         attempt(&db, b"v2"),
-        Err(AedbError::IdempotencyKeyReused { .. })
+        Err(CommitError::IdempotencyKeyReused { .. })
     ));
     let retry = attempt(&db, b"v1")?;
     assert!(retry.idempotent_replay);
@@ -122,7 +122,7 @@ fn idempotency_keys_from_a_checkpoint_keep_their_eviction_order() -> Result<(), 
             ..Default::default()
         })
     };
-    let keyed = |db: &AedbInstance, key: &str| -> Result<CommitResult, AedbError> {
+    let keyed = |db: &AedbInstance, key: &str| -> Result<CommitResult, CommitError> {
         let mut tx = db.begin_write("p")?;
         tx.kv_set("s", key.as_bytes(), b"v")?;
         tx.set_idempotency_key(key);

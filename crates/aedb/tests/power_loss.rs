@@ -44,8 +44,8 @@ use std::sync::Arc;
 
 use aedb::storage::{FaultKind, FaultPlan, FaultStorage, Rng};
 use aedb::{
-    AedbConfig, AedbError, AedbInstance, CommitFinality, ConsistencyMode, DurabilityMode,
-    ReadAssertion, RecoveryMode,
+    AedbConfig, AedbError, AedbInstance, CommitError, CommitFinality, ConsistencyMode,
+    DurabilityMode, ReadAssertion, ReadError, RecoveryMode,
 };
 
 type Kv = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -188,7 +188,7 @@ fn apply(kv: &mut Kv, writes: &Writes) {
     }
 }
 
-fn read_kv(db: &AedbInstance) -> Result<(u64, Kv), AedbError> {
+fn read_kv(db: &AedbInstance) -> Result<(u64, Kv), ReadError> {
     let snap = db.begin_read(ConsistencyMode::AtLatest)?;
     let seq = snap.seq();
     let kv = match snap.kv(PROJECT, SCOPE) {
@@ -198,7 +198,7 @@ fn read_kv(db: &AedbInstance) -> Result<(u64, Kv), AedbError> {
             .map(|(k, v)| (k.as_slice().to_vec(), v.to_vec()))
             .collect(),
         // Before the project and scope were created.
-        Err(AedbError::NotFound { .. }) => Kv::new(),
+        Err(ReadError::NotFound { .. }) => Kv::new(),
         Err(e) => return Err(e),
     };
     Ok((seq, kv))
@@ -273,11 +273,11 @@ impl Workload<'_> {
 
     /// Runs `f` and checks the poison rule: the call during which a WAL fsync
     /// failed must fail.
-    fn guarded<T>(
+    fn guarded<T, E>(
         &mut self,
         what: &str,
-        f: impl FnOnce(&mut Self) -> Result<T, AedbError>,
-    ) -> Result<T, AedbError> {
+        f: impl FnOnce(&mut Self) -> Result<T, E>,
+    ) -> Result<T, E> {
         let before = self.fs.injected().len();
         let r = f(self);
         if wal_sync_failed(self.fs, before) {
@@ -323,7 +323,9 @@ impl Workload<'_> {
         };
         let poisoned_before = self.poisoned;
         let r = self.guarded("commit", |w| {
-            let db = w.db.as_ref().ok_or(AedbError::Poisoned("closed".into()))?;
+            let db =
+                w.db.as_ref()
+                    .ok_or(CommitError::Poisoned("closed".into()))?;
             let mut tx = db.begin_write(PROJECT)?;
             if let Some(k) = &assertion {
                 tx.assert(ReadAssertion::key_absent(SCOPE, k.clone()));
@@ -385,7 +387,7 @@ impl Workload<'_> {
                     });
                 }
             }
-            Err(AedbError::AssertionFailed { .. }) => {}
+            Err(CommitError::AssertionFailed { .. }) => {}
             Err(_) => {
                 let mut maybe = self.out.model.current.clone();
                 apply(&mut maybe, &writes);
@@ -499,7 +501,9 @@ impl Workload<'_> {
 
     fn setup_schema(&mut self) {
         let r = self.guarded("schema", |w| {
-            let db = w.db.as_ref().ok_or(AedbError::Poisoned("closed".into()))?;
+            let db =
+                w.db.as_ref()
+                    .ok_or(CommitError::Poisoned("closed".into()))?;
             db.create_project(PROJECT)?;
             db.create_scope(PROJECT, SCOPE)
         });

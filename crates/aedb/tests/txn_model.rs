@@ -13,7 +13,7 @@ use std::ops::Bound;
 use std::path::Path;
 
 use aedb::{
-    AedbConfig, AedbError, AedbInstance, CompareOp, DurabilityMode, Limits, ReadAssertion,
+    AedbConfig, AedbInstance, CommitError, CompareOp, DurabilityMode, Limits, ReadAssertion,
     WriteTransaction,
 };
 use proptest::prelude::*;
@@ -478,14 +478,14 @@ fn build(db: &AedbInstance, spec: &TxnSpec, snap: &Model) -> Result<Built, TestC
     })
 }
 
-fn outcome(r: Result<aedb::CommitResult, AedbError>) -> Outcome {
+fn outcome(r: Result<aedb::CommitResult, CommitError>) -> Outcome {
     match r {
         Ok(c) => {
             assert!(!c.idempotent_replay);
             Outcome::Committed(c.commit_seq)
         }
-        Err(AedbError::Conflict { .. }) => Outcome::Conflict,
-        Err(AedbError::AssertionFailed { index, .. }) => Outcome::AssertionFailed(index),
+        Err(CommitError::Conflict { .. }) => Outcome::Conflict,
+        Err(CommitError::AssertionFailed { index, .. }) => Outcome::AssertionFailed(index),
         Err(e) => panic!("unexpected commit error: {e}"),
     }
 }

@@ -538,7 +538,7 @@ fn checkpoint(s: &Server) {
     .expect("open the stopped server's store");
     store
         .engine()
-        .checkpoint_as(&aedb::CallerContext::new(BOOTSTRAP_ADMIN))
+        .checkpoint_as(&aedb::CallerContext::new(BOOTSTRAP_ADMIN).expect("caller"))
         .expect("checkpoint");
     store.close().expect("close");
 }

@@ -19,46 +19,100 @@
 //! Decisions read the *current* grants at every call: a revoke takes effect on the
 //! very next operation, including reads through snapshots opened before it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use imbl::OrdMap;
 
+use crate::error::AedbError;
+use crate::model::validate_name;
 use crate::record::DdlOperation;
 use serde::{Deserialize, Serialize};
 
 /// Who is calling. Authentication happens in the host; aedb trusts the id it is
-/// given and decides what that id may do.
+/// given and decides what that id may do. The fields are private so that every
+/// context went through the validation of `new` / `builder(..).build()`: an id
+/// written into audit rows and alert counters is always printable and bounded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallerContext {
-    pub caller_id: String,
-    pub roles: Vec<String>,
-    pub attributes: BTreeMap<String, String>,
+    caller_id: String,
+    roles: Vec<String>,
 }
 
+/// Builds a `CallerContext` with roles: `CallerContext::builder(id).role(r).build()`.
+#[derive(Clone, Debug)]
+#[must_use = "call build() to get the CallerContext"]
+pub struct CallerContextBuilder {
+    caller_id: String,
+    roles: Vec<String>,
+}
+
+/// Longest role name a context accepts (grants are further bounded by the
+/// instance's name limit: a longer role can never hold a grant).
+const MAX_ROLE_LEN: usize = 256;
+
 impl CallerContext {
-    pub fn new(caller_id: impl Into<String>) -> Self {
-        Self {
+    /// A caller without roles. Fails (`InvalidArgument`) unless `caller_id` is
+    /// 1..=256 printable ASCII characters without spaces and not `role:...`.
+    pub fn new(caller_id: impl Into<String>) -> Result<Self, AedbError> {
+        Self::builder(caller_id).build()
+    }
+
+    pub fn builder(caller_id: impl Into<String>) -> CallerContextBuilder {
+        CallerContextBuilder {
             caller_id: caller_id.into(),
             roles: Vec::new(),
-            attributes: BTreeMap::new(),
         }
     }
 
-    pub fn with_role(mut self, role: impl Into<String>) -> Self {
-        self.roles.push(role.into());
-        self
+    pub fn caller_id(&self) -> &str {
+        &self.caller_id
     }
 
-    pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.attributes.insert(key.into(), value.into());
-        self
+    /// The roles whose grants (`role:NAME`) this caller holds.
+    pub fn roles(&self) -> &[String] {
+        &self.roles
     }
 
     fn principals(&self) -> impl Iterator<Item = String> + '_ {
         std::iter::once(self.caller_id.clone())
             .chain(self.roles.iter().map(|r| format!("role:{r}")))
     }
+}
+
+impl CallerContextBuilder {
+    pub fn role(mut self, role: impl Into<String>) -> Self {
+        self.roles.push(role.into());
+        self
+    }
+
+    pub fn build(self) -> Result<CallerContext, AedbError> {
+        validate_caller_id(&self.caller_id)?;
+        for r in &self.roles {
+            validate_name("role", r, MAX_ROLE_LEN)?;
+        }
+        Ok(CallerContext {
+            caller_id: self.caller_id,
+            roles: self.roles,
+        })
+    }
+}
+
+/// Caller ids come from the host's authentication (user ids, emails, service
+/// names): printable ASCII without spaces, 1..=256 bytes. `role:` is refused: it
+/// is how grants name a role, so such an id would hold that role's grants.
+pub(crate) fn validate_caller_id(id: &str) -> Result<(), AedbError> {
+    if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AedbError::InvalidArgument(format!(
+            "caller id must be 1..=256 printable ASCII characters without spaces, got {} bytes",
+            id.len()
+        )));
+    }
+    if id.starts_with("role:") {
+        return Err(AedbError::InvalidArgument(
+            "caller id must not start with \"role:\" (that names a role's grants)".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -333,7 +387,7 @@ impl AuthzState {
     }
 
     fn is_owner(&self, caller: &CallerContext, project: Option<&str>) -> bool {
-        project.is_some_and(|p| self.owners.get(p).is_some_and(|o| o == &caller.caller_id))
+        project.is_some_and(|p| self.owners.get(p).is_some_and(|o| o == caller.caller_id()))
     }
 
     pub fn decide(&self, caller: &CallerContext, need: &Need) -> Decision {
@@ -345,6 +399,28 @@ impl AuthzState {
             if g.permission == Permission::GlobalAdmin {
                 global = true;
             } else if g.permission.covers(need) {
+                return Decision::Allowed;
+            }
+        }
+        if global {
+            Decision::AllowedAsGlobalAdmin
+        } else {
+            Decision::Denied
+        }
+    }
+
+    /// Whether `caller` holds anything in `project`: its ownership or a grant
+    /// confined to it (GlobalAdmin: audit it). Decides who learns that the project
+    /// exists.
+    pub fn sees_project(&self, caller: &CallerContext, project: &str) -> Decision {
+        if self.is_owner(caller, Some(project)) {
+            return Decision::Allowed;
+        }
+        let mut global = false;
+        for g in self.holds(caller) {
+            if g.permission == Permission::GlobalAdmin {
+                global = true;
+            } else if g.permission.project() == Some(project) {
                 return Decision::Allowed;
             }
         }

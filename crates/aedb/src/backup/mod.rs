@@ -29,7 +29,7 @@ use crate::check::{KeyspaceDigest, state_digests};
 use crate::checkpoint;
 use crate::config::{AedbConfig, RecoveryMode, SecretKey};
 use crate::crypto::{self, LABEL_BACKUP};
-use crate::error::AedbError;
+use crate::error::{AedbError, NotFoundKind};
 use crate::manifest::{read_signed, write_signed};
 use crate::model::state::DbState;
 use crate::storage::{OpenMode, SeqFile, Storage};
@@ -853,7 +853,7 @@ pub fn discover_chain(root: &Path, config: &AedbConfig) -> Result<Vec<PathBuf>, 
         .iter()
         .max_by_key(|b| (b.descriptor.end_lsn, b.descriptor.created_at))
         .ok_or_else(|| AedbError::NotFound {
-            kind: "backup",
+            kind: NotFoundKind::Backup,
             name: root.display().to_string(),
         })?;
     let mut chain = vec![newest.dir.clone()];
@@ -863,7 +863,7 @@ pub fn discover_chain(root: &Path, config: &AedbConfig) -> Result<Vec<PathBuf>, 
             .iter()
             .find(|b| b.descriptor.backup_id == p.backup_id)
             .ok_or_else(|| AedbError::NotFound {
-                kind: "parent backup",
+                kind: NotFoundKind::ParentBackup,
                 name: format!("{} (parent of {})", p.backup_id, cur.dir.display()),
             })?;
         chain.push(cur.dir.clone());

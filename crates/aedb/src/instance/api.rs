@@ -8,16 +8,18 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         project: &str,
-    ) -> Result<WriteTransaction, AedbError> {
+    ) -> Result<WriteTransaction, CommitError> {
         self.begin_write_inner(Some(caller), project)
+            .map_err(CommitError::narrow)
     }
 
     pub fn commit_as(
         &self,
         caller: &CallerContext,
         tx: WriteTransaction,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_tx(Some(caller), tx, self.inner.config.default_finality())
+            .map_err(CommitError::narrow)
     }
 
     pub fn commit_as_with_finality(
@@ -25,8 +27,9 @@ impl<M> AedbInstance<M> {
         caller: &CallerContext,
         tx: WriteTransaction,
         finality: CommitFinality,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_tx(Some(caller), tx, finality)
+            .map_err(CommitError::narrow)
     }
 
     /// Schema and authorization changes (`GrantPermission`, `RevokePermission`,
@@ -35,15 +38,16 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         ops: Vec<DdlOperation>,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl(Some(caller), ops)
+            .map_err(CommitError::narrow)
     }
 
     pub fn create_project_as(
         &self,
         caller: &CallerContext,
         project: &str,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl_as(
             caller,
             vec![DdlOperation::CreateProject {
@@ -58,7 +62,7 @@ impl<M> AedbInstance<M> {
         caller: &CallerContext,
         project: &str,
         scope: &str,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl_as(
             caller,
             vec![DdlOperation::CreateScope {
@@ -75,7 +79,7 @@ impl<M> AedbInstance<M> {
         scope: &str,
         key: &[u8],
         value: &[u8],
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         let mut tx = self.begin_write_as(caller, project)?;
         tx.kv_set(scope, key, value)?;
         self.commit_as(caller, tx)
@@ -87,7 +91,7 @@ impl<M> AedbInstance<M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         let mut tx = self.begin_write_as(caller, project)?;
         tx.kv_del(scope, key)?;
         self.commit_as(caller, tx)
@@ -99,7 +103,7 @@ impl<M> AedbInstance<M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<Option<Arc<[u8]>>, AedbError> {
+    ) -> Result<Option<Arc<[u8]>>, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .kv_get(project, scope, key)
     }
@@ -111,7 +115,7 @@ impl<M> AedbInstance<M> {
         scope: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .kv_scan_prefix(project, scope, prefix, limit)
     }
@@ -124,9 +128,36 @@ impl<M> AedbInstance<M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .kv_scan_range(project, scope, start, end, limit)
+    }
+
+    /// `kv_scan_prefix` with the version of each value.
+    pub fn kv_scan_prefix_versioned(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_scan_prefix_versioned(project, scope, prefix, limit)
+    }
+
+    /// `kv_scan_range` with the version of each value.
+    pub fn kv_scan_range_versioned(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
+        self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
+            .kv_scan_range_versioned(project, scope, start, end, limit)
     }
 
     pub fn query_as(
@@ -136,9 +167,56 @@ impl<M> AedbInstance<M> {
         scope: &str,
         table: &str,
         q: &Query,
-    ) -> Result<QueryResult, AedbError> {
+    ) -> Result<QueryResult, ReadError> {
         self.begin_read_tx_as(caller, ConsistencyMode::AtLatest)?
             .query(project, scope, table, q)
+    }
+
+    /// True when `project` exists and `caller` holds something in it (ownership,
+    /// a grant confined to it, or GlobalAdmin, whose use is audited; `AuditRead`
+    /// for the system project). False otherwise: a caller learns nothing about
+    /// projects it has no access to, so asking is not a denial and is not audited.
+    pub fn project_exists_as(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+    ) -> Result<bool, ReadError> {
+        self.project_exists_as_inner(caller, project)
+            .map_err(ReadError::narrow)
+    }
+
+    fn project_exists_as_inner(
+        &self,
+        caller: &CallerContext,
+        project: &str,
+    ) -> Result<bool, AedbError> {
+        self.inner.wal.check_healthy()?;
+        let state = self.inner.current.load_full();
+        let decision = if project == SYSTEM_PROJECT {
+            state.authz.decide(caller, &Permission::AuditRead)
+        } else {
+            state.authz.sees_project(caller, project)
+        };
+        match decision {
+            Decision::Allowed => {}
+            Decision::AllowedAsGlobalAdmin => {
+                let need = Permission::GlobalAdmin;
+                let mut cs = self.lock_commit()?;
+                self.write_audit_locked(
+                    &mut cs,
+                    &[global_admin_use(
+                        caller,
+                        &need,
+                        &format!("project_exists {project}"),
+                    )],
+                )?;
+                self.inner
+                    .counters
+                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
+            }
+            Decision::Denied => return Ok(false),
+        }
+        Ok(state.projects.contains_key(project))
     }
 
     /// A read transaction whose every read is authorized for `caller` at the time
@@ -147,11 +225,11 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         mode: ConsistencyMode,
-    ) -> Result<ReadTx<'_, M>, AedbError> {
+    ) -> Result<ReadTx<'_, M>, ReadError> {
         Ok(ReadTx {
             db: self,
             caller: caller.clone(),
-            snapshot: self.begin_read_inner(mode)?,
+            snapshot: self.begin_read_inner(mode).map_err(ReadError::narrow)?,
         })
     }
 
@@ -160,8 +238,9 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         since_id: i64,
-    ) -> Result<Vec<AuditExport>, AedbError> {
-        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)?;
+    ) -> Result<Vec<AuditExport>, ReadError> {
+        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)
+            .map_err(ReadError::narrow)?;
         self.export_audit_inner(&self.snapshot_inner(), since_id)
     }
 
@@ -220,8 +299,9 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         principal: &str,
-    ) -> Result<Vec<Grant>, AedbError> {
-        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)?;
+    ) -> Result<Vec<Grant>, ReadError> {
+        self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)
+            .map_err(ReadError::narrow)?;
         Ok(self.inner.current.load().authz.grants_of(principal))
     }
 }

@@ -11,29 +11,7 @@ impl<M> AedbInstance<M> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(AedbError::Closed);
         }
-        let limit = self.inner.config.limits.max_queued_commits;
-        // Take a slot only if one is free, so the counter (and the
-        // `queued_commits` metric) never exceeds the limit, even briefly.
-        self.inner
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
-                (queued < limit).then_some(queued + 1)
-            })
-            .map_err(|queued| AedbError::Overloaded {
-                reason: format!("{queued} commits queued (limit {limit})"),
-            })?;
-        let slot = QueueSlot(&self.inner.queued);
-        if let Some(rl) = &self.inner.admission_rate
-            && rl.check().is_err()
-        {
-            return Err(AedbError::Overloaded {
-                reason: format!(
-                    "admission rate of {} commits/s exceeded",
-                    self.inner.config.limits.max_commits_per_sec.unwrap_or(0)
-                ),
-            });
-        }
-        Ok(slot)
+        self.inner.admission.admit()
     }
 
     /// Takes the commit lock within the commit timeout. A timeout here guarantees
@@ -95,12 +73,12 @@ impl<M> AedbInstance<M> {
         finality: CommitFinality,
     ) -> Result<CommitResult, AedbError> {
         if let Some(c) = caller
-            && tx.caller_id() != Some(c.caller_id.as_str())
+            && tx.caller_id() != Some(c.caller_id())
         {
             return Err(AedbError::InvalidArgument(format!(
                 "transaction was begun by {:?}, committed by {:?}",
                 tx.caller_id(),
-                c.caller_id
+                c.caller_id()
             )));
         }
         let _slot = self.admit()?;
@@ -373,7 +351,7 @@ impl<M> AedbInstance<M> {
         need: &Permission,
     ) -> Result<T, AedbError> {
         let event = AuditEvent::Assertion {
-            actor: caller.caller_id.clone(),
+            actor: caller.caller_id().to_string(),
             project: project.to_string(),
             kind: "permission_denied".into(),
             detail: format!("operation needs {need}"),
@@ -383,9 +361,9 @@ impl<M> AedbInstance<M> {
         self.write_audit_locked(cs, &[event])?;
         self.inner
             .counters
-            .alert(&caller.caller_id, AlertKind::PermissionDenial);
+            .alert(caller.caller_id(), AlertKind::PermissionDenial);
         Err(AedbError::PermissionDenied {
-            caller: caller.caller_id.clone(),
+            caller: caller.caller_id().to_string(),
             permission: need.to_string(),
         })
     }
@@ -461,7 +439,7 @@ impl<M> AedbInstance<M> {
                 self.write_audit_locked(&mut cs, &[global_admin_use(caller, &need, "read")])?;
                 self.inner
                     .counters
-                    .alert(&caller.caller_id, AlertKind::GlobalAdminUse);
+                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
                 Ok(())
             }
             Decision::Denied => {
@@ -489,7 +467,7 @@ impl<M> AedbInstance<M> {
         match decision {
             Decision::Allowed => {
                 let event = AuditEvent::Authz {
-                    actor: caller.caller_id.clone(),
+                    actor: caller.caller_id().to_string(),
                     action: operation.to_string(),
                     permission: need.to_string(),
                     target: target.to_string(),
@@ -503,7 +481,7 @@ impl<M> AedbInstance<M> {
                 self.write_audit_locked(&mut cs, &[event])?;
                 self.inner
                     .counters
-                    .alert(&caller.caller_id, AlertKind::GlobalAdminUse);
+                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
                 Ok(())
             }
             Decision::Denied => {
@@ -569,7 +547,7 @@ impl<M> AedbInstance<M> {
             if let DdlOperation::CreateProject { owner, .. } = op
                 && owner.is_none()
             {
-                *owner = caller.map(|c| c.caller_id.clone());
+                *owner = caller.map(|c| c.caller_id().to_string());
             }
         }
         let _slot = self.admit()?;
@@ -618,7 +596,7 @@ impl<M> AedbInstance<M> {
         }
         let seq = cs.state.seq + 1;
         let record = WalRecord::Ddl {
-            actor: caller.map(|c| c.caller_id.clone()),
+            actor: caller.map(|c| c.caller_id().to_string()),
             audit: chain_rows(&cs.state, &events, seq, now_unix()),
             ops,
         };

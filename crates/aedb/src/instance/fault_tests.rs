@@ -42,12 +42,12 @@ fn failed_rotation_record_in_a_serial_commit_poisons_and_leaves_no_frame() {
     assert!(db.is_poisoned());
     let next = std::panic::catch_unwind(AssertUnwindSafe(|| db.create_scope("p", "next")));
     assert!(
-        matches!(next, Ok(Err(AedbError::Poisoned(_)))),
+        matches!(next, Ok(Err(CommitError::Poisoned(_)))),
         "the next serial commit is refused, not a reused LSN: {next:?}"
     );
     assert!(matches!(
         db.kv_set("p", "s", b"after", b"1"),
-        Err(AedbError::Poisoned(_))
+        Err(CommitError::Poisoned(_))
     ));
     drop(db);
 
@@ -75,7 +75,7 @@ fn failed_rotation_record_in_a_commit_poisons_and_leaves_no_frame() {
     );
     assert!(failed.is_err(), "{failed:?}");
     assert!(db.is_poisoned());
-    assert!(matches!(db.snapshot(), Err(AedbError::Poisoned(_))));
+    assert!(matches!(db.snapshot(), Err(ReadError::Poisoned(_))));
     drop(db);
     let db = AedbInstance::open(AedbConfig::development(), dir.path()).expect("reopen");
     assert!(
@@ -103,10 +103,10 @@ fn panicking_apply_poisons_instead_of_hanging_later_commits() {
     assert!(db.is_poisoned());
     let d = db.clone();
     let next = returns("a later commit", move || d.kv_set("p", "s", b"b", b"1"));
-    assert!(matches!(next, Err(AedbError::Poisoned(_))), "{next:?}");
+    assert!(matches!(next, Err(CommitError::Poisoned(_))), "{next:?}");
     let d = db.clone();
     let ddl = returns("a DDL commit (drains)", move || d.create_scope("p", "t"));
-    assert!(matches!(ddl, Err(AedbError::Poisoned(_))), "{ddl:?}");
+    assert!(matches!(ddl, Err(CommitError::Poisoned(_))), "{ddl:?}");
     let d = db.clone();
     let ckpt = returns("a checkpoint (drains)", move || d.checkpoint());
     assert!(ckpt.is_err(), "{ckpt:?}");
@@ -132,7 +132,7 @@ fn poisoned_instance_refuses_reads() {
     }])
     .expect("grant");
     db.kv_set("p", "s", b"k", b"v").expect("commit");
-    let reader = CallerContext::new("reader");
+    let reader = CallerContext::new("reader").expect("caller id");
     let open_before = db
         .begin_read_tx_as(&reader, ConsistencyMode::AtLatest)
         .expect("read tx");
@@ -143,7 +143,9 @@ fn poisoned_instance_refuses_reads() {
     assert!(db.kv_set("p", "s", b"k2", b"v").is_err());
     assert!(db.is_poisoned());
     assert!(db.operational_metrics().poisoned);
-    let poisoned = |r: Result<(), AedbError>| matches!(r, Err(AedbError::Poisoned(_)));
+    fn poisoned(r: Result<(), impl Into<AedbError>>) -> bool {
+        matches!(r.map_err(Into::into), Err(AedbError::Poisoned(_)))
+    }
     assert!(poisoned(
         db.begin_read(ConsistencyMode::AtLatest).map(|_| ())
     ));
@@ -176,7 +178,7 @@ fn snapshot_of_a_poisoned_instance_is_refused() {
     assert!(db.is_poisoned());
     let after = db.snapshot();
     assert!(
-        matches!(after, Err(AedbError::Poisoned(_))),
+        matches!(after, Err(ReadError::Poisoned(_))),
         "a poisoned instance served a snapshot at seq {:?}",
         after.map(|s| s.seq())
     );

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,11 +16,11 @@ use crate::audit::{
     ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditEvent, AuditExport, AuditVerifyError,
     SYSTEM_PROJECT, chain_rows, now_unix,
 };
-use crate::authz::{CallerContext, Decision, Grant, Permission};
+use crate::authz::{CallerContext, Decision, Grant, Permission, validate_caller_id};
 use crate::backup::{BackupProgress, BackupReport, Captured};
 use crate::checkpoint;
 use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode};
-use crate::error::AedbError;
+use crate::error::{AedbError, CommitError, NotFoundKind, ReadError};
 use crate::lock::DirLock;
 use crate::metrics::AlertKind;
 use crate::metrics::{Counters, OperationalMetrics};
@@ -34,7 +34,7 @@ use crate::open::{
 };
 use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
 use crate::txn::query::{Query, QueryResult};
-use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot};
+use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot, VersionedKvPair};
 use crate::txn::write::{WriteTransaction, WritesDigest, writes_digest};
 use crate::wal::RecoveryReport;
 use crate::wal::format::segment_file_name;
@@ -111,8 +111,7 @@ struct Inner {
     current: ArcSwap<DbState>,
     commit: Mutex<CommitState>,
     wal: Arc<WalWriter>,
-    queued: AtomicUsize,
-    admission_rate: Option<governor::DefaultDirectRateLimiter>,
+    admission: Admission,
     counters: Counters,
     flusher: Mutex<Option<Flusher>>,
     recovery: RecoveryReport,
@@ -162,7 +161,7 @@ pub enum Dev {}
 /// ```no_run
 /// # use aedb::{AedbConfig, AedbInstance, CallerContext};
 /// let db = AedbInstance::open_secure(AedbConfig::production([7; 32]), "/tmp/x")?;
-/// let me = CallerContext::new("svc-payments");
+/// let me = CallerContext::new("svc-payments")?;
 /// let _ = db.kv_get(&me, "payments", "eu", b"order-1")?;
 /// # Ok::<(), aedb::AedbError>(())
 /// ```
@@ -218,7 +217,7 @@ pub(crate) struct BoundCaller {
 
 impl BoundCaller {
     pub(crate) fn caller_id(&self) -> &str {
-        &self.caller.caller_id
+        self.caller.caller_id()
     }
 
     /// The decision and audit trail of a `ReadTx` read (`authorize_read`).
@@ -236,7 +235,7 @@ impl BoundCaller {
 impl std::fmt::Debug for BoundCaller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("BoundCaller")
-            .field(&self.caller.caller_id)
+            .field(&self.caller.caller_id())
             .finish()
     }
 }
@@ -278,15 +277,6 @@ impl Inner {
     }
 }
 
-/// Holds one slot of the bounded commit queue.
-struct QueueSlot<'a>(&'a AtomicUsize);
-
-impl Drop for QueueSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 const ANONYMOUS: &str = "anonymous";
 
 impl AedbInstance<Dev> {
@@ -299,36 +289,45 @@ impl AedbInstance<Dev> {
     /// The latest committed state. `Poisoned` once a WAL write or fsync failed: that
     /// state may hold commits that will never be durable (a `Snapshot` taken before
     /// stays readable as a plain value).
-    pub fn snapshot(&self) -> Result<Snapshot, AedbError> {
-        self.inner.wal.check_healthy()?;
+    pub fn snapshot(&self) -> Result<Snapshot, ReadError> {
+        self.inner.wal.check_healthy().map_err(ReadError::narrow)?;
         Ok(self.snapshot_inner())
     }
 
+    /// True when `project` exists (the system project included).
+    pub fn project_exists(&self, project: &str) -> Result<bool, ReadError> {
+        self.inner.wal.check_healthy().map_err(ReadError::narrow)?;
+        Ok(self.inner.current.load().projects.contains_key(project))
+    }
+
     /// A read-only snapshot chosen by `mode`.
-    pub fn begin_read(&self, mode: ConsistencyMode) -> Result<Snapshot, AedbError> {
-        self.begin_read_inner(mode)
+    pub fn begin_read(&self, mode: ConsistencyMode) -> Result<Snapshot, ReadError> {
+        self.begin_read_inner(mode).map_err(ReadError::narrow)
     }
 
     /// Starts a write transaction on `project`, reading from the latest state.
-    pub fn begin_write(&self, project: &str) -> Result<WriteTransaction, AedbError> {
+    pub fn begin_write(&self, project: &str) -> Result<WriteTransaction, CommitError> {
         self.begin_write_inner(None, project)
+            .map_err(CommitError::narrow)
     }
 
     /// Commits with the configured default finality (`Durable` under
     /// `DurabilityMode::Full`, `Visible` otherwise).
-    pub fn commit(&self, tx: WriteTransaction) -> Result<CommitResult, AedbError> {
+    pub fn commit(&self, tx: WriteTransaction) -> Result<CommitResult, CommitError> {
         self.commit_tx(None, tx, self.inner.config.default_finality())
+            .map_err(CommitError::narrow)
     }
 
     pub fn commit_with_finality(
         &self,
         tx: WriteTransaction,
         finality: CommitFinality,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_tx(None, tx, finality)
+            .map_err(CommitError::narrow)
     }
 
-    pub fn create_project(&self, project: &str) -> Result<CommitResult, AedbError> {
+    pub fn create_project(&self, project: &str) -> Result<CommitResult, CommitError> {
         self.commit_ddl(
             None,
             vec![DdlOperation::CreateProject {
@@ -336,9 +335,10 @@ impl AedbInstance<Dev> {
                 owner: None,
             }],
         )
+        .map_err(CommitError::narrow)
     }
 
-    pub fn create_scope(&self, project: &str, scope: &str) -> Result<CommitResult, AedbError> {
+    pub fn create_scope(&self, project: &str, scope: &str) -> Result<CommitResult, CommitError> {
         self.commit_ddl(
             None,
             vec![DdlOperation::CreateScope {
@@ -346,6 +346,7 @@ impl AedbInstance<Dev> {
                 scope: scope.to_string(),
             }],
         )
+        .map_err(CommitError::narrow)
     }
 
     pub fn create_table(
@@ -354,7 +355,7 @@ impl AedbInstance<Dev> {
         scope: &str,
         table: &str,
         schema: TableSchema,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl(
             None,
             vec![DdlOperation::CreateTable {
@@ -364,6 +365,7 @@ impl AedbInstance<Dev> {
                 schema,
             }],
         )
+        .map_err(CommitError::narrow)
     }
 
     pub fn drop_table(
@@ -371,7 +373,7 @@ impl AedbInstance<Dev> {
         project: &str,
         scope: &str,
         table: &str,
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         self.commit_ddl(
             None,
             vec![DdlOperation::DropTable {
@@ -380,11 +382,12 @@ impl AedbInstance<Dev> {
                 table: table.to_string(),
             }],
         )
+        .map_err(CommitError::narrow)
     }
 
     /// Several schema/authorization changes in one atomic commit (anonymous).
-    pub fn commit_ddl_batch(&self, ops: Vec<DdlOperation>) -> Result<CommitResult, AedbError> {
-        self.commit_ddl(None, ops)
+    pub fn commit_ddl_batch(&self, ops: Vec<DdlOperation>) -> Result<CommitResult, CommitError> {
+        self.commit_ddl(None, ops).map_err(CommitError::narrow)
     }
 
     /// One-key convenience write, committed with the default finality.
@@ -394,7 +397,7 @@ impl AedbInstance<Dev> {
         scope: &str,
         key: &[u8],
         value: &[u8],
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         let mut tx = self.begin_write(project)?;
         tx.kv_set(scope, key, value)?;
         self.commit(tx)
@@ -405,14 +408,14 @@ impl AedbInstance<Dev> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<CommitResult, AedbError> {
+    ) -> Result<CommitResult, CommitError> {
         let mut tx = self.begin_write(project)?;
         tx.kv_del(scope, key)?;
         self.commit(tx)
     }
 
     /// Rows of both audit tables with id >= `since_id`, each with its chain head.
-    pub fn export_audit(&self, since_id: i64) -> Result<Vec<AuditExport>, AedbError> {
+    pub fn export_audit(&self, since_id: i64) -> Result<Vec<AuditExport>, ReadError> {
         self.export_audit_inner(&self.snapshot_inner(), since_id)
     }
 
@@ -627,12 +630,7 @@ impl<M> AedbInstance<M> {
             current: ArcSwap::new(published),
             commit: Mutex::new(cs),
             wal: wal.clone(),
-            queued: AtomicUsize::new(0),
-            admission_rate: config
-                .limits
-                .max_commits_per_sec
-                .and_then(std::num::NonZeroU32::new)
-                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
+            admission: Admission::new(&config.limits),
             counters: Counters::default(),
             flusher: Mutex::new(None),
             recovery: recovered.report,
@@ -757,7 +755,7 @@ impl<M> AedbInstance<M> {
         };
         if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
             return Err(AedbError::NotFound {
-                kind: "project",
+                kind: NotFoundKind::Project,
                 name: project.to_string(),
             });
         }
@@ -773,8 +771,8 @@ impl<M> AedbInstance<M> {
         &self,
         snap: &Snapshot,
         since_id: i64,
-    ) -> Result<Vec<AuditExport>, AedbError> {
-        self.inner.wal.check_healthy()?;
+    ) -> Result<Vec<AuditExport>, ReadError> {
+        self.inner.wal.check_healthy().map_err(ReadError::narrow)?;
         Ok(crate::audit::export_tables(&snap.state, since_id))
     }
 
@@ -793,7 +791,12 @@ impl<M> AedbInstance<M> {
 
     /// The one-time, public bootstrap of the first GlobalAdmin of a database
     /// (recorded in `authz_audit`). Fails once any GlobalAdmin was bootstrapped.
-    pub fn bootstrap_global_admin(&self, admin: &str) -> Result<CommitResult, AedbError> {
+    pub fn bootstrap_global_admin(&self, admin: &str) -> Result<CommitResult, CommitError> {
+        self.bootstrap_global_admin_inner(admin)
+            .map_err(CommitError::narrow)
+    }
+
+    fn bootstrap_global_admin_inner(&self, admin: &str) -> Result<CommitResult, AedbError> {
         validate_caller_id(admin)?;
         let _slot = self.admit()?;
         let mut cs = self.lock_commit()?;
@@ -867,7 +870,7 @@ impl<M> AedbInstance<M> {
             m.tombstones = state.tombstones() as u64;
         }
         m.durable_seq = self.inner.wal.durable_lsn();
-        m.queued_commits = self.inner.queued.load(Ordering::Relaxed) as u64;
+        m.queued_commits = self.inner.admission.queued() as u64;
         m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;
         m.wal_bytes_written = self.inner.wal.appended_bytes();
         {
@@ -892,6 +895,7 @@ impl<M> AedbInstance<M> {
     }
 }
 
+mod admission;
 mod api;
 mod backups;
 mod commit;
@@ -933,11 +937,11 @@ pub(crate) mod failpoints {
     }
 }
 
+use admission::{Admission, QueueSlot};
 use inner::{spawn_checkpointer, spawn_flusher};
 pub use read::ReadTx;
 use read::{
-    authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use,
-    validate_caller_id, validate_ddl,
+    authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use, validate_ddl,
 };
 
 #[cfg(test)]

@@ -16,8 +16,10 @@ impl<M> ReadTx<'_, M> {
         self.snapshot.seq()
     }
 
-    fn check(&self, project: &str, need: Permission) -> Result<(), AedbError> {
-        self.db.authorize_read(&self.caller, project, need)
+    fn check(&self, project: &str, need: Permission) -> Result<(), ReadError> {
+        self.db
+            .authorize_read(&self.caller, project, need)
+            .map_err(ReadError::narrow)
     }
 
     /// Authorizes a KV read of `prefix` (`None`: the whole scope) and returns
@@ -27,7 +29,7 @@ impl<M> ReadTx<'_, M> {
         project: &str,
         scope: &str,
         prefix: Option<&[u8]>,
-    ) -> Result<crate::txn::snapshot::KvView<'_>, AedbError> {
+    ) -> Result<crate::txn::snapshot::KvView<'_>, ReadError> {
         self.check(project, Permission::kv_read(project, scope, prefix))?;
         self.snapshot.kv(project, scope)
     }
@@ -37,7 +39,7 @@ impl<M> ReadTx<'_, M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<Option<Arc<[u8]>>, AedbError> {
+    ) -> Result<Option<Arc<[u8]>>, ReadError> {
         Ok(self.kv_view(project, scope, Some(key))?.get(key))
     }
 
@@ -48,7 +50,7 @@ impl<M> ReadTx<'_, M> {
         project: &str,
         scope: &str,
         key: &[u8],
-    ) -> Result<Option<crate::txn::snapshot::Versioned>, AedbError> {
+    ) -> Result<Option<crate::txn::snapshot::Versioned>, ReadError> {
         Ok(self.kv_view(project, scope, Some(key))?.get_versioned(key))
     }
 
@@ -58,7 +60,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, Some(prefix))?
             .scan_prefix(prefix, limit))
@@ -72,7 +74,7 @@ impl<M> ReadTx<'_, M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, None)?
             .scan_range(start, end, limit))
@@ -86,10 +88,51 @@ impl<M> ReadTx<'_, M> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         Ok(self
             .kv_view(project, scope, None)?
             .scan_range_rev(start, end, limit))
+    }
+
+    /// `kv_scan_prefix` with the version of each value (as `kv_get_versioned`).
+    pub fn kv_scan_prefix_versioned(
+        &self,
+        project: &str,
+        scope: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
+        Ok(self
+            .kv_view(project, scope, Some(prefix))?
+            .scan_prefix_versioned(prefix, limit))
+    }
+
+    /// `kv_scan_range` with the version of each value (as `kv_get_versioned`).
+    pub fn kv_scan_range_versioned(
+        &self,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
+        Ok(self
+            .kv_view(project, scope, None)?
+            .scan_range_versioned(start, end, limit))
+    }
+
+    /// `kv_scan_range_rev` with the version of each value (as `kv_get_versioned`).
+    pub fn kv_scan_range_rev_versioned(
+        &self,
+        project: &str,
+        scope: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
+        Ok(self
+            .kv_view(project, scope, None)?
+            .scan_range_rev_versioned(start, end, limit))
     }
 
     pub fn query(
@@ -98,7 +141,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         table: &str,
         q: &Query,
-    ) -> Result<QueryResult, AedbError> {
+    ) -> Result<QueryResult, ReadError> {
         let need = if project == SYSTEM_PROJECT {
             Permission::AuditRead
         } else {
@@ -114,14 +157,14 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         table: &str,
         pk: &[Value],
-    ) -> Result<Option<Arc<Row>>, AedbError> {
+    ) -> Result<Option<Arc<Row>>, ReadError> {
         self.check(project, Permission::table_read(project, scope, table))?;
         self.snapshot.table(project, scope, table)?.get(pk)
     }
 }
 
 pub(super) fn caller_name(caller: Option<&CallerContext>) -> &str {
-    caller.map_or(ANONYMOUS, |c| c.caller_id.as_str())
+    caller.map_or(ANONYMOUS, |c| c.caller_id())
 }
 
 pub(super) fn global_admin_use(
@@ -130,7 +173,7 @@ pub(super) fn global_admin_use(
     operation: &str,
 ) -> AuditEvent {
     AuditEvent::Authz {
-        actor: caller.caller_id.clone(),
+        actor: caller.caller_id().to_string(),
         action: "global_admin_use".into(),
         permission: need.to_string(),
         target: operation.to_string(),
@@ -262,18 +305,6 @@ pub(super) fn validate_principal(p: &str, max: usize) -> Result<(), AedbError> {
         Some(role) => validate_name("role", role, max),
         None => validate_caller_id(p),
     }
-}
-
-/// Caller ids come from the host's authentication (user ids, emails, service
-/// names): printable ASCII without spaces, 1..=256 bytes.
-pub(crate) fn validate_caller_id(id: &str) -> Result<(), AedbError> {
-    if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(AedbError::InvalidArgument(format!(
-            "caller id must be 1..=256 printable ASCII characters without spaces, got {} bytes",
-            id.len()
-        )));
-    }
-    Ok(())
 }
 
 /// The existing project a schema operation changes (CreateProject adds a new one

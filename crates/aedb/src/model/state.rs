@@ -10,7 +10,7 @@ use crate::audit::{
     authz_schema,
 };
 use crate::authz::{AuthzState, Permission};
-use crate::error::AedbError;
+use crate::error::{AedbError, NotFoundKind};
 use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::value::{Row, TableSchema};
 use crate::record::{DdlOperation, WalRecord, WriteOp};
@@ -71,7 +71,7 @@ pub(crate) struct DbState {
     pub authz: AuthzState,
 }
 
-fn missing(kind: &'static str, name: &str) -> AedbError {
+fn missing(kind: NotFoundKind, name: &str) -> AedbError {
     AedbError::NotFound {
         kind,
         name: name.to_string(),
@@ -112,7 +112,7 @@ impl DbState {
                 .and_then(|s| s.tables.get_mut(&r.table))
                 .ok_or_else(|| {
                     missing(
-                        "table",
+                        NotFoundKind::Table,
                         &format!("{SYSTEM_PROJECT}/{AUDIT_SCOPE}/{}", r.table),
                     )
                 })?;
@@ -170,17 +170,17 @@ impl DbState {
     pub fn scope(&self, project: &str, scope: &str) -> Result<&ScopeState, AedbError> {
         self.projects
             .get(project)
-            .ok_or_else(|| missing("project", project))?
+            .ok_or_else(|| missing(NotFoundKind::Project, project))?
             .scopes
             .get(scope)
-            .ok_or_else(|| missing("scope", &format!("{project}/{scope}")))
+            .ok_or_else(|| missing(NotFoundKind::Scope, &format!("{project}/{scope}")))
     }
 
     pub fn table(&self, project: &str, scope: &str, table: &str) -> Result<&TableState, AedbError> {
         self.scope(project, scope)?
             .tables
             .get(table)
-            .ok_or_else(|| missing("table", &format!("{project}/{scope}/{table}")))
+            .ok_or_else(|| missing(NotFoundKind::Table, &format!("{project}/{scope}/{table}")))
     }
 
     /// Applies one logged record at `seq`, all or nothing. Every check that can fail
@@ -205,7 +205,7 @@ impl DbState {
             } => {
                 self.projects
                     .get_mut(project)
-                    .ok_or_else(|| missing("project", project))?
+                    .ok_or_else(|| missing(NotFoundKind::Project, project))?
                     .apply_ops(project, ops, seq)?;
                 self.append_audit(audit, seq)?;
             }
@@ -252,7 +252,7 @@ impl DbState {
             }
             DdlOperation::TransferOwnership { project, .. } => {
                 if !self.projects.contains_key(project) {
-                    return Err(missing("project", project));
+                    return Err(missing(NotFoundKind::Project, project));
                 }
                 self.authz.apply(op, actor.unwrap_or("anonymous"), seq);
             }
@@ -274,7 +274,7 @@ impl DbState {
                 let p = self
                     .projects
                     .get_mut(project)
-                    .ok_or_else(|| missing("project", project))?;
+                    .ok_or_else(|| missing(NotFoundKind::Project, project))?;
                 if p.scopes.contains_key(scope) {
                     return Err(AedbError::AlreadyExists {
                         kind: "scope",
@@ -292,10 +292,10 @@ impl DbState {
                 let s = self
                     .projects
                     .get_mut(project)
-                    .ok_or_else(|| missing("project", project))?
+                    .ok_or_else(|| missing(NotFoundKind::Project, project))?
                     .scopes
                     .get_mut(scope)
-                    .ok_or_else(|| missing("scope", &format!("{project}/{scope}")))?;
+                    .ok_or_else(|| missing(NotFoundKind::Scope, &format!("{project}/{scope}")))?;
                 if s.tables.contains_key(table) {
                     return Err(AedbError::AlreadyExists {
                         kind: "table",
@@ -320,13 +320,13 @@ impl DbState {
                 let s = self
                     .projects
                     .get_mut(project)
-                    .ok_or_else(|| missing("project", project))?
+                    .ok_or_else(|| missing(NotFoundKind::Project, project))?
                     .scopes
                     .get_mut(scope)
-                    .ok_or_else(|| missing("scope", &format!("{project}/{scope}")))?;
-                s.tables
-                    .remove(table)
-                    .ok_or_else(|| missing("table", &format!("{project}/{scope}/{table}")))?;
+                    .ok_or_else(|| missing(NotFoundKind::Scope, &format!("{project}/{scope}")))?;
+                s.tables.remove(table).ok_or_else(|| {
+                    missing(NotFoundKind::Table, &format!("{project}/{scope}/{table}"))
+                })?;
             }
         }
         Ok(())
@@ -483,7 +483,7 @@ fn scope_mut<'a>(
 ) -> Result<&'a mut ScopeState, AedbError> {
     p.scopes
         .get_mut(scope)
-        .ok_or_else(|| missing("scope", &format!("{project}/{scope}")))
+        .ok_or_else(|| missing(NotFoundKind::Scope, &format!("{project}/{scope}")))
 }
 
 fn table_mut<'a>(
@@ -495,7 +495,7 @@ fn table_mut<'a>(
     scope_mut(p, project, scope)?
         .tables
         .get_mut(table)
-        .ok_or_else(|| missing("table", &format!("{project}/{scope}/{table}")))
+        .ok_or_else(|| missing(NotFoundKind::Table, &format!("{project}/{scope}/{table}")))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::error::AedbError;
+use crate::error::{NotFoundKind, ReadError};
 use crate::model::state::{DbState, ScopeState, TableState};
 use crate::model::value::{Row, TableSchema, Value};
 use crate::txn::query::{Query, QueryResult, run_query};
@@ -32,15 +32,21 @@ pub type KvPair = (crate::model::bytes::Bytes, Arc<[u8]>);
 /// A value and the sequence number of the commit that wrote it (its version).
 pub type Versioned = (u64, Arc<[u8]>);
 
+/// A key with its value and version (what `*_versioned` scans return).
+pub type VersionedKvPair = (crate::model::bytes::Bytes, Versioned);
+
 impl Snapshot {
     /// Sequence number of the last commit this snapshot includes.
     pub fn seq(&self) -> u64 {
         self.state.seq
     }
 
-    pub fn kv<'a>(&'a self, project: &str, scope: &str) -> Result<KvView<'a>, AedbError> {
+    pub fn kv<'a>(&'a self, project: &str, scope: &str) -> Result<KvView<'a>, ReadError> {
         Ok(KvView {
-            scope: self.state.scope(project, scope)?,
+            scope: self
+                .state
+                .scope(project, scope)
+                .map_err(ReadError::narrow)?,
         })
     }
 
@@ -49,10 +55,13 @@ impl Snapshot {
         project: &str,
         scope: &str,
         table: &str,
-    ) -> Result<TableView<'a>, AedbError> {
+    ) -> Result<TableView<'a>, ReadError> {
         Ok(TableView {
             name: table.to_string(),
-            table: self.state.table(project, scope, table)?,
+            table: self
+                .state
+                .table(project, scope, table)
+                .map_err(ReadError::narrow)?,
         })
     }
 
@@ -60,13 +69,13 @@ impl Snapshot {
         self.state.projects.keys().cloned().collect()
     }
 
-    pub fn scopes(&self, project: &str) -> Result<Vec<String>, AedbError> {
+    pub fn scopes(&self, project: &str) -> Result<Vec<String>, ReadError> {
         Ok(self
             .state
             .projects
             .get(project)
-            .ok_or_else(|| AedbError::NotFound {
-                kind: "project",
+            .ok_or_else(|| ReadError::NotFound {
+                kind: NotFoundKind::Project,
                 name: project.to_string(),
             })?
             .scopes
@@ -75,10 +84,11 @@ impl Snapshot {
             .collect())
     }
 
-    pub fn tables(&self, project: &str, scope: &str) -> Result<Vec<String>, AedbError> {
+    pub fn tables(&self, project: &str, scope: &str) -> Result<Vec<String>, ReadError> {
         Ok(self
             .state
-            .scope(project, scope)?
+            .scope(project, scope)
+            .map_err(ReadError::narrow)?
             .tables
             .keys()
             .cloned()
@@ -120,17 +130,38 @@ impl KvView<'_> {
         self.scope.live_keys == 0
     }
 
+    /// Live entries with keys in the bounds, in key order, as (key, version, value).
+    fn live(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+    ) -> impl DoubleEndedIterator<Item = VersionedKvPair> + '_ {
+        // imbl panics on an inverted range; an inverted range is simply empty.
+        let range =
+            (!bounds_empty(start, end)).then(|| self.scope.kv.range::<_, [u8]>((start, end)));
+        range.into_iter().flatten().filter_map(|(k, e)| {
+            e.value
+                .as_ref()
+                .map(|v| (k.clone(), (e.version, v.to_arc())))
+        })
+    }
+
     /// Up to `limit` pairs with keys in `[start, end)` (per the bounds), in key order.
     pub fn scan_range(&self, start: Bound<&[u8]>, end: Bound<&[u8]>, limit: usize) -> Vec<KvPair> {
-        if bounds_empty(start, end) {
-            return Vec::new();
-        }
-        self.scope
-            .kv
-            .range::<_, [u8]>((start, end))
-            .filter_map(|(k, e)| e.value.as_ref().map(|v| (k.clone(), v.to_arc())))
+        self.live(start, end)
+            .map(|(k, (_, v))| (k, v))
             .take(limit)
             .collect()
+    }
+
+    /// `scan_range` with the version of each value.
+    pub fn scan_range_versioned(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Vec<VersionedKvPair> {
+        self.live(start, end).take(limit).collect()
     }
 
     /// Up to `limit` pairs with keys in `[start, end)` (per the bounds), in
@@ -141,30 +172,40 @@ impl KvView<'_> {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Vec<KvPair> {
-        if bounds_empty(start, end) {
-            return Vec::new();
-        }
-        self.scope
-            .kv
-            .range::<_, [u8]>((start, end))
+        self.live(start, end)
             .rev()
-            .filter_map(|(k, e)| e.value.as_ref().map(|v| (k.clone(), v.to_arc())))
+            .map(|(k, (_, v))| (k, v))
             .take(limit)
             .collect()
+    }
+
+    /// `scan_range_rev` with the version of each value.
+    pub fn scan_range_rev_versioned(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Vec<VersionedKvPair> {
+        self.live(start, end).rev().take(limit).collect()
     }
 
     /// Up to `limit` pairs whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Vec<KvPair> {
         let end = prefix_successor(prefix);
-        let end_bound = match &end {
-            Some(e) => Bound::Excluded(e.as_slice()),
-            None => Bound::Unbounded,
-        };
-        self.scan_range(Bound::Included(prefix), end_bound, limit)
+        self.scan_range(Bound::Included(prefix), prefix_end(end.as_deref()), limit)
+    }
+
+    /// `scan_prefix` with the version of each value.
+    pub fn scan_prefix_versioned(&self, prefix: &[u8], limit: usize) -> Vec<VersionedKvPair> {
+        let end = prefix_successor(prefix);
+        self.scan_range_versioned(Bound::Included(prefix), prefix_end(end.as_deref()), limit)
     }
 }
 
-/// imbl panics on an inverted range; an inverted range is simply empty.
+fn prefix_end(successor: Option<&[u8]>) -> Bound<&[u8]> {
+    successor.map_or(Bound::Unbounded, Bound::Excluded)
+}
+
 fn bounds_empty(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
     match (start, end) {
         (Bound::Included(s), Bound::Included(e)) => s > e,
@@ -208,12 +249,16 @@ impl TableView<'_> {
     }
 
     /// The row with primary key `pk` (values in primary-key column order).
-    pub fn get(&self, pk: &[Value]) -> Result<Option<Arc<Row>>, AedbError> {
+    pub fn get(&self, pk: &[Value]) -> Result<Option<Arc<Row>>, ReadError> {
         Ok(self.get_versioned(pk)?.map(|(_, r)| r))
     }
 
-    pub fn get_versioned(&self, pk: &[Value]) -> Result<Option<(u64, Arc<Row>)>, AedbError> {
-        let key = self.table.schema.encode_pk(&self.name, pk)?;
+    pub fn get_versioned(&self, pk: &[Value]) -> Result<Option<(u64, Arc<Row>)>, ReadError> {
+        let key = self
+            .table
+            .schema
+            .encode_pk(&self.name, pk)
+            .map_err(ReadError::narrow)?;
         Ok(self
             .table
             .rows
@@ -226,7 +271,7 @@ impl TableView<'_> {
         self.table.rows.values().filter_map(|e| e.value.as_ref())
     }
 
-    pub fn query(&self, q: &Query) -> Result<QueryResult, AedbError> {
-        run_query(&self.name, self.table, q)
+    pub fn query(&self, q: &Query) -> Result<QueryResult, ReadError> {
+        run_query(&self.name, self.table, q).map_err(ReadError::narrow)
     }
 }

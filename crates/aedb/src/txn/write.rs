@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::authz::Permission;
 use crate::config::Limits;
-use crate::error::AedbError;
+use crate::error::{AedbError, CommitError, ReadError};
 use crate::instance::{BoundCaller, SnapshotPin};
 use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::state::DbState;
@@ -100,9 +100,11 @@ impl WriteTransaction {
     /// Authorizes a read before anything is looked at, own writes included: a
     /// write-only grant must not turn into reads of what the snapshot holds, and a
     /// denial must not tell whether the key, scope or table exists.
-    fn authorize_read(&self, need: impl FnOnce() -> Permission) -> Result<(), AedbError> {
+    fn authorize_read(&self, need: impl FnOnce() -> Permission) -> Result<(), ReadError> {
         match &self.caller {
-            Some(c) => c.authorize_read(&self.project, need()),
+            Some(c) => c
+                .authorize_read(&self.project, need())
+                .map_err(ReadError::narrow),
             None => Ok(()),
         }
     }
@@ -111,10 +113,10 @@ impl WriteTransaction {
         &self.snapshot.state
     }
 
-    fn charge(&mut self, extra: usize) -> Result<(), AedbError> {
+    fn charge(&mut self, extra: usize) -> Result<(), CommitError> {
         let ops = self.kv.len() + self.rows.len() + 1;
         if ops > self.limits.max_txn_ops {
-            return Err(AedbError::LimitExceeded {
+            return Err(CommitError::LimitExceeded {
                 what: "operations in one transaction",
                 limit: self.limits.max_txn_ops,
                 actual: ops,
@@ -122,7 +124,7 @@ impl WriteTransaction {
         }
         let bytes = self.bytes + extra + OP_OVERHEAD;
         if bytes > self.limits.max_txn_bytes {
-            return Err(AedbError::LimitExceeded {
+            return Err(CommitError::LimitExceeded {
                 what: "bytes in one transaction",
                 limit: self.limits.max_txn_bytes,
                 actual: bytes,
@@ -132,12 +134,14 @@ impl WriteTransaction {
         Ok(())
     }
 
-    fn check_key(&self, key: &[u8]) -> Result<(), AedbError> {
+    fn check_key(&self, key: &[u8]) -> Result<(), CommitError> {
         if key.is_empty() {
-            return Err(AedbError::InvalidArgument("keys must not be empty".into()));
+            return Err(CommitError::InvalidArgument(
+                "keys must not be empty".into(),
+            ));
         }
         if key.len() > self.limits.max_key_bytes {
-            return Err(AedbError::LimitExceeded {
+            return Err(CommitError::LimitExceeded {
                 what: "key size in bytes",
                 limit: self.limits.max_key_bytes,
                 actual: key.len(),
@@ -146,16 +150,18 @@ impl WriteTransaction {
         Ok(())
     }
 
-    pub fn kv_set(&mut self, scope: &str, key: &[u8], value: &[u8]) -> Result<(), AedbError> {
+    pub fn kv_set(&mut self, scope: &str, key: &[u8], value: &[u8]) -> Result<(), CommitError> {
         self.check_key(key)?;
         if value.len() > self.limits.max_value_bytes {
-            return Err(AedbError::LimitExceeded {
+            return Err(CommitError::LimitExceeded {
                 what: "value size in bytes",
                 limit: self.limits.max_value_bytes,
                 actual: value.len(),
             });
         }
-        self.state().scope(&self.project, scope)?;
+        self.state()
+            .scope(&self.project, scope)
+            .map_err(CommitError::narrow)?;
         self.charge(scope.len() + key.len() + value.len())?;
         self.kv.insert(
             (scope.to_string(), Bytes::from(key)),
@@ -164,16 +170,18 @@ impl WriteTransaction {
         Ok(())
     }
 
-    pub fn kv_del(&mut self, scope: &str, key: &[u8]) -> Result<(), AedbError> {
+    pub fn kv_del(&mut self, scope: &str, key: &[u8]) -> Result<(), CommitError> {
         self.check_key(key)?;
-        self.state().scope(&self.project, scope)?;
+        self.state()
+            .scope(&self.project, scope)
+            .map_err(CommitError::narrow)?;
         self.charge(scope.len() + key.len())?;
         self.kv.insert((scope.to_string(), Bytes::from(key)), None);
         Ok(())
     }
 
     /// Reads `key`, seeing this transaction's own writes first.
-    pub fn kv_get(&self, scope: &str, key: &[u8]) -> Result<Option<Arc<[u8]>>, AedbError> {
+    pub fn kv_get(&self, scope: &str, key: &[u8]) -> Result<Option<Arc<[u8]>>, ReadError> {
         self.authorize_read(|| Permission::kv_read(&self.project, scope, Some(key)))?;
         if let Some(w) = self.kv.get(&(scope.to_string(), Bytes::from(key))) {
             return Ok(w.as_ref().map(SharedBytes::to_arc));
@@ -187,7 +195,7 @@ impl WriteTransaction {
         scope: &str,
         prefix: &[u8],
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         self.authorize_read(|| Permission::kv_read(&self.project, scope, Some(prefix)))?;
         let end = prefix_successor(prefix);
         let end = match &end {
@@ -205,7 +213,7 @@ impl WriteTransaction {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         self.authorize_read(|| Permission::kv_read(&self.project, scope, None))?;
         self.scan_range_authorized(scope, start, end, limit)
     }
@@ -216,7 +224,7 @@ impl WriteTransaction {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<KvPair>, AedbError> {
+    ) -> Result<Vec<KvPair>, ReadError> {
         let view = self.snapshot.kv(&self.project, scope)?;
         let in_range = |k: &[u8]| {
             (match start {
@@ -248,15 +256,20 @@ impl WriteTransaction {
     }
 
     /// Inserts or replaces the row with the same primary key.
-    pub fn put_row(&mut self, scope: &str, table: &str, row: Row) -> Result<(), AedbError> {
-        let t = self.state().table(&self.project, scope, table)?;
-        t.schema.check_row(table, &row)?;
+    pub fn put_row(&mut self, scope: &str, table: &str, row: Row) -> Result<(), CommitError> {
+        let t = self
+            .state()
+            .table(&self.project, scope, table)
+            .map_err(CommitError::narrow)?;
+        t.schema
+            .check_row(table, &row)
+            .map_err(CommitError::narrow)?;
         let key = t.schema.row_key(&row);
         self.check_key(&key)?;
         let created = t.created_seq;
         let size: usize = row.iter().map(Value::encoded_len_hint).sum();
         if size > self.limits.max_value_bytes {
-            return Err(AedbError::LimitExceeded {
+            return Err(CommitError::LimitExceeded {
                 what: "row size in bytes",
                 limit: self.limits.max_value_bytes,
                 actual: size,
@@ -273,9 +286,17 @@ impl WriteTransaction {
         Ok(())
     }
 
-    pub fn delete_row(&mut self, scope: &str, table: &str, pk: &[Value]) -> Result<(), AedbError> {
-        let t = self.state().table(&self.project, scope, table)?;
-        let key = t.schema.encode_pk(table, pk)?;
+    pub fn delete_row(
+        &mut self,
+        scope: &str,
+        table: &str,
+        pk: &[Value],
+    ) -> Result<(), CommitError> {
+        let t = self
+            .state()
+            .table(&self.project, scope, table)
+            .map_err(CommitError::narrow)?;
+        let key = t.schema.encode_pk(table, pk).map_err(CommitError::narrow)?;
         let created = t.created_seq;
         self.charge(scope.len() + table.len() + key.len())?;
         self.rows.insert(
@@ -294,10 +315,13 @@ impl WriteTransaction {
         scope: &str,
         table: &str,
         pk: &[Value],
-    ) -> Result<Option<Arc<Row>>, AedbError> {
+    ) -> Result<Option<Arc<Row>>, ReadError> {
         self.authorize_read(|| Permission::table_read(&self.project, scope, table))?;
         let view = self.snapshot.table(&self.project, scope, table)?;
-        let key = view.schema().encode_pk(table, pk)?;
+        let key = view
+            .schema()
+            .encode_pk(table, pk)
+            .map_err(ReadError::narrow)?;
         if let Some(w) = self.rows.get(&(
             scope.to_string(),
             table.to_string(),

@@ -10,8 +10,8 @@
 use std::path::Path;
 
 use aedb::{
-    AedbConfig, AedbError, AedbInstance, CallerContext, CommitFinality, ConsistencyMode,
-    DdlOperation, Permission, ReadAssertion, Secure,
+    AedbConfig, AedbError, AedbInstance, CallerContext, CommitError, CommitFinality,
+    ConsistencyMode, DdlOperation, NotFoundKind, Permission, ReadAssertion, ReadError, Secure,
 };
 
 use super::Expect;
@@ -43,7 +43,7 @@ impl EmbeddedStore {
         .map_err(|e| StoreError::Backend(format!("opening {}: {e}", dir.display())))?;
         let store = Self {
             db,
-            caller: CallerContext::new(SERVICE_CALLER),
+            caller: CallerContext::new(SERVICE_CALLER).map_err(backend)?,
         };
         store.ensure_layout()?;
         store.ensure_audit_read()?;
@@ -52,23 +52,17 @@ impl EmbeddedStore {
     }
 
     fn ensure_layout(&self) -> Result<(), StoreError> {
-        let read = self
+        // False also when the project exists but the service caller holds
+        // nothing in it: creating it then fails with AlreadyExists, which is the
+        // error to report (someone else owns the project).
+        let project_exists = self
             .db
-            .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
+            .project_exists_as(&self.caller, PROJECT)
             .map_err(backend)?;
-        let mut missing = Vec::new();
-        // The owner may read anything in its project, so a denial here means the
-        // project does not exist (authorization is decided before existence).
-        let project_exists = match read.kv_get(PROJECT, Collection::Users.name(), b"-") {
-            Ok(_) => true,
-            Err(AedbError::NotFound { kind, .. }) => kind != "project",
-            Err(AedbError::PermissionDenied { .. }) => false,
-            Err(e) => return Err(backend(e)),
-        };
         if !project_exists {
             self.db
                 .commit_ddl_as(
-                    &CallerContext::new(BOOTSTRAP_ADMIN),
+                    &CallerContext::new(BOOTSTRAP_ADMIN).map_err(backend)?,
                     vec![DdlOperation::CreateProject {
                         project: PROJECT.into(),
                         owner: Some(SERVICE_CALLER.into()),
@@ -80,8 +74,13 @@ impl EmbeddedStore {
             .db
             .begin_read_tx_as(&self.caller, ConsistencyMode::AtLatest)
             .map_err(backend)?;
+        let mut missing = Vec::new();
         for c in Collection::ALL {
-            if let Err(AedbError::NotFound { .. }) = read.kv_get(PROJECT, c.name(), b"-") {
+            if let Err(ReadError::NotFound {
+                kind: NotFoundKind::Scope,
+                ..
+            }) = read.kv_get(PROJECT, c.name(), b"-")
+            {
                 missing.push(DdlOperation::CreateScope {
                     project: PROJECT.into(),
                     scope: c.name().into(),
@@ -101,10 +100,10 @@ impl EmbeddedStore {
     fn ensure_audit_read(&self) -> Result<(), StoreError> {
         match self.db.export_audit_as(&self.caller, i64::MAX) {
             Ok(_) => Ok(()),
-            Err(AedbError::PermissionDenied { .. }) => self
+            Err(ReadError::PermissionDenied { .. }) => self
                 .db
                 .commit_ddl_as(
-                    &CallerContext::new(BOOTSTRAP_ADMIN),
+                    &CallerContext::new(BOOTSTRAP_ADMIN).map_err(backend)?,
                     vec![DdlOperation::GrantPermission {
                         grantee: SERVICE_CALLER.into(),
                         permission: Permission::AuditRead,
@@ -167,8 +166,8 @@ impl EmbeddedStore {
     }
 }
 
-fn backend(e: AedbError) -> StoreError {
-    match e {
+fn backend(e: impl Into<AedbError>) -> StoreError {
+    match e.into() {
         AedbError::Overloaded { reason } => StoreError::Unavailable(reason),
         AedbError::Timeout { waited_ms } => {
             StoreError::Unavailable(format!("commit timed out after {waited_ms} ms"))
@@ -224,27 +223,21 @@ impl Store for EmbeddedStore {
         let start = q.start.map(str::as_bytes);
         let end = q.end.map(str::as_bytes);
         let scope = collection.name();
-        let pairs = if q.reverse {
-            read.kv_scan_range_rev(PROJECT, scope, start, end, q.limit)
+        let entries = if q.reverse {
+            read.kv_scan_range_rev_versioned(PROJECT, scope, start, end, q.limit)
         } else {
-            read.kv_scan_range(PROJECT, scope, start, end, q.limit)
+            read.kv_scan_range_versioned(PROJECT, scope, start, end, q.limit)
         }
         .map_err(backend)?;
-        // The scan does not return versions; a second lookup per key keeps the
-        // engine API small and costs a map lookup.
-        pairs
+        entries
             .into_iter()
-            .map(|(k, value)| {
+            .map(|(k, (version, value))| {
                 let id =
                     String::from_utf8(k.as_ref().to_vec()).map_err(|_| StoreError::Corrupt {
                         collection: scope,
                         id: hex::encode(k.as_ref()),
                         reason: "record id is not UTF-8".into(),
                     })?;
-                let version = read
-                    .kv_get_versioned(PROJECT, scope, id.as_bytes())
-                    .map_err(backend)?
-                    .map_or(0, |(v, _)| v);
                 Ok((id, Record { version, value }))
             })
             .collect()
@@ -265,7 +258,7 @@ impl Store for EmbeddedStore {
             let (tx, asserted) = self.batch(&ops)?;
             match self.db.commit_as_with_finality(&self.caller, tx, finality) {
                 Ok(r) => return Ok(Receipt { seq: r.commit_seq }),
-                Err(AedbError::AssertionFailed { index, .. }) => {
+                Err(CommitError::AssertionFailed { index, .. }) => {
                     let Some(op) = asserted.get(index).and_then(|&i| ops.get(i)) else {
                         return Err(StoreError::Backend(format!(
                             "assertion {index} failed, but this batch made no such assertion"
@@ -289,7 +282,7 @@ impl Store for EmbeddedStore {
                         reason: reason.into(),
                     });
                 }
-                Err(AedbError::Conflict { .. }) => continue,
+                Err(CommitError::Conflict { .. }) => continue,
                 Err(e) => return Err(backend(e)),
             }
         }

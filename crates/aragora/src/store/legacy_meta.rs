@@ -8,7 +8,10 @@
 //! next open moves it again. A record found in both places is refused: two
 //! histories for one singleton is corruption an operator must look at.
 
-use aedb::{AedbError, AedbInstance, CallerContext, CommitFinality, ConsistencyMode, Secure};
+use aedb::{
+    AedbError, AedbInstance, CallerContext, CommitFinality, ConsistencyMode, NotFoundKind,
+    ReadError, Secure,
+};
 
 use super::embedded::PROJECT;
 use super::{Collection, StoreError};
@@ -41,7 +44,10 @@ pub(super) fn upgrade(
     let records = match read.kv_scan_prefix(PROJECT, LEGACY_SCOPE, b"", MAX_LEGACY_RECORDS + 1) {
         Ok(records) => records,
         // A directory created with the new layout has no `meta` scope.
-        Err(AedbError::NotFound { .. }) => return Ok(0),
+        Err(ReadError::NotFound {
+            kind: NotFoundKind::Scope,
+            ..
+        }) => return Ok(0),
         Err(e) => return Err(backend("reading the old meta scope", e)),
     };
     if records.is_empty() {
@@ -99,8 +105,8 @@ pub(super) fn upgrade(
     Ok(moved)
 }
 
-fn backend(what: &str, e: AedbError) -> StoreError {
-    StoreError::Backend(format!("{what}: {e}"))
+fn backend(what: &str, e: impl Into<AedbError>) -> StoreError {
+    StoreError::Backend(format!("{what}: {}", e.into()))
 }
 
 #[cfg(test)]
@@ -124,14 +130,14 @@ mod tests {
         )
         .expect("open");
         db.commit_ddl_as(
-            &CallerContext::new(BOOTSTRAP_ADMIN),
+            &CallerContext::new(BOOTSTRAP_ADMIN).expect("caller"),
             vec![DdlOperation::CreateProject {
                 project: PROJECT.into(),
                 owner: Some(SERVICE_CALLER.into()),
             }],
         )
         .expect("project");
-        let caller = CallerContext::new(SERVICE_CALLER);
+        let caller = CallerContext::new(SERVICE_CALLER).expect("caller");
         db.commit_ddl_as(
             &caller,
             vec![DdlOperation::CreateScope {
@@ -190,7 +196,7 @@ mod tests {
         let read = store
             .engine()
             .begin_read_tx_as(
-                &CallerContext::new(SERVICE_CALLER),
+                &CallerContext::new(SERVICE_CALLER).expect("caller"),
                 ConsistencyMode::AtLatest,
             )
             .expect("read");
@@ -201,7 +207,11 @@ mod tests {
         assert_eq!(left[0].0.as_ref(), b"someone_elses");
         drop(read);
         assert_eq!(
-            upgrade(store.engine(), &CallerContext::new(SERVICE_CALLER)).expect("rerun"),
+            upgrade(
+                store.engine(),
+                &CallerContext::new(SERVICE_CALLER).expect("caller")
+            )
+            .expect("rerun"),
             0
         );
     }
@@ -224,7 +234,7 @@ mod tests {
             &path,
         )
         .expect("open");
-        let caller = CallerContext::new(SERVICE_CALLER);
+        let caller = CallerContext::new(SERVICE_CALLER).expect("caller");
         let mut tx = db.begin_write_as(&caller, PROJECT).expect("tx");
         tx.kv_set(LEGACY_SCOPE, b"audit_head", b"stale")
             .expect("set");

@@ -338,6 +338,7 @@ fn aragora_seeds(out: &mut Out) -> Res {
         expires_at: "2026-04-01T00:00:00Z".into(),
         expires_at_us: 1_775_001_600_000_000,
         retired_at: None,
+        retired_at_us: None,
         master_fingerprint: Some(master.fingerprint()),
         wrapped: Some(wrapped.clone()),
     };
