@@ -241,10 +241,7 @@ pub fn export(
 
     // aragora's own chain.
     let resume = newest.get(ARAGORA_SOURCE);
-    let mut prev = match resume {
-        Some(seg) => Some((seg.last, seg.end_hash.clone(), seg.end_id.clone())),
-        None => None,
-    };
+    let mut prev = resume.map(|seg| (seg.last, seg.end_hash.clone(), seg.end_id.clone()));
     let mut start: Bound<String> = match (&prev, since_us) {
         (Some((_, _, Some(id))), _) => Bound::Excluded(id.clone()),
         (Some((_, _, None)), _) => {
