@@ -509,7 +509,17 @@ fn run(cli: Cli) -> Result<Outcome> {
                     since,
                 },
         } => {
-            let exports = aedb::check::export_audit_from_dir(&data_dir, &cfg, since)?;
+            let exports = match aedb::check::export_audit_from_dir(&data_dir, &cfg, since) {
+                Err(AedbError::Locked { dir, pid }) => {
+                    return Err(anyhow::anyhow!(
+                        "{} is open in process {pid}, which owns its audit tables while it runs: \
+                         export through that process instead (for aragora: `aragora audit export \
+                         --out DIR`, signed and chain-linked), or stop it and rerun this command",
+                        dir.display()
+                    ));
+                }
+                other => other?,
+            };
             let doc = json!({"exports": exports});
             std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)
                 .with_context(|| format!("writing {}", out.display()))?;

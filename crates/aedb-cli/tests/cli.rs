@@ -106,6 +106,22 @@ fn exit_codes_distinguish_failed_checks_from_could_not_run() {
             err.contains(&format!("locked by pid {}", std::process::id())),
             "{err}"
         );
+        // An audit export says how to export through the process that has it open.
+        let out = aedb(&[
+            "audit",
+            "export",
+            "--data-dir",
+            d,
+            "--out",
+            tmp.path().join("audit.json").to_str().expect("utf8"),
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("open in process {}", std::process::id()))
+                && err.contains("aragora audit export"),
+            "{err}"
+        );
     }
     // Missing key: could not run, naming the variable.
     let out = Command::new(env!("CARGO_BIN_EXE_aedb"))

@@ -153,6 +153,10 @@ pub struct Config {
     /// the store) before a cleanup destroys it (ARAGORA_KEY_DESTROY_GRACE,
     /// seconds, default 7 days).
     pub key_destroy_grace: Duration,
+    /// Scheduled audit export (ARAGORA_AUDIT_EXPORT_DIR; `None`: off) and
+    /// its period (ARAGORA_AUDIT_EXPORT_INTERVAL, seconds, default 3600).
+    pub audit_export_dir: Option<PathBuf>,
+    pub audit_export_interval: Duration,
     /// Test-only faults (none unless a test asks for one).
     pub faults: FaultPlan,
 }
@@ -491,6 +495,21 @@ impl Config {
             .map_or(cores, |v| {
                 number("ARAGORA_PASSWORD_HASH_CONCURRENCY", v, 1, 256, &mut p)
             });
+        let audit_export_dir = get("ARAGORA_AUDIT_EXPORT_DIR")
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        if let Some(d) = &audit_export_dir
+            && !d.is_absolute()
+        {
+            p.push(format!(
+                "ARAGORA_AUDIT_EXPORT_DIR must be an absolute path, got {}",
+                d.display()
+            ));
+        }
+        let audit_export_interval = get("ARAGORA_AUDIT_EXPORT_INTERVAL").map_or(3600, |v| {
+            number("ARAGORA_AUDIT_EXPORT_INTERVAL", v, 10, 7 * 86_400, &mut p)
+        });
         let key_destroy_grace = get("ARAGORA_KEY_DESTROY_GRACE")
             .map_or(DEFAULT_KEY_DESTROY_GRACE, |v| {
                 number("ARAGORA_KEY_DESTROY_GRACE", v, 0, 10 * 365 * 86_400, &mut p)
@@ -620,6 +639,8 @@ impl Config {
             approval_webhook,
             migration_batch_size: migration_batch_size as usize,
             key_destroy_grace: Duration::from_secs(key_destroy_grace),
+            audit_export_dir,
+            audit_export_interval: Duration::from_secs(audit_export_interval),
             faults: FaultPlan {
                 crash_after_migration_batches,
                 job_gate,

@@ -385,13 +385,7 @@ pub fn execute(
 
 /// The audit export signer, derived from the master key.
 pub fn export_signer(state: &AppState) -> Result<ExportSigner, ServiceError> {
-    let key = state
-        .config
-        .encryption_key
-        .as_ref()
-        .ok_or(audit_export::ExportError::NoSigningKey)?;
-    let bytes = zeroize::Zeroizing::new(key.bytes());
-    Ok(ExportSigner::from_master_key(&bytes)?)
+    Ok(ExportSigner::from_key_ring(&state.keyring)?)
 }
 
 /// `aragora migration`: one result per store (`{"results": [...]}` for

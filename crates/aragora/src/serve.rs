@@ -185,6 +185,37 @@ fn spawn_periodic_tasks(state: &Arc<AppState>, store: Arc<EmbeddedStore>) {
     if let Some(n) = state.notifier.clone() {
         tokio::spawn(n.run());
     }
+    if let Some(dir) = state.config.audit_export_dir.clone() {
+        tokio::spawn(export_audit_periodically(state.clone(), dir));
+    }
+}
+
+/// The runbook's "periodically export audit table snapshots to immutable
+/// storage": `aragora audit export --out ARAGORA_AUDIT_EXPORT_DIR` every
+/// ARAGORA_AUDIT_EXPORT_INTERVAL. A failure is logged and retried next period
+/// (the directory is append-only, so a retry cannot duplicate anything).
+async fn export_audit_periodically(state: Arc<AppState>, dir: std::path::PathBuf) {
+    let mut every = tokio::time::interval(state.config.audit_export_interval);
+    loop {
+        every.tick().await;
+        let (s, d) = (state.clone(), dir.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            let signer = aragora::audit::export::ExportSigner::from_key_ring(&s.keyring)?;
+            aragora::audit::export::export(&s.audit, &signer, &d, None)
+        })
+        .await;
+        match outcome {
+            Ok(Ok(r)) => tracing::info!(
+                dir = %dir.display(),
+                segments = r.written.len(),
+                "scheduled audit export"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(dir = %dir.display(), error = %e, "scheduled audit export failed")
+            }
+            Err(e) => tracing::error!(error = %e, "scheduled audit export task failed"),
+        }
+    }
 }
 
 /// Logs the store's chain head (LSN:hash) every `CHAIN_HEAD_LOG_INTERVAL`:

@@ -266,7 +266,7 @@ fn runbook_commands_work_against_the_real_server() {
         };
         let script = block.replace("localhost:8080", &format!("127.0.0.1:{}", target.port));
         let out = Command::new("bash")
-            .args(["-c", &format!("set -eu\n{script}")])
+            .args(["-c", &format!("set -euo pipefail\n{script}")])
             .env("ADMIN_TOKEN", token)
             .env("USER_ID", &mallory)
             .env("ACTOR_ID", &mallory)

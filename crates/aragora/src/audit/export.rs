@@ -9,7 +9,8 @@
 //! precedes its first entry (`prev_hash`) and the chain head it ends at
 //! (`end_hash`), so consecutive segments link exactly like the entries do. Each
 //! segment is signed with Ed25519 under a key derived (HKDF) from
-//! `ARAGORA_ENCRYPTION_KEY`: its public key is in the segment and printed by
+//! the master key (`ARAGORA_ENCRYPTION_KEY`, or the key given to `aragora unseal`):
+//! its public key is in the segment and printed by
 //! every export, so an auditor can check a copy with the public key alone.
 //!
 //! Files are written once (temp file, fsync, read-only, hard link into place —
@@ -51,9 +52,9 @@ pub enum ExportError {
     #[error("audit export: reading the audit log: {0}")]
     Read(String),
     #[error(
-        "audit export: no ARAGORA_ENCRYPTION_KEY: segments are signed with a key derived from it"
+        "audit export: segments are signed with a key derived from the master key, and there is none: {0}"
     )]
-    NoSigningKey,
+    NoSigningKey(String),
     #[error("audit export: {0}")]
     Invalid(String),
 }
@@ -62,7 +63,7 @@ impl From<ExportError> for crate::error::ServiceError {
     fn from(e: ExportError) -> Self {
         match e {
             ExportError::Invalid(m) => crate::error::ServiceError::BadRequest(m),
-            ExportError::NoSigningKey => crate::error::ServiceError::Unavailable(e.to_string()),
+            ExportError::NoSigningKey(_) => crate::error::ServiceError::Unavailable(e.to_string()),
             other => crate::error::ServiceError::Backend(other.to_string()),
         }
     }
@@ -125,9 +126,23 @@ impl std::fmt::Debug for ExportSigner {
 }
 
 impl ExportSigner {
+    /// The signer of the key ring's current master key.
+    pub fn from_key_ring(ring: &crate::encryption::KeyRing) -> Result<Self, ExportError> {
+        let seed = ring
+            .derive_from_master(SIGNING_INFO)
+            .map_err(|e| ExportError::NoSigningKey(e.to_string()))?;
+        Self::from_seed(&seed)
+    }
+
+    /// The signer of a master key given as bytes (tests, and verification of
+    /// exports made under a previous master key).
     pub fn from_master_key(master: &[u8; 32]) -> Result<Self, ExportError> {
         let seed = crate::crypto::kdf::derive_subkey(master, b"aragora", SIGNING_INFO)
             .map_err(|e| ExportError::Io(format!("deriving the signing key: {e}")))?;
+        Self::from_seed(&seed)
+    }
+
+    fn from_seed(seed: &[u8; 32]) -> Result<Self, ExportError> {
         let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
             .map_err(|_| ExportError::Io("the derived signing key was refused".into()))?;
         Ok(Self { pair })

@@ -46,6 +46,12 @@ impl MasterKey {
         Self { bytes }
     }
 
+    /// A 32-byte key for another purpose, derived (HKDF-SHA256) so it reveals
+    /// nothing about this one; `info` names the purpose.
+    pub fn derive_subkey(&self, info: &[u8]) -> Result<Zeroizing<[u8; KEY_LEN]>, CryptoError> {
+        super::kdf::derive_subkey(self.bytes.as_ref(), b"aragora", info)
+    }
+
     /// Encrypts `dek` for storage. The AAD binds the wrapped bytes to the
     /// key's id and version, so a stored wrapped key copied under another
     /// name will not unwrap.

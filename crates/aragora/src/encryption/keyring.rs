@@ -192,6 +192,15 @@ impl KeyRing {
         }
     }
 
+    /// A key derived from the master key the ring is open with (HKDF, `info`
+    /// names the purpose: the audit export's signing key). Sealed: none.
+    pub fn derive_from_master(
+        &self,
+        info: &[u8],
+    ) -> Result<zeroize::Zeroizing<[u8; 32]>, KeyRingError> {
+        Ok(self.master()?.key.derive_subkey(info)?)
+    }
+
     /// Opens a sealed ring with `key` (`aragora unseal`): every stored key
     /// must unwrap under it, exactly as at boot. A key that does not open the
     /// ring is refused and the ring stays sealed. Both outcomes are audited
