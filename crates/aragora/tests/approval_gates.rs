@@ -594,3 +594,51 @@ fn timeouts_come_from_the_environment_and_bad_ones_stop_boot() {
         "{e}"
     );
 }
+
+/// An approved rotation left for a server that comes back sealed (no master
+/// key) waits, still approved, instead of failing; `aragora unseal` lets the
+/// next pass run it once.
+#[test]
+fn an_approved_rotation_waits_for_a_sealed_ring_and_runs_after_unseal() {
+    const KEY: &str = "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0";
+    let manifest = "2b".repeat(32);
+    let checkpoint = "3c".repeat(32);
+    let mut w = world_with(&[
+        ("ARAGORA_ENV", "production"),
+        ("AEDB_MANIFEST_KEY", manifest.as_str()),
+        ("AEDB_CHECKPOINT_KEY", checkpoint.as_str()),
+        (
+            "JWT_SECRET",
+            "a-production-jwt-secret-of-at-least-32-characters",
+        ),
+        ("ARAGORA_ENCRYPTION_KEY", KEY),
+        ("ARAGORA_TEST_APPROVAL_CRASH", "before_execution"),
+    ]);
+    let before = key_count(&w);
+    let id = rotation_requested(&w, &w.operator, "quarterly");
+    approve_expecting_a_crash(&w, &id);
+    let status = w.server.wait();
+    assert!(status.is_some_and(|s| !s.success()), "aborted: {status:?}");
+    w.server.restart_with(&[
+        ("ARAGORA_TEST_APPROVAL_CRASH", ""),
+        ("ARAGORA_ENCRYPTION_KEY", ""),
+    ]);
+    // Several executor passes (one at boot, then every 15 s) leave it waiting.
+    let health = w.server.get("/api/health", &w.admin).json();
+    assert_eq!(health["sealed"], true, "{health}");
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = get(&w, &id);
+    assert!(
+        ["approved", "executing"].contains(&waiting["status"].as_str().unwrap_or("")),
+        "a sealed ring leaves the request waiting, not failed: {waiting}"
+    );
+    let out = w.server.cli_with_stdin(&["unseal"], &format!("{KEY}\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = settled(&w, &id);
+    assert_eq!(done["status"], "executed", "{done}");
+    assert_eq!(key_count(&w), before + 1, "rotated once");
+}

@@ -143,6 +143,17 @@ fn runs_here(op: Operation) -> bool {
     op != Operation::MasterKeyRotation
 }
 
+/// Operations that use the data keys (and so cannot run on a sealed ring).
+fn needs_data_keys(op: Operation) -> bool {
+    matches!(
+        op,
+        Operation::KeyRotation
+            | Operation::KeyCleanup
+            | Operation::MigrationRun
+            | Operation::SecretExport
+    )
+}
+
 /// Runs (or takes over) one request on a new thread.
 pub fn spawn(state: &Arc<AppState>, id: String) {
     spawn_with(state, id, false);
@@ -179,6 +190,20 @@ pub fn execute(
 ) -> Result<Option<ApprovalRequest>, ServiceError> {
     let r = state.approvals.get(id)?;
     if !runs_here(r.operation) {
+        return Ok(None);
+    }
+    // A sealed key ring would fail these; the request stays approved (or
+    // executing, for a takeover) and the first pass after `aragora unseal`
+    // runs it, instead of ending it `failed` for a condition an operator fixes.
+    if needs_data_keys(r.operation)
+        && let Some(sealed) = state.keyring.sealed()
+    {
+        tracing::warn!(
+            approval_id = %id,
+            operation = r.operation.as_str(),
+            reason = %sealed.message,
+            "approved operation waits: the key ring is sealed"
+        );
         return Ok(None);
     }
     state.config.faults.at(FaultPoint::ApprovalBeforeExecution);
