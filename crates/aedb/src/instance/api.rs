@@ -1,6 +1,7 @@
 //! The authenticated `*_as` API: every caller-facing operation with a `CallerContext`
 //! (the only API of a `Secure` instance).
 
+use super::audit_writer::global_admin_use;
 use super::*;
 
 impl<M> AedbInstance<M> {

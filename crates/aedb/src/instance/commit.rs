@@ -4,6 +4,10 @@
 
 use std::panic::AssertUnwindSafe;
 
+use super::audit_writer::{
+    FailedAssertion, assertion_failed, authz_event, caller_name, global_admin_use,
+    maintenance_allowed, permission_denied,
+};
 use super::*;
 
 impl<M> AedbInstance<M> {
@@ -142,18 +146,14 @@ impl<M> AedbInstance<M> {
         tx.check_conflicts(&latest)?;
         if let Err(e) = tx.check_assertions(&latest) {
             if let AedbError::AssertionFailed { index, description } = &e {
-                let actual = tx.assertions[*index].actual_redacted(&latest, tx.project());
-                let event = AuditEvent::Assertion {
-                    actor: caller_name(caller).to_string(),
-                    project: tx.project().to_string(),
-                    kind: "assertion_failed".into(),
-                    detail: format!(
-                        "assertion {index} of a transaction at snapshot {}",
-                        tx.snapshot_seq()
-                    ),
-                    expected: description.clone(),
-                    actual,
-                };
+                let event = assertion_failed(FailedAssertion {
+                    actor: caller_name(caller),
+                    project: tx.project(),
+                    index: *index,
+                    snapshot_seq: tx.snapshot_seq(),
+                    expected: description,
+                    actual: tx.assertions[*index].actual_redacted(&latest, tx.project()),
+                });
                 let mut cs = self.lock_commit()?;
                 self.write_audit_locked(&mut cs, &[event])?;
             }
@@ -350,15 +350,7 @@ impl<M> AedbInstance<M> {
         project: &str,
         need: &Permission,
     ) -> Result<T, AedbError> {
-        let event = AuditEvent::Assertion {
-            actor: caller.caller_id().to_string(),
-            project: project.to_string(),
-            kind: "permission_denied".into(),
-            detail: format!("operation needs {need}"),
-            expected: need.to_string(),
-            actual: "not granted".into(),
-        };
-        self.write_audit_locked(cs, &[event])?;
+        self.write_audit_locked(cs, &[permission_denied(caller, project, need)])?;
         self.inner
             .counters
             .alert(caller.caller_id(), AlertKind::PermissionDenial);
@@ -366,30 +358,6 @@ impl<M> AedbInstance<M> {
             caller: caller.caller_id().to_string(),
             permission: need.to_string(),
         })
-    }
-
-    /// Appends audit rows as their own commit (commit lock held), after every
-    /// reserved commit has published. Not waited for: the flusher makes it durable
-    /// within the batch interval.
-    pub(super) fn write_audit_locked(
-        &self,
-        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
-        events: &[AuditEvent],
-    ) -> Result<(), AedbError> {
-        self.drain(cs);
-        self.write_audit_locked_inner(cs, events)
-    }
-
-    pub(super) fn write_audit_locked_inner(
-        &self,
-        cs: &mut CommitState,
-        events: &[AuditEvent],
-    ) -> Result<(), AedbError> {
-        let seq = cs.state.seq + 1;
-        let record = WalRecord::Audit {
-            rows: chain_rows(&cs.state, events, seq, now_unix()),
-        };
-        self.commit_serial(cs, &record, seq)
     }
 
     /// Commits `record` as `seq` with every earlier commit published (the caller
@@ -466,14 +434,7 @@ impl<M> AedbInstance<M> {
         let mut cs = self.lock_commit()?;
         match decision {
             Decision::Allowed => {
-                let event = AuditEvent::Authz {
-                    actor: caller.caller_id().to_string(),
-                    action: operation.to_string(),
-                    permission: need.to_string(),
-                    target: target.to_string(),
-                    delegable: false,
-                    outcome: "allowed".into(),
-                };
+                let event = maintenance_allowed(caller, &need, operation, target);
                 self.write_audit_locked(&mut cs, &[event])
             }
             Decision::AllowedAsGlobalAdmin => {

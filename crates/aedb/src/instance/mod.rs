@@ -277,8 +277,6 @@ impl Inner {
     }
 }
 
-const ANONYMOUS: &str = "anonymous";
-
 impl AedbInstance<Dev> {
     /// Opens (creating if needed) the database in `dir` for development and tests:
     /// anonymous APIs are available, permissions are checked only on `*_as` calls.
@@ -808,14 +806,7 @@ impl<M> AedbInstance<M> {
             });
         }
         let seq = cs.state.seq + 1;
-        let event = AuditEvent::Authz {
-            actor: "bootstrap".into(),
-            action: "bootstrap".into(),
-            permission: Permission::GlobalAdmin.to_string(),
-            target: admin.to_string(),
-            delegable: true,
-            outcome: "applied".into(),
-        };
+        let event = audit_writer::bootstrap(admin);
         let record = WalRecord::Bootstrap {
             admin: admin.to_string(),
             audit: chain_rows(&cs.state, &[event], seq, now_unix()),
@@ -897,6 +888,7 @@ impl<M> AedbInstance<M> {
 
 mod admission;
 mod api;
+mod audit_writer;
 mod backups;
 mod commit;
 mod inner;
@@ -940,9 +932,7 @@ pub(crate) mod failpoints {
 use admission::{Admission, QueueSlot};
 use inner::{spawn_checkpointer, spawn_flusher};
 pub use read::ReadTx;
-use read::{
-    authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use, validate_ddl,
-};
+use read::{ddl_name, ddl_need, ddl_project, validate_ddl};
 
 #[cfg(test)]
 mod fault_tests;
