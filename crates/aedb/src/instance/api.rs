@@ -1,7 +1,6 @@
 //! The authenticated `*_as` API: every caller-facing operation with a `CallerContext`
 //! (the only API of a `Secure` instance).
 
-use super::audit_writer::global_admin_use;
 use super::*;
 
 impl<M> AedbInstance<M> {
@@ -201,19 +200,13 @@ impl<M> AedbInstance<M> {
         match decision {
             Decision::Allowed => {}
             Decision::AllowedAsGlobalAdmin => {
-                let need = Permission::GlobalAdmin;
                 let mut cs = self.lock_commit()?;
-                self.write_audit_locked(
+                self.record_global_admin_use(
                     &mut cs,
-                    &[global_admin_use(
-                        caller,
-                        &need,
-                        &format!("project_exists {project}"),
-                    )],
+                    caller,
+                    &Permission::GlobalAdmin,
+                    &format!("project_exists {project}"),
                 )?;
-                self.inner
-                    .counters
-                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
             }
             Decision::Denied => return Ok(false),
         }

@@ -1,12 +1,12 @@
 //! The commit path: admission, per-project validation and apply, sequencing with
-//! the WAL append, ordered publication, audit rows for denials and failed
-//! assertions, and schema/authorization changes.
+//! the WAL append, ordered publication, and schema/authorization changes. Denials
+//! go through the authorization gate (`authz_gate`), audit rows are built by the
+//! audit writer (`audit_writer`).
 
 use std::panic::AssertUnwindSafe;
 
 use super::audit_writer::{
     FailedAssertion, assertion_failed, authz_event, caller_name, global_admin_use,
-    maintenance_allowed, permission_denied,
 };
 use super::*;
 
@@ -342,24 +342,6 @@ impl<M> AedbInstance<M> {
         self.inner.drain(cs);
     }
 
-    /// Records a permission denial in `assertion_audit` and returns the error.
-    pub(super) fn deny<T>(
-        &self,
-        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
-        caller: &CallerContext,
-        project: &str,
-        need: &Permission,
-    ) -> Result<T, AedbError> {
-        self.write_audit_locked(cs, &[permission_denied(caller, project, need)])?;
-        self.inner
-            .counters
-            .alert(caller.caller_id(), AlertKind::PermissionDenial);
-        Err(AedbError::PermissionDenied {
-            caller: caller.caller_id().to_string(),
-            permission: need.to_string(),
-        })
-    }
-
     /// Commits `record` as `seq` with every earlier commit published (the caller
     /// drained): applied to a clone first, so a record that does not apply never
     /// reaches the log; then appended, recorded in the manifest on rotation, and
@@ -385,71 +367,6 @@ impl<M> AedbInstance<M> {
         cs.state = next;
         self.publish(cs);
         Ok(())
-    }
-
-    /// Checks a read against the current grants (so revokes apply at once, even to
-    /// older snapshots); audits denials and GlobalAdmin use.
-    pub(super) fn authorize_read(
-        &self,
-        caller: &CallerContext,
-        project: &str,
-        need: Permission,
-    ) -> Result<(), AedbError> {
-        // Every authorized read passes here, also those of read and write
-        // transactions opened before a poison: none serves a state that may hold
-        // commits that will never be durable.
-        self.inner.wal.check_healthy()?;
-        let decision = self.inner.current.load().authz.decide(caller, &need);
-        match decision {
-            Decision::Allowed => Ok(()),
-            Decision::AllowedAsGlobalAdmin => {
-                let mut cs = self.lock_commit()?;
-                self.write_audit_locked(&mut cs, &[global_admin_use(caller, &need, "read")])?;
-                self.inner
-                    .counters
-                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
-                Ok(())
-            }
-            Decision::Denied => {
-                let mut cs = self.lock_commit()?;
-                Counters::bump(&self.inner.counters.aborts_permission);
-                self.deny(&mut cs, caller, project, &need)
-            }
-        }
-    }
-
-    /// Authorizes an instance-wide maintenance operation (`Backup`, `Checkpoint`)
-    /// and records it before it runs, so the operation's own durability wait covers
-    /// its audit row (a backup then carries the row of the backup that made it).
-    /// Allowed: an `authz_audit` row `operation`; through GlobalAdmin only: a
-    /// `global_admin_use` row; denied: a `permission_denied` row and the error.
-    pub(super) fn authorize_maintenance(
-        &self,
-        caller: &CallerContext,
-        need: Permission,
-        operation: &str,
-        target: &str,
-    ) -> Result<(), AedbError> {
-        let decision = self.inner.current.load().authz.decide(caller, &need);
-        let mut cs = self.lock_commit()?;
-        match decision {
-            Decision::Allowed => {
-                let event = maintenance_allowed(caller, &need, operation, target);
-                self.write_audit_locked(&mut cs, &[event])
-            }
-            Decision::AllowedAsGlobalAdmin => {
-                let event = global_admin_use(caller, &need, &format!("{operation} {target}"));
-                self.write_audit_locked(&mut cs, &[event])?;
-                self.inner
-                    .counters
-                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
-                Ok(())
-            }
-            Decision::Denied => {
-                Counters::bump(&self.inner.counters.aborts_permission);
-                self.deny(&mut cs, caller, "*", &need)
-            }
-        }
     }
 
     pub(super) fn publish(&self, cs: &mut CommitState) {

@@ -889,6 +889,7 @@ impl<M> AedbInstance<M> {
 mod admission;
 mod api;
 mod audit_writer;
+mod authz_gate;
 mod backups;
 mod commit;
 mod inner;
