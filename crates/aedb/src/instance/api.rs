@@ -191,7 +191,7 @@ impl<M> AedbInstance<M> {
         project: &str,
     ) -> Result<bool, AedbError> {
         self.inner.wal.check_healthy()?;
-        let state = self.inner.current.load_full();
+        let state = self.inner.sequencer.load_full();
         let decision = if project == SYSTEM_PROJECT {
             state.authz.decide(caller, &Permission::AuditRead)
         } else {
@@ -296,6 +296,6 @@ impl<M> AedbInstance<M> {
     ) -> Result<Vec<Grant>, ReadError> {
         self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)
             .map_err(ReadError::narrow)?;
-        Ok(self.inner.current.load().authz.grants_of(principal))
+        Ok(self.inner.sequencer.load().authz.grants_of(principal))
     }
 }

@@ -3,14 +3,13 @@
 //! appending rows that are not part of a caller's commit as a commit of their own.
 //! Row text is what operators and `aedb check` read: keep it stable.
 
-use parking_lot::MutexGuard;
-
 use crate::audit::{AuditEvent, chain_rows, now_unix};
 use crate::authz::{CallerContext, Permission};
 use crate::error::AedbError;
 use crate::record::{DdlOperation, WalRecord};
 
-use super::{AedbInstance, CommitState};
+use super::AedbInstance;
+use super::sequencer::CommitGuard;
 
 /// The actor an anonymous (`Dev`) call is recorded as.
 const ANONYMOUS: &str = "anonymous";
@@ -143,13 +142,13 @@ impl<M> AedbInstance<M> {
     /// within the batch interval.
     pub(super) fn write_audit_locked(
         &self,
-        cs: &mut MutexGuard<'_, CommitState>,
+        cs: &mut CommitGuard<'_>,
         events: &[AuditEvent],
     ) -> Result<(), AedbError> {
-        self.drain(cs);
-        let seq = cs.state.seq + 1;
+        cs.drain();
+        let seq = cs.state().seq + 1;
         let record = WalRecord::Audit {
-            rows: chain_rows(&cs.state, events, seq, now_unix()),
+            rows: chain_rows(cs.state(), events, seq, now_unix()),
         };
         self.commit_serial(cs, &record, seq)
     }

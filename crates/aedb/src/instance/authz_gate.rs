@@ -2,14 +2,13 @@
 //! every operation takes: a denial is audited before the error is returned, and
 //! an operation allowed only through GlobalAdmin is audited before it runs.
 
-use parking_lot::MutexGuard;
-
 use crate::authz::{CallerContext, Decision, Permission};
 use crate::error::AedbError;
 use crate::metrics::{AlertKind, Counters};
 
+use super::AedbInstance;
 use super::audit_writer::{global_admin_use, maintenance_allowed, permission_denied};
-use super::{AedbInstance, CommitState};
+use super::sequencer::CommitGuard;
 
 impl<M> AedbInstance<M> {
     /// Checks a read against the current grants (so revokes apply at once, even to
@@ -24,7 +23,7 @@ impl<M> AedbInstance<M> {
         // transactions opened before a poison: none serves a state that may hold
         // commits that will never be durable.
         self.inner.wal.check_healthy()?;
-        let decision = self.inner.current.load().authz.decide(caller, &need);
+        let decision = self.inner.sequencer.load().authz.decide(caller, &need);
         match decision {
             Decision::Allowed => Ok(()),
             Decision::AllowedAsGlobalAdmin => {
@@ -51,7 +50,7 @@ impl<M> AedbInstance<M> {
         operation: &str,
         target: &str,
     ) -> Result<(), AedbError> {
-        let decision = self.inner.current.load().authz.decide(caller, &need);
+        let decision = self.inner.sequencer.load().authz.decide(caller, &need);
         let mut cs = self.lock_commit()?;
         match decision {
             Decision::Allowed => {
@@ -75,7 +74,7 @@ impl<M> AedbInstance<M> {
     /// raises its alert.
     pub(super) fn record_global_admin_use(
         &self,
-        cs: &mut MutexGuard<'_, CommitState>,
+        cs: &mut CommitGuard<'_>,
         caller: &CallerContext,
         need: &Permission,
         operation: &str,
@@ -92,7 +91,7 @@ impl<M> AedbInstance<M> {
     /// commit path counts every outcome in one place.
     pub(super) fn deny<T>(
         &self,
-        cs: &mut MutexGuard<'_, CommitState>,
+        cs: &mut CommitGuard<'_>,
         caller: &CallerContext,
         project: &str,
         need: &Permission,
