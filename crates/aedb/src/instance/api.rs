@@ -191,7 +191,7 @@ impl<M> AedbInstance<M> {
         project: &str,
     ) -> Result<bool, AedbError> {
         self.inner.wal.check_healthy()?;
-        let state = self.inner.current.load_full();
+        let state = self.inner.sequencer.load_full();
         let decision = if project == SYSTEM_PROJECT {
             state.authz.decide(caller, &Permission::AuditRead)
         } else {
@@ -200,19 +200,13 @@ impl<M> AedbInstance<M> {
         match decision {
             Decision::Allowed => {}
             Decision::AllowedAsGlobalAdmin => {
-                let need = Permission::GlobalAdmin;
                 let mut cs = self.lock_commit()?;
-                self.write_audit_locked(
+                self.record_global_admin_use(
                     &mut cs,
-                    &[global_admin_use(
-                        caller,
-                        &need,
-                        &format!("project_exists {project}"),
-                    )],
+                    caller,
+                    &Permission::GlobalAdmin,
+                    &format!("project_exists {project}"),
                 )?;
-                self.inner
-                    .counters
-                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
             }
             Decision::Denied => return Ok(false),
         }
@@ -302,6 +296,6 @@ impl<M> AedbInstance<M> {
     ) -> Result<Vec<Grant>, ReadError> {
         self.authorize_read(caller, SYSTEM_PROJECT, Permission::AuditRead)
             .map_err(ReadError::narrow)?;
-        Ok(self.inner.current.load().authz.grants_of(principal))
+        Ok(self.inner.sequencer.load().authz.grants_of(principal))
     }
 }

@@ -9,13 +9,9 @@ impl<M> AedbInstance<M> {
     fn capture(&self) -> Result<Captured, AedbError> {
         let cap = {
             let mut cs = self.lock_commit()?;
-            self.drain(&mut cs);
+            cs.drain();
             Captured {
-                state: cs
-                    .history
-                    .back()
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(cs.state.clone())),
+                state: cs.latest(),
                 chain_head: self.inner.wal.head().2,
             }
         };

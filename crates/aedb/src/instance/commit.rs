@@ -1,9 +1,13 @@
 //! The commit path: admission, per-project validation and apply, sequencing with
-//! the WAL append, ordered publication, audit rows for denials and failed
-//! assertions, and schema/authorization changes.
+//! the WAL append, ordered publication, and schema/authorization changes. Denials
+//! go through the authorization gate (`authz_gate`), audit rows are built by the
+//! audit writer (`audit_writer`).
 
 use std::panic::AssertUnwindSafe;
 
+use super::audit_writer::{
+    FailedAssertion, assertion_failed, authz_event, caller_name, global_admin_use,
+};
 use super::*;
 
 impl<M> AedbInstance<M> {
@@ -16,16 +20,8 @@ impl<M> AedbInstance<M> {
 
     /// Takes the commit lock within the commit timeout. A timeout here guarantees
     /// the commit was not applied and never will be.
-    pub(super) fn lock_commit(
-        &self,
-    ) -> Result<parking_lot::MutexGuard<'_, CommitState>, AedbError> {
-        let timeout = self.inner.config.commit_timeout;
-        self.inner
-            .commit
-            .try_lock_for(timeout)
-            .ok_or(AedbError::Timeout {
-                waited_ms: timeout.as_millis() as u64,
-            })
+    pub(super) fn lock_commit(&self) -> Result<CommitGuard<'_>, AedbError> {
+        self.inner.sequencer.lock()
     }
 
     pub(super) fn count_outcome(
@@ -108,7 +104,7 @@ impl<M> AedbInstance<M> {
         self.inner.wal.check_healthy()?;
         // The published state is current for this project: only holders of its lock
         // change it, and they publish before releasing the lock.
-        let latest = self.inner.current.load_full();
+        let latest = self.inner.sequencer.load_full();
         let mut events = Vec::new();
         if let Some(c) = caller {
             for need in tx.required_permissions() {
@@ -134,7 +130,7 @@ impl<M> AedbInstance<M> {
         // timeout into a spurious failure.
         if let Some(t) = &tag {
             let mut cs = self.lock_commit()?;
-            if let Some(replayed) = self.replayed(&mut cs, t, digest.as_ref()) {
+            if let Some(replayed) = cs.replayed(t, digest.as_ref()) {
                 drop(cs);
                 return self.finish(replayed?, finality, true);
             }
@@ -142,18 +138,14 @@ impl<M> AedbInstance<M> {
         tx.check_conflicts(&latest)?;
         if let Err(e) = tx.check_assertions(&latest) {
             if let AedbError::AssertionFailed { index, description } = &e {
-                let actual = tx.assertions[*index].actual_redacted(&latest, tx.project());
-                let event = AuditEvent::Assertion {
-                    actor: caller_name(caller).to_string(),
-                    project: tx.project().to_string(),
-                    kind: "assertion_failed".into(),
-                    detail: format!(
-                        "assertion {index} of a transaction at snapshot {}",
-                        tx.snapshot_seq()
-                    ),
-                    expected: description.clone(),
-                    actual,
-                };
+                let event = assertion_failed(FailedAssertion {
+                    actor: caller_name(caller),
+                    project: tx.project(),
+                    index: *index,
+                    snapshot_seq: tx.snapshot_seq(),
+                    expected: description,
+                    actual: tx.assertions[*index].actual_redacted(&latest, tx.project()),
+                });
                 let mut cs = self.lock_commit()?;
                 self.write_audit_locked(&mut cs, &[event])?;
             }
@@ -166,31 +158,31 @@ impl<M> AedbInstance<M> {
         self.inner.wal.check_healthy()?;
         // Again: a first attempt to another project may have taken the key meanwhile.
         if let Some(t) = &tag
-            && let Some(replayed) = self.replayed(&mut cs, t, digest.as_ref())
+            && let Some(replayed) = cs.replayed(t, digest.as_ref())
         {
             drop(cs);
             return self.finish(replayed?, finality, true);
         }
         if let Some(c) = caller
-            && cs.state.authz.generation != latest.authz.generation
+            && cs.state().authz.generation != latest.authz.generation
         {
             for need in tx.required_permissions() {
-                if cs.state.authz.decide(c, &need) == Decision::Denied {
+                if cs.state().authz.decide(c, &need) == Decision::Denied {
                     return self.deny(&mut cs, c, tx.project(), &need);
                 }
             }
         }
         if tx.is_empty() && events.is_empty() {
-            let seq = cs.state.seq;
+            let seq = cs.state().seq;
             drop(cs);
             return self.finish(seq, finality, false);
         }
         if !events.is_empty() {
             // Audit rows chain from the audit tables' tails: let every reserved
             // commit publish first so the tails are final.
-            self.drain(&mut cs);
+            cs.drain();
             if let WalRecord::Commit { audit, .. } = &mut record {
-                *audit = chain_rows(&cs.state, &events, cs.next_seq, now_unix());
+                *audit = chain_rows(cs.state(), &events, cs.next_seq(), now_unix());
             }
             payload = record.encode()?;
             for _ in &events {
@@ -199,19 +191,14 @@ impl<M> AedbInstance<M> {
                     .alert(caller_name(caller), AlertKind::GlobalAdminUse);
             }
         }
-        let seq = cs.next_seq;
+        let seq = cs.next_seq();
         self.make_room(payload.len())?;
         // From here on the frame is in the log buffer: nothing below may fail
         // without poisoning, and `seq` is published whatever happens.
         let pending = self.inner.wal.append(seq, &payload)?;
-        cs.next_seq += 1;
+        cs.reserve(seq);
         if let Some(tag) = tag {
-            cs.remember(
-                tag,
-                seq,
-                digest,
-                self.inner.config.limits.max_idempotency_records,
-            );
+            cs.remember(tag, seq, digest);
         }
         drop(cs);
 
@@ -245,34 +232,28 @@ impl<M> AedbInstance<M> {
         });
 
         // Phase B2: publish in sequence order.
-        let mut cs = self.inner.commit.lock();
-        while cs.state.seq + 1 < seq {
-            self.inner.published.wait(&mut cs);
-        }
+        let mut cs = self.inner.sequencer.lock_blocking();
+        cs.wait_turn(seq);
         let applied = applied.and_then(|()| {
-            let mut next = cs.state.clone();
+            let mut next = cs.state().clone();
             next.projects.insert(tx.project().to_string(), project);
             if let WalRecord::Commit { audit, .. } = &record {
                 next.append_audit(audit, seq)?;
             }
             Ok(next)
         });
-        let failed = match applied {
-            Ok(next) => {
-                cs.state = next;
-                None
-            }
+        let (next, failed) = match applied {
+            Ok(next) => (Some(next), None),
             // Validated above, so this is a bug; the frame is in the log buffer, the
             // state is not: refuse everything until a reopen (the poisoned writer
             // starts no further write-out; one already under way may carry it).
             Err(e) => {
                 self.inner.wal.poison(&e);
-                Some(e)
+                (None, Some(e))
             }
         };
         // Published even when it failed: later commits wait for this number.
-        cs.state.seq = seq;
-        self.publish(&mut cs);
+        cs.publish_in_order(seq, next);
         drop(cs);
         // Published: the next commit to this project may start while this one
         // waits for its fsync, so concurrent durable commits share one (group commit).
@@ -285,33 +266,6 @@ impl<M> AedbInstance<M> {
         }
         self.bound_buffer(pending)?;
         self.finish(seq, finality, false)
-    }
-
-    /// The commit an idempotency key already names, once it is published; `None`
-    /// if the key is new. Refused when that commit wrote something else: answering
-    /// with another transaction's result would hide a caller bug.
-    fn replayed(
-        &self,
-        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
-        tag: &IdempotencyTag,
-        digest: Option<&WritesDigest>,
-    ) -> Option<Result<u64, AedbError>> {
-        let seq = *cs.idempotency.get(tag)?;
-        if let (Some(first), Some(this)) = (cs.idempotency_digest.get(tag), digest)
-            && first != this
-        {
-            return Some(Err(AedbError::IdempotencyKeyReused {
-                key: tag.key.clone(),
-                first_seq: seq,
-            }));
-        }
-        // The first attempt may still be between its WAL append and its
-        // publication (it runs under another project's lock): a replay returns
-        // only once that commit is visible, as the first would have.
-        while cs.state.seq < seq {
-            self.inner.published.wait(cs);
-        }
-        Some(Ok(seq))
     }
 
     /// Seals the active segment if the next frame does not fit, and records that
@@ -336,170 +290,30 @@ impl<M> AedbInstance<M> {
         self.inner.record_rotation()
     }
 
-    /// Waits until every reserved sequence number has been published, so the
-    /// commit state is exactly the log's state (serial operations need that).
-    pub(super) fn drain(&self, cs: &mut parking_lot::MutexGuard<'_, CommitState>) {
-        self.inner.drain(cs);
-    }
-
-    /// Records a permission denial in `assertion_audit` and returns the error.
-    pub(super) fn deny<T>(
-        &self,
-        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
-        caller: &CallerContext,
-        project: &str,
-        need: &Permission,
-    ) -> Result<T, AedbError> {
-        let event = AuditEvent::Assertion {
-            actor: caller.caller_id().to_string(),
-            project: project.to_string(),
-            kind: "permission_denied".into(),
-            detail: format!("operation needs {need}"),
-            expected: need.to_string(),
-            actual: "not granted".into(),
-        };
-        self.write_audit_locked(cs, &[event])?;
-        self.inner
-            .counters
-            .alert(caller.caller_id(), AlertKind::PermissionDenial);
-        Err(AedbError::PermissionDenied {
-            caller: caller.caller_id().to_string(),
-            permission: need.to_string(),
-        })
-    }
-
-    /// Appends audit rows as their own commit (commit lock held), after every
-    /// reserved commit has published. Not waited for: the flusher makes it durable
-    /// within the batch interval.
-    pub(super) fn write_audit_locked(
-        &self,
-        cs: &mut parking_lot::MutexGuard<'_, CommitState>,
-        events: &[AuditEvent],
-    ) -> Result<(), AedbError> {
-        self.drain(cs);
-        self.write_audit_locked_inner(cs, events)
-    }
-
-    pub(super) fn write_audit_locked_inner(
-        &self,
-        cs: &mut CommitState,
-        events: &[AuditEvent],
-    ) -> Result<(), AedbError> {
-        let seq = cs.state.seq + 1;
-        let record = WalRecord::Audit {
-            rows: chain_rows(&cs.state, events, seq, now_unix()),
-        };
-        self.commit_serial(cs, &record, seq)
-    }
-
     /// Commits `record` as `seq` with every earlier commit published (the caller
     /// drained): applied to a clone first, so a record that does not apply never
     /// reaches the log; then appended, recorded in the manifest on rotation, and
     /// published.
     pub(super) fn commit_serial(
         &self,
-        cs: &mut CommitState,
+        cs: &mut CommitGuard<'_>,
         record: &WalRecord,
         seq: u64,
     ) -> Result<(), AedbError> {
         debug_assert_eq!(
             seq,
-            cs.state.seq + 1,
+            cs.state().seq + 1,
             "serial commits follow the published state"
         );
         self.inner.wal.check_healthy()?;
         let payload = record.encode()?;
-        let mut next = cs.state.clone();
+        let mut next = cs.state().clone();
         next.apply(record, seq)?;
         self.make_room(payload.len())?;
         // Nothing after the append can fail: the frame and the state go together.
         self.inner.wal.append(seq, &payload)?;
-        cs.state = next;
-        self.publish(cs);
+        cs.publish_serial(next);
         Ok(())
-    }
-
-    /// Checks a read against the current grants (so revokes apply at once, even to
-    /// older snapshots); audits denials and GlobalAdmin use.
-    pub(super) fn authorize_read(
-        &self,
-        caller: &CallerContext,
-        project: &str,
-        need: Permission,
-    ) -> Result<(), AedbError> {
-        // Every authorized read passes here, also those of read and write
-        // transactions opened before a poison: none serves a state that may hold
-        // commits that will never be durable.
-        self.inner.wal.check_healthy()?;
-        let decision = self.inner.current.load().authz.decide(caller, &need);
-        match decision {
-            Decision::Allowed => Ok(()),
-            Decision::AllowedAsGlobalAdmin => {
-                let mut cs = self.lock_commit()?;
-                self.write_audit_locked(&mut cs, &[global_admin_use(caller, &need, "read")])?;
-                self.inner
-                    .counters
-                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
-                Ok(())
-            }
-            Decision::Denied => {
-                let mut cs = self.lock_commit()?;
-                Counters::bump(&self.inner.counters.aborts_permission);
-                self.deny(&mut cs, caller, project, &need)
-            }
-        }
-    }
-
-    /// Authorizes an instance-wide maintenance operation (`Backup`, `Checkpoint`)
-    /// and records it before it runs, so the operation's own durability wait covers
-    /// its audit row (a backup then carries the row of the backup that made it).
-    /// Allowed: an `authz_audit` row `operation`; through GlobalAdmin only: a
-    /// `global_admin_use` row; denied: a `permission_denied` row and the error.
-    pub(super) fn authorize_maintenance(
-        &self,
-        caller: &CallerContext,
-        need: Permission,
-        operation: &str,
-        target: &str,
-    ) -> Result<(), AedbError> {
-        let decision = self.inner.current.load().authz.decide(caller, &need);
-        let mut cs = self.lock_commit()?;
-        match decision {
-            Decision::Allowed => {
-                let event = AuditEvent::Authz {
-                    actor: caller.caller_id().to_string(),
-                    action: operation.to_string(),
-                    permission: need.to_string(),
-                    target: target.to_string(),
-                    delegable: false,
-                    outcome: "allowed".into(),
-                };
-                self.write_audit_locked(&mut cs, &[event])
-            }
-            Decision::AllowedAsGlobalAdmin => {
-                let event = global_admin_use(caller, &need, &format!("{operation} {target}"));
-                self.write_audit_locked(&mut cs, &[event])?;
-                self.inner
-                    .counters
-                    .alert(caller.caller_id(), AlertKind::GlobalAdminUse);
-                Ok(())
-            }
-            Decision::Denied => {
-                Counters::bump(&self.inner.counters.aborts_permission);
-                self.deny(&mut cs, caller, "*", &need)
-            }
-        }
-    }
-
-    pub(super) fn publish(&self, cs: &mut CommitState) {
-        cs.next_seq = cs.next_seq.max(cs.state.seq + 1);
-        self.inner.published.notify_all();
-        let published = Arc::new(cs.state.clone());
-        self.inner.current.store(published.clone());
-        cs.history.push_back(published);
-        while cs.history.len() > self.inner.config.limits.snapshot_history.max(1) {
-            cs.history.pop_front();
-        }
     }
 
     /// Keeps the in-memory WAL buffer bounded when commits do not wait for fsync.
@@ -560,7 +374,7 @@ impl<M> AedbInstance<M> {
             touched.iter().map(|p| self.inner.project_lock(p)).collect();
         let _guards: Vec<_> = locks.iter().map(|l| l.lock()).collect();
         let mut cs = self.lock_commit()?;
-        self.drain(&mut cs);
+        cs.drain();
         self.inner.wal.check_healthy()?;
         let actor = caller_name(caller).to_string();
         let mut events = Vec::new();
@@ -569,12 +383,12 @@ impl<M> AedbInstance<M> {
                 let decision = match op {
                     DdlOperation::GrantPermission { permission, .. }
                     | DdlOperation::RevokePermission { permission, .. } => (
-                        cs.state.authz.may_delegate(c, permission),
+                        cs.state().authz.may_delegate(c, permission),
                         permission.clone(),
                     ),
                     other => {
                         let need = ddl_need(other);
-                        (cs.state.authz.decide(c, &need), need)
+                        (cs.state().authz.decide(c, &need), need)
                     }
                 };
                 match decision {
@@ -594,10 +408,10 @@ impl<M> AedbInstance<M> {
                 events.push(e);
             }
         }
-        let seq = cs.state.seq + 1;
+        let seq = cs.state().seq + 1;
         let record = WalRecord::Ddl {
             actor: caller.map(|c| c.caller_id().to_string()),
-            audit: chain_rows(&cs.state, &events, seq, now_unix()),
+            audit: chain_rows(cs.state(), &events, seq, now_unix()),
             ops,
         };
         self.commit_serial(&mut cs, &record, seq)?;

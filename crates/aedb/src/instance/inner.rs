@@ -5,14 +5,6 @@ use super::*;
 use crate::wal::ChainHead;
 
 impl Inner {
-    /// Waits until every reserved sequence number has been published, so the
-    /// commit state is exactly the log's state (serial operations need that).
-    pub(super) fn drain(&self, cs: &mut parking_lot::MutexGuard<'_, CommitState>) {
-        while cs.state.seq + 1 < cs.next_seq {
-            self.published.wait(cs);
-        }
-    }
-
     pub(super) fn project_lock(&self, project: &str) -> Arc<Mutex<()>> {
         self.project_locks
             .lock()
@@ -78,27 +70,9 @@ impl Inner {
         let mut ck = self.checkpointing.lock();
         let started = std::time::Instant::now();
         let (state, idempotency, chain_head) = {
-            let mut cs = self.commit.lock();
-            self.drain(&mut cs);
-            let state = cs
-                .history
-                .back()
-                .cloned()
-                .unwrap_or_else(|| Arc::new(cs.state.clone()));
-            let idem: Vec<checkpoint::IdempotencyEntry> = cs
-                .idempotency_order
-                .iter()
-                .filter_map(|t| {
-                    cs.idempotency
-                        .get(t)
-                        .map(|&seq| checkpoint::IdempotencyEntry {
-                            tag: t.clone(),
-                            seq,
-                            digest: cs.idempotency_digest.get(t).copied(),
-                        })
-                })
-                .collect();
-            (state, idem, self.wal.head().2)
+            let mut cs = self.sequencer.lock_blocking();
+            cs.drain();
+            (cs.latest(), cs.idempotency_entries(), self.wal.head().2)
         };
         // The checkpoint must never be ahead of the durable log.
         self.wal.wait_durable(state.seq)?;

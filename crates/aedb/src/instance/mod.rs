@@ -1,6 +1,6 @@
 //! `AedbInstance`: opening (recovery), the commit path, and read snapshots.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,6 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use parking_lot::{Condvar, Mutex};
 
 use crate::audit::{
@@ -32,10 +31,10 @@ use crate::open::{
     ManifestState, check_segments_against_manifest, load_manifest_and_checkpoint, replay_start,
     secure_problems, write_manifest,
 };
-use crate::record::{DdlOperation, IdempotencyTag, WalRecord};
+use crate::record::{DdlOperation, WalRecord};
 use crate::txn::query::{Query, QueryResult};
 use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot, VersionedKvPair};
-use crate::txn::write::{WriteTransaction, WritesDigest, writes_digest};
+use crate::txn::write::{WriteTransaction, writes_digest};
 use crate::wal::RecoveryReport;
 use crate::wal::format::segment_file_name;
 use crate::wal::keys::WalKeys;
@@ -54,46 +53,6 @@ pub struct CommitResult {
     pub idempotent_replay: bool,
 }
 
-/// Writer-side state, guarded by the commit lock.
-struct CommitState {
-    /// The published state (what readers see).
-    state: DbState,
-    /// Next sequence number to hand out. Above `state.seq + 1` while commits that
-    /// already have their WAL frame are still applying; they publish in order.
-    next_seq: u64,
-    idempotency: HashMap<IdempotencyTag, u64>,
-    /// What the commit under each key wrote (`writes_digest`), so a key reused for
-    /// other writes is refused; checkpoints keep it. Absent only for keys loaded
-    /// from a version 1 checkpoint: those replay without the comparison.
-    idempotency_digest: HashMap<IdempotencyTag, WritesDigest>,
-    idempotency_order: VecDeque<IdempotencyTag>,
-    history: VecDeque<Arc<DbState>>,
-}
-
-impl CommitState {
-    fn remember(
-        &mut self,
-        tag: IdempotencyTag,
-        seq: u64,
-        digest: Option<WritesDigest>,
-        max: usize,
-    ) {
-        match digest {
-            Some(d) => self.idempotency_digest.insert(tag.clone(), d),
-            None => self.idempotency_digest.remove(&tag),
-        };
-        if self.idempotency.insert(tag.clone(), seq).is_none() {
-            self.idempotency_order.push_back(tag);
-        }
-        while self.idempotency_order.len() > max {
-            if let Some(old) = self.idempotency_order.pop_front() {
-                self.idempotency.remove(&old);
-                self.idempotency_digest.remove(&old);
-            }
-        }
-    }
-}
-
 #[derive(Default)]
 struct FlusherSignal {
     stop: bool,
@@ -108,8 +67,7 @@ struct Flusher {
 struct Inner {
     dir: PathBuf,
     config: AedbConfig,
-    current: ArcSwap<DbState>,
-    commit: Mutex<CommitState>,
+    sequencer: Sequencer,
     wal: Arc<WalWriter>,
     admission: Admission,
     counters: Counters,
@@ -120,8 +78,6 @@ struct Inner {
     /// One checkpoint at a time; close waits for a running one.
     checkpointing: Mutex<CheckpointState>,
     checkpointer: Arc<(Mutex<bool>, Condvar)>,
-    /// Signalled (with the commit lock) whenever a sequence number is published.
-    published: Condvar,
     /// One lock per project: a commit holds its project's lock from validation to
     /// publication, so commits to different projects proceed in parallel.
     project_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -270,14 +226,12 @@ impl Inner {
     /// tombstone: the oldest pinned one, or the published state if none is open.
     fn tombstone_horizon(&self) -> u64 {
         let pins = self.write_pins.lock();
-        let published = self.current.load().seq;
+        let published = self.sequencer.load().seq;
         pins.keys()
             .next()
             .map_or(published, |&oldest| oldest.min(published))
     }
 }
-
-const ANONYMOUS: &str = "anonymous";
 
 impl AedbInstance<Dev> {
     /// Opens (creating if needed) the database in `dir` for development and tests:
@@ -297,7 +251,7 @@ impl AedbInstance<Dev> {
     /// True when `project` exists (the system project included).
     pub fn project_exists(&self, project: &str) -> Result<bool, ReadError> {
         self.inner.wal.check_healthy().map_err(ReadError::narrow)?;
-        Ok(self.inner.current.load().projects.contains_key(project))
+        Ok(self.inner.sequencer.load().projects.contains_key(project))
     }
 
     /// A read-only snapshot chosen by `mode`.
@@ -491,15 +445,7 @@ impl<M> AedbInstance<M> {
         crate::storage::create_dir_all_durable(&*fs, &dir).map_err(|e| AedbError::io(&dir, e))?;
         let lock = DirLock::acquire(&*fs, &dir, true)?;
 
-        let mut cs = CommitState {
-            state: DbState::initial(),
-            idempotency: HashMap::new(),
-            idempotency_digest: HashMap::new(),
-            idempotency_order: VecDeque::new(),
-            history: VecDeque::new(),
-            next_seq: 0,
-        };
-        let max_idem = config.limits.max_idempotency_records;
+        let mut cs = CommitState::recovering(config.limits.max_idempotency_records);
         let loaded = load_manifest_and_checkpoint(&dir, &config, false)?;
         let manifest_body = loaded.manifest;
         let mut ckpt_meta = None;
@@ -509,11 +455,10 @@ impl<M> AedbInstance<M> {
         let mut ckpt_written_at = None;
         if let Some((state, meta)) = loaded.checkpoint {
             ckpt_written_at = fs.modified(&dir.join(&meta.file));
-            cs.state = state.state;
-            ckpt_snapshot = Some(Arc::new(cs.state.clone()));
-            let max = config.limits.max_idempotency_records;
+            *cs.state_mut() = state.state;
+            ckpt_snapshot = Some(Arc::new(cs.state().clone()));
             for e in state.idempotency {
-                cs.remember(e.tag, e.seq, e.digest, max);
+                cs.remember(e.tag, e.seq, e.digest);
             }
             ckpt_meta = Some(meta);
         }
@@ -531,7 +476,7 @@ impl<M> AedbInstance<M> {
         )?;
         let recovered = recover(&*fs, &dir, config.recovery, &keys, start, |lsn, payload| {
             let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
-            cs.state
+            cs.state_mut()
                 .apply(&record, lsn)
                 .map_err(|e| format!("frame at LSN {lsn} does not apply: {e}"))?;
             if let WalRecord::Commit {
@@ -539,7 +484,7 @@ impl<M> AedbInstance<M> {
                 ..
             } = &record
             {
-                cs.remember(tag.clone(), lsn, writes_digest(&record), max_idem);
+                cs.remember(tag.clone(), lsn, writes_digest(&record));
             }
             Ok(())
         })?;
@@ -584,13 +529,13 @@ impl<M> AedbInstance<M> {
         // The writer must continue exactly after the recovered state: a gap or an
         // overlap would break the LSN order every append asserts.
         let (_, wal_lsn, wal_head) = wal.head();
-        if wal_lsn != cs.state.seq {
+        if wal_lsn != cs.state().seq {
             return Err(AedbError::corruption(
                 &dir,
                 0,
                 format!(
                     "recovery ended at LSN {} but the log continues after LSN {wal_lsn}",
-                    cs.state.seq
+                    cs.state().seq
                 ),
             ));
         }
@@ -615,20 +560,16 @@ impl<M> AedbInstance<M> {
         };
         write_manifest(&dir, &config, &mut ms)?;
         // Nothing is open yet: replayed deletes need no tombstones.
-        let seq = cs.state.seq;
-        cs.state.purge_tombstones(seq);
-        cs.next_seq = cs.state.seq + 1;
-        let published = Arc::new(cs.state.clone());
-        cs.history.push_back(published.clone());
+        let seq = cs.state().seq;
+        cs.state_mut().purge_tombstones(seq);
         if recovered.report.torn_tail.is_some() || recovered.report.dropped.is_some() {
             tracing::warn!(report = ?recovered.report, "recovery repaired the write-ahead log");
         }
-        tracing::info!(dir = %dir.display(), seq = cs.state.seq, frames = recovered.report.frames_replayed, "aedb opened");
+        tracing::info!(dir = %dir.display(), seq, frames = recovered.report.frames_replayed, "aedb opened");
 
         let inner = Arc::new(Inner {
             dir,
-            current: ArcSwap::new(published),
-            commit: Mutex::new(cs),
+            sequencer: Sequencer::new(cs, config.limits.snapshot_history, config.commit_timeout),
             wal: wal.clone(),
             admission: Admission::new(&config.limits),
             counters: Counters::default(),
@@ -644,7 +585,6 @@ impl<M> AedbInstance<M> {
                 last_duration: Duration::ZERO,
             }),
             checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
-            published: Condvar::new(),
             project_locks: Mutex::new(HashMap::new()),
             write_pins: Arc::new(Mutex::new(BTreeMap::new())),
             _lock: lock,
@@ -665,7 +605,7 @@ impl<M> AedbInstance<M> {
             _mode: PhantomData,
         };
         if let Some(admin) = db.inner.config.bootstrap_admin.clone()
-            && !db.inner.current.load().authz.bootstrapped
+            && !db.inner.sequencer.load().authz.bootstrapped
         {
             db.bootstrap_global_admin(&admin)?;
         }
@@ -687,7 +627,7 @@ impl<M> AedbInstance<M> {
 
     fn snapshot_inner(&self) -> Snapshot {
         Snapshot {
-            state: self.inner.current.load_full(),
+            state: self.inner.sequencer.load_full(),
         }
     }
 
@@ -697,31 +637,9 @@ impl<M> AedbInstance<M> {
         self.inner.wal.check_healthy()?;
         match mode {
             ConsistencyMode::AtLatest => Ok(self.snapshot_inner()),
-            ConsistencyMode::AtSeq(n) => {
-                let cs = self.inner.commit.lock();
-                let head = cs.state.seq;
-                let oldest = cs.history.front().map_or(head, |s| s.seq);
-                if n > head || n < oldest {
-                    return Err(AedbError::SnapshotUnavailable {
-                        requested: n,
-                        oldest,
-                        head,
-                    });
-                }
-                // The state after commit n is the newest kept state with seq <= n.
-                let state = cs
-                    .history
-                    .iter()
-                    .rev()
-                    .find(|s| s.seq <= n)
-                    .cloned()
-                    .ok_or(AedbError::SnapshotUnavailable {
-                        requested: n,
-                        oldest,
-                        head,
-                    })?;
-                Ok(Snapshot { state })
-            }
+            ConsistencyMode::AtSeq(n) => Ok(Snapshot {
+                state: self.inner.sequencer.state_at(n)?,
+            }),
             ConsistencyMode::AtCheckpoint => self
                 .inner
                 .checkpointing
@@ -800,25 +718,18 @@ impl<M> AedbInstance<M> {
         validate_caller_id(admin)?;
         let _slot = self.admit()?;
         let mut cs = self.lock_commit()?;
-        self.drain(&mut cs);
-        if cs.state.authz.bootstrapped {
+        cs.drain();
+        if cs.state().authz.bootstrapped {
             return Err(AedbError::AlreadyExists {
                 kind: "bootstrapped GlobalAdmin",
                 name: "(this database already has one; grant further admins through it)".into(),
             });
         }
-        let seq = cs.state.seq + 1;
-        let event = AuditEvent::Authz {
-            actor: "bootstrap".into(),
-            action: "bootstrap".into(),
-            permission: Permission::GlobalAdmin.to_string(),
-            target: admin.to_string(),
-            delegable: true,
-            outcome: "applied".into(),
-        };
+        let seq = cs.state().seq + 1;
+        let event = audit_writer::bootstrap(admin);
         let record = WalRecord::Bootstrap {
             admin: admin.to_string(),
-            audit: chain_rows(&cs.state, &[event], seq, now_unix()),
+            audit: chain_rows(cs.state(), &[event], seq, now_unix()),
         };
         self.commit_serial(&mut cs, &record, seq)?;
         drop(cs);
@@ -865,7 +776,7 @@ impl<M> AedbInstance<M> {
         m.fsyncs = self.inner.wal.fsyncs();
         m.poisoned = self.is_poisoned();
         {
-            let state = self.inner.current.load();
+            let state = self.inner.sequencer.load();
             m.head_seq = state.seq;
             m.tombstones = state.tombstones() as u64;
         }
@@ -897,10 +808,13 @@ impl<M> AedbInstance<M> {
 
 mod admission;
 mod api;
+mod audit_writer;
+mod authz_gate;
 mod backups;
 mod commit;
 mod inner;
 mod read;
+mod sequencer;
 
 /// Test-only fault injection on the commit path. Armed per thread: a commit runs
 /// on its caller's thread, so parallel tests do not see each other's faults.
@@ -940,9 +854,8 @@ pub(crate) mod failpoints {
 use admission::{Admission, QueueSlot};
 use inner::{spawn_checkpointer, spawn_flusher};
 pub use read::ReadTx;
-use read::{
-    authz_event, caller_name, ddl_name, ddl_need, ddl_project, global_admin_use, validate_ddl,
-};
+use read::{ddl_name, ddl_need, ddl_project, validate_ddl};
+use sequencer::{CommitGuard, CommitState, Sequencer};
 
 #[cfg(test)]
 mod fault_tests;

@@ -163,25 +163,6 @@ impl<M> ReadTx<'_, M> {
     }
 }
 
-pub(super) fn caller_name(caller: Option<&CallerContext>) -> &str {
-    caller.map_or(ANONYMOUS, |c| c.caller_id())
-}
-
-pub(super) fn global_admin_use(
-    caller: &CallerContext,
-    need: &Permission,
-    operation: &str,
-) -> AuditEvent {
-    AuditEvent::Authz {
-        actor: caller.caller_id().to_string(),
-        action: "global_admin_use".into(),
-        permission: need.to_string(),
-        target: operation.to_string(),
-        delegable: false,
-        outcome: "allowed".into(),
-    }
-}
-
 pub(super) fn ddl_name(op: &DdlOperation) -> &'static str {
     match op {
         DdlOperation::CreateProject { .. } => "create_project",
@@ -210,36 +191,6 @@ pub(super) fn ddl_need(op: &DdlOperation) -> Permission {
         DdlOperation::GrantPermission { permission, .. }
         | DdlOperation::RevokePermission { permission, .. } => permission.clone(),
     }
-}
-
-/// The `authz_audit` row a grant, revoke or ownership change produces.
-pub(super) fn authz_event(actor: &str, op: &DdlOperation) -> Option<AuditEvent> {
-    let (action, permission, target, delegable) = match op {
-        DdlOperation::GrantPermission {
-            grantee,
-            permission,
-            delegable,
-        } => ("grant", permission.to_string(), grantee.clone(), *delegable),
-        DdlOperation::RevokePermission {
-            grantee,
-            permission,
-        } => ("revoke", permission.to_string(), grantee.clone(), false),
-        DdlOperation::TransferOwnership { project, new_owner } => (
-            "transfer_ownership",
-            format!("owner of {project}"),
-            new_owner.clone(),
-            false,
-        ),
-        _ => return None,
-    };
-    Some(AuditEvent::Authz {
-        actor: actor.to_string(),
-        action: action.into(),
-        permission,
-        target,
-        delegable,
-        outcome: "applied".into(),
-    })
 }
 
 pub(super) fn validate_ddl(op: &DdlOperation, max: usize) -> Result<(), AedbError> {
