@@ -46,6 +46,7 @@ pub(super) fn open_with(
         audit.clone(),
         metrics.clone(),
         master.map(|m| MasterKey::from_bytes(Zeroizing::new(m))),
+        None,
         dir,
         Environment::Development,
         sealed_start,
