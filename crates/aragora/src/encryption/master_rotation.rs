@@ -316,3 +316,239 @@ struct RotationFailed<'a> {
     approval_id: Option<&'a str>,
     severity: &'a str,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::SearchFilter;
+    use crate::auth::RequestMeta;
+    use crate::encryption::tests::{Fixture, open, open_full, principal};
+
+    const A: [u8; 32] = [0xa1; 32];
+    const B: [u8; 32] = [0xb2; 32];
+    const C: [u8; 32] = [0xc3; 32];
+
+    fn rotate_new(f: &Fixture, batch_size: usize) -> MasterRotationOutcome {
+        let opts = MasterRotation {
+            batch_size,
+            ..MasterRotation::default()
+        };
+        f.ring
+            .rotate_master("t", &opts, &|_, _| {})
+            .expect("master-key rotation")
+    }
+
+    fn dry_run(f: &Fixture) -> MasterRotationOutcome {
+        let opts = MasterRotation {
+            dry_run: true,
+            ..MasterRotation::default()
+        };
+        f.ring
+            .rotate_master("t", &opts, &|_, _| {})
+            .expect("dry run")
+    }
+
+    fn audited(f: &Fixture, action: &str) -> Vec<serde_json::Value> {
+        f.audit
+            .search(&SearchFilter {
+                action: Some(action.into()),
+                limit: 100,
+                ..SearchFilter::default()
+            })
+            .expect("audit search")
+            .entries
+            .into_iter()
+            .map(|e| e.details)
+            .collect()
+    }
+
+    /// Writes secrets under A across two data keys; returns their values.
+    fn seed(dir: &std::path::Path) -> Vec<(String, String)> {
+        let f = open(dir, A).expect("open under A");
+        let p = principal();
+        let meta = RequestMeta::default();
+        let mut written = Vec::new();
+        for i in 0..3 {
+            if i == 2 {
+                f.ring.rotate("t", None, "two keys", true).expect("rotate");
+            }
+            let (id, value) = (format!("db/s{i}"), format!("value-{i}"));
+            f.secrets
+                .put(&p, &id, &value, "password", None, &meta)
+                .expect("put");
+            written.push((id, value));
+        }
+        written
+    }
+
+    fn read_back(f: &Fixture, written: &[(String, String)]) {
+        let p = principal();
+        let meta = RequestMeta::default();
+        for (id, value) in written {
+            assert_eq!(&f.secrets.get(&p, id, &meta).expect("read").1, value);
+        }
+    }
+
+    #[test]
+    fn the_previous_key_opens_the_ring_and_a_rotation_rewraps_it_for_good() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let written = seed(dir.path());
+
+        {
+            let f = open_full(dir.path(), Some(B), Some(A), false).expect("B with A previous");
+            read_back(&f, &written);
+            let d = dry_run(&f);
+            assert_eq!(
+                (d.total, d.rewrapped, d.already_current),
+                (2, 2, 0),
+                "{d:?}"
+            );
+            assert!(d.backup.is_none() && audited(&f, "master_key_rotated").is_empty());
+
+            let out = rotate_new(&f, DEFAULT_REWRAP_BATCH);
+            assert_eq!((out.rewrapped, out.already_current, out.batches), (2, 0, 1));
+            let backup = out.backup.expect("a key-ring backup first");
+            let kept = backup_files::read(std::path::Path::new(&backup)).expect("backup");
+            assert_eq!(kept.keys.len(), 2);
+            let entries = audited(&f, "master_key_rotated");
+            assert_eq!(entries.len(), 1, "{entries:?}");
+            assert_eq!(entries[0]["rewrapped"], 2);
+            assert_eq!(entries[0]["severity"], "critical");
+            read_back(&f, &written);
+
+            // A rerun has nothing left to do.
+            let again = rotate_new(&f, DEFAULT_REWRAP_BATCH);
+            assert_eq!((again.rewrapped, again.already_current), (0, 2));
+            assert!(again.backup.is_none());
+        }
+        // Only B from now on.
+        let f = open(dir.path(), B).expect("B alone after the rotation");
+        read_back(&f, &written);
+        drop(f);
+        assert!(open(dir.path(), A).is_err(), "A no longer opens the ring");
+    }
+
+    #[test]
+    fn the_new_key_alone_does_not_open_an_unrotated_ring_and_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        seed(dir.path());
+        let e = open(dir.path(), B).expect_err("B alone");
+        assert!(
+            e.to_string().contains("ARAGORA_ENCRYPTION_KEY_PREVIOUS"),
+            "says how to go on: {e}"
+        );
+    }
+
+    #[test]
+    fn a_rerun_after_an_interrupted_rotation_finishes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let written = seed(dir.path());
+        {
+            // What a run stopped after its first batch leaves: one record
+            // under B, the other still under A.
+            let f = open_full(dir.path(), Some(B), Some(A), false).expect("open");
+            let current = Master {
+                fingerprint: MasterKey::from_bytes(zeroize::Zeroizing::new(B)).fingerprint(),
+                key: MasterKey::from_bytes(zeroize::Zeroizing::new(B)),
+            };
+            let a = MasterKey::from_bytes(zeroize::Zeroizing::new(A));
+            let records = load_records(f.store.as_ref()).expect("records");
+            let (version, first) = &records[0];
+            let dek = opens(&a, first).expect("A opens it");
+            let next = rewrapped(&current, first, &dek).expect("rewrap");
+            let op = WriteOp::put_json(
+                Collection::KeyRing,
+                &first.key_id,
+                &next,
+                Expect::Version(*version),
+            )
+            .expect("op");
+            f.store
+                .write(vec![op], crate::store::Durability::Durable)
+                .expect("write");
+        }
+        // Boot opens the mixed ring (each record by its own master key).
+        let f = open_full(dir.path(), Some(B), Some(A), false).expect("mixed ring");
+        read_back(&f, &written);
+        let d = dry_run(&f);
+        assert_eq!((d.rewrapped, d.already_current), (1, 1), "{d:?}");
+        let out = rotate_new(&f, 1);
+        assert_eq!((out.rewrapped, out.already_current, out.batches), (1, 1, 1));
+        drop(f);
+        let f = open(dir.path(), B).expect("B alone");
+        read_back(&f, &written);
+    }
+
+    #[test]
+    fn batches_are_each_audited_and_the_last_carries_the_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let written = seed(dir.path());
+        let f = open_full(dir.path(), Some(B), Some(A), false).expect("open");
+        let out = rotate_new(&f, 1);
+        assert_eq!((out.rewrapped, out.batches), (2, 2));
+        assert_eq!(audited(&f, "master_key_rewrap_batch").len(), 1);
+        let done = audited(&f, "master_key_rotated");
+        assert_eq!(
+            (done[0]["rewrapped"].as_u64(), done[0]["batches"].as_u64()),
+            (Some(2), Some(2))
+        );
+        read_back(&f, &written);
+    }
+
+    #[test]
+    fn a_record_under_neither_key_refuses_the_rotation_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let written = seed(dir.path());
+        let f = open_full(dir.path(), Some(B), Some(A), false).expect("open");
+        // A key record wrapped by a third master key (altered, or from
+        // another deployment) arrives after boot.
+        let third = MasterKey::from_bytes(zeroize::Zeroizing::new(C));
+        let fp = third.fingerprint();
+        let (_, stray) =
+            super::super::record::new_primary(&third, &fp, 99).expect("a stray key record");
+        let mut stray = stray;
+        stray.primary = false;
+        stray.status = KeyStatus::DecryptOnly;
+        let op = WriteOp::put_json(Collection::KeyRing, &stray.key_id, &stray, Expect::Absent)
+            .expect("op");
+        f.store
+            .write(vec![op], crate::store::Durability::Durable)
+            .expect("write");
+        let before = load_records(f.store.as_ref()).expect("records");
+
+        let e = f
+            .ring
+            .rotate_master("t", &MasterRotation::default(), &|_, _| {})
+            .expect_err("refused");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&stray.key_id)
+                && msg.contains("neither")
+                && msg.contains("nothing was changed"),
+            "{msg}"
+        );
+        assert!(!msg.contains(&hex::encode(C)), "{msg}");
+        assert_eq!(load_records(f.store.as_ref()).expect("records"), before);
+        assert!(
+            !dir.path().join(super::super::BACKUP_DIR).exists()
+                || std::fs::read_dir(dir.path().join(super::super::BACKUP_DIR))
+                    .expect("dir")
+                    .count()
+                    == 1,
+            "no backup beyond the data-key rotation's"
+        );
+        let failed = audited(&f, "master_key_rotation_failed");
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(audited(&f, "master_key_rotated").is_empty());
+        read_back(&f, &written);
+    }
+
+    #[test]
+    fn a_wrong_previous_key_does_not_open_the_ring() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        seed(dir.path());
+        let e = open_full(dir.path(), Some(B), Some(C), false).expect_err("C is not A");
+        assert!(e.to_string().contains("ARAGORA_ENCRYPTION_KEY"), "{e}");
+        assert!(!e.to_string().contains(&hex::encode(C)));
+    }
+}
