@@ -57,7 +57,7 @@ impl Default for MasterRotation {
 enum WrappedBy {
     Current,
     /// The previous key; the data key, to wrap again.
-    Previous(DataKey),
+    Previous(Box<DataKey>),
     Neither,
     /// Destroyed: no material.
     Nothing,
@@ -79,7 +79,7 @@ fn wrapped_by(current: &Master, previous: Option<&Master>, r: &KeyRecord) -> Wra
         return WrappedBy::Current;
     }
     match previous.and_then(|p| opens(&p.key, r)) {
-        Some(dek) => WrappedBy::Previous(dek),
+        Some(dek) => WrappedBy::Previous(Box::new(dek)),
         None => WrappedBy::Neither,
     }
 }
