@@ -137,7 +137,8 @@ enum MasterKeyCommand {
 enum KeyRingCommand {
     /// Restore keys missing from the store from a backup file written before a
     /// rotation (data/keyring-backups/keyring-*.json). Keys must open under the
-    /// current ARAGORA_ENCRYPTION_KEY.
+    /// current ARAGORA_ENCRYPTION_KEY (or ARAGORA_ENCRYPTION_KEY_PREVIOUS, for a
+    /// backup from before a master-key rotation).
     Restore {
         #[arg(long)]
         file: std::path::PathBuf,

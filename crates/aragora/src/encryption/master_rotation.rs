@@ -544,6 +544,40 @@ mod tests {
     }
 
     #[test]
+    fn a_key_ring_backup_from_before_the_rotation_restores_under_the_previous_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let written = seed(dir.path());
+        let backups = dir.path().join(super::super::BACKUP_DIR);
+        let backup = std::fs::read_dir(&backups)
+            .expect("the data-key rotation's backup")
+            .next()
+            .expect("one file")
+            .expect("entry")
+            .path();
+        let f = open_full(dir.path(), Some(B), Some(A), false).expect("open");
+        rotate_new(&f, DEFAULT_REWRAP_BATCH);
+        // The older data key's record is lost after the rotation.
+        let records = load_records(f.store.as_ref()).expect("records");
+        let (version, lost) = &records[0];
+        f.store
+            .write(
+                vec![WriteOp::delete(
+                    Collection::KeyRing,
+                    lost.key_id.clone(),
+                    Expect::Version(*version),
+                )],
+                crate::store::Durability::Durable,
+            )
+            .expect("delete");
+        let restored = f.ring.restore(&backup, "t", None).expect("restore");
+        assert_eq!(restored.restored.len(), 1, "{restored:?}");
+        read_back(&f, &written);
+        // Still under A: the next rotation rewraps it.
+        let d = dry_run(&f);
+        assert_eq!((d.rewrapped, d.already_current), (1, 1), "{d:?}");
+    }
+
+    #[test]
     fn a_wrong_previous_key_does_not_open_the_ring() {
         let dir = tempfile::tempdir().expect("tempdir");
         seed(dir.path());
