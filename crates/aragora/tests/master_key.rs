@@ -3,7 +3,9 @@
 //! written under master key A; the server restarted with
 //! ARAGORA_ENCRYPTION_KEY=B and ARAGORA_ENCRYPTION_KEY_PREVIOUS=A still
 //! serves them; `aragora master-key rotate` rewraps the key ring (through the
-//! control socket, audited); restarted with B alone, every secret reads back.
+//! control socket, audited, executing an approved master_key_rotation request;
+//! rerun with the server stopped as the owner path); restarted with B alone,
+//! every secret reads back.
 
 use std::path::Path;
 
@@ -105,24 +107,41 @@ fn a_new_master_key_with_the_previous_one_rewraps_the_ring_and_then_stands_alone
     );
     assert!(s.audit(&admin, "master_key_rotated").is_empty());
 
-    let out = s.cli(&["master-key", "rotate"]);
+    // Approved (a security lead's emergency bypass): the run executes it.
+    s.create_user(
+        &admin,
+        "lead@example.com",
+        "a long passphrase",
+        &["security_lead"],
+    );
+    let lead = s.login("lead@example.com", "a long passphrase");
+    let r = s.post(
+        &format!("/api/security/approvals/{pending}/emergency-bypass"),
+        &lead,
+        &json!({"reason": "master key exposed", "incident_id": "INC-7"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = s.cli(&["master-key", "rotate", "--approval", &pending]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let shown = text(&out.stdout);
     assert!(shown.contains("2 key record(s) rewrapped"), "{shown}");
     assert!(shown.contains("key-ring backup:"), "{shown}");
+    assert!(shown.contains(&pending), "{shown}");
     assert!(!shown.contains(KEY_B) && !s.stderr().contains(KEY_B));
+    let r = s.get(&format!("/api/security/approvals/{pending}"), &admin);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], "executed", "{}", r.body);
+    // Executed once.
+    let out = s.cli(&["master-key", "rotate", "--approval", &pending]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
 
     let done = s.audit(&admin, "master_key_rotated");
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(done[0]["details"]["rewrapped"], 2, "{done:?}");
-    assert_eq!(done[0]["details"]["severity"], "critical", "{done:?}");
-    let skipped = s.audit(&admin, "approval_gate_skipped");
-    assert!(
-        skipped
-            .iter()
-            .any(|e| e["details"]["operation"] == "master_key_rotation"
-                && e["details"]["severity"] == "critical"),
-        "{skipped:?}"
+    assert_eq!(
+        done[0]["details"]["approval_id"],
+        pending.as_str(),
+        "{done:?}"
     );
     read_back(&s, &admin, &written);
 
@@ -142,6 +161,17 @@ fn a_new_master_key_with_the_previous_one_rewraps_the_ring_and_then_stands_alone
 
     // B alone from now on.
     s.restart_with(&[("ARAGORA_ENCRYPTION_KEY_PREVIOUS", "")]);
+    // The stopped-server rerun had no approval: the owner path, on record.
+    let skipped = s.audit(&admin, "approval_gate_skipped");
+    assert!(
+        skipped
+            .iter()
+            .any(|e| e["details"]["operation"] == "master_key_rotation"
+                && e["details"]["severity"] == "critical"
+                && e["details"]["via"] == "direct"),
+        "{skipped:?}"
+    );
+    assert_eq!(s.audit(&admin, "master_key_rotated").len(), 2);
     let h = health(&s);
     assert_eq!(
         (h["master_key_loaded"].as_bool(), h["sealed"].as_bool()),
