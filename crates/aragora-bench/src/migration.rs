@@ -91,6 +91,7 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
         audit.clone(),
         metrics.clone(),
         Some(MasterKey::from_bytes(Zeroizing::new([0x42; 32]))),
+        None,
         dir.path(),
         Environment::Development,
         false,

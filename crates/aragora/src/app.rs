@@ -124,6 +124,10 @@ impl AppState {
             audit.clone(),
             metrics.clone(),
             master,
+            config
+                .encryption_key_previous
+                .as_ref()
+                .map(MasterKey::from_key32),
             &config.data_dir,
             config.environment,
             sealed_start,

@@ -106,6 +106,10 @@ pub struct Config {
     pub auth_rate_limit_per_ip: u32,
     pub auth_rate_limit_window: Duration,
     pub encryption_key: Option<Key32>,
+    /// The master key before the current one (ARAGORA_ENCRYPTION_KEY_PREVIOUS):
+    /// opens key-ring records `aragora master-key rotate` has not rewrapped
+    /// yet. Never wraps anything.
+    pub encryption_key_previous: Option<Key32>,
     pub jwt_secret: Option<SecretString>,
     pub jwt_secret_previous: Option<SecretString>,
     pub aedb_manifest_key: Option<Key32>,
@@ -449,6 +453,27 @@ impl Config {
                     None
                 }
             };
+        // Optional everywhere; malformed stops boot like the current key.
+        let encryption_key_previous = match parse_key(
+            "ARAGORA_ENCRYPTION_KEY_PREVIOUS",
+            get("ARAGORA_ENCRYPTION_KEY_PREVIOUS"),
+        ) {
+            Ok(k) => Some(k),
+            Err(KeyProblem::Missing(_)) => None,
+            Err(e) => {
+                p.push(e.to_string());
+                None
+            }
+        };
+        if let (Some(cur), Some(prev)) = (&encryption_key, &encryption_key_previous)
+            && *cur.0 == *prev.0
+        {
+            p.push(
+                "ARAGORA_ENCRYPTION_KEY_PREVIOUS is the same key as ARAGORA_ENCRYPTION_KEY \
+                 (unset it, or set it to the master key before this one)"
+                    .into(),
+            );
+        }
         let aedb_manifest_key = key("AEDB_MANIFEST_KEY", &mut p);
         let aedb_checkpoint_key = key("AEDB_CHECKPOINT_KEY", &mut p);
         let jwt_secret = get("JWT_SECRET")
@@ -618,6 +643,7 @@ impl Config {
             auth_rate_limit_per_ip: per_ip as u32,
             auth_rate_limit_window: Duration::from_secs(window),
             encryption_key,
+            encryption_key_previous,
             jwt_secret,
             jwt_secret_previous,
             aedb_manifest_key,
@@ -738,6 +764,41 @@ mod tests {
                 .expect_err("malformed")
                 .to_string();
             assert!(e.contains(named), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_previous_master_key_is_optional_validated_and_redacted() {
+        let c = Config::from_vars(&production(&[])).expect("no previous key");
+        assert!(c.encryption_key_previous.is_none());
+        let previous = "cd".repeat(32);
+        let c = Config::from_vars(&production(&[(
+            "ARAGORA_ENCRYPTION_KEY_PREVIOUS",
+            &previous,
+        )]))
+        .expect("a previous key");
+        assert!(c.encryption_key_previous.is_some());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&previous), "{shown}");
+        for (bad, named) in [
+            (
+                "abcd",
+                "ARAGORA_ENCRYPTION_KEY_PREVIOUS must be 64 hex characters",
+            ),
+            (
+                &*"zz".repeat(32),
+                "ARAGORA_ENCRYPTION_KEY_PREVIOUS is not valid hex",
+            ),
+            (
+                &*"ab".repeat(32),
+                "ARAGORA_ENCRYPTION_KEY_PREVIOUS is the same key",
+            ),
+        ] {
+            let e = Config::from_vars(&production(&[("ARAGORA_ENCRYPTION_KEY_PREVIOUS", bad)]))
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains(named), "{e}");
+            assert!(!e.contains(bad), "the value is never shown: {e}");
         }
     }
 

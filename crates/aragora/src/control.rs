@@ -19,7 +19,10 @@ use crate::audit::VerifyReport;
 use crate::audit::export::{self as audit_export, ExportReport, ExportSigner, ExportVerifyReport};
 use crate::auth::recovery::{RecoveryOutcome, RecoveryRequest};
 use crate::encryption::migration::{DryRunView, MigrationStore, MigrationView};
-use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome, UnsealOutcome};
+use crate::encryption::{
+    CleanupOutcome, MasterRotation, MasterRotationOutcome, RestoreOutcome, RotationOutcome,
+    UnsealOutcome,
+};
 use crate::error::ServiceError;
 use crate::operator::Operator;
 use crate::secrets::RotationMarks;
@@ -92,6 +95,15 @@ pub enum ControlRequest {
     Unseal {
         key: KeyHex,
     },
+    /// `aragora master-key rotate`: rewrap the key ring under the server's
+    /// ARAGORA_ENCRYPTION_KEY (the previous key opening what is not yet).
+    MasterKeyRotate {
+        #[serde(default)]
+        dry_run: bool,
+        /// The approved `master_key_rotation` request this run executes.
+        #[serde(default)]
+        approval: Option<String>,
+    },
 }
 
 /// A master key in hex on its way to [`ControlRequest::Unseal`]: zeroized
@@ -158,6 +170,7 @@ pub enum ControlResponse {
     MigrationStatus(MigrationView),
     SecretRotation(RotationMarks),
     Unseal(UnsealOutcome),
+    MasterKeyRotate(MasterRotationOutcome),
 }
 
 /// The first admin and its API key (shown once).
@@ -369,6 +382,25 @@ pub fn execute(
             let master = crate::crypto::MasterKey::from_key32(&key);
             Ok(ControlResponse::Unseal(
                 state.keyring.unseal(master, actor)?,
+            ))
+        }
+        ControlRequest::MasterKeyRotate { dry_run, approval } => {
+            let opts = MasterRotation {
+                dry_run,
+                approval_id: approval,
+                ..MasterRotation::default()
+            };
+            let progress = |done: usize, total: usize| {
+                tracing::info!(done, total, "master-key rotation progress");
+            };
+            Ok(ControlResponse::MasterKeyRotate(
+                crate::approvals::owner::master_key_rotate(
+                    state,
+                    opts,
+                    actor,
+                    via.as_str(),
+                    &progress,
+                )?,
             ))
         }
         // Marking is a job (one at a time, recorded like a migration run).

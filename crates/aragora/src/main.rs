@@ -89,6 +89,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The master key (ARAGORA_ENCRYPTION_KEY) that wraps the key ring.
+    MasterKey {
+        #[command(subcommand)]
+        command: MasterKeyCommand,
+    },
     /// Mark for rotation every secret a user read (from the audit log's
     /// secret_access entries, all time): `rotation_required` in its metadata.
     Rotation {
@@ -106,10 +111,34 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum MasterKeyCommand {
+    /// Rewrap every key-ring record under ARAGORA_ENCRYPTION_KEY (the new
+    /// master key); ARAGORA_ENCRYPTION_KEY_PREVIOUS opens the records still
+    /// under the old one. A key-ring backup is written first; records are
+    /// rewritten compare-and-set in batches, so an interrupted run leaves each
+    /// under one of the two keys and a rerun finishes it. Refused (nothing
+    /// changed) when a record opens under neither key. Through the owner-only
+    /// socket when the server runs (its keys), else on the store directly.
+    Rotate {
+        /// Report what would be rewrapped; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The approved master_key_rotation request this run executes (it is
+        /// marked executed). Without it the run is the owner's path, audited
+        /// as approval_gate_skipped at critical severity.
+        #[arg(long, value_name = "ID", conflicts_with = "dry_run")]
+        approval: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeyRingCommand {
     /// Restore keys missing from the store from a backup file written before a
     /// rotation (data/keyring-backups/keyring-*.json). Keys must open under the
-    /// current ARAGORA_ENCRYPTION_KEY.
+    /// current ARAGORA_ENCRYPTION_KEY (or ARAGORA_ENCRYPTION_KEY_PREVIOUS, for a
+    /// backup from before a master-key rotation).
     Restore {
         #[arg(long)]
         file: std::path::PathBuf,
@@ -242,6 +271,14 @@ fn main() -> ExitCode {
             json,
         } => migration(store, dry_run, retry_failed, skip_record, json),
         Command::Unseal { json } => unseal(json),
+        Command::MasterKey {
+            command:
+                MasterKeyCommand::Rotate {
+                    dry_run,
+                    approval,
+                    json,
+                },
+        } => command(ControlRequest::MasterKeyRotate { dry_run, approval }, json),
         Command::Rotation {
             secrets_accessed_by,
             dry_run,

@@ -324,6 +324,12 @@ fn runbook_commands_work_against_the_real_server() {
         if block.contains("--secrets-accessed-by") {
             assert!(stdout.contains(&mallory), "{stdout}");
         }
+        if block.contains("master-key rotate --dry-run") {
+            assert!(
+                stdout.contains("dry run") && stdout.contains("master key fingerprint"),
+                "{stdout}"
+            );
+        }
         if block.contains("key-rotation --force") {
             assert!(stdout.contains("rotated"), "{stdout}");
         }

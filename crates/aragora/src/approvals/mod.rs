@@ -9,6 +9,7 @@ pub mod catalogue;
 pub mod execute;
 pub mod gate;
 pub mod notify;
+pub mod owner;
 pub mod params;
 pub mod request;
 pub mod service;

@@ -10,7 +10,7 @@ use crate::audit::export::{ExportReport, ExportVerifyReport};
 use crate::auth::recovery::{RecoveredAdmin, RecoveryOutcome};
 use crate::control::{BootstrapView, ControlResponse, MigrationOutcome, MigrationResult};
 use crate::encryption::migration::{DryRunView, MigrationView, RunState};
-use crate::encryption::{CleanupOutcome, RestoreOutcome, RotationOutcome};
+use crate::encryption::{CleanupOutcome, MasterRotationOutcome, RestoreOutcome, RotationOutcome};
 use crate::secrets::RotationMarks;
 
 /// What the CLI prints and how it exits.
@@ -84,6 +84,7 @@ pub fn render(resp: &ControlResponse, json: bool, ctx: Context<'_>) -> Rendered 
         ControlResponse::MigrationStatus(v) => Rendered::out(migration_run(v)),
         ControlResponse::SecretRotation(v) => Rendered::out(secret_rotation(v)),
         ControlResponse::Unseal(v) => Rendered::out(format!("{}\n", v.message)),
+        ControlResponse::MasterKeyRotate(v) => Rendered::out(master_rotation(v)),
     }
 }
 
@@ -106,7 +107,33 @@ pub fn json_of(resp: &ControlResponse) -> String {
         ControlResponse::MigrationStatus(v) => j(v),
         ControlResponse::SecretRotation(v) => j(v),
         ControlResponse::Unseal(v) => j(v),
+        ControlResponse::MasterKeyRotate(v) => j(v),
     }
+}
+
+fn master_rotation(v: &MasterRotationOutcome) -> String {
+    let mut out = format!("{}\n", v.message);
+    let _ = writeln!(
+        out,
+        "key records: {} with key material; {} {}, {} already under the current master key, \
+         {} destroyed",
+        v.total,
+        v.rewrapped,
+        if v.dry_run { "to rewrap" } else { "rewrapped" },
+        v.already_current,
+        v.without_material
+    );
+    let _ = writeln!(out, "master key fingerprint: {}", v.master_fingerprint);
+    if let Some(p) = &v.previous_fingerprint {
+        let _ = writeln!(out, "previous master key fingerprint: {p}");
+    }
+    if let Some(b) = &v.backup {
+        let _ = writeln!(out, "key-ring backup: {b}");
+    }
+    if let Some(a) = &v.approval_id {
+        let _ = writeln!(out, "approval request executed: {a}");
+    }
+    out
 }
 
 fn bootstrap(v: &BootstrapView) -> String {

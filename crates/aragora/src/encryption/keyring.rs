@@ -76,6 +76,10 @@ pub struct KeyRing {
     pub(super) metrics: Metrics,
     /// Set once: at boot, or by the unseal that opened the ring.
     master: OnceLock<Master>,
+    /// ARAGORA_ENCRYPTION_KEY_PREVIOUS: opens records a master-key rotation
+    /// has not rewrapped yet (their `master_fingerprint` names it). Never
+    /// wraps anything.
+    pub(super) previous: Option<Master>,
     pub(super) backup_dir: PathBuf,
     ring: RwLock<RingState>,
     /// Shared by writers around encrypt + store; exclusive around a rotation's
@@ -101,6 +105,7 @@ impl KeyRing {
         audit: Arc<AuditLog>,
         metrics: Metrics,
         master: Option<MasterKey>,
+        previous: Option<MasterKey>,
         data_dir: &Path,
         environment: Environment,
         sealed_start: bool,
@@ -111,6 +116,10 @@ impl KeyRing {
             audit,
             metrics,
             master: OnceLock::new(),
+            previous: previous.map(|key| Master {
+                fingerprint: key.fingerprint(),
+                key,
+            }),
             backup_dir: data_dir.join(BACKUP_DIR),
             ring: RwLock::new(RingState::Sealed(sealed_missing())),
             gate: RwLock::new(()),
@@ -130,7 +139,13 @@ impl KeyRing {
             return Ok(ring);
         };
         let fingerprint = master.fingerprint();
-        match load_ring(ring.store.as_ref(), &ring.audit, &master, &fingerprint) {
+        match load_ring(
+            ring.store.as_ref(),
+            &ring.audit,
+            &master,
+            &fingerprint,
+            ring.previous.as_ref(),
+        ) {
             Ok(r) => ring.install(
                 Master {
                     key: master,
@@ -226,7 +241,13 @@ impl KeyRing {
             });
         }
         let was = self.sealed().map(|s| s.reason).unwrap_or_default();
-        match load_ring(self.store.as_ref(), &self.audit, &key, &fingerprint) {
+        match load_ring(
+            self.store.as_ref(),
+            &self.audit,
+            &key,
+            &fingerprint,
+            self.previous.as_ref(),
+        ) {
             Ok(ring) => {
                 let event = AuditEvent::new("key_ring_unsealed", actor, Outcome::Success).details(
                     Unsealed {
@@ -294,8 +315,13 @@ impl KeyRing {
     pub(super) fn reload(&self) -> Result<(), KeyRingError> {
         let master = self.master()?;
         let records = load_records(self.store.as_ref())?;
-        let ring = build_ring(&master.key, &master.fingerprint, &records)?
-            .ok_or_else(|| KeyRingError::Invalid("the key ring has no primary key".into()))?;
+        let ring = build_ring(
+            &master.key,
+            &master.fingerprint,
+            self.previous.as_ref(),
+            &records,
+        )?
+        .ok_or_else(|| KeyRingError::Invalid("the key ring has no primary key".into()))?;
         self.set_gauges(Some(&ring));
         *self.ring.write() = RingState::Open(Arc::new(ring));
         Ok(())
@@ -550,9 +576,10 @@ fn load_ring(
     audit: &AuditLog,
     master: &MasterKey,
     fingerprint: &str,
+    previous: Option<&Master>,
 ) -> Result<Ring, KeyRingError> {
     let records = load_records(store)?;
-    if let Some(r) = build_ring(master, fingerprint, &records)? {
+    if let Some(r) = build_ring(master, fingerprint, previous, &records)? {
         return Ok(r);
     }
     // First start, or (after damage) no primary: add one.
@@ -574,14 +601,18 @@ fn load_ring(
     )?;
     tracing::info!(key_id = %rec.key_id, reason, "created the primary data key");
     let records = load_records(store)?;
-    build_ring(master, fingerprint, &records)?
+    build_ring(master, fingerprint, previous, &records)?
         .ok_or_else(|| KeyRingError::Invalid("the new primary key is not in the ring".into()))
 }
 
-/// Unwraps every non-destroyed key. `None` when no primary exists.
+/// Unwraps every non-destroyed key, each under the master key that wrapped
+/// it: the previous one when its recorded fingerprint names it (a master-key
+/// rotation not finished yet), else the current one. `None` when no primary
+/// exists.
 fn build_ring(
     master: &MasterKey,
     fingerprint: &str,
+    previous: Option<&Master>,
     records: &[(u64, KeyRecord)],
 ) -> Result<Option<Ring>, KeyRingError> {
     let mut keys = HashMap::new();
@@ -596,7 +627,20 @@ fn build_ring(
                 status: r.status.name(),
             });
         };
-        let dek = match master.unwrap(w) {
+        let by_previous = previous.filter(|p| {
+            r.master_fingerprint.as_deref() == Some(p.fingerprint.as_str())
+                && p.fingerprint != fingerprint
+        });
+        let unwrapped = match (by_previous, previous) {
+            (Some(p), _) => p.key.unwrap(w),
+            // A record from before fingerprints were kept names no key: the
+            // previous one may open it too.
+            (None, Some(p)) if r.master_fingerprint.is_none() => {
+                master.unwrap(w).or_else(|_| p.key.unwrap(w))
+            }
+            (None, _) => master.unwrap(w),
+        };
+        let dek = match unwrapped {
             Ok(k) if k.key_id() == r.key_id && k.version() == r.version => Arc::new(k),
             Ok(_) => {
                 return Err(KeyRingError::Unwrap {
@@ -605,10 +649,17 @@ fn build_ring(
                 });
             }
             Err(_) => {
-                let why = match &r.master_fingerprint {
-                    Some(f) if f != fingerprint => {
+                let why = match (&r.master_fingerprint, by_previous) {
+                    (_, Some(_)) => {
+                        "its record names ARAGORA_ENCRYPTION_KEY_PREVIOUS as the master key \
+                         that wrapped it, but that key does not open it (a wrong previous key, \
+                         or the stored wrapped key was altered)"
+                    }
+                    (Some(f), None) if f != fingerprint => {
                         "it was wrapped by a different master key (fingerprint mismatch): \
-                         ARAGORA_ENCRYPTION_KEY is wrong"
+                         ARAGORA_ENCRYPTION_KEY is wrong, or the key it was wrapped by must be \
+                         given as ARAGORA_ENCRYPTION_KEY_PREVIOUS until `aragora master-key \
+                         rotate` has rewrapped it"
                     }
                     _ => "a wrong ARAGORA_ENCRYPTION_KEY, or the stored wrapped key was altered",
                 };

@@ -20,7 +20,7 @@ use super::views::{
 };
 use crate::audit::{AuditEvent, Outcome};
 use crate::clock::{format_us, now_us};
-use crate::crypto::CryptoError;
+use crate::crypto::{CryptoError, MasterKey};
 use crate::store::{Collection, Expect, WriteOp};
 
 impl KeyRing {
@@ -297,8 +297,10 @@ impl KeyRing {
     }
 
     /// Brings back keys missing from the store, or destroyed in it, from a
-    /// backup file. Each must unwrap under the current master key; restored
-    /// keys are decrypt-only (the current primary stays primary).
+    /// backup file. Each must unwrap under the current master key, or the
+    /// previous one when its record names it (a backup from before a
+    /// master-key rotation); restored keys are decrypt-only (the current
+    /// primary stays primary).
     pub fn restore(
         &self,
         file: &Path,
@@ -336,12 +338,20 @@ impl KeyRing {
             if w.key_id != r.key_id || w.version != r.version {
                 return Err(bad(format!("key {} is relabelled", r.key_id)));
             }
-            master.key.unwrap(w).map_err(|_| {
-                bad(format!(
-                    "key {} does not open under ARAGORA_ENCRYPTION_KEY (another master key)",
+            // A backup from before a master-key rotation opens under the
+            // previous key; boot picks it by the record's fingerprint, and the
+            // next `master-key rotate` rewraps it.
+            let opens = |m: &MasterKey| m.unwrap(w).is_ok();
+            let by_previous = self.previous.as_ref().is_some_and(|p| {
+                r.master_fingerprint.as_deref() == Some(p.fingerprint.as_str()) && opens(&p.key)
+            });
+            if !by_previous && !opens(&master.key) {
+                return Err(bad(format!(
+                    "key {} opens under neither ARAGORA_ENCRYPTION_KEY nor \
+                     ARAGORA_ENCRYPTION_KEY_PREVIOUS (another master key)",
                     r.key_id
-                ))
-            })?;
+                )));
+            }
             if r.primary || r.status == KeyStatus::Active {
                 r.primary = false;
                 r.status = KeyStatus::DecryptOnly;

@@ -7,6 +7,9 @@
 //! - `keyring.rs`: [`KeyRing`] in memory, boot, the hot-path encrypt/decrypt
 //!   and the rotation gate.
 //! - `lifecycle.rs`: rotate, cleanup of unused keys, restore from a backup.
+//! - `master_rotation.rs`: rewrap the ring under a new master key
+//!   (`aragora master-key rotate`), the previous one opening what is not
+//!   rewrapped yet.
 //! - `backup_files.rs`: the key-ring backup files.
 //! - `stats.rs`: latency percentiles and per-actor decrypt windows.
 //! - `views.rs`: the typed answers the endpoints and the CLI render.
@@ -41,6 +44,7 @@ pub mod collection;
 mod error;
 mod keyring;
 mod lifecycle;
+mod master_rotation;
 pub mod migration;
 mod record;
 mod stats;
@@ -50,11 +54,12 @@ pub use backup_files::{BACKUP_DIR, Backup};
 pub use collection::{EncryptedCollection, Enveloped, JsonEnveloped};
 pub use error::KeyRingError;
 pub use keyring::KeyRing;
+pub use master_rotation::{DEFAULT_REWRAP_BATCH, MasterRotation};
 pub use record::{KEY_ROTATION_PERIOD_US, KeyRecord, KeyStatus};
 pub use views::{
     ActorDecrypts, CleanupOutcome, EncryptionHealth, EncryptionStats, KeptKey, KeyCacheView,
-    KeyView, KeysView, RestoreOutcome, RestoredKey, RetiredKey, RotationOutcome, SealedView,
-    UnsealOutcome, WaitingKey,
+    KeyView, KeysView, MasterRotationOutcome, RestoreOutcome, RestoredKey, RetiredKey,
+    RotationOutcome, SealedView, UnsealOutcome, WaitingKey,
 };
 
 #[cfg(test)]

@@ -37,6 +37,16 @@ pub(super) fn open_with(
     master: Option<[u8; 32]>,
     sealed_start: bool,
 ) -> Result<Fixture, KeyRingError> {
+    open_full(dir, master, None, sealed_start)
+}
+
+/// [`open_with`] with ARAGORA_ENCRYPTION_KEY_PREVIOUS too.
+pub(super) fn open_full(
+    dir: &Path,
+    master: Option<[u8; 32]>,
+    previous: Option<[u8; 32]>,
+    sealed_start: bool,
+) -> Result<Fixture, KeyRingError> {
     let store: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&dir.join("aedb"), MK, CK).expect("store"));
     let audit = Arc::new(AuditLog::new(store.clone()));
@@ -46,6 +56,7 @@ pub(super) fn open_with(
         audit.clone(),
         metrics.clone(),
         master.map(|m| MasterKey::from_bytes(Zeroizing::new(m))),
+        previous.map(|m| MasterKey::from_bytes(Zeroizing::new(m))),
         dir,
         Environment::Development,
         sealed_start,

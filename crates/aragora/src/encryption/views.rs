@@ -165,3 +165,30 @@ pub struct RotationOutcome {
     pub backup: Option<String>,
     pub active_count: usize,
 }
+
+/// `aragora master-key rotate`: what was (or, with `--dry-run`, would be)
+/// rewrapped under the current master key.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MasterRotationOutcome {
+    pub dry_run: bool,
+    /// Fingerprint of ARAGORA_ENCRYPTION_KEY (public; not the key).
+    pub master_fingerprint: String,
+    /// Fingerprint of ARAGORA_ENCRYPTION_KEY_PREVIOUS, when set.
+    pub previous_fingerprint: Option<String>,
+    /// Key records holding key material.
+    pub total: usize,
+    /// Rewrapped now (or, in a dry run, would be).
+    pub rewrapped: usize,
+    /// Already under the current master key: skipped (a rerun skips what an
+    /// interrupted run finished).
+    pub already_current: usize,
+    /// Destroyed keys: nothing to rewrap.
+    pub without_material: usize,
+    /// The store writes the rewrap took (compare-and-set per record).
+    pub batches: usize,
+    /// The key-ring backup written before the first change.
+    pub backup: Option<String>,
+    /// The approval request this run executed, if one was given.
+    pub approval_id: Option<String>,
+    pub message: String,
+}
