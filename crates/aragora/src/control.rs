@@ -87,6 +87,16 @@ pub enum ControlRequest {
         #[serde(default)]
         dry_run: bool,
     },
+    /// `aragora backup full|incremental --out DIR`: an online backup.
+    Backup {
+        kind: crate::backup::BackupKind,
+        /// Absolute (the CLI resolves it before sending).
+        out: String,
+    },
+    /// `aragora maintenance off|read-only|on`.
+    Maintenance {
+        mode: crate::maintenance::MaintenanceMode,
+    },
     /// `aragora unseal`: open a sealed key ring with this master key (read
     /// by the CLI from stdin; only ever sent over the owner-only socket).
     Unseal {
@@ -136,6 +146,7 @@ impl ControlRequest {
             ControlRequest::AuditExport { .. } | ControlRequest::AuditVerifyExport { .. } => {
                 Duration::from_secs(3600)
             }
+            ControlRequest::Backup { .. } => Duration::from_secs(24 * 3600),
             _ => Duration::from_secs(60),
         }
     }
@@ -158,6 +169,8 @@ pub enum ControlResponse {
     MigrationStatus(MigrationView),
     SecretRotation(RotationMarks),
     Unseal(UnsealOutcome),
+    Backup(crate::backup::BackupOutcome),
+    Maintenance(crate::maintenance::MaintenanceChange),
 }
 
 /// The first admin and its API key (shown once).
@@ -369,6 +382,23 @@ pub fn execute(
             let master = crate::crypto::MasterKey::from_key32(&key);
             Ok(ControlResponse::Unseal(
                 state.keyring.unseal(master, actor)?,
+            ))
+        }
+        ControlRequest::Backup { kind, out } => Ok(ControlResponse::Backup(state.backups.run(
+            kind,
+            Path::new(&out),
+            actor,
+        )?)),
+        ControlRequest::Maintenance { mode } => {
+            if via == Via::Direct {
+                return Err(ServiceError::BadRequest(
+                    "aragora maintenance switches a running server, and none answers on its \
+                     control socket: set MAINTENANCE_MODE (off, read-only, on) for its next start"
+                        .into(),
+                ));
+            }
+            Ok(ControlResponse::Maintenance(
+                state.maintenance.set(mode, actor, None)?,
             ))
         }
         // Marking is a job (one at a time, recorded like a migration run).

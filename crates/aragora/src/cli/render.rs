@@ -84,6 +84,12 @@ pub fn render(resp: &ControlResponse, json: bool, ctx: Context<'_>) -> Rendered 
         ControlResponse::MigrationStatus(v) => Rendered::out(migration_run(v)),
         ControlResponse::SecretRotation(v) => Rendered::out(secret_rotation(v)),
         ControlResponse::Unseal(v) => Rendered::out(format!("{}\n", v.message)),
+        ControlResponse::Backup(v) => Rendered::out(backup(v)),
+        ControlResponse::Maintenance(v) => Rendered::out(format!(
+            "maintenance mode: {} (was {})\n",
+            v.mode.name(),
+            v.previous.name()
+        )),
     }
 }
 
@@ -106,6 +112,8 @@ pub fn json_of(resp: &ControlResponse) -> String {
         ControlResponse::MigrationStatus(v) => j(v),
         ControlResponse::SecretRotation(v) => j(v),
         ControlResponse::Unseal(v) => j(v),
+        ControlResponse::Backup(v) => j(v),
+        ControlResponse::Maintenance(v) => j(v),
     }
 }
 
@@ -488,4 +496,31 @@ mod tests {
         v.state = RunState::Completed;
         assert_eq!(progress_line(&v, 1.0), None);
     }
+}
+
+/// `aragora backup`: what was written, and how to restore it.
+fn backup(v: &crate::backup::BackupOutcome) -> String {
+    let mut out = format!(
+        "{} backup written: {}\n  files: {}, bytes: {}, LSN {}..{}, {} ms\n  chain head: {}\n  chain: {}\n",
+        v.kind.name(),
+        v.dir,
+        v.files,
+        v.bytes,
+        v.start_lsn,
+        v.end_lsn,
+        v.duration_ms,
+        v.chain_head,
+        v.chain.join(" -> "),
+    );
+    out.push_str(&format!(
+        "  key-ring backups: {} in {}/keyring-backups ({} copied now)\n",
+        v.keyring_files,
+        v.root,
+        v.keyring_files_copied.len()
+    ));
+    out.push_str(&format!(
+        "  restore: aedb restore --from {} --to NEW_DATA_DIR/aedb (with AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY set)\n",
+        v.root
+    ));
+    out
 }
