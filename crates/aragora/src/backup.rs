@@ -319,27 +319,30 @@ impl Backups {
                 );
                 Ok(outcome)
             }
-            Err(e) => {
-                self.metrics
-                    .failures
-                    .with_label_values(&[kind.name()])
-                    .inc();
-                tracing::error!(kind = kind.name(), root = %shown, error = %e, actor, "backup failed");
-                let event =
-                    AuditEvent::new("backup_failed", actor, Outcome::Failure).details(Audited {
-                        kind: kind.name(),
-                        root: &shown,
-                        dir: None,
-                        chain_head: None,
-                        bytes: None,
-                        error: Some(e.to_string()),
-                    });
-                if let Err(a) = self.audit.record(event) {
-                    tracing::error!(error = %a, "auditing a failed backup failed");
-                }
-                Err(e.into())
-            }
+            Err(e) => Err(self.failed(kind, root, actor, e)),
         }
+    }
+
+    /// A failed backup: counted, logged and audited as `backup_failed`.
+    fn failed(&self, kind: BackupKind, root: &Path, actor: &str, e: BackupError) -> ServiceError {
+        let shown = root.display().to_string();
+        self.metrics
+            .failures
+            .with_label_values(&[kind.name()])
+            .inc();
+        tracing::error!(kind = kind.name(), root = %shown, error = %e, actor, "backup failed");
+        let event = AuditEvent::new("backup_failed", actor, Outcome::Failure).details(Audited {
+            kind: kind.name(),
+            root: &shown,
+            dir: None,
+            chain_head: None,
+            bytes: None,
+            error: Some(e.to_string()),
+        });
+        if let Err(a) = self.audit.record(event) {
+            tracing::error!(error = %a, "auditing a failed backup failed");
+        }
+        e.into()
     }
 
     fn write(&self, kind: BackupKind, root: &Path) -> Result<BackupOutcome, BackupError> {
@@ -389,8 +392,10 @@ impl Backups {
     /// are removed. `Ok(None)`: nothing was due.
     pub fn scheduled(&self, s: &BackupSchedule) -> Result<Option<BackupOutcome>, ServiceError> {
         let now = now_us() / 1_000_000;
+        // A backup directory that cannot be read fails the backup that was
+        // due (counted like any other failure); a full one is the safe guess.
         let chains = numbered(&s.dir, |n| n.strip_prefix(CHAIN_PREFIX)?.parse().ok())
-            .map_err(ServiceError::from)?;
+            .map_err(|e| self.failed(BackupKind::Full, &s.dir, SCHEDULE_ACTOR, e))?;
         let newest = chains.last().map(|(seq, n)| (*seq, s.dir.join(n)));
         let age = |dir: &Path, first: bool| -> Option<i64> {
             let b = backups_in(dir).ok()?;

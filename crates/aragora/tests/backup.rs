@@ -238,3 +238,86 @@ fn read_only_refuses_writes_serves_reads_and_off_restores_writes() {
     let changes = s.audit(&admin, "maintenance_mode_changed");
     assert_eq!(changes.len(), 4, "{changes:?}");
 }
+
+/// Polls `f` until it holds; the deadline only stops a hung test (the
+/// schedule's pace is the server's, and no duration is asserted).
+fn eventually(what: &str, s: &Server, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never happened; stderr:\n{}",
+            s.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn chains(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("chain-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_schedule_writes_chains_with_incrementals_and_keeps_the_newest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("scheduled");
+    let dir_s = dir.to_str().expect("utf-8").to_string();
+    let s = Server::start(
+        Path::new(BIN),
+        &[
+            ("ARAGORA_BACKUP_DIR", dir_s.as_str()),
+            ("ARAGORA_BACKUP_INCREMENTAL_INTERVAL", "1"),
+            ("ARAGORA_BACKUP_FULL_INTERVAL", "3"),
+            ("ARAGORA_BACKUP_RETAIN_FULL", "2"),
+        ],
+    );
+    let (_, admin) = s.bootstrap_admin("admin@example.com");
+    put_secret(&s, &admin, "app/db", "v1");
+    eventually("an incremental in the first chain", &s, || {
+        dir.join("chain-0001/0002-incremental/backup.json")
+            .is_file()
+    });
+    eventually("a third chain, and the first one pruned", &s, || {
+        let c = chains(&dir);
+        c.iter().any(|n| n == "chain-0003") && !c.iter().any(|n| n == "chain-0001")
+    });
+    assert!(chains(&dir).len() <= 2, "{:?}", chains(&dir));
+    let audited = s.audit(&admin, "backup_created");
+    assert!(
+        audited
+            .iter()
+            .all(|e| e["actor"] == "system:backup-schedule"),
+        "{audited:?}"
+    );
+    assert!(s.metric("aragora_backup_last_success_timestamp_seconds{kind=\"full\"}") > 0.0);
+    assert_eq!(s.metric("aragora_backup_failures_total"), 0.0);
+}
+
+#[test]
+fn a_failing_scheduled_backup_is_counted_and_the_server_keeps_serving() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A file where the backup directory should be: every backup fails.
+    let blocker = tmp.path().join("not-a-dir");
+    std::fs::write(&blocker, b"x").expect("write");
+    let s = Server::start(
+        Path::new(BIN),
+        &[
+            ("ARAGORA_BACKUP_DIR", blocker.to_str().expect("utf-8")),
+            ("ARAGORA_BACKUP_INCREMENTAL_INTERVAL", "1"),
+        ],
+    );
+    eventually("a counted backup failure", &s, || {
+        s.metric("aragora_backup_failures_total{kind=\"full\"}") >= 1.0
+    });
+    assert_eq!(s.send(Request::new("GET", "/api/health")).status, 200);
+    assert!(s.stderr().contains("backup failed"), "{}", s.stderr());
+}
