@@ -365,6 +365,33 @@ fn secret_rotation(v: &RotationMarks) -> String {
     s
 }
 
+/// `aragora backup`: what was written, and how to restore it.
+fn backup(v: &crate::backup::BackupOutcome) -> String {
+    let mut out = format!(
+        "{} backup written: {}\n  files: {}, bytes: {}, LSN {}..{}, {} ms\n  chain head: {}\n  chain: {}\n",
+        v.kind.name(),
+        v.dir,
+        v.files,
+        v.bytes,
+        v.start_lsn,
+        v.end_lsn,
+        v.duration_ms,
+        v.chain_head,
+        v.chain.join(" -> "),
+    );
+    out.push_str(&format!(
+        "  key-ring backups: {} in {}/keyring-backups ({} copied now)\n",
+        v.keyring_files,
+        v.root,
+        v.keyring_files_copied.len()
+    ));
+    out.push_str(&format!(
+        "  restore: aedb restore --from {} --to NEW_DATA_DIR/aedb (with AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY set)\n",
+        v.root
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,31 +523,4 @@ mod tests {
         v.state = RunState::Completed;
         assert_eq!(progress_line(&v, 1.0), None);
     }
-}
-
-/// `aragora backup`: what was written, and how to restore it.
-fn backup(v: &crate::backup::BackupOutcome) -> String {
-    let mut out = format!(
-        "{} backup written: {}\n  files: {}, bytes: {}, LSN {}..{}, {} ms\n  chain head: {}\n  chain: {}\n",
-        v.kind.name(),
-        v.dir,
-        v.files,
-        v.bytes,
-        v.start_lsn,
-        v.end_lsn,
-        v.duration_ms,
-        v.chain_head,
-        v.chain.join(" -> "),
-    );
-    out.push_str(&format!(
-        "  key-ring backups: {} in {}/keyring-backups ({} copied now)\n",
-        v.keyring_files,
-        v.root,
-        v.keyring_files_copied.len()
-    ));
-    out.push_str(&format!(
-        "  restore: aedb restore --from {} --to NEW_DATA_DIR/aedb (with AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY set)\n",
-        v.root
-    ));
-    out
 }
