@@ -46,6 +46,10 @@ pub struct AppState {
     /// each): without a bound, a flood of logins from many addresses would
     /// exhaust memory before any per-IP limit bites.
     pub password_slots: tokio::sync::Semaphore,
+    /// Online backups (`aragora backup`, the schedule).
+    pub backups: Arc<crate::backup::Backups>,
+    /// The runtime maintenance mode (`aragora maintenance`, the API).
+    pub maintenance: Arc<crate::maintenance::Maintenance>,
 }
 
 /// Why the services could not be assembled (boot is refused).
@@ -175,6 +179,20 @@ impl AppState {
             config.faults.clone(),
         )?);
         let config_slots = config.password_hash_concurrency;
+        let registry_error =
+            |e: prometheus::Error| StoreError::Backend(format!("metrics registry: {e}"));
+        let backups = Arc::new(crate::backup::Backups::new(
+            store.clone(),
+            audit.clone(),
+            config.data_dir.clone(),
+            crate::metrics::ops::BackupMetrics::register(&metrics.registry)
+                .map_err(registry_error)?,
+        ));
+        let maintenance = Arc::new(crate::maintenance::Maintenance::new(
+            config.maintenance_boot,
+            crate::metrics::ops::maintenance_gauge(&metrics.registry).map_err(registry_error)?,
+            audit.clone(),
+        ));
         Ok(Self {
             config,
             metrics,
@@ -192,6 +210,8 @@ impl AppState {
             notifier,
             jobs,
             password_slots: tokio::sync::Semaphore::new(config_slots),
+            backups,
+            maintenance,
         })
     }
 }

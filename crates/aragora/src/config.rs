@@ -102,6 +102,9 @@ pub struct Config {
     pub log_json: bool,
     pub environment: Environment,
     pub maintenance_mode: bool,
+    /// MAINTENANCE_MODE as the runtime mode starts (`crate::maintenance`):
+    /// a boolean (on/off) or `read-only`.
+    pub maintenance_boot: crate::maintenance::MaintenanceMode,
     pub rbac_cache_ttl: Duration,
     pub auth_rate_limit_per_ip: u32,
     pub auth_rate_limit_window: Duration,
@@ -161,8 +164,34 @@ pub struct Config {
     /// its period (ARAGORA_AUDIT_EXPORT_INTERVAL, seconds, default 3600).
     pub audit_export_dir: Option<PathBuf>,
     pub audit_export_interval: Duration,
+    /// Scheduled online backups (`crate::backup`): `None` (ARAGORA_BACKUP_DIR
+    /// unset) turns the schedule off.
+    pub backup: Option<BackupSchedule>,
     /// Test-only faults (none unless a test asks for one).
     pub faults: FaultPlan,
+}
+
+/// ARAGORA_BACKUP_INCREMENTAL_INTERVAL's default: an hour of writes at most
+/// is lost with the newest backup.
+pub const DEFAULT_BACKUP_INCREMENTAL_INTERVAL: u64 = 3600;
+/// ARAGORA_BACKUP_FULL_INTERVAL's default: a new chain (full backup) daily.
+pub const DEFAULT_BACKUP_FULL_INTERVAL: u64 = 86_400;
+/// ARAGORA_BACKUP_RETAIN_FULL's default: a week of daily chains.
+pub const DEFAULT_BACKUP_RETAIN_FULL: u64 = 7;
+
+/// The backup schedule: a chain (a full backup, then incrementals) in `dir`
+/// every `full_interval`, an incremental every `incremental_interval`, the
+/// newest `retain_full` chains kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupSchedule {
+    /// ARAGORA_BACKUP_DIR.
+    pub dir: PathBuf,
+    /// ARAGORA_BACKUP_INCREMENTAL_INTERVAL (seconds, default 3600).
+    pub incremental_interval: Duration,
+    /// ARAGORA_BACKUP_FULL_INTERVAL (seconds, default 86400).
+    pub full_interval: Duration,
+    /// ARAGORA_BACKUP_RETAIN_FULL (chains, default 7).
+    pub retain_full: usize,
 }
 
 /// Where a fault plan can strike.
@@ -424,8 +453,15 @@ impl Config {
         }
         let log_json =
             get("ARAGORA_LOG_JSON").is_some_and(|v| boolean("ARAGORA_LOG_JSON", v, &mut p));
-        let maintenance_mode =
-            get("MAINTENANCE_MODE").is_some_and(|v| boolean("MAINTENANCE_MODE", v, &mut p));
+        let maintenance_read_only =
+            get("MAINTENANCE_MODE").is_some_and(|v| v.trim().eq_ignore_ascii_case("read-only"));
+        let maintenance_mode = !maintenance_read_only
+            && get("MAINTENANCE_MODE").is_some_and(|v| boolean("MAINTENANCE_MODE", v, &mut p));
+        let maintenance_boot = match (maintenance_read_only, maintenance_mode) {
+            (true, _) => crate::maintenance::MaintenanceMode::ReadOnly,
+            (false, true) => crate::maintenance::MaintenanceMode::On,
+            (false, false) => crate::maintenance::MaintenanceMode::Off,
+        };
         let ttl =
             get("RBAC_CACHE_TTL").map_or(300, |v| number("RBAC_CACHE_TTL", v, 0, 86_400, &mut p));
         let per_ip = get("AUTH_RATE_LIMIT_PER_IP").map_or(10, |v| {
@@ -617,6 +653,32 @@ impl Config {
                     &mut p,
                 )
             });
+        let backup_incremental_interval = get("ARAGORA_BACKUP_INCREMENTAL_INTERVAL").map_or(
+            DEFAULT_BACKUP_INCREMENTAL_INTERVAL,
+            |v| {
+                number(
+                    "ARAGORA_BACKUP_INCREMENTAL_INTERVAL",
+                    v,
+                    1,
+                    30 * 86_400,
+                    &mut p,
+                )
+            },
+        );
+        let backup_full_interval = get("ARAGORA_BACKUP_FULL_INTERVAL")
+            .map_or(DEFAULT_BACKUP_FULL_INTERVAL, |v| {
+                number("ARAGORA_BACKUP_FULL_INTERVAL", v, 1, 365 * 86_400, &mut p)
+            });
+        let backup_retain_full = get("ARAGORA_BACKUP_RETAIN_FULL")
+            .map_or(DEFAULT_BACKUP_RETAIN_FULL, |v| {
+                number("ARAGORA_BACKUP_RETAIN_FULL", v, 1, 10_000, &mut p)
+            });
+        let backup = file("ARAGORA_BACKUP_DIR").map(|dir| BackupSchedule {
+            dir,
+            incremental_interval: Duration::from_secs(backup_incremental_interval),
+            full_interval: Duration::from_secs(backup_full_interval),
+            retain_full: backup_retain_full as usize,
+        });
         let job_gate = file("ARAGORA_TEST_JOB_GATE");
         let approval_crash = match get("ARAGORA_TEST_APPROVAL_CRASH").map(str::trim) {
             None | Some("") => None,
@@ -639,6 +701,7 @@ impl Config {
             log_json,
             environment,
             maintenance_mode,
+            maintenance_boot,
             rbac_cache_ttl: Duration::from_secs(ttl),
             auth_rate_limit_per_ip: per_ip as u32,
             auth_rate_limit_window: Duration::from_secs(window),
@@ -667,6 +730,7 @@ impl Config {
             key_destroy_grace: Duration::from_secs(key_destroy_grace),
             audit_export_dir,
             audit_export_interval: Duration::from_secs(audit_export_interval),
+            backup,
             faults: FaultPlan {
                 crash_after_migration_batches,
                 job_gate,

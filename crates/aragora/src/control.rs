@@ -90,6 +90,16 @@ pub enum ControlRequest {
         #[serde(default)]
         dry_run: bool,
     },
+    /// `aragora backup full|incremental --out DIR`: an online backup.
+    Backup {
+        kind: crate::backup::BackupKind,
+        /// Absolute (the CLI resolves it before sending).
+        out: String,
+    },
+    /// `aragora maintenance off|read-only|on`.
+    Maintenance {
+        mode: crate::maintenance::MaintenanceMode,
+    },
     /// `aragora unseal`: open a sealed key ring with this master key (read
     /// by the CLI from stdin; only ever sent over the owner-only socket).
     Unseal {
@@ -148,6 +158,7 @@ impl ControlRequest {
             ControlRequest::AuditExport { .. } | ControlRequest::AuditVerifyExport { .. } => {
                 Duration::from_secs(3600)
             }
+            ControlRequest::Backup { .. } => Duration::from_secs(24 * 3600),
             _ => Duration::from_secs(60),
         }
     }
@@ -171,6 +182,8 @@ pub enum ControlResponse {
     SecretRotation(RotationMarks),
     Unseal(UnsealOutcome),
     MasterKeyRotate(MasterRotationOutcome),
+    Backup(crate::backup::BackupOutcome),
+    Maintenance(crate::maintenance::MaintenanceChange),
 }
 
 /// The first admin and its API key (shown once).
@@ -401,6 +414,23 @@ pub fn execute(
                     via.as_str(),
                     &progress,
                 )?,
+            ))
+        }
+        ControlRequest::Backup { kind, out } => Ok(ControlResponse::Backup(state.backups.run(
+            kind,
+            Path::new(&out),
+            actor,
+        )?)),
+        ControlRequest::Maintenance { mode } => {
+            if via == Via::Direct {
+                return Err(ServiceError::BadRequest(
+                    "aragora maintenance switches a running server, and none answers on its \
+                     control socket: set MAINTENANCE_MODE (off, read-only, on) for its next start"
+                        .into(),
+                ));
+            }
+            Ok(ControlResponse::Maintenance(
+                state.maintenance.set(mode, actor, None)?,
             ))
         }
         // Marking is a job (one at a time, recorded like a migration run).

@@ -94,6 +94,25 @@ enum Command {
         #[command(subcommand)]
         command: MasterKeyCommand,
     },
+    /// Online backups of the store while the server runs (writers keep
+    /// going), through the owner-only socket; with the server stopped the
+    /// command opens the store itself. DIR gets the aedb backup chain and a
+    /// copy of the key-ring backup files: restore it with `aedb restore
+    /// --from DIR --to NEW_DATA_DIR/aedb`.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
+    /// Switch the runtime maintenance mode of the running server: off,
+    /// read-only (writes refused with 503, except /api/admin/* incident
+    /// actions) or on (only health, metrics and /api/admin/* are served).
+    /// MAINTENANCE_MODE sets the mode a server starts in.
+    Maintenance {
+        #[arg(value_parser = ["off", "read-only", "on"])]
+        mode: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Mark for rotation every secret a user read (from the audit log's
     /// secret_access entries, all time): `rotation_required` in its metadata.
     Rotation {
@@ -128,6 +147,24 @@ enum MasterKeyCommand {
         /// as approval_gate_skipped at critical severity.
         #[arg(long, value_name = "ID", conflicts_with = "dry_run")]
         approval: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// A full backup: starts a chain in DIR (created if absent).
+    Full {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The log since DIR's newest backup (run `backup full --out DIR` first).
+    Incremental {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -279,6 +316,31 @@ fn main() -> ExitCode {
                     json,
                 },
         } => command(ControlRequest::MasterKeyRotate { dry_run, approval }, json),
+        Command::Backup {
+            command: BackupCommand::Full { out, json },
+        } => absolute(&out).and_then(|out| {
+            command(
+                ControlRequest::Backup {
+                    kind: aragora::backup::BackupKind::Full,
+                    out,
+                },
+                json,
+            )
+        }),
+        Command::Backup {
+            command: BackupCommand::Incremental { out, json },
+        } => absolute(&out).and_then(|out| {
+            command(
+                ControlRequest::Backup {
+                    kind: aragora::backup::BackupKind::Incremental,
+                    out,
+                },
+                json,
+            )
+        }),
+        Command::Maintenance { mode, json } => aragora::maintenance::MaintenanceMode::parse(&mode)
+            .map_err(|e| anyhow!(e.to_string()))
+            .and_then(|mode| command(ControlRequest::Maintenance { mode }, json)),
         Command::Rotation {
             secrets_accessed_by,
             dry_run,

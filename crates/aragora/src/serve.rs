@@ -87,8 +87,14 @@ fn init_logging(level: &str, json: bool) {
 /// flushed store.
 pub fn run() -> Result<ExitCode> {
     let config = load_config()?;
-    if config.maintenance_mode {
-        tracing::warn!("MAINTENANCE_MODE=true: only health, metrics and /api/admin/* are served");
+    match config.maintenance_boot {
+        aragora::maintenance::MaintenanceMode::On => tracing::warn!(
+            "MAINTENANCE_MODE=true: only health, metrics and /api/admin/* are served"
+        ),
+        aragora::maintenance::MaintenanceMode::ReadOnly => {
+            tracing::warn!("MAINTENANCE_MODE=read-only: writes are refused except /api/admin/*")
+        }
+        aragora::maintenance::MaintenanceMode::Off => {}
     }
     // A bad certificate stops boot before the store is touched.
     let tls = match &config.tls {
@@ -188,6 +194,7 @@ fn spawn_periodic_tasks(state: &Arc<AppState>, store: Arc<EmbeddedStore>) {
     if let Some(dir) = state.config.audit_export_dir.clone() {
         tokio::spawn(export_audit_periodically(state.clone(), dir));
     }
+    start_backup_schedule(state);
 }
 
 /// The runbook's "periodically export audit table snapshots to immutable
@@ -215,6 +222,40 @@ async fn export_audit_periodically(state: Arc<AppState>, dir: std::path::PathBuf
             }
             Err(e) => tracing::error!(error = %e, "scheduled audit export task failed"),
         }
+    }
+}
+
+/// The backup schedule (ARAGORA_BACKUP_DIR): a thread of its own, since a
+/// backup copies files for as long as the store is large. It holds the state
+/// weakly, so shutdown still closes the store once serving stops.
+fn start_backup_schedule(state: &Arc<AppState>) {
+    let Some(schedule) = state.config.backup.clone() else {
+        tracing::info!("scheduled backups: off (ARAGORA_BACKUP_DIR is not set)");
+        return;
+    };
+    tracing::info!(
+        dir = %schedule.dir.display(),
+        incremental_every_s = schedule.incremental_interval.as_secs(),
+        full_every_s = schedule.full_interval.as_secs(),
+        retain_full = schedule.retain_full,
+        "scheduled backups: on"
+    );
+    let weak = Arc::downgrade(state);
+    let poll = aragora::backup::poll_interval(&schedule);
+    let spawned = std::thread::Builder::new()
+        .name("backup-schedule".into())
+        .spawn(move || {
+            loop {
+                let Some(state) = weak.upgrade() else { return };
+                // Failures are logged, counted and audited by `run`; the
+                // schedule keeps going.
+                let _ = state.backups.scheduled(&schedule);
+                drop(state);
+                std::thread::sleep(poll);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "scheduled backups: the thread could not start");
     }
 }
 

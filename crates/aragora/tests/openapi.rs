@@ -291,6 +291,11 @@ fn every_route_answers_with_the_documented_schema() {
         .as_(a));
     run(case("POST", "/api/admin/sessions/revoke-all", 200).as_(a));
 
+    // The runtime maintenance mode (switched to what it is: nothing changes).
+    run(case("POST", "/api/admin/maintenance", 200)
+        .as_(a)
+        .body(json!({"mode": "off"})));
+
     // IP blocks and roles.
     run(case("POST", "/api/admin/ratelimit/block", 201)
         .as_(a)

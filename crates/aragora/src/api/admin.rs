@@ -490,3 +490,24 @@ impl std::fmt::Debug for CreateUserBody {
         f.write_str("CreateUserBody { .. }")
     }
 }
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceBody {
+    /// `off`, `read-only` or `on`.
+    mode: String,
+}
+
+/// `POST /api/admin/maintenance {mode}`: the runbook's "freeze writes"
+/// without a restart (exempt from both modes itself, so it can undo them).
+pub async fn set_maintenance(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(b): JsonBody<MaintenanceBody>,
+) -> ApiResult<Response> {
+    let mode = crate::maintenance::MaintenanceMode::parse(&b.mode).map_err(super::ApiError)?;
+    let change =
+        blocking(move || state.maintenance.set(mode, &p.user_id, meta.ip_string())).await?;
+    Ok(axum::Json(change).into_response())
+}

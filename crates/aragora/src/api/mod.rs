@@ -33,6 +33,7 @@ use crate::audit::{AuditEvent, Outcome};
 use crate::auth::{Principal, RequestMeta};
 use crate::clock::now_us;
 use crate::error::ServiceError;
+use crate::maintenance::MaintenanceMode;
 use crate::rbac::{catalogue, roles_label};
 use doc_types::*;
 
@@ -49,6 +50,7 @@ mod doc_types {
     pub use crate::encryption::migration::MigrationView;
     pub use crate::encryption::{EncryptionHealth, EncryptionStats, KeysView, RotationOutcome};
     pub use crate::jobs::JobRecord;
+    pub use crate::maintenance::MaintenanceChange;
     pub use crate::rbac::denials::DenialRow;
     pub use crate::rbac::{CacheStats, CustomRole, PermissionView, RoleView};
     pub use crate::secrets::SecretView;
@@ -315,6 +317,7 @@ routes! {
     POST "/api/admin/ratelimit/block" Some("ratelimit.manage"), "Block an IP or CIDR network: {ip, duration, reason}" => admin::block_ip, admin::BlockBody, [201 IpBlockView];
     GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks, NoBody, [200 BlocksView];
     DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded); gated (ip_unblock, low risk: 202 unless admin)" => admin::unblock_ip, NoBody, [204 NoBody, 202 CreatedView];
+    POST "/api/admin/maintenance" Some("sessions.revoke"), "Switch the runtime maintenance mode: {mode: off|read-only|on} (read-only refuses writes except /api/admin/*; on serves only health, metrics and /api/admin/*); audited as maintenance_mode_changed" => admin::set_maintenance, admin::MaintenanceBody, [200 MaintenanceChange];
     GET "/api/admin/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles, NoBody, [200 Vec<RoleView>];
     POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description, reason?}; with a sensitive permission gated (custom_role_change: 202 unless admin)" => rbac::put_role, rbac::CustomRoleBody, [201 CustomRole, 202 CreatedView];
     DELETE "/api/admin/roles/{name}" Some("roles.manage"), "Delete a custom role (refused while assigned)" => rbac::delete_role, NoBody, [204 NoBody];
@@ -376,14 +379,33 @@ fn is_exempt_from_maintenance(path: &str) -> bool {
     path == "/api/health" || path == "/metrics" || path.starts_with("/api/admin/")
 }
 
-/// Lockdown: with MAINTENANCE_MODE=true every request gets 503 except liveness,
-/// metrics and the admin recovery endpoints (which still need a token).
+/// The runtime maintenance mode (`crate::maintenance`). `on` (the lockdown,
+/// MAINTENANCE_MODE=true): every request gets 503 except liveness, metrics
+/// and the admin endpoints (which still need a token). `read-only`: every
+/// write (a method other than GET, HEAD or OPTIONS) gets 503 naming the mode,
+/// except the admin incident actions under `/api/admin/*`.
 async fn maintenance(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if state.config.maintenance_mode && !is_exempt_from_maintenance(req.uri().path()) {
+    let path = req.uri().path();
+    let refused = match state.maintenance.mode() {
+        MaintenanceMode::Off => None,
+        MaintenanceMode::On => (!is_exempt_from_maintenance(path))
+            .then_some("maintenance mode: only health, metrics and admin recovery are served"),
+        MaintenanceMode::ReadOnly => {
+            let read = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+            (!read && !is_exempt_from_maintenance(path)).then_some(
+                "maintenance mode read-only: writes are refused until an operator sets it off \
+                 (reads and /api/admin/* incident actions are served)",
+            )
+        }
+    };
+    if let Some(message) = refused {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "60")],
-            axum::Json(json!({"error": "maintenance mode: only health, metrics and admin recovery are served"})),
+            axum::Json(json!({
+                "error": message,
+                "maintenance_mode": state.maintenance.mode().name(),
+            })),
         )
             .into_response();
     }

@@ -13,7 +13,8 @@ use crate::app::AppState;
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(HealthView {
         status: "ok".into(),
-        maintenance_mode: state.config.maintenance_mode,
+        maintenance_mode: state.maintenance.mode() != crate::maintenance::MaintenanceMode::Off,
+        maintenance: state.maintenance.mode().name().into(),
         sealed: state.keyring.sealed().is_some(),
         store: StoreView {
             backend: state.store.backend().to_string(),

@@ -16,7 +16,11 @@ use crate::secrets::SecretView;
 pub struct HealthView {
     /// Always `ok` when the process answers.
     pub status: String,
+    /// True while the runtime maintenance mode is not `off`.
     pub maintenance_mode: bool,
+    /// The runtime maintenance mode: `off`, `read-only` (writes refused) or
+    /// `on` (lockdown).
+    pub maintenance: String,
     /// The key ring is sealed (no usable master key): secrets and key
     /// operations answer 503 until it is unsealed; the rest serves.
     pub sealed: bool,

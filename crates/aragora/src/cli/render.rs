@@ -85,6 +85,12 @@ pub fn render(resp: &ControlResponse, json: bool, ctx: Context<'_>) -> Rendered 
         ControlResponse::SecretRotation(v) => Rendered::out(secret_rotation(v)),
         ControlResponse::Unseal(v) => Rendered::out(format!("{}\n", v.message)),
         ControlResponse::MasterKeyRotate(v) => Rendered::out(master_rotation(v)),
+        ControlResponse::Backup(v) => Rendered::out(backup(v)),
+        ControlResponse::Maintenance(v) => Rendered::out(format!(
+            "maintenance mode: {} (was {})\n",
+            v.mode.name(),
+            v.previous.name()
+        )),
     }
 }
 
@@ -108,6 +114,8 @@ pub fn json_of(resp: &ControlResponse) -> String {
         ControlResponse::SecretRotation(v) => j(v),
         ControlResponse::Unseal(v) => j(v),
         ControlResponse::MasterKeyRotate(v) => j(v),
+        ControlResponse::Backup(v) => j(v),
+        ControlResponse::Maintenance(v) => j(v),
     }
 }
 
@@ -382,6 +390,33 @@ fn secret_rotation(v: &RotationMarks) -> String {
         );
     }
     s
+}
+
+/// `aragora backup`: what was written, and how to restore it.
+fn backup(v: &crate::backup::BackupOutcome) -> String {
+    let mut out = format!(
+        "{} backup written: {}\n  files: {}, bytes: {}, LSN {}..{}, {} ms\n  chain head: {}\n  chain: {}\n",
+        v.kind.name(),
+        v.dir,
+        v.files,
+        v.bytes,
+        v.start_lsn,
+        v.end_lsn,
+        v.duration_ms,
+        v.chain_head,
+        v.chain.join(" -> "),
+    );
+    out.push_str(&format!(
+        "  key-ring backups: {} in {}/keyring-backups ({} copied now)\n",
+        v.keyring_files,
+        v.root,
+        v.keyring_files_copied.len()
+    ));
+    out.push_str(&format!(
+        "  restore: aedb restore --from {} --to NEW_DATA_DIR/aedb (with AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY set)\n",
+        v.root
+    ));
+    out
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! describe state rather than count events (`scrape.rs`).
 
 pub mod aedb;
+pub mod ops;
 pub mod scrape;
 
 use prometheus::{

@@ -47,6 +47,7 @@ impl EmbeddedStore {
         };
         store.ensure_layout()?;
         store.ensure_audit_read()?;
+        store.ensure_backup()?;
         super::legacy_meta::upgrade(&store.db, &store.caller)?;
         Ok(store)
     }
@@ -114,6 +115,30 @@ impl EmbeddedStore {
                 .map_err(backend),
             Err(e) => Err(backend(e)),
         }
+    }
+
+    /// The service caller takes online backups (`aragora backup`, the
+    /// schedule) through its own grant, so backups never use GlobalAdmin.
+    /// Reading its grants needs `AuditRead`, granted just before.
+    fn ensure_backup(&self) -> Result<(), StoreError> {
+        let grants = self
+            .db
+            .grants_of_as(&self.caller, SERVICE_CALLER)
+            .map_err(backend)?;
+        if grants.iter().any(|g| g.permission == Permission::Backup) {
+            return Ok(());
+        }
+        self.db
+            .commit_ddl_as(
+                &CallerContext::new(BOOTSTRAP_ADMIN).map_err(backend)?,
+                vec![DdlOperation::GrantPermission {
+                    grantee: SERVICE_CALLER.into(),
+                    permission: Permission::Backup,
+                    delegable: false,
+                }],
+            )
+            .map(|_| ())
+            .map_err(backend)
     }
 
     /// The transaction for a batch, and for each assertion the op it guards.
@@ -294,6 +319,18 @@ impl Store for EmbeddedStore {
 
     fn wait_durable(&self, receipt: Receipt) -> Result<(), StoreError> {
         self.db.wait_durable(receipt.seq).map_err(backend)
+    }
+
+    fn engine_backup(
+        &self,
+        dest: &Path,
+        parent: Option<&Path>,
+    ) -> Result<aedb::BackupReport, StoreError> {
+        match parent {
+            None => self.db.backup_full_as(&self.caller, dest),
+            Some(parent) => self.db.backup_incremental_as(&self.caller, dest, parent),
+        }
+        .map_err(backend)
     }
 
     fn engine_audit(&self, since_id: i64) -> Result<Vec<aedb::AuditExport>, StoreError> {

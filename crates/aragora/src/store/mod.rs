@@ -282,6 +282,22 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn operational_metrics(&self) -> Option<aedb::OperationalMetrics> {
         None
     }
+
+    /// An online backup of the engine into `dest` (absent or empty) while
+    /// writers keep going: a full one, or with `parent` (the newest backup of
+    /// a chain) the log since it. A store run by a server of its own (the
+    /// shared PostgreSQL store) is backed up with that server's tools.
+    fn engine_backup(
+        &self,
+        dest: &std::path::Path,
+        parent: Option<&std::path::Path>,
+    ) -> Result<aedb::BackupReport, StoreError> {
+        let _ = (dest, parent);
+        Err(StoreError::Backend(format!(
+            "the {} store has no engine backup: back it up with its own tools",
+            self.backend()
+        )))
+    }
 }
 
 /// Decodes a JSON record, naming it when it does not decode.
