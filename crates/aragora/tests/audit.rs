@@ -71,6 +71,7 @@ fn intact_chain_verifies_and_search_filters_and_pages() {
         })
         .expect("page 1");
     assert_eq!(p1.total, 30);
+    assert!(p1.truncated, "a page short of the total says so");
     assert_eq!(
         p1.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
         [27, 28, 29, 30]
@@ -94,6 +95,7 @@ fn intact_chain_verifies_and_search_filters_and_pages() {
         })
         .expect("actor");
     assert_eq!(by_actor.total, 15);
+    assert!(!by_actor.truncated, "every match fits: not truncated");
 }
 
 #[test]

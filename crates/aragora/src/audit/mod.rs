@@ -150,6 +150,9 @@ pub struct SearchResult {
     pub total: u64,
     /// Pass as `before` for the previous (older) page; absent on the last page.
     pub next_before: Option<String>,
+    /// More matches than this page holds (`total` > entries): page with
+    /// `before=next_before`, or a larger `limit`, before drawing conclusions.
+    pub truncated: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -359,6 +362,7 @@ impl AuditLog {
         }
         entries.reverse();
         Ok(SearchResult {
+            truncated: next_before.is_some(),
             entries,
             total,
             next_before,
