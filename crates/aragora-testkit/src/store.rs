@@ -10,6 +10,42 @@ use std::ops::Bound;
 
 use aragora::store::{Collection, Durability, Expect, ListQuery, Store, StoreError, WriteOp};
 
+/// The store of a stopped development server (keys from its
+/// `dev-keys.env`): for tests that change what is on disk behind its back.
+pub fn open_stopped(server: &crate::Server) -> aragora::store::EmbeddedStore {
+    let keys = server.dev_keys();
+    let key = |name: &str| {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(&keys[name], &mut k).expect("a 64-hex-digit key");
+        k
+    };
+    aragora::store::EmbeddedStore::open(
+        &server.data_dir.join("aedb"),
+        key("AEDB_MANIFEST_KEY"),
+        key("AEDB_CHECKPOINT_KEY"),
+    )
+    .expect("open the stopped server's store")
+}
+
+/// With the server stopped: gives secret `to` the envelope of secret `from`,
+/// so decrypting `to` fails (the record id is the AAD).
+pub fn copy_secret_envelope(server: &crate::Server, from: &str, to: &str) {
+    use aragora::secrets::SecretRecord;
+    use aragora::store::get_json;
+    let store = open_stopped(server);
+    let get = |id: &str| {
+        get_json::<SecretRecord>(&store, Collection::Secrets, id)
+            .expect("get")
+            .expect("present")
+    };
+    let (version, mut rec) = get(to);
+    rec.envelope = get(from).1.envelope;
+    let op =
+        WriteOp::put_json(Collection::Secrets, to, &rec, Expect::Version(version)).expect("op");
+    store.write(vec![op], Durability::Durable).expect("write");
+    store.close().expect("close");
+}
+
 /// Builders for store records and reads of them as text.
 pub mod records {
     use aragora::store::{Collection, Expect, Store, WriteOp};

@@ -524,18 +524,7 @@ fn label_names(labels: &Labels) -> BTreeSet<&str> {
 
 /// Writes a checkpoint of a stopped development server's store.
 fn checkpoint(s: &Server) {
-    let keys = s.dev_keys();
-    let key = |name: &str| {
-        let mut k = [0u8; 32];
-        hex::decode_to_slice(&keys[name], &mut k).expect("hex key");
-        k
-    };
-    let store = EmbeddedStore::open(
-        &s.data_dir.join("aedb"),
-        key("AEDB_MANIFEST_KEY"),
-        key("AEDB_CHECKPOINT_KEY"),
-    )
-    .expect("open the stopped server's store");
+    let store = aragora_testkit::store::open_stopped(s);
     store
         .engine()
         .checkpoint_as(&aedb::CallerContext::new(BOOTSTRAP_ADMIN).expect("caller"))

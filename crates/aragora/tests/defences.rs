@@ -1456,7 +1456,7 @@ fn password_changes_end_sessions() {
 #[test]
 fn server_side_session_expiry_is_checked() {
     use aragora::auth::model::Session;
-    use aragora::store::{Collection, Durability, EmbeddedStore, Expect, WriteOp, get_json};
+    use aragora::store::{Collection, Durability, Expect, WriteOp, get_json};
 
     let mut s = start(&[]);
     let (_, admin) = s.bootstrap_admin("root@expiry.test");
@@ -1474,19 +1474,7 @@ fn server_side_session_expiry_is_checked() {
     assert_eq!(s.get("/api/auth/me", &token).status, 200);
     s.stop();
     {
-        let keys = s.dev_keys();
-        let key = |n: &str| -> [u8; 32] {
-            hex::decode(&keys[n])
-                .expect("hex")
-                .try_into()
-                .expect("32 bytes")
-        };
-        let store = EmbeddedStore::open(
-            &s.data_dir.join("aedb"),
-            key("AEDB_MANIFEST_KEY"),
-            key("AEDB_CHECKPOINT_KEY"),
-        )
-        .expect("store");
+        let store = aragora_testkit::store::open_stopped(&s);
         let (v, mut session) = get_json::<Session>(&store, Collection::Sessions, &sid)
             .expect("read")
             .expect("session");

@@ -57,37 +57,6 @@ fn run_runbook_grep(pipelines: &[String], needle: &str, log: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// With the server stopped: gives record `to` the envelope of record `from`
-/// (a decryption then fails: the record id is the AAD).
-fn copy_envelope(server: &Server, from: &str, to: &str) {
-    use aragora::secrets::SecretRecord;
-    use aragora::store::{Collection, Durability, EmbeddedStore, Expect, Store, WriteOp, get_json};
-    let keys = server.dev_keys();
-    let key = |name: &str| -> [u8; 32] {
-        hex::decode(&keys[name])
-            .expect("hex")
-            .try_into()
-            .expect("32 bytes")
-    };
-    let store = EmbeddedStore::open(
-        &server.data_dir.join("aedb"),
-        key("AEDB_MANIFEST_KEY"),
-        key("AEDB_CHECKPOINT_KEY"),
-    )
-    .expect("open store");
-    let get = |id: &str| {
-        get_json::<SecretRecord>(&store, Collection::Secrets, id)
-            .expect("get")
-            .expect("present")
-    };
-    let (version, mut rec) = get(to);
-    rec.envelope = get(from).1.envelope;
-    let op =
-        WriteOp::put_json(Collection::Secrets, to, &rec, Expect::Version(version)).expect("op");
-    store.write(vec![op], Durability::Durable).expect("write");
-    store.close().expect("close");
-}
-
 /// A request from `ip` (the test kit's server believes X-Forwarded-For from
 /// loopback).
 fn from(ip: &str, r: Request) -> Request {
@@ -169,7 +138,7 @@ fn every_runbook_log_grep_finds_its_event_with_address_and_actor() {
     );
     // A decryption error: logs/b now holds logs/a's envelope.
     s.stop();
-    copy_envelope(&s, "logs/a", "logs/b");
+    aragora_testkit::store::copy_secret_envelope(&s, "logs/a", "logs/b");
     s.restart_with(&[]);
     let r = s.send(from(
         "192.0.2.99",

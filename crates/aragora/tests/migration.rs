@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use aragora::secrets::SecretRecord;
-use aragora::store::{Collection, Durability, EmbeddedStore, Expect, get_json};
+use aragora::store::{Collection, Durability, Expect, get_json};
 use aragora_testkit::store::records;
 use aragora_testkit::{Request, Response, Server, Value, json};
 
@@ -36,23 +36,6 @@ fn rotate(s: &Server) -> String {
     let out = s.cli_json(&["key-rotation", "--force", "--reason=test", "--json"]);
     assert_eq!(out["rotated"], true, "{out}");
     out["primary_key_id"].as_str().expect("key").to_string()
-}
-
-/// Opens the stopped server's store (keys from its dev key file).
-fn open_store(s: &Server) -> EmbeddedStore {
-    let keys = s.dev_keys();
-    let key = |name: &str| -> [u8; 32] {
-        hex::decode(&keys[name])
-            .expect("hex")
-            .try_into()
-            .expect("32 bytes")
-    };
-    EmbeddedStore::open(
-        &s.data_dir.join("aedb"),
-        key("AEDB_MANIFEST_KEY"),
-        key("AEDB_CHECKPOINT_KEY"),
-    )
-    .expect("open store")
 }
 
 /// What one server showed along the way through a migration with an
@@ -84,7 +67,7 @@ struct Migrated {
 /// Gives `sec-013` the ciphertext of `sec-014` (an AAD mismatch) in the
 /// stopped server's store.
 fn corrupt_sec_013(s: &Server) {
-    let store = open_store(s);
+    let store = aragora_testkit::store::open_stopped(s);
     let (v13, mut r13) = get_json::<SecretRecord>(&store, Collection::Secrets, "sec-013")
         .expect("get")
         .expect("sec-013");

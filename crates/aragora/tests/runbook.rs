@@ -35,40 +35,6 @@ fn bash_blocks(doc: &str) -> Vec<String> {
     blocks
 }
 
-/// With the server stopped: gives record `to` the envelope of record `from`.
-fn copy_envelope(server: &Server, from: &str, to: &str) {
-    use aragora::secrets::SecretRecord;
-    use aragora::store::{Collection, Durability, EmbeddedStore, Expect, Store, WriteOp, get_json};
-    let text = std::fs::read_to_string(server.data_dir.join("dev-keys.env")).expect("dev keys");
-    let key = |name: &str| -> [u8; 32] {
-        let v = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}=")))
-            .expect("key in dev-keys.env");
-        hex::decode(v.trim())
-            .expect("hex")
-            .try_into()
-            .expect("32 bytes")
-    };
-    let store = EmbeddedStore::open(
-        &server.data_dir.join("aedb"),
-        key("AEDB_MANIFEST_KEY"),
-        key("AEDB_CHECKPOINT_KEY"),
-    )
-    .expect("open store");
-    let get = |id: &str| {
-        get_json::<SecretRecord>(&store, Collection::Secrets, id)
-            .expect("get")
-            .expect("present")
-    };
-    let (version, mut rec) = get(to);
-    rec.envelope = get(from).1.envelope;
-    let op =
-        WriteOp::put_json(Collection::Secrets, to, &rec, Expect::Version(version)).expect("op");
-    store.write(vec![op], Durability::Durable).expect("write");
-    store.close().expect("close");
-}
-
 /// A fresh server whose only admin revoked its only API key: nobody can act.
 /// Returns it with the dead key.
 fn no_admin_can_act(bin: &Path) -> (Server, String) {
@@ -124,7 +90,7 @@ fn runbook_commands_work_against_the_real_server() {
         assert_eq!(r.status, 201, "{}", r.body);
     }
     server.stop();
-    copy_envelope(&server, "legacy-b", "legacy-a");
+    aragora_testkit::store::copy_secret_envelope(&server, "legacy-b", "legacy-a");
     server.restart_with(&[]);
 
     // The situation: a viewer probing sensitive endpoints, failed logins against
