@@ -188,6 +188,17 @@ fn spawn_periodic_tasks(state: &Arc<AppState>, store: Arc<EmbeddedStore>) {
             .await;
         }
     });
+    let keyring = state.keyring.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(aragora::encryption::DERIVATION_PROBE_INTERVAL);
+        // The first tick is immediate and boot already took a sample.
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let k = keyring.clone();
+            let _ = tokio::task::spawn_blocking(move || k.sample_derivation_cost()).await;
+        }
+    });
     if let Some(n) = state.notifier.clone() {
         tokio::spawn(n.run());
     }

@@ -506,6 +506,12 @@ impl KeyRing {
         })
     }
 
+    /// Times one key derivation for `derivation_latency_p95` (the server
+    /// calls it every `DERIVATION_PROBE_INTERVAL`). Blocking.
+    pub fn sample_derivation_cost(&self) {
+        self.stats.sample_derivation();
+    }
+
     /// `GET /api/security/encryption/stats` (also while sealed: nothing
     /// unwrapped, no primary).
     pub fn stats(&self) -> EncryptionStats {

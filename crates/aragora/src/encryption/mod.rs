@@ -56,6 +56,7 @@ pub use error::KeyRingError;
 pub use keyring::KeyRing;
 pub use master_rotation::{DEFAULT_REWRAP_BATCH, MasterRotation};
 pub use record::{KEY_ROTATION_PERIOD_US, KeyRecord, KeyStatus};
+pub use stats::DERIVATION_PROBE_INTERVAL;
 pub use views::{
     ActorDecrypts, CleanupOutcome, EncryptionHealth, EncryptionStats, KeptKey, KeyCacheView,
     KeyView, KeysView, MasterRotationOutcome, RestoreOutcome, RestoredKey, RetiredKey,

@@ -304,6 +304,15 @@ fn stats_count_operations_and_decrypts_per_actor() {
             .is_some_and(|v| v > 0.0),
         "{s}"
     );
+    // Boot took one derivation sample; the server's probe adds one per
+    // interval, and the window keeps the last hour's.
+    assert_eq!(s["derivation_samples"], 1, "{s}");
+    f.ring.sample_derivation_cost();
+    assert_eq!(j(f.ring.stats())["derivation_samples"], 2);
+    for _ in 0..200 {
+        f.ring.sample_derivation_cost();
+    }
+    assert_eq!(j(f.ring.stats())["derivation_samples"], 120);
 }
 
 #[test]

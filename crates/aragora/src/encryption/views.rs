@@ -97,8 +97,12 @@ pub struct EncryptionStats {
     pub encryption_latency_p95: f64,
     pub decryption_latency_p50: f64,
     pub decryption_latency_p95: f64,
+    /// p95 of the PBKDF2 derivations timed over the last hour (one every
+    /// 30 s while the server runs): high means CPU contention now.
     pub derivation_latency_p95: f64,
     pub derivation_iterations: u32,
+    /// Derivations behind `derivation_latency_p95` (1 just after boot).
+    pub derivation_samples: usize,
     pub decrypts_last_minute: u64,
     pub decrypts_per_actor: Vec<ActorDecrypts>,
     pub cache: KeyCacheView,
