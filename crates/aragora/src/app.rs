@@ -50,6 +50,9 @@ pub struct AppState {
     pub backups: Arc<crate::backup::Backups>,
     /// The runtime maintenance mode (`aragora maintenance`, the API).
     pub maintenance: Arc<crate::maintenance::Maintenance>,
+    /// On a shared store: what this replica has loaded of the state other
+    /// replicas change (`crate::cluster`).
+    pub cluster: crate::cluster::ClusterSync,
 }
 
 /// Why the services could not be assembled (boot is refused).
@@ -92,7 +95,34 @@ fn approver_resolver(auth: Arc<AuthService>) -> ApproverResolver {
 impl AppState {
     /// Wires the services over `store`. `jwt_secret` is the validated secret
     /// (from the environment or, in development, the generated key file).
+    /// Any store but the embedded one (opened by this process alone) is
+    /// taken as shared with other replicas.
     pub fn new(config: Config, store: Arc<dyn Store>, jwt_secret: &str) -> Result<Self, BootError> {
+        let shared = store.backend() != "aedb";
+        Self::assemble(config, store, jwt_secret, shared)
+    }
+
+    /// [`Self::new`] as one of several replicas on `store`, whatever its
+    /// backend (tests run replicas over one embedded store in one process).
+    pub fn new_replica(
+        config: Config,
+        store: Arc<dyn Store>,
+        jwt_secret: &str,
+    ) -> Result<Self, BootError> {
+        Self::assemble(config, store, jwt_secret, true)
+    }
+
+    fn assemble(
+        config: Config,
+        store: Arc<dyn Store>,
+        jwt_secret: &str,
+        shared: bool,
+    ) -> Result<Self, BootError> {
+        let store: Arc<dyn Store> = Arc::new(crate::cluster::SyncedStore::new(store));
+        let cluster = crate::cluster::ClusterSync::new(shared);
+        // Before anything is loaded: a change racing the loads below is then
+        // newer than what this replica saw, and reloaded on a request.
+        cluster.prime(store.as_ref())?;
         let metrics = Metrics::new()
             .map_err(|e| StoreError::Backend(format!("metrics registry: {e}")))?
             .with_known_series();
@@ -193,6 +223,9 @@ impl AppState {
             crate::metrics::ops::maintenance_gauge(&metrics.registry).map_err(registry_error)?,
             audit.clone(),
         ));
+        if shared {
+            maintenance.follow(store.as_ref())?;
+        }
         Ok(Self {
             config,
             metrics,
@@ -212,6 +245,29 @@ impl AppState {
             password_slots: tokio::sync::Semaphore::new(config_slots),
             backups,
             maintenance,
+            cluster,
         })
+    }
+
+    /// Brings this replica's in-memory state up to the shared store before a
+    /// request is decided (`crate::cluster`); nothing on a single process.
+    pub fn catch_up(&self) -> Result<(), crate::error::ServiceError> {
+        use crate::store::Collection;
+        let store = self.store.as_ref();
+        self.cluster
+            .catch_up(store, |c| -> Result<(), crate::error::ServiceError> {
+                match c {
+                    Collection::Roles => self.rbac.reload(store)?,
+                    Collection::IpBlocks => self.auth.reload_ip_blocks()?,
+                    Collection::KeyRing => self.keyring.refresh()?,
+                    Collection::MaintenanceMode => self.maintenance.follow(store)?,
+                    _ => {}
+                }
+                tracing::info!(
+                    collection = c.name(),
+                    "reloaded: changed by another replica"
+                );
+                Ok(())
+            })
     }
 }

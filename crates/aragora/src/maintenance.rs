@@ -12,6 +12,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::error::ServiceError;
+use crate::store::{Collection, Expect, Store, StoreError, WriteOp, get_json};
+
+/// The record of `Collection::MaintenanceMode` holding the mode.
+const MODE_ID: &str = "mode";
+
+/// The stored mode, written with every switch: replicas on a shared store
+/// follow it (`crate::cluster`).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredMode {
+    mode: MaintenanceMode,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum MaintenanceMode {
@@ -104,10 +115,16 @@ impl Maintenance {
         ip: Option<String>,
     ) -> Result<MaintenanceChange, ServiceError> {
         let previous = self.mode();
-        self.audit.record(
+        self.audit.record_with(
             AuditEvent::new("maintenance_mode_changed", actor, Outcome::Success)
                 .ip(ip)
                 .details(MaintenanceChange { previous, mode }),
+            vec![WriteOp::put_json(
+                Collection::MaintenanceMode,
+                MODE_ID,
+                &StoredMode { mode },
+                Expect::Any,
+            )?],
         )?;
         let previous = MaintenanceMode::from_u8(self.mode.swap(mode.as_u8(), Ordering::AcqRel));
         self.show(mode);
@@ -118,6 +135,27 @@ impl Maintenance {
             "maintenance mode changed"
         );
         Ok(MaintenanceChange { previous, mode })
+    }
+
+    /// Takes the mode last switched through any replica (a shared store:
+    /// `crate::cluster`), without an audit entry: the switch was audited
+    /// where it was made. No stored switch leaves the mode as it is.
+    pub fn follow(&self, store: &dyn Store) -> Result<(), StoreError> {
+        if let Some((_, stored)) =
+            get_json::<StoredMode>(store, Collection::MaintenanceMode, MODE_ID)?
+        {
+            let previous =
+                MaintenanceMode::from_u8(self.mode.swap(stored.mode.as_u8(), Ordering::AcqRel));
+            self.show(stored.mode);
+            if previous != stored.mode {
+                tracing::warn!(
+                    previous = previous.name(),
+                    mode = stored.mode.name(),
+                    "maintenance mode changed by another replica"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn show(&self, mode: MaintenanceMode) {

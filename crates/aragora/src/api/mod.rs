@@ -371,8 +371,34 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), identify))
-        .layer(middleware::from_fn_with_state(state.clone(), maintenance));
+        .layer(middleware::from_fn_with_state(state.clone(), maintenance))
+        .layer(middleware::from_fn_with_state(state.clone(), catch_up));
     http::envelope(router, &state.config).with_state(state)
+}
+
+/// On a shared store, reloads what another replica changed (roles, IP
+/// blocks, key ring, maintenance mode) before anything else looks at the
+/// request: a change is enforced on every replica's next request
+/// (`crate::cluster`). A store that cannot be read fails the request rather
+/// than deciding it from state that may be stale. Liveness and metrics are
+/// answered regardless, so a store outage does not restart every pod.
+async fn catch_up(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !state.cluster.enabled() || path == "/api/health" || path == "/metrics" {
+        return next.run(req).await;
+    }
+    let s = state.clone();
+    match tokio::task::spawn_blocking(move || s.catch_up()).await {
+        Ok(Ok(())) => next.run(req).await,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot bring this replica up to the shared store");
+            ApiError(ServiceError::Unavailable(format!(
+                "this replica cannot confirm the current roles, blocks and keys with the store: {e}"
+            )))
+            .into_response()
+        }
+        Err(e) => ApiError(ServiceError::Internal(format!("catch-up task: {e}"))).into_response(),
+    }
 }
 
 fn is_exempt_from_maintenance(path: &str) -> bool {

@@ -136,6 +136,38 @@ fn len_key(net: &IpNet) -> (bool, u8) {
     (matches!(net, IpNet::V6(_)), net.prefix_len())
 }
 
+/// The index of the active blocks among `blocks` (store records, keyed by
+/// `ip`; several keys may hold one network's block).
+fn build_index(blocks: Vec<IpBlock>, nets: ClientNets, now_us: i64) -> Index {
+    let mut index = Index::default();
+    for mut b in blocks {
+        if b.expires_at <= now_us {
+            continue;
+        }
+        let Ok(net) = nets.block_target(&b.ip) else {
+            tracing::warn!(ip = %b.ip, "stored IP block is not an address or network; ignored");
+            continue;
+        };
+        let key = b.ip.clone();
+        b.ip = net_key(&net);
+        let mut store_keys = vec![key];
+        if let Some(old) = index.by_net.get(&net) {
+            store_keys.extend(old.store_keys.iter().cloned());
+            if old.block.expires_at > b.expires_at {
+                b = old.block.clone();
+            }
+        }
+        index.insert(
+            net,
+            Entry {
+                block: b,
+                store_keys,
+            },
+        );
+    }
+    index
+}
+
 /// Blocked networks, kept in memory (every request checks them) and in the
 /// store (they survive restarts). An address is blocked when any active block
 /// contains it.
@@ -148,36 +180,17 @@ pub struct IpBlocks {
 impl IpBlocks {
     /// The active blocks among `blocks` (store records, keyed by `ip`).
     pub fn load(blocks: Vec<IpBlock>, nets: ClientNets, now_us: i64) -> Self {
-        let mut index = Index::default();
-        for mut b in blocks {
-            if b.expires_at <= now_us {
-                continue;
-            }
-            let Ok(net) = nets.block_target(&b.ip) else {
-                tracing::warn!(ip = %b.ip, "stored IP block is not an address or network; ignored");
-                continue;
-            };
-            let key = b.ip.clone();
-            b.ip = net_key(&net);
-            let mut store_keys = vec![key];
-            if let Some(old) = index.by_net.get(&net) {
-                store_keys.extend(old.store_keys.iter().cloned());
-                if old.block.expires_at > b.expires_at {
-                    b = old.block.clone();
-                }
-            }
-            index.insert(
-                net,
-                Entry {
-                    block: b,
-                    store_keys,
-                },
-            );
-        }
         Self {
             nets,
-            index: RwLock::new(index),
+            index: RwLock::new(build_index(blocks, nets, now_us)),
         }
+    }
+
+    /// Replaces every block with the active ones among `blocks` (another
+    /// replica changed them: `crate::cluster`).
+    pub fn replace_all(&self, blocks: Vec<IpBlock>, now_us: i64) {
+        let index = build_index(blocks, self.nets, now_us);
+        *self.index.write() = index;
     }
 
     /// What a block of `ip` (an address or CIDR network) covers.

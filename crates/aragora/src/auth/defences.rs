@@ -55,6 +55,17 @@ impl Defences {
     pub(crate) fn lockout(&self) -> &LockoutPolicy {
         &self.lockout
     }
+
+    /// Reloads the IP blocks from the store (another replica changed them).
+    pub(crate) fn reload_blocks(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let mut blocks = Vec::new();
+        for_each_json::<IpBlock>(store, Collection::IpBlocks, |_, _, b| {
+            blocks.push(b);
+            Ok(())
+        })?;
+        self.blocks.replace_all(blocks, now_us());
+        Ok(())
+    }
 }
 
 /// A login attempt after it was counted on the account.
@@ -73,6 +84,11 @@ pub(crate) enum Attempt {
 impl AuthService {
     pub fn blocked(&self, ip: IpAddr) -> Option<IpBlock> {
         self.defences.blocks.active(ip, now_us())
+    }
+
+    /// Reloads the IP blocks another replica changed (`crate::cluster`).
+    pub fn reload_ip_blocks(&self) -> Result<(), StoreError> {
+        self.defences.reload_blocks(self.store.as_ref())
     }
 
     /// Records an authentication failure: metric by reason, and an audit entry

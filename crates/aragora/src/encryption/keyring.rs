@@ -311,6 +311,16 @@ impl KeyRing {
         }
     }
 
+    /// Rebuilds the ring from the store after another replica changed it
+    /// (`crate::cluster`). A sealed ring has nothing loaded to refresh: it
+    /// reads the store when it is unsealed.
+    pub fn refresh(&self) -> Result<(), KeyRingError> {
+        if matches!(&*self.ring.read(), RingState::Sealed(_)) {
+            return Ok(());
+        }
+        self.reload()
+    }
+
     /// Rebuilds the in-memory ring from the store (after a lifecycle change).
     pub(super) fn reload(&self) -> Result<(), KeyRingError> {
         let master = self.master()?;

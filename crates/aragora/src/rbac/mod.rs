@@ -424,6 +424,19 @@ impl Rbac {
         out
     }
 
+    /// Reloads every custom role from the store (another replica changed
+    /// one: `crate::cluster`) and drops every cached decision.
+    pub fn reload(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let mut custom = HashMap::new();
+        for_each_json::<CustomRole>(store, Collection::Roles, |name, _, role| {
+            custom.insert(name, role);
+            Ok(())
+        })?;
+        *self.custom.write() = custom;
+        self.clear();
+        Ok(())
+    }
+
     /// Applies a custom role change the store has committed (or its removal),
     /// invalidating every cached decision.
     pub fn apply_role(&self, name: &str, role: Option<CustomRole>) {

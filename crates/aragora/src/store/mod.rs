@@ -48,10 +48,15 @@ pub enum Collection {
     Approvals,
     /// Long operations (id -> `jobs::JobRecord`) and the `active` marker.
     Jobs,
+    /// One record per collection replicas hold in memory, bumped by every
+    /// write to it (owned by `cluster`).
+    Generations,
+    /// The runtime maintenance mode, `mode` (owned by `maintenance`).
+    MaintenanceMode,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 14] = [
+    pub const ALL: [Collection; 16] = [
         Collection::Users,
         Collection::UserEmails,
         Collection::Roles,
@@ -66,6 +71,8 @@ impl Collection {
         Collection::Secrets,
         Collection::Approvals,
         Collection::Jobs,
+        Collection::Generations,
+        Collection::MaintenanceMode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -84,6 +91,8 @@ impl Collection {
             Collection::Secrets => "secrets",
             Collection::Approvals => "approvals",
             Collection::Jobs => "jobs",
+            Collection::Generations => "generations",
+            Collection::MaintenanceMode => "maintenance_mode",
         }
     }
 }
