@@ -167,6 +167,10 @@ pub struct Config {
     /// Scheduled online backups (`crate::backup`): `None` (ARAGORA_BACKUP_DIR
     /// unset) turns the schedule off.
     pub backup: Option<BackupSchedule>,
+    /// REDIS_URL: replicas share the login limit through it
+    /// (`crate::redis_link`); `None`: each process limits on its own. May
+    /// hold a password: never shown.
+    pub redis_url: Option<SecretString>,
     /// Test-only faults (none unless a test asks for one).
     pub faults: FaultPlan,
 }
@@ -691,6 +695,20 @@ impl Config {
                 None
             }
         };
+        let redis_url = get("REDIS_URL")
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .and_then(|v| {
+                if v.starts_with("redis://") || v.starts_with("rediss://") {
+                    Some(SecretString::new(v.to_string()))
+                } else {
+                    p.push(format!(
+                        "REDIS_URL must start with redis:// or rediss:// (host {})",
+                        crate::redis_link::redacted_host(v)
+                    ));
+                    None
+                }
+            });
         if !p.is_empty() {
             return Err(ConfigError { problems: p });
         }
@@ -731,6 +749,7 @@ impl Config {
             audit_export_dir,
             audit_export_interval: Duration::from_secs(audit_export_interval),
             backup,
+            redis_url,
             faults: FaultPlan {
                 crash_after_migration_batches,
                 job_gate,

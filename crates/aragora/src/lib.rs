@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod net;
 pub mod operator;
 pub mod rbac;
+pub mod redis_link;
 pub mod secrets;
 pub mod store;
 pub mod tls;

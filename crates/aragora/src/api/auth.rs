@@ -30,7 +30,9 @@ pub async fn login(
     state
         .auth
         .validate_login_input(&body.email, &body.password)?;
-    state.auth.check_login_rate(&body.email, &meta)?;
+    // Off the executor: the limit may ask Redis, a refusal is audited.
+    let (st, email, m) = (state.clone(), body.email.clone(), meta.clone());
+    blocking(move || st.auth.check_login_rate(&email, &m)).await?;
     let st = state.clone();
     let (token, expires_in, session_id) = hashing(&state, move || {
         st.auth.login(&body.email, &body.password, &meta)

@@ -27,7 +27,12 @@ pub async fn roles(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn cache_stats(State(state): State<Arc<AppState>>) -> Response {
-    axum::Json(state.rbac.stats()).into_response()
+    let mut stats = state.rbac.stats();
+    if state.cluster.enabled() {
+        stats.invalidation = "store-generation".into();
+    }
+    stats.redis = state.auth.redis_status();
+    axum::Json(stats).into_response()
 }
 
 pub async fn cache_clear(

@@ -61,6 +61,11 @@ impl LockoutPolicy {
 pub struct IpLimiter {
     limiter: DefaultKeyedRateLimiter<IpNet>,
     nets: ClientNets,
+    per_window: u32,
+    window: Duration,
+    /// With REDIS_URL: one budget per client across every replica; the
+    /// local limiter is the fallback while Redis does not answer.
+    shared: Option<std::sync::Arc<crate::redis_link::RedisLink>>,
 }
 
 impl IpLimiter {
@@ -73,12 +78,29 @@ impl IpLimiter {
         Self {
             limiter: RateLimiter::keyed(quota),
             nets,
+            per_window,
+            window,
+            shared: None,
         }
+    }
+
+    /// Shares the limit with every replica on the same Redis.
+    pub fn shared(mut self, link: std::sync::Arc<crate::redis_link::RedisLink>) -> Self {
+        self.shared = Some(link);
+        self
     }
 
     /// Takes one attempt for the client at `ip`; `Err(seconds until the next
     /// is allowed)`.
     pub fn attempt(&self, ip: IpAddr) -> Result<(), u64> {
+        if let Some(link) = &self.shared {
+            let key = format!("aragora:login:{}", net_key(&self.nets.of(ip)));
+            // An error is counted and logged by the link; the local limit
+            // below then holds this replica to the budget on its own.
+            if let Ok(decision) = link.take(&key, self.per_window, self.window) {
+                return decision;
+            }
+        }
         if self.limiter.len() > MAX_TRACKED_IPS {
             self.limiter.retain_recent();
         }

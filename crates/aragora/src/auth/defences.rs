@@ -30,7 +30,11 @@ pub(crate) struct Defences {
 }
 
 impl Defences {
-    pub(crate) fn load(config: &Config, store: &dyn Store) -> Result<Self, StoreError> {
+    pub(crate) fn load(
+        config: &Config,
+        store: &dyn Store,
+        redis: Option<std::sync::Arc<crate::redis_link::RedisLink>>,
+    ) -> Result<Self, StoreError> {
         let mut blocks = Vec::new();
         for_each_json::<IpBlock>(store, Collection::IpBlocks, |_, _, b| {
             blocks.push(b);
@@ -42,11 +46,17 @@ impl Defences {
                 base: config.lockout_base,
                 max: config.lockout_max,
             },
-            limiter: IpLimiter::new(
-                config.auth_rate_limit_per_ip,
-                config.auth_rate_limit_window,
-                config.client_nets,
-            ),
+            limiter: {
+                let l = IpLimiter::new(
+                    config.auth_rate_limit_per_ip,
+                    config.auth_rate_limit_window,
+                    config.client_nets,
+                );
+                match redis {
+                    Some(link) => l.shared(link),
+                    None => l,
+                }
+            },
             blocks: IpBlocks::load(blocks, config.client_nets, now_us()),
             failures: FailureAudit::new(config.auth_failure_audit_window),
         })

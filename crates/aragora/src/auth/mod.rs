@@ -101,6 +101,8 @@ pub struct AuthService {
     sessions: Sessions,
     api_keys: ApiKeys,
     defences: Defences,
+    /// REDIS_URL's link (the shared login limit), for the stats endpoint.
+    redis: Option<Arc<crate::redis_link::RedisLink>>,
 }
 
 impl AuthService {
@@ -118,8 +120,20 @@ impl AuthService {
             config.jwt_secret_previous.as_ref().map(|s| s.expose()),
             ttl,
         );
+        let redis = match &config.redis_url {
+            Some(url) => {
+                let link_metrics = crate::redis_link::RedisMetrics::register(&metrics.registry)
+                    .map_err(|e| StoreError::Backend(format!("metrics registry: {e}")))?;
+                let link = crate::redis_link::RedisLink::new(url.expose(), link_metrics)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                tracing::info!(host = %link.status().host, "login limits shared through redis");
+                Some(Arc::new(link))
+            }
+            None => None,
+        };
         Ok(Self {
-            defences: Defences::load(config, store.as_ref())?,
+            defences: Defences::load(config, store.as_ref(), redis.clone())?,
+            redis,
             users: Users::new(store.clone()),
             sessions: Sessions::new(store.clone(), jwt),
             api_keys: ApiKeys::new(store.clone()),
@@ -128,6 +142,11 @@ impl AuthService {
             rbac,
             metrics,
         })
+    }
+
+    /// The Redis link's state (`None` without REDIS_URL).
+    pub fn redis_status(&self) -> Option<crate::redis_link::RedisStatus> {
+        self.redis.as_ref().map(|l| l.status())
     }
 
     pub(crate) fn user_by_email(&self, email: &str) -> Result<Option<(u64, User)>, ServiceError> {

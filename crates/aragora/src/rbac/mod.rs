@@ -72,8 +72,18 @@ pub fn permission_catalogue() -> Vec<PermissionView> {
 /// `GET /api/security/rbac/cache/stats`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CacheStats {
-    /// `memory` (in-process).
+    /// `memory`: decisions are cached in each process (evaluating a decision
+    /// costs microseconds, less than a network round trip to share it).
     pub backend: String,
+    /// How a change made through another replica reaches this cache:
+    /// `single-process` (the embedded store: there is no other replica) or
+    /// `store-generation` (a shared store: checked before every request,
+    /// `crate::cluster`).
+    pub invalidation: String,
+    /// REDIS_URL's link (the shared login limit): host, up, round-trip p50
+    /// in seconds. Absent without REDIS_URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<crate::redis_link::RedisStatus>,
     pub enabled: bool,
     pub hits: u64,
     pub misses: u64,
@@ -369,6 +379,8 @@ impl Rbac {
         let total = hits + misses;
         CacheStats {
             backend: "memory".into(),
+            invalidation: "single-process".into(),
+            redis: None,
             enabled: !self.ttl.is_zero(),
             hits,
             misses,

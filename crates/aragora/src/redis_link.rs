@@ -1,0 +1,385 @@
+//! The link to Redis (`REDIS_URL`) that replicas share limits through: the
+//! per-client login limit as one GCRA in a Lua script, so every replica
+//! counts against the same budget and a client cannot multiply its attempts
+//! by the replica count.
+//!
+//! Redis is a helper, never an authority: correctness (roles, blocks, keys,
+//! sessions) comes from the shared store (`crate::cluster`). When Redis does
+//! not answer within [`IO_TIMEOUT`], the caller falls back to its per-replica
+//! limit, `aragora_redis_up` drops to 0, `aragora_redis_errors_total` counts
+//! the failure and one warning is logged per outage (not per request).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Connect, read and write timeout: a login never waits longer than this on
+/// Redis before falling back to the per-replica limit.
+pub const IO_TIMEOUT: Duration = Duration::from_millis(250);
+/// Connections kept open for reuse (each request takes one for one command).
+const MAX_IDLE_CONNECTIONS: usize = 8;
+
+/// GCRA (the generic cell rate algorithm, as `governor` runs locally) on the
+/// theoretical arrival time kept under KEYS[1]; Redis's clock, so replicas'
+/// clocks do not matter. ARGV: emission interval and burst, in microseconds
+/// and cells. Returns {1, 0} when allowed, {0, microseconds to wait} when not.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - interval * burst
+if now < allow_at then
+  return {0, allow_at - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, 0}
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("REDIS_URL: {0}")]
+    Url(String),
+    #[error("redis at {host}: {reason}")]
+    Io { host: String, reason: String },
+    #[error("redis at {host} answered unexpectedly: {reason}")]
+    Protocol { host: String, reason: String },
+}
+
+/// The metrics of the link, registered once.
+#[derive(Clone, Debug)]
+pub struct RedisMetrics {
+    up: IntGauge,
+    errors: IntCounterVec,
+    latency: Histogram,
+}
+
+impl RedisMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let up = IntGauge::new(
+            "aragora_redis_up",
+            "1 while the last Redis command succeeded, 0 while limits fall back to each replica",
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "aragora_redis_errors_total",
+                "Redis commands that failed or timed out (the request fell back to the replica's own limit)",
+            ),
+            &["operation"],
+        )?;
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "aragora_redis_command_duration_seconds",
+                "Round trip of one Redis command",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25,
+            ]),
+        )?;
+        registry.register(Box::new(up.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        errors.with_label_values(&["login_limit"]);
+        Ok(Self {
+            up,
+            errors,
+            latency,
+        })
+    }
+}
+
+/// The last round trips, for the p50 the stats endpoint shows.
+#[derive(Debug, Default)]
+struct LatencyWindow {
+    samples: Vec<f64>,
+    next: usize,
+}
+
+impl LatencyWindow {
+    const SIZE: usize = 256;
+
+    fn push(&mut self, secs: f64) {
+        if self.samples.len() < Self::SIZE {
+            self.samples.push(secs);
+        } else {
+            self.samples[self.next] = secs;
+        }
+        self.next = (self.next + 1) % Self::SIZE;
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        let mut v = self.samples.clone();
+        v.sort_by(f64::total_cmp);
+        let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        v[rank - 1]
+    }
+}
+
+/// What `rbac/cache/stats` and health say about the link.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RedisStatus {
+    /// Host and port only: the URL's password is never shown.
+    pub host: String,
+    pub up: bool,
+    /// Median round trip of the recent commands, seconds.
+    pub latency_p50: f64,
+}
+
+pub struct RedisLink {
+    client: redis::Client,
+    host: String,
+    idle: Mutex<Vec<redis::Connection>>,
+    script: redis::Script,
+    metrics: RedisMetrics,
+    /// Whether the last command failed, so an outage logs once.
+    down: AtomicBool,
+    recent: Mutex<LatencyWindow>,
+}
+
+impl std::fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: only the host is shown.
+        f.debug_struct("RedisLink")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `host:port` of a Redis URL, for messages (never the password).
+pub fn redacted_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() {
+        "?".into()
+    } else if host.contains(':') && !host.ends_with(']') {
+        host.to_string()
+    } else {
+        format!("{host}:6379")
+    }
+}
+
+impl RedisLink {
+    /// Checks the URL (no connection yet: Redis may come up after aragora,
+    /// and a replica without it still serves with per-replica limits).
+    pub fn new(url: &str, metrics: RedisMetrics) -> Result<Self, RedisError> {
+        let host = redacted_host(url);
+        let client = redis::Client::open(url).map_err(|e| {
+            RedisError::Url(format!(
+                "not a Redis URL (redis://host:port/db, or rediss:// for TLS): {:?}",
+                e.kind()
+            ))
+        })?;
+        metrics.up.set(1);
+        Ok(Self {
+            client,
+            host,
+            idle: Mutex::new(Vec::new()),
+            script: redis::Script::new(GCRA),
+            metrics,
+            down: AtomicBool::new(false),
+            recent: Mutex::new(LatencyWindow::default()),
+        })
+    }
+
+    fn connection(&self) -> Result<redis::Connection, RedisError> {
+        if let Some(c) = self.idle.lock().pop() {
+            return Ok(c);
+        }
+        let c = self
+            .client
+            .get_connection_with_timeout(IO_TIMEOUT)
+            .map_err(|e| self.io(&e))?;
+        c.set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| self.io(&e))?;
+        c.set_write_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| self.io(&e))?;
+        Ok(c)
+    }
+
+    fn io(&self, e: &redis::RedisError) -> RedisError {
+        RedisError::Io {
+            host: self.host.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Runs `f` on a pooled connection, with the metrics, the outage log
+    /// and the connection returned to the pool only when it worked.
+    fn run<T>(
+        &self,
+        operation: &str,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, RedisError> {
+        let started = Instant::now();
+        let result = self.connection().and_then(|mut c| match f(&mut c) {
+            Ok(v) => {
+                let mut idle = self.idle.lock();
+                if idle.len() < MAX_IDLE_CONNECTIONS {
+                    idle.push(c);
+                }
+                Ok(v)
+            }
+            Err(e) => Err(self.io(&e)),
+        });
+        match &result {
+            Ok(_) => {
+                let secs = started.elapsed().as_secs_f64();
+                self.metrics.latency.observe(secs);
+                self.recent.lock().push(secs);
+                self.metrics.up.set(1);
+                if self.down.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(host = %self.host, "redis is back: login limits are shared again");
+                }
+            }
+            Err(e) => {
+                self.metrics.errors.with_label_values(&[operation]).inc();
+                self.metrics.up.set(0);
+                if !self.down.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        error = %e,
+                        "redis unreachable: login limits fall back to each replica's own until it answers"
+                    );
+                }
+            }
+        }
+        result
+    }
+
+    /// Takes one cell of the GCRA under `key` (`per_window` cells per
+    /// `window`): `Ok(Ok(()))` allowed, `Ok(Err(seconds))` refused with the
+    /// wait, `Err` when Redis did not answer.
+    pub fn take(
+        &self,
+        key: &str,
+        per_window: u32,
+        window: Duration,
+    ) -> Result<Result<(), u64>, RedisError> {
+        let burst = per_window.max(1);
+        let interval_us = (window.as_micros() / u128::from(burst)).max(1);
+        let interval_us = u64::try_from(interval_us).unwrap_or(u64::MAX / 4);
+        let (allowed, wait_us): (i64, i64) = self.run("login_limit", |c| {
+            self.script.key(key).arg(interval_us).arg(burst).invoke(c)
+        })?;
+        match allowed {
+            1 => Ok(Ok(())),
+            0 => {
+                let secs = u64::try_from(wait_us).unwrap_or(0).div_ceil(1_000_000);
+                Ok(Err(secs.max(1)))
+            }
+            other => Err(RedisError::Protocol {
+                host: self.host.clone(),
+                reason: format!("the limit script returned {other}"),
+            }),
+        }
+    }
+
+    pub fn status(&self) -> RedisStatus {
+        RedisStatus {
+            host: self.host.clone(),
+            up: !self.down.load(Ordering::Acquire),
+            latency_p50: self.recent.lock().percentile(0.5),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis at 127.0.0.1:6379 (the machine's service); under CI a missing
+    /// one fails the test.
+    fn link() -> Option<RedisLink> {
+        let registry = Registry::new();
+        let l = RedisLink::new(
+            "redis://127.0.0.1:6379/0",
+            RedisMetrics::register(&registry).expect("metrics"),
+        )
+        .expect("url");
+        match l.run("ping", |c| redis::cmd("PING").query::<String>(c)) {
+            Ok(_) => Some(l),
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "Redis is required under CI=true: {e}"
+                );
+                eprintln!("skipping: {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn the_limit_is_one_budget_for_every_link_sharing_redis() {
+        let Some(a) = link() else { return };
+        let Some(b) = link() else { return };
+        let key = format!("aragora:test:login:{}", rand::random::<u64>());
+        // Five per minute across two "replicas": the sixth is refused on
+        // either, with a wait of about one emission interval (12 s).
+        for i in 0..5 {
+            let l = if i % 2 == 0 { &a } else { &b };
+            assert_eq!(
+                l.take(&key, 5, Duration::from_secs(60)).expect("redis"),
+                Ok(())
+            );
+        }
+        let wait = b
+            .take(&key, 5, Duration::from_secs(60))
+            .expect("redis")
+            .expect_err("sixth attempt");
+        assert!((1..=13).contains(&wait), "wait {wait}");
+        assert!(
+            a.take(&key, 5, Duration::from_secs(60))
+                .expect("redis")
+                .is_err()
+        );
+        // Another client has its own budget.
+        assert_eq!(
+            a.take(&format!("{key}:other"), 5, Duration::from_secs(60))
+                .expect("redis"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn an_unreachable_redis_is_an_error_and_reported_down() {
+        let registry = Registry::new();
+        // Nothing listens on port 1.
+        let l = RedisLink::new(
+            "redis://127.0.0.1:1/0",
+            RedisMetrics::register(&registry).expect("metrics"),
+        )
+        .expect("url");
+        assert!(l.take("k", 5, Duration::from_secs(60)).is_err());
+        assert!(!l.status().up);
+        assert_eq!(l.metrics.up.get(), 0);
+        assert_eq!(
+            l.metrics.errors.with_label_values(&["login_limit"]).get(),
+            1
+        );
+        assert!(!format!("{l:?}").contains("redis://"));
+    }
+
+    #[test]
+    fn a_url_with_a_password_is_shown_by_host_only() {
+        assert_eq!(
+            redacted_host("redis://:s3cret@cache.internal:6380/0"),
+            "cache.internal:6380"
+        );
+        let registry = Registry::new();
+        let err = RedisLink::new(
+            "http://nope",
+            RedisMetrics::register(&registry).expect("metrics"),
+        )
+        .expect_err("not redis");
+        assert!(err.to_string().starts_with("REDIS_URL"), "{err}");
+    }
+}
