@@ -28,3 +28,5 @@ pub mod rbac;
 pub mod secrets;
 pub mod store;
 pub mod tls;
+pub mod admission;
+pub mod drill;
