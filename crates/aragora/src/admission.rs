@@ -83,7 +83,9 @@ fn unsupported(store: &dyn Store) -> ServiceError {
 
 /// The rate in force.
 pub fn current(store: &dyn Store) -> Result<AdmissionView, ServiceError> {
-    let m = store.operational_metrics().ok_or_else(|| unsupported(store))?;
+    let m = store
+        .operational_metrics()
+        .ok_or_else(|| unsupported(store))?;
     Ok(AdmissionView::of(m.max_commits_per_sec, None))
 }
 

@@ -450,13 +450,9 @@ pub fn execute(
                 ));
             }
             Ok(ControlResponse::Admission(match set {
-                Some(limit) => crate::admission::set(
-                    state.store.as_ref(),
-                    &state.audit,
-                    limit,
-                    actor,
-                    None,
-                )?,
+                Some(limit) => {
+                    crate::admission::set(state.store.as_ref(), &state.audit, limit, actor, None)?
+                }
                 None => crate::admission::current(state.store.as_ref())?,
             }))
         }

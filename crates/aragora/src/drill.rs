@@ -119,6 +119,8 @@ pub struct SecretFailure {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DrillSecrets {
+    /// False when an earlier step failed and no secret was read.
+    pub checked: bool,
     /// Secrets in the restored store.
     pub total: usize,
     pub sampled: usize,
@@ -170,11 +172,9 @@ impl DrillReport {
 /// the backups is in the report.
 pub fn run(opts: &DrillOptions, progress: &mut dyn FnMut(&str)) -> std::io::Result<DrillReport> {
     let started = Instant::now();
-    let tmp = opts.temp_parent.join(format!(
-        "aragora-drill-{}-{}",
-        std::process::id(),
-        now_us()
-    ));
+    let tmp = opts
+        .temp_parent
+        .join(format!("aragora-drill-{}-{}", std::process::id(), now_us()));
     // Owner-only: the restored store is still encrypted, but its key ring and
     // audit log are nobody else's business.
     std::fs::DirBuilder::new()
@@ -206,8 +206,8 @@ fn drill(
     report: &mut DrillReport,
     progress: &mut dyn FnMut(&str),
 ) {
-    let cfg = aedb::AedbConfig::production(opts.manifest_key)
-        .with_checkpoint_key(opts.checkpoint_key);
+    let cfg =
+        aedb::AedbConfig::production(opts.manifest_key).with_checkpoint_key(opts.checkpoint_key);
     progress(&format!(
         "finding the newest backup chain in {}",
         opts.backup_dir.display()
@@ -488,11 +488,7 @@ fn keys_and_secrets(
     for f in files {
         match ring.restore(f, DRILL_ACTOR, None) {
             Ok(r) => restored += r.restored.len(),
-            Err(e) => report.check(
-                "key-ring backup",
-                false,
-                format!("{}: {e}", f.display()),
-            ),
+            Err(e) => report.check("key-ring backup", false, format!("{}: {e}", f.display())),
         }
     }
     if let Some(k) = report.keyring.as_mut() {
@@ -513,6 +509,7 @@ fn keys_and_secrets(
         Ok(p) => p,
         Err(e) => return report.fail(format!("reading the restored secrets: {e}")),
     };
+    report.secrets.checked = true;
     report.secrets.total = picked.total;
     report.secrets.newest = picked.newest.clone();
     for (id, rec) in &picked.records {
@@ -538,7 +535,10 @@ fn keys_and_secrets(
 fn wrapping_fingerprints(store: &dyn Store) -> String {
     let mut seen = std::collections::BTreeSet::new();
     let _ = for_each_json::<KeyRecord>(store, Collection::KeyRing, |_, _, r| {
-        seen.insert(r.master_fingerprint.unwrap_or_else(|| "(unrecorded)".into()));
+        seen.insert(
+            r.master_fingerprint
+                .unwrap_or_else(|| "(unrecorded)".into()),
+        );
         Ok(())
     });
     if seen.is_empty() {
@@ -616,19 +616,26 @@ pub fn render_text(r: &DrillReport) -> String {
         }
     }
     if let Some(k) = &r.keyring {
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "key ring: {} key-ring backup file(s) {}; {} data key(s) in the store, {} brought back \
-             from the files",
+            "key ring: {} key-ring backup file(s) {}",
             k.keyring_files.len(),
             if k.pairing_recorded {
                 "paired with the newest backup"
             } else {
                 "(no pairing recorded: every file in keyring-backups/)"
             },
-            k.keys_in_store,
-            k.keys_restored_from_files
         );
+        // Counted only once the restored store was opened.
+        if k.master_fingerprint.is_empty() {
+            s.push('\n');
+        } else {
+            let _ = writeln!(
+                s,
+                "; {} data key(s) in the store, {} brought back from the files",
+                k.keys_in_store, k.keys_restored_from_files
+            );
+        }
     }
     for c in &r.checks {
         let _ = writeln!(
@@ -640,18 +647,22 @@ pub fn render_text(r: &DrillReport) -> String {
         );
     }
     let x = &r.secrets;
-    let _ = writeln!(
-        s,
-        "secrets: {} in the backup; {} sampled{}, {} decrypted, {} failed",
-        x.total,
-        x.sampled,
-        x.newest
-            .as_deref()
-            .map(|n| format!(" (newest: {n})"))
-            .unwrap_or_default(),
-        x.decrypted,
-        x.failed
-    );
+    if !x.checked {
+        s.push_str("secrets: not read (an earlier step failed)\n");
+    } else {
+        let _ = writeln!(
+            s,
+            "secrets: {} in the backup; {} sampled{}, {} decrypted, {} failed",
+            x.total,
+            x.sampled,
+            x.newest
+                .as_deref()
+                .map(|n| format!(" (newest: {n})"))
+                .unwrap_or_default(),
+            x.decrypted,
+            x.failed
+        );
+    }
     let _ = writeln!(
         s,
         "temp dir {}: {}",

@@ -67,9 +67,9 @@ impl From<StoreError> for ServiceError {
             StoreError::Conflict { .. } => ServiceError::Conflict(e.to_string()),
             // Admission control, a commit timeout, contention: nothing internal,
             // and what the client must know to back off (503, Retry-After).
-            StoreError::Unavailable(reason) => ServiceError::Unavailable(format!(
-                "the store is overloaded, retry later: {reason}"
-            )),
+            StoreError::Unavailable(reason) => {
+                ServiceError::Unavailable(format!("the store is overloaded, retry later: {reason}"))
+            }
             other => ServiceError::Internal(other.to_string()),
         }
     }

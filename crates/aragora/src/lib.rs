@@ -5,6 +5,7 @@
 //! HTTP router with health, metrics and maintenance mode. Authentication, RBAC,
 //! audit search, encryption and approvals build on it.
 
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod approvals;
@@ -16,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod crypto;
+pub mod drill;
 pub mod encryption;
 pub mod error;
 pub mod jobs;
@@ -28,5 +30,3 @@ pub mod rbac;
 pub mod secrets;
 pub mod store;
 pub mod tls;
-pub mod admission;
-pub mod drill;

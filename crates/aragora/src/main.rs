@@ -390,7 +390,10 @@ fn main() -> ExitCode {
             unlimited,
             json,
         } => {
-            let set = match (max_commits_per_sec.and_then(std::num::NonZeroU32::new), unlimited) {
+            let set = match (
+                max_commits_per_sec.and_then(std::num::NonZeroU32::new),
+                unlimited,
+            ) {
                 (Some(n), _) => Some(aragora::admission::Limit::PerSec(n)),
                 (None, true) => Some(aragora::admission::Limit::Unlimited),
                 (None, false) => None,
@@ -663,12 +666,18 @@ fn drill(backup_dir: Option<std::path::PathBuf>, sample: usize, json: bool) -> R
     let config = load_config()?;
     let backup_dir = backup_dir
         .or_else(|| config.backup.as_ref().map(|b| b.dir.clone()))
-        .ok_or_else(|| anyhow!("--backup-dir DIR is required when ARAGORA_BACKUP_DIR is not set"))?;
+        .ok_or_else(|| {
+            anyhow!("--backup-dir DIR is required when ARAGORA_BACKUP_DIR is not set")
+        })?;
     let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
-        anyhow::bail!("AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required (they open the backups)");
+        anyhow::bail!(
+            "AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required (they open the backups)"
+        );
     };
     let master = config.encryption_key.as_ref().ok_or_else(|| {
-        anyhow!("ARAGORA_ENCRYPTION_KEY is required (the master key that unwraps the backup's key ring)")
+        anyhow!(
+            "ARAGORA_ENCRYPTION_KEY is required (the master key that unwraps the backup's key ring)"
+        )
     })?;
     let opts = aragora::drill::DrillOptions {
         backup_dir,
@@ -693,7 +702,10 @@ fn drill(backup_dir: Option<std::path::PathBuf>, sample: usize, json: bool) -> R
     if !report.ok {
         eprintln!(
             "aragora: drill failed: {}",
-            report.failures.first().map_or("see the report", String::as_str)
+            report
+                .failures
+                .first()
+                .map_or("see the report", String::as_str)
         );
     }
     Ok(ExitCode::from(u8::from(!report.ok)))

@@ -54,7 +54,12 @@ fn a_low_rate_refuses_a_burst_with_a_clear_503_and_unlimited_restores_writes() {
             refused = Some(r);
             break;
         }
-        assert!(r.status == 200 || r.status == 201, "{}: {}", r.status, r.body);
+        assert!(
+            r.status == 200 || r.status == 201,
+            "{}: {}",
+            r.status,
+            r.body
+        );
     }
     let refused = refused.expect("a burst of writes beyond 1 commit/s meets a refusal");
     assert!(
@@ -77,7 +82,12 @@ fn a_low_rate_refuses_a_burst_with_a_clear_503_and_unlimited_restores_writes() {
     assert_eq!(s.metric("aedb_admission_max_commits_per_sec"), 0.0);
     for i in 0..20 {
         let r = put_secret(&s, &admin, &format!("app/after-{i}"));
-        assert!(r.status == 200 || r.status == 201, "{}: {}", r.status, r.body);
+        assert!(
+            r.status == 200 || r.status == 201,
+            "{}: {}",
+            r.status,
+            r.body
+        );
     }
 
     // The API mirrors the CLI, with maintenance's permission.
@@ -104,8 +114,10 @@ fn a_low_rate_refuses_a_burst_with_a_clear_503_and_unlimited_restores_writes() {
         .collect();
     assert_eq!(by_cli.len(), 2, "the operator's OS identity: {changes:?}");
     assert!(
-        changes.iter().any(|e| e["details"]["max_commits_per_sec"] == 1
-            && e["details"]["previous_max_commits_per_sec"] == 0),
+        changes
+            .iter()
+            .any(|e| e["details"]["max_commits_per_sec"] == 1
+                && e["details"]["previous_max_commits_per_sec"] == 0),
         "{changes:?}"
     );
 }

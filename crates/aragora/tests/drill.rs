@@ -110,7 +110,10 @@ fn the_drill_restores_the_newest_chain_and_decrypts_its_secrets_and_names_what_f
     let r = report(&out);
     assert!(out.status.success(), "{r}\n{}", text(&out.stderr));
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(r["chain"]["backups"], json!(["0001-full", "0002-incremental"]));
+    assert_eq!(
+        r["chain"]["backups"],
+        json!(["0001-full", "0002-incremental"])
+    );
     assert_eq!(r["chain"]["end_lsn"], incr["end_lsn"], "{r}");
     assert!(r["chain"]["files"].as_u64().unwrap_or(0) > 0, "{r}");
     assert_eq!(r["keyring"]["pairing_recorded"], true, "{r}");
@@ -140,7 +143,10 @@ fn the_drill_restores_the_newest_chain_and_decrypts_its_secrets_and_names_what_f
     let out = drill(&s, &[], &["--backup-dir", backups_s, "--sample", "3"]);
     let shown = text(&out.stdout);
     assert!(out.status.success(), "{shown}{}", text(&out.stderr));
-    assert!(shown.contains("chain: 0001-full -> 0002-incremental"), "{shown}");
+    assert!(
+        shown.contains("chain: 0001-full -> 0002-incremental"),
+        "{shown}"
+    );
     assert!(shown.contains("ok    invariants/"), "{shown}");
     assert!(
         shown.contains("secrets: 15 in the backup; 4 sampled (newest: app/after-4)")

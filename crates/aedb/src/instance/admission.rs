@@ -51,7 +51,12 @@ impl Admission {
         Self {
             queued: AtomicUsize::new(0),
             max_queued: limits.max_queued_commits,
-            rate: ArcSwapOption::new(limits.max_commits_per_sec.and_then(NonZeroU32::new).map(Rate::new)),
+            rate: ArcSwapOption::new(
+                limits
+                    .max_commits_per_sec
+                    .and_then(NonZeroU32::new)
+                    .map(Rate::new),
+            ),
         }
     }
 
@@ -158,7 +163,9 @@ mod tests {
     /// lifts it.
     #[test]
     fn the_runtime_rate_needs_global_admin_and_shows_in_the_metrics() {
-        use crate::{AedbConfig, AedbInstance, CallerContext, CommitError, DdlOperation, Permission};
+        use crate::{
+            AedbConfig, AedbInstance, CallerContext, CommitError, DdlOperation, Permission,
+        };
 
         let dir = tempfile::tempdir().expect("tempdir");
         let db = AedbInstance::open(

@@ -41,6 +41,7 @@ use doc_types::*;
 mod doc_types {
     pub use super::openapi::{NoBody, Optional, Text};
     pub use super::views::*;
+    pub use crate::admission::AdmissionView;
     pub use crate::approvals::request::CreatedView;
     pub use crate::audit::{SearchResult, VerifyReport};
     pub use crate::auth::DeletedUser;
@@ -54,7 +55,6 @@ mod doc_types {
     pub use crate::rbac::denials::DenialRow;
     pub use crate::rbac::{CacheStats, CustomRole, PermissionView, RoleView};
     pub use crate::secrets::SecretView;
-    pub use crate::admission::AdmissionView;
 }
 
 /// Request bodies above this are refused with 413 before parsing.

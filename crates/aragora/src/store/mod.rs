@@ -304,7 +304,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// `operational_metrics().max_commits_per_sec`. Runtime only: a restart
     /// starts unlimited. A store run by a server of its own (PostgreSQL) is
     /// throttled there (connection limits, `max_connections`).
-    fn set_admission_rate(&self, max_commits_per_sec: Option<u32>) -> Result<Option<u32>, StoreError> {
+    fn set_admission_rate(
+        &self,
+        max_commits_per_sec: Option<u32>,
+    ) -> Result<Option<u32>, StoreError> {
         let _ = max_commits_per_sec;
         Err(StoreError::Backend(format!(
             "the {} store has no admission control in this process: throttle it on its own server",
