@@ -239,6 +239,9 @@ pub struct OperationalMetrics {
     pub global_admin_uses: u64,
     pub permission_changes: u64,
     pub per_caller: Vec<CallerAlertCounters>,
+    /// The commit admission rate in force (None: unlimited), as set at open
+    /// (`Limits::max_commits_per_sec`) or since by `set_max_commits_per_sec_as`.
+    pub max_commits_per_sec: Option<u32>,
 }
 
 impl OperationalMetrics {

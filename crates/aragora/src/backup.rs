@@ -12,6 +12,10 @@
 //! DIR/keyring-backups/      copies of data/keyring-backups/keyring-*.json
 //! ```
 //!
+//! Each backup also gets `DIR/NNNN-kind.keyring.json`, its pairing with the
+//! key ring: the key-ring backup files the set held when it was taken, with
+//! their SHA-256 (what `aragora drill` restores and checks with it).
+//!
 //! `aedb restore --from DIR --to NEW/aedb` restores the newest chain. The
 //! schedule writes one such root per chain, `ARAGORA_BACKUP_DIR/chain-NNNN/`,
 //! a new one every full interval, and keeps the newest few.
@@ -39,6 +43,8 @@ const DESCRIPTOR: &str = "backup.json";
 /// Where the key ring writes its backup files under the data dir (the same
 /// name in a backup root).
 const KEYRING_DIR: &str = "keyring-backups";
+/// `DIR/<backup>.keyring.json`: a backup's pairing with the key ring.
+const PAIRING_SUFFIX: &str = ".keyring.json";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,6 +121,135 @@ pub struct BackupOutcome {
     /// many it holds in all.
     pub keyring_files_copied: Vec<String>,
     pub keyring_files: usize,
+    /// The side file pairing this backup with those key-ring backup files
+    /// (`DIR/NNNN-kind.keyring.json`).
+    #[serde(default)]
+    pub keyring_pairing: String,
+}
+
+/// A backup's pairing with the key ring (`DIR/NNNN-kind.keyring.json`): the
+/// key-ring backup files in `DIR/keyring-backups` when it was taken.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pairing {
+    /// The backup's directory name in the root.
+    pub backup: String,
+    pub backup_id: String,
+    pub end_lsn: u64,
+    pub keyring_files: Vec<PairedFile>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PairedFile {
+    pub file: String,
+    /// SHA-256 of its bytes, hex.
+    pub sha256: String,
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
+/// Where the key-ring backup files of a backup root are.
+pub(crate) fn keyring_dir(root: &Path) -> PathBuf {
+    root.join(KEYRING_DIR)
+}
+
+/// The key-ring backup files a root holds now, with their hashes, by name.
+fn keyring_files_in(root: &Path) -> Result<Vec<PairedFile>, BackupError> {
+    let dir = keyring_dir(root);
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io(&dir, e)),
+    };
+    for e in entries {
+        let e = e.map_err(|err| io(&dir, err))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("keyring-") || !name.ends_with(".json") || !e.path().is_file() {
+            continue;
+        }
+        let bytes = fs::read(e.path()).map_err(|err| io(&e.path(), err))?;
+        out.push(PairedFile {
+            file: name,
+            sha256: sha256_hex(&bytes),
+        });
+    }
+    out.sort_by(|a, b| a.file.cmp(&b.file));
+    Ok(out)
+}
+
+/// Writes `root/<name>.keyring.json` (owner-only, replaced atomically).
+fn write_pairing(root: &Path, pairing: &Pairing) -> Result<PathBuf, BackupError> {
+    use std::io::Write;
+    let path = root.join(format!("{}{PAIRING_SUFFIX}", pairing.backup));
+    let tmp = root.join(format!(".{}{PAIRING_SUFFIX}.tmp", pairing.backup));
+    let body = serde_json::to_vec_pretty(pairing).map_err(|e| BackupError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io(&tmp, e))?;
+    f.write_all(&body).map_err(|e| io(&tmp, e))?;
+    f.sync_all().map_err(|e| io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+    Ok(path)
+}
+
+/// The pairing recorded for backup `name` of `root` (`None`: a backup taken
+/// before pairings were recorded).
+pub(crate) fn read_pairing(root: &Path, name: &str) -> Result<Option<Pairing>, BackupError> {
+    let path = root.join(format!("{name}{PAIRING_SUFFIX}"));
+    let text = match fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(&path, e)),
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| BackupError::Descriptor {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// The key-ring backup files a root holds now (for a backup without a
+/// recorded pairing).
+pub(crate) fn unpaired_keyring_files(root: &Path) -> Result<Vec<PairedFile>, BackupError> {
+    keyring_files_in(root)
+}
+
+/// A backup chain found under a directory: its root and its backups' names,
+/// full first.
+#[derive(Clone, Debug)]
+pub(crate) struct FoundChain {
+    pub root: PathBuf,
+    pub chain: Vec<String>,
+}
+
+/// The newest chain under `dir`: `dir` is a backup root (`aragora backup
+/// --out DIR`) or the schedule's directory (`chain-NNNN/` roots, the highest
+/// number holding a backup). `None`: no backup at all.
+pub(crate) fn newest_chain(dir: &Path) -> Result<Option<FoundChain>, BackupError> {
+    let roots = numbered(dir, |n| n.strip_prefix(CHAIN_PREFIX)?.parse().ok())?;
+    let candidates: Vec<PathBuf> = if roots.is_empty() {
+        vec![dir.to_path_buf()]
+    } else {
+        roots.iter().rev().map(|(_, n)| dir.join(n)).collect()
+    };
+    for root in candidates {
+        let backups = backups_in(&root)?;
+        if let Some((_, last)) = backups.last() {
+            let chain = chain_of(&root, last)?;
+            return Ok(Some(FoundChain { root, chain }));
+        }
+    }
+    Ok(None)
 }
 
 /// The part of aedb's `backup.json` (first line: the descriptor JSON; second:
@@ -369,6 +504,15 @@ impl Backups {
         let d = read_descriptor(&dest)?;
         let chain = chain_of(root, &name)?;
         let (keyring_files_copied, keyring_files) = copy_keyring_backups(&self.data_dir, root)?;
+        let pairing = write_pairing(
+            root,
+            &Pairing {
+                backup: name.clone(),
+                backup_id: d.backup_id.clone(),
+                end_lsn: d.end_lsn,
+                keyring_files: keyring_files_in(root)?,
+            },
+        )?;
         Ok(BackupOutcome {
             kind,
             root: root.display().to_string(),
@@ -383,6 +527,7 @@ impl Backups {
             chain,
             keyring_files_copied,
             keyring_files,
+            keyring_pairing: pairing.display().to_string(),
         })
     }
 

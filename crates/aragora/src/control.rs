@@ -114,6 +114,12 @@ pub enum ControlRequest {
         #[serde(default)]
         approval: Option<String>,
     },
+    /// `aragora admission [--max-commits-per-sec N | --unlimited]`: the
+    /// store's commit rate, shown or (with `set`) changed.
+    Admission {
+        #[serde(default)]
+        set: Option<crate::admission::Limit>,
+    },
 }
 
 /// A master key in hex on its way to [`ControlRequest::Unseal`]: zeroized
@@ -184,6 +190,7 @@ pub enum ControlResponse {
     MasterKeyRotate(MasterRotationOutcome),
     Backup(crate::backup::BackupOutcome),
     Maintenance(crate::maintenance::MaintenanceChange),
+    Admission(crate::admission::AdmissionView),
 }
 
 /// The first admin and its API key (shown once).
@@ -432,6 +439,22 @@ pub fn execute(
             Ok(ControlResponse::Maintenance(
                 state.maintenance.set(mode, actor, None)?,
             ))
+        }
+        ControlRequest::Admission { set } => {
+            if via == Via::Direct {
+                return Err(ServiceError::BadRequest(
+                    "aragora admission changes the commit rate of a running server, and none \
+                     answers on its control socket: the rate is runtime only (a server starts \
+                     unlimited)"
+                        .into(),
+                ));
+            }
+            Ok(ControlResponse::Admission(match set {
+                Some(limit) => {
+                    crate::admission::set(state.store.as_ref(), &state.audit, limit, actor, None)?
+                }
+                None => crate::admission::current(state.store.as_ref())?,
+            }))
         }
         // Marking is a job (one at a time, recorded like a migration run).
         ControlRequest::SecretRotation { user_id, .. } => {

@@ -65,7 +65,11 @@ impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict { .. } => ServiceError::Conflict(e.to_string()),
-            StoreError::Unavailable(_) => ServiceError::Backend(e.to_string()),
+            // Admission control, a commit timeout, contention: nothing internal,
+            // and what the client must know to back off (503, Retry-After).
+            StoreError::Unavailable(reason) => {
+                ServiceError::Unavailable(format!("the store is overloaded, retry later: {reason}"))
+            }
             other => ServiceError::Internal(other.to_string()),
         }
     }

@@ -5,6 +5,7 @@
 //! HTTP router with health, metrics and maintenance mode. Authentication, RBAC,
 //! audit search, encryption and approvals build on it.
 
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod approvals;
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod crypto;
+pub mod drill;
 pub mod encryption;
 pub mod error;
 pub mod jobs;

@@ -127,6 +127,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The embedded store's commit admission rate on the running server (the
+    /// aedb runbook's "reduce the admission rate"): without options, show it.
+    /// Commits beyond it are refused at once (503, counted in
+    /// aedb_admission_rejections_total). Audited as admission_changed; runtime
+    /// only (a restart starts unlimited).
+    Admission {
+        /// Admit at most N commits per second (N >= 1).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "unlimited")]
+        max_commits_per_sec: Option<u32>,
+        /// Remove the limit.
+        #[arg(long)]
+        unlimited: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The restore drill, offline (reads only the backup files; the server
+    /// may run or not): restores the newest chain under DIR into a temporary
+    /// dir, verifies it (aedb verify, check invariants, parity), opens its key
+    /// ring with ARAGORA_ENCRYPTION_KEY (and _PREVIOUS) and the key-ring
+    /// backups paired with it, and decrypts a random sample of secrets plus
+    /// the newest. Exit 0 only when all of it passes; 1 naming what failed
+    /// (the temporary dir is then kept).
+    Drill {
+        /// The backups (a `backup --out` DIR, or the schedule's directory of
+        /// chain-NNNN); default ARAGORA_BACKUP_DIR.
+        #[arg(long, value_name = "DIR")]
+        backup_dir: Option<std::path::PathBuf>,
+        /// Secrets to decrypt at random (the newest one is always added).
+        #[arg(long, value_name = "N", default_value_t = aragora::drill::DEFAULT_SAMPLE)]
+        sample: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -352,6 +385,26 @@ fn main() -> ExitCode {
             },
             json,
         ),
+        Command::Admission {
+            max_commits_per_sec,
+            unlimited,
+            json,
+        } => {
+            let set = match (
+                max_commits_per_sec.and_then(std::num::NonZeroU32::new),
+                unlimited,
+            ) {
+                (Some(n), _) => Some(aragora::admission::Limit::PerSec(n)),
+                (None, true) => Some(aragora::admission::Limit::Unlimited),
+                (None, false) => None,
+            };
+            command(ControlRequest::Admission { set }, json)
+        }
+        Command::Drill {
+            backup_dir,
+            sample,
+            json,
+        } => drill(backup_dir, sample, json),
     };
     match result {
         Ok(code) => code,
@@ -606,4 +659,54 @@ fn with_progress<T>(
         done.store(true, Ordering::Relaxed);
         r
     })
+}
+
+/// `aragora drill`: offline, from the configuration's keys and backup dir.
+fn drill(backup_dir: Option<std::path::PathBuf>, sample: usize, json: bool) -> Result<ExitCode> {
+    let config = load_config()?;
+    let backup_dir = backup_dir
+        .or_else(|| config.backup.as_ref().map(|b| b.dir.clone()))
+        .ok_or_else(|| {
+            anyhow!("--backup-dir DIR is required when ARAGORA_BACKUP_DIR is not set")
+        })?;
+    let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
+        anyhow::bail!(
+            "AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required (they open the backups)"
+        );
+    };
+    let master = config.encryption_key.as_ref().ok_or_else(|| {
+        anyhow!(
+            "ARAGORA_ENCRYPTION_KEY is required (the master key that unwraps the backup's key ring)"
+        )
+    })?;
+    let opts = aragora::drill::DrillOptions {
+        backup_dir,
+        sample,
+        manifest_key: mk.bytes(),
+        checkpoint_key: ck.bytes(),
+        master: zeroize::Zeroizing::new(master.bytes()),
+        previous: config
+            .encryption_key_previous
+            .as_ref()
+            .map(|k| zeroize::Zeroizing::new(k.bytes())),
+        environment: config.environment,
+        temp_parent: std::env::temp_dir(),
+    };
+    let report = aragora::drill::run(&opts, &mut |line| eprintln!("drill: {line}"))
+        .context("creating the drill's temporary directory")?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", aragora::drill::render_text(&report));
+    }
+    if !report.ok {
+        eprintln!(
+            "aragora: drill failed: {}",
+            report
+                .failures
+                .first()
+                .map_or("see the report", String::as_str)
+        );
+    }
+    Ok(ExitCode::from(u8::from(!report.ok)))
 }

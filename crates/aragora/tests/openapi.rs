@@ -295,6 +295,10 @@ fn every_route_answers_with_the_documented_schema() {
     run(case("POST", "/api/admin/maintenance", 200)
         .as_(a)
         .body(json!({"mode": "off"})));
+    // The runtime admission rate (set to what it is: unlimited).
+    run(case("POST", "/api/admin/admission", 200)
+        .as_(a)
+        .body(json!({"unlimited": true})));
 
     // IP blocks and roles.
     run(case("POST", "/api/admin/ratelimit/block", 201)

@@ -288,6 +288,41 @@ impl<M> AedbInstance<M> {
         self.backup_incremental_inner(dest, parent, progress)
     }
 
+    /// Changes the commit admission rate while the instance runs (`None`: unlimited;
+    /// what `Limits::max_commits_per_sec` set at open until then) and returns the
+    /// rate it replaced. Runtime only: a reopen starts from `Limits` again.
+    ///
+    /// Slowing every writer of every project is an instance-wide operator action,
+    /// so it needs `GlobalAdmin` (no grant short of it covers all projects' writes);
+    /// each change is an `authz_audit` row (`global_admin_use`, naming the rate),
+    /// durable before the new rate applies, and a denial is audited as usual. The
+    /// audit row bypasses admission, so even a rate of 1/s can always be lifted.
+    pub fn set_max_commits_per_sec_as(
+        &self,
+        caller: &CallerContext,
+        max_commits_per_sec: Option<u32>,
+    ) -> Result<Option<u32>, AedbError> {
+        let target = match max_commits_per_sec.filter(|n| *n > 0) {
+            Some(n) => format!("{n} commits/s"),
+            None => "unlimited".to_string(),
+        };
+        self.authorize_maintenance(
+            caller,
+            Permission::GlobalAdmin,
+            "set_max_commits_per_sec",
+            &target,
+        )?;
+        self.sync()?;
+        let previous = self.inner.admission.set_max_per_sec(max_commits_per_sec);
+        tracing::warn!(
+            caller = caller.caller_id(),
+            previous = ?previous,
+            max_commits_per_sec = %target,
+            "commit admission rate changed"
+        );
+        Ok(previous)
+    }
+
     /// Grants held by a caller id or `role:NAME` (needs `AuditRead`).
     pub fn grants_of_as(
         &self,

@@ -782,6 +782,7 @@ impl<M> AedbInstance<M> {
         }
         m.durable_seq = self.inner.wal.durable_lsn();
         m.queued_commits = self.inner.admission.queued() as u64;
+        m.max_commits_per_sec = self.inner.admission.max_per_sec();
         m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;
         m.wal_bytes_written = self.inner.wal.appended_bytes();
         {

@@ -511,3 +511,47 @@ pub async fn set_maintenance(
         blocking(move || state.maintenance.set(mode, &p.user_id, meta.ip_string())).await?;
     Ok(axum::Json(change).into_response())
 }
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionBody {
+    /// Admit at most this many commits per second (1 or more).
+    #[serde(default)]
+    max_commits_per_sec: Option<u32>,
+    /// `true`: remove the limit.
+    #[serde(default)]
+    unlimited: bool,
+}
+
+/// `POST /api/admin/admission {max_commits_per_sec | unlimited}`: the aedb
+/// runbook's "reduce the admission rate" without a restart (runtime only).
+pub async fn set_admission(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(meta): Extension<RequestMeta>,
+    JsonBody(b): JsonBody<AdmissionBody>,
+) -> ApiResult<Response> {
+    use crate::admission::Limit;
+    let limit = match (b.max_commits_per_sec, b.unlimited) {
+        (Some(_), true) => None,
+        (Some(n), false) => std::num::NonZeroU32::new(n).map(Limit::PerSec),
+        (None, true) => Some(Limit::Unlimited),
+        (None, false) => None,
+    }
+    .ok_or_else(|| {
+        super::ApiError(crate::error::ServiceError::BadRequest(
+            "give either max_commits_per_sec (1 or more) or unlimited: true".into(),
+        ))
+    })?;
+    let view = blocking(move || {
+        crate::admission::set(
+            state.store.as_ref(),
+            &state.audit,
+            limit,
+            &p.user_id,
+            meta.ip_string(),
+        )
+    })
+    .await?;
+    Ok(axum::Json(view).into_response())
+}

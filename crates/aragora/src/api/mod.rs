@@ -41,6 +41,7 @@ use doc_types::*;
 mod doc_types {
     pub use super::openapi::{NoBody, Optional, Text};
     pub use super::views::*;
+    pub use crate::admission::AdmissionView;
     pub use crate::approvals::request::CreatedView;
     pub use crate::audit::{SearchResult, VerifyReport};
     pub use crate::auth::DeletedUser;
@@ -318,6 +319,7 @@ routes! {
     GET "/api/admin/ratelimit/blocks" Some("ratelimit.read"), "Active IP blocks" => admin::list_blocks, NoBody, [200 BlocksView];
     DELETE "/api/admin/ratelimit/blocks/{ip}" Some("ratelimit.manage"), "Remove an IP block ({ip}: the block's ip, slash URL-encoded); gated (ip_unblock, low risk: 202 unless admin)" => admin::unblock_ip, NoBody, [204 NoBody, 202 CreatedView];
     POST "/api/admin/maintenance" Some("sessions.revoke"), "Switch the runtime maintenance mode: {mode: off|read-only|on} (read-only refuses writes except /api/admin/*; on serves only health, metrics and /api/admin/*); audited as maintenance_mode_changed" => admin::set_maintenance, admin::MaintenanceBody, [200 MaintenanceChange];
+    POST "/api/admin/admission" Some("sessions.revoke"), "Set the store's commit admission rate: {max_commits_per_sec: N} or {unlimited: true} (commits beyond it get 503; runtime only, a restart starts unlimited); audited as admission_changed" => admin::set_admission, admin::AdmissionBody, [200 AdmissionView];
     GET "/api/admin/roles" Some("rbac.read"), "Built-in and custom roles" => rbac::roles, NoBody, [200 Vec<RoleView>];
     POST "/api/admin/roles" Some("roles.manage"), "Create or replace a custom role: {name, permissions, description, reason?}; with a sensitive permission gated (custom_role_change: 202 unless admin)" => rbac::put_role, rbac::CustomRoleBody, [201 CustomRole, 202 CreatedView];
     DELETE "/api/admin/roles/{name}" Some("roles.manage"), "Delete a custom role (refused while assigned)" => rbac::delete_role, NoBody, [204 NoBody];

@@ -458,7 +458,12 @@ pub enum RecordError {
 // nothing above the store).
 impl From<AuditError> for crate::error::ServiceError {
     fn from(e: AuditError) -> Self {
-        crate::error::ServiceError::Backend(e.to_string())
+        match e {
+            // The store refused the entry for load: the action was not
+            // performed, and the client should back off (shown, 503).
+            AuditError::Write(s @ StoreError::Unavailable(_)) => s.into(),
+            other => crate::error::ServiceError::Backend(other.to_string()),
+        }
     }
 }
 

@@ -91,6 +91,7 @@ pub fn render(resp: &ControlResponse, json: bool, ctx: Context<'_>) -> Rendered 
             v.mode.name(),
             v.previous.name()
         )),
+        ControlResponse::Admission(v) => Rendered::out(admission(v)),
     }
 }
 
@@ -116,6 +117,27 @@ pub fn json_of(resp: &ControlResponse) -> String {
         ControlResponse::MasterKeyRotate(v) => j(v),
         ControlResponse::Backup(v) => j(v),
         ControlResponse::Maintenance(v) => j(v),
+        ControlResponse::Admission(v) => j(v),
+    }
+}
+
+fn rate_name(per_sec: u32) -> String {
+    if per_sec == 0 {
+        "unlimited".into()
+    } else {
+        format!("{per_sec} commits/s")
+    }
+}
+
+/// `aragora admission`: the rate in force, and what it replaced.
+fn admission(v: &crate::admission::AdmissionView) -> String {
+    match v.previous_max_commits_per_sec {
+        Some(p) => format!(
+            "admission rate: {} (was {})\n",
+            rate_name(v.max_commits_per_sec),
+            rate_name(p)
+        ),
+        None => format!("admission rate: {}\n", rate_name(v.max_commits_per_sec)),
     }
 }
 

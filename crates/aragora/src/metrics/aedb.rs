@@ -63,6 +63,7 @@ struct Families {
     permission_denials_5m: IntGaugeVec,
     global_admin_uses_5m: IntGaugeVec,
     permission_changes_5m: IntGaugeVec,
+    admission_max_commits_per_sec: IntGauge,
 }
 
 /// The `aedb_*` collector; register it once (`Metrics::register_aedb`).
@@ -209,6 +210,10 @@ impl Families {
                 "Permission changes in the last 5 minutes, by caller",
                 &["caller"],
             )?,
+            admission_max_commits_per_sec: gauge(
+                "aedb_admission_max_commits_per_sec",
+                "Commits admitted per second (0: unlimited); set at runtime by `aragora admission`",
+            )?,
         })
     }
 
@@ -239,6 +244,7 @@ impl Families {
             &self.permission_denials_5m,
             &self.global_admin_uses_5m,
             &self.permission_changes_5m,
+            &self.admission_max_commits_per_sec,
         ]
     }
 
@@ -288,6 +294,8 @@ impl Families {
             .set(m.checkpoint_duration_secs.unwrap_or(0.0));
         self.poisoned.set(i64::from(m.poisoned));
         self.tombstones.set(clamp(m.tombstones));
+        self.admission_max_commits_per_sec
+            .set(i64::from(m.max_commits_per_sec.unwrap_or(0)));
 
         for c in &m.per_caller {
             if named.len() < MAX_CALLER_LABELS && c.caller != OTHER_CALLER {
@@ -461,5 +469,30 @@ mod tests {
         );
         assert!(some.contains("aedb_checkpoint_age_seconds 12.5"), "{some}");
         assert!(some.contains("aedb_poisoned 1"), "{some}");
+    }
+
+    #[test]
+    fn the_admission_rate_gauge_is_zero_when_unlimited() {
+        let unlimited = render(
+            AedbCollector::new(Arc::new(|| Some(OperationalMetrics::default())))
+                .expect("collector"),
+        );
+        assert!(
+            unlimited.contains("aedb_admission_max_commits_per_sec 0"),
+            "{unlimited}"
+        );
+        let limited = render(
+            AedbCollector::new(Arc::new(|| {
+                Some(OperationalMetrics {
+                    max_commits_per_sec: Some(7),
+                    ..Default::default()
+                })
+            }))
+            .expect("collector"),
+        );
+        assert!(
+            limited.contains("aedb_admission_max_commits_per_sec 7"),
+            "{limited}"
+        );
     }
 }

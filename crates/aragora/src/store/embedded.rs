@@ -338,4 +338,17 @@ impl Store for EmbeddedStore {
             .export_audit_as(&self.caller, since_id)
             .map_err(backend)
     }
+
+    /// As the bootstrap admin: slowing every writer is GlobalAdmin's in aedb
+    /// (a `global_admin_use` row of `aragora-system`, on the allow-list), and
+    /// only operator paths that aragora audits itself reach it.
+    fn set_admission_rate(
+        &self,
+        max_commits_per_sec: Option<u32>,
+    ) -> Result<Option<u32>, StoreError> {
+        let admin = CallerContext::new(BOOTSTRAP_ADMIN).map_err(backend)?;
+        self.db
+            .set_max_commits_per_sec_as(&admin, max_commits_per_sec)
+            .map_err(backend)
+    }
 }

@@ -307,6 +307,22 @@ pub trait Store: Send + Sync + fmt::Debug {
             self.backend()
         )))
     }
+
+    /// Changes the engine's commit admission rate while it runs (`None`:
+    /// unlimited) and returns the rate it replaced; the rate in force is
+    /// `operational_metrics().max_commits_per_sec`. Runtime only: a restart
+    /// starts unlimited. A store run by a server of its own (PostgreSQL) is
+    /// throttled there (connection limits, `max_connections`).
+    fn set_admission_rate(
+        &self,
+        max_commits_per_sec: Option<u32>,
+    ) -> Result<Option<u32>, StoreError> {
+        let _ = max_commits_per_sec;
+        Err(StoreError::Backend(format!(
+            "the {} store has no admission control in this process: throttle it on its own server",
+            self.backend()
+        )))
+    }
 }
 
 /// Decodes a JSON record, naming it when it does not decode.
