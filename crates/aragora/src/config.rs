@@ -169,6 +169,19 @@ pub struct Config {
     pub backup: Option<BackupSchedule>,
     /// Test-only faults (none unless a test asks for one).
     pub faults: FaultPlan,
+    /// The shared PostgreSQL store (DATABASE_URL, ARAGORA_DATABASE_POOL_SIZE);
+    /// `None`: the embedded store in ARAGORA_DATA_DIR.
+    pub database: Option<DatabaseSettings>,
+}
+
+/// DATABASE_URL and its pool: all state in PostgreSQL (scale-out).
+#[derive(Clone, Debug)]
+pub struct DatabaseSettings {
+    /// The connection string; it may hold a password, so it is never shown.
+    pub url: SecretString,
+    /// Where it points (`host:port/dbname`), for logs and messages.
+    pub target: String,
+    pub pool_size: usize,
 }
 
 /// ARAGORA_BACKUP_INCREMENTAL_INTERVAL's default: an hour of writes at most
@@ -510,8 +523,32 @@ impl Config {
                     .into(),
             );
         }
-        let aedb_manifest_key = key("AEDB_MANIFEST_KEY", &mut p);
-        let aedb_checkpoint_key = key("AEDB_CHECKPOINT_KEY", &mut p);
+        let database = match get("DATABASE_URL").map(str::trim).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(url) => match crate::store::postgres::describe_url(url) {
+                Ok(target) => Some(DatabaseSettings {
+                    url: SecretString::new(url.to_string()),
+                    target,
+                    pool_size: get("ARAGORA_DATABASE_POOL_SIZE").map_or(
+                        crate::store::postgres::DEFAULT_POOL_SIZE as u64,
+                        |v| number("ARAGORA_DATABASE_POOL_SIZE", v, 1, 1000, &mut p),
+                    ) as usize,
+                }),
+                // The message names the variable, never its value (a password).
+                Err(e) => {
+                    p.push(e.to_string().replace("store error: ", ""));
+                    None
+                }
+            },
+        };
+        // The embedded store's keys: not needed when PostgreSQL holds the state.
+        let aedb_key = |name: &'static str, p: &mut Vec<String>| match parse_key(name, get(name)) {
+            Ok(k) => Some(k),
+            Err(KeyProblem::Missing(_)) if database.is_some() => None,
+            Err(_) => key(name, p),
+        };
+        let aedb_manifest_key = aedb_key("AEDB_MANIFEST_KEY", &mut p);
+        let aedb_checkpoint_key = aedb_key("AEDB_CHECKPOINT_KEY", &mut p);
         let jwt_secret = get("JWT_SECRET")
             .filter(|s| !s.is_empty())
             .map(|s| SecretString::new(s.to_string()));
@@ -736,6 +773,7 @@ impl Config {
                 job_gate,
                 approval_crash,
             },
+            database,
         })
     }
 }

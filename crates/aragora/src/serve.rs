@@ -14,11 +14,14 @@ use anyhow::{Context, Result, anyhow};
 use aragora::app::{AppState, router};
 use aragora::config::{Config, TlsFiles};
 use aragora::control;
-use aragora::store::EmbeddedStore;
+use aragora::store::{EmbeddedStore, PostgresStore};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// How often the store's chain head is logged while serving.
 const CHAIN_HEAD_LOG_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How often a replica on the shared store re-reads the key ring.
+const KEY_RING_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long connections in flight may finish after SIGTERM (TLS; the plain
 /// server waits for them).
@@ -32,28 +35,53 @@ pub fn load_config() -> Result<Config> {
     Ok(Config::load(&|c| init_logging(&c.log_level, c.log_json))?)
 }
 
-pub fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
-    let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
-        anyhow::bail!("AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required");
-    };
+/// The store this process opened: the embedded one (its directory lock
+/// makes this process its only user) or the shared PostgreSQL one.
+#[derive(Clone, Debug)]
+pub enum OpenStore {
+    Embedded(Arc<EmbeddedStore>),
+    Postgres(Arc<PostgresStore>),
+}
+
+pub fn open_state(config: Config) -> Result<(OpenStore, Arc<AppState>)> {
     let jwt = config
         .jwt_secret
         .clone()
         .ok_or_else(|| anyhow!("JWT_SECRET is not set"))?;
+    if let Some(db) = &config.database {
+        // The embedded store (and its directory lock) is not used at all.
+        let store = Arc::new(
+            PostgresStore::connect(db.url.expose(), db.pool_size)
+                .with_context(|| format!("opening the PostgreSQL store (DATABASE_URL: {})", db.target))?,
+        );
+        let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
+        return Ok((OpenStore::Postgres(store), state));
+    }
+    let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
+        anyhow::bail!("AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required");
+    };
     let store_dir = config.data_dir.join("aedb");
     let store = Arc::new(
         EmbeddedStore::open(&store_dir, mk.bytes(), ck.bytes())
             .with_context(|| format!("opening the store in {}", store_dir.display()))?,
     );
     let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
-    Ok((store, state))
+    Ok((OpenStore::Embedded(store), state))
 }
 
 /// Flushes and closes the store once every other holder is gone.
-pub fn close(store: Arc<EmbeddedStore>, state: Arc<AppState>) -> Result<()> {
+pub fn close(store: OpenStore, state: Arc<AppState>) -> Result<()> {
     // Counted refusals whose window has not closed yet.
     state.auth.flush_failure_audit();
     drop(state);
+    let store = match store {
+        OpenStore::Embedded(store) => store,
+        // Every commit is durable already; dropping closes the pool.
+        OpenStore::Postgres(store) => {
+            drop(store);
+            return Ok(());
+        }
+    };
     match store.engine().chain_head() {
         Ok(head) => tracing::info!(chain_head = %head, "aedb chain head at shutdown (anchor)"),
         Err(e) => tracing::error!(error = %e, "aedb chain head at shutdown could not be read"),
@@ -115,7 +143,7 @@ pub fn run() -> Result<ExitCode> {
 
 async fn serve(
     state: Arc<AppState>,
-    store: Arc<EmbeddedStore>,
+    store: OpenStore,
     bind: SocketAddr,
     socket: std::path::PathBuf,
     tls: Option<(Arc<rustls::ServerConfig>, TlsFiles)>,
@@ -172,8 +200,16 @@ async fn serve(
 }
 
 /// The chain-head anchor log, the approvals tick and the notifier.
-fn spawn_periodic_tasks(state: &Arc<AppState>, store: Arc<EmbeddedStore>) {
-    tokio::spawn(log_chain_head_periodically(store));
+fn spawn_periodic_tasks(state: &Arc<AppState>, store: OpenStore) {
+    match store {
+        OpenStore::Embedded(store) => {
+            tokio::spawn(log_chain_head_periodically(store));
+        }
+        // Other replicas and the offline commands change the key ring.
+        OpenStore::Postgres(_) => {
+            tokio::spawn(reload_key_ring_periodically(state.clone()));
+        }
+    }
     let approvals_state = state.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(aragora::approvals::service::EXPIRY_INTERVAL);
@@ -272,6 +308,23 @@ async fn log_chain_head_periodically(store: Arc<EmbeddedStore>) {
             Ok(Ok(head)) => tracing::info!(chain_head = %head, "aedb chain head (anchor)"),
             Ok(Err(e)) => tracing::error!(error = %e, "aedb chain head could not be read"),
             Err(e) => tracing::error!(error = %e, "aedb chain head task failed"),
+        }
+    }
+}
+
+/// On the shared store a rotation made elsewhere (another replica, `aragora
+/// key-rotation` on DATABASE_URL) is picked up here: a new primary within
+/// `KEY_RING_RELOAD_INTERVAL`; a key a record names is fetched at once on a
+/// decrypt miss (`KeyRing::decrypt`).
+async fn reload_key_ring_periodically(state: Arc<AppState>) {
+    let mut every = tokio::time::interval(KEY_RING_RELOAD_INTERVAL);
+    loop {
+        every.tick().await;
+        let s = state.clone();
+        match tokio::task::spawn_blocking(move || s.keyring.refresh()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "key ring reload from the shared store failed"),
+            Err(e) => tracing::error!(error = %e, "key ring reload task failed"),
         }
     }
 }

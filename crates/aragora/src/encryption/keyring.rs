@@ -327,6 +327,20 @@ impl KeyRing {
         Ok(())
     }
 
+    /// Re-reads the ring from the store, for a store other processes write
+    /// (replicas and offline commands on DATABASE_URL). Skipped while sealed,
+    /// and while a lifecycle operation of this process runs (it reloads when
+    /// it commits).
+    pub fn refresh(&self) -> Result<(), KeyRingError> {
+        if self.sealed().is_some() {
+            return Ok(());
+        }
+        let Some(_admin) = self.admin.try_lock() else {
+            return Ok(());
+        };
+        self.reload()
+    }
+
     pub fn primary_key_id(&self) -> Result<String, CryptoError> {
         Ok(self.open_ring()?.primary.key_id().to_string())
     }
@@ -409,12 +423,22 @@ impl KeyRing {
         // request): the master gauge and health already say so.
         let ring = self.open_ring()?;
         let t = Instant::now();
-        let r = crypto::decrypt_with(record_id, envelope, |id, version| {
-            ring.keys
-                .get(id)
-                .filter(|k| k.version() == version)
-                .cloned()
-        });
+        let lookup = |ring: &Ring| {
+            move |id: &str, version: u32| {
+                ring.keys
+                    .get(id)
+                    .filter(|k| k.version() == version)
+                    .cloned()
+            }
+        };
+        let mut r = crypto::decrypt_with(record_id, envelope, lookup(&ring));
+        // On a shared store another process may have added the key since this
+        // ring was read (a rotation on another replica or by an offline
+        // command): read the ring again once before calling the key unknown.
+        if matches!(r, Err(CryptoError::UnknownKey { .. })) && self.refresh().is_ok() {
+            let ring = self.open_ring()?;
+            r = crypto::decrypt_with(record_id, envelope, lookup(&ring));
+        }
         let secs = t.elapsed().as_secs_f64();
         self.observe("decrypt", secs, r.as_ref().err(), record_id, actor);
         if r.is_ok() {
