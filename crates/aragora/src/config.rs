@@ -529,10 +529,10 @@ impl Config {
                 Ok(target) => Some(DatabaseSettings {
                     url: SecretString::new(url.to_string()),
                     target,
-                    pool_size: get("ARAGORA_DATABASE_POOL_SIZE").map_or(
-                        crate::store::postgres::DEFAULT_POOL_SIZE as u64,
-                        |v| number("ARAGORA_DATABASE_POOL_SIZE", v, 1, 1000, &mut p),
-                    ) as usize,
+                    pool_size: get("ARAGORA_DATABASE_POOL_SIZE")
+                        .map_or(crate::store::postgres::DEFAULT_POOL_SIZE as u64, |v| {
+                            number("ARAGORA_DATABASE_POOL_SIZE", v, 1, 1000, &mut p)
+                        }) as usize,
                 }),
                 // The message names the variable, never its value (a password).
                 Err(e) => {

@@ -51,8 +51,9 @@ pub fn open_state(config: Config) -> Result<(OpenStore, Arc<AppState>)> {
     if let Some(db) = &config.database {
         // The embedded store (and its directory lock) is not used at all.
         let store = Arc::new(
-            PostgresStore::connect(db.url.expose(), db.pool_size)
-                .with_context(|| format!("opening the PostgreSQL store (DATABASE_URL: {})", db.target))?,
+            PostgresStore::connect(db.url.expose(), db.pool_size).with_context(|| {
+                format!("opening the PostgreSQL store (DATABASE_URL: {})", db.target)
+            })?,
         );
         let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
         return Ok((OpenStore::Postgres(store), state));
@@ -323,7 +324,9 @@ async fn reload_key_ring_periodically(state: Arc<AppState>) {
         let s = state.clone();
         match tokio::task::spawn_blocking(move || s.keyring.refresh()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "key ring reload from the shared store failed"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "key ring reload from the shared store failed")
+            }
             Err(e) => tracing::error!(error = %e, "key ring reload task failed"),
         }
     }

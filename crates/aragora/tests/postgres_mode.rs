@@ -84,7 +84,12 @@ fn a_server_on_database_url_keeps_users_and_secrets_across_a_restart() {
         "state lives in PostgreSQL across a restart"
     );
     // Mode-specific answers: the engine backup names PostgreSQL's tools.
-    let out = s.cli(&["backup", "full", "--out", "/tmp/aragora-pg-mode-backup-unused"]);
+    let out = s.cli(&[
+        "backup",
+        "full",
+        "--out",
+        "/tmp/aragora-pg-mode-backup-unused",
+    ]);
     assert!(!out.status.success(), "no engine backup in PostgreSQL mode");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pg_dump"), "{err}");
@@ -110,7 +115,11 @@ fn offline_commands_on_database_url_reach_a_running_replica() {
     let v = offline.cli_json(&["admin", "bootstrap", "--email", "root@pg.test", "--json"]);
     let admin = v["token"].as_str().expect("token").to_string();
     let r = server.get("/api/secrets", &admin);
-    assert_eq!(r.status, 200, "the replica knows the admin made offline: {}", r.body);
+    assert_eq!(
+        r.status, 200,
+        "the replica knows the admin made offline: {}",
+        r.body
+    );
 
     let first = primary_key(&server);
     let put = put_secret(&server, &admin, "db-password", "before-rotation");
@@ -123,15 +132,24 @@ fn offline_commands_on_database_url_reach_a_running_replica() {
         "--force",
         "--json",
     ]);
-    let second = rot["primary_key_id"].as_str().expect("new primary").to_string();
+    let second = rot["primary_key_id"]
+        .as_str()
+        .expect("new primary")
+        .to_string();
     assert_ne!(second, first, "{rot}");
     eventually("the running replica encrypts under the new primary", || {
         primary_key(&server) == second
     });
     let put = put_secret(&server, &admin, "api-token", "after-rotation");
     assert_eq!(put["key_id"], second.as_str(), "{put}");
-    assert_eq!(secret(&server, &admin, "db-password")["value"], "before-rotation");
-    assert_eq!(secret(&server, &admin, "api-token")["value"], "after-rotation");
+    assert_eq!(
+        secret(&server, &admin, "db-password")["value"],
+        "before-rotation"
+    );
+    assert_eq!(
+        secret(&server, &admin, "api-token")["value"],
+        "after-rotation"
+    );
 
     // The migration rewraps offline; the replica reads the rewrapped record.
     let out = offline.cli(&["migration", "--store", "secrets", "--json"]);
@@ -165,7 +183,10 @@ fn offline_commands_on_database_url_reach_a_running_replica() {
     // One chain, written by the replica and the offline commands alike.
     let report = offline.cli_json(&["audit", "verify", "--json"]);
     assert_eq!(report["ok"], true, "{report}");
-    assert!(report["entries_checked"].as_u64().unwrap_or(0) >= 8, "{report}");
+    assert!(
+        report["entries_checked"].as_u64().unwrap_or(0) >= 8,
+        "{report}"
+    );
 
     // Break-glass offline: the new key works on the replica, the old one no
     // longer does.
@@ -199,6 +220,120 @@ fn a_malformed_database_url_stops_boot_naming_the_variable() {
         ],
     )
     .expect_err("a malformed DATABASE_URL must stop boot");
-    assert!(failure.stderr.contains("DATABASE_URL"), "{}", failure.stderr);
+    assert!(
+        failure.stderr.contains("DATABASE_URL"),
+        "{}",
+        failure.stderr
+    );
     assert!(!failure.stderr.contains("pw-sekrit"), "{}", failure.stderr);
+}
+
+const NEW_MASTER: &str = "0f0e0d0c0b0a09080706050403020100f0e0d0c0b0a090807060504030201000";
+
+fn run_tool(program: &str, args: &[&str]) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (PostgreSQL's client tools): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The runbook's "Emergency Key Recovery" on PostgreSQL: dump with
+/// `pg_dump`, lose the database, `pg_restore` into a new one, boot with a new
+/// master key and the dump's as the previous, rewrap, read every secret; a
+/// data key lost afterwards comes back from the key-ring backup.
+#[test]
+fn emergency_key_recovery_with_pg_dump_and_pg_restore() {
+    let original = test_database_or_skip!();
+    let work = tempfile::tempdir().expect("tempdir");
+    let dump = work.path().join("backup_before_key_loss.dump");
+    let (admin, first_key, ring_backup) = {
+        let s = Server::start(Path::new(BIN), &env(&original));
+        let (_, admin) = s.bootstrap_admin("root@pg.test");
+        let first_key = primary_key(&s);
+        put_secret(&s, &admin, "db-password", "under-the-first-key");
+        let rot = s.cli_json(&[
+            "key-rotation",
+            "--reason",
+            "before the dump",
+            "--force",
+            "--json",
+        ]);
+        let backup = rot["backup"]
+            .as_str()
+            .expect("key-ring backup path")
+            .to_string();
+        let kept = work.path().join("keyring-backup.json");
+        std::fs::copy(&backup, &kept).expect("keep the key-ring backup");
+        put_secret(&s, &admin, "api-token", "under-the-second-key");
+        run_tool(
+            "pg_dump",
+            &[
+                "-Fc",
+                "--dbname",
+                &original.url,
+                "--file",
+                &dump.display().to_string(),
+            ],
+        );
+        (admin, first_key, kept)
+    };
+    // Lose the database.
+    drop(original);
+
+    let restored = TestDatabase::create().expect("a second database");
+    run_tool(
+        "pg_restore",
+        &[
+            "--no-owner",
+            "--dbname",
+            &restored.url,
+            &dump.display().to_string(),
+        ],
+    );
+    let s = Server::start(
+        Path::new(BIN),
+        &[
+            ("DATABASE_URL", restored.url.as_str()),
+            ("ARAGORA_ENCRYPTION_KEY", NEW_MASTER),
+            ("ARAGORA_ENCRYPTION_KEY_PREVIOUS", MASTER),
+            ("JWT_SECRET", JWT),
+        ],
+    );
+    let out = s.cli_json(&["master-key", "rotate", "--json"]);
+    assert!(out["rewrapped"].as_u64().unwrap_or(0) >= 2, "{out}");
+    assert_eq!(
+        secret(&s, &admin, "db-password")["value"],
+        "under-the-first-key"
+    );
+    assert_eq!(
+        secret(&s, &admin, "api-token")["value"],
+        "under-the-second-key"
+    );
+
+    // A data key lost from the restored database: the secret under it no
+    // longer reads (once the replica re-reads its ring), and the key-ring
+    // backup brings it back.
+    restored.execute(&format!(
+        "DELETE FROM aragora_records WHERE collection = 'key_ring' AND id = '{first_key}'"
+    ));
+    eventually("the replica notices the lost key", || {
+        s.get("/api/secrets/db-password", &admin).status != 200
+    });
+    let out = s.cli_json(&[
+        "key-ring",
+        "restore",
+        "--file",
+        &ring_backup.display().to_string(),
+        "--json",
+    ]);
+    assert!(out.to_string().contains(&first_key), "{out}");
+    assert_eq!(
+        secret(&s, &admin, "db-password")["value"],
+        "under-the-first-key"
+    );
 }

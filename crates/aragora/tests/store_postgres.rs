@@ -73,8 +73,7 @@ fn replicas_booting_together_migrate_once() {
         .expect("the schema works");
     let rows = db.query_i64("SELECT count(*) FROM aragora_schema_migrations");
     assert_eq!(
-        rows,
-        SCHEMA_VERSION,
+        rows, SCHEMA_VERSION,
         "one row per migration, each applied once"
     );
 }
@@ -108,7 +107,10 @@ fn an_unreachable_server_is_unavailable_naming_the_host_not_the_password() {
         matches!(err, StoreError::Unavailable(_)),
         "expected Unavailable, got {msg}"
     );
-    assert!(msg.contains("127.0.0.1:1/aragora"), "names the server: {msg}");
+    assert!(
+        msg.contains("127.0.0.1:1/aragora"),
+        "names the server: {msg}"
+    );
     assert!(!msg.contains("s3cr3t"), "never the password: {msg}");
     let dbg = format!("{err:?}");
     assert!(!dbg.contains("s3cr3t"), "never the password: {dbg}");
@@ -153,7 +155,10 @@ fn calls_from_inside_an_async_runtime_do_not_panic() {
             Durability::Durable,
         )
         .expect("write from async code");
-        assert_eq!(value(s.as_ref(), Collection::Users, "async").as_deref(), Some("v"));
+        assert_eq!(
+            value(s.as_ref(), Collection::Users, "async").as_deref(),
+            Some("v")
+        );
     });
     // And the last reference dropped inside a runtime does not panic either.
     let rt2 = tokio::runtime::Builder::new_multi_thread()
@@ -204,7 +209,10 @@ fn concurrent_writers_on_two_replicas_keep_one_audit_chain() {
     let report = verifier.verify().expect("verify");
     let total = (2 * THREADS * EACH) as u64;
     assert!(report.ok, "one unbroken chain: {:?}", report.problems);
-    assert_eq!(report.entries_checked, total, "every append is in the chain");
+    assert_eq!(
+        report.entries_checked, total,
+        "every append is in the chain"
+    );
     assert_eq!(report.head_seq, total);
     let found = verifier
         .search(&aragora::audit::SearchFilter {

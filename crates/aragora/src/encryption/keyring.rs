@@ -38,6 +38,11 @@ use crate::crypto::{self, CryptoError, DataKey, MasterKey};
 use crate::metrics::Metrics;
 use crate::store::{Collection, Expect, Store, WriteOp};
 
+/// The key an envelope names, when the ring has exactly it.
+fn key_for(ring: &Ring, id: &str, version: u32) -> Option<Arc<DataKey>> {
+    ring.keys.get(id).filter(|k| k.version() == version).cloned()
+}
+
 /// The unwrapped ring as the hot path sees it.
 #[derive(Debug)]
 pub(super) struct Ring {
@@ -423,21 +428,13 @@ impl KeyRing {
         // request): the master gauge and health already say so.
         let ring = self.open_ring()?;
         let t = Instant::now();
-        let lookup = |ring: &Ring| {
-            move |id: &str, version: u32| {
-                ring.keys
-                    .get(id)
-                    .filter(|k| k.version() == version)
-                    .cloned()
-            }
-        };
-        let mut r = crypto::decrypt_with(record_id, envelope, lookup(&ring));
+        let mut r = crypto::decrypt_with(record_id, envelope, |id, v| key_for(&ring, id, v));
         // On a shared store another process may have added the key since this
         // ring was read (a rotation on another replica or by an offline
         // command): read the ring again once before calling the key unknown.
         if matches!(r, Err(CryptoError::UnknownKey { .. })) && self.refresh().is_ok() {
             let ring = self.open_ring()?;
-            r = crypto::decrypt_with(record_id, envelope, lookup(&ring));
+            r = crypto::decrypt_with(record_id, envelope, |id, v| key_for(&ring, id, v));
         }
         let secs = t.elapsed().as_secs_f64();
         self.observe("decrypt", secs, r.as_ref().err(), record_id, actor);

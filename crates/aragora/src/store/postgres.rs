@@ -39,7 +39,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Config as PgConfig, NoTls};
 
-use super::{Collection, Durability, Expect, ListQuery, Receipt, Record, Store, StoreError, WriteOp};
+use super::{
+    Collection, Durability, Expect, ListQuery, Receipt, Record, Store, StoreError, WriteOp,
+};
 
 /// The migrations, in order: `(version, description, SQL)`. Forward only: a
 /// released entry is never edited, a change is a new entry.
@@ -134,7 +136,10 @@ fn describe(config: &PgConfig) -> String {
     } else {
         hosts.join(",")
     };
-    format!("{host}/{}", config.get_dbname().unwrap_or("(default database)"))
+    format!(
+        "{host}/{}",
+        config.get_dbname().unwrap_or("(default database)")
+    )
 }
 
 impl PostgresStore {
@@ -274,7 +279,11 @@ fn pool_err(e: PoolError, target: &str) -> StoreError {
 /// A database error, with the record it concerns when there is one: a
 /// conflict (serialization failure, deadlock, unique violation) names it; a
 /// lost connection is `Unavailable` naming the server.
-fn pg_err(e: tokio_postgres::Error, target: &str, record: Option<(Collection, &str)>) -> StoreError {
+fn pg_err(
+    e: tokio_postgres::Error,
+    target: &str,
+    record: Option<(Collection, &str)>,
+) -> StoreError {
     if let Some(code) = e.code() {
         let conflict = [
             SqlState::T_R_SERIALIZATION_FAILURE,
@@ -527,7 +536,9 @@ impl Store for PostgresStore {
                     .ok()
                     .and_then(|i| out.get_mut(i))
                     .ok_or_else(|| {
-                        StoreError::Backend(format!("PostgreSQL at {target}: get_many row {ord} out of range"))
+                        StoreError::Backend(format!(
+                            "PostgreSQL at {target}: get_many row {ord} out of range"
+                        ))
                     })?;
                 *slot = Some(Record {
                     version: version_of(r.get(1)),
@@ -543,14 +554,17 @@ impl Store for PostgresStore {
         collection: Collection,
         q: &ListQuery<'_>,
     ) -> Result<Vec<(String, Record)>, StoreError> {
-        let mut sql = String::from(
-            "SELECT id, version, value FROM aragora_records WHERE collection = $1",
-        );
+        let mut sql =
+            String::from("SELECT id, version, value FROM aragora_records WHERE collection = $1");
         let mut params: Vec<String> = vec![collection.name().to_string()];
         let mut bound = |b: Bound<&str>, incl: &str, excl: &str| match b {
             Bound::Included(v) | Bound::Excluded(v) => {
                 params.push(v.to_string());
-                let op = if matches!(b, Bound::Included(_)) { incl } else { excl };
+                let op = if matches!(b, Bound::Included(_)) {
+                    incl
+                } else {
+                    excl
+                };
                 sql.push_str(&format!(" AND id {op} ${}", params.len()));
             }
             Bound::Unbounded => {}
