@@ -53,7 +53,12 @@ fn a_server_on_database_url_keeps_users_and_secrets_across_a_restart() {
     let mut s = Server::start(Path::new(BIN), &env(&db));
     let health = s.send(Request::new("GET", "/api/health"));
     assert_eq!(health.status, 200, "{}", health.body);
-    assert_eq!(health.json()["store"]["backend"], "postgres", "{}", health.body);
+    assert_eq!(
+        health.json()["store"]["backend"],
+        "postgres",
+        "{}",
+        health.body
+    );
     assert!(
         !s.data_dir.join("aedb").exists(),
         "no embedded store is opened with DATABASE_URL"

@@ -40,7 +40,10 @@ use crate::store::{Collection, Expect, Store, WriteOp};
 
 /// The key an envelope names, when the ring has exactly it.
 fn key_for(ring: &Ring, id: &str, version: u32) -> Option<Arc<DataKey>> {
-    ring.keys.get(id).filter(|k| k.version() == version).cloned()
+    ring.keys
+        .get(id)
+        .filter(|k| k.version() == version)
+        .cloned()
 }
 
 /// The unwrapped ring as the hot path sees it.

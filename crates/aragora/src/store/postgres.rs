@@ -308,8 +308,15 @@ fn pg_err(
         }
         return StoreError::Backend(format!("PostgreSQL at {target}: {}", db_message(&e)));
     }
-    // No SQLSTATE: the connection (refused, closed, timed out).
-    StoreError::Unavailable(format!("PostgreSQL at {target}: {e}"))
+    // No SQLSTATE: the connection (refused, closed, timed out); the cause
+    // ("Connection refused") is in the source chain.
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        msg.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    StoreError::Unavailable(format!("PostgreSQL at {target}: {msg}"))
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {
