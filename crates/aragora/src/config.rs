@@ -523,16 +523,18 @@ impl Config {
                     .into(),
             );
         }
-        let database = match get("DATABASE_URL").map(str::trim).filter(|v| !v.is_empty()) {
+        let pool_size = get("ARAGORA_DATABASE_POOL_SIZE")
+            .map_or(crate::store::postgres::DEFAULT_POOL_SIZE as u64, |v| {
+                number("ARAGORA_DATABASE_POOL_SIZE", v, 1, 1000, &mut p)
+            }) as usize;
+        let database_url = get("DATABASE_URL").map(str::trim).filter(|v| !v.is_empty());
+        let database = match database_url {
             None => None,
             Some(url) => match crate::store::postgres::describe_url(url) {
                 Ok(target) => Some(DatabaseSettings {
                     url: SecretString::new(url.to_string()),
                     target,
-                    pool_size: get("ARAGORA_DATABASE_POOL_SIZE")
-                        .map_or(crate::store::postgres::DEFAULT_POOL_SIZE as u64, |v| {
-                            number("ARAGORA_DATABASE_POOL_SIZE", v, 1, 1000, &mut p)
-                        }) as usize,
+                    pool_size,
                 }),
                 // The message names the variable, never its value (a password).
                 Err(e) => {
@@ -544,7 +546,7 @@ impl Config {
         // The embedded store's keys: not needed when PostgreSQL holds the state.
         let aedb_key = |name: &'static str, p: &mut Vec<String>| match parse_key(name, get(name)) {
             Ok(k) => Some(k),
-            Err(KeyProblem::Missing(_)) if database.is_some() => None,
+            Err(KeyProblem::Missing(_)) if database_url.is_some() => None,
             Err(_) => key(name, p),
         };
         let aedb_manifest_key = aedb_key("AEDB_MANIFEST_KEY", &mut p);
@@ -850,6 +852,43 @@ mod tests {
         ]);
         v.extend(vars(extra));
         v
+    }
+
+    #[test]
+    fn database_url_replaces_the_embedded_store_keys_and_is_never_echoed() {
+        let mut v = production(&[(
+            "DATABASE_URL",
+            "postgres://aragora:pw-sekrit@db.internal:6543/aragora",
+        )]);
+        v.remove("AEDB_MANIFEST_KEY");
+        v.remove("AEDB_CHECKPOINT_KEY");
+        let c = Config::from_vars(&v).expect("PostgreSQL needs no aedb keys");
+        let db = c.database.as_ref().expect("database settings");
+        assert_eq!(db.target, "db.internal:6543/aragora");
+        assert_eq!(db.pool_size, crate::store::postgres::DEFAULT_POOL_SIZE);
+        assert!(
+            !format!("{c:?}").contains("pw-sekrit"),
+            "Debug hides the URL"
+        );
+
+        let e = Config::from_vars(&production(&[
+            (
+                "DATABASE_URL",
+                "postgres://aragora:pw-sekrit@db:notaport/aragora",
+            ),
+            ("ARAGORA_DATABASE_POOL_SIZE", "0"),
+        ]))
+        .expect_err("bad database settings");
+        let text = e.to_string();
+        assert!(
+            text.contains("DATABASE_URL is not a PostgreSQL connection string"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ARAGORA_DATABASE_POOL_SIZE must be between 1"),
+            "{text}"
+        );
+        assert!(!text.contains("pw-sekrit"), "never the password: {text}");
     }
 
     #[test]
