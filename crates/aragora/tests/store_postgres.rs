@@ -228,3 +228,49 @@ fn concurrent_writers_on_two_replicas_keep_one_audit_chain() {
         .collect();
     assert_eq!(distinct.len() as u64, total, "every entry exactly once");
 }
+
+/// A key ring on one replica, opened on its own store (as another process).
+fn replica_ring(db: &TestDatabase, dir: &std::path::Path) -> aragora::encryption::KeyRing {
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&db.url, 2).expect("connect"));
+    let audit = Arc::new(AuditLog::new(store.clone()));
+    aragora::encryption::KeyRing::open(
+        store,
+        audit,
+        aragora::metrics::Metrics::new().expect("metrics"),
+        Some(aragora::crypto::MasterKey::from_bytes(
+            zeroize::Zeroizing::new([5; 32]),
+        )),
+        None,
+        dir,
+        aragora::config::Environment::Development,
+        false,
+        vec![aragora::secrets::encrypted_collection()],
+    )
+    .expect("open the key ring")
+}
+
+/// A key rotated on one replica decrypts on another at once: a decrypt
+/// that names a key the ring does not hold re-reads the ring first.
+#[test]
+fn a_key_rotated_on_one_replica_decrypts_on_another_at_once() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let dirs = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let a = replica_ring(&db, dirs.0.path());
+    let b = replica_ring(&db, dirs.1.path());
+    let first = a.primary_key_id().expect("primary");
+    assert_eq!(b.primary_key_id().expect("primary"), first, "one ring");
+    let rotated = a
+        .rotate("test", None, "replica test", true)
+        .expect("rotate on A");
+    assert_ne!(rotated.primary_key_id, first);
+    let envelope = a.encrypt("secret-1", b"plaintext").expect("encrypt on A");
+    let plain = b
+        .decrypt("secret-1", &envelope, None)
+        .expect("B decrypts under the key A just made");
+    assert_eq!(plain, b"plaintext");
+}
