@@ -92,7 +92,7 @@ impl TestDatabase {
                 admin_url: admin,
             }),
             Err(e) if under_ci() => panic!(
-                "PostgreSQL is required under CI=true ({admin}): {e}; start it (the CI script does)"
+                "PostgreSQL is required under CI=true ({admin}): {e}; the machine's server (127.0.0.1:5432, trust authentication) must be running"
             ),
             Err(e) => {
                 eprintln!("skipped: no PostgreSQL for this test ({e})");
