@@ -5,6 +5,7 @@
 //! must have (`store::suite`) and the record builders those tests use.
 
 pub mod http;
+pub mod postgres;
 pub mod scenario;
 pub mod server;
 #[cfg(feature = "store")]

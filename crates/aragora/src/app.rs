@@ -130,6 +130,7 @@ impl AppState {
         metrics
             .register_aedb(Arc::new(move || engine.operational_metrics()))
             .map_err(|e| StoreError::Backend(format!("metrics registry: {e}")))?;
+        let exclusive_store = store.backend() == "aedb";
         let audit = Arc::new(AuditLog::new(store.clone()));
         let rbac = Arc::new(Rbac::load(
             store.as_ref(),
@@ -238,8 +239,8 @@ impl AppState {
             migration,
             approvals,
             // The embedded store is opened by this process alone (its
-            // directory lock); a shared store must say otherwise.
-            executor: Executor::new(true),
+            // directory lock); the shared PostgreSQL store is not.
+            executor: Executor::new(exclusive_store),
             notifier,
             jobs,
             password_slots: tokio::sync::Semaphore::new(config_slots),

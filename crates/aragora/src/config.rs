@@ -173,6 +173,19 @@ pub struct Config {
     pub redis_url: Option<SecretString>,
     /// Test-only faults (none unless a test asks for one).
     pub faults: FaultPlan,
+    /// The shared PostgreSQL store (DATABASE_URL, ARAGORA_DATABASE_POOL_SIZE);
+    /// `None`: the embedded store in ARAGORA_DATA_DIR.
+    pub database: Option<DatabaseSettings>,
+}
+
+/// DATABASE_URL and its pool: all state in PostgreSQL (scale-out).
+#[derive(Clone, Debug)]
+pub struct DatabaseSettings {
+    /// The connection string; it may hold a password, so it is never shown.
+    pub url: SecretString,
+    /// Where it points (`host:port/dbname`), for logs and messages.
+    pub target: String,
+    pub pool_size: usize,
 }
 
 /// ARAGORA_BACKUP_INCREMENTAL_INTERVAL's default: an hour of writes at most
@@ -514,8 +527,34 @@ impl Config {
                     .into(),
             );
         }
-        let aedb_manifest_key = key("AEDB_MANIFEST_KEY", &mut p);
-        let aedb_checkpoint_key = key("AEDB_CHECKPOINT_KEY", &mut p);
+        let pool_size = get("ARAGORA_DATABASE_POOL_SIZE")
+            .map_or(crate::store::postgres::DEFAULT_POOL_SIZE as u64, |v| {
+                number("ARAGORA_DATABASE_POOL_SIZE", v, 1, 1000, &mut p)
+            }) as usize;
+        let database_url = get("DATABASE_URL").map(str::trim).filter(|v| !v.is_empty());
+        let database = match database_url {
+            None => None,
+            Some(url) => match crate::store::postgres::describe_url(url) {
+                Ok(target) => Some(DatabaseSettings {
+                    url: SecretString::new(url.to_string()),
+                    target,
+                    pool_size,
+                }),
+                // The message names the variable, never its value (a password).
+                Err(e) => {
+                    p.push(e.to_string().replace("store error: ", ""));
+                    None
+                }
+            },
+        };
+        // The embedded store's keys: not needed when PostgreSQL holds the state.
+        let aedb_key = |name: &'static str, p: &mut Vec<String>| match parse_key(name, get(name)) {
+            Ok(k) => Some(k),
+            Err(KeyProblem::Missing(_)) if database_url.is_some() => None,
+            Err(_) => key(name, p),
+        };
+        let aedb_manifest_key = aedb_key("AEDB_MANIFEST_KEY", &mut p);
+        let aedb_checkpoint_key = aedb_key("AEDB_CHECKPOINT_KEY", &mut p);
         let jwt_secret = get("JWT_SECRET")
             .filter(|s| !s.is_empty())
             .map(|s| SecretString::new(s.to_string()));
@@ -755,6 +794,7 @@ impl Config {
                 job_gate,
                 approval_crash,
             },
+            database,
         })
     }
 }
@@ -831,6 +871,43 @@ mod tests {
         ]);
         v.extend(vars(extra));
         v
+    }
+
+    #[test]
+    fn database_url_replaces_the_embedded_store_keys_and_is_never_echoed() {
+        let mut v = production(&[(
+            "DATABASE_URL",
+            "postgres://aragora:pw-sekrit@db.internal:6543/aragora",
+        )]);
+        v.remove("AEDB_MANIFEST_KEY");
+        v.remove("AEDB_CHECKPOINT_KEY");
+        let c = Config::from_vars(&v).expect("PostgreSQL needs no aedb keys");
+        let db = c.database.as_ref().expect("database settings");
+        assert_eq!(db.target, "db.internal:6543/aragora");
+        assert_eq!(db.pool_size, crate::store::postgres::DEFAULT_POOL_SIZE);
+        assert!(
+            !format!("{c:?}").contains("pw-sekrit"),
+            "Debug hides the URL"
+        );
+
+        let e = Config::from_vars(&production(&[
+            (
+                "DATABASE_URL",
+                "postgres://aragora:pw-sekrit@db:notaport/aragora",
+            ),
+            ("ARAGORA_DATABASE_POOL_SIZE", "0"),
+        ]))
+        .expect_err("bad database settings");
+        let text = e.to_string();
+        assert!(
+            text.contains("DATABASE_URL is not a PostgreSQL connection string"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ARAGORA_DATABASE_POOL_SIZE must be between 1"),
+            "{text}"
+        );
+        assert!(!text.contains("pw-sekrit"), "never the password: {text}");
     }
 
     #[test]

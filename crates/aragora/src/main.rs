@@ -24,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API (ARAGORA_BIND, default 127.0.0.1:8080) on the embedded store
-    /// in ARAGORA_DATA_DIR (default ./data).
+    /// in ARAGORA_DATA_DIR (default ./data), or with DATABASE_URL on PostgreSQL (the
+    /// operator commands then open it too when no server answers on the data dir).
     Serve,
     /// Validate ARAGORA_ENCRYPTION_KEY without starting the server (never prints it).
     CheckKey,

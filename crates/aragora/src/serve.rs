@@ -14,11 +14,13 @@ use anyhow::{Context, Result, anyhow};
 use aragora::app::{AppState, router};
 use aragora::config::{Config, TlsFiles};
 use aragora::control;
-use aragora::store::EmbeddedStore;
+use aragora::store::{EmbeddedStore, PostgresStore};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// How often the store's chain head is logged while serving.
 const CHAIN_HEAD_LOG_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How often a replica on the shared store re-reads the key ring.
 
 /// How long connections in flight may finish after SIGTERM (TLS; the plain
 /// server waits for them).
@@ -32,28 +34,54 @@ pub fn load_config() -> Result<Config> {
     Ok(Config::load(&|c| init_logging(&c.log_level, c.log_json))?)
 }
 
-pub fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)> {
-    let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
-        anyhow::bail!("AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required");
-    };
+/// The store this process opened: the embedded one (its directory lock
+/// makes this process its only user) or the shared PostgreSQL one.
+#[derive(Clone, Debug)]
+pub enum OpenStore {
+    Embedded(Arc<EmbeddedStore>),
+    Postgres(Arc<PostgresStore>),
+}
+
+pub fn open_state(config: Config) -> Result<(OpenStore, Arc<AppState>)> {
     let jwt = config
         .jwt_secret
         .clone()
         .ok_or_else(|| anyhow!("JWT_SECRET is not set"))?;
+    if let Some(db) = &config.database {
+        // The embedded store (and its directory lock) is not used at all.
+        let store = Arc::new(
+            PostgresStore::connect(db.url.expose(), db.pool_size).with_context(|| {
+                format!("opening the PostgreSQL store (DATABASE_URL: {})", db.target)
+            })?,
+        );
+        let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
+        return Ok((OpenStore::Postgres(store), state));
+    }
+    let (Some(mk), Some(ck)) = (&config.aedb_manifest_key, &config.aedb_checkpoint_key) else {
+        anyhow::bail!("AEDB_MANIFEST_KEY and AEDB_CHECKPOINT_KEY are required");
+    };
     let store_dir = config.data_dir.join("aedb");
     let store = Arc::new(
         EmbeddedStore::open(&store_dir, mk.bytes(), ck.bytes())
             .with_context(|| format!("opening the store in {}", store_dir.display()))?,
     );
     let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
-    Ok((store, state))
+    Ok((OpenStore::Embedded(store), state))
 }
 
 /// Flushes and closes the store once every other holder is gone.
-pub fn close(store: Arc<EmbeddedStore>, state: Arc<AppState>) -> Result<()> {
+pub fn close(store: OpenStore, state: Arc<AppState>) -> Result<()> {
     // Counted refusals whose window has not closed yet.
     state.auth.flush_failure_audit();
     drop(state);
+    let store = match store {
+        OpenStore::Embedded(store) => store,
+        // Every commit is durable already; dropping closes the pool.
+        OpenStore::Postgres(store) => {
+            drop(store);
+            return Ok(());
+        }
+    };
     match store.engine().chain_head() {
         Ok(head) => tracing::info!(chain_head = %head, "aedb chain head at shutdown (anchor)"),
         Err(e) => tracing::error!(error = %e, "aedb chain head at shutdown could not be read"),
@@ -115,7 +143,7 @@ pub fn run() -> Result<ExitCode> {
 
 async fn serve(
     state: Arc<AppState>,
-    store: Arc<EmbeddedStore>,
+    store: OpenStore,
     bind: SocketAddr,
     socket: std::path::PathBuf,
     tls: Option<(Arc<rustls::ServerConfig>, TlsFiles)>,
@@ -172,8 +200,12 @@ async fn serve(
 }
 
 /// The chain-head anchor log, the approvals tick and the notifier.
-fn spawn_periodic_tasks(state: &Arc<AppState>, store: Arc<EmbeddedStore>) {
-    tokio::spawn(log_chain_head_periodically(store));
+fn spawn_periodic_tasks(state: &Arc<AppState>, store: OpenStore) {
+    // Other replicas and offline commands on a shared store change the key
+    // ring too: every request catches up first (`aragora::cluster`).
+    if let OpenStore::Embedded(store) = store {
+        tokio::spawn(log_chain_head_periodically(store));
+    }
     let approvals_state = state.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(aragora::approvals::service::EXPIRY_INTERVAL);

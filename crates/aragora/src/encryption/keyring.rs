@@ -38,6 +38,14 @@ use crate::crypto::{self, CryptoError, DataKey, MasterKey};
 use crate::metrics::Metrics;
 use crate::store::{Collection, Expect, Store, WriteOp};
 
+/// The key an envelope names, when the ring has exactly it.
+fn key_for(ring: &Ring, id: &str, version: u32) -> Option<Arc<DataKey>> {
+    ring.keys
+        .get(id)
+        .filter(|k| k.version() == version)
+        .cloned()
+}
+
 /// The unwrapped ring as the hot path sees it.
 #[derive(Debug)]
 pub(super) struct Ring {
@@ -311,16 +319,6 @@ impl KeyRing {
         }
     }
 
-    /// Rebuilds the ring from the store after another replica changed it
-    /// (`crate::cluster`). A sealed ring has nothing loaded to refresh: it
-    /// reads the store when it is unsealed.
-    pub fn refresh(&self) -> Result<(), KeyRingError> {
-        if matches!(&*self.ring.read(), RingState::Sealed(_)) {
-            return Ok(());
-        }
-        self.reload()
-    }
-
     /// Rebuilds the in-memory ring from the store (after a lifecycle change).
     pub(super) fn reload(&self) -> Result<(), KeyRingError> {
         let master = self.master()?;
@@ -335,6 +333,20 @@ impl KeyRing {
         self.set_gauges(Some(&ring));
         *self.ring.write() = RingState::Open(Arc::new(ring));
         Ok(())
+    }
+
+    /// Re-reads the ring from the store, for a store other processes write
+    /// (replicas and offline commands on DATABASE_URL). Skipped while sealed,
+    /// and while a lifecycle operation of this process runs (it reloads when
+    /// it commits).
+    pub fn refresh(&self) -> Result<(), KeyRingError> {
+        if self.sealed().is_some() {
+            return Ok(());
+        }
+        let Some(_admin) = self.admin.try_lock() else {
+            return Ok(());
+        };
+        self.reload()
     }
 
     pub fn primary_key_id(&self) -> Result<String, CryptoError> {
@@ -419,12 +431,14 @@ impl KeyRing {
         // request): the master gauge and health already say so.
         let ring = self.open_ring()?;
         let t = Instant::now();
-        let r = crypto::decrypt_with(record_id, envelope, |id, version| {
-            ring.keys
-                .get(id)
-                .filter(|k| k.version() == version)
-                .cloned()
-        });
+        let mut r = crypto::decrypt_with(record_id, envelope, |id, v| key_for(&ring, id, v));
+        // On a shared store another process may have added the key since this
+        // ring was read (a rotation on another replica or by an offline
+        // command): read the ring again once before calling the key unknown.
+        if matches!(r, Err(CryptoError::UnknownKey { .. })) && self.refresh().is_ok() {
+            let ring = self.open_ring()?;
+            r = crypto::decrypt_with(record_id, envelope, |id, v| key_for(&ring, id, v));
+        }
         let secs = t.elapsed().as_secs_f64();
         self.observe("decrypt", secs, r.as_ref().err(), record_id, actor);
         if r.is_ok() {

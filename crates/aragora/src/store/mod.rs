@@ -10,6 +10,7 @@
 
 pub mod embedded;
 mod legacy_meta;
+pub mod postgres;
 
 use std::fmt;
 use std::ops::Bound;
@@ -19,6 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use embedded::EmbeddedStore;
+pub use postgres::PostgresStore;
 
 /// The collections aragora keeps. Adding one is adding a variant: both backends
 /// create what they need for it at open.
