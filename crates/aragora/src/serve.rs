@@ -20,8 +20,6 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 /// How often the store's chain head is logged while serving.
 const CHAIN_HEAD_LOG_INTERVAL: Duration = Duration::from_secs(300);
 
-/// How often a replica on the shared store re-reads the key ring.
-
 /// How long connections in flight may finish after SIGTERM (TLS; the plain
 /// server waits for them).
 const TLS_GRACE: Duration = Duration::from_secs(20);
