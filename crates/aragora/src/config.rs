@@ -169,6 +169,12 @@ pub struct Config {
     pub backup: Option<BackupSchedule>,
     /// Test-only faults (none unless a test asks for one).
     pub faults: FaultPlan,
+    /// The AEDB keys before the current ones (AEDB_PREVIOUS_MANIFEST_KEY,
+    /// AEDB_PREVIOUS_CHECKPOINT_KEY): during a key rotation the store opens a
+    /// directory (and backups) signed or encrypted under them and re-signs it
+    /// under the current keys. Optional everywhere.
+    pub aedb_previous_manifest_key: Option<Key32>,
+    pub aedb_previous_checkpoint_key: Option<Key32>,
 }
 
 /// ARAGORA_BACKUP_INCREMENTAL_INTERVAL's default: an hour of writes at most
@@ -512,6 +518,36 @@ impl Config {
         }
         let aedb_manifest_key = key("AEDB_MANIFEST_KEY", &mut p);
         let aedb_checkpoint_key = key("AEDB_CHECKPOINT_KEY", &mut p);
+        let optional_key = |name: &'static str, p: &mut Vec<String>| match parse_key(name, get(name)) {
+            Ok(k) => Some(k),
+            Err(KeyProblem::Missing(_)) => None,
+            Err(e) => {
+                p.push(e.to_string());
+                None
+            }
+        };
+        let aedb_previous_manifest_key = optional_key("AEDB_PREVIOUS_MANIFEST_KEY", &mut p);
+        let aedb_previous_checkpoint_key = optional_key("AEDB_PREVIOUS_CHECKPOINT_KEY", &mut p);
+        for (previous, current, names) in [
+            (
+                &aedb_previous_manifest_key,
+                &aedb_manifest_key,
+                "AEDB_PREVIOUS_MANIFEST_KEY is the same key as AEDB_MANIFEST_KEY",
+            ),
+            (
+                &aedb_previous_checkpoint_key,
+                &aedb_checkpoint_key,
+                "AEDB_PREVIOUS_CHECKPOINT_KEY is the same key as AEDB_CHECKPOINT_KEY",
+            ),
+        ] {
+            if let (Some(prev), Some(cur)) = (previous, current)
+                && *prev.0 == *cur.0
+            {
+                p.push(format!(
+                    "{names} (unset it, or set it to the key before this one)"
+                ));
+            }
+        }
         let jwt_secret = get("JWT_SECRET")
             .filter(|s| !s.is_empty())
             .map(|s| SecretString::new(s.to_string()));
@@ -736,6 +772,8 @@ impl Config {
                 job_gate,
                 approval_crash,
             },
+            aedb_previous_manifest_key,
+            aedb_previous_checkpoint_key,
         })
     }
 }

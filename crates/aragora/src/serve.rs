@@ -42,7 +42,21 @@ pub fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)>
         .ok_or_else(|| anyhow!("JWT_SECRET is not set"))?;
     let store_dir = config.data_dir.join("aedb");
     let store = Arc::new(
-        EmbeddedStore::open(&store_dir, mk.bytes(), ck.bytes())
+        EmbeddedStore::open_rotating(
+            &store_dir,
+            mk.bytes(),
+            ck.bytes(),
+            &crate::store::embedded::PreviousKeys {
+                manifest: config
+                    .aedb_previous_manifest_key
+                    .as_ref()
+                    .map(|k| zeroize::Zeroizing::new(k.bytes())),
+                checkpoint: config
+                    .aedb_previous_checkpoint_key
+                    .as_ref()
+                    .map(|k| zeroize::Zeroizing::new(k.bytes())),
+            },
+        )
             .with_context(|| format!("opening the store in {}", store_dir.display()))?,
     );
     let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
