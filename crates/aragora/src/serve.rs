@@ -46,7 +46,7 @@ pub fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)>
             &store_dir,
             mk.bytes(),
             ck.bytes(),
-            &crate::store::embedded::PreviousKeys {
+            &aragora::store::embedded::PreviousKeys {
                 manifest: config
                     .aedb_previous_manifest_key
                     .as_ref()
