@@ -124,8 +124,9 @@ pub(crate) fn read_signed_any(
     let by = match (key, sig.strip_prefix("hmac-sha256:")) {
         (Some(k), Some(hex_mac)) => {
             let mac = hex::decode(hex_mac).map_err(|_| bad("signature is not hex"))?;
-            let verifies =
-                |k: &SecretKey| ring::hmac::verify(&signer(k, label), body.as_bytes(), &mac).is_ok();
+            let verifies = |k: &SecretKey| {
+                ring::hmac::verify(&signer(k, label), body.as_bytes(), &mac).is_ok()
+            };
             if verifies(k) {
                 SignedBy::Current
             } else if previous.is_some_and(verifies) {

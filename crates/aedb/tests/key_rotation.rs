@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aedb::{
-    AedbConfig, AedbError, AedbInstance, FaultPlan, FaultStorage, Limits, restore_from_backup_chain,
-    verify_backup_chain,
+    AedbConfig, AedbError, AedbInstance, FaultPlan, FaultStorage, Limits,
+    restore_from_backup_chain, verify_backup_chain,
 };
 
 const MK_OLD: [u8; 32] = [0x61; 32];
@@ -144,7 +144,8 @@ fn rotating_both_keys_keeps_every_backup_verifiable_and_restorable() {
     let db = AedbInstance::open(new_only(), &data).expect("new keys alone open");
     assert_exactly(&db, 0..80, "new keys alone");
     write(&db, 80..90);
-    db.backup_full(&full_2).expect("full backup under the new keys");
+    db.backup_full(&full_2)
+        .expect("full backup under the new keys");
     db.checkpoint().expect("checkpoint");
     db.close().expect("close");
     let ids = chain_key_ids(&data);
@@ -170,7 +171,10 @@ fn rotating_both_keys_keeps_every_backup_verifiable_and_restorable() {
         Err(AedbError::Corruption { file, reason, .. }) => {
             assert!(file.starts_with(&full_1), "{}", file.display());
             assert!(reason.contains("wrong manifest key"), "{reason}");
-            assert!(reason.contains("previous manifest key is not set"), "{reason}");
+            assert!(
+                reason.contains("previous manifest key is not set"),
+                "{reason}"
+            );
             assert_no_key_material(&reason);
         }
         other => panic!("expected a wrong-key refusal, got {other:?}"),
@@ -221,7 +225,8 @@ fn keys_that_are_neither_current_nor_previous_are_refused_by_name() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     let db = create(&data, old(), 0..10);
-    db.checkpoint().expect("checkpoint under the old checkpoint key");
+    db.checkpoint()
+        .expect("checkpoint under the old checkpoint key");
     write(&db, 10..15);
     db.close().expect("close");
 
@@ -253,7 +258,10 @@ fn keys_that_are_neither_current_nor_previous_are_refused_by_name() {
                 "{}",
                 file.display()
             );
-            assert!(reason.contains("checkpoint is encrypted with key id"), "{reason}");
+            assert!(
+                reason.contains("checkpoint is encrypted with key id"),
+                "{reason}"
+            );
             assert_no_key_material(&reason);
         }
         other => panic!("expected the checkpoint refused, got {other:?}"),
@@ -289,7 +297,8 @@ fn an_altered_old_key_segment_is_refused_without_the_old_key() {
         .expect("an old-key segment is kept");
     let mut bytes = std::fs::read(&victim).expect("read");
     // The first frame's payload changes, its CRC is made to match again.
-    let len = (u32::from_le_bytes(bytes[128..132].try_into().expect("4 bytes")) & !(1 << 31)) as usize;
+    let len =
+        (u32::from_le_bytes(bytes[128..132].try_into().expect("4 bytes")) & !(1 << 31)) as usize;
     bytes[128 + 48 + len / 2] ^= 0x40;
     let crc = crc32c::crc32c_append(
         crc32c::crc32c(&bytes[128 + 8..128 + 48]),
@@ -377,7 +386,10 @@ fn power_loss_at_any_point_of_the_resign_leaves_a_directory_that_opens() {
         .close()
         .expect("close");
     let to = reference.calls();
-    assert!(to > from + 10, "the re-sign makes storage calls ({from}..{to})");
+    assert!(
+        to > from + 10,
+        "the re-sign makes storage calls ({from}..{to})"
+    );
     let mut crashed_inside = 0;
     for n in from..to {
         let fs = FaultStorage::new(FaultPlan {
@@ -395,8 +407,9 @@ fn power_loss_at_any_point_of_the_resign_leaves_a_directory_that_opens() {
                 .unwrap_or_else(|e| panic!("call {n} (torn {torn:?}): rotating open refused: {e}"));
             assert_exactly(&db, 0..70, &format!("power lost at call {n}"));
             db.close().expect("close");
-            let db = AedbInstance::open(on(&disk, new_only()), DB)
-                .unwrap_or_else(|e| panic!("call {n}: new keys alone refused after a completed rotation: {e}"));
+            let db = AedbInstance::open(on(&disk, new_only()), DB).unwrap_or_else(|e| {
+                panic!("call {n}: new keys alone refused after a completed rotation: {e}")
+            });
             assert_exactly(&db, 0..70, &format!("new keys alone, call {n}"));
             db.close().expect("close");
             verify_backup_chain(&on(&disk, rotating()), &[PathBuf::from(FULL)])

@@ -518,14 +518,15 @@ impl Config {
         }
         let aedb_manifest_key = key("AEDB_MANIFEST_KEY", &mut p);
         let aedb_checkpoint_key = key("AEDB_CHECKPOINT_KEY", &mut p);
-        let optional_key = |name: &'static str, p: &mut Vec<String>| match parse_key(name, get(name)) {
-            Ok(k) => Some(k),
-            Err(KeyProblem::Missing(_)) => None,
-            Err(e) => {
-                p.push(e.to_string());
-                None
-            }
-        };
+        let optional_key =
+            |name: &'static str, p: &mut Vec<String>| match parse_key(name, get(name)) {
+                Ok(k) => Some(k),
+                Err(KeyProblem::Missing(_)) => None,
+                Err(e) => {
+                    p.push(e.to_string());
+                    None
+                }
+            };
         let aedb_previous_manifest_key = optional_key("AEDB_PREVIOUS_MANIFEST_KEY", &mut p);
         let aedb_previous_checkpoint_key = optional_key("AEDB_PREVIOUS_CHECKPOINT_KEY", &mut p);
         for (previous, current, names) in [
@@ -1080,5 +1081,40 @@ mod tests {
             .expect_err("zero batch")
             .to_string();
         assert!(e.contains("ARAGORA_MIGRATION_BATCH_SIZE"), "{e}");
+    }
+
+    #[test]
+    fn the_previous_aedb_keys_are_optional_validated_and_redacted() {
+        let c = Config::from_vars(&production(&[])).expect("no previous keys");
+        assert!(c.aedb_previous_manifest_key.is_none() && c.aedb_previous_checkpoint_key.is_none());
+        let previous = "cd".repeat(32);
+        let c = Config::from_vars(&production(&[
+            ("AEDB_PREVIOUS_MANIFEST_KEY", &previous),
+            ("AEDB_PREVIOUS_CHECKPOINT_KEY", &previous),
+        ]))
+        .expect("previous keys");
+        assert_eq!(
+            c.aedb_previous_manifest_key.as_ref().map(Key32::bytes),
+            Some([0xcd; 32])
+        );
+        assert_eq!(
+            c.aedb_previous_checkpoint_key.as_ref().map(Key32::bytes),
+            Some([0xcd; 32])
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&previous), "{shown}");
+        for name in ["AEDB_PREVIOUS_MANIFEST_KEY", "AEDB_PREVIOUS_CHECKPOINT_KEY"] {
+            for (bad, named) in [
+                ("abcd", format!("{name} must be 64 hex characters")),
+                (&*"zz".repeat(32), format!("{name} is not valid hex")),
+                (&*"ab".repeat(32), format!("{name} is the same key")),
+            ] {
+                let e = Config::from_vars(&production(&[(name, bad)]))
+                    .expect_err("refused")
+                    .to_string();
+                assert!(e.contains(&named), "{e}");
+                assert!(!e.contains(bad), "the value is never shown: {e}");
+            }
+        }
     }
 }

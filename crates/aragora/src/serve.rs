@@ -57,7 +57,7 @@ pub fn open_state(config: Config) -> Result<(Arc<EmbeddedStore>, Arc<AppState>)>
                     .map(|k| zeroize::Zeroizing::new(k.bytes())),
             },
         )
-            .with_context(|| format!("opening the store in {}", store_dir.display()))?,
+        .with_context(|| format!("opening the store in {}", store_dir.display()))?,
     );
     let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
     Ok((store, state))

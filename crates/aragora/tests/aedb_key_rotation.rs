@@ -170,10 +170,18 @@ fn aedb_keys_rotate_with_backups_before_and_after_and_both_chains_restore() {
     let v = aedb(&["verify", "--backup", path(&root), "--json"], &rotating);
     assert!(v.status.success(), "verify the chain across: {}", text(&v));
     let report: serde_json::Value = serde_json::from_slice(&v.stdout).expect("json");
-    assert_eq!(report["chain"].as_array().map(Vec::len), Some(2), "{report}");
+    assert_eq!(
+        report["chain"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
     let full_dir = root.join("0001-full");
     let v = aedb(&["verify", "--backup", path(&full_dir)], &old_only);
-    assert!(v.status.success(), "the old backup under the old keys: {}", text(&v));
+    assert!(
+        v.status.success(),
+        "the old backup under the old keys: {}",
+        text(&v)
+    );
 
     // Without the previous manifest key the pre-rotation backup is refused,
     // naming the manifest key, never printing one.
@@ -186,7 +194,11 @@ fn aedb_keys_rotate_with_backups_before_and_after_and_both_chains_restore() {
     }
 
     let d = aedb(&["drill", "--backup", path(&root), "--json"], &rotating);
-    assert!(d.status.success(), "drill across the rotation: {}", text(&d));
+    assert!(
+        d.status.success(),
+        "drill across the rotation: {}",
+        text(&d)
+    );
 
     // The chain across the rotation, restored into a new data dir, serves the
     // secrets with the new keys alone.

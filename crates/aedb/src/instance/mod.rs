@@ -645,7 +645,11 @@ impl<M> AedbInstance<M> {
             // opens without the previous keys. A crash before the manifest switch
             // leaves the directory as it was (re-signed at the next open).
             let info = inner.checkpoint()?;
-            tracing::info!(reason = why, lsn = info.lsn, "re-signed the data directory under the current keys");
+            tracing::info!(
+                reason = why,
+                lsn = info.lsn,
+                "re-signed the data directory under the current keys"
+            );
         }
         // Without background I/O (a simulated disk), `Visible` commits become
         // durable with the next durable commit, checkpoint, backup or close.

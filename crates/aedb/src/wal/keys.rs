@@ -107,7 +107,10 @@ impl WalKeys {
             return SegmentChain::Current(current);
         }
         let matches = |k: &ring::hmac::Key| {
-            crypto::ct_eq(&chain_hash(Some(k), &h.prev_hash, f.lsn, f.payload), &f.hash)
+            crypto::ct_eq(
+                &chain_hash(Some(k), &h.prev_hash, f.lsn, f.payload),
+                &f.hash,
+            )
         };
         if matches(current) {
             return SegmentChain::Current(current);
@@ -127,9 +130,10 @@ impl WalKeys {
         format!(
             "segment is chained under {recorded}; the configured manifest key has id {}, the previous manifest key {}",
             hex::encode(self.chain_id),
-            self.previous_chain
-                .as_ref()
-                .map_or_else(|| "is not set".to_string(), |(_, id)| format!("has id {}", hex::encode(id)))
+            self.previous_chain.as_ref().map_or_else(
+                || "is not set".to_string(),
+                |(_, id)| format!("has id {}", hex::encode(id))
+            )
         )
     }
 

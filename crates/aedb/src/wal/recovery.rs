@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use super::format::{
-    ChainHash, FLAG_ENCRYPTED, FLAG_KEYED_CHAIN, SEGMENT_HEADER_LEN, SegmentHeader, parse_segment_file_name,
-    segment_file_name,
+    ChainHash, FLAG_ENCRYPTED, FLAG_KEYED_CHAIN, SEGMENT_HEADER_LEN, SegmentHeader,
+    parse_segment_file_name, segment_file_name,
 };
 use super::keys::{SegmentChain, WalKeys, decrypt_frame};
 use super::reader::{ChainCheck, Damage, MAX_LSN, count_frames_best_effort, scan_frames_with};
@@ -367,9 +367,14 @@ pub(crate) fn recover(
         };
         if let (ChainCheck::Stored, Some(r)) = (check, recorded) {
             // Checked before any frame is applied: a mismatch keeps nothing of it.
-            let pre = scan_frames_with(check, &buf, SEGMENT_HEADER_LEN, next_lsn, head, |_, _, _| {
-                Ok(())
-            });
+            let pre = scan_frames_with(
+                check,
+                &buf,
+                SEGMENT_HEADER_LEN,
+                next_lsn,
+                head,
+                |_, _, _| Ok(()),
+            );
             let end = pre.end_offset as usize;
             if pre.damage.is_some() || !crate::crypto::ct_eq(&sha256(&buf[..end]), &r.sha256) {
                 let damage = Damage::structural(format!(

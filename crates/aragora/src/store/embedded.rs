@@ -41,7 +41,10 @@ impl std::fmt::Debug for PreviousKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreviousKeys")
             .field("manifest", &self.manifest.as_ref().map(|_| "<redacted>"))
-            .field("checkpoint", &self.checkpoint.as_ref().map(|_| "<redacted>"))
+            .field(
+                "checkpoint",
+                &self.checkpoint.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
