@@ -1,7 +1,8 @@
 //! `aedb`: the operator CLI. Inspection commands take the directory lock without
 //! writing to the directory, read encrypted data with keys from the environment
 //! (`AEDB_MANIFEST_KEY`, `AEDB_CHECKPOINT_KEY`, optional
-//! `AEDB_PREVIOUS_CHECKPOINT_KEY`; 64 hex characters) or `--key-file`, never argv.
+//! `AEDB_PREVIOUS_MANIFEST_KEY` and `AEDB_PREVIOUS_CHECKPOINT_KEY` during a key
+//! rotation; 64 hex characters) or `--key-file`, never argv.
 //!
 //! Exit codes: 0 everything checked holds; 1 a check failed; 2 could not run.
 
@@ -24,8 +25,10 @@ struct Cli {
     /// Print one JSON object instead of the human report.
     #[arg(long, global = true)]
     json: bool,
-    /// File with `AEDB_MANIFEST_KEY=<hex>` / `AEDB_CHECKPOINT_KEY=<hex>` lines
-    /// (instead of the environment). Keys are never accepted on the command line.
+    /// File with `AEDB_MANIFEST_KEY=<hex>` / `AEDB_CHECKPOINT_KEY=<hex>` lines, and
+    /// `AEDB_PREVIOUS_MANIFEST_KEY` / `AEDB_PREVIOUS_CHECKPOINT_KEY` for data or
+    /// backups from before a key rotation (instead of the environment). Keys are
+    /// never accepted on the command line.
     #[arg(long, global = true, value_name = "FILE")]
     key_file: Option<PathBuf>,
     #[command(subcommand)]
@@ -233,6 +236,7 @@ fn config(cli_key_file: Option<&Path>) -> Result<AedbConfig> {
             "AEDB_MANIFEST_KEY",
             "AEDB_CHECKPOINT_KEY",
             "AEDB_PREVIOUS_CHECKPOINT_KEY",
+            "AEDB_PREVIOUS_MANIFEST_KEY",
         ] {
             if let Ok(v) = std::env::var(name) {
                 vars.insert(name.to_string(), Zeroizing::new(v));
@@ -248,6 +252,12 @@ fn config(cli_key_file: Option<&Path>) -> Result<AedbConfig> {
     }
     if let Some(v) = vars.get("AEDB_PREVIOUS_CHECKPOINT_KEY") {
         cfg = cfg.with_previous_checkpoint_key(parse_key("AEDB_PREVIOUS_CHECKPOINT_KEY", v)?);
+    }
+    if let Some(v) = vars.get("AEDB_PREVIOUS_MANIFEST_KEY") {
+        if !vars.contains_key("AEDB_MANIFEST_KEY") {
+            bail!("AEDB_PREVIOUS_MANIFEST_KEY is set but AEDB_MANIFEST_KEY is not");
+        }
+        cfg = cfg.with_previous_manifest_key(parse_key("AEDB_PREVIOUS_MANIFEST_KEY", v)?);
     }
     // The CLI never writes automatic checkpoints into a directory it opened.
     Ok(cfg.with_checkpoint_policy(None, None))

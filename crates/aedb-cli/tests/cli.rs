@@ -288,3 +288,97 @@ fn audit_export_verify_and_capture() {
     let v: serde_json::Value = serde_json::from_slice(&m.stdout).expect("json");
     assert_eq!(v["metrics"]["authz_events"]["bootstrap"], 1);
 }
+
+/// After a manifest and checkpoint key rotation, a backup taken under the old
+/// keys verifies and restores when the previous keys come from the key file (or
+/// the environment), and is refused without them (exit 1, no key printed).
+#[test]
+fn previous_keys_from_a_key_file_verify_and_restore_a_pre_rotation_backup() {
+    const NEW_MK: [u8; 32] = [0x73; 32];
+    const NEW_CK: [u8; 32] = [0x74; 32];
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let backup = tmp.path().join("before");
+    make(&data);
+    let db = AedbInstance::open(cfg(), &data).expect("open");
+    db.backup_full(&backup).expect("backup under the old keys");
+    db.close().expect("close");
+
+    let write_keys = |name: &str, lines: &[(&str, [u8; 32])]| {
+        let path = tmp.path().join(name);
+        let text: String = lines
+            .iter()
+            .map(|(k, v)| format!("{k}={}\n", hex::encode(v)))
+            .collect();
+        std::fs::write(&path, text).expect("key file");
+        path
+    };
+    let rotating = write_keys(
+        "rotating.env",
+        &[
+            ("AEDB_MANIFEST_KEY", NEW_MK),
+            ("AEDB_CHECKPOINT_KEY", NEW_CK),
+            ("AEDB_PREVIOUS_MANIFEST_KEY", MK),
+            ("AEDB_PREVIOUS_CHECKPOINT_KEY", CK),
+        ],
+    );
+    let new_only = write_keys(
+        "new.env",
+        &[
+            ("AEDB_MANIFEST_KEY", NEW_MK),
+            ("AEDB_CHECKPOINT_KEY", NEW_CK),
+        ],
+    );
+    let run = |keys: &Path, args: &[&str]| {
+        let mut full = vec!["--key-file", keys.to_str().expect("utf-8")];
+        full.extend_from_slice(args);
+        Command::new(env!("CARGO_BIN_EXE_aedb"))
+            .args(&full)
+            .env_remove("AEDB_MANIFEST_KEY")
+            .env_remove("AEDB_CHECKPOINT_KEY")
+            .env_remove("AEDB_PREVIOUS_MANIFEST_KEY")
+            .env_remove("AEDB_PREVIOUS_CHECKPOINT_KEY")
+            .output()
+            .expect("run aedb")
+    };
+    let b = backup.to_str().expect("utf-8");
+    let out = run(&rotating, &["verify", "--backup", b]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = run(&new_only, &["verify", "--backup", b]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("wrong manifest key"), "{shown}");
+    for k in [MK, CK, NEW_MK, NEW_CK] {
+        assert!(!shown.contains(&hex::encode(k)), "{shown}");
+    }
+    let target = tmp.path().join("restored");
+    let out = run(
+        &rotating,
+        &[
+            "restore",
+            "--from",
+            b,
+            "--to",
+            target.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // The restore was re-signed: the new keys alone check it.
+    let out = run(
+        &new_only,
+        &[
+            "check",
+            "invariants",
+            "--data-dir",
+            target.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // A previous manifest key without a current one cannot run.
+    let lonely = write_keys("lonely.env", &[("AEDB_PREVIOUS_MANIFEST_KEY", MK)]);
+    let out = run(&lonely, &["verify", "--backup", b]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("AEDB_PREVIOUS_MANIFEST_KEY"), "{err}");
+}

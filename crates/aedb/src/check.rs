@@ -245,6 +245,10 @@ pub(crate) fn load_read_only(
         name: "manifest signature".into(),
         ok: loaded.manifest.is_some(),
         detail: match (&loaded.manifest, config.has_manifest_key()) {
+            (Some(m), true) if loaded.manifest_under_previous_key => format!(
+                "HMAC-SHA256 verified under the previous manifest key (generation {}; the next open re-signs it)",
+                m.generation
+            ),
             (Some(m), true) => format!("HMAC-SHA256 verified (generation {})", m.generation),
             (Some(m), false) => format!(
                 "unsigned manifest, no key configured (generation {})",
@@ -272,7 +276,8 @@ pub(crate) fn load_read_only(
         config.manifest_key.as_ref(),
         config.checkpoint_key.as_ref(),
         config.previous_checkpoint_key.as_ref(),
-    );
+    )
+    .with_previous_chain(config.previous_manifest_key.as_ref());
     let start = match replay_start(dir, config, loaded.manifest.as_ref(), ckpt.as_ref(), true) {
         Ok(s) => s,
         Err(e) => {

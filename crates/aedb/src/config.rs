@@ -134,6 +134,9 @@ pub struct AedbConfig {
     pub(crate) checkpoint_key: Option<SecretKey>,
     /// The checkpoint key being rotated away from: still accepted for reading.
     pub(crate) previous_checkpoint_key: Option<SecretKey>,
+    /// The manifest key being rotated away from: still accepted for verifying the
+    /// manifest, WAL chain and backup descriptors signed or chained under it.
+    pub(crate) previous_manifest_key: Option<SecretKey>,
 }
 
 impl AedbConfig {
@@ -155,6 +158,7 @@ impl AedbConfig {
             manifest_key: None,
             checkpoint_key: None,
             previous_checkpoint_key: None,
+            previous_manifest_key: None,
         }
     }
 
@@ -191,6 +195,16 @@ impl AedbConfig {
     /// rewrites everything under the current checkpoint key.
     pub fn with_previous_checkpoint_key(mut self, old: [u8; 32]) -> Self {
         self.previous_checkpoint_key = Some(SecretKey::new(old));
+        self
+    }
+
+    /// Manifest key rotation: a MANIFEST, WAL segments and backup descriptors
+    /// signed or chained under `old` still verify. The first open re-signs the
+    /// data directory under the current key (a checkpoint and a new manifest,
+    /// before it accepts writes), after which `old` is needed only for backups
+    /// taken before the rotation (FORMAT.md, "Key rotation").
+    pub fn with_previous_manifest_key(mut self, old: [u8; 32]) -> Self {
+        self.previous_manifest_key = Some(SecretKey::new(old));
         self
     }
 
@@ -275,6 +289,21 @@ impl AedbConfig {
             .map(|k| hex::encode(crate::crypto::key_id(k)))
     }
 
+    /// Public fingerprint (hex) of the manifest key, as manifests record it.
+    pub(crate) fn manifest_key_id_hex(&self) -> Option<String> {
+        self.manifest_key
+            .as_ref()
+            .map(|k| hex::encode(crate::crypto::key_id(k)))
+    }
+
+    pub fn has_previous_manifest_key(&self) -> bool {
+        self.previous_manifest_key.is_some()
+    }
+
+    pub fn has_previous_checkpoint_key(&self) -> bool {
+        self.previous_checkpoint_key.is_some()
+    }
+
     pub fn has_manifest_key(&self) -> bool {
         self.manifest_key.is_some()
     }
@@ -346,6 +375,12 @@ impl AedbConfig {
         if self.durable_head_interval.is_some_and(|i| i.is_zero()) {
             problems.push(
                 "durable_head_interval must be above zero (None records the durable head only at open, rotation, checkpoint and close)"
+                    .to_string(),
+            );
+        }
+        if self.previous_manifest_key.is_some() && self.manifest_key.is_none() {
+            problems.push(
+                "a previous manifest key is set but no manifest key: rotating to unsigned is not supported"
                     .to_string(),
             );
         }

@@ -154,7 +154,7 @@ pub fn wal_segment_header(data: &[u8]) {
     if let Ok(h) = SegmentHeader::decode(data) {
         let again = h.encode();
         // Everything the decoder reads is reproduced (the reserved bytes are not read).
-        assert_eq!(again[..88], data[..88], "re-encoded header differs");
+        assert_eq!(again[..96], data[..96], "re-encoded header differs");
         assert_eq!(SegmentHeader::decode(&again).as_ref(), Ok(&h));
     }
     let mut f = Fields::new(data);
@@ -166,6 +166,7 @@ pub fn wal_segment_header(data: &[u8]) {
         prev_hash: f.array(),
         salt: f.array(),
         key_id: f.array(),
+        chain_key_id: f.array(),
     };
     let encoded = h.encode();
     assert_eq!(SegmentHeader::decode(&encoded), Ok(h.clone()), "round trip");
@@ -247,6 +248,7 @@ pub fn wal_frames(data: &[u8]) {
         prev_hash: prev,
         salt: [0; 16],
         key_id: [0; 8],
+        chain_key_id: [0; 8],
     };
     let mut seg = header.encode().to_vec();
     let mut payloads = Vec::new();
@@ -579,6 +581,7 @@ pub fn craft_segment(
         prev_hash,
         salt: [0; 16],
         key_id: [0; 8],
+        chain_key_id: [0; 8],
     };
     let mut bytes = header.encode().to_vec();
     let mut frames = Vec::new();
@@ -656,6 +659,7 @@ pub fn craft_checkpoint(dir: &Path, c: &CraftedCheckpoint) -> Result<(), AedbErr
             lsn,
             chain_hash: hex::encode(h),
         }),
+        manifest_key_id: None,
     };
     manifest::write(&OS, dir, &body, None)
 }

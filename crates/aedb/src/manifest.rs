@@ -32,6 +32,14 @@ pub(crate) struct SealedRef {
     pub last_lsn: u64,
     /// Chain hash of the segment's last frame: it commits to every frame in it.
     pub end_hash: String,
+    /// For a segment chained under another manifest key than the one signing
+    /// this manifest (kept across a key rotation): that key's id...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_key_id: Option<String>,
+    /// ...and the SHA-256 of the segment's bytes from its start to the end of its
+    /// last frame, so the segment verifies without that key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,20 +75,39 @@ pub(crate) struct ManifestBody {
     /// Absent in manifests written before it existed, and in a restore's first one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable_head: Option<DurableHeadRef>,
+    /// Id of the manifest key that signs this manifest (absent when unsigned, and
+    /// in manifests written before it existed): names the key in a mismatch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_key_id: Option<String>,
 }
 
 fn signer(key: &SecretKey, label: &[u8]) -> ring::hmac::Key {
     crypto::hmac_key(key, label)
 }
 
+/// Which configured key verified a signed file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SignedBy {
+    /// The file is `unsigned` (no manifest key configured).
+    Unsigned,
+    /// The current manifest key.
+    Current,
+    /// The manifest key being rotated away from.
+    Previous,
+}
+
 /// Reads a signed two-line file (JSON body, then `hmac-sha256:<hex>` or `unsigned`)
-/// and returns the verified body; `Ok(None)` when the file does not exist.
-pub(crate) fn read_signed(
+/// and returns the verified body, accepting the current key or, during a manifest
+/// key rotation, the previous one, and says which one verified; `Ok(None)` when the
+/// file does not exist. A failure names the key id the file
+/// records (when it records one) next to the configured ones, never a key.
+pub(crate) fn read_signed_any(
     fs: &dyn Storage,
     path: &Path,
     key: Option<&SecretKey>,
+    previous: Option<&SecretKey>,
     label: &[u8],
-) -> Result<Option<String>, AedbError> {
+) -> Result<Option<(String, SignedBy)>, AedbError> {
     let bad = |reason: &str| AedbError::corruption(path, 0, reason);
     let text = match fs.read(path) {
         Ok(t) => t,
@@ -94,19 +121,44 @@ pub(crate) fn read_signed(
     if lines.any(|l| !l.is_empty()) {
         return Err(bad("unexpected content after the signature line"));
     }
-    match (key, sig.strip_prefix("hmac-sha256:")) {
+    let by = match (key, sig.strip_prefix("hmac-sha256:")) {
         (Some(k), Some(hex_mac)) => {
             let mac = hex::decode(hex_mac).map_err(|_| bad("signature is not hex"))?;
-            ring::hmac::verify(&signer(k, label), body.as_bytes(), &mac).map_err(|_| {
-                bad("signature does not verify: wrong manifest key, or the file was edited")
-            })?;
+            let verifies = |k: &SecretKey| {
+                ring::hmac::verify(&signer(k, label), body.as_bytes(), &mac).is_ok()
+            };
+            if verifies(k) {
+                SignedBy::Current
+            } else if previous.is_some_and(verifies) {
+                SignedBy::Previous
+            } else {
+                return Err(bad(&wrong_key_reason(&body, k, previous)));
+            }
         }
         (Some(_), None) => return Err(bad("file is unsigned but a manifest key is configured")),
         (None, Some(_)) => return Err(bad("file is signed but no manifest key is configured")),
-        (None, None) if sig == "unsigned" => {}
+        (None, None) if sig == "unsigned" => SignedBy::Unsigned,
         (None, None) => return Err(bad("missing signature line")),
+    };
+    Ok(Some((body, by)))
+}
+
+/// Why a signature failed: the key id the (unverified) body records, when it
+/// records one that no configured key has, or else the generic reason. Key ids
+/// are public fingerprints (FORMAT.md, "Keys and derivation").
+fn wrong_key_reason(body: &str, key: &SecretKey, previous: Option<&SecretKey>) -> String {
+    let id = |k: &SecretKey| hex::encode(crypto::key_id(k));
+    let recorded = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("manifest_key_id")?.as_str().map(str::to_string));
+    match recorded {
+        Some(r) if r != id(key) && previous.is_none_or(|p| r != id(p)) => format!(
+            "signature does not verify: wrong manifest key (the file was signed under the manifest key with id {r}; the configured manifest key has id {}, the previous manifest key {})",
+            id(key),
+            previous.map_or_else(|| "is not set".to_string(), |p| format!("has id {}", id(p)))
+        ),
+        _ => "signature does not verify: wrong manifest key, or the file was edited".to_string(),
     }
-    Ok(Some(body))
 }
 
 /// Signs `json` and replaces `path` atomically (temp file, fsync, rename, fsync dir).
@@ -142,8 +194,19 @@ pub(crate) fn read(
     dir: &Path,
     key: Option<&SecretKey>,
 ) -> Result<Option<ManifestBody>, AedbError> {
+    Ok(read_any(fs, dir, key, None)?.map(|(body, _)| body))
+}
+
+/// Reads and verifies the manifest under the current manifest key or, during a
+/// rotation, the previous one (and says which); `Ok(None)` when there is none.
+pub(crate) fn read_any(
+    fs: &dyn Storage,
+    dir: &Path,
+    key: Option<&SecretKey>,
+    previous: Option<&SecretKey>,
+) -> Result<Option<(ManifestBody, SignedBy)>, AedbError> {
     let path = dir.join(MANIFEST_FILE);
-    let Some(body) = read_signed(fs, &path, key, LABEL_MANIFEST)? else {
+    let Some((body, by)) = read_signed_any(fs, &path, key, previous, LABEL_MANIFEST)? else {
         return Ok(None);
     };
     let parsed: ManifestBody = serde_json::from_str(&body)
@@ -158,7 +221,7 @@ pub(crate) fn read(
             ),
         ));
     }
-    Ok(Some(parsed))
+    Ok(Some((parsed, by)))
 }
 
 /// Signs and atomically replaces the manifest.

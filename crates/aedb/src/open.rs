@@ -11,7 +11,7 @@ use crate::manifest::{self, CheckpointRef, DurableHeadRef, ManifestBody, SealedR
 use crate::wal::ChainHead;
 use crate::wal::format::segment_file_name;
 use crate::wal::recovery::{ReplayStart, list_segments, segment_is_empty};
-use crate::wal::writer::SealedSegment;
+use crate::wal::writer::{ForeignChain, SealedSegment};
 
 /// What the manifest will say next time it is written.
 pub(crate) struct ManifestState {
@@ -56,6 +56,8 @@ pub(crate) fn write_manifest(
             sealed: Some(SealedRef {
                 last_lsn: s.last_lsn,
                 end_hash: hex::encode(s.end_hash),
+                chain_key_id: s.foreign.map(|f| hex::encode(f.key_id)),
+                sha256: s.foreign.map(|f| hex::encode(f.sha256)),
             }),
         })
         .collect();
@@ -83,6 +85,7 @@ pub(crate) fn write_manifest(
             lsn: d.lsn,
             chain_hash: hex::encode(d.hash),
         }),
+        manifest_key_id: config.manifest_key_id_hex(),
     };
     manifest::write(&*config.storage, dir, &body, config.manifest_key.as_ref())
 }
@@ -117,12 +120,37 @@ pub(crate) fn replay_start(
         let last = m.segments.iter().map(|s| s.index).max()?;
         Some((first, last))
     });
+    let mut foreign = Vec::new();
+    for s in manifest.map_or(&[][..], |m| &m.segments[..]) {
+        let Some(sealed) = &s.sealed else { continue };
+        let (Some(id), Some(sha)) = (&sealed.chain_key_id, &sealed.sha256) else {
+            continue;
+        };
+        let key_id = hex::decode(id)
+            .ok()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok());
+        let sha256 = hex::decode(sha)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok());
+        let (Some(key_id), Some(sha256)) = (key_id, sha256) else {
+            return Err(AedbError::corruption(
+                dir.join(manifest::MANIFEST_FILE),
+                0,
+                format!(
+                    "segment {}: chain_key_id must be 8 and sha256 32 hex-encoded bytes",
+                    s.file
+                ),
+            ));
+        };
+        foreign.push((s.index, ForeignChain { key_id, sha256 }));
+    }
     Ok(ReplayStart {
         checkpoint: checkpoint.map(|m| (m.lsn, m.chain_head)),
         read_only,
         durable_head,
         listed_segments,
         expected_head: config.expected_head,
+        foreign,
     })
 }
 
@@ -130,6 +158,8 @@ pub(crate) fn replay_start(
 pub(crate) struct Loaded {
     pub manifest: Option<ManifestBody>,
     pub checkpoint: Option<(LoadedState, CheckpointMeta)>,
+    /// The manifest verified only under the previous manifest key (a rotation).
+    pub manifest_under_previous_key: bool,
 }
 
 /// Reads the manifest and the checkpoint it names. Unless `read_only`, removes files
@@ -141,11 +171,18 @@ pub(crate) fn load_manifest_and_checkpoint(
 ) -> Result<Loaded, AedbError> {
     let strict = config.recovery == RecoveryMode::Strict;
     let fs = &*config.storage;
-    let body = match manifest::read(fs, dir, config.manifest_key.as_ref()) {
-        Ok(b) => b,
+    let read = manifest::read_any(
+        fs,
+        dir,
+        config.manifest_key.as_ref(),
+        config.previous_manifest_key.as_ref(),
+    );
+    let (body, manifest_under_previous_key) = match read {
+        Ok(Some((b, by))) => (Some(b), by == manifest::SignedBy::Previous),
+        Ok(None) => (None, false),
         Err(e) if !strict => {
             tracing::warn!(error = %e, "permissive recovery: ignoring an unusable manifest");
-            None
+            (None, false)
         }
         Err(e) => return Err(e),
     };
@@ -209,6 +246,7 @@ pub(crate) fn load_manifest_and_checkpoint(
     Ok(Loaded {
         manifest: body,
         checkpoint: meta,
+        manifest_under_previous_key,
     })
 }
 

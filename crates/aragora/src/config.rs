@@ -176,6 +176,12 @@ pub struct Config {
     /// The shared PostgreSQL store (DATABASE_URL, ARAGORA_DATABASE_POOL_SIZE);
     /// `None`: the embedded store in ARAGORA_DATA_DIR.
     pub database: Option<DatabaseSettings>,
+    /// The AEDB keys before the current ones (AEDB_PREVIOUS_MANIFEST_KEY,
+    /// AEDB_PREVIOUS_CHECKPOINT_KEY): during a key rotation the store opens a
+    /// directory (and backups) signed or encrypted under them and re-signs it
+    /// under the current keys. Optional everywhere.
+    pub aedb_previous_manifest_key: Option<Key32>,
+    pub aedb_previous_checkpoint_key: Option<Key32>,
 }
 
 /// DATABASE_URL and its pool: all state in PostgreSQL (scale-out).
@@ -555,6 +561,37 @@ impl Config {
         };
         let aedb_manifest_key = aedb_key("AEDB_MANIFEST_KEY", &mut p);
         let aedb_checkpoint_key = aedb_key("AEDB_CHECKPOINT_KEY", &mut p);
+        let optional_key =
+            |name: &'static str, p: &mut Vec<String>| match parse_key(name, get(name)) {
+                Ok(k) => Some(k),
+                Err(KeyProblem::Missing(_)) => None,
+                Err(e) => {
+                    p.push(e.to_string());
+                    None
+                }
+            };
+        let aedb_previous_manifest_key = optional_key("AEDB_PREVIOUS_MANIFEST_KEY", &mut p);
+        let aedb_previous_checkpoint_key = optional_key("AEDB_PREVIOUS_CHECKPOINT_KEY", &mut p);
+        for (previous, current, names) in [
+            (
+                &aedb_previous_manifest_key,
+                &aedb_manifest_key,
+                "AEDB_PREVIOUS_MANIFEST_KEY is the same key as AEDB_MANIFEST_KEY",
+            ),
+            (
+                &aedb_previous_checkpoint_key,
+                &aedb_checkpoint_key,
+                "AEDB_PREVIOUS_CHECKPOINT_KEY is the same key as AEDB_CHECKPOINT_KEY",
+            ),
+        ] {
+            if let (Some(prev), Some(cur)) = (previous, current)
+                && *prev.0 == *cur.0
+            {
+                p.push(format!(
+                    "{names} (unset it, or set it to the key before this one)"
+                ));
+            }
+        }
         let jwt_secret = get("JWT_SECRET")
             .filter(|s| !s.is_empty())
             .map(|s| SecretString::new(s.to_string()));
@@ -795,6 +832,8 @@ impl Config {
                 approval_crash,
             },
             database,
+            aedb_previous_manifest_key,
+            aedb_previous_checkpoint_key,
         })
     }
 }
@@ -1138,5 +1177,40 @@ mod tests {
             .expect_err("zero batch")
             .to_string();
         assert!(e.contains("ARAGORA_MIGRATION_BATCH_SIZE"), "{e}");
+    }
+
+    #[test]
+    fn the_previous_aedb_keys_are_optional_validated_and_redacted() {
+        let c = Config::from_vars(&production(&[])).expect("no previous keys");
+        assert!(c.aedb_previous_manifest_key.is_none() && c.aedb_previous_checkpoint_key.is_none());
+        let previous = "cd".repeat(32);
+        let c = Config::from_vars(&production(&[
+            ("AEDB_PREVIOUS_MANIFEST_KEY", &previous),
+            ("AEDB_PREVIOUS_CHECKPOINT_KEY", &previous),
+        ]))
+        .expect("previous keys");
+        assert_eq!(
+            c.aedb_previous_manifest_key.as_ref().map(Key32::bytes),
+            Some([0xcd; 32])
+        );
+        assert_eq!(
+            c.aedb_previous_checkpoint_key.as_ref().map(Key32::bytes),
+            Some([0xcd; 32])
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&previous), "{shown}");
+        for name in ["AEDB_PREVIOUS_MANIFEST_KEY", "AEDB_PREVIOUS_CHECKPOINT_KEY"] {
+            for (bad, named) in [
+                ("abcd", format!("{name} must be 64 hex characters")),
+                (&*"zz".repeat(32), format!("{name} is not valid hex")),
+                (&*"ab".repeat(32), format!("{name} is the same key")),
+            ] {
+                let e = Config::from_vars(&production(&[(name, bad)]))
+                    .expect_err("refused")
+                    .to_string();
+                assert!(e.contains(&named), "{e}");
+                assert!(!e.contains(bad), "the value is never shown: {e}");
+            }
+        }
     }
 }

@@ -60,8 +60,22 @@ pub fn open_state(config: Config) -> Result<(OpenStore, Arc<AppState>)> {
     };
     let store_dir = config.data_dir.join("aedb");
     let store = Arc::new(
-        EmbeddedStore::open(&store_dir, mk.bytes(), ck.bytes())
-            .with_context(|| format!("opening the store in {}", store_dir.display()))?,
+        EmbeddedStore::open_rotating(
+            &store_dir,
+            mk.bytes(),
+            ck.bytes(),
+            &aragora::store::embedded::PreviousKeys {
+                manifest: config
+                    .aedb_previous_manifest_key
+                    .as_ref()
+                    .map(|k| zeroize::Zeroizing::new(k.bytes())),
+                checkpoint: config
+                    .aedb_previous_checkpoint_key
+                    .as_ref()
+                    .map(|k| zeroize::Zeroizing::new(k.bytes())),
+            },
+        )
+        .with_context(|| format!("opening the store in {}", store_dir.display()))?,
     );
     let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
     Ok((OpenStore::Embedded(store), state))

@@ -30,14 +30,14 @@ use crate::checkpoint;
 use crate::config::{AedbConfig, RecoveryMode, SecretKey};
 use crate::crypto::{self, LABEL_BACKUP};
 use crate::error::{AedbError, NotFoundKind};
-use crate::manifest::{read_signed, write_signed};
+use crate::manifest::{read_signed_any, write_signed};
 use crate::model::state::DbState;
 use crate::storage::{OpenMode, SeqFile, Storage};
 use crate::wal::format::{
     ChainHash, FRAME_HEADER_LEN, FrameAt, SEGMENT_HEADER_LEN, SegmentHeader, frame_at,
     parse_segment_file_name,
 };
-use crate::wal::keys::WalKeys;
+use crate::wal::keys::{SegmentChain, WalKeys};
 use crate::wal::reader::scan_frames;
 use crate::wal::writer::sync_dir;
 
@@ -74,6 +74,11 @@ pub struct BackupDescriptor {
     pub created_at: i64,
     pub keyed_chain: bool,
     pub checkpoint_key_id: Option<String>,
+    /// Id of the manifest key that signs this descriptor (absent when unsigned,
+    /// and in backups written before it was recorded): names the key a verify
+    /// or restore needs after a manifest key rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_key_id: Option<String>,
 }
 
 /// What a backup call wrote.
@@ -329,14 +334,21 @@ fn write_descriptor(
 pub fn verify_backup_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBackup, AedbError> {
     let fs = &*config.storage;
     let path = dir.join(DESCRIPTOR_FILE);
-    let body =
-        read_signed(fs, &path, config.manifest_key.as_ref(), LABEL_BACKUP)?.ok_or_else(|| {
-            AedbError::corruption(
-                &path,
-                0,
-                "backup descriptor missing (not a backup, or an interrupted one)",
-            )
-        })?;
+    // A backup taken before a manifest key rotation verifies under the previous key.
+    let (body, _) = read_signed_any(
+        fs,
+        &path,
+        config.manifest_key.as_ref(),
+        config.previous_manifest_key.as_ref(),
+        LABEL_BACKUP,
+    )?
+    .ok_or_else(|| {
+        AedbError::corruption(
+            &path,
+            0,
+            "backup descriptor missing (not a backup, or an interrupted one)",
+        )
+    })?;
     let d: BackupDescriptor = serde_json::from_str(&body)
         .map_err(|e| AedbError::corruption(&path, 0, format!("unreadable descriptor: {e}")))?;
     if d.format_version != FORMAT_VERSION {
@@ -444,6 +456,7 @@ pub(crate) fn write_full(
         created_at: crate::audit::now_unix(),
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config.checkpoint_key_id_hex(),
+        manifest_key_id: config.manifest_key_id_hex(),
     };
     write_descriptor(fs, &staging, &d, config.manifest_key.as_ref())?;
     verify_wal_members(config, &staging, &d, (start.0, &start.1))?;
@@ -615,6 +628,7 @@ pub(crate) fn write_incremental(
         created_at: crate::audit::now_unix(),
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config.checkpoint_key_id_hex(),
+        manifest_key_id: config.manifest_key_id_hex(),
     };
     write_descriptor(fs, &staging, &d, config.manifest_key.as_ref())?;
     // The copied frames must form exactly the promised range before we publish.
@@ -654,7 +668,8 @@ fn verify_wal_members(
         }
         return Ok(0);
     }
-    let keys = WalKeys::new(config.manifest_key.as_ref(), None, None);
+    let keys = WalKeys::new(config.manifest_key.as_ref(), None, None)
+        .with_previous_chain(config.previous_manifest_key.as_ref());
     let mut next_lsn = 0;
     let mut head = [0u8; 32];
     let mut frames = 0;
@@ -699,9 +714,23 @@ fn verify_wal_members(
                 "does not continue the parent backup's chain head",
             ));
         }
+        // Segments copied across a manifest key rotation are chained under the
+        // previous key: each is verified under the key its header names.
+        let chain = match keys.chain_for(&h, &buf) {
+            SegmentChain::Current(k) | SegmentChain::Previous(k, _) => Some(k),
+            SegmentChain::Unknown(Some(id)) => {
+                return Err(AedbError::KeyMismatch {
+                    file: path,
+                    reason: keys.unknown_chain_reason(Some(id)),
+                });
+            }
+            // Unkeyed, or keyed under no configured key without a recorded id:
+            // checked under the configured key, so any mismatch breaks the chain.
+            SegmentChain::Plain | SegmentChain::Unknown(None) => keys.chain.as_ref(),
+        };
         let mut link_err = None;
         let outcome = scan_frames(
-            keys.chain.as_ref(),
+            chain,
             &buf,
             SEGMENT_HEADER_LEN,
             next_lsn,
@@ -970,6 +999,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         checkpoint_key_id: config.checkpoint_key_id_hex(),
         backup_floor_lsn: None,
         durable_head: None,
+        manifest_key_id: config.manifest_key_id_hex(),
     };
     crate::manifest::write(fs, staging, &body, config.manifest_key.as_ref())?;
     let mut strict = config.clone();

@@ -46,6 +46,8 @@ pub(crate) struct CheckpointMeta {
     /// SHA-256(header || SHA-256(body)): identifies the exact file.
     pub digest: [u8; 32],
     pub bytes: u64,
+    /// Id of the checkpoint key it is encrypted with (zero when not encrypted).
+    pub key_id: [u8; 8],
 }
 
 /// `checkpoint-{lsn:020}.ckpt`, or `checkpoint-{lsn:020}-{unique}.ckpt` when that is
@@ -284,6 +286,7 @@ pub(crate) fn write(
         chain_head,
         digest: file_digest(&encoded, &header.body_sha),
         bytes: HEADER_LEN as u64 + header.body_len,
+        key_id: header.key_id,
     })
 }
 
@@ -402,6 +405,7 @@ pub(crate) fn read(
         chain_head: header.chain_head,
         digest: file_digest(&hb, &body_sha),
         bytes: len,
+        key_id: header.key_id,
     };
     Ok((loaded, meta))
 }

@@ -435,6 +435,42 @@ impl AedbInstance<Secure> {
     }
 }
 
+/// Why the directory must be re-signed at open (a key rotation left something in
+/// it that only a previous key verifies or decrypts), or None.
+fn resign_reason(
+    config: &AedbConfig,
+    manifest_under_previous_key: bool,
+    checkpoint: Option<&checkpoint::CheckpointMeta>,
+    recovered: &crate::wal::recovery::Recovered,
+    recorded_foreign: &[u64],
+) -> Option<&'static str> {
+    if manifest_under_previous_key {
+        return Some("the manifest is signed under the previous manifest key");
+    }
+    let previous_ckpt = config
+        .previous_checkpoint_key
+        .as_ref()
+        .map(crate::crypto::key_id);
+    let current_ckpt = config.checkpoint_key.as_ref().map(crate::crypto::key_id);
+    if let Some(m) = checkpoint
+        && previous_ckpt == Some(m.key_id)
+        && current_ckpt != Some(m.key_id)
+    {
+        return Some("the checkpoint is encrypted under the previous checkpoint key");
+    }
+    if recovered.replayed_under_previous_keys {
+        return Some("frames after the checkpoint are under a previous key");
+    }
+    if recovered
+        .segments
+        .iter()
+        .any(|s| s.foreign.is_some() && !recorded_foreign.contains(&s.index))
+    {
+        return Some("segments chained under the previous manifest key have no recorded digest");
+    }
+    None
+}
+
 impl<M> AedbInstance<M> {
     fn open_inner(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
         config.validate()?;
@@ -448,6 +484,7 @@ impl<M> AedbInstance<M> {
         let mut cs = CommitState::recovering(config.limits.max_idempotency_records);
         let loaded = load_manifest_and_checkpoint(&dir, &config, false)?;
         let manifest_body = loaded.manifest;
+        let manifest_under_previous_key = loaded.manifest_under_previous_key;
         let mut ckpt_meta = None;
         // The checkpoint's state, kept for `ConsistencyMode::AtCheckpoint` (an O(1)
         // clone: it shares everything the WAL replay does not change).
@@ -466,7 +503,8 @@ impl<M> AedbInstance<M> {
             config.manifest_key.as_ref(),
             config.checkpoint_key.as_ref(),
             config.previous_checkpoint_key.as_ref(),
-        );
+        )
+        .with_previous_chain(config.previous_manifest_key.as_ref());
         let start = replay_start(
             &dir,
             &config,
@@ -474,6 +512,7 @@ impl<M> AedbInstance<M> {
             ckpt_meta.as_ref(),
             false,
         )?;
+        let recorded_foreign: Vec<u64> = start.foreign.iter().map(|(i, _)| *i).collect();
         let recovered = recover(&*fs, &dir, config.recovery, &keys, start, |lsn, payload| {
             let record = WalRecord::decode(payload).map_err(|e| e.to_string())?;
             cs.state_mut()
@@ -493,6 +532,15 @@ impl<M> AedbInstance<M> {
         {
             check_segments_against_manifest(&dir, m, &recovered.segments)?;
         }
+        // Key rotation: whatever the directory still needs a previous key for is
+        // re-signed below, before the instance accepts a write.
+        let resign = resign_reason(
+            &config,
+            manifest_under_previous_key,
+            ckpt_meta.as_ref(),
+            &recovered,
+            &recorded_foreign,
+        );
         let wal = match (recovered.position, recovered.last_header) {
             (Some(pos), Some(h)) if keys.writes_like(&h) && !recovered.start_new_segment => {
                 WalWriter::resume(fs.clone(), &dir, config.segment_bytes, keys, pos, &h)?
@@ -590,6 +638,19 @@ impl<M> AedbInstance<M> {
             _lock: lock,
             config,
         });
+        if let Some(why) = resign {
+            // A checkpoint under the current keys, then a manifest signed under the
+            // current manifest key that names it and records a digest for every
+            // segment still chained under the old one: after it, the directory
+            // opens without the previous keys. A crash before the manifest switch
+            // leaves the directory as it was (re-signed at the next open).
+            let info = inner.checkpoint()?;
+            tracing::info!(
+                reason = why,
+                lsn = info.lsn,
+                "re-signed the data directory under the current keys"
+            );
+        }
         // Without background I/O (a simulated disk), `Visible` commits become
         // durable with the next durable commit, checkpoint, backup or close.
         if inner.config.storage.background_io() {

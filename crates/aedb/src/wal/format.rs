@@ -4,7 +4,9 @@
 //!   0..8 magic "AEDBWAL\0" | 8..12 format version | 12..16 flags | 16..24 segment index |
 //!   24..32 first LSN | 32..64 chain hash before the first frame | 64..80 salt |
 //!   80..88 id of the frame-encryption key (zero when not encrypted) |
-//!   88..124 reserved (zero) | 124..128 CRC32C of bytes 0..124
+//!   88..96 id of the manifest key whose chain key chains the frames (zero when the
+//!   chain is not keyed, and in segments written before it was recorded) |
+//!   96..124 reserved (zero) | 124..128 CRC32C of bytes 0..124
 //! Flags: bit 0 = frames encrypted (AES-256-GCM), bit 1 = keyed chain (HMAC-SHA256).
 //! Frame header (48 bytes), then the payload:
 //!   0..4 payload length (>= 1; bit 31 marks the first frame of a write batch) |
@@ -40,6 +42,9 @@ pub(crate) struct SegmentHeader {
     pub prev_hash: ChainHash,
     pub salt: [u8; 16],
     pub key_id: [u8; 8],
+    /// Id of the manifest key the chain is keyed with (zero: unkeyed, or not
+    /// recorded by the version that wrote the segment).
+    pub chain_key_id: [u8; 8],
 }
 
 impl SegmentHeader {
@@ -53,6 +58,7 @@ impl SegmentHeader {
         b[32..64].copy_from_slice(&self.prev_hash);
         b[64..80].copy_from_slice(&self.salt);
         b[80..88].copy_from_slice(&self.key_id);
+        b[88..96].copy_from_slice(&self.chain_key_id);
         let crc = crc32c::crc32c(&b[0..124]);
         b[124..128].copy_from_slice(&crc.to_le_bytes());
         b
@@ -85,6 +91,8 @@ impl SegmentHeader {
         salt.copy_from_slice(&b[64..80]);
         let mut key_id = [0u8; 8];
         key_id.copy_from_slice(&b[80..88]);
+        let mut chain_key_id = [0u8; 8];
+        chain_key_id.copy_from_slice(&b[88..96]);
         Ok(Self {
             version,
             flags: u32_at(b, 12),
@@ -93,6 +101,7 @@ impl SegmentHeader {
             prev_hash,
             salt,
             key_id,
+            chain_key_id,
         })
     }
 }

@@ -11,12 +11,12 @@
 use std::path::{Path, PathBuf};
 
 use super::format::{
-    ChainHash, FLAG_KEYED_CHAIN, SEGMENT_HEADER_LEN, SegmentHeader, parse_segment_file_name,
-    segment_file_name,
+    ChainHash, FLAG_ENCRYPTED, FLAG_KEYED_CHAIN, SEGMENT_HEADER_LEN, SegmentHeader,
+    parse_segment_file_name, segment_file_name,
 };
-use super::keys::{WalKeys, decrypt_frame};
-use super::reader::{Damage, MAX_LSN, count_frames_best_effort, scan_frames};
-use super::writer::{SealedSegment, WriterPosition, sync_dir};
+use super::keys::{SegmentChain, WalKeys, decrypt_frame};
+use super::reader::{ChainCheck, Damage, MAX_LSN, count_frames_best_effort, scan_frames_with};
+use super::writer::{ForeignChain, SealedSegment, WriterPosition, sync_dir};
 use crate::config::RecoveryMode;
 use crate::error::AedbError;
 use crate::storage::{OpenMode, Storage};
@@ -122,6 +122,10 @@ pub(crate) struct Recovered {
     pub start_new_segment: bool,
     /// LSN and chain hash of the recovered state.
     pub head: ChainHead,
+    /// A frame after the checkpoint was read under a previous key (a frame key
+    /// other than the current one, or a chain key other than the current one):
+    /// the directory needs a previous key until a checkpoint covers it.
+    pub replayed_under_previous_keys: bool,
 }
 
 /// Lists the segment files of `dir` in index order, removing leftovers of
@@ -164,7 +168,7 @@ pub(crate) fn segment_is_empty(fs: &dyn Storage, path: &Path) -> bool {
 
 /// Where replay starts: from the beginning of the log, or after a checkpoint whose
 /// LSN and chain head the log must reproduce; and what the log must reach.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct ReplayStart {
     pub checkpoint: Option<(u64, ChainHash)>,
     /// Inspection: change nothing on disk (a torn tail is reported, not cut off).
@@ -176,6 +180,9 @@ pub(crate) struct ReplayStart {
     pub listed_segments: Option<(u64, u64)>,
     /// A head anchored off the machine that the log must reach (both modes).
     pub expected_head: Option<ChainHead>,
+    /// Segments (by index) the manifest records as chained under a rotated-away
+    /// manifest key, with that key's id and the digest that authenticates them.
+    pub foreign: Vec<(u64, ForeignChain)>,
 }
 
 /// Replays the log, calling `apply` with each decrypted frame after the checkpoint,
@@ -215,6 +222,7 @@ pub(crate) fn recover(
     let mut summaries: Vec<SealedSegment> = Vec::new();
     // The chain hash the log has at the expected head's LSN, once seen.
     let mut expected_seen: Option<ChainHash> = None;
+    let mut replayed_under_previous_keys = false;
     // Every damage exit hands the progress so far to `finish_damaged`.
     macro_rules! damaged {
         ($i:expr, $path:expr, $damage:expr, $named:expr) => {
@@ -237,6 +245,7 @@ pub(crate) fn recover(
                     last_header,
                     segments: summaries,
                     expected_seen,
+                    replayed_under_previous_keys,
                 },
             )
         };
@@ -331,11 +340,55 @@ pub(crate) fn recover(
             }
             other => other,
         };
+        // A segment chained under a rotated-away manifest key verifies under that
+        // key when it is still configured, or else by the digest the manifest
+        // (signed under the current key) records for it.
+        let recorded = start
+            .foreign
+            .iter()
+            .find(|(i, _)| i == index)
+            .map(|(_, f)| *f);
+        let chain = keys.chain_for(&header, &buf);
+        let check = match (chain, recorded) {
+            (SegmentChain::Plain, _) => ChainCheck::Verify(None),
+            (SegmentChain::Current(k) | SegmentChain::Previous(k, _), _) => {
+                ChainCheck::Verify(Some(k))
+            }
+            (SegmentChain::Unknown(_), Some(_)) => ChainCheck::Stored,
+            // No id recorded and no configured key verifies the first frame:
+            // reported where the chain breaks, as before ids were recorded.
+            (SegmentChain::Unknown(None), None) => ChainCheck::Verify(keys.chain.as_ref()),
+            (SegmentChain::Unknown(Some(id)), None) => {
+                return Err(AedbError::KeyMismatch {
+                    file: path.clone(),
+                    reason: keys.unknown_chain_reason(Some(id)),
+                });
+            }
+        };
+        if let (ChainCheck::Stored, Some(r)) = (check, recorded) {
+            // Checked before any frame is applied: a mismatch keeps nothing of it.
+            let pre = scan_frames_with(
+                check,
+                &buf,
+                SEGMENT_HEADER_LEN,
+                next_lsn,
+                head,
+                |_, _, _| Ok(()),
+            );
+            let end = pre.end_offset as usize;
+            if pre.damage.is_some() || !crate::crypto::ct_eq(&sha256(&buf[..end]), &r.sha256) {
+                let damage = Damage::structural(format!(
+                    "segment does not match the digest the manifest records for it (chained under the rotated-away manifest key with id {}): replaced or altered",
+                    hex::encode(r.key_id)
+                ));
+                damaged!(i, path, damage, path);
+            }
+        }
 
         let mut replayed = 0u64;
         let mut key_error = None;
-        let outcome = scan_frames(
-            keys.chain.as_ref(),
+        let outcome = scan_frames_with(
+            check,
             &buf,
             SEGMENT_HEADER_LEN,
             next_lsn,
@@ -405,6 +458,15 @@ pub(crate) fn recover(
                 ),
             });
         }
+        let current_frame_key = header.flags & FLAG_ENCRYPTED == 0
+            || keys
+                .frame
+                .as_ref()
+                .is_some_and(|(_, id)| *id == header.key_id);
+        let current_chain = matches!(chain, SegmentChain::Plain | SegmentChain::Current(_));
+        if replayed > 0 && !(current_frame_key && current_chain) {
+            replayed_under_previous_keys = true;
+        }
         report.frames_replayed += replayed;
         next_lsn = outcome.last_lsn + 1;
         head = outcome.chain_head;
@@ -414,11 +476,20 @@ pub(crate) fn recover(
             last_lsn: outcome.last_lsn,
             chain_head: outcome.chain_head,
         });
+        let foreign = match (chain, recorded) {
+            (SegmentChain::Previous(_, key_id), _) => Some(ForeignChain {
+                key_id,
+                sha256: sha256(&buf[..outcome.end_offset as usize]),
+            }),
+            (SegmentChain::Unknown(_), Some(r)) => Some(r),
+            _ => None,
+        };
         summaries.push(SealedSegment {
             index: *index,
             first_lsn: header.first_lsn,
             last_lsn: outcome.last_lsn,
             end_hash: outcome.chain_head,
+            foreign,
         });
         last_header = Some(header);
         if let Some(mut damage) = outcome.damage {
@@ -466,6 +537,7 @@ pub(crate) fn recover(
             last_header,
             segments: summaries,
             expected_seen,
+            replayed_under_previous_keys,
         },
     )
 }
@@ -486,6 +558,7 @@ struct Progress {
     last_header: Option<SegmentHeader>,
     segments: Vec<SealedSegment>,
     expected_seen: Option<ChainHash>,
+    replayed_under_previous_keys: bool,
 }
 
 impl Progress {
@@ -513,6 +586,7 @@ impl Progress {
             report: self.report,
             start_new_segment: false,
             head,
+            replayed_under_previous_keys: self.replayed_under_previous_keys,
         }
     }
 }
@@ -886,6 +960,11 @@ fn finish_damaged(
     sync_tail(fs, dir, start, &mut recovered)?;
     recovered.report.last_lsn = recovered.head.lsn;
     Ok(recovered)
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 fn file_name(p: &Path) -> String {

@@ -41,6 +41,18 @@ pub(crate) struct SealedSegment {
     pub first_lsn: u64,
     pub last_lsn: u64,
     pub end_hash: ChainHash,
+    /// Set when the segment is chained under another manifest key than the
+    /// current one (it was kept across a key rotation).
+    pub foreign: Option<ForeignChain>,
+}
+
+/// A segment chained under a rotated-away manifest key: the manifest, signed under
+/// the current key, records that key's id and the digest of the segment's bytes up
+/// to the end of its last frame, which authenticates it without the old key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ForeignChain {
+    pub key_id: [u8; 8],
+    pub sha256: [u8; 32],
 }
 
 /// Where the writer continues after recovery.
@@ -138,6 +150,7 @@ impl WalWriter {
             prev_hash,
             salt,
             key_id,
+            chain_key_id: keys.chain_id,
         };
         let size = segment_bytes.min(INITIAL_SEGMENT_BYTES);
         let tmp = dir.join(format!("{}.tmp", segment_file_name(index)));
@@ -341,6 +354,7 @@ impl WalWriter {
                 first_lsn: p.segment_first_lsn,
                 last_lsn: p.last_lsn,
                 end_hash: p.chain_head,
+                foreign: None,
             });
             (p.segment_index + 1, p.chain_head)
         };
@@ -363,6 +377,7 @@ impl WalWriter {
             prev_hash,
             salt,
             key_id,
+            chain_key_id: self.keys.chain_id,
         };
         let path = install_segment(&*self.fs, &self.dir, &tmp, &header)?;
         let file = self

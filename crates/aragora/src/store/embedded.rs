@@ -27,6 +27,28 @@ pub struct EmbeddedStore {
     caller: CallerContext,
 }
 
+/// The AEDB keys before the current ones (AEDB_PREVIOUS_MANIFEST_KEY,
+/// AEDB_PREVIOUS_CHECKPOINT_KEY), during a key rotation: the store opens a
+/// directory signed or encrypted under them and re-signs it under the current
+/// keys before it serves, so the next start needs only the current keys.
+#[derive(Clone, Default)]
+pub struct PreviousKeys {
+    pub manifest: Option<zeroize::Zeroizing<[u8; 32]>>,
+    pub checkpoint: Option<zeroize::Zeroizing<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for PreviousKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreviousKeys")
+            .field("manifest", &self.manifest.as_ref().map(|_| "<redacted>"))
+            .field(
+                "checkpoint",
+                &self.checkpoint.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir` with the manifest and checkpoint keys.
     pub fn open(
@@ -34,13 +56,28 @@ impl EmbeddedStore {
         manifest_key: [u8; 32],
         checkpoint_key: [u8; 32],
     ) -> Result<Self, StoreError> {
-        let db = AedbInstance::open_production(
-            AedbConfig::production(manifest_key)
-                .with_checkpoint_key(checkpoint_key)
-                .with_bootstrap_admin(BOOTSTRAP_ADMIN),
-            dir,
-        )
-        .map_err(|e| StoreError::Backend(format!("opening {}: {e}", dir.display())))?;
+        Self::open_rotating(dir, manifest_key, checkpoint_key, &PreviousKeys::default())
+    }
+
+    /// [`EmbeddedStore::open`] during a key rotation: `previous` are the keys
+    /// the directory may still be signed or encrypted under.
+    pub fn open_rotating(
+        dir: &Path,
+        manifest_key: [u8; 32],
+        checkpoint_key: [u8; 32],
+        previous: &PreviousKeys,
+    ) -> Result<Self, StoreError> {
+        let mut config = AedbConfig::production(manifest_key)
+            .with_checkpoint_key(checkpoint_key)
+            .with_bootstrap_admin(BOOTSTRAP_ADMIN);
+        if let Some(k) = &previous.manifest {
+            config = config.with_previous_manifest_key(**k);
+        }
+        if let Some(k) = &previous.checkpoint {
+            config = config.with_previous_checkpoint_key(**k);
+        }
+        let db = AedbInstance::open_production(config, dir)
+            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", dir.display())))?;
         let store = Self {
             db,
             caller: CallerContext::new(SERVICE_CALLER).map_err(backend)?,
