@@ -46,7 +46,9 @@ fn watched_index(c: Collection) -> Option<usize> {
 }
 
 /// A store whose writes also bump the generation of every watched collection
-/// they touch, in the same batch.
+/// they touch, in the same batch. Every other method forwards (a trait
+/// method with a default must be forwarded here too, or the wrapper hides it:
+/// `a_synced_store_forwards_every_engine_method` checks the ones that exist).
 #[derive(Debug)]
 pub struct SyncedStore {
     inner: Arc<dyn Store>,
@@ -117,6 +119,13 @@ impl Store for SyncedStore {
         parent: Option<&std::path::Path>,
     ) -> Result<aedb::BackupReport, StoreError> {
         self.inner.engine_backup(dest, parent)
+    }
+
+    fn set_admission_rate(
+        &self,
+        max_commits_per_sec: Option<u32>,
+    ) -> Result<Option<u32>, StoreError> {
+        self.inner.set_admission_rate(max_commits_per_sec)
     }
 }
 
@@ -296,6 +305,21 @@ mod tests {
         })
         .expect("catch up");
         assert_eq!(reloaded, vec![Collection::Roles]);
+    }
+
+    #[test]
+    fn a_synced_store_forwards_every_engine_method() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("db"), [1; 32], [2; 32]).expect("open"));
+        let store = SyncedStore::new(inner);
+        assert_eq!(store.backend(), "aedb");
+        assert!(store.operational_metrics().is_some());
+        assert!(store.engine_audit(0).is_ok());
+        assert_eq!(store.set_admission_rate(Some(50)).expect("rate"), None);
+        assert_eq!(store.set_admission_rate(None).expect("rate"), Some(50));
+        let backup = dir.path().join("backup");
+        assert!(store.engine_backup(&backup, None).is_ok());
     }
 
     #[test]

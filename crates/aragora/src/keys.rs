@@ -67,6 +67,15 @@ pub fn load_or_generate_dev_keys(
         if vars.get(name).is_some_and(|v| !v.is_empty()) {
             continue;
         }
+        // With DATABASE_URL the state lives in PostgreSQL: no embedded store
+        // whose keys would be needed (or generated and left unused).
+        if name.starts_with("AEDB_")
+            && vars
+                .get("DATABASE_URL")
+                .is_some_and(|v| !v.trim().is_empty())
+        {
+            continue;
+        }
         let value = match stored.get(name) {
             Some(v) => v.clone(),
             None => {
@@ -100,4 +109,32 @@ pub fn load_or_generate_dev_keys(
         f.sync_all().map_err(io(&path))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn development_generates_the_embedded_store_keys_only_without_database_url() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut vars = BTreeMap::new();
+        load_or_generate_dev_keys(dir.path(), &mut vars).expect("generate");
+        assert!(vars.contains_key("AEDB_MANIFEST_KEY"));
+        assert!(vars.contains_key("ARAGORA_ENCRYPTION_KEY"));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut vars: BTreeMap<String, String> = [(
+            "DATABASE_URL".to_string(),
+            "postgres://127.0.0.1/test".to_string(),
+        )]
+        .into();
+        load_or_generate_dev_keys(dir.path(), &mut vars).expect("generate");
+        assert!(!vars.contains_key("AEDB_MANIFEST_KEY"));
+        assert!(!vars.contains_key("AEDB_CHECKPOINT_KEY"));
+        assert!(vars.contains_key("ARAGORA_ENCRYPTION_KEY"));
+        assert!(vars.contains_key("JWT_SECRET"));
+        let file = std::fs::read_to_string(dir.path().join(DEV_KEYS_FILE)).expect("file");
+        assert!(!file.contains("AEDB_"), "{file}");
+    }
 }
