@@ -27,7 +27,14 @@ const HEAD_ID: &str = "audit_head";
 pub const MAX_SEARCH_LIMIT: usize = 10_000;
 pub const DEFAULT_SEARCH_LIMIT: usize = 1_000;
 /// Conflicts retried before an append gives up (another replica appending).
-const APPEND_RETRIES: usize = 16;
+const APPEND_RETRIES: usize = 64;
+
+/// The pause before retry `attempt` of an append whose head moved: random in
+/// [0, min(2^attempt, 32) ms), about a second in all over `APPEND_RETRIES`.
+fn conflict_pause(attempt: usize) -> std::time::Duration {
+    let cap_us = 1_000u64 << attempt.min(5);
+    std::time::Duration::from_micros(rand::random::<u64>() % cap_us)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -219,6 +226,12 @@ impl AuditLog {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if attempt > 1 {
+                // Another replica moved the head (a shared store): without a
+                // pause the two keep colliding in step under load; a random
+                // one, growing with the attempts, lets one of them through.
+                std::thread::sleep(conflict_pause(attempt));
+            }
             let (receipt, entry) = {
                 let mut guard = self.head.lock();
                 let (head_version, head) = match guard.as_ref() {
