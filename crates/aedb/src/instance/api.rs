@@ -1,7 +1,21 @@
 //! The authenticated `*_as` API: every caller-facing operation with a `CallerContext`
 //! (the only API of a `Secure` instance).
 
-use super::*;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::read::ReadTx;
+use super::{AedbInstance, CheckpointInfo, CommitResult};
+use crate::audit::{AuditExport, SYSTEM_PROJECT};
+use crate::authz::{CallerContext, Decision, Grant, Permission};
+use crate::backup::{BackupProgress, BackupReport};
+use crate::config::CommitFinality;
+use crate::error::{AedbError, CommitError, ReadError};
+use crate::record::DdlOperation;
+use crate::txn::query::{Query, QueryResult};
+use crate::txn::snapshot::{ConsistencyMode, KvPair, VersionedKvPair};
+use crate::txn::write::WriteTransaction;
 
 impl<M> AedbInstance<M> {
     pub fn begin_write_as(

@@ -1,7 +1,12 @@
 //! Taking backups of a live instance (format, verification and restore are in
 //! `crate::backup`).
 
-use super::*;
+use std::path::Path;
+
+use super::AedbInstance;
+use crate::backup::{BackupProgress, BackupReport, Captured};
+use crate::error::AedbError;
+use crate::open::write_manifest;
 
 impl<M> AedbInstance<M> {
     /// Captures a consistent snapshot (state, idempotency records, chain head) and

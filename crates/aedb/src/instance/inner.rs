@@ -1,8 +1,20 @@
 //! The shared inner state: manifest updates, checkpoints, shutdown, and the
 //! flusher and checkpointer threads.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::{AedbInstance, CheckpointInfo, Flusher, FlusherSignal, Inner};
+use crate::checkpoint;
+use crate::config::DurabilityMode;
+use crate::error::AedbError;
+use crate::open::write_manifest;
 use crate::wal::ChainHead;
+use crate::wal::format::segment_file_name;
+use crate::wal::writer::WalWriter;
 
 impl Inner {
     pub(super) fn project_lock(&self, project: &str) -> Arc<Mutex<()>> {

@@ -2,44 +2,39 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::audit::{
-    ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditEvent, AuditExport, AuditVerifyError,
-    SYSTEM_PROJECT, chain_rows, now_unix,
+    ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditExport, AuditVerifyError, SYSTEM_PROJECT,
+    chain_rows, now_unix,
 };
-use crate::authz::{CallerContext, Decision, Grant, Permission, validate_caller_id};
-use crate::backup::{BackupProgress, BackupReport, Captured};
+use crate::authz::{CallerContext, Permission, validate_caller_id};
+use crate::backup::{BackupProgress, BackupReport};
 use crate::checkpoint;
-use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode};
+use crate::config::{AedbConfig, CommitFinality, RecoveryMode};
 use crate::error::{AedbError, CommitError, NotFoundKind, ReadError};
 use crate::lock::DirLock;
-use crate::metrics::AlertKind;
 use crate::metrics::{Counters, OperationalMetrics};
 use crate::model::state::DbState;
-use crate::model::validate_name;
 use crate::model::value::TableSchema;
-use crate::model::value::{Row, Value};
+use crate::model::value::Value;
 use crate::open::{
     ManifestState, check_segments_against_manifest, load_manifest_and_checkpoint, replay_start,
     secure_problems, write_manifest,
 };
 use crate::record::{DdlOperation, WalRecord};
-use crate::txn::query::{Query, QueryResult};
-use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot, VersionedKvPair};
+use crate::txn::snapshot::{ConsistencyMode, Snapshot};
 use crate::txn::write::{WriteTransaction, writes_digest};
 use crate::wal::RecoveryReport;
-use crate::wal::format::segment_file_name;
 use crate::wal::keys::WalKeys;
 use crate::wal::recovery::recover;
-use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES, WalWriter};
+use crate::wal::writer::WalWriter;
 
 /// What a successful commit reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -913,11 +908,10 @@ pub(crate) mod failpoints {
     }
 }
 
-use admission::{Admission, QueueSlot};
+use admission::Admission;
 use inner::{spawn_checkpointer, spawn_flusher};
 pub use read::ReadTx;
-use read::{ddl_name, ddl_need, ddl_project, validate_ddl};
-use sequencer::{CommitGuard, CommitState, Sequencer};
+use sequencer::{CommitState, Sequencer};
 
 #[cfg(test)]
 mod fault_tests;
