@@ -437,3 +437,213 @@ impl From<ReadError> for CommitError {
 }
 
 pub type Result<T, E = AedbError> = std::result::Result<T, E>;
+
+/// `narrow` (engine error -> family, anything outside the family boxed in
+/// `Internal`) and `From<family> for AedbError` for a family whose variants
+/// carry the same fields as the `AedbError` variants of the same names.
+macro_rules! family_conversions {
+    ($family:ident { $($v:ident $({ $($f:ident),* })? $(( $t:ident ))?),* $(,)? }) => {
+        impl $family {
+            #[allow(dead_code)]
+            pub(crate) fn narrow(e: AedbError) -> Self {
+                match e {
+                    $(AedbError::$v $({ $($f),* })? $(($t))? => $family::$v $({ $($f),* })? $(($t))?,)*
+                    other => $family::Internal(Box::new(other)),
+                }
+            }
+        }
+
+        impl From<$family> for AedbError {
+            fn from(e: $family) -> Self {
+                match e {
+                    $($family::$v $({ $($f),* })? $(($t))? => AedbError::$v $({ $($f),* })? $(($t))?,)*
+                    $family::Internal(e) => *e,
+                }
+            }
+        }
+    };
+}
+
+/// What opening a data directory (`AedbInstance::open`, `open_secure`,
+/// `open_production`) can fail with: configuration, the directory lock, the disk,
+/// and what recovery refuses. The messages are those of the `AedbError` variants
+/// of the same names, and `From<OpenError> for AedbError` lets `?` widen it.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid configuration: {}", problems.join("; "))]
+    InvalidConfig { problems: Vec<String> },
+
+    #[error("data directory {dir} is locked by pid {pid}")]
+    Locked { dir: PathBuf, pid: String },
+
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("corruption in {file} at byte {offset}: {reason}")]
+    Corruption {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+
+    #[error(
+        "{dir} is behind the expected chain head {expected} (the directory's head is {found}): {reason}"
+    )]
+    RolledBack {
+        dir: PathBuf,
+        expected: Box<crate::wal::ChainHead>,
+        found: Box<crate::wal::ChainHead>,
+        reason: String,
+    },
+
+    #[error("key mismatch for {file}: {reason}")]
+    KeyMismatch { file: PathBuf, reason: String },
+
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: NotFoundKind, name: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// Anything else the open ran into (the bootstrap commit of
+    /// `with_bootstrap_admin` timing out, ...); the message is the engine's.
+    #[error(transparent)]
+    Internal(Box<AedbError>),
+}
+
+family_conversions!(OpenError {
+    InvalidConfig { problems },
+    Locked { dir, pid },
+    Io { path, source },
+    Corruption { file, offset, reason },
+    RolledBack { dir, expected, found, reason },
+    KeyMismatch { file, reason },
+    NotFound { kind, name },
+    InvalidArgument(m),
+});
+
+/// What taking a backup (`backup_full*`, `backup_incremental*` and their `*_as`
+/// forms) can fail with. The messages are those of the `AedbError` variants of
+/// the same names, and `From<BackupError> for AedbError` lets `?` widen it.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The parent of an incremental backup does not verify.
+    #[error("corruption in {file} at byte {offset}: {reason}")]
+    Corruption {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+
+    #[error("key mismatch for {file}: {reason}")]
+    KeyMismatch { file: PathBuf, reason: String },
+
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: NotFoundKind, name: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("permission denied: caller {caller:?} lacks {permission}")]
+    PermissionDenied { caller: String, permission: String },
+
+    #[error(
+        "commit timed out after {waited_ms} ms waiting to be admitted; it was not applied and will not be"
+    )]
+    Timeout { waited_ms: u64 },
+
+    #[error(
+        "the write-ahead log failed earlier ({0}); the instance is read-only, reopen to recover"
+    )]
+    Poisoned(String),
+
+    #[error("the instance is closed")]
+    Closed,
+
+    /// An engine error no backup is expected to produce (the message is the
+    /// engine's).
+    #[error(transparent)]
+    Internal(Box<AedbError>),
+}
+
+family_conversions!(BackupError {
+    Io { path, source },
+    Corruption { file, offset, reason },
+    KeyMismatch { file, reason },
+    NotFound { kind, name },
+    InvalidArgument(m),
+    PermissionDenied { caller, permission },
+    Timeout { waited_ms },
+    Poisoned(m),
+    Closed,
+});
+
+/// What verifying, discovering and restoring backups (`verify_backup_dir`,
+/// `verify_backup_chain`, `discover_chain`, `restore_from_backup_chain`) can fail
+/// with. `Corruption` and `RolledBack` mean the backup is bad; the rest mean the
+/// check could not run. The messages are those of the `AedbError` variants of
+/// the same names, and `From<RestoreError> for AedbError` lets `?` widen it.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("invalid configuration: {}", problems.join("; "))]
+    InvalidConfig { problems: Vec<String> },
+
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("corruption in {file} at byte {offset}: {reason}")]
+    Corruption {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+
+    #[error(
+        "{dir} is behind the expected chain head {expected} (the directory's head is {found}): {reason}"
+    )]
+    RolledBack {
+        dir: PathBuf,
+        expected: Box<crate::wal::ChainHead>,
+        found: Box<crate::wal::ChainHead>,
+        reason: String,
+    },
+
+    #[error("key mismatch for {file}: {reason}")]
+    KeyMismatch { file: PathBuf, reason: String },
+
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: NotFoundKind, name: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// An engine error no restore is expected to produce (the message is the
+    /// engine's).
+    #[error(transparent)]
+    Internal(Box<AedbError>),
+}
+
+family_conversions!(RestoreError {
+    InvalidConfig { problems },
+    Io { path, source },
+    Corruption { file, offset, reason },
+    RolledBack { dir, expected, found, reason },
+    KeyMismatch { file, reason },
+    NotFound { kind, name },
+    InvalidArgument(m),
+});

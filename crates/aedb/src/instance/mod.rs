@@ -18,7 +18,7 @@ use crate::authz::{CallerContext, Permission, validate_caller_id};
 use crate::backup::{BackupProgress, BackupReport};
 use crate::checkpoint;
 use crate::config::{AedbConfig, CommitFinality, RecoveryMode};
-use crate::error::{AedbError, CommitError, NotFoundKind, ReadError};
+use crate::error::{AedbError, BackupError, CommitError, NotFoundKind, OpenError, ReadError};
 use crate::lock::DirLock;
 use crate::metrics::{Counters, OperationalMetrics};
 use crate::model::state::DbState;
@@ -231,8 +231,8 @@ impl Inner {
 impl AedbInstance<Dev> {
     /// Opens (creating if needed) the database in `dir` for development and tests:
     /// anonymous APIs are available, permissions are checked only on `*_as` calls.
-    pub fn open(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
-        Self::open_inner(config, dir)
+    pub fn open(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Self::open_inner(config, dir).map_err(OpenError::narrow)
     }
 
     /// The latest committed state. `Poisoned` once a WAL write or fsync failed: that
@@ -377,16 +377,18 @@ impl AedbInstance<Dev> {
 
     /// A self-contained backup of the state now (writers keep going) into `dest`
     /// (absent or empty). See `backup` module docs for the format.
-    pub fn backup_full(&self, dest: &Path) -> Result<BackupReport, AedbError> {
+    pub fn backup_full(&self, dest: &Path) -> Result<BackupReport, BackupError> {
         self.backup_full_inner(dest, &mut |_| {})
+            .map_err(BackupError::narrow)
     }
 
     pub fn backup_full_with_progress(
         &self,
         dest: &Path,
         progress: &mut dyn FnMut(BackupProgress),
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         self.backup_full_inner(dest, progress)
+            .map_err(BackupError::narrow)
     }
 
     /// The WAL since the backup in `parent` (the chain's latest) into `dest`.
@@ -394,8 +396,9 @@ impl AedbInstance<Dev> {
         &self,
         dest: &Path,
         parent: &Path,
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         self.backup_incremental_inner(dest, parent, &mut |_| {})
+            .map_err(BackupError::narrow)
     }
 
     pub fn backup_incremental_with_progress(
@@ -403,8 +406,9 @@ impl AedbInstance<Dev> {
         dest: &Path,
         parent: &Path,
         progress: &mut dyn FnMut(BackupProgress),
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         self.backup_incremental_inner(dest, parent, progress)
+            .map_err(BackupError::narrow)
     }
 }
 
@@ -412,21 +416,21 @@ impl AedbInstance<Secure> {
     /// Opens for production paths: refuses any configuration that weakens
     /// integrity, listing every problem at once. Accepts both presets
     /// (`production(key)` and `low_latency(key)`).
-    pub fn open_secure(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+    pub fn open_secure(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, OpenError> {
         let problems = secure_problems(&config, false);
         if !problems.is_empty() {
-            return Err(AedbError::InvalidConfig { problems });
+            return Err(OpenError::InvalidConfig { problems });
         }
-        Self::open_inner(config, dir)
+        Self::open_inner(config, dir).map_err(OpenError::narrow)
     }
 
     /// `open_secure` plus encryption at rest: a checkpoint key is required too.
-    pub fn open_production(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+    pub fn open_production(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, OpenError> {
         let problems = secure_problems(&config, true);
         if !problems.is_empty() {
-            return Err(AedbError::InvalidConfig { problems });
+            return Err(OpenError::InvalidConfig { problems });
         }
-        Self::open_inner(config, dir)
+        Self::open_inner(config, dir).map_err(OpenError::narrow)
     }
 }
 
