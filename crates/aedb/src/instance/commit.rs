@@ -9,7 +9,6 @@ use super::audit_writer::{
     FailedAssertion, assertion_failed, authz_event, caller_name, global_admin_use,
 };
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -29,7 +28,7 @@ use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES};
 
 impl<M> AedbInstance<M> {
     pub(super) fn admit(&self) -> Result<QueueSlot<'_>, AedbError> {
-        if self.inner.closed.load(Ordering::Acquire) {
+        if self.inner.is_closed() {
             return Err(AedbError::Closed);
         }
         self.inner.admission.admit()
@@ -337,11 +336,8 @@ impl<M> AedbInstance<M> {
     pub(super) fn bound_buffer(&self, pending: usize) -> Result<(), AedbError> {
         if pending >= HARD_BUFFER_BYTES {
             self.inner.wal.write_out()?;
-        } else if pending >= SOFT_BUFFER_BYTES
-            && let Some(f) = self.inner.flusher.lock().as_ref()
-        {
-            f.signal.0.lock().kicked = true;
-            f.signal.1.notify_one();
+        } else if pending >= SOFT_BUFFER_BYTES {
+            self.inner.kick_flusher();
         }
         Ok(())
     }

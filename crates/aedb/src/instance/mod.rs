@@ -1,14 +1,9 @@
 //! `AedbInstance`: opening (recovery), the commit path, and read snapshots.
 
-use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::Duration;
-
-use parking_lot::{Condvar, Mutex};
 
 use crate::audit::{
     ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditExport, AuditVerifyError, SYSTEM_PROJECT,
@@ -20,8 +15,7 @@ use crate::checkpoint;
 use crate::config::{AedbConfig, CommitFinality, RecoveryMode};
 use crate::error::{AedbError, BackupError, CommitError, NotFoundKind, OpenError, ReadError};
 use crate::lock::DirLock;
-use crate::metrics::{Counters, OperationalMetrics};
-use crate::model::state::DbState;
+use crate::metrics::OperationalMetrics;
 use crate::model::value::TableSchema;
 use crate::model::value::Value;
 use crate::open::{
@@ -46,49 +40,6 @@ pub struct CommitResult {
     /// True when an idempotency key matched an earlier commit, which is what
     /// `commit_seq` then names; nothing was applied by this call.
     pub idempotent_replay: bool,
-}
-
-#[derive(Default)]
-struct FlusherSignal {
-    stop: bool,
-    kicked: bool,
-}
-
-struct Flusher {
-    signal: Arc<(Mutex<FlusherSignal>, Condvar)>,
-    handle: JoinHandle<()>,
-}
-
-struct Inner {
-    dir: PathBuf,
-    config: AedbConfig,
-    sequencer: Sequencer,
-    wal: Arc<WalWriter>,
-    admission: Admission,
-    counters: Counters,
-    flusher: Mutex<Option<Flusher>>,
-    recovery: RecoveryReport,
-    closed: AtomicBool,
-    manifest: Mutex<ManifestState>,
-    /// One checkpoint at a time; close waits for a running one.
-    checkpointing: Mutex<CheckpointState>,
-    checkpointer: Arc<(Mutex<bool>, Condvar)>,
-    /// One lock per project: a commit holds its project's lock from validation to
-    /// publication, so commits to different projects proceed in parallel.
-    project_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Snapshot seqs of open write transactions (seq -> how many): tombstones at
-    /// or before the oldest are no longer needed for conflict detection.
-    write_pins: Arc<Mutex<BTreeMap<u64, usize>>>,
-    _lock: DirLock,
-}
-
-struct CheckpointState {
-    snapshot: Option<Arc<DbState>>,
-    /// When the live checkpoint was written (its file time after a reopen).
-    written_at: Option<std::time::SystemTime>,
-    last_at: std::time::Instant,
-    last_appended: u64,
-    last_duration: Duration,
 }
 
 /// What `checkpoint()` wrote.
@@ -188,43 +139,6 @@ impl std::fmt::Debug for BoundCaller {
         f.debug_tuple("BoundCaller")
             .field(&self.caller.caller_id())
             .finish()
-    }
-}
-
-/// Keeps tombstones newer than a write transaction's snapshot while it is open
-/// (it needs them to see a write-write conflict with a delete).
-pub(crate) struct SnapshotPin {
-    seq: u64,
-    pins: Arc<Mutex<BTreeMap<u64, usize>>>,
-}
-
-impl Drop for SnapshotPin {
-    fn drop(&mut self) {
-        let mut pins = self.pins.lock();
-        if let Some(n) = pins.get_mut(&self.seq) {
-            *n -= 1;
-            if *n == 0 {
-                pins.remove(&self.seq);
-            }
-        }
-    }
-}
-
-impl std::fmt::Debug for SnapshotPin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("SnapshotPin").field(&self.seq).finish()
-    }
-}
-
-impl Inner {
-    /// The snapshot seq at or before which no open write transaction needs a
-    /// tombstone: the oldest pinned one, or the published state if none is open.
-    fn tombstone_horizon(&self) -> u64 {
-        let pins = self.write_pins.lock();
-        let published = self.sequencer.load().seq;
-        pins.keys()
-            .next()
-            .map_or(published, |&oldest| oldest.min(published))
     }
 }
 
@@ -614,29 +528,16 @@ impl<M> AedbInstance<M> {
         }
         tracing::info!(dir = %dir.display(), seq, frames = recovered.report.frames_replayed, "aedb opened");
 
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(Inner::new(
             dir,
-            sequencer: Sequencer::new(cs, config.limits.snapshot_history, config.commit_timeout),
-            wal: wal.clone(),
-            admission: Admission::new(&config.limits),
-            counters: Counters::default(),
-            flusher: Mutex::new(None),
-            recovery: recovered.report,
-            closed: AtomicBool::new(false),
-            manifest: Mutex::new(ms),
-            checkpointing: Mutex::new(CheckpointState {
-                snapshot: ckpt_snapshot,
-                written_at: ckpt_written_at,
-                last_at: std::time::Instant::now(),
-                last_appended: 0,
-                last_duration: Duration::ZERO,
-            }),
-            checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
-            project_locks: Mutex::new(HashMap::new()),
-            write_pins: Arc::new(Mutex::new(BTreeMap::new())),
-            _lock: lock,
             config,
-        });
+            cs,
+            wal,
+            recovered.report,
+            ms,
+            CheckpointState::at_open(ckpt_snapshot, ckpt_written_at),
+            lock,
+        ));
         if let Some(why) = resign {
             // A checkpoint under the current keys, then a manifest signed under the
             // current manifest key that names it and records a digest for every
@@ -653,11 +554,7 @@ impl<M> AedbInstance<M> {
         // Without background I/O (a simulated disk), `Visible` commits become
         // durable with the next durable commit, checkpoint, backup or close.
         if inner.config.storage.background_io() {
-            *inner.flusher.lock() = Some(spawn_flusher(
-                wal,
-                inner.config.durability,
-                inner.config.batch_interval,
-            )?);
+            inner.start_flusher()?;
         }
         spawn_checkpointer(&inner)?;
         let db = Self {
@@ -702,10 +599,7 @@ impl<M> AedbInstance<M> {
             }),
             ConsistencyMode::AtCheckpoint => self
                 .inner
-                .checkpointing
-                .lock()
-                .snapshot
-                .clone()
+                .checkpoint_snapshot()
                 .map(|state| Snapshot { state })
                 .ok_or_else(|| {
                     AedbError::InvalidArgument("the database has no checkpoint yet".into())
@@ -719,18 +613,7 @@ impl<M> AedbInstance<M> {
         project: &str,
     ) -> Result<WriteTransaction, AedbError> {
         self.inner.wal.check_healthy()?;
-        // Taken and pinned under one lock, so a purge either sees the pin or runs
-        // against a state no older than this snapshot.
-        let (snapshot, pin) = {
-            let mut pins = self.inner.write_pins.lock();
-            let snapshot = self.snapshot_inner();
-            *pins.entry(snapshot.seq()).or_default() += 1;
-            let pin = SnapshotPin {
-                seq: snapshot.seq(),
-                pins: self.inner.write_pins.clone(),
-            };
-            (snapshot, pin)
-        };
+        let (snapshot, pin) = self.inner.pin_latest();
         if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
             return Err(AedbError::NotFound {
                 kind: NotFoundKind::Project,
@@ -845,19 +728,7 @@ impl<M> AedbInstance<M> {
         m.max_commits_per_sec = self.inner.admission.max_per_sec();
         m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;
         m.wal_bytes_written = self.inner.wal.appended_bytes();
-        {
-            let ms = self.inner.manifest.lock();
-            m.wal_segments = ms.sealed.len() as u64 + 1;
-            m.checkpoint_lsn = ms.checkpoint.as_ref().map(|c| c.lsn);
-        }
-        {
-            let ck = self.inner.checkpointing.lock();
-            if let Some(at) = ck.written_at {
-                m.checkpoint_age_secs = at.elapsed().ok().map(|d| d.as_secs_f64());
-                m.checkpoint_duration_secs =
-                    (!ck.last_duration.is_zero()).then(|| ck.last_duration.as_secs_f64());
-            }
-        }
+        self.inner.fill_checkpoint_metrics(&mut m);
         m
     }
 
@@ -912,10 +783,10 @@ pub(crate) mod failpoints {
     }
 }
 
-use admission::Admission;
-use inner::{spawn_checkpointer, spawn_flusher};
+pub(crate) use inner::SnapshotPin;
+use inner::{CheckpointState, Inner, spawn_checkpointer};
 pub use read::ReadTx;
-use sequencer::{CommitState, Sequencer};
+use sequencer::CommitState;
 
 #[cfg(test)]
 mod fault_tests;
