@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use aedb::{AedbConfig, AedbError, AedbInstance, InspectReport};
+use aedb::{AedbConfig, AedbError, AedbInstance, InspectReport, RestoreError};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -264,14 +264,14 @@ fn config(cli_key_file: Option<&Path>) -> Result<AedbConfig> {
 }
 
 /// Errors that mean "the data is bad" become failed checks; the rest could not run.
-fn is_check_failure(e: &AedbError) -> bool {
+fn is_check_failure(e: &RestoreError) -> bool {
     matches!(
         e,
-        AedbError::Corruption { .. } | AedbError::RolledBack { .. }
+        RestoreError::Corruption { .. } | RestoreError::RolledBack { .. }
     )
 }
 
-fn fail(name: &str, e: &AedbError) -> Outcome {
+fn fail(name: &str, e: &RestoreError) -> Outcome {
     Outcome {
         ok: false,
         human: format!("FAIL  {name}: {e}\n"),

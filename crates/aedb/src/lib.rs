@@ -32,7 +32,9 @@ pub use backup::{
 };
 pub use check::{CheckResult, InspectReport, KeyspaceDigest, inspect};
 pub use config::{AedbConfig, CommitFinality, DurabilityMode, Limits, RecoveryMode, SecretKey};
-pub use error::{AedbError, CommitError, NotFoundKind, ReadError};
+pub use error::{
+    AedbError, BackupError, CommitError, NotFoundKind, OpenError, ReadError, RestoreError,
+};
 pub use instance::{AedbInstance, CheckpointInfo, CommitResult, Dev, ReadTx, Secure};
 pub use metrics::{CallerAlertCounters, LatencySummary, OperationalMetrics};
 pub use model::bytes::Bytes as Key;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aedb::{AedbConfig, AedbError, AedbInstance, ConsistencyMode, DurabilityMode, RecoveryMode};
+use aedb::{AedbConfig, AedbInstance, ConsistencyMode, DurabilityMode, OpenError, RecoveryMode};
 
 const MK: [u8; 32] = [0x11; 32];
 const CK: [u8; 32] = [0x22; 32];
@@ -140,7 +140,7 @@ fn wrong_keys_are_refused_with_clear_errors() {
         dir.path(),
     );
     match wrong_ckpt {
-        Err(AedbError::KeyMismatch { file, reason }) => {
+        Err(OpenError::KeyMismatch { file, reason }) => {
             assert!(
                 file.to_string_lossy().ends_with(".ckpt"),
                 "{}",
@@ -155,7 +155,7 @@ fn wrong_keys_are_refused_with_clear_errors() {
         dir.path(),
     );
     match wrong_manifest {
-        Err(AedbError::Corruption { file, reason, .. }) => {
+        Err(OpenError::Corruption { file, reason, .. }) => {
             assert!(file.ends_with("MANIFEST"));
             assert!(reason.contains("wrong manifest key"), "{reason}");
         }
@@ -166,7 +166,7 @@ fn wrong_keys_are_refused_with_clear_errors() {
         dir.path(),
     );
     assert!(
-        matches!(no_key, Err(AedbError::Corruption { .. })),
+        matches!(no_key, Err(OpenError::Corruption { .. })),
         "{no_key:?}"
     );
     // Keys never show up in Debug output or errors.
@@ -238,7 +238,7 @@ fn tampering_with_checkpoint_or_manifest_is_detected() {
         }
         damage(dir.path());
         match AedbInstance::open(prod(), dir.path()) {
-            Err(AedbError::Corruption { file, .. }) => {
+            Err(OpenError::Corruption { file, .. }) => {
                 let f = file.to_string_lossy();
                 assert!(
                     f.ends_with(".ckpt") || f.ends_with("MANIFEST"),
@@ -257,7 +257,7 @@ fn open_secure_lists_every_unsafe_setting() {
         AedbConfig::development().with_recovery_mode(RecoveryMode::Permissive),
         dir.path(),
     ) {
-        Err(AedbError::InvalidConfig { problems }) => {
+        Err(OpenError::InvalidConfig { problems }) => {
             assert_eq!(problems.len(), 2, "{problems:?}");
             assert!(problems[0].contains("manifest key"));
             assert!(problems[1].contains("permissive"));
@@ -268,7 +268,7 @@ fn open_secure_lists_every_unsafe_setting() {
         AedbConfig::production(MK).with_durability(DurabilityMode::OsBuffered),
         dir.path(),
     ) {
-        Err(AedbError::InvalidConfig { problems }) => {
+        Err(OpenError::InvalidConfig { problems }) => {
             assert!(
                 problems.iter().any(|p| p.contains("checkpoint key")),
                 "{problems:?}"
@@ -310,7 +310,7 @@ fn checkpoint_key_rotation_rewrites_everything_under_the_new_key() {
     assert!(
         matches!(
             AedbInstance::open(prod(), dir.path()),
-            Err(AedbError::KeyMismatch { .. })
+            Err(OpenError::KeyMismatch { .. })
         ),
         "the old key alone no longer opens the database"
     );

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use aedb::{
-    AedbConfig, AedbError, AedbInstance, Column, ColumnType, TableSchema, Value, inspect,
+    AedbConfig, AedbInstance, Column, ColumnType, RestoreError, TableSchema, Value, inspect,
     restore_from_backup_chain, verify_backup_chain,
 };
 
@@ -135,7 +135,7 @@ fn strict_backup_chain_restore_rejects_tampered_incremental_segment() {
     std::fs::write(&seg, bytes).expect("write");
     let target = root.path().join("restore");
     match restore_from_backup_chain(&cfg(), &chain, &target) {
-        Err(AedbError::Corruption { file, .. }) => {
+        Err(RestoreError::Corruption { file, .. }) => {
             assert_eq!(file, seg, "the error names the member")
         }
         other => panic!(
@@ -242,12 +242,12 @@ fn wrong_key_reordered_chain_and_nonempty_target_are_refused() {
     let foreign = AedbConfig::production([9; 32]).with_checkpoint_key(CK);
     assert!(matches!(
         restore_from_backup_chain(&foreign, &chain, &target),
-        Err(AedbError::Corruption { .. })
+        Err(RestoreError::Corruption { .. })
     ));
     let reordered = vec![chain[0].clone(), chain[2].clone(), chain[1].clone()];
     assert!(matches!(
         restore_from_backup_chain(&cfg(), &reordered, &target),
-        Err(AedbError::Corruption { .. })
+        Err(RestoreError::Corruption { .. })
     ));
     let missing = vec![chain[0].clone(), chain[2].clone()];
     assert!(restore_from_backup_chain(&cfg(), &missing, &target).is_err());
@@ -255,7 +255,7 @@ fn wrong_key_reordered_chain_and_nonempty_target_are_refused() {
     std::fs::write(target.join("precious"), b"keep me").expect("write");
     assert!(matches!(
         restore_from_backup_chain(&cfg(), &chain, &target),
-        Err(AedbError::InvalidArgument(_))
+        Err(RestoreError::InvalidArgument(_))
     ));
     assert_eq!(
         std::fs::read(target.join("precious")).expect("read"),

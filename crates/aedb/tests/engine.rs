@@ -1,5 +1,6 @@
 //! Transactions, limits, idempotency and reopen behaviour of the engine core.
 
+use aedb::OpenError;
 use std::ops::Bound;
 
 use aedb::{
@@ -318,7 +319,7 @@ fn limits_give_typed_errors_and_lose_nothing() {
         AedbConfig::development().with_segment_bytes(1024),
         dir.path().join("other"),
     );
-    assert!(matches!(bad, Err(AedbError::InvalidConfig { .. })));
+    assert!(matches!(bad, Err(OpenError::InvalidConfig { .. })));
 }
 
 #[test]
@@ -326,7 +327,7 @@ fn second_open_is_refused_with_the_pid() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _db = open(dir.path());
     match AedbInstance::open(AedbConfig::development(), dir.path()) {
-        Err(AedbError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+        Err(OpenError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
         other => panic!("expected Locked, got {other:?}"),
     }
 }

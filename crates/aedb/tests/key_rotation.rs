@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aedb::{
-    AedbConfig, AedbError, AedbInstance, FaultPlan, FaultStorage, Limits,
+    AedbConfig, AedbInstance, FaultPlan, FaultStorage, Limits, OpenError, RestoreError,
     restore_from_backup_chain, verify_backup_chain,
 };
 
@@ -168,7 +168,7 @@ fn rotating_both_keys_keeps_every_backup_verifiable_and_restorable() {
     // Without the previous key, the pre-rotation descriptor does not verify, and
     // the error names the key ids (never a key).
     match verify_backup_chain(&new_only(), &chain_1) {
-        Err(AedbError::Corruption { file, reason, .. }) => {
+        Err(RestoreError::Corruption { file, reason, .. }) => {
             assert!(file.starts_with(&full_1), "{}", file.display());
             assert!(reason.contains("wrong manifest key"), "{reason}");
             assert!(
@@ -182,7 +182,7 @@ fn rotating_both_keys_keeps_every_backup_verifiable_and_restorable() {
     // The old keys alone do not verify the incremental signed after the rotation.
     assert!(matches!(
         verify_backup_chain(&old(), &chain_1),
-        Err(AedbError::Corruption { .. })
+        Err(RestoreError::Corruption { .. })
     ));
 
     // Restores: every key of each chain reads back, and each restored directory
@@ -209,7 +209,7 @@ fn rotating_both_keys_keeps_every_backup_verifiable_and_restorable() {
 
     // The live directory no longer opens with the old manifest key.
     match AedbInstance::open(old(), &data) {
-        Err(AedbError::Corruption { file, reason, .. }) => {
+        Err(OpenError::Corruption { file, reason, .. }) => {
             assert!(file.ends_with("MANIFEST"), "{}", file.display());
             assert!(reason.contains("wrong manifest key"), "{reason}");
             assert_no_key_material(&reason);
@@ -235,7 +235,7 @@ fn keys_that_are_neither_current_nor_previous_are_refused_by_name() {
         .with_previous_manifest_key(MK_OTHER)
         .with_previous_checkpoint_key(CK_OLD);
     match AedbInstance::open(wrong_manifest, &data) {
-        Err(AedbError::Corruption { file, reason, .. }) => {
+        Err(OpenError::Corruption { file, reason, .. }) => {
             assert!(file.ends_with("MANIFEST"), "{}", file.display());
             assert!(reason.contains("wrong manifest key"), "{reason}");
             assert!(
@@ -252,7 +252,7 @@ fn keys_that_are_neither_current_nor_previous_are_refused_by_name() {
         .with_previous_manifest_key(MK_OLD)
         .with_previous_checkpoint_key(CK_OTHER);
     match AedbInstance::open(wrong_checkpoint, &data) {
-        Err(AedbError::KeyMismatch { file, reason }) => {
+        Err(OpenError::KeyMismatch { file, reason }) => {
             assert!(
                 file.to_string_lossy().ends_with(".ckpt"),
                 "{}",
@@ -308,7 +308,7 @@ fn an_altered_old_key_segment_is_refused_without_the_old_key() {
     std::fs::write(&victim, &bytes).expect("write");
 
     match AedbInstance::open(new_only(), &data) {
-        Err(AedbError::Corruption { file, reason, .. }) => {
+        Err(OpenError::Corruption { file, reason, .. }) => {
             assert_eq!(file, victim);
             assert!(reason.contains("digest the manifest records"), "{reason}");
         }
@@ -316,7 +316,7 @@ fn an_altered_old_key_segment_is_refused_without_the_old_key() {
     }
     // With the old key the chain itself shows it.
     match AedbInstance::open(rotating(), &data) {
-        Err(AedbError::Corruption { reason, .. }) => {
+        Err(OpenError::Corruption { reason, .. }) => {
             assert!(reason.contains("hash chain broken"), "{reason}");
         }
         other => panic!("expected the altered segment refused, got {other:?}"),

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use aedb::fuzzing::{CraftedCheckpoint, craft_checkpoint, craft_segment};
-use aedb::{AedbConfig, AedbError, AedbInstance, RecoveryMode};
+use aedb::{AedbConfig, AedbInstance, OpenError, RecoveryMode};
 
 /// LSNs (and sequence numbers) are at most `i64::MAX`, as FORMAT.md states.
 const MAX_LSN: u64 = i64::MAX as u64;
@@ -51,14 +51,14 @@ fn crafted_dir(dir: &Path, ckpt_lsn: u64, first_lsn: u64, frames: usize) {
     .expect("write checkpoint");
 }
 
-fn open(dir: &Path, mode: RecoveryMode) -> Result<AedbInstance, AedbError> {
+fn open(dir: &Path, mode: RecoveryMode) -> Result<AedbInstance, OpenError> {
     // A panic (an overflow in a debug build) fails the test with its message.
     AedbInstance::open(config(mode), dir)
 }
 
-fn assert_refused_past_the_end(r: Result<AedbInstance, AedbError>, what: &str) {
+fn assert_refused_past_the_end(r: Result<AedbInstance, OpenError>, what: &str) {
     match r {
-        Err(AedbError::Corruption { reason, .. }) => assert!(
+        Err(OpenError::Corruption { reason, .. }) => assert!(
             reason.contains("past the largest LSN"),
             "{what}: refused for another reason: {reason}"
         ),

@@ -37,6 +37,7 @@
 //! `AEDB_FAULT_FIRST_SEED` (default 0);
 //! `AEDB_FAULT_SEED=S` replays one seed.
 
+use aedb::BackupError;
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -419,7 +420,7 @@ impl Workload<'_> {
         let r = self.guarded("backup", |w| match (&w.db, full, &parent) {
             (Some(db), true, _) => db.backup_full(&dest),
             (Some(db), false, Some(p)) => db.backup_incremental(&dest, p),
-            _ => Err(AedbError::Poisoned("closed".into())),
+            _ => Err(BackupError::Poisoned("closed".into())),
         });
         self.out.ops.push(format!(
             "backup {} {} -> {}",
@@ -599,7 +600,7 @@ fn run_workload(seed: u64, fs: &FaultStorage) -> Outcome {
 /// and short writes only keep data volatile, and torn sectors only hit data no
 /// fsync covered), so every image is one an ordinary power loss can leave, and
 /// strict mode must open it.
-fn acceptable_refusal(_plan: &FaultPlan, _e: &AedbError) -> bool {
+fn acceptable_refusal(_plan: &FaultPlan, _e: &aedb::OpenError) -> bool {
     false
 }
 

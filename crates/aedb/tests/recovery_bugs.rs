@@ -3,6 +3,7 @@
 //! rollback checks (a stale copy of the directory, a cleanly truncated active
 //! segment) through the recorded durable head and an anchored chain head.
 
+use aedb::OpenError;
 use std::path::{Path, PathBuf};
 
 use aedb::{AedbConfig, AedbError, AedbInstance, CommitFinality, Limits, RecoveryMode};
@@ -168,7 +169,7 @@ fn flip(p: &Path, at: usize) {
 /// and reason.
 fn strict_refusal(cfg: AedbConfig, dir: &Path, file: &Path, ctx: &str) -> (u64, String) {
     match AedbInstance::open(cfg, dir) {
-        Err(AedbError::Corruption {
+        Err(OpenError::Corruption {
             file: f,
             offset,
             reason,
@@ -773,7 +774,7 @@ fn key_rotation_step_4_opens_with_old_key_segments_kept_for_the_backup_floor() {
     assert!(
         matches!(
             AedbInstance::open(old(), &dir),
-            Err(AedbError::KeyMismatch { .. })
+            Err(OpenError::KeyMismatch { .. })
         ),
         "the old key alone no longer opens the database"
     );
@@ -862,7 +863,7 @@ fn stale_copy_of_the_directory_is_detected_with_expect_head() {
     db.close().expect("close");
     // Against the anchor it is refused, naming both heads.
     match AedbInstance::open(signed().with_expected_head(anchor), &stale) {
-        Err(AedbError::RolledBack {
+        Err(OpenError::RolledBack {
             dir: d,
             expected,
             found,
@@ -883,7 +884,7 @@ fn stale_copy_of_the_directory_is_detected_with_expect_head() {
                 .with_expected_head(anchor),
             &stale
         ),
-        Err(AedbError::RolledBack { .. })
+        Err(OpenError::RolledBack { .. })
     ));
     let (code, out) = check_with_anchor(&stale, &anchor);
     assert_eq!(code, 1, "{out}");
@@ -922,7 +923,7 @@ fn another_history_of_the_same_length_is_detected_with_expect_head() {
     let (forged, forged_head) = build("forged", b"forged");
     assert_eq!(anchor.lsn, forged_head.lsn);
     match AedbInstance::open(signed().with_expected_head(anchor), &forged) {
-        Err(AedbError::RolledBack { reason, .. }) => {
+        Err(OpenError::RolledBack { reason, .. }) => {
             assert!(reason.contains("different history"), "{reason}")
         }
         Err(e) => panic!("expected RolledBack, got {e}"),
@@ -967,7 +968,7 @@ fn truncated_active_segment_with_an_older_manifest_is_detected_with_expect_head(
     assert!(out.contains("expected chain head"), "{out}");
     assert!(matches!(
         AedbInstance::open(signed().with_expected_head(anchor), &dir),
-        Err(AedbError::RolledBack { .. })
+        Err(OpenError::RolledBack { .. })
     ));
     let db = AedbInstance::open(signed(), &dir).expect("without the anchor it opens");
     assert_eq!(db.snapshot().expect("snapshot").seq(), 12);

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aedb::{AedbConfig, AedbError, AedbInstance, CommitFinality, Limits, RecoveryMode};
+use aedb::{AedbConfig, AedbInstance, CommitFinality, Limits, OpenError, RecoveryMode};
 
 const SEGMENT_HEADER_LEN: usize = 128;
 const FRAME_HEADER_LEN: usize = 48;
@@ -439,7 +439,7 @@ fn check_damage(base: &Base, ctx: &str, damage: impl FnOnce(&Path), expect: Expe
     let before = files(&dir);
 
     match AedbInstance::open(config(RecoveryMode::Strict), &dir) {
-        Err(AedbError::Corruption {
+        Err(OpenError::Corruption {
             file,
             offset,
             reason,
@@ -472,7 +472,7 @@ fn check_damage(base: &Base, ctx: &str, damage: impl FnOnce(&Path), expect: Expe
     // Refusing is stable: a second strict open fails the same way.
     assert!(matches!(
         AedbInstance::open(config(RecoveryMode::Strict), &dir),
-        Err(AedbError::Corruption { .. })
+        Err(OpenError::Corruption { .. })
     ));
 
     let db = AedbInstance::open(config(RecoveryMode::Permissive), &dir)
@@ -843,7 +843,7 @@ fn partial_frame_header_after_the_last_frame_is_a_torn_tail_in_both_modes() {
 /// Expects a strict refusal naming `file`/`offset` for damage in the last segment.
 fn assert_strict_refuses(dir: &Path, file: &str, offset: usize, ctx: &str) {
     match AedbInstance::open(config(RecoveryMode::Strict), dir) {
-        Err(AedbError::Corruption {
+        Err(OpenError::Corruption {
             file: f, offset: o, ..
         }) => {
             assert_eq!(f, dir.join(file), "{ctx}");

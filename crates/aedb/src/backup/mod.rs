@@ -29,7 +29,7 @@ use crate::check::{KeyspaceDigest, state_digests};
 use crate::checkpoint;
 use crate::config::{AedbConfig, RecoveryMode, SecretKey};
 use crate::crypto::{self, LABEL_BACKUP};
-use crate::error::{AedbError, NotFoundKind};
+use crate::error::{AedbError, NotFoundKind, RestoreError};
 use crate::manifest::{read_signed_any, write_signed};
 use crate::model::state::DbState;
 use crate::storage::{OpenMode, SeqFile, Storage};
@@ -331,7 +331,11 @@ fn write_descriptor(
 }
 
 /// Reads and verifies one backup's descriptor signature and member hashes.
-pub fn verify_backup_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBackup, AedbError> {
+pub fn verify_backup_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBackup, RestoreError> {
+    verify_dir(config, dir).map_err(RestoreError::narrow)
+}
+
+pub(crate) fn verify_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBackup, AedbError> {
     let fs = &*config.storage;
     let path = dir.join(DESCRIPTOR_FILE);
     // A backup taken before a manifest key rotation verifies under the previous key.
@@ -573,7 +577,7 @@ pub(crate) fn write_incremental(
     progress: &mut dyn FnMut(BackupProgress),
 ) -> Result<BackupReport, AedbError> {
     let started = Instant::now();
-    let parent_v = verify_backup_dir(config, parent)?;
+    let parent_v = verify_dir(config, parent)?;
     let p = &parent_v.descriptor;
     let end_lsn = cap.state.seq;
     if end_lsn < p.end_lsn {
@@ -779,11 +783,15 @@ fn verify_wal_members(
 pub fn verify_backup_chain(
     config: &AedbConfig,
     chain: &[PathBuf],
-) -> Result<ChainReport, AedbError> {
+) -> Result<ChainReport, RestoreError> {
+    verify_chain(config, chain).map_err(RestoreError::narrow)
+}
+
+fn verify_chain(config: &AedbConfig, chain: &[PathBuf]) -> Result<ChainReport, AedbError> {
     let Some(first) = chain.first() else {
         return Err(AedbError::InvalidArgument("an empty backup chain".into()));
     };
-    let full = verify_backup_dir(config, first)?;
+    let full = verify_dir(config, first)?;
     if full.descriptor.kind != "full" || full.descriptor.parent.is_some() {
         return Err(AedbError::corruption(
             first.join(DESCRIPTOR_FILE),
@@ -817,7 +825,7 @@ pub fn verify_backup_chain(
     let mut backups = vec![full];
 
     for dir in &chain[1..] {
-        let v = verify_backup_dir(config, dir)?;
+        let v = verify_dir(config, dir)?;
         let prev = &backups[backups.len() - 1];
         let d = &v.descriptor;
         let desc = dir.join(DESCRIPTOR_FILE);
@@ -866,7 +874,11 @@ pub fn verify_backup_chain(
 
 /// Given a directory of backups, returns the chain ending at the newest backup
 /// (following parent links back to its full backup).
-pub fn discover_chain(root: &Path, config: &AedbConfig) -> Result<Vec<PathBuf>, AedbError> {
+pub fn discover_chain(root: &Path, config: &AedbConfig) -> Result<Vec<PathBuf>, RestoreError> {
+    discover(root, config).map_err(RestoreError::narrow)
+}
+
+fn discover(root: &Path, config: &AedbConfig) -> Result<Vec<PathBuf>, AedbError> {
     let fs = &*config.storage;
     if fs.exists(&root.join(DESCRIPTOR_FILE)) {
         return Ok(vec![root.to_path_buf()]);
@@ -875,7 +887,7 @@ pub fn discover_chain(root: &Path, config: &AedbConfig) -> Result<Vec<PathBuf>, 
     for e in fs.list_dir(root).map_err(|e| AedbError::io(root, e))? {
         let p = root.join(&e.name);
         if e.is_dir && fs.exists(&p.join(DESCRIPTOR_FILE)) {
-            all.push(verify_backup_dir(config, &p)?);
+            all.push(verify_dir(config, &p)?);
         }
     }
     let newest = all
@@ -906,9 +918,17 @@ pub fn restore_from_backup_chain(
     config: &AedbConfig,
     chain: &[PathBuf],
     target: &Path,
+) -> Result<RestoreReport, RestoreError> {
+    restore_chain(config, chain, target).map_err(RestoreError::narrow)
+}
+
+fn restore_chain(
+    config: &AedbConfig,
+    chain: &[PathBuf],
+    target: &Path,
 ) -> Result<RestoreReport, AedbError> {
     let started = Instant::now();
-    let verified = verify_backup_chain(config, chain)?;
+    let verified = verify_chain(config, chain)?;
     let fs = &*config.storage;
     let staging = staging_for(fs, target, "restoring")?;
     let result = assemble(config, &verified, &staging);

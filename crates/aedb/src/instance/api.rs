@@ -1,7 +1,21 @@
 //! The authenticated `*_as` API: every caller-facing operation with a `CallerContext`
 //! (the only API of a `Secure` instance).
 
-use super::*;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::read::ReadTx;
+use super::{AedbInstance, CheckpointInfo, CommitResult};
+use crate::audit::{AuditExport, SYSTEM_PROJECT};
+use crate::authz::{CallerContext, Decision, Grant, Permission};
+use crate::backup::{BackupProgress, BackupReport};
+use crate::config::CommitFinality;
+use crate::error::{AedbError, BackupError, CommitError, ReadError};
+use crate::record::DdlOperation;
+use crate::txn::query::{Query, QueryResult};
+use crate::txn::snapshot::{ConsistencyMode, KvPair, VersionedKvPair};
+use crate::txn::write::WriteTransaction;
 
 impl<M> AedbInstance<M> {
     pub fn begin_write_as(
@@ -250,7 +264,7 @@ impl<M> AedbInstance<M> {
         &self,
         caller: &CallerContext,
         dest: &Path,
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         self.backup_full_as_with_progress(caller, dest, &mut |_| {})
     }
 
@@ -259,10 +273,12 @@ impl<M> AedbInstance<M> {
         caller: &CallerContext,
         dest: &Path,
         progress: &mut dyn FnMut(BackupProgress),
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         let target = dest.display().to_string();
-        self.authorize_maintenance(caller, Permission::Backup, "backup_full", &target)?;
+        self.authorize_maintenance(caller, Permission::Backup, "backup_full", &target)
+            .map_err(BackupError::narrow)?;
         self.backup_full_inner(dest, progress)
+            .map_err(BackupError::narrow)
     }
 
     /// An incremental backup after `parent` into `dest` (needs `Backup`; audited
@@ -272,7 +288,7 @@ impl<M> AedbInstance<M> {
         caller: &CallerContext,
         dest: &Path,
         parent: &Path,
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         self.backup_incremental_as_with_progress(caller, dest, parent, &mut |_| {})
     }
 
@@ -282,10 +298,12 @@ impl<M> AedbInstance<M> {
         dest: &Path,
         parent: &Path,
         progress: &mut dyn FnMut(BackupProgress),
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         let target = format!("{} (parent {})", dest.display(), parent.display());
-        self.authorize_maintenance(caller, Permission::Backup, "backup_incremental", &target)?;
+        self.authorize_maintenance(caller, Permission::Backup, "backup_incremental", &target)
+            .map_err(BackupError::narrow)?;
         self.backup_incremental_inner(dest, parent, progress)
+            .map_err(BackupError::narrow)
     }
 
     /// Changes the commit admission rate while the instance runs (`None`: unlimited;

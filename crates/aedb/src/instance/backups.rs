@@ -1,7 +1,11 @@
 //! Taking backups of a live instance (format, verification and restore are in
 //! `crate::backup`).
 
-use super::*;
+use std::path::Path;
+
+use super::AedbInstance;
+use crate::backup::{BackupProgress, BackupReport, Captured};
+use crate::error::AedbError;
 
 impl<M> AedbInstance<M> {
     /// Captures a consistent snapshot (state, idempotency records, chain head) and
@@ -19,13 +23,6 @@ impl<M> AedbInstance<M> {
         Ok(cap)
     }
 
-    /// Keeps the WAL after `lsn` on disk for the next incremental backup.
-    fn set_backup_floor(&self, lsn: u64) -> Result<(), AedbError> {
-        let mut ms = self.inner.manifest.lock();
-        ms.backup_floor_lsn = Some(lsn);
-        write_manifest(&self.inner.dir, &self.inner.config, &mut ms)
-    }
-
     /// A self-contained backup of the state now (writers keep going) into `dest`
     /// (absent or empty); callers authorize first. See `backup` module docs for
     /// the format.
@@ -35,20 +32,9 @@ impl<M> AedbInstance<M> {
         progress: &mut dyn FnMut(BackupProgress),
     ) -> Result<BackupReport, AedbError> {
         // Checkpoints wait while the live files are copied: they would delete them.
-        let _no_checkpoint = self.inner.checkpointing.lock();
+        let _no_checkpoint = self.inner.hold_checkpoints();
         let cap = self.capture()?;
-        let live = {
-            let ms = self.inner.manifest.lock();
-            crate::backup::LiveFiles {
-                checkpoint: ms.checkpoint.clone(),
-                segments: ms
-                    .sealed
-                    .iter()
-                    .map(|s| (s.index, s.first_lsn))
-                    .chain(std::iter::once((ms.active_index, ms.active_first_lsn)))
-                    .collect(),
-            }
-        };
+        let live = self.inner.live_files();
         let r = crate::backup::write_full(
             dest,
             &self.inner.dir,
@@ -57,7 +43,7 @@ impl<M> AedbInstance<M> {
             &self.inner.config,
             progress,
         )?;
-        self.set_backup_floor(r.end_lsn)?;
+        self.inner.set_backup_floor(r.end_lsn)?;
         tracing::info!(dir = %dest.display(), end_lsn = r.end_lsn, bytes = r.bytes, "full backup written");
         Ok(r)
     }
@@ -71,14 +57,7 @@ impl<M> AedbInstance<M> {
         progress: &mut dyn FnMut(BackupProgress),
     ) -> Result<BackupReport, AedbError> {
         let cap = self.capture()?;
-        let segments: Vec<(u64, u64)> = {
-            let ms = self.inner.manifest.lock();
-            ms.sealed
-                .iter()
-                .map(|s| (s.index, s.first_lsn))
-                .chain(std::iter::once((ms.active_index, ms.active_first_lsn)))
-                .collect()
-        };
+        let segments = self.inner.live_segments();
         let r = crate::backup::write_incremental(
             dest,
             parent,
@@ -88,7 +67,7 @@ impl<M> AedbInstance<M> {
             &self.inner.config,
             progress,
         )?;
-        self.set_backup_floor(r.end_lsn)?;
+        self.inner.set_backup_floor(r.end_lsn)?;
         tracing::info!(dir = %dest.display(), start_lsn = r.start_lsn, end_lsn = r.end_lsn, "incremental backup written");
         Ok(r)
     }

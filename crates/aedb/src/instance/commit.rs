@@ -8,11 +8,27 @@ use std::panic::AssertUnwindSafe;
 use super::audit_writer::{
     FailedAssertion, assertion_failed, authz_event, caller_name, global_admin_use,
 };
-use super::*;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use super::admission::QueueSlot;
+use super::read::{ddl_name, ddl_need, ddl_project, validate_ddl};
+use super::sequencer::CommitGuard;
+use super::{AedbInstance, CommitResult};
+use crate::audit::{AuditEvent, chain_rows, now_unix};
+use crate::authz::{CallerContext, Decision};
+use crate::config::CommitFinality;
+use crate::error::AedbError;
+use crate::metrics::{AlertKind, Counters};
+use crate::record::{DdlOperation, WalRecord};
+use crate::txn::write::{WriteTransaction, writes_digest};
+use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES};
 
 impl<M> AedbInstance<M> {
     pub(super) fn admit(&self) -> Result<QueueSlot<'_>, AedbError> {
-        if self.inner.closed.load(Ordering::Acquire) {
+        if self.inner.is_closed() {
             return Err(AedbError::Closed);
         }
         self.inner.admission.admit()
@@ -320,11 +336,8 @@ impl<M> AedbInstance<M> {
     pub(super) fn bound_buffer(&self, pending: usize) -> Result<(), AedbError> {
         if pending >= HARD_BUFFER_BYTES {
             self.inner.wal.write_out()?;
-        } else if pending >= SOFT_BUFFER_BYTES
-            && let Some(f) = self.inner.flusher.lock().as_ref()
-        {
-            f.signal.0.lock().kicked = true;
-            f.signal.1.notify_one();
+        } else if pending >= SOFT_BUFFER_BYTES {
+            self.inner.kick_flusher();
         }
         Ok(())
     }

@@ -6,7 +6,15 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::failpoints::{self, Failpoint};
-use super::*;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{AedbInstance, Dev};
+use crate::authz::{CallerContext, Permission};
+use crate::config::{AedbConfig, CommitFinality};
+use crate::error::{AedbError, CommitError, ReadError};
+use crate::record::DdlOperation;
+use crate::txn::snapshot::ConsistencyMode;
 
 fn dev(dir: &Path) -> AedbInstance<Dev> {
     let db = AedbInstance::open(AedbConfig::development(), dir).expect("open");

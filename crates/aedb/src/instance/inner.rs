@@ -1,10 +1,258 @@
 //! The shared inner state: manifest updates, checkpoints, shutdown, and the
-//! flusher and checkpointer threads.
+//! flusher and checkpointer threads. The manifest, the checkpoint state, the
+//! background threads, the project locks and the write pins are private to this
+//! file; the rest of `instance/` reaches them through the methods below.
 
-use super::*;
-use crate::wal::ChainHead;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use super::admission::Admission;
+use super::sequencer::{CommitState, Sequencer};
+use super::{AedbInstance, CheckpointInfo};
+use crate::backup::LiveFiles;
+use crate::checkpoint;
+use crate::config::{AedbConfig, DurabilityMode};
+use crate::error::AedbError;
+use crate::lock::DirLock;
+use crate::metrics::{Counters, OperationalMetrics};
+use crate::model::state::DbState;
+use crate::open::{ManifestState, write_manifest};
+use crate::txn::snapshot::Snapshot;
+use crate::wal::format::segment_file_name;
+use crate::wal::writer::WalWriter;
+use crate::wal::{ChainHead, RecoveryReport};
+
+#[derive(Default)]
+struct FlusherSignal {
+    stop: bool,
+    kicked: bool,
+}
+
+struct Flusher {
+    signal: Arc<(Mutex<FlusherSignal>, Condvar)>,
+    handle: JoinHandle<()>,
+}
+
+pub(super) struct Inner {
+    pub(super) dir: PathBuf,
+    pub(super) config: AedbConfig,
+    pub(super) sequencer: Sequencer,
+    pub(super) wal: Arc<WalWriter>,
+    pub(super) admission: Admission,
+    pub(super) counters: Counters,
+    pub(super) recovery: RecoveryReport,
+    flusher: Mutex<Option<Flusher>>,
+    closed: AtomicBool,
+    manifest: Mutex<ManifestState>,
+    /// One checkpoint at a time; close waits for a running one.
+    checkpointing: Mutex<CheckpointState>,
+    checkpointer: Arc<(Mutex<bool>, Condvar)>,
+    /// One lock per project: a commit holds its project's lock from validation to
+    /// publication, so commits to different projects proceed in parallel.
+    project_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Snapshot seqs of open write transactions (seq -> how many): tombstones at
+    /// or before the oldest are no longer needed for conflict detection.
+    write_pins: Arc<Mutex<BTreeMap<u64, usize>>>,
+    _lock: DirLock,
+}
+
+pub(super) struct CheckpointState {
+    snapshot: Option<Arc<DbState>>,
+    /// When the live checkpoint was written (its file time after a reopen).
+    written_at: Option<std::time::SystemTime>,
+    last_at: std::time::Instant,
+    last_appended: u64,
+    last_duration: Duration,
+}
+
+impl CheckpointState {
+    /// The checkpoint recovery started from (if any), as found at open.
+    pub(super) fn at_open(
+        snapshot: Option<Arc<DbState>>,
+        written_at: Option<std::time::SystemTime>,
+    ) -> Self {
+        Self {
+            snapshot,
+            written_at,
+            last_at: std::time::Instant::now(),
+            last_appended: 0,
+            last_duration: Duration::ZERO,
+        }
+    }
+}
+
+/// Keeps tombstones newer than a write transaction's snapshot while it is open
+/// (it needs them to see a write-write conflict with a delete).
+pub(crate) struct SnapshotPin {
+    seq: u64,
+    pins: Arc<Mutex<BTreeMap<u64, usize>>>,
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock();
+        if let Some(n) = pins.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.seq);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for SnapshotPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SnapshotPin").field(&self.seq).finish()
+    }
+}
+
+/// (index, first LSN) of every segment a backup may need: the sealed ones and
+/// the active one.
+fn live_segments(ms: &ManifestState) -> Vec<(u64, u64)> {
+    ms.sealed
+        .iter()
+        .map(|s| (s.index, s.first_lsn))
+        .chain(std::iter::once((ms.active_index, ms.active_first_lsn)))
+        .collect()
+}
 
 impl Inner {
+    // The one constructor, called once by open with what recovery produced.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        dir: PathBuf,
+        config: AedbConfig,
+        commit_state: CommitState,
+        wal: Arc<WalWriter>,
+        recovery: RecoveryReport,
+        manifest: ManifestState,
+        checkpointing: CheckpointState,
+        lock: DirLock,
+    ) -> Self {
+        Self {
+            dir,
+            sequencer: Sequencer::new(
+                commit_state,
+                config.limits.snapshot_history,
+                config.commit_timeout,
+            ),
+            wal,
+            admission: Admission::new(&config.limits),
+            counters: Counters::default(),
+            flusher: Mutex::new(None),
+            recovery,
+            closed: AtomicBool::new(false),
+            manifest: Mutex::new(manifest),
+            checkpointing: Mutex::new(checkpointing),
+            checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
+            project_locks: Mutex::new(HashMap::new()),
+            write_pins: Arc::new(Mutex::new(BTreeMap::new())),
+            _lock: lock,
+            config,
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Starts the flusher thread (only for a storage with background I/O).
+    pub(super) fn start_flusher(&self) -> Result<(), AedbError> {
+        *self.flusher.lock() = Some(spawn_flusher(
+            self.wal.clone(),
+            self.config.durability,
+            self.config.batch_interval,
+        )?);
+        Ok(())
+    }
+
+    /// Asks the flusher (if there is one) to write the buffer out now.
+    pub(super) fn kick_flusher(&self) {
+        if let Some(f) = self.flusher.lock().as_ref() {
+            f.signal.0.lock().kicked = true;
+            f.signal.1.notify_one();
+        }
+    }
+
+    /// The latest state, pinned for a write transaction. Taken and pinned under
+    /// one lock, so a purge either sees the pin or runs against a state no older
+    /// than this snapshot.
+    pub(super) fn pin_latest(&self) -> (Snapshot, SnapshotPin) {
+        let mut pins = self.write_pins.lock();
+        let snapshot = Snapshot {
+            state: self.sequencer.load_full(),
+        };
+        *pins.entry(snapshot.seq()).or_default() += 1;
+        let pin = SnapshotPin {
+            seq: snapshot.seq(),
+            pins: self.write_pins.clone(),
+        };
+        (snapshot, pin)
+    }
+
+    /// The snapshot seq at or before which no open write transaction needs a
+    /// tombstone: the oldest pinned one, or the published state if none is open.
+    pub(super) fn tombstone_horizon(&self) -> u64 {
+        let pins = self.write_pins.lock();
+        let published = self.sequencer.load().seq;
+        pins.keys()
+            .next()
+            .map_or(published, |&oldest| oldest.min(published))
+    }
+
+    /// The state of the live checkpoint (`ConsistencyMode::AtCheckpoint`).
+    pub(super) fn checkpoint_snapshot(&self) -> Option<Arc<DbState>> {
+        self.checkpointing.lock().snapshot.clone()
+    }
+
+    /// Keeps checkpoints (which delete the files they make obsolete) waiting while
+    /// the guard lives.
+    pub(super) fn hold_checkpoints(&self) -> MutexGuard<'_, CheckpointState> {
+        self.checkpointing.lock()
+    }
+
+    /// The files a full backup copies: the live checkpoint and every segment.
+    pub(super) fn live_files(&self) -> LiveFiles {
+        let ms = self.manifest.lock();
+        LiveFiles {
+            checkpoint: ms.checkpoint.clone(),
+            segments: live_segments(&ms),
+        }
+    }
+
+    /// The segments an incremental backup reads from.
+    pub(super) fn live_segments(&self) -> Vec<(u64, u64)> {
+        live_segments(&self.manifest.lock())
+    }
+
+    /// Keeps the WAL after `lsn` on disk for the next incremental backup.
+    pub(super) fn set_backup_floor(&self, lsn: u64) -> Result<(), AedbError> {
+        let mut ms = self.manifest.lock();
+        ms.backup_floor_lsn = Some(lsn);
+        write_manifest(&self.dir, &self.config, &mut ms)
+    }
+
+    /// The manifest and checkpoint figures of `operational_metrics()`.
+    pub(super) fn fill_checkpoint_metrics(&self, m: &mut OperationalMetrics) {
+        {
+            let ms = self.manifest.lock();
+            m.wal_segments = ms.sealed.len() as u64 + 1;
+            m.checkpoint_lsn = ms.checkpoint.as_ref().map(|c| c.lsn);
+        }
+        let ck = self.checkpointing.lock();
+        if let Some(at) = ck.written_at {
+            m.checkpoint_age_secs = at.elapsed().ok().map(|d| d.as_secs_f64());
+            m.checkpoint_duration_secs =
+                (!ck.last_duration.is_zero()).then(|| ck.last_duration.as_secs_f64());
+        }
+    }
+
     pub(super) fn project_lock(&self, project: &str) -> Arc<Mutex<()>> {
         self.project_locks
             .lock()
@@ -241,7 +489,7 @@ impl Drop for Inner {
 
 /// Background thread bounding how long a `Visible` commit stays unsynced
 /// (`Full`/`Batch`) or unwritten (`OsBuffered`).
-pub(super) fn spawn_flusher(
+fn spawn_flusher(
     wal: Arc<WalWriter>,
     mode: DurabilityMode,
     interval: Duration,

@@ -1,45 +1,34 @@
 //! `AedbInstance`: opening (recovery), the commit path, and read snapshots.
 
-use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-use parking_lot::{Condvar, Mutex};
+use std::time::Duration;
 
 use crate::audit::{
-    ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditEvent, AuditExport, AuditVerifyError,
-    SYSTEM_PROJECT, chain_rows, now_unix,
+    ASSERTION_AUDIT, AUDIT_SCOPE, AUTHZ_AUDIT, AuditExport, AuditVerifyError, SYSTEM_PROJECT,
+    chain_rows, now_unix,
 };
-use crate::authz::{CallerContext, Decision, Grant, Permission, validate_caller_id};
-use crate::backup::{BackupProgress, BackupReport, Captured};
+use crate::authz::{CallerContext, Permission, validate_caller_id};
+use crate::backup::{BackupProgress, BackupReport};
 use crate::checkpoint;
-use crate::config::{AedbConfig, CommitFinality, DurabilityMode, RecoveryMode};
-use crate::error::{AedbError, CommitError, NotFoundKind, ReadError};
+use crate::config::{AedbConfig, CommitFinality, RecoveryMode};
+use crate::error::{AedbError, BackupError, CommitError, NotFoundKind, OpenError, ReadError};
 use crate::lock::DirLock;
-use crate::metrics::AlertKind;
-use crate::metrics::{Counters, OperationalMetrics};
-use crate::model::state::DbState;
-use crate::model::validate_name;
+use crate::metrics::OperationalMetrics;
 use crate::model::value::TableSchema;
-use crate::model::value::{Row, Value};
+use crate::model::value::Value;
 use crate::open::{
     ManifestState, check_segments_against_manifest, load_manifest_and_checkpoint, replay_start,
     secure_problems, write_manifest,
 };
 use crate::record::{DdlOperation, WalRecord};
-use crate::txn::query::{Query, QueryResult};
-use crate::txn::snapshot::{ConsistencyMode, KvPair, Snapshot, VersionedKvPair};
+use crate::txn::snapshot::{ConsistencyMode, Snapshot};
 use crate::txn::write::{WriteTransaction, writes_digest};
 use crate::wal::RecoveryReport;
-use crate::wal::format::segment_file_name;
 use crate::wal::keys::WalKeys;
 use crate::wal::recovery::recover;
-use crate::wal::writer::{HARD_BUFFER_BYTES, SOFT_BUFFER_BYTES, WalWriter};
+use crate::wal::writer::WalWriter;
 
 /// What a successful commit reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,49 +40,6 @@ pub struct CommitResult {
     /// True when an idempotency key matched an earlier commit, which is what
     /// `commit_seq` then names; nothing was applied by this call.
     pub idempotent_replay: bool,
-}
-
-#[derive(Default)]
-struct FlusherSignal {
-    stop: bool,
-    kicked: bool,
-}
-
-struct Flusher {
-    signal: Arc<(Mutex<FlusherSignal>, Condvar)>,
-    handle: JoinHandle<()>,
-}
-
-struct Inner {
-    dir: PathBuf,
-    config: AedbConfig,
-    sequencer: Sequencer,
-    wal: Arc<WalWriter>,
-    admission: Admission,
-    counters: Counters,
-    flusher: Mutex<Option<Flusher>>,
-    recovery: RecoveryReport,
-    closed: AtomicBool,
-    manifest: Mutex<ManifestState>,
-    /// One checkpoint at a time; close waits for a running one.
-    checkpointing: Mutex<CheckpointState>,
-    checkpointer: Arc<(Mutex<bool>, Condvar)>,
-    /// One lock per project: a commit holds its project's lock from validation to
-    /// publication, so commits to different projects proceed in parallel.
-    project_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Snapshot seqs of open write transactions (seq -> how many): tombstones at
-    /// or before the oldest are no longer needed for conflict detection.
-    write_pins: Arc<Mutex<BTreeMap<u64, usize>>>,
-    _lock: DirLock,
-}
-
-struct CheckpointState {
-    snapshot: Option<Arc<DbState>>,
-    /// When the live checkpoint was written (its file time after a reopen).
-    written_at: Option<std::time::SystemTime>,
-    last_at: std::time::Instant,
-    last_appended: u64,
-    last_duration: Duration,
 }
 
 /// What `checkpoint()` wrote.
@@ -196,48 +142,11 @@ impl std::fmt::Debug for BoundCaller {
     }
 }
 
-/// Keeps tombstones newer than a write transaction's snapshot while it is open
-/// (it needs them to see a write-write conflict with a delete).
-pub(crate) struct SnapshotPin {
-    seq: u64,
-    pins: Arc<Mutex<BTreeMap<u64, usize>>>,
-}
-
-impl Drop for SnapshotPin {
-    fn drop(&mut self) {
-        let mut pins = self.pins.lock();
-        if let Some(n) = pins.get_mut(&self.seq) {
-            *n -= 1;
-            if *n == 0 {
-                pins.remove(&self.seq);
-            }
-        }
-    }
-}
-
-impl std::fmt::Debug for SnapshotPin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("SnapshotPin").field(&self.seq).finish()
-    }
-}
-
-impl Inner {
-    /// The snapshot seq at or before which no open write transaction needs a
-    /// tombstone: the oldest pinned one, or the published state if none is open.
-    fn tombstone_horizon(&self) -> u64 {
-        let pins = self.write_pins.lock();
-        let published = self.sequencer.load().seq;
-        pins.keys()
-            .next()
-            .map_or(published, |&oldest| oldest.min(published))
-    }
-}
-
 impl AedbInstance<Dev> {
     /// Opens (creating if needed) the database in `dir` for development and tests:
     /// anonymous APIs are available, permissions are checked only on `*_as` calls.
-    pub fn open(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
-        Self::open_inner(config, dir)
+    pub fn open(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Self::open_inner(config, dir).map_err(OpenError::narrow)
     }
 
     /// The latest committed state. `Poisoned` once a WAL write or fsync failed: that
@@ -382,16 +291,18 @@ impl AedbInstance<Dev> {
 
     /// A self-contained backup of the state now (writers keep going) into `dest`
     /// (absent or empty). See `backup` module docs for the format.
-    pub fn backup_full(&self, dest: &Path) -> Result<BackupReport, AedbError> {
+    pub fn backup_full(&self, dest: &Path) -> Result<BackupReport, BackupError> {
         self.backup_full_inner(dest, &mut |_| {})
+            .map_err(BackupError::narrow)
     }
 
     pub fn backup_full_with_progress(
         &self,
         dest: &Path,
         progress: &mut dyn FnMut(BackupProgress),
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         self.backup_full_inner(dest, progress)
+            .map_err(BackupError::narrow)
     }
 
     /// The WAL since the backup in `parent` (the chain's latest) into `dest`.
@@ -399,8 +310,9 @@ impl AedbInstance<Dev> {
         &self,
         dest: &Path,
         parent: &Path,
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         self.backup_incremental_inner(dest, parent, &mut |_| {})
+            .map_err(BackupError::narrow)
     }
 
     pub fn backup_incremental_with_progress(
@@ -408,8 +320,9 @@ impl AedbInstance<Dev> {
         dest: &Path,
         parent: &Path,
         progress: &mut dyn FnMut(BackupProgress),
-    ) -> Result<BackupReport, AedbError> {
+    ) -> Result<BackupReport, BackupError> {
         self.backup_incremental_inner(dest, parent, progress)
+            .map_err(BackupError::narrow)
     }
 }
 
@@ -417,21 +330,21 @@ impl AedbInstance<Secure> {
     /// Opens for production paths: refuses any configuration that weakens
     /// integrity, listing every problem at once. Accepts both presets
     /// (`production(key)` and `low_latency(key)`).
-    pub fn open_secure(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+    pub fn open_secure(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, OpenError> {
         let problems = secure_problems(&config, false);
         if !problems.is_empty() {
-            return Err(AedbError::InvalidConfig { problems });
+            return Err(OpenError::InvalidConfig { problems });
         }
-        Self::open_inner(config, dir)
+        Self::open_inner(config, dir).map_err(OpenError::narrow)
     }
 
     /// `open_secure` plus encryption at rest: a checkpoint key is required too.
-    pub fn open_production(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, AedbError> {
+    pub fn open_production(config: AedbConfig, dir: impl AsRef<Path>) -> Result<Self, OpenError> {
         let problems = secure_problems(&config, true);
         if !problems.is_empty() {
-            return Err(AedbError::InvalidConfig { problems });
+            return Err(OpenError::InvalidConfig { problems });
         }
-        Self::open_inner(config, dir)
+        Self::open_inner(config, dir).map_err(OpenError::narrow)
     }
 }
 
@@ -615,29 +528,16 @@ impl<M> AedbInstance<M> {
         }
         tracing::info!(dir = %dir.display(), seq, frames = recovered.report.frames_replayed, "aedb opened");
 
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(Inner::new(
             dir,
-            sequencer: Sequencer::new(cs, config.limits.snapshot_history, config.commit_timeout),
-            wal: wal.clone(),
-            admission: Admission::new(&config.limits),
-            counters: Counters::default(),
-            flusher: Mutex::new(None),
-            recovery: recovered.report,
-            closed: AtomicBool::new(false),
-            manifest: Mutex::new(ms),
-            checkpointing: Mutex::new(CheckpointState {
-                snapshot: ckpt_snapshot,
-                written_at: ckpt_written_at,
-                last_at: std::time::Instant::now(),
-                last_appended: 0,
-                last_duration: Duration::ZERO,
-            }),
-            checkpointer: Arc::new((Mutex::new(false), Condvar::new())),
-            project_locks: Mutex::new(HashMap::new()),
-            write_pins: Arc::new(Mutex::new(BTreeMap::new())),
-            _lock: lock,
             config,
-        });
+            cs,
+            wal,
+            recovered.report,
+            ms,
+            CheckpointState::at_open(ckpt_snapshot, ckpt_written_at),
+            lock,
+        ));
         if let Some(why) = resign {
             // A checkpoint under the current keys, then a manifest signed under the
             // current manifest key that names it and records a digest for every
@@ -654,11 +554,7 @@ impl<M> AedbInstance<M> {
         // Without background I/O (a simulated disk), `Visible` commits become
         // durable with the next durable commit, checkpoint, backup or close.
         if inner.config.storage.background_io() {
-            *inner.flusher.lock() = Some(spawn_flusher(
-                wal,
-                inner.config.durability,
-                inner.config.batch_interval,
-            )?);
+            inner.start_flusher()?;
         }
         spawn_checkpointer(&inner)?;
         let db = Self {
@@ -703,10 +599,7 @@ impl<M> AedbInstance<M> {
             }),
             ConsistencyMode::AtCheckpoint => self
                 .inner
-                .checkpointing
-                .lock()
-                .snapshot
-                .clone()
+                .checkpoint_snapshot()
                 .map(|state| Snapshot { state })
                 .ok_or_else(|| {
                     AedbError::InvalidArgument("the database has no checkpoint yet".into())
@@ -720,18 +613,7 @@ impl<M> AedbInstance<M> {
         project: &str,
     ) -> Result<WriteTransaction, AedbError> {
         self.inner.wal.check_healthy()?;
-        // Taken and pinned under one lock, so a purge either sees the pin or runs
-        // against a state no older than this snapshot.
-        let (snapshot, pin) = {
-            let mut pins = self.inner.write_pins.lock();
-            let snapshot = self.snapshot_inner();
-            *pins.entry(snapshot.seq()).or_default() += 1;
-            let pin = SnapshotPin {
-                seq: snapshot.seq(),
-                pins: self.inner.write_pins.clone(),
-            };
-            (snapshot, pin)
-        };
+        let (snapshot, pin) = self.inner.pin_latest();
         if !snapshot.state.projects.contains_key(project) || project == SYSTEM_PROJECT {
             return Err(AedbError::NotFound {
                 kind: NotFoundKind::Project,
@@ -846,19 +728,7 @@ impl<M> AedbInstance<M> {
         m.max_commits_per_sec = self.inner.admission.max_per_sec();
         m.wal_pending_bytes = self.inner.wal.pending_bytes() as u64;
         m.wal_bytes_written = self.inner.wal.appended_bytes();
-        {
-            let ms = self.inner.manifest.lock();
-            m.wal_segments = ms.sealed.len() as u64 + 1;
-            m.checkpoint_lsn = ms.checkpoint.as_ref().map(|c| c.lsn);
-        }
-        {
-            let ck = self.inner.checkpointing.lock();
-            if let Some(at) = ck.written_at {
-                m.checkpoint_age_secs = at.elapsed().ok().map(|d| d.as_secs_f64());
-                m.checkpoint_duration_secs =
-                    (!ck.last_duration.is_zero()).then(|| ck.last_duration.as_secs_f64());
-            }
-        }
+        self.inner.fill_checkpoint_metrics(&mut m);
         m
     }
 
@@ -913,11 +783,10 @@ pub(crate) mod failpoints {
     }
 }
 
-use admission::{Admission, QueueSlot};
-use inner::{spawn_checkpointer, spawn_flusher};
+pub(crate) use inner::SnapshotPin;
+use inner::{CheckpointState, Inner, spawn_checkpointer};
 pub use read::ReadTx;
-use read::{ddl_name, ddl_need, ddl_project, validate_ddl};
-use sequencer::{CommitGuard, CommitState, Sequencer};
+use sequencer::CommitState;
 
 #[cfg(test)]
 mod fault_tests;

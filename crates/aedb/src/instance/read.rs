@@ -1,7 +1,18 @@
 //! Authorized read transactions and the helpers that decide what a DDL operation
 //! needs and records.
 
-use super::*;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use super::AedbInstance;
+use crate::audit::SYSTEM_PROJECT;
+use crate::authz::{CallerContext, Permission, validate_caller_id};
+use crate::error::{AedbError, ReadError};
+use crate::model::validate_name;
+use crate::model::value::{Row, Value};
+use crate::record::DdlOperation;
+use crate::txn::query::{Query, QueryResult};
+use crate::txn::snapshot::{KvPair, Snapshot, VersionedKvPair};
 
 /// Reads on one snapshot, each authorized for the caller when it happens.
 #[derive(Debug)]

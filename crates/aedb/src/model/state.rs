@@ -79,6 +79,12 @@ fn missing(kind: NotFoundKind, name: &str) -> AedbError {
 }
 
 impl DbState {
+    fn project_mut(&mut self, project: &str) -> Result<&mut ProjectState, AedbError> {
+        self.projects
+            .get_mut(project)
+            .ok_or_else(|| missing(NotFoundKind::Project, project))
+    }
+
     /// A new database: empty but for the system audit tables.
     pub fn initial() -> Self {
         let mut audit = ScopeState::default();
@@ -203,10 +209,7 @@ impl DbState {
                 audit,
                 ..
             } => {
-                self.projects
-                    .get_mut(project)
-                    .ok_or_else(|| missing(NotFoundKind::Project, project))?
-                    .apply_ops(project, ops, seq)?;
+                self.project_mut(project)?.apply_ops(project, ops, seq)?;
                 self.append_audit(audit, seq)?;
             }
             WalRecord::Ddl { actor, ops, audit } => {
@@ -271,10 +274,7 @@ impl DbState {
                 }
             }
             DdlOperation::CreateScope { project, scope } => {
-                let p = self
-                    .projects
-                    .get_mut(project)
-                    .ok_or_else(|| missing(NotFoundKind::Project, project))?;
+                let p = self.project_mut(project)?;
                 if p.scopes.contains_key(scope) {
                     return Err(AedbError::AlreadyExists {
                         kind: "scope",
@@ -289,13 +289,7 @@ impl DbState {
                 table,
                 schema,
             } => {
-                let s = self
-                    .projects
-                    .get_mut(project)
-                    .ok_or_else(|| missing(NotFoundKind::Project, project))?
-                    .scopes
-                    .get_mut(scope)
-                    .ok_or_else(|| missing(NotFoundKind::Scope, &format!("{project}/{scope}")))?;
+                let s = scope_mut(self.project_mut(project)?, project, scope)?;
                 if s.tables.contains_key(table) {
                     return Err(AedbError::AlreadyExists {
                         kind: "table",
@@ -317,13 +311,7 @@ impl DbState {
                 scope,
                 table,
             } => {
-                let s = self
-                    .projects
-                    .get_mut(project)
-                    .ok_or_else(|| missing(NotFoundKind::Project, project))?
-                    .scopes
-                    .get_mut(scope)
-                    .ok_or_else(|| missing(NotFoundKind::Scope, &format!("{project}/{scope}")))?;
+                let s = scope_mut(self.project_mut(project)?, project, scope)?;
                 s.tables.remove(table).ok_or_else(|| {
                     missing(NotFoundKind::Table, &format!("{project}/{scope}/{table}"))
                 })?;
