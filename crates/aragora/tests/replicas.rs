@@ -303,8 +303,8 @@ fn a_rotation_on_one_replica_is_used_by_the_other_and_every_key_reads_on_both() 
     assert_eq!(primary(&b, &admin), second);
     assert_eq!(put_secret(&b, &admin, "under-second", "two"), second);
 
-    // Rotated with the CLI on A's configuration (straight into PostgreSQL,
-    // no server involved): both replicas use it on their next request.
+    // Rotated with the CLI on A's configuration (it reaches A through the
+    // control socket in A's data dir): B uses it on its next request.
     let out = a.cli(&[
         "key-rotation",
         "--reason",
