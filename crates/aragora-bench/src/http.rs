@@ -46,26 +46,36 @@ fn hex_string(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub fn run(options: &Options, report: &mut Report) -> Result<()> {
-    let dir = tempfile::tempdir()?;
+/// The server's configuration and store for one mode: `extra` adds to the
+/// variables every mode shares (DATABASE_URL, REDIS_URL).
+pub fn vars(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
     let mut vars = BTreeMap::new();
     vars.insert(
         "ARAGORA_DATA_DIR".to_string(),
-        dir.path().display().to_string(),
+        data_dir.display().to_string(),
     );
     vars.insert("ARAGORA_LOG_LEVEL".into(), "error".into());
     vars.insert("AEDB_MANIFEST_KEY".into(), hex32(5));
     vars.insert("AEDB_CHECKPOINT_KEY".into(), hex32(6));
     vars.insert("ARAGORA_ENCRYPTION_KEY".into(), hex32(7));
-    let secret = "bench-jwt-secret-0123456789abcdef0123456789";
-    vars.insert("JWT_SECRET".into(), secret.into());
-    let config = Config::from_vars(&vars)?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
-        &dir.path().join("aedb"),
-        [5; 32],
-        [6; 32],
-    )?);
-    let state = Arc::new(AppState::new(config, store, secret)?);
+    vars.insert("JWT_SECRET".into(), JWT_SECRET.into());
+    for (k, v) in extra {
+        vars.insert((*k).to_string(), (*v).to_string());
+    }
+    vars
+}
+
+const JWT_SECRET: &str = "bench-jwt-secret-0123456789abcdef0123456789";
+
+/// A server's state with the bench user, its token and the bench secret.
+pub struct Prepared {
+    pub state: Arc<AppState>,
+    pub token: String,
+}
+
+/// Wires the services over `store` and seeds what the workloads read.
+pub fn prepare(config: Config, store: Arc<dyn Store>) -> Result<Prepared> {
+    let state = Arc::new(AppState::new(config, store, JWT_SECRET)?);
     let meta = RequestMeta::default();
     // The harness acts as an administrator (the privilege ceiling checks
     // the creator's grants).
@@ -106,34 +116,61 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
             &meta,
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Prepared { state, token })
+}
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+/// Serves `state` on a loopback port from `rt` (2 worker threads, as the
+/// published figures use) and returns the port.
+pub fn serve(rt: &tokio::runtime::Runtime, state: Arc<AppState>) -> Result<u16> {
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let port = listener.local_addr()?.port();
-    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     rt.spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
+    Ok(port)
+}
+
+/// A runtime like `aragora serve`'s, on the 2 worker threads the published
+/// figures were taken with.
+pub fn server_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// The two request workloads: (name, path, description, target).
+pub const WORKLOADS: [(&str, &str, &str, &str); 2] = [
+    (
+        "http_authorized_get",
+        PATH,
+        "GET with a JWT",
+        ">= 15,000/s, p99 < 10 ms",
+    ),
+    (
+        "http_secret_read",
+        SECRET_PATH,
+        "secret read (decrypt + durable audit)",
+        ">= 5,000/s",
+    ),
+];
+
+pub fn run(options: &Options, report: &mut Report) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = Config::from_vars(&vars(dir.path(), &[]))?;
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
+        &dir.path().join("aedb"),
+        [5; 32],
+        [6; 32],
+    )?);
+    let Prepared { state, token } = prepare(config, store)?;
+    let rt = server_runtime()?;
+    let port = serve(&rt, state)?;
 
     let (secs, conns) = if options.quick { (1.0, 8) } else { (10.0, 32) };
     let mut table = String::new();
-    for (workload, path, what, target) in [
-        (
-            "http_authorized_get",
-            PATH,
-            "GET with a JWT",
-            ">= 15,000/s, p99 < 10 ms",
-        ),
-        (
-            "http_secret_read",
-            SECRET_PATH,
-            "secret read (decrypt + durable audit)",
-            ">= 5,000/s",
-        ),
-    ] {
+    for (workload, path, what, target) in WORKLOADS {
         let r = load(port, path, &token, secs, conns)?;
         let rps = r.requests as f64 / r.seconds;
         report.record(workload, "aragora", "requests_per_s", rps);
@@ -156,7 +193,7 @@ pub fn run(options: &Options, report: &mut Report) -> Result<()> {
 }
 
 /// Runs the load generator process against `path` and returns its result.
-fn load(port: u16, path: &str, token: &str, secs: f64, conns: usize) -> Result<LoadResult> {
+pub fn load(port: u16, path: &str, token: &str, secs: f64, conns: usize) -> Result<LoadResult> {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .args([

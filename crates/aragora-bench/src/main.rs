@@ -7,8 +7,10 @@
 mod crypto;
 mod http;
 mod migration;
+mod pg;
 mod rbac;
 mod report;
+mod scale;
 
 use std::process::ExitCode;
 
@@ -41,6 +43,20 @@ struct Cli {
     #[arg(long, hide = true, default_value_t = 32)]
     load_gen_conns: usize,
 
+    /// PostgreSQL the `scale` and `catchup` workloads create their databases
+    /// on (and drop them): a connection string to a database whose user may
+    /// CREATE DATABASE.
+    #[arg(long, env = "ARAGORA_BENCH_PG_ADMIN_URL", default_value = pg::DEFAULT_ADMIN_URL)]
+    pg_admin_url: String,
+
+    /// Redis for the `scale` workload's third mode (DATABASE_URL + REDIS_URL).
+    #[arg(
+        long,
+        env = "ARAGORA_BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    redis_url: String,
+
     /// PBKDF2 iterations to measure (default: the production setting).
     #[arg(long, default_value_t = aragora::crypto::kdf::PRODUCTION_PBKDF2_ITERATIONS)]
     pbkdf2_iterations: std::num::NonZeroU32,
@@ -56,6 +72,11 @@ enum Workload {
     Http,
     /// Re-encryption migration: records rewrapped per second after a rotation.
     Migration,
+    /// The http workloads on the embedded store, PostgreSQL, and PostgreSQL
+    /// + Redis side by side, with CPU per request (needs both services).
+    Scale,
+    /// The per-request cross-replica freshness check against PostgreSQL.
+    Catchup,
 }
 
 /// What every workload module gets to size itself.
@@ -97,6 +118,10 @@ fn run(cli: &Cli) -> Result<()> {
         pbkdf2_iterations: cli.pbkdf2_iterations,
     };
 
+    let backends = scale::Backends {
+        pg_admin_url: cli.pg_admin_url.clone(),
+        redis_url: cli.redis_url.clone(),
+    };
     let mut report = Report::new(cli.json);
     for workload in wanted {
         match workload {
@@ -104,6 +129,8 @@ fn run(cli: &Cli) -> Result<()> {
             Workload::Rbac => rbac::run(&options, &mut report)?,
             Workload::Http => http::run(&options, &mut report)?,
             Workload::Migration => migration::run(&options, &mut report)?,
+            Workload::Scale => scale::run(&options, &backends, &mut report)?,
+            Workload::Catchup => scale::catchup(&options, &backends, &mut report)?,
         }
     }
     if !cli.json {

@@ -599,8 +599,18 @@ fn unit_test_inputs_are_series_a_real_server_exports() {
     assert!(has(&text, "aedb_commits_total"));
     assert!(text.contains("\naedb_checkpoint_age_seconds "), "{text}");
 
+    // The Redis link's families exist on replicas with REDIS_URL only: the
+    // same server restarted with one (registered at boot; no command is
+    // needed for the gauge to be exported, so Redis need not answer).
+    s.restart_with(&[("REDIS_URL", "redis://127.0.0.1:6379/0")]);
+    let with_redis = s.send(Request::new("GET", "/metrics")).body;
+    assert!(with_redis.contains("\naragora_redis_up "), "{with_redis}");
+
     let mut real = exposition(&text);
-    for (n, labels) in exposition(&first_start) {
+    for (n, labels) in exposition(&first_start)
+        .into_iter()
+        .chain(exposition(&with_redis))
+    {
         real.entry(n).or_default().extend(labels);
     }
     let mut checked = BTreeSet::new();
@@ -653,6 +663,8 @@ fn rules_name_only_metrics_aragora_exports() {
         Arc::new(EmbeddedStore::open(dir.path(), [1; 32], [2; 32]).expect("open"));
     let metrics = Metrics::new().expect("metrics").with_known_series();
     aragora::encryption::migration::register_metrics(&metrics);
+    // With REDIS_URL (what AuthService registers then).
+    aragora::redis_link::RedisMetrics::register(&metrics.registry).expect("redis families");
     let engine = store.clone();
     metrics
         .register_aedb(Arc::new(move || engine.operational_metrics()))

@@ -1,7 +1,9 @@
 //! Two `aragora serve` replicas on one PostgreSQL database and one Redis
 //! (issue #17): a change made through replica A is enforced by replica B on
 //! its next request after A's response, not eventually, and the login limit
-//! is one budget across both.
+//! is one budget across both. A key rotated on one (API or CLI) is used by
+//! the other, concurrent audited reads on both keep one chain, and an
+//! approval requested on one and approved on the other runs once.
 //!
 //! Needs PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379); under
 //! `CI=true` a missing one fails the test.
@@ -240,4 +242,279 @@ fn rand_octet(seed: u32) -> u32 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     (seed ^ nanos) % 250 + 1
+}
+
+fn put_secret(s: &Server, token: &str, id: &str, value: &str) -> String {
+    let r = s.put(
+        &format!("/api/secrets/{id}"),
+        token,
+        &json!({"value": value, "secret_type": "password"}),
+    );
+    assert_eq!(r.status, 201, "PUT {id}: {}", r.body);
+    r.json()["key_id"].as_str().expect("key_id").to_string()
+}
+
+/// (value, key id) of a secret read through `s`.
+fn read_secret(s: &Server, token: &str, id: &str) -> (String, String) {
+    let r = s.get(&format!("/api/secrets/{id}"), token);
+    assert_eq!(r.status, 200, "GET {id}: {}", r.body);
+    let v = r.json();
+    (
+        v["value"].as_str().expect("value").to_string(),
+        v["key_id"].as_str().expect("key_id").to_string(),
+    )
+}
+
+fn primary(s: &Server, token: &str) -> String {
+    let r = s.get("/api/security/encryption/health", token);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["active_key_id"]
+        .as_str()
+        .expect("active key id")
+        .to_string()
+}
+
+fn key_count(s: &Server, token: &str) -> usize {
+    let r = s.get("/api/security/encryption/keys", token);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["keys"].as_array().expect("keys").len()
+}
+
+#[test]
+fn a_rotation_on_one_replica_is_used_by_the_other_and_every_key_reads_on_both() {
+    let db = test_database_or_skip!();
+    if !redis_or_skip() {
+        return;
+    }
+    let (a, b) = replicas(&db, &[]);
+    let (_, admin) = a.bootstrap_admin("root@rotation.test");
+    let first = primary(&a, &admin);
+    assert_eq!(put_secret(&a, &admin, "under-first", "one"), first);
+
+    // Rotated through A's API: B's next write is under the new key.
+    let r = a.post(
+        "/api/security/encryption/rotate",
+        &admin,
+        &json!({"reason": "replica rotation (API)", "force": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let second = primary(&a, &admin);
+    assert_ne!(second, first);
+    assert_eq!(primary(&b, &admin), second);
+    assert_eq!(put_secret(&b, &admin, "under-second", "two"), second);
+
+    // Rotated with the CLI on A's configuration (it reaches A through the
+    // control socket in A's data dir): B uses it on its next request.
+    let out = a.cli(&[
+        "key-rotation",
+        "--reason",
+        "replica rotation (CLI)",
+        "--force",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "key-rotation: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rot: aragora_testkit::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let third = rot["primary_key_id"].as_str().expect("primary").to_string();
+    assert!(third != second && third != first, "{rot}");
+    assert_eq!(primary(&b, &admin), third);
+    assert_eq!(put_secret(&b, &admin, "under-third", "three"), third);
+    assert_eq!(primary(&a, &admin), third);
+
+    // Every secret reads on either replica, each under the key it was
+    // written with (nothing migrated it).
+    for s in [&a, &b] {
+        for (id, value, key) in [
+            ("under-first", "one", &first),
+            ("under-second", "two", &second),
+            ("under-third", "three", &third),
+        ] {
+            assert_eq!(
+                read_secret(s, &admin, id),
+                (value.to_string(), key.clone()),
+                "{id}"
+            );
+        }
+    }
+}
+
+#[test]
+fn concurrent_audited_reads_on_both_replicas_keep_one_chain() {
+    let db = test_database_or_skip!();
+    if !redis_or_skip() {
+        return;
+    }
+    let (a, b) = replicas(&db, &[]);
+    let (_, admin) = a.bootstrap_admin("root@chain.test");
+    put_secret(&a, &admin, "chained", "read me");
+
+    const THREADS_PER_REPLICA: usize = 4;
+    const READS: usize = 15;
+    let handles: Vec<_> = [a.client(), b.client()]
+        .into_iter()
+        .flat_map(|c| std::iter::repeat_n(c, THREADS_PER_REPLICA))
+        .map(|client| {
+            let token = admin.clone();
+            std::thread::spawn(move || {
+                for _ in 0..READS {
+                    let r = client.send(Request::new("GET", "/api/secrets/chained").bearer(&token));
+                    assert_eq!(r.status, 200, "{}", r.body);
+                    assert_eq!(r.json()["value"], "read me");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("reader thread");
+    }
+
+    // Every read audited exactly once, whichever replica served it.
+    let total = 2 * THREADS_PER_REPLICA * READS;
+    for s in [&a, &b] {
+        let reads: Vec<_> = s
+            .audit(&admin, "secret_access")
+            .into_iter()
+            .filter(|e| e["details"]["secret_id"] == "chained")
+            .collect();
+        assert_eq!(
+            reads.len(),
+            total,
+            "secret_access entries seen through a replica"
+        );
+        let mut seqs: Vec<u64> = reads.iter().filter_map(|e| e["seq"].as_u64()).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), total, "one chain position per read");
+    }
+
+    // One unbroken chain across both writers.
+    let out = a.cli(&["audit", "verify", "--json"]);
+    assert!(
+        out.status.success(),
+        "audit verify exited {:?}: {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: aragora_testkit::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(
+        report["entries_checked"].as_u64().unwrap_or(0) >= total as u64,
+        "{report}"
+    );
+}
+
+#[test]
+fn a_request_made_on_one_replica_and_approved_on_the_other_runs_once() {
+    let db = test_database_or_skip!();
+    if !redis_or_skip() {
+        return;
+    }
+    let (a, b) = replicas(&db, &[]);
+    let (_, admin) = a.bootstrap_admin("root@approvals.test");
+    // API keys, not logins: every test here shares Redis's per-address login
+    // budget for 127.0.0.1.
+    let user = |email: &str, role: &str| {
+        let id = a.create_user(&admin, email, PASSWORD, &[role]);
+        let r = b.post(
+            &format!("/api/admin/users/{id}/api-keys"),
+            &admin,
+            &json!({"name": "replicas"}),
+        );
+        assert_eq!(r.status, 201, "API key for {email}: {}", r.body);
+        r.json()["token"].as_str().expect("token").to_string()
+    };
+    let operator = user("op@approvals.test", "operator");
+    let approver = user("ap@approvals.test", "approver");
+    let approver2 = user("ap2@approvals.test", "approver");
+    let before = key_count(&a, &admin);
+    let first = primary(&a, &admin);
+
+    // Requested on A: nothing runs yet.
+    let r = a.post(
+        "/api/security/encryption/rotate",
+        &operator,
+        &json!({"reason": "replica approval", "force": true}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["approval_id"]
+        .as_str()
+        .expect("approval_id")
+        .to_string();
+    assert_eq!(key_count(&b, &admin), before);
+
+    // Approved on B by one approver while another approves on A: one wins.
+    let detail = b.get(&format!("/api/security/approvals/{id}"), &admin);
+    assert_eq!(detail.status, 200, "{}", detail.body);
+    assert_eq!(detail.json()["status"], "pending", "B sees A's request");
+    let body = json!({"notes": "reviewed", "checklist_confirmed": detail.json()["checklist"]});
+    let path = format!("/api/security/approvals/{id}/approve");
+    let handles: Vec<_> = [
+        (b.client(), approver.clone()),
+        (a.client(), approver2.clone()),
+    ]
+    .into_iter()
+    .map(|(client, token)| {
+        let (path, body) = (path.clone(), body.clone());
+        std::thread::spawn(move || {
+            client
+                .send(Request::new("POST", &path).bearer(&token).json(&body))
+                .status
+        })
+    })
+    .collect();
+    let statuses: Vec<u16> = handles
+        .into_iter()
+        .map(|h| h.join().expect("approver thread"))
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| [200, 409].contains(s)),
+        "{statuses:?}"
+    );
+
+    // Executed once (generous wait: the machine may be loaded), visible on both.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let done = loop {
+        let v = b
+            .get(&format!("/api/security/approvals/{id}"), &admin)
+            .json();
+        let status = v["status"].as_str().unwrap_or("").to_string();
+        if ["executed", "failed", "refused"].contains(&status.as_str()) {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {status}: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "executed", "{done}");
+    let rotated = done["execution"]["result"]["primary_key_id"]
+        .as_str()
+        .expect("result primary")
+        .to_string();
+    assert_ne!(rotated, first);
+    for s in [&a, &b] {
+        assert_eq!(key_count(s, &admin), before + 1, "rotated exactly once");
+        assert_eq!(primary(s, &admin), rotated);
+        let v = s
+            .get(&format!("/api/security/approvals/{id}"), &admin)
+            .json();
+        assert_eq!(v["status"], "executed", "{v}");
+        let runs = s
+            .audit(&admin, "approval_executed")
+            .into_iter()
+            .filter(|e| e["details"]["approval_id"] == id.as_str())
+            .count();
+        assert_eq!(runs, 1, "one execution recorded");
+    }
+    // Decided: approving again on either replica is a conflict, and runs nothing.
+    let r = a.post(&path, &approver2, &body);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(key_count(&b, &admin), before + 1);
 }
