@@ -578,38 +578,80 @@ async fn guard(
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("\u{0}invalid"));
-    let principal = match state.auth.authenticate(authorization, &meta) {
-        Ok(p) => p,
-        Err(e) => return ApiError(e).into_response(),
+        .map(|v| v.to_str().unwrap_or("\u{0}invalid").to_string());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    // On a shared store authentication is a network round trip: off the
+    // async workers, or two slow reads would stall every connection. The
+    // embedded store answers in microseconds, less than a hop to the
+    // blocking pool costs.
+    let decided = if state.cluster.enabled() {
+        let s = state.clone();
+        match tokio::task::spawn_blocking(move || {
+            authorize(
+                &s,
+                permission,
+                authorization.as_deref(),
+                &meta,
+                &method,
+                &path,
+            )
+        })
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => Err(ApiError(ServiceError::Internal(format!(
+                "authorization task: {e}"
+            )))),
+        }
+    } else {
+        authorize(
+            &state,
+            permission,
+            authorization.as_deref(),
+            &meta,
+            &method,
+            &path,
+        )
     };
+    match decided {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Who is calling and whether `permission` (or, on a gated route,
+/// `approvals.request`) lets them through; a refusal is audited.
+fn authorize(
+    state: &AppState,
+    permission: &'static str,
+    authorization: Option<&str>,
+    meta: &RequestMeta,
+    method: &Method,
+    path: &str,
+) -> Result<Principal, ApiError> {
+    let principal = state.auth.authenticate(authorization, meta)?;
     let decision = state
         .rbac
         .check(&principal.user_id, &principal.roles, permission);
     // A gated route is also open to holders of approvals.request: their call
     // becomes an approval request (the handler's gate decides), never a run.
     let asks = !decision.allowed
-        && is_gated(req.method(), req.uri().path())
+        && is_gated(method, path)
         && state
             .rbac
             .check(&principal.user_id, &principal.roles, "approvals.request")
             .allowed;
     if !decision.allowed && !asks {
-        deny(
-            &state,
-            &principal,
-            permission,
-            req.method(),
-            req.uri().path(),
-            &meta,
-        );
-        return ApiError(ServiceError::Forbidden {
+        deny(state, &principal, permission, method, path, meta);
+        return Err(ApiError(ServiceError::Forbidden {
             permission: permission.to_string(),
-        })
-        .into_response();
+        }));
     }
-    req.extensions_mut().insert(principal);
-    next.run(req).await
+    Ok(principal)
 }
 
 pub(crate) fn deny(
