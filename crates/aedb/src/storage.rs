@@ -278,7 +278,13 @@ impl Storage for OsStorage {
         std::fs::remove_dir_all(path)
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(path)
+        use std::os::unix::fs::DirBuilderExt;
+        // Owner-only, like the files in them: data, checkpoints and backups
+        // are the database's alone (the umask may narrow it further).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
     }
     fn list_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
         let mut out = Vec::new();
@@ -1160,6 +1166,19 @@ mod tests {
 
     fn p(s: &str) -> PathBuf {
         PathBuf::from(s)
+    }
+
+    #[test]
+    fn directories_the_engine_creates_are_owner_only() -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir()?;
+        let nested = root.path().join("backups").join("full-001");
+        create_dir_all_durable(&OsStorage, &nested)?;
+        for dir in [root.path().join("backups"), nested] {
+            let mode = std::fs::metadata(&dir)?.permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", dir.display());
+        }
+        Ok(())
     }
 
     #[test]

@@ -608,9 +608,43 @@ fn chain_of(root: &Path, last: &str) -> Result<Vec<String>, BackupError> {
 }
 
 /// How often the schedule looks whether a backup is due.
+/// The longest pause between attempts while scheduled backups keep failing.
+pub const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(15 * 60);
+
+/// The pause after `failures` consecutive failed scheduled backups: the poll
+/// interval, doubled per failure up to [`MAX_FAILURE_BACKOFF`], so a broken
+/// backup directory is retried (and audited, counted, logged) a few times an
+/// hour rather than every poll.
+pub fn retry_delay(poll: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return poll;
+    }
+    poll.saturating_mul(1u32 << failures.min(16))
+        .min(MAX_FAILURE_BACKOFF)
+        .max(poll)
+}
+
 pub fn poll_interval(s: &BackupSchedule) -> Duration {
     s.incremental_interval
         .min(s.full_interval)
         .min(Duration::from_secs(60))
         .max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn failing_scheduled_backups_back_off_to_a_bound() {
+        let poll = Duration::from_secs(60);
+        assert_eq!(retry_delay(poll, 0), poll);
+        assert_eq!(retry_delay(poll, 1), Duration::from_secs(120));
+        assert_eq!(retry_delay(poll, 3), Duration::from_secs(480));
+        assert_eq!(retry_delay(poll, 4), MAX_FAILURE_BACKOFF);
+        assert_eq!(retry_delay(poll, 1000), MAX_FAILURE_BACKOFF);
+        // A poll longer than the bound is never shortened.
+        let slow = Duration::from_secs(3600);
+        assert_eq!(retry_delay(slow, 5), slow);
+    }
 }

@@ -300,13 +300,17 @@ fn start_backup_schedule(state: &Arc<AppState>) {
     let spawned = std::thread::Builder::new()
         .name("backup-schedule".into())
         .spawn(move || {
+            let mut failures = 0u32;
             loop {
                 let Some(state) = weak.upgrade() else { return };
                 // Failures are logged, counted and audited by `run`; the
-                // schedule keeps going.
-                let _ = state.backups.scheduled(&schedule);
+                // schedule keeps going, backing off while they repeat.
+                match state.backups.scheduled(&schedule) {
+                    Ok(_) => failures = 0,
+                    Err(_) => failures = failures.saturating_add(1),
+                }
                 drop(state);
-                std::thread::sleep(poll);
+                std::thread::sleep(aragora::backup::retry_delay(poll, failures));
             }
         });
     if let Err(e) = spawned {

@@ -319,5 +319,8 @@ fn a_failing_scheduled_backup_is_counted_and_the_server_keeps_serving() {
         s.metric("aragora_backup_failures_total{kind=\"full\"}") >= 1.0
     });
     assert_eq!(s.send(Request::new("GET", "/api/health")).status, 200);
-    assert!(s.stderr().contains("backup failed"), "{}", s.stderr());
+    // The counter moves before the line is logged: wait for the line too.
+    eventually("the logged backup failure", &s, || {
+        s.stderr().contains("backup failed")
+    });
 }
