@@ -296,6 +296,10 @@ pub fn execute(
     via: Via,
     operator: &Operator,
 ) -> Result<ControlResponse, ServiceError> {
+    // A command through this replica's socket acts on what other replicas
+    // changed too, as a request does (`crate::cluster`); nothing on a single
+    // process.
+    state.catch_up()?;
     let actor = operator.actor();
     let actor = actor.as_str();
     match req {

@@ -518,3 +518,32 @@ fn a_request_made_on_one_replica_and_approved_on_the_other_runs_once() {
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(key_count(&b, &admin), before + 1);
 }
+
+/// A command through a replica's control socket acts on what another replica
+/// changed, as an HTTP request does: B's `aragora maintenance` reports the
+/// mode A set as the one it replaces.
+#[test]
+fn a_cli_command_on_one_replica_sees_the_others_changes() {
+    let db = test_database_or_skip!();
+    if !redis_or_skip() {
+        return;
+    }
+    let (a, b) = replicas(&db, &[]);
+    let (_, admin) = a.bootstrap_admin("root@cli.test");
+    let r = a.post(
+        "/api/admin/maintenance",
+        &admin,
+        &json!({"mode": "read-only"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = b.cli_json(&["maintenance", "off", "--json"]);
+    assert_eq!(out["previous"], "read-only", "{out}");
+    assert_eq!(out["mode"], "off", "{out}");
+    // And A follows B's switch on its next request.
+    let r = a.put(
+        "/api/secrets/after-cli",
+        &admin,
+        &json!({"value": "x", "secret_type": "password"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+}
