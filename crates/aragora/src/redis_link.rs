@@ -12,12 +12,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::metrics::window::SampleWindow;
 use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Connect, read and write timeout: a login never waits longer than this on
 /// Redis before falling back to the per-replica limit.
 pub const IO_TIMEOUT: Duration = Duration::from_millis(250);
+/// Round trips behind `latency_p50`.
+const RECENT_ROUND_TRIPS: usize = 256;
 /// Connections kept open for reuse (each request takes one for one command).
 const MAX_IDLE_CONNECTIONS: usize = 8;
 
@@ -93,36 +96,6 @@ impl RedisMetrics {
     }
 }
 
-/// The last round trips, for the p50 the stats endpoint shows.
-#[derive(Debug, Default)]
-struct LatencyWindow {
-    samples: Vec<f64>,
-    next: usize,
-}
-
-impl LatencyWindow {
-    const SIZE: usize = 256;
-
-    fn push(&mut self, secs: f64) {
-        if self.samples.len() < Self::SIZE {
-            self.samples.push(secs);
-        } else {
-            self.samples[self.next] = secs;
-        }
-        self.next = (self.next + 1) % Self::SIZE;
-    }
-
-    fn percentile(&self, p: f64) -> f64 {
-        if self.samples.is_empty() {
-            return 0.0;
-        }
-        let mut v = self.samples.clone();
-        v.sort_by(f64::total_cmp);
-        let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-        v[rank - 1]
-    }
-}
-
 /// What `rbac/cache/stats` and health say about the link.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RedisStatus {
@@ -141,7 +114,8 @@ pub struct RedisLink {
     metrics: RedisMetrics,
     /// Whether the last command failed, so an outage logs once.
     down: AtomicBool,
-    recent: Mutex<LatencyWindow>,
+    /// The last round trips, for the p50 the stats endpoint shows.
+    recent: Mutex<SampleWindow>,
 }
 
 impl std::fmt::Debug for RedisLink {
@@ -186,7 +160,7 @@ impl RedisLink {
             script: redis::Script::new(GCRA),
             metrics,
             down: AtomicBool::new(false),
-            recent: Mutex::new(LatencyWindow::default()),
+            recent: Mutex::new(SampleWindow::with_capacity(RECENT_ROUND_TRIPS)),
         })
     }
 

@@ -15,6 +15,7 @@ use super::views::{ActorDecrypts, EncryptionStats, KeyCacheView};
 use crate::clock::now_us;
 use crate::config::Environment;
 use crate::crypto::kdf;
+use crate::metrics::window::SampleWindow;
 
 /// Latency samples kept per operation for the percentiles of `stats`.
 const SAMPLES: usize = 4096;
@@ -28,58 +29,6 @@ const MAX_TRACKED_ACTORS: usize = 10_000;
 pub const DERIVATION_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Derivation samples kept: one hour at the probe interval.
 const DERIVATION_SAMPLES: usize = 120;
-
-/// A bounded window of recent latencies (seconds).
-#[derive(Debug)]
-struct Samples {
-    buf: Vec<f64>,
-    next: usize,
-    capacity: usize,
-}
-
-impl Default for Samples {
-    fn default() -> Self {
-        Self::with_capacity(SAMPLES)
-    }
-}
-
-impl Samples {
-    fn with_capacity(capacity: usize) -> Self {
-        debug_assert!(capacity > 0);
-        Self {
-            buf: Vec::new(),
-            next: 0,
-            capacity,
-        }
-    }
-
-    fn push(&mut self, v: f64) {
-        if self.buf.len() < self.capacity {
-            self.buf.push(v);
-        } else {
-            self.buf[self.next] = v;
-        }
-        self.next = (self.next + 1) % self.capacity;
-    }
-
-    fn len(&self) -> usize {
-        self.buf.len()
-    }
-
-    fn percentile(&self, p: f64) -> f64 {
-        percentile(&self.buf, p)
-    }
-}
-
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    if samples.is_empty() {
-        return 0.0;
-    }
-    let mut v = samples.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
 
 /// Decrypts per actor in the last 60 one-second buckets.
 #[derive(Debug)]
@@ -119,9 +68,9 @@ pub(super) struct Stats {
     encrypt_ops: AtomicU64,
     decrypt_ops: AtomicU64,
     errors: AtomicU64,
-    encrypt_latency: Mutex<Samples>,
-    decrypt_latency: Mutex<Samples>,
-    derivation: Mutex<Samples>,
+    encrypt_latency: Mutex<SampleWindow>,
+    decrypt_latency: Mutex<SampleWindow>,
+    derivation: Mutex<SampleWindow>,
     derivation_iterations: u32,
     environment: Environment,
     per_actor: Mutex<HashMap<String, Window>>,
@@ -134,9 +83,9 @@ impl Stats {
             encrypt_ops: AtomicU64::new(0),
             decrypt_ops: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            encrypt_latency: Mutex::new(Samples::default()),
-            decrypt_latency: Mutex::new(Samples::default()),
-            derivation: Mutex::new(Samples::with_capacity(DERIVATION_SAMPLES)),
+            encrypt_latency: Mutex::new(SampleWindow::with_capacity(SAMPLES)),
+            decrypt_latency: Mutex::new(SampleWindow::with_capacity(SAMPLES)),
+            derivation: Mutex::new(SampleWindow::with_capacity(DERIVATION_SAMPLES)),
             derivation_iterations: kdf::pbkdf2_iterations(environment).get(),
             environment,
             per_actor: Mutex::new(HashMap::new()),

@@ -7,6 +7,7 @@
 pub mod aedb;
 pub mod ops;
 pub mod scrape;
+pub mod window;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
