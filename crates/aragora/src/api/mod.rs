@@ -575,17 +575,13 @@ async fn guard(
         .get::<RequestMeta>()
         .cloned()
         .unwrap_or_default();
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("\u{0}invalid").to_string());
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
     // On a shared store authentication is a network round trip: off the
     // async workers, or two slow reads would stall every connection. The
     // embedded store answers in microseconds, less than a hop to the
-    // blocking pool costs.
+    // blocking pool (and the copies it needs) costs.
     let decided = if state.cluster.enabled() {
+        let authorization = authorization_header(&req).map(str::to_string);
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
         let s = state.clone();
         match tokio::task::spawn_blocking(move || {
             authorize(
@@ -608,10 +604,10 @@ async fn guard(
         authorize(
             &state,
             permission,
-            authorization.as_deref(),
+            authorization_header(&req),
             &meta,
-            &method,
-            &path,
+            req.method(),
+            req.uri().path(),
         )
     };
     match decided {
@@ -621,6 +617,14 @@ async fn guard(
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// The Authorization header; one that is not text is kept as a value no
+/// credential matches, so it is refused as invalid rather than missing.
+fn authorization_header(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{0}invalid"))
 }
 
 /// Who is calling and whether `permission` (or, on a gated route,
