@@ -14,7 +14,7 @@ pub mod store;
 pub use http::{Client, HttpError, Request, Response};
 pub use scenario::Scenario;
 pub use serde_json::{Value, json};
-pub use server::{BootFailure, Server, Shared, base_env};
+pub use server::{BootFailure, Server, Shared, base_env, env_refs, production_env};
 
 /// The value of a series in a Prometheus text exposition (0 when absent):
 /// `name` or `name{label="value",...}`, where the labels given are a subset

@@ -49,6 +49,28 @@ impl std::fmt::Display for BootFailure {
     }
 }
 
+/// A production-mode environment (`ARAGORA_ENV=production`: every key from
+/// the environment) with fixed test AEDB keys and JWT secret and the given
+/// master key, for tests of what production does differently (backups,
+/// drills, sealed start).
+pub fn production_env(master_key: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ARAGORA_ENV", "production".to_string()),
+        ("AEDB_MANIFEST_KEY", "2b".repeat(32)),
+        ("AEDB_CHECKPOINT_KEY", "3c".repeat(32)),
+        (
+            "JWT_SECRET",
+            "a-production-jwt-secret-of-at-least-32-characters".to_string(),
+        ),
+        ("ARAGORA_ENCRYPTION_KEY", master_key.to_string()),
+    ]
+}
+
+/// `env` as the pairs `Server::start` takes.
+pub fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
 /// Environment every test server gets: quiet logs, port 0, and X-Forwarded-For
 /// believed from loopback so tests can act as many client addresses.
 pub fn base_env() -> Vec<(String, String)> {
@@ -500,6 +522,17 @@ impl Server {
 
     pub fn delete(&self, path: &str, token: &str) -> Response {
         self.send(Request::new("DELETE", path).bearer(token))
+    }
+
+    /// Stores the password secret `id` = `value` as `token`, asserting it was
+    /// created or replaced.
+    pub fn put_secret(&self, token: &str, id: &str, value: &str) {
+        let r = self.put(
+            &format!("/api/secrets/{id}"),
+            token,
+            &json!({"value": value, "secret_type": "password"}),
+        );
+        assert!(r.status == 200 || r.status == 201, "PUT {id}: {}", r.body);
     }
 
     /// Creates a user with a password and roles as `admin`; returns its id.

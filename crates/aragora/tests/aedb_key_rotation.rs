@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use aragora_testkit::{Server, json};
+use aragora_testkit::{Server, env_refs, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_aragora");
 const MASTER: &str = "c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0";
@@ -41,10 +41,6 @@ fn production(mk: String, ck: String) -> Vec<(&'static str, String)> {
         ("JWT_SECRET", JWT.to_string()),
         ("ARAGORA_ENCRYPTION_KEY", MASTER.to_string()),
     ]
-}
-
-fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 fn put_secret(s: &Server, token: &str, i: usize) {

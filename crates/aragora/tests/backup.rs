@@ -10,35 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aragora_testkit::{Request, Server, Value, json};
+use aragora_testkit::{Request, Server, Value, env_refs, json, production_env};
 use parking_lot::Mutex;
 
 const BIN: &str = env!("CARGO_BIN_EXE_aragora");
 const MASTER: &str = "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0";
-const JWT: &str = "a-production-jwt-secret-of-at-least-32-characters";
-
-fn production() -> Vec<(&'static str, String)> {
-    vec![
-        ("ARAGORA_ENV", "production".to_string()),
-        ("AEDB_MANIFEST_KEY", "2b".repeat(32)),
-        ("AEDB_CHECKPOINT_KEY", "3c".repeat(32)),
-        ("JWT_SECRET", JWT.to_string()),
-        ("ARAGORA_ENCRYPTION_KEY", MASTER.to_string()),
-    ]
-}
-
-fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
-
-fn put_secret(s: &Server, token: &str, id: &str, value: &str) {
-    let r = s.put(
-        &format!("/api/secrets/{id}"),
-        token,
-        &json!({"value": value, "secret_type": "password"}),
-    );
-    assert!(r.status == 200 || r.status == 201, "PUT {id}: {}", r.body);
-}
 
 fn secret_value(s: &Server, token: &str, id: &str) -> Option<String> {
     let r = s.get(&format!("/api/secrets/{id}"), token);
@@ -57,16 +33,11 @@ fn backup(s: &Server, kind: &str, out: &Path) -> Value {
 
 #[test]
 fn backups_taken_while_writing_restore_into_a_server_that_reads_the_secrets() {
-    let env = production();
+    let env = production_env(MASTER);
     let mut s = Server::start(Path::new(BIN), &env_refs(&env));
     let (_, admin) = s.bootstrap_admin("admin@example.com");
     for i in 0..20 {
-        put_secret(
-            &s,
-            &admin,
-            &format!("app/before-{i}"),
-            &format!("value-{i}"),
-        );
+        s.put_secret(&admin, &format!("app/before-{i}"), &format!("value-{i}"));
     }
     // A writer that keeps going while the backups run: the online backup
     // must not stop it, and whatever it wrote before a backup started is in
@@ -101,12 +72,7 @@ fn backups_taken_while_writing_restore_into_a_server_that_reads_the_secrets() {
     assert!(head.contains(':'), "chain head is LSN:HASH: {full}");
 
     for i in 0..10 {
-        put_secret(
-            &s,
-            &admin,
-            &format!("app/after-full-{i}"),
-            &format!("late-{i}"),
-        );
+        s.put_secret(&admin, &format!("app/after-full-{i}"), &format!("late-{i}"));
     }
     let live_before_incremental: Vec<String> = written.lock().clone();
     let incr = backup(&s, "incremental", &root);
@@ -199,7 +165,7 @@ fn an_incremental_without_a_full_backup_says_what_to_run() {
 fn read_only_refuses_writes_serves_reads_and_off_restores_writes() {
     let s = Server::start(Path::new(BIN), &[]);
     let (_, admin) = s.bootstrap_admin("admin@example.com");
-    put_secret(&s, &admin, "app/db", "v1");
+    s.put_secret(&admin, "app/db", "v1");
 
     let out = s.cli_json(&["maintenance", "read-only", "--json"]);
     assert_eq!(out, json!({"previous": "off", "mode": "read-only"}));
@@ -225,7 +191,7 @@ fn read_only_refuses_writes_serves_reads_and_off_restores_writes() {
     let off = s.post("/api/admin/maintenance", &admin, &json!({"mode": "off"}));
     assert_eq!(off.status, 200, "{}", off.body);
     assert_eq!(off.json()["previous"], "read-only");
-    put_secret(&s, &admin, "app/db", "v2");
+    s.put_secret(&admin, "app/db", "v2");
     assert_eq!(secret_value(&s, &admin, "app/db").as_deref(), Some("v2"));
 
     // `on` is the lockdown: reads refused too, admin still served.
@@ -281,7 +247,7 @@ fn the_schedule_writes_chains_with_incrementals_and_keeps_the_newest() {
         ],
     );
     let (_, admin) = s.bootstrap_admin("admin@example.com");
-    put_secret(&s, &admin, "app/db", "v1");
+    s.put_secret(&admin, "app/db", "v1");
     eventually("an incremental in the first chain", &s, || {
         dir.join("chain-0001/0002-incremental/backup.json")
             .is_file()

@@ -9,35 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
-use aragora_testkit::{Server, Value, json};
+use aragora_testkit::{Server, Value, env_refs, json, production_env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_aragora");
 const MASTER: &str = "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0";
 const OTHER_MASTER: &str = "0f0e0d0c0b0a09080706050403020100f0e0d0c0b0a090807060504030201000";
-const JWT: &str = "a-production-jwt-secret-of-at-least-32-characters";
-
-fn production() -> Vec<(&'static str, String)> {
-    vec![
-        ("ARAGORA_ENV", "production".to_string()),
-        ("AEDB_MANIFEST_KEY", "2b".repeat(32)),
-        ("AEDB_CHECKPOINT_KEY", "3c".repeat(32)),
-        ("JWT_SECRET", JWT.to_string()),
-        ("ARAGORA_ENCRYPTION_KEY", MASTER.to_string()),
-    ]
-}
-
-fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
-
-fn put_secret(s: &Server, token: &str, id: &str, value: &str) {
-    let r = s.put(
-        &format!("/api/secrets/{id}"),
-        token,
-        &json!({"value": value, "secret_type": "password"}),
-    );
-    assert!(r.status == 200 || r.status == 201, "PUT {id}: {}", r.body);
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -77,7 +53,7 @@ fn a_member_of(dir: &Path) -> PathBuf {
 
 #[test]
 fn the_drill_restores_the_newest_chain_and_decrypts_its_secrets_and_names_what_fails() {
-    let env = production();
+    let env = production_env(MASTER);
     let s = Server::start(Path::new(BIN), &env_refs(&env));
     let (_, admin) = s.bootstrap_admin("admin@example.com");
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -86,7 +62,7 @@ fn the_drill_restores_the_newest_chain_and_decrypts_its_secrets_and_names_what_f
     let root = backups.join("chain-0001");
     let root_s = root.to_str().expect("utf-8").to_string();
     for i in 0..10 {
-        put_secret(&s, &admin, &format!("app/before-{i}"), &format!("v{i}"));
+        s.put_secret(&admin, &format!("app/before-{i}"), &format!("v{i}"));
     }
     s.cli_json(&["backup", "full", "--out", &root_s, "--json"]);
     // A rotation writes a key-ring backup file and a new primary: the later
@@ -94,7 +70,7 @@ fn the_drill_restores_the_newest_chain_and_decrypts_its_secrets_and_names_what_f
     let rotated = s.cli(&["key-rotation", "--force", "--reason", "drill test"]);
     assert!(rotated.status.success(), "{}", text(&rotated.stderr));
     for i in 0..5 {
-        put_secret(&s, &admin, &format!("app/after-{i}"), &format!("w{i}"));
+        s.put_secret(&admin, &format!("app/after-{i}"), &format!("w{i}"));
     }
     let incr = s.cli_json(&["backup", "incremental", "--out", &root_s, "--json"]);
     let pairing = incr["keyring_pairing"].as_str().expect("pairing file");
@@ -137,7 +113,7 @@ fn the_drill_restores_the_newest_chain_and_decrypts_its_secrets_and_names_what_f
         text(&out.stderr)
     );
     // The server kept serving.
-    put_secret(&s, &admin, "app/during", "x");
+    s.put_secret(&admin, "app/during", "x");
 
     // Text, a sample of 3 (plus the newest).
     let out = drill(&s, &[], &["--backup-dir", backups_s, "--sample", "3"]);
