@@ -181,24 +181,30 @@ fn keyring_files_in(root: &Path) -> Result<Vec<PairedFile>, BackupError> {
 
 /// Writes `root/<name>.keyring.json` (owner-only, replaced atomically).
 fn write_pairing(root: &Path, pairing: &Pairing) -> Result<PathBuf, BackupError> {
-    use std::io::Write;
     let path = root.join(format!("{}{PAIRING_SUFFIX}", pairing.backup));
     let tmp = root.join(format!(".{}{PAIRING_SUFFIX}.tmp", pairing.backup));
     let body = serde_json::to_vec_pretty(pairing).map_err(|e| BackupError::Io {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
+    write_private(&tmp, &path, &body)?;
+    Ok(path)
+}
+
+/// Writes `bytes` to `path` owner-only and whole or not at all: into `tmp`,
+/// fsynced, then renamed over `path`.
+fn write_private(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+    use std::io::Write;
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io(&tmp, e))?;
-    f.write_all(&body).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-    Ok(path)
+        .open(tmp)
+        .map_err(|e| io(tmp, e))?;
+    f.write_all(bytes).map_err(|e| io(tmp, e))?;
+    f.sync_all().map_err(|e| io(tmp, e))?;
+    fs::rename(tmp, path).map_err(|e| io(path, e))
 }
 
 /// The pairing recorded for backup `name` of `root` (`None`: a backup taken
@@ -344,19 +350,7 @@ fn copy_keyring_backups(data_dir: &Path, root: &Path) -> Result<(Vec<String>, us
             }
             let bytes = fs::read(e.path()).map_err(|err| io(&e.path(), err))?;
             let tmp = dst.join(format!(".{}.tmp", name.to_string_lossy()));
-            {
-                use std::io::Write;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(|err| io(&tmp, err))?;
-                f.write_all(&bytes).map_err(|err| io(&tmp, err))?;
-                f.sync_all().map_err(|err| io(&tmp, err))?;
-            }
-            fs::rename(&tmp, &to).map_err(|err| io(&to, err))?;
+            write_private(&tmp, &to, &bytes)?;
             copied.push(name.to_string_lossy().into_owned());
         }
     }
