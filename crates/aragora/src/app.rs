@@ -253,10 +253,27 @@ impl AppState {
     /// Brings this replica's in-memory state up to the shared store before a
     /// request is decided (`crate::cluster`); nothing on a single process.
     pub fn catch_up(&self) -> Result<(), crate::error::ServiceError> {
+        self.catch_up_reading(None).map(|_| ())
+    }
+
+    /// `catch_up`, reading ahead (in the same round trip) what authenticating
+    /// `authorization` will read when it is a session token.
+    pub fn catch_up_reading(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<Option<crate::auth::tokens::SessionPrefetch>, crate::error::ServiceError> {
         use crate::store::Collection;
         let store = self.store.as_ref();
-        self.cluster
-            .catch_up(store, |c| -> Result<(), crate::error::ServiceError> {
+        let prefetch = if self.cluster.enabled() {
+            self.auth.session_prefetch(authorization)
+        } else {
+            None
+        };
+        let keys = prefetch.as_ref().map(|p| p.keys());
+        let found = self.cluster.catch_up_reading(
+            store,
+            keys.as_ref().map_or(&[][..], |k| &k[..]),
+            |c| -> Result<(), crate::error::ServiceError> {
                 match c {
                     Collection::Roles => self.rbac.reload(store)?,
                     Collection::IpBlocks => self.auth.reload_ip_blocks()?,
@@ -269,6 +286,8 @@ impl AppState {
                     "reloaded: changed by another replica"
                 );
                 Ok(())
-            })
+            },
+        )?;
+        Ok(prefetch.map(|p| p.with_found(found)))
     }
 }

@@ -153,18 +153,29 @@ impl ClusterSync {
         self.enabled
     }
 
-    /// The current generation of every watched collection (0: never written).
-    fn read(store: &dyn Store) -> Result<[u64; WATCHED.len()], StoreError> {
-        let keys: Vec<(Collection, &str)> = WATCHED
-            .iter()
-            .map(|c| (Collection::Generations, c.name()))
-            .collect();
-        let found = store.get_many(&keys)?;
+    /// The current generation of every watched collection (0: never written),
+    /// and `extra`'s records, in one snapshot.
+    fn read(
+        store: &dyn Store,
+        extra: &[(Collection, &str)],
+    ) -> Result<([u64; WATCHED.len()], Vec<Option<Record>>), StoreError> {
+        let mut keys: Vec<(Collection, &str)> = Vec::with_capacity(WATCHED.len() + extra.len());
+        keys.extend(WATCHED.iter().map(|c| (Collection::Generations, c.name())));
+        keys.extend_from_slice(extra);
+        let mut found = store.get_many(&keys)?;
+        if found.len() != keys.len() {
+            return Err(StoreError::Backend(format!(
+                "get_many answered {} records for {} keys",
+                found.len(),
+                keys.len()
+            )));
+        }
+        let extra_found = found.split_off(WATCHED.len());
         let mut out = [0u64; WATCHED.len()];
         for (slot, rec) in out.iter_mut().zip(found) {
             *slot = rec.map_or(0, |r| r.version);
         }
-        Ok(out)
+        Ok((out, extra_found))
     }
 
     /// Records the generations as loaded. Call before loading the state they
@@ -173,7 +184,7 @@ impl ClusterSync {
         if !self.enabled {
             return Ok(());
         }
-        let now = Self::read(store)?;
+        let (now, _) = Self::read(store, &[])?;
         for (seen, v) in self.seen.iter().zip(now) {
             seen.fetch_max(v, Ordering::AcqRel);
         }
@@ -187,19 +198,31 @@ impl ClusterSync {
     pub fn catch_up<E: From<StoreError>>(
         &self,
         store: &dyn Store,
-        mut reload: impl FnMut(Collection) -> Result<(), E>,
+        reload: impl FnMut(Collection) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.catch_up_reading(store, &[], reload).map(|_| ())
+    }
+
+    /// `catch_up`, also reading `extra` in the same snapshot as the
+    /// generations (what the request will need next: one round trip for
+    /// both). On a single process nothing is read and the answer is empty.
+    pub fn catch_up_reading<E: From<StoreError>>(
+        &self,
+        store: &dyn Store,
+        extra: &[(Collection, &str)],
+        mut reload: impl FnMut(Collection) -> Result<(), E>,
+    ) -> Result<Vec<Option<Record>>, E> {
         if !self.enabled {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let now = Self::read(store)?;
+        let (now, found) = Self::read(store, extra)?;
         if self
             .seen
             .iter()
             .zip(now)
             .all(|(seen, v)| seen.load(Ordering::Acquire) >= v)
         {
-            return Ok(());
+            return Ok(found);
         }
         let _one = self.reloading.lock();
         for (i, v) in now.into_iter().enumerate() {
@@ -210,7 +233,7 @@ impl ClusterSync {
             reload(WATCHED[i])?;
             self.seen[i].fetch_max(v, Ordering::AcqRel);
         }
-        Ok(())
+        Ok(found)
     }
 }
 

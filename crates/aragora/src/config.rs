@@ -192,6 +192,9 @@ pub struct DatabaseSettings {
     /// Where it points (`host:port/dbname`), for logs and messages.
     pub target: String,
     pub pool_size: usize,
+    /// `ARAGORA_DATABASE_CA_FILE`: the roots PostgreSQL's certificate must
+    /// chain to when `sslmode` asks for TLS (else the Mozilla roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// ARAGORA_BACKUP_INCREMENTAL_INTERVAL's default: an hour of writes at most
@@ -538,14 +541,30 @@ impl Config {
                 number("ARAGORA_DATABASE_POOL_SIZE", v, 1, 1000, &mut p)
             }) as usize;
         let database_url = get("DATABASE_URL").map(str::trim).filter(|v| !v.is_empty());
+        let ca_file = get("ARAGORA_DATABASE_CA_FILE")
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
         let database = match database_url {
             None => None,
-            Some(url) => match crate::store::postgres::describe_url(url) {
-                Ok(target) => Some(DatabaseSettings {
-                    url: SecretString::new(url.to_string()),
-                    target,
-                    pool_size,
-                }),
+            Some(url) => match crate::store::postgres::describe_url(url).and_then(|target| {
+                crate::store::postgres_tls::tls_mode(url).map(|(mode, _)| (target, mode))
+            }) {
+                Ok((target, mode)) => {
+                    if ca_file.is_some() && mode == crate::store::postgres_tls::TlsMode::Disabled {
+                        p.push(
+                            "ARAGORA_DATABASE_CA_FILE is set but DATABASE_URL does not ask for \
+                             TLS: add sslmode=verify-full (or require) to it"
+                                .into(),
+                        );
+                    }
+                    Some(DatabaseSettings {
+                        url: SecretString::new(url.to_string()),
+                        target,
+                        pool_size,
+                        ca_file: ca_file.clone(),
+                    })
+                }
                 // The message names the variable, never its value (a password).
                 Err(e) => {
                     p.push(e.to_string().replace("store error: ", ""));

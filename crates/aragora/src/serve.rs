@@ -48,9 +48,10 @@ pub fn open_state(config: Config) -> Result<(OpenStore, Arc<AppState>)> {
     if let Some(db) = &config.database {
         // The embedded store (and its directory lock) is not used at all.
         let store = Arc::new(
-            PostgresStore::connect(db.url.expose(), db.pool_size).with_context(|| {
-                format!("opening the PostgreSQL store (DATABASE_URL: {})", db.target)
-            })?,
+            PostgresStore::connect_with(db.url.expose(), db.pool_size, db.ca_file.as_ref())
+                .with_context(|| {
+                    format!("opening the PostgreSQL store (DATABASE_URL: {})", db.target)
+                })?,
         );
         let state = Arc::new(AppState::new(config, store.clone(), jwt.expose())?);
         return Ok((OpenStore::Postgres(store), state));

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use aragora::audit::{AuditEvent, AuditLog, Outcome};
 use aragora::store::postgres::SCHEMA_VERSION;
-use aragora::store::{Collection, Durability, Expect, ListQuery, PostgresStore, Store, StoreError};
+use aragora::store::{
+    Collection, Durability, Expect, ListQuery, PostgresStore, Store, StoreError, WriteOp,
+};
 use aragora_testkit::postgres::TestDatabase;
 use aragora_testkit::store::records::{put, value, version};
 
@@ -273,4 +275,91 @@ fn a_key_rotated_on_one_replica_decrypts_on_another_at_once() {
         .decrypt("secret-1", &envelope, None)
         .expect("B decrypts under the key A just made");
     assert_eq!(plain, b"plaintext");
+}
+
+/// The machine's PostgreSQL (Debian's default configuration) serves TLS with
+/// a self-signed certificate for `localhost`: the tests' private CA.
+const SERVER_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+/// `db.url` asking for TLS by `host` (which the certificate must name).
+fn tls_url(db: &TestDatabase, host: &str, mode: &str) -> String {
+    let url = db.url.replace("127.0.0.1", host);
+    assert_ne!(url, db.url, "the test database URL names 127.0.0.1");
+    format!("{url}?sslmode={mode}&application_name=aragora-tls-{mode}")
+}
+
+/// Whether PostgreSQL sees this store's connections as encrypted.
+fn connections_encrypted(db: &TestDatabase, application: &str) -> Vec<bool> {
+    let application = application.to_string();
+    db.with_client(move |client| async move {
+        client
+            .query(
+                "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = $1",
+                &[&application],
+            )
+            .await
+            .expect("pg_stat_ssl")
+            .iter()
+            .map(|r| r.get::<_, bool>(0))
+            .collect()
+    })
+}
+
+#[test]
+fn sslmode_verify_full_encrypts_and_verifies_the_server() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let ca = std::path::PathBuf::from(SERVER_CERT);
+    assert!(
+        ca.exists(),
+        "{SERVER_CERT} (Debian's PostgreSQL certificate) is missing"
+    );
+    let store =
+        PostgresStore::connect_with(&tls_url(&db, "localhost", "verify-full"), 2, Some(&ca))
+            .expect("TLS to the server whose certificate the CA file holds");
+    store
+        .write(
+            vec![WriteOp::Put {
+                collection: Collection::Users,
+                id: "over-tls".into(),
+                value: b"{}".to_vec(),
+                expect: Expect::Absent,
+            }],
+            Durability::Durable,
+        )
+        .expect("write over TLS");
+    let seen = connections_encrypted(&db, "aragora-tls-verify-full");
+    assert!(
+        !seen.is_empty() && seen.iter().all(|ssl| *ssl),
+        "every connection of the store is encrypted: {seen:?}"
+    );
+
+    // Unknown issuer: the default (Mozilla) roots do not hold the server's
+    // certificate, so no connection is made, and the message says why.
+    let err = PostgresStore::connect_with(&tls_url(&db, "localhost", "require"), 1, None)
+        .expect_err("an unverifiable certificate is refused, even with require");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "the refusal names the certificate: {err}"
+    );
+    // The certificate does not name 127.0.0.1: refused, not just encrypted.
+    let err = PostgresStore::connect_with(&format!("{}?sslmode=verify-full", db.url), 1, Some(&ca))
+        .expect_err("a certificate for another name is refused");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "the refusal names the certificate: {err}"
+    );
+}
+
+#[test]
+fn without_sslmode_connections_are_plain() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    let url = format!("{}?application_name=aragora-plain", db.url);
+    let _store = PostgresStore::connect(&url, 1).expect("connect");
+    let seen = connections_encrypted(&db, "aragora-plain");
+    assert_eq!(seen, vec![false], "no sslmode: plain TCP, as before");
 }

@@ -30,6 +30,7 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::approvals::Operation;
 use crate::audit::{AuditEvent, Outcome};
+use crate::auth::tokens::SessionPrefetch;
 use crate::auth::{Principal, RequestMeta};
 use crate::clock::now_us;
 use crate::error::ServiceError;
@@ -383,15 +384,24 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// request: a change is enforced on every replica's next request
 /// (`crate::cluster`). A store that cannot be read fails the request rather
 /// than deciding it from state that may be stale. Liveness and metrics are
-/// answered regardless, so a store outage does not restart every pod.
+/// answered regardless, so a store outage does not restart every pod. A
+/// session token's records are read in the same round trip and handed to
+/// `guard` (`SessionPrefetch`).
 async fn catch_up(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if !state.cluster.enabled() || path == "/api/health" || path == "/metrics" {
         return next.run(req).await;
     }
     let s = state.clone();
-    match tokio::task::spawn_blocking(move || s.catch_up()).await {
-        Ok(Ok(())) => next.run(req).await,
+    let authorization = authorization_header(&req).map(str::to_string);
+    let mut req = req;
+    match tokio::task::spawn_blocking(move || s.catch_up_reading(authorization.as_deref())).await {
+        Ok(Ok(prefetch)) => {
+            if let Some(p) = prefetch {
+                req.extensions_mut().insert(p);
+            }
+            next.run(req).await
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "cannot bring this replica up to the shared store");
             ApiError(ServiceError::Unavailable(format!(
@@ -582,12 +592,14 @@ async fn guard(
     let decided = if state.cluster.enabled() {
         let authorization = authorization_header(&req).map(str::to_string);
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let prefetch = req.extensions_mut().remove::<SessionPrefetch>();
         let s = state.clone();
         match tokio::task::spawn_blocking(move || {
             authorize(
                 &s,
                 permission,
                 authorization.as_deref(),
+                prefetch.as_ref(),
                 &meta,
                 &method,
                 &path,
@@ -605,6 +617,7 @@ async fn guard(
             &state,
             permission,
             authorization_header(&req),
+            None,
             &meta,
             req.method(),
             req.uri().path(),
@@ -633,11 +646,14 @@ fn authorize(
     state: &AppState,
     permission: &'static str,
     authorization: Option<&str>,
+    prefetch: Option<&SessionPrefetch>,
     meta: &RequestMeta,
     method: &Method,
     path: &str,
 ) -> Result<Principal, ApiError> {
-    let principal = state.auth.authenticate(authorization, meta)?;
+    let principal = state
+        .auth
+        .authenticate_prefetched(authorization, meta, prefetch)?;
     let decision = state
         .rbac
         .check(&principal.user_id, &principal.roles, permission);

@@ -19,7 +19,8 @@ pub mod export;
 
 use crate::clock;
 use crate::store::{
-    Collection, Durability, Expect, ListQuery, Store, StoreError, WriteOp, decode, get_json,
+    Collection, Durability, Expect, ListQuery, Receipt, Store, StoreError, WriteOp, decode,
+    get_json,
 };
 
 const HEAD_ID: &str = "audit_head";
@@ -28,6 +29,9 @@ pub const MAX_SEARCH_LIMIT: usize = 10_000;
 pub const DEFAULT_SEARCH_LIMIT: usize = 1_000;
 /// Conflicts retried before an append gives up (another replica appending).
 const APPEND_RETRIES: usize = 64;
+/// Most entries one group commit writes: the bound on one batch's size
+/// (entries are small: details are typed and bounded by their writers).
+const MAX_GROUP: usize = 128;
 
 /// The pause before retry `attempt` of an append whose head moved: random in
 /// [0, min(2^attempt, 32) ms), about a second in all over `APPEND_RETRIES`.
@@ -107,7 +111,7 @@ struct ChainHead {
     timestamp_us: i64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit log write failed (the action was not performed): {0}")]
     Write(StoreError),
@@ -116,6 +120,46 @@ pub enum AuditError {
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The entry that extends the chain at `head` with `event`, and the new head.
+fn chain_entry(head: &ChainHead, event: &AuditEvent) -> (AuditEntry, ChainHead) {
+    let now = clock::now_us().max(head.timestamp_us);
+    let seq = head.seq + 1;
+    let mut entry = AuditEntry {
+        id: entry_id(now, seq),
+        seq,
+        timestamp: clock::format_us(now),
+        timestamp_us: now,
+        action: event.action.to_string(),
+        actor: event.actor.clone(),
+        ip_address: event.ip_address.clone(),
+        details: event.details.clone(),
+        outcome: event.outcome,
+        prev_hash: if head.seq == 0 {
+            GENESIS.into()
+        } else {
+            head.hash.clone()
+        },
+        hash: String::new(),
+    };
+    entry.hash = entry_hash(&entry);
+    let next = ChainHead {
+        seq,
+        hash: entry.hash.clone(),
+        id: entry.id.clone(),
+        timestamp_us: now,
+    };
+    (entry, next)
+}
+
+/// The head record's expectation: absent before the first entry.
+fn head_expect(head_version: u64) -> Expect {
+    if head_version == 0 {
+        Expect::Absent
+    } else {
+        Expect::Version(head_version)
+    }
+}
 
 fn entry_id(timestamp_us: i64, seq: u64) -> String {
     format!("{:016x}{seq:016x}", timestamp_us.max(0))
@@ -171,12 +215,25 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
 }
 
+/// An event waiting for a group commit, and where its outcome goes.
+#[derive(Debug)]
+struct Queued {
+    event: AuditEvent,
+    outcome: Arc<Mutex<Option<GroupOutcome>>>,
+}
+
+type GroupOutcome = Result<(Receipt, AuditEntry), AuditError>;
+
 #[derive(Debug)]
 pub struct AuditLog {
     store: Arc<dyn Store>,
     /// Serializes appends of this process: the head is read, extended and written
     /// under it, and only the in-memory part of the write happens while it is held.
     head: Mutex<Option<(u64, ChainHead)>>,
+    /// Events without a change of their own, waiting for whoever holds `head`
+    /// next to write them with its own in one batch (group commit). Its
+    /// length is bounded by the threads appending (each waits for its own).
+    queue: Mutex<Vec<Queued>>,
 }
 
 impl AuditLog {
@@ -184,15 +241,13 @@ impl AuditLog {
         Self {
             store,
             head: Mutex::new(None),
+            queue: Mutex::new(Vec::new()),
         }
     }
 
     /// Appends one event, durably.
     pub fn record(&self, event: AuditEvent) -> Result<AuditEntry, AuditError> {
-        self.append(event, Vec::new(), true).map_err(|e| match e {
-            RecordError::Audit(a) => a,
-            RecordError::Ops(s) => AuditError::Write(s),
-        })
+        self.append_grouped(event, true)
     }
 
     /// Appends one event without waiting for its fsync (the store syncs it
@@ -200,10 +255,116 @@ impl AuditLog {
     /// For best-effort entries on paths an outsider drives (refused
     /// authentications): they must not cost an fsync each.
     pub fn record_unsynced(&self, event: AuditEvent) -> Result<AuditEntry, AuditError> {
-        self.append(event, Vec::new(), false).map_err(|e| match e {
-            RecordError::Audit(a) => a,
-            RecordError::Ops(s) => AuditError::Write(s),
-        })
+        self.append_grouped(event, false)
+    }
+
+    /// Group commit. The event joins the queue; whoever gets the head lock
+    /// first writes every queued event (up to `MAX_GROUP`) as one chained batch,
+    /// so concurrent appends cost one store write, not one each: on a shared
+    /// store each write is a network round trip and a synchronous commit,
+    /// which the head lock would otherwise make every append wait out in turn.
+    fn append_grouped(&self, event: AuditEvent, durable: bool) -> Result<AuditEntry, AuditError> {
+        let outcome = Arc::new(Mutex::new(None));
+        self.queue.lock().push(Queued {
+            event,
+            outcome: outcome.clone(),
+        });
+        let (receipt, entry) = loop {
+            let mut guard = self.head.lock();
+            // A writer fills the outcomes of its group before releasing the head
+            // lock, so while this thread holds it an unfilled outcome means the
+            // event is still queued.
+            if let Some(done) = outcome.lock().take() {
+                break done?;
+            }
+            let group: Vec<Queued> = {
+                let mut queue = self.queue.lock();
+                let n = queue.len().min(MAX_GROUP);
+                queue.drain(..n).collect()
+            };
+            assert!(
+                !group.is_empty(),
+                "an event whose outcome is unfilled is queued"
+            );
+            self.write_group(&mut guard, group);
+        };
+        // Durability outside the lock: concurrent appends share one fsync.
+        if durable {
+            self.store
+                .wait_durable(receipt)
+                .map_err(AuditError::Write)?;
+        }
+        Ok(entry)
+    }
+
+    /// Writes `group` as one batch chained from the head, retrying when
+    /// another replica moved the head, and fills every member's outcome.
+    fn write_group(&self, head_slot: &mut Option<(u64, ChainHead)>, group: Vec<Queued>) {
+        let mut attempt = 0;
+        let outcome: GroupOutcome = loop {
+            attempt += 1;
+            if attempt > 1 {
+                std::thread::sleep(conflict_pause(attempt));
+            }
+            let (head_version, mut head) = match head_slot.as_ref() {
+                Some(h) => h.clone(),
+                None => match self.load_head() {
+                    Ok(h) => h,
+                    Err(e) => break Err(e),
+                },
+            };
+            let mut batch = Vec::with_capacity(group.len() + 1);
+            let mut entries = Vec::with_capacity(group.len());
+            let mut encode_error = None;
+            for queued in &group {
+                let (entry, next) = chain_entry(&head, &queued.event);
+                match WriteOp::put_json(Collection::Audit, entry.id.clone(), &entry, Expect::Absent)
+                {
+                    Ok(op) => batch.push(op),
+                    Err(e) => {
+                        encode_error = Some(e);
+                        break;
+                    }
+                }
+                head = next;
+                entries.push(entry);
+            }
+            if let Some(e) = encode_error {
+                break Err(AuditError::Write(e));
+            }
+            match WriteOp::put_json(
+                Collection::AuditChain,
+                HEAD_ID,
+                &head,
+                head_expect(head_version),
+            ) {
+                Ok(op) => batch.push(op),
+                Err(e) => break Err(AuditError::Write(e)),
+            }
+            match self.store.write(batch, Durability::Visible) {
+                Ok(receipt) => {
+                    *head_slot = Some((receipt.seq, head));
+                    for (queued, entry) in group.iter().zip(entries) {
+                        *queued.outcome.lock() = Some(Ok((receipt, entry)));
+                    }
+                    return;
+                }
+                Err(e @ StoreError::Conflict { .. }) => {
+                    // Someone else moved the head: forget it and retry.
+                    *head_slot = None;
+                    if attempt >= APPEND_RETRIES {
+                        break Err(AuditError::Write(e));
+                    }
+                }
+                Err(e) => {
+                    *head_slot = None;
+                    break Err(AuditError::Write(e));
+                }
+            }
+        };
+        for queued in &group {
+            *queued.outcome.lock() = Some(outcome.clone());
+        }
     }
 
     /// Appends one event in the same atomic write as `ops` (the change it
@@ -214,15 +375,12 @@ impl AuditLog {
         event: AuditEvent,
         ops: Vec<WriteOp>,
     ) -> Result<AuditEntry, RecordError> {
-        self.append(event, ops, true)
+        self.append(event, ops)
     }
 
-    fn append(
-        &self,
-        event: AuditEvent,
-        ops: Vec<WriteOp>,
-        durable: bool,
-    ) -> Result<AuditEntry, RecordError> {
+    /// One event in the same batch as `ops` (not grouped: a conflict on `ops`
+    /// must fail this event alone).
+    fn append(&self, event: AuditEvent, ops: Vec<WriteOp>) -> Result<AuditEntry, RecordError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -238,37 +396,8 @@ impl AuditLog {
                     Some(h) => h.clone(),
                     None => self.load_head().map_err(RecordError::Audit)?,
                 };
-                let now = clock::now_us().max(head.timestamp_us);
-                let seq = head.seq + 1;
-                let mut entry = AuditEntry {
-                    id: entry_id(now, seq),
-                    seq,
-                    timestamp: clock::format_us(now),
-                    timestamp_us: now,
-                    action: event.action.to_string(),
-                    actor: event.actor.clone(),
-                    ip_address: event.ip_address.clone(),
-                    details: event.details.clone(),
-                    outcome: event.outcome,
-                    prev_hash: if head.seq == 0 {
-                        GENESIS.into()
-                    } else {
-                        head.hash.clone()
-                    },
-                    hash: String::new(),
-                };
-                entry.hash = entry_hash(&entry);
-                let new_head = ChainHead {
-                    seq,
-                    hash: entry.hash.clone(),
-                    id: entry.id.clone(),
-                    timestamp_us: now,
-                };
-                let head_expect = if head_version == 0 {
-                    Expect::Absent
-                } else {
-                    Expect::Version(head_version)
-                };
+                let (entry, new_head) = chain_entry(&head, &event);
+                let head_expect = head_expect(head_version);
                 let mut batch = ops.clone();
                 let n_ops = batch.len();
                 batch.push(
@@ -307,11 +436,9 @@ impl AuditLog {
                 }
             };
             // Durability outside the lock: concurrent appends share one fsync.
-            if durable {
-                self.store
-                    .wait_durable(receipt)
-                    .map_err(|e| RecordError::Audit(AuditError::Write(e)))?;
-            }
+            self.store
+                .wait_durable(receipt)
+                .map_err(|e| RecordError::Audit(AuditError::Write(e)))?;
             return Ok(entry);
         }
     }
@@ -486,5 +613,141 @@ impl From<RecordError> for crate::error::ServiceError {
             RecordError::Ops(s) => s.into(),
             RecordError::Audit(a) => a.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{EmbeddedStore, Record};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts the writes that reach the store.
+    #[derive(Debug)]
+    struct CountingStore {
+        inner: EmbeddedStore,
+        writes: AtomicUsize,
+    }
+
+    impl Store for CountingStore {
+        fn backend(&self) -> &'static str {
+            "counting"
+        }
+        fn get(&self, c: Collection, id: &str) -> Result<Option<Record>, StoreError> {
+            self.inner.get(c, id)
+        }
+        fn get_many(&self, keys: &[(Collection, &str)]) -> Result<Vec<Option<Record>>, StoreError> {
+            self.inner.get_many(keys)
+        }
+        fn list(
+            &self,
+            c: Collection,
+            q: &ListQuery<'_>,
+        ) -> Result<Vec<(String, Record)>, StoreError> {
+            self.inner.list(c, q)
+        }
+        fn write(&self, ops: Vec<WriteOp>, d: Durability) -> Result<Receipt, StoreError> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.write(ops, d)
+        }
+        fn wait_durable(&self, r: Receipt) -> Result<(), StoreError> {
+            self.inner.wait_durable(r)
+        }
+    }
+
+    fn counting_log(dir: &std::path::Path) -> (Arc<CountingStore>, AuditLog) {
+        let store = Arc::new(CountingStore {
+            inner: EmbeddedStore::open(&dir.join("db"), [1; 32], [2; 32]).expect("open"),
+            writes: AtomicUsize::new(0),
+        });
+        let log = AuditLog::new(store.clone());
+        (store, log)
+    }
+
+    /// Events queued while another append held the head are written by the
+    /// next holder in one batch, each in its own place in the chain.
+    #[test]
+    fn queued_events_are_written_in_one_batch_by_the_next_appender() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, log) = counting_log(dir.path());
+        let waiting: Vec<_> = (0..5)
+            .map(|i| {
+                let outcome = Arc::new(Mutex::new(None));
+                log.queue.lock().push(Queued {
+                    event: AuditEvent::new("queued", format!("waiter-{i}"), Outcome::Success),
+                    outcome: outcome.clone(),
+                });
+                outcome
+            })
+            .collect();
+        let own = log
+            .record(AuditEvent::new("own", "appender", Outcome::Success))
+            .expect("append");
+        assert_eq!(store.writes.load(Ordering::SeqCst), 1, "one write for six");
+        assert_eq!(own.seq, 6, "the appender's event is last: it queued last");
+        for (i, outcome) in waiting.iter().enumerate() {
+            let (_, entry) = outcome.lock().take().expect("filled").expect("written");
+            assert_eq!(entry.seq, i as u64 + 1);
+            assert_eq!(entry.actor, format!("waiter-{i}"));
+        }
+        let report = log.verify().expect("verify");
+        assert!(report.ok, "{:?}", report.problems);
+        assert_eq!(report.entries_checked, 6);
+    }
+
+    /// A group never exceeds `MAX_GROUP` entries; the rest go in later writes.
+    #[test]
+    fn a_group_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, log) = counting_log(dir.path());
+        let extra = MAX_GROUP + 10;
+        for i in 0..extra {
+            log.queue.lock().push(Queued {
+                event: AuditEvent::new("queued", format!("waiter-{i}"), Outcome::Success),
+                outcome: Arc::new(Mutex::new(None)),
+            });
+        }
+        log.record(AuditEvent::new("own", "appender", Outcome::Success))
+            .expect("append");
+        assert_eq!(
+            store.writes.load(Ordering::SeqCst),
+            2,
+            "{} queued entries take two batches",
+            extra + 1
+        );
+        assert!(log.queue.lock().is_empty());
+        let report = log.verify().expect("verify");
+        assert!(report.ok, "{:?}", report.problems);
+        assert_eq!(report.entries_checked, extra as u64 + 1);
+    }
+
+    /// Many threads appending at once: one chain, every entry once, and each
+    /// caller gets back the entry that holds its event.
+    #[test]
+    fn concurrent_appends_keep_one_chain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_store, log) = counting_log(dir.path());
+        let log = Arc::new(log);
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let log = log.clone();
+                s.spawn(move || {
+                    for i in 0..40 {
+                        let actor = format!("t{t}-{i}");
+                        let entry = log
+                            .record(AuditEvent::new(
+                                "concurrent",
+                                actor.clone(),
+                                Outcome::Success,
+                            ))
+                            .expect("append");
+                        assert_eq!(entry.actor, actor);
+                    }
+                });
+            }
+        });
+        let report = log.verify().expect("verify");
+        assert!(report.ok, "{:?}", report.problems);
+        assert_eq!(report.entries_checked, 320);
     }
 }

@@ -16,7 +16,7 @@ use super::{AuthService, Credential, Principal, RequestMeta};
 use crate::clock::now_us;
 use crate::error::ServiceError;
 use crate::metrics::auth_method;
-use crate::store::{Collection, decode_opt};
+use crate::store::{Collection, Record, decode_opt};
 
 // Where these lived before the split; callers outside `auth` name them here.
 pub use super::api_keys::{API_KEY_PREFIX, new_api_key};
@@ -34,11 +34,70 @@ pub fn random_hex(n: usize) -> Result<String, ServiceError> {
     Ok(hex::encode(b))
 }
 
+/// The credential of `Bearer <credential>` (the scheme is case-insensitive,
+/// RFC 9110 section 11.1); `None` when malformed or too long.
+fn bearer_token(header: &str) -> Option<&str> {
+    header
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN)
+}
+
 pub(crate) fn sha256_hex(s: &str) -> String {
     hex::encode(digest(&SHA256, s.as_bytes()))
 }
 
+/// What authenticating a session token reads, read ahead of the request in the
+/// same `get_many` as a replica's per-request freshness check
+/// ([`crate::cluster`]): one round trip to a shared store for both. Used
+/// only for the exact header it was read for.
+#[derive(Clone, Debug)]
+pub struct SessionPrefetch {
+    authorization: String,
+    claims: super::jwt::Claims,
+    found: Vec<Option<Record>>,
+}
+
+impl SessionPrefetch {
+    /// The records to read: session, revocation epoch and user, in this order.
+    pub fn keys(&self) -> [(Collection, &str); 3] {
+        session_keys(&self.claims)
+    }
+
+    /// Fills in what the keys read.
+    pub fn with_found(mut self, found: Vec<Option<Record>>) -> Self {
+        self.found = found;
+        self
+    }
+}
+
+fn session_keys(claims: &super::jwt::Claims) -> [(Collection, &str); 3] {
+    [
+        (Collection::Sessions, claims.sid.as_str()),
+        (Collection::AuthState, EPOCH_ID),
+        (Collection::Users, claims.sub.as_str()),
+    ]
+}
+
 impl AuthService {
+    /// For a session token whose signature and claims verify: what its
+    /// authentication will read (to read it ahead). Anything else (API keys,
+    /// bad tokens) gets `None`, is refused and counted by `authenticate`.
+    pub fn session_prefetch(&self, authorization: Option<&str>) -> Option<SessionPrefetch> {
+        let header = authorization?;
+        let token = bearer_token(header)?;
+        if token.starts_with(API_KEY_PREFIX) {
+            return None;
+        }
+        let claims = self.sessions.jwt().verify(token).ok()?;
+        Some(SessionPrefetch {
+            authorization: header.to_string(),
+            claims,
+            found: Vec::new(),
+        })
+    }
+
     /// Resolves `Authorization: Bearer ...` to a principal, or fails with the
     /// reason counted in `aragora_security_auth_failures_total`.
     pub fn authenticate(
@@ -46,9 +105,22 @@ impl AuthService {
         authorization: Option<&str>,
         meta: &RequestMeta,
     ) -> Result<Principal, ServiceError> {
+        self.authenticate_prefetched(authorization, meta, None)
+    }
+
+    /// `authenticate`, using what `prefetch` read when it was read for this
+    /// header (the freshness check's snapshot, taken after the request arrived).
+    pub fn authenticate_prefetched(
+        &self,
+        authorization: Option<&str>,
+        meta: &RequestMeta,
+        prefetch: Option<&SessionPrefetch>,
+    ) -> Result<Principal, ServiceError> {
         let started = Instant::now();
         self.flush_failure_audit_if_due();
-        let r = self.authenticate_inner(authorization, meta);
+        let prefetch = prefetch
+            .filter(|p| authorization == Some(p.authorization.as_str()) && p.found.len() == 3);
+        let r = self.authenticate_inner(authorization, meta, prefetch);
         self.metrics
             .auth_latency
             .observe(started.elapsed().as_secs_f64());
@@ -59,6 +131,7 @@ impl AuthService {
         &self,
         authorization: Option<&str>,
         meta: &RequestMeta,
+        prefetch: Option<&SessionPrefetch>,
     ) -> Result<Principal, ServiceError> {
         let Some(header) = authorization else {
             self.metrics
@@ -71,13 +144,7 @@ impl AuthService {
                     .into(),
             });
         };
-        let token = header
-            .split_once(' ')
-            // The scheme is case-insensitive (RFC 9110 section 11.1).
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim())
-            .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN);
-        let Some(token) = token else {
+        let Some(token) = bearer_token(header) else {
             return Err(self.fail(
                 auth_method::HEADER,
                 "malformed",
@@ -96,26 +163,29 @@ impl AuthService {
             return self.authenticate_api_key(rest, meta);
         }
         self.metrics.auth_attempts.with_label_values(&["jwt"]).inc();
-        let claims = self.sessions.jwt().verify(token).map_err(|p| {
-            self.fail(
-                auth_method::JWT,
-                p.reason(),
-                p.message(),
-                "anonymous",
-                None,
-                meta,
-                FailureDetail::Credential {
-                    credential: "jwt",
-                    key_id: None,
-                },
-            )
-        })?;
-        // Session, revocation epoch and user in one snapshot.
-        let found = self.store.get_many(&[
-            (Collection::Sessions, &claims.sid),
-            (Collection::AuthState, EPOCH_ID),
-            (Collection::Users, &claims.sub),
-        ])?;
+        let (claims, found) = match prefetch {
+            // Verified when it was read ahead, against this very header.
+            Some(p) => (p.claims.clone(), p.found.clone()),
+            None => {
+                let claims = self.sessions.jwt().verify(token).map_err(|p| {
+                    self.fail(
+                        auth_method::JWT,
+                        p.reason(),
+                        p.message(),
+                        "anonymous",
+                        None,
+                        meta,
+                        FailureDetail::Credential {
+                            credential: "jwt",
+                            key_id: None,
+                        },
+                    )
+                })?;
+                // Session, revocation epoch and user in one snapshot.
+                let found = self.store.get_many(&session_keys(&claims))?;
+                (claims, found)
+            }
+        };
         let session = decode_opt::<Session>(Collection::Sessions, &claims.sid, found[0].as_ref())?
             .map(|(_, s)| s);
         let epoch =

@@ -11,6 +11,7 @@
 pub mod embedded;
 mod legacy_meta;
 pub mod postgres;
+pub mod postgres_tls;
 
 use std::fmt;
 use std::ops::Bound;
@@ -220,7 +221,7 @@ impl<'a> ListQuery<'a> {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// An expectation did not hold (or a concurrent writer got there first).
     #[error("conflict on {collection}/{id}: {reason}")]

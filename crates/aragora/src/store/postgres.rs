@@ -9,14 +9,17 @@
 //! number and every record it puts gets it as version (`Receipt::seq`), so
 //! versions grow across the whole store.
 //!
-//! A write is one transaction (READ COMMITTED). Each expectation is checked by
-//! the statement that applies it (`INSERT .. ON CONFLICT DO NOTHING` for
-//! absent, `UPDATE .. WHERE version = v` for a version), which waits for a
-//! concurrent writer of the same row and then re-checks against what it
-//! committed: compare-and-set across processes without a serializable
-//! isolation level. Rows are written in one global order (collection, id), so
-//! two batches never deadlock on each other; a deadlock or serialization
-//! failure from elsewhere is retried with a fresh transaction.
+//! A write is one call of the `aragora_apply` function (migration 2), so one
+//! statement, one transaction (READ COMMITTED) and one round trip whatever
+//! the batch holds. Each expectation is checked by the statement that applies
+//! it (`INSERT .. ON CONFLICT DO NOTHING` for absent, `UPDATE .. WHERE
+//! version = v` for a version), which waits for a concurrent writer of the
+//! same row and then re-checks against what it committed: compare-and-set
+//! across processes without a serializable isolation level. A failed
+//! expectation raises, so nothing of the batch applies. Rows are written in
+//! one global order (collection, id), so two batches never deadlock on each
+//! other; a deadlock or serialization failure from elsewhere is retried with
+//! a fresh call.
 //!
 //! Commits are synchronous (PostgreSQL's default `synchronous_commit = on`):
 //! `Durability::Visible` is durable too and `wait_durable` has nothing left to
@@ -45,10 +48,11 @@ use super::{
 
 /// The migrations, in order: `(version, description, SQL)`. Forward only: a
 /// released entry is never edited, a change is a new entry.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "records and the version sequence",
-    r#"
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "records and the version sequence",
+        r#"
     CREATE SEQUENCE aragora_version_seq AS bigint;
     CREATE TABLE aragora_records (
         collection text COLLATE "C" NOT NULL,
@@ -58,7 +62,71 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         PRIMARY KEY (collection, id)
     );
     "#,
-)];
+    ),
+    (
+        2,
+        "aragora_apply: a write batch in one statement",
+        // A batch applied by one call, so a write is one round trip and one
+        // statement's worth of server work instead of BEGIN, nextval, one
+        // statement per op and COMMIT. Ops apply in array order; an
+        // expectation that fails raises AR001 (the record exists) or AR002
+        // (absent, or at another version) with the op's 1-based index as the
+        // message, which aborts the statement and so the whole batch.
+        r#"
+    CREATE FUNCTION aragora_apply(
+        kinds smallint[], cols text[], ids text[], vals bytea[], expected bigint[]
+    ) RETURNS bigint LANGUAGE plpgsql AS $fn$
+    DECLARE
+        seq bigint := nextval('aragora_version_seq');
+        n bigint;
+    BEGIN
+        FOR i IN 1 .. coalesce(array_length(kinds, 1), 0) LOOP
+            CASE kinds[i]
+            WHEN 0 THEN
+                INSERT INTO aragora_records (collection, id, version, value)
+                VALUES (cols[i], ids[i], seq, vals[i])
+                ON CONFLICT (collection, id)
+                DO UPDATE SET version = EXCLUDED.version, value = EXCLUDED.value;
+            WHEN 1 THEN
+                INSERT INTO aragora_records (collection, id, version, value)
+                VALUES (cols[i], ids[i], seq, vals[i])
+                ON CONFLICT (collection, id) DO NOTHING;
+                GET DIAGNOSTICS n = ROW_COUNT;
+                IF n = 0 THEN
+                    RAISE EXCEPTION USING ERRCODE = 'AR001', MESSAGE = i::text;
+                END IF;
+            WHEN 2 THEN
+                UPDATE aragora_records SET version = seq, value = vals[i]
+                WHERE collection = cols[i] AND id = ids[i] AND version = expected[i];
+                GET DIAGNOSTICS n = ROW_COUNT;
+                IF n = 0 THEN
+                    RAISE EXCEPTION USING ERRCODE = 'AR002', MESSAGE = i::text;
+                END IF;
+            WHEN 3 THEN
+                DELETE FROM aragora_records WHERE collection = cols[i] AND id = ids[i];
+            WHEN 4 THEN
+                DELETE FROM aragora_records WHERE collection = cols[i] AND id = ids[i];
+                GET DIAGNOSTICS n = ROW_COUNT;
+                IF n > 0 THEN
+                    RAISE EXCEPTION USING ERRCODE = 'AR001', MESSAGE = i::text;
+                END IF;
+            WHEN 5 THEN
+                DELETE FROM aragora_records
+                WHERE collection = cols[i] AND id = ids[i] AND version = expected[i];
+                GET DIAGNOSTICS n = ROW_COUNT;
+                IF n = 0 THEN
+                    RAISE EXCEPTION USING ERRCODE = 'AR002', MESSAGE = i::text;
+                END IF;
+            ELSE
+                RAISE EXCEPTION 'aragora_apply: unknown op kind %', kinds[i];
+            END CASE;
+        END LOOP;
+        RETURN seq;
+    END
+    $fn$;
+    "#,
+    ),
+];
 
 /// The newest schema this binary knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -148,6 +216,17 @@ impl PostgresStore {
     /// advisory lock. Refuses a database whose schema is newer than this
     /// binary's.
     pub fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        Self::connect_with(url, pool_size, None)
+    }
+
+    /// `connect`, with the roots for TLS (`ARAGORA_DATABASE_CA_FILE`) when the
+    /// connection string's `sslmode` asks for it (`postgres_tls`).
+    pub fn connect_with(
+        url: &str,
+        pool_size: usize,
+        ca_file: Option<&std::path::PathBuf>,
+    ) -> Result<Self, StoreError> {
+        let (tls_mode, url) = super::postgres_tls::tls_mode(url)?;
         let mut config: PgConfig = url.parse().map_err(|e| {
             StoreError::Backend(format!(
                 "DATABASE_URL is not a PostgreSQL connection string ({e})"
@@ -166,13 +245,13 @@ impl PostgresStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Backend(format!("starting the PostgreSQL client: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match super::postgres_tls::connector(tls_mode, ca_file)? {
+            Some(tls) => Manager::from_config(config, tls, manager_config),
+            None => Manager::from_config(config, NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -187,7 +266,12 @@ impl PostgresStore {
             target,
         };
         store.migrate()?;
-        tracing::info!(database = %store.target, schema = SCHEMA_VERSION, "PostgreSQL store open");
+        tracing::info!(
+            database = %store.target,
+            schema = SCHEMA_VERSION,
+            tls = tls_mode.name(),
+            "PostgreSQL store open"
+        );
         Ok(store)
     }
 
@@ -340,102 +424,48 @@ const GET: &str = "SELECT version, value FROM aragora_records WHERE collection =
 const GET_MANY: &str = r#"SELECT k.ord, r.version, r.value
     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(collection, id, ord)
     JOIN aragora_records r ON r.collection = k.collection COLLATE "C" AND r.id = k.id COLLATE "C""#;
-const INSERT: &str = "INSERT INTO aragora_records (collection, id, version, value) \
-    VALUES ($1, $2, $3, $4) ON CONFLICT (collection, id) DO NOTHING";
-const UPSERT: &str = "INSERT INTO aragora_records (collection, id, version, value) \
-    VALUES ($1, $2, $3, $4) ON CONFLICT (collection, id) \
-    DO UPDATE SET version = EXCLUDED.version, value = EXCLUDED.value";
-const UPDATE_AT: &str = "UPDATE aragora_records SET version = $3, value = $4 \
-    WHERE collection = $1 AND id = $2 AND version = $5";
-const DELETE: &str = "DELETE FROM aragora_records WHERE collection = $1 AND id = $2";
-const DELETE_AT: &str =
-    "DELETE FROM aragora_records WHERE collection = $1 AND id = $2 AND version = $3";
+const APPLY: &str =
+    "SELECT aragora_apply($1::smallint[], $2::text[], $3::text[], $4::bytea[], $5::bigint[])";
 
-/// Why an op did not apply: its expectation failed (a conflict naming it) or
-/// the database failed.
-enum OpFailure {
-    Expectation(StoreError),
-    Db(tokio_postgres::Error),
-}
-
-async fn apply(
-    tx: &deadpool_postgres::Transaction<'_>,
-    op: &WriteOp,
-    seq: i64,
-) -> Result<(), OpFailure> {
-    let (collection, id) = op.target();
-    let c = collection.name();
-    let conflict = |reason: &str| {
-        OpFailure::Expectation(StoreError::Conflict {
-            collection: c,
-            id: id.to_string(),
-            reason: reason.into(),
-        })
-    };
+/// `aragora_apply`'s op kinds (migration 2).
+fn op_kind(op: &WriteOp) -> (i16, i64) {
+    let version = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     match op {
-        WriteOp::Put { value, expect, .. } => match expect {
-            Expect::Any => {
-                tx.execute(&prep(tx, UPSERT).await?, &[&c, &id, &seq, value])
-                    .await
-                    .map_err(OpFailure::Db)?;
-            }
-            Expect::Absent => {
-                let n = tx
-                    .execute(&prep(tx, INSERT).await?, &[&c, &id, &seq, value])
-                    .await
-                    .map_err(OpFailure::Db)?;
-                if n == 0 {
-                    return Err(conflict("already exists"));
-                }
-            }
-            Expect::Version(v) => {
-                let v = i64::try_from(*v).unwrap_or(i64::MAX);
-                let n = tx
-                    .execute(&prep(tx, UPDATE_AT).await?, &[&c, &id, &seq, value, &v])
-                    .await
-                    .map_err(OpFailure::Db)?;
-                if n == 0 {
-                    return Err(conflict("changed since it was read"));
-                }
-            }
+        WriteOp::Put { expect, .. } => match expect {
+            Expect::Any => (0, 0),
+            Expect::Absent => (1, 0),
+            Expect::Version(v) => (2, version(*v)),
         },
         WriteOp::Delete { expect, .. } => match expect {
-            Expect::Any => {
-                tx.execute(&prep(tx, DELETE).await?, &[&c, &id])
-                    .await
-                    .map_err(OpFailure::Db)?;
-            }
-            // Deleting what must not exist: a no-op when absent, else refused
-            // (the transaction is rolled back, so nothing was deleted).
-            Expect::Absent => {
-                let n = tx
-                    .execute(&prep(tx, DELETE).await?, &[&c, &id])
-                    .await
-                    .map_err(OpFailure::Db)?;
-                if n > 0 {
-                    return Err(conflict("already exists"));
-                }
-            }
-            Expect::Version(v) => {
-                let v = i64::try_from(*v).unwrap_or(i64::MAX);
-                let n = tx
-                    .execute(&prep(tx, DELETE_AT).await?, &[&c, &id, &v])
-                    .await
-                    .map_err(OpFailure::Db)?;
-                if n == 0 {
-                    return Err(conflict("changed since it was read"));
-                }
-            }
+            Expect::Any => (3, 0),
+            Expect::Absent => (4, 0),
+            Expect::Version(v) => (5, version(*v)),
         },
     }
-    Ok(())
 }
 
-async fn prep(
-    tx: &deadpool_postgres::Transaction<'_>,
-    sql: &str,
-) -> Result<tokio_postgres::Statement, OpFailure> {
-    tx.prepare_cached(sql).await.map_err(OpFailure::Db)
+/// An expectation `aragora_apply` found false: the conflict, naming the op.
+fn expectation_failed(
+    e: &tokio_postgres::Error,
+    ops: &[WriteOp],
+    order: &[usize],
+) -> Option<StoreError> {
+    let db = e.as_db_error()?;
+    let reason = match db.code().code() {
+        "AR001" => "already exists",
+        "AR002" => "changed since it was read",
+        _ => return None,
+    };
+    let position: usize = db.message().trim().parse().ok()?;
+    let op = order
+        .get(position.checked_sub(1)?)
+        .and_then(|&i| ops.get(i))?;
+    let (collection, id) = op.target();
+    Some(StoreError::Conflict {
+        collection: collection.name(),
+        id: id.to_string(),
+        reason: reason.into(),
+    })
 }
 
 /// The order a batch's rows are written in: by (collection, id), so any two
@@ -459,41 +489,52 @@ fn lock_order(ops: &[WriteOp]) -> Vec<usize> {
     }
 }
 
+/// One attempt at a batch: one `aragora_apply` call, its own transaction.
+/// `Err` is a database error worth a fresh attempt (deadlock, serialization).
 async fn write_once(
     pool: &Pool,
     target: &str,
     ops: &[WriteOp],
     order: &[usize],
 ) -> Result<Result<Receipt, StoreError>, tokio_postgres::Error> {
-    let mut client = match pool.get().await {
+    let client = match pool.get().await {
         Ok(c) => c,
         Err(e) => return Ok(Err(pool_err(e, target))),
     };
-    let tx = client.transaction().await?;
-    let seq: i64 = tx
-        .query_one(
-            &tx.prepare_cached("SELECT nextval('aragora_version_seq')")
-                .await?,
-            &[],
-        )
-        .await?
-        .get(0);
+    let mut kinds = Vec::with_capacity(order.len());
+    let mut cols = Vec::with_capacity(order.len());
+    let mut ids = Vec::with_capacity(order.len());
+    let mut vals: Vec<Option<&[u8]>> = Vec::with_capacity(order.len());
+    let mut expected = Vec::with_capacity(order.len());
     for &i in order {
-        match apply(&tx, &ops[i], seq).await {
-            Ok(()) => {}
-            // Dropping the transaction rolls it back: nothing of the batch applies.
-            Err(OpFailure::Expectation(e)) => return Ok(Err(e)),
-            Err(OpFailure::Db(e)) if retryable(&e) => return Err(e),
-            Err(OpFailure::Db(e)) => {
-                let (c, id) = ops[i].target();
-                return Ok(Err(pg_err(e, target, Some((c, id)))));
-            }
-        }
+        let op = &ops[i];
+        let (collection, id) = op.target();
+        let (kind, version) = op_kind(op);
+        kinds.push(kind);
+        cols.push(collection.name());
+        ids.push(id);
+        vals.push(match op {
+            WriteOp::Put { value, .. } => Some(value.as_slice()),
+            WriteOp::Delete { .. } => None,
+        });
+        expected.push(version);
     }
-    tx.commit().await?;
-    Ok(Ok(Receipt {
-        seq: version_of(seq),
-    }))
+    let stmt = client.prepare_cached(APPLY).await?;
+    match client
+        .query_one(&stmt, &[&kinds, &cols, &ids, &vals, &expected])
+        .await
+    {
+        Ok(row) => Ok(Ok(Receipt {
+            seq: version_of(row.get(0)),
+        })),
+        Err(e) if retryable(&e) => Err(e),
+        Err(e) => Ok(Err(expectation_failed(&e, ops, order).unwrap_or_else(
+            || {
+                let record = order.first().map(|&i| ops[i].target());
+                pg_err(e, target, record)
+            },
+        ))),
+    }
 }
 
 impl Store for PostgresStore {
