@@ -3,20 +3,32 @@
 
 mod engines;
 mod report;
+mod w6;
 mod workloads;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
+use serde::de::DeserializeOwned;
 use tempfile::TempDir;
 
 use engines::{EngineKind, Mode};
 use report::Figure;
+use w6::W6Report;
 use workloads::{LoadReport, LoadSizes, Sizes};
+
+/// Set by Ctrl-C or SIGTERM in the parent: running children are killed, no
+/// further measurement starts, and the scratch directory is removed on the
+/// way out, so an interrupted W6 does not leave gigabytes behind.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// How often the parent checks a running child for exit or an interrupt.
+const CHILD_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -29,10 +41,21 @@ struct Cli {
     #[arg(long)]
     json: bool,
 
-    /// Workloads to run, comma-separated (default: all). W4 and W5 share
+    /// Workloads to run, comma-separated (default: W1..W5; W6 only when
+    /// named, it writes ~1 KiB x --w6-keys per engine). W4 and W5 share
     /// one child process per engine, so selecting either runs both.
     #[arg(long, value_delimiter = ',', ignore_case = true)]
     workloads: Vec<Workload>,
+
+    /// W6: keys loaded, each with a 1 KiB value [default: 10000000, or
+    /// 20000 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    w6_keys: Option<u64>,
+
+    /// W6: random gets after the load, at most --w6-keys [default: 1000000,
+    /// or 2000 with --quick].
+    #[arg(long)]
+    w6_gets: Option<u64>,
 
     /// Engines to run, comma-separated (default: all).
     #[arg(long, value_delimiter = ',', ignore_case = true)]
@@ -71,11 +94,23 @@ enum Workload {
     W4,
     #[value(name = "W5")]
     W5,
+    #[value(name = "W6")]
+    W6,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ChildTask {
     W4,
+    W6,
+}
+
+impl ChildTask {
+    fn name(self) -> &'static str {
+        match self {
+            Self::W4 => "w4",
+            Self::W6 => "w6",
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -90,10 +125,18 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<ExitCode> {
-    if let Some(ChildTask::W4) = cli.child {
-        child_w4(cli)?;
-        return Ok(ExitCode::SUCCESS);
+    match cli.child {
+        Some(ChildTask::W4) => {
+            child_w4(cli)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(ChildTask::W6) => {
+            child_w6(cli)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
     }
+    install_interrupt_handler()?;
 
     let sizes = if cli.quick { Sizes::QUICK } else { Sizes::FULL };
     let mut wanted = if cli.workloads.is_empty() {
@@ -122,8 +165,16 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         "aedb-bench: scratch directory {} (filesystem {fs})",
         scratch.path().display()
     );
+    let want_w6 = wanted.contains(&Workload::W6);
+    let w6_sizes = w6::sizes(cli.quick, cli.w6_keys, cli.w6_gets);
+    if want_w6 {
+        // Before any workload runs, so a run that cannot finish does not
+        // spend an hour first.
+        let free = w6::free_bytes(scratch.path())?;
+        w6::check_free_space(scratch.path(), free, w6_sizes.keys)?;
+    }
     let w4 = sizes.w4;
-    let banner = format!(
+    let mut banner = format!(
         "aedb-bench {} run on {fs}: W1 {} commits; W2 {}x{} commits; W3 {} commits; \
          W4 {} keys in {}-key batches, {} gets, {}-key scan",
         if cli.quick { "quick" } else { "full" },
@@ -136,6 +187,16 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         w4.gets,
         w4.scan,
     );
+    if want_w6 {
+        banner.push_str(&format!(
+            "; W6 {} keys x {} B in {}-key durable batches, {} gets, {}-key scan",
+            w6_sizes.keys,
+            w6::VALUE_LEN,
+            w6_sizes.batch,
+            w6_sizes.gets,
+            w6_sizes.scan,
+        ));
+    }
 
     let mut run = Run {
         json: cli.json,
@@ -186,6 +247,14 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             run.load_in_child(engine, sizes.w4, want_w4, want_w5);
         }
     }
+    if want_w6 {
+        for engine in databases() {
+            run.w6_in_child(engine, w6_sizes);
+        }
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; the scratch directory is removed on exit");
+    }
 
     if !cli.json {
         println!("{banner}");
@@ -193,6 +262,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         print!("{}", report::render_table(&run.figures));
         println!();
         println!("{}", report::NOTES);
+        if want_w6 {
+            println!("{}", report::W6_NOTES);
+        }
     }
     if run.failures > 0 {
         eprintln!(
@@ -241,6 +313,9 @@ impl Run {
         metric: &'static str,
         body: impl FnOnce(&Path) -> Result<f64>,
     ) {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return;
+        }
         let dir = self.scratch.join(format!("{workload}-{}", engine.name()));
         eprintln!("[{workload}] {}: running", engine.name());
         let start = Instant::now();
@@ -267,10 +342,13 @@ impl Run {
 
     /// W4 and W5 for one engine, in a child process so its peak RSS is its own.
     fn load_in_child(&mut self, engine: EngineKind, sizes: LoadSizes, w4: bool, w5: bool) {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return;
+        }
         let dir = self.scratch.join(format!("W4-{}", engine.name()));
         eprintln!("[W4+W5] {}: running in a child process", engine.name());
         let start = Instant::now();
-        let result = spawn_child(engine, &dir, sizes);
+        let result = spawn_child::<LoadReport>(ChildTask::W4, engine, &dir, sizes);
         remove_scratch(&dir);
         let report = match result {
             Ok(report) => report,
@@ -340,21 +418,105 @@ impl Run {
             });
         }
     }
+
+    /// W6 for one engine, in a child process so its peak RSS is its own.
+    fn w6_in_child(&mut self, engine: EngineKind, sizes: LoadSizes) {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return;
+        }
+        let dir = self.scratch.join(format!("W6-{}", engine.name()));
+        eprintln!(
+            "[W6] {}: running in a child process ({} keys x {} B)",
+            engine.name(),
+            sizes.keys,
+            w6::VALUE_LEN
+        );
+        let start = Instant::now();
+        let result = spawn_child::<W6Report>(ChildTask::W6, engine, &dir, sizes);
+        remove_scratch(&dir);
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => return self.fail("W6", engine, &e),
+        };
+        eprintln!(
+            "[W6] {}: load {} keys/s ({} MiB/s), {} gets/s, {} scan keys/s, peak RSS {}, \
+             reopen {}, {} commits: longest {}, p99 {}, median {}; {} on disk ({:.1}s)",
+            engine.name(),
+            report::format_value("load_keys_per_s", report.load_keys_per_s),
+            report::format_value("load_mib_per_s", report.load_mib_per_s),
+            report::format_value("gets_per_s", report.gets_per_s),
+            report::format_value("scan_keys_per_s", report.scan_keys_per_s),
+            report::format_value("peak_rss_bytes", report.peak_rss_bytes),
+            report::format_value("reopen_s", report.reopen_s),
+            report.commits,
+            report::format_value("max_commit_stall_s", report.max_commit_stall_s),
+            report::format_value("p99_commit_s", report.p99_commit_s),
+            report::format_value("median_commit_s", report.median_commit_s),
+            report::format_value("data_dir_bytes", report.data_dir_bytes),
+            start.elapsed().as_secs_f64()
+        );
+        for (metric, value) in report.figures() {
+            self.record(Figure {
+                workload: "W6",
+                engine: engine.name(),
+                metric,
+                value,
+            });
+        }
+    }
 }
 
-fn spawn_child(engine: EngineKind, dir: &Path, sizes: LoadSizes) -> Result<LoadReport> {
+fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            // A second signal: the user wants out now, cleanup or not.
+            std::process::exit(130);
+        }
+        eprintln!(
+            "aedb-bench: interrupted; stopping the running measurement and removing the \
+             scratch directory (interrupt again to exit at once)"
+        );
+    })
+    .context("installing the interrupt handler")
+}
+
+/// Runs one engine's `task` in a re-executed copy of this binary and parses
+/// the JSON line it prints last.
+fn spawn_child<T: DeserializeOwned>(
+    task: ChildTask,
+    engine: EngineKind,
+    dir: &Path,
+    sizes: LoadSizes,
+) -> Result<T> {
     let exe = std::env::current_exe().context("locating the aedb-bench binary")?;
-    let output = Command::new(exe)
-        .args(["--child", "w4", "--engine", engine.name(), "--dir"])
+    let mut child = Command::new(exe)
+        .args(["--child", task.name(), "--engine", engine.name(), "--dir"])
         .arg(dir)
         .args(["--keys", &sizes.keys.to_string()])
         .args(["--batch", &sizes.batch.to_string()])
         .args(["--gets", &sizes.gets.to_string()])
         .args(["--scan", &sizes.scan.to_string()])
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
-        .context("spawning the W4 child process")?;
+        .spawn()
+        .with_context(|| format!("spawning the {} child process", task.name()))?;
+    // Polled rather than waited on, so an interrupt can stop the child. A
+    // child prints one short line on stdout, far below the pipe's buffer, so
+    // it cannot block on a full pipe while nobody reads it.
+    while child.try_wait()?.is_none() {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            // Either may fail because the child already exited; it is gone
+            // either way.
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("interrupted");
+        }
+        std::thread::sleep(CHILD_POLL);
+    }
+    let output = child
+        .wait_with_output()
+        .context("collecting the child's output")?;
     if !output.status.success() {
         bail!("child process failed ({})", output.status);
     }
@@ -383,6 +545,23 @@ fn child_w4(cli: &Cli) -> Result<()> {
         scan,
     };
     let report = with_engine!(engine, E => workloads::load_read_reopen::<E>(dir, sizes))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn child_w6(cli: &Cli) -> Result<()> {
+    let (Some(engine), Some(dir), Some(keys), Some(batch), Some(gets), Some(scan)) = (
+        cli.engine, &cli.dir, cli.keys, cli.batch, cli.gets, cli.scan,
+    ) else {
+        bail!("--child needs --engine, --dir, --keys, --batch, --gets and --scan");
+    };
+    let sizes = LoadSizes {
+        keys,
+        batch,
+        gets,
+        scan,
+    };
+    let report = with_engine!(engine, E => w6::run::<E>(dir, sizes, engine.name()))?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

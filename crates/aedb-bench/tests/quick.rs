@@ -81,3 +81,78 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
     );
     Ok(())
 }
+
+/// W6 only runs when named (the run above would report its figures as
+/// unexpected otherwise). At 20k keys this checks its figures are all there
+/// and that the run leaves nothing behind in `--dir`.
+#[test]
+fn quick_w6_json_run_reports_every_figure_and_cleans_up() -> Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let output = Command::new(env!("CARGO_BIN_EXE_aedb-bench"))
+        .args([
+            "--quick",
+            "--json",
+            "--workloads",
+            "W6",
+            "--w6-keys",
+            "20000",
+        ])
+        .arg("--dir")
+        .arg(scratch.path())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.success(),
+        "aedb-bench failed ({}):\n{stderr}",
+        output.status
+    );
+
+    let mut seen = BTreeSet::new();
+    for line in String::from_utf8(output.stdout)?.lines() {
+        let figure: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}"))?;
+        let field = |name: &str| -> Result<String> {
+            Ok(figure[name]
+                .as_str()
+                .with_context(|| format!("{name} missing in {line}"))?
+                .to_owned())
+        };
+        let value = figure["value"]
+            .as_f64()
+            .with_context(|| format!("value missing in {line}"))?;
+        ensure!(
+            value.is_finite() && value > 0.0,
+            "non-positive figure: {line}"
+        );
+        seen.insert((field("workload")?, field("engine")?, field("metric")?));
+    }
+
+    let metrics = [
+        "load_s",
+        "load_keys_per_s",
+        "load_mib_per_s",
+        "gets_per_s",
+        "scan_keys_per_s",
+        "peak_rss_bytes",
+        "reopen_s",
+        "max_commit_stall_s",
+        "p99_commit_s",
+        "data_dir_bytes",
+    ];
+    let mut expected = BTreeSet::new();
+    for engine in ["aedb", "aedb_enc", "redb", "sqlite"] {
+        for metric in metrics {
+            expected.insert(("W6".to_owned(), engine.to_owned(), metric.to_owned()));
+        }
+    }
+    ensure!(
+        seen == expected,
+        "missing: {:?}\nunexpected: {:?}\n{stderr}",
+        expected.difference(&seen).collect::<Vec<_>>(),
+        seen.difference(&expected).collect::<Vec<_>>()
+    );
+
+    let left: Vec<_> = std::fs::read_dir(scratch.path())?.collect::<Result<_, _>>()?;
+    ensure!(left.is_empty(), "left behind in --dir: {left:?}");
+    Ok(())
+}

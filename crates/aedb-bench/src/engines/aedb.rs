@@ -10,7 +10,6 @@ use aedb::{AedbConfig, AedbInstance, CommitFinality, DurabilityMode, KvView, Sna
 use anyhow::Result;
 
 use super::{Checkpointed, Engine, Mode, ReadView, ScanTotals, Session};
-use crate::workloads::{Key, Value};
 
 const PROJECT: &str = "bench";
 const SCOPE: &str = "kv";
@@ -136,11 +135,11 @@ impl<const ENCRYPTED: bool> Session for AedbSession<'_, ENCRYPTED> {
         Ok(())
     }
 
-    fn put_batch(&mut self, pairs: &[(Key, Value)]) -> Result<()> {
+    fn put_batch<K: AsRef<[u8]>, V: AsRef<[u8]>>(&mut self, pairs: &[(K, V)]) -> Result<()> {
         let db = &self.engine.db;
         let mut tx = db.begin_write(PROJECT)?;
         for (key, value) in pairs {
-            tx.kv_set(SCOPE, key, value)?;
+            tx.kv_set(SCOPE, key.as_ref(), value.as_ref())?;
         }
         db.commit_with_finality(tx, self.engine.finality)?;
         Ok(())

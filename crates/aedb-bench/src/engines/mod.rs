@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use crate::workloads::{Key, Value};
-
 /// How much a commit promises when it returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -91,7 +89,9 @@ pub trait Session {
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()>;
 
     /// All pairs in one transaction, committed with the engine's mode.
-    fn put_batch(&mut self, pairs: &[(Key, Value)]) -> Result<()>;
+    /// Generic over the pair types so W4's 100-byte and W6's 1 KiB values
+    /// share the path.
+    fn put_batch<K: AsRef<[u8]>, V: AsRef<[u8]>>(&mut self, pairs: &[(K, V)]) -> Result<()>;
 
     /// A consistent snapshot that every following read goes through.
     fn read_view(&mut self) -> Result<Self::View<'_>>;

@@ -9,7 +9,6 @@ use redb::{
 };
 
 use super::{Engine, Mode, ReadView, ScanTotals, Session};
-use crate::workloads::{Key, Value};
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -83,10 +82,10 @@ impl Session for RedbSession<'_> {
         })
     }
 
-    fn put_batch(&mut self, pairs: &[(Key, Value)]) -> Result<()> {
+    fn put_batch<K: AsRef<[u8]>, V: AsRef<[u8]>>(&mut self, pairs: &[(K, V)]) -> Result<()> {
         self.commit_with(|table| {
             for (key, value) in pairs {
-                table.insert(&key[..], &value[..])?;
+                table.insert(key.as_ref(), value.as_ref())?;
             }
             Ok(())
         })

@@ -10,7 +10,6 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, Statement, params};
 
 use super::{Engine, Mode, ReadView, ScanTotals, Session};
-use crate::workloads::{Key, Value};
 
 const INSERT: &str = "INSERT OR REPLACE INTO kv (k, v) VALUES (?1, ?2)";
 const GET: &str = "SELECT v FROM kv WHERE k = ?1";
@@ -177,10 +176,10 @@ impl Session for SqliteSession {
         })
     }
 
-    fn put_batch(&mut self, pairs: &[(Key, Value)]) -> Result<()> {
+    fn put_batch<K: AsRef<[u8]>, V: AsRef<[u8]>>(&mut self, pairs: &[(K, V)]) -> Result<()> {
         self.in_write_txn(|insert| {
             for (key, value) in pairs {
-                insert.execute(params![&key[..], &value[..]])?;
+                insert.execute(params![key.as_ref(), value.as_ref()])?;
             }
             Ok(())
         })
