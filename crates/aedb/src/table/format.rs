@@ -314,7 +314,8 @@ pub(crate) fn block_aad(
 /// configured) a CRC32C over the AAD and the plaintext.
 #[derive(Debug)]
 pub(crate) enum Sealer {
-    Encrypted(Aead),
+    // Boxed: the key schedule is large, and readers hold one sealer each.
+    Encrypted(Box<Aead>),
     Plain,
 }
 
@@ -323,7 +324,7 @@ const CRC_LEN: usize = 4;
 impl Sealer {
     pub(crate) fn new(key: Option<&SecretKey>, salt: &[u8; SALT_LEN]) -> Self {
         match key {
-            Some(k) => Self::Encrypted(Aead::new(k, salt, LABEL_TABLE)),
+            Some(k) => Self::Encrypted(Box::new(Aead::new(k, salt, LABEL_TABLE))),
             None => Self::Plain,
         }
     }

@@ -8,7 +8,8 @@ use super::error::TableError;
 use super::format::{Entry, EntryKind};
 
 /// One sorted input: entries in internal-key order (key ascending, seq descending).
-pub(crate) type Source<'a> = Box<dyn Iterator<Item = Result<Entry, TableError>> + 'a>;
+/// `Send`, so a compaction can run on a background thread.
+pub(crate) type Source<'a> = Box<dyn Iterator<Item = Result<Entry, TableError>> + Send + 'a>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Tombstones {

@@ -320,12 +320,12 @@ impl TableReader {
             let block = self.load_block(number)?;
             for i in 0..block.len() {
                 let e = block.entry(i);
-                if let Some((pk, ps)) = &prev {
-                    if cmp_internal(pk, *ps, e.key, e.seq) != std::cmp::Ordering::Less {
-                        return Err(self
-                            .name
-                            .corrupt(block_id, format!("entry {i} is out of order")));
-                    }
+                if let Some((pk, ps)) = &prev
+                    && cmp_internal(pk, *ps, e.key, e.seq) != std::cmp::Ordering::Less
+                {
+                    return Err(self
+                        .name
+                        .corrupt(block_id, format!("entry {i} is out of order")));
                 }
                 let new_key = prev.as_ref().is_none_or(|(pk, _)| pk.as_slice() != e.key);
                 if new_key && !self.bloom.may_contain(e.key) {

@@ -1018,3 +1018,32 @@ fn bench_1m_entries_of_1kib() {
     reader.verify_full(&meta.digest).expect("verify");
     println!("verify_full: {:.2} s", t.elapsed().as_secs_f64());
 }
+
+#[test]
+fn readers_are_shared_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<TableReader>();
+    shareable::<BlockCache>();
+    let fs = disk();
+    let key = key_a();
+    let (meta, entries) = small_table(&fs, 30, Some(&key));
+    let reader = open(&fs, 30, Some(&key), 1 << 20).expect("opens");
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let (reader, entries) = (&reader, &entries);
+            s.spawn(move || {
+                for e in entries.iter().skip(t).step_by(2) {
+                    let want = match e.kind {
+                        EntryKind::Put => Lookup::Value {
+                            seq: e.seq,
+                            value: e.value.clone(),
+                        },
+                        EntryKind::Delete => Lookup::Deleted { seq: e.seq },
+                    };
+                    assert_eq!(reader.get(&e.key, u64::MAX).expect("get"), want);
+                }
+            });
+        }
+    });
+    reader.verify_full(&meta.digest).expect("verifies");
+}
