@@ -21,6 +21,7 @@ pub(crate) mod model;
 pub(crate) mod open;
 pub(crate) mod record;
 pub mod storage;
+mod table;
 pub mod txn;
 pub mod wal;
 
