@@ -330,8 +330,10 @@ pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Resul
 
 /// The freshness check alone: `AppState::catch_up()` (one `get_many` of the
 /// generation records) against PostgreSQL with nothing changed, called
-/// directly and the way the request middleware calls it (`spawn_blocking`
-/// from a request task).
+/// directly, the way the request middleware calls it
+/// (`catch_up_reading_async` awaited from a request task, with a session
+/// token's records read in the same query), and through `spawn_blocking` (how
+/// the middleware called it before).
 pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> Result<()> {
     let db = BenchDatabase::create(&backends.pg_admin_url, "catchup")?;
     let dir = tempfile::tempdir()?;
@@ -341,7 +343,7 @@ pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> R
         .as_ref()
         .map_or(aragora::store::postgres::DEFAULT_POOL_SIZE, |d| d.pool_size);
     let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&db.url, pool)?);
-    let Prepared { state, .. } = http::prepare(config, store)?;
+    let Prepared { state, token } = http::prepare(config, store)?;
     ensure!(
         state.cluster.enabled(),
         "the PostgreSQL store must be treated as shared (cluster sync enabled)"
@@ -361,7 +363,26 @@ pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> R
 
     let rt = http::server_runtime()?;
     let s = state.clone();
+    let bearer = format!("Bearer {token}");
     let via_middleware: Vec<u64> = rt.block_on(async move {
+        tokio::spawn(async move {
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                let prefetch = s
+                    .catch_up_reading_async(Some(&bearer))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                ensure!(prefetch.is_some(), "the session's records were read ahead");
+                out.push(t.elapsed().as_nanos() as u64);
+            }
+            anyhow::Ok(out)
+        })
+        .await
+        .context("catch-up loop")?
+    })?;
+    let s = state.clone();
+    let via_blocking_pool: Vec<u64> = rt.block_on(async move {
         tokio::spawn(async move {
             let mut out = Vec::with_capacity(n);
             for _ in 0..n {
@@ -394,7 +415,8 @@ pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> R
     );
     for (engine, v) in [
         ("postgres", &direct),
-        ("postgres_spawn_blocking", &via_middleware),
+        ("postgres_middleware", &via_middleware),
+        ("postgres_spawn_blocking", &via_blocking_pool),
     ] {
         let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
         report.record("catchup", engine, "p50_s", p50);
@@ -409,7 +431,7 @@ pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> R
     }
     writeln!(
         table,
-        "  (postgres: called on this thread; postgres_spawn_blocking: as the request middleware calls it, from a task on the server's runtime)"
+        "  (postgres: called on this thread; postgres_middleware: as the request middleware calls it, awaited from a task on the server's runtime with the session's records in the same query; postgres_spawn_blocking: through the blocking pool, as it was called before)"
     )?;
     report.section(table);
     drop(state);

@@ -147,7 +147,7 @@ fn quick_scale_run_reports_every_mode_and_the_freshness_check() -> Result<()> {
             }
         }
     }
-    for engine in ["postgres", "postgres_spawn_blocking"] {
+    for engine in ["postgres", "postgres_middleware", "postgres_spawn_blocking"] {
         for metric in ["p50_s", "p99_s"] {
             expected.insert(("catchup", engine, metric));
         }

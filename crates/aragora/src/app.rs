@@ -262,32 +262,76 @@ impl AppState {
         &self,
         authorization: Option<&str>,
     ) -> Result<Option<crate::auth::tokens::SessionPrefetch>, crate::error::ServiceError> {
-        use crate::store::Collection;
-        let store = self.store.as_ref();
-        let prefetch = if self.cluster.enabled() {
+        let prefetch = self.session_prefetch(authorization);
+        let keys = prefetch.as_ref().map(|p| p.keys());
+        let found = self.cluster.catch_up_reading(
+            self.store.as_ref(),
+            keys.as_ref().map_or(&[][..], |k| &k[..]),
+            |c| self.reload_collection(c),
+        )?;
+        Ok(prefetch.map(|p| p.with_found(found)))
+    }
+
+    /// `catch_up_reading` from an async worker: the shared store's round trip
+    /// is awaited, not waited out on a blocking thread; a reload (another
+    /// replica changed something) runs on the blocking pool.
+    pub async fn catch_up_reading_async(
+        self: &Arc<Self>,
+        authorization: Option<&str>,
+    ) -> Result<Option<crate::auth::tokens::SessionPrefetch>, crate::error::ServiceError> {
+        let prefetch = self.session_prefetch(authorization);
+        let keys = prefetch.as_ref().map(|p| p.keys());
+        let state = self.clone();
+        let found = self
+            .cluster
+            .catch_up_reading_async(
+                self.store.as_ref(),
+                keys.as_ref().map_or(&[][..], |k| &k[..]),
+                move |now| async move {
+                    tokio::task::spawn_blocking(move || {
+                        state
+                            .cluster
+                            .reload_stale(now, |c| state.reload_collection(c))
+                    })
+                    .await
+                    .map_err(|e| {
+                        crate::error::ServiceError::Internal(format!("reload task: {e}"))
+                    })?
+                },
+            )
+            .await?;
+        Ok(prefetch.map(|p| p.with_found(found)))
+    }
+
+    fn session_prefetch(
+        &self,
+        authorization: Option<&str>,
+    ) -> Option<crate::auth::tokens::SessionPrefetch> {
+        if self.cluster.enabled() {
             self.auth.session_prefetch(authorization)
         } else {
             None
-        };
-        let keys = prefetch.as_ref().map(|p| p.keys());
-        let found = self.cluster.catch_up_reading(
-            store,
-            keys.as_ref().map_or(&[][..], |k| &k[..]),
-            |c| -> Result<(), crate::error::ServiceError> {
-                match c {
-                    Collection::Roles => self.rbac.reload(store)?,
-                    Collection::IpBlocks => self.auth.reload_ip_blocks()?,
-                    Collection::KeyRing => self.keyring.refresh()?,
-                    Collection::MaintenanceMode => self.maintenance.follow(store)?,
-                    _ => {}
-                }
-                tracing::info!(
-                    collection = c.name(),
-                    "reloaded: changed by another replica"
-                );
-                Ok(())
-            },
-        )?;
-        Ok(prefetch.map(|p| p.with_found(found)))
+        }
+    }
+
+    /// Reloads one watched collection another replica changed.
+    fn reload_collection(
+        &self,
+        c: crate::store::Collection,
+    ) -> Result<(), crate::error::ServiceError> {
+        use crate::store::Collection;
+        let store = self.store.as_ref();
+        match c {
+            Collection::Roles => self.rbac.reload(store)?,
+            Collection::IpBlocks => self.auth.reload_ip_blocks()?,
+            Collection::KeyRing => self.keyring.refresh()?,
+            Collection::MaintenanceMode => self.maintenance.follow(store)?,
+            _ => {}
+        }
+        tracing::info!(
+            collection = c.name(),
+            "reloaded: changed by another replica"
+        );
+        Ok(())
     }
 }

@@ -73,6 +73,10 @@ impl Store for SyncedStore {
         self.inner.get_many(keys)
     }
 
+    fn get_many_async(&self, keys: Vec<(Collection, String)>) -> crate::store::ManyFuture {
+        self.inner.get_many_async(keys)
+    }
+
     fn list(
         &self,
         collection: Collection,
@@ -162,12 +166,34 @@ impl ClusterSync {
         let mut keys: Vec<(Collection, &str)> = Vec::with_capacity(WATCHED.len() + extra.len());
         keys.extend(WATCHED.iter().map(|c| (Collection::Generations, c.name())));
         keys.extend_from_slice(extra);
-        let mut found = store.get_many(&keys)?;
-        if found.len() != keys.len() {
+        Self::split(store.get_many(&keys)?, keys.len())
+    }
+
+    /// `read` as a future (a shared store's round trip without a blocking
+    /// thread).
+    async fn read_async(
+        store: &dyn Store,
+        extra: &[(Collection, &str)],
+    ) -> Result<([u64; WATCHED.len()], Vec<Option<Record>>), StoreError> {
+        let mut keys: Vec<(Collection, String)> = Vec::with_capacity(WATCHED.len() + extra.len());
+        keys.extend(
+            WATCHED
+                .iter()
+                .map(|c| (Collection::Generations, c.name().to_string())),
+        );
+        keys.extend(extra.iter().map(|(c, id)| (*c, id.to_string())));
+        let n = keys.len();
+        Self::split(store.get_many_async(keys).await?, n)
+    }
+
+    fn split(
+        mut found: Vec<Option<Record>>,
+        asked: usize,
+    ) -> Result<([u64; WATCHED.len()], Vec<Option<Record>>), StoreError> {
+        if found.len() != asked {
             return Err(StoreError::Backend(format!(
-                "get_many answered {} records for {} keys",
-                found.len(),
-                keys.len()
+                "get_many answered {} records for {asked} keys",
+                found.len()
             )));
         }
         let extra_found = found.split_off(WATCHED.len());
@@ -210,19 +236,57 @@ impl ClusterSync {
         &self,
         store: &dyn Store,
         extra: &[(Collection, &str)],
-        mut reload: impl FnMut(Collection) -> Result<(), E>,
+        reload: impl FnMut(Collection) -> Result<(), E>,
     ) -> Result<Vec<Option<Record>>, E> {
         if !self.enabled {
             return Ok(Vec::new());
         }
         let (now, found) = Self::read(store, extra)?;
-        if self
-            .seen
+        self.reload_stale(now, reload)?;
+        Ok(found)
+    }
+
+    /// `catch_up_reading` for a caller on an async worker: the read is
+    /// awaited; when another replica changed something (rare), `reload_blocking`
+    /// gets the generations read and is expected to call `reload_stale` with
+    /// them off the async workers (reloads read the store synchronously).
+    pub async fn catch_up_reading_async<E, R, B>(
+        &self,
+        store: &dyn Store,
+        extra: &[(Collection, &str)],
+        reload_blocking: B,
+    ) -> Result<Vec<Option<Record>>, E>
+    where
+        E: From<StoreError>,
+        B: FnOnce([u64; WATCHED.len()]) -> R,
+        R: std::future::Future<Output = Result<(), E>>,
+    {
+        if !self.enabled {
+            return Ok(Vec::new());
+        }
+        let (now, found) = Self::read_async(store, extra).await?;
+        if !self.is_current(&now) {
+            reload_blocking(now).await?;
+        }
+        Ok(found)
+    }
+
+    fn is_current(&self, now: &[u64; WATCHED.len()]) -> bool {
+        self.seen
             .iter()
             .zip(now)
-            .all(|(seen, v)| seen.load(Ordering::Acquire) >= v)
-        {
-            return Ok(found);
+            .all(|(seen, v)| seen.load(Ordering::Acquire) >= *v)
+    }
+
+    /// Reloads, once for concurrent callers, each collection whose generation
+    /// moved past what this replica loaded (`now`: generations just read).
+    pub fn reload_stale<E>(
+        &self,
+        now: [u64; WATCHED.len()],
+        mut reload: impl FnMut(Collection) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.is_current(&now) {
+            return Ok(());
         }
         let _one = self.reloading.lock();
         for (i, v) in now.into_iter().enumerate() {
@@ -233,7 +297,7 @@ impl ClusterSync {
             reload(WATCHED[i])?;
             self.seen[i].fetch_max(v, Ordering::AcqRel);
         }
-        Ok(found)
+        Ok(())
     }
 }
 

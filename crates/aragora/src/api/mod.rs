@@ -392,24 +392,22 @@ async fn catch_up(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     if !state.cluster.enabled() || path == "/api/health" || path == "/metrics" {
         return next.run(req).await;
     }
-    let s = state.clone();
     let authorization = authorization_header(&req).map(str::to_string);
     let mut req = req;
-    match tokio::task::spawn_blocking(move || s.catch_up_reading(authorization.as_deref())).await {
-        Ok(Ok(prefetch)) => {
+    match state.catch_up_reading_async(authorization.as_deref()).await {
+        Ok(prefetch) => {
             if let Some(p) = prefetch {
                 req.extensions_mut().insert(p);
             }
             next.run(req).await
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::error!(error = %e, "cannot bring this replica up to the shared store");
             ApiError(ServiceError::Unavailable(format!(
                 "this replica cannot confirm the current roles, blocks and keys with the store: {e}"
             )))
             .into_response()
         }
-        Err(e) => ApiError(ServiceError::Internal(format!("catch-up task: {e}"))).into_response(),
     }
 }
 
@@ -589,10 +587,24 @@ async fn guard(
     // async workers, or two slow reads would stall every connection. The
     // embedded store answers in microseconds, less than a hop to the
     // blocking pool (and the copies it needs) costs.
+    let prefetch = req.extensions_mut().remove::<SessionPrefetch>();
+    // The common case on a shared store, decided here: a live session whose
+    // records were read ahead, allowed, with nothing to write.
+    if let Some(p) = &prefetch
+        && let Some(principal) = state
+            .auth
+            .principal_without_io(authorization_header(&req), p)
+        && state
+            .rbac
+            .check(&principal.user_id, &principal.roles, permission)
+            .allowed
+    {
+        req.extensions_mut().insert(principal);
+        return next.run(req).await;
+    }
     let decided = if state.cluster.enabled() {
         let authorization = authorization_header(&req).map(str::to_string);
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        let prefetch = req.extensions_mut().remove::<SessionPrefetch>();
         let s = state.clone();
         match tokio::task::spawn_blocking(move || {
             authorize(

@@ -161,6 +161,11 @@ impl AuthService {
 
     /// Writes the summaries of a closed aggregation window (called on the
     /// request path; cheap when none is due).
+    /// Whether `flush_failure_audit_if_due` has a closed window to roll.
+    pub(crate) fn failure_audit_due(&self, now: i64) -> bool {
+        self.defences.failures.is_due(now)
+    }
+
     pub fn flush_failure_audit_if_due(&self) {
         for event in self.defences.failures.due(now_us()) {
             self.write_failure_entry(event);

@@ -139,6 +139,11 @@ impl FailureAudit {
         (Decision::Write(event), summaries)
     }
 
+    /// Whether `due` would roll the window (which may have summaries to write).
+    pub fn is_due(&self, now_us: i64) -> bool {
+        now_us - self.started_us.load(Ordering::Relaxed) >= self.window_us
+    }
+
     /// The summaries of a window that has closed (empty when none has).
     pub fn due(&self, now_us: i64) -> Vec<AuditEvent> {
         if now_us - self.started_us.load(Ordering::Relaxed) < self.window_us {

@@ -34,6 +34,49 @@ pub fn random_hex(n: usize) -> Result<String, ServiceError> {
     Ok(hex::encode(b))
 }
 
+type SessionRecords = (Option<Session>, RevocationEpoch, Option<(u64, User)>);
+
+/// The session, revocation epoch and user a session token's `session_keys` read.
+fn decode_session_records(
+    claims: &super::jwt::Claims,
+    found: &[Option<Record>],
+) -> Result<SessionRecords, ServiceError> {
+    let get = |i: usize| found.get(i).and_then(Option::as_ref);
+    let session = decode_opt::<Session>(Collection::Sessions, &claims.sid, get(0))?.map(|(_, s)| s);
+    let epoch = decode_opt::<RevocationEpoch>(Collection::AuthState, EPOCH_ID, get(1))?
+        .map(|(_, e)| e)
+        .unwrap_or_default();
+    let user = decode_opt::<User>(Collection::Users, &claims.sub, get(2))?;
+    Ok((session, epoch, user))
+}
+
+/// Why a verified token's session no longer admits it, if it does not.
+fn session_refusal(
+    claims: &super::jwt::Claims,
+    session: Option<&Session>,
+    epoch: &RevocationEpoch,
+    user: Option<&(u64, User)>,
+    now: i64,
+) -> Option<&'static str> {
+    match session {
+        None => Some("session not found"),
+        Some(s) if s.user_id != claims.sub => Some("session belongs to another user"),
+        Some(s) if s.revoked_at.is_some() => Some("session revoked"),
+        Some(s) if s.created_at < epoch.revoked_before => {
+            Some("session revoked (all sessions were revoked)")
+        }
+        Some(s) if s.expires_at <= now => Some("session expired"),
+        // A disabled account is reported as such (by `principal_from`); once
+        // enabled again, its sessions from before stay ended.
+        Some(s)
+            if user.is_some_and(|(_, u)| !u.disabled && u.session_generation != s.generation) =>
+        {
+            Some("session ended by a password change or account disable")
+        }
+        Some(_) => None,
+    }
+}
+
 /// The credential of `Bearer <credential>` (the scheme is case-insensitive,
 /// RFC 9110 section 11.1); `None` when malformed or too long.
 fn bearer_token(header: &str) -> Option<&str> {
@@ -95,6 +138,48 @@ impl AuthService {
             authorization: header.to_string(),
             claims,
             found: Vec::new(),
+        })
+    }
+
+    /// The principal of a session token from its prefetched records when
+    /// admitting it writes nothing: a live session of an enabled user whose
+    /// activity was recorded within the minute, and no refusal summary due.
+    /// That is what `authenticate_prefetched` would answer, decided without
+    /// leaving an async worker. `None`: take `authenticate_prefetched` (on
+    /// the blocking pool), which refuses, audits and records as usual.
+    pub fn principal_without_io(
+        &self,
+        authorization: Option<&str>,
+        prefetch: &SessionPrefetch,
+    ) -> Option<Principal> {
+        if authorization != Some(prefetch.authorization.as_str()) || prefetch.found.len() != 3 {
+            return None;
+        }
+        let started = Instant::now();
+        let now = now_us();
+        if self.failure_audit_due(now) {
+            return None;
+        }
+        let claims = &prefetch.claims;
+        let (session, epoch, user) = decode_session_records(claims, &prefetch.found).ok()?;
+        if session_refusal(claims, session.as_ref(), &epoch, user.as_ref(), now).is_some() {
+            return None;
+        }
+        let (_, user) = user?;
+        if user.disabled || !self.users.touch_in_memory(&user, now) {
+            return None;
+        }
+        self.metrics.auth_attempts.with_label_values(&["jwt"]).inc();
+        self.metrics
+            .auth_latency
+            .observe(started.elapsed().as_secs_f64());
+        Some(Principal {
+            user_id: user.id,
+            email: user.email,
+            roles: user.roles,
+            credential: Credential::Session {
+                session_id: claims.sid.clone(),
+            },
         })
     }
 
@@ -186,33 +271,8 @@ impl AuthService {
                 (claims, found)
             }
         };
-        let session = decode_opt::<Session>(Collection::Sessions, &claims.sid, found[0].as_ref())?
-            .map(|(_, s)| s);
-        let epoch =
-            decode_opt::<RevocationEpoch>(Collection::AuthState, EPOCH_ID, found[1].as_ref())?
-                .map(|(_, e)| e)
-                .unwrap_or_default();
-        let user = decode_opt::<User>(Collection::Users, &claims.sub, found[2].as_ref())?;
-        let now = now_us();
-        let revoked = match &session {
-            None => Some("session not found"),
-            Some(s) if s.user_id != claims.sub => Some("session belongs to another user"),
-            Some(s) if s.revoked_at.is_some() => Some("session revoked"),
-            Some(s) if s.created_at < epoch.revoked_before => {
-                Some("session revoked (all sessions were revoked)")
-            }
-            Some(s) if s.expires_at <= now => Some("session expired"),
-            // A disabled account is reported as such (by `principal_from`);
-            // once enabled again, its sessions from before stay ended.
-            Some(s)
-                if user
-                    .as_ref()
-                    .is_some_and(|(_, u)| !u.disabled && u.session_generation != s.generation) =>
-            {
-                Some("session ended by a password change or account disable")
-            }
-            Some(_) => None,
-        };
+        let (session, epoch, user) = decode_session_records(&claims, &found)?;
+        let revoked = session_refusal(&claims, session.as_ref(), &epoch, user.as_ref(), now_us());
         if let Some(why) = revoked {
             return Err(self.fail(
                 auth_method::JWT,

@@ -161,11 +161,7 @@ impl Users {
     /// Notes activity; persists it when the stored value is over a minute old.
     pub(crate) fn touch(&self, user: &User, version: u64) {
         let now = now_us();
-        self.activity.lock().insert(user.id.clone(), now);
-        if user
-            .last_active_at
-            .is_some_and(|t| now - t < ACTIVITY_FLUSH_US)
-        {
+        if self.touch_in_memory(user, now) {
             return;
         }
         let mut u = user.clone();
@@ -176,6 +172,14 @@ impl Users {
                 .store
                 .write(vec![op], crate::store::Durability::Visible);
         }
+    }
+
+    /// Records activity in memory; `false` when the stored record is due a
+    /// write too (its `last_active_at` is more than a minute old).
+    pub(crate) fn touch_in_memory(&self, user: &User, now: i64) -> bool {
+        self.activity.lock().insert(user.id.clone(), now);
+        user.last_active_at
+            .is_some_and(|t| now - t < ACTIVITY_FLUSH_US)
     }
 
     pub(crate) fn last_active(&self, user: &User) -> Option<i64> {

@@ -221,6 +221,11 @@ impl<'a> ListQuery<'a> {
     }
 }
 
+/// What `Store::get_many_async` returns: owned, so it outlives the call.
+pub type ManyFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Option<Record>>, StoreError>> + Send>,
+>;
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// An expectation did not hold (or a concurrent writer got there first).
@@ -267,6 +272,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// session, revocation epoch and user together.
     fn get_many(&self, keys: &[(Collection, &str)]) -> Result<Vec<Option<Record>>, StoreError> {
         keys.iter().map(|(c, id)| self.get(*c, id)).collect()
+    }
+
+    /// `get_many` as a future, for a caller on an async worker. The default
+    /// answers at once (the embedded store reads memory); a shared store
+    /// answers without parking a blocking-pool thread on the round trip.
+    fn get_many_async(&self, keys: Vec<(Collection, String)>) -> ManyFuture {
+        let borrowed: Vec<(Collection, &str)> =
+            keys.iter().map(|(c, id)| (*c, id.as_str())).collect();
+        Box::pin(std::future::ready(self.get_many(&borrowed)))
     }
 
     fn list(

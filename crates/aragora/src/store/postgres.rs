@@ -553,6 +553,41 @@ async fn write_once(
     }
 }
 
+async fn get_many_on(
+    pool: Pool,
+    target: String,
+    keys: Vec<(Collection, String)>,
+) -> Result<Vec<Option<Record>>, StoreError> {
+    let collections: Vec<&'static str> = keys.iter().map(|(c, _)| c.name()).collect();
+    let ids: Vec<&str> = keys.iter().map(|(_, id)| id.as_str()).collect();
+    let client = pool.get().await.map_err(|e| pool_err(e, &target))?;
+    let stmt = client
+        .prepare_cached(GET_MANY)
+        .await
+        .map_err(|e| pg_err(e, &target, None))?;
+    let rows = client
+        .query(&stmt, &[&collections, &ids])
+        .await
+        .map_err(|e| pg_err(e, &target, None))?;
+    let mut out: Vec<Option<Record>> = vec![None; keys.len()];
+    for r in rows {
+        let ord: i64 = r.get(0);
+        let slot = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+            .ok_or_else(|| {
+                StoreError::Backend(format!(
+                    "PostgreSQL at {target}: get_many row {ord} out of range"
+                ))
+            })?;
+        *slot = Some(Record {
+            version: version_of(r.get(1)),
+            value: Arc::from(r.get::<_, Vec<u8>>(2)),
+        });
+    }
+    Ok(out)
+}
+
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
         "postgres"
@@ -580,36 +615,27 @@ impl Store for PostgresStore {
 
     /// One statement, so one snapshot: the records as of one point in time.
     fn get_many(&self, keys: &[(Collection, &str)]) -> Result<Vec<Option<Record>>, StoreError> {
-        let collections: Vec<&'static str> = keys.iter().map(|(c, _)| c.name()).collect();
-        let ids: Vec<String> = keys.iter().map(|(_, id)| id.to_string()).collect();
-        let n = keys.len();
-        self.run(move |pool, target| async move {
-            let client = pool.get().await.map_err(|e| pool_err(e, &target))?;
-            let stmt = client
-                .prepare_cached(GET_MANY)
-                .await
-                .map_err(|e| pg_err(e, &target, None))?;
-            let rows = client
-                .query(&stmt, &[&collections, &ids])
-                .await
-                .map_err(|e| pg_err(e, &target, None))?;
-            let mut out: Vec<Option<Record>> = vec![None; n];
-            for r in rows {
-                let ord: i64 = r.get(0);
-                let slot = usize::try_from(ord - 1)
-                    .ok()
-                    .and_then(|i| out.get_mut(i))
-                    .ok_or_else(|| {
-                        StoreError::Backend(format!(
-                            "PostgreSQL at {target}: get_many row {ord} out of range"
-                        ))
-                    })?;
-                *slot = Some(Record {
-                    version: version_of(r.get(1)),
-                    value: Arc::from(r.get::<_, Vec<u8>>(2)),
-                });
-            }
-            Ok(out)
+        let keys: Vec<(Collection, String)> =
+            keys.iter().map(|(c, id)| (*c, id.to_string())).collect();
+        self.run(move |pool, target| get_many_on(pool, target, keys))
+    }
+
+    /// Runs on the store's runtime (where its connections live) and is
+    /// awaited from the caller's: no blocking thread waits on the round trip.
+    fn get_many_async(&self, keys: Vec<(Collection, String)>) -> super::ManyFuture {
+        let Some(rt) = self.rt.as_ref() else {
+            return Box::pin(std::future::ready(Err(StoreError::Unavailable(
+                "the PostgreSQL store is closing".into(),
+            ))));
+        };
+        let task = rt.spawn(get_many_on(self.pool.clone(), self.target.clone(), keys));
+        let target = self.target.clone();
+        Box::pin(async move {
+            task.await.unwrap_or_else(|e| {
+                Err(StoreError::Unavailable(format!(
+                    "the PostgreSQL client task for {target} stopped: {e}"
+                )))
+            })
         })
     }
 
