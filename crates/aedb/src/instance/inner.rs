@@ -372,6 +372,8 @@ impl Inner {
             self.config.checkpoint_key.as_ref(),
             &mut |_| {},
         )?;
+        let table_bytes: u64 = flush.written.iter().map(|t| t.bytes).sum();
+        let (tables_written, rewrite) = (flush.written.len(), flush.rewrite);
         let (old, obsolete, replaced_tables) = {
             let mut ms = self.manifest.lock();
             let replaced_tables = if flush.rewrite {
@@ -426,6 +428,9 @@ impl Inner {
         tracing::info!(
             lsn = meta.lsn,
             bytes = meta.bytes,
+            table_bytes,
+            tables_written,
+            rewrite,
             ?duration,
             removed = obsolete.len(),
             "checkpoint written"
@@ -433,7 +438,7 @@ impl Inner {
         Ok(CheckpointInfo {
             file: self.dir.join(&meta.file),
             lsn: meta.lsn,
-            bytes: meta.bytes,
+            bytes: meta.bytes + table_bytes,
             duration,
             segments_removed: obsolete.len(),
         })

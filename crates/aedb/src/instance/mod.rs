@@ -45,8 +45,11 @@ pub struct CommitResult {
 /// What `checkpoint()` wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointInfo {
+    /// The catalog checkpoint file (the data went to table files).
     pub file: PathBuf,
     pub lsn: u64,
+    /// Bytes written: the checkpoint file plus the table files of the flush (what
+    /// changed since the last checkpoint, or everything for a rewrite).
     pub bytes: u64,
     pub duration: Duration,
     /// WAL segment files removed because the checkpoint covers them.
