@@ -68,6 +68,12 @@ fn a_flush_writes_only_what_changed_and_reopen_reads_it_back() {
     db.checkpoint().expect("second checkpoint");
     let m = manifest_of(dir.path());
     assert_eq!(m.tables.len(), 2);
+    let metrics = db.operational_metrics();
+    assert_eq!(metrics.table_files, 2);
+    assert_eq!(
+        metrics.table_bytes,
+        m.tables.iter().map(|t| t.bytes).sum::<u64>()
+    );
     let delta = &m.tables[1];
     assert_eq!(
         (delta.level, delta.entries),

@@ -258,6 +258,8 @@ impl Inner {
         {
             let ms = self.manifest.lock();
             m.wal_segments = ms.sealed.len() as u64 + 1;
+            m.table_files = ms.tables.len() as u64;
+            m.table_bytes = ms.tables.iter().map(|t| t.bytes).sum();
             m.checkpoint_lsn = ms.checkpoint.as_ref().map(|c| c.lsn);
         }
         let ck = self.checkpointing.lock();
