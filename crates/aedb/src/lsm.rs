@@ -11,7 +11,27 @@
 //! tombstone survives it.
 //!
 //! Stage note (issue #18): open still loads every table into the in-memory state;
-//! reads do not go to the tables yet.
+//! reads do not go to the tables yet. The next step, as planned:
+//! - the state's maps become the memtable: after a flush's manifest switch, under
+//!   the commit lock, every entry with a version at or below the flushed LSN is
+//!   evicted from the published state (tombstones too: the flush writes each one
+//!   as a delete, so conflict checks find its version in the tables);
+//! - a flush then writes the memtable's entries above the last flushed LSN (no
+//!   diff), and `purge_tombstones` never purges past the last flushed LSN (an
+//!   unflushed tombstone hides an older value in the tables);
+//! - `DbState` carries an `Arc` of the open table set (newest first): a snapshot
+//!   pins the tables it reads; a replaced table's file is removed when its last
+//!   reader drops;
+//! - reads (`KvView`, `TableView`, conflict checks, assertions, queries, audit
+//!   heads, digests) go memtable first, then the tables through the shared
+//!   `BlockCache` (`AedbConfig::cache_bytes`); reverse scans need a reverse table
+//!   iterator; live counts are kept per keyspace in the catalog and adjusted by a
+//!   bloom-filtered table lookup when a write finds no memtable entry;
+//! - a table read can fail (I/O, corruption), but `KvView::get`, `scan_*` and
+//!   `TableView::len` are infallible and used by aedb-bench: they need fallible
+//!   forms (the `ReadTx` API already returns `ReadError`);
+//! - the rewrite merges the tables (`MergeIter`, tombstones dropped at the
+//!   bottom) instead of walking the in-memory state.
 //!
 //! Internal keys: `name(project) name(scope) 0x00 key` for a KV entry and
 //! `name(project) name(scope) 0x01 name(table) key` for a row, where `name` escapes
