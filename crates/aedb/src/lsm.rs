@@ -429,29 +429,39 @@ pub(crate) fn open_tables(
 }
 
 /// Opens the table file at `path` under whichever of `keys` (or none) its footer
-/// names, verifies every block and the file's SHA-256 against `digest`, and
-/// describes it as a manifest lists it (level 0: a restored table's level is not
-/// recorded; only the rewrite policy reads it).
+/// names, verifies every block and, when given, the file's SHA-256 against
+/// `expected`, and describes it as a manifest lists it (level 0: a restored
+/// table's level is not recorded; only the rewrite policy reads it).
 pub(crate) fn verify_table_file(
     fs: &dyn Storage,
     path: &Path,
     id: u64,
     keys: &[&SecretKey],
     cache: &Arc<BlockCache>,
-    digest: &[u8; 32],
+    expected: Option<&[u8; 32]>,
 ) -> Result<LiveTable, AedbError> {
     let mut last = None;
     for key in keys.iter().copied().map(Some).chain(std::iter::once(None)) {
         match TableReader::open(fs, path, id, key, Arc::clone(cache)) {
             Ok(reader) => {
-                reader.verify_full(digest).map_err(table_error)?;
+                let digest = match expected {
+                    Some(d) => {
+                        reader.verify_full(d).map_err(table_error)?;
+                        *d
+                    }
+                    None => {
+                        let d = reader.file_digest().map_err(table_error)?;
+                        reader.verify_blocks().map_err(table_error)?;
+                        d
+                    }
+                };
                 let first = reader.iter_all().next().transpose().map_err(table_error)?;
                 let (min_seq, max_seq) = reader.seq_range();
                 return Ok(LiveTable {
                     id,
                     level: 0,
                     bytes: reader.file_len(),
-                    digest: *digest,
+                    digest,
                     entries: reader.entries(),
                     first_key: first.map(|e| e.key).unwrap_or_default(),
                     last_key: reader.last_key().to_vec(),

@@ -352,3 +352,49 @@ fn encrypted_tables_follow_a_checkpoint_key_rotation() {
     assert_eq!(get(&db, b"k").as_deref(), Some(&b"secret-value"[..]));
     db.close().expect("close");
 }
+
+/// Permissive recovery without a usable manifest keeps the data in the tables
+/// (the newest checkpoint holds only the catalog): every table file that
+/// verifies is merged, then the WAL after the checkpoint replays.
+#[test]
+fn permissive_recovery_without_a_manifest_uses_the_tables_present() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    for i in 0..30u32 {
+        db.kv_set("p", "s", format!("k{i}").as_bytes(), b"v")
+            .expect("set");
+    }
+    db.checkpoint().expect("checkpoint");
+    db.kv_del("p", "s", b"k3").expect("delete");
+    db.checkpoint().expect("flush");
+    db.kv_set("p", "s", b"after", b"v")
+        .expect("set after the checkpoint");
+    db.close().expect("close");
+    std::fs::write(dir.path().join("MANIFEST"), b"garbage\n").expect("damage the manifest");
+    assert!(
+        AedbInstance::<Dev>::open(AedbConfig::development(), dir.path()).is_err(),
+        "strict refuses"
+    );
+    let permissive = AedbConfig::development()
+        .with_checkpoint_policy(None, None)
+        .with_recovery_mode(crate::config::RecoveryMode::Permissive);
+    let db = AedbInstance::open(permissive, dir.path()).expect("permissive open");
+    assert_eq!(get(&db, b"k7").as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        get(&db, b"k3"),
+        None,
+        "the flushed tombstone still hides k3"
+    );
+    assert_eq!(get(&db, b"after").as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        db.snapshot().expect("snap").kv("p", "s").expect("kv").len(),
+        30
+    );
+    db.close().expect("close");
+    let db = open(dir.path());
+    assert_eq!(
+        db.snapshot().expect("snap").kv("p", "s").expect("kv").len(),
+        30
+    );
+    db.close().expect("close");
+}

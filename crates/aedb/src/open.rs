@@ -316,9 +316,10 @@ pub(crate) fn load_manifest_and_checkpoint(
         meta = Some((loaded, m));
     }
     let checkpoint_holds_data = meta.as_ref().is_some_and(|(l, _)| holds_data(&l.state));
-    let tables = match &body {
-        Some(m) => live_tables(dir, m)?,
-        None => Vec::new(),
+    let tables = match (&body, &meta) {
+        (Some(m), _) => live_tables(dir, m)?,
+        (None, Some((_, c))) if !strict => tables_without_manifest(config, dir, c.lsn)?,
+        (None, _) => Vec::new(),
     };
     if !tables.is_empty() {
         let Some((loaded, _)) = meta.as_mut() else {
@@ -362,7 +363,10 @@ pub(crate) fn load_manifest_and_checkpoint(
             }
         }
     }
-    let next_table_id = body.as_ref().map_or(0, |m| m.next_table_id);
+    let next_table_id = body.as_ref().map_or_else(
+        || tables.iter().map(|t| t.id + 1).max().unwrap_or(0),
+        |m| m.next_table_id,
+    );
     Ok(Loaded {
         manifest: body,
         checkpoint: meta,
@@ -371,6 +375,39 @@ pub(crate) fn load_manifest_and_checkpoint(
         next_table_id,
         checkpoint_holds_data,
     })
+}
+
+/// Permissive recovery without a usable manifest: every table file present that
+/// verifies in full and holds nothing after the checkpoint used (which a flush
+/// writes after its tables, so whatever its tables' manifest switch replaced is
+/// still here, and merging by version is right). A table that fails is skipped and
+/// reported; its writes after the previous checkpoint are still in the WAL.
+fn tables_without_manifest(
+    config: &AedbConfig,
+    dir: &Path,
+    checkpoint_lsn: u64,
+) -> Result<Vec<LiveTable>, AedbError> {
+    let fs = &*config.storage;
+    let keys = config.checkpoint_read_keys();
+    let cache = std::sync::Arc::new(BlockCache::new(config.cache_bytes));
+    let mut out = Vec::new();
+    for e in fs.list_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        let Some(id) = crate::table::parse_file_name(&e.name).filter(|_| !e.is_dir) else {
+            continue;
+        };
+        let path = dir.join(&e.name);
+        match lsm::verify_table_file(fs, &path, id, &keys, &cache, None) {
+            Ok(t) if t.max_seq <= checkpoint_lsn => out.push(t),
+            Ok(_) => {
+                tracing::warn!(file = %path.display(), "permissive recovery: skipping a table written after the checkpoint used")
+            }
+            Err(err) => {
+                tracing::warn!(file = %path.display(), error = %err, "permissive recovery: skipping a damaged table")
+            }
+        }
+    }
+    out.sort_by_key(|t| t.id);
+    Ok(out)
 }
 
 fn holds_data(state: &crate::model::state::DbState) -> bool {

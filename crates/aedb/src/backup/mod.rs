@@ -1000,7 +1000,7 @@ fn restored_tables(
             id,
             &keys,
             &cache,
-            &digest,
+            Some(&digest),
         )?);
     }
     Ok(out)
