@@ -71,7 +71,7 @@ enum Command {
         #[command(subcommand)]
         what: AuditCmd,
     },
-    /// Incident capture: copy WAL segments, manifest and checkpoint with SHA-256 sums.
+    /// Incident capture: copy WAL segments, manifest, checkpoint and table files with SHA-256 sums.
     Capture {
         #[arg(long)]
         data_dir: PathBuf,
@@ -742,7 +742,11 @@ fn capture(data_dir: &Path, out: &Path, live: bool) -> Result<Outcome> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             p.is_file()
-                && (n.ends_with(".seg") || n.ends_with(".ckpt") || n == "MANIFEST" || n == "LOCK")
+                && (n.ends_with(".seg")
+                    || n.ends_with(".ckpt")
+                    || n.ends_with(".tbl")
+                    || n == "MANIFEST"
+                    || n == "LOCK")
         })
         .collect();
     names.sort();

@@ -97,6 +97,9 @@ impl Default for Limits {
     }
 }
 
+/// Default size of the block cache of table files.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
 /// Configuration of an [`crate::AedbInstance`].
 #[derive(Clone, Debug)]
 pub struct AedbConfig {
@@ -130,6 +133,8 @@ pub struct AedbConfig {
     /// Where every file of the database, its backups and restores is read and
     /// written (`std::fs` unless `with_storage` says otherwise).
     pub storage: std::sync::Arc<dyn crate::storage::Storage>,
+    /// Bytes of decrypted table blocks kept in memory (the block cache).
+    pub cache_bytes: u64,
     pub(crate) manifest_key: Option<SecretKey>,
     pub(crate) checkpoint_key: Option<SecretKey>,
     /// The checkpoint key being rotated away from: still accepted for reading.
@@ -155,6 +160,7 @@ impl AedbConfig {
             expected_head: None,
             durable_head_interval: Some(Duration::from_secs(1)),
             storage: crate::storage::os(),
+            cache_bytes: DEFAULT_CACHE_BYTES,
             manifest_key: None,
             checkpoint_key: None,
             previous_checkpoint_key: None,
@@ -178,6 +184,12 @@ impl AedbConfig {
     /// `FaultStorage`, a simulated disk with power-loss semantics).
     pub fn with_storage(mut self, storage: std::sync::Arc<dyn crate::storage::Storage>) -> Self {
         self.storage = storage;
+        self
+    }
+
+    /// Sets the block cache's size (see [`AedbConfig::cache_bytes`]).
+    pub fn with_cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
         self
     }
 

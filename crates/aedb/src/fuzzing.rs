@@ -660,6 +660,8 @@ pub fn craft_checkpoint(dir: &Path, c: &CraftedCheckpoint) -> Result<(), AedbErr
             chain_hash: hex::encode(h),
         }),
         manifest_key_id: None,
+        tables: Vec::new(),
+        next_table_id: 0,
     };
     manifest::write(&OS, dir, &body, None)
 }

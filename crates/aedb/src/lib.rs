@@ -15,6 +15,9 @@ pub mod error;
 pub mod fuzzing;
 pub mod instance;
 mod lock;
+pub(crate) mod lsm;
+#[cfg(test)]
+mod lsm_tests;
 pub(crate) mod manifest;
 pub mod metrics;
 pub(crate) mod model;

@@ -16,7 +16,33 @@ use crate::storage::{OpenMode, Storage};
 use crate::wal::writer::sync_dir;
 
 pub(crate) const MANIFEST_FILE: &str = "MANIFEST";
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// 2: user data lives in table files the manifest lists (`tables`); the
+/// checkpoint holds only the catalog. A version 1 manifest (no tables, the whole
+/// state in its checkpoint) still opens; the first checkpoint after it writes
+/// every entry into tables and a version 2 manifest.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+const OLDEST_FORMAT_VERSION: u32 = 1;
+
+/// A table file holding user data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TableRef {
+    pub id: u64,
+    pub file: String,
+    /// 0: a flush's changes; 1: a full rewrite (the bottom: no tombstones).
+    pub level: u8,
+    pub bytes: u64,
+    /// SHA-256 of the whole file.
+    pub sha256: String,
+    pub entries: u64,
+    /// Smallest and largest internal key (hex).
+    pub first_key: String,
+    pub last_key: String,
+    pub min_seq: u64,
+    pub max_seq: u64,
+    /// Id of the checkpoint key the blocks are sealed under (absent: plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct CheckpointRef {
@@ -79,6 +105,12 @@ pub(crate) struct ManifestBody {
     /// in manifests written before it existed): names the key in a mismatch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_key_id: Option<String>,
+    /// Version 2: the live table files, oldest first.
+    #[serde(default)]
+    pub tables: Vec<TableRef>,
+    /// Version 2: ids below this one may have been used (never reused).
+    #[serde(default)]
+    pub next_table_id: u64,
 }
 
 fn signer(key: &SecretKey, label: &[u8]) -> ring::hmac::Key {
@@ -211,7 +243,7 @@ pub(crate) fn read_any(
     };
     let parsed: ManifestBody = serde_json::from_str(&body)
         .map_err(|e| AedbError::corruption(&path, 0, format!("unreadable body: {e}")))?;
-    if parsed.format_version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&parsed.format_version) {
         return Err(AedbError::corruption(
             &path,
             0,

@@ -222,6 +222,10 @@ pub struct OperationalMetrics {
     pub wal_bytes_written: u64,
     /// Live WAL segment files.
     pub wal_segments: u64,
+    /// Table files holding the user data (as the manifest lists them).
+    pub table_files: u64,
+    /// Their total size in bytes.
+    pub table_bytes: u64,
     pub checkpoint_lsn: Option<u64>,
     /// Seconds since the live checkpoint was written (None: the database has none).
     pub checkpoint_age_secs: Option<f64>,

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{self, CheckpointMeta, LoadedState};
 use crate::config::{AedbConfig, DurabilityMode, RecoveryMode};
 use crate::error::AedbError;
-use crate::manifest::{self, CheckpointRef, DurableHeadRef, ManifestBody, SealedRef, SegmentRef};
+use crate::lsm::{self, LiveTable};
+use crate::manifest::{
+    self, CheckpointRef, DurableHeadRef, ManifestBody, SealedRef, SegmentRef, TableRef,
+};
+use crate::table::BlockCache;
 use crate::wal::ChainHead;
 use crate::wal::format::segment_file_name;
 use crate::wal::recovery::{ReplayStart, list_segments, segment_is_empty};
@@ -26,9 +30,21 @@ pub(crate) struct ManifestState {
     /// The durable end of the log, as far as it has been recorded (see
     /// `advance_durable_head`).
     pub durable_head: Option<ChainHead>,
+    /// The table files holding user data, oldest first.
+    pub tables: Vec<LiveTable>,
+    /// Next table id to hand out (ids are never reused).
+    pub next_table_id: u64,
 }
 
 impl ManifestState {
+    /// A fresh table id, never used in this directory.
+    pub fn allocate_table_id(&mut self) -> u64 {
+        // Table ids start at 1 (FORMAT.md, "Table files").
+        let id = self.next_table_id.max(1);
+        self.next_table_id = id + 1;
+        id
+    }
+
     /// Records that the log is durable up to `head`; true when that is news (the
     /// manifest is then worth rewriting).
     pub fn advance_durable_head(&mut self, head: ChainHead) -> bool {
@@ -86,8 +102,76 @@ pub(crate) fn write_manifest(
             chain_hash: hex::encode(d.hash),
         }),
         manifest_key_id: config.manifest_key_id_hex(),
+        tables: ms.tables.iter().map(table_ref).collect(),
+        next_table_id: ms.next_table_id,
     };
     manifest::write(&*config.storage, dir, &body, config.manifest_key.as_ref())
+}
+
+pub(crate) fn table_ref(t: &LiveTable) -> TableRef {
+    TableRef {
+        id: t.id,
+        file: t.file(),
+        level: t.level,
+        bytes: t.bytes,
+        sha256: hex::encode(t.digest),
+        entries: t.entries,
+        first_key: hex::encode(&t.first_key),
+        last_key: hex::encode(&t.last_key),
+        min_seq: t.min_seq,
+        max_seq: t.max_seq,
+        key_id: (t.key_id != [0u8; 8]).then(|| hex::encode(t.key_id)),
+    }
+}
+
+/// The manifest's table entries, checked for well-formedness (a signed manifest
+/// that does not parse is corruption, not a reason to guess).
+pub(crate) fn live_tables(dir: &Path, m: &ManifestBody) -> Result<Vec<LiveTable>, AedbError> {
+    let bad = |r: &TableRef, what: &str| {
+        AedbError::corruption(
+            dir.join(manifest::MANIFEST_FILE),
+            0,
+            format!("table {}: {what}", r.id),
+        )
+    };
+    let mut out = Vec::with_capacity(m.tables.len());
+    for r in &m.tables {
+        let hex_array = |s: &str| hex::decode(s).ok();
+        let digest = hex_array(&r.sha256)
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| bad(r, "sha256 is not a 32-byte hex digest"))?;
+        let key_id = match &r.key_id {
+            None => [0u8; 8],
+            Some(k) => hex_array(k)
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| bad(r, "key_id is not 8 hex-encoded bytes"))?,
+        };
+        let first_key = hex_array(&r.first_key).ok_or_else(|| bad(r, "first_key is not hex"))?;
+        let last_key = hex_array(&r.last_key).ok_or_else(|| bad(r, "last_key is not hex"))?;
+        if r.file != crate::table::file_name(r.id)
+            || r.id == 0
+            || r.id >= m.next_table_id
+            || r.level > 1
+        {
+            return Err(bad(r, "file name, id or level out of place"));
+        }
+        if out.iter().any(|t: &LiveTable| t.id == r.id) {
+            return Err(bad(r, "listed twice"));
+        }
+        out.push(LiveTable {
+            id: r.id,
+            level: r.level,
+            bytes: r.bytes,
+            digest,
+            entries: r.entries,
+            first_key,
+            last_key,
+            min_seq: r.min_seq,
+            max_seq: r.max_seq,
+            key_id,
+        });
+    }
+    Ok(out)
 }
 
 /// What replay starts from and must reach: the checkpoint, the durable head and
@@ -160,10 +244,17 @@ pub(crate) struct Loaded {
     pub checkpoint: Option<(LoadedState, CheckpointMeta)>,
     /// The manifest verified only under the previous manifest key (a rotation).
     pub manifest_under_previous_key: bool,
+    /// The tables the manifest lists (their data is in `checkpoint`'s state).
+    pub tables: Vec<LiveTable>,
+    pub next_table_id: u64,
+    /// The checkpoint file itself holds user data (format version 1).
+    pub checkpoint_holds_data: bool,
 }
 
-/// Reads the manifest and the checkpoint it names. Unless `read_only`, removes files
-/// the manifest shows to be obsolete (left by a crash after a checkpoint).
+/// Reads the manifest, the checkpoint it names and the tables it lists (loaded into
+/// the checkpoint's state; with `read_only`, as `aedb check invariants` does, every
+/// block of every table is verified too). Unless `read_only`, removes files the
+/// manifest shows to be obsolete (left by a crash after a checkpoint).
 pub(crate) fn load_manifest_and_checkpoint(
     dir: &Path,
     config: &AedbConfig,
@@ -224,6 +315,24 @@ pub(crate) fn load_manifest_and_checkpoint(
         }
         meta = Some((loaded, m));
     }
+    let checkpoint_holds_data = meta.as_ref().is_some_and(|(l, _)| holds_data(&l.state));
+    let tables = match (&body, &meta) {
+        (Some(m), _) => live_tables(dir, m)?,
+        (None, Some((_, c))) if !strict => tables_without_manifest(config, dir, c.lsn)?,
+        (None, _) => Vec::new(),
+    };
+    if !tables.is_empty() {
+        let Some((loaded, _)) = meta.as_mut() else {
+            return Err(AedbError::corruption(
+                dir.join(manifest::MANIFEST_FILE),
+                0,
+                "lists table files but no checkpoint (their catalog)",
+            ));
+        };
+        let cache = std::sync::Arc::new(BlockCache::new(config.cache_bytes));
+        let readers = lsm::open_tables(fs, dir, &tables, &keys, &cache, read_only)?;
+        lsm::load_into(&mut loaded.state, &readers, dir)?;
+    }
     // Checkpoints other than the live one, and segments before the first live one,
     // are leftovers of a checkpoint interrupted after its manifest was written.
     if let Some(m) = body.as_ref().filter(|_| !read_only) {
@@ -235,6 +344,17 @@ pub(crate) fn load_manifest_and_checkpoint(
                 fs.remove_file(p).map_err(|e| AedbError::io(p, e))?;
             }
         }
+        // Tables not listed were written by a flush or compaction whose manifest
+        // switch did not happen, or replaced by one that did.
+        for e in fs.list_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+            let Some(id) = crate::table::parse_file_name(&e.name) else {
+                continue;
+            };
+            if !e.is_dir && !tables.iter().any(|t| t.id == id) {
+                let p = dir.join(&e.name);
+                fs.remove_file(&p).map_err(|e| AedbError::io(&p, e))?;
+            }
+        }
         if let Some(first) = m.segments.first() {
             for (index, p) in &segments {
                 if *index < first.index {
@@ -243,11 +363,59 @@ pub(crate) fn load_manifest_and_checkpoint(
             }
         }
     }
+    let next_table_id = body.as_ref().map_or_else(
+        || tables.iter().map(|t| t.id + 1).max().unwrap_or(0),
+        |m| m.next_table_id,
+    );
     Ok(Loaded {
         manifest: body,
         checkpoint: meta,
         manifest_under_previous_key,
+        tables,
+        next_table_id,
+        checkpoint_holds_data,
     })
+}
+
+/// Permissive recovery without a usable manifest: every table file present that
+/// verifies in full and holds nothing after the checkpoint used (which a flush
+/// writes after its tables, so whatever its tables' manifest switch replaced is
+/// still here, and merging by version is right). A table that fails is skipped and
+/// reported; its writes after the previous checkpoint are still in the WAL.
+fn tables_without_manifest(
+    config: &AedbConfig,
+    dir: &Path,
+    checkpoint_lsn: u64,
+) -> Result<Vec<LiveTable>, AedbError> {
+    let fs = &*config.storage;
+    let keys = config.checkpoint_read_keys();
+    let cache = std::sync::Arc::new(BlockCache::new(config.cache_bytes));
+    let mut out = Vec::new();
+    for e in fs.list_dir(dir).map_err(|e| AedbError::io(dir, e))? {
+        let Some(id) = crate::table::parse_file_name(&e.name).filter(|_| !e.is_dir) else {
+            continue;
+        };
+        let path = dir.join(&e.name);
+        match lsm::verify_table_file(fs, &path, id, &keys, &cache, None) {
+            Ok(t) if t.max_seq <= checkpoint_lsn => out.push(t),
+            Ok(_) => {
+                tracing::warn!(file = %path.display(), "permissive recovery: skipping a table written after the checkpoint used")
+            }
+            Err(err) => {
+                tracing::warn!(file = %path.display(), error = %err, "permissive recovery: skipping a damaged table")
+            }
+        }
+    }
+    out.sort_by_key(|t| t.id);
+    Ok(out)
+}
+
+fn holds_data(state: &crate::model::state::DbState) -> bool {
+    state
+        .projects
+        .values()
+        .flat_map(|p| p.scopes.values())
+        .any(|s| !s.kv.is_empty() || s.tables.values().any(|t| !t.rows.is_empty()))
 }
 
 /// Strict mode: every segment the manifest lists must exist with the same range

@@ -398,6 +398,8 @@ pub(crate) fn verify_dir(config: &AedbConfig, dir: &Path) -> Result<VerifiedBack
 pub(crate) struct LiveFiles {
     pub checkpoint: Option<crate::checkpoint::CheckpointMeta>,
     pub segments: Vec<(u64, u64)>,
+    /// The table files the checkpoint's catalog goes with.
+    pub tables: Vec<crate::lsm::LiveTable>,
 }
 
 /// Copies `src` to `dst` (fsynced) while hashing it; returns (sha256 hex, bytes).
@@ -505,6 +507,30 @@ fn copy_live(
         }
         None => (0, hex::encode([0u8; 32])),
     };
+    // Tables are immutable: a copy is the file, checked against the digest the
+    // manifest records.
+    for t in &live.tables {
+        let file = t.file();
+        let (sha, bytes) = copy_hashed(
+            fs,
+            &data_dir.join(&file),
+            &staging.join(&file),
+            progress,
+            &mut done,
+        )?;
+        if sha != hex::encode(t.digest) || bytes != t.bytes {
+            return Err(AedbError::corruption(
+                data_dir.join(&file),
+                0,
+                "table does not match the digest the manifest records",
+            ));
+        }
+        members.push(Member {
+            file,
+            sha256: sha,
+            bytes,
+        });
+    }
     for (i, (index, first)) in live.segments.iter().enumerate() {
         let next_first = live.segments.get(i + 1).map_or(u64::MAX, |(_, f)| *f);
         // Only segments holding frames after the checkpoint, up to the end LSN.
@@ -821,6 +847,7 @@ fn verify_chain(config: &AedbConfig, chain: &[PathBuf]) -> Result<ChainReport, A
         }
         None => (0, hex::encode([0u8; 32])),
     };
+    restored_tables(config, first, &full.descriptor)?;
     let mut frames = verify_wal_members(config, first, &full.descriptor, (start.0, &start.1))?;
     let mut backups = vec![full];
 
@@ -947,6 +974,38 @@ fn restore_chain(
     })
 }
 
+/// The table members of a full backup, each opened under the configured key it
+/// is sealed under and verified block by block against its member digest, as
+/// the manifest of a restore lists them.
+fn restored_tables(
+    config: &AedbConfig,
+    dir: &Path,
+    d: &BackupDescriptor,
+) -> Result<Vec<crate::lsm::LiveTable>, AedbError> {
+    let keys = config.checkpoint_read_keys();
+    let cache = std::sync::Arc::new(crate::table::BlockCache::new(config.cache_bytes));
+    let mut out = Vec::new();
+    for m in &d.members {
+        let Some(id) = crate::table::parse_file_name(&m.file) else {
+            continue;
+        };
+        let path = dir.join(&m.file);
+        let digest = hex::decode(&m.sha256)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| AedbError::corruption(&path, 0, "member digest is not SHA-256 hex"))?;
+        out.push(crate::lsm::verify_table_file(
+            &*config.storage,
+            &path,
+            id,
+            &keys,
+            &cache,
+            Some(&digest),
+        )?);
+    }
+    Ok(out)
+}
+
 fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<(), AedbError> {
     let fs = &*config.storage;
     let full = &chain.backups[0];
@@ -962,6 +1021,11 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
             &staging.join(&m.file),
             &mut |_| {},
         )?;
+    }
+    let tables = restored_tables(config, &full.dir, &full.descriptor)?;
+    for t in &tables {
+        let file = t.file();
+        copy_file_synced(fs, &full.dir.join(&file), &staging.join(&file), &mut |_| {})?;
     }
     // Later copies of a segment extend earlier ones: keep the longest, and insist
     // that each earlier copy is a prefix of it.
@@ -1020,6 +1084,8 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         backup_floor_lsn: None,
         durable_head: None,
         manifest_key_id: config.manifest_key_id_hex(),
+        next_table_id: tables.iter().map(|t| t.id + 1).max().unwrap_or(0),
+        tables: tables.iter().map(crate::open::table_ref).collect(),
     };
     crate::manifest::write(fs, staging, &body, config.manifest_key.as_ref())?;
     let mut strict = config.clone();

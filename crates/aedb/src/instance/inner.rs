@@ -20,6 +20,7 @@ use crate::checkpoint;
 use crate::config::{AedbConfig, DurabilityMode};
 use crate::error::AedbError;
 use crate::lock::DirLock;
+use crate::lsm::{self, LiveTable};
 use crate::metrics::{Counters, OperationalMetrics};
 use crate::model::state::DbState;
 use crate::open::{ManifestState, write_manifest};
@@ -62,8 +63,19 @@ pub(super) struct Inner {
     _lock: DirLock,
 }
 
+/// What `flush_tables` wrote.
+struct Flush {
+    written: Vec<LiveTable>,
+    /// The tables replace every listed one (else they are added).
+    rewrite: bool,
+}
+
 pub(super) struct CheckpointState {
     snapshot: Option<Arc<DbState>>,
+    /// The listed tables hold exactly the user data of `snapshot`, so the next
+    /// flush may write only the difference (false after opening a directory whose
+    /// checkpoint still holds the data itself: format version 1).
+    tables_hold_snapshot: bool,
     /// When the live checkpoint was written (its file time after a reopen).
     written_at: Option<std::time::SystemTime>,
     last_at: std::time::Instant,
@@ -75,10 +87,12 @@ impl CheckpointState {
     /// The checkpoint recovery started from (if any), as found at open.
     pub(super) fn at_open(
         snapshot: Option<Arc<DbState>>,
+        tables_hold_snapshot: bool,
         written_at: Option<std::time::SystemTime>,
     ) -> Self {
         Self {
             snapshot,
+            tables_hold_snapshot,
             written_at,
             last_at: std::time::Instant::now(),
             last_appended: 0,
@@ -223,6 +237,7 @@ impl Inner {
         LiveFiles {
             checkpoint: ms.checkpoint.clone(),
             segments: live_segments(&ms),
+            tables: ms.tables.clone(),
         }
     }
 
@@ -243,6 +258,8 @@ impl Inner {
         {
             let ms = self.manifest.lock();
             m.wal_segments = ms.sealed.len() as u64 + 1;
+            m.table_files = ms.tables.len() as u64;
+            m.table_bytes = ms.tables.iter().map(|t| t.bytes).sum();
             m.checkpoint_lsn = ms.checkpoint.as_ref().map(|c| c.lsn);
         }
         let ck = self.checkpointing.lock();
@@ -345,18 +362,28 @@ impl Inner {
                 ms.generation + 1,
             )
         };
+        let base = ck.snapshot.as_deref().filter(|_| ck.tables_hold_snapshot);
+        let flush = self.flush_tables(base, &state)?;
         let meta = checkpoint::write(
             &*self.config.storage,
             &self.dir,
             &name,
-            &state,
+            &lsm::catalog_only(&state),
             &idempotency,
             chain_head,
             self.config.checkpoint_key.as_ref(),
             &mut |_| {},
         )?;
-        let (old, obsolete) = {
+        let table_bytes: u64 = flush.written.iter().map(|t| t.bytes).sum();
+        let (tables_written, rewrite) = (flush.written.len(), flush.rewrite);
+        let (old, obsolete, replaced_tables) = {
             let mut ms = self.manifest.lock();
+            let replaced_tables = if flush.rewrite {
+                std::mem::replace(&mut ms.tables, flush.written)
+            } else {
+                ms.tables.extend(flush.written);
+                Vec::new()
+            };
             let old = ms.checkpoint.replace(meta.clone());
             ms.advance_durable_head(ChainHead {
                 lsn: meta.lsn,
@@ -370,8 +397,16 @@ impl Inner {
                 .partition(|s| s.last_lsn <= removable_to);
             ms.sealed = keep;
             write_manifest(&self.dir, &self.config, &mut ms)?;
-            (old, obsolete)
+            (old, obsolete, replaced_tables)
         };
+        // Nothing reads table files after open yet (the state is in memory), so a
+        // replaced table is garbage once the manifest no longer lists it.
+        for t in &replaced_tables {
+            let p = self.dir.join(t.file());
+            if let Err(e) = self.config.storage.remove_file(&p) {
+                tracing::warn!(file = %p.display(), error = %e, "could not remove a replaced table");
+            }
+        }
         // Only now that the new manifest is durable are the old files garbage.
         for s in &obsolete {
             let p = self.dir.join(segment_file_name(s.index));
@@ -387,6 +422,7 @@ impl Inner {
         }
         let duration = started.elapsed();
         ck.snapshot = Some(state);
+        ck.tables_hold_snapshot = true;
         ck.written_at = Some(std::time::SystemTime::now());
         ck.last_at = std::time::Instant::now();
         ck.last_appended = appended;
@@ -394,6 +430,9 @@ impl Inner {
         tracing::info!(
             lsn = meta.lsn,
             bytes = meta.bytes,
+            table_bytes,
+            tables_written,
+            rewrite,
             ?duration,
             removed = obsolete.len(),
             "checkpoint written"
@@ -401,9 +440,41 @@ impl Inner {
         Ok(CheckpointInfo {
             file: self.dir.join(&meta.file),
             lsn: meta.lsn,
-            bytes: meta.bytes,
+            bytes: meta.bytes + table_bytes,
             duration,
             segments_removed: obsolete.len(),
+        })
+    }
+
+    /// Writes the user data of `state` into table files: what changed since `base`
+    /// (the state the listed tables hold) as level-0 tables, or everything as
+    /// level-1 tables when there is no base, when `COMPACT_AT_TABLES` level-0
+    /// tables have piled up, or when a table is sealed under another key than the
+    /// configured one (a key rotation). The manifest is not changed here.
+    fn flush_tables(&self, base: Option<&DbState>, state: &DbState) -> Result<Flush, AedbError> {
+        let key = self.config.checkpoint_key.as_ref();
+        let key_id = key.map(crate::crypto::key_id).unwrap_or_default();
+        let rewrite = {
+            let ms = self.manifest.lock();
+            base.is_none()
+                || ms.tables.iter().filter(|t| t.level == 0).count() >= lsm::COMPACT_AT_TABLES
+                || ms.tables.iter().any(|t| t.key_id != key_id)
+        };
+        let mut next_id = || self.manifest.lock().allocate_table_id();
+        let mut sink = lsm::FlushSink::new(
+            &*self.config.storage,
+            &self.dir,
+            key,
+            if rewrite { 1 } else { 0 },
+            &mut next_id,
+        );
+        match base {
+            Some(base) if !rewrite => lsm::write_changes(&mut sink, base, state)?,
+            _ => lsm::write_all(&mut sink, state)?,
+        }
+        Ok(Flush {
+            written: sink.finish()?,
+            rewrite,
         })
     }
 

@@ -45,8 +45,11 @@ pub struct CommitResult {
 /// What `checkpoint()` wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointInfo {
+    /// The catalog checkpoint file (the data went to table files).
     pub file: PathBuf,
     pub lsn: u64,
+    /// Bytes written: the checkpoint file plus the table files of the flush (what
+    /// changed since the last checkpoint, or everything for a rewrite).
     pub bytes: u64,
     pub duration: Duration,
     /// WAL segment files removed because the checkpoint covers them.
@@ -397,6 +400,8 @@ impl<M> AedbInstance<M> {
         let mut cs = CommitState::recovering(config.limits.max_idempotency_records);
         let loaded = load_manifest_and_checkpoint(&dir, &config, false)?;
         let manifest_body = loaded.manifest;
+        let (live_tables, next_table_id) = (loaded.tables, loaded.next_table_id);
+        let tables_hold_checkpoint = !loaded.checkpoint_holds_data;
         let manifest_under_previous_key = loaded.manifest_under_previous_key;
         let mut ckpt_meta = None;
         // The checkpoint's state, kept for `ConsistencyMode::AtCheckpoint` (an O(1)
@@ -518,6 +523,8 @@ impl<M> AedbInstance<M> {
                 lsn: wal_lsn,
                 hash: wal_head,
             }),
+            tables: live_tables,
+            next_table_id,
         };
         write_manifest(&dir, &config, &mut ms)?;
         // Nothing is open yet: replayed deletes need no tombstones.
@@ -535,7 +542,7 @@ impl<M> AedbInstance<M> {
             wal,
             recovered.report,
             ms,
-            CheckpointState::at_open(ckpt_snapshot, ckpt_written_at),
+            CheckpointState::at_open(ckpt_snapshot, tables_hold_checkpoint, ckpt_written_at),
             lock,
         ));
         if let Some(why) = resign {

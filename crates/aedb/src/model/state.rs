@@ -23,6 +23,14 @@ pub(crate) struct Versioned<T> {
     pub value: Option<T>,
 }
 
+/// Equal when written by the same commit: one commit writes a key once, so the
+/// version names the value (what a flush's diff against the last one needs).
+impl<T> PartialEq for Versioned<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version && self.value.is_some() == other.value.is_some()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct TableState {
     pub schema: Arc<TableSchema>,

@@ -5,9 +5,9 @@
 //! One concern per file: `format` (footer, names, sealing), `block` (data and index
 //! block contents), `bloom`, `writer`, `reader`, `cache`, `merge`, `error`.
 
-// Not wired into the engine yet: issue #18's next step (memtable flush, manifest
-// entries, compaction) is its first caller. Until then only the tests use it,
-// and the re-exports below are that next step's paths.
+// Checkpoints write tables and open merges them (`lsm.rs`); point lookups, range
+// scans and the shared block cache wait for reads to go through the tables
+// (issue #18's next step), so parts are still used by the tests only.
 #![allow(dead_code, unused_imports)]
 
 mod block;

@@ -151,6 +151,16 @@ impl TableReader {
         self.footer.data_blocks
     }
 
+    pub(crate) fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The largest user key in the table (the index's last entry; empty for a
+    /// table without blocks, which the writer never produces).
+    pub(crate) fn last_key(&self) -> &[u8] {
+        self.index.last().map_or(&[], |e| e.last_key.as_slice())
+    }
+
     pub(crate) fn seq_range(&self) -> (u64, u64) {
         (self.footer.min_seq, self.footer.max_seq)
     }

@@ -1,0 +1,400 @@
+//! The engine with its data in table files: flushes write what changed, rewrites
+//! drop tombstones and old files, open verifies what the manifest lists, and a
+//! version 1 directory (the data in its checkpoint) migrates.
+
+use std::path::Path;
+
+use crate::checkpoint;
+use crate::config::AedbConfig;
+use crate::instance::{AedbInstance, Dev};
+use crate::lsm::COMPACT_AT_TABLES;
+use crate::manifest::{self, ManifestBody};
+use crate::model::value::{Column, ColumnType, TableSchema, Value};
+use crate::storage::OsStorage;
+
+fn manifest_of(dir: &Path) -> ManifestBody {
+    manifest::read(&OsStorage, dir, None)
+        .expect("manifest reads")
+        .expect("a manifest exists")
+}
+
+fn table_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| crate::table::parse_file_name(n).is_some())
+        .collect();
+    names.sort();
+    names
+}
+
+fn open(dir: &Path) -> AedbInstance<Dev> {
+    // No automatic checkpoints: each test decides when a flush happens.
+    let config = AedbConfig::development().with_checkpoint_policy(None, None);
+    AedbInstance::open(config, dir).expect("open")
+}
+
+fn get(db: &AedbInstance<Dev>, key: &[u8]) -> Option<Vec<u8>> {
+    let snap = db.snapshot().expect("snapshot");
+    let v = snap.kv("p", "s").expect("kv").get(key);
+    v.map(|v| v.to_vec())
+}
+
+fn setup(dir: &Path) -> AedbInstance<Dev> {
+    let db = open(dir);
+    db.create_project("p").expect("project");
+    db.create_scope("p", "s").expect("scope");
+    db
+}
+
+#[test]
+fn a_flush_writes_only_what_changed_and_reopen_reads_it_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    for i in 0..200u32 {
+        db.kv_set("p", "s", format!("k{i:04}").as_bytes(), &i.to_le_bytes())
+            .expect("set");
+    }
+    db.checkpoint().expect("first checkpoint");
+    let m = manifest_of(dir.path());
+    assert_eq!(m.format_version, manifest::FORMAT_VERSION);
+    assert_eq!(m.tables.len(), 1, "no base yet: one rewrite");
+    assert_eq!((m.tables[0].level, m.tables[0].entries), (1, 200));
+
+    db.kv_set("p", "s", b"k0001", b"new").expect("update");
+    db.kv_set("p", "s", b"new-key", b"v").expect("insert");
+    db.kv_del("p", "s", b"k0002").expect("delete");
+    db.checkpoint().expect("second checkpoint");
+    let m = manifest_of(dir.path());
+    assert_eq!(m.tables.len(), 2);
+    let metrics = db.operational_metrics();
+    assert_eq!(metrics.table_files, 2);
+    assert_eq!(
+        metrics.table_bytes,
+        m.tables.iter().map(|t| t.bytes).sum::<u64>()
+    );
+    let delta = &m.tables[1];
+    assert_eq!(
+        (delta.level, delta.entries),
+        (0, 3),
+        "the flush holds the update, the insert and the tombstone only"
+    );
+    // A checkpoint with nothing changed writes no table.
+    db.checkpoint().expect("third checkpoint");
+    assert_eq!(manifest_of(dir.path()).tables.len(), 2);
+    db.close().expect("close");
+
+    let db = open(dir.path());
+    assert_eq!(get(&db, b"k0001").as_deref(), Some(&b"new"[..]));
+    assert_eq!(get(&db, b"new-key").as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        get(&db, b"k0002"),
+        None,
+        "the tombstone hides the older put"
+    );
+    assert_eq!(
+        get(&db, b"k0199").as_deref(),
+        Some(&199u32.to_le_bytes()[..])
+    );
+    assert_eq!(
+        db.snapshot().expect("snap").kv("p", "s").expect("kv").len(),
+        200
+    );
+    db.close().expect("close");
+    let report = crate::check::inspect(dir.path(), &AedbConfig::development()).expect("inspect");
+    assert!(report.ok(), "{:?}", report.checks);
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.name == "table files" && c.ok),
+        "{:?}",
+        report.checks
+    );
+}
+
+#[test]
+fn level_zero_tables_are_rewritten_into_one_level_without_tombstones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    db.kv_set("p", "s", b"keep", b"1").expect("set");
+    db.kv_set("p", "s", b"gone", b"1").expect("set");
+    db.checkpoint().expect("base");
+    let first_files = table_files(dir.path());
+    db.kv_del("p", "s", b"gone").expect("delete");
+    db.checkpoint().expect("the tombstone's flush");
+    for i in 1..COMPACT_AT_TABLES {
+        db.kv_set("p", "s", format!("x{i}").as_bytes(), b"v")
+            .expect("set");
+        db.checkpoint().expect("flush");
+    }
+    let m = manifest_of(dir.path());
+    assert_eq!(m.tables.len(), 1 + COMPACT_AT_TABLES);
+    db.kv_set("p", "s", b"last", b"v").expect("set");
+    db.checkpoint().expect("rewrite");
+    let m = manifest_of(dir.path());
+    assert_eq!(m.tables.len(), 1, "{:?}", m.tables);
+    assert_eq!(m.tables[0].level, 1);
+    // keep, x1..x7, last: no tombstone survives the rewrite.
+    assert_eq!(m.tables[0].entries, 1 + (COMPACT_AT_TABLES as u64 - 1) + 1);
+    let files = table_files(dir.path());
+    assert_eq!(
+        files,
+        vec![m.tables[0].file.clone()],
+        "replaced tables removed"
+    );
+    assert!(
+        !first_files.contains(&m.tables[0].file),
+        "ids are not reused"
+    );
+    db.close().expect("close");
+    let db = open(dir.path());
+    assert_eq!(get(&db, b"gone"), None);
+    assert_eq!(get(&db, b"keep").as_deref(), Some(&b"1"[..]));
+    db.close().expect("close");
+}
+
+#[test]
+fn rows_of_a_dropped_table_stay_gone_when_it_is_created_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    let schema = || {
+        TableSchema::new(
+            vec![
+                Column::new("id", ColumnType::Int),
+                Column::new("v", ColumnType::Text),
+            ],
+            vec!["id".into()],
+        )
+    };
+    let put = |db: &AedbInstance<Dev>, id: i64, v: &str| {
+        let mut tx = db.begin_write("p").expect("tx");
+        tx.put_row("s", "t", vec![Value::Int(id), Value::Text(v.into())])
+            .expect("put");
+        db.commit(tx).expect("commit");
+    };
+    db.create_table("p", "s", "t", schema()).expect("table");
+    put(&db, 1, "old");
+    put(&db, 2, "old");
+    db.checkpoint().expect("checkpoint");
+    db.drop_table("p", "s", "t").expect("drop");
+    db.create_table("p", "s", "t", schema()).expect("again");
+    put(&db, 2, "new");
+    db.checkpoint().expect("checkpoint");
+    db.close().expect("close");
+    let db = open(dir.path());
+    let snap = db.snapshot().expect("snap");
+    let t = snap.table("p", "s", "t").expect("table");
+    assert_eq!(t.len(), 1);
+    assert!(t.get(&[Value::Int(1)]).expect("get").is_none());
+    let row = t.get(&[Value::Int(2)]).expect("get").expect("row 2");
+    assert_eq!(row[1], Value::Text("new".into()));
+    drop(snap);
+    db.close().expect("close");
+}
+
+#[test]
+fn open_refuses_a_missing_or_altered_table_and_removes_unlisted_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    db.kv_set("p", "s", b"k", b"v").expect("set");
+    db.checkpoint().expect("checkpoint");
+    db.close().expect("close");
+    let m = manifest_of(dir.path());
+    let live = dir.path().join(&m.tables[0].file);
+    let bytes = std::fs::read(&live).expect("read table");
+
+    // A table no manifest lists (a flush whose manifest switch never happened).
+    let stray = dir
+        .path()
+        .join(crate::table::file_name(m.next_table_id + 5));
+    std::fs::write(&stray, &bytes).expect("write stray");
+    open(dir.path()).close().expect("open and close");
+    assert!(!stray.exists(), "the unlisted table is removed at open");
+
+    let mut altered = bytes.clone();
+    altered[10] ^= 1;
+    std::fs::write(&live, &altered).expect("alter");
+    let e = AedbInstance::<Dev>::open(AedbConfig::development(), dir.path())
+        .expect_err("an altered table is refused");
+    assert!(e.to_string().contains("digest"), "{e}");
+    let report = crate::check::inspect(dir.path(), &AedbConfig::development()).expect("inspect");
+    assert!(!report.ok(), "check invariants fails on it");
+
+    std::fs::remove_file(&live).expect("remove");
+    let e = AedbInstance::<Dev>::open(AedbConfig::development(), dir.path())
+        .expect_err("a missing table is refused");
+    assert!(e.to_string().contains(&m.tables[0].file), "{e}");
+
+    std::fs::write(&live, &bytes).expect("restore");
+    let db = open(dir.path());
+    assert_eq!(get(&db, b"k").as_deref(), Some(&b"v"[..]));
+    db.close().expect("close");
+}
+
+/// A directory written before tables existed: manifest version 1 and the data in
+/// the checkpoint. It opens as it is; its first checkpoint moves the data into
+/// tables and writes a version 2 manifest.
+#[test]
+fn a_version_1_directory_opens_and_its_next_checkpoint_migrates_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    for i in 0..50u32 {
+        db.kv_set("p", "s", format!("k{i}").as_bytes(), b"v")
+            .expect("set");
+    }
+    db.checkpoint().expect("checkpoint");
+    let state = db.snapshot().expect("snap").state;
+    db.close().expect("close");
+
+    // Rewrite it the way version 1 stored it.
+    let mut m = manifest_of(dir.path());
+    let old = m.checkpoint.clone().expect("checkpoint ref");
+    let old_meta = checkpoint::read(&OsStorage, &dir.path().join(&old.file), &[])
+        .expect("read checkpoint")
+        .1;
+    std::fs::remove_file(dir.path().join(&old.file)).expect("remove");
+    let name = checkpoint::file_name(state.seq, None, 0);
+    let meta = checkpoint::write(
+        &OsStorage,
+        dir.path(),
+        &name,
+        &state,
+        &[],
+        old_meta.chain_head,
+        None,
+        &mut |_| {},
+    )
+    .expect("write a checkpoint with the data");
+    for t in &m.tables {
+        std::fs::remove_file(dir.path().join(&t.file)).expect("remove table");
+    }
+    m.format_version = 1;
+    m.tables.clear();
+    m.next_table_id = 0;
+    m.checkpoint = Some(manifest::CheckpointRef {
+        file: meta.file.clone(),
+        lsn: meta.lsn,
+        chain_head: hex::encode(meta.chain_head),
+        digest: hex::encode(meta.digest),
+        bytes: meta.bytes,
+    });
+    manifest::write(&OsStorage, dir.path(), &m, None).expect("manifest v1");
+
+    let db = open(dir.path());
+    assert_eq!(get(&db, b"k7").as_deref(), Some(&b"v"[..]));
+    db.kv_set("p", "s", b"after", b"v").expect("set");
+    db.checkpoint().expect("migrating checkpoint");
+    let m = manifest_of(dir.path());
+    assert_eq!(m.format_version, 2);
+    assert_eq!(m.tables.len(), 1);
+    assert_eq!(m.tables[0].entries, 51, "every key moved into the table");
+    db.close().expect("close");
+    let db = open(dir.path());
+    assert_eq!(
+        db.snapshot().expect("snap").kv("p", "s").expect("kv").len(),
+        51
+    );
+    db.close().expect("close");
+}
+
+#[test]
+fn encrypted_tables_follow_a_checkpoint_key_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old_key = [7u8; 32];
+    let new_key = [9u8; 32];
+    let config = |c: AedbConfig| c.with_checkpoint_policy(None, None);
+    let db = AedbInstance::open(
+        config(AedbConfig::development().with_checkpoint_key(old_key)),
+        dir.path(),
+    )
+    .expect("open");
+    db.create_project("p").expect("project");
+    db.create_scope("p", "s").expect("scope");
+    db.kv_set("p", "s", b"k", b"secret-value").expect("set");
+    db.checkpoint().expect("checkpoint");
+    db.close().expect("close");
+    let m = manifest_of(dir.path());
+    let raw = std::fs::read(dir.path().join(&m.tables[0].file)).expect("read");
+    assert!(
+        !raw.windows(12).any(|w| w == b"secret-value"),
+        "values are encrypted at rest"
+    );
+
+    let rotated = config(
+        AedbConfig::development()
+            .with_checkpoint_key(new_key)
+            .with_previous_checkpoint_key(old_key),
+    );
+    let db = AedbInstance::open(rotated, dir.path()).expect("open with both keys");
+    db.kv_set("p", "s", b"k2", b"v").expect("set");
+    db.checkpoint().expect("checkpoint under the new key");
+    db.close().expect("close");
+    let m2 = manifest_of(dir.path());
+    // The open re-signed the directory: a rewrite under the new key.
+    let new_id = hex::encode(crate::crypto::key_id(&crate::config::SecretKey::new(
+        new_key,
+    )));
+    assert!(
+        m2.tables
+            .iter()
+            .all(|t| t.key_id.as_deref() == Some(new_id.as_str())),
+        "{:?}",
+        m2.tables
+    );
+    assert!(
+        !dir.path().join(&m.tables[0].file).exists(),
+        "the old table is gone"
+    );
+    let only_new = config(AedbConfig::development().with_checkpoint_key(new_key));
+    let db = AedbInstance::open(only_new, dir.path()).expect("opens with the new key alone");
+    assert_eq!(get(&db, b"k").as_deref(), Some(&b"secret-value"[..]));
+    db.close().expect("close");
+}
+
+/// Permissive recovery without a usable manifest keeps the data in the tables
+/// (the newest checkpoint holds only the catalog): every table file that
+/// verifies is merged, then the WAL after the checkpoint replays.
+#[test]
+fn permissive_recovery_without_a_manifest_uses_the_tables_present() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = setup(dir.path());
+    for i in 0..30u32 {
+        db.kv_set("p", "s", format!("k{i}").as_bytes(), b"v")
+            .expect("set");
+    }
+    db.checkpoint().expect("checkpoint");
+    db.kv_del("p", "s", b"k3").expect("delete");
+    db.checkpoint().expect("flush");
+    db.kv_set("p", "s", b"after", b"v")
+        .expect("set after the checkpoint");
+    db.close().expect("close");
+    std::fs::write(dir.path().join("MANIFEST"), b"garbage\n").expect("damage the manifest");
+    assert!(
+        AedbInstance::<Dev>::open(AedbConfig::development(), dir.path()).is_err(),
+        "strict refuses"
+    );
+    let permissive = AedbConfig::development()
+        .with_checkpoint_policy(None, None)
+        .with_recovery_mode(crate::config::RecoveryMode::Permissive);
+    let db = AedbInstance::open(permissive, dir.path()).expect("permissive open");
+    assert_eq!(get(&db, b"k7").as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        get(&db, b"k3"),
+        None,
+        "the flushed tombstone still hides k3"
+    );
+    assert_eq!(get(&db, b"after").as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        db.snapshot().expect("snap").kv("p", "s").expect("kv").len(),
+        30
+    );
+    db.close().expect("close");
+    let db = open(dir.path());
+    assert_eq!(
+        db.snapshot().expect("snap").kv("p", "s").expect("kv").len(),
+        30
+    );
+    db.close().expect("close");
+}
