@@ -583,10 +583,6 @@ async fn guard(
         .get::<RequestMeta>()
         .cloned()
         .unwrap_or_default();
-    // On a shared store authentication is a network round trip: off the
-    // async workers, or two slow reads would stall every connection. The
-    // embedded store answers in microseconds, less than a hop to the
-    // blocking pool (and the copies it needs) costs.
     let prefetch = req.extensions_mut().remove::<SessionPrefetch>();
     // The common case on a shared store, decided here: a live session whose
     // records were read ahead, allowed, with nothing to write.
@@ -602,6 +598,10 @@ async fn guard(
         req.extensions_mut().insert(principal);
         return next.run(req).await;
     }
+    // On a shared store authentication is a network round trip: off the
+    // async workers, or two slow reads would stall every connection. The
+    // embedded store answers in microseconds, less than a hop to the
+    // blocking pool (and the copies it needs) costs.
     let decided = if state.cluster.enabled() {
         let authorization = authorization_header(&req).map(str::to_string);
         let (method, path) = (req.method().clone(), req.uri().path().to_string());

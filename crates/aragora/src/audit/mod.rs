@@ -282,10 +282,13 @@ impl AuditLog {
                 let n = queue.len().min(MAX_GROUP);
                 queue.drain(..n).collect()
             };
-            assert!(
-                !group.is_empty(),
-                "an event whose outcome is unfilled is queued"
-            );
+            if group.is_empty() {
+                // Only a writer that took this event and then panicked leaves
+                // it neither queued nor answered.
+                return Err(AuditError::Write(StoreError::Backend(
+                    "an audit append was lost by a writer that failed mid-batch".into(),
+                )));
+            }
             self.write_group(&mut guard, group);
         };
         // Durability outside the lock: concurrent appends share one fsync.

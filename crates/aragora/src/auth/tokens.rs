@@ -95,11 +95,21 @@ pub(crate) fn sha256_hex(s: &str) -> String {
 /// same `get_many` as a replica's per-request freshness check
 /// ([`crate::cluster`]): one round trip to a shared store for both. Used
 /// only for the exact header it was read for.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SessionPrefetch {
     authorization: String,
     claims: super::jwt::Claims,
     found: Vec<Option<Record>>,
+}
+
+/// Never the header (a bearer credential) or the session id.
+impl std::fmt::Debug for SessionPrefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionPrefetch")
+            .field("user", &self.claims.sub)
+            .field("records", &self.found.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SessionPrefetch {

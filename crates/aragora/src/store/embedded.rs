@@ -311,12 +311,22 @@ impl Store for EmbeddedStore {
         // after its snapshot) is retried here with a fresh snapshot: the
         // expectations decide again. Callers then see a conflict only when an
         // expectation fails, and it names its record.
-        const WRITE_CONFLICT_RETRIES: usize = 8;
+        // Writers of one hot record (a counter, the audit head) can keep
+        // beating one another in step; a random pause growing with the
+        // attempts (at most ~3 ms each, ~0.1 s in all) lets one through, so
+        // giving up means real overload, not bad luck.
+        const WRITE_CONFLICT_RETRIES: usize = 64;
         let finality = match durability {
             Durability::Durable => CommitFinality::Durable,
             Durability::Visible => CommitFinality::Visible,
         };
-        for _ in 0..WRITE_CONFLICT_RETRIES {
+        for attempt in 0..WRITE_CONFLICT_RETRIES {
+            if attempt >= 2 {
+                let cap_us = 50u64 << attempt.min(6);
+                std::thread::sleep(std::time::Duration::from_micros(
+                    rand::random::<u64>() % cap_us,
+                ));
+            }
             let (tx, asserted) = self.batch(&ops)?;
             match self.db.commit_as_with_finality(&self.caller, tx, finality) {
                 Ok(r) => return Ok(Receipt { seq: r.commit_seq }),

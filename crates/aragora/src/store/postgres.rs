@@ -239,17 +239,7 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("aragora");
         }
-        // Every query of this store reads by primary key (a record or a
-        // range of one collection). A statement prepared while the table was
-        // small is planned from those statistics and keeps that plan until
-        // the next autoanalyze: measured, `get_many` then ran as a sequential
-        // scan of the whole (growing) table, 0.5 ms a call. Without sequential
-        // scans the index is used whatever the statistics said.
-        let options = match config.get_options() {
-            Some(o) if !o.trim().is_empty() => format!("{o} -c enable_seqscan=off"),
-            _ => "-c enable_seqscan=off".to_string(),
-        };
-        config.options(&options);
+
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("aragora-postgres")
@@ -264,6 +254,21 @@ impl PostgresStore {
             None => Manager::from_config(config, NoTls, manager_config),
         };
         let pool = Pool::builder(manager)
+            // Every query of this store reads by primary key (a record or a
+            // range of one collection). A statement prepared while the table
+            // was small keeps the plan those statistics gave until the next
+            // autoanalyze: measured, `get_many` ran as a sequential scan of the
+            // whole (growing) table, 0.5 ms a call. Without sequential scans
+            // the index is used whatever the statistics said. A SET after
+            // connecting, not a startup option: PgBouncer refuses those.
+            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    client
+                        .batch_execute("SET enable_seqscan = off")
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend)
+                })
+            }))
             .max_size(pool_size.max(1))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))
