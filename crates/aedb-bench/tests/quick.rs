@@ -6,14 +6,19 @@ use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 
-#[test]
-fn quick_json_run_reports_every_figure() -> Result<()> {
-    let scratch = tempfile::tempdir()?;
+/// (workload, engine, metric) of each figure a run reported.
+type Figures = BTreeSet<(String, String, String)>;
+
+/// Runs aedb-bench with `args` and `--dir dir`; the (workload, engine, metric)
+/// of every JSON line, each checked to be a finite positive figure, and the
+/// run's stderr for messages.
+fn figures(args: &[&str], dir: &std::path::Path) -> Result<(Figures, String)> {
     let output = Command::new(env!("CARGO_BIN_EXE_aedb-bench"))
-        .args(["--quick", "--json", "--dir"])
-        .arg(scratch.path())
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
         .output()?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     ensure!(
         output.status.success(),
         "aedb-bench failed ({}):\n{stderr}",
@@ -39,6 +44,13 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
         );
         seen.insert((field("workload")?, field("engine")?, field("metric")?));
     }
+    Ok((seen, stderr))
+}
+
+#[test]
+fn quick_json_run_reports_every_figure() -> Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let (seen, stderr) = figures(&["--quick", "--json"], scratch.path())?;
 
     let databases = ["aedb", "aedb_enc", "redb", "sqlite"];
     let mut expected = BTreeSet::new();
@@ -88,44 +100,17 @@ fn quick_json_run_reports_every_figure() -> Result<()> {
 #[test]
 fn quick_w6_json_run_reports_every_figure_and_cleans_up() -> Result<()> {
     let scratch = tempfile::tempdir()?;
-    let output = Command::new(env!("CARGO_BIN_EXE_aedb-bench"))
-        .args([
+    let (seen, stderr) = figures(
+        &[
             "--quick",
             "--json",
             "--workloads",
             "W6",
             "--w6-keys",
             "20000",
-        ])
-        .arg("--dir")
-        .arg(scratch.path())
-        .output()?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    ensure!(
-        output.status.success(),
-        "aedb-bench failed ({}):\n{stderr}",
-        output.status
-    );
-
-    let mut seen = BTreeSet::new();
-    for line in String::from_utf8(output.stdout)?.lines() {
-        let figure: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}"))?;
-        let field = |name: &str| -> Result<String> {
-            Ok(figure[name]
-                .as_str()
-                .with_context(|| format!("{name} missing in {line}"))?
-                .to_owned())
-        };
-        let value = figure["value"]
-            .as_f64()
-            .with_context(|| format!("value missing in {line}"))?;
-        ensure!(
-            value.is_finite() && value > 0.0,
-            "non-positive figure: {line}"
-        );
-        seen.insert((field("workload")?, field("engine")?, field("metric")?));
-    }
+        ],
+        scratch.path(),
+    )?;
 
     let metrics = [
         "load_s",

@@ -157,16 +157,26 @@ impl ClusterSync {
         self.enabled
     }
 
+    /// The keys of one freshness read: the generation records, then `extra`.
+    fn keys(extra: &[(Collection, &str)]) -> Vec<(Collection, String)> {
+        WATCHED
+            .iter()
+            .map(|c| (Collection::Generations, c.name()))
+            .chain(extra.iter().copied())
+            .map(|(c, id)| (c, id.to_string()))
+            .collect()
+    }
+
     /// The current generation of every watched collection (0: never written),
     /// and `extra`'s records, in one snapshot.
     fn read(
         store: &dyn Store,
         extra: &[(Collection, &str)],
     ) -> Result<([u64; WATCHED.len()], Vec<Option<Record>>), StoreError> {
-        let mut keys: Vec<(Collection, &str)> = Vec::with_capacity(WATCHED.len() + extra.len());
-        keys.extend(WATCHED.iter().map(|c| (Collection::Generations, c.name())));
-        keys.extend_from_slice(extra);
-        Self::split(store.get_many(&keys)?, keys.len())
+        let keys = Self::keys(extra);
+        let borrowed: Vec<(Collection, &str)> =
+            keys.iter().map(|(c, id)| (*c, id.as_str())).collect();
+        Self::split(store.get_many(&borrowed)?, keys.len())
     }
 
     /// `read` as a future (a shared store's round trip without a blocking
@@ -175,13 +185,7 @@ impl ClusterSync {
         store: &dyn Store,
         extra: &[(Collection, &str)],
     ) -> Result<([u64; WATCHED.len()], Vec<Option<Record>>), StoreError> {
-        let mut keys: Vec<(Collection, String)> = Vec::with_capacity(WATCHED.len() + extra.len());
-        keys.extend(
-            WATCHED
-                .iter()
-                .map(|c| (Collection::Generations, c.name().to_string())),
-        );
-        keys.extend(extra.iter().map(|(c, id)| (*c, id.to_string())));
+        let keys = Self::keys(extra);
         let n = keys.len();
         Self::split(store.get_many_async(keys).await?, n)
     }

@@ -36,8 +36,7 @@ const MAX_GROUP: usize = 128;
 /// The pause before retry `attempt` of an append whose head moved: random in
 /// [0, min(2^attempt, 32) ms), about a second in all over `APPEND_RETRIES`.
 fn conflict_pause(attempt: usize) -> std::time::Duration {
-    let cap_us = 1_000u64 << attempt.min(5);
-    std::time::Duration::from_micros(rand::random::<u64>() % cap_us)
+    crate::store::conflict_pause(attempt, 1_000, 5)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -63,6 +63,18 @@ pub struct Principal {
     pub credential: Credential,
 }
 
+impl Principal {
+    /// `user` acting through `credential`.
+    pub(crate) fn of(user: model::User, credential: Credential) -> Self {
+        Self {
+            user_id: user.id,
+            email: user.email,
+            roles: user.roles,
+            credential,
+        }
+    }
+}
+
 /// The request context every audited action carries.
 #[derive(Clone, Debug, Default)]
 pub struct RequestMeta {

@@ -162,6 +162,19 @@ mod tests {
         assert!(!verify(&greedy, "correct horse battery"));
     }
 
+    /// However many hashes ran at once, at most `MAX_IDLE_MEMORY_BLOCKS`
+    /// working memories are kept for reuse (other tests of this binary may
+    /// hash meanwhile; the bound holds whatever they do).
+    #[test]
+    fn kept_working_memory_is_bounded() {
+        std::thread::scope(|s| {
+            for _ in 0..MAX_IDLE_MEMORY_BLOCKS + 4 {
+                s.spawn(|| hash("correct horse battery").expect("hash"));
+            }
+        });
+        assert!(IDLE_MEMORY.lock().len() <= MAX_IDLE_MEMORY_BLOCKS);
+    }
+
     #[test]
     fn round_trip_and_policy() {
         let h = hash("correct horse battery").expect("hash");

@@ -54,14 +54,12 @@ impl Fixture {
     }
 
     pub(super) fn principal(&self, user: &User) -> Principal {
-        Principal {
-            user_id: user.id.clone(),
-            email: user.email.clone(),
-            roles: user.roles.clone(),
-            credential: Credential::ApiKey {
+        Principal::of(
+            user.clone(),
+            Credential::ApiKey {
                 key_id: "test".into(),
             },
-        }
+        )
     }
 
     pub(super) fn entries(&self, action: &str) -> Vec<AuditEntry> {

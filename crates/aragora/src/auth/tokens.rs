@@ -113,6 +113,11 @@ impl std::fmt::Debug for SessionPrefetch {
 }
 
 impl SessionPrefetch {
+    /// Read for this very header, and filled in.
+    fn serves(&self, authorization: Option<&str>) -> bool {
+        authorization == Some(self.authorization.as_str()) && self.found.len() == 3
+    }
+
     /// The records to read: session, revocation epoch and user, in this order.
     pub fn keys(&self) -> [(Collection, &str); 3] {
         session_keys(&self.claims)
@@ -162,7 +167,7 @@ impl AuthService {
         authorization: Option<&str>,
         prefetch: &SessionPrefetch,
     ) -> Option<Principal> {
-        if authorization != Some(prefetch.authorization.as_str()) || prefetch.found.len() != 3 {
+        if !prefetch.serves(authorization) {
             return None;
         }
         let started = Instant::now();
@@ -183,14 +188,12 @@ impl AuthService {
         self.metrics
             .auth_latency
             .observe(started.elapsed().as_secs_f64());
-        Some(Principal {
-            user_id: user.id,
-            email: user.email,
-            roles: user.roles,
-            credential: Credential::Session {
+        Some(Principal::of(
+            user,
+            Credential::Session {
                 session_id: claims.sid.clone(),
             },
-        })
+        ))
     }
 
     /// Resolves `Authorization: Bearer ...` to a principal, or fails with the
@@ -213,8 +216,7 @@ impl AuthService {
     ) -> Result<Principal, ServiceError> {
         let started = Instant::now();
         self.flush_failure_audit_if_due();
-        let prefetch = prefetch
-            .filter(|p| authorization == Some(p.authorization.as_str()) && p.found.len() == 3);
+        let prefetch = prefetch.filter(|p| p.serves(authorization));
         let r = self.authenticate_inner(authorization, meta, prefetch);
         self.metrics
             .auth_latency
@@ -398,14 +400,12 @@ impl AuthService {
                 user.email
             )));
         }
-        Ok(Principal {
-            user_id: user.id,
-            email: user.email,
-            roles: user.roles,
-            credential: Credential::Approval {
+        Ok(Principal::of(
+            user,
+            Credential::Approval {
                 approval_id: approval_id.to_string(),
             },
-        })
+        ))
     }
 
     fn principal_for(
@@ -453,11 +453,6 @@ impl AuthService {
             ));
         }
         self.users.touch(&user, version);
-        Ok(Principal {
-            user_id: user.id,
-            email: user.email,
-            roles: user.roles,
-            credential,
-        })
+        Ok(Principal::of(user, credential))
     }
 }

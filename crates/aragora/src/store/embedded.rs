@@ -322,10 +322,7 @@ impl Store for EmbeddedStore {
         };
         for attempt in 0..WRITE_CONFLICT_RETRIES {
             if attempt >= 2 {
-                let cap_us = 50u64 << attempt.min(6);
-                std::thread::sleep(std::time::Duration::from_micros(
-                    rand::random::<u64>() % cap_us,
-                ));
+                std::thread::sleep(super::conflict_pause(attempt, 50, 6));
             }
             let (tx, asserted) = self.batch(&ops)?;
             match self.db.commit_as_with_finality(&self.caller, tx, finality) {

@@ -221,6 +221,18 @@ impl<'a> ListQuery<'a> {
     }
 }
 
+/// The pause before retry `attempt` of a write that lost to a concurrent
+/// writer: random in [0, `unit_us` x 2^min(attempt, `max_doublings`)), so
+/// writers of one hot record stop colliding in step.
+pub(crate) fn conflict_pause(
+    attempt: usize,
+    unit_us: u64,
+    max_doublings: usize,
+) -> std::time::Duration {
+    let cap_us = unit_us << attempt.min(max_doublings);
+    std::time::Duration::from_micros(rand::random::<u64>() % cap_us)
+}
+
 /// What `Store::get_many_async` returns: owned, so it outlives the call.
 pub type ManyFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<Vec<Option<Record>>, StoreError>> + Send>,
