@@ -332,9 +332,12 @@ pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Resul
 /// generation records) against PostgreSQL with nothing changed, called
 /// directly, the way the request middleware calls it
 /// (`catch_up_reading_async` awaited from a request task, with a session
-/// token's records read in the same query), and through `spawn_blocking` (how
-/// the middleware called it before).
+/// token's records read in the same query), through `spawn_blocking` (how
+/// the middleware called it before), and the middleware's call on a replica
+/// with `REDIS_URL` (the read cached and confirmed through Redis).
 pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> Result<()> {
+    let n = if options.quick { 200 } else { 20_000 };
+    let with_redis = catchup_with_redis(backends, n)?;
     let db = BenchDatabase::create(&backends.pg_admin_url, "catchup")?;
     let dir = tempfile::tempdir()?;
     let config = Config::from_vars(&http::vars(dir.path(), &[("DATABASE_URL", &db.url)]))?;
@@ -348,7 +351,6 @@ pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> R
         state.cluster.enabled(),
         "the PostgreSQL store must be treated as shared (cluster sync enabled)"
     );
-    let n = if options.quick { 200 } else { 20_000 };
 
     // Warm: the pool's connection and the prepared statement exist.
     for _ in 0..50 {
@@ -362,25 +364,7 @@ pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> R
     }
 
     let rt = http::server_runtime()?;
-    let s = state.clone();
-    let bearer = format!("Bearer {token}");
-    let via_middleware: Vec<u64> = rt.block_on(async move {
-        tokio::spawn(async move {
-            let mut out = Vec::with_capacity(n);
-            for _ in 0..n {
-                let t = Instant::now();
-                let prefetch = s
-                    .catch_up_reading_async(Some(&bearer))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                ensure!(prefetch.is_some(), "the session's records were read ahead");
-                out.push(t.elapsed().as_nanos() as u64);
-            }
-            anyhow::Ok(out)
-        })
-        .await
-        .context("catch-up loop")?
-    })?;
+    let via_middleware = middleware_loop(&rt, &state, &token, n)?;
     let s = state.clone();
     let via_blocking_pool: Vec<u64> = rt.block_on(async move {
         tokio::spawn(async move {
@@ -417,6 +401,7 @@ pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> R
         ("postgres", &direct),
         ("postgres_middleware", &via_middleware),
         ("postgres_spawn_blocking", &via_blocking_pool),
+        ("postgres_redis_middleware", &with_redis),
     ] {
         let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
         report.record("catchup", engine, "p50_s", p50);
@@ -431,10 +416,65 @@ pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> R
     }
     writeln!(
         table,
-        "  (postgres: called on this thread; postgres_middleware: as the request middleware calls it, awaited from a task on the server's runtime with the session's records in the same query; postgres_spawn_blocking: through the blocking pool, as it was called before)"
+        "  (postgres: called on this thread; postgres_middleware: as the request middleware calls it, awaited from a task on the server's runtime with the session's records in the same query; postgres_spawn_blocking: through the blocking pool, as it was called before; postgres_redis_middleware: the middleware's call on a replica with REDIS_URL, the read cached and confirmed by one Redis MGET)"
     )?;
     report.section(table);
     drop(state);
     drop(db);
     Ok(())
+}
+
+/// `catch_up_reading_async` with a session token, `n` times from one task on
+/// the server's runtime: the request middleware's call.
+fn middleware_loop(
+    rt: &tokio::runtime::Runtime,
+    state: &Arc<AppState>,
+    token: &str,
+    n: usize,
+) -> Result<Vec<u64>> {
+    let s = state.clone();
+    let bearer = format!("Bearer {token}");
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                let prefetch = s
+                    .catch_up_reading_async(Some(&bearer))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                ensure!(prefetch.is_some(), "the session's records were read ahead");
+                out.push(t.elapsed().as_nanos() as u64);
+            }
+            anyhow::Ok(out)
+        })
+        .await
+        .context("catch-up loop")?
+    })
+}
+
+/// The middleware's call on a replica with `REDIS_URL` (its own database).
+fn catchup_with_redis(backends: &Backends, n: usize) -> Result<Vec<u64>> {
+    let db = BenchDatabase::create(&backends.pg_admin_url, "catchup_redis")?;
+    let dir = tempfile::tempdir()?;
+    let config = Config::from_vars(&http::vars(
+        dir.path(),
+        &[
+            ("DATABASE_URL", &db.url),
+            ("REDIS_URL", &backends.redis_url),
+        ],
+    ))?;
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(
+        &db.url,
+        aragora::store::postgres::DEFAULT_POOL_SIZE,
+    )?);
+    let Prepared { state, token } = http::prepare(config, store)?;
+    let rt = http::server_runtime()?;
+    // Warm: the tags exist and the read is cached.
+    middleware_loop(&rt, &state, &token, 50)?;
+    let v = middleware_loop(&rt, &state, &token, n)?;
+    drop(rt);
+    drop(state);
+    drop(db);
+    Ok(v)
 }

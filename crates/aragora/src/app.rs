@@ -53,6 +53,9 @@ pub struct AppState {
     /// On a shared store: what this replica has loaded of the state other
     /// replicas change (`crate::cluster`).
     pub cluster: crate::cluster::ClusterSync,
+    /// On a shared store: sets the Redis tags of what this process writes
+    /// (`crate::cluster::confirmed`).
+    publisher: Option<Arc<crate::cluster::confirmed::Publisher>>,
 }
 
 /// Why the services could not be assembled (boot is refused).
@@ -118,14 +121,41 @@ impl AppState {
         jwt_secret: &str,
         shared: bool,
     ) -> Result<Self, BootError> {
-        let store: Arc<dyn Store> = Arc::new(crate::cluster::SyncedStore::new(store));
-        let cluster = crate::cluster::ClusterSync::new(shared);
-        // Before anything is loaded: a change racing the loads below is then
-        // newer than what this replica saw, and reloaded on a request.
-        cluster.prime(store.as_ref())?;
         let metrics = Metrics::new()
             .map_err(|e| StoreError::Backend(format!("metrics registry: {e}")))?
             .with_known_series();
+        let registry_error =
+            |e: prometheus::Error| StoreError::Backend(format!("metrics registry: {e}"));
+        let redis = match &config.redis_url {
+            Some(url) => {
+                let link_metrics = crate::redis_link::RedisMetrics::register(&metrics.registry)
+                    .map_err(registry_error)?;
+                let link = crate::redis_link::RedisLink::new(url.expose(), link_metrics)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                tracing::info!(host = %link.status().host, "login limits shared through redis");
+                Some(Arc::new(link))
+            }
+            None => None,
+        };
+        let publisher =
+            shared.then(|| Arc::new(crate::cluster::confirmed::Publisher::new(redis.clone())));
+        let store: Arc<dyn Store> = Arc::new(match &publisher {
+            Some(p) => crate::cluster::SyncedStore::publishing(store, p.clone()),
+            None => crate::cluster::SyncedStore::new(store),
+        });
+        let mut cluster = crate::cluster::ClusterSync::new(shared);
+        if let (true, Some(link)) = (shared, &redis) {
+            cluster = cluster.with_confirmed_reads(
+                crate::cluster::confirmed::ConfirmedReads::new(link.clone(), &metrics.registry)
+                    .map_err(registry_error)?,
+            );
+            tracing::info!(
+                "per-request reads of the shared store are cached and confirmed through redis"
+            );
+        }
+        // Before anything is loaded: a change racing the loads below is then
+        // newer than what this replica saw, and reloaded on a request.
+        cluster.prime(store.as_ref())?;
         let engine = store.clone();
         metrics
             .register_aedb(Arc::new(move || engine.operational_metrics()))
@@ -144,6 +174,7 @@ impl AppState {
             audit.clone(),
             rbac.clone(),
             metrics.clone(),
+            redis,
         )?);
         // Production starts sealed without a master key that opens the ring
         // (Vault's model: login, RBAC, audit and health keep serving, and
@@ -210,8 +241,6 @@ impl AppState {
             config.faults.clone(),
         )?);
         let config_slots = config.password_hash_concurrency;
-        let registry_error =
-            |e: prometheus::Error| StoreError::Backend(format!("metrics registry: {e}"));
         let backups = Arc::new(crate::backup::Backups::new(
             store.clone(),
             audit.clone(),
@@ -247,7 +276,17 @@ impl AppState {
             backups,
             maintenance,
             cluster,
+            publisher,
         })
+    }
+
+    /// Before an operator command exits: waits until no replica trusts a
+    /// cached read from before this process's changes, when this process had
+    /// no Redis to say so at once (`crate::cluster::confirmed`).
+    pub fn settle_replicas(&self) {
+        if let Some(p) = &self.publisher {
+            p.settle();
+        }
     }
 
     /// Brings this replica's in-memory state up to the shared store before a

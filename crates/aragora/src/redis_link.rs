@@ -1,13 +1,19 @@
-//! The link to Redis (`REDIS_URL`) that replicas share limits through: the
-//! per-client login limit as one GCRA in a Lua script, so every replica
-//! counts against the same budget and a client cannot multiply its attempts
-//! by the replica count.
+//! The link to Redis (`REDIS_URL`) that replicas share through:
 //!
-//! Redis is a helper, never an authority: correctness (roles, blocks, keys,
-//! sessions) comes from the shared store (`crate::cluster`). When Redis does
-//! not answer within [`IO_TIMEOUT`], the caller falls back to its per-replica
-//! limit, `aragora_redis_up` drops to 0, `aragora_redis_errors_total` counts
-//! the failure and one warning is logged per outage (not per request).
+//! - the per-client login limit as one GCRA in a Lua script, so every replica
+//!   counts against the same budget and a client cannot multiply its attempts
+//!   by the replica count;
+//! - the version tags that confirm a replica's cached per-request records are
+//!   current (`crate::cluster::confirmed`): one `MGET` per request instead of a
+//!   round trip to the shared store.
+//!
+//! Redis never decides anything on its own: a limit it cannot answer falls
+//! back to the replica's own, and a tag it cannot answer sends the request to
+//! the shared store. When Redis does not answer within [`IO_TIMEOUT`],
+//! `aragora_redis_up` drops to 0, `aragora_redis_errors_total` counts the
+//! failure and one warning is logged per outage (not per request); for
+//! [`RETRY_AFTER_FAILURE`] afterwards the per-request path does not try it
+//! again (so a Redis that hangs costs the requests nothing but a fallback).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +29,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_millis(250);
 const RECENT_ROUND_TRIPS: usize = 256;
 /// Connections kept open for reuse (each request takes one for one command).
 const MAX_IDLE_CONNECTIONS: usize = 8;
+/// After a failed round trip, how long the per-request path skips Redis.
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// GCRA (the generic cell rate algorithm, as `governor` runs locally) on the
 /// theoretical arrival time kept under KEYS[1]; Redis's clock, so replicas'
@@ -71,7 +79,7 @@ impl RedisMetrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "aragora_redis_errors_total",
-                "Redis commands that failed or timed out (the request fell back to the replica's own limit)",
+                "Redis commands that failed or timed out, by operation (login_limit: the replica's own limit applied; confirm: the request read the shared store; publish: the write waited out the cache lease)",
             ),
             &["operation"],
         )?;
@@ -87,7 +95,9 @@ impl RedisMetrics {
         registry.register(Box::new(up.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(latency.clone()))?;
-        errors.with_label_values(&["login_limit"]);
+        for operation in ["login_limit", "confirm", "publish"] {
+            errors.with_label_values(&[operation]);
+        }
         Ok(Self {
             up,
             errors,
@@ -110,6 +120,14 @@ pub struct RedisLink {
     client: redis::Client,
     host: String,
     idle: Mutex<Vec<redis::Connection>>,
+    /// The per-request path's connection: one multiplexed connection that
+    /// every request task pipelines on; `None` until connected or after it
+    /// failed.
+    multiplexed: Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// One connect at a time (requests arriving meanwhile wait for it).
+    connecting: tokio::sync::Mutex<()>,
+    /// Until when the per-request path skips Redis after a failure.
+    skip_until: Mutex<Option<Instant>>,
     script: redis::Script,
     metrics: RedisMetrics,
     /// Whether the last command failed, so an outage logs once.
@@ -157,6 +175,9 @@ impl RedisLink {
             client,
             host,
             idle: Mutex::new(Vec::new()),
+            multiplexed: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            skip_until: Mutex::new(None),
             script: redis::Script::new(GCRA),
             metrics,
             down: AtomicBool::new(false),
@@ -204,6 +225,17 @@ impl RedisLink {
             }
             Err(e) => Err(self.io(&e)),
         });
+        self.account(operation, started, result)
+    }
+
+    /// The metrics, the outage log and the per-request backoff for one
+    /// round trip's result.
+    fn account<T>(
+        &self,
+        operation: &str,
+        started: Instant,
+        result: Result<T, RedisError>,
+    ) -> Result<T, RedisError> {
         match &result {
             Ok(_) => {
                 let secs = started.elapsed().as_secs_f64();
@@ -211,21 +243,141 @@ impl RedisLink {
                 self.recent.lock().push(secs);
                 self.metrics.up.set(1);
                 if self.down.swap(false, Ordering::AcqRel) {
-                    tracing::warn!(host = %self.host, "redis is back: login limits are shared again");
+                    tracing::warn!(
+                        host = %self.host,
+                        "redis is back: login limits are shared and cached request records confirmed through it again"
+                    );
                 }
             }
             Err(e) => {
                 self.metrics.errors.with_label_values(&[operation]).inc();
                 self.metrics.up.set(0);
+                *self.skip_until.lock() = Some(Instant::now() + RETRY_AFTER_FAILURE);
                 if !self.down.swap(true, Ordering::AcqRel) {
                     tracing::error!(
                         error = %e,
-                        "redis unreachable: login limits fall back to each replica's own until it answers"
+                        "redis unreachable: login limits fall back to each replica's own and every request reads the shared store until it answers"
                     );
                 }
             }
         }
         result
+    }
+
+    /// The multiplexed connection, connecting once for all waiting requests.
+    async fn multiplexed(&self) -> Result<redis::aio::MultiplexedConnection, RedisError> {
+        if let Some(c) = self.multiplexed.lock().clone() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.multiplexed.lock().clone() {
+            return Ok(c);
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(IO_TIMEOUT))
+            .set_response_timeout(Some(IO_TIMEOUT));
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| self.io(&e))?;
+        *self.multiplexed.lock() = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one command on the multiplexed connection, unless a failure
+    /// within [`RETRY_AFTER_FAILURE`] says Redis is down (then at once an
+    /// error, so the caller falls back without waiting).
+    async fn run_async<T: redis::FromRedisValue>(
+        &self,
+        operation: &str,
+        command: impl FnOnce() -> redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        if let Some(until) = *self.skip_until.lock()
+            && Instant::now() < until
+        {
+            return Err(RedisError::Io {
+                host: self.host.clone(),
+                reason: "failed within the last second; not retried yet".into(),
+            });
+        }
+        let started = Instant::now();
+        let result = async {
+            let mut c = self.multiplexed().await?;
+            let r = tokio::time::timeout(IO_TIMEOUT, command().query_async::<T>(&mut c)).await;
+            match r {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(self.io(&e)),
+                Err(_) => Err(RedisError::Io {
+                    host: self.host.clone(),
+                    reason: format!("no answer within {} ms", IO_TIMEOUT.as_millis()),
+                }),
+            }
+        }
+        .await;
+        if result.is_err() {
+            // Reconnect next time: the connection may be the broken part.
+            *self.multiplexed.lock() = None;
+        }
+        self.account(operation, started, result)
+    }
+
+    /// The values of `keys` as numbers (`None`: absent), in one round trip.
+    pub async fn get_tags(&self, keys: &[String]) -> Result<Vec<Option<u64>>, RedisError> {
+        let (tags,): (Vec<Option<u64>>,) = self
+            .run_async("confirm", || {
+                let mut p = redis::pipe();
+                p.cmd("MGET").arg(keys);
+                p
+            })
+            .await?;
+        if tags.len() != keys.len() {
+            return Err(RedisError::Protocol {
+                host: self.host.clone(),
+                reason: format!(
+                    "MGET answered {} values for {} keys",
+                    tags.len(),
+                    keys.len()
+                ),
+            });
+        }
+        Ok(tags)
+    }
+
+    /// Sets each of `keys` that is absent to a fresh tag, expiring after `ttl`.
+    pub async fn claim_tags(&self, keys: &[String], ttl: Duration) -> Result<(), RedisError> {
+        self.run_async::<()>("confirm", || {
+            let mut p = redis::pipe();
+            for k in keys {
+                p.cmd("SET")
+                    .arg(k)
+                    .arg(rand::random::<u64>())
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl.as_secs().max(1))
+                    .ignore();
+            }
+            p
+        })
+        .await
+    }
+
+    /// Sets every one of `keys` to one fresh tag (a write changed their
+    /// records), expiring after `ttl`; blocking, for the store's write path.
+    pub fn publish_tags(&self, keys: &[String], ttl: Duration) -> Result<(), RedisError> {
+        let tag = rand::random::<u64>();
+        self.run("publish", |c| {
+            let mut p = redis::pipe();
+            for k in keys {
+                p.cmd("SET")
+                    .arg(k)
+                    .arg(tag)
+                    .arg("EX")
+                    .arg(ttl.as_secs().max(1))
+                    .ignore();
+            }
+            p.query::<()>(c)
+        })
     }
 
     /// Takes one cell of the GCRA under `key` (`per_window` cells per

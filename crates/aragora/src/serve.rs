@@ -86,6 +86,7 @@ pub fn open_state(config: Config) -> Result<(OpenStore, Arc<AppState>)> {
 pub fn close(store: OpenStore, state: Arc<AppState>) -> Result<()> {
     // Counted refusals whose window has not closed yet.
     state.auth.flush_failure_audit();
+    state.settle_replicas();
     drop(state);
     let store = match store {
         OpenStore::Embedded(store) => store,

@@ -125,6 +125,7 @@ impl AuthService {
         audit: Arc<AuditLog>,
         rbac: Arc<Rbac>,
         metrics: Metrics,
+        redis: Option<Arc<crate::redis_link::RedisLink>>,
     ) -> Result<Self, StoreError> {
         let ttl = i64::try_from(config.token_ttl.as_secs()).unwrap_or(3600);
         let jwt = JwtKeys::new(
@@ -132,17 +133,6 @@ impl AuthService {
             config.jwt_secret_previous.as_ref().map(|s| s.expose()),
             ttl,
         );
-        let redis = match &config.redis_url {
-            Some(url) => {
-                let link_metrics = crate::redis_link::RedisMetrics::register(&metrics.registry)
-                    .map_err(|e| StoreError::Backend(format!("metrics registry: {e}")))?;
-                let link = crate::redis_link::RedisLink::new(url.expose(), link_metrics)
-                    .map_err(|e| StoreError::Backend(e.to_string()))?;
-                tracing::info!(host = %link.status().host, "login limits shared through redis");
-                Some(Arc::new(link))
-            }
-            None => None,
-        };
         Ok(Self {
             defences: Defences::load(config, store.as_ref(), redis.clone())?,
             redis,

@@ -30,6 +30,7 @@ pub(super) fn fixture() -> Fixture {
         audit.clone(),
         rbac,
         metrics,
+        None,
     )
     .expect("auth");
     Fixture {

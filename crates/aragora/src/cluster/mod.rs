@@ -22,6 +22,12 @@
 //!
 //! The embedded store is opened by one process (its directory lock), whose
 //! memory is always current: the per-request read is skipped there.
+//!
+//! With `REDIS_URL` the per-request read is usually not a store round trip:
+//! each replica caches it and confirms it current through Redis
+//! ([`confirmed`], which explains why that stays exact).
+
+pub mod confirmed;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,11 +58,25 @@ fn watched_index(c: Collection) -> Option<usize> {
 #[derive(Debug)]
 pub struct SyncedStore {
     inner: Arc<dyn Store>,
+    /// On a shared store: sets the Redis tags of the per-request records a
+    /// write touched ([`confirmed`]).
+    publisher: Option<Arc<confirmed::Publisher>>,
 }
 
 impl SyncedStore {
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            publisher: None,
+        }
+    }
+
+    /// A store shared with replicas that cache their per-request reads.
+    pub fn publishing(inner: Arc<dyn Store>, publisher: Arc<confirmed::Publisher>) -> Self {
+        Self {
+            inner,
+            publisher: Some(publisher),
+        }
     }
 }
 
@@ -102,7 +122,13 @@ impl Store for SyncedStore {
                 });
             }
         }
-        self.inner.write(ops, durability)
+        let Some(publisher) = &self.publisher else {
+            return self.inner.write(ops, durability);
+        };
+        let tags = confirmed::Publisher::tag_keys(&ops);
+        let result = self.inner.write(ops, durability);
+        publisher.published(&tags);
+        result
     }
 
     fn wait_durable(&self, receipt: Receipt) -> Result<(), StoreError> {
@@ -137,6 +163,8 @@ impl Store for SyncedStore {
 #[derive(Debug)]
 pub struct ClusterSync {
     enabled: bool,
+    /// With `REDIS_URL`: the per-request read, cached and confirmed.
+    confirmed: Option<confirmed::ConfirmedReads>,
     seen: [AtomicU64; WATCHED.len()],
     /// One reload at a time: concurrent requests that find the same change
     /// wait for one reload instead of each doing it.
@@ -148,9 +176,18 @@ impl ClusterSync {
     pub fn new(enabled: bool) -> Self {
         Self {
             enabled,
+            confirmed: None,
             seen: Default::default(),
             reloading: Mutex::new(()),
         }
+    }
+
+    /// Serves the per-request read from `reads` (shared stores only).
+    pub fn with_confirmed_reads(mut self, reads: confirmed::ConfirmedReads) -> Self {
+        if self.enabled {
+            self.confirmed = Some(reads);
+        }
+        self
     }
 
     pub fn enabled(&self) -> bool {
@@ -180,14 +217,19 @@ impl ClusterSync {
     }
 
     /// `read` as a future (a shared store's round trip without a blocking
-    /// thread).
+    /// thread, or a confirmed cached read).
     async fn read_async(
+        &self,
         store: &dyn Store,
         extra: &[(Collection, &str)],
     ) -> Result<([u64; WATCHED.len()], Vec<Option<Record>>), StoreError> {
         let keys = Self::keys(extra);
         let n = keys.len();
-        Self::split(store.get_many_async(keys).await?, n)
+        let found = match &self.confirmed {
+            Some(reads) => reads.get_many(store, keys).await?,
+            None => store.get_many_async(keys).await?,
+        };
+        Self::split(found, n)
     }
 
     fn split(
@@ -268,7 +310,7 @@ impl ClusterSync {
         if !self.enabled {
             return Ok(Vec::new());
         }
-        let (now, found) = Self::read_async(store, extra).await?;
+        let (now, found) = self.read_async(store, extra).await?;
         if !self.is_current(&now) {
             reload_blocking(now).await?;
         }
