@@ -98,6 +98,37 @@ fn check_redis(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// The pid of the Redis at `url` when it runs on this machine (its CPU is
+/// counted with the mode that uses it), from `INFO server`.
+fn local_redis_pid(url: &str) -> Option<u32> {
+    let host = aragora::redis_link::redacted_host(url);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
+        .ok()?
+        .next()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"INFO server\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The reply is a few KiB; stop once the line is in.
+    while reply.len() < 64 * 1024 {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        if let Some(rest) = text.split("process_id:").nth(1)
+            && let Some((pid, _)) = rest.split_once("\r\n")
+        {
+            let pid: u32 = pid.trim().parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            return comm.starts_with("redis").then_some(pid);
+        }
+    }
+    None
+}
+
 fn start(mode: Mode, backends: &Backends) -> Result<ModeServer> {
     let dir = tempfile::tempdir()?;
     let (store, db, config): (Arc<dyn Store>, _, _) = match mode {
@@ -161,6 +192,7 @@ fn median(v: &[u64]) -> u64 {
 
 pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Result<()> {
     check_redis(&backends.redis_url)?;
+    let redis_pid = local_redis_pid(&backends.redis_url);
     let ticks = pg::clock_ticks();
     let servers = Mode::ALL
         .iter()
@@ -187,7 +219,7 @@ pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Resul
         "p50 us",
         "p99 us",
         "srv cpu/req",
-        "pg cpu/req",
+        "db cpu/req",
         "all cpu/req",
         "vs emb",
         "cpu x emb"
@@ -213,6 +245,11 @@ pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Resul
                     None => Vec::new(),
                 };
                 let pg_before = pg::cpu_of(&pids, ticks);
+                let redis_cpu = || match (s.mode, redis_pid) {
+                    (Mode::PostgresRedis, Some(pid)) => pg::cpu_secs(&pid.to_string(), ticks),
+                    _ => None,
+                };
+                let redis_before = redis_cpu();
                 let cpu_before = pg::cpu_secs("self", ticks).context("reading /proc/self/stat")?;
                 let r = http::load(s.port, path, &s.token, secs, conns)?;
                 let cpu_after = pg::cpu_secs("self", ticks).context("reading /proc/self/stat")?;
@@ -227,6 +264,11 @@ pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Resul
                     }
                     None => 0.0,
                 };
+                let pg_cpu = pg_cpu
+                    + match (redis_before, redis_cpu()) {
+                        (Some(b), Some(a)) => a - b,
+                        _ => 0.0,
+                    };
                 let t = totals.entry(s.mode.engine()).or_default();
                 t.requests += r.requests;
                 t.seconds += r.seconds;
@@ -276,7 +318,7 @@ pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Resul
             } else {
                 let ratio = rps / base.0;
                 let cpu_ratio = (cpu + pg_cpu) / (base.1 + base.2);
-                report.record(workload_name, engine, "pg_cpu_s_per_request", pg_cpu);
+                report.record(workload_name, engine, "db_cpu_s_per_request", pg_cpu);
                 report.record(workload_name, engine, "ratio_vs_embedded", ratio);
                 report.record(workload_name, engine, "cpu_ratio_vs_embedded", cpu_ratio);
                 (
@@ -320,7 +362,8 @@ pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Resul
     writeln!(
         table,
         "cpu/req: CPU seconds per request from /proc/<pid>/stat utime+stime: srv = this process (router, services, \
-         PostgreSQL client; the load generator is another process), pg = PostgreSQL's backends for the mode's database; \
+         PostgreSQL client; the load generator is another process), db = PostgreSQL's backends for the mode's database \
+         and, for postgres_redis, redis-server when it runs on this machine; \
          vs emb = req/s against embedded, cpu x emb = all cpu/req against embedded's"
     )?;
     report.section(table);
