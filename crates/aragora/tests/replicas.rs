@@ -575,3 +575,61 @@ fn a_cli_command_on_one_replica_sees_the_others_changes() {
     );
     assert_eq!(r.status, 201, "{}", r.body);
 }
+
+/// A replica that cannot reach Redis still enforces every change at once:
+/// its own requests read PostgreSQL, and its writes wait out the cache lease
+/// before they answer, so a replica that can reach Redis (and holds a cached
+/// read from before the change) no longer trusts it.
+#[test]
+fn a_replica_that_cannot_reach_redis_neither_serves_nor_causes_stale_reads() {
+    let db = test_database_or_skip!();
+    if !redis_or_skip() {
+        return;
+    }
+    let env = |redis: &'static str| {
+        vec![
+            ("DATABASE_URL", db.url.as_str()),
+            ("REDIS_URL", redis),
+            ("ARAGORA_ENCRYPTION_KEY", MASTER),
+            ("JWT_SECRET", JWT),
+        ]
+    };
+    let healthy = Server::start(Path::new(BIN), &env("redis://127.0.0.1:6379/0"));
+    // Nothing listens on port 1: every Redis call fails at once.
+    let cut_off = Server::start(Path::new(BIN), &env("redis://127.0.0.1:1/0"));
+    let (_, admin) = healthy.bootstrap_admin("root@cut-off.test");
+    let victim = healthy.create_user(&admin, "victim@cut-off.test", PASSWORD, &["viewer"]);
+    let token = healthy.login("victim@cut-off.test", PASSWORD);
+    for _ in 0..3 {
+        assert_eq!(healthy.get("/api/auth/me", &token).status, 200);
+        assert_eq!(cut_off.get("/api/auth/me", &token).status, 200);
+    }
+
+    // Disabled through the replica without Redis: its tag is not set, so
+    // the healthy replica's cached read still matches its tags, yet the next
+    // request there is refused.
+    let r = cut_off.post(
+        &format!("/api/admin/users/{victim}/disable"),
+        &admin,
+        &json!({"reason": "redis cut off"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(healthy.get("/api/auth/me", &token).status, 401);
+    assert_eq!(cut_off.get("/api/auth/me", &token).status, 401);
+
+    let metrics = cut_off.send(Request::new("GET", "/metrics")).body;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not exported: {metrics}"))
+    };
+    assert_eq!(value("aragora_redis_up "), 0.0);
+    assert!(value("aragora_cluster_confirmed_reads_total{outcome=\"unconfirmed\"} ") >= 3.0);
+    assert_eq!(
+        value("aragora_cluster_confirmed_reads_total{outcome=\"hit\"} "),
+        0.0
+    );
+    assert!(value("aragora_redis_errors_total{operation=\"publish\"} ") >= 1.0);
+}
