@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{ApiResult, QueryParams, blocking};
 use crate::app::AppState;
-use crate::audit::{DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT, SearchFilter};
+use crate::audit::{DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT, SEARCH_SCAN_BUDGET, SearchFilter};
 use crate::error::ServiceError;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -47,7 +47,14 @@ pub async fn search(
         before: q.before.filter(|s| !s.is_empty()),
         limit,
     };
-    let result = blocking(move || Ok(state.audit.search(&filter)?)).await?;
+    // Bounded: one request reads at most the budget's entries, whatever the
+    // window holds (a short page says so with `next_before`).
+    let result = blocking(move || {
+        Ok(state
+            .audit
+            .search_bounded(&filter, SEARCH_SCAN_BUDGET)?)
+    })
+    .await?;
     Ok(axum::Json(result).into_response())
 }
 
