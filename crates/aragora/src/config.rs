@@ -943,7 +943,9 @@ mod tests {
         .expect("valid");
         assert_eq!(c.audit_retention, Some(Duration::from_secs(90 * 86_400)));
         assert_eq!(
-            Config::from_vars(&vars(&[])).expect("defaults").audit_retention,
+            Config::from_vars(&vars(&[]))
+                .expect("defaults")
+                .audit_retention,
             None
         );
         let e = Config::from_vars(&vars(&[
@@ -955,7 +957,8 @@ mod tests {
         let e = Config::from_vars(&vars(&[("ARAGORA_AUDIT_RETENTION", "30d")]))
             .expect_err("no export dir");
         assert!(
-            e.to_string().contains("ARAGORA_AUDIT_RETENTION needs ARAGORA_AUDIT_EXPORT_DIR"),
+            e.to_string()
+                .contains("ARAGORA_AUDIT_RETENTION needs ARAGORA_AUDIT_EXPORT_DIR"),
             "{e}"
         );
     }

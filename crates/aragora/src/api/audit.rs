@@ -49,12 +49,8 @@ pub async fn search(
     };
     // Bounded: one request reads at most the budget's entries, whatever the
     // window holds (a short page says so with `next_before`).
-    let result = blocking(move || {
-        Ok(state
-            .audit
-            .search_bounded(&filter, SEARCH_SCAN_BUDGET)?)
-    })
-    .await?;
+    let result =
+        blocking(move || Ok(state.audit.search_bounded(&filter, SEARCH_SCAN_BUDGET)?)).await?;
     Ok(axum::Json(result).into_response())
 }
 

@@ -222,11 +222,13 @@ fn edge(
         reverse: false,
         limit: EDGE_SCAN_LIMIT + 1,
     };
-    let page = store.list(Collection::Audit, &q).map_err(AuditError::Read)?;
+    let page = store
+        .list(Collection::Audit, &q)
+        .map_err(AuditError::Read)?;
     if page.len() <= EDGE_SCAN_LIMIT {
         let mut n = 0;
         for (id, record) in &page {
-            let e: AuditEntry = decode(Collection::Audit, id, record).map_err(AuditError::Read)?;
+            let e = super::decode_probe(id, record).map_err(AuditError::Read)?;
             if action.is_none_or(|a| a == e.action) {
                 n += 1;
             }

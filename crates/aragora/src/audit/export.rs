@@ -250,9 +250,7 @@ pub fn export(
     }
     // Continuing a chain the live log no longer holds would link new segments
     // to a history that was rewritten: refuse, and leave the evidence.
-    let anchor = log
-        .anchor()
-        .map_err(|e| ExportError::Read(e.to_string()))?;
+    let anchor = log.anchor().map_err(|e| ExportError::Read(e.to_string()))?;
     for seg in newest.values() {
         if seg.source == ARAGORA_SOURCE
             && let Some(a) = anchor.as_ref().filter(|a| a.seq > seg.last)
@@ -551,9 +549,7 @@ pub fn verify_dir(
             prev = Some(seg);
         }
         if let (Some(log), true) = (live, source == ARAGORA_SOURCE)
-            && let Some(a) = log
-                .anchor()
-                .map_err(|e| ExportError::Read(e.to_string()))?
+            && let Some(a) = log.anchor().map_err(|e| ExportError::Read(e.to_string()))?
         {
             let holding = segs
                 .iter()
@@ -646,7 +642,10 @@ fn live_has(log: &AuditLog, seg: &Segment) -> Result<bool, ExportError> {
     }))
 }
 
-pub(super) fn verify_aragora_entries(entries: &[AuditEntry], prev_hash: &str) -> Result<(), String> {
+pub(super) fn verify_aragora_entries(
+    entries: &[AuditEntry],
+    prev_hash: &str,
+) -> Result<(), String> {
     let mut prev = prev_hash.to_string();
     let mut prev_seq: Option<u64> = None;
     for e in entries {

@@ -28,7 +28,7 @@ pub mod retention;
 
 use crate::clock;
 use crate::store::{
-    Collection, Durability, Expect, ListQuery, Receipt, Store, StoreError, WriteOp, decode,
+    Collection, Durability, Expect, ListQuery, Receipt, Record, Store, StoreError, WriteOp, decode,
     get_json,
 };
 
@@ -656,10 +656,8 @@ impl AuditLog {
                 let mut to_us = hi
                     .and_then(counts::id_time)
                     .unwrap_or(head.timestamp_us.max((self.now)()));
-                let from_us = counts::floor_to(
-                    counts::id_time(&counted_lo).unwrap_or(0),
-                    counts::MINUTE_US,
-                );
+                let from_us =
+                    counts::floor_to(counts::id_time(&counted_lo).unwrap_or(0), counts::MINUTE_US);
                 while !scan.done && to_us >= from_us {
                     let (minutes, next_to) =
                         counts::minutes_with(self.store.as_ref(), action, from_us, to_us, 256)?;
@@ -714,8 +712,8 @@ impl AuditLog {
                         // The actor's share of the entries of the action read
                         // so far, applied to all of them.
                         if scan.of_action > 0 {
-                            t.n = (t.n as f64 * scan.matched as f64 / scan.of_action as f64)
-                                .round() as u64;
+                            t.n = (t.n as f64 * scan.matched as f64 / scan.of_action as f64).round()
+                                as u64;
                         }
                         t.exact = false;
                     }
@@ -849,6 +847,25 @@ fn mark_indexed(head: &mut ChainHead, seq_before: u64, entries: &[AuditEntry]) {
     }
 }
 
+/// The fields a search filters on, read without building the entry (its
+/// details are skipped, not allocated): most entries a filtered search reads
+/// are not kept.
+#[derive(Deserialize)]
+pub(crate) struct Probe<'a> {
+    #[serde(borrow)]
+    pub action: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub actor: std::borrow::Cow<'a, str>,
+}
+
+pub(crate) fn decode_probe<'a>(id: &str, record: &'a Record) -> Result<Probe<'a>, StoreError> {
+    serde_json::from_slice(&record.value).map_err(|e| StoreError::Corrupt {
+        collection: Collection::Audit.name(),
+        id: id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 /// One search's walk over id ranges, newest first, until the page is full
 /// (one match more than `limit`, to know there are more) or the budget is spent.
 struct Scan<'a> {
@@ -893,14 +910,26 @@ impl Scan<'_> {
             let n = page.len();
             for (id, record) in page {
                 self.read += 1;
-                let e: AuditEntry =
-                    decode(Collection::Audit, &id, &record).map_err(AuditError::Read)?;
-                if self.filter.action.as_deref().is_none_or(|a| a == e.action) {
+                let probe: Probe<'_> = decode_probe(&id, &record).map_err(AuditError::Read)?;
+                if self
+                    .filter
+                    .action
+                    .as_deref()
+                    .is_none_or(|a| a == probe.action)
+                {
                     self.of_action += 1;
-                    if self.filter.actor.as_deref().is_none_or(|a| a == e.actor) {
+                    if self
+                        .filter
+                        .actor
+                        .as_deref()
+                        .is_none_or(|a| a == probe.actor)
+                    {
                         self.matched += 1;
                         if self.entries.len() < self.limit {
-                            self.entries.push(e);
+                            self.entries.push(
+                                decode(Collection::Audit, &id, &record)
+                                    .map_err(AuditError::Read)?,
+                            );
                         } else {
                             self.next_before = self.entries.last().map(|l| l.id.clone());
                             self.done = true;

@@ -155,9 +155,10 @@ pub fn apply(
     };
     let mut conflicts = 0;
     'run: while report.removed < MAX_REMOVED_PER_RUN {
-        let (anchor_version, anchor) = match log.load_anchor().map_err(|e| {
-            ExportError::Read(e.to_string())
-        })? {
+        let (anchor_version, anchor) = match log
+            .load_anchor()
+            .map_err(|e| ExportError::Read(e.to_string()))?
+        {
             Some((v, a)) => (v, Some(a)),
             None => (0, None),
         };
