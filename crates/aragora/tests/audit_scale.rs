@@ -309,7 +309,7 @@ fn a_search_reads_only_its_window() {
 fn access_index_matches_a_scan(store: Arc<dyn Store>) {
     let log = AuditLog::new(store.clone());
     let read = |log: &AuditLog, i: usize| {
-        let ok = i % 5 != 0;
+        let ok = !i.is_multiple_of(5);
         log.record(
             AuditEvent::new(
                 "secret_access",
@@ -413,6 +413,81 @@ fn the_access_index_finds_what_a_scan_finds_postgres() {
         return;
     };
     access_index_matches_a_scan(store);
+}
+
+/// Two logs on one store (two replicas) appending at once, secret reads
+/// among them: each keeps the counts and the index it last wrote in memory,
+/// and a stale one must fail its compare-and-set and be re-read, so after the
+/// race the totals and the index still match a scan.
+fn two_replicas_keep_counts_and_index_exact(store: Arc<dyn Store>) {
+    let replicas = [
+        Arc::new(AuditLog::new(store.clone())),
+        Arc::new(AuditLog::new(store.clone())),
+    ];
+    std::thread::scope(|s| {
+        for (r, log) in replicas.iter().enumerate() {
+            for t in 0..2 {
+                let log = log.clone();
+                s.spawn(move || {
+                    for i in 0..40 {
+                        let e = if i % 2 == 0 {
+                            AuditEvent::new(
+                                "secret_access",
+                                format!("user-{}", i % 3),
+                                Outcome::Success,
+                            )
+                            .details(json!({"secret_id": format!("s/{}", (i + t) % 5)}))
+                        } else {
+                            AuditEvent::new("login_success", format!("r{r}"), Outcome::Success)
+                        };
+                        log.record(e).expect("record");
+                    }
+                });
+            }
+        }
+    });
+    let all = all_entries(store.as_ref());
+    assert_eq!(all.len(), 160);
+    for log in &replicas {
+        assert!(log.verify().expect("verify").ok);
+        for action in [None, Some("secret_access"), Some("login_success")] {
+            let f = SearchFilter {
+                action: action.map(str::to_string),
+                limit: 1,
+                ..SearchFilter::default()
+            };
+            let r = log.search(&f).expect("search");
+            assert!(r.total_is_exact);
+            assert_eq!(r.total, scanned(&all, &f, 0).len() as u64, "{action:?}");
+        }
+        for u in 0..3 {
+            let user = format!("user-{u}");
+            let mut want: BTreeMap<String, u64> = BTreeMap::new();
+            for e in all
+                .iter()
+                .filter(|e| e.action == "secret_access" && e.actor == user)
+            {
+                *want
+                    .entry(e.details["secret_id"].as_str().expect("id").to_string())
+                    .or_insert(0) += 1;
+            }
+            assert_eq!(log.secrets_read_by(&user).expect("index"), want, "{user}");
+        }
+    }
+}
+
+#[test]
+fn two_replicas_keep_counts_and_index_exact_embedded() {
+    let (_dir, store) = embedded();
+    two_replicas_keep_counts_and_index_exact(store);
+}
+
+#[test]
+fn two_replicas_keep_counts_and_index_exact_postgres() {
+    let Some((_db, store)) = postgres() else {
+        return;
+    };
+    two_replicas_keep_counts_and_index_exact(store);
 }
 
 /// Retention end to end on one store: nothing removed without an export;

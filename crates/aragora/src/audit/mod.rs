@@ -13,6 +13,7 @@
 //! Retention (`retention`) removes entries an export holds and leaves an
 //! anchor the live chain continues from.
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -291,7 +292,17 @@ pub struct AuditLog {
     /// next to write them with its own in one batch (group commit). Its
     /// length is bounded by the threads appending (each waits for its own).
     queue: Mutex<Vec<Queued>>,
+    /// The count and access-index records this process wrote last, at the
+    /// version its write gave them: an append extends them without reading
+    /// them back (a round trip under the head lock on a shared store). A
+    /// stale one fails its compare-and-set, which clears this and retries.
+    /// Used under the head lock; at most `MAX_DERIVED_CACHE` records.
+    derived: Mutex<HashMap<(Collection, String), Record>>,
 }
+
+/// Records `AuditLog::derived` holds at most (the current buckets and the
+/// recently read secrets' index records); when full it starts over.
+const MAX_DERIVED_CACHE: usize = 4_096;
 
 impl AuditLog {
     pub fn new(store: Arc<dyn Store>) -> Self {
@@ -307,6 +318,7 @@ impl AuditLog {
             now,
             head: Mutex::new(None),
             queue: Mutex::new(Vec::new()),
+            derived: Mutex::new(HashMap::new()),
         }
     }
 
@@ -407,10 +419,11 @@ impl AuditLog {
                 break Err(AuditError::Write(e));
             }
             mark_indexed(&mut head, first_seq, &entries);
-            match self.derived_ops(&entries) {
-                Ok(ops) => batch.extend(ops),
+            let derived = match self.derived_ops(&entries) {
+                Ok(ops) => ops,
                 Err(e) => break Err(e),
-            }
+            };
+            batch.extend(derived.iter().cloned());
             match WriteOp::put_json(
                 Collection::AuditChain,
                 HEAD_ID,
@@ -423,6 +436,7 @@ impl AuditLog {
             match self.store.write(batch, Durability::Visible) {
                 Ok(receipt) => {
                     *head_slot = Some((receipt.seq, head));
+                    self.remember(&derived, receipt.seq);
                     for (queued, entry) in group.iter().zip(entries) {
                         *queued.outcome.lock() = Some(Ok((receipt, entry)));
                     }
@@ -432,12 +446,14 @@ impl AuditLog {
                     // Someone else moved the head (or a count retention
                     // changed): forget it and retry.
                     *head_slot = None;
+                    self.derived.lock().clear();
                     if attempt >= APPEND_RETRIES {
                         break Err(AuditError::Write(e));
                     }
                 }
                 Err(e) => {
                     *head_slot = None;
+                    self.derived.lock().clear();
                     break Err(AuditError::Write(e));
                 }
             }
@@ -485,10 +501,10 @@ impl AuditLog {
                     WriteOp::put_json(Collection::Audit, entry.id.clone(), &entry, Expect::Absent)
                         .map_err(|e| RecordError::Audit(AuditError::Write(e)))?,
                 );
-                batch.extend(
-                    self.derived_ops(std::slice::from_ref(&entry))
-                        .map_err(RecordError::Audit)?,
-                );
+                let derived = self
+                    .derived_ops(std::slice::from_ref(&entry))
+                    .map_err(RecordError::Audit)?;
+                batch.extend(derived.iter().cloned());
                 batch.push(
                     WriteOp::put_json(Collection::AuditChain, HEAD_ID, &new_head, head_expect)
                         .map_err(|e| RecordError::Audit(AuditError::Write(e)))?,
@@ -496,6 +512,7 @@ impl AuditLog {
                 match self.store.write(batch, Durability::Visible) {
                     Ok(receipt) => {
                         *guard = Some((receipt.seq, new_head));
+                        self.remember(&derived, receipt.seq);
                         (receipt, entry)
                     }
                     Err(e @ StoreError::Conflict { .. }) => {
@@ -508,6 +525,7 @@ impl AuditLog {
                                 && !(*collection == Collection::AuditChain.name() && id == HEAD_ID));
                         // Someone else moved the head: forget it and retry.
                         *guard = None;
+                        self.derived.lock().clear();
                         if ours && n_ops > 0 {
                             return Err(RecordError::Ops(e));
                         }
@@ -518,6 +536,7 @@ impl AuditLog {
                     }
                     Err(e) => {
                         *guard = None;
+                        self.derived.lock().clear();
                         return Err(RecordError::Audit(AuditError::Write(e)));
                     }
                 }
@@ -564,11 +583,58 @@ impl AuditLog {
                     .map(|id| (Collection::AuditAccess, id.as_str())),
             )
             .collect();
-        let current = self.store.get_many(&keys).map_err(AuditError::Read)?;
+        let mut current: Vec<Option<Record>> = Vec::with_capacity(keys.len());
+        let mut missing: Vec<usize> = Vec::new();
+        {
+            let cache = self.derived.lock();
+            for (i, (c, id)) in keys.iter().enumerate() {
+                let hit = cache.get(&(*c, (*id).to_string())).cloned();
+                if hit.is_none() {
+                    missing.push(i);
+                }
+                current.push(hit);
+            }
+        }
+        if !missing.is_empty() {
+            let ask: Vec<(Collection, &str)> = missing.iter().map(|i| keys[*i]).collect();
+            let found = self.store.get_many(&ask).map_err(AuditError::Read)?;
+            for (i, r) in missing.into_iter().zip(found) {
+                current[i] = r;
+            }
+        }
         let (c, a) = current.split_at(count_deltas.len());
         let mut ops = counts::apply_ops(&count_deltas, c, false).map_err(AuditError::Write)?;
         ops.extend(access::apply_ops(&access_deltas, a).map_err(AuditError::Write)?);
         Ok(ops)
+    }
+
+    /// After a write of `derived` at `version`: what those records now hold.
+    fn remember(&self, derived: &[WriteOp], version: u64) {
+        let mut cache = self.derived.lock();
+        if cache.len() + derived.len() > MAX_DERIVED_CACHE {
+            cache.clear();
+        }
+        for op in derived {
+            match op {
+                WriteOp::Put {
+                    collection,
+                    id,
+                    value,
+                    ..
+                } => {
+                    cache.insert(
+                        (*collection, id.clone()),
+                        Record {
+                            version,
+                            value: value.as_slice().into(),
+                        },
+                    );
+                }
+                WriteOp::Delete { collection, id, .. } => {
+                    cache.remove(&(*collection, id.clone()));
+                }
+            }
+        }
     }
 
     /// Every secret `user_id` read successfully, with how many times (all
