@@ -758,3 +758,50 @@ fn search_stays_bounded_with_200k_entries() {
     }
     println!("filled 220,000 entries in {fill_s:.1} s");
 }
+
+test_clock!(DENSE, dense_now);
+
+/// A window whose edge cuts a minute of more than 4,096 entries: that part
+/// is prorated from the minute's count instead of read, and the total says
+/// it is an estimate (close to the truth when the minute's entries are even).
+#[test]
+fn a_dense_edge_minute_is_estimated_and_says_so() {
+    let (_dir, inner) = embedded();
+    let store = Arc::new(Counting {
+        inner,
+        audit_read: AtomicUsize::new(0),
+    });
+    let log = AuditLog::with_clock(store.clone(), dense_now);
+    let minute = (T0 / MIN + 10) * MIN;
+    DENSE.store(minute, Ordering::SeqCst);
+    for i in 0..9_000 {
+        DENSE.fetch_add(6_000, Ordering::SeqCst);
+        let action = if i % 3 == 0 {
+            "auth_failure"
+        } else {
+            "login_success"
+        };
+        log.record_unsynced(AuditEvent::new(action, "dense", Outcome::Success))
+            .expect("record");
+    }
+    // One minute back from 5 s into the next minute: the window starts 5 s
+    // into the dense one.
+    DENSE.store(minute + MIN + 5 * SEC, Ordering::SeqCst);
+    let all = all_entries(store.as_ref());
+    for action in [None, Some("auth_failure")] {
+        let f = SearchFilter {
+            action: action.map(str::to_string),
+            minutes: Some(1),
+            limit: 10,
+            ..SearchFilter::default()
+        };
+        let want = scanned(&all, &f, dense_now()).len() as f64;
+        store.audit_read.store(0, Ordering::SeqCst);
+        let r = log.search(&f).expect("search");
+        let read = store.audit_read.load(Ordering::SeqCst);
+        assert!(!r.total_is_exact, "{action:?}");
+        let err = (r.total as f64 - want).abs() / want;
+        assert!(err < 0.05, "{action:?}: {} for {want}", r.total);
+        assert!(read <= 4_097 + 64, "{action:?}: read {read}");
+    }
+}
