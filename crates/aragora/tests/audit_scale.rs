@@ -636,8 +636,8 @@ test_clock!(SCALE, scale_now);
 /// store over ~23 days and 20,000 more in the last quarter hour, then
 /// searches of the last 15 minutes and of all time. Reports the
 /// entries each search read and its time (printed, not asserted: the bound
-/// asserted is on reads). `cargo test --release -p aragora --test
-/// audit_scale -- --ignored --nocapture`
+/// asserted is on reads). `[AUDIT_SCALE_ENTRIES=N] cargo test -p aragora
+/// --test audit_scale search_stays_bounded -- --ignored --nocapture`
 #[test]
 #[ignore = "slow: 200,000 appends"]
 fn search_stays_bounded_with_200k_entries() {
@@ -648,7 +648,12 @@ fn search_stays_bounded_with_200k_entries() {
     });
     let log = AuditLog::with_clock(store.clone(), scale_now);
     let started = std::time::Instant::now();
-    fill(&log, &SCALE, 200_000, 19, 29);
+    // AUDIT_SCALE_ENTRIES: a larger log for a longer run (default 200,000).
+    let n: usize = std::env::var("AUDIT_SCALE_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    fill(&log, &SCALE, n, 19, 29);
     // Then a busy quarter hour: 20,000 entries 45 ms apart.
     for i in 0..20_000 {
         SCALE.fetch_add(45_000, Ordering::SeqCst);
@@ -756,7 +761,7 @@ fn search_stays_bounded_with_200k_entries() {
         );
         times.push(samples);
     }
-    println!("filled 220,000 entries in {fill_s:.1} s");
+    println!("filled {} entries in {fill_s:.1} s", n + 20_000);
 }
 
 test_clock!(DENSE, dense_now);
