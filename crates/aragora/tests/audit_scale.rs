@@ -810,3 +810,33 @@ fn a_dense_edge_minute_is_estimated_and_says_so() {
         assert!(read <= 4_097 + 64, "{action:?}: read {read}");
     }
 }
+
+test_clock!(ODD, odd_now);
+
+/// A `before` that is no entry id is a bound like any string, never a walk
+/// of buckets to the far future: past every id it bounds nothing, before
+/// every id it leaves nothing.
+#[test]
+fn a_before_that_is_not_an_id_is_answered_at_once() {
+    let (_dir, store) = embedded();
+    let log = AuditLog::with_clock(store.clone(), odd_now);
+    fill(&log, &ODD, 50, 60, 31);
+    for (before, want) in [
+        ("zzzz", 50),
+        ("ffffffffffffffff", 50),
+        ("0000zz", 0),
+        ("!", 0),
+    ] {
+        let r = log
+            .search(&SearchFilter {
+                before: Some(before.into()),
+                limit: 10,
+                ..SearchFilter::default()
+            })
+            .expect("search");
+        if r.total_is_exact {
+            assert_eq!(r.total, want, "{before}");
+        }
+        assert_eq!(r.entries.len(), want.min(10) as usize, "{before}");
+    }
+}

@@ -170,17 +170,25 @@ pub(crate) fn count_range(
     } else {
         lo_min + MINUTE_US
     };
-    let (hi_min, hi_aligned) = match hi {
-        Some(h) => {
-            let t = floor_to(id_time(h).unwrap_or(i64::MAX / 2), MINUTE_US);
-            (t, h == time_key(t))
-        }
-        None => (floor_to(end_us, MINUTE_US) + MINUTE_US, true),
-    };
     let mut tally = Tally { n: 0, exact: true };
     if hi.is_some_and(|h| h <= lo) {
         return Ok(tally);
     }
+    // No entry is later than `end_us`: a bound past it (or one that is not
+    // an id, from a client) is no bound, and never a walk to the far future.
+    let cap = floor_to(end_us, MINUTE_US) + MINUTE_US;
+    let hi = hi.filter(|h| *h < time_key(cap).as_str());
+    let (hi_min, hi_aligned) = match hi {
+        Some(h) => {
+            let Some(t) = id_time(h) else {
+                // Not an entry id: the scan's own count is all there is.
+                return Ok(Tally { n: 0, exact: false });
+            };
+            let t = floor_to(t.min(cap), MINUTE_US);
+            (t, h == time_key(t))
+        }
+        None => (cap, true),
+    };
     if !lo_aligned && !hi_aligned && lo_min == hi_min {
         // Both edges in one minute: count that part of it.
         tally.add(edge(store, action, lo, hi, lo_min)?);
@@ -216,6 +224,9 @@ fn edge(
     hi: Option<&str>,
     minute_us: i64,
 ) -> Result<Tally, AuditError> {
+    if hi.is_some_and(|h| h <= lo) {
+        return Ok(Tally { n: 0, exact: true });
+    }
     let q = ListQuery {
         start: Bound::Included(lo),
         end: hi.map_or(Bound::Unbounded, Bound::Excluded),
@@ -267,6 +278,14 @@ fn whole_buckets(
     debug_assert_eq!(to_us % MINUTE_US, 0);
     // The greedy cover (the largest aligned bucket that fits, each time),
     // merged into runs of one size: at most five range reads.
+    // The cover walks the range a bucket at a time: ~20,000 days since the
+    // epoch is the most a sane clock gives; refuse a range far beyond it.
+    const MAX_DAYS: i64 = 1_000_000;
+    if (to_us - from_us) / DAY_US > MAX_DAYS {
+        return Err(AuditError::Read(StoreError::Backend(format!(
+            "an audit total over more than {MAX_DAYS} days; narrow the window"
+        ))));
+    }
     let mut runs: Vec<(char, i64, i64)> = Vec::new();
     let mut t = from_us;
     while t < to_us {
