@@ -164,6 +164,10 @@ pub struct Config {
     /// its period (ARAGORA_AUDIT_EXPORT_INTERVAL, seconds, default 3600).
     pub audit_export_dir: Option<PathBuf>,
     pub audit_export_interval: Duration,
+    /// ARAGORA_AUDIT_RETENTION (`90d`; `None`: keep every entry): after each
+    /// scheduled export, entries older than this that the export holds are
+    /// removed from the live log (`audit::retention`).
+    pub audit_retention: Option<Duration>,
     /// Scheduled online backups (`crate::backup`): `None` (ARAGORA_BACKUP_DIR
     /// unset) turns the schedule off.
     pub backup: Option<BackupSchedule>,
@@ -670,6 +674,23 @@ impl Config {
         let audit_export_interval = get("ARAGORA_AUDIT_EXPORT_INTERVAL").map_or(3600, |v| {
             number("ARAGORA_AUDIT_EXPORT_INTERVAL", v, 10, 7 * 86_400, &mut p)
         });
+        let audit_retention = get("ARAGORA_AUDIT_RETENTION")
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .and_then(|v| {
+                crate::clock::parse_duration("ARAGORA_AUDIT_RETENTION", v)
+                    .map_err(|e| p.push(e))
+                    .ok()
+            });
+        if audit_retention.is_some() && audit_export_dir.is_none() {
+            // Entries are removed only once an export holds them: without a
+            // scheduled export nothing would ever be.
+            p.push(
+                "ARAGORA_AUDIT_RETENTION needs ARAGORA_AUDIT_EXPORT_DIR: entries are removed \
+                 only after a verified export there holds them"
+                    .into(),
+            );
+        }
         let key_destroy_grace = get("ARAGORA_KEY_DESTROY_GRACE")
             .map_or(DEFAULT_KEY_DESTROY_GRACE, |v| {
                 number("ARAGORA_KEY_DESTROY_GRACE", v, 0, 10 * 365 * 86_400, &mut p)
@@ -843,6 +864,7 @@ impl Config {
             key_destroy_grace: Duration::from_secs(key_destroy_grace),
             audit_export_dir,
             audit_export_interval: Duration::from_secs(audit_export_interval),
+            audit_retention,
             backup,
             redis_url,
             faults: FaultPlan {
@@ -910,6 +932,35 @@ mod tests {
         assert!(text.contains("RBAC_CACHE_TTL must be a whole number"));
         assert!(text.contains("MAINTENANCE_MODE must be true or false"));
         assert!(text.contains("ARAGORA_BIND must be an address"));
+    }
+
+    #[test]
+    fn audit_retention_is_a_duration_and_needs_the_export_dir() {
+        let c = Config::from_vars(&vars(&[
+            ("ARAGORA_AUDIT_RETENTION", "90d"),
+            ("ARAGORA_AUDIT_EXPORT_DIR", "/var/lib/aragora/audit"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.audit_retention, Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(
+            Config::from_vars(&vars(&[]))
+                .expect("defaults")
+                .audit_retention,
+            None
+        );
+        let e = Config::from_vars(&vars(&[
+            ("ARAGORA_AUDIT_RETENTION", "forever"),
+            ("ARAGORA_AUDIT_EXPORT_DIR", "/var/lib/aragora/audit"),
+        ]))
+        .expect_err("not a duration");
+        assert!(e.to_string().contains("ARAGORA_AUDIT_RETENTION"), "{e}");
+        let e = Config::from_vars(&vars(&[("ARAGORA_AUDIT_RETENTION", "30d")]))
+            .expect_err("no export dir");
+        assert!(
+            e.to_string()
+                .contains("ARAGORA_AUDIT_RETENTION needs ARAGORA_AUDIT_EXPORT_DIR"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::audit::{AuditEvent, AuditLog, MAX_SEARCH_LIMIT, Outcome, RecordError, SearchFilter};
+use crate::audit::{AuditEvent, AuditLog, Outcome, RecordError};
 use crate::auth::{CAS_RETRIES, Principal, RequestMeta};
 use crate::clock::{format_us, now_us};
 use crate::encryption::KeyRing;
@@ -469,7 +469,8 @@ impl SecretsService {
     }
 
     /// `aragora rotation --secrets-accessed-by=USER_ID`: every secret the user
-    /// read (successful `secret_access` entries, all time) is marked
+    /// read (successful `secret_access` entries, all time, per the audit
+    /// log's access index) is marked
     /// `rotation_required` (no secret type has a rotation hook yet), each mark
     /// audited as `secret_rotation_marked` in the same write. `dry_run` only
     /// reports.
@@ -484,28 +485,9 @@ impl SecretsService {
                 "--secrets-accessed-by needs a user id".into(),
             ));
         }
-        let mut read: BTreeMap<String, u64> = BTreeMap::new();
-        let mut before: Option<String> = None;
-        loop {
-            let page = self.audit.search(&SearchFilter {
-                action: Some("secret_access".into()),
-                actor: Some(user_id.to_string()),
-                minutes: None,
-                before: before.clone(),
-                limit: MAX_SEARCH_LIMIT,
-            })?;
-            for e in &page.entries {
-                if e.outcome == Outcome::Success
-                    && let Some(id) = e.details["secret_id"].as_str()
-                {
-                    *read.entry(id.to_string()).or_insert(0) += 1;
-                }
-            }
-            match page.next_before {
-                Some(b) => before = Some(b),
-                None => break,
-            }
-        }
+        // The access index written with each `secret_access` entry: one
+        // user's records, not a scan of the log.
+        let read: BTreeMap<String, u64> = self.audit.secrets_read_by(user_id)?;
         let reason = format!("read by {user_id}, whose access is under investigation");
         let mut out = Vec::new();
         for (id, reads) in read {

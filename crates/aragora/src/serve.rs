@@ -265,7 +265,13 @@ async fn export_audit_periodically(state: Arc<AppState>, dir: std::path::PathBuf
         let (s, d) = (state.clone(), dir.clone());
         let outcome = tokio::task::spawn_blocking(move || {
             let signer = aragora::audit::export::ExportSigner::from_key_ring(&s.keyring)?;
-            aragora::audit::export::export(&s.audit, &signer, &d, None)
+            let r = aragora::audit::export::export(&s.audit, &signer, &d, None)?;
+            // Retention right after the export that makes entries removable;
+            // it logs what it removed, or why it kept what is due.
+            if let Some(period) = s.config.audit_retention {
+                aragora::audit::retention::apply(&s.audit, &d, &signer, period)?;
+            }
+            Ok::<_, aragora::audit::export::ExportError>(r)
         })
         .await;
         match outcome {

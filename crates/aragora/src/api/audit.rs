@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{ApiResult, QueryParams, blocking};
 use crate::app::AppState;
-use crate::audit::{DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT, SearchFilter};
+use crate::audit::{DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT, SEARCH_SCAN_BUDGET, SearchFilter};
 use crate::error::ServiceError;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -37,6 +37,22 @@ pub async fn search(
             ServiceError::BadRequest(format!("limit: must be 1 to {MAX_SEARCH_LIMIT}")).into(),
         );
     }
+    // `before` is an entry id (`next_before`): 16 to 32 lowercase hex digits,
+    // the first 16 its time. Anything else would be a range of no meaning.
+    let is_id = |b: &str| {
+        (16..=32).contains(&b.len())
+            && b.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    };
+    if q.before
+        .as_deref()
+        .is_some_and(|b| !b.is_empty() && !is_id(b))
+    {
+        return Err(ServiceError::BadRequest(
+            "before: must be an entry id (next_before of a previous page)".into(),
+        )
+        .into());
+    }
     if q.minutes == Some(0) {
         return Err(ServiceError::BadRequest("minutes: must be at least 1".into()).into());
     }
@@ -47,7 +63,10 @@ pub async fn search(
         before: q.before.filter(|s| !s.is_empty()),
         limit,
     };
-    let result = blocking(move || Ok(state.audit.search(&filter)?)).await?;
+    // Bounded: one request reads at most the budget's entries, whatever the
+    // window holds (a short page says so with `next_before`).
+    let result =
+        blocking(move || Ok(state.audit.search_bounded(&filter, SEARCH_SCAN_BUDGET)?)).await?;
     Ok(axum::Json(result).into_response())
 }
 

@@ -203,6 +203,22 @@ pub struct ExportVerifyReport {
     pub public_keys: Vec<String>,
     pub chains: Vec<ChainPosition>,
     pub problems: Vec<String>,
+    /// With the live log, once retention removed its beginning: its anchor
+    /// and whether this export holds that entry with that hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_in_export: Option<AnchorCheck>,
+}
+
+/// The live chain's retention anchor, checked against an export.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnchorCheck {
+    pub seq: u64,
+    pub hash: String,
+    /// The directory retention removed the entries after finding them in.
+    pub export_dir: String,
+    /// Whether this export's entry at `seq` has the anchor's hash and id
+    /// (None: this export does not hold `seq`).
+    pub matches_export: Option<bool>,
 }
 
 /// Exports what is new since the newest segment of each chain in `dir`.
@@ -234,7 +250,21 @@ pub fn export(
     }
     // Continuing a chain the live log no longer holds would link new segments
     // to a history that was rewritten: refuse, and leave the evidence.
+    let anchor = log.anchor().map_err(|e| ExportError::Read(e.to_string()))?;
     for seg in newest.values() {
+        if seg.source == ARAGORA_SOURCE
+            && let Some(a) = anchor.as_ref().filter(|a| a.seq > seg.last)
+        {
+            return Err(ExportError::Invalid(format!(
+                "{} ends at seq {}, but retention removed the live log up to seq {} \
+                 (exported to {}): export to a new directory (with --since) or continue {}",
+                dir.display(),
+                seg.last,
+                a.seq,
+                a.export_dir,
+                a.export_dir
+            )));
+        }
         if !live_has(log, seg)? {
             return Err(ExportError::Invalid(format!(
                 "the live {} chain no longer holds the exported head (entry {} with hash {}): \
@@ -518,8 +548,44 @@ pub fn verify_dir(
             }
             prev = Some(seg);
         }
+        if let (Some(log), true) = (live, source == ARAGORA_SOURCE)
+            && let Some(a) = log.anchor().map_err(|e| ExportError::Read(e.to_string()))?
+        {
+            let holding = segs
+                .iter()
+                .find(|(_, s)| s.first <= a.seq && a.seq <= s.last);
+            let check = holding.and_then(|(_, s)| match &s.payload {
+                Payload::Aragora(entries) => entries
+                    .iter()
+                    .find(|e| e.seq == a.seq)
+                    .map(|e| e.hash == a.hash && e.id == a.id),
+                Payload::Aedb(_) => None,
+            });
+            if check == Some(false) {
+                report.problems.push(format!(
+                    "the live chain's retention anchor (seq {}, {}, hash {}) is not the entry \
+                     this export holds at seq {}: the live log does not continue this export",
+                    a.seq, a.id, a.hash, a.seq
+                ));
+            }
+            report.anchor_in_export = Some(AnchorCheck {
+                seq: a.seq,
+                hash: a.hash.clone(),
+                export_dir: a.export_dir.clone(),
+                matches_export: check,
+            });
+        }
         if let Some(last) = prev {
+            let anchored_past = live
+                .map(|log| log.anchor())
+                .transpose()
+                .map_err(|e| ExportError::Read(e.to_string()))?
+                .flatten()
+                .is_some_and(|a| source == ARAGORA_SOURCE && a.seq > last.last);
             let matches_live = match live {
+                // Removed by retention past this export's end: nothing live
+                // to compare with (the anchor check above is what links).
+                Some(_) if anchored_past => None,
                 Some(log) => Some(live_has(log, last)?),
                 None => None,
             };
@@ -556,7 +622,12 @@ fn live_has(log: &AuditLog, seg: &Segment) -> Result<bool, ExportError> {
             Some(record) => decode::<AuditEntry>(Collection::Audit, id, &record)
                 .map(|e| e.seq == seg.last && e.hash == seg.end_hash && entry_hash(&e) == e.hash)
                 .unwrap_or(false),
-            None => false,
+            // Removed by retention: the anchor is that entry, if it was the
+            // last one removed.
+            None => log
+                .anchor()
+                .map_err(|e| ExportError::Read(e.to_string()))?
+                .is_some_and(|a| a.seq == seg.last && a.hash == seg.end_hash && a.id == *id),
         });
     }
     let tables = log
@@ -571,7 +642,10 @@ fn live_has(log: &AuditLog, seg: &Segment) -> Result<bool, ExportError> {
     }))
 }
 
-fn verify_aragora_entries(entries: &[AuditEntry], prev_hash: &str) -> Result<(), String> {
+pub(super) fn verify_aragora_entries(
+    entries: &[AuditEntry],
+    prev_hash: &str,
+) -> Result<(), String> {
     let mut prev = prev_hash.to_string();
     let mut prev_seq: Option<u64> = None;
     for e in entries {
@@ -596,7 +670,7 @@ fn verify_aragora_entries(entries: &[AuditEntry], prev_hash: &str) -> Result<(),
     Ok(())
 }
 
-fn check_signature(seg: &Segment, trusted: Option<&[String]>) -> Result<(), String> {
+pub(super) fn check_signature(seg: &Segment, trusted: Option<&[String]>) -> Result<(), String> {
     if seg.format != SEGMENT_FORMAT {
         return Err(format!("unknown format {:?}", seg.format));
     }
@@ -662,28 +736,32 @@ fn read_dir_segments(dir: &Path) -> Result<Vec<(PathBuf, Segment)>, ExportError>
                 dir.display()
             )));
         }
-        let len = entry
-            .metadata()
-            .map_err(|e| ExportError::Io(format!("{}: {e}", path.display())))?
-            .len();
-        if len > MAX_SEGMENT_BYTES {
-            return Err(ExportError::Invalid(format!(
-                "{}: {len} bytes is larger than any segment",
-                path.display()
-            )));
-        }
-        let bytes = std::fs::read(&path)
-            .map_err(|e| ExportError::Io(format!("reading {}: {e}", path.display())))?;
-        let seg: Segment = serde_json::from_slice(&bytes).map_err(|e| {
-            ExportError::Invalid(format!(
-                "{} is not an audit export segment: {e}",
-                path.display()
-            ))
-        })?;
+        let seg = read_segment(&path)?;
         out.push((path, seg));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// One segment file, parsed (not yet verified).
+pub(super) fn read_segment(path: &Path) -> Result<Segment, ExportError> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| ExportError::Io(format!("{}: {e}", path.display())))?
+        .len();
+    if len > MAX_SEGMENT_BYTES {
+        return Err(ExportError::Invalid(format!(
+            "{}: {len} bytes is larger than any segment",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| ExportError::Io(format!("reading {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ExportError::Invalid(format!(
+            "{} is not an audit export segment: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Signs and writes one segment, once: never replaces an existing file.

@@ -239,6 +239,18 @@ fn audit_verify_export(v: &ExportVerifyReport) -> String {
             c.source, c.last, c.end_hash
         );
     }
+    if let Some(a) = &v.anchor_in_export {
+        let held = match a.matches_export {
+            Some(true) => "held by this export",
+            Some(false) => "NOT the entry this export holds",
+            None => "not in this export",
+        };
+        let _ = writeln!(
+            s,
+            "  live chain starts after the retention anchor seq {} (hash {}): {held}",
+            a.seq, a.hash
+        );
+    }
     for p in &v.problems {
         let _ = writeln!(s, "  problem: {p}");
     }
@@ -246,13 +258,21 @@ fn audit_verify_export(v: &ExportVerifyReport) -> String {
 }
 
 fn audit_verify(v: &VerifyReport) -> String {
+    // Said whichever the outcome: what was checked starts at the anchor.
+    let from = v.anchor.as_ref().map_or(String::new(), |a| {
+        format!(
+            "checked from the retention anchor: seq {} (hash {}); the {} entries before it \
+             were removed after export to {} (`aragora audit verify --export {}` checks the anchor)\n",
+            a.seq, a.hash, a.removed, a.export_dir, a.export_dir
+        )
+    });
     if v.ok {
         return format!(
-            "audit chain ok: {} entries, head seq {}\n",
+            "audit chain ok: {} entries, head seq {}\n{from}",
             v.entries_checked, v.head_seq
         );
     }
-    let mut s = String::from("audit chain BROKEN:\n");
+    let mut s = format!("audit chain BROKEN:\n{from}");
     for p in &v.problems {
         let _ = writeln!(s, "  - {p}");
     }
@@ -554,12 +574,40 @@ mod tests {
             head_seq: 3,
             head_hash: "00".into(),
             problems: vec!["entry 2: hash mismatch".into()],
+            anchor: None,
         };
         let r = render(&ControlResponse::AuditVerify(v), false, Context::default());
         assert_eq!(r.code, 1);
         assert_eq!(
             r.stdout,
             "audit chain BROKEN:\n  - entry 2: hash mismatch\n"
+        );
+    }
+
+    #[test]
+    fn a_chain_checked_from_a_retention_anchor_says_so() {
+        let v = VerifyReport {
+            ok: true,
+            entries_checked: 2,
+            head_seq: 7,
+            head_hash: "77".into(),
+            problems: Vec::new(),
+            anchor: Some(crate::audit::ChainAnchor {
+                seq: 5,
+                hash: "55".into(),
+                id: "e5".into(),
+                timestamp_us: 0,
+                export_dir: "/exports".into(),
+                removed: 5,
+                updated_at: "2026-12-01T00:00:00Z".into(),
+            }),
+        };
+        let r = render(&ControlResponse::AuditVerify(v), false, Context::default());
+        assert_eq!(r.code, 0);
+        assert!(
+            r.stdout.starts_with("audit chain ok: 2 entries, head seq 7\nchecked from the retention anchor: seq 5 (hash 55)"),
+            "{}",
+            r.stdout
         );
     }
 

@@ -36,8 +36,13 @@ pub enum Collection {
     IpBlocks,
     /// Hash-chained audit entries, ids ordered by time.
     Audit,
-    /// The audit chain's head (owned by `audit`).
+    /// The audit chain's head and retention anchor (owned by `audit`).
     AuditChain,
+    /// Audit entries per action and time bucket (owned by `audit::counts`).
+    AuditCounts,
+    /// (user, secret) -> reads, from `secret_access` entries (owned by
+    /// `audit::access`).
+    AuditAccess,
     /// Singletons of `auth`: the session revocation epoch, the bootstrap marker.
     AuthState,
     /// Re-encryption progress, one record per encrypted store (owned by
@@ -59,7 +64,7 @@ pub enum Collection {
 }
 
 impl Collection {
-    pub const ALL: [Collection; 16] = [
+    pub const ALL: [Collection; 18] = [
         Collection::Users,
         Collection::UserEmails,
         Collection::Roles,
@@ -68,6 +73,8 @@ impl Collection {
         Collection::IpBlocks,
         Collection::Audit,
         Collection::AuditChain,
+        Collection::AuditCounts,
+        Collection::AuditAccess,
         Collection::AuthState,
         Collection::Migrations,
         Collection::KeyRing,
@@ -88,6 +95,8 @@ impl Collection {
             Collection::IpBlocks => "ip_blocks",
             Collection::Audit => "audit",
             Collection::AuditChain => "audit_chain",
+            Collection::AuditCounts => "audit_counts",
+            Collection::AuditAccess => "audit_access",
             Collection::AuthState => "auth_state",
             Collection::Migrations => "migrations",
             Collection::KeyRing => "key_ring",
