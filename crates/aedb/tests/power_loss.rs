@@ -194,7 +194,7 @@ fn read_kv(db: &AedbInstance) -> Result<(u64, Kv), ReadError> {
     let seq = snap.seq();
     let kv = match snap.kv(PROJECT, SCOPE) {
         Ok(view) => view
-            .scan_prefix(b"", usize::MAX)
+            .scan_prefix(b"", usize::MAX)?
             .into_iter()
             .map(|(k, v)| (k.as_slice().to_vec(), v.to_vec()))
             .collect(),
@@ -261,6 +261,9 @@ impl Workload<'_> {
                             self.last_idempotent = None;
                         }
                     }
+                    // Reads go to the table files: once the machine is off they
+                    // fail like any other call (the recovery check comes later).
+                    Err(_) if self.fs.crashed() => self.broken = true,
                     Err(e) => self.out.violations.push(format!("read after reopen: {e}")),
                 }
                 self.db = Some(db);
