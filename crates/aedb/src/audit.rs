@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::AedbError;
 use crate::model::state::DbState;
-use crate::txn::snapshot::{TableView, table_view};
 use crate::model::value::{Column, ColumnType, Row, TableSchema, Value};
+use crate::txn::snapshot::{TableView, table_view};
 
 pub const SYSTEM_PROJECT: &str = "_system";
 pub const AUDIT_SCOPE: &str = "audit";

@@ -73,7 +73,8 @@ pub(crate) fn state_digests(state: &DbState) -> Result<Vec<KeyspaceDigest>, Aedb
         for (sname, s) in &p.scopes {
             let mut h = Sha256::new();
             let mut n = 0u64;
-            for r in kv_space(state, pname, sname)?.scan(Bound::Unbounded, Bound::Unbounded, false) {
+            for r in kv_space(state, pname, sname)?.scan(Bound::Unbounded, Bound::Unbounded, false)
+            {
                 let (k, e) = r?;
                 if let Some(v) = &e.value {
                     h.update((k.len() as u32).to_le_bytes());
@@ -125,9 +126,10 @@ pub(crate) fn state_checks(state: &DbState) -> Vec<CheckResult> {
     let mut problems = Vec::new();
     for (pname, p) in &state.projects {
         for (sname, s) in &p.scopes {
-            let live = match kv_space(state, pname, sname)
-                .and_then(|k| k.scan(Bound::Unbounded, Bound::Unbounded, false).try_fold(0usize, |n, r| r.map(|_| n + 1)))
-            {
+            let live = match kv_space(state, pname, sname).and_then(|k| {
+                k.scan(Bound::Unbounded, Bound::Unbounded, false)
+                    .try_fold(0usize, |n, r| r.map(|_| n + 1))
+            }) {
                 Ok(n) => n,
                 Err(e) => {
                     problems.push(format!("{pname}/{sname}: unreadable: {e}"));
@@ -142,9 +144,10 @@ pub(crate) fn state_checks(state: &DbState) -> Vec<CheckResult> {
             }
             for (tname, t) in &s.tables {
                 let mut live = 0;
-                let rows = match row_space(state, pname, sname, tname)
-                    .and_then(|r| r.scan(Bound::Unbounded, Bound::Unbounded, false).collect::<Result<Vec<_>, _>>())
-                {
+                let rows = match row_space(state, pname, sname, tname).and_then(|r| {
+                    r.scan(Bound::Unbounded, Bound::Unbounded, false)
+                        .collect::<Result<Vec<_>, _>>()
+                }) {
                     Ok(rows) => rows,
                     Err(e) => {
                         problems.push(format!("{pname}/{sname}/{tname}: unreadable: {e}"));

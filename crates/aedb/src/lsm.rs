@@ -291,11 +291,10 @@ pub(crate) fn memtable_entries(
     state.projects.iter().flat_map(move |(pname, p)| {
         p.scopes.iter().flat_map(move |(sname, s)| {
             let prefix = keyspace_prefix(pname, sname, None);
-            let kv = s
-                .kv
-                .iter()
-                .filter(move |(_, e)| e.version > above)
-                .map(move |(k, e)| entry(&prefix, k, e, |v: &SharedBytes| Ok(v.to_vec())));
+            let kv =
+                s.kv.iter()
+                    .filter(move |(_, e)| e.version > above)
+                    .map(move |(k, e)| entry(&prefix, k, e, |v: &SharedBytes| Ok(v.to_vec())));
             let rows = s.tables.iter().flat_map(move |(tname, t)| {
                 let prefix = keyspace_prefix(pname, sname, Some(tname));
                 t.rows
@@ -404,7 +403,9 @@ fn keyspace_min_seq(state: &DbState, k: &[u8]) -> Option<u64> {
 
 /// Opens the listed tables under the matching key of `keys` and checks each
 /// against the manifest: entry count and sequence range; with `full` the whole
-/// file's SHA-256 and every block; without, the SHA-256 of plaintext tables only.
+/// file's SHA-256 and every block. Without `full`, `plain_digests` checks the
+/// SHA-256 of plaintext tables (a signed manifest's digest is all that shows a
+/// deliberate edit of one); no data of a sealed table is read.
 pub(crate) fn open_tables(
     fs: &dyn Storage,
     dir: &Path,
@@ -412,6 +413,7 @@ pub(crate) fn open_tables(
     keys: &[&SecretKey],
     cache: &Arc<BlockCache>,
     full: bool,
+    plain_digests: bool,
 ) -> Result<Vec<TableReader>, AedbError> {
     let mut readers = Vec::with_capacity(tables.len());
     for t in tables {
@@ -437,11 +439,12 @@ pub(crate) fn open_tables(
             TableReader::open(fs, &path, t.id, key, Arc::clone(cache)).map_err(table_error)?;
         if full {
             reader.verify_full(&t.digest).map_err(table_error)?;
-        } else if t.key_id == [0u8; KEY_ID_LEN] {
-            // A plaintext table's blocks carry no authentication: only the whole
-            // file's digest tells it was not replaced. A sealed table's footer,
-            // index and bloom filter were just authenticated under its key and id,
-            // and each block is when read, so open does not read its data.
+        } else if plain_digests && t.key_id == [0u8; KEY_ID_LEN] {
+            // A plaintext table's blocks carry a CRC, not authentication: only the
+            // whole file's digest in the signed manifest tells it was not edited.
+            // A sealed table's footer, index and bloom filter were just
+            // authenticated under its key and id, and each block is when read, so
+            // open reads none of its data.
             let actual = reader.file_digest().map_err(table_error)?;
             if !crate::crypto::ct_eq(&actual, &t.digest) {
                 return Err(AedbError::corruption(
@@ -451,11 +454,14 @@ pub(crate) fn open_tables(
                 ));
             }
         }
-        if reader.entries() != t.entries || reader.seq_range() != (t.min_seq, t.max_seq) {
+        if reader.entries() != t.entries
+            || reader.seq_range() != (t.min_seq, t.max_seq)
+            || reader.file_len() != t.bytes
+        {
             return Err(AedbError::corruption(
                 &path,
                 0,
-                "table entry count or sequence range differs from the manifest's",
+                "table size, entry count or sequence range differs from the manifest's",
             ));
         }
         readers.push(reader);
@@ -584,12 +590,11 @@ pub(crate) fn evict(state: &DbState, tables: Arc<TableSet>) -> DbState {
                 continue;
             };
             if s.kv.values().any(|e| !keep(e.version, e.value.is_none())) {
-                s.kv = s
-                    .kv
-                    .iter()
-                    .filter(|(_, e)| keep(e.version, e.value.is_none()))
-                    .map(|(k, e)| (k.clone(), e.clone()))
-                    .collect();
+                s.kv =
+                    s.kv.iter()
+                        .filter(|(_, e)| keep(e.version, e.value.is_none()))
+                        .map(|(k, e)| (k.clone(), e.clone()))
+                        .collect();
             }
             let tables: Vec<String> = s.tables.keys().cloned().collect();
             for tname in tables {

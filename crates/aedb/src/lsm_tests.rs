@@ -214,14 +214,24 @@ fn open_refuses_a_missing_or_altered_table_and_removes_unlisted_ones() {
     open(dir.path()).close().expect("open and close");
     assert!(!stray.exists(), "the unlisted table is removed at open");
 
+    // Without a manifest key nothing shows a deliberate edit: open reads no
+    // data, and the damaged block fails its CRC when a read needs it.
     let mut altered = bytes.clone();
     altered[10] ^= 1;
     std::fs::write(&live, &altered).expect("alter");
-    let e = AedbInstance::<Dev>::open(AedbConfig::development(), dir.path())
-        .expect_err("an altered plaintext table is refused (only its digest shows an edit)");
-    assert!(e.to_string().contains("digest"), "{e}");
+    let db = open(dir.path());
+    let snap = db.snapshot().expect("snapshot");
+    match snap.kv("p", "s").expect("kv").get(b"k") {
+        Err(crate::ReadError::Corruption { file, .. }) => assert_eq!(file, live),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    drop(snap);
+    db.close().expect("close");
     let report = crate::check::inspect(dir.path(), &AedbConfig::development()).expect("inspect");
     assert!(!report.ok(), "check invariants fails on it");
+    // A table of another length than the manifest records is refused at open.
+    std::fs::write(&live, &bytes[..bytes.len() - 1]).expect("truncate");
+    assert!(AedbInstance::<Dev>::open(AedbConfig::development(), dir.path()).is_err());
 
     std::fs::remove_file(&live).expect("remove");
     let e = AedbInstance::<Dev>::open(AedbConfig::development(), dir.path())
@@ -454,7 +464,10 @@ fn after_a_flush_values_are_read_from_the_tables_alone() {
     // Written after the flush: in the memtable, over the tables.
     db.kv_set("p", "s", b"k0001", b"new").expect("update");
     db.kv_del("p", "s", b"k0002").expect("delete");
-    assert_eq!(get(&db, b"k0100").as_deref(), Some(&100u32.to_le_bytes()[..]));
+    assert_eq!(
+        get(&db, b"k0100").as_deref(),
+        Some(&100u32.to_le_bytes()[..])
+    );
     assert_eq!(get(&db, b"k0001").as_deref(), Some(&b"new"[..]));
     assert_eq!(get(&db, b"k0002"), None);
     assert_eq!(get(&db, b"k0007"), None);
@@ -486,7 +499,10 @@ fn after_a_flush_values_are_read_from_the_tables_alone() {
     tx.kv_set("s", b"k0200", b"mine").expect("set");
     db.kv_set("p", "s", b"k0200", b"theirs").expect("set");
     db.checkpoint().expect("flush k0200 away from the memtable");
-    assert!(db.commit(tx).is_err(), "the write after the snapshot conflicts");
+    assert!(
+        db.commit(tx).is_err(),
+        "the write after the snapshot conflicts"
+    );
 
     db.checkpoint().expect("checkpoint");
     db.close().expect("close");
@@ -555,8 +571,12 @@ fn rows_and_audit_rows_are_read_from_the_tables() {
     db.create_table("p", "s", "t", schema).expect("table");
     for id in 0..40i64 {
         let mut tx = db.begin_write("p").expect("tx");
-        tx.put_row("s", "t", vec![Value::Int(id), Value::Text(format!("v{id}"))])
-            .expect("put");
+        tx.put_row(
+            "s",
+            "t",
+            vec![Value::Int(id), Value::Text(format!("v{id}"))],
+        )
+        .expect("put");
         db.commit(tx).expect("commit");
     }
     let flushed = db.checkpoint().expect("checkpoint").lsn;
@@ -571,13 +591,17 @@ fn rows_and_audit_rows_are_read_from_the_tables() {
         t.get(&[Value::Int(5)]).expect("get").expect("row")[1],
         Value::Text("v5".into())
     );
-    let page = t
-        .query(&crate::txn::query::Query::all(5))
-        .expect("query");
+    let page = t.query(&crate::txn::query::Query::all(5)).expect("query");
     let ids: Vec<&Value> = page.rows.iter().map(|r| &r[0]).collect();
     assert_eq!(
         ids,
-        vec![&Value::Int(0), &Value::Int(1), &Value::Int(2), &Value::Int(4), &Value::Int(5)]
+        vec![
+            &Value::Int(0),
+            &Value::Int(1),
+            &Value::Int(2),
+            &Value::Int(4),
+            &Value::Int(5)
+        ]
     );
     drop(snap);
     db.verify_audit_chains().expect("audit chains verify");
@@ -615,14 +639,43 @@ fn a_damaged_block_read_through_a_get_is_a_corruption_error() {
         other => panic!("expected a corruption error, got {other:?}"),
     }
     assert!(
-        snap.kv("p", "s")
-            .expect("kv")
-            .scan_prefix(b"", 10)
-            .is_err(),
+        snap.kv("p", "s").expect("kv").scan_prefix(b"", 10).is_err(),
         "a scan fails the same way"
     );
     drop(snap);
     db.close().expect("close");
     let report = crate::check::inspect(dir.path(), &config()).expect("inspect");
     assert!(!report.ok(), "check invariants fails on it");
+}
+
+/// With a signed manifest, a plaintext table's whole-file digest is checked at
+/// open: its blocks carry only a CRC, which an edit can recompute.
+#[test]
+fn a_signed_manifest_refuses_an_edited_plaintext_table_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || {
+        AedbConfig::development()
+            .with_hmac_key([3u8; 32])
+            .with_checkpoint_policy(None, None)
+    };
+    let db = AedbInstance::<Dev>::open(config(), dir.path()).expect("open");
+    db.create_project("p").expect("project");
+    db.create_scope("p", "s").expect("scope");
+    db.kv_set("p", "s", b"k", b"v").expect("set");
+    db.checkpoint().expect("checkpoint");
+    db.close().expect("close");
+    let m = manifest::read(
+        &OsStorage,
+        dir.path(),
+        Some(&crate::config::SecretKey::new([3u8; 32])),
+    )
+    .expect("manifest reads")
+    .expect("a manifest exists");
+    let live = dir.path().join(&m.tables[0].file);
+    let mut bytes = std::fs::read(&live).expect("read table");
+    bytes[10] ^= 1;
+    std::fs::write(&live, &bytes).expect("alter");
+    let e = AedbInstance::<Dev>::open(config(), dir.path())
+        .expect_err("an edited plaintext table is refused");
+    assert!(e.to_string().contains("digest"), "{e}");
 }

@@ -332,7 +332,8 @@ pub(crate) fn load_manifest_and_checkpoint(
         };
         // Only the tables' footers, indexes and bloom filters are read: the data
         // stays on disk, read block by block through the cache.
-        let readers = lsm::open_tables(fs, dir, &tables, &keys, &cache, read_only)?;
+        let signed = config.manifest_key.is_some();
+        let readers = lsm::open_tables(fs, dir, &tables, &keys, &cache, read_only, signed)?;
         let mut open: Vec<std::sync::Arc<OpenTable>> = tables
             .iter()
             .cloned()

@@ -151,7 +151,11 @@ fn corrupt(t: &OpenTable, reason: String) -> AedbError {
 
 /// The user key range `(start, end)` as the internal keys `[from, to)` of the
 /// keyspace `prefix` (`to` None: to the end of the keyspace).
-fn internal_range(prefix: &[u8], start: Bound<&[u8]>, end: Bound<&[u8]>) -> (Vec<u8>, Option<Vec<u8>>) {
+fn internal_range(
+    prefix: &[u8],
+    start: Bound<&[u8]>,
+    end: Bound<&[u8]>,
+) -> (Vec<u8>, Option<Vec<u8>>) {
     let from = match start {
         Bound::Included(s) | Bound::Excluded(s) => [prefix, s].concat(),
         Bound::Unbounded => prefix.to_vec(),
@@ -200,9 +204,7 @@ impl<'a, V: Stored> Space<'a, V> {
 
     /// The newest live value of `key`.
     pub(crate) fn get_live(&self, key: &[u8]) -> Result<Option<(u64, V)>, AedbError> {
-        Ok(self
-            .get(key)?
-            .and_then(|e| e.value.map(|v| (e.version, v))))
+        Ok(self.get(key)?.and_then(|e| e.value.map(|v| (e.version, v))))
     }
 
     /// Whether `key` has a live value (what a write's live count adjusts by).

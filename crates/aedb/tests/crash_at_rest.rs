@@ -80,7 +80,8 @@ fn crash_at_rest_child() {
         .expect("snapshot")
         .kv("p", "s")
         .expect("kv")
-        .scan_prefix(b"k", usize::MAX).expect("scan")
+        .scan_prefix(b"k", usize::MAX)
+        .expect("scan")
         .len() as u64;
     say(&format!("opened {n}"));
     loop {
@@ -145,12 +146,17 @@ fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
             "key {n} wrong or missing"
         );
         assert_eq!(
-            kv.get(format!("pair{n:08}").as_bytes()).expect("read").is_some(),
+            kv.get(format!("pair{n:08}").as_bytes())
+                .expect("read")
+                .is_some(),
             n.is_multiple_of(5),
             "atomicity of commit {n}"
         );
     }
-    assert!(kv.get(&key(present)).expect("read").is_none(), "keys must form a prefix");
+    assert!(
+        kv.get(&key(present)).expect("read").is_none(),
+        "keys must form a prefix"
+    );
     let report =
         aedb::inspect(dir, &config(encrypted)).expect_err("inspect needs the lock held by us");
     let _ = report;

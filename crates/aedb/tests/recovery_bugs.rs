@@ -85,7 +85,10 @@ fn assert_no_keys(db: &AedbInstance, range: std::ops::Range<u64>, ctx: &str) {
     let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv("p", "s").expect("kv");
     for i in range {
-        assert!(kv.get(&key(i)).expect("read").is_none(), "{ctx}: k{i} should be gone");
+        assert!(
+            kv.get(&key(i)).expect("read").is_none(),
+            "{ctx}: k{i} should be gone"
+        );
     }
 }
 

@@ -508,7 +508,10 @@ fn check_state(db: &AedbInstance, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(audit.len(), model.audited_failures, "assertion audit rows");
     for (i, scope) in SCOPES.iter().enumerate() {
         let kv = snap.kv(PROJECT, scope).expect("kv");
-        let all = pairs(kv.scan_range(Bound::Unbounded, Bound::Unbounded, usize::MAX).expect("scan"));
+        let all = pairs(
+            kv.scan_range(Bound::Unbounded, Bound::Unbounded, usize::MAX)
+                .expect("scan"),
+        );
         let want: Vec<(Vec<u8>, Vec<u8>)> = model.kv[i]
             .iter()
             .filter_map(|(k, e)| e.value.clone().map(|v| (k.clone(), v)))
@@ -528,7 +531,12 @@ fn check_state(db: &AedbInstance, model: &Model) -> Result<(), TestCaseError> {
                     );
                 }
                 None => {
-                    prop_assert!(kv.get(k).expect("read").is_none(), "{}/{:?} deleted", scope, k);
+                    prop_assert!(
+                        kv.get(k).expect("read").is_none(),
+                        "{}/{:?} deleted",
+                        scope,
+                        k
+                    );
                     prop_assert_eq!(kv.version(k).expect("read"), 0);
                 }
             }
@@ -548,7 +556,9 @@ fn scan_snapshot(
     let kv = snap.kv(PROJECT, SCOPES[s]).expect("kv");
     let got = match range {
         RangeSpec::Prefix(p) => kv.scan_prefix(p, limit).expect("scan"),
-        RangeSpec::Range(a, b) => kv.scan_range(as_bound(a), as_bound(b), limit).expect("scan"),
+        RangeSpec::Range(a, b) => kv
+            .scan_range(as_bound(a), as_bound(b), limit)
+            .expect("scan"),
     };
     prop_assert_eq!(
         pairs(got),
@@ -625,7 +635,10 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 // The old snapshot still shows the state before the pair.
                 for (i, scope) in SCOPES.iter().enumerate() {
                     let kv = old.kv(PROJECT, scope).expect("old kv");
-                    let all = pairs(kv.scan_range(Bound::Unbounded, Bound::Unbounded, usize::MAX).expect("scan"));
+                    let all = pairs(
+                        kv.scan_range(Bound::Unbounded, Bound::Unbounded, usize::MAX)
+                            .expect("scan"),
+                    );
                     prop_assert_eq!(
                         all,
                         snap_a.scan(i, &Writes::new(), &RangeSpec::Prefix(vec![]), usize::MAX)

@@ -401,7 +401,9 @@ fn assert_usable_after(dir: &Path, base: &Base, first_lost: u64, ctx: &str) {
     let kv = snap.kv("p", "s").expect("kv");
     for i in 0..40u64 {
         assert_eq!(
-            kv.get(format!("new{i:03}").as_bytes()).expect("read").as_deref(),
+            kv.get(format!("new{i:03}").as_bytes())
+                .expect("read")
+                .as_deref(),
             Some(&value(1000 + i)[..]),
             "{ctx}: new{i:03}"
         );
@@ -412,7 +414,11 @@ fn assert_usable_after(dir: &Path, base: &Base, first_lost: u64, ctx: &str) {
         .filter(|&&(_, lsn)| lsn < first_lost)
         .count();
     for &(i, lsn) in &base.commits {
-        assert_eq!(kv.get(&key(i)).expect("read").is_some(), lsn < first_lost, "{ctx}: k{i}");
+        assert_eq!(
+            kv.get(&key(i)).expect("read").is_some(),
+            lsn < first_lost,
+            "{ctx}: k{i}"
+        );
     }
     assert_eq!(kv.len(), kept + 40, "{ctx}: key count after reopen");
     db.close().expect("close");

@@ -261,9 +261,11 @@ impl<M> AedbInstance<M> {
         });
         let (next, failed) = match applied {
             Ok(next) => (Some(next), None),
-            // Validated above, so this is a bug; the frame is in the log buffer, the
-            // state is not: refuse everything until a reopen (the poisoned writer
-            // starts no further write-out; one already under way may carry it).
+            // Validated above, so this is a bug or a table read that failed (a
+            // write of a key only the tables hold reads it to keep the live count);
+            // the frame is in the log buffer, the state is not: refuse everything
+            // until a reopen (the poisoned writer starts no further write-out; one
+            // already under way may carry it).
             Err(e) => {
                 self.inner.wal.poison(&e);
                 (None, Some(e))

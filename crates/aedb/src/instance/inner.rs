@@ -23,9 +23,9 @@ use crate::lock::DirLock;
 use crate::lsm::{self, LiveTable};
 use crate::metrics::{Counters, OperationalMetrics};
 use crate::model::state::DbState;
+use crate::open::{ManifestState, write_manifest};
 use crate::table::BlockCache;
 use crate::tableset::{OpenTable, TableSet};
-use crate::open::{ManifestState, write_manifest};
 use crate::txn::snapshot::Snapshot;
 use crate::wal::format::segment_file_name;
 use crate::wal::writer::WalWriter;
@@ -484,6 +484,7 @@ impl Inner {
             written,
             &keys,
             cache,
+            false,
             false,
         )?;
         let mut open: Vec<Arc<OpenTable>> = written

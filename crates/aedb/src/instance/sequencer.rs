@@ -238,7 +238,10 @@ impl CommitGuard<'_> {
     /// Publishes `next` in place of the current state at the same seq: the same
     /// data over other tables (a flush's eviction).
     pub(super) fn replace_published(&mut self, next: DbState) {
-        assert_eq!(next.seq, self.cs.state.seq, "a replaced state keeps its seq");
+        assert_eq!(
+            next.seq, self.cs.state.seq,
+            "a replaced state keeps its seq"
+        );
         self.cs.state = next;
         self.publish();
     }

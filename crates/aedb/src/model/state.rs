@@ -138,16 +138,16 @@ impl DbState {
             // not a reason to index out of bounds.
             t.schema.check_row(&r.table, &r.row)?;
             let key = Bytes::from(t.schema.row_key(&r.row));
-            let prefix = || crate::lsm::keyspace_prefix(SYSTEM_PROJECT, AUDIT_SCOPE, Some(&r.table));
-            let was_live = was_live(&t.rows, &tables, prefix, t.created_seq, &key)?;
-            t.rows.insert(
-                key,
+            let prev = t.rows.insert(
+                key.clone(),
                 Versioned {
                     version: seq,
                     value: Some(r.row.clone()),
                 },
             );
-            if !was_live {
+            let prefix =
+                || crate::lsm::keyspace_prefix(SYSTEM_PROJECT, AUDIT_SCOPE, Some(&r.table));
+            if !was_live(prev, &tables, prefix, t.created_seq, &key)? {
                 t.live_rows += 1;
             }
         }
@@ -392,23 +392,23 @@ impl ProjectState {
     }
 }
 
-/// Whether `key` holds a live value before a write to it: the memtable's entry,
-/// or the tables' when the memtable has none.
+/// Whether `key` held a live value before a write that replaced `prev` (the
+/// memtable's entry): that entry, or the tables' when the memtable had none.
 fn was_live<V: Stored>(
-    mem: &OrdMap<Bytes, Versioned<V>>,
+    prev: Option<Versioned<V>>,
     tables: &TableSet,
     prefix: impl FnOnce() -> Vec<u8>,
     min_seq: u64,
     key: &[u8],
 ) -> Result<bool, AedbError> {
-    if let Some(e) = mem.get(key) {
+    if let Some(e) = prev {
         return Ok(e.value.is_some());
     }
     if tables.is_empty() {
         return Ok(false);
     }
-    Space {
-        mem,
+    Space::<V> {
+        mem: &OrdMap::new(),
         tables,
         prefix: prefix(),
         seq: u64::MAX,
@@ -427,21 +427,15 @@ fn apply_op(
     match op {
         WriteOp::KvSet { scope, key, value } => {
             let s = scope_mut(p, project, scope)?;
-            let live = was_live(
-                &s.kv,
-                tables,
-                || crate::lsm::keyspace_prefix(project, scope, None),
-                0,
-                key,
-            )?;
-            s.kv.insert(
+            let prev = s.kv.insert(
                 key.clone(),
                 Versioned {
                     version: seq,
                     value: Some(value.clone()),
                 },
             );
-            if !live {
+            let prefix = || crate::lsm::keyspace_prefix(project, scope, None);
+            if !was_live(prev, tables, prefix, 0, key)? {
                 s.live_keys += 1;
             }
         }
@@ -454,21 +448,15 @@ fn apply_op(
                 },
             ));
             let s = scope_mut(p, project, scope)?;
-            let live = was_live(
-                &s.kv,
-                tables,
-                || crate::lsm::keyspace_prefix(project, scope, None),
-                0,
-                key,
-            )?;
-            s.kv.insert(
+            let prev = s.kv.insert(
                 key.clone(),
                 Versioned {
                     version: seq,
                     value: None,
                 },
             );
-            if live {
+            let prefix = || crate::lsm::keyspace_prefix(project, scope, None);
+            if was_live(prev, tables, prefix, 0, key)? {
                 s.live_keys -= 1;
             }
         }
@@ -489,16 +477,15 @@ fn apply_op(
                     reason: "logged row key is not the row's primary key".into(),
                 });
             }
-            let prefix = || crate::lsm::keyspace_prefix(project, scope, Some(table));
-            let live = was_live(&t.rows, tables, prefix, t.created_seq, key)?;
-            t.rows.insert(
+            let prev = t.rows.insert(
                 key.clone(),
                 Versioned {
                     version: seq,
                     value: Some(row.clone()),
                 },
             );
-            if !live {
+            let prefix = || crate::lsm::keyspace_prefix(project, scope, Some(table));
+            if !was_live(prev, tables, prefix, t.created_seq, key)? {
                 t.live_rows += 1;
             }
         }
@@ -512,16 +499,15 @@ fn apply_op(
                 },
             ));
             let t = table_mut(p, project, scope, table)?;
-            let prefix = || crate::lsm::keyspace_prefix(project, scope, Some(table));
-            let live = was_live(&t.rows, tables, prefix, t.created_seq, key)?;
-            t.rows.insert(
+            let prev = t.rows.insert(
                 key.clone(),
                 Versioned {
                     version: seq,
                     value: None,
                 },
             );
-            if live {
+            let prefix = || crate::lsm::keyspace_prefix(project, scope, Some(table));
+            if was_live(prev, tables, prefix, t.created_seq, key)? {
                 t.live_rows -= 1;
             }
         }

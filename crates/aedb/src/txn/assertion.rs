@@ -1,10 +1,10 @@
 //! Preconditions a commit must satisfy against the latest state at commit time.
 
-use crate::tableset::{kv_space, row_space};
 use crate::authz::Permission;
 use crate::error::AedbError;
 use crate::model::state::DbState;
 use crate::model::value::Value;
+use crate::tableset::{kv_space, row_space};
 use crate::txn::describe_key;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

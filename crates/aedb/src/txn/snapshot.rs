@@ -6,8 +6,8 @@ use std::sync::Arc;
 use crate::error::{AedbError, NotFoundKind, ReadError};
 use crate::model::bytes::SharedBytes;
 use crate::model::state::{DbState, ScopeState, TableState};
-use crate::tableset::{Space, kv_space, row_space};
 use crate::model::value::{Row, TableSchema, Value};
+use crate::tableset::{Space, kv_space, row_space};
 use crate::txn::query::{Query, QueryResult, run_query};
 
 /// Which state a read transaction sees.
@@ -162,7 +162,10 @@ impl KvView<'_> {
             .take(limit)
             .map(|r| {
                 r.map(|(k, e)| {
-                    let v = e.value.map(|v| v.to_arc()).unwrap_or_else(|| Arc::from(&[][..]));
+                    let v = e
+                        .value
+                        .map(|v| v.to_arc())
+                        .unwrap_or_else(|| Arc::from(&[][..]));
                     (k, (e.version, v))
                 })
                 .map_err(ReadError::narrow)
@@ -302,14 +305,21 @@ impl<'a> TableView<'a> {
     }
 
     /// Live rows with keys after `after` (None: all), in primary-key order.
-    pub(crate) fn rows_after(&self, after: Option<&[u8]>) -> crate::tableset::SpaceIter<'a, Arc<Row>> {
+    pub(crate) fn rows_after(
+        &self,
+        after: Option<&[u8]>,
+    ) -> crate::tableset::SpaceIter<'a, Arc<Row>> {
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         self.space.scan(start, Bound::Unbounded, false)
     }
 
     /// The live row with the largest key.
     pub(crate) fn last_row(&self) -> Result<Option<Arc<Row>>, AedbError> {
-        match self.space.scan(Bound::Unbounded, Bound::Unbounded, true).next() {
+        match self
+            .space
+            .scan(Bound::Unbounded, Bound::Unbounded, true)
+            .next()
+        {
             Some(r) => Ok(r?.1.value),
             None => Ok(None),
         }
