@@ -521,6 +521,41 @@ pub(crate) fn verify_table_file(
     ))
 }
 
+/// `evict` for one project: drops its memtable entries (tombstones aside) written
+/// at or before `flushed`. A commit applies to a copy of its project taken before
+/// it published; when a flush's eviction published in between, the copy is
+/// evicted the same way before it replaces the project.
+pub(crate) fn evict_project(p: &mut crate::model::state::ProjectState, flushed: u64) {
+    let keep = |version: u64, tombstone: bool| version > flushed || tombstone;
+    let scopes: Vec<String> = p.scopes.keys().cloned().collect();
+    for sname in scopes {
+        let Some(s) = p.scopes.get_mut(&sname) else {
+            continue;
+        };
+        if s.kv.values().any(|e| !keep(e.version, e.value.is_none())) {
+            s.kv =
+                s.kv.iter()
+                    .filter(|(_, e)| keep(e.version, e.value.is_none()))
+                    .map(|(k, e)| (k.clone(), e.clone()))
+                    .collect();
+        }
+        let tables: Vec<String> = s.tables.keys().cloned().collect();
+        for tname in tables {
+            let Some(t) = s.tables.get_mut(&tname) else {
+                continue;
+            };
+            if t.rows.values().any(|e| !keep(e.version, e.value.is_none())) {
+                t.rows = t
+                    .rows
+                    .iter()
+                    .filter(|(_, e)| keep(e.version, e.value.is_none()))
+                    .map(|(k, e)| (k.clone(), e.clone()))
+                    .collect();
+            }
+        }
+    }
+}
+
 /// Recounts the live entries of every keyspace from the tables (a checkpoint
 /// written before counts were recorded, or permissive recovery's tables).
 pub(crate) fn count_live(state: &mut DbState) -> Result<(), AedbError> {
@@ -573,43 +608,12 @@ fn count<T>(mut it: impl Iterator<Item = Result<T, AedbError>>) -> Result<usize,
 /// transaction open since before one still needs its version to conflict.
 pub(crate) fn evict(state: &DbState, tables: Arc<TableSet>) -> DbState {
     let flushed = tables.flushed_seq;
-    let keep = |version: u64, tombstone: bool| version > flushed || tombstone;
     let mut next = state.clone();
     next.tables = tables;
-    let names: Vec<(String, Vec<String>)> = next
-        .projects
-        .iter()
-        .map(|(p, ps)| (p.clone(), ps.scopes.keys().cloned().collect()))
-        .collect();
-    for (pname, scopes) in names {
-        let Some(p) = next.projects.get_mut(&pname) else {
-            continue;
-        };
-        for sname in scopes {
-            let Some(s) = p.scopes.get_mut(&sname) else {
-                continue;
-            };
-            if s.kv.values().any(|e| !keep(e.version, e.value.is_none())) {
-                s.kv =
-                    s.kv.iter()
-                        .filter(|(_, e)| keep(e.version, e.value.is_none()))
-                        .map(|(k, e)| (k.clone(), e.clone()))
-                        .collect();
-            }
-            let tables: Vec<String> = s.tables.keys().cloned().collect();
-            for tname in tables {
-                let Some(t) = s.tables.get_mut(&tname) else {
-                    continue;
-                };
-                if t.rows.values().any(|e| !keep(e.version, e.value.is_none())) {
-                    t.rows = t
-                        .rows
-                        .iter()
-                        .filter(|(_, e)| keep(e.version, e.value.is_none()))
-                        .map(|(k, e)| (k.clone(), e.clone()))
-                        .collect();
-                }
-            }
+    let names: Vec<String> = next.projects.keys().cloned().collect();
+    for pname in names {
+        if let Some(p) = next.projects.get_mut(&pname) {
+            evict_project(p, flushed);
         }
     }
     next

@@ -242,6 +242,7 @@ impl Workload<'_> {
                 // A reopen in the same process is a recovery too. `Visible` commits
                 // that never became durable are gone if the close failed: the
                 // history continues from what the database has.
+                let faults_before = self.fs.injected().len();
                 match read_kv(&db) {
                     Ok((seq, kv)) => {
                         let m = &mut self.out.model;
@@ -261,9 +262,14 @@ impl Workload<'_> {
                             self.last_idempotent = None;
                         }
                     }
-                    // Reads go to the table files: once the machine is off they
-                    // fail like any other call (the recovery check comes later).
-                    Err(_) if self.fs.crashed() => self.broken = true,
+                    // Reads go to the table files: once the machine is off, or
+                    // when a fault hits the read, they fail like any other call
+                    // (the recovery check comes later).
+                    Err(ReadError::Io { .. })
+                        if self.fs.crashed() || self.fs.injected().len() > faults_before =>
+                    {
+                        self.broken = true
+                    }
                     Err(e) => self.out.violations.push(format!("read after reopen: {e}")),
                 }
                 self.db = Some(db);

@@ -250,6 +250,10 @@ impl<M> AedbInstance<M> {
         cs.wait_turn(seq);
         let applied = applied.and_then(|()| {
             let mut next = cs.state().clone();
+            // A flush published since `latest`: the copy still holds what it evicted.
+            if !Arc::ptr_eq(&next.tables, &latest.tables) {
+                crate::lsm::evict_project(&mut project, next.tables.flushed_seq);
+            }
             // Delete-heavy workloads would otherwise grow until a reopen. Here, not
             // while applying: only the published tables say how far a purge may go.
             project.purge_tombstones(next.tables.purge_cap(self.inner.tombstone_horizon()));
