@@ -28,7 +28,7 @@
 //! - A write of a key the memtable lacks looks it up in the tables to keep the live
 //!   counts (`was_live` in `model/state.rs`): a bloom-filtered point read.
 //! - Incremental backups still replay the WAL rather than copy new tables.
-
+//!
 //! Internal keys: `name(project) name(scope) 0x00 key` for a KV entry and
 //! `name(project) name(scope) 0x01 name(table) key` for a row, where `name` escapes
 //! 0x00 as 0x00 0xFF and ends with 0x00 0x01. The escaping preserves order, so the

@@ -221,7 +221,7 @@ impl<'a, V: Stored> Space<'a, V> {
     ) -> SpaceIter<'a, V> {
         let empty = crate::txn::snapshot::bounds_empty(start, end);
         // imbl panics on an inverted range; an inverted range is simply empty.
-        let mem: Box<dyn Iterator<Item = (&'a Bytes, &'a Versioned<V>)> + 'a> = if empty {
+        let mem: MemIter<'a, V> = if empty {
             Box::new(std::iter::empty())
         } else {
             let mem: &'a OrdMap<Bytes, Versioned<V>> = self.mem;
@@ -334,10 +334,13 @@ impl Iterator for RevMerge<'_> {
     }
 }
 
+/// A memtable range, in either direction.
+type MemIter<'a, V> = Box<dyn Iterator<Item = (&'a Bytes, &'a Versioned<V>)> + 'a>;
+
 /// A scan of one keyspace: the memtable merged over the tables (see
 /// `Space::scan`). After an error it yields nothing more.
 pub(crate) struct SpaceIter<'a, V> {
-    mem: std::iter::Peekable<Box<dyn Iterator<Item = (&'a Bytes, &'a Versioned<V>)> + 'a>>,
+    mem: std::iter::Peekable<MemIter<'a, V>>,
     /// The tables' live entries (deletes already applied), in scan order.
     tables: Box<dyn Iterator<Item = Result<Entry, crate::table::TableError>> + 'a>,
     table_head: Option<Entry>,
