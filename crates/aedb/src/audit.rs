@@ -12,8 +12,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::state::{DbState, TableState};
+use crate::error::AedbError;
+use crate::model::state::DbState;
 use crate::model::value::{Column, ColumnType, Row, TableSchema, Value};
+use crate::txn::snapshot::{TableView, table_view};
 
 pub const SYSTEM_PROJECT: &str = "_system";
 pub const AUDIT_SCOPE: &str = "audit";
@@ -153,15 +155,15 @@ pub(crate) fn row_hash(prev: &[u8], body: &[Value]) -> [u8; 32] {
 }
 
 /// The last (id, row_hash) of an audit table, or (0, zeros) when empty.
-fn tail(t: &TableState) -> (i64, Vec<u8>) {
-    let last = t.rows.iter().next_back().and_then(|(_, e)| e.value.clone());
-    match last.as_deref() {
+fn tail(t: &TableView<'_>) -> Result<(i64, Vec<u8>), AedbError> {
+    let last = t.last_row()?;
+    Ok(match last.as_deref() {
         Some(row) => match (&row[0], row.last()) {
             (Value::Int(id), Some(Value::Bytes(h))) => (*id, h.clone()),
             _ => (0, vec![0; 32]),
         },
         None => (0, vec![0; 32]),
-    }
+    })
 }
 
 /// Chains `events` after the current tails of their tables in `state`.
@@ -170,7 +172,7 @@ pub(crate) fn chain_rows(
     events: &[AuditEvent],
     commit_seq: u64,
     at: i64,
-) -> Vec<AuditRow> {
+) -> Result<Vec<AuditRow>, AedbError> {
     let mut tails: Vec<(&'static str, (i64, Vec<u8>))> = Vec::new();
     let mut out = Vec::with_capacity(events.len());
     for e in events {
@@ -178,10 +180,10 @@ pub(crate) fn chain_rows(
         let idx = match tails.iter().position(|(t, _)| *t == table) {
             Some(i) => i,
             None => {
-                let t = state
-                    .table(SYSTEM_PROJECT, AUDIT_SCOPE, table)
-                    .map(tail)
-                    .unwrap_or((0, vec![0; 32]));
+                let t = match table_view(state, SYSTEM_PROJECT, AUDIT_SCOPE, table) {
+                    Ok(t) => tail(&t)?,
+                    Err(_) => (0, vec![0; 32]),
+                };
                 tails.push((table, t));
                 tails.len() - 1
             }
@@ -198,7 +200,7 @@ pub(crate) fn chain_rows(
             row: Arc::new(row),
         });
     }
-    out
+    Ok(out)
 }
 
 pub(crate) fn now_unix() -> i64 {
@@ -238,6 +240,10 @@ pub enum AuditVerifyError {
         "{table}: the last row's hash does not match the recorded chain head (rows removed at the end)"
     )]
     HeadMismatch { table: String },
+    /// A live table's rows could not be read from the table files (I/O or a
+    /// block failing authentication): nothing was verified.
+    #[error("{table}: rows unreadable: {reason}")]
+    Unreadable { table: String, reason: String },
 }
 
 /// Verifies a sequence of rows (each: body columns, prev_hash, row_hash).
@@ -306,13 +312,17 @@ pub fn verify_audit_export(export: &AuditExport) -> Result<(), AuditVerifyError>
 }
 
 /// Exports both audit tables of `state` from row id `since_id` on.
-pub(crate) fn export_tables(state: &DbState, since_id: i64) -> Vec<AuditExport> {
+pub(crate) fn export_tables(state: &DbState, since_id: i64) -> Result<Vec<AuditExport>, AedbError> {
     let mut out = Vec::new();
     for table in [AUTHZ_AUDIT, ASSERTION_AUDIT] {
-        let Ok(t) = state.table(SYSTEM_PROJECT, AUDIT_SCOPE, table) else {
+        let Ok(t) = table_view(state, SYSTEM_PROJECT, AUDIT_SCOPE, table) else {
             continue;
         };
-        let live: Vec<&Arc<Row>> = t.rows.values().filter_map(|e| e.value.as_ref()).collect();
+        let live: Vec<Arc<Row>> = t
+            .rows()
+            .map(|r| r.map(|(_, e)| e.value))
+            .filter_map(Result::transpose)
+            .collect::<Result<_, _>>()?;
         let rows: Vec<Vec<Value>> = live
             .iter()
             .filter(|r| matches!(r.first(), Some(Value::Int(id)) if *id >= since_id))
@@ -327,11 +337,11 @@ pub(crate) fn export_tables(state: &DbState, since_id: i64) -> Vec<AuditExport> 
             .unwrap_or_default();
         out.push(AuditExport {
             table: table.to_string(),
-            columns: t.schema.columns.iter().map(|c| c.name.clone()).collect(),
+            columns: t.schema().columns.iter().map(|c| c.name.clone()).collect(),
             rows,
             chain_head,
             exported_at: now_unix(),
         });
     }
-    out
+    Ok(out)
 }

@@ -7,6 +7,7 @@
 //! the state itself: table and keyspace counts, primary keys and schemas, and the
 //! hash chains of the audit tables.
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -20,6 +21,7 @@ use crate::model::state::DbState;
 use crate::model::value::Value;
 use crate::open::{check_segments_against_manifest, load_manifest_and_checkpoint, replay_start};
 use crate::record::WalRecord;
+use crate::tableset::{kv_space, row_space};
 use crate::wal::keys::WalKeys;
 use crate::wal::recovery::recover;
 
@@ -63,14 +65,17 @@ impl InspectReport {
     }
 }
 
-/// Per-keyspace and per-table digests of a state, in name order.
-pub(crate) fn state_digests(state: &DbState) -> Vec<KeyspaceDigest> {
+/// Per-keyspace and per-table digests of a state, in name order (reads the
+/// tables beneath the memtable: may fail).
+pub(crate) fn state_digests(state: &DbState) -> Result<Vec<KeyspaceDigest>, AedbError> {
     let mut out = Vec::new();
     for (pname, p) in &state.projects {
         for (sname, s) in &p.scopes {
             let mut h = Sha256::new();
             let mut n = 0u64;
-            for (k, e) in &s.kv {
+            for r in kv_space(state, pname, sname)?.scan(Bound::Unbounded, Bound::Unbounded, false)
+            {
+                let (k, e) = r?;
                 if let Some(v) = &e.value {
                     h.update((k.len() as u32).to_le_bytes());
                     h.update(k.as_slice());
@@ -87,10 +92,12 @@ pub(crate) fn state_digests(state: &DbState) -> Vec<KeyspaceDigest> {
                 count: n,
                 digest: hex::encode(h.finalize()),
             });
-            for (tname, t) in &s.tables {
+            for tname in s.tables.keys() {
                 let mut h = Sha256::new();
                 let mut n = 0u64;
-                for (k, e) in &t.rows {
+                let rows = row_space(state, pname, sname, tname)?;
+                for r in rows.scan(Bound::Unbounded, Bound::Unbounded, false) {
+                    let (k, e) = r?;
                     if let Some(r) = &e.value {
                         h.update((k.len() as u32).to_le_bytes());
                         h.update(k.as_slice());
@@ -111,7 +118,7 @@ pub(crate) fn state_digests(state: &DbState) -> Vec<KeyspaceDigest> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Structural checks of a loaded state: counts, keys, schemas, audit chains.
@@ -119,7 +126,16 @@ pub(crate) fn state_checks(state: &DbState) -> Vec<CheckResult> {
     let mut problems = Vec::new();
     for (pname, p) in &state.projects {
         for (sname, s) in &p.scopes {
-            let live = s.kv.values().filter(|e| e.value.is_some()).count();
+            let live = match kv_space(state, pname, sname).and_then(|k| {
+                k.scan(Bound::Unbounded, Bound::Unbounded, false)
+                    .try_fold(0usize, |n, r| r.map(|_| n + 1))
+            }) {
+                Ok(n) => n,
+                Err(e) => {
+                    problems.push(format!("{pname}/{sname}: unreadable: {e}"));
+                    continue;
+                }
+            };
             if live != s.live_keys {
                 problems.push(format!(
                     "{pname}/{sname}: keyspace count says {}, found {live}",
@@ -128,7 +144,17 @@ pub(crate) fn state_checks(state: &DbState) -> Vec<CheckResult> {
             }
             for (tname, t) in &s.tables {
                 let mut live = 0;
-                for (k, e) in &t.rows {
+                let rows = match row_space(state, pname, sname, tname).and_then(|r| {
+                    r.scan(Bound::Unbounded, Bound::Unbounded, false)
+                        .collect::<Result<Vec<_>, _>>()
+                }) {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        problems.push(format!("{pname}/{sname}/{tname}: unreadable: {e}"));
+                        continue;
+                    }
+                };
+                for (k, e) in &rows {
                     let Some(row) = &e.value else { continue };
                     live += 1;
                     if t.schema.check_row(tname, row).is_err() {
@@ -160,21 +186,13 @@ pub(crate) fn state_checks(state: &DbState) -> Vec<CheckResult> {
         },
     }];
     for table in [AUTHZ_AUDIT, ASSERTION_AUDIT] {
-        let rows: Vec<Vec<Value>> = state
-            .table(SYSTEM_PROJECT, AUDIT_SCOPE, table)
-            .map(|t| {
-                t.rows
-                    .values()
-                    .filter_map(|e| e.value.as_ref().map(|r| r.to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let r = verify_rows(table, &rows, None);
+        let r = audit_rows(state, table)
+            .and_then(|rows| verify_rows(table, &rows, None).map(|()| rows.len()));
         checks.push(CheckResult {
             name: format!("audit chain {table}"),
             ok: r.is_ok(),
             detail: match r {
-                Ok(()) => format!("{} rows, chain intact", rows.len()),
+                Ok(n) => format!("{n} rows, chain intact"),
                 Err(e) => e.to_string(),
             },
         });
@@ -363,7 +381,7 @@ pub(crate) fn load_read_only(
         });
     }
     report.checks.extend(state_checks(&state));
-    report.keyspaces = state_digests(&state);
+    report.keyspaces = state_digests(&state)?;
     Ok((Some(state), report))
 }
 
@@ -388,7 +406,7 @@ pub fn export_audit_from_dir(
             format!("cannot load the database: {}", failed.join("; ")),
         )
     })?;
-    Ok(crate::audit::export_tables(&state, since_id))
+    crate::audit::export_tables(&state, since_id)
 }
 
 /// Operational figures readable from a data directory while nothing runs on it.
@@ -459,9 +477,10 @@ pub fn offline_metrics(
             (AUTHZ_AUDIT, 4usize, &mut m.authz_events),
             (ASSERTION_AUDIT, 5, &mut m.assertion_events),
         ] {
-            if let Ok(t) = state.table(SYSTEM_PROJECT, AUDIT_SCOPE, table) {
-                for r in t.rows.values().filter_map(|e| e.value.as_ref()) {
-                    if let Some(Value::Text(kind)) = r.get(col) {
+            if let Ok(t) = row_space(state, SYSTEM_PROJECT, AUDIT_SCOPE, table) {
+                for r in t.scan(Bound::Unbounded, Bound::Unbounded, false) {
+                    let (_, e) = r?;
+                    if let Some(Value::Text(kind)) = e.value.as_ref().and_then(|r| r.get(col)) {
                         *into.entry(kind.clone()).or_default() += 1;
                     }
                 }
@@ -469,4 +488,21 @@ pub fn offline_metrics(
         }
     }
     Ok((m, report))
+}
+
+/// The live rows of an audit table (none when the table is missing).
+fn audit_rows(
+    state: &DbState,
+    table: &str,
+) -> Result<Vec<Vec<Value>>, crate::audit::AuditVerifyError> {
+    let Ok(rows) = row_space(state, SYSTEM_PROJECT, AUDIT_SCOPE, table) else {
+        return Ok(Vec::new());
+    };
+    rows.scan(Bound::Unbounded, Bound::Unbounded, false)
+        .filter_map(|r| r.map(|(_, e)| e.value.map(|r| r.to_vec())).transpose())
+        .collect::<Result<_, _>>()
+        .map_err(|e| crate::audit::AuditVerifyError::Unreadable {
+            table: table.to_string(),
+            reason: e.to_string(),
+        })
 }

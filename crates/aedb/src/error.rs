@@ -290,11 +290,13 @@ impl AedbError {
 
 error_enum! {
     /// What a read (`kv_get`, scans, `query`, `ReadTx`, snapshots, `project_exists`)
-    /// can fail with: reads never conflict, fail an assertion or touch the disk.
+    /// can fail with: reads never conflict or fail an assertion. Data that is not
+    /// in memory is read from the table files: `Io`, `Corruption` (a block fails
+    /// authentication: never wrong data) and `KeyMismatch` come from there.
     /// `From<ReadError> for AedbError` lets `?` widen it.
     pub enum ReadError {
         NotFound, PermissionDenied, Schema, InvalidArgument, SnapshotUnavailable, Poisoned,
-        Closed,
+        Closed, Io, Corruption, KeyMismatch,
     }
     catch_all {
         /// An authorized read records a denial or a GlobalAdmin use in the audit

@@ -25,6 +25,7 @@ pub(crate) mod open;
 pub(crate) mod record;
 pub mod storage;
 mod table;
+pub(crate) mod tableset;
 pub mod txn;
 pub mod wal;
 

@@ -2,6 +2,7 @@
 //! that decide which files are live. Shared by `AedbInstance::open` and the
 //! read-only inspection of the `aedb` CLI.
 
+use crate::tableset::{OpenTable, TableSet};
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{self, CheckpointMeta, LoadedState};
@@ -244,16 +245,16 @@ pub(crate) struct Loaded {
     pub checkpoint: Option<(LoadedState, CheckpointMeta)>,
     /// The manifest verified only under the previous manifest key (a rotation).
     pub manifest_under_previous_key: bool,
-    /// The tables the manifest lists (their data is in `checkpoint`'s state).
+    /// The tables the manifest lists (open beneath `checkpoint`'s state).
     pub tables: Vec<LiveTable>,
     pub next_table_id: u64,
-    /// The checkpoint file itself holds user data (format version 1).
-    pub checkpoint_holds_data: bool,
+    /// The block cache the tables read through (`AedbConfig::cache_bytes`).
+    pub cache: std::sync::Arc<BlockCache>,
 }
 
-/// Reads the manifest, the checkpoint it names and the tables it lists (loaded into
-/// the checkpoint's state; with `read_only`, as `aedb check invariants` does, every
-/// block of every table is verified too). Unless `read_only`, removes files the
+/// Reads the manifest, the checkpoint it names and the tables it lists (opened
+/// beneath the checkpoint's state, their data not read; with `read_only`, as `aedb
+/// check invariants` does, every block of every table is verified). Unless `read_only`, removes files the
 /// manifest shows to be obsolete (left by a crash after a checkpoint).
 pub(crate) fn load_manifest_and_checkpoint(
     dir: &Path,
@@ -315,23 +316,42 @@ pub(crate) fn load_manifest_and_checkpoint(
         }
         meta = Some((loaded, m));
     }
-    let checkpoint_holds_data = meta.as_ref().is_some_and(|(l, _)| holds_data(&l.state));
     let tables = match (&body, &meta) {
         (Some(m), _) => live_tables(dir, m)?,
         (None, Some((_, c))) if !strict => tables_without_manifest(config, dir, c.lsn)?,
         (None, _) => Vec::new(),
     };
+    let cache = std::sync::Arc::new(BlockCache::new(config.cache_bytes));
     if !tables.is_empty() {
-        let Some((loaded, _)) = meta.as_mut() else {
+        let Some((loaded, c)) = meta.as_mut() else {
             return Err(AedbError::corruption(
                 dir.join(manifest::MANIFEST_FILE),
                 0,
                 "lists table files but no checkpoint (their catalog)",
             ));
         };
-        let cache = std::sync::Arc::new(BlockCache::new(config.cache_bytes));
-        let readers = lsm::open_tables(fs, dir, &tables, &keys, &cache, read_only)?;
-        lsm::load_into(&mut loaded.state, &readers, dir)?;
+        // Only the tables' footers, indexes and bloom filters are read: the data
+        // stays on disk, read block by block through the cache.
+        let signed = config.manifest_key.is_some();
+        let readers = lsm::open_tables(fs, dir, &tables, &keys, &cache, read_only, signed)?;
+        let mut open: Vec<std::sync::Arc<OpenTable>> = tables
+            .iter()
+            .cloned()
+            .zip(readers)
+            .map(|(meta, reader)| {
+                let path = dir.join(meta.file());
+                std::sync::Arc::new(OpenTable::new(meta, reader, config.storage.clone(), path))
+            })
+            .collect();
+        // The manifest lists tables oldest first.
+        open.reverse();
+        loaded.state.tables = std::sync::Arc::new(TableSet {
+            tables: open,
+            flushed_seq: c.lsn,
+        });
+        if !loaded.counts || body.is_none() {
+            lsm::count_live(&mut loaded.state)?;
+        }
     }
     // Checkpoints other than the live one, and segments before the first live one,
     // are leftovers of a checkpoint interrupted after its manifest was written.
@@ -373,7 +393,7 @@ pub(crate) fn load_manifest_and_checkpoint(
         manifest_under_previous_key,
         tables,
         next_table_id,
-        checkpoint_holds_data,
+        cache,
     })
 }
 
@@ -408,14 +428,6 @@ fn tables_without_manifest(
     }
     out.sort_by_key(|t| t.id);
     Ok(out)
-}
-
-fn holds_data(state: &crate::model::state::DbState) -> bool {
-    state
-        .projects
-        .values()
-        .flat_map(|p| p.scopes.values())
-        .any(|s| !s.kv.is_empty() || s.tables.values().any(|t| !t.rows.is_empty()))
 }
 
 /// Strict mode: every segment the manifest lists must exist with the same range

@@ -126,6 +126,7 @@ fn encrypted_files_hide_values_and_reopen_with_the_keys() {
             .kv("p", "s")
             .expect("kv")
             .get(b"key-00059")
+            .expect("read")
             .as_deref(),
         Some(&b"SECRET-VALUE-59"[..])
     );

@@ -96,6 +96,7 @@ fn assert_restored(target: &Path, n: u32) {
         snap.kv("p", "s")
             .expect("kv")
             .get(last.as_bytes())
+            .expect("read")
             .map(|v| v.len()),
         Some(300)
     );

@@ -83,6 +83,7 @@ fn idempotency_key_reused_with_different_writes_is_refused() -> Result<(), AedbE
             .expect("snapshot")
             .kv("payments", "eu")?
             .get(b"order-17")
+            .expect("read")
             .as_deref(),
         Some(&b"v1"[..])
     );

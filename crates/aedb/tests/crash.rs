@@ -420,6 +420,7 @@ fn verify_main(dir: &Path, run: &ChildRun, mode: Mode, exp: &mut Expected, ctx: 
     for n in 1..=count {
         let (version, v) = kv
             .get_versioned(&key(n))
+            .expect("get")
             .unwrap_or_else(|| panic!("{ctx}: k{n} missing but k{count} exists (not a prefix)"));
         assert_eq!(&*v, &value(n)[..], "{ctx}: k{n} has the wrong value");
         assert!(version <= snap.seq(), "{ctx}: k{n} version from the future");
@@ -443,7 +444,7 @@ fn verify_main(dir: &Path, run: &ChildRun, mode: Mode, exp: &mut Expected, ctx: 
             (false, Some(_)) => panic!("{ctx}: row {n} exists but was never written"),
         }
     }
-    assert!(kv.get(&key(count + 1)).is_none());
+    assert!(kv.get(&key(count + 1)).expect("get").is_none());
     if let Some(t) = &table {
         assert_eq!(t.len(), rows_expected, "{ctx}: extra or missing rows");
     }
@@ -503,6 +504,7 @@ fn first_open_crash(root: &Path, it: usize, rng: &mut StdRng, seed: u64) -> bool
             .kv(PROJECT, SCOPE)
             .expect("kv")
             .get(b"after-crash")
+            .expect("get")
             .as_deref(),
         Some(&b"ok"[..])
     );

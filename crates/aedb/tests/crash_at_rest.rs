@@ -81,6 +81,7 @@ fn crash_at_rest_child() {
         .kv("p", "s")
         .expect("kv")
         .scan_prefix(b"k", usize::MAX)
+        .expect("scan")
         .len() as u64;
     say(&format!("opened {n}"));
     loop {
@@ -109,7 +110,7 @@ fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
         assert!(acknowledged.is_none(), "acknowledged commits but no scope");
         return 0;
     };
-    let pairs = kv.scan_prefix(b"pair", usize::MAX).len() as u64;
+    let pairs = kv.scan_prefix(b"pair", usize::MAX).expect("scan").len() as u64;
     if std::env::var("AEDB_CRASH_DEBUG").is_ok() {
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .expect("ls")
@@ -125,12 +126,12 @@ fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
         files.sort();
         eprintln!(
             "ack {acknowledged:?} present {} report {:?} files {files:?} manifest {}",
-            kv.scan_prefix(b"k", usize::MAX).len(),
+            kv.scan_prefix(b"k", usize::MAX).expect("scan").len(),
             db.recovery_report(),
             std::fs::read_to_string(dir.join("MANIFEST")).unwrap_or_default()
         );
     }
-    let present = kv.scan_prefix(b"k", usize::MAX).len() as u64;
+    let present = kv.scan_prefix(b"k", usize::MAX).expect("scan").len() as u64;
     assert_eq!(pairs, present.div_ceil(5), "one pair key per fifth commit");
     if let Some(a) = acknowledged {
         assert!(
@@ -140,17 +141,22 @@ fn check(dir: &Path, encrypted: bool, acknowledged: Option<u64>) -> u64 {
     }
     for n in 0..present {
         assert_eq!(
-            kv.get(&key(n)).as_deref(),
+            kv.get(&key(n)).expect("read").as_deref(),
             Some(value(n).as_slice()),
             "key {n} wrong or missing"
         );
         assert_eq!(
-            kv.get(format!("pair{n:08}").as_bytes()).is_some(),
+            kv.get(format!("pair{n:08}").as_bytes())
+                .expect("read")
+                .is_some(),
             n.is_multiple_of(5),
             "atomicity of commit {n}"
         );
     }
-    assert!(kv.get(&key(present)).is_none(), "keys must form a prefix");
+    assert!(
+        kv.get(&key(present)).expect("read").is_none(),
+        "keys must form a prefix"
+    );
     let report =
         aedb::inspect(dir, &config(encrypted)).expect_err("inspect needs the lock held by us");
     let _ = report;

@@ -14,7 +14,7 @@ fn open(dir: &std::path::Path) -> AedbInstance {
 }
 
 fn get(db: &AedbInstance, key: &[u8]) -> Result<Option<std::sync::Arc<[u8]>>, AedbError> {
-    Ok(db.snapshot().expect("snapshot").kv("p", "s")?.get(key))
+    Ok(db.snapshot().expect("snapshot").kv("p", "s")?.get(key)?)
 }
 
 fn setup(dir: &std::path::Path) -> AedbInstance {
@@ -51,23 +51,31 @@ fn kv_round_trip_scans_and_reopen() {
         let snap = db.snapshot().expect("snapshot");
         let kv = snap.kv("p", "s").expect("kv");
         assert_eq!(kv.len(), 99);
-        assert_eq!(kv.get(b"k007").as_deref(), Some(&7u32.to_le_bytes()[..]));
-        assert!(kv.get(b"k050").is_none());
-        assert_eq!(kv.scan_prefix(b"k01", 100).len(), 10);
-        let range = kv.scan_range(
-            Bound::Included(&b"k040"[..]),
-            Bound::Excluded(&b"k060"[..]),
-            100,
+        assert_eq!(
+            kv.get(b"k007").expect("read").as_deref(),
+            Some(&7u32.to_le_bytes()[..])
         );
+        assert!(kv.get(b"k050").expect("read").is_none());
+        assert_eq!(kv.scan_prefix(b"k01", 100).expect("scan").len(), 10);
+        let range = kv
+            .scan_range(
+                Bound::Included(&b"k040"[..]),
+                Bound::Excluded(&b"k060"[..]),
+                100,
+            )
+            .expect("scan");
         assert_eq!(range.len(), 19);
-        assert_eq!(kv.scan_prefix(b"k", 5).len(), 5);
+        assert_eq!(kv.scan_prefix(b"k", 5).expect("scan").len(), 5);
         db.close().expect("close");
     }
     let db = open(dir.path());
     let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv("p", "s").expect("kv after reopen");
     assert_eq!(kv.len(), 99);
-    assert_eq!(kv.get(b"k099").as_deref(), Some(&99u32.to_le_bytes()[..]));
+    assert_eq!(
+        kv.get(b"k099").expect("read").as_deref(),
+        Some(&99u32.to_le_bytes()[..])
+    );
     assert_eq!(db.recovery_report().frames_replayed, 3);
 }
 
@@ -103,12 +111,20 @@ fn snapshots_stay_stable_while_writers_commit() {
     let seq = old.seq();
     db.kv_set("p", "s", b"x", b"2").expect("v2");
     assert_eq!(
-        old.kv("p", "s").expect("kv").get(b"x").as_deref(),
+        old.kv("p", "s")
+            .expect("kv")
+            .get(b"x")
+            .expect("read")
+            .as_deref(),
         Some(&b"1"[..])
     );
     let at = db.begin_read(ConsistencyMode::AtSeq(seq)).expect("at seq");
     assert_eq!(
-        at.kv("p", "s").expect("kv").get(b"x").as_deref(),
+        at.kv("p", "s")
+            .expect("kv")
+            .get(b"x")
+            .expect("read")
+            .as_deref(),
         Some(&b"1"[..])
     );
     assert!(matches!(
@@ -505,7 +521,7 @@ fn concurrent_commits_to_different_projects_publish_as_a_prefix_of_the_log() {
         .chain(std::iter::once(&db.snapshot().expect("snapshot")))
     {
         for (seq, p, key) in log.iter() {
-            let present = s.kv(p, "s").expect("kv").get(key).is_some();
+            let present = s.kv(p, "s").expect("kv").get(key).expect("read").is_some();
             assert_eq!(
                 present,
                 *seq <= s.seq(),
@@ -537,17 +553,28 @@ fn versioned_scans_carry_the_seq_of_the_commit_that_last_wrote_each_key() {
             .collect()
     };
     let expect_a = vec![(b"a/1".to_vec(), a1b, b"x2".to_vec())];
-    assert_eq!(simple(kv.scan_prefix_versioned(b"a/", 10)), expect_a);
     assert_eq!(
-        simple(kv.scan_range_versioned(Bound::Unbounded, Bound::Excluded(b"b/"), 10)),
+        simple(kv.scan_prefix_versioned(b"a/", 10).expect("scan")),
         expect_a
     );
-    let all = simple(kv.scan_range_rev_versioned(Bound::Unbounded, Bound::Unbounded, 10));
+    assert_eq!(
+        simple(
+            kv.scan_range_versioned(Bound::Unbounded, Bound::Excluded(b"b/"), 10)
+                .expect("scan")
+        ),
+        expect_a
+    );
+    let all = simple(
+        kv.scan_range_rev_versioned(Bound::Unbounded, Bound::Unbounded, 10)
+            .expect("scan"),
+    );
     assert_eq!(all.len(), 2, "the deleted key is not listed");
     assert_eq!(all[0].0, b"b/1".to_vec());
     for (k, ver, val) in &all {
         assert_eq!(
-            kv.get_versioned(k).map(|(v, x)| (v, x.to_vec())),
+            kv.get_versioned(k)
+                .expect("read")
+                .map(|(v, x)| (v, x.to_vec())),
             Some((*ver, val.clone())),
             "a scan agrees with a point read"
         );
@@ -555,11 +582,13 @@ fn versioned_scans_carry_the_seq_of_the_commit_that_last_wrote_each_key() {
     // Unversioned scans list the same entries.
     assert_eq!(
         kv.scan_range_rev(Bound::Unbounded, Bound::Unbounded, 1)
+            .expect("scan")
             .len(),
         1
     );
     assert!(
         kv.scan_range_versioned(Bound::Included(b"z"), Bound::Excluded(b"a"), 10)
+            .expect("scan")
             .is_empty(),
         "an inverted range is empty"
     );

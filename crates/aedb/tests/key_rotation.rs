@@ -65,7 +65,7 @@ fn assert_exactly(db: &AedbInstance, range: std::ops::Range<u32>, what: &str) {
     let kv = snap.kv("p", "s").expect("scope");
     for i in range.clone() {
         assert_eq!(
-            kv.get(&key(i)).map(|v| v.to_vec()),
+            kv.get(&key(i)).expect("read").map(|v| v.to_vec()),
             Some(value(i)),
             "{what}: key {i}"
         );

@@ -194,7 +194,7 @@ fn read_kv(db: &AedbInstance) -> Result<(u64, Kv), ReadError> {
     let seq = snap.seq();
     let kv = match snap.kv(PROJECT, SCOPE) {
         Ok(view) => view
-            .scan_prefix(b"", usize::MAX)
+            .scan_prefix(b"", usize::MAX)?
             .into_iter()
             .map(|(k, v)| (k.as_slice().to_vec(), v.to_vec()))
             .collect(),
@@ -242,6 +242,7 @@ impl Workload<'_> {
                 // A reopen in the same process is a recovery too. `Visible` commits
                 // that never became durable are gone if the close failed: the
                 // history continues from what the database has.
+                let faults_before = self.fs.injected().len();
                 match read_kv(&db) {
                     Ok((seq, kv)) => {
                         let m = &mut self.out.model;
@@ -260,6 +261,14 @@ impl Workload<'_> {
                         if self.last_idempotent.as_ref().is_some_and(|p| p.seq > seq) {
                             self.last_idempotent = None;
                         }
+                    }
+                    // Reads go to the table files: once the machine is off, or
+                    // when a fault hits the read, they fail like any other call
+                    // (the recovery check comes later).
+                    Err(ReadError::Io { .. })
+                        if self.fs.crashed() || self.fs.injected().len() > faults_before =>
+                    {
+                        self.broken = true
                     }
                     Err(e) => self.out.violations.push(format!("read after reopen: {e}")),
                 }

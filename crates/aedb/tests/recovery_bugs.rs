@@ -74,7 +74,7 @@ fn assert_keys(db: &AedbInstance, range: std::ops::Range<u64>, big: bool, ctx: &
     for i in range {
         let want = if big { big_value(i) } else { value(i) };
         assert_eq!(
-            kv.get(&key(i)).as_deref(),
+            kv.get(&key(i)).expect("read").as_deref(),
             Some(&want[..]),
             "{ctx}: k{i} missing or wrong"
         );
@@ -85,7 +85,10 @@ fn assert_no_keys(db: &AedbInstance, range: std::ops::Range<u64>, ctx: &str) {
     let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv("p", "s").expect("kv");
     for i in range {
-        assert!(kv.get(&key(i)).is_none(), "{ctx}: k{i} should be gone");
+        assert!(
+            kv.get(&key(i)).expect("read").is_none(),
+            "{ctx}: k{i} should be gone"
+        );
     }
 }
 
@@ -214,6 +217,7 @@ fn assert_usable(dir: &Path, cfg: impl Fn(RecoveryMode) -> AedbConfig, ctx: &str
             .kv("p", "s")
             .expect("kv")
             .get(b"after-repair")
+            .expect("read")
             .as_deref(),
         Some(&b"ok"[..]),
         "{ctx}: the commit after the repair"

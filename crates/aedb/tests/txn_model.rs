@@ -508,7 +508,10 @@ fn check_state(db: &AedbInstance, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(audit.len(), model.audited_failures, "assertion audit rows");
     for (i, scope) in SCOPES.iter().enumerate() {
         let kv = snap.kv(PROJECT, scope).expect("kv");
-        let all = pairs(kv.scan_range(Bound::Unbounded, Bound::Unbounded, usize::MAX));
+        let all = pairs(
+            kv.scan_range(Bound::Unbounded, Bound::Unbounded, usize::MAX)
+                .expect("scan"),
+        );
         let want: Vec<(Vec<u8>, Vec<u8>)> = model.kv[i]
             .iter()
             .filter_map(|(k, e)| e.value.clone().map(|v| (k.clone(), v)))
@@ -518,7 +521,7 @@ fn check_state(db: &AedbInstance, model: &Model) -> Result<(), TestCaseError> {
         for (k, e) in &model.kv[i] {
             match &e.value {
                 Some(v) => {
-                    let got = kv.get_versioned(k);
+                    let got = kv.get_versioned(k).expect("read");
                     prop_assert_eq!(
                         got.map(|(ver, val)| (ver, val.to_vec())),
                         Some((e.version, v.clone())),
@@ -528,8 +531,13 @@ fn check_state(db: &AedbInstance, model: &Model) -> Result<(), TestCaseError> {
                     );
                 }
                 None => {
-                    prop_assert!(kv.get(k).is_none(), "{}/{:?} deleted", scope, k);
-                    prop_assert_eq!(kv.version(k), 0);
+                    prop_assert!(
+                        kv.get(k).expect("read").is_none(),
+                        "{}/{:?} deleted",
+                        scope,
+                        k
+                    );
+                    prop_assert_eq!(kv.version(k).expect("read"), 0);
                 }
             }
         }
@@ -547,8 +555,10 @@ fn scan_snapshot(
     let snap = db.snapshot().expect("snapshot");
     let kv = snap.kv(PROJECT, SCOPES[s]).expect("kv");
     let got = match range {
-        RangeSpec::Prefix(p) => kv.scan_prefix(p, limit),
-        RangeSpec::Range(a, b) => kv.scan_range(as_bound(a), as_bound(b), limit),
+        RangeSpec::Prefix(p) => kv.scan_prefix(p, limit).expect("scan"),
+        RangeSpec::Range(a, b) => kv
+            .scan_range(as_bound(a), as_bound(b), limit)
+            .expect("scan"),
     };
     prop_assert_eq!(
         pairs(got),
@@ -625,7 +635,10 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 // The old snapshot still shows the state before the pair.
                 for (i, scope) in SCOPES.iter().enumerate() {
                     let kv = old.kv(PROJECT, scope).expect("old kv");
-                    let all = pairs(kv.scan_range(Bound::Unbounded, Bound::Unbounded, usize::MAX));
+                    let all = pairs(
+                        kv.scan_range(Bound::Unbounded, Bound::Unbounded, usize::MAX)
+                            .expect("scan"),
+                    );
                     prop_assert_eq!(
                         all,
                         snap_a.scan(i, &Writes::new(), &RangeSpec::Prefix(vec![]), usize::MAX)

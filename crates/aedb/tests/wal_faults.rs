@@ -332,7 +332,7 @@ fn assert_base_prefix(db: &AedbInstance, base: &Base, first_lost: u64, ctx: &str
     let kv = snap.kv("p", "s").expect("kv");
     let mut kept = 0;
     for &(i, lsn) in &base.commits {
-        let got = kv.get_versioned(&key(i));
+        let got = kv.get_versioned(&key(i)).expect("read");
         if lsn < first_lost {
             let (version, v) = got.unwrap_or_else(|| {
                 panic!("{ctx}: k{i} (LSN {lsn}) is before the damage and must be kept")
@@ -401,7 +401,9 @@ fn assert_usable_after(dir: &Path, base: &Base, first_lost: u64, ctx: &str) {
     let kv = snap.kv("p", "s").expect("kv");
     for i in 0..40u64 {
         assert_eq!(
-            kv.get(format!("new{i:03}").as_bytes()).as_deref(),
+            kv.get(format!("new{i:03}").as_bytes())
+                .expect("read")
+                .as_deref(),
             Some(&value(1000 + i)[..]),
             "{ctx}: new{i:03}"
         );
@@ -412,7 +414,11 @@ fn assert_usable_after(dir: &Path, base: &Base, first_lost: u64, ctx: &str) {
         .filter(|&&(_, lsn)| lsn < first_lost)
         .count();
     for &(i, lsn) in &base.commits {
-        assert_eq!(kv.get(&key(i)).is_some(), lsn < first_lost, "{ctx}: k{i}");
+        assert_eq!(
+            kv.get(&key(i)).expect("read").is_some(),
+            lsn < first_lost,
+            "{ctx}: k{i}"
+        );
     }
     assert_eq!(kv.len(), kept + 40, "{ctx}: key count after reopen");
     db.close().expect("close");

@@ -160,7 +160,7 @@ pub struct AedbView<'s> {
 
 impl ReadView for AedbView<'_> {
     fn get_len(&mut self, key: &[u8]) -> Result<Option<usize>> {
-        Ok(self.kv.get(key).map(|v| v.len()))
+        Ok(self.kv.get(key)?.map(|v| v.len()))
     }
 
     fn scan(&mut self, start: &[u8], limit: usize) -> Result<ScanTotals> {
@@ -168,7 +168,7 @@ impl ReadView for AedbView<'_> {
         // it; that is what a caller of aedb pays too.
         let rows = self
             .kv
-            .scan_range(Bound::Included(start), Bound::Unbounded, limit);
+            .scan_range(Bound::Included(start), Bound::Unbounded, limit)?;
         Ok(ScanTotals {
             keys: rows.len() as u64,
             value_bytes: rows.iter().map(|(_, v)| v.len() as u64).sum(),

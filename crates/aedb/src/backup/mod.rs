@@ -447,7 +447,7 @@ pub(crate) fn write_full(
         (digests.join(), copied)
     });
     let digests =
-        digests.map_err(|_| AedbError::InvalidArgument("digest thread panicked".into()))?;
+        digests.map_err(|_| AedbError::InvalidArgument("digest thread panicked".into()))??;
     let (members, bytes, start) = copied?;
     let d = BackupDescriptor {
         format_version: FORMAT_VERSION,
@@ -654,7 +654,7 @@ pub(crate) fn write_incremental(
         end_lsn,
         end_chain_head: hex::encode(cap.chain_head),
         members,
-        keyspaces: state_digests(&cap.state),
+        keyspaces: state_digests(&cap.state)?,
         created_at: crate::audit::now_unix(),
         keyed_chain: config.manifest_key.is_some(),
         checkpoint_key_id: config.checkpoint_key_id_hex(),
@@ -1103,7 +1103,7 @@ fn assemble(config: &AedbConfig, chain: &ChainReport, staging: &Path) -> Result<
         .filter(|c| !c.ok)
         .map(|c| format!("{}: {}", c.name, c.detail))
         .collect();
-    let digests = state_digests(&snap.state);
+    let digests = state_digests(&snap.state)?;
     drop(snap);
     db.close()?;
     // Everything in the restore is on stable storage before it is published:

@@ -70,6 +70,10 @@ enum Item {
         seq: u64,
         digest: Option<WritesDigest>,
     },
+    /// Version 3: the live entries of the scope or table just opened (`Scope`,
+    /// `Table`). The data is in table files, so the count cannot be read off
+    /// the items that follow (there are none).
+    LiveCount(u64),
 }
 
 /// One remembered idempotency key, in the order the commit path evicts them
@@ -90,6 +94,9 @@ type TableBuild = Building<TableState, Arc<Row>>;
 pub(crate) struct LoadedState {
     pub state: DbState,
     pub idempotency: Vec<IdempotencyEntry>,
+    /// The file recorded live counts (`LiveCount`): open need not count the
+    /// entries of the tables.
+    pub counts: bool,
 }
 
 fn put(w: &mut impl Write, item: &Item, buf: &mut Vec<u8>) -> std::io::Result<()> {
@@ -112,6 +119,7 @@ pub(crate) fn write_items(
         put(w, &Item::Project(pname.clone()), &mut buf)?;
         for (sname, s) in &p.scopes {
             put(w, &Item::Scope(sname.clone()), &mut buf)?;
+            put(w, &Item::LiveCount(s.live_keys as u64), &mut buf)?;
             // Tombstones only matter to transactions open now; none survive a reopen.
             for (k, e) in &s.kv {
                 if let Some(v) = &e.value {
@@ -137,6 +145,7 @@ pub(crate) fn write_items(
                     },
                     &mut buf,
                 )?;
+                put(w, &Item::LiveCount(t.live_rows as u64), &mut buf)?;
                 for (k, e) in &t.rows {
                     if let Some(r) = &e.value {
                         put(
@@ -215,10 +224,14 @@ pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, Str
     let mut scope: ScopeBuild = None;
     let mut table: TableBuild = None;
     let (mut keys, mut rows) = (0u64, 0u64);
+    let mut counts = false;
 
     fn close_table(scope: &mut ScopeBuild, table: &mut TableBuild) -> Result<(), String> {
         if let Some((name, mut t, entries)) = table.take() {
-            t.live_rows = entries.len();
+            // A file with the data in it (version 1, 2) counts by its entries.
+            if !entries.is_empty() {
+                t.live_rows = entries.len();
+            }
             t.rows = OrdMap::from_iter(entries);
             let (_, s, _) = scope.as_mut().ok_or("table outside a scope")?;
             s.tables.insert(name, t);
@@ -232,7 +245,9 @@ pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, Str
     ) -> Result<(), String> {
         close_table(scope, table)?;
         if let Some((name, mut s, entries)) = scope.take() {
-            s.live_keys = entries.len();
+            if !entries.is_empty() {
+                s.live_keys = entries.len();
+            }
             s.kv = OrdMap::from_iter(entries);
             let (_, p) = project.as_mut().ok_or("scope outside a project")?;
             p.scopes.insert(name, s);
@@ -347,6 +362,15 @@ pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, Str
                 state.authz.owners.insert(project, owner);
             }
             Item::Bootstrapped => state.authz.bootstrapped = true,
+            Item::LiveCount(n) => {
+                let n = usize::try_from(n).map_err(|_| "live count too large")?;
+                counts = true;
+                match (&mut table, &mut scope) {
+                    (Some((_, t, _)), _) => t.live_rows = n,
+                    (None, Some((_, s, _))) => s.live_keys = n,
+                    (None, None) => return Err("live count outside a scope".into()),
+                }
+            }
             Item::End {
                 seq,
                 keys: k,
@@ -361,7 +385,11 @@ pub(crate) fn read_items(r: &mut impl Read, lsn: u64) -> Result<LoadedState, Str
                         "End item says seq {seq}, {k} keys, {rw} rows; read seq {lsn}, {keys} keys, {rows} rows"
                     ));
                 }
-                return Ok(LoadedState { state, idempotency });
+                return Ok(LoadedState {
+                    state,
+                    idempotency,
+                    counts,
+                });
             }
         }
     }

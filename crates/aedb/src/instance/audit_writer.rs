@@ -148,7 +148,7 @@ impl<M> AedbInstance<M> {
         cs.drain();
         let seq = cs.state().seq + 1;
         let record = WalRecord::Audit {
-            rows: chain_rows(cs.state(), events, seq, now_unix()),
+            rows: chain_rows(cs.state(), events, seq, now_unix())?,
         };
         self.commit_serial(cs, &record, seq)
     }

@@ -198,7 +198,7 @@ impl<M> AedbInstance<M> {
             // commit publish first so the tails are final.
             cs.drain();
             if let WalRecord::Commit { audit, .. } = &mut record {
-                *audit = chain_rows(cs.state(), &events, cs.next_seq(), now_unix());
+                *audit = chain_rows(cs.state(), &events, cs.next_seq(), now_unix())?;
             }
             payload = record.encode()?;
             for _ in &events {
@@ -234,9 +234,7 @@ impl<M> AedbInstance<M> {
                 if super::failpoints::hit(super::failpoints::Failpoint::PanicInApply) {
                     panic!("failpoint: apply of commit {seq}");
                 }
-                project.apply_ops(name, ops, seq)?;
-                // Delete-heavy workloads would otherwise grow until a reopen.
-                project.purge_tombstones(self.inner.tombstone_horizon());
+                project.apply_ops(name, ops, seq, &latest.tables)?;
                 Ok(())
             }
             _ => Ok(()),
@@ -252,6 +250,13 @@ impl<M> AedbInstance<M> {
         cs.wait_turn(seq);
         let applied = applied.and_then(|()| {
             let mut next = cs.state().clone();
+            // A flush published since `latest`: the copy still holds what it evicted.
+            if !Arc::ptr_eq(&next.tables, &latest.tables) {
+                crate::lsm::evict_project(&mut project, next.tables.flushed_seq);
+            }
+            // Delete-heavy workloads would otherwise grow until a reopen. Here, not
+            // while applying: only the published tables say how far a purge may go.
+            project.purge_tombstones(next.tables.purge_cap(self.inner.tombstone_horizon()));
             next.projects.insert(tx.project().to_string(), project);
             if let WalRecord::Commit { audit, .. } = &record {
                 next.append_audit(audit, seq)?;
@@ -260,9 +265,11 @@ impl<M> AedbInstance<M> {
         });
         let (next, failed) = match applied {
             Ok(next) => (Some(next), None),
-            // Validated above, so this is a bug; the frame is in the log buffer, the
-            // state is not: refuse everything until a reopen (the poisoned writer
-            // starts no further write-out; one already under way may carry it).
+            // Validated above, so this is a bug or a table read that failed (a
+            // write of a key only the tables hold reads it to keep the live count);
+            // the frame is in the log buffer, the state is not: refuse everything
+            // until a reopen (the poisoned writer starts no further write-out; one
+            // already under way may carry it).
             Err(e) => {
                 self.inner.wal.poison(&e);
                 (None, Some(e))
@@ -424,7 +431,7 @@ impl<M> AedbInstance<M> {
         let seq = cs.state().seq + 1;
         let record = WalRecord::Ddl {
             actor: caller.map(|c| c.caller_id().to_string()),
-            audit: chain_rows(cs.state(), &events, seq, now_unix()),
+            audit: chain_rows(cs.state(), &events, seq, now_unix())?,
             ops,
         };
         self.commit_serial(&mut cs, &record, seq)?;

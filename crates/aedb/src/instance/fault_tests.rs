@@ -62,7 +62,13 @@ fn failed_rotation_record_in_a_serial_commit_poisons_and_leaves_no_frame() {
     let db = AedbInstance::open(AedbConfig::development(), dir.path()).expect("reopen");
     let snap = db.snapshot().expect("snapshot");
     assert_eq!(snap.scopes("p").expect("scopes"), vec!["s".to_string()]);
-    assert!(snap.kv("p", "s").expect("kv").get(b"before").is_some());
+    assert!(
+        snap.kv("p", "s")
+            .expect("kv")
+            .get(b"before")
+            .expect("get")
+            .is_some()
+    );
     db.create_scope("p", "next")
         .expect("commits after the reopen");
 }
@@ -92,6 +98,7 @@ fn failed_rotation_record_in_a_commit_poisons_and_leaves_no_frame() {
             .kv("p", "s")
             .expect("kv")
             .get(b"k")
+            .expect("get")
             .is_none()
     );
 }
@@ -190,5 +197,12 @@ fn snapshot_of_a_poisoned_instance_is_refused() {
         "a poisoned instance served a snapshot at seq {:?}",
         after.map(|s| s.seq())
     );
-    assert!(before.kv("p", "s").expect("kv").get(b"visible").is_some());
+    assert!(
+        before
+            .kv("p", "s")
+            .expect("kv")
+            .get(b"visible")
+            .expect("get")
+            .is_some()
+    );
 }

@@ -24,6 +24,8 @@ use crate::lsm::{self, LiveTable};
 use crate::metrics::{Counters, OperationalMetrics};
 use crate::model::state::DbState;
 use crate::open::{ManifestState, write_manifest};
+use crate::table::BlockCache;
+use crate::tableset::{OpenTable, TableSet};
 use crate::txn::snapshot::Snapshot;
 use crate::wal::format::segment_file_name;
 use crate::wal::writer::WalWriter;
@@ -72,10 +74,8 @@ struct Flush {
 
 pub(super) struct CheckpointState {
     snapshot: Option<Arc<DbState>>,
-    /// The listed tables hold exactly the user data of `snapshot`, so the next
-    /// flush may write only the difference (false after opening a directory whose
-    /// checkpoint still holds the data itself: format version 1).
-    tables_hold_snapshot: bool,
+    /// The block cache every table of this instance reads through.
+    cache: Arc<BlockCache>,
     /// When the live checkpoint was written (its file time after a reopen).
     written_at: Option<std::time::SystemTime>,
     last_at: std::time::Instant,
@@ -87,12 +87,12 @@ impl CheckpointState {
     /// The checkpoint recovery started from (if any), as found at open.
     pub(super) fn at_open(
         snapshot: Option<Arc<DbState>>,
-        tables_hold_snapshot: bool,
+        cache: Arc<BlockCache>,
         written_at: Option<std::time::SystemTime>,
     ) -> Self {
         Self {
             snapshot,
-            tables_hold_snapshot,
+            cache,
             written_at,
             last_at: std::time::Instant::now(),
             last_appended: 0,
@@ -362,8 +362,10 @@ impl Inner {
                 ms.generation + 1,
             )
         };
-        let base = ck.snapshot.as_deref().filter(|_| ck.tables_hold_snapshot);
-        let flush = self.flush_tables(base, &state)?;
+        let flush = self.flush_tables(&state)?;
+        // Opened before the manifest switch: a table that does not open leaves
+        // the directory as it was.
+        let opened = self.open_written(&flush.written, &ck.cache)?;
         let meta = checkpoint::write(
             &*self.config.storage,
             &self.dir,
@@ -399,13 +401,36 @@ impl Inner {
             write_manifest(&self.dir, &self.config, &mut ms)?;
             (old, obsolete, replaced_tables)
         };
-        // Nothing reads table files after open yet (the state is in memory), so a
-        // replaced table is garbage once the manifest no longer lists it.
+        // The tables beneath the states published from now on: the new ones on
+        // top (or alone, after a rewrite), holding everything up to `state.seq`.
+        let mut set: Vec<Arc<OpenTable>> = opened;
+        if !rewrite {
+            set.extend(state.tables.tables.iter().cloned());
+        }
+        let set = Arc::new(TableSet {
+            tables: set,
+            flushed_seq: state.seq,
+        });
+        // A replaced table is garbage once no state reads it: snapshots taken
+        // before this switch keep theirs until they drop.
         for t in &replaced_tables {
-            let p = self.dir.join(t.file());
-            if let Err(e) = self.config.storage.remove_file(&p) {
-                tracing::warn!(file = %p.display(), error = %e, "could not remove a replaced table");
+            match state.tables.tables.iter().find(|o| o.meta.id == t.id) {
+                Some(open) => open.retire(),
+                None => {
+                    let p = self.dir.join(t.file());
+                    if let Err(e) = self.config.storage.remove_file(&p) {
+                        tracing::warn!(file = %p.display(), error = %e, "could not remove a replaced table");
+                    }
+                }
             }
+        }
+        // The memtable drops what the tables now hold (the latest state may be
+        // ahead of `state`: only entries at or before `state.seq` go).
+        {
+            let mut cs = self.sequencer.lock_blocking();
+            let next = lsm::evict(cs.state(), Arc::clone(&set));
+            debug_assert!(next.seq >= state.seq);
+            cs.replace_published(next);
         }
         // Only now that the new manifest is durable are the old files garbage.
         for s in &obsolete {
@@ -421,8 +446,7 @@ impl Inner {
             }
         }
         let duration = started.elapsed();
-        ck.snapshot = Some(state);
-        ck.tables_hold_snapshot = true;
+        ck.snapshot = Some(Arc::new(lsm::evict(&state, set)));
         ck.written_at = Some(std::time::SystemTime::now());
         ck.last_at = std::time::Instant::now();
         ck.last_appended = appended;
@@ -446,20 +470,54 @@ impl Inner {
         })
     }
 
-    /// Writes the user data of `state` into table files: what changed since `base`
-    /// (the state the listed tables hold) as level-0 tables, or everything as
-    /// level-1 tables when there is no base, when `COMPACT_AT_TABLES` level-0
-    /// tables have piled up, or when a table is sealed under another key than the
-    /// configured one (a key rotation). The manifest is not changed here.
-    fn flush_tables(&self, base: Option<&DbState>, state: &DbState) -> Result<Flush, AedbError> {
+    /// Opens the tables a flush wrote, newest first.
+    fn open_written(
+        &self,
+        written: &[LiveTable],
+        cache: &Arc<BlockCache>,
+    ) -> Result<Vec<Arc<OpenTable>>, AedbError> {
+        let key = self.config.checkpoint_key.as_ref();
+        let keys: Vec<&crate::config::SecretKey> = key.into_iter().collect();
+        let readers = lsm::open_tables(
+            &*self.config.storage,
+            &self.dir,
+            written,
+            &keys,
+            cache,
+            false,
+            false,
+        )?;
+        let mut open: Vec<Arc<OpenTable>> = written
+            .iter()
+            .cloned()
+            .zip(readers)
+            .map(|(meta, reader)| {
+                let path = self.dir.join(meta.file());
+                Arc::new(OpenTable::new(
+                    meta,
+                    reader,
+                    self.config.storage.clone(),
+                    path,
+                ))
+            })
+            .collect();
+        open.reverse();
+        Ok(open)
+    }
+
+    /// Writes the user data of `state` into table files: the memtable's entries
+    /// after the tables' `flushed_seq` as level-0 tables, or the memtable merged
+    /// over every table as level-1 tables when there is no table yet, when
+    /// `COMPACT_AT_TABLES` level-0 tables have piled up, or when a table is sealed
+    /// under another key than the configured one (a key rotation). The manifest is
+    /// not changed here.
+    fn flush_tables(&self, state: &DbState) -> Result<Flush, AedbError> {
         let key = self.config.checkpoint_key.as_ref();
         let key_id = key.map(crate::crypto::key_id).unwrap_or_default();
-        let rewrite = {
-            let ms = self.manifest.lock();
-            base.is_none()
-                || ms.tables.iter().filter(|t| t.level == 0).count() >= lsm::COMPACT_AT_TABLES
-                || ms.tables.iter().any(|t| t.key_id != key_id)
-        };
+        let tables = &state.tables.tables;
+        let rewrite = tables.is_empty()
+            || tables.iter().filter(|t| t.meta.level == 0).count() >= lsm::COMPACT_AT_TABLES
+            || tables.iter().any(|t| t.meta.key_id != key_id);
         let mut next_id = || self.manifest.lock().allocate_table_id();
         let mut sink = lsm::FlushSink::new(
             &*self.config.storage,
@@ -468,9 +526,10 @@ impl Inner {
             if rewrite { 1 } else { 0 },
             &mut next_id,
         );
-        match base {
-            Some(base) if !rewrite => lsm::write_changes(&mut sink, base, state)?,
-            _ => lsm::write_all(&mut sink, state)?,
+        if rewrite {
+            lsm::write_rewrite(&mut sink, state)?;
+        } else {
+            lsm::write_flush(&mut sink, state)?;
         }
         Ok(Flush {
             written: sink.finish()?,

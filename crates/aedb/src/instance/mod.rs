@@ -401,7 +401,7 @@ impl<M> AedbInstance<M> {
         let loaded = load_manifest_and_checkpoint(&dir, &config, false)?;
         let manifest_body = loaded.manifest;
         let (live_tables, next_table_id) = (loaded.tables, loaded.next_table_id);
-        let tables_hold_checkpoint = !loaded.checkpoint_holds_data;
+        let cache = loaded.cache;
         let manifest_under_previous_key = loaded.manifest_under_previous_key;
         let mut ckpt_meta = None;
         // The checkpoint's state, kept for `ConsistencyMode::AtCheckpoint` (an O(1)
@@ -542,7 +542,7 @@ impl<M> AedbInstance<M> {
             wal,
             recovered.report,
             ms,
-            CheckpointState::at_open(ckpt_snapshot, tables_hold_checkpoint, ckpt_written_at),
+            CheckpointState::at_open(ckpt_snapshot, cache, ckpt_written_at),
             lock,
         ));
         if let Some(why) = resign {
@@ -641,7 +641,7 @@ impl<M> AedbInstance<M> {
         since_id: i64,
     ) -> Result<Vec<AuditExport>, ReadError> {
         self.inner.wal.check_healthy().map_err(ReadError::narrow)?;
-        Ok(crate::audit::export_tables(&snap.state, since_id))
+        crate::audit::export_tables(&snap.state, since_id).map_err(ReadError::narrow)
     }
 
     /// Verifies the full hash chains of both audit tables in the current state.
@@ -649,7 +649,14 @@ impl<M> AedbInstance<M> {
         let snap = self.snapshot_inner();
         for table in [AUTHZ_AUDIT, ASSERTION_AUDIT] {
             let rows: Vec<Vec<Value>> = match snap.table(SYSTEM_PROJECT, AUDIT_SCOPE, table) {
-                Ok(t) => t.raw_rows().map(|r| r.to_vec()).collect(),
+                Ok(t) => t
+                    .rows()
+                    .filter_map(|r| r.map(|(_, e)| e.value.map(|r| r.to_vec())).transpose())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| AuditVerifyError::Unreadable {
+                        table: table.to_string(),
+                        reason: e.to_string(),
+                    })?,
                 Err(_) => continue,
             };
             crate::audit::verify_rows(table, &rows, None)?;
@@ -679,7 +686,7 @@ impl<M> AedbInstance<M> {
         let event = audit_writer::bootstrap(admin);
         let record = WalRecord::Bootstrap {
             admin: admin.to_string(),
-            audit: chain_rows(cs.state(), &[event], seq, now_unix()),
+            audit: chain_rows(cs.state(), &[event], seq, now_unix())?,
         };
         self.commit_serial(&mut cs, &record, seq)?;
         drop(cs);

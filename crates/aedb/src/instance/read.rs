@@ -51,7 +51,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         key: &[u8],
     ) -> Result<Option<Arc<[u8]>>, ReadError> {
-        Ok(self.kv_view(project, scope, Some(key))?.get(key))
+        self.kv_view(project, scope, Some(key))?.get(key)
     }
 
     /// The value and the sequence number of the commit that wrote it (the version
@@ -62,7 +62,7 @@ impl<M> ReadTx<'_, M> {
         scope: &str,
         key: &[u8],
     ) -> Result<Option<crate::txn::snapshot::Versioned>, ReadError> {
-        Ok(self.kv_view(project, scope, Some(key))?.get_versioned(key))
+        self.kv_view(project, scope, Some(key))?.get_versioned(key)
     }
 
     pub fn kv_scan_prefix(
@@ -72,9 +72,8 @@ impl<M> ReadTx<'_, M> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<KvPair>, ReadError> {
-        Ok(self
-            .kv_view(project, scope, Some(prefix))?
-            .scan_prefix(prefix, limit))
+        self.kv_view(project, scope, Some(prefix))?
+            .scan_prefix(prefix, limit)
     }
 
     /// A range scan needs read access to the whole scope (a range is not a prefix).
@@ -86,9 +85,8 @@ impl<M> ReadTx<'_, M> {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>, ReadError> {
-        Ok(self
-            .kv_view(project, scope, None)?
-            .scan_range(start, end, limit))
+        self.kv_view(project, scope, None)?
+            .scan_range(start, end, limit)
     }
 
     /// `kv_scan_range` in descending key order.
@@ -100,9 +98,8 @@ impl<M> ReadTx<'_, M> {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>, ReadError> {
-        Ok(self
-            .kv_view(project, scope, None)?
-            .scan_range_rev(start, end, limit))
+        self.kv_view(project, scope, None)?
+            .scan_range_rev(start, end, limit)
     }
 
     /// `kv_scan_prefix` with the version of each value (as `kv_get_versioned`).
@@ -113,9 +110,8 @@ impl<M> ReadTx<'_, M> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<VersionedKvPair>, ReadError> {
-        Ok(self
-            .kv_view(project, scope, Some(prefix))?
-            .scan_prefix_versioned(prefix, limit))
+        self.kv_view(project, scope, Some(prefix))?
+            .scan_prefix_versioned(prefix, limit)
     }
 
     /// `kv_scan_range` with the version of each value (as `kv_get_versioned`).
@@ -127,9 +123,8 @@ impl<M> ReadTx<'_, M> {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Result<Vec<VersionedKvPair>, ReadError> {
-        Ok(self
-            .kv_view(project, scope, None)?
-            .scan_range_versioned(start, end, limit))
+        self.kv_view(project, scope, None)?
+            .scan_range_versioned(start, end, limit)
     }
 
     /// `kv_scan_range_rev` with the version of each value (as `kv_get_versioned`).
@@ -141,9 +136,8 @@ impl<M> ReadTx<'_, M> {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Result<Vec<VersionedKvPair>, ReadError> {
-        Ok(self
-            .kv_view(project, scope, None)?
-            .scan_range_rev_versioned(start, end, limit))
+        self.kv_view(project, scope, None)?
+            .scan_range_rev_versioned(start, end, limit)
     }
 
     pub fn query(

@@ -235,6 +235,17 @@ impl CommitGuard<'_> {
         self.publish();
     }
 
+    /// Publishes `next` in place of the current state at the same seq: the same
+    /// data over other tables (a flush's eviction).
+    pub(super) fn replace_published(&mut self, next: DbState) {
+        assert_eq!(
+            next.seq, self.cs.state.seq,
+            "a replaced state keeps its seq"
+        );
+        self.cs.state = next;
+        self.publish();
+    }
+
     /// Publishes the state of a serial commit (drained, appended as
     /// `state().seq + 1`).
     pub(super) fn publish_serial(&mut self, next: DbState) {

@@ -14,6 +14,7 @@ use crate::error::{AedbError, NotFoundKind};
 use crate::model::bytes::{Bytes, SharedBytes};
 use crate::model::value::{Row, TableSchema};
 use crate::record::{DdlOperation, WalRecord, WriteOp};
+use crate::tableset::{Space, Stored, TableSet};
 
 /// One key's latest write. `value: None` is a tombstone kept so that a concurrent
 /// transaction that read the key before the delete still sees a write-write conflict.
@@ -77,6 +78,8 @@ pub(crate) struct DbState {
     pub seq: u64,
     pub projects: OrdMap<String, ProjectState>,
     pub authz: AuthzState,
+    /// The table files beneath the maps (which are the memtable); see `tableset`.
+    pub tables: Arc<TableSet>,
 }
 
 fn missing(kind: NotFoundKind, name: &str) -> AedbError {
@@ -118,6 +121,7 @@ impl DbState {
     }
 
     pub(crate) fn append_audit(&mut self, rows: &[AuditRow], seq: u64) -> Result<(), AedbError> {
+        let tables = Arc::clone(&self.tables);
         for r in rows {
             let t = self
                 .projects
@@ -135,21 +139,25 @@ impl DbState {
             t.schema.check_row(&r.table, &r.row)?;
             let key = Bytes::from(t.schema.row_key(&r.row));
             let prev = t.rows.insert(
-                key,
+                key.clone(),
                 Versioned {
                     version: seq,
                     value: Some(r.row.clone()),
                 },
             );
-            if !matches!(prev, Some(Versioned { value: Some(_), .. })) {
+            let prefix =
+                || crate::lsm::keyspace_prefix(SYSTEM_PROJECT, AUDIT_SCOPE, Some(&r.table));
+            if !was_live(prev, &tables, prefix, t.created_seq, &key)? {
                 t.live_rows += 1;
             }
         }
         Ok(())
     }
 
-    /// `ProjectState::purge_tombstones` for every project.
+    /// `ProjectState::purge_tombstones` for every project, never past what the
+    /// tables hold (`TableSet::purge_cap`).
     pub fn purge_tombstones(&mut self, horizon: u64) -> usize {
+        let horizon = self.tables.purge_cap(horizon);
         let names: Vec<String> = self
             .projects
             .iter()
@@ -165,17 +173,17 @@ impl DbState {
         removed
     }
 
-    /// Deleted keys and rows still held as tombstones (a count per keyspace is
-    /// kept, so this is cheap).
+    /// Deleted keys and rows the memtable still holds as tombstones (a walk of
+    /// the memtable: the live counts include entries only the tables hold).
     pub fn tombstones(&self) -> usize {
         self.projects
             .values()
             .flat_map(|p| p.scopes.values())
             .map(|s| {
-                s.kv.len().saturating_sub(s.live_keys)
+                s.kv.values().filter(|e| e.value.is_none()).count()
                     + s.tables
                         .values()
-                        .map(|t| t.rows.len().saturating_sub(t.live_rows))
+                        .map(|t| t.rows.values().filter(|e| e.value.is_none()).count())
                         .sum::<usize>()
             })
             .sum()
@@ -217,7 +225,9 @@ impl DbState {
                 audit,
                 ..
             } => {
-                self.project_mut(project)?.apply_ops(project, ops, seq)?;
+                let tables = Arc::clone(&self.tables);
+                self.project_mut(project)?
+                    .apply_ops(project, ops, seq, &tables)?;
                 self.append_audit(audit, seq)?;
             }
             WalRecord::Ddl { actor, ops, audit } => {
@@ -366,20 +376,54 @@ impl ProjectState {
     }
 
     /// Applies a commit's writes at `seq` (the engine validated them first).
+    /// `tables` are the ones beneath this project's maps: a write of a key the
+    /// maps lack looks there to keep the live counts.
     pub(crate) fn apply_ops(
         &mut self,
         project: &str,
         ops: &[WriteOp],
         seq: u64,
+        tables: &TableSet,
     ) -> Result<(), AedbError> {
         for op in ops {
-            apply_op(self, project, op, seq)?;
+            apply_op(self, project, op, seq, tables)?;
         }
         Ok(())
     }
 }
 
-fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Result<(), AedbError> {
+/// Whether `key` held a live value before a write that replaced `prev` (the
+/// memtable's entry): that entry, or the tables' when the memtable had none.
+fn was_live<V: Stored>(
+    prev: Option<Versioned<V>>,
+    tables: &TableSet,
+    prefix: impl FnOnce() -> Vec<u8>,
+    min_seq: u64,
+    key: &[u8],
+) -> Result<bool, AedbError> {
+    if let Some(e) = prev {
+        return Ok(e.value.is_some());
+    }
+    if tables.is_empty() {
+        return Ok(false);
+    }
+    Space::<V> {
+        mem: &OrdMap::new(),
+        tables,
+        prefix: prefix(),
+        seq: u64::MAX,
+        min_seq,
+    }
+    .is_live(key)
+}
+
+fn apply_op(
+    p: &mut ProjectState,
+    project: &str,
+    op: &WriteOp,
+    seq: u64,
+    tables: &TableSet,
+) -> Result<(), AedbError> {
     match op {
         WriteOp::KvSet { scope, key, value } => {
             let s = scope_mut(p, project, scope)?;
@@ -390,7 +434,8 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
                     value: Some(value.clone()),
                 },
             );
-            if !matches!(prev, Some(Versioned { value: Some(_), .. })) {
+            let prefix = || crate::lsm::keyspace_prefix(project, scope, None);
+            if !was_live(prev, tables, prefix, 0, key)? {
                 s.live_keys += 1;
             }
         }
@@ -410,7 +455,8 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
                     value: None,
                 },
             );
-            if matches!(prev, Some(Versioned { value: Some(_), .. })) {
+            let prefix = || crate::lsm::keyspace_prefix(project, scope, None);
+            if was_live(prev, tables, prefix, 0, key)? {
                 s.live_keys -= 1;
             }
         }
@@ -438,7 +484,8 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
                     value: Some(row.clone()),
                 },
             );
-            if !matches!(prev, Some(Versioned { value: Some(_), .. })) {
+            let prefix = || crate::lsm::keyspace_prefix(project, scope, Some(table));
+            if !was_live(prev, tables, prefix, t.created_seq, key)? {
                 t.live_rows += 1;
             }
         }
@@ -459,7 +506,8 @@ fn apply_op(p: &mut ProjectState, project: &str, op: &WriteOp, seq: u64) -> Resu
                     value: None,
                 },
             );
-            if matches!(prev, Some(Versioned { value: Some(_), .. })) {
+            let prefix = || crate::lsm::keyspace_prefix(project, scope, Some(table));
+            if was_live(prev, tables, prefix, t.created_seq, key)? {
                 t.live_rows -= 1;
             }
         }

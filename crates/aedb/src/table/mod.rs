@@ -26,5 +26,5 @@ pub(crate) use cache::BlockCache;
 pub(crate) use error::{BlockId, TableError};
 pub(crate) use format::{Entry, EntryKind, file_name, parse_file_name};
 pub(crate) use merge::{MergeIter, Source, Tombstones};
-pub(crate) use reader::{Lookup, TableIter, TableReader, VerifyReport};
+pub(crate) use reader::{Lookup, TableIter, TableReader, TableRevIter, VerifyReport};
 pub(crate) use writer::{TableMeta, TableWriter, TableWriterOptions};

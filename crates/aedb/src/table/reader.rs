@@ -495,3 +495,135 @@ impl Iterator for TableIter<'_> {
         }
     }
 }
+
+impl TableReader {
+    /// The newest version with seq <= `snapshot` of each user key in `start..end`
+    /// (`end` exclusive, `None` = to the end), tombstones included, in descending
+    /// key order: one table's input of a reverse scan (a table holds each key's
+    /// versions next to each other, so picking the newest needs no merge).
+    pub(crate) fn iter_range_rev(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        snapshot: u64,
+    ) -> TableRevIter<'_> {
+        // The first block that can hold a key at or after `end`: the part of it
+        // before `end`, and every block before it, is in range.
+        let first = end
+            .map(|end| self.block_for(end, u64::MAX))
+            .filter(|&b| b < self.index.len());
+        TableRevIter {
+            reader: self,
+            first,
+            remaining: first.unwrap_or(self.index.len()),
+            block: None,
+            position: 0,
+            end: end.map(<[u8]>::to_vec),
+            start: start.to_vec(),
+            snapshot,
+            pending: None,
+            done: false,
+        }
+    }
+}
+
+/// A reverse scan over one table (see `TableReader::iter_range_rev`). After an
+/// error it yields nothing more.
+#[derive(Debug)]
+pub(crate) struct TableRevIter<'a> {
+    reader: &'a TableReader,
+    /// The block holding `end`, read from `end` backwards.
+    first: Option<usize>,
+    /// Blocks `0..remaining` are still to be read, whole.
+    remaining: usize,
+    block: Option<Arc<DataBlock>>,
+    /// Entries of `block` before this one are still to be read.
+    position: usize,
+    end: Option<Vec<u8>>,
+    start: Vec<u8>,
+    snapshot: u64,
+    /// The newest visible version seen so far of the key being read (versions
+    /// come oldest first going backwards).
+    pending: Option<Entry>,
+    done: bool,
+}
+
+impl TableRevIter<'_> {
+    /// The previous visible entry in internal-key order, or None at `start`.
+    fn prev_entry(&mut self) -> Result<Option<Entry>, TableError> {
+        loop {
+            let block = match &self.block {
+                Some(b) => Arc::clone(b),
+                None => {
+                    let (number, from_end) = match self.first.take() {
+                        Some(first) => (first, true),
+                        None if self.remaining == 0 => return Ok(None),
+                        None => {
+                            self.remaining -= 1;
+                            (self.remaining, false)
+                        }
+                    };
+                    let b = self.reader.block(number as u64)?;
+                    self.position = match (&self.end, from_end) {
+                        (Some(end), true) => b.seek(end, u64::MAX),
+                        _ => b.len(),
+                    };
+                    self.block = Some(Arc::clone(&b));
+                    b
+                }
+            };
+            if self.position == 0 {
+                self.block = None;
+                continue;
+            }
+            self.position -= 1;
+            let e = block.entry(self.position);
+            if e.key < self.start.as_slice() {
+                self.remaining = 0;
+                self.block = None;
+                return Ok(None);
+            }
+            if e.seq > self.snapshot {
+                continue;
+            }
+            return Ok(Some(e.to_entry()));
+        }
+    }
+
+    fn step(&mut self) -> Result<Option<Entry>, TableError> {
+        loop {
+            let prev = self.prev_entry()?;
+            match (prev, self.pending.take()) {
+                (None, pending) => return Ok(pending),
+                (Some(e), None) => self.pending = Some(e),
+                // Same key: `e` is newer (seq descends forwards).
+                (Some(e), Some(p)) if e.key == p.key => self.pending = Some(e),
+                (Some(e), Some(p)) => {
+                    self.pending = Some(e);
+                    return Ok(Some(p));
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for TableRevIter<'_> {
+    type Item = Result<Entry, TableError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.step() {
+            Ok(Some(e)) => Some(Ok(e)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}

@@ -321,6 +321,15 @@ fn random_tables_equal_their_model() {
                 .cloned()
                 .collect();
             assert_eq!(raw, want, "seed {seed}");
+            // The reverse scan: each key's newest version (deletes included), in
+            // descending key order.
+            let rev: Vec<Entry> = reader
+                .iter_range_rev(&start, end, snapshot)
+                .collect::<Result<_, _>>()
+                .expect("scans backwards");
+            let mut newest = model_visible(&model, &start, end, snapshot, Tombstones::Keep);
+            newest.reverse();
+            assert_eq!(rev, newest, "seed {seed}: reverse");
         }
     }
 }

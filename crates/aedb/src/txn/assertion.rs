@@ -4,6 +4,7 @@ use crate::authz::Permission;
 use crate::error::AedbError;
 use crate::model::state::DbState;
 use crate::model::value::Value;
+use crate::tableset::{kv_space, row_space};
 use crate::txn::describe_key;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,10 +156,9 @@ impl ReadAssertion {
             | ReadAssertion::KeyEquals { scope, key, .. }
             | ReadAssertion::KeyVersion { scope, key, .. }
             | ReadAssertion::KeyCompare { scope, key, .. } => {
-                match state
-                    .scope(project, scope)
+                match kv_space(state, project, scope)
                     .ok()
-                    .and_then(|s| s.kv.get(key.as_slice()))
+                    .and_then(|s| s.get(key.as_slice()).ok().flatten())
                 {
                     Some(e) => match &e.value {
                         Some(v) => format!("present, version {}, <{} bytes>", e.version, v.len()),
@@ -173,9 +173,12 @@ impl ReadAssertion {
             } => {
                 let found = state.table(project, scope, table).ok().and_then(|t| {
                     let k = t.schema.encode_pk(table, pk).ok()?;
-                    t.rows
-                        .get(k.as_slice())
-                        .and_then(|e| e.value.as_ref().map(|_| e.version))
+                    row_space(state, project, scope, table)
+                        .ok()?
+                        .get_live(k.as_slice())
+                        .ok()
+                        .flatten()
+                        .map(|(v, _)| v)
                 });
                 match found {
                     Some(v) => format!("present, version {v}"),
@@ -192,18 +195,16 @@ impl ReadAssertion {
     /// (a typo must not read as "absent").
     pub(crate) fn eval(&self, state: &DbState, project: &str) -> Result<bool, AedbError> {
         let kv = |scope: &str, key: &[u8]| -> Result<Option<(u64, Vec<u8>)>, AedbError> {
-            let s = state.scope(project, scope)?;
-            Ok(s.kv
-                .get(key)
-                .and_then(|e| e.value.as_ref().map(|v| (e.version, v.to_vec()))))
+            Ok(kv_space(state, project, scope)?
+                .get_live(key)?
+                .map(|(version, v)| (version, v.to_vec())))
         };
         let row_version = |scope: &str, table: &str, pk: &[Value]| -> Result<u64, AedbError> {
             let t = state.table(project, scope, table)?;
             let key = t.schema.encode_pk(table, pk)?;
-            Ok(match t.rows.get(key.as_slice()) {
-                Some(e) if e.value.is_some() => e.version,
-                _ => 0,
-            })
+            Ok(row_space(state, project, scope, table)?
+                .get_live(key.as_slice())?
+                .map_or(0, |(v, _)| v))
         };
         Ok(match self {
             ReadAssertion::KeyExists { scope, key } => kv(scope, key)?.is_some(),

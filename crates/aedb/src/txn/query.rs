@@ -1,11 +1,11 @@
 //! Table queries: primary-key order, an optional filter, a bounded page, a cursor.
 
-use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::error::AedbError;
 use crate::model::state::TableState;
 use crate::model::value::{Row, Value};
+use crate::txn::snapshot::TableView;
 
 /// A predicate over one row's columns.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,7 +110,12 @@ impl Compiled {
     }
 }
 
-pub(crate) fn run_query(table: &str, t: &TableState, q: &Query) -> Result<QueryResult, AedbError> {
+pub(crate) fn run_query(
+    table: &str,
+    view: &TableView<'_>,
+    q: &Query,
+) -> Result<QueryResult, AedbError> {
+    let t = view.state();
     if q.limit == 0 {
         return Err(AedbError::InvalidArgument(
             "query limit must be at least 1".into(),
@@ -121,13 +126,10 @@ pub(crate) fn run_query(table: &str, t: &TableState, q: &Query) -> Result<QueryR
         .as_ref()
         .map(|f| compile(table, t, f))
         .transpose()?;
-    let start = match &q.cursor {
-        Some(c) => Bound::Excluded(c.as_slice()),
-        None => Bound::Unbounded,
-    };
     let mut rows = Vec::new();
     let mut last_key = None;
-    for (k, e) in t.rows.range::<_, [u8]>((start, Bound::Unbounded)) {
+    for r in view.rows_after(q.cursor.as_deref()) {
+        let (k, e) = r?;
         let Some(row) = &e.value else { continue };
         if filter.as_ref().is_none_or(|f| f.matches(row)) {
             if rows.len() == q.limit {

@@ -3,9 +3,11 @@
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::error::{NotFoundKind, ReadError};
+use crate::error::{AedbError, NotFoundKind, ReadError};
+use crate::model::bytes::SharedBytes;
 use crate::model::state::{DbState, ScopeState, TableState};
 use crate::model::value::{Row, TableSchema, Value};
+use crate::tableset::{Space, kv_space, row_space};
 use crate::txn::query::{Query, QueryResult, run_query};
 
 /// Which state a read transaction sees.
@@ -42,12 +44,7 @@ impl Snapshot {
     }
 
     pub fn kv<'a>(&'a self, project: &str, scope: &str) -> Result<KvView<'a>, ReadError> {
-        Ok(KvView {
-            scope: self
-                .state
-                .scope(project, scope)
-                .map_err(ReadError::narrow)?,
-        })
+        kv_view(&self.state, project, scope).map_err(ReadError::narrow)
     }
 
     pub fn table<'a>(
@@ -56,13 +53,7 @@ impl Snapshot {
         scope: &str,
         table: &str,
     ) -> Result<TableView<'a>, ReadError> {
-        Ok(TableView {
-            name: table.to_string(),
-            table: self
-                .state
-                .table(project, scope, table)
-                .map_err(ReadError::narrow)?,
-        })
+        table_view(&self.state, project, scope, table).map_err(ReadError::narrow)
     }
 
     pub fn projects(&self) -> Vec<String> {
@@ -96,32 +87,59 @@ impl Snapshot {
     }
 }
 
-/// The KV keyspace of one scope in a snapshot.
-#[derive(Debug, Clone, Copy)]
+/// The KV keyspace of `project/scope` in `state`.
+pub(crate) fn kv_view<'a>(
+    state: &'a DbState,
+    project: &str,
+    scope: &str,
+) -> Result<KvView<'a>, AedbError> {
+    Ok(KvView {
+        scope: state.scope(project, scope)?,
+        space: kv_space(state, project, scope)?,
+    })
+}
+
+/// The table `project/scope/table` in `state`.
+pub(crate) fn table_view<'a>(
+    state: &'a DbState,
+    project: &str,
+    scope: &str,
+    table: &str,
+) -> Result<TableView<'a>, AedbError> {
+    Ok(TableView {
+        name: table.to_string(),
+        table: state.table(project, scope, table)?,
+        space: row_space(state, project, scope, table)?,
+    })
+}
+
+/// The KV keyspace of one scope in a snapshot: its memtable, then its tables.
+#[derive(Debug, Clone)]
 pub struct KvView<'a> {
     scope: &'a ScopeState,
+    space: Space<'a, SharedBytes>,
 }
 
 impl KvView<'_> {
-    pub fn get(&self, key: &[u8]) -> Option<Arc<[u8]>> {
-        self.get_versioned(key).map(|(_, v)| v)
+    pub fn get(&self, key: &[u8]) -> Result<Option<Arc<[u8]>>, ReadError> {
+        Ok(self.get_versioned(key)?.map(|(_, v)| v))
     }
 
     /// The value and the sequence number of the commit that wrote it.
-    pub fn get_versioned(&self, key: &[u8]) -> Option<Versioned> {
-        let e = self.scope.kv.get(key)?;
-        e.value.as_ref().map(|v| (e.version, v.to_arc()))
+    pub fn get_versioned(&self, key: &[u8]) -> Result<Option<Versioned>, ReadError> {
+        Ok(self
+            .space
+            .get_live(key)
+            .map_err(ReadError::narrow)?
+            .map(|(version, v)| (version, v.to_arc())))
     }
 
     /// Version of `key` (0 when absent or deleted).
-    pub fn version(&self, key: &[u8]) -> u64 {
-        match self.scope.kv.get(key) {
-            Some(e) if e.value.is_some() => e.version,
-            _ => 0,
-        }
+    pub fn version(&self, key: &[u8]) -> Result<u64, ReadError> {
+        Ok(self.get_versioned(key)?.map_or(0, |(v, _)| v))
     }
 
-    /// Live keys in this keyspace.
+    /// Live keys in this keyspace (a count kept per keyspace: no table read).
     pub fn len(&self) -> usize {
         self.scope.live_keys
     }
@@ -130,28 +148,39 @@ impl KvView<'_> {
         self.scope.live_keys == 0
     }
 
-    /// Live entries with keys in the bounds, in key order, as (key, version, value).
+    /// Up to `limit` live entries with keys in the bounds, in key order (`rev`:
+    /// descending), as (key, (version, value)).
     fn live(
         &self,
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
-    ) -> impl DoubleEndedIterator<Item = VersionedKvPair> + '_ {
-        // imbl panics on an inverted range; an inverted range is simply empty.
-        let range =
-            (!bounds_empty(start, end)).then(|| self.scope.kv.range::<_, [u8]>((start, end)));
-        range.into_iter().flatten().filter_map(|(k, e)| {
-            e.value
-                .as_ref()
-                .map(|v| (k.clone(), (e.version, v.to_arc())))
-        })
+        rev: bool,
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
+        self.space
+            .scan(start, end, rev)
+            .take(limit)
+            .map(|r| {
+                r.map(|(k, e)| {
+                    let v = e
+                        .value
+                        .map(|v| v.to_arc())
+                        .unwrap_or_else(|| Arc::from(&[][..]));
+                    (k, (e.version, v))
+                })
+                .map_err(ReadError::narrow)
+            })
+            .collect()
     }
 
     /// Up to `limit` pairs with keys in `[start, end)` (per the bounds), in key order.
-    pub fn scan_range(&self, start: Bound<&[u8]>, end: Bound<&[u8]>, limit: usize) -> Vec<KvPair> {
-        self.live(start, end)
-            .map(|(k, (_, v))| (k, v))
-            .take(limit)
-            .collect()
+    pub fn scan_range(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, ReadError> {
+        Ok(unversioned(self.live(start, end, false, limit)?))
     }
 
     /// `scan_range` with the version of each value.
@@ -160,8 +189,8 @@ impl KvView<'_> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Vec<VersionedKvPair> {
-        self.live(start, end).take(limit).collect()
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
+        self.live(start, end, false, limit)
     }
 
     /// Up to `limit` pairs with keys in `[start, end)` (per the bounds), in
@@ -171,12 +200,8 @@ impl KvView<'_> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Vec<KvPair> {
-        self.live(start, end)
-            .rev()
-            .map(|(k, (_, v))| (k, v))
-            .take(limit)
-            .collect()
+    ) -> Result<Vec<KvPair>, ReadError> {
+        Ok(unversioned(self.live(start, end, true, limit)?))
     }
 
     /// `scan_range_rev` with the version of each value.
@@ -185,28 +210,36 @@ impl KvView<'_> {
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         limit: usize,
-    ) -> Vec<VersionedKvPair> {
-        self.live(start, end).rev().take(limit).collect()
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
+        self.live(start, end, true, limit)
     }
 
     /// Up to `limit` pairs whose key starts with `prefix`, in key order.
-    pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Vec<KvPair> {
+    pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<KvPair>, ReadError> {
         let end = prefix_successor(prefix);
         self.scan_range(Bound::Included(prefix), prefix_end(end.as_deref()), limit)
     }
 
     /// `scan_prefix` with the version of each value.
-    pub fn scan_prefix_versioned(&self, prefix: &[u8], limit: usize) -> Vec<VersionedKvPair> {
+    pub fn scan_prefix_versioned(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<VersionedKvPair>, ReadError> {
         let end = prefix_successor(prefix);
         self.scan_range_versioned(Bound::Included(prefix), prefix_end(end.as_deref()), limit)
     }
+}
+
+fn unversioned(pairs: Vec<VersionedKvPair>) -> Vec<KvPair> {
+    pairs.into_iter().map(|(k, (_, v))| (k, v)).collect()
 }
 
 fn prefix_end(successor: Option<&[u8]>) -> Bound<&[u8]> {
     successor.map_or(Bound::Unbounded, Bound::Excluded)
 }
 
-fn bounds_empty(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
+pub(crate) fn bounds_empty(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
     match (start, end) {
         (Bound::Included(s), Bound::Included(e)) => s > e,
         (Bound::Included(s), Bound::Excluded(e))
@@ -228,18 +261,20 @@ pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// One table in a snapshot.
+/// One table in a snapshot: its memtable, then its tables.
 #[derive(Debug, Clone)]
 pub struct TableView<'a> {
     name: String,
     table: &'a TableState,
+    space: Space<'a, Arc<Row>>,
 }
 
-impl TableView<'_> {
+impl<'a> TableView<'a> {
     pub fn schema(&self) -> &TableSchema {
         &self.table.schema
     }
 
+    /// Live rows (a count kept per table: no table read).
     pub fn len(&self) -> usize {
         self.table.live_rows
     }
@@ -259,19 +294,42 @@ impl TableView<'_> {
             .schema
             .encode_pk(&self.name, pk)
             .map_err(ReadError::narrow)?;
-        Ok(self
-            .table
-            .rows
-            .get(key.as_slice())
-            .and_then(|e| e.value.as_ref().map(|r| (e.version, r.clone()))))
+        self.space
+            .get_live(key.as_slice())
+            .map_err(ReadError::narrow)
     }
 
-    /// Live rows in primary-key order.
-    pub(crate) fn raw_rows(&self) -> impl DoubleEndedIterator<Item = &Arc<Row>> + '_ {
-        self.table.rows.values().filter_map(|e| e.value.as_ref())
+    /// Live rows in primary-key order, as (key, (version, row)).
+    pub(crate) fn rows(&self) -> crate::tableset::SpaceIter<'a, Arc<Row>> {
+        self.space.scan(Bound::Unbounded, Bound::Unbounded, false)
+    }
+
+    /// Live rows with keys after `after` (None: all), in primary-key order.
+    pub(crate) fn rows_after(
+        &self,
+        after: Option<&[u8]>,
+    ) -> crate::tableset::SpaceIter<'a, Arc<Row>> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.space.scan(start, Bound::Unbounded, false)
+    }
+
+    /// The live row with the largest key.
+    pub(crate) fn last_row(&self) -> Result<Option<Arc<Row>>, AedbError> {
+        match self
+            .space
+            .scan(Bound::Unbounded, Bound::Unbounded, true)
+            .next()
+        {
+            Some(r) => Ok(r?.1.value),
+            None => Ok(None),
+        }
     }
 
     pub fn query(&self, q: &Query) -> Result<QueryResult, ReadError> {
-        run_query(&self.name, self.table, q).map_err(ReadError::narrow)
+        run_query(&self.name, self, q).map_err(ReadError::narrow)
+    }
+
+    pub(crate) fn state(&self) -> &'a TableState {
+        self.table
     }
 }

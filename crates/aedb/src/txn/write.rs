@@ -1,6 +1,7 @@
 //! A write transaction: reads from its snapshot (plus its own writes), buffers
 //! writes, and carries assertions and an optional idempotency key to commit.
 
+use crate::tableset::{kv_space, row_space};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -186,7 +187,7 @@ impl WriteTransaction {
         if let Some(w) = self.kv.get(&(scope.to_string(), Bytes::from(key))) {
             return Ok(w.as_ref().map(SharedBytes::to_arc));
         }
-        Ok(self.snapshot.kv(&self.project, scope)?.get(key))
+        self.snapshot.kv(&self.project, scope)?.get(key)
     }
 
     /// Prefix scan over the snapshot merged with this transaction's writes.
@@ -245,7 +246,7 @@ impl WriteTransaction {
             .map(|((_, k), v)| (k.clone(), v.as_ref().map(SharedBytes::to_arc)))
             .collect();
         let own_deletes = merged.values().filter(|v| v.is_none()).count();
-        for (k, v) in view.scan_range(start, end, limit.saturating_add(own_deletes)) {
+        for (k, v) in view.scan_range(start, end, limit.saturating_add(own_deletes))? {
             merged.entry(k).or_insert(Some(v));
         }
         Ok(merged
@@ -357,8 +358,8 @@ impl WriteTransaction {
     pub(crate) fn check_conflicts(&self, latest: &DbState) -> Result<(), AedbError> {
         let snap = self.snapshot.seq();
         for (scope, key) in self.kv.keys() {
-            let s = latest.scope(&self.project, scope)?;
-            if let Some(e) = s.kv.get(key.as_slice())
+            let s = kv_space(latest, &self.project, scope)?;
+            if let Some(e) = s.get(key.as_slice())?
                 && e.version > snap
             {
                 return Err(AedbError::Conflict {
@@ -380,7 +381,7 @@ impl WriteTransaction {
                     committed_seq: t.created_seq,
                 });
             }
-            if let Some(e) = t.rows.get(key.as_slice())
+            if let Some(e) = row_space(latest, &self.project, scope, table)?.get(key.as_slice())?
                 && e.version > snap
             {
                 return Err(AedbError::Conflict {
