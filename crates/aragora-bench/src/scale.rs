@@ -381,15 +381,7 @@ pub fn run(options: &Options, backends: &Backends, report: &mut Report) -> Resul
 pub fn catchup(options: &Options, backends: &Backends, report: &mut Report) -> Result<()> {
     let n = if options.quick { 200 } else { 20_000 };
     let with_redis = catchup_with_redis(backends, n)?;
-    let db = BenchDatabase::create(&backends.pg_admin_url, "catchup")?;
-    let dir = tempfile::tempdir()?;
-    let config = Config::from_vars(&http::vars(dir.path(), &[("DATABASE_URL", &db.url)]))?;
-    let pool = config
-        .database
-        .as_ref()
-        .map_or(aragora::store::postgres::DEFAULT_POOL_SIZE, |d| d.pool_size);
-    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&db.url, pool)?);
-    let Prepared { state, token } = http::prepare(config, store)?;
+    let (db, _dir, Prepared { state, token }) = catchup_state(backends, "catchup", None)?;
     ensure!(
         state.cluster.enabled(),
         "the PostgreSQL store must be treated as shared (cluster sync enabled)"
@@ -496,22 +488,33 @@ fn middleware_loop(
     })
 }
 
+/// A replica on a database of its own named `name`, with `REDIS_URL` when
+/// `redis_url` is given.
+fn catchup_state(
+    backends: &Backends,
+    name: &str,
+    redis_url: Option<&str>,
+) -> Result<(BenchDatabase, tempfile::TempDir, Prepared)> {
+    let db = BenchDatabase::create(&backends.pg_admin_url, name)?;
+    let dir = tempfile::tempdir()?;
+    let mut vars = vec![("DATABASE_URL", db.url.as_str())];
+    if let Some(url) = redis_url {
+        vars.push(("REDIS_URL", url));
+    }
+    let config = Config::from_vars(&http::vars(dir.path(), &vars))?;
+    let pool = config
+        .database
+        .as_ref()
+        .map_or(aragora::store::postgres::DEFAULT_POOL_SIZE, |d| d.pool_size);
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&db.url, pool)?);
+    let prepared = http::prepare(config, store)?;
+    Ok((db, dir, prepared))
+}
+
 /// The middleware's call on a replica with `REDIS_URL` (its own database).
 fn catchup_with_redis(backends: &Backends, n: usize) -> Result<Vec<u64>> {
-    let db = BenchDatabase::create(&backends.pg_admin_url, "catchup_redis")?;
-    let dir = tempfile::tempdir()?;
-    let config = Config::from_vars(&http::vars(
-        dir.path(),
-        &[
-            ("DATABASE_URL", &db.url),
-            ("REDIS_URL", &backends.redis_url),
-        ],
-    ))?;
-    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(
-        &db.url,
-        aragora::store::postgres::DEFAULT_POOL_SIZE,
-    )?);
-    let Prepared { state, token } = http::prepare(config, store)?;
+    let (db, _dir, Prepared { state, token }) =
+        catchup_state(backends, "catchup_redis", Some(&backends.redis_url))?;
     let rt = http::server_runtime()?;
     // Warm: the tags exist and the read is cached.
     middleware_loop(&rt, &state, &token, 50)?;

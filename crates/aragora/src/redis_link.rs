@@ -418,16 +418,21 @@ impl RedisLink {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Redis at 127.0.0.1:6379 (the machine's service); under CI a missing
     /// one fails the test.
     fn link() -> Option<RedisLink> {
-        let registry = Registry::new();
+        local_link(&Registry::new())
+    }
+
+    /// A link to the machine's Redis registered in `registry`, `None` (a
+    /// skip) when it does not answer outside CI.
+    pub(crate) fn local_link(registry: &Registry) -> Option<RedisLink> {
         let l = RedisLink::new(
             "redis://127.0.0.1:6379/0",
-            RedisMetrics::register(&registry).expect("metrics"),
+            RedisMetrics::register(registry).expect("metrics"),
         )
         .expect("url");
         match l.run("ping", |c| redis::cmd("PING").query::<String>(c)) {

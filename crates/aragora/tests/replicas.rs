@@ -216,14 +216,20 @@ fn a_change_on_one_replica_is_enforced_on_the_others_next_request() {
     assert_eq!(r.status, 201, "{}", r.body);
 
     // B served requests from its cached reads (so the checks above held
-    // with the cache in play, not only on store reads).
-    let metrics = b.send(Request::new("GET", "/metrics")).body;
-    let hits: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("aragora_cluster_confirmed_reads_total{outcome=\"hit\"} "))
+    // with the cache in play, not only on store reads). A hit needs two of
+    // B's requests within the 1 s lease: at least one pair of the dozens
+    // above, however slow the machine.
+    let hits = metric(&b, "aragora_cluster_confirmed_reads_total{outcome=\"hit\"}");
+    assert!(hits >= 1.0, "B served {hits} requests from confirmed reads");
+}
+
+/// The value of one exported series (`name` with its labels) on `s`.
+fn metric(s: &Server, name: &str) -> f64 {
+    let body = s.send(Request::new("GET", "/metrics")).body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no confirmed-read hits exported: {metrics}"));
-    assert!(hits >= 5.0, "B served {hits} requests from confirmed reads");
+        .unwrap_or_else(|| panic!("{name} is not exported: {body}"))
 }
 
 #[test]
@@ -617,19 +623,12 @@ fn a_replica_that_cannot_reach_redis_neither_serves_nor_causes_stale_reads() {
     assert_eq!(healthy.get("/api/auth/me", &token).status, 401);
     assert_eq!(cut_off.get("/api/auth/me", &token).status, 401);
 
-    let metrics = cut_off.send(Request::new("GET", "/metrics")).body;
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} not exported: {metrics}"))
-    };
-    assert_eq!(value("aragora_redis_up "), 0.0);
-    assert!(value("aragora_cluster_confirmed_reads_total{outcome=\"unconfirmed\"} ") >= 3.0);
+    let value = |name: &str| metric(&cut_off, name);
+    assert_eq!(value("aragora_redis_up"), 0.0);
+    assert!(value("aragora_cluster_confirmed_reads_total{outcome=\"unconfirmed\"}") >= 3.0);
     assert_eq!(
-        value("aragora_cluster_confirmed_reads_total{outcome=\"hit\"} "),
+        value("aragora_cluster_confirmed_reads_total{outcome=\"hit\"}"),
         0.0
     );
-    assert!(value("aragora_redis_errors_total{operation=\"publish\"} ") >= 1.0);
+    assert!(value("aragora_redis_errors_total{operation=\"publish\"}") >= 1.0);
 }
